@@ -1,0 +1,248 @@
+//! The `Encoder`: a dual encoder loaded once with its tokenizer and image
+//! processor, embedding images and texts into the shared space. It is the
+//! surface that index, eval, train and serve build on.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use crate::model::{self, loader, Model, ModelConfig, ModelFiles};
+use crate::preprocess::{ImageProcessor, ImageProcessorConfig, TextTokenizer};
+use crate::{Error, Result};
+
+pub struct Encoder {
+    model: Model,
+    config: ModelConfig,
+    files: ModelFiles,
+    tokenizer: TextTokenizer,
+    image_processor: ImageProcessor,
+    device: Device,
+}
+
+/// One input that could not be embedded, with its position in the input.
+#[derive(Debug)]
+pub struct Failure {
+    pub index: usize,
+    pub error: Error,
+}
+
+/// Embeddings of the inputs that succeeded, in input order, and the failures.
+#[derive(Debug)]
+pub struct BatchEmbeddings {
+    /// Row `i` belongs to input `indices[i]`.
+    pub embeddings: Vec<Vec<f32>>,
+    pub indices: Vec<usize>,
+    pub failures: Vec<Failure>,
+}
+
+impl Encoder {
+    /// Loads a model from a directory or a Hub id.
+    pub fn load(spec: &str, device: &Device) -> Result<Self> {
+        let files = model::resolve(spec)?;
+        Self::from_files(files, device)
+    }
+
+    pub fn from_files(files: ModelFiles, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_file(&files.config)?;
+        let vb = loader::var_builder(&files, device)?;
+        let model = Model::load(vb, &config).map_err(|e| match e {
+            Error::Candle(c) => Error::Weights {
+                path: files.weights.clone(),
+                reason: c.to_string(),
+            },
+            other => other,
+        })?;
+        let image_size = config.vision().image_size as u32;
+        let pp = match &files.preprocessor_config {
+            Some(p) => ImageProcessorConfig::from_file(p)?,
+            None => match config {
+                ModelConfig::Clip(_) => ImageProcessorConfig::clip_default(image_size),
+                ModelConfig::ChineseClip(_) => {
+                    ImageProcessorConfig::chinese_clip_default(image_size)
+                }
+            },
+        };
+        let tokenizer = TextTokenizer::from_dir(&files.dir, config.text_context_length())?;
+        Ok(Self {
+            model,
+            config,
+            files,
+            tokenizer,
+            image_processor: ImageProcessor::new(pp),
+            device: device.clone(),
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+    pub fn image_processor(&self) -> &ImageProcessor {
+        &self.image_processor
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn embedding_dim(&self) -> usize {
+        self.config.projection_dim()
+    }
+
+    /// Stacks processed CHW images into a [B, C, H, W] tensor.
+    pub fn pixel_batch(&self, images: &[Vec<f32>]) -> Result<Tensor> {
+        let s = self.config.vision().image_size;
+        let c = self.config.vision().num_channels;
+        let mut flat = Vec::with_capacity(images.len() * c * s * s);
+        for (i, im) in images.iter().enumerate() {
+            if im.len() != c * s * s {
+                return Err(Error::Shape(format!(
+                    "image {i} has {} values, the model needs {c}x{s}x{s}",
+                    im.len()
+                )));
+            }
+            flat.extend_from_slice(im);
+        }
+        Ok(Tensor::from_vec(
+            flat,
+            (images.len(), c, s, s),
+            &self.device,
+        )?)
+    }
+
+    /// Unnormalised projected features of pixel values [B, C, S, S].
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.model.image_features(pixel_values)
+    }
+
+    /// L2-normalised image embeddings [B, P] of pixel values.
+    pub fn embed_pixels(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        model::l2_normalize(&self.image_features(pixel_values)?)
+    }
+
+    /// L2-normalised embeddings of decoded RGB images.
+    pub fn embed_images(&self, images: &[image::RgbImage]) -> Result<Tensor> {
+        let pixels = images
+            .par_iter()
+            .map(|im| self.image_processor.process(im))
+            .collect::<Result<Vec<_>>>()?;
+        self.embed_pixels(&self.pixel_batch(&pixels)?)
+    }
+
+    /// Unnormalised projected text features [B, P].
+    pub fn text_features<S: AsRef<str>>(&self, texts: &[S]) -> Result<Tensor> {
+        let batch = self.tokenizer.encode(texts)?;
+        let (ids, mask) = batch.to_tensors(true, &self.device)?;
+        self.model.text_features(&ids, &mask)
+    }
+
+    /// L2-normalised text embeddings [B, P].
+    pub fn embed_texts<S: AsRef<str>>(&self, texts: &[S]) -> Result<Tensor> {
+        model::l2_normalize(&self.text_features(texts)?)
+    }
+
+    /// `logits_per_image` [I, T] as CLIPModel computes it:
+    /// exp(logit_scale) * normalised images x normalised texts^T.
+    pub fn similarity(&self, image_embeds: &Tensor, text_embeds: &Tensor) -> Result<Tensor> {
+        let scale = self.model.logit_scale().exp()?;
+        Ok(image_embeds
+            .matmul(&text_embeds.t()?)?
+            .broadcast_mul(&scale)?)
+    }
+
+    /// Embeds image files in batches, decoding in parallel. Files that fail to
+    /// load are reported, and the rest are still embedded. `progress` is called
+    /// with the number of inputs finished after each batch.
+    pub fn embed_image_files(
+        &self,
+        paths: &[PathBuf],
+        batch_size: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<BatchEmbeddings> {
+        let mut out = BatchEmbeddings {
+            embeddings: Vec::with_capacity(paths.len()),
+            indices: Vec::with_capacity(paths.len()),
+            failures: Vec::new(),
+        };
+        let batch_size = batch_size.max(1);
+        for (chunk_no, chunk) in paths.chunks(batch_size).enumerate() {
+            let base = chunk_no * batch_size;
+            let decoded: Vec<Result<Vec<f32>>> = chunk
+                .par_iter()
+                .map(|p| self.image_processor.process_path(p))
+                .collect();
+            let mut ok = Vec::with_capacity(chunk.len());
+            for (i, r) in decoded.into_iter().enumerate() {
+                match r {
+                    Ok(px) => {
+                        ok.push(px);
+                        out.indices.push(base + i);
+                    }
+                    Err(error) => out.failures.push(Failure {
+                        index: base + i,
+                        error,
+                    }),
+                }
+            }
+            if !ok.is_empty() {
+                let emb = self.embed_pixels(&self.pixel_batch(&ok)?)?;
+                out.embeddings.extend(emb.to_vec2::<f32>()?);
+            }
+            progress(chunk.len());
+        }
+        Ok(out)
+    }
+
+    /// Embeds texts in batches.
+    pub fn embed_text_batches<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        batch_size: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(batch_size.max(1)) {
+            out.extend(self.embed_texts(chunk)?.to_vec2::<f32>()?);
+            progress(chunk.len());
+        }
+        Ok(out)
+    }
+}
+
+/// Expands `--images-from`: a directory (its image files, sorted) or a list
+/// file with one path per line (relative paths are taken from the list's
+/// directory).
+pub fn image_inputs_from(src: &Path) -> Result<Vec<PathBuf>> {
+    if src.is_dir() {
+        let (files, skipped) = crate::preprocess::image::list_image_files(src)?;
+        if files.is_empty() {
+            return Err(Error::NoImages {
+                path: src.to_path_buf(),
+                skipped,
+            });
+        }
+        return Ok(files);
+    }
+    let text = std::fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
+    let base = src.parent().unwrap_or(Path::new("."));
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let p = Path::new(l);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        })
+        .collect())
+}

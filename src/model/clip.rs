@@ -1,0 +1,149 @@
+//! `CLIPModel`: the ViT image tower, the causal text transformer pooled at the
+//! end-of-text token, the two bias-free projections and `logit_scale`.
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::{ClipConfig, ClipTextConfig};
+use super::layers::{causal_mask, LayerNorm, Linear, PreNormBlock};
+use super::vit::VisionTransformer;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct ClipTextTransformer {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<PreNormBlock>,
+    final_layer_norm: LayerNorm,
+    cfg: ClipTextConfig,
+}
+
+impl ClipTextTransformer {
+    /// `vb` points at `text_model`.
+    pub fn load(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let emb = vb.pp("embeddings");
+        let enc = vb.pp("encoder.layers");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                PreNormBlock::load(
+                    enc.pp(i),
+                    h,
+                    cfg.intermediate_size,
+                    cfg.num_attention_heads,
+                    cfg.layer_norm_eps,
+                    cfg.hidden_act,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            token_embedding: emb.get((cfg.vocab_size, h), "token_embedding.weight")?,
+            position_embedding: emb.get(
+                (cfg.max_position_embeddings, h),
+                "position_embedding.weight",
+            )?,
+            layers,
+            final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), h, cfg.layer_norm_eps)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Positions at which to pool: transformers' rule. With the legacy
+    /// `eos_token_id == 2` it is the first position of the largest id (the
+    /// end-of-text token has the largest id in CLIP's vocabulary); otherwise the
+    /// first position holding `eos_token_id`.
+    fn pool_positions(&self, ids: &[Vec<u32>]) -> Vec<u32> {
+        ids.iter()
+            .map(|row| {
+                let pos = if self.cfg.eos_token_id == 2 {
+                    // first index of the maximum, as torch.argmax returns
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&t| t == max)
+                } else {
+                    row.iter().position(|&t| t == self.cfg.eos_token_id)
+                };
+                pos.unwrap_or(row.len().saturating_sub(1)) as u32
+            })
+            .collect()
+    }
+
+    /// `input_ids`: [B, T] (u32). The causal mask makes padding after the
+    /// end-of-text token irrelevant to the pooled output, so no padding mask is
+    /// needed and callers may trim padding to the longest sequence.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            return Err(Error::Shape(format!(
+                "text of {t} tokens exceeds the model's {} positions",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let dev = input_ids.device();
+        let tok = self.token_embedding.embedding(&input_ids.flatten_all()?)?;
+        let tok = tok.reshape((b, t, self.cfg.hidden_size))?;
+        let pos = self.position_embedding.narrow(0, 0, t)?;
+        let mut x = tok.broadcast_add(&pos.unsqueeze(0)?)?;
+        let mask = causal_mask(t, dev)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, Some(&mask))?;
+        }
+        let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let positions = self.pool_positions(&ids);
+        // Pool before the final LN: LN is per-token, so this is the same result.
+        let flat = x.reshape((b * t, self.cfg.hidden_size))?;
+        let index: Vec<u32> = positions
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| i as u32 * t as u32 + p)
+            .collect();
+        let index = Tensor::from_vec(index, b, dev)?;
+        let pooled = flat.index_select(&index, 0)?;
+        self.final_layer_norm.forward(&pooled)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClipModel {
+    pub vision: VisionTransformer,
+    pub text: ClipTextTransformer,
+    pub visual_projection: Linear,
+    pub text_projection: Linear,
+    pub logit_scale: Tensor,
+    pub config: ClipConfig,
+}
+
+impl ClipModel {
+    pub fn load(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+        let v = &cfg.vision_config;
+        let t = &cfg.text_config;
+        Ok(Self {
+            vision: VisionTransformer::load(vb.pp("vision_model"), v)?,
+            text: ClipTextTransformer::load(vb.pp("text_model"), t)?,
+            visual_projection: Linear::load(
+                vb.pp("visual_projection"),
+                v.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
+            text_projection: Linear::load(
+                vb.pp("text_projection"),
+                t.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
+            logit_scale: vb.get((), "logit_scale")?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Projected, unnormalised image features [B, P].
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.visual_projection
+            .forward(&self.vision.forward(pixel_values)?)
+    }
+
+    /// Projected, unnormalised text features [B, P].
+    pub fn text_features(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.text_projection.forward(&self.text.forward(input_ids)?)
+    }
+}

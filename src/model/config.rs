@@ -1,0 +1,260 @@
+//! Model configs as transformers writes them in config.json. Every field has the
+//! default that transformers' config class uses, because published configs
+//! (Chinese-CLIP's in particular) omit whatever equals the default.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The `model_type` values clasp can build.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["clip", "chinese_clip"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    QuickGelu,
+    /// Exact (erf) GELU, as torch's `nn.GELU()` and BERT's "gelu".
+    Gelu,
+    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_new")]
+    GeluTanh,
+    Relu,
+}
+
+macro_rules! default_fns {
+    ($($name:ident: $ty:ty = $val:expr;)*) => { $(fn $name() -> $ty { $val })* };
+}
+
+default_fns! {
+    d_vocab_clip: usize = 49408;
+    d_512: usize = 512;
+    d_768: usize = 768;
+    d_2048: usize = 2048;
+    d_3072: usize = 3072;
+    d_12: usize = 12;
+    d_8: usize = 8;
+    d_77: usize = 77;
+    d_3: usize = 3;
+    d_224: usize = 224;
+    d_32: usize = 32;
+    d_2: usize = 2;
+    d_quick_gelu: Activation = Activation::QuickGelu;
+    d_gelu: Activation = Activation::Gelu;
+    d_eps_clip: f64 = 1e-5;
+    d_eps_bert: f64 = 1e-12;
+    d_eos_clip: u32 = 49407;
+    d_pad_clip: u32 = 1;
+    d_bos_clip: u32 = 49406;
+    d_zero: u32 = 0;
+    d_vocab_bert: usize = 30522;
+    d_logit_scale: f64 = 2.6592;
+}
+
+/// CLIP's causal text transformer (`CLIPTextConfig`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClipTextConfig {
+    #[serde(default = "d_vocab_clip")]
+    pub vocab_size: usize,
+    #[serde(default = "d_512")]
+    pub hidden_size: usize,
+    #[serde(default = "d_2048")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_12")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_8")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_77")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_quick_gelu")]
+    pub hidden_act: Activation,
+    #[serde(default = "d_eps_clip")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "d_pad_clip")]
+    pub pad_token_id: u32,
+    #[serde(default = "d_bos_clip")]
+    pub bos_token_id: u32,
+    /// `2` is the legacy value of the original OpenAI configs; transformers then
+    /// pools at the position of the largest token id (the end-of-text token).
+    #[serde(default = "d_eos_clip")]
+    pub eos_token_id: u32,
+    #[serde(default = "d_512")]
+    pub projection_dim: usize,
+}
+
+/// The ViT image tower shared by CLIP and Chinese-CLIP (`CLIPVisionConfig`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VisionConfig {
+    #[serde(default = "d_768")]
+    pub hidden_size: usize,
+    #[serde(default = "d_3072")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_12")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_12")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_3")]
+    pub num_channels: usize,
+    #[serde(default = "d_224")]
+    pub image_size: usize,
+    #[serde(default = "d_32")]
+    pub patch_size: usize,
+    #[serde(default = "d_quick_gelu")]
+    pub hidden_act: Activation,
+    #[serde(default = "d_eps_clip")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "d_512")]
+    pub projection_dim: usize,
+}
+
+/// Chinese-CLIP's BERT/RoBERTa text tower (`ChineseCLIPTextConfig`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BertConfig {
+    #[serde(default = "d_vocab_bert")]
+    pub vocab_size: usize,
+    #[serde(default = "d_768")]
+    pub hidden_size: usize,
+    #[serde(default = "d_12")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_12")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_3072")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_gelu")]
+    pub hidden_act: Activation,
+    #[serde(default = "d_512")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_2")]
+    pub type_vocab_size: usize,
+    #[serde(default = "d_eps_bert")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "d_zero")]
+    pub pad_token_id: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClipConfig {
+    pub text_config: ClipTextConfig,
+    pub vision_config: VisionConfig,
+    #[serde(default = "d_512")]
+    pub projection_dim: usize,
+    #[serde(default = "d_logit_scale")]
+    pub logit_scale_init_value: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChineseClipConfig {
+    pub text_config: BertConfig,
+    pub vision_config: VisionConfig,
+    #[serde(default = "d_512")]
+    pub projection_dim: usize,
+    #[serde(default = "d_logit_scale")]
+    pub logit_scale_init_value: f64,
+}
+
+/// A parsed config.json, one variant per supported architecture.
+#[derive(Debug, Clone)]
+pub enum ModelConfig {
+    Clip(ClipConfig),
+    ChineseClip(ChineseClipConfig),
+}
+
+#[derive(Deserialize)]
+struct Head {
+    model_type: Option<String>,
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses config.json text; `path` is only used to name the input in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let bad = |e: serde_json::Error| Error::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let head: Head = serde_json::from_str(text).map_err(bad)?;
+        let model_type = head.model_type.unwrap_or_default();
+        match model_type.as_str() {
+            "clip" => Ok(ModelConfig::Clip(serde_json::from_str(text).map_err(bad)?)),
+            "chinese_clip" => Ok(ModelConfig::ChineseClip(
+                serde_json::from_str(text).map_err(bad)?,
+            )),
+            other => Err(Error::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                model_type: if other.is_empty() {
+                    "<missing model_type>".into()
+                } else {
+                    other.into()
+                },
+                supported: SUPPORTED_MODEL_TYPES.join(", "),
+            }),
+        }
+    }
+
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            ModelConfig::Clip(_) => "clip",
+            ModelConfig::ChineseClip(_) => "chinese_clip",
+        }
+    }
+
+    pub fn vision(&self) -> &VisionConfig {
+        match self {
+            ModelConfig::Clip(c) => &c.vision_config,
+            ModelConfig::ChineseClip(c) => &c.vision_config,
+        }
+    }
+
+    pub fn projection_dim(&self) -> usize {
+        match self {
+            ModelConfig::Clip(c) => c.projection_dim,
+            ModelConfig::ChineseClip(c) => c.projection_dim,
+        }
+    }
+
+    /// The text context the model was trained with: CLIP's position table (77),
+    /// and Chinese-CLIP's 52 (its BERT table has 512 rows, but the published
+    /// models were trained and are used with 52 tokens).
+    pub fn text_context_length(&self) -> usize {
+        match self {
+            ModelConfig::Clip(c) => c.text_config.max_position_embeddings,
+            ModelConfig::ChineseClip(c) => c.text_config.max_position_embeddings.min(52),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chinese_clip_config_fills_transformers_defaults() {
+        let json = r#"{"model_type":"chinese_clip","text_config":{"vocab_size":21128},
+                       "vision_config":{"patch_size":16}}"#;
+        let ModelConfig::ChineseClip(c) =
+            ModelConfig::from_json(json, Path::new("c.json")).unwrap()
+        else {
+            panic!("wrong variant")
+        };
+        assert_eq!(c.text_config.hidden_size, 768);
+        assert_eq!(c.text_config.layer_norm_eps, 1e-12);
+        assert_eq!(c.text_config.hidden_act, Activation::Gelu);
+        assert_eq!(c.vision_config.patch_size, 16);
+        assert_eq!(c.vision_config.hidden_act, Activation::QuickGelu);
+        assert_eq!(c.projection_dim, 512);
+    }
+
+    #[test]
+    fn unsupported_model_type_lists_supported_ones() {
+        let err = ModelConfig::from_json(r#"{"model_type":"siglip"}"#, Path::new("x/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("siglip"), "{err}");
+        assert!(err.contains("clip, chinese_clip"), "{err}");
+        assert!(err.contains("x/config.json"), "{err}");
+    }
+}

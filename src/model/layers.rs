@@ -1,0 +1,270 @@
+//! Building blocks shared by the towers: linear layers, layer norm, activations,
+//! multi-head attention and the MLP. They are built from a `VarBuilder` with the
+//! parameter names that transformers uses, so checkpoints load as they are.
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::config::Activation;
+use crate::Result;
+
+/// `y = x W^T + b` over the last dimension, for inputs of any rank.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Concatenates several linears along the output dimension so that one GEMM
+    /// computes them all (used to fuse the q, k and v projections).
+    pub fn concat(parts: &[&Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = match parts
+            .iter()
+            .map(|l| l.bias.as_ref())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(b) => Some(Tensor::cat(&b, 0)?),
+            None => None,
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Flatten the leading dims so the GEMM sees one [N, in] x [in, out]
+        // product; the transposed weight is read through strides, not copied.
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().expect("linear input has at least one dim");
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((n, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.is_contiguous() && x.dtype() == DType::F32 && !crate::model::grad_mode() {
+            // candle's fused kernel: one pass, no temporaries (no backward).
+            return Ok(candle_nn::ops::layer_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )?);
+        }
+        // Differentiable composition, the same arithmetic as torch's layer_norm.
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+        Activation::Gelu => x.gelu_erf()?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Relu => x.relu()?,
+    })
+}
+
+/// Multi-head self-attention with separate q/k/v/out projections, named as in
+/// transformers (`q_proj`... for CLIP; BERT's names are mapped by its loader).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    qkv: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn new(q: Linear, k: Linear, v: Linear, out: Linear, heads: usize) -> Result<Self> {
+        let hidden = q.weight.dim(0)?;
+        Ok(Self {
+            qkv: Linear::concat(&[&q, &k, &v])?,
+            out,
+            heads,
+            head_dim: hidden / heads,
+        })
+    }
+
+    pub fn load_clip(vb: VarBuilder, hidden: usize, heads: usize) -> Result<Self> {
+        let l = |n: &str| Linear::load(vb.pp(n), hidden, hidden, true);
+        Self::new(
+            l("q_proj")?,
+            l("k_proj")?,
+            l("v_proj")?,
+            l("out_proj")?,
+            heads,
+        )
+    }
+
+    /// `x`: [B, T, C]. `mask`: additive, broadcastable to [B, H, T, T].
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let (h, d) = (self.heads, self.head_dim);
+        let qkv = self.qkv.forward(x)?.reshape((b, t, 3, h, d))?;
+        // [3, B, H, T, D]
+        let qkv = qkv.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = (qkv.get(0)? * scale)?;
+        let k = qkv.get(1)?;
+        let v = qkv.get(2)?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ctx = probs.matmul(&v)?; // [B, H, T, D]
+        let ctx = ctx.transpose(1, 2)?.reshape((b, t, c))?;
+        self.out.forward(&ctx)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    pub fn new(fc1: Linear, fc2: Linear, act: Activation) -> Self {
+        Self { fc1, fc2, act }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = activate(&self.fc1.forward(x)?, self.act)?;
+        self.fc2.forward(&h)
+    }
+}
+
+/// A pre-norm transformer block as CLIP's ViT and text towers use it.
+#[derive(Debug, Clone)]
+pub struct PreNormBlock {
+    ln1: LayerNorm,
+    attn: Attention,
+    ln2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl PreNormBlock {
+    pub fn load(
+        vb: VarBuilder,
+        hidden: usize,
+        intermediate: usize,
+        heads: usize,
+        eps: f64,
+        act: Activation,
+    ) -> Result<Self> {
+        Ok(Self {
+            ln1: LayerNorm::load(vb.pp("layer_norm1"), hidden, eps)?,
+            attn: Attention::load_clip(vb.pp("self_attn"), hidden, heads)?,
+            ln2: LayerNorm::load(vb.pp("layer_norm2"), hidden, eps)?,
+            mlp: Mlp::new(
+                Linear::load(vb.pp("mlp.fc1"), hidden, intermediate, true)?,
+                Linear::load(vb.pp("mlp.fc2"), intermediate, hidden, true)?,
+                act,
+            ),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln1.forward(x)?, mask)?)?;
+        Ok((&x + self.mlp.forward(&self.ln2.forward(&x)?)?)?)
+    }
+}
+
+/// Additive causal mask [T, T]: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(data, (t, t), device)?)
+}
+
+/// Additive padding mask [B, 1, 1, T] from a 0/1 attention mask [B, T], using
+/// the dtype's lowest value as transformers does (not -inf, so a fully masked
+/// row stays finite).
+pub fn padding_mask(attention_mask: &Tensor) -> Result<Tensor> {
+    let (b, t) = attention_mask.dims2()?;
+    let m = attention_mask.to_dtype(DType::F32)?;
+    let add = ((1.0 - m)? * f32::MIN as f64)?;
+    Ok(add.reshape((b, 1, 1, t))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn linear_matches_manual_product_on_3d_input() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev).unwrap();
+        let b = Tensor::new(&[0.5f32, -1., 2.], &dev).unwrap();
+        let l = Linear::new(w, Some(b));
+        let x = Tensor::new(&[[[1f32, 1.], [2., 0.]]], &dev).unwrap();
+        let y = l.forward(&x).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(y, vec![vec![vec![3.5, 6., 13.], vec![2.5, 5., 12.]]]);
+    }
+
+    #[test]
+    fn causal_mask_blocks_future_positions() {
+        let m = causal_mask(3, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(m[0][0], 0.0);
+        assert!(m[0][1].is_infinite() && m[0][2].is_infinite());
+        assert_eq!(m[2], vec![0.0, 0.0, 0.0]);
+    }
+}

@@ -1,0 +1,165 @@
+//! Resolves a model argument (a local directory or a Hugging Face Hub id) to
+//! the files of a checkpoint, and opens its weights.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::{Error, Result};
+
+/// The files of one checkpoint in the Hugging Face layout.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// What the user passed: a directory or a Hub id.
+    pub spec: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub weights: PathBuf,
+    pub preprocessor_config: Option<PathBuf>,
+}
+
+const WEIGHT_FILES: &[&str] = &["model.safetensors", "pytorch_model.bin"];
+/// Fetched from the Hub when present; all optional but config and weights.
+const SIDE_FILES: &[&str] = &[
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+];
+
+/// Resolves `spec`: an existing directory is used as it is; anything else that
+/// looks like a Hub id (`name` or `owner/name`) is fetched into the hf-hub cache.
+pub fn resolve(spec: &str) -> Result<ModelFiles> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return from_dir(spec, path);
+    }
+    if path.exists() {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            reason: "a model must be a directory holding config.json and weights, not a file"
+                .into(),
+        });
+    }
+    let looks_like_path = spec.starts_with('.')
+        || spec.starts_with('/')
+        || spec.starts_with('~')
+        || spec.matches('/').count() > 1;
+    if looks_like_path {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such model directory"),
+        ));
+    }
+    from_hub(spec)
+}
+
+fn from_dir(spec: &str, dir: &Path) -> Result<ModelFiles> {
+    let config = dir.join("config.json");
+    if !config.is_file() {
+        return Err(Error::Config {
+            path: config,
+            reason: "missing; a model directory needs config.json".into(),
+        });
+    }
+    let weights = WEIGHT_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::MissingWeights {
+            dir: dir.to_path_buf(),
+        })?;
+    let pp = dir.join("preprocessor_config.json");
+    Ok(ModelFiles {
+        spec: spec.to_string(),
+        dir: dir.to_path_buf(),
+        config,
+        weights,
+        preprocessor_config: pp.is_file().then_some(pp),
+    })
+}
+
+fn from_hub(id: &str) -> Result<ModelFiles> {
+    let hub_err = |reason: String| Error::Hub {
+        model: id.to_string(),
+        reason,
+    };
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+    let files: Vec<PathBuf> = if offline {
+        let cache = hf_hub::Cache::from_env().model(id.to_string());
+        let config = cache.get("config.json").ok_or_else(|| {
+            hub_err("HF_HUB_OFFLINE is set and it is not in the local cache".into())
+        })?;
+        let mut got = vec![config];
+        got.extend(
+            WEIGHT_FILES
+                .iter()
+                .chain(SIDE_FILES)
+                .filter_map(|f| cache.get(f)),
+        );
+        got
+    } else {
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_progress(true)
+            .build()
+            .map_err(|e| hub_err(e.to_string()))?;
+        let repo = api.model(id.to_string());
+        let config = repo
+            .get("config.json")
+            .map_err(|e| hub_err(e.to_string()))?;
+        let mut got = vec![config];
+        // The first weight file that exists, then whatever side files exist.
+        if let Some(w) = WEIGHT_FILES.iter().find_map(|f| repo.get(f).ok()) {
+            got.push(w);
+        }
+        got.extend(SIDE_FILES.iter().filter_map(|f| repo.get(f).ok()));
+        got
+    };
+    // hf-hub puts every file of one revision in one snapshot directory.
+    let dir = files[0]
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| hub_err("cache path has no parent".into()))?;
+    from_dir(id, &dir)
+}
+
+/// Opens the weights as a `VarBuilder` (safetensors are memory-mapped).
+pub fn var_builder(files: &ModelFiles, device: &Device) -> Result<VarBuilder<'static>> {
+    let w = &files.weights;
+    let bad = |e: candle_core::Error| Error::Weights {
+        path: w.clone(),
+        reason: e.to_string(),
+    };
+    if w.extension().is_some_and(|e| e == "bin") {
+        VarBuilder::from_pth(w, DType::F32, device).map_err(bad)
+    } else {
+        // SAFETY: the file is memory-mapped read-only; clasp never writes a
+        // checkpoint in place (writes go to a temporary file then rename).
+        unsafe { VarBuilder::from_mmaped_safetensors(&[w], DType::F32, device) }.map_err(bad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_weights_names_the_directory() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "{}").unwrap();
+        let err = resolve(d.path().to_str().unwrap()).unwrap_err();
+        assert!(matches!(err, Error::MissingWeights { .. }), "{err}");
+        assert!(err.to_string().contains(d.path().to_str().unwrap()));
+    }
+
+    #[test]
+    fn nonexistent_path_is_not_sent_to_the_hub() {
+        let err = resolve("./no/such/model").unwrap_err();
+        assert!(err.to_string().contains("./no/such/model"), "{err}");
+        assert!(!matches!(err, Error::Hub { .. }));
+    }
+}

@@ -1,0 +1,83 @@
+//! Architectures and loading. One file per architecture (`clip`,
+//! `chinese_clip`), the shared ViT tower (`vit`), building blocks (`layers`),
+//! configs (`config`) and checkpoint resolution (`loader`).
+//!
+//! The architectures are clasp's own rather than candle-transformers': its CLIP
+//! keeps `logit_scale` as a constant (so it cannot be trained), does not expose
+//! the pieces that training and inspection need, and measured at 0.6x PyTorch's
+//! CPU throughput here (see ../shared/STACK-NOTES.md).
+
+pub mod chinese_clip;
+pub mod clip;
+pub mod config;
+pub mod layers;
+pub mod loader;
+pub mod vit;
+
+use std::cell::Cell;
+
+use candle_core::Tensor;
+
+pub use chinese_clip::ChineseClipModel;
+pub use clip::ClipModel;
+pub use config::{ModelConfig, SUPPORTED_MODEL_TYPES};
+pub use loader::{resolve, ModelFiles};
+pub use vit::l2_normalize;
+
+use crate::Result;
+
+thread_local! {
+    static GRAD_MODE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the current thread builds graphs for backprop. Inference kernels
+/// that have no backward (candle's fused layer norm) are used only when off.
+pub fn grad_mode() -> bool {
+    GRAD_MODE.with(|g| g.get())
+}
+
+/// Turns grad mode on or off for this thread; returns the previous value.
+pub fn set_grad_mode(on: bool) -> bool {
+    GRAD_MODE.with(|g| g.replace(on))
+}
+
+/// A loaded dual encoder of any supported architecture.
+#[derive(Debug, Clone)]
+pub enum Model {
+    Clip(ClipModel),
+    ChineseClip(ChineseClipModel),
+}
+
+impl Model {
+    pub fn load(vb: candle_nn::VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Ok(match cfg {
+            ModelConfig::Clip(c) => Model::Clip(ClipModel::load(vb, c)?),
+            ModelConfig::ChineseClip(c) => Model::ChineseClip(ChineseClipModel::load(vb, c)?),
+        })
+    }
+
+    /// Projected, unnormalised image features [B, P] from pixel values [B, C, S, S].
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        match self {
+            Model::Clip(m) => m.image_features(pixel_values),
+            Model::ChineseClip(m) => m.image_features(pixel_values),
+        }
+    }
+
+    /// Projected, unnormalised text features [B, P] from token ids and the 0/1
+    /// attention mask, both [B, T].
+    pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Model::Clip(m) => m.text_features(input_ids),
+            Model::ChineseClip(m) => m.text_features(input_ids, attention_mask),
+        }
+    }
+
+    /// The raw (log) logit scale parameter; logits use its exponential.
+    pub fn logit_scale(&self) -> &Tensor {
+        match self {
+            Model::Clip(m) => &m.logit_scale,
+            Model::ChineseClip(m) => &m.logit_scale,
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The ViT image tower of CLIP and Chinese-CLIP (`CLIPVisionTransformer`):
+//! patch embedding, class token, learned positions, pre-LN, pre-norm blocks,
+//! post-LN on the class token.
+
+use candle_core::{Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::config::VisionConfig;
+use super::layers::{LayerNorm, Linear, PreNormBlock};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct VisionTransformer {
+    /// Conv2d(stride = patch) weight viewed as a linear map over flattened
+    /// [C, p, p] patches: a non-overlapping convolution is exactly that GEMM.
+    patch: Linear,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<PreNormBlock>,
+    post_layernorm: LayerNorm,
+    cfg: VisionConfig,
+}
+
+impl VisionTransformer {
+    /// `vb` points at `vision_model`.
+    pub fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
+        let (c, p, h) = (cfg.num_channels, cfg.patch_size, cfg.hidden_size);
+        if cfg.image_size % p != 0 {
+            return Err(Error::Shape(format!(
+                "image_size {} is not a multiple of patch_size {p}",
+                cfg.image_size
+            )));
+        }
+        let n_pos = (cfg.image_size / p).pow(2) + 1;
+        let emb = vb.pp("embeddings");
+        let conv = emb.get((h, c, p, p), "patch_embedding.weight")?;
+        let patch = Linear::new(conv.reshape((h, c * p * p))?, None);
+        let enc = vb.pp("encoder.layers");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                PreNormBlock::load(
+                    enc.pp(i),
+                    h,
+                    cfg.intermediate_size,
+                    cfg.num_attention_heads,
+                    cfg.layer_norm_eps,
+                    cfg.hidden_act,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            patch,
+            class_embedding: emb.get(h, "class_embedding")?,
+            position_embedding: emb.get((n_pos, h), "position_embedding.weight")?,
+            pre_layrnorm: LayerNorm::load(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
+            layers,
+            post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// `pixel_values`: [B, C, S, S] normalised pixels. Returns the pooled
+    /// (post-LN class token) output [B, hidden].
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (b, c, hh, ww) = pixel_values.dims4()?;
+        let (p, s) = (self.cfg.patch_size, self.cfg.image_size);
+        if c != self.cfg.num_channels || hh != s || ww != s {
+            return Err(Error::Shape(format!(
+                "pixel_values must be [B, {}, {s}, {s}], got {:?}",
+                self.cfg.num_channels,
+                pixel_values.dims()
+            )));
+        }
+        let g = s / p;
+        // [B, C, g, p, g, p] -> [B, g, g, C, p, p] -> [B*g*g, C*p*p]
+        let patches = pixel_values
+            .reshape((b, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, g * g, c * p * p))?;
+        let x = self.patch.forward(&patches)?; // [B, g*g, H]
+        let hdim = self.cfg.hidden_size;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, hdim))?
+            .broadcast_as((b, 1, hdim))?;
+        let x = Tensor::cat(&[&cls, &x], 1)?;
+        let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let mut x = self.pre_layrnorm.forward(&x)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, None)?;
+        }
+        let pooled = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+        self.post_layernorm.forward(&pooled)
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+}
+
+/// L2-normalises rows.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    Ok(x.broadcast_div(&norm)?)
+}

@@ -1,0 +1,465 @@
+//! Image decoding and the CLIP / Chinese-CLIP image processors, driven by
+//! preprocessor_config.json and matching transformers' PIL backend step by
+//! step: EXIF transpose, RGB (alpha composited onto white), bicubic resize,
+//! center crop, rescale, normalize.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// Image-processor class names clasp accepts, old `*FeatureExtractor` names included.
+pub const SUPPORTED_PROCESSORS: &[&str] = &[
+    "CLIPImageProcessor",
+    "CLIPImageProcessorFast",
+    "CLIPImageProcessorPil",
+    "CLIPFeatureExtractor",
+    "ChineseCLIPImageProcessor",
+    "ChineseCLIPImageProcessorFast",
+    "ChineseCLIPImageProcessorPil",
+    "ChineseCLIPFeatureExtractor",
+];
+
+/// How to resize before any crop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeTo {
+    /// Scale so the shorter edge has this length, keeping the aspect ratio
+    /// (CLIPImageProcessor).
+    ShortestEdge(u32),
+    /// Resize straight to this size, ignoring the aspect ratio
+    /// (ChineseCLIPImageProcessor).
+    Exact { height: u32, width: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessorConfig {
+    pub do_convert_rgb: bool,
+    pub do_resize: bool,
+    pub resize: ResizeTo,
+    pub do_center_crop: bool,
+    pub crop: (u32, u32),
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeJson {
+    Int(u32),
+    Dict {
+        shortest_edge: Option<u32>,
+        height: Option<u32>,
+        width: Option<u32>,
+    },
+}
+
+#[derive(Deserialize)]
+struct RawProcessor {
+    image_processor_type: Option<String>,
+    feature_extractor_type: Option<String>,
+    do_convert_rgb: Option<bool>,
+    do_resize: Option<bool>,
+    size: Option<SizeJson>,
+    resample: Option<u32>,
+    do_center_crop: Option<bool>,
+    crop_size: Option<SizeJson>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f64>,
+    do_normalize: Option<bool>,
+    image_mean: Option<[f64; 3]>,
+    image_std: Option<[f64; 3]>,
+}
+
+const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+impl ImageProcessorConfig {
+    /// CLIPImageProcessor's defaults for an image size.
+    pub fn clip_default(size: u32) -> Self {
+        Self {
+            do_convert_rgb: true,
+            do_resize: true,
+            resize: ResizeTo::ShortestEdge(size),
+            do_center_crop: true,
+            crop: (size, size),
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+        }
+    }
+
+    /// ChineseCLIPImageProcessor's behaviour: straight resize, no crop.
+    pub fn chinese_clip_default(size: u32) -> Self {
+        Self {
+            resize: ResizeTo::Exact {
+                height: size,
+                width: size,
+            },
+            do_center_crop: false,
+            ..Self::clip_default(size)
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let bad = |reason: String| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let raw: RawProcessor = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let kind = raw
+            .image_processor_type
+            .or(raw.feature_extractor_type)
+            .unwrap_or_else(|| "CLIPImageProcessor".into());
+        if !SUPPORTED_PROCESSORS.contains(&kind.as_str()) {
+            return Err(bad(format!(
+                "unsupported image processor `{kind}`; supported: {}",
+                SUPPORTED_PROCESSORS.join(", ")
+            )));
+        }
+        let chinese = kind.starts_with("ChineseCLIP");
+        if let Some(r) = raw.resample {
+            if r != 3 {
+                return Err(bad(format!(
+                    "resample={r} is not supported; only 3 (bicubic) is implemented"
+                )));
+            }
+        }
+        let mut cfg = if chinese {
+            Self::chinese_clip_default(224)
+        } else {
+            Self::clip_default(224)
+        };
+        match raw.size {
+            Some(SizeJson::Int(s)) if chinese => {
+                cfg.resize = ResizeTo::Exact {
+                    height: s,
+                    width: s,
+                }
+            }
+            Some(SizeJson::Int(s)) => cfg.resize = ResizeTo::ShortestEdge(s),
+            Some(SizeJson::Dict {
+                shortest_edge: Some(s),
+                ..
+            }) => cfg.resize = ResizeTo::ShortestEdge(s),
+            Some(SizeJson::Dict {
+                height: Some(height),
+                width: Some(width),
+                ..
+            }) => cfg.resize = ResizeTo::Exact { height, width },
+            Some(SizeJson::Dict { .. }) => {
+                return Err(bad("`size` needs shortest_edge, or height and width".into()))
+            }
+            None => {}
+        }
+        match raw.crop_size {
+            Some(SizeJson::Int(s)) => cfg.crop = (s, s),
+            Some(SizeJson::Dict {
+                height: Some(h),
+                width: Some(w),
+                ..
+            }) => cfg.crop = (h, w),
+            Some(_) => return Err(bad("`crop_size` needs height and width".into())),
+            None => {}
+        }
+        macro_rules! set {
+            ($($f:ident => $t:expr),*) => { $(if let Some(v) = raw.$f { $t = v; })* };
+        }
+        set!(do_convert_rgb => cfg.do_convert_rgb, do_resize => cfg.do_resize,
+             do_center_crop => cfg.do_center_crop, do_rescale => cfg.do_rescale,
+             rescale_factor => cfg.rescale_factor, do_normalize => cfg.do_normalize,
+             image_mean => cfg.mean, image_std => cfg.std);
+        Ok(cfg)
+    }
+
+    /// The (height, width) of the processed tensor.
+    pub fn output_size(&self, src: (u32, u32)) -> (u32, u32) {
+        let resized = if self.do_resize {
+            resize_target(src, self.resize)
+        } else {
+            src
+        };
+        if self.do_center_crop {
+            self.crop
+        } else {
+            resized
+        }
+    }
+}
+
+/// transformers' `get_resize_output_image_size`: the short side becomes `size`
+/// and the long side `int(size * long / short)` (truncated, not rounded).
+fn resize_target((h, w): (u32, u32), to: ResizeTo) -> (u32, u32) {
+    match to {
+        ResizeTo::Exact { height, width } => (height, width),
+        ResizeTo::ShortestEdge(s) => {
+            let (short, long) = if w <= h { (w, h) } else { (h, w) };
+            let new_long = (s as f64 * long as f64 / short as f64) as u32;
+            if w <= h {
+                (new_long, s)
+            } else {
+                (s, new_long)
+            }
+        }
+    }
+}
+
+/// Reads and decodes an image file, applies its EXIF orientation and converts
+/// it to 8-bit RGB. Errors name the file.
+pub fn load_image(path: &Path) -> Result<RgbImage> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::IsDirectory {
+            path: path.to_path_buf(),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes, path)
+}
+
+/// Decodes image bytes; `path` only names the input in errors.
+pub fn decode_image(bytes: &[u8], path: &Path) -> Result<RgbImage> {
+    let fail = |reason: String| Error::ImageDecode {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if bytes.is_empty() {
+        return Err(Error::EmptyFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| fail(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(fail("unrecognised image format".into()));
+    }
+    let mut decoder = reader.into_decoder().map_err(|e| fail(e.to_string()))?;
+    let orientation = decoder.orientation().map_err(|e| fail(e.to_string()))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
+    img.apply_orientation(orientation);
+    Ok(to_rgb(img))
+}
+
+/// Converts to RGB8. Images with an alpha channel are composited onto white,
+/// as transformers' `convert_to_rgb` does; the rest are converted directly.
+pub fn to_rgb(img: DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.into_rgb8();
+    }
+    let rgba = img.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut out = RgbImage::new(w, h);
+    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+        let a = p[3] as u32;
+        for c in 0..3 {
+            // round((src * a + 255 * (255 - a)) / 255), PIL's alpha_composite on
+            // an opaque white background.
+            let v = p[c] as u32 * a + 255 * (255 - a);
+            o[c] = ((v + 127) / 255) as u8;
+        }
+    }
+    out
+}
+
+/// Turns decoded images into normalised CHW float pixels.
+#[derive(Debug, Clone)]
+pub struct ImageProcessor {
+    cfg: ImageProcessorConfig,
+}
+
+impl ImageProcessor {
+    pub fn new(cfg: ImageProcessorConfig) -> Self {
+        Self { cfg }
+    }
+
+    pub fn config(&self) -> &ImageProcessorConfig {
+        &self.cfg
+    }
+
+    /// Processes one RGB image into CHW f32 values, `output_size` in shape.
+    pub fn process(&self, img: &RgbImage) -> Result<Vec<f32>> {
+        let resized = if self.cfg.do_resize {
+            let (h, w) = resize_target((img.height(), img.width()), self.cfg.resize);
+            if (w, h) == img.dimensions() {
+                img.clone()
+            } else {
+                super::resample::resize_bicubic_pil(img, w, h)
+            }
+        } else {
+            img.clone()
+        };
+        let view = if self.cfg.do_center_crop {
+            center_crop(&resized, self.cfg.crop)
+        } else {
+            resized
+        };
+        Ok(self.normalize(&view))
+    }
+
+    /// Loads and processes a file.
+    pub fn process_path(&self, path: &Path) -> Result<Vec<f32>> {
+        self.process(&load_image(path)?)
+    }
+
+    fn normalize(&self, img: &RgbImage) -> Vec<f32> {
+        let (w, h) = img.dimensions();
+        let plane = (w * h) as usize;
+        let mut out = vec![0f32; 3 * plane];
+        let c = &self.cfg;
+        let scale = if c.do_rescale { c.rescale_factor } else { 1.0 };
+        // Per channel, value = (px * scale - mean) / std; a 256-entry table
+        // holds every possible result so the loop is a lookup.
+        let mut lut = [[0f32; 256]; 3];
+        for (ch, table) in lut.iter_mut().enumerate() {
+            for (v, slot) in table.iter_mut().enumerate() {
+                let x = (v as f64 * scale) as f32;
+                *slot = if c.do_normalize {
+                    (x - c.mean[ch] as f32) / c.std[ch] as f32
+                } else {
+                    x
+                };
+            }
+        }
+        for (i, p) in img.pixels().enumerate() {
+            for ch in 0..3 {
+                out[ch * plane + i] = lut[ch][p[ch] as usize];
+            }
+        }
+        out
+    }
+}
+
+/// transformers' center crop: offsets `(orig - crop) // 2`; a crop larger than
+/// the image pads with zeros around it, centred the same way.
+fn center_crop(img: &RgbImage, (ch, cw): (u32, u32)) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if (h, w) == (ch, cw) {
+        return img.clone();
+    }
+    let top = (h as i64 - ch as i64).div_euclid(2);
+    let left = (w as i64 - cw as i64).div_euclid(2);
+    let mut out = RgbImage::new(cw, ch);
+    for y in 0..ch as i64 {
+        let sy = y + top;
+        if sy < 0 || sy >= h as i64 {
+            continue;
+        }
+        for x in 0..cw as i64 {
+            let sx = x + left;
+            if sx >= 0 && sx < w as i64 {
+                out.put_pixel(x as u32, y as u32, *img.get_pixel(sx as u32, sy as u32));
+            }
+        }
+    }
+    out
+}
+
+/// Files in a directory that look like images, sorted by path; the others are
+/// counted so an empty result can say what was there.
+pub fn list_image_files(dir: &Path) -> Result<(Vec<PathBuf>, usize)> {
+    let mut images = Vec::new();
+    let mut skipped = 0;
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let p = entry.path();
+        if p.is_file() && has_image_extension(&p) {
+            images.push(p);
+        } else {
+            skipped += 1;
+        }
+    }
+    images.sort();
+    Ok((images, skipped))
+}
+
+pub fn has_image_extension(p: &Path) -> bool {
+    const EXTS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortest_edge_truncates_long_side_like_transformers() {
+        // 500x333 (w x h): new long = int(224 * 500 / 333) = 336
+        assert_eq!(
+            resize_target((333, 500), ResizeTo::ShortestEdge(224)),
+            (224, 336)
+        );
+        assert_eq!(
+            resize_target((500, 333), ResizeTo::ShortestEdge(224)),
+            (336, 224)
+        );
+        assert_eq!(
+            resize_target((10, 10), ResizeTo::ShortestEdge(224)),
+            (224, 224)
+        );
+    }
+
+    #[test]
+    fn center_crop_uses_floor_offsets() {
+        let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8, y as u8, 0]));
+        let c = center_crop(&img, (2, 2));
+        // top = (4-2)//2 = 1, left = (5-2)//2 = 1
+        assert_eq!(c.get_pixel(0, 0).0, [1, 1, 0]);
+        assert_eq!(c.get_pixel(1, 1).0, [2, 2, 0]);
+    }
+
+    #[test]
+    fn alpha_is_composited_onto_white() {
+        let mut img = image::RgbaImage::new(1, 3);
+        img.put_pixel(0, 0, image::Rgba([0, 0, 0, 0]));
+        img.put_pixel(0, 1, image::Rgba([10, 20, 30, 255]));
+        img.put_pixel(0, 2, image::Rgba([0, 0, 0, 128]));
+        let rgb = to_rgb(DynamicImage::ImageRgba8(img));
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(rgb.get_pixel(0, 1).0, [10, 20, 30]);
+        // 255 * 127 / 255 = 127
+        assert_eq!(rgb.get_pixel(0, 2).0, [127, 127, 127]);
+    }
+
+    #[test]
+    fn old_feature_extractor_names_are_accepted() {
+        let json = r#"{"feature_extractor_type":"ChineseCLIPFeatureExtractor",
+                       "size":{"height":224,"width":224},"do_center_crop":false}"#;
+        let cfg = ImageProcessorConfig::from_json(json, Path::new("p.json")).unwrap();
+        assert_eq!(
+            cfg.resize,
+            ResizeTo::Exact {
+                height: 224,
+                width: 224
+            }
+        );
+        assert!(!cfg.do_center_crop);
+    }
+
+    #[test]
+    fn empty_and_garbage_bytes_name_the_input() {
+        let e = decode_image(&[], Path::new("a.jpg"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a.jpg") && e.contains("empty"), "{e}");
+        let e = decode_image(b"not an image", Path::new("b.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b.png"), "{e}");
+    }
+}

@@ -1,0 +1,9 @@
+//! Input preprocessing: images (decode, orient, resize, crop, normalise) and
+//! text (tokenize, pad, truncate).
+
+pub mod image;
+pub mod resample;
+pub mod text;
+
+pub use self::image::{decode_image, load_image, ImageProcessor, ImageProcessorConfig, ResizeTo};
+pub use self::text::{TextTokenizer, TokenBatch};
