@@ -297,6 +297,28 @@ def pixels():
     print("pixels:", len(names), "tensors")
 
 
+def file_features():
+    """Features of image files through the processor, for the CLI tests."""
+    files = ["images/rgb.png", "images/alpha.png", "images/palette.png"]
+    exp = dict(__import__("safetensors.numpy", fromlist=["load_file"]).load_file(
+        os.path.join(OUT, "models_expected.safetensors")))
+    for prefix, d, texts, cls in [("clip", "tiny-clip", "tiny-clip.texts.json", CLIPModel),
+                                  ("cn", "tiny-chinese-clip", "tiny-chinese-clip.texts.json", ChineseCLIPModel)]:
+        model = cls.from_pretrained(os.path.join(OUT, d)).eval()
+        proc = processor_from(os.path.join(OUT, d, "preprocessor_config.json"))
+        imgs = [ImageOps.exif_transpose(Image.open(os.path.join(OUT, f))) for f in files]
+        px = torch.from_numpy(proc(images=imgs, return_tensors="np")["pixel_values"])
+        with torch.no_grad():
+            f = model.get_image_features(pixel_values=px)
+        f = getattr(f, "pooler_output", f)
+        exp[f"{prefix}.file_image_features"] = f.numpy()
+        img = f / f.norm(dim=-1, keepdim=True)
+        t = torch.from_numpy(exp[f"{prefix}.text_features"])
+        t = t / t.norm(dim=-1, keepdim=True)
+        exp[f"{prefix}.file_logits_per_image"] = (model.logit_scale.exp() * img @ t.T).detach().numpy()
+    save_file(exp, os.path.join(OUT, "models_expected.safetensors"), metadata={"files": json.dumps(files)})
+
+
 if __name__ == "__main__":
     if os.path.isdir(OUT):
         shutil.rmtree(OUT)
@@ -304,6 +326,7 @@ if __name__ == "__main__":
     tokens_fixture()
     tiny_models()
     test_images()
+    file_features()
     pixels()
     total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(OUT) for f in fs)
     print(f"total fixture size: {total / 1024:.0f} KiB")

@@ -26,7 +26,7 @@ impl VisionTransformer {
     /// `vb` points at `vision_model`.
     pub fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
         let (c, p, h) = (cfg.num_channels, cfg.patch_size, cfg.hidden_size);
-        if cfg.image_size % p != 0 {
+        if !cfg.image_size.is_multiple_of(p) {
             return Err(Error::Shape(format!(
                 "image_size {} is not a multiple of patch_size {p}",
                 cfg.image_size

@@ -246,11 +246,30 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<RgbImage> {
     if reader.format().is_none() {
         return Err(fail("unrecognised image format".into()));
     }
+    if reader.format() == Some(image::ImageFormat::Jpeg) && jpeg_is_truncated(bytes) {
+        return Err(fail(
+            "truncated JPEG (no end-of-image marker after the last scan)".into(),
+        ));
+    }
     let mut decoder = reader.into_decoder().map_err(|e| fail(e.to_string()))?;
     let orientation = decoder.orientation().map_err(|e| fail(e.to_string()))?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
     img.apply_orientation(orientation);
     Ok(to_rgb(img))
+}
+
+/// The JPEG decoder fills missing scan data with grey instead of failing (Pillow
+/// raises), so truncation is checked structurally: a complete file has an EOI
+/// marker (FF D9) after its last start-of-scan (FF DA). Entropy-coded data
+/// stuffs every FF byte with 00, so neither marker can occur inside a scan, and
+/// an EXIF thumbnail's EOI lies before the main image's scans.
+fn jpeg_is_truncated(bytes: &[u8]) -> bool {
+    let last = |m: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == m);
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi < sos,
+        (Some(_), None) => true,
+        (None, _) => false, // no scan at all: the decoder reports that itself
+    }
 }
 
 /// Converts to RGB8. Images with an alpha channel are composited onto white,
@@ -434,6 +453,16 @@ mod tests {
         assert_eq!(rgb.get_pixel(0, 1).0, [10, 20, 30]);
         // 255 * 127 / 255 = 127
         assert_eq!(rgb.get_pixel(0, 2).0, [127, 127, 127]);
+    }
+
+    #[test]
+    fn jpeg_truncation_is_detected_by_markers() {
+        let complete = [0xFF, 0xD8, 0xFF, 0xDA, 1, 2, 0xFF, 0x00, 3, 0xFF, 0xD9];
+        assert!(!jpeg_is_truncated(&complete));
+        assert!(jpeg_is_truncated(&complete[..8]));
+        // a thumbnail's EOI before the main scan does not count
+        let thumb = [0xFF, 0xD8, 0xFF, 0xD9, 0xFF, 0xDA, 1, 2];
+        assert!(jpeg_is_truncated(&thumb));
     }
 
     #[test]

@@ -1,0 +1,151 @@
+//! `clasp embed`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use super::output::{write_embeddings, Embedded};
+use super::{device, progress_bar, DeviceArg};
+use clasp::Encoder;
+
+#[derive(Args, Debug)]
+pub struct EmbedArgs {
+    /// Model: a local directory (config.json, model.safetensors, tokenizer,
+    /// preprocessor_config.json) or a Hugging Face Hub id.
+    #[arg(long, short)]
+    pub model: String,
+    /// An image file to embed (repeatable).
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// A directory of images, or a text file with one image path per line.
+    #[arg(long)]
+    pub images_from: Option<PathBuf>,
+    /// A text to embed (repeatable).
+    #[arg(long = "text")]
+    pub texts: Vec<String>,
+    /// A file with one text per line.
+    #[arg(long)]
+    pub texts_from: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Where to write: FILE.npy (writes FILE.image.npy and FILE.text.npy),
+    /// FILE.jsonl or FILE.safetensors. Without it, JSON lines go to stdout.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Print logits_per_image (images x texts) as CLIPModel computes it.
+    #[arg(long)]
+    pub similarity: bool,
+}
+
+pub fn run(a: EmbedArgs) -> Result<ExitCode> {
+    let mut image_paths = a.images.clone();
+    if let Some(src) = &a.images_from {
+        image_paths.extend(clasp::encoder::image_inputs_from(src)?);
+    }
+    let mut texts = a.texts.clone();
+    if let Some(f) = &a.texts_from {
+        let body = std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?;
+        texts.extend(body.lines().map(str::to_string));
+    }
+    if image_paths.is_empty() && texts.is_empty() {
+        bail!("nothing to embed: give --image, --images-from, --text or --texts-from");
+    }
+    if a.similarity && (image_paths.is_empty() || texts.is_empty()) {
+        bail!("--similarity needs both images and texts");
+    }
+    let dev = device(a.device)?;
+    let encoder = Encoder::load(&a.model, &dev)?;
+    tracing::info!(model = %a.model, kind = encoder.config().model_type(), "loaded");
+
+    let mut out = Embedded::default();
+    let mut failures = Vec::new();
+    if !image_paths.is_empty() {
+        let pb = progress_bar(image_paths.len() as u64, "images");
+        let r = encoder.embed_image_files(&image_paths, a.batch_size, |n| pb.inc(n as u64))?;
+        pb.finish_and_clear();
+        out.image_inputs = r
+            .indices
+            .iter()
+            .map(|&i| image_paths[i].display().to_string())
+            .collect();
+        out.images = r.embeddings;
+        failures = r.failures;
+    }
+    if !texts.is_empty() {
+        let pb = progress_bar(texts.len() as u64, "texts");
+        out.texts = encoder.embed_text_batches(&texts, a.batch_size, |n| pb.inc(n as u64))?;
+        pb.finish_and_clear();
+        out.text_inputs = texts;
+    }
+    out.dim = encoder.embedding_dim();
+    out.model = a.model.clone();
+
+    if a.similarity {
+        print_similarity(&encoder, &out)?;
+    }
+    match &a.output {
+        Some(path) => {
+            for p in write_embeddings(path, &out)? {
+                eprintln!("wrote {}", p.display());
+            }
+        }
+        None if !a.similarity => write_embeddings(std::path::Path::new("-"), &out).map(|_| ())?,
+        None => {}
+    }
+
+    if failures.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "\n{} of {} images failed:",
+        failures.len(),
+        image_paths.len()
+    );
+    for f in &failures {
+        eprintln!("  {}", f.error);
+    }
+    Ok(ExitCode::from(1))
+}
+
+fn print_similarity(encoder: &Encoder, out: &Embedded) -> Result<()> {
+    let dev = encoder.device();
+    let flat = |rows: &[Vec<f32>]| rows.iter().flatten().copied().collect::<Vec<f32>>();
+    let img = candle_core::Tensor::from_vec(flat(&out.images), (out.images.len(), out.dim), dev)?;
+    let txt = candle_core::Tensor::from_vec(flat(&out.texts), (out.texts.len(), out.dim), dev)?;
+    let logits = encoder.similarity(&img, &txt)?.to_vec2::<f32>()?;
+    println!("logits_per_image (rows: images, columns: texts)");
+    for (j, t) in out.text_inputs.iter().enumerate() {
+        println!("  t{j}: {t}");
+    }
+    print!("{:<40}", "");
+    for j in 0..out.texts.len() {
+        print!("{:>10}", format!("t{j}"));
+    }
+    println!();
+    for (i, row) in logits.iter().enumerate() {
+        let name = &out.image_inputs[i];
+        let short: String = if name.chars().count() > 38 {
+            let tail: String = name
+                .chars()
+                .rev()
+                .take(37)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            format!("…{tail}")
+        } else {
+            name.clone()
+        };
+        print!("{short:<40}");
+        for v in row {
+            print!("{v:>10.4}");
+        }
+        println!();
+    }
+    Ok(())
+}
