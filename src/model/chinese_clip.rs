@@ -6,7 +6,8 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::config::{BertConfig, ChineseClipConfig};
-use super::layers::{activate, padding_mask, Attention, LayerNorm, Linear};
+use super::cpu_kernels::{self, F32View};
+use super::layers::{mask_keys, Attention, AttnMask, LayerNorm, Linear, Mlp, Weights};
 use super::vit::VisionTransformer;
 use crate::{Error, Result};
 
@@ -14,10 +15,8 @@ use crate::{Error, Result};
 struct BertLayer {
     attn: Attention,
     attn_ln: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    mlp: Mlp,
     out_ln: LayerNorm,
-    cfg: BertConfig,
 }
 
 impl BertLayer {
@@ -34,19 +33,49 @@ impl BertLayer {
                 cfg.num_attention_heads,
             )?,
             attn_ln: LayerNorm::load(vb.pp("attention.output.LayerNorm"), h, eps)?,
-            intermediate: Linear::load(vb.pp("intermediate.dense"), h, i, true)?,
-            output: Linear::load(vb.pp("output.dense"), i, h, true)?,
+            mlp: Mlp::new(
+                Linear::load(vb.pp("intermediate.dense"), h, i, true)?,
+                Linear::load(vb.pp("output.dense"), i, h, true)?,
+                cfg.hidden_act,
+            ),
             out_ln: LayerNorm::load(vb.pp("output.LayerNorm"), h, eps)?,
-            cfg: cfg.clone(),
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let a = self.attn.forward(x, Some(mask))?;
-        let x = self.attn_ln.forward(&(x + a)?)?;
-        let f = activate(&self.intermediate.forward(&x)?, self.cfg.hidden_act)?;
-        let f = self.output.forward(&f)?;
-        self.out_ln.forward(&(x + f)?)
+    /// Post-norm: x = LN(x + attn(x)); x = LN(x + mlp(x)).
+    fn forward(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
+        if cpu_kernels::applies(x) {
+            return self.forward_fused(x, mask);
+        }
+        let x = self.attn_ln.forward(&(x + self.attn.forward(x, mask)?)?)?;
+        self.out_ln.forward(&(&x + self.mlp.forward(&x)?)?)
+    }
+
+    fn forward_fused(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let n = b * t;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let w = Weights::new(&self.attn, &self.mlp)?;
+        let keys = mask_keys(mask)?;
+        let ln = |l: &LayerNorm, v: &mut [f32]| -> Result<()> {
+            let (g, bb) = (F32View::new(&l.weight)?, F32View::new(&l.bias)?);
+            cpu_kernels::layer_norm_inplace(v, c, g.as_slice(), bb.as_slice(), l.eps);
+            Ok(())
+        };
+        let mut qkv = vec![0f32; n * 3 * c];
+        cpu_kernels::linear_into(&xv, n, &w.qkv(), &mut qkv, false);
+        let mut ctx = vec![0f32; n * c];
+        cpu_kernels::attention(&qkv, &mut ctx, b, t, self.attn.heads, c, keys.as_mask(mask));
+        let mut y = xv;
+        cpu_kernels::linear_into(&ctx, n, &w.out(), &mut y, true);
+        ln(&self.attn_ln, &mut y)?;
+        let mut f = vec![0f32; n * self.mlp.fc1.weight.dim(0)?];
+        cpu_kernels::linear_into(&y, n, &w.fc1(), &mut f, false);
+        cpu_kernels::activate_inplace(&mut f, self.mlp.act);
+        let mut z = y;
+        cpu_kernels::linear_into(&f, n, &w.fc2(), &mut z, true);
+        ln(&self.out_ln, &mut z)?;
+        Ok(Tensor::from_vec(z, (b, t, c), x.device())?)
     }
 }
 
@@ -103,7 +132,7 @@ impl BertTextModel {
             .broadcast_add(&self.token_type_embeddings.get(0)?.unsqueeze(0)?)?;
         let x = words.broadcast_add(&bias.unsqueeze(0)?)?;
         let mut x = self.emb_ln.forward(&x)?;
-        let mask = padding_mask(attention_mask)?;
+        let mask = AttnMask::padding(attention_mask)?;
         for layer in &self.layers {
             x = layer.forward(&x, &mask)?;
         }

@@ -5,7 +5,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{ClipConfig, ClipTextConfig};
-use super::layers::{causal_mask, LayerNorm, Linear, PreNormBlock};
+use super::layers::{AttnMask, LayerNorm, Linear, PreNormBlock};
 use super::vit::VisionTransformer;
 use crate::{Error, Result};
 
@@ -83,9 +83,8 @@ impl ClipTextTransformer {
         let tok = tok.reshape((b, t, self.cfg.hidden_size))?;
         let pos = self.position_embedding.narrow(0, 0, t)?;
         let mut x = tok.broadcast_add(&pos.unsqueeze(0)?)?;
-        let mask = causal_mask(t, dev)?;
         for layer in &self.layers {
-            x = layer.forward(&x, Some(&mask))?;
+            x = layer.forward(&x, &AttnMask::Causal)?;
         }
         let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
         let positions = self.pool_positions(&ids);

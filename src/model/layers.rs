@@ -6,13 +6,14 @@ use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
+use super::cpu_kernels::{self, F32View, LinearRef, Mask};
 use crate::Result;
 
 /// `y = x W^T + b` over the last dimension, for inputs of any rank.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -73,9 +74,9 @@ impl Linear {
 
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) eps: f64,
 }
 
 impl LayerNorm {
@@ -119,9 +120,9 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
 /// transformers (`q_proj`... for CLIP; BERT's names are mapped by its loader).
 #[derive(Debug, Clone)]
 pub struct Attention {
-    qkv: Linear,
-    out: Linear,
-    heads: usize,
+    pub(crate) qkv: Linear,
+    pub(crate) out: Linear,
+    pub(crate) heads: usize,
     head_dim: usize,
 }
 
@@ -147,8 +148,14 @@ impl Attention {
         )
     }
 
-    /// `x`: [B, T, C]. `mask`: additive, broadcastable to [B, H, T, T].
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// `x`: [B, T, C].
+    pub fn forward(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
+        let additive = mask.additive(x)?;
+        self.forward_additive(x, additive.as_ref())
+    }
+
+    /// `mask`: additive, broadcastable to [B, H, T, T].
+    fn forward_additive(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (h, d) = (self.heads, self.head_dim);
         let qkv = self.qkv.forward(x)?.reshape((b, t, 3, h, d))?;
@@ -171,9 +178,9 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
+    pub(crate) act: Activation,
 }
 
 impl Mlp {
@@ -184,6 +191,37 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = activate(&self.fc1.forward(x)?, self.act)?;
         self.fc2.forward(&h)
+    }
+}
+
+/// What each query may attend to.
+#[derive(Debug, Clone)]
+pub enum AttnMask {
+    /// Everything (the ViT).
+    None,
+    /// Itself and earlier positions (CLIP's text tower).
+    Causal,
+    /// Keys where the 0/1 attention mask [B, T] is 1 (BERT). Holds the
+    /// additive form [B, T]: 0, or the dtype's lowest value as transformers uses.
+    Padding(Tensor),
+}
+
+impl AttnMask {
+    pub fn padding(attention_mask: &Tensor) -> Result<Self> {
+        let m = attention_mask.to_dtype(DType::F32)?;
+        Ok(AttnMask::Padding(((1.0 - m)? * f32::MIN as f64)?))
+    }
+
+    /// The additive mask for the candle-op path, broadcastable to [B, H, T, T].
+    fn additive(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(match self {
+            AttnMask::None => None,
+            AttnMask::Causal => Some(causal_mask(x.dim(1)?, x.device())?),
+            AttnMask::Padding(add) => {
+                let (b, t) = add.dims2()?;
+                Some(add.reshape((b, 1, 1, t))?)
+            }
+        })
     }
 }
 
@@ -217,9 +255,133 @@ impl PreNormBlock {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
+        if cpu_kernels::applies(x) {
+            return self.forward_fused(x, mask);
+        }
         let x = (x + self.attn.forward(&self.ln1.forward(x)?, mask)?)?;
         Ok((&x + self.mlp.forward(&self.ln2.forward(&x)?)?)?)
+    }
+
+    /// The same block on the fused CPU kernels (see `cpu_kernels`).
+    fn forward_fused(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let n = b * t;
+        let mut xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let w = Weights::new(&self.attn, &self.mlp)?;
+        let (ln1w, ln1b) = (
+            F32View::new(&self.ln1.weight)?,
+            F32View::new(&self.ln1.bias)?,
+        );
+        let (ln2w, ln2b) = (
+            F32View::new(&self.ln2.weight)?,
+            F32View::new(&self.ln2.bias)?,
+        );
+        let keys = mask_keys(mask)?;
+        let mut h = vec![0f32; n * c];
+        cpu_kernels::layer_norm_into(
+            &xv,
+            &mut h,
+            c,
+            ln1w.as_slice(),
+            ln1b.as_slice(),
+            self.ln1.eps,
+        );
+        let mut qkv = vec![0f32; n * 3 * c];
+        cpu_kernels::linear_into(&h, n, &w.qkv(), &mut qkv, false);
+        cpu_kernels::attention(&qkv, &mut h, b, t, self.attn.heads, c, keys.as_mask(mask));
+        cpu_kernels::linear_into(&h, n, &w.out(), &mut xv, true);
+        cpu_kernels::layer_norm_into(
+            &xv,
+            &mut h,
+            c,
+            ln2w.as_slice(),
+            ln2b.as_slice(),
+            self.ln2.eps,
+        );
+        let mut f = vec![0f32; n * self.mlp.fc1.weight.dim(0)?];
+        cpu_kernels::linear_into(&h, n, &w.fc1(), &mut f, false);
+        cpu_kernels::activate_inplace(&mut f, self.mlp.act);
+        cpu_kernels::linear_into(&f, n, &w.fc2(), &mut xv, true);
+        Ok(Tensor::from_vec(xv, (b, t, c), x.device())?)
+    }
+}
+
+/// Borrowed weight slices of one block's attention and MLP.
+pub(crate) struct Weights<'a> {
+    v: [(F32View<'a>, Option<F32View<'a>>, usize, usize); 4],
+}
+
+impl<'a> Weights<'a> {
+    pub(crate) fn new(attn: &'a Attention, mlp: &'a Mlp) -> Result<Self> {
+        let view = |l: &'a Linear| -> Result<_> {
+            Ok((
+                F32View::new(&l.weight)?,
+                l.bias.as_ref().map(F32View::new).transpose()?,
+                l.weight.dim(0)?,
+                l.weight.dim(1)?,
+            ))
+        };
+        Ok(Self {
+            v: [
+                view(&attn.qkv)?,
+                view(&attn.out)?,
+                view(&mlp.fc1)?,
+                view(&mlp.fc2)?,
+            ],
+        })
+    }
+    fn get(&self, i: usize) -> LinearRef<'_> {
+        let (w, b, out, inp) = &self.v[i];
+        LinearRef {
+            w: w.as_slice(),
+            b: b.as_ref().map(F32View::as_slice),
+            out: *out,
+            inp: *inp,
+        }
+    }
+    pub(crate) fn qkv(&self) -> LinearRef<'_> {
+        self.get(0)
+    }
+    pub(crate) fn out(&self) -> LinearRef<'_> {
+        self.get(1)
+    }
+    pub(crate) fn fc1(&self) -> LinearRef<'_> {
+        self.get(2)
+    }
+    pub(crate) fn fc2(&self) -> LinearRef<'_> {
+        self.get(3)
+    }
+}
+
+/// Host copy of a padding mask's additive values, for the fused kernels.
+pub(crate) struct MaskKeys(Option<Vec<f32>>);
+
+impl MaskKeys {
+    pub(crate) fn as_mask<'a>(&'a self, m: &AttnMask) -> Mask<'a> {
+        match (m, &self.0) {
+            (AttnMask::None, _) => Mask::None,
+            (AttnMask::Causal, _) => Mask::Causal,
+            (AttnMask::Padding(_), Some(v)) => Mask::Keys(v),
+            (AttnMask::Padding(_), None) => unreachable!("mask_keys fills padding masks"),
+        }
+    }
+}
+
+pub(crate) fn mask_keys(m: &AttnMask) -> Result<MaskKeys> {
+    Ok(MaskKeys(match m {
+        AttnMask::Padding(add) => Some(add.flatten_all()?.to_vec1::<f32>()?),
+        _ => None,
+    }))
+}
+
+impl PreNormBlock {
+    #[cfg(test)]
+    fn forward_candle(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
+        let prev = crate::model::set_grad_mode(true);
+        let r = self.forward(x, mask);
+        crate::model::set_grad_mode(prev);
+        r
     }
 }
 
@@ -229,16 +391,6 @@ pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
         .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Ok(Tensor::from_vec(data, (t, t), device)?)
-}
-
-/// Additive padding mask [B, 1, 1, T] from a 0/1 attention mask [B, T], using
-/// the dtype's lowest value as transformers does (not -inf, so a fully masked
-/// row stays finite).
-pub fn padding_mask(attention_mask: &Tensor) -> Result<Tensor> {
-    let (b, t) = attention_mask.dims2()?;
-    let m = attention_mask.to_dtype(DType::F32)?;
-    let add = ((1.0 - m)? * f32::MIN as f64)?;
-    Ok(add.reshape((b, 1, 1, t))?)
 }
 
 #[cfg(test)]
@@ -255,6 +407,63 @@ mod tests {
         let x = Tensor::new(&[[[1f32, 1.], [2., 0.]]], &dev).unwrap();
         let y = l.forward(&x).unwrap().to_vec3::<f32>().unwrap();
         assert_eq!(y, vec![vec![vec![3.5, 6., 13.], vec![2.5, 5., 12.]]]);
+    }
+
+    fn random_block(hidden: usize, inter: usize, heads: usize, act: Activation) -> PreNormBlock {
+        let dev = Device::Cpu;
+        let r = |s: &[usize]| Tensor::randn(0f32, 0.3, s, &dev).unwrap();
+        let lin = |o: usize, i: usize| Linear::new(r(&[o, i]), Some(r(&[o])));
+        let ln = || LayerNorm {
+            weight: (r(&[hidden]) + 1.0).unwrap(),
+            bias: r(&[hidden]),
+            eps: 1e-5,
+        };
+        PreNormBlock {
+            ln1: ln(),
+            attn: Attention::new(
+                lin(hidden, hidden),
+                lin(hidden, hidden),
+                lin(hidden, hidden),
+                lin(hidden, hidden),
+                heads,
+            )
+            .unwrap(),
+            ln2: ln(),
+            mlp: Mlp::new(lin(inter, hidden), lin(hidden, inter), act),
+        }
+    }
+
+    #[test]
+    fn fused_cpu_block_equals_candle_ops() {
+        let dev = Device::Cpu;
+        for (act, mask) in [
+            (Activation::QuickGelu, AttnMask::None),
+            (Activation::QuickGelu, AttnMask::Causal),
+            (
+                Activation::Gelu,
+                AttnMask::padding(
+                    &Tensor::new(&[[1u32, 1, 1, 0, 0], [1, 1, 1, 1, 1]], &dev).unwrap(),
+                )
+                .unwrap(),
+            ),
+            (Activation::GeluTanh, AttnMask::None),
+        ] {
+            let block = random_block(16, 24, 4, act);
+            let x = Tensor::randn(0f32, 1.0, (2, 5, 16), &dev).unwrap();
+            let fused = block.forward(&x, &mask).unwrap();
+            let reference = block.forward_candle(&x, &mask).unwrap();
+            let d = (fused - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "{act:?}: fused and candle paths differ by {d}");
+        }
     }
 
     #[test]

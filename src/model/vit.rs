@@ -6,7 +6,7 @@ use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
-use super::layers::{LayerNorm, Linear, PreNormBlock};
+use super::layers::{AttnMask, LayerNorm, Linear, PreNormBlock};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -89,7 +89,7 @@ impl VisionTransformer {
         let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
         for layer in &self.layers {
-            x = layer.forward(&x, None)?;
+            x = layer.forward(&x, &AttnMask::None)?;
         }
         let pooled = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
         self.post_layernorm.forward(&pooled)

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Encoder throughput, side by side: clasp vs PyTorch (transformers) vs ONNX
+Runtime, on the ViT-B/32 config (random weights; speed does not depend on
+them), CPU, batch 1 and 32, images/s and texts/s.
+
+    python3 bench/embed_throughput.py [--rounds 5] [--threads 2]
+
+Rounds are interleaved (clasp, torch, ort, clasp, ...) on the same machine,
+and each figure is the median over rounds of that round's median iteration.
+Texts are real Flickr8k captions, padded to the longest in the batch by all
+three stacks (outputs are identical to padding to 77). Results are printed and
+written to bench/out/embed_throughput.json.
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+WORK = os.path.join(ROOT, "bench", ".work")
+OUT = os.path.join(ROOT, "bench", "out")
+
+
+def checkpoint():
+    d = os.path.join(WORK, "clip-vit-base-patch32")
+    if not os.path.exists(os.path.join(d, "model.safetensors")):
+        import shutil
+        from transformers import CLIPConfig, CLIPModel
+        src = os.path.join(SHARED, "assets/clip-vit-base-patch32")
+        torch.manual_seed(0)
+        CLIPModel(CLIPConfig.from_pretrained(src)).eval().save_pretrained(d)
+        for f in os.listdir(src):
+            if f != "config.json":
+                shutil.copy(os.path.join(src, f), d)
+    return d
+
+
+def captions(n):
+    lines = open(os.path.join(SHARED, "data/flickr8k/Flickr8k.token.txt"), encoding="utf-8").read().splitlines()
+    return [l.split("\t", 1)[1] for l in random.Random(3).sample(lines, n)]
+
+
+class Torch:
+    name = "pytorch"
+
+    def __init__(self, d):
+        from transformers import CLIPModel, AutoTokenizer
+        self.m = CLIPModel.from_pretrained(d).eval()
+        self.tok = AutoTokenizer.from_pretrained(d)
+
+    def image(self, px):
+        with torch.inference_mode():
+            out = self.m.get_image_features(pixel_values=torch.from_numpy(px))
+            out = getattr(out, "pooler_output", out)
+            return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+    def text(self, texts):
+        enc = self.tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        with torch.inference_mode():
+            out = self.m.get_text_features(**enc)
+            out = getattr(out, "pooler_output", out)
+            return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+
+class Ort:
+    name = "onnxruntime"
+
+    def __init__(self, d, threads, torch_side):
+        import onnxruntime as ort
+        os.makedirs(WORK, exist_ok=True)
+        m = torch_side.m
+        vis, txt = os.path.join(WORK, "vision.onnx"), os.path.join(WORK, "text.onnx")
+
+        class V(torch.nn.Module):
+            def forward(self, pixel_values):
+                o = m.get_image_features(pixel_values=pixel_values)
+                return getattr(o, "pooler_output", o)
+
+        class T(torch.nn.Module):
+            def forward(self, input_ids, attention_mask):
+                o = m.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+                return getattr(o, "pooler_output", o)
+
+        if not os.path.exists(vis):
+            torch.onnx.export(V(), (torch.randn(2, 3, 224, 224),), vis, input_names=["pixel_values"],
+                              output_names=["image_embeds"], dynamic_axes={"pixel_values": {0: "b"}},
+                              opset_version=17, dynamo=False)
+        if not os.path.exists(txt):
+            ids = torch.ones(2, 12, dtype=torch.long)
+            torch.onnx.export(T(), (ids, ids), txt, input_names=["input_ids", "attention_mask"],
+                              output_names=["text_embeds"],
+                              dynamic_axes={"input_ids": {0: "b", 1: "t"}, "attention_mask": {0: "b", 1: "t"}},
+                              opset_version=17, dynamo=False)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.v = ort.InferenceSession(vis, so, providers=["CPUExecutionProvider"])
+        self.t = ort.InferenceSession(txt, so, providers=["CPUExecutionProvider"])
+        self.tok = torch_side.tok
+
+    def image(self, px):
+        out = self.v.run(None, {"pixel_values": px})[0]
+        return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+    def text(self, texts):
+        enc = self.tok(texts, padding=True, truncation=True, max_length=77, return_tensors="np")
+        out = self.t.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
+                                "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+        return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+def py_rates(fn, arg, batch, iters):
+    fn(arg)  # warm-up
+    rates = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn(arg)
+        rates.append(batch / (time.perf_counter() - t))
+    return rates
+
+
+def clasp_rates(d, kind, batch, iters, texts_file):
+    exe = os.path.join(ROOT, "target", "release", "examples", "bench_embed")
+    out = subprocess.run([exe, d, kind, str(batch), str(iters), texts_file], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["items_per_s"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--only", help="comma list of cases, e.g. image32,text32")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    subprocess.run(["cargo", "build", "--release", "--example", "bench_embed"], cwd=ROOT, check=True)
+    d = checkpoint()
+    tside = Torch(d)
+    oside = Ort(d, a.threads, tside)
+    texts = captions(32)
+    os.makedirs(OUT, exist_ok=True)
+    tf = os.path.join(OUT, "captions.txt")
+    open(tf, "w").write("\n".join(texts))
+    cases = [("image", 1, 8), ("image", 32, 2), ("text", 1, 20), ("text", 32, 4)]
+    if a.only:
+        keep = a.only.split(",")
+        cases = [c for c in cases if f"{c[0]}{c[1]}" in keep]
+    res = {f"{k}{b}": {"clasp": [], "pytorch": [], "onnxruntime": []} for k, b, _ in cases}
+    rng = np.random.default_rng(0)
+    for r in range(a.rounds):
+        for kind, b, iters in cases:
+            key = f"{kind}{b}"
+            arg = rng.standard_normal((b, 3, 224, 224), dtype=np.float32) if kind == "image" else texts[:b]
+            res[key]["clasp"].append(statistics.median(clasp_rates(d, kind, b, iters, tf)))
+            for side in (tside, oside):
+                fn = side.image if kind == "image" else side.text
+                res[key][side.name].append(statistics.median(py_rates(fn, arg, b, iters)))
+        print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
+    print(f"\n{'case':<10}{'clasp':>10}{'pytorch':>10}{'onnxrt':>10}{'clasp/pt':>10}{'clasp/ort':>10}   (items/s, median of {a.rounds})")
+    summary = {}
+    for key, v in res.items():
+        m = {k: statistics.median(x) for k, x in v.items()}
+        summary[key] = {**m, "clasp_vs_pytorch": m["clasp"] / m["pytorch"],
+                        "clasp_vs_onnxruntime": m["clasp"] / m["onnxruntime"], "rounds": v}
+        print(f"{key:<10}{m['clasp']:>10.2f}{m['pytorch']:>10.2f}{m['onnxruntime']:>10.2f}"
+              f"{m['clasp'] / m['pytorch']:>10.2f}{m['clasp'] / m['onnxruntime']:>10.2f}")
+    json.dump({"threads": a.threads, "torch": torch.__version__, "results": summary},
+              open(os.path.join(OUT, "embed_throughput.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
