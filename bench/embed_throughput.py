@@ -80,20 +80,30 @@ class Ort:
         vis, txt = os.path.join(WORK, "vision.onnx"), os.path.join(WORK, "text.onnx")
 
         class V(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m = m
+
             def forward(self, pixel_values):
-                o = m.get_image_features(pixel_values=pixel_values)
+                o = self.m.get_image_features(pixel_values=pixel_values)
                 return getattr(o, "pooler_output", o)
 
         class T(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m = m
+
             def forward(self, input_ids, attention_mask):
-                o = m.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+                o = self.m.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
                 return getattr(o, "pooler_output", o)
 
         if not os.path.exists(vis):
+          with torch.no_grad():
             torch.onnx.export(V(), (torch.randn(2, 3, 224, 224),), vis, input_names=["pixel_values"],
                               output_names=["image_embeds"], dynamic_axes={"pixel_values": {0: "b"}},
                               opset_version=17, dynamo=False)
         if not os.path.exists(txt):
+          with torch.no_grad():
             ids = torch.ones(2, 12, dtype=torch.long)
             torch.onnx.export(T(), (ids, ids), txt, input_names=["input_ids", "attention_mask"],
                               output_names=["text_embeds"],

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::config::{BertConfig, ChineseClipConfig};
-use super::cpu_kernels::{self, F32View};
+use super::cpu_kernels::{self, uniform_segments, F32View, Mask};
 use super::layers::{mask_keys, Attention, AttnMask, LayerNorm, Linear, Mlp, Weights};
 use super::vit::VisionTransformer;
 use crate::{Error, Result};
@@ -53,29 +53,36 @@ impl BertLayer {
 
     fn forward_fused(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
-        let n = b * t;
-        let xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let w = Weights::new(&self.attn, &self.mlp)?;
+        let mut xv = x.flatten_all()?.to_vec1::<f32>()?;
         let keys = mask_keys(mask)?;
+        self.forward_rows(&mut xv, &uniform_segments(b, t), keys.as_mask(mask))?;
+        Ok(Tensor::from_vec(xv, (b, t, c), x.device())?)
+    }
+
+    /// The layer on a flat [rows, C] buffer holding the given sequences.
+    fn forward_rows(&self, xv: &mut Vec<f32>, segs: &[(usize, usize)], mask: Mask) -> Result<()> {
+        let c = self.attn_ln.weight.dim(0)?;
+        let n = xv.len() / c;
+        let w = Weights::new(&self.attn, &self.mlp)?;
         let ln = |l: &LayerNorm, v: &mut [f32]| -> Result<()> {
             let (g, bb) = (F32View::new(&l.weight)?, F32View::new(&l.bias)?);
             cpu_kernels::layer_norm_inplace(v, c, g.as_slice(), bb.as_slice(), l.eps);
             Ok(())
         };
         let mut qkv = vec![0f32; n * 3 * c];
-        cpu_kernels::linear_into(&xv, n, &w.qkv(), &mut qkv, false);
+        cpu_kernels::linear_into(xv, n, &w.qkv(), &mut qkv, false);
         let mut ctx = vec![0f32; n * c];
-        cpu_kernels::attention(&qkv, &mut ctx, b, t, self.attn.heads, c, keys.as_mask(mask));
-        let mut y = xv;
-        cpu_kernels::linear_into(&ctx, n, &w.out(), &mut y, true);
-        ln(&self.attn_ln, &mut y)?;
+        cpu_kernels::attention(&qkv, &mut ctx, segs, self.attn.heads, c, mask);
+        cpu_kernels::linear_into(&ctx, n, &w.out(), xv, true);
+        ln(&self.attn_ln, xv)?;
         let mut f = vec![0f32; n * self.mlp.fc1.weight.dim(0)?];
-        cpu_kernels::linear_into(&y, n, &w.fc1(), &mut f, false);
+        cpu_kernels::linear_into(xv, n, &w.fc1(), &mut f, false);
         cpu_kernels::activate_inplace(&mut f, self.mlp.act);
-        let mut z = y;
+        let mut z = xv.clone();
         cpu_kernels::linear_into(&f, n, &w.fc2(), &mut z, true);
         ln(&self.out_ln, &mut z)?;
-        Ok(Tensor::from_vec(z, (b, t, c), x.device())?)
+        *xv = z;
+        Ok(())
     }
 }
 
@@ -120,6 +127,11 @@ impl BertTextModel {
                 self.cfg.max_position_embeddings
             )));
         }
+        if cpu_kernels::applies(&self.word_embeddings) {
+            if let Some(out) = self.forward_packed(input_ids, attention_mask)? {
+                return Ok(out);
+            }
+        }
         let h = self.cfg.hidden_size;
         let words = self
             .word_embeddings
@@ -137,6 +149,60 @@ impl BertTextModel {
             x = layer.forward(&x, &mask)?;
         }
         Ok(x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)
+    }
+}
+
+impl BertTextModel {
+    /// CPU inference without padding: each text's real tokens are packed into
+    /// one buffer and attention stays within each text. The [CLS] outputs are
+    /// identical to the padded computation (masked keys get exactly zero
+    /// weight there). Returns None when the mask is not right-padded.
+    fn forward_packed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let ids = input_ids
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec2::<u32>()?;
+        let mask = attention_mask
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec2::<u32>()?;
+        let mut segs = Vec::with_capacity(ids.len());
+        let (mut flat, mut pos) = (Vec::new(), Vec::new());
+        for (row, m) in ids.iter().zip(&mask) {
+            let len = m.iter().take_while(|&&v| v != 0).count().max(1);
+            if m[len..].iter().any(|&v| v != 0) {
+                return Ok(None);
+            }
+            segs.push((flat.len(), len));
+            flat.extend_from_slice(&row[..len]);
+            pos.extend(0..len);
+        }
+        let c = self.cfg.hidden_size;
+        let bias = self
+            .position_embeddings
+            .broadcast_add(&self.token_type_embeddings.get(0)?.unsqueeze(0)?)?;
+        let (we, pe) = (F32View::new(&self.word_embeddings)?, F32View::new(&bias)?);
+        let mut x = cpu_kernels::embed_rows(we.as_slice(), pe.as_slice(), &flat, &pos, c);
+        drop((we, pe));
+        let (g, b) = (
+            F32View::new(&self.emb_ln.weight)?,
+            F32View::new(&self.emb_ln.bias)?,
+        );
+        cpu_kernels::layer_norm_inplace(&mut x, c, g.as_slice(), b.as_slice(), self.emb_ln.eps);
+        for layer in &self.layers {
+            layer.forward_rows(&mut x, &segs, Mask::None)?;
+        }
+        let cls: Vec<f32> = segs
+            .iter()
+            .flat_map(|&(s, _)| x[s * c..(s + 1) * c].to_vec())
+            .collect();
+        Ok(Some(Tensor::from_vec(
+            cls,
+            (segs.len(), c),
+            input_ids.device(),
+        )?))
     }
 }
 

@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{ClipConfig, ClipTextConfig};
+use super::cpu_kernels::{self, F32View, Mask};
 use super::layers::{AttnMask, LayerNorm, Linear, PreNormBlock};
 use super::vit::VisionTransformer;
 use crate::{Error, Result};
@@ -79,6 +80,11 @@ impl ClipTextTransformer {
             )));
         }
         let dev = input_ids.device();
+        let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let positions = self.pool_positions(&ids);
+        if cpu_kernels::applies(&self.token_embedding) {
+            return self.forward_packed(&ids, &positions, dev);
+        }
         let tok = self.token_embedding.embedding(&input_ids.flatten_all()?)?;
         let tok = tok.reshape((b, t, self.cfg.hidden_size))?;
         let pos = self.position_embedding.narrow(0, 0, t)?;
@@ -86,8 +92,6 @@ impl ClipTextTransformer {
         for layer in &self.layers {
             x = layer.forward(&x, &AttnMask::Causal)?;
         }
-        let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-        let positions = self.pool_positions(&ids);
         // Pool before the final LN: LN is per-token, so this is the same result.
         let flat = x.reshape((b * t, self.cfg.hidden_size))?;
         let index: Vec<u32> = positions
@@ -98,6 +102,44 @@ impl ClipTextTransformer {
         let index = Tensor::from_vec(index, b, dev)?;
         let pooled = flat.index_select(&index, 0)?;
         self.final_layer_norm.forward(&pooled)
+    }
+}
+
+impl ClipTextTransformer {
+    /// CPU inference without padding: each text is cut just after its pooling
+    /// (end-of-text) position, since under the causal mask later tokens cannot
+    /// affect it, and the texts are packed into one buffer with attention kept
+    /// within each. The pooled outputs equal the padded computation's.
+    fn forward_packed(
+        &self,
+        ids: &[Vec<u32>],
+        positions: &[u32],
+        dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let c = self.cfg.hidden_size;
+        let mut segs = Vec::with_capacity(ids.len());
+        let (mut flat, mut pos) = (Vec::new(), Vec::new());
+        for (row, &p) in ids.iter().zip(positions) {
+            let len = p as usize + 1;
+            segs.push((flat.len(), len));
+            flat.extend_from_slice(&row[..len]);
+            pos.extend(0..len);
+        }
+        let (te, pe) = (
+            F32View::new(&self.token_embedding)?,
+            F32View::new(&self.position_embedding)?,
+        );
+        let mut x = cpu_kernels::embed_rows(te.as_slice(), pe.as_slice(), &flat, &pos, c);
+        drop((te, pe));
+        for layer in &self.layers {
+            layer.forward_rows(&mut x, &segs, Mask::Causal)?;
+        }
+        let last: Vec<f32> = segs
+            .iter()
+            .flat_map(|&(s, l)| x[(s + l - 1) * c..(s + l) * c].to_vec())
+            .collect();
+        self.final_layer_norm
+            .forward(&Tensor::from_vec(last, (segs.len(), c), dev)?)
     }
 }
 

@@ -156,19 +156,20 @@ pub fn activate_inplace(x: &mut [f32], act: Activation) {
     });
 }
 
-/// Which positions a query may attend to.
+/// Which positions a query may attend to, within its own sequence.
 #[derive(Clone, Copy)]
 pub enum Mask<'a> {
     None,
     /// Key j is visible to query i only when j <= i.
     Causal,
-    /// Additive per-key bias [B, T] (0 or a large negative for padding).
+    /// Additive per-key bias, one value per row of the flat buffer (0, or a
+    /// large negative for padding).
     Keys(&'a [f32]),
 }
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: each task writes a disjoint region (one batch item's one head).
+// SAFETY: each task writes a disjoint region (one sequence's one head).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
@@ -178,32 +179,41 @@ impl SendPtr {
     }
 }
 
-/// Multi-head attention over a fused qkv buffer [B*T, 3C] (q | k | v, heads
-/// contiguous within each), writing the context into `ctx` [B*T, C].
+/// `n` sequences of `t` rows each, back to back.
+pub fn uniform_segments(n: usize, t: usize) -> Vec<(usize, usize)> {
+    (0..n).map(|i| (i * t, t)).collect()
+}
+
+/// Multi-head attention over a fused qkv buffer [rows, 3C] (q | k | v, heads
+/// contiguous within each), writing the context into `ctx` [rows, C].
+/// `segments` are (first row, length) of each sequence: attention never
+/// crosses them, so sequences of different lengths can be packed without
+/// padding.
 pub fn attention(
     qkv: &[f32],
     ctx: &mut [f32],
-    b: usize,
-    t: usize,
+    segments: &[(usize, usize)],
     heads: usize,
     c: usize,
     mask: Mask,
 ) {
     let d = c / heads;
     let scale = 1.0 / (d as f32).sqrt();
+    let longest = segments.iter().map(|s| s.1).max().unwrap_or(0);
     let ctx_ptr = SendPtr(ctx.as_mut_ptr());
-    (0..b * heads).into_par_iter().for_each_init(
-        || vec![0f32; t * t],
-        |scores, job| {
-            let (bi, h) = (job / heads, job % heads);
-            let base = bi * t * 3 * c;
+    (0..segments.len() * heads).into_par_iter().for_each_init(
+        || vec![0f32; longest * longest],
+        |buf, job| {
+            let ((start, t), h) = (segments[job / heads], job % heads);
+            let scores = &mut buf[..t * t];
+            let base = start * 3 * c;
             let q = qkv[base + h * d..].as_ptr();
             let k = qkv[base + c + h * d..].as_ptr();
             let v = qkv[base + 2 * c + h * d..].as_ptr();
             let row = 3 * c as isize;
             // SAFETY: q, k and v rows are `row` apart and hold d values each;
-            // `scores` is t x t; the ctx block of (bi, h) is t rows of d values
-            // at stride c, written by this task only.
+            // `scores` is t x t; the ctx block of (segment, h) is t rows of d
+            // values at stride c, written by this task only.
             unsafe {
                 gemm::gemm(
                     t,
@@ -233,7 +243,7 @@ pub fn attention(
                     Mask::Causal => srow[i + 1..].fill(f32::NEG_INFINITY),
                     Mask::Keys(m) => srow
                         .iter_mut()
-                        .zip(&m[bi * t..(bi + 1) * t])
+                        .zip(&m[start..start + t])
                         .for_each(|(s, &mv)| *s += mv),
                 }
                 let max = srow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -246,7 +256,7 @@ pub fn attention(
                 srow.iter_mut().for_each(|s| *s *= inv);
             }
             unsafe {
-                let dst = ctx_ptr.get().add(bi * t * c + h * d);
+                let dst = ctx_ptr.get().add(start * c + h * d);
                 gemm::gemm(
                     t,
                     d,
@@ -271,4 +281,23 @@ pub fn attention(
             }
         },
     );
+}
+
+/// Gathers embedding rows: `out[r] = table[ids[r]] + pos[positions[r]]`.
+pub fn embed_rows(
+    table: &[f32],
+    pos: &[f32],
+    ids: &[u32],
+    positions: &[usize],
+    c: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; ids.len() * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
+        let t = &table[ids[r] as usize * c..][..c];
+        let p = &pos[positions[r] * c..][..c];
+        o.iter_mut()
+            .zip(t.iter().zip(p))
+            .for_each(|(o, (a, b))| *o = a + b);
+    });
+    out
 }

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
-use super::cpu_kernels::{self, F32View, LinearRef, Mask};
+use super::cpu_kernels::{self, uniform_segments, F32View, LinearRef, Mask};
 use crate::Result;
 
 /// `y = x W^T + b` over the last dimension, for inputs of any rank.
@@ -266,8 +266,21 @@ impl PreNormBlock {
     /// The same block on the fused CPU kernels (see `cpu_kernels`).
     fn forward_fused(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
-        let n = b * t;
         let mut xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let keys = mask_keys(mask)?;
+        self.forward_rows(&mut xv, &uniform_segments(b, t), keys.as_mask(mask))?;
+        Ok(Tensor::from_vec(xv, (b, t, c), x.device())?)
+    }
+
+    /// The block on a flat [rows, C] buffer holding the given sequences.
+    pub(crate) fn forward_rows(
+        &self,
+        xv: &mut [f32],
+        segs: &[(usize, usize)],
+        mask: Mask,
+    ) -> Result<()> {
+        let c = self.ln1.weight.dim(0)?;
+        let n = xv.len() / c;
         let w = Weights::new(&self.attn, &self.mlp)?;
         let (ln1w, ln1b) = (
             F32View::new(&self.ln1.weight)?,
@@ -277,10 +290,9 @@ impl PreNormBlock {
             F32View::new(&self.ln2.weight)?,
             F32View::new(&self.ln2.bias)?,
         );
-        let keys = mask_keys(mask)?;
         let mut h = vec![0f32; n * c];
         cpu_kernels::layer_norm_into(
-            &xv,
+            xv,
             &mut h,
             c,
             ln1w.as_slice(),
@@ -289,10 +301,10 @@ impl PreNormBlock {
         );
         let mut qkv = vec![0f32; n * 3 * c];
         cpu_kernels::linear_into(&h, n, &w.qkv(), &mut qkv, false);
-        cpu_kernels::attention(&qkv, &mut h, b, t, self.attn.heads, c, keys.as_mask(mask));
-        cpu_kernels::linear_into(&h, n, &w.out(), &mut xv, true);
+        cpu_kernels::attention(&qkv, &mut h, segs, self.attn.heads, c, mask);
+        cpu_kernels::linear_into(&h, n, &w.out(), xv, true);
         cpu_kernels::layer_norm_into(
-            &xv,
+            xv,
             &mut h,
             c,
             ln2w.as_slice(),
@@ -302,8 +314,8 @@ impl PreNormBlock {
         let mut f = vec![0f32; n * self.mlp.fc1.weight.dim(0)?];
         cpu_kernels::linear_into(&h, n, &w.fc1(), &mut f, false);
         cpu_kernels::activate_inplace(&mut f, self.mlp.act);
-        cpu_kernels::linear_into(&f, n, &w.fc2(), &mut xv, true);
-        Ok(Tensor::from_vec(xv, (b, t, c), x.device())?)
+        cpu_kernels::linear_into(&f, n, &w.fc2(), xv, true);
+        Ok(())
     }
 }
 
