@@ -128,16 +128,9 @@ fn print_similarity(encoder: &Encoder, out: &Embedded) -> Result<()> {
     println!();
     for (i, row) in logits.iter().enumerate() {
         let name = &out.image_inputs[i];
-        let short: String = if name.chars().count() > 38 {
-            let tail: String = name
-                .chars()
-                .rev()
-                .take(37)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            format!("…{tail}")
+        let len = name.chars().count();
+        let short: String = if len > 38 {
+            format!("…{}", name.chars().skip(len - 37).collect::<String>())
         } else {
             name.clone()
         };

@@ -6,8 +6,10 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::config::{BertConfig, ChineseClipConfig};
-use super::cpu_kernels::{self, uniform_segments, F32View, Mask};
-use super::layers::{mask_keys, Attention, AttnMask, LayerNorm, Linear, Mlp, Weights};
+use super::cpu_kernels::{self, F32View, Mask};
+use super::layers::{
+    forward_fused, Attention, AttnMask, FusedLayer, LayerNorm, Linear, Mlp, Weights,
+};
 use super::vit::VisionTransformer;
 use crate::{Error, Result};
 
@@ -44,23 +46,13 @@ impl BertLayer {
 
     /// Post-norm: x = LN(x + attn(x)); x = LN(x + mlp(x)).
     fn forward(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
-        if cpu_kernels::applies(x) {
-            return self.forward_fused(x, mask);
-        }
         let x = self.attn_ln.forward(&(x + self.attn.forward(x, mask)?)?)?;
         self.out_ln.forward(&(&x + self.mlp.forward(&x)?)?)
     }
+}
 
-    fn forward_fused(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let mut xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let keys = mask_keys(mask)?;
-        self.forward_rows(&mut xv, &uniform_segments(b, t), keys.as_mask(mask))?;
-        Ok(Tensor::from_vec(xv, (b, t, c), x.device())?)
-    }
-
-    /// The layer on a flat [rows, C] buffer holding the given sequences.
-    fn forward_rows(&self, xv: &mut Vec<f32>, segs: &[(usize, usize)], mask: Mask) -> Result<()> {
+impl FusedLayer for BertLayer {
+    fn forward_rows(&self, xv: &mut [f32], segs: &[(usize, usize)], mask: Mask) -> Result<()> {
         let c = self.attn_ln.weight.dim(0)?;
         let n = xv.len() / c;
         let w = Weights::new(&self.attn, &self.mlp)?;
@@ -78,11 +70,9 @@ impl BertLayer {
         let mut f = vec![0f32; n * self.mlp.fc1.weight.dim(0)?];
         cpu_kernels::linear_into(xv, n, &w.fc1(), &mut f, false);
         cpu_kernels::activate_inplace(&mut f, self.mlp.act);
-        let mut z = xv.clone();
-        cpu_kernels::linear_into(&f, n, &w.fc2(), &mut z, true);
-        ln(&self.out_ln, &mut z)?;
-        *xv = z;
-        Ok(())
+        // f no longer needs xv, so the residual sum goes straight into it.
+        cpu_kernels::linear_into(&f, n, &w.fc2(), xv, true);
+        ln(&self.out_ln, xv)
     }
 }
 
@@ -145,8 +135,12 @@ impl BertTextModel {
         let x = words.broadcast_add(&bias.unsqueeze(0)?)?;
         let mut x = self.emb_ln.forward(&x)?;
         let mask = AttnMask::padding(attention_mask)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+        if cpu_kernels::applies(&x) {
+            x = forward_fused(&self.layers, &x, &mask)?;
+        } else {
+            for layer in &self.layers {
+                x = layer.forward(&x, &mask)?;
+            }
         }
         Ok(x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)
     }
@@ -180,8 +174,10 @@ impl BertTextModel {
             pos.extend(0..len);
         }
         let c = self.cfg.hidden_size;
+        let longest = segs.iter().map(|s| s.1).max().unwrap_or(1);
         let bias = self
             .position_embeddings
+            .narrow(0, 0, longest)?
             .broadcast_add(&self.token_type_embeddings.get(0)?.unsqueeze(0)?)?;
         let (we, pe) = (F32View::new(&self.word_embeddings)?, F32View::new(&bias)?);
         let mut x = cpu_kernels::embed_rows(we.as_slice(), pe.as_slice(), &flat, &pos, c);

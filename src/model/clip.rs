@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{ClipConfig, ClipTextConfig};
 use super::cpu_kernels::{self, F32View, Mask};
-use super::layers::{AttnMask, LayerNorm, Linear, PreNormBlock};
+use super::layers::{AttnMask, FusedLayer, LayerNorm, Linear, PreNormBlock};
 use super::vit::VisionTransformer;
 use crate::{Error, Result};
 

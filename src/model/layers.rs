@@ -150,12 +150,7 @@ impl Attention {
 
     /// `x`: [B, T, C].
     pub fn forward(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
-        let additive = mask.additive(x)?;
-        self.forward_additive(x, additive.as_ref())
-    }
-
-    /// `mask`: additive, broadcastable to [B, H, T, T].
-    fn forward_additive(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mask = mask.additive(x)?;
         let (b, t, c) = x.dims3()?;
         let (h, d) = (self.heads, self.head_dim);
         let qkv = self.qkv.forward(x)?.reshape((b, t, 3, h, d))?;
@@ -166,7 +161,7 @@ impl Attention {
         let k = qkv.get(1)?;
         let v = qkv.get(2)?;
         let mut scores = q.matmul(&k.t()?)?;
-        if let Some(m) = mask {
+        if let Some(m) = &mask {
             scores = scores.broadcast_add(m)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -256,29 +251,44 @@ impl PreNormBlock {
     }
 
     pub fn forward(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
-        if cpu_kernels::applies(x) {
-            return self.forward_fused(x, mask);
-        }
         let x = (x + self.attn.forward(&self.ln1.forward(x)?, mask)?)?;
         Ok((&x + self.mlp.forward(&self.ln2.forward(&x)?)?)?)
     }
+}
 
-    /// The same block on the fused CPU kernels (see `cpu_kernels`).
-    fn forward_fused(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let mut xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let keys = mask_keys(mask)?;
-        self.forward_rows(&mut xv, &uniform_segments(b, t), keys.as_mask(mask))?;
-        Ok(Tensor::from_vec(xv, (b, t, c), x.device())?)
+/// A layer that also runs on the fused CPU kernels (see `cpu_kernels`), over
+/// a flat [rows, C] buffer holding the given sequences back to back.
+pub(crate) trait FusedLayer {
+    fn forward_rows(&self, xv: &mut [f32], segs: &[(usize, usize)], mask: Mask) -> Result<()>;
+}
+
+/// Runs a stack of layers on the fused CPU kernels over x [B, T, C]: one copy
+/// in and one out for the whole stack, not per layer.
+pub(crate) fn forward_fused<L: FusedLayer>(
+    layers: &[L],
+    x: &Tensor,
+    mask: &AttnMask,
+) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    let mut xv = x.flatten_all()?.to_vec1::<f32>()?;
+    let keys = match mask {
+        AttnMask::Padding(add) => Some(add.flatten_all()?.to_vec1::<f32>()?),
+        _ => None,
+    };
+    let m = match (&keys, mask) {
+        (Some(k), _) => Mask::Keys(k),
+        (None, AttnMask::Causal) => Mask::Causal,
+        (None, _) => Mask::None,
+    };
+    let segs = uniform_segments(b, t);
+    for layer in layers {
+        layer.forward_rows(&mut xv, &segs, m)?;
     }
+    Ok(Tensor::from_vec(xv, (b, t, c), x.device())?)
+}
 
-    /// The block on a flat [rows, C] buffer holding the given sequences.
-    pub(crate) fn forward_rows(
-        &self,
-        xv: &mut [f32],
-        segs: &[(usize, usize)],
-        mask: Mask,
-    ) -> Result<()> {
+impl FusedLayer for PreNormBlock {
+    fn forward_rows(&self, xv: &mut [f32], segs: &[(usize, usize)], mask: Mask) -> Result<()> {
         let c = self.ln1.weight.dim(0)?;
         let n = xv.len() / c;
         let w = Weights::new(&self.attn, &self.mlp)?;
@@ -366,37 +376,6 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// Host copy of a padding mask's additive values, for the fused kernels.
-pub(crate) struct MaskKeys(Option<Vec<f32>>);
-
-impl MaskKeys {
-    pub(crate) fn as_mask<'a>(&'a self, m: &AttnMask) -> Mask<'a> {
-        match (m, &self.0) {
-            (AttnMask::None, _) => Mask::None,
-            (AttnMask::Causal, _) => Mask::Causal,
-            (AttnMask::Padding(_), Some(v)) => Mask::Keys(v),
-            (AttnMask::Padding(_), None) => unreachable!("mask_keys fills padding masks"),
-        }
-    }
-}
-
-pub(crate) fn mask_keys(m: &AttnMask) -> Result<MaskKeys> {
-    Ok(MaskKeys(match m {
-        AttnMask::Padding(add) => Some(add.flatten_all()?.to_vec1::<f32>()?),
-        _ => None,
-    }))
-}
-
-impl PreNormBlock {
-    #[cfg(test)]
-    fn forward_candle(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
-        let prev = crate::model::set_grad_mode(true);
-        let r = self.forward(x, mask);
-        crate::model::set_grad_mode(prev);
-        r
-    }
-}
-
 /// Additive causal mask [T, T]: 0 on and below the diagonal, -inf above.
 pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
     let data: Vec<f32> = (0..t)
@@ -462,8 +441,8 @@ mod tests {
         ] {
             let block = random_block(16, 24, 4, act);
             let x = Tensor::randn(0f32, 1.0, (2, 5, 16), &dev).unwrap();
-            let fused = block.forward(&x, &mask).unwrap();
-            let reference = block.forward_candle(&x, &mask).unwrap();
+            let fused = forward_fused(std::slice::from_ref(&block), &x, &mask).unwrap();
+            let reference = block.forward(&x, &mask).unwrap();
             let d = (fused - reference)
                 .unwrap()
                 .abs()

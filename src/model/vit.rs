@@ -6,7 +6,8 @@ use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
-use super::layers::{AttnMask, LayerNorm, Linear, PreNormBlock};
+use super::cpu_kernels;
+use super::layers::{forward_fused, AttnMask, LayerNorm, Linear, PreNormBlock};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -88,8 +89,12 @@ impl VisionTransformer {
         let x = Tensor::cat(&[&cls, &x], 1)?;
         let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &AttnMask::None)?;
+        if cpu_kernels::applies(&x) {
+            x = forward_fused(&self.layers, &x, &AttnMask::None)?;
+        } else {
+            for layer in &self.layers {
+                x = layer.forward(&x, &AttnMask::None)?;
+            }
         }
         let pooled = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
         self.post_layernorm.forward(&pooled)
