@@ -56,6 +56,15 @@ pub enum Error {
     )]
     Hub { model: String, reason: String },
 
+    #[error("dataset: {0}")]
+    Dataset(String),
+
+    #[error("embedding cache {path}: {reason}")]
+    Cache { path: PathBuf, reason: String },
+
+    #[error("{0}")]
+    Report(String),
+
     #[error("shape mismatch: {0}")]
     Shape(String),
 

@@ -5,10 +5,13 @@
 //! Layout: `model/` (architectures and loading), `preprocess/` (images and
 //! text), and `encoder` (the loaded-once API the rest builds on).
 
+pub mod data;
 pub mod encoder;
 pub mod error;
+pub mod eval;
 pub mod model;
 pub mod preprocess;
+pub mod progress;
 
 pub use encoder::{BatchEmbeddings, Encoder, Failure};
 pub use error::{Error, Result};

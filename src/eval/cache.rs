@@ -1,0 +1,181 @@
+//! The embedding cache: a SQLite table of vectors keyed by what determines
+//! them. An image vector's key is (model content hash, preprocessing, image
+//! content hash); a text vector's is (model content hash, text). A changed
+//! image file or model gets new keys, so stale entries are never read.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::{Encoder, Error, Result};
+
+pub type Key = [u8; 32];
+
+pub struct EmbeddingCache {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Cache {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+impl EmbeddingCache {
+    /// The default location: `$CLASP_CACHE_DIR`, else the platform cache dir.
+    pub fn default_path() -> PathBuf {
+        if let Some(d) = std::env::var_os("CLASP_CACHE_DIR") {
+            return PathBuf::from(d).join("embeddings.sqlite");
+        }
+        dirs::cache_dir()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("clasp")
+            .join("embeddings.sqlite")
+    }
+
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let conn = Connection::open(path).map_err(|e| err(path, e))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=NORMAL;
+             CREATE TABLE IF NOT EXISTS embeddings (
+                 space BLOB NOT NULL,
+                 item BLOB NOT NULL,
+                 vector BLOB NOT NULL,
+                 PRIMARY KEY (space, item)
+             ) WITHOUT ROWID;",
+        )
+        .map_err(|e| err(path, e))?;
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Looks up vectors of `items` in `space`.
+    pub fn get_many(&self, space: &Key, items: &[Key]) -> Result<Vec<Option<Vec<f32>>>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT vector FROM embeddings WHERE space = ?1 AND item = ?2")
+            .map_err(|e| err(&self.path, e))?;
+        items
+            .iter()
+            .map(|k| {
+                let blob: Option<Vec<u8>> = stmt
+                    .query_row(params![&space[..], &k[..]], |r| r.get(0))
+                    .optional()
+                    .map_err(|e| err(&self.path, e))?;
+                Ok(blob.map(|b| {
+                    b.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                }))
+            })
+            .collect()
+    }
+
+    /// Stores vectors in one transaction (all or none on interruption).
+    pub fn put_many(&mut self, space: &Key, items: &[(Key, &[f32])]) -> Result<()> {
+        let tx = self.conn.transaction().map_err(|e| err(&self.path, e))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO embeddings (space, item, vector) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(|e| err(&self.path, e))?;
+            for (k, v) in items {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                stmt.execute(params![&space[..], &k[..], bytes])
+                    .map_err(|e| err(&self.path, e))?;
+            }
+        }
+        tx.commit().map_err(|e| err(&self.path, e))
+    }
+}
+
+fn hash_file(h: &mut blake3::Hasher, path: &Path) -> Result<()> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(())
+}
+
+/// Content hash of a model: its config, weights and tokenizer files.
+pub fn model_hash(enc: &Encoder) -> Result<Key> {
+    let files = enc.files();
+    let mut h = blake3::Hasher::new();
+    for p in [&files.config, &files.weights] {
+        hash_file(&mut h, p)?;
+    }
+    for name in ["tokenizer.json", "vocab.json", "merges.txt", "vocab.txt"] {
+        let p = files.dir.join(name);
+        if p.is_file() {
+            h.update(name.as_bytes());
+            hash_file(&mut h, &p)?;
+        }
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+/// The key space of image vectors: model and preprocessing.
+pub fn image_space(model: &Key, enc: &Encoder) -> Key {
+    let mut h = blake3::Hasher::new();
+    h.update(b"image\0");
+    h.update(model);
+    h.update(format!("{:?}", enc.image_processor().config()).as_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// The key space of text vectors: model and context length.
+pub fn text_space(model: &Key, enc: &Encoder) -> Key {
+    let mut h = blake3::Hasher::new();
+    h.update(b"text\0");
+    h.update(model);
+    h.update(&(enc.tokenizer().context_length() as u64).to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
+pub fn content_key(bytes: &[u8]) -> Key {
+    *blake3::hash(bytes).as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_miss() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.sqlite");
+        let space = content_key(b"space");
+        let (a, b) = (content_key(b"a"), content_key(b"b"));
+        {
+            let mut c = EmbeddingCache::open(&p).unwrap();
+            c.put_many(&space, &[(a, &[1.0, -2.5][..])]).unwrap();
+        }
+        let c = EmbeddingCache::open(&p).unwrap();
+        let got = c.get_many(&space, &[a, b]).unwrap();
+        assert_eq!(got, vec![Some(vec![1.0, -2.5]), None]);
+        // Another space does not see it.
+        assert_eq!(
+            c.get_many(&content_key(b"other"), &[a]).unwrap(),
+            vec![None]
+        );
+    }
+}

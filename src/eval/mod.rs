@@ -1,0 +1,17 @@
+//! Evaluation: retrieval Recall@K, zero-shot classification and alignment
+//! diagnostics, computed as CLIP_benchmark computes them, with an embedding
+//! cache so re-runs are fast.
+
+pub mod cache;
+pub mod diagnose;
+pub mod embed;
+pub mod metrics;
+pub mod plot;
+pub mod prompts;
+pub mod report;
+pub mod retrieval;
+pub mod zeroshot;
+
+pub use cache::EmbeddingCache;
+pub use embed::EmbedContext;
+pub use metrics::{ClassificationMetrics, RetrievalMetrics, RECALL_KS};

@@ -1,0 +1,226 @@
+//! PNG plots for reports, drawn with plotters. Text is rendered with the
+//! DejaVu Sans font compiled in (the `dejavu` crate), so plots need no system
+//! fonts.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+
+use crate::{Error, Result};
+
+fn fonts() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The font is valid; a failure here would only lose the labels.
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
+    });
+}
+
+fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Report(format!("{}: cannot draw plot: {e}", path.display()))
+}
+
+/// Writes through a temporary file and renames, so a plot is whole or absent.
+fn atomic_png(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = path.with_extension("tmp.png");
+    draw(&tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Recall@K for K = 1..=max_k, one line per series.
+pub fn recall_curves(path: &Path, title: &str, series: &[(&str, Vec<f64>)]) -> Result<()> {
+    fonts();
+    atomic_png(path, |p| {
+        let root = BitMapBackend::new(p, (800, 500)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| perr(path, e))?;
+        let max_k = series.iter().map(|s| s.1.len()).max().unwrap_or(1) as u32;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(1u32..max_k, 0f64..1.0)
+            .map_err(|e| perr(path, e))?;
+        chart
+            .configure_mesh()
+            .x_desc("K")
+            .y_desc("Recall@K")
+            .draw()
+            .map_err(|e| perr(path, e))?;
+        let colors = [BLUE, RED, GREEN, MAGENTA];
+        for (n, (name, ys)) in series.iter().enumerate() {
+            let c = colors[n % colors.len()];
+            chart
+                .draw_series(LineSeries::new(
+                    ys.iter().enumerate().map(|(i, y)| (i as u32 + 1, *y)),
+                    c.stroke_width(2),
+                ))
+                .map_err(|e| perr(path, e))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| perr(path, e))?;
+        root.present().map_err(|e| perr(path, e))
+    })
+}
+
+/// Overlaid density histograms of several samples (normalised per sample).
+pub fn histograms(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    samples: &[(&str, &[f32])],
+) -> Result<()> {
+    fonts();
+    const BINS: usize = 60;
+    let lo = samples
+        .iter()
+        .flat_map(|s| s.1.iter())
+        .copied()
+        .fold(f32::INFINITY, f32::min);
+    let hi = samples
+        .iter()
+        .flat_map(|s| s.1.iter())
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let (lo, hi) = if lo < hi {
+        (lo as f64, hi as f64)
+    } else {
+        (lo as f64 - 0.5, lo as f64 + 0.5)
+    };
+    let width = (hi - lo) / BINS as f64;
+    let dens: Vec<Vec<f64>> = samples
+        .iter()
+        .map(|(_, v)| {
+            let mut h = vec![0f64; BINS];
+            for &x in v.iter() {
+                let b = (((x as f64 - lo) / width) as usize).min(BINS - 1);
+                h[b] += 1.0;
+            }
+            h.iter()
+                .map(|c| c / (v.len().max(1) as f64 * width))
+                .collect()
+        })
+        .collect();
+    let ymax = dens.iter().flatten().copied().fold(0.0, f64::max) * 1.1;
+    atomic_png(path, |p| {
+        let root = BitMapBackend::new(p, (800, 500)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| perr(path, e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(lo..hi, 0f64..ymax.max(1e-9))
+            .map_err(|e| perr(path, e))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc("density")
+            .draw()
+            .map_err(|e| perr(path, e))?;
+        let colors = [BLUE, RED, GREEN, MAGENTA];
+        for (n, ((name, _), d)) in samples.iter().zip(&dens).enumerate() {
+            let c = colors[n % colors.len()];
+            chart
+                .draw_series(d.iter().enumerate().map(|(b, y)| {
+                    let x0 = lo + b as f64 * width;
+                    Rectangle::new([(x0, 0.0), (x0 + width, *y)], c.mix(0.35).filled())
+                }))
+                .map_err(|e| perr(path, e))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 15, y + 5)], c.mix(0.5).filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| perr(path, e))?;
+        root.present().map_err(|e| perr(path, e))
+    })
+}
+
+/// A confusion matrix as a heat map, rows = true class, columns = predicted,
+/// each row normalised.
+pub fn confusion_matrix(
+    path: &Path,
+    title: &str,
+    classes: &[String],
+    counts: &[Vec<usize>],
+) -> Result<()> {
+    fonts();
+    let n = classes.len();
+    let cell = (560 / n.max(1)).clamp(8, 60) as i32;
+    let label_w = 130;
+    let w = (label_w + cell * n as i32 + 30) as u32;
+    let h = (80 + cell * n as i32 + label_w) as u32;
+    atomic_png(path, |p| {
+        let root = BitMapBackend::new(p, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| perr(path, e))?;
+        let font = ("sans-serif", 14).into_font();
+        root.draw(&Text::new(
+            title.to_string(),
+            (10, 10),
+            ("sans-serif", 20).into_font(),
+        ))
+        .map_err(|e| perr(path, e))?;
+        let (x0, y0) = (label_w, 50);
+        for (r, row) in counts.iter().enumerate() {
+            let total = row.iter().sum::<usize>().max(1) as f64;
+            for (c, &v) in row.iter().enumerate() {
+                let f = v as f64 / total;
+                let shade = (255.0 * (1.0 - f)) as u8;
+                let (x, y) = (x0 + c as i32 * cell, y0 + r as i32 * cell);
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cell, y + cell)],
+                    RGBColor(shade, shade, 255).filled(),
+                ))
+                .map_err(|e| perr(path, e))?;
+                if cell >= 28 && v > 0 {
+                    let color = if f > 0.5 { &WHITE } else { &BLACK };
+                    root.draw(&Text::new(
+                        format!("{v}"),
+                        (x + 3, y + cell / 2 - 6),
+                        font.clone().color(color),
+                    ))
+                    .map_err(|e| perr(path, e))?;
+                }
+            }
+            root.draw(&Text::new(
+                classes[r].clone(),
+                (5, y0 + r as i32 * cell + cell / 2 - 7),
+                font.clone(),
+            ))
+            .map_err(|e| perr(path, e))?;
+        }
+        for (c, name) in classes.iter().enumerate() {
+            let style = font.clone().transform(FontTransform::Rotate90);
+            root.draw(&Text::new(
+                name.clone(),
+                (
+                    x0 + c as i32 * cell + cell / 2 + 7,
+                    y0 + n as i32 * cell + 5,
+                ),
+                style,
+            ))
+            .map_err(|e| perr(path, e))?;
+        }
+        root.present().map_err(|e| perr(path, e))
+    })
+}
