@@ -2,6 +2,7 @@
 //! files. All model work goes through the library.
 
 mod embed;
+mod eval;
 mod output;
 
 use std::process::ExitCode;
@@ -31,6 +32,9 @@ pub struct Cli {
 pub enum Command {
     /// Embed images and/or texts into the model's shared space.
     Embed(embed::EmbedArgs),
+    /// Evaluate alignment: retrieval Recall@K, zero-shot accuracy, diagnostics.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +75,7 @@ pub fn init_logging(verbose: u8, quiet: bool) {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Embed(a) => embed::run(a),
+        Command::Eval(c) => eval::run(c),
     }
 }
 
@@ -86,4 +91,30 @@ pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     );
     pb.set_message(what.to_string());
     pb
+}
+
+/// The library's progress reports drawn as one bar per phase.
+#[derive(Default)]
+pub struct BarProgress {
+    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl clasp::progress::Progress for BarProgress {
+    fn start(&self, what: &str, len: u64) {
+        let mut b = self.bar.lock().unwrap();
+        if let Some(old) = b.take() {
+            old.finish_and_clear();
+        }
+        *b = Some(progress_bar(len, what));
+    }
+    fn inc(&self, n: u64) {
+        if let Some(b) = self.bar.lock().unwrap().as_ref() {
+            b.inc(n);
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = self.bar.lock().unwrap().take() {
+            b.finish_and_clear();
+        }
+    }
 }

@@ -116,6 +116,11 @@ impl TextTokenizer {
         &self.tok
     }
 
+    /// How many texts this process has truncated so far.
+    pub fn truncated_count() -> usize {
+        TRUNCATED.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Tokenizes texts, padded and truncated to the context length. Text that
     /// does not fit is truncated with a warning, never an error.
     pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<TokenBatch> {
@@ -130,12 +135,7 @@ impl TextTokenizer {
         };
         for (enc, text) in encs.iter().zip(&inputs) {
             if !enc.get_overflowing().is_empty() {
-                let shown: String = text.chars().take(40).collect();
-                tracing::warn!(
-                    "text truncated to {} tokens: \"{shown}{}\"",
-                    self.context,
-                    if text.chars().count() > 40 { "..." } else { "" }
-                );
+                warn_truncated(text, self.context);
             }
             batch.ids.push(enc.get_ids().to_vec());
             batch.mask.push(enc.get_attention_mask().to_vec());
@@ -277,6 +277,24 @@ fn wordpiece_from_file(path: &Path) -> Result<Tokenizer> {
             "max_input_chars_per_word": 100, "vocab": vocab}
     });
     Tokenizer::from_str(&spec.to_string()).map_err(|e| tok_err(path, e))
+}
+
+static TRUNCATED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Truncations shown one by one; after that one note, then only debug logs,
+/// so a dataset of long captions does not flood the terminal.
+const SHOWN_TRUNCATIONS: usize = 5;
+
+fn warn_truncated(text: &str, context: usize) {
+    let n = TRUNCATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let shown: String = text.chars().take(40).collect();
+    let more = if text.chars().count() > 40 { "..." } else { "" };
+    if n < SHOWN_TRUNCATIONS {
+        tracing::warn!("text truncated to {context} tokens: \"{shown}{more}\"");
+    } else if n == SHOWN_TRUNCATIONS {
+        tracing::warn!("more texts truncated to {context} tokens; further warnings suppressed (-vv shows them)");
+    } else {
+        tracing::debug!("text truncated to {context} tokens: \"{shown}{more}\"");
+    }
 }
 
 #[cfg(test)]

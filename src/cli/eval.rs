@@ -1,0 +1,476 @@
+//! `clasp eval retrieval|zeroshot|diagnose`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{json, Map, Value};
+
+use super::{device, BarProgress, DeviceArg};
+use clasp::data::{self, DataIssue, DatasetSpec, Lang, Split};
+use clasp::eval::{self, diagnose, prompts, report, EmbedContext, EmbeddingCache, RECALL_KS};
+use clasp::model::ModelConfig;
+use clasp::Encoder;
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Image↔text Recall@K, median rank and mAP, as CLIP_benchmark computes them.
+    Retrieval(RetrievalArgs),
+    /// Zero-shot classification accuracy with prompt ensembling.
+    Zeroshot(ZeroshotArgs),
+    /// Modality gap, per-modality spread, positive/negative similarity, near-synonym probe.
+    Diagnose(DiagnoseArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct Common {
+    /// Model: a local directory or a Hugging Face Hub id.
+    #[arg(long, short)]
+    pub model: String,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write report.md and PNG plots into this directory.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Embedding cache file [default: $CLASP_CACHE_DIR or the platform cache dir].
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Embed everything afresh and store nothing.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PairArgs {
+    /// Dataset: FORMAT:PATH or PATH. Formats: flickr8k, karpathy, coco, cnclip,
+    /// csv|tsv|jsonl (columns image/filepath and caption/text).
+    #[arg(long, short)]
+    pub dataset: String,
+    /// Split to read (flickr8k, karpathy, cnclip); single-split formats ignore it.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Caption language [default: zh for Chinese-CLIP models, else en].
+    #[arg(long)]
+    pub lang: Option<String>,
+    /// Where image paths in the dataset are relative to, when not the usual place.
+    #[arg(long)]
+    pub image_root: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RetrievalArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub pairs: PairArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ZeroshotArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// A folder per class: DIR/<class>/<images>.
+    #[arg(long, short)]
+    pub dataset: PathBuf,
+    /// Class names for prompts, one per line in sorted folder order, or
+    /// `folder<TAB>name` lines [default: the folder names; CIFAR-10's Chinese
+    /// names with --lang zh].
+    #[arg(long)]
+    pub classes: Option<PathBuf>,
+    /// Prompt templates, one per line, with `{}` or `{c}` for the class
+    /// [default: openai's 18 CIFAR templates, or Chinese ones with --lang zh].
+    #[arg(long)]
+    pub templates: Option<PathBuf>,
+    /// Prompt language [default: zh for Chinese-CLIP models, else en].
+    #[arg(long)]
+    pub lang: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct DiagnoseArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub pairs: PairArgs,
+    /// Near-synonym pairs, `phrase A<TAB>phrase B` per line [default: built-in
+    /// pairs in the caption language].
+    #[arg(long)]
+    pub synonyms: Option<PathBuf>,
+}
+
+pub fn run(cmd: EvalCommand) -> Result<ExitCode> {
+    match cmd {
+        EvalCommand::Retrieval(a) => retrieval(a),
+        EvalCommand::Zeroshot(a) => zeroshot(a),
+        EvalCommand::Diagnose(a) => diagnose_cmd(a),
+    }
+}
+
+struct Loaded {
+    encoder: Encoder,
+    cache: Option<EmbeddingCache>,
+}
+
+fn load(c: &Common) -> Result<Loaded> {
+    let dev = device(c.device)?;
+    let encoder = Encoder::load(&c.model, &dev)?;
+    let cache = if c.no_cache {
+        None
+    } else {
+        let p = c.cache.clone().unwrap_or_else(EmbeddingCache::default_path);
+        Some(EmbeddingCache::open(&p)?)
+    };
+    Ok(Loaded { encoder, cache })
+}
+
+fn lang_for(arg: &Option<String>, enc: &Encoder) -> Result<Lang> {
+    Ok(match arg {
+        Some(l) => Lang::parse(l)?,
+        None => match enc.config() {
+            ModelConfig::ChineseClip(_) => Lang::Zh,
+            ModelConfig::Clip(_) => Lang::En,
+        },
+    })
+}
+
+fn load_pairs(p: &PairArgs, lang: Lang) -> Result<(DatasetSpec, data::PairSet)> {
+    let spec = DatasetSpec::parse(&p.dataset)?;
+    let split = Split::parse(&p.split)?;
+    let set = data::load_pairs(&spec, split, lang, p.image_root.as_deref())?;
+    Ok((spec, set))
+}
+
+/// Lists data issues on stderr, with what they cost.
+fn report_issues(issues: &[DataIssue], quiet_json: bool) {
+    if issues.is_empty() {
+        return;
+    }
+    let imgs: usize = issues.iter().map(|i| i.dropped_images).sum();
+    let caps: usize = issues.iter().map(|i| i.dropped_captions).sum();
+    eprintln!(
+        "\n{} data issue(s); dropped {imgs} image(s) and {caps} caption(s):",
+        issues.len()
+    );
+    let show = if quiet_json { 10 } else { 50 };
+    for i in issues.iter().take(show) {
+        eprintln!("  {i}");
+    }
+    if issues.len() > show {
+        eprintln!("  … and {} more (see --report)", issues.len() - show);
+    }
+}
+
+fn exit_for(issues: &[DataIssue]) -> ExitCode {
+    let dropped: usize = issues
+        .iter()
+        .map(|i| i.dropped_images + i.dropped_captions)
+        .sum();
+    if dropped > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_json(obj: Map<String, Value>) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(&Value::Object(obj))?);
+    Ok(())
+}
+
+fn retrieval(a: RetrievalArgs) -> Result<ExitCode> {
+    let t0 = Instant::now();
+    let mut l = load(&a.common)?;
+    let lang = lang_for(&a.pairs.lang, &l.encoder)?;
+    let (_, set) = load_pairs(&a.pairs, lang)?;
+    let name = set.name.clone();
+    let bar = BarProgress::default();
+    let mut ctx = EmbedContext {
+        encoder: &l.encoder,
+        cache: l.cache.as_mut(),
+        model_key: None,
+        batch_size: a.common.batch_size,
+        progress: &bar,
+    };
+    let r = eval::retrieval::evaluate_retrieval(&mut ctx, set, &RECALL_KS)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let issues = &r.data.set.issues;
+    if a.common.json {
+        let mut o = Map::new();
+        for (k, v) in r.metrics.to_pairs() {
+            o.insert(k, json!(v));
+        }
+        o.insert("n_images".into(), json!(r.data.images.len()));
+        o.insert("n_texts".into(), json!(r.data.texts.len()));
+        o.insert("dropped_images".into(), json!(r.data.set.dropped_images()));
+        o.insert(
+            "dropped_captions".into(),
+            json!(r.data.set.dropped_captions()),
+        );
+        o.insert("data_issues".into(), json!(issues.len()));
+        o.insert("image_cache_hits".into(), json!(r.data.cache_hits));
+        o.insert("dataset".into(), json!(name));
+        o.insert("model".into(), json!(a.common.model));
+        o.insert("seconds".into(), json!(secs));
+        print_json(o)?;
+    } else {
+        println!(
+            "{name}: {} images, {} texts ({secs:.1} s)",
+            r.data.images.len(),
+            r.data.texts.len()
+        );
+        println!(
+            "{:<16}{:>10}{:>10}{:>10}{:>12}{:>10}",
+            "direction", "R@1", "R@5", "R@10", "median rank", "mAP"
+        );
+        let row = |label: &str, rec: &[(usize, f64)], med: f64, map: f64| {
+            print!("{label:<16}");
+            for (_, v) in rec {
+                print!("{:>10.2}", v * 100.0);
+            }
+            println!("{med:>12}{:>10.2}", map * 100.0);
+        };
+        let m = &r.metrics;
+        row(
+            "text→image",
+            &m.image_retrieval_recall,
+            m.image_retrieval_median_rank,
+            m.image_retrieval_map,
+        );
+        row(
+            "image→text",
+            &m.text_retrieval_recall,
+            m.text_retrieval_median_rank,
+            m.text_retrieval_map,
+        );
+        println!("mean recall {:.2}", m.mean_recall * 100.0);
+    }
+    if let Some(dir) = &a.common.report {
+        report::retrieval(dir, &a.common.model, &name, &r)?;
+        eprintln!("wrote {}", dir.join("report.md").display());
+    }
+    report_issues(issues, a.common.json);
+    Ok(exit_for(issues))
+}
+
+fn read_lines(p: &Path) -> Result<Vec<String>> {
+    let body = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+    Ok(body
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect())
+}
+
+fn zeroshot(a: ZeroshotArgs) -> Result<ExitCode> {
+    let t0 = Instant::now();
+    let mut l = load(&a.common)?;
+    let lang = lang_for(&a.lang, &l.encoder)?;
+    let set = data::load_classification(&a.dataset)?;
+    let names: Vec<String> = match &a.classes {
+        Some(p) => {
+            let lines = read_lines(p)?;
+            if lines.iter().all(|l| l.contains('\t')) {
+                let map: std::collections::HashMap<&str, &str> = lines
+                    .iter()
+                    .filter_map(|l| l.split_once('\t'))
+                    .map(|(a, b)| (a.trim(), b.trim()))
+                    .collect();
+                set.classes
+                    .iter()
+                    .map(|c| {
+                        map.get(c.as_str())
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| c.clone())
+                    })
+                    .collect()
+            } else {
+                if lines.len() != set.classes.len() {
+                    bail!(
+                        "{}: {} class names, but {} has {} class folders ({})",
+                        p.display(),
+                        lines.len(),
+                        a.dataset.display(),
+                        set.classes.len(),
+                        set.classes.join(", ")
+                    );
+                }
+                lines
+            }
+        }
+        None => set
+            .classes
+            .iter()
+            .map(|c| match lang {
+                Lang::Zh => prompts::zh_name(c)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| c.clone()),
+                Lang::En => c.replace('_', " "),
+            })
+            .collect(),
+    };
+    let templates: Vec<String> = match &a.templates {
+        Some(p) => read_lines(p)?,
+        None => match lang {
+            Lang::En => prompts::CIFAR_TEMPLATES_EN
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            Lang::Zh => prompts::CIFAR_TEMPLATES_ZH
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        },
+    };
+    if templates.is_empty() {
+        bail!("no prompt templates");
+    }
+    let bar = BarProgress::default();
+    let mut ctx = EmbedContext {
+        encoder: &l.encoder,
+        cache: l.cache.as_mut(),
+        model_key: None,
+        batch_size: a.common.batch_size,
+        progress: &bar,
+    };
+    let z = eval::zeroshot::evaluate_zeroshot(&mut ctx, set, &names, &templates)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let m = &z.metrics;
+    let dataset = a.dataset.display().to_string();
+    if a.common.json {
+        let mut o = Map::new();
+        o.insert("acc1".into(), json!(m.acc1));
+        o.insert("acc5".into(), json!(m.acc5));
+        o.insert(
+            "mean_per_class_recall".into(),
+            json!(m.mean_per_class_recall),
+        );
+        let per: Map<String, Value> = z
+            .classes
+            .iter()
+            .zip(&m.per_class_recall)
+            .map(|(c, r)| (c.clone(), json!(r)))
+            .collect();
+        o.insert("per_class_recall".into(), Value::Object(per));
+        o.insert("n_images".into(), json!(z.n_images));
+        o.insert("n_classes".into(), json!(z.classes.len()));
+        o.insert("n_templates".into(), json!(templates.len()));
+        o.insert("dataset".into(), json!(dataset));
+        o.insert("model".into(), json!(a.common.model));
+        o.insert("seconds".into(), json!(secs));
+        print_json(o)?;
+    } else {
+        println!(
+            "{dataset}: {} images, {} classes, {} templates ({secs:.1} s)",
+            z.n_images,
+            z.classes.len(),
+            templates.len()
+        );
+        print!("top-1 {:.2}%", m.acc1 * 100.0);
+        if let Some(a5) = m.acc5 {
+            print!("   top-5 {:.2}%", a5 * 100.0);
+        }
+        println!(
+            "   mean per-class recall {:.2}%",
+            m.mean_per_class_recall * 100.0
+        );
+        for (c, r) in z.classes.iter().zip(&m.per_class_recall) {
+            println!(
+                "  {c:<20} {}",
+                r.map(|x| format!("{:6.2}%", x * 100.0))
+                    .unwrap_or_else(|| "     –".into())
+            );
+        }
+    }
+    if let Some(dir) = &a.common.report {
+        report::zeroshot(dir, &a.common.model, &dataset, &z)?;
+        eprintln!("wrote {}", dir.join("report.md").display());
+    }
+    report_issues(&z.issues, a.common.json);
+    Ok(exit_for(&z.issues))
+}
+
+fn diagnose_cmd(a: DiagnoseArgs) -> Result<ExitCode> {
+    let mut l = load(&a.common)?;
+    let lang = lang_for(&a.pairs.lang, &l.encoder)?;
+    let (_, set) = load_pairs(&a.pairs, lang)?;
+    let name = set.name.clone();
+    let synonyms = match &a.synonyms {
+        Some(p) => {
+            let mut out = Vec::new();
+            for (n, line) in read_lines(p)?.into_iter().enumerate() {
+                match line.split_once('\t') {
+                    Some((x, y)) => out.push((x.trim().to_string(), y.trim().to_string())),
+                    None => bail!(
+                        "{}:{}: expected `phrase A<TAB>phrase B`",
+                        p.display(),
+                        n + 1
+                    ),
+                }
+            }
+            out
+        }
+        None => diagnose::builtin_synonyms(lang),
+    };
+    let bar = BarProgress::default();
+    let mut ctx = EmbedContext {
+        encoder: &l.encoder,
+        cache: l.cache.as_mut(),
+        model_key: None,
+        batch_size: a.common.batch_size,
+        progress: &bar,
+    };
+    let data = eval::retrieval::embed_pairs(&mut ctx, set)?;
+    let d = diagnose::diagnose(&mut ctx, &data, &synonyms)?;
+    if a.common.json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+    } else {
+        println!("{name}: {} images, {} texts", d.n_images, d.n_texts);
+        println!(
+            "modality gap ‖μ_img − μ_txt‖   {:.4}   (centroid cosine {:.4})",
+            d.modality_gap, d.centroid_cosine
+        );
+        println!(
+            "mean pairwise cosine: images {:.4}, texts {:.4}",
+            d.image_mean_pairwise_cosine, d.text_mean_pairwise_cosine
+        );
+        println!(
+            "pair similarity: positive {:.4} ± {:.4}, negative {:.4} ± {:.4}, AUC {:.4}",
+            d.positive_mean,
+            d.positive_std,
+            d.negative_mean,
+            d.negative_std,
+            d.positive_over_negative_auc
+        );
+        if !d.synonyms.is_empty() {
+            println!(
+                "near-synonym probe (text distance vs distance of the images each retrieves):"
+            );
+            for s in &d.synonyms {
+                println!(
+                    "  {} / {}: text {:.4}, images {:.4} ({} vs {}), top-5 overlap {}/5",
+                    s.a,
+                    s.b,
+                    s.text_distance,
+                    s.image_distance,
+                    s.image_a,
+                    s.image_b,
+                    s.top5_overlap
+                );
+            }
+        }
+    }
+    if let Some(dir) = &a.common.report {
+        report::diagnostics(dir, &a.common.model, &name, &d, &data.set.issues)?;
+        eprintln!("wrote {}", dir.join("report.md").display());
+    }
+    report_issues(&data.set.issues, a.common.json);
+    Ok(exit_for(&data.set.issues))
+}
