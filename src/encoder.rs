@@ -96,6 +96,41 @@ impl Encoder {
         self.config.projection_dim()
     }
 
+    /// A BLAKE3 hash of the model's content: config, weights and tokenizer
+    /// files. Two directories with the same files hash the same.
+    pub fn content_hash(&self) -> Result<[u8; 32]> {
+        fn hash_file(h: &mut blake3::Hasher, path: &Path) -> Result<()> {
+            let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            h.update_reader(f).map_err(|e| Error::io(path, e))?;
+            Ok(())
+        }
+        let files = &self.files;
+        let mut h = blake3::Hasher::new();
+        for p in [&files.config, &files.weights] {
+            hash_file(&mut h, p)?;
+        }
+        for name in ["tokenizer.json", "vocab.json", "merges.txt", "vocab.txt"] {
+            let p = files.dir.join(name);
+            if p.is_file() {
+                h.update(name.as_bytes());
+                hash_file(&mut h, &p)?;
+            }
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+
+    /// Class vectors by CLIP's prompt ensemble (see `preprocess::prompts`).
+    pub fn prompt_ensemble(
+        &self,
+        classes: &[String],
+        templates: &[String],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let prompts = crate::preprocess::prompts::class_prompts(classes, templates);
+        let emb = self.embed_text_batches(&prompts, batch_size, |_| {})?;
+        Ok(crate::preprocess::prompts::ensemble(&emb, templates.len()))
+    }
+
     /// Stacks processed CHW images into a [B, C, H, W] tensor.
     pub fn pixel_batch(&self, images: &[Vec<f32>]) -> Result<Tensor> {
         let s = self.config.vision().image_size;

@@ -9,6 +9,7 @@ pub mod data;
 pub mod encoder;
 pub mod error;
 pub mod eval;
+pub mod index;
 pub mod model;
 pub mod preprocess;
 pub mod progress;

@@ -10,8 +10,9 @@ use serde_json::{json, Map, Value};
 
 use super::{device, BarProgress, DeviceArg};
 use clasp::data::{self, DataIssue, DatasetSpec, Lang, Split};
-use clasp::eval::{self, diagnose, prompts, report, EmbedContext, EmbeddingCache, RECALL_KS};
+use clasp::eval::{self, diagnose, report, EmbedContext, EmbeddingCache, RECALL_KS};
 use clasp::model::ModelConfig;
+use clasp::preprocess::prompts;
 use clasp::Encoder;
 
 #[derive(Subcommand, Debug)]

@@ -3,7 +3,6 @@
 //! content hash); a text vector's is (model content hash, text). A changed
 //! image file or model gets new keys, so stale entries are never read.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -103,34 +102,9 @@ impl EmbeddingCache {
     }
 }
 
-fn hash_file(h: &mut blake3::Hasher, path: &Path) -> Result<()> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(())
-}
-
 /// Content hash of a model: its config, weights and tokenizer files.
 pub fn model_hash(enc: &Encoder) -> Result<Key> {
-    let files = enc.files();
-    let mut h = blake3::Hasher::new();
-    for p in [&files.config, &files.weights] {
-        hash_file(&mut h, p)?;
-    }
-    for name in ["tokenizer.json", "vocab.json", "merges.txt", "vocab.txt"] {
-        let p = files.dir.join(name);
-        if p.is_file() {
-            h.update(name.as_bytes());
-            hash_file(&mut h, &p)?;
-        }
-    }
-    Ok(*h.finalize().as_bytes())
+    enc.content_hash()
 }
 
 /// The key space of image vectors: model and preprocessing.

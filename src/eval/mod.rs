@@ -7,11 +7,11 @@ pub mod diagnose;
 pub mod embed;
 pub mod metrics;
 pub mod plot;
-pub mod prompts;
 pub mod report;
 pub mod retrieval;
 pub mod zeroshot;
 
+pub use crate::preprocess::prompts;
 pub use cache::EmbeddingCache;
 pub use embed::EmbedContext;
 pub use metrics::{ClassificationMetrics, RetrievalMetrics, RECALL_KS};

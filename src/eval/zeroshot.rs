@@ -2,9 +2,9 @@
 
 use super::embed::EmbedContext;
 use super::metrics::{classification_metrics, ClassificationMetrics};
-use super::prompts::fill;
 use super::retrieval::score_matrix;
 use crate::data::{ClassSet, DataIssue, Loc};
+use crate::preprocess::prompts;
 use crate::Result;
 
 /// CLIP's prompt ensemble: for each class, embed every template filled with
@@ -14,28 +14,8 @@ pub fn zeroshot_classifier(
     classes: &[String],
     templates: &[String],
 ) -> Result<Vec<Vec<f32>>> {
-    let prompts: Vec<String> = classes
-        .iter()
-        .flat_map(|c| templates.iter().map(move |t| fill(t, c)))
-        .collect();
-    let emb = ctx.texts(&prompts)?;
-    Ok(emb
-        .chunks(templates.len())
-        .map(|group| {
-            let d = group[0].len();
-            let mut mean = vec![0f32; d];
-            for v in group {
-                for (m, x) in mean.iter_mut().zip(v) {
-                    *m += x;
-                }
-            }
-            for m in &mut mean {
-                *m /= group.len() as f32;
-            }
-            let norm = mean.iter().map(|x| x * x).sum::<f32>().sqrt();
-            mean.iter().map(|x| x / norm).collect()
-        })
-        .collect())
+    let emb = ctx.texts(&prompts::class_prompts(classes, templates))?;
+    Ok(prompts::ensemble(&emb, templates.len()))
 }
 
 pub struct ZeroShotOutcome {

@@ -2,6 +2,7 @@
 //! text (tokenize, pad, truncate).
 
 pub mod image;
+pub mod prompts;
 pub mod resample;
 pub mod text;
 

@@ -70,6 +70,36 @@ pub fn fill(template: &str, class: &str) -> String {
     }
 }
 
+/// CLIP's prompt ensemble: `embeddings` holds `per_class` normalised prompt
+/// embeddings for each class in turn; each class vector is their mean,
+/// normalised.
+pub fn ensemble(embeddings: &[Vec<f32>], per_class: usize) -> Vec<Vec<f32>> {
+    embeddings
+        .chunks(per_class.max(1))
+        .map(|group| {
+            let mut mean = vec![0f32; group[0].len()];
+            for v in group {
+                for (m, x) in mean.iter_mut().zip(v) {
+                    *m += x;
+                }
+            }
+            for m in &mut mean {
+                *m /= group.len() as f32;
+            }
+            let norm = mean.iter().map(|x| x * x).sum::<f32>().sqrt();
+            mean.iter().map(|x| x / norm).collect()
+        })
+        .collect()
+}
+
+/// Every template filled with every class, class by class.
+pub fn class_prompts(classes: &[String], templates: &[String]) -> Vec<String> {
+    classes
+        .iter()
+        .flat_map(|c| templates.iter().map(move |t| fill(t, c)))
+        .collect()
+}
+
 /// Chinese names for class folders that are CIFAR-10 classes.
 pub fn zh_name(class: &str) -> Option<&'static str> {
     CIFAR10_CLASSES

@@ -1,0 +1,385 @@
+//! Incremental indexing of image folders into a [`Catalog`].
+//!
+//! 1. Walk the roots. A file whose size and mtime match its catalog row is
+//!    unchanged; the others are hashed (in parallel).
+//! 2. A new path whose hash belongs to a vanished path is a move; vanished
+//!    paths left over are removals. Moves, removals and metadata-only
+//!    changes are committed in one transaction.
+//! 3. Files whose content has no vector for the model are decoded on worker
+//!    threads while the encoder embeds the previous batch; each batch's rows
+//!    and vectors are committed together, so a killed run loses at most the
+//!    batch in flight and the next run carries on.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use rayon::prelude::*;
+
+use super::catalog::{Catalog, FileRow, Hash};
+use super::walk::{self, Found, Skipped};
+use crate::preprocess::image::decode_image;
+use crate::progress::Progress;
+use crate::{Encoder, Result};
+
+#[derive(Clone, Debug, Default)]
+pub struct IndexOptions {
+    pub batch_size: usize,
+    /// Glob patterns of paths to leave out.
+    pub excludes: Vec<String>,
+}
+
+/// What an indexing run did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Summary {
+    pub added: usize,
+    pub updated: usize,
+    pub moved: usize,
+    pub removed: usize,
+    /// Unchanged files (and copies of content already embedded).
+    pub unchanged: usize,
+    /// Vectors computed by the encoder in this run.
+    pub embedded: usize,
+    /// Files that could not be embedded: (path, reason).
+    pub failed: Vec<(String, String)>,
+    /// Entries the walk could not index: (path, reason).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// A file that needs a fresh catalog row.
+struct Pending {
+    found: Found,
+    hash: Option<Hash>,
+    error: Option<String>,
+    caption: String,
+    /// Its row existed before (an update rather than an addition).
+    existed: bool,
+}
+
+fn row_of(p: &Pending) -> FileRow {
+    FileRow {
+        path: p.found.path.to_string_lossy().into_owned(),
+        size: p.found.size,
+        mtime_ns: p.found.mtime_ns,
+        hash: p.hash,
+        error: p.error.clone(),
+        caption: p.caption.clone(),
+    }
+}
+
+/// Indexes `roots` for the model `model_id` (see [`Catalog::model_id`]).
+pub fn index(
+    catalog: &mut Catalog,
+    encoder: &Encoder,
+    model_id: i64,
+    roots: &[PathBuf],
+    opts: &IndexOptions,
+    progress: &dyn Progress,
+) -> Result<Summary> {
+    let excludes = walk::globset(&opts.excludes)?;
+    let roots: Vec<PathBuf> = roots
+        .iter()
+        .map(|r| walk::canonical_root(r))
+        .collect::<Result<_>>()?;
+    let prefixes: Vec<String> = roots
+        .iter()
+        .map(|r| r.to_string_lossy().into_owned())
+        .collect();
+    let mut summary = Summary::default();
+
+    // 1. Walk.
+    let mut found: Vec<Found> = Vec::new();
+    for r in &roots {
+        let (f, s) = walk::scan(r, &excludes);
+        found.extend(f);
+        summary.skipped.extend(
+            s.into_iter()
+                .map(|Skipped { path, reason }| (path.display().to_string(), reason)),
+        );
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found.dedup_by(|a, b| a.path == b.path);
+    let existing: HashMap<String, FileRow> = catalog
+        .files_under(&prefixes)?
+        .into_iter()
+        .map(|r| (r.path.clone(), r))
+        .collect();
+
+    let mut unchanged_ok: Vec<FileRow> = Vec::new();
+    let mut to_hash: Vec<(Found, bool)> = Vec::new();
+    for f in found.iter() {
+        let key = f.path.to_string_lossy();
+        match existing.get(key.as_ref()) {
+            Some(row) if row.size == f.size && row.mtime_ns == f.mtime_ns && row.hash.is_some() => {
+                match &row.error {
+                    None => unchanged_ok.push(row.clone()),
+                    Some(e) => summary
+                        .failed
+                        .push((row.path.clone(), format!("{e} (unchanged since last run)"))),
+                }
+            }
+            Some(_) => to_hash.push((f.clone(), true)),
+            None => to_hash.push((f.clone(), false)),
+        }
+    }
+
+    // Hash (and read captions of) new and changed files, in parallel.
+    progress.start("hashing", to_hash.len() as u64);
+    let hashed: Vec<Pending> = to_hash
+        .into_par_iter()
+        .map(|(found, existed)| {
+            let r = std::fs::read(&found.path);
+            progress.inc(1);
+            match r {
+                Ok(bytes) => Pending {
+                    hash: Some(*blake3::hash(&bytes).as_bytes()),
+                    caption: walk::caption_for(&found.path, &bytes),
+                    error: None,
+                    found,
+                    existed,
+                },
+                Err(e) => Pending {
+                    hash: None,
+                    caption: String::new(),
+                    error: Some(e.to_string()),
+                    found,
+                    existed,
+                },
+            }
+        })
+        .collect();
+    progress.finish();
+
+    // 2. Moves, removals, copies and metadata-only changes.
+    let found_paths: HashSet<String> = found
+        .iter()
+        .map(|f| f.path.to_string_lossy().into_owned())
+        .collect();
+    let mut vanished_by_hash: HashMap<Hash, Vec<String>> = HashMap::new();
+    for (path, row) in &existing {
+        if !found_paths.contains(path) {
+            if let Some(h) = row.hash {
+                vanished_by_hash.entry(h).or_default().push(path.clone());
+            }
+        }
+    }
+    for v in vanished_by_hash.values_mut() {
+        v.sort();
+    }
+    let mut moves: Vec<(String, Pending)> = Vec::new();
+    let mut same_content: Vec<Pending> = Vec::new();
+    let mut needs_vector: Vec<Pending> = Vec::new();
+    let mut unreadable: Vec<Pending> = Vec::new();
+    for p in hashed {
+        let Some(h) = p.hash else {
+            unreadable.push(p);
+            continue;
+        };
+        let path = p.found.path.to_string_lossy().into_owned();
+        let old = existing.get(&path);
+        if old.is_some_and(|o| o.hash == Some(h)) {
+            same_content.push(p); // touched, not changed
+            continue;
+        }
+        if !p.existed {
+            if let Some(from) = vanished_by_hash.get_mut(&h).and_then(|v| v.pop()) {
+                moves.push((from, p));
+                continue;
+            }
+        }
+        needs_vector.push(p);
+    }
+    let moved_from: HashSet<&String> = moves.iter().map(|(f, _)| f).collect();
+    let removed: Vec<String> = existing
+        .keys()
+        .filter(|p| !found_paths.contains(*p) && !moved_from.contains(p))
+        .cloned()
+        .collect();
+    // Content that already has a vector (copies, content seen before) needs no encoder.
+    let hashes: Vec<Hash> = needs_vector.iter().map(|p| p.hash.unwrap()).collect();
+    let have = catalog.has_vectors(model_id, &hashes)?;
+    let (known, mut fresh): (Vec<_>, Vec<_>) =
+        needs_vector.into_iter().zip(have).partition(|(_, h)| *h);
+    let known: Vec<Pending> = known.into_iter().map(|(p, _)| p).collect();
+    // Unchanged files whose content lacks a vector for this model (a new
+    // model, or a run interrupted before this file's batch committed).
+    let unchanged_hashes: Vec<Hash> = unchanged_ok.iter().map(|r| r.hash.unwrap()).collect();
+    let unchanged_have = catalog.has_vectors(model_id, &unchanged_hashes)?;
+    let mut reembed_unchanged = Vec::new();
+    for (row, have) in unchanged_ok.into_iter().zip(unchanged_have) {
+        if have {
+            summary.unchanged += 1;
+        } else {
+            reembed_unchanged.push(Pending {
+                found: Found {
+                    path: PathBuf::from(&row.path),
+                    size: row.size,
+                    mtime_ns: row.mtime_ns,
+                },
+                hash: row.hash,
+                error: None,
+                caption: row.caption.clone(),
+                existed: true,
+            });
+        }
+    }
+    catalog.write(|w| {
+        for (from, p) in &moves {
+            w.move_file(from, &row_of(p))?;
+        }
+        for path in &removed {
+            w.remove_file(path)?;
+        }
+        for p in same_content.iter().chain(&known).chain(&unreadable) {
+            w.upsert_file(&row_of(p))?;
+        }
+        Ok(())
+    })?;
+    summary.moved = moves.len();
+    summary.removed = removed.len();
+    summary.unchanged += same_content.len();
+    for p in &known {
+        if p.existed {
+            summary.updated += 1;
+        } else {
+            summary.added += 1;
+        }
+    }
+    for p in &unreadable {
+        summary.failed.push((
+            p.found.path.display().to_string(),
+            p.error.clone().unwrap_or_default(),
+        ));
+    }
+
+    // 3. Embed what is new, deduplicated by content.
+    let n_fresh = fresh.len();
+    fresh.sort_by(|a, b| a.0.found.path.cmp(&b.0.found.path));
+    let mut todo: Vec<Pending> = fresh.into_iter().map(|(p, _)| p).collect();
+    todo.extend(reembed_unchanged);
+    embed_pending(
+        catalog,
+        encoder,
+        model_id,
+        todo,
+        opts.batch_size.max(1),
+        progress,
+        &mut summary,
+    )?;
+    let _ = n_fresh;
+    catalog.write(|w| w.drop_orphan_vectors().map(|_| ()))?;
+    Ok(summary)
+}
+
+/// A decoded batch: (pending file, pixels or error).
+type Decoded = Vec<(Pending, std::result::Result<Vec<f32>, String>)>;
+
+fn embed_pending(
+    catalog: &mut Catalog,
+    encoder: &Encoder,
+    model_id: i64,
+    todo: Vec<Pending>,
+    batch_size: usize,
+    progress: &dyn Progress,
+    summary: &mut Summary,
+) -> Result<()> {
+    if todo.is_empty() {
+        return Ok(());
+    }
+    progress.start("indexing", todo.len() as u64);
+    let proc = encoder.image_processor();
+    let mut batches: Vec<Vec<Pending>> = Vec::new();
+    let mut it = todo.into_iter().peekable();
+    while it.peek().is_some() {
+        batches.push(it.by_ref().take(batch_size).collect());
+    }
+    // Decoding runs one batch ahead of the encoder on a worker thread.
+    let (tx, rx) = mpsc::sync_channel::<Decoded>(1);
+    std::thread::scope(|s| -> Result<()> {
+        s.spawn(move || {
+            for batch in batches {
+                let decoded: Decoded = batch
+                    .into_par_iter()
+                    .map(|p| {
+                        let r = std::fs::read(&p.found.path)
+                            .map_err(|e| e.to_string())
+                            .and_then(|b| {
+                                decode_image(&b, &p.found.path).map_err(|e| e.to_string())
+                            })
+                            .and_then(|img| proc.process(&img).map_err(|e| e.to_string()));
+                        (p, r)
+                    })
+                    .collect();
+                if tx.send(decoded).is_err() {
+                    return; // the consumer stopped on an error
+                }
+            }
+        });
+        let mut seen: HashMap<Hash, usize> = HashMap::new();
+        for batch in rx {
+            let n = batch.len();
+            let mut pixels = Vec::new();
+            let mut ok: Vec<Pending> = Vec::new();
+            let mut failed: Vec<Pending> = Vec::new();
+            let mut dups: Vec<Pending> = Vec::new();
+            for (mut p, r) in batch {
+                match r {
+                    Ok(px) => {
+                        let h = p.hash.unwrap();
+                        if seen.contains_key(&h) || ok.iter().any(|o| o.hash == Some(h)) {
+                            dups.push(p);
+                        } else {
+                            ok.push(p);
+                            pixels.push(px);
+                        }
+                    }
+                    Err(e) => {
+                        p.error = Some(e);
+                        failed.push(p);
+                    }
+                }
+            }
+            let vectors = if pixels.is_empty() {
+                Vec::new()
+            } else {
+                encoder
+                    .embed_pixels(&encoder.pixel_batch(&pixels)?)?
+                    .to_vec2::<f32>()?
+            };
+            catalog.write(|w| {
+                for (p, v) in ok.iter().zip(&vectors) {
+                    w.put_vector(model_id, p.hash.as_ref().unwrap(), v)?;
+                    w.upsert_file(&row_of(p))?;
+                }
+                for p in dups.iter().chain(&failed) {
+                    w.upsert_file(&row_of(p))?;
+                }
+                Ok(())
+            })?;
+            summary.embedded += ok.len();
+            for p in ok.iter().chain(&dups) {
+                seen.insert(p.hash.unwrap(), 1);
+                if p.existed {
+                    summary.updated += 1;
+                } else {
+                    summary.added += 1;
+                }
+            }
+            for p in failed {
+                summary.failed.push((
+                    p.found.path.display().to_string(),
+                    p.error.unwrap_or_default(),
+                ));
+            }
+            progress.inc(n as u64);
+        }
+        Ok(())
+    })?;
+    progress.finish();
+    Ok(())
+}
+
+/// Paths under `dir` as stored (canonical).
+pub fn canonical_prefix(dir: &Path) -> Result<String> {
+    Ok(walk::canonical_root(dir)?.to_string_lossy().into_owned())
+}

@@ -1,0 +1,38 @@
+//! Image search over folders: an incremental, crash-safe catalog of files and
+//! vectors (SQLite), exact and HNSW search engines, rclip-style query algebra,
+//! hybrid BM25 + vector retrieval, and zero-shot classification of stored
+//! images.
+
+pub mod catalog;
+pub mod engine;
+pub mod indexer;
+pub mod query;
+pub mod search;
+pub mod walk;
+
+use std::path::Path;
+
+pub use catalog::Catalog;
+pub use engine::{open_engine, VectorSearch};
+pub use indexer::{index, IndexOptions, Summary};
+
+use crate::{Encoder, Result};
+
+/// Default number of vectors above which search uses the HNSW index.
+pub const ANN_THRESHOLD: usize = 50_000;
+
+/// The model's id in the catalog, registering it if new. Its content hash is
+/// remembered against the weights file's size and mtime, so it is computed
+/// once per model file.
+pub fn model_id(catalog: &Catalog, encoder: &Encoder, spec: &str) -> Result<i64> {
+    let w: &Path = &encoder.files().weights;
+    let meta = std::fs::metadata(w).map_err(|e| crate::Error::io(w, e))?;
+    let (size, mtime) = (meta.len(), walk::mtime_ns(&meta));
+    let key = match catalog.remembered_model_key(w, size, mtime)? {
+        Some(k) => k,
+        None => encoder.content_hash()?,
+    };
+    let id = catalog.model_id(&key, spec, encoder.embedding_dim())?;
+    catalog.remember_model_file(id, w, size, mtime)?;
+    Ok(id)
+}

@@ -1,0 +1,176 @@
+//! rclip-style query algebra: `"a dog" + "on a beach" - "night"`, with
+//! weights written `2:"snow"`. A term that names an existing image file is
+//! an image query; anything else is text.
+
+use std::path::{Path, PathBuf};
+
+use crate::preprocess::image::has_image_extension;
+use crate::{Encoder, Error, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TermKind {
+    Text(String),
+    Image(PathBuf),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Term {
+    pub weight: f32,
+    pub kind: TermKind,
+}
+
+fn strip_quotes(s: &str) -> &str {
+    let s = s.trim();
+    for q in ['"', '\''] {
+        if s.len() >= 2 && s.starts_with(q) && s.ends_with(q) {
+            return &s[1..s.len() - 1];
+        }
+    }
+    s
+}
+
+fn term(raw: &str, sign: f32) -> Result<Term> {
+    let raw = raw.trim();
+    // `W:rest` where W parses as a number (a path like C:\ does not).
+    let (weight, body) = match raw.split_once(':') {
+        Some((w, rest)) if w.trim().parse::<f32>().is_ok() => {
+            (w.trim().parse::<f32>().unwrap(), rest)
+        }
+        _ => (1.0, raw),
+    };
+    let body = strip_quotes(body);
+    if body.is_empty() {
+        return Err(Error::Dataset(format!("empty query term in `{raw}`")));
+    }
+    let p = Path::new(body);
+    let kind = if has_image_extension(p) && p.is_file() {
+        TermKind::Image(p.to_path_buf())
+    } else {
+        TermKind::Text(body.to_string())
+    };
+    Ok(Term {
+        weight: sign * weight,
+        kind,
+    })
+}
+
+/// Parses query arguments. `+` and `-` are operators when they stand alone
+/// as arguments or are surrounded by spaces inside one argument.
+pub fn parse(args: &[String]) -> Result<Vec<Term>> {
+    let joined = args
+        .iter()
+        .map(|a| {
+            if a == "+" || a == "-" {
+                a.clone()
+            } else if a.contains(' ') && !a.starts_with('"') {
+                format!("\"{a}\"")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut terms = Vec::new();
+    let mut sign = 1.0;
+    let mut cur = String::new();
+    let mut in_quotes = false;
+    let chars: Vec<char> = joined.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' {
+            in_quotes = !in_quotes;
+            cur.push(c);
+        } else if !in_quotes
+            && (c == '+' || c == '-')
+            && (i == 0 || chars[i - 1] == ' ')
+            && (i + 1 == chars.len() || chars[i + 1] == ' ')
+        {
+            if !cur.trim().is_empty() {
+                terms.push(term(&cur, sign)?);
+            } else if !terms.is_empty() || c == '+' {
+                // `a + + b` or a leading `+`: keep going
+            }
+            cur.clear();
+            sign = if c == '-' { -1.0 } else { 1.0 };
+        } else {
+            cur.push(c);
+        }
+        i += 1;
+    }
+    if !cur.trim().is_empty() {
+        terms.push(term(&cur, sign)?);
+    }
+    if terms.is_empty() {
+        return Err(Error::Dataset("empty query".into()));
+    }
+    Ok(terms)
+}
+
+/// The query vector: the weighted sum of the terms' unit embeddings,
+/// normalised.
+pub fn embed(encoder: &Encoder, terms: &[Term]) -> Result<Vec<f32>> {
+    let mut acc = vec![0f32; encoder.embedding_dim()];
+    for t in terms {
+        let v: Vec<f32> = match &t.kind {
+            TermKind::Text(s) => encoder.embed_texts(&[s.as_str()])?.get(0)?.to_vec1()?,
+            TermKind::Image(p) => {
+                let px = encoder.image_processor().process_path(p)?;
+                encoder
+                    .embed_pixels(&encoder.pixel_batch(&[px])?)?
+                    .get(0)?
+                    .to_vec1()?
+            }
+        };
+        for (a, x) in acc.iter_mut().zip(v) {
+            *a += t.weight * x;
+        }
+    }
+    let n = acc.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n == 0.0 || !n.is_finite() {
+        return Err(Error::Dataset("the query terms cancel out".into()));
+    }
+    Ok(acc.iter().map(|x| x / n).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(args: &[&str]) -> Vec<(f32, String)> {
+        parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap()
+            .into_iter()
+            .map(|t| match t.kind {
+                TermKind::Text(s) => (t.weight, s),
+                TermKind::Image(p) => (t.weight, p.display().to_string()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn algebra() {
+        assert_eq!(
+            texts(&["a dog", "+", "on a beach", "-", "night"]),
+            vec![
+                (1.0, "a dog".into()),
+                (1.0, "on a beach".into()),
+                (-1.0, "night".into())
+            ]
+        );
+        assert_eq!(
+            texts(&[r#""a dog" + 2:"snow" - 0.5:night"#]),
+            vec![
+                (1.0, "a dog".into()),
+                (2.0, "snow".into()),
+                (-0.5, "night".into())
+            ]
+        );
+        assert_eq!(
+            texts(&["black-and-white dog"]),
+            vec![(1.0, "black-and-white dog".into())]
+        );
+        assert_eq!(texts(&["a", "dog"]), vec![(1.0, "a dog".into())]);
+        assert!(parse(&["+".to_string()]).is_err());
+    }
+}
