@@ -4,6 +4,7 @@
 mod embed;
 mod eval;
 mod output;
+mod search;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,12 @@ pub enum Command {
     /// Evaluate alignment: retrieval Recall@K, zero-shot accuracy, diagnostics.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Index image folders into a store (incremental, resumable).
+    Index(search::IndexArgs),
+    /// Search indexed images by text, image or query algebra.
+    Search(search::SearchArgs),
+    /// Zero-shot labels for every image in a folder.
+    Classify(search::ClassifyArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +83,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Embed(a) => embed::run(a),
         Command::Eval(c) => eval::run(c),
+        Command::Index(a) => search::index_cmd(a),
+        Command::Search(a) => search::search_cmd(a),
+        Command::Classify(a) => search::classify_cmd(a),
     }
 }
 

@@ -1,0 +1,320 @@
+//! `clasp index`, `clasp search` and `clasp classify`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use super::{device, BarProgress, DeviceArg};
+use clasp::index::{self, engine, query, search, Catalog, IndexOptions, Summary};
+use clasp::preprocess::prompts;
+use clasp::Encoder;
+
+#[derive(Args, Debug)]
+pub struct StoreArgs {
+    /// The store (SQLite) [default: $CLASP_STORE, else the platform data dir].
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+#[derive(Args, Debug)]
+pub struct IndexArgs {
+    /// Folders to index.
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
+    /// Model: a local directory or a Hugging Face Hub id.
+    #[arg(long, short)]
+    pub model: String,
+    /// Leave out paths matching this glob (relative to the folder, or absolute); repeatable.
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// After indexing, verify the store (integrity, vectors for every file, no orphans).
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    /// Query terms: text, image paths, `+`/`-` between terms, weights as `2:"snow"`.
+    #[arg(required = true)]
+    pub query: Vec<String>,
+    /// Number of results.
+    #[arg(short = 'k', long = "top", default_value_t = 10)]
+    pub k: usize,
+    /// Folder to search (indexed first unless --no-index) [default: the current directory].
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Model [default: the store's most recently used model].
+    #[arg(long, short)]
+    pub model: Option<String>,
+    /// Print a JSON list of {"path", "score"}.
+    #[arg(long)]
+    pub json: bool,
+    /// Print only paths, one per line.
+    #[arg(long)]
+    pub paths_only: bool,
+    /// Search the store as it is, without indexing first.
+    #[arg(long)]
+    pub no_index: bool,
+    /// Also search captions (sidecar .txt, EXIF description, file names) with BM25, fused by RRF.
+    #[arg(long)]
+    pub hybrid: bool,
+    /// Use the HNSW index from this many stored vectors on.
+    #[arg(long, default_value_t = index::ANN_THRESHOLD)]
+    pub ann_threshold: usize,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ClassifyArgs {
+    /// Folder whose images to label (indexed first).
+    pub dir: PathBuf,
+    /// Comma-separated labels.
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Prompt templates, one per line with `{}` [default: openai's 18 CIFAR templates, Chinese with a Chinese model].
+    #[arg(long)]
+    pub templates: Option<PathBuf>,
+    #[arg(long, short)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub no_index: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+fn open_store(a: &StoreArgs) -> Result<Catalog> {
+    let p = a.store.clone().unwrap_or_else(Catalog::default_path);
+    Ok(Catalog::open(&p)?)
+}
+
+fn model_spec(arg: &Option<String>, catalog: &Catalog) -> Result<String> {
+    if let Some(m) = arg {
+        return Ok(m.clone());
+    }
+    if let Ok(m) = std::env::var("CLASP_MODEL") {
+        return Ok(m);
+    }
+    match catalog.last_model_spec()? {
+        Some(m) => Ok(m),
+        None => bail!(
+            "no model given and the store {} has none yet; pass --model DIR_OR_HUB_ID",
+            catalog.path().display()
+        ),
+    }
+}
+
+fn print_summary(s: &Summary, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
+    } else {
+        eprintln!(
+            "added {}, updated {}, moved {}, removed {}, unchanged {}, failed {}, skipped {} ({} embedded)",
+            s.added,
+            s.updated,
+            s.moved,
+            s.removed,
+            s.unchanged,
+            s.failed.len(),
+            s.skipped.len(),
+            s.embedded
+        );
+    }
+    for (p, why) in &s.failed {
+        if why.contains(p.as_str()) {
+            eprintln!("  failed:  {why}");
+        } else {
+            eprintln!("  failed:  {p}: {why}");
+        }
+    }
+    for (p, why) in &s.skipped {
+        eprintln!("  skipped: {p}: {why}");
+    }
+}
+
+/// Searches index first; they mention what changed, and stay quiet otherwise.
+fn note_changes(s: &Summary) {
+    if s.added + s.updated + s.moved + s.removed > 0 {
+        eprintln!(
+            "indexed: added {}, updated {}, moved {}, removed {} ({} failed; `clasp index` lists them)",
+            s.added,
+            s.updated,
+            s.moved,
+            s.removed,
+            s.failed.len()
+        );
+    }
+}
+
+fn run_index(
+    catalog: &mut Catalog,
+    encoder: &Encoder,
+    model_id: i64,
+    dirs: &[PathBuf],
+    excludes: &[String],
+    batch_size: usize,
+) -> Result<Summary> {
+    let bar = BarProgress::default();
+    let opts = IndexOptions {
+        batch_size,
+        excludes: excludes.to_vec(),
+    };
+    Ok(index::index(catalog, encoder, model_id, dirs, &opts, &bar)?)
+}
+
+pub fn index_cmd(a: IndexArgs) -> Result<ExitCode> {
+    let mut catalog = open_store(&a.store)?;
+    let encoder = Encoder::load(&a.model, &device(a.store.device)?)?;
+    let model_id = index::model_id(&catalog, &encoder, &a.model)?;
+    let s = run_index(
+        &mut catalog,
+        &encoder,
+        model_id,
+        &a.dirs,
+        &a.exclude,
+        a.store.batch_size,
+    )?;
+    print_summary(&s, a.json);
+    if a.check {
+        let problems = catalog.check(Some(model_id))?;
+        if !problems.is_empty() {
+            bail!(
+                "store {} is inconsistent: {}",
+                catalog.path().display(),
+                problems.join("; ")
+            );
+        }
+        eprintln!("store {} checked: consistent", catalog.path().display());
+    }
+    Ok(if s.failed.is_empty() && s.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn search_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
+    match arg {
+        Some(d) => Ok(d.clone()),
+        None => std::env::current_dir().context("current directory"),
+    }
+}
+
+pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
+    let mut catalog = open_store(&a.store)?;
+    let spec = model_spec(&a.model, &catalog)?;
+    let encoder = Encoder::load(&spec, &device(a.store.device)?)?;
+    let model_id = index::model_id(&catalog, &encoder, &spec)?;
+    let dir = search_dir(&a.dir)?;
+    if !a.no_index {
+        let s = run_index(
+            &mut catalog,
+            &encoder,
+            model_id,
+            std::slice::from_ref(&dir),
+            &[],
+            a.store.batch_size,
+        )?;
+        note_changes(&s);
+    }
+    let dirs = vec![index::indexer::canonical_prefix(&dir)?];
+    let terms = query::parse(&a.query)?;
+    let q = query::embed(&encoder, &terms)?;
+    let engine = engine::open_engine(&catalog, model_id, a.ann_threshold)?;
+    tracing::info!(engine = engine.name(), vectors = engine.len(), "searching");
+    let hits = if a.hybrid {
+        let text: Vec<String> = terms
+            .iter()
+            .filter(|t| t.weight > 0.0)
+            .filter_map(|t| match &t.kind {
+                query::TermKind::Text(s) => Some(s.clone()),
+                query::TermKind::Image(_) => None,
+            })
+            .collect();
+        search::hybrid_search(engine.as_ref(), &catalog, &q, &text.join(" "), a.k, &dirs)?
+    } else {
+        search::vector_search(engine.as_ref(), &catalog, &q, a.k, &dirs)?
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&hits)?);
+    } else if a.paths_only {
+        for h in &hits {
+            println!("{}", h.path);
+        }
+    } else {
+        for h in &hits {
+            println!("{:.4}\t{}", h.score, h.path);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
+    let mut catalog = open_store(&a.store)?;
+    let spec = model_spec(&a.model, &catalog)?;
+    let encoder = Encoder::load(&spec, &device(a.store.device)?)?;
+    let model_id = index::model_id(&catalog, &encoder, &spec)?;
+    if !a.no_index {
+        let s = run_index(
+            &mut catalog,
+            &encoder,
+            model_id,
+            std::slice::from_ref(&a.dir),
+            &[],
+            a.store.batch_size,
+        )?;
+        note_changes(&s);
+    }
+    let labels: Vec<String> = a
+        .labels
+        .iter()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if labels.len() < 2 {
+        bail!("--labels needs at least two labels, e.g. --labels cat,dog");
+    }
+    let templates: Vec<String> = match &a.templates {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| p.display().to_string())?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        None => match encoder.config() {
+            clasp::model::ModelConfig::ChineseClip(_) => prompts::CIFAR_TEMPLATES_ZH
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            clasp::model::ModelConfig::Clip(_) => prompts::CIFAR_TEMPLATES_EN
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        },
+    };
+    let dirs = vec![index::indexer::canonical_prefix(&a.dir)?];
+    let snap = engine::Snapshot::open(&catalog, model_id)?;
+    let out = search::classify(&encoder, &snap, &catalog, &labels, &templates, &dirs)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for l in &out {
+            println!("{}\t{:.3}\t{}", l.label, l.probability, l.path);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
