@@ -13,6 +13,7 @@ pub mod index;
 pub mod model;
 pub mod preprocess;
 pub mod progress;
+pub mod serve;
 
 pub use encoder::{BatchEmbeddings, Encoder, Failure};
 pub use error::{Error, Result};

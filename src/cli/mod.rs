@@ -5,6 +5,7 @@ mod embed;
 mod eval;
 mod output;
 mod search;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -42,6 +43,8 @@ pub enum Command {
     Search(search::SearchArgs),
     /// Zero-shot labels for every image in a folder.
     Classify(search::ClassifyArgs),
+    /// Serve embeddings, similarity, classification and search over HTTP.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +89,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Index(a) => search::index_cmd(a),
         Command::Search(a) => search::search_cmd(a),
         Command::Classify(a) => search::classify_cmd(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -70,6 +70,11 @@ impl Snapshot {
         Self::map(&path)
     }
 
+    /// Maps a snapshot file as it is (benchmarks and tools).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        Self::map(path)
+    }
+
     fn map(path: &Path) -> Result<Self> {
         let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the file is only ever replaced by rename, never written in

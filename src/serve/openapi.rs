@@ -1,0 +1,72 @@
+//! The OpenAPI 3.1 description served at `GET /openapi.json`.
+
+use serde_json::{json, Value};
+
+fn error_response(desc: &str) -> Value {
+    json!({"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+}
+
+fn post(summary: &str, request: Value, response: Value) -> Value {
+    json!({"post": {
+        "summary": summary,
+        "requestBody": {"required": true, "content": {"application/json": {"schema": request}}},
+        "responses": {
+            "200": {"description": "OK", "content": {"application/json": {"schema": response}}},
+            "400": error_response("Malformed JSON, base64 or image; `param` names the field"),
+            "408": error_response("The request took longer than the timeout"),
+            "413": error_response("Body, item count or image pixels over the limit"),
+            "503": error_response("Queue full (with Retry-After)"),
+        }
+    }})
+}
+
+pub fn document() -> Value {
+    let strings = json!({"type": "array", "items": {"type": "string"}});
+    let b64 = json!({"type": "array", "items": {"type": "string", "contentEncoding": "base64"}});
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "clasp", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Embeddings, similarity, zero-shot classification and image search with CLIP-family models."},
+        "paths": {
+            "/v1/embeddings": post(
+                "Embed texts and/or images (OpenAI embeddings shape; texts first, then images, each in input order). Also accepts multipart/form-data with `input` and `image` parts.",
+                json!({"type": "object", "properties": {
+                    "input": {"oneOf": [{"type": "string"}, strings]},
+                    "images": b64,
+                    "model": {"type": "string"},
+                    "encoding_format": {"const": "float"}}}),
+                json!({"type": "object", "properties": {
+                    "object": {"const": "list"},
+                    "data": {"type": "array", "items": {"type": "object", "properties": {
+                        "object": {"const": "embedding"}, "index": {"type": "integer"},
+                        "embedding": {"type": "array", "items": {"type": "number"}}}}},
+                    "model": {"type": "string"},
+                    "usage": {"type": "object"}}})),
+            "/v1/similarity": post(
+                "logits_per_image (images x texts) as CLIPModel computes it, and softmax over texts",
+                json!({"type": "object", "required": ["images", "texts"], "properties": {"images": b64, "texts": strings}}),
+                json!({"type": "object", "properties": {
+                    "logits_per_image": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                    "probs": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                    "logit_scale": {"type": "number"}}})),
+            "/v1/classify": post(
+                "Zero-shot labels with CLIP's prompt ensemble",
+                json!({"type": "object", "required": ["images", "labels"], "properties": {"images": b64, "labels": strings, "templates": strings}}),
+                json!({"type": "object", "properties": {"data": {"type": "array", "items": {"type": "object", "properties": {
+                    "index": {"type": "integer"}, "label": {"type": "string"}, "probability": {"type": "number"},
+                    "scores": {"type": "object", "additionalProperties": {"type": "number"}}}}}}})),
+            "/v1/search": post(
+                "Search the store: text or algebra (`\"a dog\" + 2:\"snow\" - night`) and/or an image",
+                json!({"type": "object", "properties": {
+                    "query": {"type": "string"}, "image": {"type": "string", "contentEncoding": "base64"},
+                    "k": {"type": "integer", "minimum": 1, "maximum": 1000}, "dir": {"type": "string"}}}),
+                json!({"type": "object", "properties": {"data": {"type": "array", "items": {"type": "object", "properties": {
+                    "path": {"type": "string"}, "score": {"type": "number"}}}}}})),
+            "/health": {"get": {"summary": "Health check", "responses": {"200": {"description": "OK"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OK"}}}}
+        },
+        "components": {"schemas": {"Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]}}}}}}}
+    })
+}
