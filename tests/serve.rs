@@ -1,0 +1,512 @@
+//! Integration tests of `clasp serve` on loopback: every endpoint, every
+//! error class, batching under concurrency, disconnects and graceful shutdown.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+fn core() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core")
+}
+fn tiny() -> String {
+    core().join("tiny-clip").display().to_string()
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    addr: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_clasp"))
+            .args(["serve", "-m", &tiny(), "--addr", "127.0.0.1:0"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(a) = line.strip_prefix("listening on http://") {
+                break a.to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            addr,
+        }
+    }
+    fn post(&self, path: &str, body: &Value) -> (u16, Value, Option<String>) {
+        let r = ureq::post(&format!("{}{path}", self.base)).send_json(body.clone());
+        let resp = match r {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{path}: {e}"),
+        };
+        let status = resp.status();
+        let retry = resp.header("retry-after").map(str::to_string);
+        let v: Value = resp.into_json().unwrap_or(Value::Null);
+        (status, v, retry)
+    }
+    fn get(&self, path: &str) -> String {
+        ureq::get(&format!("{}{path}", self.base))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    }
+    fn metric(&self, name: &str) -> f64 {
+        self.get("/metrics")
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn b64(file: &str) -> String {
+    base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(core().join("images").join(file)).unwrap())
+}
+
+fn vecs(v: &Value) -> Vec<Vec<f32>> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn max_abs(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Reference vectors from `clasp embed` (itself checked against transformers).
+fn clasp_embed(texts: &[&str], images: &[&str]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("e.jsonl");
+    let mut args: Vec<String> = vec![
+        "embed".into(),
+        "-m".into(),
+        tiny(),
+        "-o".into(),
+        out.display().to_string(),
+    ];
+    for t in texts {
+        args.extend(["--text".into(), t.to_string()]);
+    }
+    for i in images {
+        args.extend([
+            "--image".into(),
+            core().join("images").join(i).display().to_string(),
+        ]);
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (mut t, mut im) = (Vec::new(), Vec::new());
+    for line in std::fs::read_to_string(&out).unwrap().lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let e: Vec<f32> = v["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        if v["type"] == "text" {
+            t.push(e)
+        } else {
+            im.push(e)
+        }
+    }
+    (t, im)
+}
+
+#[test]
+fn every_endpoint_answers_and_matches_offline_embeddings() {
+    let s = Server::start(&[]);
+    assert!(s.get("/health").contains("\"ok\""));
+    let api: Value = serde_json::from_str(&s.get("/openapi.json")).unwrap();
+    for p in [
+        "/v1/embeddings",
+        "/v1/similarity",
+        "/v1/classify",
+        "/v1/search",
+        "/health",
+        "/metrics",
+    ] {
+        assert!(api["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
+    let texts = ["a photo of a cat", "一只狗", "two dogs"];
+    let imgs = ["rgb.png", "palette.png"];
+    let (ref_t, ref_i) = clasp_embed(&texts, &imgs);
+    let (st, v, _) = s.post(
+        "/v1/embeddings",
+        &json!({"input": texts, "images": [b64(imgs[0]), b64(imgs[1])], "model": "x"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "list");
+    let got = vecs(&v);
+    assert_eq!(got.len(), 5);
+    for (i, d) in v["data"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(d["index"], i);
+    }
+    assert!(max_abs(&got[..3], &ref_t) < 1e-5, "texts");
+    assert!(max_abs(&got[3..], &ref_i) < 1e-5, "images");
+    // OpenAI's single-string form.
+    let (st, v, _) = s.post("/v1/embeddings", &json!({"input": "a photo of a cat"}));
+    assert_eq!(st, 200);
+    assert!(max_abs(&vecs(&v), &ref_t[..1]) < 1e-5);
+    // Multipart.
+    let boundary = "XyZ";
+    let png = std::fs::read(core().join("images/rgb.png")).unwrap();
+    let mut body = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"input\"\r\n\r\ntwo dogs\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n").into_bytes();
+    body.extend(&png);
+    body.extend(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let r = ureq::post(&format!("{}/v1/embeddings", s.base))
+        .set(
+            "Content-Type",
+            &format!("multipart/form-data; boundary={boundary}"),
+        )
+        .send_bytes(&body)
+        .unwrap();
+    let v: Value = r.into_json().unwrap();
+    let got = vecs(&v);
+    assert!(
+        max_abs(&got[..1], &ref_t[2..3]) < 1e-5 && max_abs(&got[1..], &ref_i[..1]) < 1e-5,
+        "multipart"
+    );
+
+    // Similarity: logits = exp(logit_scale) * cos, probabilities softmax over texts.
+    let (st, v, _) = s.post(
+        "/v1/similarity",
+        &json!({"images": [b64(imgs[0])], "texts": texts}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let scale = v["logit_scale"].as_f64().unwrap();
+    let logits = v["logits_per_image"][0].as_array().unwrap();
+    for (j, t) in ref_t.iter().enumerate() {
+        let cos: f64 = t
+            .iter()
+            .zip(&ref_i[0])
+            .map(|(a, b)| (*a as f64) * (*b as f64))
+            .sum();
+        assert!((logits[j].as_f64().unwrap() - scale * cos).abs() < 1e-4);
+    }
+    let psum: f64 = v["probs"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .sum();
+    assert!((psum - 1.0).abs() < 1e-9);
+
+    let (st, v, _) = s.post("/v1/classify", &json!({"images": [b64(imgs[0]), b64(imgs[1])], "labels": ["cat", "dog"], "templates": ["a photo of a {}."]}));
+    assert_eq!(st, 200, "{v}");
+    for d in v["data"].as_array().unwrap() {
+        let (pc, pd) = (
+            d["scores"]["cat"].as_f64().unwrap(),
+            d["scores"]["dog"].as_f64().unwrap(),
+        );
+        assert!((pc + pd - 1.0).abs() < 1e-9);
+        assert_eq!(d["label"], if pc >= pd { "cat" } else { "dog" });
+    }
+    // Search without a store is a clear 503.
+    let (st, v, _) = s.post("/v1/search", &json!({"query": "a dog"}));
+    assert_eq!((st, v["error"]["type"].as_str()), (503, Some("no_store")));
+    // Unknown routes answer JSON.
+    assert_eq!(s.post("/v2/nothing", &json!({})).0, 404);
+}
+
+#[test]
+fn search_endpoint_equals_cli_search() {
+    let d = tempfile::tempdir().unwrap();
+    let photos = d.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    for f in ["rgb.png", "rgb.jpg", "gray.png", "palette.png", "exif6.jpg"] {
+        std::fs::copy(core().join("images").join(f), photos.join(f)).unwrap();
+    }
+    let store = d.path().join("s.sqlite");
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args([
+            "search",
+            "a red square",
+            "+",
+            "2:sky",
+            "-k",
+            "3",
+            "-m",
+            &tiny(),
+            "--store",
+            store.to_str().unwrap(),
+            "--dir",
+            photos.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cli: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let s = Server::start(&["--store", store.to_str().unwrap()]);
+    let (st, v, _) = s.post(
+        "/v1/search",
+        &json!({"query": "\"a red square\" + 2:sky", "k": 3}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let got = v["data"].as_array().unwrap();
+    let want = cli.as_array().unwrap();
+    assert_eq!(got.len(), 3);
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g["path"], w["path"]);
+        assert!((g["score"].as_f64().unwrap() - w["score"].as_f64().unwrap()).abs() < 1e-5);
+    }
+    let (st, v, _) = s.post("/v1/search", &json!({"image": b64("rgb.png"), "k": 1}));
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        v["data"][0]["path"].as_str().unwrap().ends_with("rgb.png"),
+        "an image finds itself: {v}"
+    );
+}
+
+#[test]
+fn every_error_class_has_its_status_and_names_the_field() {
+    let s = Server::start(&[
+        "--max-queue",
+        "4",
+        "--max-items",
+        "6",
+        "--max-pixels",
+        "500",
+        "--max-body-mb",
+        "1",
+        "--timeout-ms",
+        "400",
+    ]);
+    let bad = |body: Value, param: &str| {
+        let (st, v, _) = s.post("/v1/embeddings", &body);
+        assert_eq!(st, 400, "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    };
+    bad(json!({"input": ["ok", 3]}), "input[1]");
+    bad(json!({"images": ["%%%not base64"]}), "images[0]");
+    bad(
+        json!({"images": [base64::engine::general_purpose::STANDARD.encode(b"not an image at all")]}),
+        "images[0]",
+    );
+    bad(
+        json!({"encoding_format": "base64", "input": "x"}),
+        "encoding_format",
+    );
+    let r = ureq::post(&format!("{}/v1/embeddings", s.base))
+        .set("Content-Type", "application/json")
+        .send_string("{\"input\": [");
+    let Err(ureq::Error::Status(400, r)) = r else {
+        panic!("malformed JSON should be 400")
+    };
+    let v: Value = r.into_json().unwrap();
+    assert_eq!(v["error"]["param"], "body");
+
+    // Queue full: 5 items cannot fit a queue of 4 -> 503 with Retry-After.
+    let (st, v, retry) = s.post(
+        "/v1/embeddings",
+        &json!({"input": ["a", "b", "c", "d", "e"]}),
+    );
+    assert_eq!((st, retry.as_deref()), (503, Some("1")), "{v}");
+    // Too many items in one request.
+    let (st, v, _) = s.post("/v1/embeddings", &json!({"input": vec!["a"; 7]}));
+    assert_eq!(
+        (st, v["error"]["type"].as_str()),
+        (413, Some("too_many_items"))
+    );
+    // Pixel limit: a 32x32 image is over 500 pixels.
+    let (st, v, _) = s.post("/v1/embeddings", &json!({"images": [b64("rgb.png")]}));
+    assert_eq!(
+        (
+            st,
+            v["error"]["type"].as_str(),
+            v["error"]["param"].as_str()
+        ),
+        (413, Some("pixel_limit"), Some("images[0]")),
+        "{v}"
+    );
+    // Body over the limit.
+    let big = "x".repeat(1_200_000);
+    let (st, v, _) = s.post("/v1/embeddings", &json!({"input": big}));
+    assert_eq!(
+        (st, v["error"]["type"].as_str()),
+        (413, Some("body_too_large"))
+    );
+    // A client too slow to send its body is timed out.
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    c.write_all(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"input\"").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 512];
+    let n = c.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    // Every class was counted.
+    for class in [
+        "bad_request",
+        "queue_full",
+        "too_many_items",
+        "pixel_limit",
+        "body_too_large",
+        "timeout",
+    ] {
+        assert!(
+            s.metric(&format!("clasp_errors_total{{class=\"{class}\"}}")) >= 1.0,
+            "{class} not counted"
+        );
+    }
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_equal_unbatched_results() {
+    let texts: Vec<String> = (0..24)
+        .map(|i| format!("caption number {i} of a photo"))
+        .collect();
+    // Unbatched reference: a server that never batches.
+    let single = Server::start(&["--max-batch-size", "1", "--max-wait-ms", "0"]);
+    let reference: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| vecs(&single.post("/v1/embeddings", &json!({"input": t})).1).remove(0))
+        .collect();
+    let img_ref = vecs(
+        &single
+            .post("/v1/embeddings", &json!({"images": [b64("rgb.png")]}))
+            .1,
+    );
+    drop(single);
+
+    let s = Server::start(&["--max-batch-size", "32", "--max-wait-ms", "200"]);
+    let base = s.base.clone();
+    let handles: Vec<_> = texts
+        .iter()
+        .cloned()
+        .map(|t| {
+            let base = base.clone();
+            std::thread::spawn(move || {
+                let v: Value = ureq::post(&format!("{base}/v1/embeddings"))
+                    .send_json(json!({"input": t}))
+                    .unwrap()
+                    .into_json()
+                    .unwrap();
+                vecs(&v).remove(0)
+            })
+        })
+        .collect();
+    let img_handles: Vec<_> = (0..6)
+        .map(|_| {
+            let base = base.clone();
+            let img = b64("rgb.png");
+            std::thread::spawn(move || {
+                let v: Value = ureq::post(&format!("{base}/v1/embeddings"))
+                    .send_json(json!({"images": [img]}))
+                    .unwrap()
+                    .into_json()
+                    .unwrap();
+                vecs(&v)
+            })
+        })
+        .collect();
+    let batched: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(
+        max_abs(&batched, &reference) < 1e-5,
+        "batched texts equal unbatched"
+    );
+    for h in img_handles {
+        assert!(
+            max_abs(&h.join().unwrap(), &img_ref) < 1e-5,
+            "batched images equal unbatched"
+        );
+    }
+    let (sum, count) = (
+        s.metric("clasp_batch_size_sum{kind=\"text\"}"),
+        s.metric("clasp_batch_size_count{kind=\"text\"}"),
+    );
+    assert_eq!(sum, 24.0);
+    assert!(
+        count < 24.0 && sum / count > 1.0,
+        "texts were batched: {count} batches for 24 items"
+    );
+    let (isum, icount) = (
+        s.metric("clasp_batch_size_sum{kind=\"image\"}"),
+        s.metric("clasp_batch_size_count{kind=\"image\"}"),
+    );
+    assert!(
+        isum == 6.0 && icount < 6.0,
+        "images were batched: {icount} batches"
+    );
+}
+
+#[test]
+fn disconnected_clients_are_dropped_and_shutdown_drains() {
+    let mut s = Server::start(&["--max-batch-size", "64", "--max-wait-ms", "1500"]);
+    // A client that sends a request and leaves before its batch is cut.
+    {
+        let mut c = TcpStream::connect(&s.addr).unwrap();
+        let body = "{\"input\": \"gone\"}";
+        write!(c, "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    } // closed
+      // A request in flight when SIGTERM arrives still gets its answer.
+    let base = s.base.clone();
+    let inflight = std::thread::spawn(move || {
+        ureq::post(&format!("{base}/v1/embeddings"))
+            .send_json(json!({"input": "stay"}))
+            .map(|r| r.status())
+            .ok()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let dropped = s.metric("clasp_dropped_disconnected_total");
+    let pid = s.child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert_eq!(
+        inflight.join().unwrap(),
+        Some(200),
+        "in-flight request drained"
+    );
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "clean exit after draining: {status:?}");
+    // The metric was read before shutdown, after the queue task saw the close.
+    assert!(
+        dropped >= 1.0,
+        "the disconnected client's item was dropped before compute"
+    );
+}
