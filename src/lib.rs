@@ -14,6 +14,7 @@ pub mod model;
 pub mod preprocess;
 pub mod progress;
 pub mod serve;
+pub mod train;
 
 pub use encoder::{BatchEmbeddings, Encoder, Failure};
 pub use error::{Error, Result};
