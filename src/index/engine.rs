@@ -301,7 +301,7 @@ impl AnnIndex {
             quantization: usearch::ScalarKind::F32,
             connectivity: 16,
             expansion_add: 128,
-            expansion_search: 64,
+            expansion_search: 256,
             multi: false,
         };
         let p = path.to_string_lossy().into_owned();
