@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+
 fn core() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core")
 }
@@ -180,22 +182,8 @@ fn bad_json_lines_and_empty_split_are_named() {
 }
 
 fn read_jsonl(p: &Path) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
-    let (mut im, mut tx) = (Vec::new(), Vec::new());
-    for line in std::fs::read_to_string(p).unwrap().lines() {
-        let v: Value = serde_json::from_str(line).unwrap();
-        let e: Vec<f32> = v["embedding"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        if v["type"] == "image" {
-            im.push(e)
-        } else {
-            tx.push(e)
-        }
-    }
-    (im, tx)
+    let e = common::read_embed_jsonl(p);
+    (e.image_vectors(), e.texts)
 }
 
 #[test]

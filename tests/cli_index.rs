@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 use clasp::index::Catalog;
 use serde_json::Value;
 
+mod common;
+
 fn core() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core")
 }
@@ -139,28 +141,6 @@ fn incremental_index_tracks_adds_changes_renames_and_deletes() {
     );
 }
 
-/// (image path, vector) rows and text vectors.
-type Embedded = (Vec<(String, Vec<f32>)>, Vec<Vec<f32>>);
-
-fn read_jsonl(p: &Path) -> Embedded {
-    let (mut im, mut tx) = (Vec::new(), Vec::new());
-    for line in std::fs::read_to_string(p).unwrap().lines() {
-        let v: Value = serde_json::from_str(line).unwrap();
-        let e: Vec<f32> = v["embedding"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        if v["type"] == "image" {
-            im.push((v["input"].as_str().unwrap().to_string(), e))
-        } else {
-            tx.push(e)
-        }
-    }
-    (im, tx)
-}
-
 #[test]
 fn search_equals_brute_force_ranking_of_clasp_embed_vectors() {
     let d = tempfile::tempdir().unwrap();
@@ -185,7 +165,7 @@ fn search_equals_brute_force_ranking_of_clasp_embed_vectors() {
     }
     let o = clasp(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (images, texts) = read_jsonl(&out);
+    let common::EmbedOutput { images, texts } = common::read_embed_jsonl(&out);
     for (q, qv) in queries.iter().zip(&texts) {
         let mut brute: Vec<(String, f32)> = images
             .iter()

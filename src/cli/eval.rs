@@ -319,16 +319,7 @@ fn zeroshot(a: ZeroshotArgs) -> Result<ExitCode> {
     };
     let templates: Vec<String> = match &a.templates {
         Some(p) => read_lines(p)?,
-        None => match lang {
-            Lang::En => prompts::CIFAR_TEMPLATES_EN
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            Lang::Zh => prompts::CIFAR_TEMPLATES_ZH
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        },
+        None => prompts::default_templates(lang == Lang::Zh),
     };
     if templates.is_empty() {
         bail!("no prompt templates");

@@ -295,16 +295,10 @@ pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
             .filter(|l| !l.is_empty())
             .map(String::from)
             .collect(),
-        None => match encoder.config() {
-            clasp::model::ModelConfig::ChineseClip(_) => prompts::CIFAR_TEMPLATES_ZH
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            clasp::model::ModelConfig::Clip(_) => prompts::CIFAR_TEMPLATES_EN
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        },
+        None => prompts::default_templates(matches!(
+            encoder.config(),
+            clasp::model::ModelConfig::ChineseClip(_)
+        )),
     };
     let dirs = vec![index::indexer::canonical_prefix(&a.dir)?];
     let snap = engine::Snapshot::open(&catalog, model_id)?;

@@ -61,6 +61,16 @@ pub const CIFAR_TEMPLATES_ZH: [&str; 12] = [
     "{}的特写照片。",
 ];
 
+/// The built-in templates: Chinese for Chinese models, else openai's English.
+pub fn default_templates(chinese: bool) -> Vec<String> {
+    let t: &[&str] = if chinese {
+        &CIFAR_TEMPLATES_ZH
+    } else {
+        &CIFAR_TEMPLATES_EN
+    };
+    t.iter().map(|s| s.to_string()).collect()
+}
+
 /// Fills a template: `{}` or `{c}` stands for the class name.
 pub fn fill(template: &str, class: &str) -> String {
     if template.contains("{c}") {

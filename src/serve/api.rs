@@ -472,16 +472,10 @@ pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
         }
         let templates = match m.get("templates") {
             Some(v) => strings(v, "templates")?,
-            None => match st.encoder.config() {
-                crate::model::ModelConfig::ChineseClip(_) => prompts::CIFAR_TEMPLATES_ZH
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                crate::model::ModelConfig::Clip(_) => prompts::CIFAR_TEMPLATES_EN
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-            },
+            None => prompts::default_templates(matches!(
+                st.encoder.config(),
+                crate::model::ModelConfig::ChineseClip(_)
+            )),
         };
         let images = b64_images(
             m.get("images")
