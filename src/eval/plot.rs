@@ -25,18 +25,29 @@ fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Report(format!("{}: cannot draw plot: {e}", path.display()))
 }
 
-/// Writes through a temporary file and renames, so a plot is whole or absent.
-fn atomic_png(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// Draws into an RGB buffer, encodes it as PNG with the `image` crate (so
+/// plotters' own encoder, which pulls a second `image` version, is not
+/// needed), and writes through a temporary file and a rename, so a plot is
+/// whole or absent.
+fn atomic_png(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&mut [u8]) -> Result<()>,
+) -> Result<()> {
+    let mut buf = vec![255u8; (size.0 * size.1 * 3) as usize];
+    draw(&mut buf)?;
+    let img = image::RgbImage::from_raw(size.0, size.1, buf).expect("buffer matches the size");
     let tmp = path.with_extension("tmp.png");
-    draw(&tmp)?;
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| perr(path, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Recall@K for K = 1..=max_k, one line per series.
 pub fn recall_curves(path: &Path, title: &str, series: &[(&str, Vec<f64>)]) -> Result<()> {
     fonts();
-    atomic_png(path, |p| {
-        let root = BitMapBackend::new(p, (800, 500)).into_drawing_area();
+    atomic_png(path, (800, 500), |buf| {
+        let root = BitMapBackend::with_buffer(buf, (800, 500)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| perr(path, e))?;
         let max_k = series.iter().map(|s| s.1.len()).max().unwrap_or(1) as u32;
         let mut chart = ChartBuilder::on(&root)
@@ -116,8 +127,8 @@ pub fn histograms(
         })
         .collect();
     let ymax = dens.iter().flatten().copied().fold(0.0, f64::max) * 1.1;
-    atomic_png(path, |p| {
-        let root = BitMapBackend::new(p, (800, 500)).into_drawing_area();
+    atomic_png(path, (800, 500), |buf| {
+        let root = BitMapBackend::with_buffer(buf, (800, 500)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| perr(path, e))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
@@ -170,8 +181,8 @@ pub fn confusion_matrix(
     let label_w = 130;
     let w = (label_w + cell * n as i32 + 30) as u32;
     let h = (80 + cell * n as i32 + label_w) as u32;
-    atomic_png(path, |p| {
-        let root = BitMapBackend::new(p, (w, h)).into_drawing_area();
+    atomic_png(path, (w, h), |buf| {
+        let root = BitMapBackend::with_buffer(buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| perr(path, e))?;
         let font = ("sans-serif", 14).into_font();
         root.draw(&Text::new(
