@@ -66,3 +66,195 @@ fn losses_and_gradients_equal_open_clip() {
     }
     assert_eq!(checked, 6);
 }
+
+/// One training step of the tiny CLIP (features → InfoNCE → backward →
+/// clip_grad_norm 1.0 → grouped AdamW → temperature clamp) against
+/// transformers + open_clip + torch.optim.AdamW from the same weights and
+/// batch (scripts/gen_train_fixtures.py).
+#[test]
+fn one_adamw_step_equals_torch() {
+    use clasp::train::{model::Trainable, optim};
+    let f =
+        candle_core::safetensors::load("tests/fixtures/train/adamw_step.safetensors", &Device::Cpu)
+            .unwrap();
+    let t = Trainable::from_checkpoint("tests/fixtures/core/tiny-clip", &Device::Cpu).unwrap();
+    let vars = t.vars();
+    assert_eq!(
+        vars.len(),
+        78,
+        "every parameter of the checkpoint is a variable"
+    );
+    let prev = clasp::model::set_grad_mode(true);
+    let ids = f["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
+    let mask = f["attention_mask"]
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    let img =
+        clasp::model::l2_normalize(&t.model.image_features(&f["pixel_values"]).unwrap()).unwrap();
+    let txt = clasp::model::l2_normalize(&t.model.text_features(&ids, &mask).unwrap()).unwrap();
+    let b = Batch {
+        image: &img,
+        text: &txt,
+        log_scale: t.model.logit_scale(),
+        bias: None,
+    };
+    let loss = InfoNce.loss(&b).unwrap();
+    let d = max_abs(&loss, &f["loss"].squeeze(0).unwrap());
+    assert!(d < 1e-5, "loss differs by {d}");
+    let mut grads = loss.backward().unwrap();
+    clasp::model::set_grad_mode(prev);
+    // Every gradient before clipping.
+    for (name, v) in &vars {
+        let key = format!("grad.{name}");
+        match (grads.get(v.as_tensor()), f.get(&key)) {
+            (Some(g), Some(w)) => {
+                let d = max_abs(g, w);
+                assert!(d < 1e-5, "gradient of {name} differs by {d}");
+            }
+            (None, None) => {}
+            (g, w) => panic!(
+                "gradient of {name}: clasp has {}, torch has {}",
+                g.is_some(),
+                w.is_some()
+            ),
+        }
+    }
+    let norm = optim::clip_grad_norm(&vars, &mut grads, 1.0).unwrap();
+    let want_norm = f["grad_norm"]
+        .squeeze(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!(
+        (norm - want_norm).abs() / want_norm < 1e-5,
+        "grad norm {norm} vs {want_norm}"
+    );
+    let cfg = optim::AdamWConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-6,
+        weight_decay: 0.2,
+    };
+    let mut opt = optim::GroupedAdamW::new(&vars, cfg).unwrap();
+    opt.step(&grads).unwrap();
+    let mut worst = (0f32, String::new());
+    for (name, v) in &vars {
+        let want = &f[&format!("param.{name}")];
+        let d = max_abs(v.as_tensor(), want);
+        if d > worst.0 {
+            worst = (d, name.clone());
+        }
+    }
+    assert!(
+        worst.0 < 1e-5,
+        "after one step, {} differs by {}",
+        worst.1,
+        worst.0
+    );
+}
+
+/// A clasp checkpoint is in transformers' layout: the saved file has exactly
+/// the original checkpoint's tensor names, shapes and dtypes, its values are
+/// the trained ones (here: torch's weights after the same step), config and
+/// tokenizer files come along, and clasp loads it back to the same
+/// embeddings. `scripts/checkpoint_roundtrip.py` loads one in transformers.
+#[test]
+fn checkpoint_round_trip_keeps_transformers_layout() {
+    use clasp::train::{model::Trainable, optim};
+    let f =
+        candle_core::safetensors::load("tests/fixtures/train/adamw_step.safetensors", &Device::Cpu)
+            .unwrap();
+    let t = Trainable::from_checkpoint("tests/fixtures/core/tiny-clip", &Device::Cpu).unwrap();
+    let vars = t.vars();
+    let prev = clasp::model::set_grad_mode(true);
+    let ids = f["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
+    let mask = f["attention_mask"]
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    let img =
+        clasp::model::l2_normalize(&t.model.image_features(&f["pixel_values"]).unwrap()).unwrap();
+    let txt = clasp::model::l2_normalize(&t.model.text_features(&ids, &mask).unwrap()).unwrap();
+    let loss = InfoNce
+        .loss(&Batch {
+            image: &img,
+            text: &txt,
+            log_scale: t.model.logit_scale(),
+            bias: None,
+        })
+        .unwrap();
+    let mut grads = loss.backward().unwrap();
+    clasp::model::set_grad_mode(prev);
+    optim::clip_grad_norm(&vars, &mut grads, 1.0).unwrap();
+    let cfg = optim::AdamWConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-6,
+        weight_decay: 0.2,
+    };
+    optim::GroupedAdamW::new(&vars, cfg)
+        .unwrap()
+        .step(&grads)
+        .unwrap();
+
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("ckpt");
+    t.save(&out).unwrap();
+    t.save(&out).unwrap(); // overwriting an existing checkpoint works too
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "preprocessor_config.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "no temporary directories left: {leftovers:?}"
+    );
+    let orig = safetensors_meta("tests/fixtures/core/tiny-clip/model.safetensors");
+    let saved = safetensors_meta(out.join("model.safetensors").to_str().unwrap());
+    assert_eq!(
+        saved, orig,
+        "same names, shapes and dtypes as transformers' file"
+    );
+    let w = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (name, v) in &w {
+        let d = max_abs(v, &f[&format!("param.{name}")]);
+        assert!(
+            d < 1e-5,
+            "{name}: saved value differs from torch's trained weight by {d}"
+        );
+    }
+    // clasp reads it back: same features as the trained model in memory.
+    let enc = clasp::Encoder::load(out.to_str().unwrap(), &Device::Cpu).unwrap();
+    let live = t.snapshot().unwrap();
+    let a = enc.image_features(&f["pixel_values"]).unwrap();
+    let b = live.image_features(&f["pixel_values"]).unwrap();
+    assert!(max_abs(&a, &b) < 1e-5, "image features");
+    let a = enc.model().text_features(&ids, &mask).unwrap();
+    let b = live.text_features(&ids, &mask).unwrap();
+    assert!(max_abs(&a, &b) < 1e-5, "text features");
+}
+
+fn safetensors_meta(path: &str) -> Vec<(String, Vec<usize>, String)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec(), format!("{:?}", t.dtype())))
+        .collect();
+    v.sort();
+    v
+}

@@ -121,6 +121,10 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Attention {
     pub(crate) qkv: Linear,
+    /// The separate projections. Training updates their variables in place,
+    /// which the load-time concatenation `qkv` does not see, so grad mode
+    /// concatenates them afresh on every forward.
+    parts: [Linear; 3],
     pub(crate) out: Linear,
     pub(crate) heads: usize,
     head_dim: usize,
@@ -131,6 +135,7 @@ impl Attention {
         let hidden = q.weight.dim(0)?;
         Ok(Self {
             qkv: Linear::concat(&[&q, &k, &v])?,
+            parts: [q, k, v],
             out,
             heads,
             head_dim: hidden / heads,
@@ -153,7 +158,13 @@ impl Attention {
         let mask = mask.additive(x)?;
         let (b, t, c) = x.dims3()?;
         let (h, d) = (self.heads, self.head_dim);
-        let qkv = self.qkv.forward(x)?.reshape((b, t, 3, h, d))?;
+        let qkv = if crate::model::grad_mode() {
+            let [q, k, v] = &self.parts;
+            Linear::concat(&[q, k, v])?.forward(x)?
+        } else {
+            self.qkv.forward(x)?
+        };
+        let qkv = qkv.reshape((b, t, 3, h, d))?;
         // [3, B, H, T, D]
         let qkv = qkv.permute((2, 0, 3, 1, 4))?.contiguous()?;
         let scale = 1.0 / (d as f64).sqrt();
@@ -164,7 +175,13 @@ impl Attention {
         if let Some(m) = &mask {
             scores = scores.broadcast_add(m)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        // candle's fused softmax is not tracked for backprop (it would
+        // silently cut the gradient through q and k), so grad mode composes it.
+        let probs = if crate::model::grad_mode() {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let ctx = probs.matmul(&v)?; // [B, H, T, D]
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, c))?;
         self.out.forward(&ctx)

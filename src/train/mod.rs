@@ -1,4 +1,6 @@
-//! Training: contrastive objectives (more to come: the optimiser, schedules
-//! and the loop).
+//! Training: contrastive objectives, the trainable model and its checkpoints,
+//! and the optimiser with its schedule.
 
 pub mod loss;
+pub mod model;
+pub mod optim;

@@ -1,0 +1,136 @@
+//! A model whose parameters are trainable variables, loaded from and saved to
+//! the Hugging Face checkpoint layout.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::model::{self, Model, ModelConfig};
+use crate::{Error, Result};
+
+/// Files copied beside the weights so a checkpoint is complete.
+const SIDE_FILES: &[&str] = &[
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+];
+
+pub struct Trainable {
+    pub varmap: VarMap,
+    /// The model over the variables. Use it in grad mode only: inference
+    /// kernels keep load-time fused copies of some weights (q/k/v), which do
+    /// not follow optimiser updates. For inference take [`Self::snapshot`].
+    pub model: Model,
+    pub config: ModelConfig,
+    /// config.json as read, written back unchanged.
+    pub config_json: serde_json::Value,
+    /// Where the tokenizer and preprocessor files come from.
+    pub source_dir: PathBuf,
+}
+
+fn werr(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+impl Trainable {
+    /// Loads a checkpoint directory (model.safetensors) as variables.
+    pub fn from_checkpoint(spec: &str, device: &Device) -> Result<Self> {
+        let files = model::resolve(spec)?;
+        if files.weights.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            return Err(werr(
+                &files.weights,
+                "training needs model.safetensors (convert pytorch_model.bin first)",
+            ));
+        }
+        let text =
+            std::fs::read_to_string(&files.config).map_err(|e| Error::io(&files.config, e))?;
+        let config_json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: files.config.clone(),
+                reason: e.to_string(),
+            })?;
+        let config = ModelConfig::from_file(&files.config)?;
+        let mut varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = Model::load(vb, &config)?;
+        varmap
+            .load(&files.weights)
+            .map_err(|e| werr(&files.weights, e))?;
+        Ok(Self {
+            varmap,
+            model,
+            config,
+            config_json,
+            source_dir: files.dir,
+        })
+    }
+
+    /// A separate inference model built from the variables' current values.
+    pub fn snapshot(&self) -> Result<Model> {
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> = self
+            .vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().detach()))
+            .collect();
+        let device = tensors
+            .values()
+            .next()
+            .map(|t| t.device().clone())
+            .unwrap_or(Device::Cpu);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        Model::load(vb, &self.config)
+    }
+
+    /// The parameters, sorted by name.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Writes a checkpoint in the Hugging Face layout (config.json,
+    /// model.safetensors, tokenizer and preprocessor files) atomically: into a
+    /// sibling temporary directory, then renamed over `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "checkpoint".into());
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let weights = tmp.join("model.safetensors");
+        self.varmap.save(&weights).map_err(|e| werr(&weights, e))?;
+        let cfg = serde_json::to_string_pretty(&self.config_json).expect("config serialises");
+        std::fs::write(tmp.join("config.json"), cfg)
+            .map_err(|e| Error::io(tmp.join("config.json"), e))?;
+        for f in SIDE_FILES {
+            let src = self.source_dir.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+        // Replace the old checkpoint: move it aside, move the new one in, drop the old.
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+}
