@@ -199,6 +199,49 @@ fn search_equals_brute_force_ranking_of_clasp_embed_vectors() {
             );
         }
     }
+    // The HNSW engine (forced on with a threshold of 1) finds the same top 5
+    // on a store this small, and reports its measured recall.
+    let exact = ok(&clasp(&[
+        "search",
+        queries[0],
+        "-k",
+        "5",
+        "--store",
+        store.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+        "--json",
+        "--no-index",
+    ]));
+    let o = clasp(&[
+        "-v",
+        "search",
+        queries[0],
+        "-k",
+        "5",
+        "--store",
+        store.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+        "--json",
+        "--no-index",
+        "--ann-threshold",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("built the HNSW index") && err.contains("recall_at_10"),
+        "{err}"
+    );
+    let ann = ok(&o);
+    let paths = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["path"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(paths(&ann), paths(&exact));
     // Algebra: "a" + "b" is the normalised sum of the two query vectors.
     let hits = ok(&clasp(&[
         "search",

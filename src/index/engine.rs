@@ -324,6 +324,25 @@ impl AnnIndex {
             .save(&tmp.to_string_lossy())
             .map_err(|e| uerr(&path, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        // Measure what the graph costs in recall: up to 100 stored vectors as
+        // queries, top 10 against exact search.
+        let built = Self { index, snap };
+        let exact = ExactIndex {
+            snap: Snapshot::open_file(&snapshot_path(store, model))?,
+        };
+        let step = (built.snap.n / 100).max(1);
+        let queries: Vec<Vec<f32>> = (0..built.snap.n)
+            .step_by(step)
+            .take(100)
+            .map(|r| built.snap.row(r).to_vec())
+            .collect();
+        let recall = ann_recall(&exact, &built, &queries, 10)?;
+        tracing::info!(
+            vectors = built.snap.n,
+            recall_at_10 = recall,
+            "built the HNSW index"
+        );
+        let Self { index, snap } = built;
         // Older generations' graphs are stale now.
         if let (Some(dir), Some(name)) = (path.parent(), store.file_name()) {
             let prefix = format!("{}.m{model}.g", name.to_string_lossy());
