@@ -7,8 +7,7 @@
 //! and, as this project specifies, token, position and class embeddings.
 
 use candle_core::backprop::GradStore;
-use candle_core::Var;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{Tensor, Var};
 
 use crate::Result;
 
@@ -53,55 +52,118 @@ impl Default for AdamWConfig {
     }
 }
 
-/// AdamW over a decay group and a no-decay group (candle-nn's AdamW, which
-/// computes torch's update: θ ← θ(1 − lr·wd) − lr·m̂/(√v̂ + ε)).
+/// AdamW with two parameter groups (decay and no decay), computing torch's
+/// update: θ ← θ(1 − lr·wd); m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²;
+/// θ ← θ − (lr/(1−β₁ᵗ))·m / (√v/√(1−β₂ᵗ) + ε).
+///
+/// Written here rather than taken from candle-nn because candle-nn's AdamW
+/// keeps its moments private, and a resumable training state must save and
+/// restore them.
 pub struct GroupedAdamW {
-    decay: AdamW,
-    plain: AdamW,
+    params: Vec<Param>,
+    cfg: AdamWConfig,
+    lr: f64,
+    step_t: usize,
     log_scale: Option<Var>,
+}
+
+struct Param {
+    name: String,
+    var: Var,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
 }
 
 impl GroupedAdamW {
     pub fn new(vars: &[(String, Var)], cfg: AdamWConfig) -> Result<Self> {
-        let (mut d, mut p) = (Vec::new(), Vec::new());
+        let mut params = Vec::new();
         let mut log_scale = None;
         for (name, v) in vars {
             if name == "logit_scale" {
                 log_scale = Some(v.clone());
             }
-            if no_decay(name, v.rank()) {
-                p.push(v.clone());
-            } else {
-                d.push(v.clone());
-            }
+            params.push(Param {
+                name: name.clone(),
+                var: v.clone(),
+                m: v.as_tensor().zeros_like()?,
+                v: v.as_tensor().zeros_like()?,
+                decay: !no_decay(name, v.rank()),
+            });
         }
-        let params = |wd: f64| ParamsAdamW {
-            lr: cfg.lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: wd,
-        };
         Ok(Self {
-            decay: AdamW::new(d, params(cfg.weight_decay))?,
-            plain: AdamW::new(p, params(0.0))?,
+            params,
+            cfg,
+            lr: cfg.lr,
+            step_t: 0,
             log_scale,
         })
     }
 
     pub fn set_lr(&mut self, lr: f64) {
-        self.decay.set_learning_rate(lr);
-        self.plain.set_learning_rate(lr);
+        self.lr = lr;
+    }
+
+    pub fn steps(&self) -> usize {
+        self.step_t
     }
 
     /// One update, then the temperature clamp to [0, ln 100].
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.decay.step(grads)?;
-        self.plain.step(grads)?;
+        self.step_t += 1;
+        let c = self.cfg;
+        let t = self.step_t as i32;
+        let step_size = self.lr / (1.0 - c.beta1.powi(t));
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        for p in &mut self.params {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            let mut theta = p.var.as_tensor().detach();
+            if p.decay && c.weight_decay != 0.0 {
+                theta = (theta * (1.0 - self.lr * c.weight_decay))?;
+            }
+            p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = ((p.v.sqrt()? / bc2_sqrt)? + c.eps)?;
+            let update = ((&p.m / denom)? * step_size)?;
+            p.var.set(&(theta - update)?)?;
+        }
         if let Some(s) = &self.log_scale {
             let clamped = s.as_tensor().clamp(0f32, MAX_LOG_SCALE as f32)?;
             s.set(&clamped)?;
         }
+        Ok(())
+    }
+
+    /// The optimiser state for a resumable checkpoint: both moments of every
+    /// parameter, by name.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for p in &self.params {
+            out.push((format!("m.{}", p.name), p.m.clone()));
+            out.push((format!("v.{}", p.name), p.v.clone()));
+        }
+        out
+    }
+
+    /// Restores [`Self::state`] and the step count.
+    pub fn load_state(
+        &mut self,
+        state: &std::collections::HashMap<String, Tensor>,
+        steps: usize,
+    ) -> Result<()> {
+        for p in &mut self.params {
+            let get = |k: String| {
+                state
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| crate::Error::Report(format!("training state lacks `{k}`")))
+            };
+            p.m = get(format!("m.{}", p.name))?;
+            p.v = get(format!("v.{}", p.name))?;
+        }
+        self.step_t = steps;
         Ok(())
     }
 }
