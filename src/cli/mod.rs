@@ -6,6 +6,7 @@ mod eval;
 mod output;
 mod search;
 mod serve;
+mod train;
 
 use std::process::ExitCode;
 
@@ -45,6 +46,8 @@ pub enum Command {
     Classify(search::ClassifyArgs),
     /// Serve embeddings, similarity, classification and search over HTTP.
     Serve(serve::ServeArgs),
+    /// Train or fine-tune a dual encoder contrastively (resumable).
+    Train(train::TrainArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +93,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Search(a) => search::search_cmd(a),
         Command::Classify(a) => search::classify_cmd(a),
         Command::Serve(a) => serve::run(a),
+        Command::Train(a) => train::run(a),
     }
 }
 
@@ -129,6 +133,15 @@ impl clasp::progress::Progress for BarProgress {
     fn finish(&self) {
         if let Some(b) = self.bar.lock().unwrap().take() {
             b.finish_and_clear();
+        }
+    }
+}
+
+impl BarProgress {
+    /// Text shown beside the bar.
+    pub fn message(&self, msg: &str) {
+        if let Some(b) = self.bar.lock().unwrap().as_ref() {
+            b.set_message(msg.to_string());
         }
     }
 }

@@ -4,3 +4,4 @@
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod trainer;

@@ -1,0 +1,248 @@
+//! `clasp train`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Deserialize;
+
+use super::BarProgress;
+use clasp::progress::Progress;
+use clasp::train::trainer::{self, StepLog, TrainConfig, TrainProgress};
+
+/// Flags override the `--config` file, which overrides the defaults.
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// A TOML file with any of the keys below (snake_case, e.g. `batch_size = 32`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Checkpoint to start from (a directory in the Hugging Face layout).
+    #[arg(long)]
+    pub init: Option<String>,
+    /// Training data: FORMAT:PATH or PATH, as in `clasp eval`.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// [default: train]
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Caption language, en or zh [default: en].
+    #[arg(long)]
+    pub lang: Option<String>,
+    /// Optimiser steps [default: 1000].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Images per step [default: 32].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate [default: 5e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warmup steps [default: 10% of steps].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// AdamW weight decay on weight matrices [default: 0.2].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Global grad-norm clip, 0 for none [default: 1.0].
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// Seed of the data order [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Objectives as name[:weight],... : infonce, siglip [default: infonce].
+    #[arg(long)]
+    pub objective: Option<String>,
+    /// Dev set evaluated with clasp eval's retrieval metrics.
+    #[arg(long)]
+    pub eval_dataset: Option<String>,
+    /// [default: dev]
+    #[arg(long)]
+    pub eval_split: Option<String>,
+    /// Evaluate every N steps (0: at the end only) [default: 0].
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Save checkpoint and state every N steps (0: at the end only) [default: 100].
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Output directory: checkpoint/, state/, metrics.jsonl, loss.png.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Resume the run in this output directory.
+    #[arg(long, conflicts_with_all = ["init", "config"])]
+    pub resume: Option<PathBuf>,
+    /// End this invocation after this many total steps, keeping a resumable state.
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    init: Option<String>,
+    dataset: Option<String>,
+    split: Option<String>,
+    lang: Option<String>,
+    steps: Option<usize>,
+    batch_size: Option<usize>,
+    lr: Option<f64>,
+    warmup: Option<usize>,
+    weight_decay: Option<f64>,
+    grad_clip: Option<f64>,
+    seed: Option<u64>,
+    objective: Option<String>,
+    eval_dataset: Option<String>,
+    eval_split: Option<String>,
+    eval_every: Option<usize>,
+    save_every: Option<usize>,
+    output: Option<PathBuf>,
+}
+
+struct Bar {
+    inner: BarProgress,
+    last: std::sync::Mutex<Option<StepLog>>,
+}
+
+impl Progress for Bar {
+    fn start(&self, what: &str, len: u64) {
+        self.inner.start(what, len)
+    }
+    fn inc(&self, n: u64) {
+        self.inner.inc(n)
+    }
+    fn finish(&self) {
+        self.inner.finish()
+    }
+}
+
+impl TrainProgress for Bar {
+    fn step(&self, log: &StepLog) {
+        self.inner.message(&format!(
+            "loss {:.4} lr {:.2e} T {:.1} {:.1} img/s",
+            log.loss, log.lr, log.temperature, log.images_per_s
+        ));
+        if let Some(d) = &log.dev {
+            eprintln!("step {}: dev {}", log.step, d);
+        }
+        *self.last.lock().unwrap() = Some(log.clone());
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<ExitCode> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130); // a second Ctrl-C: leave now
+            }
+            eprintln!(
+                "\nstopping after this step; saving checkpoint and state (Ctrl-C again to abort)"
+            );
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let bar = Bar {
+        inner: BarProgress::default(),
+        last: Default::default(),
+    };
+    let (cfg, resume) = match &a.resume {
+        Some(dir) => {
+            let mut c = placeholder(dir.clone());
+            c.output = dir.clone();
+            (c, true)
+        }
+        None => (build_config(&a)?, false),
+    };
+    let out = trainer::train(cfg, resume, &stop, a.stop_after, &bar)?;
+    eprintln!(
+        "{} after {} steps (last loss {:.4}); checkpoint: {}",
+        if out.interrupted { "stopped" } else { "done" },
+        out.steps_done,
+        out.last_loss,
+        out.checkpoint.display()
+    );
+    if let Some(d) = &out.dev {
+        println!("{}", serde_json::to_string_pretty(d)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// On resume the saved config is used; this only carries the output dir.
+fn placeholder(output: PathBuf) -> TrainConfig {
+    TrainConfig {
+        init: String::new(),
+        dataset: String::new(),
+        split: "train".into(),
+        lang: "en".into(),
+        steps: 0,
+        batch_size: 0,
+        lr: 0.0,
+        warmup: 0,
+        weight_decay: 0.0,
+        grad_clip: 0.0,
+        seed: 0,
+        objective: String::new(),
+        eval_dataset: None,
+        eval_split: "dev".into(),
+        eval_every: 0,
+        save_every: 0,
+        output,
+    }
+}
+
+fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let f: FileConfig = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| p.display().to_string())?;
+            toml::from_str(&text)
+                .with_context(|| format!("{}: invalid training config", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let Some(init) = a.init.clone().or(f.init) else {
+        bail!(
+            "give --init CHECKPOINT_DIR (a model in the Hugging Face layout) or `init` in --config"
+        );
+    };
+    let Some(dataset) = a.dataset.clone().or(f.dataset) else {
+        bail!("give --dataset SPEC, e.g. --dataset flickr8k:../shared/data/flickr8k");
+    };
+    let Some(output) = a.output.clone().or(f.output) else {
+        bail!("give --output DIR for the checkpoint, state and metrics");
+    };
+    let steps = a.steps.or(f.steps).unwrap_or(1000);
+    Ok(TrainConfig {
+        init,
+        dataset,
+        split: a
+            .split
+            .clone()
+            .or(f.split)
+            .unwrap_or_else(|| "train".into()),
+        lang: a.lang.clone().or(f.lang).unwrap_or_else(|| "en".into()),
+        steps,
+        batch_size: a.batch_size.or(f.batch_size).unwrap_or(32),
+        lr: a.lr.or(f.lr).unwrap_or(5e-4),
+        warmup: a.warmup.or(f.warmup).unwrap_or(steps / 10),
+        weight_decay: a.weight_decay.or(f.weight_decay).unwrap_or(0.2),
+        grad_clip: a.grad_clip.or(f.grad_clip).unwrap_or(1.0),
+        seed: a.seed.or(f.seed).unwrap_or(0),
+        objective: a
+            .objective
+            .clone()
+            .or(f.objective)
+            .unwrap_or_else(|| "infonce".into()),
+        eval_dataset: a.eval_dataset.clone().or(f.eval_dataset),
+        eval_split: a
+            .eval_split
+            .clone()
+            .or(f.eval_split)
+            .unwrap_or_else(|| "dev".into()),
+        eval_every: a.eval_every.or(f.eval_every).unwrap_or(0),
+        save_every: a.save_every.or(f.save_every).unwrap_or(100),
+        output,
+    })
+}

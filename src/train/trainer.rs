@@ -1,0 +1,502 @@
+//! The training loop: seeded data order with decoding one batch ahead on a
+//! worker thread, contrastive steps with clipping and a cosine schedule,
+//! atomic checkpoints in the Hugging Face layout plus a resumable training
+//! state, periodic dev evaluation, metrics.jsonl and a loss plot.
+//!
+//! Resuming from the state gives the same final weights as an uninterrupted
+//! run on CPU: the data order comes from a saved RNG state, the optimiser
+//! moments are saved exactly, and the weights are saved in f32.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::loss::{self, Batch, Objective};
+use super::model::Trainable;
+use super::optim::{self, AdamWConfig, GroupedAdamW};
+use crate::data::{self, DatasetSpec, ImageSource, Lang, PairSet, Split};
+use crate::preprocess::image::decode_image;
+use crate::progress::Progress;
+use crate::{Error, Result};
+
+/// Everything a run needs; saved with the state so a resume continues the
+/// same run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// A checkpoint directory to start from.
+    pub init: String,
+    pub dataset: String,
+    pub split: String,
+    pub lang: String,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub objective: String,
+    pub eval_dataset: Option<String>,
+    pub eval_split: String,
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Save the checkpoint and state every this many steps (0: only at the end).
+    pub save_every: usize,
+    pub output: PathBuf,
+}
+
+/// splitmix64: a tiny, seedable generator whose whole state is one u64, so
+/// the data order is saved and resumed exactly.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// Where the data order stands: the epoch's image order with one caption
+/// each, and the position in it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Order {
+    rng: Rng,
+    epoch: usize,
+    /// (image, caption) pairs of the current epoch.
+    pairs: Vec<(usize, usize)>,
+    pos: usize,
+}
+
+impl Order {
+    fn new(seed: u64) -> Self {
+        Self {
+            rng: Rng(seed),
+            epoch: 0,
+            pairs: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// The next batch: `n` distinct images, each with one of its captions
+    /// (an epoch shows every image once, with a caption drawn at random).
+    fn next_batch(&mut self, per_image: &[Vec<usize>], n: usize) -> Vec<(usize, usize)> {
+        if self.pos + n > self.pairs.len() {
+            let mut imgs: Vec<usize> = (0..per_image.len()).collect();
+            self.rng.shuffle(&mut imgs);
+            self.pairs = imgs
+                .into_iter()
+                .map(|i| {
+                    let caps = &per_image[i];
+                    (i, caps[self.rng.below(caps.len())])
+                })
+                .collect();
+            self.pos = 0;
+            self.epoch += 1;
+        }
+        let b = self.pairs[self.pos..self.pos + n].to_vec();
+        self.pos += n;
+        b
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    step: usize,
+    order: Order,
+    config: TrainConfig,
+}
+
+/// One line of metrics.jsonl.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub temperature: f64,
+    pub images_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev: Option<serde_json::Value>,
+}
+
+pub struct TrainOutcome {
+    pub steps_done: usize,
+    pub interrupted: bool,
+    pub last_loss: f64,
+    pub dev: Option<serde_json::Value>,
+    pub checkpoint: PathBuf,
+}
+
+/// Progress during training, beyond the plain bar.
+pub trait TrainProgress: Progress {
+    fn step(&self, log: &StepLog);
+}
+
+fn state_dir(out: &Path) -> PathBuf {
+    out.join("state")
+}
+fn checkpoint_dir(out: &Path) -> PathBuf {
+    out.join("checkpoint")
+}
+
+/// Decodes and preprocesses a batch of images (on the worker thread).
+fn decode_batch(
+    proc: &crate::preprocess::ImageProcessor,
+    images: &[ImageSource],
+    batch: &[(usize, usize)],
+) -> Result<Vec<Vec<f32>>> {
+    batch
+        .par_iter()
+        .map(|(i, _)| {
+            let src = &images[*i];
+            let bytes = src.read()?;
+            proc.process(&decode_image(&bytes, &src.path())?)
+        })
+        .collect()
+}
+
+/// Trains, or resumes the run in `cfg.output` when `resume` is set.
+/// `stop` is polled between steps (Ctrl-C): the run then saves and returns.
+/// `stop_after` ends this invocation after that many total steps without
+/// finishing the schedule (time-boxing, and the resume test).
+pub fn train(
+    mut cfg: TrainConfig,
+    resume: bool,
+    stop: &AtomicBool,
+    stop_after: Option<usize>,
+    progress: &dyn TrainProgress,
+) -> Result<TrainOutcome> {
+    let dev = Device::Cpu;
+    let out = cfg.output.clone();
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let (t, mut order, start_step, mut opt_state) = if resume {
+        let sd = state_dir(&out);
+        let text = std::fs::read_to_string(sd.join("trainer.json"))
+            .map_err(|e| Error::io(sd.join("trainer.json"), e))?;
+        let st: State = serde_json::from_str(&text)
+            .map_err(|e| Error::Report(format!("{}: {e}", sd.display())))?;
+        cfg = TrainConfig {
+            output: out.clone(),
+            ..st.config
+        };
+        let t = Trainable::from_checkpoint(&checkpoint_dir(&out).to_string_lossy(), &dev)?;
+        let opt = candle_core::safetensors::load(sd.join("optimizer.safetensors"), &dev)?;
+        (t, st.order, st.step, Some(opt))
+    } else {
+        let t = Trainable::from_checkpoint(&cfg.init, &dev)?;
+        (t, Order::new(cfg.seed), 0, None)
+    };
+    let lang = Lang::parse(&cfg.lang)?;
+    let set: PairSet = data::load_pairs(
+        &DatasetSpec::parse(&cfg.dataset)?,
+        Split::parse(&cfg.split)?,
+        lang,
+        None,
+    )?;
+    if set.images.len() < cfg.batch_size {
+        return Err(Error::Dataset(format!(
+            "{}: {} images, fewer than one batch of {}",
+            set.name,
+            set.images.len(),
+            cfg.batch_size
+        )));
+    }
+    let mut per_image: Vec<Vec<usize>> = vec![Vec::new(); set.images.len()];
+    for (c, &i) in set.caption_image.iter().enumerate() {
+        per_image[i].push(c);
+    }
+    let objective = loss::parse_objectives(&cfg.objective)?;
+    let needs_bias = objective.parts.iter().any(|(_, o)| o.name() == "siglip");
+    // SigLIP's bias lives in the training state, not in the checkpoint
+    // (CLIPModel has no such parameter).
+    let bias = Var::from_tensor(&Tensor::new(-10f32, &dev)?)?;
+    let vars = t.vars();
+    let mut opt_vars = vars.clone();
+    if needs_bias {
+        opt_vars.push(("logit_bias".into(), bias.clone()));
+    }
+    let mut opt = GroupedAdamW::new(
+        &opt_vars,
+        AdamWConfig {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            ..AdamWConfig::default()
+        },
+    )?;
+    if let Some(s) = opt_state.take() {
+        if needs_bias {
+            if let Some(b) = s.get("logit_bias") {
+                bias.set(b)?;
+            }
+        }
+        opt.load_state(&s, start_step)?;
+    }
+    let tokenizer =
+        crate::preprocess::TextTokenizer::from_dir(&t.source_dir, t.config.text_context_length())?;
+    let proc = crate::preprocess::ImageProcessor::new(
+        match &t.source_dir.join("preprocessor_config.json") {
+            p if p.is_file() => crate::preprocess::ImageProcessorConfig::from_file(p)?,
+            _ => crate::preprocess::ImageProcessorConfig::clip_default(
+                t.config.vision().image_size as u32,
+            ),
+        },
+    );
+
+    let end = stop_after.unwrap_or(cfg.steps).min(cfg.steps);
+    // The batches this invocation will run, in order (cheap: indices only).
+    let plan: Vec<Vec<(usize, usize)>> = (start_step..end)
+        .map(|_| order.next_batch(&per_image, cfg.batch_size))
+        .collect();
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join("metrics.jsonl"))
+        .map_err(|e| Error::io(out.join("metrics.jsonl"), e))?;
+    progress.start("training", (end - start_step) as u64);
+    let (tx, rx) = mpsc::sync_channel::<(Vec<(usize, usize)>, Result<Vec<Vec<f32>>>)>(2);
+    let mut step = start_step;
+    let mut last_loss = f64::NAN;
+    let mut interrupted = false;
+    let mut last_dev = None;
+    std::thread::scope(|s| -> Result<()> {
+        let images = &set.images;
+        let proc = &proc;
+        s.spawn(move || {
+            for b in plan {
+                let px = decode_batch(proc, images, &b);
+                if tx.send((b, px)).is_err() {
+                    return;
+                }
+            }
+        });
+        for (batch, pixels) in rx {
+            if stop.load(Ordering::Relaxed) {
+                interrupted = true;
+                break;
+            }
+            let t0 = Instant::now();
+            let pixels = pixels?;
+            let lr = optim::cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps);
+            opt.set_lr(lr);
+            let texts: Vec<&str> = batch
+                .iter()
+                .map(|(_, c)| set.captions[*c].as_str())
+                .collect();
+            let tok = tokenizer.encode(&texts)?;
+            let (ids, mask) = tok.to_tensors(false, &dev)?;
+            let flat: Vec<f32> = pixels.concat();
+            let s_ = t.config.vision().image_size;
+            let px = Tensor::from_vec(
+                flat,
+                (pixels.len(), t.config.vision().num_channels, s_, s_),
+                &dev,
+            )?;
+            let prev = crate::model::set_grad_mode(true);
+            let res = (|| -> Result<(f64, candle_core::backprop::GradStore)> {
+                let img = crate::model::l2_normalize(&t.model.image_features(&px)?)?;
+                let txt = crate::model::l2_normalize(&t.model.text_features(&ids, &mask)?)?;
+                let b = Batch {
+                    image: &img,
+                    text: &txt,
+                    log_scale: t.model.logit_scale(),
+                    bias: needs_bias.then_some(bias.as_tensor()),
+                };
+                let l = objective.loss(&b)?;
+                let v = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                Ok((v, l.backward()?))
+            })();
+            crate::model::set_grad_mode(prev);
+            let (lv, mut grads) = res?;
+            optim::clip_grad_norm(&opt_vars, &mut grads, cfg.grad_clip)?;
+            opt.step(&grads)?;
+            step += 1;
+            last_loss = lv;
+            let temperature = t
+                .model
+                .logit_scale()
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                .exp();
+            let mut log = StepLog {
+                step,
+                loss: lv,
+                lr,
+                temperature,
+                images_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
+                dev: None,
+            };
+            let save_now = (cfg.save_every > 0 && step % cfg.save_every == 0) || step == end;
+            let eval_now = cfg.eval_dataset.is_some()
+                && ((cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == cfg.steps);
+            if save_now || eval_now {
+                save(&t, &opt, needs_bias.then_some(&bias), step, &cfg)?;
+            }
+            if eval_now {
+                let m = evaluate(&cfg, lang)?;
+                last_dev = Some(m.clone());
+                log.dev = Some(m);
+            }
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::to_string(&log).expect("log serialises")
+            )
+            .map_err(|e| Error::io(out.join("metrics.jsonl"), e))?;
+            progress.step(&log);
+            progress.inc(1);
+        }
+        Ok(())
+    })?;
+    progress.finish();
+    if interrupted {
+        save(&t, &opt, needs_bias.then_some(&bias), step, &cfg)?;
+    }
+    let _ = plot_losses(&out);
+    Ok(TrainOutcome {
+        steps_done: step,
+        interrupted,
+        last_loss,
+        dev: last_dev,
+        checkpoint: checkpoint_dir(&out),
+    })
+}
+
+fn save(
+    t: &Trainable,
+    opt: &GroupedAdamW,
+    bias: Option<&Var>,
+    step: usize,
+    cfg: &TrainConfig,
+) -> Result<()> {
+    t.save(&checkpoint_dir(&cfg.output))?;
+    let sd = state_dir(&cfg.output);
+    std::fs::create_dir_all(&sd).map_err(|e| Error::io(&sd, e))?;
+    let mut tensors: HashMap<String, Tensor> = opt.state().into_iter().collect();
+    if let Some(b) = bias {
+        tensors.insert("logit_bias".into(), b.as_tensor().clone());
+    }
+    let tmp = sd.join("optimizer.safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, sd.join("optimizer.safetensors")).map_err(|e| Error::io(&sd, e))?;
+    // The data order at `step` is a pure function of the seed and the step
+    // (this invocation drew its batches up front, so the live order is ahead).
+    let set_order = replay_order(cfg, step)?;
+    write_state(&cfg.output, &set_order, step, cfg)
+}
+
+/// The data order after `step` batches, replayed from the seed.
+fn replay_order(cfg: &TrainConfig, step: usize) -> Result<Order> {
+    let set = data::load_pairs(
+        &DatasetSpec::parse(&cfg.dataset)?,
+        Split::parse(&cfg.split)?,
+        Lang::parse(&cfg.lang)?,
+        None,
+    )?;
+    let mut per_image: Vec<Vec<usize>> = vec![Vec::new(); set.images.len()];
+    for (c, &i) in set.caption_image.iter().enumerate() {
+        per_image[i].push(c);
+    }
+    let mut o = Order::new(cfg.seed);
+    for _ in 0..step {
+        o.next_batch(&per_image, cfg.batch_size);
+    }
+    Ok(o)
+}
+
+fn write_state(out: &Path, order: &Order, step: usize, cfg: &TrainConfig) -> Result<()> {
+    let sd = state_dir(out);
+    std::fs::create_dir_all(&sd).map_err(|e| Error::io(&sd, e))?;
+    let st = State {
+        step,
+        order: order.clone(),
+        config: cfg.clone(),
+    };
+    let tmp = sd.join("trainer.json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_string_pretty(&st).expect("state serialises"),
+    )
+    .map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, sd.join("trainer.json")).map_err(|e| Error::io(&sd, e))
+}
+
+/// Dev retrieval metrics of the saved checkpoint, as `clasp eval` computes them.
+fn evaluate(cfg: &TrainConfig, lang: Lang) -> Result<serde_json::Value> {
+    let Some(spec) = &cfg.eval_dataset else {
+        return Ok(serde_json::Value::Null);
+    };
+    let enc = crate::Encoder::load(&checkpoint_dir(&cfg.output).to_string_lossy(), &Device::Cpu)?;
+    let set = data::load_pairs(
+        &DatasetSpec::parse(spec)?,
+        Split::parse(&cfg.eval_split)?,
+        lang,
+        None,
+    )?;
+    let mut ctx = crate::eval::EmbedContext {
+        encoder: &enc,
+        cache: None,
+        model_key: None,
+        batch_size: 64,
+        progress: &crate::progress::Silent,
+    };
+    let r = crate::eval::retrieval::evaluate_retrieval(&mut ctx, set, &crate::eval::RECALL_KS)?;
+    let m: serde_json::Map<String, serde_json::Value> = r
+        .metrics
+        .to_pairs()
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::json!(v)))
+        .collect();
+    Ok(serde_json::Value::Object(m))
+}
+
+/// loss.png (and dev_recall.png when evaluated) from metrics.jsonl.
+fn plot_losses(out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).map_err(|e| Error::io(out, e))?;
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let loss: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|r| Some((r["step"].as_f64()?, r["loss"].as_f64()?)))
+        .collect();
+    crate::eval::plot::line_chart(
+        &out.join("loss.png"),
+        "Training loss",
+        "step",
+        "loss",
+        &[("loss", loss)],
+    )?;
+    let dev: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|r| Some((r["step"].as_f64()?, r["dev"]["mean_recall"].as_f64()?)))
+        .collect();
+    if !dev.is_empty() {
+        crate::eval::plot::line_chart(
+            &out.join("dev_recall.png"),
+            "Dev mean recall",
+            "step",
+            "mean recall",
+            &[("dev", dev)],
+        )?;
+    }
+    Ok(())
+}

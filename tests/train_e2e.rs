@@ -1,0 +1,188 @@
+//! `clasp train` end to end on a small Flickr8k-layout set from ../shared:
+//! an interrupted run (by --stop-after, or by Ctrl-C) resumed to the end
+//! gives bit-identical weights to an uninterrupted run.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/flickr8k")
+}
+
+/// 40 train and 16 dev photos with their English captions.
+fn small_flickr(dir: &Path) {
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    let list = |name: &str, n: usize| -> Vec<String> {
+        std::fs::read_to_string(shared().join(name))
+            .unwrap()
+            .lines()
+            .take(n)
+            .map(String::from)
+            .collect()
+    };
+    let train = list("Flickr_8k.trainImages.txt", 40);
+    let dev = list("Flickr_8k.devImages.txt", 16);
+    std::fs::write(dir.join("Flickr_8k.trainImages.txt"), train.join("\n")).unwrap();
+    std::fs::write(dir.join("Flickr_8k.devImages.txt"), dev.join("\n")).unwrap();
+    let wanted: std::collections::HashSet<&String> = train.iter().chain(&dev).collect();
+    for f in &wanted {
+        std::fs::copy(shared().join("images").join(f), dir.join("images").join(f)).unwrap();
+    }
+    let mut tok = std::fs::File::create(dir.join("Flickr8k.token.txt")).unwrap();
+    for line in std::fs::read_to_string(shared().join("Flickr8k.token.txt"))
+        .unwrap()
+        .lines()
+    {
+        let img = line.split('#').next().unwrap().to_string();
+        if wanted.contains(&img) {
+            writeln!(tok, "{line}").unwrap();
+        }
+    }
+}
+
+fn train_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    c.args(["train", "--init", &common::tiny(), "--dataset"])
+        .arg(format!("flickr8k:{}", data.display()))
+        .args([
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--warmup",
+            "2",
+            "--seed",
+            "7",
+            "--save-every",
+            "4",
+            "--output",
+        ])
+        .arg(out)
+        .args(extra);
+    c
+}
+
+fn run_ok(mut c: Command) -> String {
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn weights(out: &Path) -> Vec<u8> {
+    std::fs::read(out.join("checkpoint/model.safetensors")).unwrap()
+}
+
+#[test]
+fn stop_and_resume_gives_the_same_weights_and_the_run_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let dev = format!("flickr8k:{}", data.display());
+    let stdout = run_ok(train_cmd(
+        &data,
+        &a,
+        &["--steps", "10", "--eval-dataset", &dev],
+    ));
+    let dev_metrics: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        dev_metrics["mean_recall"].as_f64().is_some(),
+        "dev retrieval reported: {stdout}"
+    );
+    run_ok(train_cmd(
+        &data,
+        &b,
+        &["--steps", "10", "--eval-dataset", &dev, "--stop-after", "5"],
+    ));
+    let mut resume = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    resume.args(["train", "--resume"]).arg(&b);
+    run_ok(resume);
+    assert!(
+        weights(&a) == weights(&b),
+        "resumed run ends with the same weights"
+    );
+    // metrics.jsonl has one line per step across both invocations, and plots exist.
+    let lines = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = lines
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=10).collect::<Vec<_>>());
+    for f in [
+        "loss.png",
+        "dev_recall.png",
+        "state/trainer.json",
+        "state/optimizer.safetensors",
+        "checkpoint/config.json",
+    ] {
+        assert!(a.join(f).is_file(), "{f}");
+    }
+    // The checkpoint is a model clasp can use.
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args([
+            "embed",
+            "-m",
+            a.join("checkpoint").to_str().unwrap(),
+            "--text",
+            "a dog",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn ctrl_c_saves_and_exits_cleanly_then_resumes_to_the_same_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    run_ok(train_cmd(&data, &a, &["--steps", "40"]));
+    let mut child = train_cmd(&data, &b, &["--steps", "40"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let n = std::fs::read_to_string(b.join("metrics.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if n >= 3 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "Ctrl-C exits cleanly: {status:?}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("state/trainer.json")).unwrap())
+            .unwrap();
+    let stopped_at = state["step"].as_u64().unwrap();
+    assert!(
+        (3..40).contains(&stopped_at),
+        "stopped mid-run at step {stopped_at}"
+    );
+    let mut resume = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    resume.args(["train", "--resume"]).arg(&b);
+    run_ok(resume);
+    assert!(
+        weights(&a) == weights(&b),
+        "interrupted at {stopped_at}, resumed: same final weights"
+    );
+}
