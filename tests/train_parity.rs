@@ -258,3 +258,44 @@ fn safetensors_meta(path: &str) -> Vec<(String, Vec<usize>, String)> {
     v.sort();
     v
 }
+
+/// A preset is a real CLIP checkpoint with CLIP's initialisation: norms at
+/// 1 and 0, biases 0, weights at transformers' standard deviations.
+#[test]
+fn tiny_preset_is_a_clip_checkpoint_with_clip_init() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("init");
+    let tok = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/assets/clip-vit-base-patch32");
+    clasp::train::presets::init_preset("tiny", &tok, &dir, 3, &Device::Cpu).unwrap();
+    let enc = clasp::Encoder::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(enc.embedding_dim(), 256);
+    let w = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let stats = |k: &str| {
+        let v = w[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let n = v.len() as f64;
+        let mean = v.iter().map(|x| *x as f64).sum::<f64>() / n;
+        let std = (v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        (mean, std)
+    };
+    assert_eq!(stats("vision_model.post_layernorm.weight"), (1.0, 0.0));
+    assert_eq!(stats("text_model.final_layer_norm.bias"), (0.0, 0.0));
+    assert_eq!(
+        stats("text_model.encoder.layers.0.self_attn.q_proj.bias"),
+        (0.0, 0.0)
+    );
+    // q_proj: width^-0.5 * (2 * layers)^-0.5 = 256^-0.5 * 8^-0.5.
+    let (m, s) = stats("text_model.encoder.layers.0.self_attn.q_proj.weight");
+    let want = (1.0 / 16.0) * (1.0 / 8f64.sqrt());
+    assert!(
+        m.abs() < 1e-3 && (s - want).abs() / want < 0.02,
+        "q_proj mean {m} std {s} (want {want})"
+    );
+    let (_, s) = stats("text_model.embeddings.token_embedding.weight");
+    assert!((s - 0.02).abs() < 0.0005, "token embedding std {s}");
+    let ls = w["logit_scale"].to_scalar::<f32>().unwrap();
+    assert!((ls - 2.6592).abs() < 1e-6);
+    for f in ["config.json", "preprocessor_config.json", "tokenizer.json"] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
+}

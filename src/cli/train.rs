@@ -20,8 +20,14 @@ pub struct TrainArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Checkpoint to start from (a directory in the Hugging Face layout).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "preset")]
     pub init: Option<String>,
+    /// Train from scratch: a CLIP preset (tiny, small, base), written to OUTPUT/init as config.json.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Tokenizer files for --preset [default: ../shared/assets/clip-vit-base-patch32].
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Training data: FORMAT:PATH or PATH, as in `clasp eval`.
     #[arg(long)]
     pub dataset: Option<String>,
@@ -71,7 +77,7 @@ pub struct TrainArgs {
     #[arg(long, short)]
     pub output: Option<PathBuf>,
     /// Resume the run in this output directory.
-    #[arg(long, conflicts_with_all = ["init", "config"])]
+    #[arg(long, conflicts_with_all = ["init", "config", "preset"])]
     pub resume: Option<PathBuf>,
     /// End this invocation after this many total steps, keeping a resumable state.
     #[arg(long, hide = true)]
@@ -82,6 +88,8 @@ pub struct TrainArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     init: Option<String>,
+    preset: Option<String>,
+    tokenizer: Option<PathBuf>,
     dataset: Option<String>,
     split: Option<String>,
     lang: Option<String>,
@@ -202,16 +210,28 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         }
         None => FileConfig::default(),
     };
-    let Some(init) = a.init.clone().or(f.init) else {
-        bail!(
-            "give --init CHECKPOINT_DIR (a model in the Hugging Face layout) or `init` in --config"
-        );
-    };
     let Some(dataset) = a.dataset.clone().or(f.dataset) else {
         bail!("give --dataset SPEC, e.g. --dataset flickr8k:../shared/data/flickr8k");
     };
     let Some(output) = a.output.clone().or(f.output) else {
         bail!("give --output DIR for the checkpoint, state and metrics");
+    };
+    let seed = a.seed.or(f.seed).unwrap_or(0);
+    let init = match (a.init.clone().or(f.init), a.preset.clone().or(f.preset)) {
+        (Some(i), None) => i,
+        (None, Some(p)) => {
+            let tok = a
+                .tokenizer
+                .clone()
+                .or(f.tokenizer)
+                .unwrap_or_else(|| PathBuf::from("../shared/assets/clip-vit-base-patch32"));
+            let dir = output.join("init");
+            clasp::train::presets::init_preset(&p, &tok, &dir, seed, &candle_core::Device::Cpu)?;
+            eprintln!("wrote the `{p}` preset with CLIP's initialisation to {}", dir.display());
+            dir.display().to_string()
+        }
+        (Some(_), Some(_)) => bail!("give either --init or --preset, not both"),
+        (None, None) => bail!("give --init CHECKPOINT_DIR or --preset tiny|small|base (or `init`/`preset` in --config)"),
     };
     let steps = a.steps.or(f.steps).unwrap_or(1000);
     Ok(TrainConfig {
@@ -229,7 +249,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         warmup: a.warmup.or(f.warmup).unwrap_or(steps / 10),
         weight_decay: a.weight_decay.or(f.weight_decay).unwrap_or(0.2),
         grad_clip: a.grad_clip.or(f.grad_clip).unwrap_or(1.0),
-        seed: a.seed.or(f.seed).unwrap_or(0),
+        seed,
         objective: a
             .objective
             .clone()

@@ -4,4 +4,5 @@
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod presets;
 pub mod trainer;

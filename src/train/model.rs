@@ -73,6 +73,30 @@ impl Trainable {
         })
     }
 
+    /// A model with freshly created variables for the config.json in `dir`
+    /// (their values are candle's default initialisation; presets overwrite
+    /// them with CLIP's).
+    pub fn from_config_dir(dir: &Path, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config_json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: config_path.clone(),
+                reason: e.to_string(),
+            })?;
+        let config = ModelConfig::from_file(&config_path)?;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = Model::load(vb, &config)?;
+        Ok(Self {
+            varmap,
+            model,
+            config,
+            config_json,
+            source_dir: dir.to_path_buf(),
+        })
+    }
+
     /// A separate inference model built from the variables' current values.
     pub fn snapshot(&self) -> Result<Model> {
         let tensors: std::collections::HashMap<String, candle_core::Tensor> = self

@@ -301,7 +301,7 @@ pub fn train(
                 .map(|(_, c)| set.captions[*c].as_str())
                 .collect();
             let tok = tokenizer.encode(&texts)?;
-            let (ids, mask) = tok.to_tensors(false, &dev)?;
+            let (ids, mask) = tok.to_tensors(true, &dev)?;
             let flat: Vec<f32> = pixels.concat();
             let s_ = t.config.vision().image_size;
             let px = Tensor::from_vec(
