@@ -47,7 +47,7 @@ pub enum Command {
     /// Serve embeddings, similarity, classification and search over HTTP.
     Serve(serve::ServeArgs),
     /// Train or fine-tune a dual encoder contrastively (resumable).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,7 +93,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Search(a) => search::search_cmd(a),
         Command::Classify(a) => search::classify_cmd(a),
         Command::Serve(a) => serve::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
     }
 }
 
