@@ -67,23 +67,22 @@ fn losses_and_gradients_equal_open_clip() {
     assert_eq!(checked, 6);
 }
 
-/// One training step of the tiny CLIP (features → InfoNCE → backward →
-/// clip_grad_norm 1.0 → grouped AdamW → temperature clamp) against
-/// transformers + open_clip + torch.optim.AdamW from the same weights and
-/// batch (scripts/gen_train_fixtures.py).
-#[test]
-fn one_adamw_step_equals_torch() {
-    use clasp::train::{model::Trainable, optim};
-    let f =
-        candle_core::safetensors::load("tests/fixtures/train/adamw_step.safetensors", &Device::Cpu)
-            .unwrap();
-    let t = Trainable::from_checkpoint("tests/fixtures/core/tiny-clip", &Device::Cpu).unwrap();
+/// The fixture's training step on the tiny CLIP: features → InfoNCE →
+/// backward; returns the model, its variables, the loss and the gradients.
+fn tiny_step_grads(
+    f: &std::collections::HashMap<String, Tensor>,
+) -> (
+    clasp::train::model::Trainable,
+    Vec<(String, Var)>,
+    Tensor,
+    candle_core::backprop::GradStore,
+) {
+    let t = clasp::train::model::Trainable::from_checkpoint(
+        "tests/fixtures/core/tiny-clip",
+        &Device::Cpu,
+    )
+    .unwrap();
     let vars = t.vars();
-    assert_eq!(
-        vars.len(),
-        78,
-        "every parameter of the checkpoint is a variable"
-    );
     let prev = clasp::model::set_grad_mode(true);
     let ids = f["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
     let mask = f["attention_mask"]
@@ -99,10 +98,37 @@ fn one_adamw_step_equals_torch() {
         bias: None,
     };
     let loss = InfoNce.loss(&b).unwrap();
+    let grads = loss.backward().unwrap();
+    clasp::model::set_grad_mode(prev);
+    (t, vars, loss, grads)
+}
+
+const STEP_CFG: clasp::train::optim::AdamWConfig = clasp::train::optim::AdamWConfig {
+    lr: 1e-3,
+    beta1: 0.9,
+    beta2: 0.98,
+    eps: 1e-6,
+    weight_decay: 0.2,
+};
+
+/// One training step of the tiny CLIP (features → InfoNCE → backward →
+/// clip_grad_norm 1.0 → grouped AdamW → temperature clamp) against
+/// transformers + open_clip + torch.optim.AdamW from the same weights and
+/// batch (scripts/gen_train_fixtures.py).
+#[test]
+fn one_adamw_step_equals_torch() {
+    use clasp::train::optim;
+    let f =
+        candle_core::safetensors::load("tests/fixtures/train/adamw_step.safetensors", &Device::Cpu)
+            .unwrap();
+    let (_t, vars, loss, mut grads) = tiny_step_grads(&f);
+    assert_eq!(
+        vars.len(),
+        78,
+        "every parameter of the checkpoint is a variable"
+    );
     let d = max_abs(&loss, &f["loss"].squeeze(0).unwrap());
     assert!(d < 1e-5, "loss differs by {d}");
-    let mut grads = loss.backward().unwrap();
-    clasp::model::set_grad_mode(prev);
     // Every gradient before clipping.
     for (name, v) in &vars {
         let key = format!("grad.{name}");
@@ -129,13 +155,7 @@ fn one_adamw_step_equals_torch() {
         (norm - want_norm).abs() / want_norm < 1e-5,
         "grad norm {norm} vs {want_norm}"
     );
-    let cfg = optim::AdamWConfig {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.98,
-        eps: 1e-6,
-        weight_decay: 0.2,
-    };
+    let cfg = STEP_CFG;
     let mut opt = optim::GroupedAdamW::new(&vars, cfg).unwrap();
     opt.step(&grads).unwrap();
     let mut worst = (0f32, String::new());
@@ -161,38 +181,13 @@ fn one_adamw_step_equals_torch() {
 /// embeddings. `scripts/checkpoint_roundtrip.py` loads one in transformers.
 #[test]
 fn checkpoint_round_trip_keeps_transformers_layout() {
-    use clasp::train::{model::Trainable, optim};
+    use clasp::train::optim;
     let f =
         candle_core::safetensors::load("tests/fixtures/train/adamw_step.safetensors", &Device::Cpu)
             .unwrap();
-    let t = Trainable::from_checkpoint("tests/fixtures/core/tiny-clip", &Device::Cpu).unwrap();
-    let vars = t.vars();
-    let prev = clasp::model::set_grad_mode(true);
-    let ids = f["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
-    let mask = f["attention_mask"]
-        .to_dtype(candle_core::DType::U32)
-        .unwrap();
-    let img =
-        clasp::model::l2_normalize(&t.model.image_features(&f["pixel_values"]).unwrap()).unwrap();
-    let txt = clasp::model::l2_normalize(&t.model.text_features(&ids, &mask).unwrap()).unwrap();
-    let loss = InfoNce
-        .loss(&Batch {
-            image: &img,
-            text: &txt,
-            log_scale: t.model.logit_scale(),
-            bias: None,
-        })
-        .unwrap();
-    let mut grads = loss.backward().unwrap();
-    clasp::model::set_grad_mode(prev);
+    let (t, vars, _loss, mut grads) = tiny_step_grads(&f);
     optim::clip_grad_norm(&vars, &mut grads, 1.0).unwrap();
-    let cfg = optim::AdamWConfig {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.98,
-        eps: 1e-6,
-        weight_decay: 0.2,
-    };
+    let cfg = STEP_CFG;
     optim::GroupedAdamW::new(&vars, cfg)
         .unwrap()
         .step(&grads)
@@ -242,6 +237,10 @@ fn checkpoint_round_trip_keeps_transformers_layout() {
     let a = enc.image_features(&f["pixel_values"]).unwrap();
     let b = live.image_features(&f["pixel_values"]).unwrap();
     assert!(max_abs(&a, &b) < 1e-5, "image features");
+    let ids = f["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
+    let mask = f["attention_mask"]
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
     let a = enc.model().text_features(&ids, &mask).unwrap();
     let b = live.text_features(&ids, &mask).unwrap();
     assert!(max_abs(&a, &b) < 1e-5, "text features");

@@ -20,8 +20,9 @@ pub struct ModelFiles {
 }
 
 const WEIGHT_FILES: &[&str] = &["model.safetensors", "pytorch_model.bin"];
-/// Fetched from the Hub when present; all optional but config and weights.
-const SIDE_FILES: &[&str] = &[
+/// The files beside config and weights: fetched from the Hub when present,
+/// and copied into checkpoints that training writes.
+pub const SIDE_FILES: &[&str] = &[
     "preprocessor_config.json",
     "tokenizer.json",
     "tokenizer_config.json",

@@ -9,17 +9,6 @@ use candle_nn::{VarBuilder, VarMap};
 use crate::model::{self, Model, ModelConfig};
 use crate::{Error, Result};
 
-/// Files copied beside the weights so a checkpoint is complete.
-const SIDE_FILES: &[&str] = &[
-    "preprocessor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-];
-
 pub struct Trainable {
     pub varmap: VarMap,
     /// The model over the variables. Use it in grad mode only: inference
@@ -142,7 +131,7 @@ impl Trainable {
         let cfg = serde_json::to_string_pretty(&self.config_json).expect("config serialises");
         std::fs::write(tmp.join("config.json"), cfg)
             .map_err(|e| Error::io(tmp.join("config.json"), e))?;
-        for f in SIDE_FILES {
+        for f in model::loader::SIDE_FILES {
             let src = self.source_dir.join(f);
             if src.is_file() {
                 std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
