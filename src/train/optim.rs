@@ -72,7 +72,16 @@ struct Param {
     var: Var,
     m: Tensor,
     v: Tensor,
+    /// The moments of CPU f32 parameters, updated in place by one fused pass
+    /// (`m`/`v` above are then unused until [`GroupedAdamW::state`]).
+    cpu: Option<(Vec<f32>, Vec<f32>)>,
     decay: bool,
+}
+
+/// Whether the fused CPU update applies to this parameter.
+fn fused_cpu(v: &Var) -> bool {
+    let t = v.as_tensor();
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
 }
 
 impl GroupedAdamW {
@@ -83,11 +92,13 @@ impl GroupedAdamW {
             if name == "logit_scale" {
                 log_scale = Some(v.clone());
             }
+            let n = v.as_tensor().elem_count();
             params.push(Param {
                 name: name.clone(),
                 var: v.clone(),
                 m: v.as_tensor().zeros_like()?,
                 v: v.as_tensor().zeros_like()?,
+                cpu: fused_cpu(v).then(|| (vec![0f32; n], vec![0f32; n])),
                 decay: !no_decay(name, v.rank()),
             });
         }
@@ -119,6 +130,28 @@ impl GroupedAdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            if let Some((m, v)) = &mut p.cpu {
+                let g = g.contiguous()?;
+                let gv = crate::model::cpu_kernels::F32View::new(&g)?;
+                let theta = p.var.as_tensor();
+                let tv = crate::model::cpu_kernels::F32View::new(theta)?;
+                let wd = if p.decay { c.weight_decay } else { 0.0 };
+                let new = adamw_cpu(
+                    tv.as_slice(),
+                    gv.as_slice(),
+                    m,
+                    v,
+                    self.lr,
+                    wd,
+                    c,
+                    step_size,
+                    bc2_sqrt,
+                );
+                drop(tv);
+                p.var
+                    .set(&Tensor::from_vec(new, theta.shape(), theta.device())?)?;
+                continue;
+            }
             let mut theta = p.var.as_tensor().detach();
             if p.decay && c.weight_decay != 0.0 {
                 theta = (theta * (1.0 - self.lr * c.weight_decay))?;
@@ -141,8 +174,19 @@ impl GroupedAdamW {
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for p in &self.params {
-            out.push((format!("m.{}", p.name), p.m.clone()));
-            out.push((format!("v.{}", p.name), p.v.clone()));
+            let (m, v) = match &p.cpu {
+                Some((m, v)) => {
+                    let shape = p.var.as_tensor().shape();
+                    let dev = p.var.as_tensor().device();
+                    (
+                        Tensor::from_vec(m.clone(), shape, dev).expect("moment shape"),
+                        Tensor::from_vec(v.clone(), shape, dev).expect("moment shape"),
+                    )
+                }
+                None => (p.m.clone(), p.v.clone()),
+            };
+            out.push((format!("m.{}", p.name), m));
+            out.push((format!("v.{}", p.name), v));
         }
         out
     }
@@ -162,10 +206,53 @@ impl GroupedAdamW {
             };
             p.m = get(format!("m.{}", p.name))?;
             p.v = get(format!("v.{}", p.name))?;
+            if let Some((m, v)) = &mut p.cpu {
+                *m = p.m.flatten_all()?.to_vec1::<f32>()?;
+                *v = p.v.flatten_all()?.to_vec1::<f32>()?;
+            }
         }
         self.step_t = steps;
         Ok(())
     }
+}
+
+/// One fused pass of torch's AdamW over a CPU parameter: updates the moments
+/// in place and returns the new weights. The arithmetic is torch's, in f32
+/// with f64 scalars, element by element.
+#[allow(clippy::too_many_arguments)]
+fn adamw_cpu(
+    theta: &[f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    lr: f64,
+    wd: f64,
+    c: AdamWConfig,
+    step_size: f64,
+    bc2_sqrt: f64,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; theta.len()];
+    let decay = (1.0 - lr * wd) as f32;
+    let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+    let (ob1, ob2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+    let (ss, bc2, eps) = (step_size as f32, bc2_sqrt as f32, c.eps as f32);
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(ci, ((o, m), v))| {
+            let base = ci * CHUNK;
+            for i in 0..o.len() {
+                let gi = g[base + i];
+                m[i] = b1 * m[i] + ob1 * gi;
+                v[i] = b2 * v[i] + ob2 * gi * gi;
+                let denom = v[i].sqrt() / bc2 + eps;
+                o[i] = theta[base + i] * decay - ss * (m[i] / denom);
+            }
+        });
+    out
 }
 
 /// The global L2 norm of all gradients; when above `max_norm`, every

@@ -325,8 +325,16 @@ pub fn train(
             })();
             crate::model::set_grad_mode(prev);
             let (lv, mut grads) = res?;
+            let t_bwd = t0.elapsed();
             optim::clip_grad_norm(&opt_vars, &mut grads, cfg.grad_clip)?;
+            let t_clip = t0.elapsed();
             opt.step(&grads)?;
+            tracing::debug!(
+                forward_backward_s = t_bwd.as_secs_f64(),
+                clip_s = (t_clip - t_bwd).as_secs_f64(),
+                optimizer_s = (t0.elapsed() - t_clip).as_secs_f64(),
+                "step timing"
+            );
             step += 1;
             last_loss = lv;
             let temperature = t
