@@ -298,3 +298,57 @@ fn tiny_preset_is_a_clip_checkpoint_with_clip_init() {
         assert!(dir.join(f).is_file(), "{f}");
     }
 }
+
+/// Accumulation over micro-batches with cached features gives the
+/// full-batch gradient, for every parameter (and the SigLIP bias).
+#[test]
+fn accumulated_gradients_equal_the_full_batch_gradient() {
+    use clasp::train::loss::SigLip;
+    use clasp::train::step::{contrastive_grads, Inputs};
+    let f =
+        candle_core::safetensors::load("tests/fixtures/train/adamw_step.safetensors", &Device::Cpu)
+            .unwrap();
+    let t = clasp::train::model::Trainable::from_checkpoint(
+        "tests/fixtures/core/tiny-clip",
+        &Device::Cpu,
+    )
+    .unwrap();
+    let bias = Var::from_tensor(&Tensor::new(-2f32, &Device::Cpu).unwrap()).unwrap();
+    let mut vars = t.vars();
+    vars.push(("logit_bias".into(), bias.clone()));
+    let ids = f["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
+    let mask = f["attention_mask"]
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    let x = Inputs {
+        pixels: &f["pixel_values"],
+        ids: &ids,
+        mask: &mask,
+    };
+    for (name, obj) in [("infonce", &InfoNce as &dyn Objective), ("siglip", &SigLip)] {
+        let (l1, g1) = contrastive_grads(&t.model, obj, &x, Some(&bias), &vars, 1).unwrap();
+        for accum in [2, 4] {
+            let (lk, gk) = contrastive_grads(&t.model, obj, &x, Some(&bias), &vars, accum).unwrap();
+            assert!(
+                (l1 - lk).abs() < 1e-5,
+                "{name} accum {accum}: loss {lk} vs {l1}"
+            );
+            let mut compared = 0;
+            for (n, v) in &vars {
+                match (g1.get(v.as_tensor()), gk.get(v.as_tensor())) {
+                    (Some(a), Some(b)) => {
+                        let d = max_abs(b, a);
+                        assert!(
+                            d < 1e-5,
+                            "{name} accum {accum}: gradient of {n} differs by {d}"
+                        );
+                        compared += 1;
+                    }
+                    (None, None) => {}
+                    _ => panic!("{name} accum {accum}: {n} has a gradient in one run only"),
+                }
+            }
+            assert!(compared >= 78, "{name}: compared {compared} gradients");
+        }
+    }
+}

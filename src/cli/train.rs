@@ -55,6 +55,10 @@ pub struct TrainArgs {
     /// Global grad-norm clip, 0 for none [default: 1.0].
     #[arg(long)]
     pub grad_clip: Option<f64>,
+    /// Split each step's batch into this many micro-batches, caching features across them
+    /// (the same gradient as the full batch at a fraction of the memory) [default: 1].
+    #[arg(long)]
+    pub accum_freq: Option<usize>,
     /// Seed of the data order [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -99,6 +103,7 @@ struct FileConfig {
     warmup: Option<usize>,
     weight_decay: Option<f64>,
     grad_clip: Option<f64>,
+    accum_freq: Option<usize>,
     seed: Option<u64>,
     objective: Option<String>,
     eval_dataset: Option<String>,
@@ -191,6 +196,7 @@ fn placeholder(output: PathBuf) -> TrainConfig {
         warmup: 0,
         weight_decay: 0.0,
         grad_clip: 0.0,
+        accum_freq: 1,
         seed: 0,
         objective: String::new(),
         eval_dataset: None,
@@ -249,6 +255,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         warmup: a.warmup.or(f.warmup).unwrap_or(steps / 10),
         weight_decay: a.weight_decay.or(f.weight_decay).unwrap_or(0.2),
         grad_clip: a.grad_clip.or(f.grad_clip).unwrap_or(1.0),
+        accum_freq: a.accum_freq.or(f.accum_freq).unwrap_or(1).max(1),
         seed,
         objective: a
             .objective

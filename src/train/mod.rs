@@ -5,4 +5,5 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod presets;
+pub mod step;
 pub mod trainer;

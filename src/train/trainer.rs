@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::loss::{self, Batch, Objective};
+use super::loss;
 use super::model::Trainable;
 use super::optim::{self, AdamWConfig, GroupedAdamW};
 use crate::data::{self, DatasetSpec, ImageSource, Lang, PairSet, Split};
@@ -41,6 +41,9 @@ pub struct TrainConfig {
     pub warmup: usize,
     pub weight_decay: f64,
     pub grad_clip: f64,
+    /// Micro-batches per step, with features cached across them (1: none).
+    #[serde(default = "one")]
+    pub accum_freq: usize,
     pub seed: u64,
     pub objective: String,
     pub eval_dataset: Option<String>,
@@ -50,6 +53,10 @@ pub struct TrainConfig {
     /// Save the checkpoint and state every this many steps (0: only at the end).
     pub save_every: usize,
     pub output: PathBuf,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// splitmix64: a tiny, seedable generator whose whole state is one u64, so
@@ -309,21 +316,19 @@ pub fn train(
                 (pixels.len(), t.config.vision().num_channels, s_, s_),
                 &dev,
             )?;
-            let prev = crate::model::set_grad_mode(true);
-            let res = (|| -> Result<(f64, candle_core::backprop::GradStore)> {
-                let img = crate::model::l2_normalize(&t.model.image_features(&px)?)?;
-                let txt = crate::model::l2_normalize(&t.model.text_features(&ids, &mask)?)?;
-                let b = Batch {
-                    image: &img,
-                    text: &txt,
-                    log_scale: t.model.logit_scale(),
-                    bias: needs_bias.then_some(bias.as_tensor()),
-                };
-                let l = objective.loss(&b)?;
-                let v = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                Ok((v, l.backward()?))
-            })();
-            crate::model::set_grad_mode(prev);
+            let inputs = super::step::Inputs {
+                pixels: &px,
+                ids: &ids,
+                mask: &mask,
+            };
+            let res = super::step::contrastive_grads(
+                &t.model,
+                &objective,
+                &inputs,
+                needs_bias.then_some(&bias),
+                &opt_vars,
+                cfg.accum_freq,
+            );
             let (lv, mut grads) = res?;
             let t_bwd = t0.elapsed();
             optim::clip_grad_norm(&opt_vars, &mut grads, cfg.grad_clip)?;

@@ -1,0 +1,141 @@
+//! One contrastive step's loss and gradients, optionally accumulated over
+//! micro-batches with cached features (open_clip's `accum_freq`).
+//!
+//! With accumulation, a first pass embeds every micro-batch without keeping
+//! the graph; then each micro-batch is embedded again with the graph, put in
+//! place of its cached features, and the full-batch loss is backpropagated.
+//! Summed over micro-batches this is exactly the full-batch gradient, at the
+//! memory of one micro-batch. One deliberate difference from open_clip: the
+//! temperature (and SigLIP bias) take part in the graph of the first
+//! micro-batch only, so their gradient is the full-batch one too (open_clip
+//! counts it once per micro-batch).
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use super::loss::{Batch, Objective};
+use crate::model::{l2_normalize, Model};
+use crate::Result;
+
+/// One batch of inputs: pixels [B, C, S, S], token ids and mask [B, T].
+pub struct Inputs<'a> {
+    pub pixels: &'a Tensor,
+    pub ids: &'a Tensor,
+    pub mask: &'a Tensor,
+}
+
+fn features(model: &Model, px: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+    Ok((
+        l2_normalize(&model.image_features(px)?)?,
+        l2_normalize(&model.text_features(ids, mask)?)?,
+    ))
+}
+
+/// The loss of the batch and the gradients of `vars`, accumulated over
+/// `accum` micro-batches (1: one pass). Runs in grad mode.
+pub fn contrastive_grads(
+    model: &Model,
+    objective: &dyn Objective,
+    x: &Inputs,
+    bias: Option<&Var>,
+    vars: &[(String, Var)],
+    accum: usize,
+) -> Result<(f64, GradStore)> {
+    let prev = crate::model::set_grad_mode(true);
+    let r = run(model, objective, x, bias, vars, accum.max(1));
+    crate::model::set_grad_mode(prev);
+    r
+}
+
+fn run(
+    model: &Model,
+    objective: &dyn Objective,
+    x: &Inputs,
+    bias: Option<&Var>,
+    vars: &[(String, Var)],
+    accum: usize,
+) -> Result<(f64, GradStore)> {
+    let n = x.pixels.dim(0)?;
+    let scalar = |l: &Tensor| -> Result<f64> { Ok(l.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    if accum == 1 || n < 2 {
+        let (img, txt) = features(model, x.pixels, x.ids, x.mask)?;
+        let b = Batch {
+            image: &img,
+            text: &txt,
+            log_scale: model.logit_scale(),
+            bias: bias.map(|b| b.as_tensor()),
+        };
+        let l = objective.loss(&b)?;
+        return Ok((scalar(&l)?, l.backward()?));
+    }
+    let k = accum.min(n);
+    let bounds: Vec<(usize, usize)> = (0..k).map(|j| (j * n / k, (j + 1) * n / k)).collect();
+    let part = |t: &Tensor, (a, b): (usize, usize)| t.narrow(0, a, b - a);
+    // 1. Cached features, no graph kept.
+    let mut cached: Vec<(Tensor, Tensor)> = Vec::with_capacity(k);
+    for &r in &bounds {
+        let (i, t) = features(
+            model,
+            &part(x.pixels, r)?,
+            &part(x.ids, r)?,
+            &part(x.mask, r)?,
+        )?;
+        cached.push((i.detach(), t.detach()));
+    }
+    // 2. Each micro-batch with its graph, in place of its cached features.
+    let mut total: Option<GradStore> = None;
+    let mut loss = 0.0;
+    for (j, &r) in bounds.iter().enumerate() {
+        let (ij, tj) = features(
+            model,
+            &part(x.pixels, r)?,
+            &part(x.ids, r)?,
+            &part(x.mask, r)?,
+        )?;
+        let imgs: Vec<&Tensor> = (0..k)
+            .map(|q| if q == j { &ij } else { &cached[q].0 })
+            .collect();
+        let txts: Vec<&Tensor> = (0..k)
+            .map(|q| if q == j { &tj } else { &cached[q].1 })
+            .collect();
+        let (img, txt) = (Tensor::cat(&imgs, 0)?, Tensor::cat(&txts, 0)?);
+        let (ls, bs) = if j == 0 {
+            (
+                model.logit_scale().clone(),
+                bias.map(|b| b.as_tensor().clone()),
+            )
+        } else {
+            (
+                model.logit_scale().detach(),
+                bias.map(|b| b.as_tensor().detach()),
+            )
+        };
+        let b = Batch {
+            image: &img,
+            text: &txt,
+            log_scale: &ls,
+            bias: bs.as_ref(),
+        };
+        let l = objective.loss(&b)?;
+        if j == 0 {
+            loss = scalar(&l)?;
+        }
+        let g = l.backward()?;
+        total = Some(match total {
+            None => g,
+            Some(mut acc) => {
+                for (_, v) in vars {
+                    if let Some(gv) = g.get(v.as_tensor()) {
+                        let sum = match acc.get(v.as_tensor()) {
+                            Some(a) => (a + gv)?,
+                            None => gv.clone(),
+                        };
+                        acc.insert(v.as_tensor(), sum);
+                    }
+                }
+                acc
+            }
+        });
+    }
+    Ok((loss, total.expect("at least one micro-batch")))
+}
