@@ -59,6 +59,9 @@ pub struct TrainArgs {
     /// (the same gradient as the full batch at a fraction of the memory) [default: 1].
     #[arg(long)]
     pub accum_freq: Option<usize>,
+    /// Random-resized-crop lower area bound; 1 turns augmentation off [default: 0.9].
+    #[arg(long)]
+    pub crop_scale: Option<f64>,
     /// Seed of the data order [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -104,6 +107,7 @@ struct FileConfig {
     weight_decay: Option<f64>,
     grad_clip: Option<f64>,
     accum_freq: Option<usize>,
+    crop_scale: Option<f64>,
     seed: Option<u64>,
     objective: Option<String>,
     eval_dataset: Option<String>,
@@ -197,6 +201,7 @@ fn placeholder(output: PathBuf) -> TrainConfig {
         weight_decay: 0.0,
         grad_clip: 0.0,
         accum_freq: 1,
+        crop_scale: 1.0,
         seed: 0,
         objective: String::new(),
         eval_dataset: None,
@@ -256,6 +261,11 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         weight_decay: a.weight_decay.or(f.weight_decay).unwrap_or(0.2),
         grad_clip: a.grad_clip.or(f.grad_clip).unwrap_or(1.0),
         accum_freq: a.accum_freq.or(f.accum_freq).unwrap_or(1).max(1),
+        crop_scale: a
+            .crop_scale
+            .or(f.crop_scale)
+            .unwrap_or(0.9)
+            .clamp(0.01, 1.0),
         seed,
         objective: a
             .objective

@@ -328,6 +328,59 @@ impl ImageProcessor {
         Ok(self.normalize(&view))
     }
 
+    /// Training augmentation: torchvision's `RandomResizedCrop` (area in
+    /// `scale`, aspect ratio in [3/4, 4/3], ten tries, then a centre crop of
+    /// clamped ratio), resized bicubically to the model's input size, then
+    /// normalised. `uniform` draws from [0, 1); the same draws give the same
+    /// crop, so seeded training is reproducible.
+    pub fn process_random_resized_crop(
+        &self,
+        img: &RgbImage,
+        scale: (f64, f64),
+        uniform: &mut dyn FnMut() -> f64,
+    ) -> Result<Vec<f32>> {
+        let (w0, h0) = (img.width() as f64, img.height() as f64);
+        let area = w0 * h0;
+        let (lr0, lr1) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+        let mut crop = None;
+        for _ in 0..10 {
+            let target = area * (scale.0 + (scale.1 - scale.0) * uniform());
+            let aspect = (lr0 + (lr1 - lr0) * uniform()).exp();
+            let w = (target * aspect).sqrt().round();
+            let h = (target / aspect).sqrt().round();
+            if w > 0.0 && h > 0.0 && w <= w0 && h <= h0 {
+                let top = ((h0 - h + 1.0) * uniform()).floor().min(h0 - h);
+                let left = ((w0 - w + 1.0) * uniform()).floor().min(w0 - w);
+                crop = Some((left as u32, top as u32, w as u32, h as u32));
+                break;
+            }
+        }
+        let (x, y, w, h) = crop.unwrap_or_else(|| {
+            let ratio = w0 / h0;
+            let (w, h) = if ratio < 3.0 / 4.0 {
+                (w0, (w0 / (3.0 / 4.0)).round())
+            } else if ratio > 4.0 / 3.0 {
+                ((h0 * 4.0 / 3.0).round(), h0)
+            } else {
+                (w0, h0)
+            };
+            (
+                ((w0 - w) / 2.0) as u32,
+                ((h0 - h) / 2.0) as u32,
+                w as u32,
+                h as u32,
+            )
+        });
+        let region = image::imageops::crop_imm(img, x, y, w.max(1), h.max(1)).to_image();
+        let (oh, ow) = if self.cfg.do_center_crop {
+            self.cfg.crop
+        } else {
+            resize_target((img.height(), img.width()), self.cfg.resize)
+        };
+        let out = super::resample::resize_bicubic_pil(&region, ow, oh);
+        Ok(self.normalize(&out))
+    }
+
     /// Loads and processes a file.
     pub fn process_path(&self, path: &Path) -> Result<Vec<f32>> {
         self.process(&load_image(path)?)
@@ -415,6 +468,40 @@ pub fn has_image_extension(p: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_resized_crop_is_seeded_and_sized() {
+        let p = ImageProcessor::new(ImageProcessorConfig::clip_default(32));
+        let img = RgbImage::from_fn(90, 60, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, 7]));
+        let draws = |seed: u64| {
+            let mut s = seed;
+            move || {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 11) as f64 / (1u64 << 53) as f64
+            }
+        };
+        let a = p
+            .process_random_resized_crop(&img, (0.5, 1.0), &mut draws(1))
+            .unwrap();
+        let b = p
+            .process_random_resized_crop(&img, (0.5, 1.0), &mut draws(1))
+            .unwrap();
+        let c = p
+            .process_random_resized_crop(&img, (0.5, 1.0), &mut draws(2))
+            .unwrap();
+        assert_eq!(a.len(), 3 * 32 * 32);
+        assert_eq!(a, b, "same draws, same crop");
+        assert_ne!(a, c, "other draws, other crop");
+        // A square image at full scale and aspect 1 is the plain resize.
+        let sq = RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, 9]));
+        let mut one = [0.0, 0.5, 0.0, 0.0].into_iter().cycle();
+        let full = p
+            .process_random_resized_crop(&sq, (1.0, 1.0), &mut || one.next().unwrap())
+            .unwrap();
+        assert_eq!(full, p.process(&sq).unwrap());
+    }
 
     #[test]
     fn shortest_edge_truncates_long_side_like_transformers() {

@@ -44,6 +44,10 @@ pub struct TrainConfig {
     /// Micro-batches per step, with features cached across them (1: none).
     #[serde(default = "one")]
     pub accum_freq: usize,
+    /// RandomResizedCrop's lower area bound (open_clip's 0.9); 1 turns
+    /// augmentation off and uses the evaluation preprocessing.
+    #[serde(default = "crop_scale")]
+    pub crop_scale: f64,
     pub seed: u64,
     pub objective: String,
     pub eval_dataset: Option<String>,
@@ -57,6 +61,9 @@ pub struct TrainConfig {
 
 fn one() -> usize {
     1
+}
+fn crop_scale() -> f64 {
+    0.9
 }
 
 /// splitmix64: a tiny, seedable generator whose whole state is one u64, so
@@ -164,18 +171,31 @@ fn checkpoint_dir(out: &Path) -> PathBuf {
     out.join("checkpoint")
 }
 
-/// Decodes and preprocesses a batch of images (on the worker thread).
+/// Decodes, augments and preprocesses a batch of images (on the worker
+/// thread). Each image's crop comes from a generator seeded by (seed, step,
+/// position), so a resumed run draws the same crops.
 fn decode_batch(
     proc: &crate::preprocess::ImageProcessor,
     images: &[ImageSource],
     batch: &[(usize, usize)],
+    crop_scale: f64,
+    seed: u64,
+    step: usize,
 ) -> Result<Vec<Vec<f32>>> {
     batch
         .par_iter()
-        .map(|(i, _)| {
+        .enumerate()
+        .map(|(k, (i, _))| {
             let src = &images[*i];
             let bytes = src.read()?;
-            proc.process(&decode_image(&bytes, &src.path())?)
+            let img = decode_image(&bytes, &src.path())?;
+            if crop_scale >= 1.0 {
+                return proc.process(&img);
+            }
+            let mut rng = Rng(seed ^ 0xA5A5_5A5A ^ ((step as u64) << 20) ^ k as u64);
+            rng.next_u64();
+            let mut uniform = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            proc.process_random_resized_crop(&img, (crop_scale, 1.0), &mut uniform)
         })
         .collect()
 }
@@ -286,9 +306,10 @@ pub fn train(
     std::thread::scope(|s| -> Result<()> {
         let images = &set.images;
         let proc = &proc;
+        let (crop, seed) = (cfg.crop_scale, cfg.seed);
         s.spawn(move || {
-            for b in plan {
-                let px = decode_batch(proc, images, &b);
+            for (n, b) in plan.into_iter().enumerate() {
+                let px = decode_batch(proc, images, &b, crop, seed, start_step + n);
                 if tx.send((b, px)).is_err() {
                     return;
                 }
