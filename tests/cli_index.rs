@@ -303,7 +303,7 @@ fn bad_files_are_skipped_and_listed_never_abort() {
     std::os::unix::fs::symlink(&dir, dir.join("sub/loop")).unwrap();
     let store = d.path().join("s.sqlite");
     // Root ignores file modes, so run as `nobody` to meet a real EACCES.
-    let root = unsafe { libc_geteuid() } == 0;
+    let root = common::running_as_root();
     for p in [d.path(), &dir, &dir.join("sub")] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
@@ -322,7 +322,11 @@ fn bad_files_are_skipped_and_listed_never_abort() {
         .unwrap();
     }
     std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = env!("CARGO_BIN_EXE_clasp");
+    // And a copy of the binary: the checkout may sit where `nobody` cannot
+    // reach (e.g. under /root).
+    let bin = d.path().join("clasp");
+    std::fs::copy(env!("CARGO_BIN_EXE_clasp"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let args = [
         "index",
         dir.to_str().unwrap(),
@@ -334,13 +338,14 @@ fn bad_files_are_skipped_and_listed_never_abort() {
     ];
     let o = if root {
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", bin])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
             .args(args)
             .env("HOME", d.path())
             .output()
             .unwrap()
     } else {
-        Command::new(bin).args(args).output().unwrap()
+        Command::new(&bin).args(args).output().unwrap()
     };
     assert_eq!(
         o.status.code(),
@@ -378,11 +383,6 @@ fn bad_files_are_skipped_and_listed_never_abort() {
     assert!(reason(&skipped, "phone.heic").contains("unsupported"));
     assert!(reason(&skipped, "dangling.jpg").contains("broken symlink"));
     assert!(reason(&skipped, "sub/loop").contains("loop"));
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 #[test]

@@ -487,8 +487,7 @@ fn disconnected_clients_are_dropped_and_shutdown_drains() {
             .ok()
     });
     std::thread::sleep(Duration::from_millis(300)); // queued, waiting out max-wait
-    let pid = s.child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    common::signal(&s.child, common::SIGTERM);
     assert_eq!(
         inflight.join().unwrap(),
         Some(200),

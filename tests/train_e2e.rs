@@ -164,10 +164,7 @@ fn ctrl_c_saves_and_exits_cleanly_then_resumes_to_the_same_weights() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    common::signal(&child, common::SIGINT);
     let status = child.wait().unwrap();
     assert!(status.success(), "Ctrl-C exits cleanly: {status:?}");
     let state: serde_json::Value =

@@ -117,6 +117,20 @@ pub fn run(cmd: EvalCommand) -> Result<ExitCode> {
 struct Loaded {
     encoder: Encoder,
     cache: Option<EmbeddingCache>,
+    batch_size: usize,
+}
+
+impl Loaded {
+    /// Where this command's embeddings come from and go.
+    fn ctx<'a>(&'a mut self, progress: &'a BarProgress) -> EmbedContext<'a> {
+        EmbedContext {
+            encoder: &self.encoder,
+            cache: self.cache.as_mut(),
+            model_key: None,
+            batch_size: self.batch_size,
+            progress,
+        }
+    }
 }
 
 fn load(c: &Common) -> Result<Loaded> {
@@ -128,7 +142,11 @@ fn load(c: &Common) -> Result<Loaded> {
         let p = c.cache.clone().unwrap_or_else(EmbeddingCache::default_path);
         Some(EmbeddingCache::open(&p)?)
     };
-    Ok(Loaded { encoder, cache })
+    Ok(Loaded {
+        encoder,
+        cache,
+        batch_size: c.batch_size,
+    })
 }
 
 fn lang_for(arg: &Option<String>, enc: &Encoder) -> Result<Lang> {
@@ -192,13 +210,7 @@ fn retrieval(a: RetrievalArgs) -> Result<ExitCode> {
     let (_, set) = load_pairs(&a.pairs, lang)?;
     let name = set.name.clone();
     let bar = BarProgress::default();
-    let mut ctx = EmbedContext {
-        encoder: &l.encoder,
-        cache: l.cache.as_mut(),
-        model_key: None,
-        batch_size: a.common.batch_size,
-        progress: &bar,
-    };
+    let mut ctx = l.ctx(&bar);
     let r = eval::retrieval::evaluate_retrieval(&mut ctx, set, &RECALL_KS)?;
     let secs = t0.elapsed().as_secs_f64();
     let issues = &r.data.set.issues;
@@ -325,13 +337,7 @@ fn zeroshot(a: ZeroshotArgs) -> Result<ExitCode> {
         bail!("no prompt templates");
     }
     let bar = BarProgress::default();
-    let mut ctx = EmbedContext {
-        encoder: &l.encoder,
-        cache: l.cache.as_mut(),
-        model_key: None,
-        batch_size: a.common.batch_size,
-        progress: &bar,
-    };
+    let mut ctx = l.ctx(&bar);
     let z = eval::zeroshot::evaluate_zeroshot(&mut ctx, set, &names, &templates)?;
     let secs = t0.elapsed().as_secs_f64();
     let m = &z.metrics;
@@ -412,13 +418,7 @@ fn diagnose_cmd(a: DiagnoseArgs) -> Result<ExitCode> {
         None => diagnose::builtin_synonyms(lang),
     };
     let bar = BarProgress::default();
-    let mut ctx = EmbedContext {
-        encoder: &l.encoder,
-        cache: l.cache.as_mut(),
-        model_key: None,
-        batch_size: a.common.batch_size,
-        progress: &bar,
-    };
+    let mut ctx = l.ctx(&bar);
     let data = eval::retrieval::embed_pairs(&mut ctx, set)?;
     let d = diagnose::diagnose(&mut ctx, &data, &synonyms)?;
     if a.common.json {

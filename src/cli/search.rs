@@ -1,6 +1,6 @@
 //! `clasp index`, `clasp search` and `clasp classify`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -213,23 +213,37 @@ fn search_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
-pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
-    let mut catalog = open_store(&a.store)?;
-    let spec = model_spec(&a.model, &catalog)?;
-    let encoder = Encoder::load(&spec, &device(a.store.device)?)?;
+/// What `search` and `classify` share: the store, the model (given or the
+/// store's last), its id, and an incremental index of `dir` first unless
+/// `no_index`.
+fn open_and_index(
+    store: &StoreArgs,
+    model: &Option<String>,
+    dir: &Path,
+    no_index: bool,
+) -> Result<(Catalog, Encoder, i64)> {
+    let mut catalog = open_store(store)?;
+    let spec = model_spec(model, &catalog)?;
+    let encoder = Encoder::load(&spec, &device(store.device)?)?;
     let model_id = index::model_id(&catalog, &encoder, &spec)?;
-    let dir = search_dir(&a.dir)?;
-    if !a.no_index {
+    if !no_index {
+        let dirs = [dir.to_path_buf()];
         let s = run_index(
             &mut catalog,
             &encoder,
             model_id,
-            std::slice::from_ref(&dir),
+            &dirs,
             &[],
-            a.store.batch_size,
+            store.batch_size,
         )?;
         note_changes(&s);
     }
+    Ok((catalog, encoder, model_id))
+}
+
+pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
+    let dir = search_dir(&a.dir)?;
+    let (catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &dir, a.no_index)?;
     let dirs = vec![index::indexer::canonical_prefix(&dir)?];
     let terms = query::parse(&a.query)?;
     let q = query::embed(&encoder, &terms)?;
@@ -263,21 +277,7 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
 }
 
 pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
-    let mut catalog = open_store(&a.store)?;
-    let spec = model_spec(&a.model, &catalog)?;
-    let encoder = Encoder::load(&spec, &device(a.store.device)?)?;
-    let model_id = index::model_id(&catalog, &encoder, &spec)?;
-    if !a.no_index {
-        let s = run_index(
-            &mut catalog,
-            &encoder,
-            model_id,
-            std::slice::from_ref(&a.dir),
-            &[],
-            a.store.batch_size,
-        )?;
-        note_changes(&s);
-    }
+    let (catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &a.dir, a.no_index)?;
     let labels: Vec<String> = a
         .labels
         .iter()

@@ -10,7 +10,6 @@ use clap::Args;
 use serde::Deserialize;
 
 use super::BarProgress;
-use clasp::progress::Progress;
 use clasp::train::trainer::{self, StepLog, TrainConfig, TrainProgress};
 
 /// Flags override the `--config` file, which overrides the defaults.
@@ -117,33 +116,16 @@ struct FileConfig {
     output: Option<PathBuf>,
 }
 
-struct Bar {
-    inner: BarProgress,
-    last: std::sync::Mutex<Option<StepLog>>,
-}
-
-impl Progress for Bar {
-    fn start(&self, what: &str, len: u64) {
-        self.inner.start(what, len)
-    }
-    fn inc(&self, n: u64) {
-        self.inner.inc(n)
-    }
-    fn finish(&self) {
-        self.inner.finish()
-    }
-}
-
-impl TrainProgress for Bar {
+/// The bar's message shows loss, learning rate, temperature and speed.
+impl TrainProgress for BarProgress {
     fn step(&self, log: &StepLog) {
-        self.inner.message(&format!(
+        self.message(&format!(
             "loss {:.4} lr {:.2e} T {:.1} {:.1} img/s",
             log.loss, log.lr, log.temperature, log.images_per_s
         ));
         if let Some(d) = &log.dev {
             eprintln!("step {}: dev {}", log.step, d);
         }
-        *self.last.lock().unwrap() = Some(log.clone());
     }
 }
 
@@ -161,19 +143,12 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         })
         .context("installing the Ctrl-C handler")?;
     }
-    let bar = Bar {
-        inner: BarProgress::default(),
-        last: Default::default(),
+    let bar = BarProgress::default();
+    let start = match &a.resume {
+        Some(dir) => trainer::Start::Resume(dir.clone()),
+        None => trainer::Start::New(Box::new(build_config(&a)?)),
     };
-    let (cfg, resume) = match &a.resume {
-        Some(dir) => {
-            let mut c = placeholder(dir.clone());
-            c.output = dir.clone();
-            (c, true)
-        }
-        None => (build_config(&a)?, false),
-    };
-    let out = trainer::train(cfg, resume, &stop, a.stop_after, &bar)?;
+    let out = trainer::train(start, &stop, a.stop_after, &bar)?;
     eprintln!(
         "{} after {} steps (last loss {:.4}); checkpoint: {}",
         if out.interrupted { "stopped" } else { "done" },
@@ -185,31 +160,6 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(d)?);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// On resume the saved config is used; this only carries the output dir.
-fn placeholder(output: PathBuf) -> TrainConfig {
-    TrainConfig {
-        init: String::new(),
-        dataset: String::new(),
-        split: "train".into(),
-        lang: "en".into(),
-        steps: 0,
-        batch_size: 0,
-        lr: 0.0,
-        warmup: 0,
-        weight_decay: 0.0,
-        grad_clip: 0.0,
-        accum_freq: 1,
-        crop_scale: 1.0,
-        seed: 0,
-        objective: String::new(),
-        eval_dataset: None,
-        eval_split: "dev".into(),
-        eval_every: 0,
-        save_every: 0,
-        output,
-    }
 }
 
 fn build_config(a: &TrainArgs) -> Result<TrainConfig> {

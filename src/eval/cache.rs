@@ -84,7 +84,7 @@ impl EmbeddingCache {
     }
 
     /// Stores vectors in one transaction (all or none on interruption).
-    pub fn put_many(&mut self, space: &Key, items: &[(Key, &[f32])]) -> Result<()> {
+    pub fn put_many(&mut self, space: &Key, items: &[(Key, Vec<f32>)]) -> Result<()> {
         let tx = self.conn.transaction().map_err(|e| err(&self.path, e))?;
         {
             let mut stmt = tx
@@ -100,11 +100,6 @@ impl EmbeddingCache {
         }
         tx.commit().map_err(|e| err(&self.path, e))
     }
-}
-
-/// Content hash of a model: its config, weights and tokenizer files.
-pub fn model_hash(enc: &Encoder) -> Result<Key> {
-    enc.content_hash()
 }
 
 /// The key space of image vectors: model and preprocessing.
@@ -141,7 +136,7 @@ mod tests {
         let (a, b) = (content_key(b"a"), content_key(b"b"));
         {
             let mut c = EmbeddingCache::open(&p).unwrap();
-            c.put_many(&space, &[(a, &[1.0, -2.5][..])]).unwrap();
+            c.put_many(&space, &[(a, vec![1.0, -2.5])]).unwrap();
         }
         let c = EmbeddingCache::open(&p).unwrap();
         let got = c.get_many(&space, &[a, b]).unwrap();

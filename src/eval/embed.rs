@@ -31,7 +31,7 @@ impl EmbedContext<'_> {
         if let Some(k) = self.model_key {
             return Ok(k);
         }
-        let k = cache::model_hash(self.encoder)?;
+        let k = self.encoder.content_hash()?;
         self.model_key = Some(k);
         Ok(k)
     }
@@ -121,9 +121,7 @@ impl EmbedContext<'_> {
                 self.progress.inc(batch.len() as u64);
             }
             if let (Some(cache), Some(space)) = (self.cache.as_deref_mut(), space.as_ref()) {
-                let items: Vec<(Key, &[f32])> =
-                    fresh.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-                cache.put_many(space, &items)?;
+                cache.put_many(space, &fresh)?;
             }
         }
         self.progress.finish();
@@ -161,9 +159,7 @@ impl EmbedContext<'_> {
                 self.progress.inc(batch.len() as u64);
             }
             if let (Some(cache), Some(space)) = (self.cache.as_deref_mut(), space.as_ref()) {
-                let items: Vec<(Key, &[f32])> =
-                    fresh.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-                cache.put_many(space, &items)?;
+                cache.put_many(space, &fresh)?;
             }
         }
         self.progress.finish();

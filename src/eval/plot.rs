@@ -43,57 +43,30 @@ fn atomic_png(
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Recall@K for K = 1..=max_k, one line per series.
+/// Recall@K for K = 1..=max_k, one line per series, on a 0–1 axis.
 pub fn recall_curves(path: &Path, title: &str, series: &[(&str, Vec<f64>)]) -> Result<()> {
-    fonts();
-    atomic_png(path, (800, 500), |buf| {
-        let root = BitMapBackend::with_buffer(buf, (800, 500)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| perr(path, e))?;
-        let max_k = series.iter().map(|s| s.1.len()).max().unwrap_or(1) as u32;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(15)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(1u32..max_k, 0f64..1.0)
-            .map_err(|e| perr(path, e))?;
-        chart
-            .configure_mesh()
-            .x_desc("K")
-            .y_desc("Recall@K")
-            .draw()
-            .map_err(|e| perr(path, e))?;
-        let colors = [BLUE, RED, GREEN, MAGENTA];
-        for (n, (name, ys)) in series.iter().enumerate() {
-            let c = colors[n % colors.len()];
-            chart
-                .draw_series(LineSeries::new(
-                    ys.iter().enumerate().map(|(i, y)| (i as u32 + 1, *y)),
-                    c.stroke_width(2),
-                ))
-                .map_err(|e| perr(path, e))?
-                .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| perr(path, e))?;
-        root.present().map_err(|e| perr(path, e))
-    })
+    let pts: Vec<(&str, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(name, ys)| {
+            (
+                *name,
+                ys.iter()
+                    .enumerate()
+                    .map(|(i, y)| ((i + 1) as f64, *y))
+                    .collect(),
+            )
+        })
+        .collect();
+    line_chart(path, title, "K", "Recall@K", Some((0.0, 1.0)), &pts)
 }
 
-/// Lines of (x, y) points.
+/// Lines of (x, y) points; the y axis spans `y_range`, or the data.
 pub fn line_chart(
     path: &Path,
     title: &str,
     x_desc: &str,
     y_desc: &str,
+    y_range: Option<(f64, f64)>,
     series: &[(&str, Vec<(f64, f64)>)],
 ) -> Result<()> {
     fonts();
@@ -117,6 +90,7 @@ pub fn line_chart(
         x1 = x0 + 1.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6);
+    let (y0, y1) = y_range.unwrap_or((y0 - pad, y1 + pad));
     atomic_png(path, (800, 500), |buf| {
         let root = BitMapBackend::with_buffer(buf, (800, 500)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| perr(path, e))?;
@@ -125,7 +99,7 @@ pub fn line_chart(
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
+            .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(|e| perr(path, e))?;
         chart
             .configure_mesh()

@@ -324,6 +324,16 @@ impl AnnIndex {
             .save(&tmp.to_string_lossy())
             .map_err(|e| uerr(&path, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        // Older generations' graphs are stale now.
+        if let (Some(dir), Some(name)) = (path.parent(), store.file_name()) {
+            let prefix = format!("{}.m{model}.g", name.to_string_lossy());
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&prefix) && n.ends_with(".hnsw") && e.path() != path {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         // Measure what the graph costs in recall: up to 100 stored vectors as
         // queries, top 10 against exact search.
         let built = Self { index, snap };
@@ -342,18 +352,7 @@ impl AnnIndex {
             recall_at_10 = recall,
             "built the HNSW index"
         );
-        let Self { index, snap } = built;
-        // Older generations' graphs are stale now.
-        if let (Some(dir), Some(name)) = (path.parent(), store.file_name()) {
-            let prefix = format!("{}.m{model}.g", name.to_string_lossy());
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n.starts_with(&prefix) && n.ends_with(".hnsw") && e.path() != path {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-        Ok(Self { index, snap })
+        Ok(built)
     }
 
     pub fn set_expansion(&self, ef: usize) {
@@ -361,16 +360,20 @@ impl AnnIndex {
     }
 
     pub fn top_rows(&self, query: &[f32], k: usize) -> Result<Vec<(usize, f32)>> {
-        let m = self
-            .index
-            .search(query, k)
-            .map_err(|e| Error::Report(format!("HNSW search: {e}")))?;
-        Ok(m.keys
-            .iter()
-            .zip(&m.distances)
-            .map(|(&key, &d)| (key as usize, 1.0 - d))
-            .collect())
+        rows_of(self.index.search(query, k))
     }
+}
+
+/// (row, inner product) pairs of a usearch answer (its IP distance is 1 − dot).
+fn rows_of<E: std::fmt::Display>(
+    m: std::result::Result<usearch::ffi::Matches, E>,
+) -> Result<Vec<(usize, f32)>> {
+    let m = m.map_err(|e| Error::Report(format!("HNSW search: {e}")))?;
+    Ok(m.keys
+        .iter()
+        .zip(&m.distances)
+        .map(|(&key, &d)| (key as usize, 1.0 - d))
+        .collect())
 }
 
 impl VectorSearch for AnnIndex {
@@ -385,15 +388,10 @@ impl VectorSearch for AnnIndex {
             None => self.top_rows(query, k)?,
             Some(a) => {
                 let snap = &self.snap;
-                let m = self
-                    .index
-                    .filtered_search(query, k, |key: u64| a.contains(&snap.hash(key as usize)))
-                    .map_err(|e| Error::Report(format!("HNSW search: {e}")))?;
-                m.keys
-                    .iter()
-                    .zip(&m.distances)
-                    .map(|(&key, &d)| (key as usize, 1.0 - d))
-                    .collect()
+                rows_of(
+                    self.index
+                        .filtered_search(query, k, |key: u64| a.contains(&snap.hash(key as usize))),
+                )?
             }
         };
         Ok(rows

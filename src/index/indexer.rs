@@ -253,7 +253,6 @@ pub fn index(
     }
 
     // 3. Embed what is new, deduplicated by content.
-    let n_fresh = fresh.len();
     fresh.sort_by(|a, b| a.0.found.path.cmp(&b.0.found.path));
     let mut todo: Vec<Pending> = fresh.into_iter().map(|(p, _)| p).collect();
     todo.extend(reembed_unchanged);
@@ -266,7 +265,6 @@ pub fn index(
         progress,
         &mut summary,
     )?;
-    let _ = n_fresh;
     catalog.write(|w| w.drop_orphan_vectors().map(|_| ()))?;
     Ok(summary)
 }
@@ -315,7 +313,7 @@ fn embed_pending(
                 }
             }
         });
-        let mut seen: HashMap<Hash, usize> = HashMap::new();
+        let mut seen: HashSet<Hash> = HashSet::new();
         for batch in rx {
             let n = batch.len();
             let mut pixels = Vec::new();
@@ -326,7 +324,7 @@ fn embed_pending(
                 match r {
                     Ok(px) => {
                         let h = p.hash.unwrap();
-                        if seen.contains_key(&h) || ok.iter().any(|o| o.hash == Some(h)) {
+                        if seen.contains(&h) || ok.iter().any(|o| o.hash == Some(h)) {
                             dups.push(p);
                         } else {
                             ok.push(p);
@@ -358,7 +356,7 @@ fn embed_pending(
             })?;
             summary.embedded += ok.len();
             for p in ok.iter().chain(&dups) {
-                seen.insert(p.hash.unwrap(), 1);
+                seen.insert(p.hash.unwrap());
                 if p.existed {
                     summary.updated += 1;
                 } else {

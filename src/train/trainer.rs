@@ -200,37 +200,48 @@ fn decode_batch(
         .collect()
 }
 
-/// Trains, or resumes the run in `cfg.output` when `resume` is set.
-/// `stop` is polled between steps (Ctrl-C): the run then saves and returns.
+/// How a run begins.
+pub enum Start {
+    /// A new run with this config.
+    New(Box<TrainConfig>),
+    /// Continue the run saved in this output directory, with its own config.
+    Resume(PathBuf),
+}
+
+/// Trains a new run, or resumes a saved one. `stop` is polled between steps (Ctrl-C): the run then saves and returns.
 /// `stop_after` ends this invocation after that many total steps without
 /// finishing the schedule (time-boxing, and the resume test).
 pub fn train(
-    mut cfg: TrainConfig,
-    resume: bool,
+    start: Start,
     stop: &AtomicBool,
     stop_after: Option<usize>,
     progress: &dyn TrainProgress,
 ) -> Result<TrainOutcome> {
     let dev = Device::Cpu;
+    let (cfg, t, mut order, start_step, mut opt_state) = match start {
+        Start::Resume(out) => {
+            let sd = state_dir(&out);
+            let text = std::fs::read_to_string(sd.join("trainer.json"))
+                .map_err(|e| Error::io(sd.join("trainer.json"), e))?;
+            let st: State = serde_json::from_str(&text)
+                .map_err(|e| Error::Report(format!("{}: {e}", sd.display())))?;
+            let cfg = TrainConfig {
+                output: out.clone(),
+                ..st.config
+            };
+            let t = Trainable::from_checkpoint(&checkpoint_dir(&out).to_string_lossy(), &dev)?;
+            let opt = candle_core::safetensors::load(sd.join("optimizer.safetensors"), &dev)?;
+            (cfg, t, st.order, st.step, Some(opt))
+        }
+        Start::New(cfg) => {
+            let cfg = *cfg;
+            let t = Trainable::from_checkpoint(&cfg.init, &dev)?;
+            let order = Order::new(cfg.seed);
+            (cfg, t, order, 0, None)
+        }
+    };
     let out = cfg.output.clone();
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let (t, mut order, start_step, mut opt_state) = if resume {
-        let sd = state_dir(&out);
-        let text = std::fs::read_to_string(sd.join("trainer.json"))
-            .map_err(|e| Error::io(sd.join("trainer.json"), e))?;
-        let st: State = serde_json::from_str(&text)
-            .map_err(|e| Error::Report(format!("{}: {e}", sd.display())))?;
-        cfg = TrainConfig {
-            output: out.clone(),
-            ..st.config
-        };
-        let t = Trainable::from_checkpoint(&checkpoint_dir(&out).to_string_lossy(), &dev)?;
-        let opt = candle_core::safetensors::load(sd.join("optimizer.safetensors"), &dev)?;
-        (t, st.order, st.step, Some(opt))
-    } else {
-        let t = Trainable::from_checkpoint(&cfg.init, &dev)?;
-        (t, Order::new(cfg.seed), 0, None)
-    };
     let lang = Lang::parse(&cfg.lang)?;
     let set: PairSet = data::load_pairs(
         &DatasetSpec::parse(&cfg.dataset)?,
@@ -289,6 +300,25 @@ pub fn train(
 
     let end = stop_after.unwrap_or(cfg.steps).min(cfg.steps);
     // The batches this invocation will run, in order (cheap: indices only).
+    // They are drawn up front for the decode worker, so the live order runs
+    // ahead; states saved mid-run replay `base` to the step they record.
+    let base = order.clone();
+    let order_at = |step: usize| {
+        let mut o = base.clone();
+        for _ in start_step..step {
+            o.next_batch(&per_image, cfg.batch_size);
+        }
+        o
+    };
+    let eval_set = match &cfg.eval_dataset {
+        Some(spec) => Some(data::load_pairs(
+            &DatasetSpec::parse(spec)?,
+            Split::parse(&cfg.eval_split)?,
+            lang,
+            None,
+        )?),
+        None => None,
+    };
     let plan: Vec<Vec<(usize, usize)>> = (start_step..end)
         .map(|_| order.next_batch(&per_image, cfg.batch_size))
         .collect();
@@ -378,13 +408,20 @@ pub fn train(
                 dev: None,
             };
             let save_now = (cfg.save_every > 0 && step % cfg.save_every == 0) || step == end;
-            let eval_now = cfg.eval_dataset.is_some()
+            let eval_now = eval_set.is_some()
                 && ((cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == cfg.steps);
             if save_now || eval_now {
-                save(&t, &opt, needs_bias.then_some(&bias), step, &cfg)?;
+                save(
+                    &t,
+                    &opt,
+                    needs_bias.then_some(&bias),
+                    &order_at(step),
+                    step,
+                    &cfg,
+                )?;
             }
-            if eval_now {
-                let m = evaluate(&cfg, lang)?;
+            if let (true, Some(set)) = (eval_now, &eval_set) {
+                let m = evaluate(&cfg, set.clone())?;
                 last_dev = Some(m.clone());
                 log.dev = Some(m);
             }
@@ -401,7 +438,14 @@ pub fn train(
     })?;
     progress.finish();
     if interrupted {
-        save(&t, &opt, needs_bias.then_some(&bias), step, &cfg)?;
+        save(
+            &t,
+            &opt,
+            needs_bias.then_some(&bias),
+            &order_at(step),
+            step,
+            &cfg,
+        )?;
     }
     let _ = plot_losses(&out);
     Ok(TrainOutcome {
@@ -417,6 +461,7 @@ fn save(
     t: &Trainable,
     opt: &GroupedAdamW,
     bias: Option<&Var>,
+    order: &Order,
     step: usize,
     cfg: &TrainConfig,
 ) -> Result<()> {
@@ -430,29 +475,7 @@ fn save(
     let tmp = sd.join("optimizer.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, sd.join("optimizer.safetensors")).map_err(|e| Error::io(&sd, e))?;
-    // The data order at `step` is a pure function of the seed and the step
-    // (this invocation drew its batches up front, so the live order is ahead).
-    let set_order = replay_order(cfg, step)?;
-    write_state(&cfg.output, &set_order, step, cfg)
-}
-
-/// The data order after `step` batches, replayed from the seed.
-fn replay_order(cfg: &TrainConfig, step: usize) -> Result<Order> {
-    let set = data::load_pairs(
-        &DatasetSpec::parse(&cfg.dataset)?,
-        Split::parse(&cfg.split)?,
-        Lang::parse(&cfg.lang)?,
-        None,
-    )?;
-    let mut per_image: Vec<Vec<usize>> = vec![Vec::new(); set.images.len()];
-    for (c, &i) in set.caption_image.iter().enumerate() {
-        per_image[i].push(c);
-    }
-    let mut o = Order::new(cfg.seed);
-    for _ in 0..step {
-        o.next_batch(&per_image, cfg.batch_size);
-    }
-    Ok(o)
+    write_state(&cfg.output, order, step, cfg)
 }
 
 fn write_state(out: &Path, order: &Order, step: usize, cfg: &TrainConfig) -> Result<()> {
@@ -473,17 +496,8 @@ fn write_state(out: &Path, order: &Order, step: usize, cfg: &TrainConfig) -> Res
 }
 
 /// Dev retrieval metrics of the saved checkpoint, as `clasp eval` computes them.
-fn evaluate(cfg: &TrainConfig, lang: Lang) -> Result<serde_json::Value> {
-    let Some(spec) = &cfg.eval_dataset else {
-        return Ok(serde_json::Value::Null);
-    };
+fn evaluate(cfg: &TrainConfig, set: PairSet) -> Result<serde_json::Value> {
     let enc = crate::Encoder::load(&checkpoint_dir(&cfg.output).to_string_lossy(), &Device::Cpu)?;
-    let set = data::load_pairs(
-        &DatasetSpec::parse(spec)?,
-        Split::parse(&cfg.eval_split)?,
-        lang,
-        None,
-    )?;
     let mut ctx = crate::eval::EmbedContext {
         encoder: &enc,
         cache: None,
@@ -517,6 +531,7 @@ fn plot_losses(out: &Path) -> Result<()> {
         "Training loss",
         "step",
         "loss",
+        None,
         &[("loss", loss)],
     )?;
     let dev: Vec<(f64, f64)> = rows
@@ -529,6 +544,7 @@ fn plot_losses(out: &Path) -> Result<()> {
             "Dev mean recall",
             "step",
             "mean recall",
+            Some((0.0, 1.0)),
             &[("dev", dev)],
         )?;
     }

@@ -48,3 +48,21 @@ pub fn read_embed_jsonl(p: &Path) -> EmbedOutput {
     }
     out
 }
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+    fn geteuid() -> u32;
+}
+
+pub const SIGINT: i32 = 2;
+pub const SIGTERM: i32 = 15;
+
+/// Sends a signal to a child (libc's kill, so no `kill` binary is needed).
+pub fn signal(child: &std::process::Child, sig: i32) {
+    let r = unsafe { kill(child.id() as i32, sig) };
+    assert_eq!(r, 0, "kill({}, {sig}) failed", child.id());
+}
+
+pub fn running_as_root() -> bool {
+    unsafe { geteuid() == 0 }
+}
