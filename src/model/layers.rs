@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 
 use super::config::Activation;
 use super::cpu_kernels::{self, uniform_segments, F32View, LinearRef, Mask};
+use super::grad_kernels::{self, SoftmaxMask};
 use crate::Result;
 
 /// `y = x W^T + b` over the last dimension, for inputs of any rank.
@@ -64,7 +65,11 @@ impl Linear {
         let x2 = x.reshape((n, in_dim))?;
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = if fused_grad(&y) {
+                grad_kernels::bias_add(&y, b)?
+            } else {
+                y.broadcast_add(b)?
+            };
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
@@ -98,6 +103,14 @@ impl LayerNorm {
                 self.eps as f32,
             )?);
         }
+        if fused_grad(x) {
+            return Ok(grad_kernels::layer_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?);
+        }
         // Differentiable composition, the same arithmetic as torch's layer_norm.
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
@@ -107,7 +120,16 @@ impl LayerNorm {
     }
 }
 
+/// Whether training on this tensor goes through the fused CPU ops of
+/// `grad_kernels` rather than composed candle ops.
+fn fused_grad(x: &Tensor) -> bool {
+    crate::model::grad_mode() && grad_kernels::applies(x)
+}
+
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    if fused_grad(x) {
+        return Ok(grad_kernels::activate(x, act)?);
+    }
     Ok(match act {
         Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
         Activation::Gelu => x.gelu_erf()?,
@@ -155,7 +177,6 @@ impl Attention {
 
     /// `x`: [B, T, C].
     pub fn forward(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
-        let mask = mask.additive(x)?;
         let (b, t, c) = x.dims3()?;
         let (h, d) = (self.heads, self.head_dim);
         let qkv = if crate::model::grad_mode() {
@@ -168,19 +189,22 @@ impl Attention {
         // [3, B, H, T, D]
         let qkv = qkv.permute((2, 0, 3, 1, 4))?.contiguous()?;
         let scale = 1.0 / (d as f64).sqrt();
-        let q = (qkv.get(0)? * scale)?;
-        let k = qkv.get(1)?;
-        let v = qkv.get(2)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(m) = &mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        // candle's fused softmax is not tracked for backprop (it would
-        // silently cut the gradient through q and k), so grad mode composes it.
-        let probs = if crate::model::grad_mode() {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let probs = if fused_grad(&qkv) {
+            let scores = q.matmul(&k.t()?)?;
+            grad_kernels::scaled_masked_softmax(&scores, scale, mask.softmax_mask()?)?
         } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
+            let mut scores = (q * scale)?.matmul(&k.t()?)?;
+            if let Some(m) = mask.additive(x)? {
+                scores = scores.broadcast_add(&m)?;
+            }
+            // candle's fused softmax is not tracked for backprop (it would
+            // silently cut the gradient through q and k), so grad mode composes it.
+            if crate::model::grad_mode() {
+                candle_nn::ops::softmax(&scores, D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            }
         };
         let ctx = probs.matmul(&v)?; // [B, H, T, D]
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, c))?;
@@ -222,6 +246,17 @@ impl AttnMask {
     pub fn padding(attention_mask: &Tensor) -> Result<Self> {
         let m = attention_mask.to_dtype(DType::F32)?;
         Ok(AttnMask::Padding(((1.0 - m)? * f32::MIN as f64)?))
+    }
+
+    /// The mask in the form of the fused softmax.
+    fn softmax_mask(&self) -> Result<SoftmaxMask> {
+        Ok(match self {
+            AttnMask::None => SoftmaxMask::None,
+            AttnMask::Causal => SoftmaxMask::Causal,
+            AttnMask::Padding(add) => {
+                SoftmaxMask::Keys(std::sync::Arc::new(add.flatten_all()?.to_vec1::<f32>()?))
+            }
+        })
     }
 
     /// The additive mask for the candle-op path, broadcastable to [B, H, T, T].

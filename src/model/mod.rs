@@ -11,6 +11,7 @@ pub mod chinese_clip;
 pub mod clip;
 pub mod config;
 pub mod cpu_kernels;
+pub mod grad_kernels;
 pub mod layers;
 pub mod loader;
 pub mod vit;

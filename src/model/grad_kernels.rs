@@ -1,0 +1,547 @@
+//! Differentiable fused CPU ops for training: layer norm, bias add, the
+//! activations and attention's scaled, masked softmax, each with its backward.
+//!
+//! Written here because candle cannot serve: its fused `layer_norm` and
+//! `softmax_last_dim` have no backward, so training had to compose them from
+//! element-wise ops. On the CPU each of those allocates a tensor and makes a
+//! pass over memory, and their backward doubles that. For the tiny preset at
+//! batch 32 the composed ops cost more than all the GEMMs together. Here one
+//! op makes one pass forward and one backward, rows in parallel.
+//!
+//! Used for contiguous f32 CPU tensors in grad mode; the composed candle ops in
+//! `layers.rs` stay the path for other devices and dtypes, and the unit tests
+//! below check values and gradients of each op against that composition.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::config::Activation;
+use super::cpu_kernels::F32View;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Whether the fused training ops apply to this tensor.
+pub fn applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused op needs a contiguous input"),
+    }
+}
+
+/// Runs `f` on borrowed f32 slices of contiguous CPU tensors.
+fn view(t: &Tensor) -> CResult<(Tensor, usize)> {
+    let t = t.contiguous()?;
+    let n = t.elem_count();
+    Ok((t, n))
+}
+
+fn vec_tensor(v: Vec<f32>, shape: &Shape, like: &Tensor) -> CResult<Tensor> {
+    Tensor::from_vec(v, shape.clone(), like.device())
+}
+
+fn f32_view(t: &Tensor) -> CResult<F32View<'_>> {
+    F32View::new(t).map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+/// Rows per parallel task: enough work per task to amortise scheduling.
+fn rows_per_task(cols: usize) -> usize {
+    (16384 / cols.max(1)).max(1)
+}
+
+/// Column sums of a row-major [rows, cols] buffer, rows in parallel.
+fn column_sums(g: &[f32], cols: usize) -> Vec<f32> {
+    let chunk = rows_per_task(cols) * cols;
+    g.par_chunks(chunk)
+        .map(|c| {
+            let mut acc = vec![0f32; cols];
+            for row in c.chunks_exact(cols) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f32; cols],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                a
+            },
+        )
+}
+
+// ---------------------------------------------------------------- layer norm
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+/// Mean and 1/std of one row, with the biased variance as torch uses.
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "clasp-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let c = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .for_each(|(yr, xr)| {
+                let (mean, rstd) = row_stats(xr, self.eps);
+                for i in 0..c {
+                    yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let ((xt, _), (gt, _)) = (view(x)?, view(grad)?);
+        let (xv, gv, wv) = (f32_view(&xt)?, f32_view(&gt)?, f32_view(w)?);
+        let (xs, gs, ws) = (xv.as_slice(), gv.as_slice(), wv.as_slice());
+        let c = ws.len();
+        let rows = rows_per_task(c);
+        let mut dx = vec![0f32; xs.len()];
+        // dx per row; dw and db as per-task partial sums, added up after.
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(rows * c)
+            .zip(xs.par_chunks(rows * c).zip(gs.par_chunks(rows * c)))
+            .map(|(dxc, (xc, gc))| {
+                let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+                let mut xhat = vec![0f32; c];
+                for ((dxr, xr), gr) in dxc
+                    .chunks_exact_mut(c)
+                    .zip(xc.chunks_exact(c))
+                    .zip(gc.chunks_exact(c))
+                {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    let (mut sum_gw, mut sum_gwx) = (0f32, 0f32);
+                    for i in 0..c {
+                        xhat[i] = (xr[i] - mean) * rstd;
+                        let gw = gr[i] * ws[i];
+                        sum_gw += gw;
+                        sum_gwx += gw * xhat[i];
+                        dw[i] += gr[i] * xhat[i];
+                        db[i] += gr[i];
+                    }
+                    let (m1, m2) = (sum_gw / c as f32, sum_gwx / c as f32);
+                    for i in 0..c {
+                        dxr[i] = rstd * (gr[i] * ws[i] - m1 - xhat[i] * m2);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+        for (pw, pb) in partial {
+            for i in 0..c {
+                dw[i] += pw[i];
+                db[i] += pb[i];
+            }
+        }
+        Ok((
+            Some(vec_tensor(dx, x.shape(), x)?),
+            Some(vec_tensor(dw, w.shape(), w)?),
+            Some(vec_tensor(db, w.shape(), w)?),
+        ))
+    }
+}
+
+/// torch's layer_norm over the last dimension, differentiable in x, w and b.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> CResult<Tensor> {
+    x.contiguous()?
+        .apply_op3(w, b, LayerNormOp { eps: eps as f32 })
+}
+
+// ------------------------------------------------------------------ bias add
+
+struct BiasAddOp;
+
+impl CustomOp2 for BiasAddOp {
+    fn name(&self) -> &'static str {
+        "clasp-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (y, b) = (slice(s1, l1)?, slice(s2, l2)?);
+        let c = b.len();
+        let mut out = y.to_vec();
+        out.par_chunks_mut(rows_per_task(c) * c).for_each(|chunk| {
+            for row in chunk.chunks_exact_mut(c) {
+                for (v, bi) in row.iter_mut().zip(b) {
+                    *v += bi;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (gt, _) = view(grad)?;
+        let db = column_sums(f32_view(&gt)?.as_slice(), b.elem_count());
+        Ok((Some(grad.clone()), Some(vec_tensor(db, b.shape(), b)?)))
+    }
+}
+
+/// `y + b` with b [C] broadcast over the rows of y [.., C].
+pub fn bias_add(y: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    y.contiguous()?.apply_op2(b, BiasAddOp)
+}
+
+// --------------------------------------------------------------- activations
+
+struct ActivationOp(Activation);
+
+/// The activation and its derivative at x.
+fn act_and_grad(act: Activation, x: f32) -> (f32, f32) {
+    match act {
+        Activation::QuickGelu => {
+            let s = 1.0 / (1.0 + (-1.702 * x).exp());
+            (x * s, s + 1.702 * x * s * (1.0 - s))
+        }
+        Activation::Relu => {
+            if x > 0.0 {
+                (x, 1.0)
+            } else {
+                (0.0, 0.0)
+            }
+        }
+        Activation::Gelu => {
+            // x Φ(x); Φ' = φ.
+            let cdf = 0.5 * (1.0 + erf(x / std::f32::consts::SQRT_2));
+            let pdf = (-0.5 * x * x).exp() / (2.0 * std::f32::consts::PI).sqrt();
+            (x * cdf, cdf + x * pdf)
+        }
+        Activation::GeluTanh => {
+            let k = (2.0 / std::f32::consts::PI).sqrt();
+            let u = k * (x + 0.044715 * x * x * x);
+            let t = u.tanh();
+            let du = k * (1.0 + 3.0 * 0.044715 * x * x);
+            (
+                0.5 * x * (1.0 + t),
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du,
+            )
+        }
+    }
+}
+
+fn erf(x: f32) -> f32 {
+    libm::erf(x as f64) as f32
+}
+
+impl CustomOp1 for ActivationOp {
+    fn name(&self) -> &'static str {
+        "clasp-activation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384))
+            .for_each(|(yc, xc)| {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    *o = act_and_grad(self.0, v).0;
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let ((xt, n), (gt, _)) = (view(x)?, view(grad)?);
+        let (xv, gv) = (f32_view(&xt)?, f32_view(&gt)?);
+        let mut dx = vec![0f32; n];
+        dx.par_chunks_mut(16384)
+            .zip(xv.as_slice().par_chunks(16384))
+            .zip(gv.as_slice().par_chunks(16384))
+            .for_each(|((dc, xc), gc)| {
+                for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                    *d = g * act_and_grad(self.0, v).1;
+                }
+            });
+        Ok(Some(vec_tensor(dx, x.shape(), x)?))
+    }
+}
+
+/// An activation, element-wise, differentiable.
+pub fn activate(x: &Tensor, act: Activation) -> CResult<Tensor> {
+    x.contiguous()?.apply_op1(ActivationOp(act))
+}
+
+// ------------------------------------------------------------------- softmax
+
+/// What attention scores [B, H, T, T] are masked with before the softmax.
+#[derive(Clone)]
+pub enum SoftmaxMask {
+    None,
+    /// Keys after the query are excluded.
+    Causal,
+    /// An additive [B, T] mask over keys (0 or a very negative value).
+    Keys(Arc<Vec<f32>>),
+}
+
+struct SoftmaxOp {
+    scale: f32,
+    mask: SoftmaxMask,
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "clasp-scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let dims = l.dims();
+        let (t, q) = (dims[dims.len() - 1], dims[dims.len() - 2]);
+        let per_batch = x.len() / dims[0];
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(t)
+            .zip(x.par_chunks(t))
+            .enumerate()
+            .for_each(|(r, (yr, xr))| {
+                let (b, i) = (r * t / per_batch, r % q);
+                let mut max = f32::NEG_INFINITY;
+                for j in 0..t {
+                    let m = match &self.mask {
+                        SoftmaxMask::None => 0.0,
+                        SoftmaxMask::Causal if j > i => f32::NEG_INFINITY,
+                        SoftmaxMask::Causal => 0.0,
+                        SoftmaxMask::Keys(k) => k[b * t + j],
+                    };
+                    yr[j] = xr[j] * self.scale + m;
+                    max = max.max(yr[j]);
+                }
+                let mut sum = 0f32;
+                for v in yr.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                for v in yr.iter_mut() {
+                    *v *= inv;
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let ((yt, n), (gt, _)) = (view(res)?, view(grad)?);
+        let (yv, gv) = (f32_view(&yt)?, f32_view(&gt)?);
+        let t = x.dim(candle_core::D::Minus1)?;
+        let mut dx = vec![0f32; n];
+        dx.par_chunks_mut(t)
+            .zip(yv.as_slice().par_chunks(t).zip(gv.as_slice().par_chunks(t)))
+            .for_each(|(dr, (yr, gr))| {
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for j in 0..t {
+                    dr[j] = self.scale * yr[j] * (gr[j] - dot);
+                }
+            });
+        Ok(Some(vec_tensor(dx, x.shape(), x)?))
+    }
+}
+
+/// softmax(x * scale + mask) over the last dimension of scores [B, H, T, T],
+/// differentiable in x.
+pub fn scaled_masked_softmax(x: &Tensor, scale: f64, mask: SoftmaxMask) -> CResult<Tensor> {
+    x.contiguous()?.apply_op1(SoftmaxOp {
+        scale: scale as f32,
+        mask,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Values and input gradients of `fused` and `composed` under the same
+    /// random upstream gradient (a random linear functional of the output).
+    fn check(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        composed: impl Fn(&[Tensor]) -> Tensor,
+        tol: f32,
+    ) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (yf, yc) = (fused(&ts), composed(&ts));
+        assert!(max_diff(&yf, &yc) < tol, "values differ");
+        let probe = Tensor::randn(0f32, 1.0, yf.shape(), &Device::Cpu).unwrap();
+        let gf = (&yf * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&yc * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (i, t) in ts.iter().enumerate() {
+            let d = max_diff(gf.get(t).unwrap(), gc.get(t).unwrap());
+            assert!(d < tol, "gradient of input {i} differs by {d}");
+        }
+    }
+
+    fn randn(s: &[usize]) -> Tensor {
+        Tensor::randn(0f32, 1.0, s, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn layer_norm_matches_composition() {
+        let w = ((randn(&[24]) * 0.5).unwrap() + 1.0).unwrap();
+        check(
+            &[
+                ((randn(&[3, 5, 24]) * 3.0).unwrap() + 1.0).unwrap(),
+                w,
+                randn(&[24]),
+            ],
+            |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            |t| {
+                let x = &t[0];
+                let mean = x.mean_keepdim(D::Minus1).unwrap();
+                let xc = x.broadcast_sub(&mean).unwrap();
+                let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let xn = xc
+                    .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap();
+                xn.broadcast_mul(&t[1])
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            },
+            1e-4,
+        );
+    }
+
+    #[test]
+    fn bias_add_matches_broadcast() {
+        check(
+            &[randn(&[7, 9]), randn(&[9])],
+            |t| bias_add(&t[0], &t[1]).unwrap(),
+            |t| t[0].broadcast_add(&t[1]).unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn activations_match_candle_ops() {
+        for act in [
+            Activation::QuickGelu,
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Relu,
+        ] {
+            check(
+                &[(randn(&[4, 33]) * 3.0).unwrap()],
+                |t| activate(&t[0], act).unwrap(),
+                |t| {
+                    let x = &t[0];
+                    match act {
+                        Activation::QuickGelu => {
+                            (x * candle_nn::ops::sigmoid(&(x * 1.702).unwrap()).unwrap()).unwrap()
+                        }
+                        Activation::Gelu => x.gelu_erf().unwrap(),
+                        Activation::GeluTanh => x.gelu().unwrap(),
+                        Activation::Relu => x.relu().unwrap(),
+                    }
+                },
+                1e-4,
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_matches_composition_under_each_mask() {
+        let (b, h, t) = (2, 3, 5);
+        let keys = vec![0.0, 0.0, 0.0, f32::MIN, f32::MIN, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let causal = crate::model::layers::causal_mask(t, &Device::Cpu).unwrap();
+        let key_t = Tensor::from_vec(keys.clone(), (b, 1, 1, t), &Device::Cpu).unwrap();
+        for (mask, additive) in [
+            (SoftmaxMask::None, None),
+            (SoftmaxMask::Causal, Some(causal.clone())),
+            (
+                SoftmaxMask::Keys(Arc::new(keys.clone())),
+                Some(key_t.clone()),
+            ),
+        ] {
+            check(
+                &[randn(&[b, h, t, t])],
+                |x| scaled_masked_softmax(&x[0], 0.125, mask.clone()).unwrap(),
+                |x| {
+                    let mut s = (&x[0] * 0.125).unwrap();
+                    if let Some(m) = &additive {
+                        s = s.broadcast_add(m).unwrap();
+                    }
+                    candle_nn::ops::softmax(&s, D::Minus1).unwrap()
+                },
+                1e-5,
+            );
+        }
+    }
+}
