@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use rayon::prelude::*;
 
 use super::config::Activation;
-use super::cpu_kernels::F32View;
+use super::cpu_kernels::{self, uniform_segments, F32View, Mask};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -238,10 +238,11 @@ pub fn bias_add(y: &Tensor, b: &Tensor) -> CResult<Tensor> {
 struct ActivationOp(Activation);
 
 /// The activation and its derivative at x.
+#[inline(always)]
 fn act_and_grad(act: Activation, x: f32) -> (f32, f32) {
     match act {
         Activation::QuickGelu => {
-            let s = 1.0 / (1.0 + (-1.702 * x).exp());
+            let s = cpu_kernels::quick_gelu_gate(x);
             (x * s, s + 1.702 * x * s * (1.0 - s))
         }
         Activation::Relu => {
@@ -285,9 +286,11 @@ impl CustomOp1 for ActivationOp {
         y.par_chunks_mut(16384)
             .zip(x.par_chunks(16384))
             .for_each(|(yc, xc)| {
-                for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o = act_and_grad(self.0, v).0;
-                }
+                cpu_kernels::with_simd(|| {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = act_and_grad(self.0, v).0;
+                    }
+                })
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -300,9 +303,11 @@ impl CustomOp1 for ActivationOp {
             .zip(xv.as_slice().par_chunks(16384))
             .zip(gv.as_slice().par_chunks(16384))
             .for_each(|((dc, xc), gc)| {
-                for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                    *d = g * act_and_grad(self.0, v).1;
-                }
+                cpu_kernels::with_simd(|| {
+                    for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                        *d = g * act_and_grad(self.0, v).1;
+                    }
+                })
             });
         Ok(Some(vec_tensor(dx, x.shape(), x)?))
     }
@@ -313,87 +318,192 @@ pub fn activate(x: &Tensor, act: Activation) -> CResult<Tensor> {
     x.contiguous()?.apply_op1(ActivationOp(act))
 }
 
-// ------------------------------------------------------------------- softmax
+// ----------------------------------------------------------------- attention
 
-/// What attention scores [B, H, T, T] are masked with before the softmax.
+/// What attention is masked with.
 #[derive(Clone)]
 pub enum SoftmaxMask {
     None,
     /// Keys after the query are excluded.
     Causal,
-    /// An additive [B, T] mask over keys (0 or a very negative value).
+    /// An additive mask over keys, one value per row of [B, T] (0 or a very
+    /// negative value).
     Keys(Arc<Vec<f32>>),
 }
 
-struct SoftmaxOp {
-    scale: f32,
+impl SoftmaxMask {
+    fn kernel_mask(&self) -> Mask<'_> {
+        match self {
+            SoftmaxMask::None => Mask::None,
+            SoftmaxMask::Causal => Mask::Causal,
+            SoftmaxMask::Keys(k) => Mask::Keys(k),
+        }
+    }
+}
+
+/// Multi-head self-attention from a fused qkv [B, T, 3C] to the context
+/// [B, T, C], heads in parallel. The forward is the inference kernel; the
+/// backward recomputes each head's probabilities rather than storing them.
+struct AttentionOp {
+    heads: usize,
     mask: SoftmaxMask,
 }
 
-impl CustomOp1 for SoftmaxOp {
-    fn name(&self) -> &'static str {
-        "clasp-scaled-masked-softmax"
-    }
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: each task writes the q, k and v slots of its own (sequence, head).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
-        let dims = l.dims();
-        let (t, q) = (dims[dims.len() - 1], dims[dims.len() - 2]);
-        let per_batch = x.len() / dims[0];
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(t)
-            .zip(x.par_chunks(t))
-            .enumerate()
-            .for_each(|(r, (yr, xr))| {
-                let (b, i) = (r * t / per_batch, r % q);
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..t {
-                    let m = match &self.mask {
-                        SoftmaxMask::None => 0.0,
-                        SoftmaxMask::Causal if j > i => f32::NEG_INFINITY,
-                        SoftmaxMask::Causal => 0.0,
-                        SoftmaxMask::Keys(k) => k[b * t + j],
-                    };
-                    yr[j] = xr[j] * self.scale + m;
-                    max = max.max(yr[j]);
-                }
-                let mut sum = 0f32;
-                for v in yr.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                for v in yr.iter_mut() {
-                    *v *= inv;
-                }
-            });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let ((yt, n), (gt, _)) = (view(res)?, view(grad)?);
-        let (yv, gv) = (f32_view(&yt)?, f32_view(&gt)?);
-        let t = x.dim(candle_core::D::Minus1)?;
-        let mut dx = vec![0f32; n];
-        dx.par_chunks_mut(t)
-            .zip(yv.as_slice().par_chunks(t).zip(gv.as_slice().par_chunks(t)))
-            .for_each(|(dr, (yr, gr))| {
-                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                for j in 0..t {
-                    dr[j] = self.scale * yr[j] * (gr[j] - dot);
-                }
-            });
-        Ok(Some(vec_tensor(dx, x.shape(), x)?))
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
-/// softmax(x * scale + mask) over the last dimension of scores [B, H, T, T],
-/// differentiable in x.
-pub fn scaled_masked_softmax(x: &Tensor, scale: f64, mask: SoftmaxMask) -> CResult<Tensor> {
-    x.contiguous()?.apply_op1(SoftmaxOp {
-        scale: scale as f32,
-        mask,
-    })
+/// `dst (t x n, strides rs/cs) = beta * lhs (t x k) * rhs (k x n)`, one thread.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm1(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, isize, isize),
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2,
+        dst.1,
+        false,
+        lhs.0,
+        lhs.2,
+        lhs.1,
+        rhs.0,
+        rhs.2,
+        rhs.1,
+        0.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "clasp-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let qkv = slice(s, l)?;
+        let (b, t, c3) = l.shape().dims3()?;
+        let c = c3 / 3;
+        let mut ctx = vec![0f32; b * t * c];
+        cpu_kernels::attention(
+            qkv,
+            &mut ctx,
+            &uniform_segments(b, t),
+            self.heads,
+            c,
+            self.mask.kernel_mask(),
+        );
+        Ok((CpuStorage::F32(ctx), Shape::from((b, t, c))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let ((qt, n), (gt, _)) = (view(qkv)?, view(grad)?);
+        let (qv, gv) = (f32_view(&qt)?, f32_view(&gt)?);
+        let (qkv_s, g_s) = (qv.as_slice(), gv.as_slice());
+        let (b, t, c3) = qkv.dims3()?;
+        let (c, heads) = (c3 / 3, self.heads);
+        let d = c / heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mask = self.mask.kernel_mask();
+        let mut dqkv = vec![0f32; n];
+        let out = SendPtr(dqkv.as_mut_ptr());
+        let (row, grow) = (c3 as isize, c as isize);
+        (0..b * heads).into_par_iter().for_each_init(
+            || (vec![0f32; t * t], vec![0f32; t * t]),
+            |(p, dp), job| {
+                let (seq, h) = (job / heads, job % heads);
+                let start = seq * t;
+                let base = start * c3 + h * d;
+                let (q, k, v) = (
+                    qkv_s[base..].as_ptr(),
+                    qkv_s[base + c..].as_ptr(),
+                    qkv_s[base + 2 * c..].as_ptr(),
+                );
+                let go = g_s[start * c + h * d..].as_ptr();
+                // SAFETY: every operand is t rows of d values at the strides
+                // given, inside its buffer; p and dp are t x t; this task
+                // alone writes the d columns of head h of sequence seq.
+                unsafe {
+                    let (dq, dk, dv) = (
+                        out.get().add(base),
+                        out.get().add(base + c),
+                        out.get().add(base + 2 * c),
+                    );
+                    // P = softmax(scale Q K^T + mask), as the forward.
+                    gemm1(
+                        (t, t, d),
+                        (p.as_mut_ptr(), t as isize, 1),
+                        (q, row, 1),
+                        (k, 1, row),
+                        scale,
+                    );
+                    cpu_kernels::softmax_rows(p, t, start, mask);
+                    // dV = P^T dO; dP = dO V^T.
+                    gemm1(
+                        (t, d, t),
+                        (dv, row, 1),
+                        (p.as_ptr(), 1, t as isize),
+                        (go, grow, 1),
+                        1.0,
+                    );
+                    gemm1(
+                        (t, t, d),
+                        (dp.as_mut_ptr(), t as isize, 1),
+                        (go, grow, 1),
+                        (v, 1, row),
+                        1.0,
+                    );
+                    // dS = P * (dP - rowsum(dP * P)).
+                    for (pr, dr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for (dv_, pv) in dr.iter_mut().zip(pr) {
+                            *dv_ = pv * (*dv_ - dot);
+                        }
+                    }
+                    // dQ = scale dS K; dK = scale dS^T Q.
+                    gemm1(
+                        (t, d, t),
+                        (dq, row, 1),
+                        (dp.as_ptr(), t as isize, 1),
+                        (k, row, 1),
+                        scale,
+                    );
+                    gemm1(
+                        (t, d, t),
+                        (dk, row, 1),
+                        (dp.as_ptr(), 1, t as isize),
+                        (q, row, 1),
+                        scale,
+                    );
+                }
+            },
+        );
+        Ok(Some(vec_tensor(dqkv, qkv.shape(), qkv)?))
+    }
+}
+
+/// Multi-head self-attention of a fused qkv [B, T, 3C] (q | k | v, heads
+/// contiguous within each) into the context [B, T, C], differentiable.
+pub fn attention(qkv: &Tensor, heads: usize, mask: SoftmaxMask) -> CResult<Tensor> {
+    qkv.contiguous()?.apply_op1(AttentionOp { heads, mask })
 }
 
 #[cfg(test)]
@@ -517,8 +627,9 @@ mod tests {
     }
 
     #[test]
-    fn softmax_matches_composition_under_each_mask() {
-        let (b, h, t) = (2, 3, 5);
+    fn attention_matches_composition_under_each_mask() {
+        let (b, h, t, d) = (2, 3, 5, 4);
+        let c = h * d;
         let keys = vec![0.0, 0.0, 0.0, f32::MIN, f32::MIN, 0.0, 0.0, 0.0, 0.0, 0.0];
         let causal = crate::model::layers::causal_mask(t, &Device::Cpu).unwrap();
         let key_t = Tensor::from_vec(keys.clone(), (b, 1, 1, t), &Device::Cpu).unwrap();
@@ -531,14 +642,31 @@ mod tests {
             ),
         ] {
             check(
-                &[randn(&[b, h, t, t])],
-                |x| scaled_masked_softmax(&x[0], 0.125, mask.clone()).unwrap(),
+                &[randn(&[b, t, 3 * c])],
+                |x| attention(&x[0], h, mask.clone()).unwrap(),
                 |x| {
-                    let mut s = (&x[0] * 0.125).unwrap();
+                    // [3, B, H, T, D]
+                    let qkv = x[0]
+                        .reshape((b, t, 3, h, d))
+                        .unwrap()
+                        .permute((2, 0, 3, 1, 4))
+                        .unwrap();
+                    let (q, k, v) = (
+                        qkv.get(0).unwrap(),
+                        qkv.get(1).unwrap(),
+                        qkv.get(2).unwrap(),
+                    );
+                    let mut s = (q.matmul(&k.t().unwrap()).unwrap() * 0.5).unwrap();
                     if let Some(m) = &additive {
                         s = s.broadcast_add(m).unwrap();
                     }
-                    candle_nn::ops::softmax(&s, D::Minus1).unwrap()
+                    let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+                    p.matmul(&v)
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .reshape((b, t, c))
+                        .unwrap()
                 },
                 1e-5,
             );

@@ -185,26 +185,27 @@ impl Attention {
         } else {
             self.qkv.forward(x)?
         };
+        if fused_grad(&qkv) {
+            let ctx = grad_kernels::attention(&qkv, h, mask.softmax_mask()?)?;
+            return self.out.forward(&ctx);
+        }
         let qkv = qkv.reshape((b, t, 3, h, d))?;
         // [3, B, H, T, D]
         let qkv = qkv.permute((2, 0, 3, 1, 4))?.contiguous()?;
         let scale = 1.0 / (d as f64).sqrt();
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let probs = if fused_grad(&qkv) {
-            let scores = q.matmul(&k.t()?)?;
-            grad_kernels::scaled_masked_softmax(&scores, scale, mask.softmax_mask()?)?
+        let q = (qkv.get(0)? * scale)?;
+        let k = qkv.get(1)?;
+        let v = qkv.get(2)?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(m) = mask.additive(x)? {
+            scores = scores.broadcast_add(&m)?;
+        }
+        // candle's fused softmax is not tracked for backprop (it would
+        // silently cut the gradient through q and k), so grad mode composes it.
+        let probs = if crate::model::grad_mode() {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
-            let mut scores = (q * scale)?.matmul(&k.t()?)?;
-            if let Some(m) = mask.additive(x)? {
-                scores = scores.broadcast_add(&m)?;
-            }
-            // candle's fused softmax is not tracked for backprop (it would
-            // silently cut the gradient through q and k), so grad mode composes it.
-            if crate::model::grad_mode() {
-                candle_nn::ops::softmax(&scores, D::Minus1)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&scores)?
-            }
+            candle_nn::ops::softmax_last_dim(&scores)?
         };
         let ctx = probs.matmul(&v)?; // [B, H, T, D]
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, c))?;
