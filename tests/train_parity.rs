@@ -352,3 +352,60 @@ fn accumulated_gradients_equal_the_full_batch_gradient() {
         }
     }
 }
+
+/// Each colour-jitter op, and a chain of all four, equals torchvision's PIL
+/// path exactly on crops of real photos and on pure and grey colours.
+#[test]
+fn color_jitter_ops_equal_torchvision() {
+    use clasp::preprocess::augment::{
+        adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation,
+    };
+    type Op = fn(&mut image::RgbImage, f32);
+    let f = candle_core::safetensors::load(
+        "tests/fixtures/train/color_jitter.safetensors",
+        &Device::Cpu,
+    )
+    .unwrap();
+    let to_image = |t: &Tensor| {
+        let (h, w, _) = t.dims3().unwrap();
+        let data = t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        image::RgbImage::from_raw(w as u32, h as u32, data).unwrap()
+    };
+    let ops: [(&str, Op); 4] = [
+        ("brightness", adjust_brightness),
+        ("contrast", adjust_contrast),
+        ("saturation", adjust_saturation),
+        ("hue", adjust_hue),
+    ];
+    let mut checked = 0;
+    for name in ["photo0", "photo1", "synthetic"] {
+        let input = to_image(&f[&format!("{name}/input")]);
+        for (op, apply) in ops {
+            for k in 0.. {
+                let Some(expected) = f.get(&format!("{name}/{op}/{k}")) else {
+                    break;
+                };
+                let factor = f[&format!("{name}/{op}/{k}/factor")]
+                    .to_vec1::<f64>()
+                    .unwrap()[0] as f32;
+                let mut got = input.clone();
+                apply(&mut got, factor);
+                let expected = to_image(expected);
+                let wrong = got
+                    .iter()
+                    .zip(expected.iter())
+                    .filter(|(a, b)| a != b)
+                    .count();
+                assert_eq!(wrong, 0, "{name} {op}({factor}): {wrong} values differ");
+                checked += 1;
+            }
+        }
+        let mut got = input.clone();
+        adjust_hue(&mut got, 0.08);
+        adjust_saturation(&mut got, 1.3);
+        adjust_brightness(&mut got, 0.8);
+        adjust_contrast(&mut got, 1.2);
+        assert_eq!(got, to_image(&f[&format!("{name}/chain")]), "{name} chain");
+    }
+    assert_eq!(checked, 3 * 11);
+}

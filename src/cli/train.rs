@@ -61,6 +61,13 @@ pub struct TrainArgs {
     /// Random-resized-crop lower area bound; 1 turns augmentation off [default: 0.9].
     #[arg(long)]
     pub crop_scale: Option<f64>,
+    /// Colour jitter strengths BRIGHTNESS,CONTRAST,SATURATION,HUE as torchvision's
+    /// ColorJitter takes them, e.g. 0.4,0.4,0.4,0.1 [default: off].
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub color_jitter: Option<Vec<f32>>,
+    /// Probability that an image is colour-jittered [default: 0.8].
+    #[arg(long)]
+    pub color_jitter_prob: Option<f64>,
     /// Seed of the data order [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -107,6 +114,8 @@ struct FileConfig {
     grad_clip: Option<f64>,
     accum_freq: Option<usize>,
     crop_scale: Option<f64>,
+    color_jitter: Option<Vec<f32>>,
+    color_jitter_prob: Option<f64>,
     seed: Option<u64>,
     objective: Option<String>,
     eval_dataset: Option<String>,
@@ -216,6 +225,15 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
             .or(f.crop_scale)
             .unwrap_or(0.9)
             .clamp(0.01, 1.0),
+        color_jitter: a
+            .color_jitter
+            .clone()
+            .or(f.color_jitter)
+            .unwrap_or_default(),
+        color_jitter_prob: a
+            .color_jitter_prob
+            .or(f.color_jitter_prob)
+            .unwrap_or_else(trainer::color_jitter_prob),
         seed,
         objective: a
             .objective

@@ -310,6 +310,11 @@ impl ImageProcessor {
 
     /// Processes one RGB image into CHW f32 values, `output_size` in shape.
     pub fn process(&self, img: &RgbImage) -> Result<Vec<f32>> {
+        Ok(self.normalize(&self.resize_and_crop(img)))
+    }
+
+    /// The evaluation geometry: resize, then centre crop, as configured.
+    fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
         let resized = if self.cfg.do_resize {
             let (h, w) = resize_target((img.height(), img.width()), self.cfg.resize);
             if (w, h) == img.dimensions() {
@@ -320,12 +325,33 @@ impl ImageProcessor {
         } else {
             img.clone()
         };
-        let view = if self.cfg.do_center_crop {
+        if self.cfg.do_center_crop {
             center_crop(&resized, self.cfg.crop)
         } else {
             resized
+        }
+    }
+
+    /// Training preprocessing, in open_clip's order: RandomResizedCrop with
+    /// area in [`crop_scale`, 1] (the evaluation resize and crop when
+    /// `crop_scale` >= 1), colour jitter when given, then normalisation. All
+    /// randomness comes from `uniform`, so the same draws give the same pixels.
+    pub fn process_train(
+        &self,
+        img: &RgbImage,
+        crop_scale: f64,
+        jitter: Option<&super::augment::ColorJitter>,
+        uniform: &mut dyn FnMut() -> f64,
+    ) -> Result<Vec<f32>> {
+        let mut out = if crop_scale < 1.0 {
+            self.random_resized_crop(img, (crop_scale, 1.0), uniform)
+        } else {
+            self.resize_and_crop(img)
         };
-        Ok(self.normalize(&view))
+        if let Some(j) = jitter {
+            j.apply(&mut out, uniform);
+        }
+        Ok(self.normalize(&out))
     }
 
     /// Training augmentation: torchvision's `RandomResizedCrop` (area in
@@ -339,6 +365,15 @@ impl ImageProcessor {
         scale: (f64, f64),
         uniform: &mut dyn FnMut() -> f64,
     ) -> Result<Vec<f32>> {
+        Ok(self.normalize(&self.random_resized_crop(img, scale, uniform)))
+    }
+
+    fn random_resized_crop(
+        &self,
+        img: &RgbImage,
+        scale: (f64, f64),
+        uniform: &mut dyn FnMut() -> f64,
+    ) -> RgbImage {
         let (w0, h0) = (img.width() as f64, img.height() as f64);
         let area = w0 * h0;
         let (lr0, lr1) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
@@ -377,8 +412,7 @@ impl ImageProcessor {
         } else {
             resize_target((img.height(), img.width()), self.cfg.resize)
         };
-        let out = super::resample::resize_bicubic_pil(&region, ow, oh);
-        Ok(self.normalize(&out))
+        super::resample::resize_bicubic_pil(&region, ow, oh)
     }
 
     /// Loads and processes a file.

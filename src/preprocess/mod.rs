@@ -1,6 +1,7 @@
 //! Input preprocessing: images (decode, orient, resize, crop, normalise) and
 //! text (tokenize, pad, truncate).
 
+pub mod augment;
 pub mod image;
 pub mod prompts;
 pub mod resample;

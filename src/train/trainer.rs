@@ -22,6 +22,7 @@ use super::loss;
 use super::model::Trainable;
 use super::optim::{self, AdamWConfig, GroupedAdamW};
 use crate::data::{self, DatasetSpec, ImageSource, Lang, PairSet, Split};
+use crate::preprocess::augment::ColorJitter;
 use crate::preprocess::image::decode_image;
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -48,6 +49,13 @@ pub struct TrainConfig {
     /// augmentation off and uses the evaluation preprocessing.
     #[serde(default = "crop_scale")]
     pub crop_scale: f64,
+    /// Colour jitter strengths [brightness, contrast, saturation, hue] as
+    /// torchvision's ColorJitter takes them; empty: off.
+    #[serde(default)]
+    pub color_jitter: Vec<f32>,
+    /// The probability that an image is jittered (open_clip's 0.8).
+    #[serde(default = "color_jitter_prob")]
+    pub color_jitter_prob: f64,
     pub seed: u64,
     pub objective: String,
     pub eval_dataset: Option<String>,
@@ -64,6 +72,9 @@ fn one() -> usize {
 }
 fn crop_scale() -> f64 {
     0.9
+}
+pub fn color_jitter_prob() -> f64 {
+    0.8
 }
 
 /// splitmix64: a tiny, seedable generator whose whole state is one u64, so
@@ -179,6 +190,7 @@ fn decode_batch(
     images: &[ImageSource],
     batch: &[(usize, usize)],
     crop_scale: f64,
+    jitter: Option<&ColorJitter>,
     seed: u64,
     step: usize,
 ) -> Result<Vec<Vec<f32>>> {
@@ -189,13 +201,13 @@ fn decode_batch(
             let src = &images[*i];
             let bytes = src.read()?;
             let img = decode_image(&bytes, &src.path())?;
-            if crop_scale >= 1.0 {
+            if crop_scale >= 1.0 && jitter.is_none() {
                 return proc.process(&img);
             }
             let mut rng = Rng(seed ^ 0xA5A5_5A5A ^ ((step as u64) << 20) ^ k as u64);
             rng.next_u64();
             let mut uniform = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-            proc.process_random_resized_crop(&img, (crop_scale, 1.0), &mut uniform)
+            proc.process_train(&img, crop_scale, jitter, &mut uniform)
         })
         .collect()
 }
@@ -289,6 +301,7 @@ pub fn train(
     }
     let tokenizer =
         crate::preprocess::TextTokenizer::from_dir(&t.source_dir, t.config.text_context_length())?;
+    let jitter = ColorJitter::new(&cfg.color_jitter, cfg.color_jitter_prob)?;
     let proc = crate::preprocess::ImageProcessor::new(
         match &t.source_dir.join("preprocessor_config.json") {
             p if p.is_file() => crate::preprocess::ImageProcessorConfig::from_file(p)?,
@@ -337,9 +350,10 @@ pub fn train(
         let images = &set.images;
         let proc = &proc;
         let (crop, seed) = (cfg.crop_scale, cfg.seed);
+        let jitter = jitter.as_ref();
         s.spawn(move || {
             for (n, b) in plan.into_iter().enumerate() {
-                let px = decode_batch(proc, images, &b, crop, seed, start_step + n);
+                let px = decode_batch(proc, images, &b, crop, jitter, seed, start_step + n);
                 if tx.send((b, px)).is_err() {
                     return;
                 }
