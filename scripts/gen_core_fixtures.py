@@ -221,6 +221,41 @@ def tiny_models():
     print("models: ok")
 
 
+def tiny_dual_encoder():
+    """A VisionTextDualEncoderModel (CLIP vision + BERT text, LiT's layout):
+    its own expected file, so it can be made without remaking the rest."""
+    from transformers import BertConfig, CLIPVisionConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+    torch.manual_seed(7)
+    texts = ["a photo of a cat", "the dog", "一只猫在草地上", "the cat the dog " * 20]
+    d = os.path.join(OUT, "tiny-dual-encoder")
+    tok, vocab_n = tiny_bert_vocab(d)
+    cfg = VisionTextDualEncoderConfig.from_vision_text_configs(
+        CLIPVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=32, patch_size=8),
+        BertConfig(vocab_size=vocab_n, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=64),
+        projection_dim=20)
+    model = VisionTextDualEncoderModel(cfg).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(1.8)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    write_processor(d, "clip", 32)
+    enc = tok(texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px)
+        img = model.get_image_features(pixel_values=px).pooler_output
+        txt = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+    tensors = {"dual.pixel_values": px, "dual.input_ids": enc["input_ids"].int(),
+               "dual.attention_mask": enc["attention_mask"].int(), "dual.image_features": img,
+               "dual.text_features": txt, "dual.logits_per_image": out.logits_per_image}
+    json.dump(texts, open(os.path.join(OUT, "tiny-dual-encoder.texts.json"), "w"), ensure_ascii=False)
+    save_file({k: v.contiguous().numpy() for k, v in tensors.items()},
+              os.path.join(OUT, "dual_expected.safetensors"))
+    print("dual encoder: ok")
+
+
 def test_images():
     """Small images in every format and colour mode clasp must read."""
     d = os.path.join(OUT, "images")
@@ -320,6 +355,9 @@ def file_features():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["dual"]:
+        tiny_dual_encoder()
+        sys.exit(0)
     if os.path.isdir(OUT):
         shutil.rmtree(OUT)
     os.makedirs(OUT)
@@ -328,5 +366,6 @@ if __name__ == "__main__":
     test_images()
     file_features()
     pixels()
+    tiny_dual_encoder()
     total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(OUT) for f in fs)
     print(f"total fixture size: {total / 1024:.0f} KiB")

@@ -57,7 +57,9 @@ impl Encoder {
         let pp = match &files.preprocessor_config {
             Some(p) => ImageProcessorConfig::from_file(p)?,
             None => match config {
-                ModelConfig::Clip(_) => ImageProcessorConfig::clip_default(image_size),
+                ModelConfig::Clip(_) | ModelConfig::DualEncoder(_) => {
+                    ImageProcessorConfig::clip_default(image_size)
+                }
                 ModelConfig::ChineseClip(_) => {
                     ImageProcessorConfig::chinese_clip_default(image_size)
                 }

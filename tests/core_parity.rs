@@ -17,8 +17,10 @@ fn shared() -> PathBuf {
 }
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("models_expected.safetensors"), &Device::Cpu)
-        .unwrap()
+    let load = |f: &str| candle_core::safetensors::load(fixtures().join(f), &Device::Cpu).unwrap();
+    let mut all = load("models_expected.safetensors");
+    all.extend(load("dual_expected.safetensors"));
+    all
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
@@ -84,6 +86,13 @@ fn clip_matches_transformers() {
 #[test]
 fn chinese_clip_matches_transformers() {
     check_model("tiny-chinese-clip", "cn", "tiny-chinese-clip.texts.json");
+}
+
+/// VisionTextDualEncoderModel, the layout LiT training writes: BERT's pooler
+/// output on the text side.
+#[test]
+fn dual_encoder_matches_transformers() {
+    check_model("tiny-dual-encoder", "dual", "tiny-dual-encoder.texts.json");
 }
 
 #[derive(serde::Deserialize)]

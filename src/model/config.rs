@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// The `model_type` values clasp can build.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["clip", "chinese_clip"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["clip", "chinese_clip", "vision-text-dual-encoder"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -153,10 +153,36 @@ pub struct ChineseClipConfig {
 }
 
 /// A parsed config.json, one variant per supported architecture.
+/// transformers' `VisionTextDualEncoderConfig`, with the towers clasp builds:
+/// a CLIP vision tower and a BERT text tower.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DualEncoderConfig {
+    pub text_config: BertConfig,
+    pub vision_config: VisionConfig,
+    #[serde(default = "d_512")]
+    pub projection_dim: usize,
+    #[serde(default = "d_logit_scale")]
+    pub logit_scale_init_value: f64,
+}
+
 #[derive(Debug, Clone)]
 pub enum ModelConfig {
     Clip(ClipConfig),
     ChineseClip(ChineseClipConfig),
+    DualEncoder(DualEncoderConfig),
+}
+
+/// The sub-model types of each tower, which `vision-text-dual-encoder`
+/// configs name and clasp checks.
+#[derive(Deserialize)]
+struct DualHead {
+    vision_config: TowerHead,
+    text_config: TowerHead,
+}
+
+#[derive(Deserialize)]
+struct TowerHead {
+    model_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +209,21 @@ impl ModelConfig {
             "chinese_clip" => Ok(ModelConfig::ChineseClip(
                 serde_json::from_str(text).map_err(bad)?,
             )),
+            "vision-text-dual-encoder" => {
+                let towers: DualHead = serde_json::from_str(text).map_err(bad)?;
+                let v = towers.vision_config.model_type.unwrap_or_default();
+                let t = towers.text_config.model_type.unwrap_or_default();
+                if v != "clip_vision_model" || t != "bert" {
+                    return Err(Error::UnsupportedArchitecture {
+                        path: path.to_path_buf(),
+                        model_type: format!("vision-text-dual-encoder of {v} and {t}"),
+                        supported: "vision-text-dual-encoder of clip_vision_model and bert".into(),
+                    });
+                }
+                Ok(ModelConfig::DualEncoder(
+                    serde_json::from_str(text).map_err(bad)?,
+                ))
+            }
             other => Err(Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 model_type: if other.is_empty() {
@@ -199,6 +240,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Clip(_) => "clip",
             ModelConfig::ChineseClip(_) => "chinese_clip",
+            ModelConfig::DualEncoder(_) => "vision-text-dual-encoder",
         }
     }
 
@@ -206,6 +248,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Clip(c) => &c.vision_config,
             ModelConfig::ChineseClip(c) => &c.vision_config,
+            ModelConfig::DualEncoder(c) => &c.vision_config,
         }
     }
 
@@ -213,16 +256,19 @@ impl ModelConfig {
         match self {
             ModelConfig::Clip(c) => c.projection_dim,
             ModelConfig::ChineseClip(c) => c.projection_dim,
+            ModelConfig::DualEncoder(c) => c.projection_dim,
         }
     }
 
     /// The text context the model was trained with: CLIP's position table (77),
     /// and Chinese-CLIP's 52 (its BERT table has 512 rows, but the published
-    /// models were trained and are used with 52 tokens).
+    /// models were trained and are used with 52 tokens). A BERT text tower of a
+    /// dual encoder gets CLIP's 77 (captions are short; BERT allows 512).
     pub fn text_context_length(&self) -> usize {
         match self {
             ModelConfig::Clip(c) => c.text_config.max_position_embeddings,
             ModelConfig::ChineseClip(c) => c.text_config.max_position_embeddings.min(52),
+            ModelConfig::DualEncoder(c) => c.text_config.max_position_embeddings.min(77),
         }
     }
 }
@@ -254,7 +300,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("siglip"), "{err}");
-        assert!(err.contains("clip, chinese_clip"), "{err}");
+        assert!(
+            err.contains("clip, chinese_clip, vision-text-dual-encoder"),
+            "{err}"
+        );
         assert!(err.contains("x/config.json"), "{err}");
     }
 }

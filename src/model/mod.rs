@@ -11,6 +11,7 @@ pub mod chinese_clip;
 pub mod clip;
 pub mod config;
 pub mod cpu_kernels;
+pub mod dual_encoder;
 pub mod grad_kernels;
 pub mod layers;
 pub mod loader;
@@ -23,6 +24,7 @@ use candle_core::Tensor;
 pub use chinese_clip::ChineseClipModel;
 pub use clip::ClipModel;
 pub use config::{ModelConfig, SUPPORTED_MODEL_TYPES};
+pub use dual_encoder::DualEncoderModel;
 pub use loader::{resolve, ModelFiles};
 pub use vit::l2_normalize;
 
@@ -48,6 +50,7 @@ pub fn set_grad_mode(on: bool) -> bool {
 pub enum Model {
     Clip(ClipModel),
     ChineseClip(ChineseClipModel),
+    DualEncoder(DualEncoderModel),
 }
 
 impl Model {
@@ -55,24 +58,51 @@ impl Model {
         Ok(match cfg {
             ModelConfig::Clip(c) => Model::Clip(ClipModel::load(vb, c)?),
             ModelConfig::ChineseClip(c) => Model::ChineseClip(ChineseClipModel::load(vb, c)?),
+            ModelConfig::DualEncoder(c) => Model::DualEncoder(DualEncoderModel::load(vb, c)?),
         })
+    }
+
+    /// The image tower's pooled output [B, C], before the projection.
+    pub fn image_pooled(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        match self {
+            Model::Clip(m) => m.vision.forward(pixel_values),
+            Model::ChineseClip(m) => m.vision.forward(pixel_values),
+            Model::DualEncoder(m) => m.image_pooled(pixel_values),
+        }
+    }
+
+    /// The text tower's pooled output [B, C] from token ids and the 0/1
+    /// attention mask, both [B, T], before the projection.
+    pub fn text_pooled(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Model::Clip(m) => m.text.forward(input_ids),
+            Model::ChineseClip(m) => m.text.forward(input_ids, attention_mask),
+            Model::DualEncoder(m) => m.text_pooled(input_ids, attention_mask),
+        }
+    }
+
+    /// The visual and text projections.
+    pub fn projections(&self) -> (&layers::Linear, &layers::Linear) {
+        match self {
+            Model::Clip(m) => (&m.visual_projection, &m.text_projection),
+            Model::ChineseClip(m) => (&m.visual_projection, &m.text_projection),
+            Model::DualEncoder(m) => (&m.visual_projection, &m.text_projection),
+        }
     }
 
     /// Projected, unnormalised image features [B, P] from pixel values [B, C, S, S].
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        match self {
-            Model::Clip(m) => m.image_features(pixel_values),
-            Model::ChineseClip(m) => m.image_features(pixel_values),
-        }
+        self.projections()
+            .0
+            .forward(&self.image_pooled(pixel_values)?)
     }
 
     /// Projected, unnormalised text features [B, P] from token ids and the 0/1
     /// attention mask, both [B, T].
     pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        match self {
-            Model::Clip(m) => m.text_features(input_ids),
-            Model::ChineseClip(m) => m.text_features(input_ids, attention_mask),
-        }
+        self.projections()
+            .1
+            .forward(&self.text_pooled(input_ids, attention_mask)?)
     }
 
     /// The raw (log) logit scale parameter; logits use its exponential.
@@ -80,6 +110,7 @@ impl Model {
         match self {
             Model::Clip(m) => &m.logit_scale,
             Model::ChineseClip(m) => &m.logit_scale,
+            Model::DualEncoder(m) => &m.logit_scale,
         }
     }
 }

@@ -1,0 +1,66 @@
+//! `VisionTextDualEncoderModel` (transformers): any CLIP vision tower and any
+//! BERT text tower joined by two new bias-free projections, the layout that
+//! LiT-style training produces. The text side uses BERT's pooler output
+//! (tanh of a dense layer over [CLS]) and the image side the ViT's pooled
+//! [CLS], as transformers' `get_text_features`/`get_image_features` do.
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use super::chinese_clip::BertTextModel;
+use super::config::DualEncoderConfig;
+use super::layers::Linear;
+use super::vit::VisionTransformer;
+use crate::Result;
+
+#[derive(Debug, Clone)]
+pub struct DualEncoderModel {
+    pub vision: VisionTransformer,
+    pub text: BertTextModel,
+    pub text_pooler: Linear,
+    pub visual_projection: Linear,
+    pub text_projection: Linear,
+    pub logit_scale: Tensor,
+    pub config: DualEncoderConfig,
+}
+
+impl DualEncoderModel {
+    pub fn load(vb: VarBuilder, cfg: &DualEncoderConfig) -> Result<Self> {
+        let (v, t) = (&cfg.vision_config, &cfg.text_config);
+        Ok(Self {
+            vision: VisionTransformer::load(vb.pp("vision_model"), v)?,
+            text: BertTextModel::load(vb.pp("text_model"), t)?,
+            text_pooler: Linear::load(
+                vb.pp("text_model.pooler.dense"),
+                t.hidden_size,
+                t.hidden_size,
+                true,
+            )?,
+            visual_projection: Linear::load(
+                vb.pp("visual_projection"),
+                v.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
+            text_projection: Linear::load(
+                vb.pp("text_projection"),
+                t.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
+            logit_scale: vb.get((), "logit_scale")?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// The ViT's pooled output [B, C] before the projection.
+    pub fn image_pooled(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.vision.forward(pixel_values)
+    }
+
+    /// BERT's pooler output [B, C]: tanh(dense([CLS])).
+    pub fn text_pooled(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let cls = self.text.forward(input_ids, attention_mask)?;
+        Ok(self.text_pooler.forward(&cls)?.tanh()?)
+    }
+}
