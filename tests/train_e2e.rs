@@ -183,3 +183,101 @@ fn ctrl_c_saves_and_exits_cleanly_then_resumes_to_the_same_weights() {
         "interrupted at {stopped_at}, resumed: same final weights"
     );
 }
+
+/// LiT: a pretrained BERT text tower (here the text tower of the tiny
+/// transformers-made dual encoder, saved as a plain BERT checkpoint) joined to
+/// a from-scratch image tower. Locked, the text tower's weights come out
+/// exactly as they went in, while the projections and image tower learn; the
+/// result is a vision-text-dual-encoder checkpoint that clasp embeds with.
+#[test]
+fn lit_with_a_locked_text_tower_keeps_it_and_trains_the_rest() {
+    use candle_core::{Device, Tensor};
+    use std::collections::HashMap;
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-dual-encoder");
+    let bert = d.path().join("bert");
+    std::fs::create_dir_all(&bert).unwrap();
+    let dual =
+        candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu).unwrap();
+    let text: HashMap<String, Tensor> = dual
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("text_model.")?.to_string(), v.clone())))
+        .collect();
+    candle_core::safetensors::save(&text, bert.join("model.safetensors")).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
+            .unwrap();
+    std::fs::write(bert.join("config.json"), cfg["text_config"].to_string()).unwrap();
+    for f in ["vocab.txt", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture.join(f), bert.join(f)).unwrap();
+    }
+    let out = d.path().join("lit");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    c.args(["train", "--preset", "tiny", "--text-init"])
+        .arg(&bert)
+        .args([
+            "--lock-text",
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--output",
+        ])
+        .arg(&out)
+        .arg("--dataset")
+        .arg(format!("flickr8k:{}", data.display()));
+    run_ok(c);
+    let load = |p: PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let (init, end) = (
+        load(out.join("init/model.safetensors")),
+        load(out.join("checkpoint/model.safetensors")),
+    );
+    let differs = |k: &str| {
+        let diff = (&init[k] - &end[k]).unwrap().abs().unwrap();
+        diff.flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    };
+    for (k, v) in &text {
+        let got = &end[&format!("text_model.{k}")];
+        let same = (got - v)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0, "locked {k} changed");
+    }
+    assert!(
+        differs("text_projection.weight"),
+        "the text projection learns"
+    );
+    assert!(
+        differs("visual_projection.weight"),
+        "the visual projection learns"
+    );
+    assert!(
+        differs("vision_model.encoder.layers.0.mlp.fc1.weight"),
+        "the image tower learns"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["model_type"], "vision-text-dual-encoder");
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(["embed", "--model"])
+        .arg(out.join("checkpoint"))
+        .args(["--text", "a dog on the grass"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

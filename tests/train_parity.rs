@@ -324,6 +324,7 @@ fn accumulated_gradients_equal_the_full_batch_gradient() {
         pixels: &f["pixel_values"],
         ids: &ids,
         mask: &mask,
+        locked: Default::default(),
     };
     for (name, obj) in [("infonce", &InfoNce as &dyn Objective), ("siglip", &SigLip)] {
         let (l1, g1) = contrastive_grads(&t.model, obj, &x, Some(&bias), &vars, 1).unwrap();

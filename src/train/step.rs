@@ -22,12 +22,41 @@ pub struct Inputs<'a> {
     pub pixels: &'a Tensor,
     pub ids: &'a Tensor,
     pub mask: &'a Tensor,
+    pub locked: Locked,
 }
 
-fn features(model: &Model, px: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+/// Frozen towers (LiT): their outputs are computed without a graph, on the
+/// inference kernels, and only the projections above them learn.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Locked {
+    pub image: bool,
+    pub text: bool,
+}
+
+/// A tower's pooled output: with its graph, or, when locked, without one.
+fn pooled(locked: bool, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    if !locked {
+        return f();
+    }
+    let prev = crate::model::set_grad_mode(false);
+    let r = f();
+    crate::model::set_grad_mode(prev);
+    Ok(r?.detach())
+}
+
+fn features(
+    model: &Model,
+    px: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+    locked: Locked,
+) -> Result<(Tensor, Tensor)> {
+    let (vp, tp) = model.projections();
+    let img = pooled(locked.image, || model.image_pooled(px))?;
+    let txt = pooled(locked.text, || model.text_pooled(ids, mask))?;
     Ok((
-        l2_normalize(&model.image_features(px)?)?,
-        l2_normalize(&model.text_features(ids, mask)?)?,
+        l2_normalize(&vp.forward(&img)?)?,
+        l2_normalize(&tp.forward(&txt)?)?,
     ))
 }
 
@@ -58,7 +87,7 @@ fn run(
     let n = x.pixels.dim(0)?;
     let scalar = |l: &Tensor| -> Result<f64> { Ok(l.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     if accum == 1 || n < 2 {
-        let (img, txt) = features(model, x.pixels, x.ids, x.mask)?;
+        let (img, txt) = features(model, x.pixels, x.ids, x.mask, x.locked)?;
         let b = Batch {
             image: &img,
             text: &txt,
@@ -79,6 +108,7 @@ fn run(
             &part(x.pixels, r)?,
             &part(x.ids, r)?,
             &part(x.mask, r)?,
+            x.locked,
         )?;
         cached.push((i.detach(), t.detach()));
     }
@@ -91,6 +121,7 @@ fn run(
             &part(x.pixels, r)?,
             &part(x.ids, r)?,
             &part(x.mask, r)?,
+            x.locked,
         )?;
         let imgs: Vec<&Tensor> = (0..k)
             .map(|q| if q == j { &ij } else { &cached[q].0 })

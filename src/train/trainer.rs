@@ -56,6 +56,12 @@ pub struct TrainConfig {
     /// The probability that an image is jittered (open_clip's 0.8).
     #[serde(default = "color_jitter_prob")]
     pub color_jitter_prob: f64,
+    /// Freeze the image tower (only the projections above it learn).
+    #[serde(default)]
+    pub lock_image: bool,
+    /// Freeze the text tower (LiT: a pretrained text encoder, kept as is).
+    #[serde(default)]
+    pub lock_text: bool,
     pub seed: u64,
     pub objective: String,
     pub eval_dataset: Option<String>,
@@ -278,8 +284,19 @@ pub fn train(
     // SigLIP's bias lives in the training state, not in the checkpoint
     // (CLIPModel has no such parameter).
     let bias = Var::from_tensor(&Tensor::new(-10f32, &dev)?)?;
-    let vars = t.vars();
-    let mut opt_vars = vars.clone();
+    let locked = super::step::Locked {
+        image: cfg.lock_image,
+        text: cfg.lock_text,
+    };
+    // A locked tower's parameters are not optimised (nor decayed).
+    let mut opt_vars: Vec<(String, Var)> = t
+        .vars()
+        .into_iter()
+        .filter(|(n, _)| {
+            !(locked.image && n.starts_with("vision_model.")
+                || locked.text && n.starts_with("text_model."))
+        })
+        .collect();
     if needs_bias {
         opt_vars.push(("logit_bias".into(), bias.clone()));
     }
@@ -385,6 +402,7 @@ pub fn train(
                 pixels: &px,
                 ids: &ids,
                 mask: &mask,
+                locked,
             };
             let res = super::step::contrastive_grads(
                 &t.model,
