@@ -3,8 +3,8 @@
 
     python3 scripts/checkpoint_roundtrip.py CLASP_CHECKPOINT_DIR
 
-Loads the directory with CLIPModel / ChineseCLIPModel (from its config's
-model_type) and strict key checking, embeds the reference photos and a few
+Loads the directory with CLIPModel / ChineseCLIPModel /
+VisionTextDualEncoderModel (LiT runs; from its config's model_type) and strict key checking, embeds the reference photos and a few
 captions with transformers, runs `clasp embed` on the same inputs, and
 prints the differences. Exits 1 when a key is missing or unexpected, text
 embeddings differ by more than 1e-4, or an image cosine is below 0.9999 (the
@@ -31,9 +31,10 @@ TEXTS = ["a photo of a cat", "two dogs running on the grass", "一只猫", "a ch
 def main():
     ckpt = sys.argv[1]
     cfg = json.load(open(os.path.join(ckpt, "config.json")))
-    from transformers import AutoTokenizer, ChineseCLIPModel, CLIPModel
+    from transformers import AutoTokenizer, ChineseCLIPModel, CLIPModel, VisionTextDualEncoderModel
     chinese = cfg["model_type"] == "chinese_clip"
-    cls = ChineseCLIPModel if chinese else CLIPModel
+    cls = {"chinese_clip": ChineseCLIPModel, "vision-text-dual-encoder": VisionTextDualEncoderModel}.get(
+        cfg["model_type"], CLIPModel)
     max_pos = cfg["text_config"].get("max_position_embeddings", 77 if not chinese else 512)
     ctx = min(max_pos, 52) if chinese else min(max_pos, 77)
     model, info = cls.from_pretrained(ckpt, output_loading_info=True)
