@@ -410,3 +410,71 @@ fn color_jitter_ops_equal_torchvision() {
     }
     assert_eq!(checked, 3 * 11);
 }
+
+/// Locking a tower (LiT) changes what learns, not what is computed: on the
+/// transformers-made tiny dual encoder, the loss and every gradient outside
+/// the locked tower equal the unlocked ones, and the locked tower gets none.
+#[test]
+fn locking_a_tower_keeps_the_loss_and_the_other_gradients() {
+    use clasp::train::step::{contrastive_grads, Inputs, Locked};
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/core/tiny-dual-encoder"
+    );
+    let t = clasp::train::model::Trainable::from_checkpoint(dir, &Device::Cpu).unwrap();
+    let frozen = t.snapshot().unwrap();
+    let exp = candle_core::safetensors::load(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/core/dual_expected.safetensors"
+        ),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let px = Tensor::cat(&[&exp["dual.pixel_values"], &exp["dual.pixel_values"]], 0).unwrap();
+    let ids = exp["dual.input_ids"]
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    let mask = exp["dual.attention_mask"]
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    let vars = t.vars();
+    let run = |locked: Locked| {
+        let x = Inputs {
+            pixels: &px,
+            ids: &ids,
+            mask: &mask,
+            locked,
+        };
+        contrastive_grads(&t.model, &InfoNce, &x, None, &vars, 1).unwrap()
+    };
+    let (l0, g0) = run(Locked::default());
+    for (image, text) in [(false, true), (true, false)] {
+        let (l, g) = run(Locked {
+            image,
+            text,
+            frozen: Some(&frozen),
+        });
+        assert!(
+            (l - l0).abs() < 1e-6,
+            "lock image={image} text={text}: loss {l} vs {l0}"
+        );
+        for (name, v) in &vars {
+            let in_locked = image && name.starts_with("vision_model.")
+                || text && name.starts_with("text_model.");
+            match (in_locked, g.get(v.as_tensor()), g0.get(v.as_tensor())) {
+                (true, None, _) => {}
+                (true, Some(_), _) => panic!("{name}: a locked tower got a gradient"),
+                (false, Some(a), Some(b)) => {
+                    let d = max_abs(a, b);
+                    assert!(d < 1e-5, "{name}: gradient differs by {d} when locked");
+                }
+                (false, a, b) => panic!(
+                    "{name}: gradient present {} vs {}",
+                    a.is_some(),
+                    b.is_some()
+                ),
+            }
+        }
+    }
+}

@@ -22,24 +22,41 @@ pub struct Inputs<'a> {
     pub pixels: &'a Tensor,
     pub ids: &'a Tensor,
     pub mask: &'a Tensor,
-    pub locked: Locked,
+    pub locked: Locked<'a>,
 }
 
-/// Frozen towers (LiT): their outputs are computed without a graph, on the
-/// inference kernels, and only the projections above them learn.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Locked {
+/// Frozen towers (LiT). A locked tower's output comes from `frozen`, an
+/// inference snapshot of the model (`Trainable::snapshot`; valid for the
+/// whole run, since a locked tower never changes), without a graph and on the
+/// fast inference kernels; only what is above it learns. The training model
+/// itself must not run outside grad mode: its inference kernels hold q/k/v
+/// copies made before the checkpoint's values were loaded.
+#[derive(Clone, Copy, Default)]
+pub struct Locked<'a> {
     pub image: bool,
     pub text: bool,
+    pub frozen: Option<&'a Model>,
 }
 
-/// A tower's pooled output: with its graph, or, when locked, without one.
-fn pooled(locked: bool, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
-    if !locked {
-        return f();
-    }
+/// A tower's pooled output: from the training model with its graph, or, when
+/// locked, from the frozen snapshot without one.
+fn pooled(
+    locked: bool,
+    frozen: Option<&Model>,
+    model: &Model,
+    f: impl Fn(&Model) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let frozen = match (locked, frozen) {
+        (false, _) => return f(model),
+        (true, Some(m)) => m,
+        (true, None) => {
+            return Err(crate::Error::Report(
+                "a locked tower needs the frozen snapshot".into(),
+            ))
+        }
+    };
     let prev = crate::model::set_grad_mode(false);
-    let r = f();
+    let r = f(frozen);
     crate::model::set_grad_mode(prev);
     Ok(r?.detach())
 }
@@ -52,8 +69,10 @@ fn features(
     locked: Locked,
 ) -> Result<(Tensor, Tensor)> {
     let (vp, tp) = model.projections();
-    let img = pooled(locked.image, || model.image_pooled(px))?;
-    let txt = pooled(locked.text, || model.text_pooled(ids, mask))?;
+    let img = pooled(locked.image, locked.frozen, model, |m| m.image_pooled(px))?;
+    let txt = pooled(locked.text, locked.frozen, model, |m| {
+        m.text_pooled(ids, mask)
+    })?;
     Ok((
         l2_normalize(&vp.forward(&img)?)?,
         l2_normalize(&tp.forward(&txt)?)?,

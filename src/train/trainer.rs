@@ -307,9 +307,15 @@ pub fn train(
     // SigLIP's bias lives in the training state, not in the checkpoint
     // (CLIPModel has no such parameter).
     let bias = Var::from_tensor(&Tensor::new(-10f32, &dev)?)?;
+    let frozen = if cfg.lock_image || cfg.lock_text {
+        Some(t.snapshot()?)
+    } else {
+        None
+    };
     let locked = super::step::Locked {
         image: cfg.lock_image,
         text: cfg.lock_text,
+        frozen: frozen.as_ref(),
     };
     // A locked tower's parameters are not optimised (nor decayed).
     let mut opt_vars: Vec<(String, Var)> = t
