@@ -451,9 +451,8 @@ fn locking_a_tower_keeps_the_loss_and_the_other_gradients() {
     let (l0, g0) = run(Locked::default());
     for (image, text) in [(false, true), (true, false)] {
         let (l, g) = run(Locked {
-            image,
-            text,
-            frozen: Some(&frozen),
+            image: image.then_some(&frozen),
+            text: text.then_some(&frozen),
         });
         assert!(
             (l - l0).abs() < 1e-6,

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use super::config::{BertConfig, ChineseClipConfig};
 use super::cpu_kernels::{self, F32View, Mask};
 use super::layers::{
-    forward_fused, Attention, AttnMask, FusedLayer, LayerNorm, Linear, Mlp, Weights,
+    forward_fused, load_heads, Attention, AttnMask, FusedLayer, LayerNorm, Linear, Mlp, Weights,
 };
 use super::vit::VisionTransformer;
 use crate::{Error, Result};
@@ -216,22 +216,14 @@ impl ChineseClipModel {
     pub fn load(vb: VarBuilder, cfg: &ChineseClipConfig) -> Result<Self> {
         let v = &cfg.vision_config;
         let t = &cfg.text_config;
+        let (visual_projection, text_projection, logit_scale) =
+            load_heads(&vb, v.hidden_size, t.hidden_size, cfg.projection_dim)?;
         Ok(Self {
             vision: VisionTransformer::load(vb.pp("vision_model"), v)?,
             text: BertTextModel::load(vb.pp("text_model"), t)?,
-            visual_projection: Linear::load(
-                vb.pp("visual_projection"),
-                v.hidden_size,
-                cfg.projection_dim,
-                false,
-            )?,
-            text_projection: Linear::load(
-                vb.pp("text_projection"),
-                t.hidden_size,
-                cfg.projection_dim,
-                false,
-            )?,
-            logit_scale: vb.get((), "logit_scale")?,
+            visual_projection,
+            text_projection,
+            logit_scale,
             config: cfg.clone(),
         })
     }

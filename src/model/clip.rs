@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{ClipConfig, ClipTextConfig};
 use super::cpu_kernels::{self, F32View, Mask};
-use super::layers::{AttnMask, FusedLayer, LayerNorm, Linear, PreNormBlock};
+use super::layers::{load_heads, AttnMask, FusedLayer, LayerNorm, Linear, PreNormBlock};
 use super::vit::VisionTransformer;
 use crate::{Error, Result};
 
@@ -157,22 +157,14 @@ impl ClipModel {
     pub fn load(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
         let v = &cfg.vision_config;
         let t = &cfg.text_config;
+        let (visual_projection, text_projection, logit_scale) =
+            load_heads(&vb, v.hidden_size, t.hidden_size, cfg.projection_dim)?;
         Ok(Self {
             vision: VisionTransformer::load(vb.pp("vision_model"), v)?,
             text: ClipTextTransformer::load(vb.pp("text_model"), t)?,
-            visual_projection: Linear::load(
-                vb.pp("visual_projection"),
-                v.hidden_size,
-                cfg.projection_dim,
-                false,
-            )?,
-            text_projection: Linear::load(
-                vb.pp("text_projection"),
-                t.hidden_size,
-                cfg.projection_dim,
-                false,
-            )?,
-            logit_scale: vb.get((), "logit_scale")?,
+            visual_projection,
+            text_projection,
+            logit_scale,
             config: cfg.clone(),
         })
     }

@@ -153,17 +153,10 @@ pub struct ChineseClipConfig {
 }
 
 /// A parsed config.json, one variant per supported architecture.
-/// transformers' `VisionTextDualEncoderConfig`, with the towers clasp builds:
-/// a CLIP vision tower and a BERT text tower.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DualEncoderConfig {
-    pub text_config: BertConfig,
-    pub vision_config: VisionConfig,
-    #[serde(default = "d_512")]
-    pub projection_dim: usize,
-    #[serde(default = "d_logit_scale")]
-    pub logit_scale_init_value: f64,
-}
+/// transformers' `VisionTextDualEncoderConfig`, with the towers clasp builds
+/// (a CLIP vision tower and a BERT text tower): the same fields as
+/// Chinese-CLIP's config.
+pub type DualEncoderConfig = ChineseClipConfig;
 
 #[derive(Debug, Clone)]
 pub enum ModelConfig {

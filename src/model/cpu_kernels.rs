@@ -211,14 +211,16 @@ pub enum Mask<'a> {
     Keys(&'a [f32]),
 }
 
+/// A raw output pointer shared by parallel tasks that each write their own
+/// disjoint region (one sequence's one head).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: each task writes a disjoint region (one sequence's one head).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

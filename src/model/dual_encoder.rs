@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use super::chinese_clip::BertTextModel;
 use super::config::DualEncoderConfig;
-use super::layers::Linear;
+use super::layers::{load_heads, Linear};
 use super::vit::VisionTransformer;
 use crate::Result;
 
@@ -27,6 +27,8 @@ pub struct DualEncoderModel {
 impl DualEncoderModel {
     pub fn load(vb: VarBuilder, cfg: &DualEncoderConfig) -> Result<Self> {
         let (v, t) = (&cfg.vision_config, &cfg.text_config);
+        let (visual_projection, text_projection, logit_scale) =
+            load_heads(&vb, v.hidden_size, t.hidden_size, cfg.projection_dim)?;
         Ok(Self {
             vision: VisionTransformer::load(vb.pp("vision_model"), v)?,
             text: BertTextModel::load(vb.pp("text_model"), t)?,
@@ -36,19 +38,9 @@ impl DualEncoderModel {
                 t.hidden_size,
                 true,
             )?,
-            visual_projection: Linear::load(
-                vb.pp("visual_projection"),
-                v.hidden_size,
-                cfg.projection_dim,
-                false,
-            )?,
-            text_projection: Linear::load(
-                vb.pp("text_projection"),
-                t.hidden_size,
-                cfg.projection_dim,
-                false,
-            )?,
-            logit_scale: vb.get((), "logit_scale")?,
+            visual_projection,
+            text_projection,
+            logit_scale,
             config: cfg.clone(),
         })
     }

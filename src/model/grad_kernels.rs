@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use rayon::prelude::*;
 
 use super::config::Activation;
-use super::cpu_kernels::{self, uniform_segments, F32View, Mask};
+use super::cpu_kernels::{self, uniform_segments, F32View, Mask, SendPtr};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -33,13 +33,6 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("fused op needs a contiguous input"),
     }
-}
-
-/// Runs `f` on borrowed f32 slices of contiguous CPU tensors.
-fn view(t: &Tensor) -> CResult<(Tensor, usize)> {
-    let t = t.contiguous()?;
-    let n = t.elem_count();
-    Ok((t, n))
 }
 
 fn vec_tensor(v: Vec<f32>, shape: &Shape, like: &Tensor) -> CResult<Tensor> {
@@ -129,7 +122,7 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let ((xt, _), (gt, _)) = (view(x)?, view(grad)?);
+        let (xt, gt) = (x.contiguous()?, grad.contiguous()?);
         let (xv, gv, wv) = (f32_view(&xt)?, f32_view(&gt)?, f32_view(w)?);
         let (xs, gs, ws) = (xv.as_slice(), gv.as_slice(), wv.as_slice());
         let c = ws.len();
@@ -222,7 +215,7 @@ impl CustomOp2 for BiasAddOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (gt, _) = view(grad)?;
+        let gt = grad.contiguous()?;
         let db = column_sums(f32_view(&gt)?.as_slice(), b.elem_count());
         Ok((Some(grad.clone()), Some(vec_tensor(db, b.shape(), b)?)))
     }
@@ -296,9 +289,9 @@ impl CustomOp1 for ActivationOp {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let ((xt, n), (gt, _)) = (view(x)?, view(grad)?);
+        let (xt, gt) = (x.contiguous()?, grad.contiguous()?);
         let (xv, gv) = (f32_view(&xt)?, f32_view(&gt)?);
-        let mut dx = vec![0f32; n];
+        let mut dx = vec![0f32; xt.elem_count()];
         dx.par_chunks_mut(16384)
             .zip(xv.as_slice().par_chunks(16384))
             .zip(gv.as_slice().par_chunks(16384))
@@ -347,18 +340,6 @@ impl SoftmaxMask {
 struct AttentionOp {
     heads: usize,
     mask: SoftmaxMask,
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: each task writes the q, k and v slots of its own (sequence, head).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `dst (t x n, strides rs/cs) = beta * lhs (t x k) * rhs (k x n)`, one thread.
@@ -415,7 +396,7 @@ impl CustomOp1 for AttentionOp {
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let ((qt, n), (gt, _)) = (view(qkv)?, view(grad)?);
+        let (qt, gt) = (qkv.contiguous()?, grad.contiguous()?);
         let (qv, gv) = (f32_view(&qt)?, f32_view(&gt)?);
         let (qkv_s, g_s) = (qv.as_slice(), gv.as_slice());
         let (b, t, c3) = qkv.dims3()?;
@@ -423,7 +404,7 @@ impl CustomOp1 for AttentionOp {
         let d = c / heads;
         let scale = 1.0 / (d as f32).sqrt();
         let mask = self.mask.kernel_mask();
-        let mut dqkv = vec![0f32; n];
+        let mut dqkv = vec![0f32; qt.elem_count()];
         let out = SendPtr(dqkv.as_mut_ptr());
         let (row, grow) = (c3 as isize, c as isize);
         (0..b * heads).into_par_iter().for_each_init(

@@ -429,6 +429,26 @@ impl<'a> Weights<'a> {
     }
 }
 
+/// The two bias-free projections into the joint space and the logit scale,
+/// named as every dual encoder of transformers names them.
+pub fn load_heads(
+    vb: &VarBuilder,
+    vision_hidden: usize,
+    text_hidden: usize,
+    projection_dim: usize,
+) -> Result<(Linear, Linear, Tensor)> {
+    Ok((
+        Linear::load(
+            vb.pp("visual_projection"),
+            vision_hidden,
+            projection_dim,
+            false,
+        )?,
+        Linear::load(vb.pp("text_projection"), text_hidden, projection_dim, false)?,
+        vb.get((), "logit_scale")?,
+    ))
+}
+
 /// Additive causal mask [T, T]: 0 on and below the diagonal, -inf above.
 pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
     let data: Vec<f32> = (0..t)

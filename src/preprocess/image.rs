@@ -356,18 +356,9 @@ impl ImageProcessor {
 
     /// Training augmentation: torchvision's `RandomResizedCrop` (area in
     /// `scale`, aspect ratio in [3/4, 4/3], ten tries, then a centre crop of
-    /// clamped ratio), resized bicubically to the model's input size, then
-    /// normalised. `uniform` draws from [0, 1); the same draws give the same
-    /// crop, so seeded training is reproducible.
-    pub fn process_random_resized_crop(
-        &self,
-        img: &RgbImage,
-        scale: (f64, f64),
-        uniform: &mut dyn FnMut() -> f64,
-    ) -> Result<Vec<f32>> {
-        Ok(self.normalize(&self.random_resized_crop(img, scale, uniform)))
-    }
-
+    /// clamped ratio), resized bicubically to the model's input size.
+    /// `uniform` draws from [0, 1); the same draws give the same crop, so
+    /// seeded training is reproducible.
     fn random_resized_crop(
         &self,
         img: &RgbImage,
@@ -516,24 +507,17 @@ mod tests {
                 (s >> 11) as f64 / (1u64 << 53) as f64
             }
         };
-        let a = p
-            .process_random_resized_crop(&img, (0.5, 1.0), &mut draws(1))
-            .unwrap();
-        let b = p
-            .process_random_resized_crop(&img, (0.5, 1.0), &mut draws(1))
-            .unwrap();
-        let c = p
-            .process_random_resized_crop(&img, (0.5, 1.0), &mut draws(2))
-            .unwrap();
+        let a = p.normalize(&p.random_resized_crop(&img, (0.5, 1.0), &mut draws(1)));
+        let b = p.normalize(&p.random_resized_crop(&img, (0.5, 1.0), &mut draws(1)));
+        let c = p.normalize(&p.random_resized_crop(&img, (0.5, 1.0), &mut draws(2)));
         assert_eq!(a.len(), 3 * 32 * 32);
         assert_eq!(a, b, "same draws, same crop");
         assert_ne!(a, c, "other draws, other crop");
         // A square image at full scale and aspect 1 is the plain resize.
         let sq = RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, 9]));
         let mut one = [0.0, 0.5, 0.0, 0.0].into_iter().cycle();
-        let full = p
-            .process_random_resized_crop(&sq, (1.0, 1.0), &mut || one.next().unwrap())
-            .unwrap();
+        let full =
+            p.normalize(&p.random_resized_crop(&sq, (1.0, 1.0), &mut || one.next().unwrap()));
         assert_eq!(full, p.process(&sq).unwrap());
     }
 

@@ -93,12 +93,11 @@ pub fn init_preset(
     let cfg = config_json(name)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let img = cfg["vision_config"]["image_size"].as_u64().unwrap_or(224);
-    let w = |f: &str, v: &serde_json::Value| {
-        std::fs::write(dir.join(f), serde_json::to_string_pretty(v).expect("json"))
-            .map_err(|e| Error::io(dir.join(f), e))
-    };
-    w("config.json", &cfg)?;
-    w("preprocessor_config.json", &preprocessor_json(img))?;
+    write_json(&dir.join("config.json"), &cfg)?;
+    write_json(
+        &dir.join("preprocessor_config.json"),
+        &preprocessor_json(img),
+    )?;
     copy_tokenizer(tokenizer_dir, dir)?;
     let t = Trainable::from_config_dir(dir, device)?;
     clip_init(&t, &cfg, seed)?;
@@ -151,12 +150,11 @@ pub fn init_lit(
     let img = preset["vision_config"]["image_size"]
         .as_u64()
         .unwrap_or(224);
-    let w = |f: &str, v: &serde_json::Value| {
-        std::fs::write(dir.join(f), serde_json::to_string_pretty(v).expect("json"))
-            .map_err(|e| Error::io(dir.join(f), e))
-    };
-    w("config.json", &cfg)?;
-    w("preprocessor_config.json", &preprocessor_json(img))?;
+    write_json(&dir.join("config.json"), &cfg)?;
+    write_json(
+        &dir.join("preprocessor_config.json"),
+        &preprocessor_json(img),
+    )?;
     copy_tokenizer(text_dir, dir)?;
     let t = Trainable::from_config_dir(dir, device)?;
     clip_init(&t, &cfg, seed)?;
@@ -189,6 +187,11 @@ pub fn init_lit(
     }
     t.save(dir)?;
     Ok(t)
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(v).expect("json"))
+        .map_err(|e| Error::io(path, e))
 }
 
 fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {

@@ -25,35 +25,27 @@ pub struct Inputs<'a> {
     pub locked: Locked<'a>,
 }
 
-/// Frozen towers (LiT). A locked tower's output comes from `frozen`, an
-/// inference snapshot of the model (`Trainable::snapshot`; valid for the
-/// whole run, since a locked tower never changes), without a graph and on the
-/// fast inference kernels; only what is above it learns. The training model
-/// itself must not run outside grad mode: its inference kernels hold q/k/v
-/// copies made before the checkpoint's values were loaded.
+/// Frozen towers (LiT). A locked tower's output comes from the model given
+/// here, an inference snapshot (`Trainable::snapshot`; valid for the whole
+/// run, since a locked tower never changes), without a graph and on the fast
+/// inference kernels; only what is above it learns. The training model itself
+/// must not run outside grad mode: its inference kernels hold q/k/v copies
+/// made before the checkpoint's values were loaded.
 #[derive(Clone, Copy, Default)]
 pub struct Locked<'a> {
-    pub image: bool,
-    pub text: bool,
-    pub frozen: Option<&'a Model>,
+    pub image: Option<&'a Model>,
+    pub text: Option<&'a Model>,
 }
 
 /// A tower's pooled output: from the training model with its graph, or, when
 /// locked, from the frozen snapshot without one.
 fn pooled(
-    locked: bool,
     frozen: Option<&Model>,
     model: &Model,
     f: impl Fn(&Model) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let frozen = match (locked, frozen) {
-        (false, _) => return f(model),
-        (true, Some(m)) => m,
-        (true, None) => {
-            return Err(crate::Error::Report(
-                "a locked tower needs the frozen snapshot".into(),
-            ))
-        }
+    let Some(frozen) = frozen else {
+        return f(model);
     };
     let prev = crate::model::set_grad_mode(false);
     let r = f(frozen);
@@ -69,10 +61,8 @@ fn features(
     locked: Locked,
 ) -> Result<(Tensor, Tensor)> {
     let (vp, tp) = model.projections();
-    let img = pooled(locked.image, locked.frozen, model, |m| m.image_pooled(px))?;
-    let txt = pooled(locked.text, locked.frozen, model, |m| {
-        m.text_pooled(ids, mask)
-    })?;
+    let img = pooled(locked.image, model, |m| m.image_pooled(px))?;
+    let txt = pooled(locked.text, model, |m| m.text_pooled(ids, mask))?;
     Ok((
         l2_normalize(&vp.forward(&img)?)?,
         l2_normalize(&tp.forward(&txt)?)?,
@@ -118,30 +108,28 @@ fn run(
     }
     let k = accum.min(n);
     let bounds: Vec<(usize, usize)> = (0..k).map(|j| (j * n / k, (j + 1) * n / k)).collect();
-    let part = |t: &Tensor, (a, b): (usize, usize)| t.narrow(0, a, b - a);
+    // The features of the micro-batch of rows [a, b).
+    let micro = |(a, b): (usize, usize)| -> Result<(Tensor, Tensor)> {
+        let part = |t: &Tensor| t.narrow(0, a, b - a);
+        features(
+            model,
+            &part(x.pixels)?,
+            &part(x.ids)?,
+            &part(x.mask)?,
+            x.locked,
+        )
+    };
     // 1. Cached features, no graph kept.
     let mut cached: Vec<(Tensor, Tensor)> = Vec::with_capacity(k);
     for &r in &bounds {
-        let (i, t) = features(
-            model,
-            &part(x.pixels, r)?,
-            &part(x.ids, r)?,
-            &part(x.mask, r)?,
-            x.locked,
-        )?;
+        let (i, t) = micro(r)?;
         cached.push((i.detach(), t.detach()));
     }
     // 2. Each micro-batch with its graph, in place of its cached features.
     let mut total: Option<GradStore> = None;
     let mut loss = 0.0;
     for (j, &r) in bounds.iter().enumerate() {
-        let (ij, tj) = features(
-            model,
-            &part(x.pixels, r)?,
-            &part(x.ids, r)?,
-            &part(x.mask, r)?,
-            x.locked,
-        )?;
+        let (ij, tj) = micro(r)?;
         let imgs: Vec<&Tensor> = (0..k)
             .map(|q| if q == j { &ij } else { &cached[q].0 })
             .collect();

@@ -213,9 +213,6 @@ fn decode_batch(
             let src = &images[*i];
             let bytes = src.read()?;
             let img = decode_image(&bytes, &src.path())?;
-            if crop_scale >= 1.0 && jitter.is_none() {
-                return proc.process(&img);
-            }
             let mut rng = Rng(seed ^ 0xA5A5_5A5A ^ ((step as u64) << 20) ^ k as u64);
             rng.next_u64();
             let mut uniform = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
@@ -313,17 +310,16 @@ pub fn train(
         None
     };
     let locked = super::step::Locked {
-        image: cfg.lock_image,
-        text: cfg.lock_text,
-        frozen: frozen.as_ref(),
+        image: frozen.as_ref().filter(|_| cfg.lock_image),
+        text: frozen.as_ref().filter(|_| cfg.lock_text),
     };
     // A locked tower's parameters are not optimised (nor decayed).
     let mut opt_vars: Vec<(String, Var)> = t
         .vars()
         .into_iter()
         .filter(|(n, _)| {
-            !(locked.image && n.starts_with("vision_model.")
-                || locked.text && n.starts_with("text_model."))
+            !(cfg.lock_image && n.starts_with("vision_model.")
+                || cfg.lock_text && n.starts_with("text_model."))
         })
         .collect();
     if needs_bias {
