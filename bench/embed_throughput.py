@@ -3,7 +3,11 @@
 Runtime, on the ViT-B/32 config (random weights; speed does not depend on
 them), CPU, batch 1 and 32, images/s and texts/s.
 
-    python3 bench/embed_throughput.py [--rounds 5] [--threads 2]
+    python3 bench/embed_throughput.py [--rounds 5] [--threads 2] [--variants default,openblas]
+
+Each clasp variant is a build of the bench binary with that cargo feature
+(`default`: none; `openblas` needs `apt install libopenblas-dev`), measured in
+the same interleaved rounds.
 
 Rounds are interleaved (clasp, torch, ort, clasp, ...) on the same machine,
 and each figure is the median over rounds of that round's median iteration.
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,7 +37,6 @@ OUT = os.path.join(ROOT, "bench", "out")
 def checkpoint():
     d = os.path.join(WORK, "clip-vit-base-patch32")
     if not os.path.exists(os.path.join(d, "model.safetensors")):
-        import shutil
         from transformers import CLIPConfig, CLIPModel
         src = os.path.join(SHARED, "assets/clip-vit-base-patch32")
         torch.manual_seed(0)
@@ -138,8 +142,17 @@ def py_rates(fn, arg, batch, iters):
     return rates
 
 
-def clasp_rates(d, kind, batch, iters, texts_file):
-    exe = os.path.join(ROOT, "target", "release", "examples", "bench_embed")
+def build_variant(variant):
+    """Builds bench_embed with the variant's feature and keeps a copy of it."""
+    feats = [] if variant == "default" else ["--features", variant]
+    subprocess.run(["cargo", "build", "--release", "--example", "bench_embed", *feats], cwd=ROOT, check=True)
+    os.makedirs(WORK, exist_ok=True)
+    exe = os.path.join(WORK, f"bench_embed-{variant}")
+    shutil.copy(os.path.join(ROOT, "target", "release", "examples", "bench_embed"), exe)
+    return exe
+
+
+def clasp_rates(exe, d, kind, batch, iters, texts_file):
     out = subprocess.run([exe, d, kind, str(batch), str(iters), texts_file], check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["items_per_s"]
@@ -150,9 +163,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--only", help="comma list of cases, e.g. image32,text32")
+    ap.add_argument("--variants", default="default",
+                    help="comma list of clasp builds: default (no feature) and/or openblas")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    subprocess.run(["cargo", "build", "--release", "--example", "bench_embed"], cwd=ROOT, check=True)
+    variants = a.variants.split(",")
+    exes = {("clasp" if v == "default" else f"clasp+{v}"): build_variant(v) for v in variants}
     d = checkpoint()
     tside = Torch(d)
     oside = Ort(d, a.threads, tside)
@@ -164,26 +180,35 @@ def main():
     if a.only:
         keep = a.only.split(",")
         cases = [c for c in cases if f"{c[0]}{c[1]}" in keep]
-    res = {f"{k}{b}": {"clasp": [], "pytorch": [], "onnxruntime": []} for k, b, _ in cases}
+    sides = [*exes, "pytorch", "onnxruntime"]
+    res = {f"{k}{b}": {s: [] for s in sides} for k, b, _ in cases}
     rng = np.random.default_rng(0)
     for r in range(a.rounds):
         for kind, b, iters in cases:
             key = f"{kind}{b}"
             arg = rng.standard_normal((b, 3, 224, 224), dtype=np.float32) if kind == "image" else texts[:b]
-            res[key]["clasp"].append(statistics.median(clasp_rates(d, kind, b, iters, tf)))
+            for name, exe in exes.items():
+                res[key][name].append(statistics.median(clasp_rates(exe, d, kind, b, iters, tf)))
             for side in (tside, oside):
                 fn = side.image if kind == "image" else side.text
                 res[key][side.name].append(statistics.median(py_rates(fn, arg, b, iters)))
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
-    print(f"\n{'case':<10}{'clasp':>10}{'pytorch':>10}{'onnxrt':>10}{'clasp/pt':>10}{'clasp/ort':>10}   (items/s, median of {a.rounds})")
+    print(f"\n(items/s, median of {a.rounds} rounds; ratios are clasp build / PyTorch and / ONNX Runtime)")
+    print(f"{'case':<10}" + "".join(f"{n:>16}" for n in sides) + "".join(f"{n + '/pt':>18}{n + '/ort':>18}" for n in exes))
     summary = {}
     for key, v in res.items():
         m = {k: statistics.median(x) for k, x in v.items()}
-        summary[key] = {**m, "clasp_vs_pytorch": m["clasp"] / m["pytorch"],
-                        "clasp_vs_onnxruntime": m["clasp"] / m["onnxruntime"], "rounds": v}
-        print(f"{key:<10}{m['clasp']:>10.2f}{m['pytorch']:>10.2f}{m['onnxruntime']:>10.2f}"
-              f"{m['clasp'] / m['pytorch']:>10.2f}{m['clasp'] / m['onnxruntime']:>10.2f}")
-    json.dump({"threads": a.threads, "torch": torch.__version__, "results": summary},
+        ratios = {}
+        for n in exes:
+            ratios[f"{n}_vs_pytorch"] = m[n] / m["pytorch"]
+            ratios[f"{n}_vs_onnxruntime"] = m[n] / m["onnxruntime"]
+            ratios[f"{n}_vs_pytorch_per_round"] = [c / p for c, p in zip(v[n], v["pytorch"])]
+        summary[key] = {**m, **ratios, "rounds": v}
+        print(f"{key:<10}" + "".join(f"{m[n]:>16.2f}" for n in sides)
+              + "".join(f"{m[n] / m['pytorch']:>18.2f}{m[n] / m['onnxruntime']:>18.2f}" for n in exes))
+        for n in exes:
+            print(f"  {n}/pytorch per round: " + ", ".join(f"{r:.2f}" for r in ratios[f"{n}_vs_pytorch_per_round"]))
+    json.dump({"threads": a.threads, "variants": variants, "torch": torch.__version__, "results": summary},
               open(os.path.join(OUT, "embed_throughput.json"), "w"), indent=1)
 
 
