@@ -281,3 +281,81 @@ fn lit_with_a_locked_text_tower_keeps_it_and_trains_the_rest() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+        .collect()
+}
+
+/// `--schedule bcif` gives the first objective the weight λ(p) and the rest
+/// 1 − λ(p): with InfoNCE on both sides the sum is InfoNCE at every step,
+/// so the run must follow a plain InfoNCE run (λ steps through 1, 0.8, 0.2,
+/// 0.2 over these 4 steps; a wrong split would scale the loss). The new
+/// objectives run end to end, and an unknown one is named in the error.
+#[test]
+fn objective_lists_and_the_bcif_schedule_run_end_to_end() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let (plain, traded, mixed) = (
+        d.path().join("plain"),
+        d.path().join("traded"),
+        d.path().join("mixed"),
+    );
+    run_ok(train_cmd(
+        &data,
+        &plain,
+        &["--steps", "4", "--objective", "infonce"],
+    ));
+    run_ok(train_cmd(
+        &data,
+        &traded,
+        &[
+            "--steps",
+            "4",
+            "--objective",
+            "infonce,infonce",
+            "--schedule",
+            "bcif",
+        ],
+    ));
+    let (a, b) = (losses(&plain), losses(&traded));
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs(),
+            "plain {a:?} vs traded {b:?}"
+        );
+    }
+    run_ok(train_cmd(
+        &data,
+        &mixed,
+        &[
+            "--steps",
+            "3",
+            "--objective",
+            "infonce,daa:0.5,triplet:0.5,geometric:linear(0,1)",
+            "--triplet-mode",
+            "sum",
+            "--geometric-k",
+            "2",
+        ],
+    ));
+    let m = losses(&mixed);
+    assert!(m.len() == 3 && m.iter().all(|l| l.is_finite()), "{m:?}");
+    let o = train_cmd(
+        &data,
+        &d.path().join("bad"),
+        &["--steps", "1", "--objective", "infonce,bogus:0.5"],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("unknown objective `bogus`"),
+        "{err}"
+    );
+}

@@ -67,6 +67,88 @@ fn losses_and_gradients_equal_open_clip() {
     assert_eq!(checked, 6);
 }
 
+/// The seed documents' objectives (DAA, VSE++ triplet, geometric consistency)
+/// against their torch transcriptions (scripts/gen_objective_fixtures.py),
+/// degenerate batches included: one pair, identical features, uniform DAA
+/// weights.
+#[test]
+fn alignment_objectives_and_gradients_equal_their_torch_reference() {
+    use clasp::train::align::{Daa, Geometric, ObjectiveParams, Triplet, TripletMode};
+    let f =
+        candle_core::safetensors::load("tests/fixtures/train/objectives.safetensors", &Device::Cpu)
+            .unwrap();
+    let p = ObjectiveParams::default();
+    let objectives: [(&str, Box<dyn Objective>); 4] = [
+        ("daa", Box::new(Daa { temp: p.daa_temp })),
+        (
+            "triplet_max",
+            Box::new(Triplet {
+                margin: p.triplet_margin,
+                mode: TripletMode::Max,
+            }),
+        ),
+        (
+            "triplet_sum",
+            Box::new(Triplet {
+                margin: p.triplet_margin,
+                mode: TripletMode::Sum,
+            }),
+        ),
+        (
+            "geometric",
+            Box::new(Geometric {
+                margin: p.geometric_margin,
+                k: p.geometric_k,
+            }),
+        ),
+    ];
+    let mut checked = 0;
+    for case in [
+        "b8_d16",
+        "b16_d32",
+        "b3_d8",
+        "b1_d8",
+        "identical_b4_d8",
+        "uniform_b4_d4",
+    ] {
+        for (name, obj) in &objectives {
+            let img = Var::from_tensor(&f[&format!("{case}.image")]).unwrap();
+            let txt = Var::from_tensor(&f[&format!("{case}.text")]).unwrap();
+            let s = Var::from_tensor(&f[&format!("{case}.log_scale")].squeeze(0).unwrap()).unwrap();
+            let ni = clasp::model::l2_normalize(img.as_tensor()).unwrap();
+            let nt = clasp::model::l2_normalize(txt.as_tensor()).unwrap();
+            let b = Batch {
+                image: &ni,
+                text: &nt,
+                log_scale: s.as_tensor(),
+                bias: None,
+            };
+            let loss = obj.loss(&b).unwrap();
+            let p = format!("{case}.{name}.");
+            let want = f[&format!("{p}loss")].squeeze(0).unwrap();
+            let d = max_abs(&loss, &want);
+            assert!(d < 1e-5, "{p}loss differs by {d}");
+            let g = loss.backward().unwrap();
+            for (var, key) in [
+                (img.as_tensor(), "grad_image"),
+                (txt.as_tensor(), "grad_text"),
+                (s.as_tensor(), "grad_log_scale"),
+            ] {
+                let want = &f[&format!("{p}{key}")];
+                // An objective that does not use a tensor leaves no gradient: zero.
+                let got = match g.get(var) {
+                    Some(t) => t.reshape(want.shape()).unwrap(),
+                    None => want.zeros_like().unwrap(),
+                };
+                let d = max_abs(&got, want);
+                assert!(d < 1e-5, "{p}{key} differs by {d}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 24);
+}
+
 /// The fixture's training step on the tiny CLIP: features → InfoNCE →
 /// backward; returns the model, its variables, the loss and the gradients.
 fn tiny_step_grads(

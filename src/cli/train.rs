@@ -10,6 +10,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use super::BarProgress;
+use clasp::train::align::ObjectiveParams;
 use clasp::train::trainer::{self, StepLog, TrainConfig, TrainProgress};
 
 /// Flags override the `--config` file, which overrides the defaults.
@@ -84,9 +85,31 @@ pub struct TrainArgs {
     /// Seed of the data order [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Objectives as name[:weight],... : infonce, siglip [default: infonce].
+    /// Objectives as name[:weight],... : infonce, siglip, daa, triplet, geometric
+    /// [default: infonce]. A weight is a number or a schedule over training:
+    /// linear(A,B), cosine(A,B), piecewise(P:V,P:V,...), e.g. infonce,daa:0.5.
     #[arg(long)]
     pub objective: Option<String>,
+    /// Trade the first objective against the others: its weight follows this
+    /// schedule λ and theirs 1 − λ. `bcif`: 1.0 for the first 10%, down to 0.2
+    /// by half-way, then 0.2; or a schedule as in --objective.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// DAA's weighting temperature τ_w [default: 0.05].
+    #[arg(long)]
+    pub daa_temp: Option<f64>,
+    /// Triplet (VSE++) margin [default: 0.2].
+    #[arg(long)]
+    pub triplet_margin: Option<f64>,
+    /// Triplet negatives: max (the hardest, VSE++'s max-violation) or sum [default: max].
+    #[arg(long)]
+    pub triplet_mode: Option<clasp::train::align::TripletMode>,
+    /// Geometric consistency margin [default: 0.3].
+    #[arg(long)]
+    pub geometric_margin: Option<f64>,
+    /// Hardest in-batch negatives per anchor for the geometric loss [default: 3].
+    #[arg(long)]
+    pub geometric_k: Option<usize>,
     /// Dev set evaluated with clasp eval's retrieval metrics.
     #[arg(long)]
     pub eval_dataset: Option<String>,
@@ -135,6 +158,12 @@ struct FileConfig {
     color_jitter_prob: Option<f64>,
     seed: Option<u64>,
     objective: Option<String>,
+    schedule: Option<String>,
+    daa_temp: Option<f64>,
+    triplet_margin: Option<f64>,
+    triplet_mode: Option<clasp::train::align::TripletMode>,
+    geometric_margin: Option<f64>,
+    geometric_k: Option<usize>,
     eval_dataset: Option<String>,
     eval_split: Option<String>,
     eval_every: Option<usize>,
@@ -275,6 +304,23 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
             .clone()
             .or(f.objective)
             .unwrap_or_else(|| "infonce".into()),
+        schedule: a.schedule.clone().or(f.schedule),
+        objective_params: {
+            let d = ObjectiveParams::default();
+            ObjectiveParams {
+                daa_temp: a.daa_temp.or(f.daa_temp).unwrap_or(d.daa_temp),
+                triplet_margin: a
+                    .triplet_margin
+                    .or(f.triplet_margin)
+                    .unwrap_or(d.triplet_margin),
+                triplet_mode: a.triplet_mode.or(f.triplet_mode).unwrap_or(d.triplet_mode),
+                geometric_margin: a
+                    .geometric_margin
+                    .or(f.geometric_margin)
+                    .unwrap_or(d.geometric_margin),
+                geometric_k: a.geometric_k.or(f.geometric_k).unwrap_or(d.geometric_k),
+            }
+        },
         eval_dataset: a.eval_dataset.clone().or(f.eval_dataset),
         eval_split: a
             .eval_split

@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::align::{Daa, Geometric, ObjectiveParams, Triplet};
 use crate::Result;
 
 /// What an objective sees of one batch.
@@ -92,18 +93,147 @@ impl Objective for SigLip {
     }
 }
 
-/// A weighted sum of objectives.
-pub struct Combined {
-    pub parts: Vec<(f64, Box<dyn Objective>)>,
+/// A loss weight as a function of training progress p in [0, 1).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Weight {
+    Constant(f64),
+    /// From `a` at p = 0 to `b` at p = 1.
+    Linear(f64, f64),
+    /// From `a` to `b` along half a cosine.
+    Cosine(f64, f64),
+    /// Linear between (progress, value) breakpoints; flat outside them.
+    Piecewise(Vec<(f64, f64)>),
 }
 
-impl Objective for Combined {
+impl Weight {
+    /// The BCIF paper's schedule for the contrastive weight: 1.0 through the
+    /// warm-up (10%), then linearly down to 0.2 by half-way, then 0.2.
+    pub fn bcif() -> Self {
+        Self::Piecewise(vec![(0.0, 1.0), (0.1, 1.0), (0.5, 0.2), (1.0, 0.2)])
+    }
+
+    pub fn at(&self, p: f64) -> f64 {
+        let p = p.clamp(0.0, 1.0);
+        match self {
+            Self::Constant(w) => *w,
+            Self::Linear(a, b) => a + (b - a) * p,
+            Self::Cosine(a, b) => b + (a - b) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()),
+            Self::Piecewise(pts) => {
+                let first = pts[0];
+                if p <= first.0 {
+                    return first.1;
+                }
+                for w in pts.windows(2) {
+                    let ((x0, y0), (x1, y1)) = (w[0], w[1]);
+                    if p <= x1 {
+                        return if x1 > x0 {
+                            y0 + (y1 - y0) * (p - x0) / (x1 - x0)
+                        } else {
+                            y1
+                        };
+                    }
+                }
+                pts[pts.len() - 1].1
+            }
+        }
+    }
+
+    /// `0.5`, `linear(A,B)`, `cosine(A,B)` or `piecewise(P:V,P:V,...)`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| crate::Error::Report(format!("weight `{s}`: {why}"));
+        let num = |t: &str| {
+            t.trim()
+                .parse::<f64>()
+                .map_err(|_| bad(&format!("`{}` is not a number", t.trim())))
+        };
+        let s = s.trim();
+        let Some((kind, rest)) = s.split_once('(') else {
+            return Ok(Self::Constant(num(s)?));
+        };
+        let args = rest.strip_suffix(')').ok_or_else(|| bad("missing `)`"))?;
+        let items: Vec<&str> = args.split(',').collect();
+        let pair = || -> Result<(f64, f64)> {
+            match items[..] {
+                [a, b] => Ok((num(a)?, num(b)?)),
+                _ => Err(bad("expected two values, start and end")),
+            }
+        };
+        match kind.trim() {
+            "linear" => pair().map(|(a, b)| Self::Linear(a, b)),
+            "cosine" => pair().map(|(a, b)| Self::Cosine(a, b)),
+            "piecewise" => {
+                let mut pts = Vec::new();
+                for it in &items {
+                    let (p, v) = it
+                        .split_once(':')
+                        .ok_or_else(|| bad("piecewise points are PROGRESS:VALUE"))?;
+                    pts.push((num(p)?, num(v)?));
+                }
+                if pts.is_empty() || pts.windows(2).any(|w| w[1].0 < w[0].0) {
+                    return Err(bad("piecewise points must be given in increasing progress"));
+                }
+                Ok(Self::Piecewise(pts))
+            }
+            other => Err(bad(&format!(
+                "unknown schedule `{other}` (constant, linear, cosine, piecewise)"
+            ))),
+        }
+    }
+}
+
+/// A weighted sum of objectives, each weight a schedule over training.
+/// With a `trade` schedule λ(p) (`--schedule bcif`), the first objective's
+/// weight is multiplied by λ(p) and every other's by 1 − λ(p): the BCIF
+/// paper's hand-over from the contrastive objective to a second one.
+pub struct Combined {
+    pub parts: Vec<(Weight, Box<dyn Objective>)>,
+    pub trade: Option<Weight>,
+}
+
+impl Combined {
+    /// Every objective's weight at progress `p` (step / steps).
+    pub fn weights(&self, p: f64) -> Vec<f64> {
+        let lambda = self.trade.as_ref().map(|t| t.at(p));
+        self.parts
+            .iter()
+            .enumerate()
+            .map(|(i, (w, _))| {
+                w.at(p)
+                    * match lambda {
+                        None => 1.0,
+                        Some(l) if i == 0 => l,
+                        Some(l) => 1.0 - l,
+                    }
+            })
+            .collect()
+    }
+
+    /// The objective as it stands at progress `p`.
+    pub fn at(&self, p: f64) -> AtProgress<'_> {
+        AtProgress {
+            parts: &self.parts,
+            weights: self.weights(p),
+        }
+    }
+
+    pub fn uses(&self, name: &str) -> bool {
+        self.parts.iter().any(|(_, o)| o.name() == name)
+    }
+}
+
+/// A [`Combined`] objective with its weights fixed at one point of training.
+pub struct AtProgress<'a> {
+    parts: &'a [(Weight, Box<dyn Objective>)],
+    pub weights: Vec<f64>,
+}
+
+impl Objective for AtProgress<'_> {
     fn name(&self) -> &str {
         "combined"
     }
     fn loss(&self, b: &Batch) -> Result<Tensor> {
         let mut total: Option<Tensor> = None;
-        for (w, o) in &self.parts {
+        for (w, (_, o)) in self.weights.iter().zip(self.parts) {
             let l = (o.loss(b)? * *w)?;
             total = Some(match total {
                 None => l,
@@ -114,27 +244,66 @@ impl Objective for Combined {
     }
 }
 
-/// Parses `name[:weight],...` (e.g. `infonce,siglip:0.5`).
-pub fn parse_objectives(spec: &str) -> Result<Combined> {
-    let mut parts: Vec<(f64, Box<dyn Objective>)> = Vec::new();
-    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+/// Splits at commas outside parentheses.
+fn top_level_items(spec: &str) -> Vec<&str> {
+    let (mut depth, mut start, mut out) = (0i32, 0, Vec::new());
+    for (i, c) in spec.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(&spec[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&spec[start..]);
+    out
+}
+
+/// The objective names `--objective` accepts.
+pub const OBJECTIVES: &str = "infonce, siglip, daa, triplet, geometric";
+
+/// Parses `name[:weight],...` (e.g. `infonce,daa:0.5,geometric:linear(0,1)`),
+/// with `schedule` (`bcif`, or any weight schedule) trading the first
+/// objective against the rest.
+pub fn parse_objectives(
+    spec: &str,
+    params: &ObjectiveParams,
+    schedule: Option<&str>,
+) -> Result<Combined> {
+    let mut parts: Vec<(Weight, Box<dyn Objective>)> = Vec::new();
+    for item in top_level_items(spec)
+        .into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         let (name, w) = match item.split_once(':') {
             Some((n, w)) => (
-                n,
-                w.parse::<f64>().map_err(|_| {
-                    crate::Error::Report(format!(
-                        "objective `{item}`: weight `{w}` is not a number"
-                    ))
-                })?,
+                n.trim(),
+                Weight::parse(w)
+                    .map_err(|e| crate::Error::Report(format!("objective `{item}`: {e}")))?,
             ),
-            None => (item, 1.0),
+            None => (item, Weight::Constant(1.0)),
         };
         let o: Box<dyn Objective> = match name {
             "infonce" | "clip" => Box::new(InfoNce),
             "siglip" => Box::new(SigLip),
+            "daa" => Box::new(Daa {
+                temp: params.daa_temp,
+            }),
+            "triplet" => Box::new(Triplet {
+                margin: params.triplet_margin,
+                mode: params.triplet_mode,
+            }),
+            "geometric" => Box::new(Geometric {
+                margin: params.geometric_margin,
+                k: params.geometric_k,
+            }),
             other => {
                 return Err(crate::Error::Report(format!(
-                    "unknown objective `{other}` (available: infonce, siglip)"
+                    "unknown objective `{other}` (available: {OBJECTIVES})"
                 )))
             }
         };
@@ -143,5 +312,59 @@ pub fn parse_objectives(spec: &str) -> Result<Combined> {
     if parts.is_empty() {
         return Err(crate::Error::Report("no objective given".into()));
     }
-    Ok(Combined { parts })
+    let trade =
+        match schedule.map(str::trim) {
+            None | Some("") | Some("none") => None,
+            Some("bcif") => Some(Weight::bcif()),
+            Some(other) => Some(Weight::parse(other).map_err(|e| {
+                crate::Error::Report(format!("--schedule: {e} (or a preset: bcif)"))
+            })?),
+        };
+    if trade.is_some() && parts.len() < 2 {
+        return Err(crate::Error::Report(
+            "--schedule trades the first objective against a second one: give two or more in --objective".into(),
+        ));
+    }
+    Ok(Combined { parts, trade })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_their_formulas() {
+        let b = Weight::bcif();
+        for (p, want) in [(0.0, 1.0), (0.1, 1.0), (0.3, 0.6), (0.5, 0.2), (0.9, 0.2)] {
+            assert!((b.at(p) - want).abs() < 1e-12, "bcif({p}) = {}", b.at(p));
+        }
+        assert_eq!(Weight::parse("linear(0,2)").unwrap().at(0.25), 0.5);
+        let c = Weight::parse("cosine(1, 0)").unwrap();
+        assert!((c.at(0.5) - 0.5).abs() < 1e-12 && c.at(0.0) == 1.0 && c.at(1.0).abs() < 1e-12);
+        assert_eq!(Weight::parse("0.5").unwrap(), Weight::Constant(0.5));
+        assert!(Weight::parse("piecewise(0.5:1,0.1:2)").is_err());
+        assert!(Weight::parse("wobbly(1,2)").is_err());
+    }
+
+    #[test]
+    fn objective_lists_parse_with_schedules_inside_parentheses() {
+        let p = ObjectiveParams::default();
+        let c =
+            parse_objectives("infonce, daa:0.5, geometric:piecewise(0:0,0.5:1)", &p, None).unwrap();
+        let names: Vec<&str> = c.parts.iter().map(|(_, o)| o.name()).collect();
+        assert_eq!(names, ["infonce", "daa", "geometric"]);
+        assert_eq!(c.weights(0.25), vec![1.0, 0.5, 0.5]);
+        let t = parse_objectives("infonce,geometric", &p, Some("bcif")).unwrap();
+        let w = t.weights(0.3);
+        assert!(
+            (w[0] - 0.6).abs() < 1e-12 && (w[1] - 0.4).abs() < 1e-12,
+            "{w:?}"
+        );
+        assert!(parse_objectives("infonce", &p, Some("bcif")).is_err());
+        let e = parse_objectives("infonce,ewc", &p, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unknown objective `ewc`"), "{e}");
+    }
 }

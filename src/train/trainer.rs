@@ -67,6 +67,13 @@ pub struct TrainConfig {
     pub lock_text: bool,
     pub seed: u64,
     pub objective: String,
+    /// Tunables of the objectives (`daa_temp`, `triplet_margin`, ...).
+    #[serde(default, flatten)]
+    pub objective_params: super::align::ObjectiveParams,
+    /// A weight schedule trading the first objective against the others
+    /// (`bcif`, or e.g. `linear(1,0.2)`); none: constant weights.
+    #[serde(default)]
+    pub schedule: Option<String>,
     pub eval_dataset: Option<String>,
     pub eval_split: String,
     /// Evaluate every this many steps (0: only at the end).
@@ -299,8 +306,12 @@ pub fn train(
     for (c, &i) in set.caption_image.iter().enumerate() {
         per_image[i].push(c);
     }
-    let objective = loss::parse_objectives(&cfg.objective)?;
-    let needs_bias = objective.parts.iter().any(|(_, o)| o.name() == "siglip");
+    let objective = loss::parse_objectives(
+        &cfg.objective,
+        &cfg.objective_params,
+        cfg.schedule.as_deref(),
+    )?;
+    let needs_bias = objective.uses("siglip");
     // SigLIP's bias lives in the training state, not in the checkpoint
     // (CLIPModel has no such parameter).
     let bias = Var::from_tensor(&Tensor::new(-10f32, &dev)?)?;
@@ -431,7 +442,7 @@ pub fn train(
             };
             let res = super::step::contrastive_grads(
                 &t.model,
-                &objective,
+                &objective.at(step as f64 / cfg.steps.max(1) as f64),
                 &inputs,
                 needs_bias.then_some(&bias),
                 &opt_vars,

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Fixtures for the seed documents' alignment objectives, in torch, written
+from the formulas of issue 5 (no library ships them):
+
+    pip install torch safetensors
+    python3 scripts/gen_objective_fixtures.py   # writes tests/fixtures/train/objectives.safetensors
+
+- DAA: anchor = mean of the batch's normalised text features; image weights
+  w = n * softmax((1 - cos(image_i, anchor)) / tau_w), computed on detached
+  features; loss = symmetric InfoNCE with each pair's terms weighted by w.
+- triplet (VSE++, Faghri et al. 2018): hinge(margin + s_neg - s_pos) in both
+  directions on cosine similarities; `max` takes the hardest negative per
+  anchor, `sum` all; the sum over anchors is divided by the batch size.
+- geometric (BCIF): mean(max(0, s_neg - s_pos + margin)) over the k hardest
+  in-batch negatives of every image anchor and every text anchor; 0 for a
+  batch of one.
+
+Inputs are raw features (as the projections give them); like training, the
+reference L2-normalises them first, and the gradients are with respect to the
+raw features and the log temperature. Cases include the degenerate ones the
+issue asks for: a batch of 1, identical features, and uniform DAA weights.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "train", "objectives.safetensors")
+DAA_TEMP, TRIPLET_MARGIN, GEO_MARGIN, GEO_K = 0.05, 0.2, 0.3, 3
+
+
+def daa(fi, ft, scale):
+    n = fi.shape[0]
+    with torch.no_grad():
+        anchor = ft.mean(0, keepdim=True)
+        cos = (fi * anchor).sum(1) / (fi.norm(dim=1) * anchor.norm()).clamp_min(1e-8)
+        w = torch.softmax((1 - cos) / DAA_TEMP, 0) * n
+    logits = scale * fi @ ft.T
+    labels = torch.arange(n)
+    li = F.cross_entropy(logits, labels, reduction="none")
+    lt = F.cross_entropy(logits.T, labels, reduction="none")
+    return 0.5 * ((w * li).sum() + (w * lt).sum()) / n
+
+
+def triplet(fi, ft, mode):
+    s = fi @ ft.T
+    n = s.shape[0]
+    d = s.diag()
+    eye = torch.eye(n, dtype=torch.bool)
+    cost_c = (TRIPLET_MARGIN + s - d[:, None]).clamp(min=0).masked_fill(eye, 0)  # image anchors
+    cost_i = (TRIPLET_MARGIN + s - d[None, :]).clamp(min=0).masked_fill(eye, 0)  # caption anchors
+    if mode == "max":
+        total = cost_c.max(1)[0].sum() + cost_i.max(0)[0].sum()
+    else:
+        total = cost_c.sum() + cost_i.sum()
+    return total / n
+
+
+def geometric(fi, ft):
+    s = fi @ ft.T
+    n = s.shape[0]
+    k = min(GEO_K, n - 1)
+    if k == 0:
+        return (s * 0).sum()
+    d = s.diag()
+    neg = s.masked_fill(torch.eye(n, dtype=torch.bool), float("-inf"))
+    top_i = neg.topk(k, dim=1)[0]  # [n, k]: image anchor i's hardest captions
+    top_t = neg.topk(k, dim=0)[0]  # [k, n]: caption anchor j's hardest images
+    costs = torch.cat([(top_i - d[:, None] + GEO_MARGIN).clamp(min=0).flatten(),
+                       (top_t - d[None, :] + GEO_MARGIN).clamp(min=0).flatten()])
+    return costs.mean()
+
+
+OBJECTIVES = {
+    "daa": lambda fi, ft, sc: daa(fi, ft, sc),
+    "triplet_max": lambda fi, ft, sc: triplet(fi, ft, "max"),
+    "triplet_sum": lambda fi, ft, sc: triplet(fi, ft, "sum"),
+    "geometric": lambda fi, ft, sc: geometric(fi, ft),
+}
+
+
+def case(name, img, txt, log_scale, out):
+    for oname, fn in OBJECTIVES.items():
+        i = img.clone().float().requires_grad_(True)
+        t = txt.clone().float().requires_grad_(True)
+        s = torch.tensor(log_scale, dtype=torch.float32, requires_grad=True)
+        loss = fn(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s.exp())
+        loss.backward()
+        p = f"{name}.{oname}."
+        out[p + "loss"] = loss.detach().reshape(1)
+        out[p + "grad_image"] = i.grad if i.grad is not None else torch.zeros_like(i)
+        out[p + "grad_text"] = t.grad if t.grad is not None else torch.zeros_like(t)
+        out[p + "grad_log_scale"] = (s.grad if s.grad is not None else torch.zeros(())).reshape(1)
+    out[name + ".image"] = img.float()
+    out[name + ".text"] = txt.float()
+    out[name + ".log_scale"] = torch.tensor([log_scale], dtype=torch.float32)
+
+
+def random_pair(b, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(b, d, generator=g)
+    txt = torch.randn(b, d, generator=g) + 0.5 * img  # positives somewhat aligned
+    return img, txt
+
+
+def main():
+    out = {}
+    case("b8_d16", *random_pair(8, 16, 11), 2.659260036932778, out)
+    case("b16_d32", *random_pair(16, 32, 12), 4.6052, out)
+    case("b3_d8", *random_pair(3, 8, 13), 1.0, out)  # fewer negatives than the geometric k
+    case("b1_d8", *random_pair(1, 8, 14), 0.0, out)  # a batch of one
+    row = torch.randn(1, 8, generator=torch.Generator().manual_seed(15))
+    case("identical_b4_d8", row.repeat(4, 1), row.repeat(4, 1) * 2.0, 2.0, out)
+    # Uniform DAA weights: images on orthogonal axes, texts symmetric about them.
+    case("uniform_b4_d4", torch.eye(4) * 3.0, torch.eye(4) + 0.25, 2.0, out)
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, OUT)
+    print("wrote", OUT, os.path.getsize(OUT), "bytes")
+
+
+if __name__ == "__main__":
+    main()
