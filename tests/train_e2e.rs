@@ -342,10 +342,41 @@ fn objective_lists_and_the_bcif_schedule_run_end_to_end() {
             "sum",
             "--geometric-k",
             "2",
+            "--conflict-every",
+            "2",
+            "--conflict-group",
+            "vision",
+            "--grad-clip-vision",
+            "0.3",
+            "--grad-clip-text",
+            "0.8",
         ],
     ));
     let m = losses(&mixed);
     assert!(m.len() == 3 && m.iter().all(|l| l.is_finite()), "{m:?}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(mixed.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // The probe runs at steps 0 and 2 (logged as steps 1 and 3).
+    let probes: Vec<Option<f64>> = rows.iter().map(|r| r["grad_conflict"].as_f64()).collect();
+    assert!(
+        probes[0].is_some() && probes[1].is_none() && probes[2].is_some(),
+        "{probes:?}"
+    );
+    assert!(
+        probes.iter().flatten().all(|c| c.abs() <= 1.0 + 1e-9),
+        "{probes:?}"
+    );
+    for r in &rows {
+        let g = &r["group_grad_norms"];
+        assert!(
+            g["vision"].as_f64().unwrap() > 0.0 && g["text"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+        assert!(g.get("proj").is_none(), "proj clipping is off: {r}");
+    }
     let o = train_cmd(
         &data,
         &d.path().join("bad"),

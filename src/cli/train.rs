@@ -68,6 +68,22 @@ pub struct TrainArgs {
     /// Global grad-norm clip, 0 for none [default: 1.0].
     #[arg(long)]
     pub grad_clip: Option<f64>,
+    /// Max gradient norm of the vision tower alone, before the global clip [default: off].
+    #[arg(long)]
+    pub grad_clip_vision: Option<f64>,
+    /// Max gradient norm of the text tower alone [default: off].
+    #[arg(long)]
+    pub grad_clip_text: Option<f64>,
+    /// Max gradient norm of the two projections [default: off].
+    #[arg(long)]
+    pub grad_clip_proj: Option<f64>,
+    /// Every N steps, log (metrics.jsonl `grad_conflict`) the cosine between the first two
+    /// objectives' gradients on --conflict-group [default: 0, never].
+    #[arg(long)]
+    pub conflict_every: Option<usize>,
+    /// vision, text or proj [default: proj].
+    #[arg(long)]
+    pub conflict_group: Option<clasp::train::optim::ParamGroup>,
     /// Split each step's batch into this many micro-batches, caching features across them
     /// (the same gradient as the full batch at a fraction of the memory) [default: 1].
     #[arg(long)]
@@ -152,6 +168,11 @@ struct FileConfig {
     warmup: Option<usize>,
     weight_decay: Option<f64>,
     grad_clip: Option<f64>,
+    grad_clip_vision: Option<f64>,
+    grad_clip_text: Option<f64>,
+    grad_clip_proj: Option<f64>,
+    conflict_every: Option<usize>,
+    conflict_group: Option<clasp::train::optim::ParamGroup>,
     accum_freq: Option<usize>,
     crop_scale: Option<f64>,
     color_jitter: Option<Vec<f32>>,
@@ -276,6 +297,14 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         warmup: a.warmup.or(f.warmup).unwrap_or(steps / 10),
         weight_decay: a.weight_decay.or(f.weight_decay).unwrap_or(0.2),
         grad_clip: a.grad_clip.or(f.grad_clip).unwrap_or(1.0),
+        grad_clip_vision: a.grad_clip_vision.or(f.grad_clip_vision).unwrap_or(0.0),
+        grad_clip_text: a.grad_clip_text.or(f.grad_clip_text).unwrap_or(0.0),
+        grad_clip_proj: a.grad_clip_proj.or(f.grad_clip_proj).unwrap_or(0.0),
+        conflict_every: a.conflict_every.or(f.conflict_every).unwrap_or(0),
+        conflict_group: a
+            .conflict_group
+            .or(f.conflict_group)
+            .unwrap_or(clasp::train::optim::ParamGroup::Proj),
         accum_freq: a.accum_freq.or(f.accum_freq).unwrap_or(1).max(1),
         crop_scale: a
             .crop_scale

@@ -216,6 +216,16 @@ impl Combined {
         }
     }
 
+    /// Part `i` alone, at weight 1 (the gradient-conflict probe).
+    pub fn only(&self, i: usize) -> AtProgress<'_> {
+        AtProgress {
+            parts: &self.parts,
+            weights: (0..self.parts.len())
+                .map(|j| if j == i { 1.0 } else { 0.0 })
+                .collect(),
+        }
+    }
+
     pub fn uses(&self, name: &str) -> bool {
         self.parts.iter().any(|(_, o)| o.name() == name)
     }
@@ -234,13 +244,21 @@ impl Objective for AtProgress<'_> {
     fn loss(&self, b: &Batch) -> Result<Tensor> {
         let mut total: Option<Tensor> = None;
         for (w, (_, o)) in self.weights.iter().zip(self.parts) {
+            if *w == 0.0 {
+                continue; // e.g. a second objective before a schedule lets it in
+            }
             let l = (o.loss(b)? * *w)?;
             total = Some(match total {
                 None => l,
                 Some(t) => (t + l)?,
             });
         }
-        total.ok_or_else(|| crate::Error::Report("no objective configured".into()))
+        match total {
+            Some(t) => Ok(t),
+            // Every weight is 0 at this point of the schedule: a zero loss
+            // that still reaches the features, so every gradient is 0.
+            None => Ok((b.image.sum_all()? * 0.0)?),
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //! and, as this project specifies, token, position and class embeddings.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
 
 use crate::Result;
 
@@ -278,6 +279,100 @@ pub fn clip_grad_norm(vars: &[(String, Var)], grads: &mut GradStore, max_norm: f
     Ok(norm)
 }
 
+/// The parameter groups that per-module clipping and the gradient-conflict
+/// probe address, by checkpoint name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamGroup {
+    Vision,
+    Text,
+    Proj,
+}
+
+impl ParamGroup {
+    pub const ALL: [ParamGroup; 3] = [Self::Vision, Self::Text, Self::Proj];
+
+    /// The group of a parameter; None for the temperature and SigLIP's bias.
+    pub fn of(name: &str) -> Option<Self> {
+        if name.starts_with("vision_model.") {
+            Some(Self::Vision)
+        } else if name.starts_with("text_model.") {
+            Some(Self::Text)
+        } else if name.starts_with("visual_projection.") || name.starts_with("text_projection.") {
+            Some(Self::Proj)
+        } else {
+            None
+        }
+    }
+
+    pub fn members(self, vars: &[(String, Var)]) -> Vec<(String, Var)> {
+        vars.iter()
+            .filter(|(n, _)| Self::of(n) == Some(self))
+            .cloned()
+            .collect()
+    }
+}
+
+impl std::str::FromStr for ParamGroup {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "vision" => Ok(Self::Vision),
+            "text" => Ok(Self::Text),
+            "proj" | "projections" => Ok(Self::Proj),
+            o => Err(format!(
+                "parameter group `{o}`: expected vision, text or proj"
+            )),
+        }
+    }
+}
+
+/// Per-module clipping: each group's gradient norm is clipped to its own
+/// max-norm (0: that group is left alone), as `clip_grad_norm_` on the
+/// group's parameters. Returns the groups' norms before clipping.
+pub fn clip_group_norms(
+    vars: &[(String, Var)],
+    grads: &mut GradStore,
+    max_norms: &[(ParamGroup, f64)],
+) -> Result<Vec<(ParamGroup, f64)>> {
+    let mut norms = Vec::new();
+    for &(g, max) in max_norms {
+        if max > 0.0 {
+            norms.push((g, clip_grad_norm(&g.members(vars), grads, max)?));
+        }
+    }
+    Ok(norms)
+}
+
+/// The cosine between two gradients over `vars` (0 when either is zero).
+pub fn grad_cosine(vars: &[(String, Var)], a: &GradStore, b: &GradStore) -> Result<f64> {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (_, v) in vars {
+        let flat = |g: &GradStore| -> Result<Option<Vec<f32>>> {
+            Ok(match g.get(v.as_tensor()) {
+                Some(t) => Some(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?),
+                None => None,
+            })
+        };
+        let (x, y) = (flat(a)?, flat(b)?);
+        let sumsq = |g: &[f32]| g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
+        na += x.as_deref().map_or(0.0, sumsq);
+        nb += y.as_deref().map_or(0.0, sumsq);
+        if let (Some(x), Some(y)) = (&x, &y) {
+            dot += x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| *p as f64 * *q as f64)
+                .sum::<f64>();
+        }
+    }
+    Ok(if na > 0.0 && nb > 0.0 {
+        dot / (na.sqrt() * nb.sqrt())
+    } else {
+        0.0
+    })
+}
+
 /// open_clip's cosine schedule: linear warmup to `base` over `warmup` steps,
 /// then a half cosine to 0 at `total`.
 pub fn cosine_lr(step: usize, base: f64, warmup: usize, total: usize) -> f64 {
@@ -311,5 +406,86 @@ mod tests {
             "text_model.encoder.layers.0.self_attn.q_proj.weight",
             2
         ));
+    }
+
+    /// Each group ends at min(its norm, its max-norm), groups with 0 and
+    /// parameters outside every group are untouched; the cosine probe sees
+    /// parallel, opposite and orthogonal gradients as 1, −1 and 0.
+    #[test]
+    fn group_clipping_and_the_conflict_cosine() {
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        let var = |v: &[f32]| Var::from_slice(v, v.len(), &dev).unwrap();
+        let vars: Vec<(String, Var)> = [
+            ("vision_model.a.weight", var(&[3.0, 4.0])),
+            ("vision_model.b.bias", var(&[12.0])),
+            ("text_model.a.weight", var(&[0.3, 0.4])),
+            ("visual_projection.weight", var(&[6.0, 8.0])),
+            ("logit_scale", var(&[100.0])),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+        // GradStore has no public constructor: a backward pass of
+        // Σ v·c gives the gradient c for each variable.
+        let store = |pairs: &[(&Var, Tensor)]| -> GradStore {
+            let mut total = Tensor::zeros((), candle_core::DType::F32, &dev).unwrap();
+            for (v, c) in pairs {
+                total = (total + (v.as_tensor() * c).unwrap().sum_all().unwrap()).unwrap();
+            }
+            total.backward().unwrap()
+        };
+        let own: Vec<(&Var, Tensor)> = vars
+            .iter()
+            .map(|(_, v)| (v, v.as_tensor().detach()))
+            .collect();
+        let mut grads = store(&own);
+        let norm = |g: &GradStore, grp: ParamGroup| -> f64 {
+            grp.members(&vars)
+                .iter()
+                .map(|(_, v)| {
+                    g.get(v.as_tensor())
+                        .unwrap()
+                        .sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap() as f64
+                })
+                .sum::<f64>()
+                .sqrt()
+        };
+        let before = clip_group_norms(
+            &vars,
+            &mut grads,
+            &[
+                (ParamGroup::Vision, 1.3),
+                (ParamGroup::Text, 0.8),
+                (ParamGroup::Proj, 0.0),
+            ],
+        )
+        .unwrap();
+        assert_eq!(before.len(), 2);
+        assert!((before[0].1 - 13.0).abs() < 1e-5 && (before[1].1 - 0.5).abs() < 1e-6);
+        assert!((norm(&grads, ParamGroup::Vision) - 1.3).abs() < 1e-5);
+        assert!((norm(&grads, ParamGroup::Text) - 0.5).abs() < 1e-6);
+        assert!((norm(&grads, ParamGroup::Proj) - 10.0).abs() < 1e-6);
+        let ls = grads
+            .get(vars[4].1.as_tensor())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(ls, vec![100.0]);
+
+        let one = &vars[..1];
+        let c = |x: [f32; 2], y: [f32; 2]| {
+            let g = |vals: [f32; 2]| store(&[(&vars[0].1, Tensor::new(&vals, &dev).unwrap())]);
+            grad_cosine(one, &g(x), &g(y)).unwrap()
+        };
+        assert!((c([1.0, 2.0], [2.0, 4.0]) - 1.0).abs() < 1e-12);
+        assert!((c([1.0, 2.0], [-1.0, -2.0]) + 1.0).abs() < 1e-12);
+        assert!(c([1.0, 0.0], [0.0, 3.0]).abs() < 1e-12);
+        assert_eq!(c([0.0, 0.0], [1.0, 1.0]), 0.0);
     }
 }

@@ -42,6 +42,19 @@ pub struct TrainConfig {
     pub warmup: usize,
     pub weight_decay: f64,
     pub grad_clip: f64,
+    /// Per-module max-norms (0: off), applied before the global clip.
+    #[serde(default)]
+    pub grad_clip_vision: f64,
+    #[serde(default)]
+    pub grad_clip_text: f64,
+    #[serde(default)]
+    pub grad_clip_proj: f64,
+    /// Every this many steps, log the cosine between the first two
+    /// objectives' gradients on `conflict_group` (0: never).
+    #[serde(default)]
+    pub conflict_every: usize,
+    #[serde(default = "proj_group")]
+    pub conflict_group: optim::ParamGroup,
     /// Micro-batches per step, with features cached across them (1: none).
     #[serde(default = "one")]
     pub accum_freq: usize,
@@ -83,6 +96,9 @@ pub struct TrainConfig {
     pub output: PathBuf,
 }
 
+fn proj_group() -> optim::ParamGroup {
+    optim::ParamGroup::Proj
+}
 fn one() -> usize {
     1
 }
@@ -177,6 +193,12 @@ pub struct StepLog {
     pub lr: f64,
     pub temperature: f64,
     pub images_per_s: f64,
+    /// Per-module gradient norms before clipping, when per-module clipping is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_grad_norms: Option<std::collections::BTreeMap<String, f64>>,
+    /// Cosine between the first two objectives' gradients on the probed group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_conflict: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dev: Option<serde_json::Value>,
 }
@@ -450,6 +472,41 @@ pub fn train(
             );
             let (lv, mut grads) = res?;
             let t_bwd = t0.elapsed();
+            // The seed's measurement: do two objectives pull the chosen
+            // group the same way? Two extra backward passes, every N steps.
+            let grad_conflict = if cfg.conflict_every > 0
+                && objective.parts.len() >= 2
+                && step % cfg.conflict_every == 0
+            {
+                let part = |i: usize| {
+                    super::step::contrastive_grads(
+                        &t.model,
+                        &objective.only(i),
+                        &inputs,
+                        needs_bias.then_some(&bias),
+                        &opt_vars,
+                        cfg.accum_freq,
+                    )
+                    .map(|r| r.1)
+                };
+                let (g0, g1) = (part(0)?, part(1)?);
+                Some(optim::grad_cosine(
+                    &cfg.conflict_group.members(&opt_vars),
+                    &g0,
+                    &g1,
+                )?)
+            } else {
+                None
+            };
+            let group_norms = optim::clip_group_norms(
+                &opt_vars,
+                &mut grads,
+                &[
+                    (optim::ParamGroup::Vision, cfg.grad_clip_vision),
+                    (optim::ParamGroup::Text, cfg.grad_clip_text),
+                    (optim::ParamGroup::Proj, cfg.grad_clip_proj),
+                ],
+            )?;
             optim::clip_grad_norm(&opt_vars, &mut grads, cfg.grad_clip)?;
             let t_clip = t0.elapsed();
             opt.step(&grads)?;
@@ -473,6 +530,13 @@ pub fn train(
                 lr,
                 temperature,
                 images_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
+                group_grad_norms: (!group_norms.is_empty()).then(|| {
+                    group_norms
+                        .iter()
+                        .map(|(g, n)| (format!("{g:?}").to_lowercase(), *n))
+                        .collect()
+                }),
+                grad_conflict,
                 dev: None,
             };
             let save_now = (cfg.save_every > 0 && step % cfg.save_every == 0) || step == end;
