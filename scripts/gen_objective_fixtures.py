@@ -11,6 +11,9 @@ from the formulas of issue 5 (no library ships them):
 - triplet (VSE++, Faghri et al. 2018): hinge(margin + s_neg - s_pos) in both
   directions on cosine similarities; `max` takes the hardest negative per
   anchor, `sum` all; the sum over anchors is divided by the batch size.
+- distill: teacher and student logits, each exp(own log scale) * image @ text.T,
+  softened by T; loss = T^2 * (KL(P_t || P_s) rows + columns) / 2 with torch's
+  kl_div(reduction="batchmean"); the teacher is a constant.
 - geometric (BCIF): mean(max(0, s_neg - s_pos + margin)) over the k hardest
   in-batch negatives of every image anchor and every text anchor; 0 for a
   batch of one.
@@ -72,12 +75,21 @@ def geometric(fi, ft):
     return costs.mean()
 
 
+def distill(fi, ft, scale, teacher, temp):
+    ti, tt, tls = teacher
+    student = scale * fi @ ft.T / temp
+    tlog = (tls.exp() * ti @ tt.T / temp).detach()
+    kl = lambda t, s: F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
+    return temp * temp * 0.5 * (kl(tlog, student) + kl(tlog.T, student.T))
+
+
 OBJECTIVES = {
     "daa": lambda fi, ft, sc: daa(fi, ft, sc),
     "triplet_max": lambda fi, ft, sc: triplet(fi, ft, "max"),
     "triplet_sum": lambda fi, ft, sc: triplet(fi, ft, "sum"),
     "geometric": lambda fi, ft, sc: geometric(fi, ft),
 }
+DISTILL = {"distill_t1": 1.0, "distill_t2": 2.0}
 
 
 def case(name, img, txt, log_scale, out):
@@ -92,6 +104,25 @@ def case(name, img, txt, log_scale, out):
         out[p + "grad_image"] = i.grad if i.grad is not None else torch.zeros_like(i)
         out[p + "grad_text"] = t.grad if t.grad is not None else torch.zeros_like(t)
         out[p + "grad_log_scale"] = (s.grad if s.grad is not None else torch.zeros(())).reshape(1)
+    # A teacher: other features of the same batch, partly agreeing.
+    g = torch.Generator().manual_seed(img.shape[0] * 1000 + img.shape[1])
+    t_img = F.normalize(img + 0.7 * torch.randn(img.shape, generator=g), dim=-1)
+    t_txt = F.normalize(txt + 0.7 * torch.randn(txt.shape, generator=g), dim=-1)
+    t_ls = torch.tensor(3.0)
+    for oname, temp in DISTILL.items():
+        i = img.clone().float().requires_grad_(True)
+        t = txt.clone().float().requires_grad_(True)
+        s = torch.tensor(log_scale, dtype=torch.float32, requires_grad=True)
+        loss = distill(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s.exp(), (t_img, t_txt, t_ls), temp)
+        loss.backward()
+        p = f"{name}.{oname}."
+        out[p + "loss"] = loss.detach().reshape(1)
+        out[p + "grad_image"] = i.grad
+        out[p + "grad_text"] = t.grad
+        out[p + "grad_log_scale"] = s.grad.reshape(1)
+    out[name + ".teacher_image"] = t_img.float()
+    out[name + ".teacher_text"] = t_txt.float()
+    out[name + ".teacher_log_scale"] = t_ls.reshape(1).float()
     out[name + ".image"] = img.float()
     out[name + ".text"] = txt.float()
     out[name + ".log_scale"] = torch.tensor([log_scale], dtype=torch.float32)

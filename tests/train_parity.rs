@@ -37,6 +37,7 @@ fn losses_and_gradients_equal_open_clip() {
                 text: &nt,
                 log_scale: s.as_tensor(),
                 bias: Some(bias.as_tensor()),
+                teacher: None,
             };
             let loss = obj.loss(&b).unwrap();
             let p = format!("{case}.{name}.");
@@ -67,18 +68,22 @@ fn losses_and_gradients_equal_open_clip() {
     assert_eq!(checked, 6);
 }
 
-/// The seed documents' objectives (DAA, VSE++ triplet, geometric consistency)
+/// The seed documents' objectives (DAA, VSE++ triplet, geometric consistency,
+/// in-batch distillation at two temperatures)
 /// against their torch transcriptions (scripts/gen_objective_fixtures.py),
 /// degenerate batches included: one pair, identical features, uniform DAA
 /// weights.
 #[test]
 fn alignment_objectives_and_gradients_equal_their_torch_reference() {
-    use clasp::train::align::{Daa, Geometric, ObjectiveParams, Triplet, TripletMode};
+    use clasp::train::align::{Daa, Distill, Geometric, ObjectiveParams, Triplet, TripletMode};
+    use clasp::train::loss::Teacher;
     let f =
         candle_core::safetensors::load("tests/fixtures/train/objectives.safetensors", &Device::Cpu)
             .unwrap();
     let p = ObjectiveParams::default();
-    let objectives: [(&str, Box<dyn Objective>); 4] = [
+    let objectives: [(&str, Box<dyn Objective>); 6] = [
+        ("distill_t1", Box::new(Distill { temp: 1.0 })),
+        ("distill_t2", Box::new(Distill { temp: 2.0 })),
         ("daa", Box::new(Daa { temp: p.daa_temp })),
         (
             "triplet_max",
@@ -117,11 +122,18 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
             let s = Var::from_tensor(&f[&format!("{case}.log_scale")].squeeze(0).unwrap()).unwrap();
             let ni = clasp::model::l2_normalize(img.as_tensor()).unwrap();
             let nt = clasp::model::l2_normalize(txt.as_tensor()).unwrap();
+            let te = |k: &str| f[&format!("{case}.teacher_{k}")].clone();
+            let (ti, tt, tl) = (te("image"), te("text"), te("log_scale").squeeze(0).unwrap());
             let b = Batch {
                 image: &ni,
                 text: &nt,
                 log_scale: s.as_tensor(),
                 bias: None,
+                teacher: Some(Teacher {
+                    image: &ti,
+                    text: &tt,
+                    log_scale: &tl,
+                }),
             };
             let loss = obj.loss(&b).unwrap();
             let p = format!("{case}.{name}.");
@@ -146,7 +158,7 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 24);
+    assert_eq!(checked, 36);
 }
 
 /// The fixture's training step on the tiny CLIP: features → InfoNCE →
@@ -178,6 +190,7 @@ fn tiny_step_grads(
         text: &txt,
         log_scale: t.model.logit_scale(),
         bias: None,
+        teacher: None,
     };
     let loss = InfoNce.loss(&b).unwrap();
     let grads = loss.backward().unwrap();
@@ -407,6 +420,7 @@ fn accumulated_gradients_equal_the_full_batch_gradient() {
         ids: &ids,
         mask: &mask,
         locked: Default::default(),
+        teacher: None,
     };
     for (name, obj) in [("infonce", &InfoNce as &dyn Objective), ("siglip", &SigLip)] {
         let (l1, g1) = contrastive_grads(&t.model, obj, &x, Some(&bias), &vars, 1).unwrap();
@@ -527,6 +541,7 @@ fn locking_a_tower_keeps_the_loss_and_the_other_gradients() {
             ids: &ids,
             mask: &mask,
             locked,
+            teacher: None,
         };
         contrastive_grads(&t.model, &InfoNce, &x, None, &vars, 1).unwrap()
     };

@@ -114,6 +114,12 @@ pub struct TrainArgs {
     /// DAA's weighting temperature τ_w [default: 0.05].
     #[arg(long)]
     pub daa_temp: Option<f64>,
+    /// A frozen teacher checkpoint for the `distill` objective.
+    #[arg(long)]
+    pub teacher: Option<String>,
+    /// Distillation temperature T [default: 1].
+    #[arg(long)]
+    pub distill_temp: Option<f64>,
     /// Triplet (VSE++) margin [default: 0.2].
     #[arg(long)]
     pub triplet_margin: Option<f64>,
@@ -181,6 +187,8 @@ struct FileConfig {
     objective: Option<String>,
     schedule: Option<String>,
     daa_temp: Option<f64>,
+    teacher: Option<String>,
+    distill_temp: Option<f64>,
     triplet_margin: Option<f64>,
     triplet_mode: Option<clasp::train::align::TripletMode>,
     geometric_margin: Option<f64>,
@@ -334,6 +342,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
             .or(f.objective)
             .unwrap_or_else(|| "infonce".into()),
         schedule: a.schedule.clone().or(f.schedule),
+        teacher: a.teacher.clone().or(f.teacher),
         objective_params: {
             let d = ObjectiveParams::default();
             ObjectiveParams {
@@ -348,6 +357,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
                     .or(f.geometric_margin)
                     .unwrap_or(d.geometric_margin),
                 geometric_k: a.geometric_k.or(f.geometric_k).unwrap_or(d.geometric_k),
+                distill_temp: a.distill_temp.or(f.distill_temp).unwrap_or(d.distill_temp),
             }
         },
         eval_dataset: a.eval_dataset.clone().or(f.eval_dataset),

@@ -35,6 +35,9 @@ pub struct ObjectiveParams {
     pub geometric_margin: f64,
     /// How many hardest negatives the geometric loss takes per anchor.
     pub geometric_k: usize,
+    /// Distillation temperature T (both similarity distributions are
+    /// softened by it; the loss is scaled by T²).
+    pub distill_temp: f64,
 }
 
 impl Default for ObjectiveParams {
@@ -45,6 +48,7 @@ impl Default for ObjectiveParams {
             triplet_mode: TripletMode::Max,
             geometric_margin: 0.3,
             geometric_k: 3,
+            distill_temp: 1.0,
         }
     }
 }
@@ -197,6 +201,44 @@ impl Objective for Geometric {
         let mt = hardest_mask(&s, k, false)?;
         let total = ((by_image * mi)?.sum_all()? + (by_text * mt)?.sum_all()?)?;
         Ok((total / (2 * n * k) as f64)?)
+    }
+}
+
+/// Knowledge distillation on in-batch similarities: with teacher and
+/// student logits each exp(own log scale) · image · textᵀ, the loss is
+/// T² · ½ (KL(P_t ‖ P_s) over rows + the same over columns), P = softmax(logits
+/// / T), each KL summed over a row and averaged over rows (torch's
+/// `kl_div(..., reduction="batchmean")`), as Hinton et al. scale it.
+pub struct Distill {
+    pub temp: f64,
+}
+
+impl Objective for Distill {
+    fn name(&self) -> &str {
+        "distill"
+    }
+    fn loss(&self, b: &Batch) -> Result<Tensor> {
+        let t = b.teacher.ok_or_else(|| {
+            crate::Error::Report(
+                "objective `distill` needs a teacher (--teacher CHECKPOINT)".into(),
+            )
+        })?;
+        let n = b.image.dim(0)? as f64;
+        let student = (logits_per_image(b)? / self.temp)?;
+        let teacher = (t
+            .image
+            .matmul(&t.text.t()?)?
+            .broadcast_mul(&t.log_scale.exp()?)?
+            / self.temp)?
+            .detach();
+        let kl = |tl: &Tensor, sl: &Tensor| -> Result<Tensor> {
+            let lt = candle_nn::ops::log_softmax(tl, D::Minus1)?;
+            let ls = candle_nn::ops::log_softmax(sl, D::Minus1)?;
+            Ok((lt.exp()? * (lt - ls)?)?.sum_all()?)
+        };
+        let rows = kl(&teacher, &student)?;
+        let cols = kl(&teacher.t()?.contiguous()?, &student.t()?.contiguous()?)?;
+        Ok(((rows + cols)? * (0.5 * self.temp * self.temp / n))?)
     }
 }
 

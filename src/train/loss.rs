@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::align::{Daa, Geometric, ObjectiveParams, Triplet};
+use super::align::{Daa, Distill, Geometric, ObjectiveParams, Triplet};
 use crate::Result;
 
 /// What an objective sees of one batch.
@@ -21,6 +21,17 @@ pub struct Batch<'a> {
     pub log_scale: &'a Tensor,
     /// SigLIP's learnable bias (a scalar), when the model has one.
     pub bias: Option<&'a Tensor>,
+    /// A frozen teacher's view of the same batch (distillation).
+    pub teacher: Option<Teacher<'a>>,
+}
+
+/// A teacher's L2-normalised features of the batch and its log temperature,
+/// all without a graph.
+#[derive(Clone, Copy)]
+pub struct Teacher<'a> {
+    pub image: &'a Tensor,
+    pub text: &'a Tensor,
+    pub log_scale: &'a Tensor,
 }
 
 pub trait Objective: Send + Sync {
@@ -281,7 +292,7 @@ fn top_level_items(spec: &str) -> Vec<&str> {
 }
 
 /// The objective names `--objective` accepts.
-pub const OBJECTIVES: &str = "infonce, siglip, daa, triplet, geometric";
+pub const OBJECTIVES: &str = "infonce, siglip, daa, triplet, geometric, distill";
 
 /// Parses `name[:weight],...` (e.g. `infonce,daa:0.5,geometric:linear(0,1)`),
 /// with `schedule` (`bcif`, or any weight schedule) trading the first
@@ -318,6 +329,9 @@ pub fn parse_objectives(
             "geometric" => Box::new(Geometric {
                 margin: params.geometric_margin,
                 k: params.geometric_k,
+            }),
+            "distill" => Box::new(Distill {
+                temp: params.distill_temp,
             }),
             other => {
                 return Err(crate::Error::Report(format!(

@@ -13,7 +13,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
-use super::loss::{Batch, Objective};
+use super::loss::{Batch, Objective, Teacher};
 use crate::model::{l2_normalize, Model};
 use crate::Result;
 
@@ -23,6 +23,33 @@ pub struct Inputs<'a> {
     pub ids: &'a Tensor,
     pub mask: &'a Tensor,
     pub locked: Locked<'a>,
+    /// A frozen teacher with the batch's texts in its own tokenization.
+    pub teacher: Option<TeacherInputs<'a>>,
+}
+
+/// A distillation teacher: a loaded model (run without a graph on the
+/// inference kernels) and the batch's token ids and mask from its tokenizer.
+/// Pixels are shared with the student (the trainer checks that the two
+/// preprocess alike).
+#[derive(Clone, Copy)]
+pub struct TeacherInputs<'a> {
+    pub model: &'a Model,
+    pub ids: &'a Tensor,
+    pub mask: &'a Tensor,
+}
+
+/// The teacher's normalised features of the whole batch and its log scale.
+fn teacher_view(t: &TeacherInputs, pixels: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let prev = crate::model::set_grad_mode(false);
+    let r = (|| -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((
+            l2_normalize(&t.model.image_features(pixels)?)?.detach(),
+            l2_normalize(&t.model.text_features(t.ids, t.mask)?)?.detach(),
+            t.model.logit_scale().detach(),
+        ))
+    })();
+    crate::model::set_grad_mode(prev);
+    r
 }
 
 /// Frozen towers (LiT). A locked tower's output comes from the model given
@@ -95,6 +122,15 @@ fn run(
 ) -> Result<(f64, GradStore)> {
     let n = x.pixels.dim(0)?;
     let scalar = |l: &Tensor| -> Result<f64> { Ok(l.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let tv = match &x.teacher {
+        Some(t) => Some(teacher_view(t, x.pixels)?),
+        None => None,
+    };
+    let teacher = tv.as_ref().map(|(image, text, log_scale)| Teacher {
+        image,
+        text,
+        log_scale,
+    });
     if accum == 1 || n < 2 {
         let (img, txt) = features(model, x.pixels, x.ids, x.mask, x.locked)?;
         let b = Batch {
@@ -102,6 +138,7 @@ fn run(
             text: &txt,
             log_scale: model.logit_scale(),
             bias: bias.map(|b| b.as_tensor()),
+            teacher,
         };
         let l = objective.loss(&b)?;
         return Ok((scalar(&l)?, l.backward()?));
@@ -153,6 +190,7 @@ fn run(
             text: &txt,
             log_scale: &ls,
             bias: bs.as_ref(),
+            teacher,
         };
         let l = objective.loss(&b)?;
         if j == 0 {

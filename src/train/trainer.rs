@@ -80,6 +80,9 @@ pub struct TrainConfig {
     pub lock_text: bool,
     pub seed: u64,
     pub objective: String,
+    /// A frozen teacher checkpoint for `distill` (any model clasp loads).
+    #[serde(default)]
+    pub teacher: Option<String>,
     /// Tunables of the objectives (`daa_temp`, `triplet_margin`, ...).
     #[serde(default, flatten)]
     pub objective_params: super::align::ObjectiveParams,
@@ -110,6 +113,41 @@ fn cpu() -> String {
 }
 pub fn color_jitter_prob() -> f64 {
     0.8
+}
+
+/// The distillation teacher, when `distill` is among the objectives. It sees
+/// the student's pixels, so the two must preprocess alike (same crop size,
+/// mean and std); texts go through the teacher's own tokenizer.
+fn load_teacher(
+    cfg: &TrainConfig,
+    objective: &loss::Combined,
+    student: &crate::preprocess::ImageProcessor,
+    dev: &candle_core::Device,
+) -> Result<Option<crate::Encoder>> {
+    let wanted = objective.uses("distill");
+    let Some(spec) = cfg.teacher.as_deref() else {
+        return if wanted {
+            Err(Error::Report(
+                "objective `distill` needs a teacher: --teacher CHECKPOINT".into(),
+            ))
+        } else {
+            Ok(None)
+        };
+    };
+    if !wanted {
+        return Err(Error::Report(format!(
+            "--teacher {spec} is given but no `distill` objective uses it (add e.g. --objective infonce,distill:1)"
+        )));
+    }
+    let te = crate::Encoder::load(spec, dev)?;
+    let (a, b) = (student.config(), te.image_processor().config());
+    if (a.crop, a.mean, a.std) != (b.crop, b.mean, b.std) {
+        return Err(Error::Report(format!(
+            "teacher {spec} preprocesses images differently from the student (crop {:?} mean {:?} std {:?} vs the student's {:?} {:?} {:?}); distillation shares the student's pixels, so they must match",
+            b.crop, b.mean, b.std, a.crop, a.mean, a.std
+        )));
+    }
+    Ok(Some(te))
 }
 
 /// splitmix64: a tiny, seedable generator whose whole state is one u64, so
@@ -385,6 +423,7 @@ pub fn train(
             ),
         },
     );
+    let teacher = load_teacher(&cfg, &objective, &proc, &dev)?;
 
     let end = stop_after.unwrap_or(cfg.steps).min(cfg.steps);
     // The batches this invocation will run, in order (cheap: indices only).
@@ -449,6 +488,10 @@ pub fn train(
                 .collect();
             let tok = tokenizer.encode(&texts)?;
             let (ids, mask) = tok.to_tensors(true, &dev)?;
+            let teacher_tokens = match &teacher {
+                Some(te) => Some(te.tokenizer().encode(&texts)?.to_tensors(true, &dev)?),
+                None => None,
+            };
             let flat: Vec<f32> = pixels.concat();
             let s_ = t.config.vision().image_size;
             let px = Tensor::from_vec(
@@ -461,6 +504,14 @@ pub fn train(
                 ids: &ids,
                 mask: &mask,
                 locked,
+                teacher: teacher
+                    .as_ref()
+                    .zip(teacher_tokens.as_ref())
+                    .map(|(te, (ti, tm))| super::step::TeacherInputs {
+                        model: te.model(),
+                        ids: ti,
+                        mask: tm,
+                    }),
             };
             let res = super::step::contrastive_grads(
                 &t.model,
