@@ -14,6 +14,7 @@ from the formulas of issue 5 (no library ships them):
 - distill: teacher and student logits, each exp(own log scale) * image @ text.T,
   softened by T; loss = T^2 * (KL(P_t || P_s) rows + columns) / 2 with torch's
   kl_div(reduction="batchmean"); the teacher is a constant.
+- ewc: lambda/2 * sum_i F_i (theta_i - theta*_i)^2 and its gradient.
 - geometric (BCIF): mean(max(0, s_neg - s_pos + margin)) over the k hardest
   in-batch negatives of every image anchor and every text anchor; 0 for a
   batch of one.
@@ -135,8 +136,32 @@ def random_pair(b, d, seed):
     return img, txt
 
 
+def ewc_case(out):
+    """EWC's penalty lambda/2 * sum F (theta - theta*)^2 over two parameters."""
+    g = torch.Generator().manual_seed(21)
+    lam = 7.5
+    total = 0
+    params = {}
+    for name, shape in (("a.weight", (3, 4)), ("b.bias", (5,))):
+        theta = torch.randn(shape, generator=g).requires_grad_(True)
+        star = torch.randn(shape, generator=g)
+        fisher = torch.rand(shape, generator=g)
+        total = total + (fisher * (theta - star) ** 2).sum()
+        params[name] = (theta, star, fisher)
+    loss = lam / 2 * total
+    loss.backward()
+    out["ewc.lambda"] = torch.tensor([lam])
+    out["ewc.loss"] = loss.detach().reshape(1)
+    for name, (theta, star, fisher) in params.items():
+        out[f"ewc.param.{name}"] = theta.detach()
+        out[f"ewc.theta.{name}"] = star
+        out[f"ewc.fisher.{name}"] = fisher
+        out[f"ewc.grad.{name}"] = theta.grad
+
+
 def main():
     out = {}
+    ewc_case(out)
     case("b8_d16", *random_pair(8, 16, 11), 2.659260036932778, out)
     case("b16_d32", *random_pair(16, 32, 12), 4.6052, out)
     case("b3_d8", *random_pair(3, 8, 13), 1.0, out)  # fewer negatives than the geometric k

@@ -390,3 +390,85 @@ fn objective_lists_and_the_bcif_schedule_run_end_to_end() {
         "{err}"
     );
 }
+
+/// EWC end to end: the old task's run writes its Fisher with the checkpoint;
+/// a new run from it with `ewc` ends nearer the old weights, in the Fisher's
+/// metric Σ F (θ − θ*)², than the same run without it.
+#[test]
+fn ewc_keeps_the_weights_that_mattered_nearer_the_old_task() {
+    use candle_core::{Device, Tensor};
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let old = d.path().join("old");
+    run_ok(train_cmd(
+        &data,
+        &old,
+        &["--steps", "3", "--fisher-batches", "2"],
+    ));
+    let fisher_file = old.join("checkpoint/fisher.safetensors");
+    let fisher = candle_core::safetensors::load(&fisher_file, &Device::Cpu).unwrap();
+    let keys: Vec<&String> = fisher.keys().filter(|k| k.starts_with("fisher.")).collect();
+    assert!(keys.len() > 10, "{keys:?}");
+    let total: f32 = keys
+        .iter()
+        .map(|k| {
+            let t = &fisher[*k];
+            assert!(
+                t.min_all().unwrap().to_scalar::<f32>().unwrap() >= 0.0,
+                "{k} negative"
+            );
+            t.sum_all().unwrap().to_scalar::<f32>().unwrap()
+        })
+        .sum();
+    assert!(total > 0.0);
+    let init = old.join("checkpoint").display().to_string();
+    let new_run = |name: &str, objective: &str| {
+        let out = d.path().join(name);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+        c.args(["train", "--init", &init, "--dataset"])
+            .arg(format!("flickr8k:{}", data.display()))
+            .args([
+                "--steps",
+                "4",
+                "--batch-size",
+                "8",
+                "--lr",
+                "1e-3",
+                "--warmup",
+                "1",
+                "--seed",
+                "3",
+            ])
+            .args(["--objective", objective, "--output"])
+            .arg(&out);
+        run_ok(c);
+        let end =
+            candle_core::safetensors::load(out.join("checkpoint/model.safetensors"), &Device::Cpu)
+                .unwrap();
+        // Σ F (θ − θ*)² over the parameters the checkpoint stores by the same name.
+        keys.iter()
+            .filter_map(|k| {
+                let name = k.strip_prefix("fisher.").unwrap();
+                let now: &Tensor = end.get(name)?;
+                let diff = (now - &fisher[&format!("theta.{name}")]).unwrap();
+                Some(
+                    (&fisher[*k] * diff.sqr().unwrap())
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap() as f64,
+                )
+            })
+            .sum::<f64>()
+    };
+    let (plain, held) = (
+        new_run("plain", "infonce"),
+        new_run("held", "infonce,ewc:1e7"),
+    );
+    assert!(
+        plain > 0.0 && held < 0.5 * plain,
+        "Fisher distance: plain {plain}, with EWC {held}"
+    );
+}

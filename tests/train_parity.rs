@@ -161,6 +161,56 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
     assert_eq!(checked, 36);
 }
 
+/// EWC's penalty and the gradient it adds, against torch autograd on the
+/// same formula (scripts/gen_objective_fixtures.py), read back through a
+/// fisher.safetensors as `clasp train --fisher-batches` writes it.
+#[test]
+fn ewc_penalty_and_gradient_equal_torch() {
+    let f =
+        candle_core::safetensors::load("tests/fixtures/train/objectives.safetensors", &Device::Cpu)
+            .unwrap();
+    let names = ["a.weight", "b.bias"];
+    let vars: Vec<(String, Var)> = names
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                Var::from_tensor(&f[&format!("ewc.param.{n}")]).unwrap(),
+            )
+        })
+        .collect();
+    let d = tempfile::tempdir().unwrap();
+    let file: std::collections::HashMap<String, Tensor> = names
+        .iter()
+        .flat_map(|n| {
+            ["fisher", "theta"].map(|k| (format!("{k}.{n}"), f[&format!("ewc.{k}.{n}")].clone()))
+        })
+        .collect();
+    candle_core::safetensors::save(&file, d.path().join("fisher.safetensors")).unwrap();
+    let ewc = clasp::train::ewc::Ewc::load(d.path(), &vars).unwrap();
+    // A gradient store holding zeros for both parameters.
+    let zero = vars
+        .iter()
+        .map(|(_, v)| (v.as_tensor() * 0.0).unwrap().sum_all().unwrap())
+        .reduce(|a, b| (a + b).unwrap())
+        .unwrap();
+    let mut grads = zero.backward().unwrap();
+    let lambda = f["ewc.lambda"].to_vec1::<f32>().unwrap()[0] as f64;
+    let penalty = ewc.apply(lambda, &mut grads).unwrap();
+    let want = f["ewc.loss"].to_vec1::<f32>().unwrap()[0] as f64;
+    assert!(
+        (penalty - want).abs() <= 1e-5 * want.abs().max(1.0),
+        "{penalty} vs {want}"
+    );
+    for (n, v) in &vars {
+        let d = max_abs(
+            grads.get(v.as_tensor()).unwrap(),
+            &f[&format!("ewc.grad.{n}")],
+        );
+        assert!(d < 1e-5, "{n}: gradient differs by {d}");
+    }
+}
+
 /// The fixture's training step on the tiny CLIP: features → InfoNCE →
 /// backward; returns the model, its variables, the loss and the gradients.
 fn tiny_step_grads(

@@ -114,6 +114,14 @@ pub struct TrainArgs {
     /// DAA's weighting temperature τ_w [default: 0.05].
     #[arg(long)]
     pub daa_temp: Option<f64>,
+    /// After the last step, estimate the diagonal Fisher over N batches and save it with
+    /// the checkpoint (fisher.safetensors), for `ewc` on a later task [default: 0, no].
+    #[arg(long)]
+    pub fisher_batches: Option<usize>,
+    /// The old task's fisher.safetensors (or its checkpoint directory) for `ewc`
+    /// [default: the --init checkpoint's].
+    #[arg(long)]
+    pub ewc_anchor: Option<String>,
     /// A frozen teacher checkpoint for the `distill` objective.
     #[arg(long)]
     pub teacher: Option<String>,
@@ -189,6 +197,8 @@ struct FileConfig {
     daa_temp: Option<f64>,
     teacher: Option<String>,
     distill_temp: Option<f64>,
+    fisher_batches: Option<usize>,
+    ewc_anchor: Option<String>,
     triplet_margin: Option<f64>,
     triplet_mode: Option<clasp::train::align::TripletMode>,
     geometric_margin: Option<f64>,
@@ -343,6 +353,8 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
             .unwrap_or_else(|| "infonce".into()),
         schedule: a.schedule.clone().or(f.schedule),
         teacher: a.teacher.clone().or(f.teacher),
+        fisher_batches: a.fisher_batches.or(f.fisher_batches).unwrap_or(0),
+        ewc_anchor: a.ewc_anchor.clone().or(f.ewc_anchor),
         objective_params: {
             let d = ObjectiveParams::default();
             ObjectiveParams {

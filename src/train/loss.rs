@@ -199,6 +199,9 @@ impl Weight {
 pub struct Combined {
     pub parts: Vec<(Weight, Box<dyn Objective>)>,
     pub trade: Option<Weight>,
+    /// λ of the EWC penalty (`ewc:λ`), which acts on the weights, not on a
+    /// batch's features: the trainer adds it (see `train::ewc`).
+    pub ewc: Option<Weight>,
 }
 
 impl Combined {
@@ -292,7 +295,7 @@ fn top_level_items(spec: &str) -> Vec<&str> {
 }
 
 /// The objective names `--objective` accepts.
-pub const OBJECTIVES: &str = "infonce, siglip, daa, triplet, geometric, distill";
+pub const OBJECTIVES: &str = "infonce, siglip, daa, triplet, geometric, distill, ewc";
 
 /// Parses `name[:weight],...` (e.g. `infonce,daa:0.5,geometric:linear(0,1)`),
 /// with `schedule` (`bcif`, or any weight schedule) trading the first
@@ -303,6 +306,7 @@ pub fn parse_objectives(
     schedule: Option<&str>,
 ) -> Result<Combined> {
     let mut parts: Vec<(Weight, Box<dyn Objective>)> = Vec::new();
+    let mut ewc = None;
     for item in top_level_items(spec)
         .into_iter()
         .map(str::trim)
@@ -316,6 +320,10 @@ pub fn parse_objectives(
             ),
             None => (item, Weight::Constant(1.0)),
         };
+        if name == "ewc" {
+            ewc = Some(w);
+            continue;
+        }
         let o: Box<dyn Objective> = match name {
             "infonce" | "clip" => Box::new(InfoNce),
             "siglip" => Box::new(SigLip),
@@ -342,7 +350,14 @@ pub fn parse_objectives(
         parts.push((w, o));
     }
     if parts.is_empty() {
-        return Err(crate::Error::Report("no objective given".into()));
+        return Err(crate::Error::Report(
+            if ewc.is_some() {
+                "`ewc` only holds weights in place: combine it with a data objective, e.g. infonce,ewc:100"
+            } else {
+                "no objective given"
+            }
+            .into(),
+        ));
     }
     let trade =
         match schedule.map(str::trim) {
@@ -357,7 +372,7 @@ pub fn parse_objectives(
             "--schedule trades the first objective against a second one: give two or more in --objective".into(),
         ));
     }
-    Ok(Combined { parts, trade })
+    Ok(Combined { parts, trade, ewc })
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! and the optimiser with its schedule.
 
 pub mod align;
+pub mod ewc;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -80,6 +80,14 @@ pub struct TrainConfig {
     pub lock_text: bool,
     pub seed: u64,
     pub objective: String,
+    /// After the last step, estimate the diagonal Fisher over this many
+    /// batches and save it with the checkpoint, for EWC later (0: no).
+    #[serde(default)]
+    pub fisher_batches: usize,
+    /// The old task's Fisher for `ewc` (a fisher.safetensors or a checkpoint
+    /// directory holding one); default: the --init checkpoint's.
+    #[serde(default)]
+    pub ewc_anchor: Option<String>,
     /// A frozen teacher checkpoint for `distill` (any model clasp loads).
     #[serde(default)]
     pub teacher: Option<String>,
@@ -424,6 +432,13 @@ pub fn train(
         },
     );
     let teacher = load_teacher(&cfg, &objective, &proc, &dev)?;
+    let ewc = match &objective.ewc {
+        Some(_) => {
+            let anchor = cfg.ewc_anchor.clone().unwrap_or_else(|| cfg.init.clone());
+            Some(super::ewc::Ewc::load(Path::new(&anchor), &opt_vars)?)
+        }
+        None => None,
+    };
 
     let end = stop_after.unwrap_or(cfg.steps).min(cfg.steps);
     // The batches this invocation will run, in order (cheap: indices only).
@@ -492,13 +507,7 @@ pub fn train(
                 Some(te) => Some(te.tokenizer().encode(&texts)?.to_tensors(true, &dev)?),
                 None => None,
             };
-            let flat: Vec<f32> = pixels.concat();
-            let s_ = t.config.vision().image_size;
-            let px = Tensor::from_vec(
-                flat,
-                (pixels.len(), t.config.vision().num_channels, s_, s_),
-                &dev,
-            )?;
+            let px = pixel_tensor(&pixels, &t, &dev)?;
             let inputs = super::step::Inputs {
                 pixels: &px,
                 ids: &ids,
@@ -521,7 +530,10 @@ pub fn train(
                 &opt_vars,
                 cfg.accum_freq,
             );
-            let (lv, mut grads) = res?;
+            let (mut lv, mut grads) = res?;
+            if let (Some(e), Some(w)) = (&ewc, &objective.ewc) {
+                lv += e.apply(w.at(step as f64 / cfg.steps.max(1) as f64), &mut grads)?;
+            }
             let t_bwd = t0.elapsed();
             // The seed's measurement: do two objectives pull the chosen
             // group the same way? Two extra backward passes, every N steps.
@@ -630,6 +642,42 @@ pub fn train(
             &cfg,
         )?;
     }
+    if cfg.fisher_batches > 0 && !interrupted && step == cfg.steps {
+        // EWC's Fisher for this task, on unaugmented batches in a fresh
+        // seeded order, with the final weights.
+        let mut o = Order::new(cfg.seed.wrapping_add(0xF15E));
+        let mut sum = super::ewc::FisherSum::default();
+        progress.start("fisher", cfg.fisher_batches as u64);
+        for k in 0..cfg.fisher_batches {
+            let b = o.next_batch(&per_image, cfg.batch_size);
+            let pixels = decode_batch(&proc, &set.images, &b, 1.0, None, cfg.seed, k)?;
+            let texts: Vec<&str> = b.iter().map(|(_, c)| set.captions[*c].as_str()).collect();
+            let (ids, mask) = tokenizer.encode(&texts)?.to_tensors(true, &dev)?;
+            let px = pixel_tensor(&pixels, &t, &dev)?;
+            let inputs = super::step::Inputs {
+                pixels: &px,
+                ids: &ids,
+                mask: &mask,
+                locked,
+                teacher: None,
+            };
+            let (_, g) = super::step::contrastive_grads(
+                &t.model,
+                &loss::InfoNce,
+                &inputs,
+                None,
+                &opt_vars,
+                cfg.accum_freq,
+            )?;
+            sum.add(&opt_vars, &g)?;
+            progress.inc(1);
+        }
+        progress.finish();
+        sum.save(
+            &opt_vars,
+            &checkpoint_dir(&out).join(super::ewc::FISHER_FILE),
+        )?;
+    }
     let _ = plot_losses(&out);
     Ok(TrainOutcome {
         steps_done: step,
@@ -638,6 +686,16 @@ pub fn train(
         dev: last_dev,
         checkpoint: checkpoint_dir(&out),
     })
+}
+
+/// A batch of decoded images as one [B, C, S, S] tensor.
+fn pixel_tensor(pixels: &[Vec<f32>], t: &Trainable, dev: &candle_core::Device) -> Result<Tensor> {
+    let s = t.config.vision().image_size;
+    Ok(Tensor::from_vec(
+        pixels.concat(),
+        (pixels.len(), t.config.vision().num_channels, s, s),
+        dev,
+    )?)
 }
 
 fn save(
