@@ -14,6 +14,9 @@ from the formulas of issue 5 (no library ships them):
 - distill: teacher and student logits, each exp(own log scale) * image @ text.T,
   softened by T; loss = T^2 * (KL(P_t || P_s) rows + columns) / 2 with torch's
   kl_div(reduction="batchmean"); the teacher is a constant.
+- adversarial: a ReLU MLP discriminator behind a gradient-reversal layer
+  (scale 0.7), BCE or WGAN critic loss, WGAN-GP's penalty by double backward,
+  and spectral norm by one power iteration, as torch.nn.utils.spectral_norm.
 - ewc: lambda/2 * sum_i F_i (theta_i - theta*_i)^2 and its gradient.
 - geometric (BCIF): mean(max(0, s_neg - s_pos + margin)) over the k hardest
   in-batch negatives of every image anchor and every text anchor; 0 for a
@@ -159,8 +162,73 @@ def ewc_case(out):
         out[f"ewc.grad.{name}"] = theta.grad
 
 
+class ReverseGrad(torch.autograd.Function):
+    """Gradient reversal (Ganin & Lempitsky 2015): identity, gradient * -s."""
+
+    @staticmethod
+    def forward(ctx, x, s):
+        ctx.s = s
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -ctx.s * g, None
+
+
+def spectral(w, u):
+    """torch's spectral_norm in training mode: one power iteration from u."""
+    with torch.no_grad():
+        v = F.normalize(w.T @ u, dim=0, eps=1e-12)
+        u = F.normalize(w @ v, dim=0, eps=1e-12)
+    return w / torch.dot(u, w @ v)
+
+
+def adversarial_case(name, img, txt, hidden, seed, out):
+    """A one-hidden-layer ReLU discriminator on the normalised features;
+    settings: bce, wgan, wgan + gradient penalty, each optionally spectral."""
+    g = torch.Generator().manual_seed(seed)
+    dim = img.shape[1]
+    w1 = torch.randn(hidden, dim, generator=g) * 0.5
+    b1 = torch.randn(hidden, generator=g) * 0.1
+    w2 = torch.randn(1, hidden, generator=g) * 0.5
+    b2 = torch.randn(1, generator=g) * 0.1
+    u1 = F.normalize(torch.randn(hidden, generator=g), dim=0)
+    u2 = torch.ones(1)
+    eps = torch.rand(img.shape[0], generator=g)
+    out[f"{name}.adv.w1"], out[f"{name}.adv.b1"], out[f"{name}.adv.w2"], out[f"{name}.adv.b2"] = w1, b1, w2, b2
+    out[f"{name}.adv.u1"], out[f"{name}.adv.u2"], out[f"{name}.adv.eps"] = u1, u2, eps
+    settings = {"bce": ("bce", 0.0, False), "wgan": ("wgan", 0.0, False), "wgan_gp": ("wgan", 10.0, False),
+                "bce_sn": ("bce", 0.0, True), "wgan_gp_sn": ("wgan", 10.0, True)}
+    for sname, (kind, gp, sn) in settings.items():
+        i = img.clone().requires_grad_(True)
+        t = txt.clone().requires_grad_(True)
+        P = [p.clone().requires_grad_(True) for p in (w1, b1, w2, b2)]
+        ew1 = spectral(P[0], u1) if sn else P[0]
+        ew2 = spectral(P[2], u2) if sn else P[2]
+        disc = lambda x: (F.relu(x @ ew1.T + P[1]) @ ew2.T + P[3]).squeeze(1)
+        fi, ft = F.normalize(i, dim=-1), F.normalize(t, dim=-1)
+        di, dt = disc(ReverseGrad.apply(fi, 0.7)), disc(ReverseGrad.apply(ft, 0.7))
+        if kind == "bce":
+            loss = 0.5 * (F.binary_cross_entropy_with_logits(di, torch.ones_like(di))
+                          + F.binary_cross_entropy_with_logits(dt, torch.zeros_like(dt)))
+        else:
+            loss = dt.mean() - di.mean()
+        if gp > 0:
+            xh = (eps[:, None] * fi + (1 - eps[:, None]) * ft).detach().requires_grad_(True)
+            grad = torch.autograd.grad(disc(xh).sum(), xh, create_graph=True)[0]
+            loss = loss + gp * ((grad.norm(2, dim=1) - 1) ** 2).mean()
+        loss.backward()
+        p = f"{name}.adv_{sname}."
+        out[p + "loss"] = loss.detach().reshape(1)
+        out[p + "grad_image"], out[p + "grad_text"] = i.grad, t.grad
+        for k, q in zip(("w1", "b1", "w2", "b2"), P):
+            out[p + "grad_" + k] = q.grad
+
+
 def main():
     out = {}
+    adversarial_case("b8_d16", *random_pair(8, 16, 11), 6, 31, out)
+    adversarial_case("b1_d8", *random_pair(1, 8, 14), 5, 32, out)
     ewc_case(out)
     case("b8_d16", *random_pair(8, 16, 11), 2.659260036932778, out)
     case("b16_d32", *random_pair(16, 32, 12), 4.6052, out)

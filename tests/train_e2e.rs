@@ -472,3 +472,57 @@ fn ewc_keeps_the_weights_that_mattered_nearer_the_old_task() {
         "Fisher distance: plain {plain}, with EWC {held}"
     );
 }
+
+/// The adversarial objective's discriminator lives in the training state: a
+/// run stopped half-way and resumed ends with the same weights, and the same
+/// discriminator, as an uninterrupted one (WGAN-GP included, whose
+/// interpolation weights are drawn from the batch itself).
+#[test]
+fn adversarial_runs_resume_to_the_same_weights_and_discriminator() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let args = [
+        "--steps",
+        "6",
+        "--objective",
+        "infonce,adversarial:0.5",
+        "--adv-loss",
+        "wgan",
+        "--adv-gp",
+        "10",
+        "--adv-hidden",
+        "16",
+    ];
+    run_ok(train_cmd(&data, &a, &args));
+    let mut half = args.to_vec();
+    half.extend(["--stop-after", "3"]);
+    run_ok(train_cmd(&data, &b, &half));
+    let mut resume = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    resume.args(["train", "--resume"]).arg(&b);
+    run_ok(resume);
+    assert!(
+        weights(&a) == weights(&b),
+        "resumed run ends with the same weights"
+    );
+    let disc = |o: &Path| {
+        let s = candle_core::safetensors::load(
+            o.join("state/optimizer.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let w = &s["adversary.fc1.weight"];
+        assert_eq!(w.dims()[0], 16);
+        w.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    assert_eq!(disc(&a), disc(&b));
+    // ...and the discriminator does learn: after one step it differs from the end.
+    let c = d.path().join("c");
+    let mut one = args.to_vec();
+    one.extend(["--stop-after", "1"]);
+    run_ok(train_cmd(&data, &c, &one));
+    assert_ne!(disc(&c), disc(&a));
+    let l = losses(&a);
+    assert!(l.len() == 6 && l.iter().all(|x| x.is_finite()), "{l:?}");
+}

@@ -161,6 +161,83 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
     assert_eq!(checked, 36);
 }
 
+/// The adversarial objective against torch (scripts/gen_objective_fixtures.py):
+/// BCE and WGAN losses, WGAN-GP's penalty (torch by double backward, clasp by
+/// its closed form) and spectral norm; gradients reach the features reversed
+/// and the discriminator as is.
+#[test]
+fn adversarial_objective_and_gradients_equal_torch() {
+    use clasp::train::adversarial::{AdvLoss, AdvParams, Adversarial};
+    let f =
+        candle_core::safetensors::load("tests/fixtures/train/objectives.safetensors", &Device::Cpu)
+            .unwrap();
+    let mut checked = 0;
+    for case in ["b8_d16", "b1_d8"] {
+        let g = |k: &str| f[&format!("{case}.adv.{k}")].clone();
+        for (setting, loss, gp, spectral) in [
+            ("bce", AdvLoss::Bce, 0.0, false),
+            ("wgan", AdvLoss::Wgan, 0.0, false),
+            ("wgan_gp", AdvLoss::Wgan, 10.0, false),
+            ("bce_sn", AdvLoss::Bce, 0.0, true),
+            ("wgan_gp_sn", AdvLoss::Wgan, 10.0, true),
+        ] {
+            let params = AdvParams {
+                adv_hidden: g("w1").dim(0).unwrap(),
+                adv_loss: loss,
+                adv_reverse: 0.7,
+                adv_gp: gp,
+                adv_spectral: spectral,
+            };
+            let dim = g("w1").dim(1).unwrap();
+            let adv = Adversarial::new(dim, params, 0, &Device::Cpu).unwrap();
+            adv.set(&g("w1"), &g("b1"), &g("w2"), &g("b2"), (g("u1"), g("u2")))
+                .unwrap();
+            let img = Var::from_tensor(&f[&format!("{case}.image")]).unwrap();
+            let txt = Var::from_tensor(&f[&format!("{case}.text")]).unwrap();
+            let s = Tensor::new(0f32, &Device::Cpu).unwrap();
+            let ni = clasp::model::l2_normalize(img.as_tensor()).unwrap();
+            let nt = clasp::model::l2_normalize(txt.as_tensor()).unwrap();
+            let b = Batch {
+                image: &ni,
+                text: &nt,
+                log_scale: &s,
+                bias: None,
+                teacher: None,
+            };
+            let l = adv.loss_with_eps(&b, &g("eps")).unwrap();
+            let p = format!("{case}.adv_{setting}.");
+            let d = max_abs(&l, &f[&format!("{p}loss")].squeeze(0).unwrap());
+            assert!(d < 1e-5, "{p}loss differs by {d}");
+            let grads = l.backward().unwrap();
+            let mut targets = vec![
+                (img.as_tensor().clone(), "grad_image".to_string()),
+                (txt.as_tensor().clone(), "grad_text".to_string()),
+            ];
+            for (name, v) in adv.vars() {
+                let key = match name.as_str() {
+                    "adversary.fc1.weight" => "grad_w1",
+                    "adversary.fc1.bias" => "grad_b1",
+                    "adversary.fc2.weight" => "grad_w2",
+                    _ => "grad_b2",
+                };
+                targets.push((v.as_tensor().clone(), key.to_string()));
+            }
+            for (t, key) in targets {
+                let want = &f[&format!("{p}{key}")];
+                let got = grads
+                    .get(&t)
+                    .unwrap_or_else(|| panic!("{p}{key}: no gradient"))
+                    .reshape(want.shape())
+                    .unwrap();
+                let d = max_abs(&got, want);
+                assert!(d < 1e-5, "{p}{key} differs by {d}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 10);
+}
+
 /// EWC's penalty and the gradient it adds, against torch autograd on the
 /// same formula (scripts/gen_objective_fixtures.py), read back through a
 /// fisher.safetensors as `clasp train --fisher-batches` writes it.

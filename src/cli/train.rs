@@ -122,6 +122,21 @@ pub struct TrainArgs {
     /// [default: the --init checkpoint's].
     #[arg(long)]
     pub ewc_anchor: Option<String>,
+    /// Hidden width of the adversarial discriminator [default: 256].
+    #[arg(long)]
+    pub adv_hidden: Option<usize>,
+    /// The discriminator's loss: bce or wgan [default: bce].
+    #[arg(long)]
+    pub adv_loss: Option<clasp::train::adversarial::AdvLoss>,
+    /// Gradient-reversal scale on the features [default: 1].
+    #[arg(long)]
+    pub adv_reverse: Option<f64>,
+    /// WGAN-GP gradient-penalty weight [default: 0, off].
+    #[arg(long)]
+    pub adv_gp: Option<f64>,
+    /// Spectral norm on the discriminator's weights.
+    #[arg(long)]
+    pub adv_spectral: bool,
     /// A frozen teacher checkpoint for the `distill` objective.
     #[arg(long)]
     pub teacher: Option<String>,
@@ -197,6 +212,11 @@ struct FileConfig {
     daa_temp: Option<f64>,
     teacher: Option<String>,
     distill_temp: Option<f64>,
+    adv_hidden: Option<usize>,
+    adv_loss: Option<clasp::train::adversarial::AdvLoss>,
+    adv_reverse: Option<f64>,
+    adv_gp: Option<f64>,
+    adv_spectral: Option<bool>,
     fisher_batches: Option<usize>,
     ewc_anchor: Option<String>,
     triplet_margin: Option<f64>,
@@ -370,6 +390,13 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
                     .unwrap_or(d.geometric_margin),
                 geometric_k: a.geometric_k.or(f.geometric_k).unwrap_or(d.geometric_k),
                 distill_temp: a.distill_temp.or(f.distill_temp).unwrap_or(d.distill_temp),
+                adv: clasp::train::adversarial::AdvParams {
+                    adv_hidden: a.adv_hidden.or(f.adv_hidden).unwrap_or(d.adv.adv_hidden),
+                    adv_loss: a.adv_loss.or(f.adv_loss).unwrap_or(d.adv.adv_loss),
+                    adv_reverse: a.adv_reverse.or(f.adv_reverse).unwrap_or(d.adv.adv_reverse),
+                    adv_gp: a.adv_gp.or(f.adv_gp).unwrap_or(d.adv.adv_gp),
+                    adv_spectral: a.adv_spectral || f.adv_spectral.unwrap_or(false),
+                },
             }
         },
         eval_dataset: a.eval_dataset.clone().or(f.eval_dataset),

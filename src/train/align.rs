@@ -38,6 +38,9 @@ pub struct ObjectiveParams {
     /// Distillation temperature T (both similarity distributions are
     /// softened by it; the loss is scaled by T²).
     pub distill_temp: f64,
+    /// The adversarial discriminator's settings.
+    #[serde(flatten)]
+    pub adv: super::adversarial::AdvParams,
 }
 
 impl Default for ObjectiveParams {
@@ -49,6 +52,7 @@ impl Default for ObjectiveParams {
             geometric_margin: 0.3,
             geometric_k: 3,
             distill_temp: 1.0,
+            adv: Default::default(),
         }
     }
 }

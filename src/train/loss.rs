@@ -6,7 +6,7 @@
 //! here, as CLIPModel does). Objectives are pluggable through [`Objective`]
 //! and combine with weights through [`Combined`].
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::align::{Daa, Distill, Geometric, ObjectiveParams, Triplet};
 use crate::Result;
@@ -38,6 +38,19 @@ pub trait Objective: Send + Sync {
     fn name(&self) -> &str;
     /// The loss of a batch (a scalar tensor).
     fn loss(&self, b: &Batch) -> Result<Tensor>;
+    /// Trainable parameters of the objective itself (a discriminator), named;
+    /// they join the optimiser and the training state.
+    fn vars(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+}
+
+/// What objectives with their own parameters are built for.
+pub struct ObjectiveEnv<'a> {
+    /// The width of the projected features.
+    pub dim: usize,
+    pub seed: u64,
+    pub device: &'a Device,
 }
 
 fn eye(n: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -240,6 +253,10 @@ impl Combined {
         }
     }
 
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.parts.iter().flat_map(|(_, o)| o.vars()).collect()
+    }
+
     pub fn uses(&self, name: &str) -> bool {
         self.parts.iter().any(|(_, o)| o.name() == name)
     }
@@ -295,7 +312,7 @@ fn top_level_items(spec: &str) -> Vec<&str> {
 }
 
 /// The objective names `--objective` accepts.
-pub const OBJECTIVES: &str = "infonce, siglip, daa, triplet, geometric, distill, ewc";
+pub const OBJECTIVES: &str = "infonce, siglip, daa, triplet, geometric, adversarial, distill, ewc";
 
 /// Parses `name[:weight],...` (e.g. `infonce,daa:0.5,geometric:linear(0,1)`),
 /// with `schedule` (`bcif`, or any weight schedule) trading the first
@@ -304,6 +321,7 @@ pub fn parse_objectives(
     spec: &str,
     params: &ObjectiveParams,
     schedule: Option<&str>,
+    env: &ObjectiveEnv,
 ) -> Result<Combined> {
     let mut parts: Vec<(Weight, Box<dyn Objective>)> = Vec::new();
     let mut ewc = None;
@@ -341,6 +359,12 @@ pub fn parse_objectives(
             "distill" => Box::new(Distill {
                 temp: params.distill_temp,
             }),
+            "adversarial" => Box::new(super::adversarial::Adversarial::new(
+                env.dim,
+                params.adv.clone(),
+                env.seed,
+                env.device,
+            )?),
             other => {
                 return Err(crate::Error::Report(format!(
                     "unknown objective `{other}` (available: {OBJECTIVES})"
@@ -396,22 +420,40 @@ mod tests {
     #[test]
     fn objective_lists_parse_with_schedules_inside_parentheses() {
         let p = ObjectiveParams::default();
-        let c =
-            parse_objectives("infonce, daa:0.5, geometric:piecewise(0:0,0.5:1)", &p, None).unwrap();
+        let env = ObjectiveEnv {
+            dim: 8,
+            seed: 0,
+            device: &Device::Cpu,
+        };
+        let c = parse_objectives(
+            "infonce, daa:0.5, geometric:piecewise(0:0,0.5:1)",
+            &p,
+            None,
+            &env,
+        )
+        .unwrap();
         let names: Vec<&str> = c.parts.iter().map(|(_, o)| o.name()).collect();
         assert_eq!(names, ["infonce", "daa", "geometric"]);
         assert_eq!(c.weights(0.25), vec![1.0, 0.5, 0.5]);
-        let t = parse_objectives("infonce,geometric", &p, Some("bcif")).unwrap();
+        let t = parse_objectives("infonce,geometric", &p, Some("bcif"), &env).unwrap();
         let w = t.weights(0.3);
         assert!(
             (w[0] - 0.6).abs() < 1e-12 && (w[1] - 0.4).abs() < 1e-12,
             "{w:?}"
         );
-        assert!(parse_objectives("infonce", &p, Some("bcif")).is_err());
-        let e = parse_objectives("infonce,ewc", &p, None)
+        assert!(parse_objectives("infonce", &p, Some("bcif"), &env).is_err());
+        let e = parse_objectives("infonce,adversary", &p, None, &env)
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("unknown objective `ewc`"), "{e}");
+        assert!(e.contains("unknown objective `adversary`"), "{e}");
+        let w = parse_objectives("infonce,ewc:linear(0,100)", &p, None, &env).unwrap();
+        assert_eq!(
+            (w.parts.len(), w.ewc.as_ref().map(|e| e.at(0.5))),
+            (1, Some(50.0))
+        );
+        assert!(parse_objectives("ewc:100", &p, None, &env).is_err());
+        let a = parse_objectives("infonce,adversarial:0.1", &p, None, &env).unwrap();
+        assert_eq!(a.vars().len(), 4);
     }
 }

@@ -1,6 +1,7 @@
 //! Training: contrastive objectives, the trainable model and its checkpoints,
 //! and the optimiser with its schedule.
 
+pub mod adversarial;
 pub mod align;
 pub mod ewc;
 pub mod loss;

@@ -378,6 +378,11 @@ pub fn train(
         &cfg.objective,
         &cfg.objective_params,
         cfg.schedule.as_deref(),
+        &loss::ObjectiveEnv {
+            dim: t.config.projection_dim(),
+            seed: cfg.seed,
+            device: &dev,
+        },
     )?;
     let needs_bias = objective.uses("siglip");
     // SigLIP's bias lives in the training state, not in the checkpoint
@@ -401,9 +406,13 @@ pub fn train(
                 || cfg.lock_text && n.starts_with("text_model."))
         })
         .collect();
+    // Trainable tensors outside the checkpoint: SigLIP's bias and any
+    // objective's own parameters (a discriminator). They live in the state.
+    let mut extra = objective.vars();
     if needs_bias {
-        opt_vars.push(("logit_bias".into(), bias.clone()));
+        extra.push(("logit_bias".into(), bias.clone()));
     }
+    opt_vars.extend(extra.iter().cloned());
     let mut opt = GroupedAdamW::new(
         &opt_vars,
         AdamWConfig {
@@ -413,9 +422,9 @@ pub fn train(
         },
     )?;
     if let Some(s) = opt_state.take() {
-        if needs_bias {
-            if let Some(b) = s.get("logit_bias") {
-                bias.set(b)?;
+        for (name, v) in &extra {
+            if let Some(x) = s.get(name) {
+                v.set(x)?;
             }
         }
         opt.load_state(&s, start_step)?;
@@ -606,14 +615,7 @@ pub fn train(
             let eval_now = eval_set.is_some()
                 && ((cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == cfg.steps);
             if save_now || eval_now {
-                save(
-                    &t,
-                    &opt,
-                    needs_bias.then_some(&bias),
-                    &order_at(step),
-                    step,
-                    &cfg,
-                )?;
+                save(&t, &opt, &extra, &order_at(step), step, &cfg)?;
             }
             if let (true, Some(set)) = (eval_now, &eval_set) {
                 let m = evaluate(&cfg, set.clone())?;
@@ -633,14 +635,7 @@ pub fn train(
     })?;
     progress.finish();
     if interrupted {
-        save(
-            &t,
-            &opt,
-            needs_bias.then_some(&bias),
-            &order_at(step),
-            step,
-            &cfg,
-        )?;
+        save(&t, &opt, &extra, &order_at(step), step, &cfg)?;
     }
     if cfg.fisher_batches > 0 && !interrupted && step == cfg.steps {
         // EWC's Fisher for this task, on unaugmented batches in a fresh
@@ -701,7 +696,7 @@ fn pixel_tensor(pixels: &[Vec<f32>], t: &Trainable, dev: &candle_core::Device) -
 fn save(
     t: &Trainable,
     opt: &GroupedAdamW,
-    bias: Option<&Var>,
+    extra: &[(String, Var)],
     order: &Order,
     step: usize,
     cfg: &TrainConfig,
@@ -710,8 +705,8 @@ fn save(
     let sd = state_dir(&cfg.output);
     std::fs::create_dir_all(&sd).map_err(|e| Error::io(&sd, e))?;
     let mut tensors: HashMap<String, Tensor> = opt.state().into_iter().collect();
-    if let Some(b) = bias {
-        tensors.insert("logit_bias".into(), b.as_tensor().clone());
+    for (name, v) in extra {
+        tensors.insert(name.clone(), v.as_tensor().clone());
     }
     let tmp = sd.join("optimizer.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)?;
