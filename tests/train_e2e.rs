@@ -526,3 +526,68 @@ fn adversarial_runs_resume_to_the_same_weights_and_discriminator() {
     let l = losses(&a);
     assert!(l.len() == 6 && l.iter().all(|x| x.is_finite()), "{l:?}");
 }
+
+/// `clasp mine` writes negatives that `clasp train --negatives` uses with the
+/// triplet objective; a file mined from other captions is refused by name.
+#[test]
+fn mined_negatives_feed_triplet_training() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let neg = d.path().join("neg.json");
+    let mut mine = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    mine.args(["mine", "--model", &common::tiny(), "--dataset"])
+        .arg(format!("flickr8k:{}", data.display()))
+        .args(["--top-k", "5", "--window", "-1,1", "--output"])
+        .arg(&neg);
+    run_ok(mine);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&neg).unwrap()).unwrap();
+    let caps = m["captions"].as_array().unwrap();
+    let anchors = m["anchors"].as_array().unwrap();
+    assert_eq!(caps.len(), anchors.len());
+    // Every kept negative conflicts lexically with its anchor, as recorded.
+    let mut kept = 0;
+    for (a, negs) in anchors.iter().enumerate() {
+        for n in negs.as_array().unwrap() {
+            let b = n["caption"].as_u64().unwrap() as usize;
+            let why =
+                clasp::train::mine::conflict(caps[a].as_str().unwrap(), caps[b].as_str().unwrap());
+            assert_eq!(why.as_deref(), n["conflict"].as_str());
+            kept += 1;
+        }
+    }
+    assert!(kept > 0, "no negatives mined from {} captions", caps.len());
+    let out = d.path().join("run");
+    run_ok(train_cmd(
+        &data,
+        &out,
+        &[
+            "--steps",
+            "2",
+            "--objective",
+            "infonce,triplet:0.5",
+            "--negatives",
+            neg.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(losses(&out).len(), 2);
+    let o = train_cmd(
+        &data,
+        &d.path().join("dev"),
+        &[
+            "--steps",
+            "1",
+            "--split",
+            "dev",
+            "--negatives",
+            neg.to_str().unwrap(),
+        ],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("mined from other captions"),
+        "{err}"
+    );
+}

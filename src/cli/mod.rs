@@ -3,6 +3,7 @@
 
 mod embed;
 mod eval;
+mod mine;
 mod output;
 mod search;
 mod serve;
@@ -48,6 +49,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Train or fine-tune a dual encoder contrastively (resumable).
     Train(Box<train::TrainArgs>),
+    /// Mine hard negative captions for the triplet objective (`train --negatives`).
+    Mine(mine::MineArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +97,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Classify(a) => search::classify_cmd(a),
         Command::Serve(a) => serve::run(a),
         Command::Train(a) => train::run(*a),
+        Command::Mine(a) => mine::run(a),
     }
 }
 

@@ -114,6 +114,12 @@ pub struct TrainArgs {
     /// DAA's weighting temperature τ_w [default: 0.05].
     #[arg(long)]
     pub daa_temp: Option<f64>,
+    /// Hard negatives from `clasp mine`: each batch carries its anchors' mined negatives.
+    #[arg(long)]
+    pub negatives: Option<PathBuf>,
+    /// At most this share of a batch is mined negatives [default: 0.5].
+    #[arg(long)]
+    pub negatives_share: Option<f64>,
     /// After the last step, estimate the diagonal Fisher over N batches and save it with
     /// the checkpoint (fisher.safetensors), for `ewc` on a later task [default: 0, no].
     #[arg(long)]
@@ -219,6 +225,8 @@ struct FileConfig {
     adv_spectral: Option<bool>,
     fisher_batches: Option<usize>,
     ewc_anchor: Option<String>,
+    negatives: Option<PathBuf>,
+    negatives_share: Option<f64>,
     triplet_margin: Option<f64>,
     triplet_mode: Option<clasp::train::align::TripletMode>,
     geometric_margin: Option<f64>,
@@ -374,6 +382,12 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         schedule: a.schedule.clone().or(f.schedule),
         teacher: a.teacher.clone().or(f.teacher),
         fisher_batches: a.fisher_batches.or(f.fisher_batches).unwrap_or(0),
+        negatives: a.negatives.clone().or(f.negatives),
+        negatives_share: a
+            .negatives_share
+            .or(f.negatives_share)
+            .unwrap_or(0.5)
+            .clamp(0.0, 0.5),
         ewc_anchor: a.ewc_anchor.clone().or(f.ewc_anchor),
         objective_params: {
             let d = ObjectiveParams::default();

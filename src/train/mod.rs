@@ -5,6 +5,7 @@ pub mod adversarial;
 pub mod align;
 pub mod ewc;
 pub mod loss;
+pub mod mine;
 pub mod model;
 pub mod optim;
 pub mod presets;

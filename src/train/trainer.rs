@@ -80,6 +80,12 @@ pub struct TrainConfig {
     pub lock_text: bool,
     pub seed: u64,
     pub objective: String,
+    /// Hard negatives from `clasp mine`, put into the batches of their anchors.
+    #[serde(default)]
+    pub negatives: Option<PathBuf>,
+    /// At most this share of each batch is mined negatives.
+    #[serde(default = "half")]
+    pub negatives_share: f64,
     /// After the last step, estimate the diagonal Fisher over this many
     /// batches and save it with the checkpoint, for EWC later (0: no).
     #[serde(default)]
@@ -107,6 +113,9 @@ pub struct TrainConfig {
     pub output: PathBuf,
 }
 
+fn half() -> f64 {
+    0.5
+}
 fn proj_group() -> optim::ParamGroup {
     optim::ParamGroup::Proj
 }
@@ -470,8 +479,18 @@ pub fn train(
         )?),
         None => None,
     };
+    let negatives = match &cfg.negatives {
+        Some(p) => Some(super::mine::MinedNegatives::load(p, &set)?),
+        None => None,
+    };
     let plan: Vec<Vec<(usize, usize)>> = (start_step..end)
-        .map(|_| order.next_batch(&per_image, cfg.batch_size))
+        .map(|_| {
+            let mut b = order.next_batch(&per_image, cfg.batch_size);
+            if let Some(m) = &negatives {
+                m.fill(&set, &mut b, cfg.negatives_share);
+            }
+            b
+        })
         .collect();
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
