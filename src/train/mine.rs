@@ -27,6 +27,35 @@ const COUNTS_EN: &[&str] = &[
     "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "single",
     "couple", "pair", "several", "many", "group", "crowd",
 ];
+/// Words ending in -ing that name things, not actions.
+const NOT_ACTIONS_EN: &[&str] = &[
+    "something",
+    "anything",
+    "nothing",
+    "everything",
+    "thing",
+    "building",
+    "clothing",
+    "ceiling",
+    "morning",
+    "evening",
+    "wedding",
+    "railing",
+    "swing",
+    "string",
+    "spring",
+    "sling",
+    "sibling",
+    "pudding",
+    "stuffing",
+    "awning",
+    "bedding",
+    "lightning",
+    "wing",
+    "ring",
+    "king",
+    "during",
+];
 const COLOURS_ZH: &[&str] = &[
     "黑", "白", "红", "蓝", "绿", "黄", "橙", "粉", "紫", "棕", "灰", "银", "金",
 ];
@@ -53,7 +82,8 @@ pub fn cues(caption: &str) -> Cues {
             c.colours.insert(w.replace("grey", "gray"));
         } else if COUNTS_EN.contains(&w) || w.chars().all(|ch| ch.is_ascii_digit()) {
             c.counts.insert(w.to_string());
-        } else if w.len() > 4 && w.ends_with("ing") && w.is_ascii() {
+        } else if w.len() > 4 && w.ends_with("ing") && w.is_ascii() && !NOT_ACTIONS_EN.contains(&w)
+        {
             c.actions.insert(w.to_string());
         }
     }
@@ -235,6 +265,10 @@ mod tests {
         );
         assert_eq!(conflict("a grey cat", "a gray cat"), None);
         assert_eq!(conflict("a black dog", "a dog jumping"), None);
+        assert_eq!(
+            conflict("a man filming something", "a man filming a building"),
+            None
+        );
     }
 
     #[test]
