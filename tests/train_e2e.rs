@@ -98,6 +98,10 @@ fn stop_and_resume_gives_the_same_weights_and_the_run_is_reported() {
         &b,
         &["--steps", "10", "--eval-dataset", &dev, "--stop-after", "5"],
     ));
+    // A new run into the stopped run's directory is refused, pointing to --resume.
+    let o = train_cmd(&data, &b, &["--steps", "10"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--resume"), "{err}");
     let mut resume = Command::new(env!("CARGO_BIN_EXE_clasp"));
     resume.args(["train", "--resume"]).arg(&b);
     run_ok(resume);
@@ -499,6 +503,10 @@ fn adversarial_runs_resume_to_the_same_weights_and_discriminator() {
     let mut half = args.to_vec();
     half.extend(["--stop-after", "3"]);
     run_ok(train_cmd(&data, &b, &half));
+    // A new run into the stopped run's directory is refused, pointing to --resume.
+    let o = train_cmd(&data, &b, &["--steps", "10"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--resume"), "{err}");
     let mut resume = Command::new(env!("CARGO_BIN_EXE_clasp"));
     resume.args(["train", "--resume"]).arg(&b);
     run_ok(resume);

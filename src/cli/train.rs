@@ -299,6 +299,8 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     let Some(output) = a.output.clone().or(f.output) else {
         bail!("give --output DIR for the checkpoint, state and metrics");
     };
+    // Checked before a preset's init is written into it.
+    trainer::check_fresh_output(&output)?;
     let seed = a.seed.or(f.seed).unwrap_or(0);
     let init = match (a.init.clone().or(f.init), a.preset.clone().or(f.preset)) {
         (Some(i), None) => i,

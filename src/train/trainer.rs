@@ -167,6 +167,19 @@ fn load_teacher(
     Ok(Some(te))
 }
 
+/// A new run must not write into another run's directory: its metrics would
+/// be appended to the old ones and its state would replace the old state.
+pub fn check_fresh_output(out: &Path) -> Result<()> {
+    if state_dir(out).join("trainer.json").is_file() {
+        return Err(Error::Report(format!(
+            "{} already holds a training run; continue it with `clasp train --resume {}`, or give another --output",
+            out.display(),
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
 /// splitmix64: a tiny, seedable generator whose whole state is one u64, so
 /// the data order is saved and resumed exactly.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -355,6 +368,7 @@ pub fn train(
         }
         Start::New(cfg) => {
             let cfg = *cfg;
+            check_fresh_output(&cfg.output)?;
             let dev = device(&cfg.device)?;
             let t = Trainable::from_checkpoint(&cfg.init, &dev)?;
             let order = Order::new(cfg.seed);

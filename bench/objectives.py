@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Issue 5's results table: each alignment objective measured on real data.
+
+    cargo build --release [--features openblas]
+    python3 bench/objectives.py [--preset small] [--steps 1000] [--seeds 0,1,2] \\
+        [--runs bench/.work/objectives] [--out bench/objectives.md]
+
+Every row trains the same from-scratch preset on ../shared Flickr8k train
+(English captions) for the same number of steps and batch size, once per
+seed, and reports dev R@1/5/10 in both directions as mean ± std over seeds:
+
+- InfoNCE alone;
+- InfoNCE + DAA, + triplet with negatives mined by `clasp mine` (the miner is
+  the seed-0 InfoNCE model), + geometric, + adversarial;
+- the bcif schedule (contrastive weight 1 → 0.2) trading InfoNCE against the
+  geometric loss (BCIF's own second objective is a captioning loss, which
+  needs a decoder clasp does not have);
+- EWC: the InfoNCE model (trained with --fisher-batches) fine-tuned on
+  Flickr8k-ZH with and without `ewc`; the row reports the English dev recall
+  after the Chinese fine-tune, so the forgetting is the drop from the
+  InfoNCE row, with and without EWC;
+- distillation into the preset from a teacher of the next larger preset
+  trained with InfoNCE for the same steps.
+
+Runs that exist already (a finished checkpoint and dev metrics) are reused,
+so an interrupted table resumes. `--smoke` runs the tiny preset for a few
+steps into bench/out/ to check the pipeline (its numbers mean nothing).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASP = os.path.join(ROOT, "target", "release", "clasp")
+DATA = os.path.join(ROOT, "..", "shared", "data", "flickr8k")
+SPEC = f"flickr8k:{DATA}"
+LARGER = {"tiny": "small", "small": "base"}
+KEYS = [("t→i", "image_retrieval_recall@"), ("i→t", "text_retrieval_recall@")]
+
+
+def run(args, log):
+    with open(log, "w") as f:
+        r = subprocess.run(args, stdout=subprocess.PIPE, stderr=f, text=True)
+    if r.returncode != 0:
+        sys.exit(f"failed ({log}): {' '.join(args)}")
+    return r.stdout
+
+
+def last_json(text):
+    start = text.rfind("\n{")
+    return json.loads(text[start + 1:] if start >= 0 else text)
+
+
+def train(runs, name, a, seed, extra, lang="en"):
+    """One clasp training run; returns its dev metrics (cached in NAME.json)."""
+    out = os.path.join(runs, name)
+    res = out + ".json"
+    if os.path.exists(res) and os.path.exists(os.path.join(out, "checkpoint", "model.safetensors")):
+        return json.load(open(res))
+    base = [CLASP, "train", "--dataset", SPEC, "--split", a.split, "--lang", lang, "--steps", str(a.steps), "--batch-size",
+            str(a.batch_size), "--seed", str(seed), "--save-every", "0", "--eval-dataset", SPEC,
+            "--output", out]
+    if not any(x in extra for x in ("--init", "--preset")):
+        base += ["--preset", a.preset]
+    if os.path.exists(os.path.join(out, "state", "trainer.json")):
+        base, extra = [CLASP, "train", "--resume", out], []  # an interrupted run continues
+    m = last_json(run(base + extra, out + ".log"))
+    json.dump(m, open(res, "w"))
+    return m
+
+
+def evaluate(runs, name, checkpoint, lang):
+    res = os.path.join(runs, name + ".json")
+    if os.path.exists(res):
+        return json.load(open(res))
+    m = last_json(run([CLASP, "eval", "retrieval", "--json", "--model", checkpoint, "--dataset", SPEC,
+                       "--split", "dev", "--lang", lang], os.path.join(runs, name + ".log")))
+    json.dump(m, open(res, "w"))
+    return m
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--runs", default=os.path.join(ROOT, "bench", ".work", "objectives"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "objectives.md"))
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args()
+    a.split = "train"
+    if a.smoke:
+        # Trains on the dev split (mining the 35k training captions takes minutes).
+        a.preset, a.steps, a.batch_size, a.seeds, a.split = "tiny", 4, 8, "0,1", "dev"
+        a.runs = os.path.join(ROOT, "bench", "out", "objectives-smoke")
+        a.out = os.path.join(ROOT, "bench", "out", "objectives-smoke.md")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    os.makedirs(a.runs, exist_ok=True)
+    rows = {}
+
+    def row(label, name, extra_for_seed, lang="en"):
+        rows[label] = [train(a.runs, f"{name}_s{s}", a, s, extra_for_seed(s), lang) for s in seeds]
+        print(f"{label}: done", file=sys.stderr)
+
+    row("InfoNCE", "infonce", lambda s: ["--objective", "infonce", "--fisher-batches", "20"])
+    ck = lambda name, s: os.path.join(a.runs, f"{name}_s{s}", "checkpoint")
+    row("+ DAA (0.5)", "daa", lambda s: ["--objective", "infonce,daa:0.5"])
+    neg = os.path.join(a.runs, "negatives.json")
+    if not os.path.exists(neg):
+        run([CLASP, "mine", "--model", ck("infonce", seeds[0]), "--dataset", SPEC, "--split", a.split,
+             "--output", neg],
+            os.path.join(a.runs, "mine.log"))
+    row("+ triplet, mined negatives (0.5)", "triplet",
+        lambda s: ["--objective", "infonce,triplet:0.5", "--negatives", neg])
+    row("+ geometric (0.5)", "geometric", lambda s: ["--objective", "infonce,geometric:0.5"])
+    row("+ adversarial (0.1)", "adversarial", lambda s: ["--objective", "infonce,adversarial:0.1"])
+    row("bcif schedule (InfoNCE ↔ geometric)", "bcif",
+        lambda s: ["--objective", "infonce,geometric", "--schedule", "bcif"])
+    # EWC: fine-tune the English models on Chinese captions, then measure English.
+    for label, name, obj in (("EN→ZH fine-tune, EN dev after", "zh_plain", "infonce"),
+                             ("EN→ZH fine-tune + EWC (1e6), EN dev after", "zh_ewc", "infonce,ewc:1e6")):
+        runs = []
+        for s in seeds:
+            train(a.runs, f"{name}_s{s}", a, s, ["--init", ck("infonce", s), "--objective", obj], lang="zh")
+            runs.append(evaluate(a.runs, f"{name}_en_s{s}", ck(f"{name}", s), "en"))
+        rows[label] = runs
+    teacher_preset = LARGER.get(a.preset, a.preset)
+    teacher_args = argparse.Namespace(**{**vars(a), "preset": teacher_preset})
+
+    def teacher(s):
+        train(a.runs, f"teacher_s{s}", teacher_args, s, ["--objective", "infonce"])
+        return ck("teacher", s)
+
+    row(f"distilled from a {teacher_preset} teacher (+ distill 1.0)", "distill",
+        lambda s: ["--objective", "infonce,distill:1.0", "--teacher", teacher(s)])
+
+    head = "| run | " + " | ".join(f"{d} R@{k}" for d, _ in KEYS for k in (1, 5, 10)) + " | mean recall |"
+    lines = [f"# Alignment objectives on Flickr8k (EN dev), `{a.preset}` preset from scratch",
+             "", f"{a.steps} steps, batch {a.batch_size}, seeds {a.seeds}; mean ± std over seeds, in %."
+             + (" SMOKE RUN: tiny and short, the numbers mean nothing." if a.smoke else ""), "",
+             head, "|" + "---|" * (len(KEYS) * 3 + 2)]
+    for label, ms in rows.items():
+        cells = []
+        for _, key in KEYS:
+            for k in (1, 5, 10):
+                v = [100 * m[f"{key}{k}"] for m in ms]
+                cells.append(f"{statistics.mean(v):.2f} ± {statistics.pstdev(v):.2f}")
+        mr = [100 * m["mean_recall"] for m in ms]
+        cells.append(f"{statistics.mean(mr):.2f} ± {statistics.pstdev(mr):.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    open(a.out, "w").write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
