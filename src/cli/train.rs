@@ -301,6 +301,16 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     };
     // Checked before a preset's init is written into it.
     trainer::check_fresh_output(&output)?;
+    let color_jitter = a
+        .color_jitter
+        .clone()
+        .or(f.color_jitter.clone())
+        .unwrap_or_default();
+    let color_jitter_prob = a
+        .color_jitter_prob
+        .or(f.color_jitter_prob)
+        .unwrap_or_else(trainer::color_jitter_prob);
+    clasp::preprocess::augment::ColorJitter::new(&color_jitter, color_jitter_prob)?;
     let seed = a.seed.or(f.seed).unwrap_or(0);
     let init = match (a.init.clone().or(f.init), a.preset.clone().or(f.preset)) {
         (Some(i), None) => i,
@@ -366,15 +376,8 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
             .unwrap_or_else(|| "cpu".into()),
         lock_text: a.lock_text || f.lock_text.unwrap_or(false),
         lock_image: a.lock_image || f.lock_image.unwrap_or(false),
-        color_jitter: a
-            .color_jitter
-            .clone()
-            .or(f.color_jitter)
-            .unwrap_or_default(),
-        color_jitter_prob: a
-            .color_jitter_prob
-            .or(f.color_jitter_prob)
-            .unwrap_or_else(trainer::color_jitter_prob),
+        color_jitter,
+        color_jitter_prob,
         seed,
         objective: a
             .objective
