@@ -128,7 +128,10 @@ def main():
             train(a.runs, f"{name}_s{s}", a, s, ["--init", ck("infonce", s), "--objective", obj], lang="zh")
             runs.append(evaluate(a.runs, f"{name}_en_s{s}", ck(f"{name}", s), "en"))
         rows[label] = runs
-    teacher_preset = LARGER.get(a.preset, a.preset)
+    # The teacher shares the student's pixels, so its image size must match:
+    # small (224 px) learns from base (224 px); the smoke run's tiny (64 px)
+    # from another tiny.
+    teacher_preset = a.preset if a.smoke else LARGER.get(a.preset, a.preset)
     teacher_args = argparse.Namespace(**{**vars(a), "preset": teacher_preset})
 
     def teacher(s):
