@@ -72,6 +72,13 @@ fn run_ok(mut c: Command) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `clasp train --resume DIR`, which must succeed.
+fn resume_ok(dir: &Path) {
+    let mut resume = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    resume.args(["train", "--resume"]).arg(dir);
+    run_ok(resume);
+}
+
 fn weights(out: &Path) -> Vec<u8> {
     std::fs::read(out.join("checkpoint/model.safetensors")).unwrap()
 }
@@ -102,9 +109,7 @@ fn stop_and_resume_gives_the_same_weights_and_the_run_is_reported() {
     let o = train_cmd(&data, &b, &["--steps", "10"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--resume"), "{err}");
-    let mut resume = Command::new(env!("CARGO_BIN_EXE_clasp"));
-    resume.args(["train", "--resume"]).arg(&b);
-    run_ok(resume);
+    resume_ok(&b);
     assert!(
         weights(&a) == weights(&b),
         "resumed run ends with the same weights"
@@ -179,9 +184,7 @@ fn ctrl_c_saves_and_exits_cleanly_then_resumes_to_the_same_weights() {
         (3..40).contains(&stopped_at),
         "stopped mid-run at step {stopped_at}"
     );
-    let mut resume = Command::new(env!("CARGO_BIN_EXE_clasp"));
-    resume.args(["train", "--resume"]).arg(&b);
-    run_ok(resume);
+    resume_ok(&b);
     assert!(
         weights(&a) == weights(&b),
         "interrupted at {stopped_at}, resumed: same final weights"
@@ -503,13 +506,7 @@ fn adversarial_runs_resume_to_the_same_weights_and_discriminator() {
     let mut half = args.to_vec();
     half.extend(["--stop-after", "3"]);
     run_ok(train_cmd(&data, &b, &half));
-    // A new run into the stopped run's directory is refused, pointing to --resume.
-    let o = train_cmd(&data, &b, &["--steps", "10"]).output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--resume"), "{err}");
-    let mut resume = Command::new(env!("CARGO_BIN_EXE_clasp"));
-    resume.args(["train", "--resume"]).arg(&b);
-    run_ok(resume);
+    resume_ok(&b);
     assert!(
         weights(&a) == weights(&b),
         "resumed run ends with the same weights"

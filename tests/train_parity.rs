@@ -8,6 +8,25 @@ fn fixtures() -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load("tests/fixtures/train/losses.safetensors", &Device::Cpu).unwrap()
 }
 
+/// The fixtures of scripts/gen_objective_fixtures.py.
+fn objective_fixtures() -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load("tests/fixtures/train/objectives.safetensors", &Device::Cpu)
+        .unwrap()
+}
+
+/// A case's raw image and text features as variables, and the L2-normalised
+/// features the objectives see (as the towers' projections feed them).
+fn case_features(
+    f: &std::collections::HashMap<String, Tensor>,
+    case: &str,
+) -> (Var, Var, Tensor, Tensor) {
+    let img = Var::from_tensor(&f[&format!("{case}.image")]).unwrap();
+    let txt = Var::from_tensor(&f[&format!("{case}.text")]).unwrap();
+    let ni = clasp::model::l2_normalize(img.as_tensor()).unwrap();
+    let nt = clasp::model::l2_normalize(txt.as_tensor()).unwrap();
+    (img, txt, ni, nt)
+}
+
 /// max |a − b| / max(1, |b|): 1e-5 absolute for values up to 1, relative
 /// above (a scalar gradient summed over 1024 logits at scale 100 is in the
 /// hundreds, where f32 itself resolves only ~1e-5).
@@ -26,12 +45,9 @@ fn losses_and_gradients_equal_open_clip() {
     let mut checked = 0;
     for case in ["b8_d16", "b32_d64", "b1_d8"] {
         for (name, obj) in [("infonce", &InfoNce as &dyn Objective), ("siglip", &SigLip)] {
-            let img = Var::from_tensor(&f[&format!("{case}.image")]).unwrap();
-            let txt = Var::from_tensor(&f[&format!("{case}.text")]).unwrap();
+            let (img, txt, ni, nt) = case_features(&f, case);
             let s = Var::from_tensor(&f[&format!("{case}.log_scale")].squeeze(0).unwrap()).unwrap();
             let bias = Var::from_tensor(&f[&format!("{case}.bias")].squeeze(0).unwrap()).unwrap();
-            let ni = clasp::model::l2_normalize(img.as_tensor()).unwrap();
-            let nt = clasp::model::l2_normalize(txt.as_tensor()).unwrap();
             let b = Batch {
                 image: &ni,
                 text: &nt,
@@ -77,9 +93,7 @@ fn losses_and_gradients_equal_open_clip() {
 fn alignment_objectives_and_gradients_equal_their_torch_reference() {
     use clasp::train::align::{Daa, Distill, Geometric, ObjectiveParams, Triplet, TripletMode};
     use clasp::train::loss::Teacher;
-    let f =
-        candle_core::safetensors::load("tests/fixtures/train/objectives.safetensors", &Device::Cpu)
-            .unwrap();
+    let f = objective_fixtures();
     let p = ObjectiveParams::default();
     let objectives: [(&str, Box<dyn Objective>); 6] = [
         ("distill_t1", Box::new(Distill { temp: 1.0 })),
@@ -117,11 +131,8 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
         "uniform_b4_d4",
     ] {
         for (name, obj) in &objectives {
-            let img = Var::from_tensor(&f[&format!("{case}.image")]).unwrap();
-            let txt = Var::from_tensor(&f[&format!("{case}.text")]).unwrap();
+            let (img, txt, ni, nt) = case_features(&f, case);
             let s = Var::from_tensor(&f[&format!("{case}.log_scale")].squeeze(0).unwrap()).unwrap();
-            let ni = clasp::model::l2_normalize(img.as_tensor()).unwrap();
-            let nt = clasp::model::l2_normalize(txt.as_tensor()).unwrap();
             let te = |k: &str| f[&format!("{case}.teacher_{k}")].clone();
             let (ti, tt, tl) = (te("image"), te("text"), te("log_scale").squeeze(0).unwrap());
             let b = Batch {
@@ -168,9 +179,7 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
 #[test]
 fn adversarial_objective_and_gradients_equal_torch() {
     use clasp::train::adversarial::{AdvLoss, AdvParams, Adversarial};
-    let f =
-        candle_core::safetensors::load("tests/fixtures/train/objectives.safetensors", &Device::Cpu)
-            .unwrap();
+    let f = objective_fixtures();
     let mut checked = 0;
     for case in ["b8_d16", "b1_d8"] {
         let g = |k: &str| f[&format!("{case}.adv.{k}")].clone();
@@ -192,11 +201,8 @@ fn adversarial_objective_and_gradients_equal_torch() {
             let adv = Adversarial::new(dim, params, 0, &Device::Cpu).unwrap();
             adv.set(&g("w1"), &g("b1"), &g("w2"), &g("b2"), (g("u1"), g("u2")))
                 .unwrap();
-            let img = Var::from_tensor(&f[&format!("{case}.image")]).unwrap();
-            let txt = Var::from_tensor(&f[&format!("{case}.text")]).unwrap();
+            let (img, txt, ni, nt) = case_features(&f, case);
             let s = Tensor::new(0f32, &Device::Cpu).unwrap();
-            let ni = clasp::model::l2_normalize(img.as_tensor()).unwrap();
-            let nt = clasp::model::l2_normalize(txt.as_tensor()).unwrap();
             let b = Batch {
                 image: &ni,
                 text: &nt,
@@ -243,9 +249,7 @@ fn adversarial_objective_and_gradients_equal_torch() {
 /// fisher.safetensors as `clasp train --fisher-batches` writes it.
 #[test]
 fn ewc_penalty_and_gradient_equal_torch() {
-    let f =
-        candle_core::safetensors::load("tests/fixtures/train/objectives.safetensors", &Device::Cpu)
-            .unwrap();
+    let f = objective_fixtures();
     let names = ["a.weight", "b.bias"];
     let vars: Vec<(String, Var)> = names
         .iter()

@@ -149,6 +149,16 @@ fn hinge_costs(s: &Tensor, margin: f64) -> Result<(Tensor, Tensor)> {
     Ok((by_image, by_text))
 }
 
+/// The hinge costs of each anchor's `k` hardest negatives, image anchors
+/// (rows of `s`) and text anchors (columns), summed. Hardest by cost is
+/// hardest by similarity within an anchor.
+fn hardest_hinge_sum(s: &Tensor, margin: f64, k: usize) -> Result<Tensor> {
+    let (by_image, by_text) = hinge_costs(s, margin)?;
+    let mi = hardest_mask(s, k, true)?;
+    let mt = hardest_mask(s, k, false)?;
+    Ok(((by_image * mi)?.sum_all()? + (by_text * mt)?.sum_all()?)?)
+}
+
 /// VSE++ (Faghri et al.): a hinge with a margin between each positive pair
 /// and its negatives, in both directions: image anchors against other
 /// captions, caption anchors against other images. `Max` takes the hardest
@@ -167,15 +177,11 @@ impl Objective for Triplet {
     fn loss(&self, b: &Batch) -> Result<Tensor> {
         let s = b.image.matmul(&b.text.t()?)?;
         let n = s.dim(0)?;
-        let (by_image, by_text) = hinge_costs(&s, self.margin)?;
         let k = match self.mode {
             TripletMode::Max => 1,
             TripletMode::Sum => n,
         };
-        // Hardest by cost equals hardest by similarity within an anchor.
-        let mi = hardest_mask(&s, k, true)?;
-        let mt = hardest_mask(&s, k, false)?;
-        let total = ((by_image * mi)?.sum_all()? + (by_text * mt)?.sum_all()?)?;
+        let total = hardest_hinge_sum(&s, self.margin, k)?;
         Ok((total / n as f64)?)
     }
 }
@@ -200,10 +206,7 @@ impl Objective for Geometric {
             // Keeps the graph, so every feature gets a (zero) gradient.
             return Ok((s.sum_all()? * 0.0)?);
         }
-        let (by_image, by_text) = hinge_costs(&s, self.margin)?;
-        let mi = hardest_mask(&s, k, true)?;
-        let mt = hardest_mask(&s, k, false)?;
-        let total = ((by_image * mi)?.sum_all()? + (by_text * mt)?.sum_all()?)?;
+        let total = hardest_hinge_sum(&s, self.margin, k)?;
         Ok((total / (2 * n * k) as f64)?)
     }
 }
