@@ -11,7 +11,8 @@ from the formulas of issue 5 (no library ships them):
 - triplet (VSE++, Faghri et al. 2018): hinge(margin + s_neg - s_pos) in both
   directions on cosine similarities; `max` takes the hardest negative per
   anchor, `sum` all; the sum over anchors is divided by the batch size.
-- distill: teacher and student logits, each exp(own log scale) * image @ text.T,
+- distill (and distill_feature, adding 0.7 * mean(1 - cos(W s, t)) over images
+  and texts, halved, through a projection W): teacher and student logits, each exp(own log scale) * image @ text.T,
   softened by T; loss = T^2 * (KL(P_t || P_s) rows + columns) / 2 with torch's
   kl_div(reduction="batchmean"); the teacher is a constant.
 - adversarial: a ReLU MLP discriminator behind a gradient-reversal layer
@@ -124,6 +125,22 @@ def case(name, img, txt, log_scale, out):
         out[p + "grad_image"] = i.grad
         out[p + "grad_text"] = t.grad
         out[p + "grad_log_scale"] = s.grad.reshape(1)
+    # The feature-level term: weight 0.7, through a projection W.
+    W = torch.randn(img.shape[1], img.shape[1], generator=g) * 0.3 + torch.eye(img.shape[1])
+    i = img.clone().float().requires_grad_(True)
+    t = txt.clone().float().requires_grad_(True)
+    s = torch.tensor(log_scale, dtype=torch.float32, requires_grad=True)
+    w = W.clone().requires_grad_(True)
+    fi, ft = F.normalize(i, dim=-1), F.normalize(t, dim=-1)
+    gap = lambda x, tt: (1 - ((x @ w.T) * tt).sum(1) / (x @ w.T).norm(dim=1)).mean()
+    loss = distill(fi, ft, s.exp(), (t_img, t_txt, t_ls), 1.0) + 0.7 * 0.5 * (gap(fi, t_img) + gap(ft, t_txt))
+    loss.backward()
+    p = f"{name}.distill_feature."
+    out[p + "loss"] = loss.detach().reshape(1)
+    out[p + "grad_image"], out[p + "grad_text"] = i.grad, t.grad
+    out[p + "grad_log_scale"] = s.grad.reshape(1)
+    out[p + "grad_projection"] = w.grad
+    out[name + ".distill_projection"] = W
     out[name + ".teacher_image"] = t_img.float()
     out[name + ".teacher_text"] = t_txt.float()
     out[name + ".teacher_log_scale"] = t_ls.reshape(1).float()

@@ -66,6 +66,13 @@ fn train_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
     c
 }
 
+/// Runs `c`, which must fail with `needle` in its error output.
+fn fails_with(mut c: Command, needle: &str) {
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(needle), "{err}");
+}
+
 fn run_ok(mut c: Command) -> String {
     let o = c.output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -106,9 +113,7 @@ fn stop_and_resume_gives_the_same_weights_and_the_run_is_reported() {
         &["--steps", "10", "--eval-dataset", &dev, "--stop-after", "5"],
     ));
     // A new run into the stopped run's directory is refused, pointing to --resume.
-    let o = train_cmd(&data, &b, &["--steps", "10"]).output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--resume"), "{err}");
+    fails_with(train_cmd(&data, &b, &["--steps", "10"]), "--resume");
     resume_ok(&b);
     assert!(
         weights(&a) == weights(&b),
@@ -384,17 +389,13 @@ fn objective_lists_and_the_bcif_schedule_run_end_to_end() {
         );
         assert!(g.get("proj").is_none(), "proj clipping is off: {r}");
     }
-    let o = train_cmd(
-        &data,
-        &d.path().join("bad"),
-        &["--steps", "1", "--objective", "infonce,bogus:0.5"],
-    )
-    .output()
-    .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("unknown objective `bogus`"),
-        "{err}"
+    fails_with(
+        train_cmd(
+            &data,
+            &d.path().join("bad"),
+            &["--steps", "1", "--objective", "infonce,bogus:0.5"],
+        ),
+        "unknown objective `bogus`",
     );
 }
 
@@ -576,23 +577,61 @@ fn mined_negatives_feed_triplet_training() {
         ],
     ));
     assert_eq!(losses(&out).len(), 2);
-    let o = train_cmd(
+    fails_with(
+        train_cmd(
+            &data,
+            &d.path().join("dev"),
+            &[
+                "--steps",
+                "1",
+                "--split",
+                "dev",
+                "--negatives",
+                neg.to_str().unwrap(),
+            ],
+        ),
+        "mined from other captions",
+    );
+}
+
+/// A student that starts as its own teacher has nothing to learn from it:
+/// the first step's distillation loss is 0, the feature term's too (its
+/// projection starts as the identity when the widths agree). Without a
+/// teacher, `distill` is refused by name.
+#[test]
+fn distilling_from_itself_starts_at_zero_and_a_missing_teacher_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let own = d.path().join("own");
+    let tiny = common::tiny();
+    run_ok(train_cmd(
         &data,
-        &d.path().join("dev"),
+        &own,
         &[
             "--steps",
-            "1",
-            "--split",
-            "dev",
-            "--negatives",
-            neg.to_str().unwrap(),
+            "2",
+            "--objective",
+            "distill",
+            "--teacher",
+            &tiny,
+            "--distill-temp",
+            "2",
+            "--distill-feature",
+            "0.5",
         ],
-    )
-    .output()
-    .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
+    ));
+    let l = losses(&own);
     assert!(
-        !o.status.success() && err.contains("mined from other captions"),
-        "{err}"
+        l.len() == 2 && l[0].abs() < 1e-6 && l[1].is_finite(),
+        "{l:?}"
+    );
+    fails_with(
+        train_cmd(
+            &data,
+            &d.path().join("noteacher"),
+            &["--steps", "1", "--objective", "infonce,distill"],
+        ),
+        "needs a teacher",
     );
 }

@@ -95,9 +95,9 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
     use clasp::train::loss::Teacher;
     let f = objective_fixtures();
     let p = ObjectiveParams::default();
-    let objectives: [(&str, Box<dyn Objective>); 6] = [
-        ("distill_t1", Box::new(Distill { temp: 1.0 })),
-        ("distill_t2", Box::new(Distill { temp: 2.0 })),
+    let mut objectives: Vec<(&str, Box<dyn Objective>)> = vec![
+        ("distill_t1", Box::new(Distill::new(1.0))),
+        ("distill_t2", Box::new(Distill::new(2.0))),
         ("daa", Box::new(Daa { temp: p.daa_temp })),
         (
             "triplet_max",
@@ -121,6 +121,9 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
             }),
         ),
     ];
+    // The feature term's projection W (its width depends on the case) is
+    // set from the fixture below.
+    objectives.push(("distill_feature", Box::new(Distill::new(1.0))));
     let mut checked = 0;
     for case in [
         "b8_d16",
@@ -130,8 +133,18 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
         "identical_b4_d8",
         "uniform_b4_d4",
     ] {
-        for (name, obj) in &objectives {
+        for (name, obj) in objectives.iter_mut() {
             let (img, txt, ni, nt) = case_features(&f, case);
+            let mut projection = None;
+            if *name == "distill_feature" {
+                let w = f[&format!("{case}.distill_projection")].clone();
+                let d = w.dim(0).unwrap();
+                let feat = Distill::with_feature(1.0, 0.7, d, d, 0, &Device::Cpu).unwrap();
+                let v = feat.vars().remove(0).1;
+                v.set(&w).unwrap();
+                projection = Some(v);
+                *obj = Box::new(feat);
+            }
             let s = Var::from_tensor(&f[&format!("{case}.log_scale")].squeeze(0).unwrap()).unwrap();
             let te = |k: &str| f[&format!("{case}.teacher_{k}")].clone();
             let (ti, tt, tl) = (te("image"), te("text"), te("log_scale").squeeze(0).unwrap());
@@ -166,10 +179,15 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
                 let d = max_abs(&got, want);
                 assert!(d < 1e-5, "{p}{key} differs by {d}");
             }
+            if let Some(w) = &projection {
+                let got = g.get(w.as_tensor()).expect("projection gradient");
+                let d = max_abs(got, &f[&format!("{p}grad_projection")]);
+                assert!(d < 1e-5, "{p}grad_projection differs by {d}");
+            }
             checked += 1;
         }
     }
-    assert_eq!(checked, 36);
+    assert_eq!(checked, 42);
 }
 
 /// The adversarial objective against torch (scripts/gen_objective_fixtures.py):

@@ -149,6 +149,10 @@ pub struct TrainArgs {
     /// Distillation temperature T [default: 1].
     #[arg(long)]
     pub distill_temp: Option<f64>,
+    /// Weight of distillation's feature-level cosine term, through a learned
+    /// projection to the teacher's width [default: 0, off].
+    #[arg(long)]
+    pub distill_feature: Option<f64>,
     /// Triplet (VSE++) margin [default: 0.2].
     #[arg(long)]
     pub triplet_margin: Option<f64>,
@@ -218,6 +222,7 @@ struct FileConfig {
     daa_temp: Option<f64>,
     teacher: Option<String>,
     distill_temp: Option<f64>,
+    distill_feature: Option<f64>,
     adv_hidden: Option<usize>,
     adv_loss: Option<clasp::train::adversarial::AdvLoss>,
     adv_reverse: Option<f64>,
@@ -409,6 +414,10 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
                     .unwrap_or(d.geometric_margin),
                 geometric_k: a.geometric_k.or(f.geometric_k).unwrap_or(d.geometric_k),
                 distill_temp: a.distill_temp.or(f.distill_temp).unwrap_or(d.distill_temp),
+                distill_feature: a
+                    .distill_feature
+                    .or(f.distill_feature)
+                    .unwrap_or(d.distill_feature),
                 adv: clasp::train::adversarial::AdvParams {
                     adv_hidden: a.adv_hidden.or(f.adv_hidden).unwrap_or(d.adv.adv_hidden),
                     adv_loss: a.adv_loss.or(f.adv_loss).unwrap_or(d.adv.adv_loss),

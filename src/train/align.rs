@@ -15,7 +15,7 @@
 //!   picked similarities only, as through torch's `max`/`topk`.
 //! - Triplet and geometric losses use cosine similarities (no temperature).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 use super::loss::{logits_per_image, Batch, Objective};
@@ -38,6 +38,8 @@ pub struct ObjectiveParams {
     /// Distillation temperature T (both similarity distributions are
     /// softened by it; the loss is scaled by T²).
     pub distill_temp: f64,
+    /// Weight of distillation's feature-level cosine term (0: off).
+    pub distill_feature: f64,
     /// The adversarial discriminator's settings.
     #[serde(flatten)]
     pub adv: super::adversarial::AdvParams,
@@ -52,6 +54,7 @@ impl Default for ObjectiveParams {
             geometric_margin: 0.3,
             geometric_k: 3,
             distill_temp: 1.0,
+            distill_feature: 0.0,
             adv: Default::default(),
         }
     }
@@ -216,8 +219,54 @@ impl Objective for Geometric {
 /// T² · ½ (KL(P_t ‖ P_s) over rows + the same over columns), P = softmax(logits
 /// / T), each KL summed over a row and averaged over rows (torch's
 /// `kl_div(..., reduction="batchmean")`), as Hinton et al. scale it.
+///
+/// With a `feature` term (weight λ_f and a learned projection W from the
+/// student's feature width to the teacher's), it adds
+/// λ_f · ½ (mean(1 − cos(W s_img, t_img)) + mean(1 − cos(W s_txt, t_txt))):
+/// the student's features are pulled towards the teacher's themselves, not
+/// only their similarity structure.
 pub struct Distill {
     pub temp: f64,
+    pub feature: Option<(f64, Var)>,
+}
+
+impl Distill {
+    pub fn new(temp: f64) -> Self {
+        Self {
+            temp,
+            feature: None,
+        }
+    }
+
+    /// With the feature-level term: W [teacher_dim, student_dim] starts as
+    /// the identity where the widths agree, else uniform ±1/√student_dim
+    /// (torch's `nn.Linear` init) from `seed`.
+    pub fn with_feature(
+        temp: f64,
+        weight: f64,
+        student_dim: usize,
+        teacher_dim: usize,
+        seed: u64,
+        dev: &candle_core::Device,
+    ) -> Result<Self> {
+        let w = if student_dim == teacher_dim {
+            Tensor::eye(student_dim, candle_core::DType::F32, dev)?
+        } else {
+            let bound = 1.0 / (student_dim as f64).sqrt();
+            let mut r = super::trainer::Rng(seed ^ 0x0D15_7111);
+            let v: Vec<f32> = (0..teacher_dim * student_dim)
+                .map(|_| {
+                    let u = (r.next_u64() >> 40) as f64 / (1u64 << 24) as f64;
+                    ((u * 2.0 - 1.0) * bound) as f32
+                })
+                .collect();
+            Tensor::from_vec(v, (teacher_dim, student_dim), dev)?
+        };
+        Ok(Self {
+            temp,
+            feature: Some((weight, Var::from_tensor(&w)?)),
+        })
+    }
 }
 
 impl Objective for Distill {
@@ -245,7 +294,24 @@ impl Objective for Distill {
         };
         let rows = kl(&teacher, &student)?;
         let cols = kl(&teacher.t()?.contiguous()?, &student.t()?.contiguous()?)?;
-        Ok(((rows + cols)? * (0.5 * self.temp * self.temp / n))?)
+        let mut loss = ((rows + cols)? * (0.5 * self.temp * self.temp / n))?;
+        if let Some((weight, w)) = &self.feature {
+            // 1 − cos(W s, t), t unit-norm already; averaged over the batch.
+            let gap = |s: &Tensor, t: &Tensor| -> Result<Tensor> {
+                let p = s.matmul(&w.as_tensor().t()?)?;
+                let cos = (p.mul(&t.detach())?.sum(1)? / p.sqr()?.sum(1)?.sqrt()?)?;
+                Ok((cos.neg()? + 1.0)?.mean_all()?)
+            };
+            let f = ((gap(b.image, t.image)? + gap(b.text, t.text)?)? * (0.5 * weight))?;
+            loss = (loss + f)?;
+        }
+        Ok(loss)
+    }
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.feature
+            .iter()
+            .map(|(_, w)| ("distill.projection.weight".to_string(), w.clone()))
+            .collect()
     }
 }
 

@@ -51,6 +51,8 @@ pub struct ObjectiveEnv<'a> {
     pub dim: usize,
     pub seed: u64,
     pub device: &'a Device,
+    /// The distillation teacher's feature width, when there is a teacher.
+    pub teacher_dim: Option<usize>,
 }
 
 fn eye(n: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -311,6 +313,15 @@ fn top_level_items(spec: &str) -> Vec<&str> {
     out
 }
 
+/// The objective names in a `--objective` list, weights aside.
+pub fn names(spec: &str) -> Vec<String> {
+    top_level_items(spec)
+        .into_iter()
+        .map(|i| i.split(':').next().unwrap_or("").trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
 /// The objective names `--objective` accepts.
 pub const OBJECTIVES: &str = "infonce, siglip, daa, triplet, geometric, adversarial, distill, ewc";
 
@@ -356,9 +367,22 @@ pub fn parse_objectives(
                 margin: params.geometric_margin,
                 k: params.geometric_k,
             }),
-            "distill" => Box::new(Distill {
-                temp: params.distill_temp,
-            }),
+            "distill" if params.distill_feature > 0.0 => {
+                let teacher_dim = env.teacher_dim.ok_or_else(|| {
+                    crate::Error::Report(
+                        "objective `distill` needs a teacher (--teacher CHECKPOINT)".into(),
+                    )
+                })?;
+                Box::new(Distill::with_feature(
+                    params.distill_temp,
+                    params.distill_feature,
+                    env.dim,
+                    teacher_dim,
+                    env.seed,
+                    env.device,
+                )?)
+            }
+            "distill" => Box::new(Distill::new(params.distill_temp)),
             "adversarial" => Box::new(super::adversarial::Adversarial::new(
                 env.dim,
                 params.adv.clone(),
@@ -424,7 +448,12 @@ mod tests {
             dim: 8,
             seed: 0,
             device: &Device::Cpu,
+            teacher_dim: None,
         };
+        assert_eq!(
+            names("infonce, geometric:piecewise(0:0,1:1),ewc:5"),
+            ["infonce", "geometric", "ewc"]
+        );
         let c = parse_objectives(
             "infonce, daa:0.5, geometric:piecewise(0:0,0.5:1)",
             &p,

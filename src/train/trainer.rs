@@ -132,16 +132,12 @@ pub fn color_jitter_prob() -> f64 {
     0.8
 }
 
-/// The distillation teacher, when `distill` is among the objectives. It sees
-/// the student's pixels, so the two must preprocess alike (same crop size,
-/// mean and std); texts go through the teacher's own tokenizer.
+/// The distillation teacher, when `distill` is among the objectives.
 fn load_teacher(
     cfg: &TrainConfig,
-    objective: &loss::Combined,
-    student: &crate::preprocess::ImageProcessor,
+    wanted: bool,
     dev: &candle_core::Device,
 ) -> Result<Option<crate::Encoder>> {
-    let wanted = objective.uses("distill");
     let Some(spec) = cfg.teacher.as_deref() else {
         return if wanted {
             Err(Error::Report(
@@ -156,7 +152,17 @@ fn load_teacher(
             "--teacher {spec} is given but no `distill` objective uses it (add e.g. --objective infonce,distill:1)"
         )));
     }
-    let te = crate::Encoder::load(spec, dev)?;
+    Ok(Some(crate::Encoder::load(spec, dev)?))
+}
+
+/// The teacher sees the student's pixels, so the two must preprocess alike
+/// (same crop size, mean and std); texts go through the teacher's own
+/// tokenizer.
+fn check_teacher_pixels(
+    te: &crate::Encoder,
+    spec: &str,
+    student: &crate::preprocess::ImageProcessor,
+) -> Result<()> {
     let (a, b) = (student.config(), te.image_processor().config());
     if (a.crop, a.mean, a.std) != (b.crop, b.mean, b.std) {
         return Err(Error::Report(format!(
@@ -164,7 +170,7 @@ fn load_teacher(
             b.crop, b.mean, b.std, a.crop, a.mean, a.std
         )));
     }
-    Ok(Some(te))
+    Ok(())
 }
 
 /// A new run must not write into another run's directory: its metrics would
@@ -397,6 +403,11 @@ pub fn train(
     for (c, &i) in set.caption_image.iter().enumerate() {
         per_image[i].push(c);
     }
+    let teacher = load_teacher(
+        &cfg,
+        loss::names(&cfg.objective).iter().any(|n| n == "distill"),
+        &dev,
+    )?;
     let objective = loss::parse_objectives(
         &cfg.objective,
         &cfg.objective_params,
@@ -405,6 +416,7 @@ pub fn train(
             dim: t.config.projection_dim(),
             seed: cfg.seed,
             device: &dev,
+            teacher_dim: teacher.as_ref().map(|te| te.config().projection_dim()),
         },
     )?;
     let needs_bias = objective.uses("siglip");
@@ -463,7 +475,9 @@ pub fn train(
             ),
         },
     );
-    let teacher = load_teacher(&cfg, &objective, &proc, &dev)?;
+    if let Some(te) = &teacher {
+        check_teacher_pixels(te, cfg.teacher.as_deref().unwrap_or(""), &proc)?;
+    }
     let ewc = match &objective.ewc {
         Some(_) => {
             let anchor = cfg.ewc_anchor.clone().unwrap_or_else(|| cfg.init.clone());
