@@ -8,6 +8,12 @@ fn fixtures() -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load("tests/fixtures/train/losses.safetensors", &Device::Cpu).unwrap()
 }
 
+/// `got` equals `want` (reshaped alike) within 1e-5 by [`max_abs`].
+fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+    let d = max_abs(got, &want.reshape(got.shape()).unwrap());
+    assert!(d < 1e-5, "{what} differs by {d}");
+}
+
 /// The fixtures of scripts/gen_objective_fixtures.py.
 fn objective_fixtures() -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load("tests/fixtures/train/objectives.safetensors", &Device::Cpu)
@@ -161,9 +167,7 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
             };
             let loss = obj.loss(&b).unwrap();
             let p = format!("{case}.{name}.");
-            let want = f[&format!("{p}loss")].squeeze(0).unwrap();
-            let d = max_abs(&loss, &want);
-            assert!(d < 1e-5, "{p}loss differs by {d}");
+            assert_close(&loss, &f[&format!("{p}loss")], &format!("{p}loss"));
             let g = loss.backward().unwrap();
             for (var, key) in [
                 (img.as_tensor(), "grad_image"),
@@ -173,16 +177,18 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
                 let want = &f[&format!("{p}{key}")];
                 // An objective that does not use a tensor leaves no gradient: zero.
                 let got = match g.get(var) {
-                    Some(t) => t.reshape(want.shape()).unwrap(),
+                    Some(t) => t.clone(),
                     None => want.zeros_like().unwrap(),
                 };
-                let d = max_abs(&got, want);
-                assert!(d < 1e-5, "{p}{key} differs by {d}");
+                assert_close(&got, want, &format!("{p}{key}"));
             }
             if let Some(w) = &projection {
                 let got = g.get(w.as_tensor()).expect("projection gradient");
-                let d = max_abs(got, &f[&format!("{p}grad_projection")]);
-                assert!(d < 1e-5, "{p}grad_projection differs by {d}");
+                assert_close(
+                    got,
+                    &f[&format!("{p}grad_projection")],
+                    &format!("{p}grad_projection"),
+                );
             }
             checked += 1;
         }
@@ -230,8 +236,7 @@ fn adversarial_objective_and_gradients_equal_torch() {
             };
             let l = adv.loss_with_eps(&b, &g("eps")).unwrap();
             let p = format!("{case}.adv_{setting}.");
-            let d = max_abs(&l, &f[&format!("{p}loss")].squeeze(0).unwrap());
-            assert!(d < 1e-5, "{p}loss differs by {d}");
+            assert_close(&l, &f[&format!("{p}loss")], &format!("{p}loss"));
             let grads = l.backward().unwrap();
             let mut targets = vec![
                 (img.as_tensor().clone(), "grad_image".to_string()),
@@ -247,14 +252,10 @@ fn adversarial_objective_and_gradients_equal_torch() {
                 targets.push((v.as_tensor().clone(), key.to_string()));
             }
             for (t, key) in targets {
-                let want = &f[&format!("{p}{key}")];
                 let got = grads
                     .get(&t)
-                    .unwrap_or_else(|| panic!("{p}{key}: no gradient"))
-                    .reshape(want.shape())
-                    .unwrap();
-                let d = max_abs(&got, want);
-                assert!(d < 1e-5, "{p}{key} differs by {d}");
+                    .unwrap_or_else(|| panic!("{p}{key}: no gradient"));
+                assert_close(got, &f[&format!("{p}{key}")], &format!("{p}{key}"));
             }
             checked += 1;
         }
@@ -302,11 +303,11 @@ fn ewc_penalty_and_gradient_equal_torch() {
         "{penalty} vs {want}"
     );
     for (n, v) in &vars {
-        let d = max_abs(
+        assert_close(
             grads.get(v.as_tensor()).unwrap(),
             &f[&format!("ewc.grad.{n}")],
+            &format!("ewc gradient of {n}"),
         );
-        assert!(d < 1e-5, "{n}: gradient differs by {d}");
     }
 }
 

@@ -27,6 +27,7 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::loss::{Batch, Objective};
+use super::trainer::Rng;
 use crate::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,24 +92,12 @@ pub struct Adversarial {
     seed: u64,
 }
 
-fn splitmix(s: &mut u64) -> f32 {
-    *s = s.wrapping_add(0x9E3779B97F4A7C15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-    ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
-}
-
 impl Adversarial {
     /// A fresh discriminator on `dim`-wide features, initialised as torch's
     /// `nn.Linear` (uniform ±1/√fan_in) from `seed`.
     pub fn new(dim: usize, params: AdvParams, seed: u64, dev: &Device) -> Result<Self> {
-        let mut s = seed ^ 0xAD7E_25A1;
-        let mut uniform = |n: usize, bound: f64| -> Vec<f32> {
-            (0..n)
-                .map(|_| ((splitmix(&mut s) as f64 * 2.0 - 1.0) * bound) as f32)
-                .collect()
-        };
+        let mut r = Rng(seed ^ 0xAD7E_25A1);
+        let mut uniform = |n: usize, bound: f64| r.symmetric(n, bound);
         let h = params.adv_hidden;
         let (k1, k2) = (1.0 / (dim as f64).sqrt(), 1.0 / (h as f64).sqrt());
         let t = |v: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(v, shape, dev);
@@ -116,12 +105,12 @@ impl Adversarial {
         let b1 = Var::from_tensor(&Tensor::from_vec(uniform(h, k1), h, dev)?)?;
         let w2 = Var::from_tensor(&t(uniform(h, k2), (1, h))?)?;
         let b2 = Var::from_tensor(&Tensor::from_vec(uniform(1, k2), 1, dev)?)?;
-        let unit = |n: usize, s: &mut u64| -> Result<Tensor> {
-            let v: Vec<f32> = (0..n).map(|_| splitmix(s) - 0.5).collect();
-            let t = Tensor::from_vec(v, n, dev)?;
+        let mut r = Rng(seed ^ 0x05EC_70A1);
+        let mut unit = |n: usize| -> Result<Tensor> {
+            let t = Tensor::from_vec(r.symmetric(n, 0.5), n, dev)?;
             Ok(t.broadcast_div(&t.sqr()?.sum_all()?.sqrt()?)?)
         };
-        let u = (unit(h, &mut s)?, unit(1, &mut s)?);
+        let u = (unit(h)?, unit(1)?);
         Ok(Self {
             params,
             w1,
@@ -242,13 +231,13 @@ impl Objective for Adversarial {
             .to_vec2()?;
         let eps: Vec<f32> = rows
             .iter()
-            .map(|r| {
-                let mut h = self.seed;
-                for v in r {
-                    h = h.rotate_left(5) ^ v.to_bits() as u64;
-                    splitmix(&mut h);
+            .map(|row| {
+                let mut r = Rng(self.seed);
+                for v in row {
+                    r.0 = r.0.rotate_left(5) ^ v.to_bits() as u64;
+                    r.next_u64();
                 }
-                splitmix(&mut h)
+                r.uniform()
             })
             .collect();
         let eps = Tensor::from_vec(eps, rows.len(), b.image.device())?.to_dtype(b.image.dtype())?;

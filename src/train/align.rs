@@ -123,22 +123,26 @@ impl Objective for Daa {
     }
 }
 
-/// A 0/1 mask over `scores` [n, n] that marks, in each row (`by_row`) or
-/// column, the `k` largest off-diagonal entries; ties go to the lower index.
-fn hardest_mask(scores: &Tensor, k: usize, by_row: bool) -> Result<Tensor> {
+/// 0/1 masks over `scores` [n, n] that mark, in each row and in each column,
+/// the `k` largest off-diagonal entries; ties go to the lower index. Read
+/// from one copy of the scores.
+fn hardest_masks(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     let n = scores.dim(0)?;
     let s: Vec<Vec<f32>> = scores.detach().to_dtype(DType::F32)?.to_vec2()?;
-    let mut mask = vec![0f32; n * n];
-    for a in 0..n {
-        let at = |o: usize| if by_row { s[a][o] } else { s[o][a] };
-        let mut others: Vec<usize> = (0..n).filter(|&o| o != a).collect();
-        // Stable sort: equal scores keep index order.
-        others.sort_by(|&x, &y| at(y).total_cmp(&at(x)));
-        for &o in others.iter().take(k) {
-            mask[if by_row { a * n + o } else { o * n + a }] = 1.0;
+    let mask = |by_row: bool| -> Result<Tensor> {
+        let mut m = vec![0f32; n * n];
+        for a in 0..n {
+            let at = |o: usize| if by_row { s[a][o] } else { s[o][a] };
+            let mut others: Vec<usize> = (0..n).filter(|&o| o != a).collect();
+            // Stable sort: equal scores keep index order.
+            others.sort_by(|&x, &y| at(y).total_cmp(&at(x)));
+            for &o in others.iter().take(k) {
+                m[if by_row { a * n + o } else { o * n + a }] = 1.0;
+            }
         }
-    }
-    Ok(Tensor::from_vec(mask, (n, n), scores.device())?.to_dtype(scores.dtype())?)
+        Ok(Tensor::from_vec(m, (n, n), scores.device())?.to_dtype(scores.dtype())?)
+    };
+    Ok((mask(true)?, mask(false)?))
 }
 
 /// Hinge costs of every (anchor, negative) pair, both directions:
@@ -157,8 +161,7 @@ fn hinge_costs(s: &Tensor, margin: f64) -> Result<(Tensor, Tensor)> {
 /// hardest by similarity within an anchor.
 fn hardest_hinge_sum(s: &Tensor, margin: f64, k: usize) -> Result<Tensor> {
     let (by_image, by_text) = hinge_costs(s, margin)?;
-    let mi = hardest_mask(s, k, true)?;
-    let mt = hardest_mask(s, k, false)?;
+    let (mi, mt) = hardest_masks(s, k)?;
     Ok(((by_image * mi)?.sum_all()? + (by_text * mt)?.sum_all()?)?)
 }
 
@@ -253,13 +256,8 @@ impl Distill {
             Tensor::eye(student_dim, candle_core::DType::F32, dev)?
         } else {
             let bound = 1.0 / (student_dim as f64).sqrt();
-            let mut r = super::trainer::Rng(seed ^ 0x0D15_7111);
-            let v: Vec<f32> = (0..teacher_dim * student_dim)
-                .map(|_| {
-                    let u = (r.next_u64() >> 40) as f64 / (1u64 << 24) as f64;
-                    ((u * 2.0 - 1.0) * bound) as f32
-                })
-                .collect();
+            let v =
+                super::trainer::Rng(seed ^ 0x0D15_7111).symmetric(teacher_dim * student_dim, bound);
             Tensor::from_vec(v, (teacher_dim, student_dim), dev)?
         };
         Ok(Self {
@@ -332,7 +330,7 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        let m: Vec<Vec<f32>> = hardest_mask(&s, 1, true).unwrap().to_vec2().unwrap();
+        let m: Vec<Vec<f32>> = hardest_masks(&s, 1).unwrap().0.to_vec2().unwrap();
         assert_eq!(
             m,
             vec![
@@ -342,7 +340,7 @@ mod tests {
                 vec![1., 0., 0., 0.]
             ]
         );
-        let c: Vec<Vec<f32>> = hardest_mask(&s, 2, false).unwrap().to_vec2().unwrap();
+        let c: Vec<Vec<f32>> = hardest_masks(&s, 2).unwrap().1.to_vec2().unwrap();
         // Column 0 (rows 1,2,3 hold 5, 0, 1): rows 1 and 3.
         assert_eq!((c[1][0], c[2][0], c[3][0]), (1., 0., 1.));
         for (j, row) in c.iter().enumerate() {

@@ -113,10 +113,10 @@ impl Ewc {
     /// Adds λ F (θ − θ*) to each parameter's gradient and returns the
     /// penalty λ/2 Σ F (θ − θ*)².
     pub fn apply(&self, lambda: f64, grads: &mut GradStore) -> Result<f64> {
-        let mut penalty = 0f64;
         if lambda == 0.0 {
             return Ok(0.0);
         }
+        let mut penalty = 0f64;
         for (v, f, theta) in &self.terms {
             let d = (v.as_tensor() - theta)?;
             let fd = (f * &d)?;

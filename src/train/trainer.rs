@@ -202,6 +202,17 @@ impl Rng {
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
     }
+    /// Uniform in [0, 1), from the top 24 bits.
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// `n` draws uniform in [−bound, bound): torch's `nn.Linear` init with
+    /// bound 1/√fan_in.
+    pub fn symmetric(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| ((self.uniform() as f64 * 2.0 - 1.0) * bound) as f32)
+            .collect()
+    }
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             v.swap(i, self.below(i + 1));
@@ -553,12 +564,8 @@ pub fn train(
             let pixels = pixels?;
             let lr = optim::cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps);
             opt.set_lr(lr);
-            let texts: Vec<&str> = batch
-                .iter()
-                .map(|(_, c)| set.captions[*c].as_str())
-                .collect();
-            let tok = tokenizer.encode(&texts)?;
-            let (ids, mask) = tok.to_tensors(true, &dev)?;
+            let texts = batch_texts(&set, &batch);
+            let (ids, mask) = tokenizer.encode(&texts)?.to_tensors(true, &dev)?;
             let teacher_tokens = match &teacher {
                 Some(te) => Some(te.tokenizer().encode(&texts)?.to_tensors(true, &dev)?),
                 None => None,
@@ -578,17 +585,21 @@ pub fn train(
                         mask: tm,
                     }),
             };
-            let res = super::step::contrastive_grads(
-                &t.model,
-                &objective.at(step as f64 / cfg.steps.max(1) as f64),
-                &inputs,
-                needs_bias.then_some(&bias),
-                &opt_vars,
-                cfg.accum_freq,
-            );
-            let (mut lv, mut grads) = res?;
+            let progress_now = step as f64 / cfg.steps.max(1) as f64;
+            // This batch's loss and gradients under an objective.
+            let grads_of = |obj: &dyn loss::Objective| {
+                super::step::contrastive_grads(
+                    &t.model,
+                    obj,
+                    &inputs,
+                    needs_bias.then_some(&bias),
+                    &opt_vars,
+                    cfg.accum_freq,
+                )
+            };
+            let (mut lv, mut grads) = grads_of(&objective.at(progress_now))?;
             if let (Some(e), Some(w)) = (&ewc, &objective.ewc) {
-                lv += e.apply(w.at(step as f64 / cfg.steps.max(1) as f64), &mut grads)?;
+                lv += e.apply(w.at(progress_now), &mut grads)?;
             }
             let t_bwd = t0.elapsed();
             // The seed's measurement: do two objectives pull the chosen
@@ -597,18 +608,10 @@ pub fn train(
                 && objective.parts.len() >= 2
                 && step % cfg.conflict_every == 0
             {
-                let part = |i: usize| {
-                    super::step::contrastive_grads(
-                        &t.model,
-                        &objective.only(i),
-                        &inputs,
-                        needs_bias.then_some(&bias),
-                        &opt_vars,
-                        cfg.accum_freq,
-                    )
-                    .map(|r| r.1)
-                };
-                let (g0, g1) = (part(0)?, part(1)?);
+                let (g0, g1) = (
+                    grads_of(&objective.only(0))?.1,
+                    grads_of(&objective.only(1))?.1,
+                );
                 Some(optim::grad_cosine(
                     &cfg.conflict_group.members(&opt_vars),
                     &g0,
@@ -693,8 +696,9 @@ pub fn train(
         for k in 0..cfg.fisher_batches {
             let b = o.next_batch(&per_image, cfg.batch_size);
             let pixels = decode_batch(&proc, &set.images, &b, 1.0, None, cfg.seed, k)?;
-            let texts: Vec<&str> = b.iter().map(|(_, c)| set.captions[*c].as_str()).collect();
-            let (ids, mask) = tokenizer.encode(&texts)?.to_tensors(true, &dev)?;
+            let (ids, mask) = tokenizer
+                .encode(&batch_texts(&set, &b))?
+                .to_tensors(true, &dev)?;
             let px = pixel_tensor(&pixels, &t, &dev)?;
             let inputs = super::step::Inputs {
                 pixels: &px,
@@ -728,6 +732,14 @@ pub fn train(
         dev: last_dev,
         checkpoint: checkpoint_dir(&out),
     })
+}
+
+/// The captions of a batch's (image, caption) pairs.
+fn batch_texts<'a>(set: &'a PairSet, batch: &[(usize, usize)]) -> Vec<&'a str> {
+    batch
+        .iter()
+        .map(|(_, c)| set.captions[*c].as_str())
+        .collect()
 }
 
 /// A batch of decoded images as one [B, C, S, S] tensor.
