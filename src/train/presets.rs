@@ -37,14 +37,17 @@ fn shape(name: &str) -> Option<Shape> {
     })
 }
 
-/// The config.json of a preset.
+/// The config.json of a preset: a name, or the path of a CLIP config.json
+/// (any sizes, e.g. a wider model at a preset's image size).
 pub fn config_json(name: &str) -> Result<serde_json::Value> {
-    let Shape {
+    let Some(Shape {
         vision: (vw, vl, vh, img, patch),
         text: (tw, tl, th),
         projection: proj,
-    } = shape(name)
-        .ok_or_else(|| Error::Report(format!("unknown preset `{name}` (available: {PRESETS})")))?;
+    }) = shape(name)
+    else {
+        return config_file(Path::new(name));
+    };
     Ok(json!({
         "architectures": ["CLIPModel"],
         "model_type": "clip",
@@ -65,6 +68,40 @@ pub fn config_json(name: &str) -> Result<serde_json::Value> {
             "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": proj
         }
     }))
+}
+
+fn config_file(path: &Path) -> Result<serde_json::Value> {
+    if !path.is_file() {
+        return Err(Error::Report(format!(
+            "unknown preset `{}` (available: {PRESETS}, or the path of a CLIP config.json)",
+            path.display()
+        )));
+    }
+    let bad = |reason: String| Error::Config {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if cfg["model_type"] != "clip" {
+        return Err(bad(format!(
+            "a preset config must be a CLIP config (model_type \"clip\"), not {}",
+            cfg["model_type"]
+        )));
+    }
+    for key in [
+        "hidden_size",
+        "num_hidden_layers",
+        "image_size",
+        "patch_size",
+    ] {
+        if !cfg["vision_config"][key].is_u64() {
+            return Err(bad(format!(
+                "vision_config.{key} is missing or not a number"
+            )));
+        }
+    }
+    Ok(cfg)
 }
 
 fn preprocessor_json(image_size: u64) -> serde_json::Value {
@@ -292,4 +329,33 @@ fn clip_init(t: &Trainable, cfg: &serde_json::Value, seed: u64) -> Result<()> {
         )?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_is_a_preset_with_its_own_sizes() {
+        let dir = std::env::temp_dir().join(format!("clasp-preset-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cfg = config_json("tiny").unwrap();
+        cfg["vision_config"]["hidden_size"] = json!(96);
+        cfg["vision_config"]["num_hidden_layers"] = json!(3);
+        let path = dir.join("wide.json");
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let got = config_json(path.to_str().unwrap()).unwrap();
+        assert_eq!(got["vision_config"]["hidden_size"], 96);
+        assert_eq!(got["vision_config"]["num_hidden_layers"], 3);
+        assert_eq!(got["vision_config"]["image_size"], 64);
+
+        let mut not_clip = cfg.clone();
+        not_clip["model_type"] = json!("bert");
+        std::fs::write(&path, not_clip.to_string()).unwrap();
+        let e = config_json(path.to_str().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("wide.json") && e.contains("CLIP"), "{e}");
+        let e = config_json("huge").unwrap_err().to_string();
+        assert!(e.contains("unknown preset `huge`"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
