@@ -278,12 +278,19 @@ impl CustomOp1 for ActivationOp {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(16384)
             .zip(x.par_chunks(16384))
-            .for_each(|(yc, xc)| {
-                cpu_kernels::with_simd(|| {
+            .for_each(|(yc, xc)| match self.0 {
+                // Its own loop, so that it vectorises (a match inside the loop
+                // kept it scalar: 14% of a training step went to the two loops).
+                Activation::QuickGelu => cpu_kernels::with_simd(|| {
                     for (o, &v) in yc.iter_mut().zip(xc) {
-                        *o = act_and_grad(self.0, v).0;
+                        *o = v * cpu_kernels::quick_gelu_gate(v);
                     }
-                })
+                }),
+                act => {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = act_and_grad(act, v).0;
+                    }
+                }
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -295,12 +302,17 @@ impl CustomOp1 for ActivationOp {
         dx.par_chunks_mut(16384)
             .zip(xv.as_slice().par_chunks(16384))
             .zip(gv.as_slice().par_chunks(16384))
-            .for_each(|((dc, xc), gc)| {
-                cpu_kernels::with_simd(|| {
+            .for_each(|((dc, xc), gc)| match self.0 {
+                Activation::QuickGelu => cpu_kernels::with_simd(|| {
                     for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                        *d = g * act_and_grad(self.0, v).1;
+                        *d = g * act_and_grad(Activation::QuickGelu, v).1;
                     }
-                })
+                }),
+                act => {
+                    for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                        *d = g * act_and_grad(act, v).1;
+                    }
+                }
             });
         Ok(Some(vec_tensor(dx, x.shape(), x)?))
     }
