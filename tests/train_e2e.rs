@@ -635,3 +635,55 @@ fn distilling_from_itself_starts_at_zero_and_a_missing_teacher_is_named() {
         "needs a teacher",
     );
 }
+
+/// `--precision bf16` trains through the CLI: the f32 weights move, stay f32,
+/// and the losses are finite.
+#[test]
+fn bf16_mixed_precision_trains_f32_weights() {
+    use candle_core::{DType, Device};
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let out = d.path().join("bf16");
+    run_ok(train_cmd(
+        &data,
+        &out,
+        &["--steps", "2", "--precision", "bf16"],
+    ));
+    let init = candle_core::safetensors::load(
+        Path::new(&common::tiny()).join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let end =
+        candle_core::safetensors::load(out.join("checkpoint/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut moved = 0;
+    for (k, v) in &end {
+        assert_eq!(v.dtype(), DType::F32, "{k}");
+        let d = (v - &init[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        if d.max(0).unwrap().to_scalar::<f32>().unwrap() > 0.0 {
+            moved += 1;
+        }
+    }
+    assert!(
+        moved > end.len() / 2,
+        "{moved} of {} tensors moved",
+        end.len()
+    );
+    let l = losses(&out);
+    assert!(l.len() == 2 && l.iter().all(|x| x.is_finite()), "{l:?}");
+    fails_with(
+        train_cmd(
+            &data,
+            &d.path().join("x"),
+            &["--steps", "1", "--precision", "f8"],
+        ),
+        "unknown precision `f8`",
+    );
+}

@@ -724,3 +724,74 @@ fn locking_a_tower_keeps_the_loss_and_the_other_gradients() {
         }
     }
 }
+
+/// Mixed precision (`--precision bf16`): the towers run in bf16 and the
+/// gradients land on the f32 variables, close to the f32 step's. bf16 keeps 8
+/// bits of mantissa, so "close" is a cosine, not 1e-5.
+#[test]
+fn bf16_mixed_precision_tracks_the_f32_gradient() {
+    use candle_core::DType;
+    use clasp::train::step::{contrastive_grads, Inputs};
+    let f =
+        candle_core::safetensors::load("tests/fixtures/train/adamw_step.safetensors", &Device::Cpu)
+            .unwrap();
+    let t = clasp::train::model::Trainable::from_checkpoint(
+        "tests/fixtures/core/tiny-clip",
+        &Device::Cpu,
+    )
+    .unwrap();
+    let half = t.compute_model(DType::BF16).unwrap();
+    assert_eq!(half.projections().0.weight().dtype(), DType::BF16);
+    assert_eq!(half.logit_scale().dtype(), DType::F32);
+    let vars = t.vars();
+    let ids = f["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = f["attention_mask"].to_dtype(DType::U32).unwrap();
+    let x = Inputs {
+        pixels: &f["pixel_values"],
+        ids: &ids,
+        mask: &mask,
+        locked: Default::default(),
+        teacher: None,
+    };
+    let (l32, g32) = contrastive_grads(&t.model, &InfoNce, &x, None, &vars, 1).unwrap();
+    let (l16, g16) = contrastive_grads(&half, &InfoNce, &x, None, &vars, 1).unwrap();
+    assert!((l16 - l32).abs() < 1e-2 * l32.abs(), "loss {l16} vs {l32}");
+    let (mut dot, mut n32, mut n16, mut max_diff) = (0f64, 0f64, 0f64, 0f32);
+    for (n, v) in &vars {
+        let (a, b) = match (g32.get(v.as_tensor()), g16.get(v.as_tensor())) {
+            (Some(a), Some(b)) => (a, b),
+            (None, None) => continue,
+            _ => panic!("{n} has a gradient under one precision only"),
+        };
+        assert_eq!(
+            b.dtype(),
+            DType::F32,
+            "{n}: the gradient reaches the f32 variable"
+        );
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            dot += (*x as f64) * (*y as f64);
+            n32 += (*x as f64).powi(2);
+            n16 += (*y as f64).powi(2);
+            max_diff = max_diff.max((x - y).abs());
+        }
+    }
+    let cos = dot / (n32.sqrt() * n16.sqrt());
+    eprintln!("bf16 vs f32: loss {l16} vs {l32}, gradient cosine {cos}, max difference {max_diff}");
+    assert!(
+        cos > 0.99,
+        "cosine between the bf16 and f32 gradients: {cos}"
+    );
+    // The bf16 pass really ran in bf16: its gradient is not the f32 one.
+    assert!(
+        max_diff > 1e-6,
+        "bf16 gradients equal the f32 ones ({max_diff})"
+    );
+    // The logit scale's gradient (f32 throughout) agrees closely.
+    let ls = t.model.logit_scale();
+    let d = max_abs(g16.get(ls).unwrap(), g32.get(ls).unwrap());
+    assert!(d < 1e-2, "logit scale gradient differs by {d}");
+}

@@ -22,7 +22,8 @@ pub struct TrainArgs {
     /// Checkpoint to start from (a directory in the Hugging Face layout).
     #[arg(long, conflicts_with = "preset")]
     pub init: Option<String>,
-    /// Train from scratch: a CLIP preset (tiny, small, base), written to OUTPUT/init as config.json.
+    /// Train from scratch: a CLIP preset (tiny, small, base) or the path of a CLIP config.json,
+    /// written to OUTPUT/init as config.json.
     #[arg(long)]
     pub preset: Option<String>,
     /// LiT: a pretrained BERT checkpoint directory for the text tower (e.g. the
@@ -32,6 +33,10 @@ pub struct TrainArgs {
     /// cpu or cuda (GPU 0; a build with `--features cuda`) [default: cpu].
     #[arg(long)]
     pub device: Option<String>,
+    /// f32, or bf16: mixed precision (bf16 towers; f32 weights, optimiser and loss),
+    /// made for CUDA [default: f32].
+    #[arg(long)]
+    pub precision: Option<clasp::train::trainer::Precision>,
     /// Freeze the text tower; only the projections above it learn (LiT).
     #[arg(long)]
     pub lock_text: bool,
@@ -198,6 +203,7 @@ struct FileConfig {
     lock_text: Option<bool>,
     lock_image: Option<bool>,
     device: Option<String>,
+    precision: Option<clasp::train::trainer::Precision>,
     dataset: Option<String>,
     split: Option<String>,
     lang: Option<String>,
@@ -379,6 +385,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
             .clone()
             .or(f.device)
             .unwrap_or_else(|| "cpu".into()),
+        precision: a.precision.or(f.precision).unwrap_or_default(),
         lock_text: a.lock_text || f.lock_text.unwrap_or(false),
         lock_image: a.lock_image || f.lock_image.unwrap_or(false),
         color_jitter,

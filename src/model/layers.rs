@@ -111,6 +111,16 @@ impl LayerNorm {
                 self.eps,
             )?);
         }
+        if is_half(x) {
+            // As torch's autocast does: the statistics in f32, the result in
+            // the input's half type.
+            let f32 = Self {
+                weight: self.weight.to_dtype(DType::F32)?,
+                bias: self.bias.to_dtype(DType::F32)?,
+                eps: self.eps,
+            };
+            return Ok(f32.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?);
+        }
         // Differentiable composition, the same arithmetic as torch's layer_norm.
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
@@ -118,6 +128,11 @@ impl LayerNorm {
         let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
+}
+
+/// bf16 or f16: mixed-precision training's compute types.
+fn is_half(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16)
 }
 
 /// Whether training on this tensor goes through the fused CPU ops of
@@ -202,7 +217,11 @@ impl Attention {
         }
         // candle's fused softmax is not tracked for backprop (it would
         // silently cut the gradient through q and k), so grad mode composes it.
-        let probs = if crate::model::grad_mode() {
+        let probs = if is_half(&scores) {
+            // In f32, as torch's autocast runs softmax.
+            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+                .to_dtype(scores.dtype())?
+        } else if crate::model::grad_mode() {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
@@ -260,14 +279,15 @@ impl AttnMask {
         })
     }
 
-    /// The additive mask for the candle-op path, broadcastable to [B, H, T, T].
+    /// The additive mask for the candle-op path, broadcastable to [B, H, T, T],
+    /// in `x`'s dtype.
     fn additive(&self, x: &Tensor) -> Result<Option<Tensor>> {
         Ok(match self {
             AttnMask::None => None,
-            AttnMask::Causal => Some(causal_mask(x.dim(1)?, x.device())?),
+            AttnMask::Causal => Some(causal_mask(x.dim(1)?, x.device())?.to_dtype(x.dtype())?),
             AttnMask::Padding(add) => {
                 let (b, t) = add.dims2()?;
-                Some(add.reshape((b, 1, 1, t))?)
+                Some(add.reshape((b, 1, 1, t))?.to_dtype(x.dtype())?)
             }
         })
     }

@@ -113,4 +113,13 @@ impl Model {
             Model::DualEncoder(m) => &m.logit_scale,
         }
     }
+
+    /// Replaces the logit scale (mixed precision keeps the f32 one).
+    pub fn set_logit_scale(&mut self, t: Tensor) {
+        match self {
+            Model::Clip(m) => m.logit_scale = t,
+            Model::ChineseClip(m) => m.logit_scale = t,
+            Model::DualEncoder(m) => m.logit_scale = t,
+        }
+    }
 }

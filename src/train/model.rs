@@ -93,13 +93,34 @@ impl Trainable {
             .into_iter()
             .map(|(n, v)| (n, v.as_tensor().detach()))
             .collect();
-        let device = tensors
-            .values()
-            .next()
-            .map(|t| t.device().clone())
-            .unwrap_or(Device::Cpu);
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &self.device());
         Model::load(vb, &self.config)
+    }
+
+    /// Mixed precision: the model over the variables cast to `dtype` (bf16).
+    /// The casts are part of the graph, so backpropagation ends in the f32
+    /// variables, which the optimiser updates (f32 master weights, as torch's
+    /// autocast keeps them). The logit scale stays f32, as autocast leaves it;
+    /// so do the features the loss sees (`step`). Build it afresh for every
+    /// step: it holds the values of the moment.
+    pub fn compute_model(&self, dtype: DType) -> Result<Model> {
+        let device = self.device();
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> = self
+            .vars()
+            .into_iter()
+            .map(|(n, v)| Ok((n, v.as_tensor().to_dtype(dtype)?)))
+            .collect::<Result<_>>()?;
+        let vb = VarBuilder::from_tensors(tensors, dtype, &device);
+        let mut m = Model::load(vb, &self.config)?;
+        m.set_logit_scale(self.model.logit_scale().clone());
+        Ok(m)
+    }
+
+    fn device(&self) -> Device {
+        self.vars()
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .unwrap_or(Device::Cpu)
     }
 
     /// The parameters, sorted by name.

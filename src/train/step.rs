@@ -88,11 +88,19 @@ fn features(
     locked: Locked,
 ) -> Result<(Tensor, Tensor)> {
     let (vp, tp) = model.projections();
-    let img = pooled(locked.image, model, |m| m.image_pooled(px))?;
-    let txt = pooled(locked.text, model, |m| m.text_pooled(ids, mask))?;
+    // A locked tower's snapshot runs in f32; the projections in the model's
+    // dtype (bf16 under mixed precision).
+    let img = pooled(locked.image, model, |m| {
+        m.image_pooled(&px.to_dtype(m.projections().0.weight().dtype())?)
+    })?
+    .to_dtype(vp.weight().dtype())?;
+    let txt =
+        pooled(locked.text, model, |m| m.text_pooled(ids, mask))?.to_dtype(tp.weight().dtype())?;
+    // The loss runs in f32 whatever the towers computed in (mixed precision).
+    let f32 = |t: Tensor| t.to_dtype(DType::F32);
     Ok((
-        l2_normalize(&vp.forward(&img)?)?,
-        l2_normalize(&tp.forward(&txt)?)?,
+        l2_normalize(&f32(vp.forward(&img)?)?)?,
+        l2_normalize(&f32(tp.forward(&txt)?)?)?,
     ))
 }
 
