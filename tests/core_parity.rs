@@ -268,3 +268,44 @@ fn sixteen_bit_png_scales_to_eight_bits() {
         "16-bit gray differs from its 8-bit version"
     );
 }
+
+/// A sentence-transformers model (BERT, mean pooling, Normalize) embeds as
+/// sentence-transformers does (fixture: scripts/gen_sentence_fixture.py).
+#[test]
+fn sentence_encoder_matches_sentence_transformers() {
+    use clasp::model::sentence::{is_bert_dir, Pooling, SentenceEncoder};
+    let dir = Path::new("tests/fixtures/core/tiny-sentence-bert");
+    assert!(is_bert_dir(dir));
+    assert!(!is_bert_dir(Path::new(
+        "tests/fixtures/core/tiny-dual-encoder"
+    )));
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let texts: Vec<String> = want["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    let enc = SentenceEncoder::load(dir, &Device::Cpu).unwrap();
+    assert_eq!(enc.pooling(), Pooling::Mean);
+    let got = enc.embed(&texts).unwrap().to_vec2::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (g, w) in got.iter().zip(want["embeddings"].as_array().unwrap()) {
+        let w: Vec<f32> = w
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(g.len(), w.len());
+        for (a, b) in g.iter().zip(&w) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    assert_eq!(got.len(), texts.len());
+    assert!(
+        worst < 1e-5,
+        "max |clasp - sentence-transformers| = {worst}"
+    );
+}

@@ -563,6 +563,39 @@ fn mined_negatives_feed_triplet_training() {
         }
     }
     assert!(kept > 0, "no negatives mined from {} captions", caps.len());
+    // A sentence-transformers model mines too; its cosines are its own.
+    let sentence =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-sentence-bert");
+    let neg_st = d.path().join("neg-st.json");
+    let mut mine = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    mine.args(["mine", "--model"])
+        .arg(&sentence)
+        .arg("--dataset")
+        .arg(format!("flickr8k:{}", data.display()))
+        .args(["--top-k", "5", "--window", "-1,1", "--output"])
+        .arg(&neg_st);
+    run_ok(mine);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&neg_st).unwrap()).unwrap();
+    let caps: Vec<String> = m["captions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    let enc = clasp::model::sentence::SentenceEncoder::load(&sentence, &candle_core::Device::Cpu)
+        .unwrap();
+    let emb = enc.embed(&caps).unwrap().to_vec2::<f32>().unwrap();
+    let mut checked = 0;
+    for (a, negs) in m["anchors"].as_array().unwrap().iter().enumerate() {
+        for n in negs.as_array().unwrap() {
+            let b = n["caption"].as_u64().unwrap() as usize;
+            let cos: f32 = emb[a].iter().zip(&emb[b]).map(|(x, y)| x * y).sum();
+            let got = n["cosine"].as_f64().unwrap() as f32;
+            assert!((cos - got).abs() < 1e-4, "{a}->{b}: {got} vs {cos}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "the sentence encoder mined nothing");
     let out = d.path().join("run");
     run_ok(train_cmd(
         &data,

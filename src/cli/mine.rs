@@ -13,7 +13,8 @@ use clasp::train::mine::MinedNegatives;
 
 #[derive(Args, Debug)]
 pub struct MineArgs {
-    /// The text encoder: any model clasp loads (a directory or Hub id).
+    /// The text encoder: any model clasp loads (a directory or Hub id), or a
+    /// sentence-transformers BERT directory such as all-MiniLM-L6-v2.
     #[arg(short, long)]
     pub model: String,
     /// The captions, as `clasp eval` and `clasp train` read them (e.g. flickr8k:DIR).
@@ -40,6 +41,9 @@ pub struct MineArgs {
     pub output: PathBuf,
 }
 
+/// Unit-length embeddings of a batch of captions.
+type TextEmbedder = dyn Fn(&[String]) -> clasp::Result<candle_core::Tensor>;
+
 pub fn run(a: MineArgs) -> Result<ExitCode> {
     let bounds: Vec<f32> = a
         .window
@@ -59,12 +63,22 @@ pub fn run(a: MineArgs) -> Result<ExitCode> {
         Lang::parse(&a.lang)?,
         None,
     )?;
-    let enc = clasp::Encoder::load(&a.model, &super::device(a.device)?)?;
+    let device = super::device(a.device)?;
+    // A sentence-transformers checkpoint (plain BERT, e.g. all-MiniLM-L6-v2)
+    // is a text-only encoder; anything else loads as a dual encoder.
+    let sentence = std::path::Path::new(&a.model);
+    let embed: Box<TextEmbedder> = if clasp::model::sentence::is_bert_dir(sentence) {
+        let enc = clasp::model::sentence::SentenceEncoder::load(sentence, &device)?;
+        Box::new(move |t| enc.embed(t))
+    } else {
+        let enc = clasp::Encoder::load(&a.model, &device)?;
+        Box::new(move |t| enc.embed_texts(t))
+    };
     let bar = super::BarProgress::default();
     bar.start("embed", set.captions.len() as u64);
     let mut emb: Vec<Vec<f32>> = Vec::with_capacity(set.captions.len());
     for chunk in set.captions.chunks(a.batch_size.max(1)) {
-        emb.extend(enc.embed_texts(chunk)?.to_vec2::<f32>()?);
+        emb.extend(embed(chunk)?.to_vec2::<f32>()?);
         bar.inc(chunk.len() as u64);
     }
     bar.start("mine", set.captions.len() as u64);

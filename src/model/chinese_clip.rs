@@ -108,20 +108,34 @@ impl BertTextModel {
         })
     }
 
-    /// `input_ids`, `attention_mask`: [B, T]. Returns the [CLS] hidden state.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
+    fn check_length(&self, input_ids: &Tensor) -> Result<()> {
+        let t = input_ids.dim(1)?;
         if t > self.cfg.max_position_embeddings {
             return Err(Error::Shape(format!(
                 "text of {t} tokens exceeds the model's {} positions",
                 self.cfg.max_position_embeddings
             )));
         }
+        Ok(())
+    }
+
+    /// `input_ids`, `attention_mask`: [B, T]. Returns the [CLS] hidden state.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.check_length(input_ids)?;
         if cpu_kernels::applies(&self.word_embeddings) {
             if let Some(out) = self.forward_packed(input_ids, attention_mask)? {
                 return Ok(out);
             }
         }
+        let x = self.token_states(input_ids, attention_mask)?;
+        Ok(x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)
+    }
+
+    /// The last layer's hidden states of every token [B, T, C] (padded
+    /// positions included; pool with the mask).
+    pub fn token_states(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.check_length(input_ids)?;
+        let (b, t) = input_ids.dims2()?;
         let h = self.cfg.hidden_size;
         let words = self
             .word_embeddings
@@ -142,7 +156,7 @@ impl BertTextModel {
                 x = layer.forward(&x, &mask)?;
             }
         }
-        Ok(x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)
+        Ok(x)
     }
 }
 

@@ -15,6 +15,7 @@ pub mod dual_encoder;
 pub mod grad_kernels;
 pub mod layers;
 pub mod loader;
+pub mod sentence;
 pub mod vit;
 
 use std::cell::Cell;
