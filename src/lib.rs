@@ -19,29 +19,35 @@ pub mod train;
 pub use encoder::{BatchEmbeddings, Encoder, Failure};
 pub use error::{Error, Result};
 
-/// Tunes the process for clasp's CPU work; call it first thing in `main`,
-/// before any thread starts. The `clasp` binary and the benches call it.
-///
-/// - The allocator keeps freed tensor buffers in the heap for reuse. glibc
-///   serves large allocations with fresh mmaps and trims the heap top
-///   eagerly, so every tensor of a training step was zero-filled page by page
-///   by the kernel: 25% of a tiny-preset step went to page faults. Measured:
-///   2.15 s -> 1.6 s per forward and backward (tiny preset, batch 32).
-/// - candle's element-wise ops run on candle's own thread pool (one worker
-///   fewer than the cores), beside rayon's pool that runs the GEMMs and
-///   clasp's kernels. Its workers spin for 25,000 rounds after every op, so on
-///   a small machine they take the cores from rayon's workers, and the main
-///   thread spins again waiting for them: 30% of a training step's samples
-///   were those two spin loops. With the pool at one thread (no workers) the
-///   element-wise ops run on the calling thread. A `CANDLE_NUM_THREADS` that
-///   is set already is kept.
-pub fn tune_runtime() {
+/// Keeps freed tensor buffers in the heap for reuse; call it first thing in
+/// `main`, before any thread starts. glibc serves large allocations with fresh
+/// mmaps and trims the heap top eagerly, so every tensor of a training step
+/// was zero-filled page by page by the kernel: 25% of a tiny-preset step went
+/// to page faults. Measured: 2.15 s -> 1.6 s per forward and backward (tiny
+/// preset, batch 32). The `clasp` binary and the benches call it.
+pub fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets allocator parameters.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
+}
+
+/// For training: candle's element-wise ops on the calling thread. Call it
+/// before any thread starts and before the first tensor op.
+///
+/// candle runs element-wise ops on its own thread pool (one worker fewer than
+/// the cores), beside rayon's pool that runs the GEMMs and clasp's kernels.
+/// Its workers spin for 25,000 rounds after every op, so on a small machine
+/// they take the cores from rayon's workers, and the main thread spins again
+/// waiting for them. A training step runs hundreds of such ops: 30% of a
+/// tiny-preset step's samples were those two spin loops, and a step took
+/// 0.745 s with the pool and 0.638 s without (median of 3 interleaved
+/// rounds, 2 cores). Inference runs few of them and lost 3-5% without the
+/// pool, so only `clasp train` calls this. A `CANDLE_NUM_THREADS` that is
+/// set already is kept.
+pub fn tune_for_training() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // Before any thread starts (see above), so no other thread reads the
         // environment meanwhile.

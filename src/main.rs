@@ -7,8 +7,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    clasp::tune_runtime();
+    clasp::tune_allocator();
+    // Parsing starts no thread, so the environment may still change here.
     let args = cli::Cli::parse();
+    if args.is_training() {
+        clasp::tune_for_training();
+    }
     cli::init_logging(args.verbose, args.quiet);
     match cli::run(args) {
         Ok(code) => code,

@@ -32,6 +32,13 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Whether this invocation trains (see `clasp::tune_for_training`).
+    pub fn is_training(&self) -> bool {
+        matches!(self.command, Command::Train(_))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Embed images and/or texts into the model's shared space.
