@@ -71,6 +71,8 @@ def train(runs, name, a, seed, extra, lang="en"):
     res = out + ".json"
     if os.path.exists(res) and os.path.exists(os.path.join(out, "checkpoint", "model.safetensors")):
         return json.load(open(res))
+    if a.report:
+        return None
     base = [CLASP, "train", "--dataset", SPEC, "--split", a.split, "--lang", lang, "--steps", str(a.steps), "--batch-size",
             str(a.batch_size), "--seed", str(seed), "--save-every", "0", "--eval-dataset", SPEC,
             "--output", out]
@@ -83,10 +85,12 @@ def train(runs, name, a, seed, extra, lang="en"):
     return m
 
 
-def evaluate(runs, name, checkpoint, lang):
+def evaluate(runs, name, checkpoint, lang, report):
     res = os.path.join(runs, name + ".json")
     if os.path.exists(res):
         return json.load(open(res))
+    if report:
+        return None
     m = last_json(run([CLASP, "eval", "retrieval", "--json", "--model", checkpoint, "--dataset", SPEC,
                        "--split", "dev", "--lang", lang], os.path.join(runs, name + ".log")))
     json.dump(m, open(res, "w"))
@@ -102,6 +106,8 @@ def main():
     ap.add_argument("--runs", default=os.path.join(ROOT, "bench", ".work", "objectives"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "objectives.md"))
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: write the table from the finished runs, marking what is missing")
     a = ap.parse_args()
     a.split = "train"
     if a.smoke:
@@ -127,7 +133,7 @@ def main():
     # cosine of 0.99, where no window can tell a paraphrase from a negative
     # (mining with the seed-0 InfoNCE model kept none).
     neg = os.path.join(a.runs, "negatives-minilm.json")
-    if not os.path.exists(neg):
+    if not os.path.exists(neg) and not a.report:
         run([CLASP, "mine", "--model", minilm(), "--dataset", SPEC, "--split", a.split,
              "--output", neg],
             os.path.join(a.runs, "mine-minilm.log"))
@@ -142,8 +148,9 @@ def main():
                              ("EN→ZH fine-tune + EWC (1e6), EN dev after", "zh_ewc", "infonce,ewc:1e6")):
         runs = []
         for s in seeds:
-            train(a.runs, f"{name}_s{s}", a, s, ["--init", ck("infonce", s), "--objective", obj], lang="zh")
-            runs.append(evaluate(a.runs, f"{name}_en_s{s}", ck(f"{name}", s), "en"))
+            done = train(a.runs, f"{name}_s{s}", a, s, ["--init", ck("infonce", s), "--objective", obj],
+                         lang="zh")
+            runs.append(done and evaluate(a.runs, f"{name}_en_s{s}", ck(f"{name}", s), "en", a.report))
         rows[label] = runs
     # The teacher shares the student's pixels, so it keeps the student's image
     # size and patch and is 1.5× as wide in both towers (a CLIP config.json
@@ -170,6 +177,12 @@ def main():
              + (" SMOKE RUN: tiny and short, the numbers mean nothing." if a.smoke else ""), "",
              head, "|" + "---|" * (len(KEYS) * 3 + 2)]
     for label, ms in rows.items():
+        ms = [m for m in ms if m is not None]
+        if not ms:
+            lines.append(f"| {label} | " + " | ".join(["not run yet"] * 7) + " |")
+            continue
+        if len(ms) < (1 if label.startswith("teacher") else len(seeds)):
+            label += f" ({len(ms)} of {len(seeds)} seeds so far)"
         cells = []
         for _, key in KEYS:
             for k in (1, 5, 10):
