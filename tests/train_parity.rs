@@ -544,12 +544,9 @@ fn tiny_preset_is_a_clip_checkpoint_with_clip_init() {
     }
 }
 
-/// Accumulation over micro-batches with cached features gives the
-/// full-batch gradient, for every parameter (and the SigLIP bias).
-#[test]
-fn accumulated_gradients_equal_the_full_batch_gradient() {
-    use clasp::train::loss::SigLip;
-    use clasp::train::step::{contrastive_grads, Inputs};
+/// The tiny CLIP fixture as variables, and the AdamW fixture's batch:
+/// (model, pixels, token ids, attention mask).
+fn tiny_model_and_batch() -> (clasp::train::model::Trainable, Tensor, Tensor, Tensor) {
     let f =
         candle_core::safetensors::load("tests/fixtures/train/adamw_step.safetensors", &Device::Cpu)
             .unwrap();
@@ -558,15 +555,23 @@ fn accumulated_gradients_equal_the_full_batch_gradient() {
         &Device::Cpu,
     )
     .unwrap();
+    let u32 = |k: &str| f[k].to_dtype(candle_core::DType::U32).unwrap();
+    let (ids, mask) = (u32("input_ids"), u32("attention_mask"));
+    (t, f["pixel_values"].clone(), ids, mask)
+}
+
+/// Accumulation over micro-batches with cached features gives the
+/// full-batch gradient, for every parameter (and the SigLIP bias).
+#[test]
+fn accumulated_gradients_equal_the_full_batch_gradient() {
+    use clasp::train::loss::SigLip;
+    use clasp::train::step::{contrastive_grads, Inputs};
+    let (t, pixels, ids, mask) = tiny_model_and_batch();
     let bias = Var::from_tensor(&Tensor::new(-2f32, &Device::Cpu).unwrap()).unwrap();
     let mut vars = t.vars();
     vars.push(("logit_bias".into(), bias.clone()));
-    let ids = f["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
-    let mask = f["attention_mask"]
-        .to_dtype(candle_core::DType::U32)
-        .unwrap();
     let x = Inputs {
-        pixels: &f["pixel_values"],
+        pixels: &pixels,
         ids: &ids,
         mask: &mask,
         locked: Default::default(),
@@ -732,22 +737,13 @@ fn locking_a_tower_keeps_the_loss_and_the_other_gradients() {
 fn bf16_mixed_precision_tracks_the_f32_gradient() {
     use candle_core::DType;
     use clasp::train::step::{contrastive_grads, Inputs};
-    let f =
-        candle_core::safetensors::load("tests/fixtures/train/adamw_step.safetensors", &Device::Cpu)
-            .unwrap();
-    let t = clasp::train::model::Trainable::from_checkpoint(
-        "tests/fixtures/core/tiny-clip",
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (t, pixels, ids, mask) = tiny_model_and_batch();
     let half = t.compute_model(DType::BF16).unwrap();
     assert_eq!(half.projections().0.weight().dtype(), DType::BF16);
     assert_eq!(half.logit_scale().dtype(), DType::F32);
     let vars = t.vars();
-    let ids = f["input_ids"].to_dtype(DType::U32).unwrap();
-    let mask = f["attention_mask"].to_dtype(DType::U32).unwrap();
     let x = Inputs {
-        pixels: &f["pixel_values"],
+        pixels: &pixels,
         ids: &ids,
         mask: &mask,
         locked: Default::default(),
