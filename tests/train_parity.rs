@@ -1,6 +1,8 @@
 //! Training objectives and their gradients against open_clip's ClipLoss and
 //! SigLipLoss (fixtures from scripts/gen_train_fixtures.py).
 
+use std::path::Path;
+
 use candle_core::{Device, Tensor, Var};
 use clasp::train::loss::{Batch, InfoNce, Objective, SigLip};
 
@@ -790,4 +792,59 @@ fn bf16_mixed_precision_tracks_the_f32_gradient() {
     let ls = t.model.logit_scale();
     let d = max_abs(g16.get(ls).unwrap(), g32.get(ls).unwrap());
     assert!(d < 1e-2, "logit scale gradient differs by {d}");
+}
+
+/// LiT with `--text-pooling mean` pools the text tower as sentence-transformers
+/// does: from a sentence-transformers checkpoint, the dual encoder's text
+/// features before the projection are that model's sentence embeddings
+/// (fixture: scripts/gen_sentence_fixture.py).
+#[test]
+fn lit_mean_pooling_matches_sentence_transformers() {
+    use clasp::model::config::TextPooling;
+    let st = Path::new("tests/fixtures/core/tiny-sentence-bert");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(st.join("expected.json")).unwrap()).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let pooled = |pooling: TextPooling| {
+        let dir = d.path().join(format!("{pooling:?}"));
+        let t =
+            clasp::train::presets::init_lit("tiny", st, &dir, 0, pooling, &Device::Cpu).unwrap();
+        let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        assert_eq!(
+            cfg.contains("clasp_text_pooling"),
+            pooling == TextPooling::Mean
+        );
+        let tok = clasp::preprocess::TextTokenizer::from_dir(&dir, 32).unwrap();
+        // Texts 0 and 2 (text 1 is longer than the fixture's 32 tokens).
+        let texts = [
+            want["texts"][0].as_str().unwrap(),
+            want["texts"][2].as_str().unwrap(),
+        ];
+        let (ids, mask) = tok
+            .encode(&texts)
+            .unwrap()
+            .to_tensors(true, &Device::Cpu)
+            .unwrap();
+        let x = t.snapshot().unwrap().text_pooled(&ids, &mask).unwrap();
+        clasp::model::l2_normalize(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    let mean = pooled(TextPooling::Mean);
+    let mut worst = 0f32;
+    for (got, i) in mean.iter().zip([0, 2]) {
+        for (g, w) in got.iter().zip(want["embeddings"][i].as_array().unwrap()) {
+            worst = worst.max((g - w.as_f64().unwrap() as f32).abs());
+        }
+    }
+    assert!(
+        worst < 1e-5,
+        "mean pooling vs sentence-transformers: {worst}"
+    );
+    let pooler = pooled(TextPooling::Pooler);
+    assert!(
+        (pooler[0][0] - mean[0][0]).abs() > 1e-4,
+        "the pooler gives other features"
+    );
 }

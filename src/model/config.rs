@@ -150,6 +150,35 @@ pub struct ChineseClipConfig {
     pub projection_dim: usize,
     #[serde(default = "d_logit_scale")]
     pub logit_scale_init_value: f64,
+    /// Dual encoders only, a clasp key: `"mean"` pools the text tower's
+    /// token states over the real tokens (as sentence-transformers models
+    /// were trained) instead of BERT's pooler. transformers ignores the key
+    /// and pools with the pooler, so such a checkpoint's text embeddings
+    /// differ there.
+    #[serde(default, rename = "clasp_text_pooling")]
+    pub text_pooling: TextPooling,
+}
+
+/// How a dual encoder pools its BERT text tower.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextPooling {
+    /// tanh(dense([CLS])), transformers' `pooler_output`.
+    #[default]
+    Pooler,
+    /// The mean of the last hidden states over the attention mask.
+    Mean,
+}
+
+impl std::str::FromStr for TextPooling {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "pooler" => Ok(Self::Pooler),
+            "mean" => Ok(Self::Mean),
+            other => Err(format!("unknown text pooling `{other}` (pooler or mean)")),
+        }
+    }
 }
 
 /// A parsed config.json, one variant per supported architecture.

