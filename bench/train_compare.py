@@ -11,6 +11,9 @@ For each seed S, with the same init, data order and hyperparameters:
     clasp eval retrieval --json --model RUNS/torch_sS/checkpoint --dataset $D --split dev > RUNS/torch_sS.json
     # LiT: the MiniLM text tower locked, a from-scratch image tower
     clasp train --preset tiny --text-init MINILM_DIR --lock-text ... --output RUNS/lit_sS > RUNS/lit_sS.json
+    # the same with the text tower pooled as sentence-transformers trained it
+    clasp train --preset tiny --text-init MINILM_DIR --text-pooling mean --lock-text ... \
+        --output RUNS/litmean_sS > RUNS/litmean_sS.json
 
 then `python3 bench/train_compare.py RUNS`. Prints dev R@1/5/10 in both
 directions and mean recall per run and as mean ± std over seeds, and the
