@@ -128,6 +128,15 @@ fn from_hub(id: &str) -> Result<ModelFiles> {
     from_dir(id, &dir)
 }
 
+/// Reads a JSON file (a config), naming the file in any error.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
 /// Opens the weights as a `VarBuilder` (safetensors are memory-mapped).
 pub fn var_builder(files: &ModelFiles, device: &Device) -> Result<VarBuilder<'static>> {
     let w = &files.weights;

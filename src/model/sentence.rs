@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 
 use super::chinese_clip::BertTextModel;
 use super::config::BertConfig;
+use super::loader::read_json;
 use super::vit::l2_normalize;
 use crate::preprocess::TextTokenizer;
 use crate::{Error, Result};
@@ -36,14 +37,6 @@ pub fn is_bert_dir(dir: &Path) -> bool {
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .is_some_and(|c| c["model_type"] == "bert")
-}
-
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
 }
 
 impl SentenceEncoder {

@@ -29,6 +29,17 @@ fn werr(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// config.json read once: as written (kept to write back) and parsed.
+fn read_config(path: &Path) -> Result<(serde_json::Value, ModelConfig)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let config = ModelConfig::from_json(&text, path)?;
+    let json = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok((json, config))
+}
+
 impl Trainable {
     /// Loads a checkpoint directory (model.safetensors) as variables.
     pub fn from_checkpoint(spec: &str, device: &Device) -> Result<Self> {
@@ -39,14 +50,7 @@ impl Trainable {
                 "training needs model.safetensors (convert pytorch_model.bin first)",
             ));
         }
-        let text =
-            std::fs::read_to_string(&files.config).map_err(|e| Error::io(&files.config, e))?;
-        let config_json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Config {
-                path: files.config.clone(),
-                reason: e.to_string(),
-            })?;
-        let config = ModelConfig::from_file(&files.config)?;
+        let (config_json, config) = read_config(&files.config)?;
         let mut varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = Model::load(vb, &config)?;
@@ -66,14 +70,7 @@ impl Trainable {
     /// (their values are candle's default initialisation; presets overwrite
     /// them with CLIP's).
     pub fn from_config_dir(dir: &Path, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let config_json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Config {
-                path: config_path.clone(),
-                reason: e.to_string(),
-            })?;
-        let config = ModelConfig::from_file(&config_path)?;
+        let (config_json, config) = read_config(&dir.join("config.json"))?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = Model::load(vb, &config)?;
@@ -116,11 +113,9 @@ impl Trainable {
         Ok(m)
     }
 
+    /// Where the variables live (the logit scale is always one of them).
     fn device(&self) -> Device {
-        self.vars()
-            .first()
-            .map(|(_, v)| v.device().clone())
-            .unwrap_or(Device::Cpu)
+        self.model.logit_scale().device().clone()
     }
 
     /// The parameters, sorted by name.

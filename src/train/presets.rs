@@ -81,8 +81,7 @@ fn config_file(path: &Path) -> Result<serde_json::Value> {
         path: path.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let cfg = crate::model::loader::read_json(path)?;
     if cfg["model_type"] != "clip" {
         return Err(bad(format!(
             "a preset config must be a CLIP config (model_type \"clip\"), not {}",
@@ -159,13 +158,7 @@ pub fn init_lit(
 ) -> Result<Trainable> {
     let preset = config_json(vision_preset)?;
     let text_cfg_path = text_dir.join("config.json");
-    let text_cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&text_cfg_path).map_err(|e| Error::io(&text_cfg_path, e))?,
-    )
-    .map_err(|e| Error::Config {
-        path: text_cfg_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let text_cfg = crate::model::loader::read_json(&text_cfg_path)?;
     if text_cfg["model_type"] != "bert" {
         return Err(Error::Config {
             path: text_cfg_path,

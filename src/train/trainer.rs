@@ -624,12 +624,13 @@ pub fn train(
                     }),
             };
             let progress_now = step as f64 / cfg.steps.max(1) as f64;
-            // This batch's loss and gradients under an objective.
             // Mixed precision: this step's bf16 view of the variables.
-            let half = match cfg.precision.half() {
-                Some(dt) => Some(t.compute_model(dt)?),
-                None => None,
-            };
+            let half = cfg
+                .precision
+                .half()
+                .map(|dt| t.compute_model(dt))
+                .transpose()?;
+            // This batch's loss and gradients under an objective.
             let grads_of = |obj: &dyn loss::Objective| {
                 super::step::contrastive_grads(
                     half.as_ref().unwrap_or(&t.model),
