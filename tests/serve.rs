@@ -352,13 +352,39 @@ fn every_error_class_has_its_status_and_names_the_field() {
         (413, Some("pixel_limit"), Some("images[0]")),
         "{v}"
     );
-    // Body over the limit.
-    let big = "x".repeat(1_200_000);
-    let (st, v, _) = s.post("/v1/embeddings", &json!({"input": big}));
-    assert_eq!(
-        (st, v["error"]["type"].as_str()),
-        (413, Some("body_too_large"))
-    );
+    // Body over the limit (1 MiB). ureq writes all of it before it reads, so
+    // it sees the 413 only if the server reads the rest rather than closing
+    // under it; on a loaded machine this once ended in a broken pipe. The
+    // test after this one makes that case deterministic.
+    for _ in 0..3 {
+        let big = "x".repeat(1_900_000);
+        let (st, v, _) = s.post("/v1/embeddings", &json!({"input": big}));
+        assert_eq!(
+            (st, v["error"]["type"].as_str()),
+            (413, Some("body_too_large"))
+        );
+    }
+    // Multipart bodies meet the same limit.
+    let boundary = "XyZ";
+    let mut body =
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"input\"\r\n\r\n")
+            .into_bytes();
+    body.extend(vec![b'x'; 1_900_000]);
+    body.extend(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let r = ureq::post(&format!("{}/v1/embeddings", s.base))
+        .set(
+            "Content-Type",
+            &format!("multipart/form-data; boundary={boundary}"),
+        )
+        .send_bytes(&body);
+    let Err(ureq::Error::Status(413, r)) = r else {
+        panic!("an over-limit multipart body should be 413: {r:?}")
+    };
+    let v: Value = r.into_json().unwrap();
+    assert_eq!(v["error"]["type"], "body_too_large");
+    // The server still answers after them.
+    let (st, _, _) = s.post("/v1/embeddings", &json!({"input": "fine"}));
+    assert_eq!(st, 200);
     // Every class was counted.
     for class in [
         "bad_request",
@@ -510,4 +536,33 @@ fn a_client_too_slow_to_send_its_body_is_timed_out() {
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(s.metric("clasp_errors_total{class=\"timeout\"}") >= 1.0);
+}
+
+#[test]
+fn an_over_limit_body_still_gets_its_413_when_it_arrives_in_pieces() {
+    // A client that writes its whole body before reading the answer, with the
+    // tail of the body arriving after the server has seen the limit pass. If
+    // the server answered and closed at the limit, the tail would meet a
+    // closed socket and the client would see a reset instead of the 413.
+    let s = Server::start(&["--max-body-mb", "1"]);
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    let len = 1_600_000;
+    write!(c, "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n").unwrap();
+    c.write_all(&vec![b' '; 1_200_000]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The tail in small writes, as a slow client sends it: a write after the
+    // server has closed and reset the connection fails with a broken pipe.
+    for chunk in vec![b' '; len - 1_200_000].chunks(8192) {
+        c.write_all(chunk)
+            .expect("the server closed the connection before reading the body's tail");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = Vec::new();
+    c.read_to_end(&mut head)
+        .or_else(|e| if head.is_empty() { Err(e) } else { Ok(0) })
+        .expect("the answer to an over-limit body");
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains("body_too_large"), "{head}");
 }

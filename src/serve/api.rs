@@ -123,32 +123,68 @@ where
     resp
 }
 
-async fn read_body(st: &Shared, body: Body) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, st.limits.max_body_bytes)
-        .await
-        .map_err(|e| {
-            // axum reports the limit as a wrapped http-body-util LengthLimitError;
-            // its message is the stable part of that API.
-            let mut too_large = false;
-            let mut src: Option<&dyn std::error::Error> = Some(&e);
-            while let Some(x) = src {
-                too_large |= x.to_string().contains("length limit");
-                src = x.source();
+/// Reads a request body, up to the body limit.
+///
+/// Over the limit, the rest of the body is read and thrown away (at most
+/// another limit's worth, for at most [`DRAIN_TIME`]) before the 413 goes out.
+/// Most clients write their whole body before they read the answer; closing
+/// the connection under them turns the 413 into a broken pipe, and they never
+/// learn why. This is nginx's lingering close, bounded so a huge upload still
+/// cannot hold the server. axum's `to_bytes` stops at the limit and drops the
+/// body, so it cannot do this.
+async fn read_body(st: &Shared, mut body: Body) -> Result<Bytes, ApiError> {
+    use axum::body::HttpBody;
+    let limit = st.limits.max_body_bytes;
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    loop {
+        let next = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx));
+        let frame = match drain_until {
+            None => next.await,
+            Some(t) => match tokio::time::timeout_at(t, next).await {
+                Ok(f) => f,
+                Err(_) => break,
+            },
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(_)) if drain_until.is_some() => break,
+            Some(Err(e)) => {
+                return Err(ApiError::bad(
+                    "body",
+                    format!("cannot read the request body: {e}"),
+                ))
             }
-            if too_large {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!(
-                        "request body is over the limit of {} bytes",
-                        st.limits.max_body_bytes
-                    ),
-                )
-            } else {
-                ApiError::bad("body", format!("cannot read the request body: {e}"))
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) => d,
+                Err(_) => continue, // trailers
+            },
+        };
+        seen += data.len();
+        if drain_until.is_some() {
+            if seen > limit.saturating_mul(2) {
+                break;
             }
-        })
+        } else if seen > limit {
+            drain_until = Some(tokio::time::Instant::now() + DRAIN_TIME);
+            buf = Vec::new();
+        } else {
+            buf.extend_from_slice(&data);
+        }
+    }
+    if drain_until.is_some() {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body is over the limit of {limit} bytes"),
+        ));
+    }
+    Ok(Bytes::from(buf))
 }
+
+/// How long an over-limit body is drained before the 413 goes out anyway.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
 
 fn parse_json(bytes: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(bytes) {
@@ -292,35 +328,25 @@ async fn embedding_inputs(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
     if is_multipart {
+        // The whole body first, so multipart bodies meet the same limit
+        // (and the same drain) as JSON ones.
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(st, body).await?;
+        let req = Request::from_parts(parts, Body::from(bytes));
         let mut mp = Multipart::from_request(req, &())
             .await
             .map_err(|e| ApiError::bad("body", format!("bad multipart body: {e}")))?;
         let (mut texts, mut images) = (Vec::new(), Vec::new());
-        let mut total = 0usize;
-        while let Some(field) = mp.next_field().await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    e.body_text(),
-                )
-            } else {
-                ApiError::bad("body", format!("bad multipart field: {e}"))
-            }
-        })? {
+        while let Some(field) = mp
+            .next_field()
+            .await
+            .map_err(|e| ApiError::bad("body", format!("bad multipart field: {e}")))?
+        {
             let name = field.name().unwrap_or("").to_string();
             let data = field
                 .bytes()
                 .await
                 .map_err(|e| ApiError::bad(&name, e.body_text()))?;
-            total += data.len();
-            if total > st.limits.max_body_bytes {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "request body is over the limit",
-                ));
-            }
             match name.as_str() {
                 "input" | "text" | "texts" => texts.push(
                     String::from_utf8(data.to_vec())
