@@ -132,6 +132,80 @@ fn sgemm_xwt(
     }
 }
 
+/// A row-major view of a matrix operand for [`sgemm`]: the data and its
+/// strides in elements, so transposes are read in place.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major [rows, cols] matrix.
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major [rows, cols] matrix.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+}
+
+/// `dst[m, n] = a[m, k] b[k, n]` into a row-major dst, on the `gemm` crate
+/// over rayon's threads (the training backward's products).
+pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, dst: &mut [f32]) {
+    let last = |r: &MatRef, rows: usize, cols: usize| {
+        (rows.max(1) - 1) * r.row_stride + (cols.max(1) - 1) * r.col_stride
+    };
+    assert!(
+        m * k == 0 || a.data.len() > last(&a, m, k),
+        "sgemm: lhs too short"
+    );
+    assert!(
+        k * n == 0 || b.data.len() > last(&b, k, n),
+        "sgemm: rhs too short"
+    );
+    assert!(dst.len() >= m * n, "sgemm: dst too short");
+    let par = match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        t => Parallelism::Rayon(t),
+    };
+    // SAFETY: the asserts above bound every element the strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 /// With the `openblas` feature the large inference GEMMs go to OpenBLAS's
 /// `cblas_sgemm` (the system library, `libopenblas-dev`): on this 2-core
 /// AVX2 machine its Zen kernel ran 5–30% faster than the `gemm` crate on

@@ -1,5 +1,5 @@
-//! Differentiable fused CPU ops for training: layer norm, bias add, the
-//! activations and attention's scaled, masked softmax, each with its backward.
+//! Differentiable fused CPU ops for training: layer norm, linear layers,
+//! the activations and attention's scaled, masked softmax, each with its backward.
 //!
 //! Written here because candle cannot serve: its fused `layer_norm` and
 //! `softmax_last_dim` have no backward, so training had to compose them from
@@ -179,13 +179,119 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> CResult<Tenso
         .apply_op3(w, b, LayerNormOp { eps: eps as f32 })
 }
 
-// ------------------------------------------------------------------ bias add
+// -------------------------------------------------------------------- linear
 
-struct BiasAddOp;
+/// `y = x W^T (+ b)` over the last dimension of x, as one op: the GEMM writes
+/// onto the bias, and the backward makes the three products directly
+/// (dx = g W, dW = g^T x, db = column sums of g). Composed from candle ops the
+/// same layer is a reshape, a matmul against the transposed weight, a bias add
+/// and a reshape back, and candle's backprop gives each of those a zeroed
+/// gradient buffer and an add pass over the activations, plus a strided add
+/// for the transposed weight's gradient.
+struct LinearOp;
 
-impl CustomOp2 for BiasAddOp {
+/// The shapes of a linear op: rows, in, out and the output's shape.
+fn linear_dims(x: &Shape, w: &Shape) -> CResult<(usize, usize, usize, Shape)> {
+    let (out, inp) = w.dims2()?;
+    let dims = x.dims();
+    match dims.last() {
+        Some(&d) if d == inp => {}
+        _ => candle_core::bail!("linear: input {x:?} does not end in {inp} (weight {w:?})"),
+    }
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = out;
+    Ok((x.elem_count() / inp, inp, out, Shape::from(out_dims)))
+}
+
+fn linear_fwd(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+) -> CResult<(CpuStorage, Shape)> {
+    let (n, inp, out, shape) = linear_dims(x.1.shape(), w.1.shape())?;
+    let b = match b {
+        Some((s, l)) => Some(slice(s, l)?),
+        None => None,
+    };
+    let mut y = vec![0f32; n * out];
+    let l = cpu_kernels::LinearRef {
+        w: slice(w.0, w.1)?,
+        b,
+        out,
+        inp,
+    };
+    cpu_kernels::linear_into(slice(x.0, x.1)?, n, &l, &mut y, false);
+    Ok((CpuStorage::F32(y), shape))
+}
+
+/// dx and dW of a linear op (db is the column sums of the same gradient).
+fn linear_bwd(x: &Tensor, w: &Tensor, grad: &Tensor) -> CResult<(Tensor, Tensor, Tensor)> {
+    let (n, inp, out, _) = linear_dims(x.shape(), w.shape())?;
+    let (xc, wc, gc) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
+    let (xv, wv, gv) = (f32_view(&xc)?, f32_view(&wc)?, f32_view(&gc)?);
+    let g = gv.as_slice();
+    let mut dx = vec![0f32; n * inp];
+    cpu_kernels::sgemm(
+        n,
+        inp,
+        out,
+        cpu_kernels::MatRef::rows(g, out),
+        cpu_kernels::MatRef::rows(wv.as_slice(), inp),
+        &mut dx,
+    );
+    let mut dw = vec![0f32; out * inp];
+    cpu_kernels::sgemm(
+        out,
+        inp,
+        n,
+        cpu_kernels::MatRef::transposed(g, out),
+        cpu_kernels::MatRef::rows(xv.as_slice(), inp),
+        &mut dw,
+    );
+    let db = column_sums(g, out);
+    Ok((
+        vec_tensor(dx, x.shape(), x)?,
+        vec_tensor(dw, w.shape(), w)?,
+        Tensor::from_vec(db, out, w.device())?,
+    ))
+}
+
+impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        "clasp-bias-add"
+        "clasp-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        linear_fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = linear_bwd(x, w, grad)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// [`LinearOp`] without a bias.
+struct LinearNoBiasOp;
+
+impl CustomOp2 for LinearNoBiasOp {
+    fn name(&self) -> &'static str {
+        "clasp-linear-no-bias"
     }
 
     fn cpu_fwd(
@@ -195,35 +301,28 @@ impl CustomOp2 for BiasAddOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (y, b) = (slice(s1, l1)?, slice(s2, l2)?);
-        let c = b.len();
-        let mut out = y.to_vec();
-        out.par_chunks_mut(rows_per_task(c) * c).for_each(|chunk| {
-            for row in chunk.chunks_exact_mut(c) {
-                for (v, bi) in row.iter_mut().zip(b) {
-                    *v += bi;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        linear_fwd((s1, l1), (s2, l2), None)
     }
 
     fn bwd(
         &self,
-        _y: &Tensor,
-        b: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let gt = grad.contiguous()?;
-        let db = column_sums(f32_view(&gt)?.as_slice(), b.elem_count());
-        Ok((Some(grad.clone()), Some(vec_tensor(db, b.shape(), b)?)))
+        let (dx, dw, _) = linear_bwd(x, w, grad)?;
+        Ok((Some(dx), Some(dw)))
     }
 }
 
-/// `y + b` with b [C] broadcast over the rows of y [.., C].
-pub fn bias_add(y: &Tensor, b: &Tensor) -> CResult<Tensor> {
-    y.contiguous()?.apply_op2(b, BiasAddOp)
+/// `x W^T + b` over the last dimension of x [.., in], with W [out, in].
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp),
+        None => x.apply_op2(&w, LinearNoBiasOp),
+    }
 }
 
 // --------------------------------------------------------------- activations
@@ -556,6 +655,42 @@ mod tests {
     }
 
     #[test]
+    fn linear_matches_composition() {
+        let composed = |t: &[Tensor]| {
+            let (b, s, i) = t[0].dims3().unwrap();
+            let y = t[0]
+                .reshape((b * s, i))
+                .unwrap()
+                .matmul(&t[1].t().unwrap())
+                .unwrap();
+            let y = match t.get(2) {
+                Some(bias) => y.broadcast_add(bias).unwrap(),
+                None => y,
+            };
+            y.reshape((b, s, t[1].dim(0).unwrap())).unwrap()
+        };
+        check(
+            &[randn(&[3, 7, 24]), randn(&[40, 24]), randn(&[40])],
+            |t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+            composed,
+            1e-4,
+        );
+        check(
+            &[randn(&[2, 5, 24]), randn(&[9, 24])],
+            |t| linear(&t[0], &t[1], None).unwrap(),
+            composed,
+            1e-4,
+        );
+        // A batch of one row.
+        check(
+            &[randn(&[1, 1, 24]), randn(&[8, 24]), randn(&[8])],
+            |t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+            composed,
+            1e-4,
+        );
+    }
+
+    #[test]
     fn layer_norm_matches_composition() {
         let w = ((randn(&[24]) * 0.5).unwrap() + 1.0).unwrap();
         check(
@@ -579,16 +714,6 @@ mod tests {
                     .unwrap()
             },
             1e-4,
-        );
-    }
-
-    #[test]
-    fn bias_add_matches_broadcast() {
-        check(
-            &[randn(&[7, 9]), randn(&[9])],
-            |t| bias_add(&t[0], &t[1]).unwrap(),
-            |t| t[0].broadcast_add(&t[1]).unwrap(),
-            1e-5,
         );
     }
 

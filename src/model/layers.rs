@@ -57,6 +57,9 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused_grad(x) {
+            return Ok(grad_kernels::linear(x, &self.weight, self.bias.as_ref())?);
+        }
         // Flatten the leading dims so the GEMM sees one [N, in] x [in, out]
         // product; the transposed weight is read through strides, not copied.
         let dims = x.dims().to_vec();
@@ -65,11 +68,7 @@ impl Linear {
         let x2 = x.reshape((n, in_dim))?;
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
-            y = if fused_grad(&y) {
-                grad_kernels::bias_add(&y, b)?
-            } else {
-                y.broadcast_add(b)?
-            };
+            y = y.broadcast_add(b)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
