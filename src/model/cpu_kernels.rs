@@ -161,9 +161,10 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// `dst[m, n] = a[m, k] b[k, n]` into a row-major dst, on the `gemm` crate
+/// `a[m, k] b[k, n]` as a new row-major [m, n] buffer, on the `gemm` crate
 /// over rayon's threads (the training backward's products).
-pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, dst: &mut [f32]) {
+pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef) -> Vec<f32> {
+    let mut dst = vec![0f32; m * n];
     let last = |r: &MatRef, rows: usize, cols: usize| {
         (rows.max(1) - 1) * r.row_stride + (cols.max(1) - 1) * r.col_stride
     };
@@ -175,7 +176,6 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, dst: &mut [f32]
         k * n == 0 || b.data.len() > last(&b, k, n),
         "sgemm: rhs too short"
     );
-    assert!(dst.len() >= m * n, "sgemm: dst too short");
     let par = match rayon::current_num_threads() {
         0 | 1 => Parallelism::None,
         t => Parallelism::Rayon(t),
@@ -204,6 +204,7 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, dst: &mut [f32]
             par,
         )
     }
+    dst
 }
 
 /// With the `openblas` feature the large inference GEMMs go to OpenBLAS's

@@ -230,23 +230,20 @@ fn linear_bwd(x: &Tensor, w: &Tensor, grad: &Tensor) -> CResult<(Tensor, Tensor,
     let (xc, wc, gc) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
     let (xv, wv, gv) = (f32_view(&xc)?, f32_view(&wc)?, f32_view(&gc)?);
     let g = gv.as_slice();
-    let mut dx = vec![0f32; n * inp];
-    cpu_kernels::sgemm(
+    use cpu_kernels::{sgemm, MatRef};
+    let dx = sgemm(
         n,
         inp,
         out,
-        cpu_kernels::MatRef::rows(g, out),
-        cpu_kernels::MatRef::rows(wv.as_slice(), inp),
-        &mut dx,
+        MatRef::rows(g, out),
+        MatRef::rows(wv.as_slice(), inp),
     );
-    let mut dw = vec![0f32; out * inp];
-    cpu_kernels::sgemm(
+    let dw = sgemm(
         out,
         inp,
         n,
-        cpu_kernels::MatRef::transposed(g, out),
-        cpu_kernels::MatRef::rows(xv.as_slice(), inp),
-        &mut dw,
+        MatRef::transposed(g, out),
+        MatRef::rows(xv.as_slice(), inp),
     );
     let db = column_sums(g, out);
     Ok((
