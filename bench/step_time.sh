@@ -6,7 +6,9 @@
 # Each round runs every clasp binary, then bench/train_reference.py, for 24 steps of the tiny
 # preset at batch 32 from the same init and data order, and prints the median of steps 5-24:
 # - clasp: the wall time of the whole step (its workers decode the next batches meanwhile);
-# - PyTorch: the batch's serial loading plus the step (data_s + step_s), and the step alone.
+# - PyTorch, twice: loading each batch serially (0 workers) and with one DataLoader worker process
+#   loading ahead (1 worker); each as the wait for the batch plus the step (data_s + step_s), and
+#   the step alone.
 # Pause other work on the machine while it runs; compare within a round, not across runs.
 set -e
 cd "$(dirname "$0")/.."
@@ -20,6 +22,9 @@ rm -rf $W && mkdir -p $W
 D=flickr8k:$S/data/flickr8k
 "${BINS[0]}" train --preset tiny --tokenizer $S/assets/clip-vit-base-patch32 --dataset $D --steps 1 \
     --batch-size 32 --crop-scale 1 --save-every 0 --output $W/init_run >/dev/null 2>&1
+# Warm-up, discarded: the first run of a session reads the batches' images from disk.
+"${BINS[0]}" train --init $W/init_run/init --dataset $D --steps 24 --batch-size 32 --crop-scale 1 \
+    --save-every 0 --output $W/warm >/dev/null 2>&1
 med() {
     python3 - "$1/metrics.jsonl" <<'EOF'
 import json, statistics, sys
@@ -39,8 +44,11 @@ for r in $(seq "$R"); do
             --save-every 0 --output $W/c >/dev/null 2>&1
         line="$line $(basename "$b") $(med $W/c)"
     done
-    rm -rf $W/t
-    python3 bench/train_reference.py --init $W/init_run/init --dataset $S/data/flickr8k --steps 24 \
-        --batch-size 32 --seed 0 --output $W/t >/dev/null 2>&1
-    echo "$line torch $(med $W/t)"
+    for workers in 0 1; do
+        rm -rf $W/t
+        python3 bench/train_reference.py --init $W/init_run/init --dataset $S/data/flickr8k --steps 24 \
+            --batch-size 32 --seed 0 --workers $workers --output $W/t >/dev/null 2>&1
+        line="$line | torch, $workers loader workers: $(med $W/t)"
+    done
+    echo "$line"
 done

@@ -118,6 +118,9 @@ def main():
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0,
+                    help="load batches in this many DataLoader worker processes while the step runs "
+                         "(0: serially inside the step)")
     ap.add_argument("--output", required=True)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -136,11 +139,24 @@ def main():
     order = Order(a.seed)
     ctx = model.config.text_config.max_position_embeddings
     log = open(os.path.join(a.output, "metrics.jsonl"), "w")
-    for step in range(a.steps):
-        batch = order.next_batch(per_image, a.batch_size)
-        t0 = time.perf_counter()
+    batches = [order.next_batch(per_image, a.batch_size) for _ in range(a.steps)]
+
+    def load(batch):
         px = proc(images=[Image.open(images[i]).convert("RGB") for i, _ in batch], return_tensors="pt")["pixel_values"]
         enc = tok([captions[c] for _, c in batch], padding=True, truncation=True, max_length=ctx, return_tensors="pt")
+        return len(batch), px, dict(enc)
+
+    if a.workers > 0:
+        # The same batches in the same order, loaded ahead by worker processes.
+        loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=load,
+                                                  num_workers=a.workers, prefetch_factor=2))
+        next_batch = lambda: next(loader)
+    else:
+        pending = iter(batches)
+        next_batch = lambda: load(next(pending))
+    for step in range(a.steps):
+        t0 = time.perf_counter()
+        n, px, enc = next_batch()
         t1 = time.perf_counter()
         lr = cosine_lr(step, a.lr, warmup, a.steps)
         for g in opt.param_groups:
@@ -158,7 +174,7 @@ def main():
         t2 = time.perf_counter()
         log.write(json.dumps({"step": step + 1, "loss": loss.item(), "lr": lr,
                               "temperature": model.logit_scale.exp().item(),
-                              "data_s": t1 - t0, "step_s": t2 - t1, "images_per_s": len(batch) / (t2 - t0)}) + "\n")
+                              "data_s": t1 - t0, "step_s": t2 - t1, "images_per_s": n / (t2 - t0)}) + "\n")
         log.flush()
     model.eval().save_pretrained(os.path.join(a.output, "checkpoint"))
     for f in os.listdir(a.init):
