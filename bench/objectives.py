@@ -170,22 +170,20 @@ def main():
             c["intermediate_size"] = 4 * c["hidden_size"]
             c["num_attention_heads"] = c["num_attention_heads"] * 3 // 2
         json.dump(cfg, open(teacher_cfg, "w"), indent=1)
-    rows["teacher: 1.5× wider, InfoNCE (seed 0 only)"] = [
-        train(a.runs, "teacher_s0", a, seeds[0], ["--preset", teacher_cfg, "--objective", "infonce"])]
-    print("teacher: done", file=sys.stderr)
-    teacher = ck("teacher", seeds[0])
-    row("+ distill from the teacher (1.0)", "distill",
-        lambda s: ["--objective", "infonce,distill:1.0", "--teacher", teacher])
     # Trained as long as the students, the teacher is barely ahead of them
     # (the step budget, not the width, limits both). The same teacher trained
     # 3× as long gives distillation something to pass on.
-    rows["teacher trained 3× as long (seed 0 only)"] = [
-        train(a.runs, "teacher_long_s0", a, seeds[0], ["--preset", teacher_cfg, "--objective", "infonce"],
-              steps=3 * a.steps)]
-    print("long teacher: done", file=sys.stderr)
-    long_teacher = ck("teacher_long", seeds[0])
-    row("+ distill from the 3×-trained teacher (1.0)", "distill_long",
-        lambda s: ["--objective", "infonce,distill:1.0", "--teacher", long_teacher])
+    for teacher_label, name, steps, distill_label, distill_name in (
+            ("teacher: 1.5× wider, InfoNCE (seed 0 only)", "teacher", a.steps,
+             "+ distill from the teacher (1.0)", "distill"),
+            ("teacher trained 3× as long (seed 0 only)", "teacher_long", 3 * a.steps,
+             "+ distill from the 3×-trained teacher (1.0)", "distill_long")):
+        rows[teacher_label] = [train(a.runs, f"{name}_s{seeds[0]}", a, seeds[0],
+                                     ["--preset", teacher_cfg, "--objective", "infonce"], steps=steps)]
+        print(f"{name}: done", file=sys.stderr)
+        teacher = ck(name, seeds[0])
+        row(distill_label, distill_name,
+            lambda s, teacher=teacher: ["--objective", "infonce,distill:1.0", "--teacher", teacher])
 
     head = "| run | " + " | ".join(f"{d} R@{k}" for d, _ in KEYS for k in (1, 5, 10)) + " | mean recall |"
     lines = [f"# Alignment objectives on Flickr8k (EN dev), `{a.preset}` preset from scratch",

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use super::chinese_clip::BertTextModel;
 use super::config::{DualEncoderConfig, TextPooling};
-use super::layers::{load_heads, Linear};
+use super::layers::{load_heads, masked_mean, Linear};
 use super::vit::VisionTransformer;
 use crate::Result;
 
@@ -61,13 +61,4 @@ impl DualEncoderModel {
         let cls = self.text.forward(input_ids, attention_mask)?;
         Ok(self.text_pooler.forward(&cls)?.tanh()?)
     }
-}
-
-/// The mean of `states` [B, T, C] over the positions where the 0/1 `mask`
-/// [B, T] is 1, as sentence-transformers' mean pooling (count clamped at 1e-9).
-pub fn masked_mean(states: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let m = mask.to_dtype(states.dtype())?.unsqueeze(2)?; // [B, T, 1]
-    let sum = states.broadcast_mul(&m)?.sum(1)?;
-    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
-    Ok(sum.broadcast_div(&count)?)
 }

@@ -476,6 +476,15 @@ pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (t, t), device)?)
 }
 
+/// The mean of `states` [B, T, C] over the positions where the 0/1 `mask`
+/// [B, T] is 1, as sentence-transformers' mean pooling (count clamped at 1e-9).
+pub fn masked_mean(states: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(states.dtype())?.unsqueeze(2)?; // [B, T, 1]
+    let sum = states.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+    Ok(sum.broadcast_div(&count)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,7 +104,7 @@ impl SentenceEncoder {
         let pooled = match self.pooling {
             Pooling::Cls => self.bert.forward(&ids, &mask)?,
             Pooling::Mean => {
-                super::dual_encoder::masked_mean(&self.bert.token_states(&ids, &mask)?, &mask)?
+                super::layers::masked_mean(&self.bert.token_states(&ids, &mask)?, &mask)?
             }
         };
         l2_normalize(&pooled)

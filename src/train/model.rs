@@ -33,11 +33,7 @@ fn werr(path: &Path, e: impl std::fmt::Display) -> Error {
 fn read_config(path: &Path) -> Result<(serde_json::Value, ModelConfig)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let config = ModelConfig::from_json(&text, path)?;
-    let json = serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    Ok((json, config))
+    Ok((crate::model::loader::parse_json(&text, path)?, config))
 }
 
 impl Trainable {
