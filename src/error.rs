@@ -65,6 +65,15 @@ pub enum Error {
     #[error("{0}")]
     Report(String),
 
+    #[error("{path}: {reason}")]
+    Gguf { path: PathBuf, reason: String },
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    #[error("{0}")]
+    Generate(String),
+
     #[error("shape mismatch: {0}")]
     Shape(String),
 

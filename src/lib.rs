@@ -10,9 +10,11 @@ pub mod encoder;
 pub mod error;
 pub mod eval;
 pub mod index;
+pub mod llm;
 pub mod model;
 pub mod preprocess;
 pub mod progress;
+pub mod rng;
 pub mod serve;
 pub mod train;
 

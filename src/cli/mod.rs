@@ -3,6 +3,7 @@
 
 mod embed;
 mod eval;
+mod generate;
 mod mine;
 mod output;
 mod search;
@@ -58,6 +59,10 @@ pub enum Command {
     Train(Box<train::TrainArgs>),
     /// Mine hard negative captions for the triplet objective (`train --negatives`).
     Mine(mine::MineArgs),
+    /// Generate text with a language model (GGUF or LlamaForCausalLM).
+    Generate(generate::GenerateArgs),
+    /// Print the token ids of texts, one JSON array per text (any model).
+    Tokenize(generate::TokenizeArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +110,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(a) => serve::run(a),
         Command::Train(a) => train::run(*a),
         Command::Mine(a) => mine::run(a),
+        Command::Generate(a) => generate::generate_cmd(a),
+        Command::Tokenize(a) => generate::tokenize_cmd(a),
     }
 }
 

@@ -27,7 +27,7 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::loss::{Batch, Objective};
-use super::trainer::Rng;
+use crate::rng::Rng;
 use crate::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

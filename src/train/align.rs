@@ -257,7 +257,7 @@ impl Distill {
         } else {
             let bound = 1.0 / (student_dim as f64).sqrt();
             let v =
-                super::trainer::Rng(seed ^ 0x0D15_7111).symmetric(teacher_dim * student_dim, bound);
+                crate::rng::Rng(seed ^ 0x0D15_7111).symmetric(teacher_dim * student_dim, bound);
             Tensor::from_vec(v, (teacher_dim, student_dim), dev)?
         };
         Ok(Self {

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use super::model::Trainable;
-use super::trainer::Rng;
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 pub const PRESETS: &str = "tiny, small, base";

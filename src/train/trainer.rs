@@ -25,6 +25,7 @@ use crate::data::{self, DatasetSpec, ImageSource, Lang, PairSet, Split};
 use crate::preprocess::augment::ColorJitter;
 use crate::preprocess::image::decode_image;
 use crate::progress::Progress;
+pub use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// Everything a run needs; saved with the state so a resume continues the
@@ -222,40 +223,6 @@ pub fn check_fresh_output(out: &Path) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// splitmix64: a tiny, seedable generator whose whole state is one u64, so
-/// the data order is saved and resumed exactly.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    /// Uniform in [0, 1), from the top 24 bits.
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// `n` draws uniform in [−bound, bound): torch's `nn.Linear` init with
-    /// bound 1/√fan_in.
-    pub fn symmetric(&mut self, n: usize, bound: f64) -> Vec<f32> {
-        (0..n)
-            .map(|_| ((self.uniform() as f64 * 2.0 - 1.0) * bound) as f32)
-            .collect()
-    }
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
 }
 
 /// Where the data order stands: the epoch's image order with one caption

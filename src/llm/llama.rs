@@ -1,0 +1,826 @@
+//! The llama architecture (Llama 2/3, SmolLM, Mistral-style dense decoders):
+//! RMSNorm, rotary positions, grouped-query attention with a KV cache, and a
+//! SiLU-gated MLP.
+//!
+//! One model type serves both formats. From GGUF the projections stay
+//! quantized (`QMatMul` over the file's blocks) or are dequantized to f32;
+//! from a Hugging Face `LlamaForCausalLM` checkpoint they are f32 tensors.
+//! GGUF files store q and k with their rows interleaved for llama.cpp's
+//! rotary layout, Hugging Face checkpoints in rotate-half layout, so the
+//! rotary step follows the source (`RopeLayout`).
+//!
+//! Batches are left-padded: each row of the cache knows how many of its first
+//! positions are padding; those keys are masked and the row's positions start
+//! at its first real token, as transformers computes them from the attention
+//! mask.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::gguf::GgufFile;
+use super::q4_1::{Kernel, Q4_1Matrix};
+use crate::{Error, Result};
+
+/// How q and k pair their dimensions for the rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Pairs (0,1), (2,3), ...: GGUF's layout for llama.
+    Interleaved,
+    /// Pairs (i, i + d/2): Hugging Face's `rotate_half`.
+    Half,
+}
+
+/// How the projection weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// As stored in the GGUF (Q4_1, Q8_0, ...): small and fast.
+    #[default]
+    Quantized,
+    /// Dequantized to f32: exact against transformers, and differentiable.
+    F32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    /// Linear position scaling (positions divided by this factor); 1.0 for none.
+    pub rope_linear_factor: f32,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub rope_layout: RopeLayout,
+}
+
+/// The parts of a Hugging Face `config.json` that the architecture reads.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: f64,
+    rope_theta: Option<f32>,
+    rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// Reads the architecture from GGUF metadata (`{arch}.*` keys).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let arch = g.get_string("general.architecture")?;
+        if arch != "llama" {
+            return Err(g.error(format!(
+                "unsupported architecture `{arch}` (general.architecture); clasp runs: llama"
+            )));
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden_size = g.get_usize(&k("embedding_length"))?;
+        let num_heads = g.get_usize(&k("attention.head_count"))?;
+        let num_kv_heads = if g.has_key(&k("attention.head_count_kv")) {
+            g.get_usize(&k("attention.head_count_kv"))?
+        } else {
+            num_heads
+        };
+        let head_dim = if g.has_key(&k("rope.dimension_count")) {
+            g.get_usize(&k("rope.dimension_count"))?
+        } else {
+            hidden_size / num_heads.max(1)
+        };
+        let rope_theta = if g.has_key(&k("rope.freq_base")) {
+            g.get_f64(&k("rope.freq_base"))? as f32
+        } else {
+            10_000.0
+        };
+        let mut rope_linear_factor = 1.0;
+        if g.has_key(&k("rope.scaling.type")) {
+            let ty = g.get_string(&k("rope.scaling.type"))?;
+            match ty.as_str() {
+                "none" => {}
+                "linear" => rope_linear_factor = g.get_f64(&k("rope.scaling.factor"))? as f32,
+                other => {
+                    return Err(g.error(format!(
+                        "unsupported rope scaling `{other}` ({}); clasp supports none and linear",
+                        k("rope.scaling.type")
+                    )))
+                }
+            }
+        }
+        let vocab_size = if g.has_key(&k("vocab_size")) {
+            g.get_usize(&k("vocab_size"))?
+        } else {
+            g.get_strings("tokenizer.ggml.tokens")?.len()
+        };
+        let cfg = Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size: g.get_usize(&k("feed_forward_length"))?,
+            num_layers: g.get_usize(&k("block_count"))?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
+            rope_theta,
+            rope_linear_factor,
+            max_position_embeddings: g.get_usize(&k("context_length"))?,
+            tie_word_embeddings: !g.has_tensor("output.weight"),
+            rope_layout: RopeLayout::Interleaved,
+        };
+        cfg.validate().map_err(|r| g.error(r))?;
+        Ok(cfg)
+    }
+
+    /// Reads a `LlamaForCausalLM` config.json.
+    pub fn from_hf_json(text: &str, path: &std::path::Path) -> Result<Self> {
+        let cfg_err = |reason: String| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| cfg_err(e.to_string()))?;
+        let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+        if mt != "llama" {
+            return Err(Error::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                model_type: mt.to_string(),
+                supported: "llama".into(),
+            });
+        }
+        let h: HfConfig = serde_json::from_value(v).map_err(|e| cfg_err(e.to_string()))?;
+        let num_kv_heads = h.num_key_value_heads.unwrap_or(h.num_attention_heads);
+        // transformers 5 writes `rope_parameters`; 4.x wrote rope_theta and rope_scaling.
+        let params = h.rope_parameters.as_ref();
+        let rope_theta = params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .map(|t| t as f32)
+            .or(h.rope_theta)
+            .unwrap_or(10_000.0);
+        let scaling = params.or(h.rope_scaling.as_ref());
+        let rope_type = scaling
+            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let rope_linear_factor = match rope_type {
+            "default" => 1.0,
+            "linear" => scaling
+                .and_then(|s| s.get("factor"))
+                .and_then(|f| f.as_f64())
+                .ok_or_else(|| cfg_err("linear rope scaling without a factor".into()))?
+                as f32,
+            other => {
+                return Err(cfg_err(format!(
+                    "unsupported rope scaling `{other}`; clasp supports default and linear"
+                )))
+            }
+        };
+        let cfg = Self {
+            vocab_size: h.vocab_size,
+            hidden_size: h.hidden_size,
+            intermediate_size: h.intermediate_size,
+            num_layers: h.num_hidden_layers,
+            num_heads: h.num_attention_heads,
+            num_kv_heads,
+            head_dim: h
+                .head_dim
+                .unwrap_or(h.hidden_size / h.num_attention_heads.max(1)),
+            rms_norm_eps: h.rms_norm_eps,
+            rope_theta,
+            rope_linear_factor,
+            max_position_embeddings: h.max_position_embeddings,
+            tie_word_embeddings: h.tie_word_embeddings,
+            rope_layout: RopeLayout::Half,
+        };
+        cfg.validate().map_err(cfg_err)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        {
+            return Err(format!(
+                "{} attention heads is not a multiple of {} key/value heads",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return Err(format!("head dimension {} must be even", self.head_dim));
+        }
+        if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
+            return Err("zero layers, width or vocabulary".into());
+        }
+        Ok(())
+    }
+}
+
+/// A projection: candle's (f32 or a quantized type with a fast candle
+/// kernel), or Q4_1 on clasp's own kernel (see `q4_1`).
+#[derive(Debug, Clone)]
+enum Linear {
+    Candle(QMatMul),
+    Q4_1(std::sync::Arc<Q4_1Matrix>, Kernel),
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Candle(m) => Ok(m.forward(x)?),
+            Linear::Q4_1(w, kernel) => {
+                let dims = x.dims().to_vec();
+                let k = *dims.last().unwrap_or(&0);
+                if k != w.cols() {
+                    return Err(Error::Shape(format!(
+                        "input of width {k} into a Q4_1 projection of {} columns",
+                        w.cols()
+                    )));
+                }
+                let m = x.elem_count() / k.max(1);
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let y = w.matmul(&xs, m, *kernel);
+                let mut out_dims = dims;
+                *out_dims.last_mut().unwrap_or(&mut 0) = w.rows();
+                Ok(Tensor::from_vec(y, out_dims, x.device())?)
+            }
+        }
+    }
+
+    fn dense(&self, device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Candle(QMatMul::QTensor(q)) => q.dequantize(device)?,
+            Linear::Candle(QMatMul::Tensor(t)) => t.clone(),
+            Linear::Candle(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
+            Linear::Q4_1(w, _) => Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), device)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Token embeddings: quantized rows looked up one by one, or an f32 table.
+#[derive(Debug, Clone)]
+enum Embedding {
+    Quantized(std::sync::Arc<QTensor>),
+    F32(Tensor),
+}
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// The per-sequence state of a batch: its KV cache and left padding.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<KvCache>,
+    /// Padding positions at the start of each row.
+    pad: Vec<usize>,
+    /// Positions filled so far, padding included (the same for every row).
+    len: usize,
+}
+
+impl Cache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.pad.len()
+    }
+}
+
+fn linear(t: QTensor, precision: Precision) -> Result<Linear> {
+    Ok(match precision {
+        Precision::Quantized if t.dtype() == GgmlDType::Q4_1 && t.device().is_cpu() => {
+            let (rows, cols) = t.shape().dims2()?;
+            let w = Q4_1Matrix::from_ggml(&t.data()?, rows, cols).map_err(Error::Generate)?;
+            Linear::Q4_1(std::sync::Arc::new(w), Kernel::detect())
+        }
+        Precision::Quantized => Linear::Candle(QMatMul::from_qtensor(t)?),
+        Precision::F32 => Linear::Candle(QMatMul::Tensor(t.dequantize(&t.device())?)),
+    })
+}
+
+impl Llama {
+    /// Builds the model from an open GGUF file.
+    pub fn from_gguf(g: &mut GgufFile, precision: Precision, device: &Device) -> Result<Self> {
+        let cfg = LlamaConfig::from_gguf(g)?;
+        let dense = |g: &mut GgufFile, name: &str| -> Result<Tensor> {
+            Ok(g.tensor(name, device)?.dequantize(device)?)
+        };
+        let embed_q = g.tensor("token_embd.weight", device)?;
+        check_shape(g, "token_embd.weight", embed_q.shape().dims(), &[cfg.vocab_size, cfg.hidden_size])?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        let kv = cfg.num_kv_heads * cfg.head_dim;
+        let qd = cfg.num_heads * cfg.head_dim;
+        for i in 0..cfg.num_layers {
+            let mut lin = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
+                let full = format!("blk.{i}.{name}.weight");
+                let t = g.tensor(&full, device)?;
+                check_shape(g, &full, t.shape().dims(), &[rows, cols])?;
+                linear(t, precision)
+            };
+            let q = lin("attn_q", qd, cfg.hidden_size)?;
+            let k = lin("attn_k", kv, cfg.hidden_size)?;
+            let v = lin("attn_v", kv, cfg.hidden_size)?;
+            let o = lin("attn_output", cfg.hidden_size, qd)?;
+            let gate = lin("ffn_gate", cfg.intermediate_size, cfg.hidden_size)?;
+            let up = lin("ffn_up", cfg.intermediate_size, cfg.hidden_size)?;
+            let down = lin("ffn_down", cfg.hidden_size, cfg.intermediate_size)?;
+            blocks.push(Block {
+                attn_norm: dense(g, &format!("blk.{i}.attn_norm.weight"))?,
+                q,
+                k,
+                v,
+                o,
+                ffn_norm: dense(g, &format!("blk.{i}.ffn_norm.weight"))?,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = dense(g, "output_norm.weight")?;
+        let embed_q = std::sync::Arc::new(embed_q);
+        let (embed, lm_head) = match (precision, cfg.tie_word_embeddings) {
+            (Precision::F32, true) => {
+                let w = embed_q.dequantize(device)?;
+                (Embedding::F32(w.clone()), QMatMul::Tensor(w))
+            }
+            (Precision::F32, false) => (
+                Embedding::F32(embed_q.dequantize(device)?),
+                QMatMul::Tensor(dense(g, "output.weight")?),
+            ),
+            (Precision::Quantized, true) => (
+                Embedding::Quantized(embed_q.clone()),
+                QMatMul::from_arc(embed_q)?,
+            ),
+            (Precision::Quantized, false) => (
+                Embedding::Quantized(embed_q),
+                QMatMul::from_qtensor(g.tensor("output.weight", device)?)?,
+            ),
+        };
+        Self::assemble(cfg, embed, blocks, norm, lm_head, device)
+    }
+
+    /// Builds the model from a `LlamaForCausalLM` safetensors checkpoint.
+    pub fn from_hf(vb: VarBuilder, cfg: LlamaConfig) -> Result<Self> {
+        let device = vb.device().clone();
+        let m = vb.pp("model");
+        let kv = cfg.num_kv_heads * cfg.head_dim;
+        let qd = cfg.num_heads * cfg.head_dim;
+        let h = cfg.hidden_size;
+        let lin = |vb: VarBuilder, rows: usize, cols: usize| -> Result<Linear> {
+            Ok(Linear::Candle(QMatMul::Tensor(vb.get((rows, cols), "weight")?)))
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let l = m.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let f = l.pp("mlp");
+            blocks.push(Block {
+                attn_norm: l.pp("input_layernorm").get(h, "weight")?,
+                q: lin(a.pp("q_proj"), qd, h)?,
+                k: lin(a.pp("k_proj"), kv, h)?,
+                v: lin(a.pp("v_proj"), kv, h)?,
+                o: lin(a.pp("o_proj"), h, qd)?,
+                ffn_norm: l.pp("post_attention_layernorm").get(h, "weight")?,
+                gate: lin(f.pp("gate_proj"), cfg.intermediate_size, h)?,
+                up: lin(f.pp("up_proj"), cfg.intermediate_size, h)?,
+                down: lin(f.pp("down_proj"), h, cfg.intermediate_size)?,
+            });
+        }
+        let embed = m.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            vb.pp("lm_head").get((cfg.vocab_size, h), "weight")?
+        };
+        let norm = m.pp("norm").get(h, "weight")?;
+        Self::assemble(
+            cfg,
+            Embedding::F32(embed),
+            blocks,
+            norm,
+            QMatMul::Tensor(lm_head),
+            &device,
+        )
+    }
+
+    fn assemble(
+        cfg: LlamaConfig,
+        embed: Embedding,
+        blocks: Vec<Block>,
+        norm: Tensor,
+        lm_head: QMatMul,
+        device: &Device,
+    ) -> Result<Self> {
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh cache for `pad.len()` rows, with `pad[i]` padding positions at
+    /// the start of row i.
+    pub fn new_cache(&self, pad: Vec<usize>) -> Cache {
+        Cache {
+            layers: (0..self.cfg.num_layers)
+                .map(|_| KvCache::new(2, 64))
+                .collect(),
+            pad,
+            len: 0,
+        }
+    }
+
+    /// Token embeddings, `[b, t]` ids to `[b, t, hidden]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match &self.embed {
+            Embedding::Quantized(q) => q.embedding(ids)?,
+            Embedding::F32(w) => {
+                let (b, t) = ids.dims2()?;
+                w.index_select(&ids.flatten_all()?, 0)?
+                    .reshape((b, t, self.cfg.hidden_size))?
+            }
+        })
+    }
+
+    /// Runs `x` (`[b, t, hidden]` input embeddings) through the decoder,
+    /// appending to the cache, and returns the final normed hidden states.
+    pub fn forward_embeds(&self, x: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if b != cache.batch_size() {
+            return Err(Error::Shape(format!(
+                "batch of {b} rows against a cache of {}",
+                cache.batch_size()
+            )));
+        }
+        let start = cache.len;
+        let total = start + t;
+        if total > self.cfg.max_position_embeddings {
+            return Err(Error::Generate(format!(
+                "{total} positions exceed the model's context of {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let padded = cache.pad.iter().any(|&p| p > 0);
+        let (cos, sin) = self.rope_for(cache, start, t)?;
+        let mask = if padded || t > 1 {
+            Some(self.mask(cache, start, t)?)
+        } else {
+            None
+        };
+        let mut x = x.clone();
+        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = self.block(block, &x, kv, &cos, &sin, mask.as_ref())?;
+        }
+        cache.len = total;
+        Ok(candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?)
+    }
+
+    /// Logits `[b, t, vocab]` from final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?)
+    }
+
+    /// Ids to the logits of the last position, `[b, vocab]`.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let x = self.embed(ids)?;
+        let h = self.forward_embeds(&x, cache)?;
+        let t = h.dim(1)?;
+        Ok(self.logits(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+    }
+
+    fn block(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        kv: &mut KvCache,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let h = candle_nn::ops::rms_norm(x, &b.attn_norm, eps)?;
+        let x = (x + self.attention(b, &h, kv, cos, sin, mask)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
+        let gate = candle_nn::ops::silu(&b.gate.forward(&h)?)?;
+        let mlp = b.down.forward(&(gate * b.up.forward(&h)?)?)?;
+        Ok((x + mlp)?)
+    }
+
+    fn attention(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        kv: &mut KvCache,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let hd = c.head_dim;
+        let q = blk
+            .q
+            .forward(x)?
+            .reshape((b, t, c.num_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = blk
+            .k
+            .forward(x)?
+            .reshape((b, t, c.num_kv_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = blk
+            .v
+            .forward(x)?
+            .reshape((b, t, c.num_kv_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (q, k) = match c.rope_layout {
+            RopeLayout::Interleaved => (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            ),
+            RopeLayout::Half => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+        };
+        let (k, v) = kv.append(&k, &v)?;
+        let total = k.dim(2)?;
+        // Grouped queries without copying keys: the n_rep query heads that
+        // share a key head are stacked along the sequence axis.
+        let n_rep = c.num_heads / c.num_kv_heads;
+        let q = q.reshape((b, c.num_kv_heads, n_rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = match mask {
+            Some(m) => att
+                .reshape((b, c.num_kv_heads, n_rep, t, total))?
+                .broadcast_add(m)?
+                .reshape((b, c.num_kv_heads, n_rep * t, total))?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?;
+        let y = y
+            .reshape((b, c.num_heads, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, c.num_heads * hd))?;
+        Ok(blk.o.forward(&y)?)
+    }
+
+    /// cos/sin for positions start..start+t of each row: `[t, d/2]` when no
+    /// row is padded, else `[b, t, d/2]` with each row's own positions.
+    fn rope_for(&self, cache: &Cache, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        if cache.pad.iter().all(|&p| p == 0) {
+            return Ok((self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?));
+        }
+        let b = cache.pad.len();
+        let mut pos = Vec::with_capacity(b * t);
+        for &p in &cache.pad {
+            for i in start..start + t {
+                // Padding rows get position 1, as transformers fills them.
+                pos.push(if i >= p { (i - p) as u32 } else { 1 });
+            }
+        }
+        let idx = Tensor::from_vec(pos, b * t, &self.device)?;
+        let half = self.cfg.head_dim / 2;
+        Ok((
+            self.cos.index_select(&idx, 0)?.reshape((b, t, half))?,
+            self.sin.index_select(&idx, 0)?.reshape((b, t, half))?,
+        ))
+    }
+
+    /// Additive mask `[b, 1, 1, t, total]`: causal, and padding keys hidden.
+    /// A large finite negative rather than -inf, so that a padding query row
+    /// (all keys hidden) softmaxes to a uniform row instead of NaN.
+    fn mask(&self, cache: &Cache, start: usize, t: usize) -> Result<Tensor> {
+        let total = start + t;
+        let b = cache.pad.len();
+        let mut m = vec![0f32; b * t * total];
+        for (r, &p) in cache.pad.iter().enumerate() {
+            for i in 0..t {
+                let qpos = start + i;
+                for j in 0..total {
+                    if j > qpos || j < p {
+                        m[(r * t + i) * total + j] = -1e30;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, 1, t, total), &self.device)?)
+    }
+
+    /// The projection weights as f32 tensors in Hugging Face's names and
+    /// layout (q and k rows back in rotate-half order), for saving a
+    /// `LlamaForCausalLM` checkpoint.
+    pub fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let c = &self.cfg;
+        let dense = |m: &Linear| m.dense(&self.device);
+        let unpermute = |w: Tensor, heads: usize| -> Result<Tensor> {
+            match c.rope_layout {
+                RopeLayout::Half => Ok(w),
+                RopeLayout::Interleaved => interleaved_to_half_rows(&w, heads),
+            }
+        };
+        let mut out = Vec::new();
+        let embed = match &self.embed {
+            Embedding::Quantized(q) => q.dequantize(&self.device)?,
+            Embedding::F32(w) => w.clone(),
+        };
+        out.push(("model.embed_tokens.weight".to_string(), embed));
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), b.attn_norm.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), b.ffn_norm.clone()));
+            out.push((format!("{p}.self_attn.q_proj.weight"), unpermute(dense(&b.q)?, c.num_heads)?));
+            out.push((format!("{p}.self_attn.k_proj.weight"), unpermute(dense(&b.k)?, c.num_kv_heads)?));
+            out.push((format!("{p}.self_attn.v_proj.weight"), dense(&b.v)?));
+            out.push((format!("{p}.self_attn.o_proj.weight"), dense(&b.o)?));
+            out.push((format!("{p}.mlp.gate_proj.weight"), dense(&b.gate)?));
+            out.push((format!("{p}.mlp.up_proj.weight"), dense(&b.up)?));
+            out.push((format!("{p}.mlp.down_proj.weight"), dense(&b.down)?));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !c.tie_word_embeddings {
+            out.push((
+                "lm_head.weight".to_string(),
+                Linear::Candle(self.lm_head.clone()).dense(&self.device)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The `LlamaForCausalLM` config.json that matches `hf_tensors`.
+    pub fn hf_config(&self, bos: Option<u32>, eos: Option<u32>) -> serde_json::Value {
+        let c = &self.cfg;
+        let scaling = if c.rope_linear_factor != 1.0 {
+            serde_json::json!({"rope_type": "linear", "factor": c.rope_linear_factor})
+        } else {
+            serde_json::Value::Null
+        };
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_layers,
+            "num_attention_heads": c.num_heads,
+            "num_key_value_heads": c.num_kv_heads,
+            "head_dim": c.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "rope_scaling": scaling,
+            "max_position_embeddings": c.max_position_embeddings,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "torch_dtype": "float32",
+        })
+    }
+
+    /// The storage type of the projections (for reports).
+    pub fn weight_type(&self) -> Option<GgmlDType> {
+        match &self.blocks.first()?.q {
+            Linear::Candle(QMatMul::QTensor(q)) => Some(q.dtype()),
+            Linear::Q4_1(..) => Some(GgmlDType::Q4_1),
+            _ => Some(GgmlDType::F32),
+        }
+    }
+}
+
+/// Reorders the rows of a q or k projection from llama.cpp's interleaved
+/// rotary layout to Hugging Face's rotate-half layout (the inverse of
+/// llama.cpp's convert permutation).
+pub fn interleaved_to_half_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w.reshape((heads, rows / heads / 2, 2, cols))?
+        .transpose(1, 2)?
+        .reshape((rows, cols))?
+        .contiguous()?)
+}
+
+fn check_shape(g: &GgufFile, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(g.error(format!(
+            "tensor `{name}` has shape {got:?}, the config implies {want:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// cos and sin tables `[max_pos, d/2]`, computed in f32 as transformers does:
+/// inv_freq = 1 / theta^(2i/d), angle = (pos / factor) * inv_freq.
+fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
+        .collect();
+    let n = cfg.max_position_embeddings;
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        let pos = p as f32 / cfg.rope_linear_factor;
+        for f in &inv {
+            let a = pos * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), device)?,
+        Tensor::from_vec(sin, (n, half), device)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GGUF q/k row order is Hugging Face's with each head's two halves
+    /// interleaved; `hf_tensors` must invert exactly that permutation.
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        let heads = 2;
+        let hd = 4;
+        let rows = heads * hd;
+        let hf: Vec<f32> = (0..rows * 3).map(|x| x as f32).collect();
+        // llama.cpp's convert: reshape(heads, 2, hd/2, cols).swapaxes(1, 2).
+        let mut gguf = vec![0f32; rows * 3];
+        for h in 0..heads {
+            for half in 0..2 {
+                for i in 0..hd / 2 {
+                    let src = h * hd + half * (hd / 2) + i;
+                    let dst = h * hd + i * 2 + half;
+                    gguf[dst * 3..dst * 3 + 3].copy_from_slice(&hf[src * 3..src * 3 + 3]);
+                }
+            }
+        }
+        let w = Tensor::from_vec(gguf, (rows, 3), &Device::Cpu).unwrap();
+        let back = interleaved_to_half_rows(&w, heads)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(back, hf);
+    }
+}

