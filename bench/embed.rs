@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 
 fn main() -> anyhow::Result<()> {
     clasp::tune_allocator();
+    clasp::tune_threads();
     let a: Vec<String> = std::env::args().collect();
     let (model, kind, batch, iters) = (
         &a[1],

@@ -197,6 +197,7 @@ fn indexing_bench(model: &str, n: usize, rounds: usize) {
 
 fn main() {
     clasp::tune_allocator();
+    clasp::tune_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("search") => {

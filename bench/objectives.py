@@ -79,6 +79,8 @@ def train(runs, name, a, seed, extra, lang="en", steps=None):
             "--output", out]
     if not any(x in extra for x in ("--init", "--preset")):
         base += ["--preset", a.preset]
+    if "--preset" in base + extra:
+        base += ["--tokenizer", os.path.join(ROOT, "..", "shared", "assets", "clip-vit-base-patch32")]
     if os.path.exists(os.path.join(out, "state", "trainer.json")):
         base, extra = [CLASP, "train", "--resume", out], []  # an interrupted run continues
     m = last_json(run(base + extra, out + ".log"))

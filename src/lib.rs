@@ -17,6 +17,7 @@ pub mod progress;
 pub mod rng;
 pub mod serve;
 pub mod train;
+pub mod vecmath;
 
 pub use encoder::{BatchEmbeddings, Encoder, Failure};
 pub use error::{Error, Result};
@@ -33,6 +34,24 @@ pub fn tune_allocator() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// Fixes the thread count in `RAYON_NUM_THREADS` when it is unset (to the
+/// cores this process may use). Call it first thing in `main`, before any
+/// thread starts.
+///
+/// candle asks for its thread count on every f32 matmul, and without the
+/// variable it finds it by reading and parsing /proc/cpuinfo each time: 5%
+/// of a language-model decode step's samples were that file's text being
+/// formatted by the kernel. With the variable set, rayon's pool is the same
+/// size as before (it defaults to the available cores too).
+pub fn tune_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Before any thread starts (see above), so no other thread reads the
+        // environment meanwhile.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
 

@@ -8,6 +8,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     clasp::tune_allocator();
+    clasp::tune_threads();
     // Parsing starts no thread, so the environment may still change here.
     let args = cli::Cli::parse();
     if args.is_training() {

@@ -315,3 +315,47 @@ fn every_supported_format_decodes() {
         assert_eq!(img.dimensions(), (60, 45), "{f}");
     }
 }
+
+/// CMYK, palette, alpha, EXIF-rotated and GIF images decode to the pixels
+/// Pillow gives (scripts/gen_decode_fixtures.py: exif_transpose, then
+/// transformers' convert_to_rgb). PNG and GIF decodes are lossless and must
+/// match exactly; JPEG decoders differ in their IDCT rounding, so those get
+/// a small per-pixel tolerance and a tight mean.
+#[test]
+fn odd_formats_decode_to_pillows_pixels() {
+    use base64::Engine;
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("decoded.json")).unwrap())
+            .unwrap();
+    for (name, want) in fx.as_object().unwrap() {
+        let img = clasp::preprocess::load_image(&fixtures().join("images").join(name)).unwrap();
+        assert_eq!(
+            (img.width() as u64, img.height() as u64),
+            (
+                want["width"].as_u64().unwrap(),
+                want["height"].as_u64().unwrap()
+            ),
+            "{name}"
+        );
+        let pil = base64::engine::general_purpose::STANDARD
+            .decode(want["rgb"].as_str().unwrap())
+            .unwrap();
+        let ours = img.as_raw();
+        assert_eq!(ours.len(), pil.len(), "{name}");
+        let diffs: Vec<i32> = ours
+            .iter()
+            .zip(&pil)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .collect();
+        let max = *diffs.iter().max().unwrap();
+        let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
+        if name.ends_with(".jpg") {
+            assert!(
+                max <= 4 && mean < 1.0,
+                "{name}: max diff {max}, mean {mean:.3}"
+            );
+        } else {
+            assert_eq!(max, 0, "{name}: max diff {max}, mean {mean:.3}");
+        }
+    }
+}

@@ -15,8 +15,14 @@ fn clasp() -> Command {
 
 fn gguf() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("scripts/get-smollm2.sh")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(root.join("scripts/get-smollm2.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
@@ -44,9 +50,19 @@ fn greedy_chat_answer_equals_transformers() {
     assert_eq!(p["prompt"], "Describe a dog running on a beach.");
     let model = gguf();
     let (code, out, err) = run(&[
-        "generate", "--model", model.to_str().unwrap(), "--chat", "--prompt",
-        "Describe a dog running on a beach.", "--temperature", "0", "--precision", "f32",
-        "--max-tokens", "48", "--json",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "Describe a dog running on a beach.",
+        "--temperature",
+        "0",
+        "--precision",
+        "f32",
+        "--max-tokens",
+        "48",
+        "--json",
     ]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -54,26 +70,48 @@ fn greedy_chat_answer_equals_transformers() {
     assert_eq!(v["text"], p["greedy_text"]);
     assert!(["eos", "length"].contains(&v["stop_reason"].as_str().unwrap()));
     assert!(v["decode_tokens_per_sec"].as_f64().unwrap() > 0.0);
-    assert_eq!(v["prompt_tokens"].as_u64().unwrap(), p["ids"].as_array().unwrap().len() as u64);
+    assert_eq!(
+        v["prompt_tokens"].as_u64().unwrap(),
+        p["ids"].as_array().unwrap().len() as u64
+    );
 
-    // Plain output streams the same text.
+    // The command as written (default quantized weights), plain
+    // output streamed: the same text.
     let (code, out, err) = run(&[
-        "generate", "-m", model.to_str().unwrap(), "--chat", "-p",
-        "Describe a dog running on a beach.", "--precision", "f32", "--max-tokens", "48",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "Describe a dog running on a beach.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "48",
     ]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim_end_matches('\n'), p["greedy_text"].as_str().unwrap());
+    assert_eq!(
+        out.trim_end_matches('\n'),
+        p["greedy_text"].as_str().unwrap()
+    );
 }
 
 #[test]
 fn tokenize_prints_one_array_per_text_for_llms_and_clip() {
     let model = gguf();
-    let (code, out, err) = run(&["tokenize", "-m", model.to_str().unwrap(), "Hello world", "你好"]);
+    let (code, out, err) = run(&[
+        "tokenize",
+        "-m",
+        model.to_str().unwrap(),
+        "Hello world",
+        "你好",
+    ]);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "[19556,905]");
     assert_eq!(lines.len(), 2);
-    let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-clip");
+    // The real openai/clip-vit-base-patch32 tokenizer files (no weights needed).
+    let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/assets/clip-vit-base-patch32");
     let (code, out, err) = run(&["tokenize", "-m", clip.to_str().unwrap(), "a photo of a cat"]);
     assert_eq!(code, 0, "{err}");
     // CLIP's BPE: <|startoftext|> a photo of a cat <|endoftext|>, no padding.
@@ -81,7 +119,11 @@ fn tokenize_prints_one_array_per_text_for_llms_and_clip() {
 }
 
 fn write_gguf(path: &Path, arch: &str, with_tokenizer: bool) {
-    let w = QTensor::quantize(&Tensor::zeros((32, 32), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let w = QTensor::quantize(
+        &Tensor::zeros((32, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
     let mut meta: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String(arch.into())),
         ("llama.block_count", Value::U32(1)),
@@ -111,41 +153,71 @@ fn bad_inputs_get_errors_that_name_them() {
     std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
     let (code, _, err) = run(&["generate", "-m", cut.to_str().unwrap(), "-p", "hi"]);
     assert_eq!(code, 2);
-    assert!(err.contains("cut.gguf") && err.contains("truncated: tensor `"), "{err}");
+    assert!(
+        err.contains("cut.gguf") && err.contains("truncated: tensor `"),
+        "{err}"
+    );
 
     // Wrong magic.
     let junk = d.join("junk.gguf");
     std::fs::write(&junk, b"\x89PNG\r\n\x1a\nnot a model at all").unwrap();
     let (code, _, err) = run(&["generate", "-m", junk.to_str().unwrap(), "-p", "hi"]);
     assert_eq!(code, 2);
-    assert!(err.contains("junk.gguf") && err.contains("not a GGUF file"), "{err}");
+    assert!(
+        err.contains("junk.gguf") && err.contains("not a GGUF file"),
+        "{err}"
+    );
 
     // Missing tokenizer metadata.
     let notok = d.join("notok.gguf");
     write_gguf(&notok, "llama", false);
     let (code, _, err) = run(&["generate", "-m", notok.to_str().unwrap(), "-p", "hi"]);
     assert_eq!(code, 2);
-    assert!(err.contains("notok.gguf") && err.contains("missing metadata key `tokenizer.ggml.model`"), "{err}");
+    assert!(
+        err.contains("notok.gguf") && err.contains("missing metadata key `tokenizer.ggml.model`"),
+        "{err}"
+    );
 
     // Unsupported architecture (the tokenizer is there, the architecture is not).
     let mamba = d.join("mamba.gguf");
     write_gguf(&mamba, "mamba", true);
     let (code, _, err) = run(&["generate", "-m", mamba.to_str().unwrap(), "-p", "hi"]);
     assert_eq!(code, 2);
-    assert!(err.contains("mamba.gguf") && err.contains("unsupported architecture `mamba`"), "{err}");
+    assert!(
+        err.contains("mamba.gguf") && err.contains("unsupported architecture `mamba`"),
+        "{err}"
+    );
 
     // Non-UTF-8 prompt file.
     let bin = d.join("prompt.txt");
     std::fs::write(&bin, b"caf\xe9 au lait").unwrap();
     let model = gguf();
-    let (code, _, err) = run(&["generate", "-m", model.to_str().unwrap(), "--prompt-file", bin.to_str().unwrap()]);
+    let (code, _, err) = run(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "--prompt-file",
+        bin.to_str().unwrap(),
+    ]);
     assert_eq!(code, 2);
-    assert!(err.contains("prompt.txt") && err.contains("not UTF-8") && err.contains("offset 3"), "{err}");
+    assert!(
+        err.contains("prompt.txt") && err.contains("not UTF-8") && err.contains("offset 3"),
+        "{err}"
+    );
 
     // A prompt longer than the context (8192 for SmolLM2).
     let long = d.join("long.txt");
     std::fs::write(&long, "dog ".repeat(9000)).unwrap();
-    let (code, _, err) = run(&["generate", "-m", model.to_str().unwrap(), "--prompt-file", long.to_str().unwrap()]);
+    let (code, _, err) = run(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "--prompt-file",
+        long.to_str().unwrap(),
+    ]);
     assert_eq!(code, 2);
-    assert!(err.contains("the prompt is 9000 tokens") && err.contains("context is 8192"), "{err}");
+    assert!(
+        err.contains("the prompt is 9001 tokens") && err.contains("context is 8192"),
+        "{err}"
+    );
 }

@@ -445,28 +445,96 @@ fn sigkill_mid_run_leaves_a_consistent_store_that_the_next_run_completes() {
 }
 
 #[test]
-fn classify_labels_every_image_with_a_probability() {
+fn classify_equals_an_independent_argmax_over_clasp_embed_vectors() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("photos");
-    photos(&dir, 6);
+    let files = photos(&dir, 6);
     let store = d.path().join("s.sqlite");
+    // One template, so each label's class vector is its one prompt's embedding.
+    let templates = d.path().join("templates.txt");
+    std::fs::write(&templates, "a photo of a {}.\n").unwrap();
+    let labels = ["dog", "cat", "person"];
     let v = ok(&clasp(&[
         "classify",
         dir.to_str().unwrap(),
         "--labels",
         "dog,cat,person",
+        "--templates",
+        templates.to_str().unwrap(),
         "-m",
         &tiny(),
         "--store",
         store.to_str().unwrap(),
         "--json",
     ]));
-    let v = v.as_array().unwrap();
-    assert_eq!(v.len(), 6);
-    for l in v {
-        assert!(["dog", "cat", "person"].contains(&l["label"].as_str().unwrap()));
-        let p = l["probability"].as_f64().unwrap();
-        assert!(p > 1.0 / 3.0 - 1e-9 && p <= 1.0, "{l}");
+    let got = v.as_array().unwrap();
+    assert_eq!(got.len(), 6);
+
+    // The expectation from `clasp embed`'s vectors: softmax(100 * cos) over
+    // the three prompts, computed here.
+    let out = d.path().join("e.jsonl");
+    let mut args = vec![
+        "embed".to_string(),
+        "-m".into(),
+        tiny(),
+        "-o".into(),
+        out.display().to_string(),
+    ];
+    for f in &files {
+        args.extend(["--image".into(), f.display().to_string()]);
+    }
+    for l in labels {
+        args.extend(["--text".into(), format!("a photo of a {l}.")]);
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let vecs = |ty: &str| -> Vec<(String, Vec<f64>)> {
+        rows.iter()
+            .filter(|r| r["type"] == ty)
+            .map(|r| {
+                let e = r["embedding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect();
+                (r["input"].as_str().unwrap().to_string(), e)
+            })
+            .collect()
+    };
+    let texts = vecs("text");
+    assert_eq!(texts.len(), 3);
+    for (path, img) in vecs("image") {
+        let logits: Vec<f64> = texts
+            .iter()
+            .map(|(_, t)| 100.0 * img.iter().zip(t).map(|(a, b)| a * b).sum::<f64>())
+            .collect();
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+        let best = (0..3)
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+            .unwrap();
+        let name = Path::new(&path)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let row = got
+            .iter()
+            .find(|l| l["path"].as_str().unwrap().ends_with(&name))
+            .unwrap_or_else(|| panic!("{name} not classified"));
+        assert_eq!(row["label"], labels[best], "{name}");
+        let p = row["probability"].as_f64().unwrap();
+        assert!((p - 1.0 / z).abs() < 1e-4, "{name}: {p} vs {}", 1.0 / z);
     }
 }
 

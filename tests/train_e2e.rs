@@ -366,6 +366,16 @@ fn objective_lists_and_the_bcif_schedule_run_end_to_end() {
     ));
     let m = losses(&mixed);
     assert!(m.len() == 3 && m.iter().all(|l| l.is_finite()), "{m:?}");
+    // Step 1 is computed before any update, from the same init and batch as
+    // the plain run's step 1, so its InfoNCE term is the same: the added
+    // DAA and triplet terms (geometric's weight is 0 at step 0) must show.
+    // An objective list that was parsed but ignored fails here.
+    assert!(
+        (m[0] - a[0]).abs() > 1e-3 * a[0].abs(),
+        "mixed step-1 loss {} equals plain InfoNCE {}: the extra objectives did nothing",
+        m[0],
+        a[0]
+    );
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(mixed.join("metrics.jsonl"))
         .unwrap()
         .lines()

@@ -329,7 +329,7 @@ fn tiny_step_grads(
     )
     .unwrap();
     let vars = t.vars();
-    let prev = clasp::model::set_grad_mode(true);
+    let mode = clasp::model::grad_mode_guard(true);
     let ids = f["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
     let mask = f["attention_mask"]
         .to_dtype(candle_core::DType::U32)
@@ -346,7 +346,7 @@ fn tiny_step_grads(
     };
     let loss = InfoNce.loss(&b).unwrap();
     let grads = loss.backward().unwrap();
-    clasp::model::set_grad_mode(prev);
+    drop(mode);
     (t, vars, loss, grads)
 }
 

@@ -116,7 +116,10 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<ExitCode> {
         if !json {
             let mut out = stdout.lock();
             // A closed pipe (e.g. `| head`) ends generation quietly.
-            return out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok();
+            return out
+                .write_all(piece.as_bytes())
+                .and_then(|_| out.flush())
+                .is_ok();
         }
         true
     };
@@ -182,22 +185,78 @@ pub fn tokenize_cmd(a: TokenizeArgs) -> Result<ExitCode> {
             .collect::<clasp::Result<_>>()?
     } else {
         if a.chat {
-            bail!("--chat needs a language model; {} is a dual encoder", a.model);
+            bail!(
+                "--chat needs a language model; {} is a dual encoder",
+                a.model
+            );
         }
-        let files = clasp::model::resolve(&a.model)?;
-        let cfg = clasp::model::ModelConfig::from_file(&files.config)?;
+        // Only config.json and the tokenizer files are needed: a local
+        // folder without weights is fine; anything else goes through the Hub.
+        let dir = if path.join("config.json").is_file() {
+            path.to_path_buf()
+        } else {
+            clasp::model::resolve(&a.model)?.dir
+        };
+        let cfg = clasp::model::ModelConfig::from_file(&dir.join("config.json"))?;
         let tok =
-            clasp::preprocess::text::TextTokenizer::from_dir(&files.dir, cfg.text_context_length())?;
+            clasp::preprocess::text::TextTokenizer::from_dir(&dir, cfg.text_context_length())?;
         let batch = tok.encode(&a.texts)?;
         batch
             .ids
             .iter()
             .zip(&batch.mask)
-            .map(|(ids, m)| ids.iter().zip(m).filter(|(_, &k)| k != 0).map(|(&i, _)| i).collect())
+            .map(|(ids, m)| {
+                ids.iter()
+                    .zip(m)
+                    .filter(|(_, &k)| k != 0)
+                    .map(|(&i, _)| i)
+                    .collect()
+            })
             .collect()
     };
     for r in rows {
         println!("{}", serde_json::to_string(&r)?);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvertTarget {
+    /// A Hugging Face checkpoint (safetensors, config.json, tokenizer files).
+    Hf,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// A language model: .gguf file, folder holding one, or LlamaForCausalLM folder.
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// The format to write.
+    #[arg(long, value_enum, default_value_t = ConvertTarget::Hf)]
+    pub to: ConvertTarget,
+    /// The folder to write (replaced atomically).
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+/// Writes a language model as a `LlamaForCausalLM` checkpoint, dequantized to f32.
+pub fn convert_cmd(a: ConvertArgs) -> Result<ExitCode> {
+    if !llm::is_language_model(&a.model) {
+        bail!(
+            "{}: clasp convert handles language models (GGUF or LlamaForCausalLM) so far",
+            a.model.display()
+        );
+    }
+    if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            bail!(
+                "{}: the output's parent folder does not exist",
+                parent.display()
+            );
+        }
+    }
+    let lm = LanguageModel::load(&a.model, Precision::F32, &candle_core::Device::Cpu)?;
+    lm.save_hf(&a.output)?;
+    eprintln!("wrote {}", a.output.display());
     Ok(ExitCode::SUCCESS)
 }

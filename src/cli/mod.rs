@@ -63,6 +63,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Print the token ids of texts, one JSON array per text (any model).
     Tokenize(generate::TokenizeArgs),
+    /// Convert a language model to a Hugging Face LlamaForCausalLM checkpoint.
+    Convert(generate::ConvertArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +114,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Mine(a) => mine::run(a),
         Command::Generate(a) => generate::generate_cmd(a),
         Command::Tokenize(a) => generate::tokenize_cmd(a),
+        Command::Convert(a) => generate::convert_cmd(a),
     }
 }
 

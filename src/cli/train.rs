@@ -49,7 +49,8 @@ pub struct TrainArgs {
     /// Freeze the image tower; only the projections above it learn.
     #[arg(long)]
     pub lock_image: bool,
-    /// Tokenizer files for --preset [default: ../shared/assets/clip-vit-base-patch32].
+    /// Tokenizer files for --preset: a folder with CLIP's vocab.json and merges.txt
+    /// (or tokenizer.json), e.g. openai/clip-vit-base-patch32's.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Training data: FORMAT:PATH or PATH, as in `clasp eval`.
@@ -312,7 +313,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         None => FileConfig::default(),
     };
     let Some(dataset) = a.dataset.clone().or(f.dataset) else {
-        bail!("give --dataset SPEC, e.g. --dataset flickr8k:../shared/data/flickr8k");
+        bail!("give --dataset SPEC, e.g. --dataset flickr8k:data/flickr8k");
     };
     let Some(output) = a.output.clone().or(f.output) else {
         bail!("give --output DIR for the checkpoint, state and metrics");
@@ -358,11 +359,12 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
             dir.display().to_string()
         }
         (None, Some(p)) => {
-            let tok = a
-                .tokenizer
-                .clone()
-                .or(f.tokenizer)
-                .unwrap_or_else(|| PathBuf::from("../shared/assets/clip-vit-base-patch32"));
+            let Some(tok) = a.tokenizer.clone().or(f.tokenizer) else {
+                bail!(
+                    "--preset {p} needs CLIP tokenizer files: give --tokenizer DIR (a folder with \
+                     vocab.json and merges.txt, or tokenizer.json, e.g. openai/clip-vit-base-patch32's)"
+                );
+            };
             let dir = output.join("init");
             clasp::train::presets::init_preset(&p, &tok, &dir, seed, &candle_core::Device::Cpu)?;
             eprintln!("wrote the `{p}` preset with CLIP's initialisation to {}", dir.display());

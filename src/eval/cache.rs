@@ -107,7 +107,7 @@ pub fn image_space(model: &Key, enc: &Encoder) -> Key {
     let mut h = blake3::Hasher::new();
     h.update(b"image\0");
     h.update(model);
-    h.update(format!("{:?}", enc.image_processor().config()).as_bytes());
+    h.update(&enc.image_processor().config().key_bytes());
     *h.finalize().as_bytes()
 }
 
@@ -127,6 +127,37 @@ pub fn content_key(bytes: &[u8]) -> Key {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_space_key_is_versioned_and_sees_every_field() {
+        use crate::preprocess::image::{ImageProcessorConfig, ResizeTo};
+        let base = ImageProcessorConfig::clip_default(224);
+        let k = base.key_bytes();
+        assert!(k.starts_with(b"clasp-image-processor-v1\0"));
+        assert_eq!(k, ImageProcessorConfig::clip_default(224).key_bytes());
+        let variants: Vec<Box<dyn Fn(&mut ImageProcessorConfig)>> = vec![
+            Box::new(|c| c.do_convert_rgb = !c.do_convert_rgb),
+            Box::new(|c| c.do_resize = !c.do_resize),
+            Box::new(|c| {
+                c.resize = ResizeTo::Exact {
+                    height: 224,
+                    width: 224,
+                }
+            }),
+            Box::new(|c| c.do_center_crop = !c.do_center_crop),
+            Box::new(|c| c.crop = (224, 225)),
+            Box::new(|c| c.do_rescale = !c.do_rescale),
+            Box::new(|c| c.rescale_factor = 1.0 / 256.0),
+            Box::new(|c| c.do_normalize = !c.do_normalize),
+            Box::new(|c| c.mean[2] += 1e-9),
+            Box::new(|c| c.std[0] += 1e-9),
+        ];
+        for (i, change) in variants.iter().enumerate() {
+            let mut c = ImageProcessorConfig::clip_default(224);
+            change(&mut c);
+            assert_ne!(c.key_bytes(), k, "field change {i} not in the key");
+        }
+    }
 
     #[test]
     fn roundtrip_and_miss() {

@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::embed::EmbedContext;
 use super::retrieval::{score_matrix, EmbeddedPairs};
 use crate::data::Lang;
+use crate::vecmath::dot;
 use crate::Result;
 
 /// Built-in pairs of phrases that mean the same thing.
@@ -121,10 +122,6 @@ fn auc(pos: &[f32], neg: &[f32]) -> f64 {
     total / (pos.len() as f64 * neg.len() as f64)
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
-}
-
 fn top(scores: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
@@ -178,13 +175,13 @@ pub fn diagnose(
             probes.push(SynonymProbe {
                 a: a.clone(),
                 b: b.clone(),
-                text_distance: 1.0 - dot(ea, eb),
+                text_distance: 1.0 - dot(ea, eb) as f64,
                 image_a: data.set.image_ids[ta[0]].clone(),
                 image_b: data.set.image_ids[tb[0]].clone(),
                 image_distance: if ta[0] == tb[0] {
                     0.0
                 } else {
-                    1.0 - dot(&imgs[ta[0]], &imgs[tb[0]])
+                    1.0 - dot(&imgs[ta[0]], &imgs[tb[0]]) as f64
                 },
                 top5_overlap: ta.iter().filter(|i| tb.contains(i)).count(),
             });
@@ -219,7 +216,7 @@ mod tests {
         for i in 0..3 {
             for j in 0..3 {
                 if i != j {
-                    s += dot(&v[i], &v[j]);
+                    s += dot(&v[i], &v[j]) as f64;
                 }
             }
         }

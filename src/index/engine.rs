@@ -19,6 +19,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 use super::catalog::{Catalog, Hash};
+pub use crate::vecmath::dot;
 use crate::{Error, Result};
 
 /// Nearest-neighbour search by inner product over unit vectors.
@@ -146,25 +147,6 @@ pub fn write_snapshot(path: &Path, generation: i64, rows: &[(Hash, Vec<f32>)]) -
         .sync_all()
         .map_err(io)?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// Dot product with eight independent accumulators, so the compiler keeps
-/// it in SIMD registers.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 /// A bounded best-k list (k is small, so insertion into a sorted Vec is fine).

@@ -205,7 +205,9 @@ pub fn generate_batch(
         flat.extend_from_slice(p);
     }
     let eos = tok.eos_id();
-    let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(opts.sampling.clone())).collect();
+    let mut samplers: Vec<Sampler> = (0..n)
+        .map(|_| Sampler::new(opts.sampling.clone()))
+        .collect();
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
     let mut ids: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut texts: Vec<String> = vec![String::new(); n];

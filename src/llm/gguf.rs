@@ -85,9 +85,7 @@ impl GgufFile {
                     supported_list()
                 ))
             } else {
-                err(format!(
-                    "corrupt or truncated GGUF header/metadata: {msg}"
-                ))
+                err(format!("corrupt or truncated GGUF header/metadata: {msg}"))
             }
         })?;
         let mut names: Vec<&String> = content.tensor_infos.keys().collect();
@@ -158,6 +156,31 @@ impl GgufFile {
             })
     }
 
+    /// One tensor's raw bytes, in the file's block layout, with its type and
+    /// shape (`[rows, cols]` order, as candle reports GGUF shapes).
+    pub fn raw(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Err(self.error(format!("missing tensor `{name}`")));
+        };
+        let (dtype, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
+        // Sizes and bounds were checked against the file at open.
+        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let start = self.content.tensor_data_offset + info.offset;
+        let path = self.path.clone();
+        let io = |e| Error::io(&path, e);
+        self.reader.seek(SeekFrom::Start(start)).map_err(io)?;
+        let mut bytes = vec![0u8; len];
+        self.reader.read_exact(&mut bytes).map_err(io)?;
+        Ok((dtype, dims, bytes))
+    }
+
+    /// Drops the metadata (the tokenizer's vocabulary and merges are most of
+    /// it) once the config and tokenizer are built, so it is not held while
+    /// the weights load.
+    pub fn forget_metadata(&mut self) {
+        self.content.metadata = Default::default();
+    }
+
     pub fn error(&self, reason: String) -> Error {
         Error::Gguf {
             path: self.path.clone(),
@@ -225,16 +248,17 @@ impl GgufFile {
 
     pub fn get_strings(&self, key: &str) -> Result<Vec<String>> {
         match self.value(key)? {
-            Value::Array(items) => items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| match v {
-                    Value::String(s) => Ok(s.clone()),
-                    v => Err(self.error(format!(
-                        "metadata `{key}`[{i}] is {v:?}, expected a string"
-                    ))),
-                })
-                .collect(),
+            Value::Array(items) => {
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| match v {
+                        Value::String(s) => Ok(s.clone()),
+                        v => Err(self
+                            .error(format!("metadata `{key}`[{i}] is {v:?}, expected a string"))),
+                    })
+                    .collect()
+            }
             v => Err(self.error(format!("metadata `{key}` is {v:?}, expected an array"))),
         }
     }
@@ -284,7 +308,11 @@ mod tests {
             .reshape((2, 32))
             .unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
-        let n = QTensor::quantize(&Tensor::ones(32, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+        let n = QTensor::quantize(
+            &Tensor::ones(32, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
         let mut f = File::create(path).unwrap();
         gguf_file::write(
             &mut f,
@@ -303,16 +331,29 @@ mod tests {
         assert_eq!(g.get_string("general.architecture").unwrap(), "llama");
         assert_eq!(g.tensor_type("w"), Some(GgmlDType::Q8_0));
         let w = g.tensor("w", &Device::Cpu).unwrap();
-        let back = w.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let back = w
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         // Q8_0 of 0..63 in blocks of 32: within half a quantization step.
         for (i, row) in back.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {
                 let want = (i * 32 + j) as f32;
-                assert!((v - want).abs() <= 63.0 / 127.0 / 2.0 + 1e-4, "{v} vs {want}");
+                assert!(
+                    (v - want).abs() <= 63.0 / 127.0 / 2.0 + 1e-4,
+                    "{v} vs {want}"
+                );
             }
         }
-        let e = g.get_string("tokenizer.ggml.model").unwrap_err().to_string();
-        assert!(e.contains("ok.gguf") && e.contains("missing metadata key `tokenizer.ggml.model`"), "{e}");
+        let e = g
+            .get_string("tokenizer.ggml.model")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ok.gguf") && e.contains("missing metadata key `tokenizer.ggml.model`"),
+            "{e}"
+        );
         let e = g.tensor("nope", &Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("missing tensor `nope`"), "{e}");
     }
@@ -323,7 +364,10 @@ mod tests {
         let p = dir.path().join("model.gguf");
         std::fs::write(&p, b"PK\x03\x04 this is a zip, not a model").unwrap();
         let e = GgufFile::open(&p).unwrap_err().to_string();
-        assert!(e.contains("model.gguf") && e.contains("not a GGUF file: magic number"), "{e}");
+        assert!(
+            e.contains("model.gguf") && e.contains("not a GGUF file: magic number"),
+            "{e}"
+        );
 
         std::fs::write(&p, b"GG").unwrap();
         let e = GgufFile::open(&p).unwrap_err().to_string();
@@ -333,12 +377,18 @@ mod tests {
         let full = std::fs::read(&p).unwrap();
         std::fs::write(&p, &full[..full.len() - 10]).unwrap();
         let e = GgufFile::open(&p).unwrap_err().to_string();
-        assert!(e.contains("truncated: tensor `") && e.contains("model.gguf"), "{e}");
+        assert!(
+            e.contains("truncated: tensor `") && e.contains("model.gguf"),
+            "{e}"
+        );
 
         // Cut inside the metadata: candle's parser fails, the file is named.
         std::fs::write(&p, &full[..40]).unwrap();
         let e = GgufFile::open(&p).unwrap_err().to_string();
-        assert!(e.contains("model.gguf") && e.contains("corrupt or truncated"), "{e}");
+        assert!(
+            e.contains("model.gguf") && e.contains("corrupt or truncated"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -15,13 +15,15 @@
 //! mask.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::gguf::GgufFile;
-use super::q4_1::{Kernel, Q4_1Matrix};
+use super::quant::{Kernel, Q4_1Matrix, Q8_0Matrix};
 use crate::{Error, Result};
 
 /// How q and k pair their dimensions for the rotation.
@@ -228,35 +230,46 @@ impl LlamaConfig {
     }
 }
 
-/// A projection: candle's (f32 or a quantized type with a fast candle
-/// kernel), or Q4_1 on clasp's own kernel (see `q4_1`).
+/// A projection: candle's (f32, or a quantized type candle runs well), or
+/// Q4_1/Q8_0 blocks on clasp's own f32-activation kernels (see `quant`).
 #[derive(Debug, Clone)]
 enum Linear {
     Candle(QMatMul),
-    Q4_1(std::sync::Arc<Q4_1Matrix>, Kernel),
+    Q4_1(Arc<Q4_1Matrix>, Kernel),
+    Q8_0(Arc<Q8_0Matrix>, Kernel),
 }
+
+/// Up to this many rows (a batch's decode step), a quantized product runs on
+/// the block kernels; above it (a prefill) the matrix is dequantized once
+/// for one f32 GEMM.
+const GEMV_ROWS: usize = super::quant::MAX_ROWS;
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::Candle(m) => Ok(m.forward(x)?),
-            Linear::Q4_1(w, kernel) => {
-                let dims = x.dims().to_vec();
-                let k = *dims.last().unwrap_or(&0);
-                if k != w.cols() {
-                    return Err(Error::Shape(format!(
-                        "input of width {k} into a Q4_1 projection of {} columns",
-                        w.cols()
-                    )));
-                }
-                let m = x.elem_count() / k.max(1);
-                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                let y = w.matmul(&xs, m, *kernel);
-                let mut out_dims = dims;
-                *out_dims.last_mut().unwrap_or(&mut 0) = w.rows();
-                Ok(Tensor::from_vec(y, out_dims, x.device())?)
-            }
+        let (rows, cols, matmul): (usize, usize, &dyn Fn(&[f32], usize) -> Vec<f32>) = match self {
+            Linear::Candle(m) => return Ok(m.forward(x)?),
+            Linear::Q4_1(w, k) => (w.rows(), w.cols(), &|xs, m| w.matmul(xs, m, *k)),
+            Linear::Q8_0(w, k) => (w.rows(), w.cols(), &|xs, m| w.matmul(xs, m, *k)),
+        };
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        if k != cols {
+            return Err(Error::Shape(format!(
+                "input of width {k} into a quantized projection of {cols} columns"
+            )));
         }
+        let m = x.elem_count() / k.max(1);
+        if m > GEMV_ROWS {
+            // Prefill: dequantize once (a few % of the GEMM's time), then f32.
+            return Ok(QMatMul::Tensor(self.dense(x.device())?).forward(x)?);
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let y = matmul(&xs, m);
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = rows;
+        }
+        Ok(Tensor::from_vec(y, out_dims, x.device())?)
     }
 
     fn dense(&self, device: &Device) -> Result<Tensor> {
@@ -265,27 +278,89 @@ impl Linear {
             Linear::Candle(QMatMul::Tensor(t)) => t.clone(),
             Linear::Candle(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
             Linear::Q4_1(w, _) => Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), device)?,
+            Linear::Q8_0(w, _) => Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), device)?,
         })
+    }
+}
+
+/// Projections that read the same input (q, k, v; gate, up): separate, or
+/// stacked into one Q4_1 matrix so a decode step runs one product instead
+/// of three, each output row computed exactly as it would be alone.
+#[derive(Debug, Clone)]
+enum Group {
+    Split(Vec<Linear>),
+    Stacked(Linear, Vec<usize>),
+}
+
+impl Group {
+    fn new(parts: Vec<Linear>) -> Self {
+        let q41: Vec<&Q4_1Matrix> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Linear::Q4_1(w, _) => Some(w.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if q41.len() == parts.len() {
+            if let Some(w) = Q4_1Matrix::stack(&q41) {
+                let rows = q41.iter().map(|p| p.rows()).collect();
+                return Group::Stacked(Linear::Q4_1(Arc::new(w), Kernel::detect()), rows);
+            }
+        }
+        Group::Split(parts)
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Group::Split(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Group::Stacked(w, rows) => {
+                let y = w.forward(x)?;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(rows.len());
+                for &r in rows {
+                    out.push(y.narrow(candle_core::D::Minus1, start, r)?);
+                    start += r;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Each projection as f32, in order.
+    fn dense(&self, device: &Device) -> Result<Vec<Tensor>> {
+        match self {
+            Group::Split(parts) => parts.iter().map(|p| p.dense(device)).collect(),
+            Group::Stacked(w, rows) => {
+                let all = w.dense(device)?;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(rows.len());
+                for &r in rows {
+                    out.push(all.narrow(0, start, r)?.contiguous()?);
+                    start += r;
+                }
+                Ok(out)
+            }
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k, v.
+    qkv: Group,
     o: Linear,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate, up.
+    gate_up: Group,
     down: Linear,
 }
 
 /// Token embeddings: quantized rows looked up one by one, or an f32 table.
 #[derive(Debug, Clone)]
 enum Embedding {
-    Quantized(std::sync::Arc<QTensor>),
+    Quantized(Arc<QTensor>),
+    Q8_0(Arc<Q8_0Matrix>),
     F32(Tensor),
 }
 
@@ -295,7 +370,7 @@ pub struct Llama {
     embed: Embedding,
     blocks: Vec<Block>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -325,36 +400,94 @@ impl Cache {
     }
 }
 
-fn linear(t: QTensor, precision: Precision) -> Result<Linear> {
+/// One projection from the file: Q4_1 and Q8_0 straight from their bytes
+/// onto clasp's kernels (CPU, quantized), anything else through candle.
+fn linear(
+    g: &mut GgufFile,
+    name: &str,
+    shape: &[usize],
+    precision: Precision,
+    device: &Device,
+) -> Result<Linear> {
+    let Some(dtype) = g.tensor_type(name) else {
+        return Err(g.error(format!("missing tensor `{name}`")));
+    };
+    let own_kernel = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0);
+    if precision == Precision::Quantized && device.is_cpu() && own_kernel {
+        let (_, dims, bytes) = g.raw(name)?;
+        check_shape(g, name, &dims, shape)?;
+        let bad = |e: String| g.error(format!("tensor `{name}`: {e}"));
+        return Ok(match dtype {
+            GgmlDType::Q4_1 => Linear::Q4_1(
+                Arc::new(Q4_1Matrix::from_ggml(&bytes, shape[0], shape[1]).map_err(bad)?),
+                Kernel::detect(),
+            ),
+            _ => Linear::Q8_0(
+                Arc::new(Q8_0Matrix::from_ggml(&bytes, shape[0], shape[1]).map_err(bad)?),
+                Kernel::detect(),
+            ),
+        });
+    }
+    let t = g.tensor(name, device)?;
+    check_shape(g, name, t.shape().dims(), shape)?;
     Ok(match precision {
-        Precision::Quantized if t.dtype() == GgmlDType::Q4_1 && t.device().is_cpu() => {
-            let (rows, cols) = t.shape().dims2()?;
-            let w = Q4_1Matrix::from_ggml(&t.data()?, rows, cols).map_err(Error::Generate)?;
-            Linear::Q4_1(std::sync::Arc::new(w), Kernel::detect())
-        }
         Precision::Quantized => Linear::Candle(QMatMul::from_qtensor(t)?),
-        Precision::F32 => Linear::Candle(QMatMul::Tensor(t.dequantize(&t.device())?)),
+        Precision::F32 => Linear::Candle(QMatMul::Tensor(t.dequantize(device)?)),
+    })
+}
+
+fn load_embedding(
+    g: &mut GgufFile,
+    cfg: &LlamaConfig,
+    precision: Precision,
+    device: &Device,
+) -> Result<Embedding> {
+    let name = "token_embd.weight";
+    let shape = [cfg.vocab_size, cfg.hidden_size];
+    if precision == Precision::Quantized
+        && device.is_cpu()
+        && g.tensor_type(name) == Some(GgmlDType::Q8_0)
+    {
+        let (_, dims, bytes) = g.raw(name)?;
+        check_shape(g, name, &dims, &shape)?;
+        let m = Q8_0Matrix::from_ggml(&bytes, shape[0], shape[1])
+            .map_err(|e| g.error(format!("tensor `{name}`: {e}")))?;
+        return Ok(Embedding::Q8_0(Arc::new(m)));
+    }
+    let t = g.tensor(name, device)?;
+    check_shape(g, name, t.shape().dims(), &shape)?;
+    Ok(match precision {
+        Precision::F32 => Embedding::F32(t.dequantize(device)?),
+        Precision::Quantized => Embedding::Quantized(Arc::new(t)),
     })
 }
 
 impl Llama {
     /// Builds the model from an open GGUF file.
-    pub fn from_gguf(g: &mut GgufFile, precision: Precision, device: &Device) -> Result<Self> {
-        let cfg = LlamaConfig::from_gguf(g)?;
+    /// `cfg` is `LlamaConfig::from_gguf` of the same file, read before (the
+    /// metadata may have been dropped since, see `GgufFile::forget_metadata`).
+    pub fn from_gguf(
+        g: &mut GgufFile,
+        cfg: LlamaConfig,
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Self> {
         let dense = |g: &mut GgufFile, name: &str| -> Result<Tensor> {
             Ok(g.tensor(name, device)?.dequantize(device)?)
         };
-        let embed_q = g.tensor("token_embd.weight", device)?;
-        check_shape(g, "token_embd.weight", embed_q.shape().dims(), &[cfg.vocab_size, cfg.hidden_size])?;
+        let embed = load_embedding(g, &cfg, precision, device)?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         let kv = cfg.num_kv_heads * cfg.head_dim;
         let qd = cfg.num_heads * cfg.head_dim;
         for i in 0..cfg.num_layers {
             let mut lin = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
-                let full = format!("blk.{i}.{name}.weight");
-                let t = g.tensor(&full, device)?;
-                check_shape(g, &full, t.shape().dims(), &[rows, cols])?;
-                linear(t, precision)
+                linear(
+                    g,
+                    &format!("blk.{i}.{name}.weight"),
+                    &[rows, cols],
+                    precision,
+                    device,
+                )
             };
             let q = lin("attn_q", qd, cfg.hidden_size)?;
             let k = lin("attn_k", kv, cfg.hidden_size)?;
@@ -365,35 +498,22 @@ impl Llama {
             let down = lin("ffn_down", cfg.hidden_size, cfg.intermediate_size)?;
             blocks.push(Block {
                 attn_norm: dense(g, &format!("blk.{i}.attn_norm.weight"))?,
-                q,
-                k,
-                v,
+                qkv: Group::new(vec![q, k, v]),
                 o,
                 ffn_norm: dense(g, &format!("blk.{i}.ffn_norm.weight"))?,
-                gate,
-                up,
+                gate_up: Group::new(vec![gate, up]),
                 down,
             });
         }
         let norm = dense(g, "output_norm.weight")?;
-        let embed_q = std::sync::Arc::new(embed_q);
-        let (embed, lm_head) = match (precision, cfg.tie_word_embeddings) {
-            (Precision::F32, true) => {
-                let w = embed_q.dequantize(device)?;
-                (Embedding::F32(w.clone()), QMatMul::Tensor(w))
+        let lm_head = match (&embed, cfg.tie_word_embeddings) {
+            (Embedding::F32(w), true) => Linear::Candle(QMatMul::Tensor(w.clone())),
+            (Embedding::Q8_0(w), true) => Linear::Q8_0(w.clone(), Kernel::detect()),
+            (Embedding::Quantized(q), true) => Linear::Candle(QMatMul::from_arc(q.clone())?),
+            (_, false) => {
+                let shape = [cfg.vocab_size, cfg.hidden_size];
+                linear(g, "output.weight", &shape, precision, device)?
             }
-            (Precision::F32, false) => (
-                Embedding::F32(embed_q.dequantize(device)?),
-                QMatMul::Tensor(dense(g, "output.weight")?),
-            ),
-            (Precision::Quantized, true) => (
-                Embedding::Quantized(embed_q.clone()),
-                QMatMul::from_arc(embed_q)?,
-            ),
-            (Precision::Quantized, false) => (
-                Embedding::Quantized(embed_q),
-                QMatMul::from_qtensor(g.tensor("output.weight", device)?)?,
-            ),
         };
         Self::assemble(cfg, embed, blocks, norm, lm_head, device)
     }
@@ -406,7 +526,9 @@ impl Llama {
         let qd = cfg.num_heads * cfg.head_dim;
         let h = cfg.hidden_size;
         let lin = |vb: VarBuilder, rows: usize, cols: usize| -> Result<Linear> {
-            Ok(Linear::Candle(QMatMul::Tensor(vb.get((rows, cols), "weight")?)))
+            Ok(Linear::Candle(QMatMul::Tensor(
+                vb.get((rows, cols), "weight")?,
+            )))
         };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -415,13 +537,17 @@ impl Llama {
             let f = l.pp("mlp");
             blocks.push(Block {
                 attn_norm: l.pp("input_layernorm").get(h, "weight")?,
-                q: lin(a.pp("q_proj"), qd, h)?,
-                k: lin(a.pp("k_proj"), kv, h)?,
-                v: lin(a.pp("v_proj"), kv, h)?,
+                qkv: Group::Split(vec![
+                    lin(a.pp("q_proj"), qd, h)?,
+                    lin(a.pp("k_proj"), kv, h)?,
+                    lin(a.pp("v_proj"), kv, h)?,
+                ]),
                 o: lin(a.pp("o_proj"), h, qd)?,
                 ffn_norm: l.pp("post_attention_layernorm").get(h, "weight")?,
-                gate: lin(f.pp("gate_proj"), cfg.intermediate_size, h)?,
-                up: lin(f.pp("up_proj"), cfg.intermediate_size, h)?,
+                gate_up: Group::Split(vec![
+                    lin(f.pp("gate_proj"), cfg.intermediate_size, h)?,
+                    lin(f.pp("up_proj"), cfg.intermediate_size, h)?,
+                ]),
                 down: lin(f.pp("down_proj"), h, cfg.intermediate_size)?,
             });
         }
@@ -437,7 +563,7 @@ impl Llama {
             Embedding::F32(embed),
             blocks,
             norm,
-            QMatMul::Tensor(lm_head),
+            Linear::Candle(QMatMul::Tensor(lm_head)),
             &device,
         )
     }
@@ -447,7 +573,7 @@ impl Llama {
         embed: Embedding,
         blocks: Vec<Block>,
         norm: Tensor,
-        lm_head: QMatMul,
+        lm_head: Linear,
         device: &Device,
     ) -> Result<Self> {
         let (cos, sin) = rope_tables(&cfg, device)?;
@@ -487,6 +613,20 @@ impl Llama {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match &self.embed {
             Embedding::Quantized(q) => q.embedding(ids)?,
+            Embedding::Q8_0(w) => {
+                let (b, t) = ids.dims2()?;
+                let mut rows = Vec::with_capacity(b * t * self.cfg.hidden_size);
+                for id in ids.flatten_all()?.to_vec1::<u32>()? {
+                    if id as usize >= w.rows() {
+                        return Err(Error::Generate(format!(
+                            "token id {id} is outside the vocabulary of {}",
+                            w.rows()
+                        )));
+                    }
+                    rows.extend(w.dequantize_row(id as usize));
+                }
+                Tensor::from_vec(rows, (b, t, self.cfg.hidden_size), &self.device)?
+            }
             Embedding::F32(w) => {
                 let (b, t) = ids.dims2()?;
                 w.index_select(&ids.flatten_all()?, 0)?
@@ -520,12 +660,27 @@ impl Llama {
         } else {
             None
         };
-        let mut x = x.clone();
-        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = self.block(block, &x, kv, &cos, &sin, mask.as_ref())?;
-        }
+        // The layers run on a rayon worker thread: a parallel loop started
+        // from outside the pool hands its work over and sleeps on a latch
+        // (a futex wake and wait each way), and a decode step starts about
+        // 200 of them; inside the pool they are cheap work-stealing joins.
+        let layers = &mut cache.layers;
+        let (x, ()) = rayon::join(
+            || -> Result<Tensor> {
+                let mut x = x.clone();
+                for (block, kv) in self.blocks.iter().zip(layers.iter_mut()) {
+                    x = self.block(block, &x, kv, &cos, &sin, mask.as_ref())?;
+                }
+                Ok(candle_nn::ops::rms_norm(
+                    &x,
+                    &self.norm,
+                    self.cfg.rms_norm_eps as f32,
+                )?)
+            },
+            || (),
+        );
         cache.len = total;
-        Ok(candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?)
+        x
     }
 
     /// Logits `[b, t, vocab]` from final hidden states.
@@ -554,8 +709,9 @@ impl Llama {
         let h = candle_nn::ops::rms_norm(x, &b.attn_norm, eps)?;
         let x = (x + self.attention(b, &h, kv, cos, sin, mask)?)?;
         let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
-        let gate = candle_nn::ops::silu(&b.gate.forward(&h)?)?;
-        let mlp = b.down.forward(&(gate * b.up.forward(&h)?)?)?;
+        let gu = b.gate_up.forward(&h)?;
+        let gate = candle_nn::ops::silu(&gu[0])?;
+        let mlp = b.down.forward(&(gate * &gu[1])?)?;
         Ok((x + mlp)?)
     }
 
@@ -571,24 +727,13 @@ impl Llama {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let hd = c.head_dim;
-        let q = blk
-            .q
-            .forward(x)?
-            .reshape((b, t, c.num_heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = blk
-            .k
-            .forward(x)?
-            .reshape((b, t, c.num_kv_heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = blk
-            .v
-            .forward(x)?
-            .reshape((b, t, c.num_kv_heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let qkv = blk.qkv.forward(x)?;
+        let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(&qkv[0], c.num_heads)?;
+        let k = heads(&qkv[1], c.num_kv_heads)?;
+        let v = heads(&qkv[2], c.num_kv_heads)?;
         let (q, k) = match c.rope_layout {
             RopeLayout::Interleaved => (
                 candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
@@ -680,26 +825,36 @@ impl Llama {
         let mut out = Vec::new();
         let embed = match &self.embed {
             Embedding::Quantized(q) => q.dequantize(&self.device)?,
+            Embedding::Q8_0(w) => {
+                Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), &self.device)?
+            }
             Embedding::F32(w) => w.clone(),
         };
         out.push(("model.embed_tokens.weight".to_string(), embed));
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), b.attn_norm.clone()));
-            out.push((format!("{p}.post_attention_layernorm.weight"), b.ffn_norm.clone()));
-            out.push((format!("{p}.self_attn.q_proj.weight"), unpermute(dense(&b.q)?, c.num_heads)?));
-            out.push((format!("{p}.self_attn.k_proj.weight"), unpermute(dense(&b.k)?, c.num_kv_heads)?));
-            out.push((format!("{p}.self_attn.v_proj.weight"), dense(&b.v)?));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                b.ffn_norm.clone(),
+            ));
+            let qkv = b.qkv.dense(&self.device)?;
+            let q = unpermute(qkv[0].clone(), c.num_heads)?;
+            out.push((format!("{p}.self_attn.q_proj.weight"), q));
+            let k = unpermute(qkv[1].clone(), c.num_kv_heads)?;
+            out.push((format!("{p}.self_attn.k_proj.weight"), k));
+            out.push((format!("{p}.self_attn.v_proj.weight"), qkv[2].clone()));
             out.push((format!("{p}.self_attn.o_proj.weight"), dense(&b.o)?));
-            out.push((format!("{p}.mlp.gate_proj.weight"), dense(&b.gate)?));
-            out.push((format!("{p}.mlp.up_proj.weight"), dense(&b.up)?));
+            let gu = b.gate_up.dense(&self.device)?;
+            out.push((format!("{p}.mlp.gate_proj.weight"), gu[0].clone()));
+            out.push((format!("{p}.mlp.up_proj.weight"), gu[1].clone()));
             out.push((format!("{p}.mlp.down_proj.weight"), dense(&b.down)?));
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         if !c.tie_word_embeddings {
             out.push((
                 "lm_head.weight".to_string(),
-                Linear::Candle(self.lm_head.clone()).dense(&self.device)?,
+                self.lm_head.dense(&self.device)?,
             ));
         }
         Ok(out)
@@ -739,9 +894,10 @@ impl Llama {
 
     /// The storage type of the projections (for reports).
     pub fn weight_type(&self) -> Option<GgmlDType> {
-        match &self.blocks.first()?.q {
+        match &self.blocks.first()?.o {
             Linear::Candle(QMatMul::QTensor(q)) => Some(q.dtype()),
             Linear::Q4_1(..) => Some(GgmlDType::Q4_1),
+            Linear::Q8_0(..) => Some(GgmlDType::Q8_0),
             _ => Some(GgmlDType::F32),
         }
     }

@@ -14,7 +14,7 @@
 pub mod generate;
 pub mod gguf;
 pub mod llama;
-pub mod q4_1;
+pub mod quant;
 pub mod sampling;
 pub mod tokenizer;
 
@@ -51,7 +51,10 @@ pub enum LlmSource {
 /// one, or a folder whose config.json says `llama`.
 pub fn resolve(path: &Path) -> Result<LlmSource> {
     if path.is_file() {
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
             return Ok(LlmSource::Gguf(path.to_path_buf()));
         }
         // Any other file is tried as GGUF, so a wrong one gets the magic-number error.
@@ -66,7 +69,10 @@ pub fn resolve(path: &Path) -> Result<LlmSource> {
     let mut ggufs: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        })
         .collect();
     ggufs.sort();
     match ggufs.len() {
@@ -104,7 +110,11 @@ pub fn is_language_model(path: &Path) -> bool {
         Ok(LlmSource::HfDir(d)) => std::fs::read_to_string(d.join("config.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("model_type").and_then(|m| m.as_str()).map(|m| m == "llama"))
+            .and_then(|v| {
+                v.get("model_type")
+                    .and_then(|m| m.as_str())
+                    .map(|m| m == "llama")
+            })
             .unwrap_or(false),
         Err(_) => false,
     }
@@ -119,9 +129,10 @@ impl LanguageModel {
             LlmSource::Gguf(p) => {
                 let mut g = GgufFile::open(&p)?;
                 // The architecture first: a model clasp cannot run is named as such.
-                LlamaConfig::from_gguf(&g)?;
+                let cfg = LlamaConfig::from_gguf(&g)?;
                 let tokenizer = LlmTokenizer::from_gguf(&g)?;
-                let model = Llama::from_gguf(&mut g, precision, device)?;
+                g.forget_metadata();
+                let model = Llama::from_gguf(&mut g, cfg, precision, device)?;
                 Ok(Self {
                     model,
                     tokenizer,
@@ -184,7 +195,9 @@ impl LanguageModel {
             let tensors = self.model.hf_tensors()?;
             let w = tmp.join("model.safetensors");
             candle_core::safetensors::save(
-                &tensors.into_iter().collect::<std::collections::HashMap<_, _>>(),
+                &tensors
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
                 &w,
             )
             .map_err(|e| Error::Weights {

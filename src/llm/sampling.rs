@@ -40,7 +40,10 @@ impl SamplingParams {
     /// Checks the ranges, naming the parameter at fault.
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -197,8 +200,18 @@ mod tests {
     fn top_k_one_and_tiny_top_p_are_greedy() {
         let logits = [0.5, 2.0, 1.9, -3.0];
         for p in [
-            SamplingParams { temperature: 1.0, top_k: 1, seed: 3, ..Default::default() },
-            SamplingParams { temperature: 1.0, top_p: 1e-6, seed: 4, ..Default::default() },
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 1,
+                seed: 3,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 1e-6,
+                seed: 4,
+                ..Default::default()
+            },
         ] {
             let mut s = Sampler::new(p);
             for _ in 0..50 {
@@ -210,7 +223,11 @@ mod tests {
     #[test]
     fn sampling_follows_the_softmax_and_is_seeded() {
         let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
-        let p = SamplingParams { temperature: 1.0, seed: 11, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 11,
+            ..Default::default()
+        };
         let mut s = Sampler::new(p.clone());
         let n = 20_000;
         let draws: Vec<u32> = (0..n).map(|_| s.sample(&logits, &[])).collect();
@@ -221,7 +238,12 @@ mod tests {
         let second: Vec<u32> = (0..n).map(|_| again.sample(&logits, &[])).collect();
         assert_eq!(draws, second);
         // top_p 0.7 keeps only token 1 (0.75 >= 0.7).
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.7, seed: 1, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.7,
+            seed: 1,
+            ..Default::default()
+        });
         assert!((0..500).all(|_| s.sample(&logits, &[]) == 1));
     }
 

@@ -217,7 +217,10 @@ impl LlmTokenizer {
         };
         let token_id = |key: &str| {
             cfg.get(key)
-                .and_then(|v| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())))
+                .and_then(|v| {
+                    v.as_str()
+                        .or_else(|| v.get("content").and_then(|c| c.as_str()))
+                })
                 .and_then(|t| inner.token_to_id(t))
         };
         let chat_template = cfg
@@ -326,7 +329,11 @@ impl LlmTokenizer {
 
     /// Token ids of the rendered chat; the template writes its own special
     /// tokens, so none are added.
-    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         self.encode(&self.render_chat(messages, add_generation_prompt)?, false)
     }
 }
@@ -388,9 +395,15 @@ mod tests {
         let out = render_template(t, &[Message::new("user", "  hi ")], true, None, None).unwrap();
         // lstrip_blocks strips before block tags only, as Jinja2 does.
         assert_eq!(out, "  USER: hi\nA:");
-        let e = render_template("{{ raise_exception('no system role') }}", &[], false, None, None)
-            .unwrap_err()
-            .to_string();
+        let e = render_template(
+            "{{ raise_exception('no system role') }}",
+            &[],
+            false,
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("no system role"), "{e}");
     }
 }

@@ -77,9 +77,27 @@ fn threads() -> Parallelism {
 
 /// `dst[n, out] (+)= x[n, in] W^T + b`. With `accumulate`, dst keeps its
 /// contents (the residual) and the bias and product are added to it.
-pub fn linear_into(x: &[f32], n: usize, l: &LinearRef, dst: &mut [f32], accumulate: bool) {
-    debug_assert_eq!(x.len(), n * l.inp);
-    debug_assert_eq!(dst.len(), n * l.out);
+///
+/// Panics when a slice's length does not match the shapes: the GEMM below
+/// reads and writes through raw pointers sized from them.
+pub(crate) fn linear_into(x: &[f32], n: usize, l: &LinearRef, dst: &mut [f32], accumulate: bool) {
+    assert_eq!(x.len(), n * l.inp, "linear_into: x is not [{n}, {}]", l.inp);
+    assert_eq!(
+        dst.len(),
+        n * l.out,
+        "linear_into: dst is not [{n}, {}]",
+        l.out
+    );
+    assert_eq!(
+        l.w.len(),
+        l.out * l.inp,
+        "linear_into: w is not [{}, {}]",
+        l.out,
+        l.inp
+    );
+    if let Some(b) = l.b {
+        assert_eq!(b.len(), l.out, "linear_into: bias is not [{}]", l.out);
+    }
     let out = l.out;
     let read_dst = accumulate || l.b.is_some();
     if let Some(b) = l.b {
@@ -105,8 +123,10 @@ fn sgemm_xwt(
     dst: &mut [f32],
     read_dst: bool,
 ) {
-    // SAFETY: the pointers cover n*k, out*k and n*out elements with the
-    // strides given (row-major x and dst; W read transposed through strides).
+    assert!(x.len() >= n * k && w.len() >= out * k && dst.len() >= n * out);
+    // SAFETY: the assert above: the pointers cover n*k, out*k and n*out
+    // elements with the strides given (row-major x and dst; W read
+    // transposed through strides).
     unsafe {
         gemm::gemm(
             n,
@@ -403,7 +423,12 @@ pub fn uniform_segments(n: usize, t: usize) -> Vec<(usize, usize)> {
 /// `segments` are (first row, length) of each sequence: attention never
 /// crosses them, so sequences of different lengths can be packed without
 /// padding.
-pub fn attention(
+///
+/// Panics unless `heads` divides `c`, `qkv` is whole rows of 3C, `ctx` has
+/// as many rows of C, and the segments are in order, disjoint and inside
+/// them: the products below use raw pointers, and each (segment, head)
+/// task writes its own block of `ctx`.
+pub(crate) fn attention(
     qkv: &[f32],
     ctx: &mut [f32],
     segments: &[(usize, usize)],
@@ -411,6 +436,25 @@ pub fn attention(
     c: usize,
     mask: Mask,
 ) {
+    assert!(
+        heads > 0 && c > 0 && c % heads == 0,
+        "attention: {heads} heads into width {c}"
+    );
+    assert_eq!(
+        qkv.len() % (3 * c),
+        0,
+        "attention: qkv is not rows of 3 x {c}"
+    );
+    let rows = qkv.len() / (3 * c);
+    assert_eq!(ctx.len(), rows * c, "attention: ctx is not [{rows}, {c}]");
+    let mut end = 0;
+    for &(start, t) in segments {
+        assert!(
+            start >= end && start + t <= rows,
+            "attention: segment ({start}, {t}) overlaps or passes {rows} rows"
+        );
+        end = start + t;
+    }
     let d = c / heads;
     let scale = 1.0 / (d as f32).sqrt();
     let longest = segments.iter().map(|s| s.1).max().unwrap_or(0);
@@ -452,6 +496,8 @@ pub fn attention(
                 );
             }
             softmax_rows(scores, t, start, mask);
+            // SAFETY: as above; segments are disjoint (asserted), so this
+            // (segment, head) block of ctx is written by this task alone.
             unsafe {
                 let dst = ctx_ptr.get().add(start * c + h * d);
                 gemm::gemm(

@@ -451,6 +451,12 @@ struct AttentionOp {
 }
 
 /// `dst (t x n, strides rs/cs) = beta * lhs (t x k) * rhs (k x n)`, one thread.
+///
+/// # Safety
+/// Each pointer with its (row stride, column stride) must address valid,
+/// initialised f32s for every element of its matrix: m x n for `dst`, m x k
+/// for `lhs`, k x n for `rhs`; `dst` must not overlap the operands and no
+/// other thread may touch its elements during the call.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm1(
     (m, n, k): (usize, usize, usize),

@@ -5,7 +5,7 @@
 //! The architectures are clasp's own rather than candle-transformers': its CLIP
 //! keeps `logit_scale` as a constant (so it cannot be trained), does not expose
 //! the pieces that training and inspection need, and measured at 0.6x PyTorch's
-//! CPU throughput here (see ../shared/STACK-NOTES.md).
+//! CPU throughput on the 2-core development machine.
 
 pub mod chinese_clip;
 pub mod clip;
@@ -41,9 +41,48 @@ pub fn grad_mode() -> bool {
     GRAD_MODE.with(|g| g.get())
 }
 
-/// Turns grad mode on or off for this thread; returns the previous value.
-pub fn set_grad_mode(on: bool) -> bool {
-    GRAD_MODE.with(|g| g.replace(on))
+/// Turns grad mode on or off for this thread until the guard drops, which
+/// restores the previous mode, also when the code in between panics or
+/// returns early.
+#[must_use = "grad mode reverts when the guard drops"]
+pub fn grad_mode_guard(on: bool) -> GradModeGuard {
+    GradModeGuard {
+        prev: GRAD_MODE.with(|g| g.replace(on)),
+    }
+}
+
+/// Restores the thread's previous grad mode on drop (see [`grad_mode_guard`]).
+pub struct GradModeGuard {
+    prev: bool,
+}
+
+impl Drop for GradModeGuard {
+    fn drop(&mut self) {
+        GRAD_MODE.with(|g| g.set(self.prev));
+    }
+}
+
+#[cfg(test)]
+mod grad_mode_tests {
+    use super::*;
+
+    #[test]
+    fn the_guard_restores_the_mode_after_a_panic() {
+        assert!(!grad_mode());
+        let r = std::panic::catch_unwind(|| {
+            let _g = grad_mode_guard(true);
+            assert!(grad_mode());
+            panic!("inside a step");
+        });
+        assert!(r.is_err());
+        assert!(!grad_mode());
+        {
+            let _on = grad_mode_guard(true);
+            let _off = grad_mode_guard(false);
+            assert!(!grad_mode());
+        }
+        assert!(!grad_mode());
+    }
 }
 
 /// A loaded dual encoder of any supported architecture.

@@ -48,6 +48,39 @@ pub struct ImageProcessorConfig {
     pub std: [f64; 3],
 }
 
+impl ImageProcessorConfig {
+    /// A stable byte encoding of every field, for cache keys: explicit,
+    /// little-endian, with a version tag, so it never depends on `Debug`
+    /// output. Bump the version when a field is added; old keys then miss.
+    pub fn key_bytes(&self) -> Vec<u8> {
+        let mut v = b"clasp-image-processor-v1\0".to_vec();
+        let flag = |v: &mut Vec<u8>, b: bool| v.push(b as u8);
+        flag(&mut v, self.do_convert_rgb);
+        flag(&mut v, self.do_resize);
+        match self.resize {
+            ResizeTo::ShortestEdge(e) => {
+                v.push(0);
+                v.extend_from_slice(&e.to_le_bytes());
+            }
+            ResizeTo::Exact { height, width } => {
+                v.push(1);
+                v.extend_from_slice(&height.to_le_bytes());
+                v.extend_from_slice(&width.to_le_bytes());
+            }
+        }
+        flag(&mut v, self.do_center_crop);
+        v.extend_from_slice(&self.crop.0.to_le_bytes());
+        v.extend_from_slice(&self.crop.1.to_le_bytes());
+        flag(&mut v, self.do_rescale);
+        v.extend_from_slice(&self.rescale_factor.to_le_bytes());
+        flag(&mut v, self.do_normalize);
+        for x in self.mean.iter().chain(&self.std) {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum SizeJson {

@@ -1,300 +1,20 @@
-//! HTTP endpoints. Bodies are read and parsed by hand (not by axum's `Json`
-//! extractor) so every malformed field gets a 400 that names it, and body
-//! reading counts against the request timeout.
+//! The HTTP handlers. Bodies are read and parsed by hand (`body`), not by
+//! axum's `Json` extractor, so every malformed field gets a 400 that names it,
+//! and body reading counts against the request timeout (`error::guarded`).
 
-use std::io::Cursor;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use serde_json::{json, Value};
 
-use super::batcher::{Batcher, Item};
-use super::metrics::Metrics;
+use super::batcher::Item;
+use super::body::{b64_images, check_items, images_to_items, parse_json, read_body, strings};
+use super::error::{guarded, ApiError};
+pub use super::state::{AppState, Limits, Shared};
 use crate::index::{self, engine, query, search, Catalog};
-use crate::preprocess::image::decode_image;
 use crate::preprocess::prompts;
-use crate::Encoder;
-
-#[derive(Clone, Debug)]
-pub struct Limits {
-    pub max_body_bytes: usize,
-    pub max_items: usize,
-    pub max_pixels: u64,
-    pub request_timeout: Duration,
-}
-
-pub struct AppState {
-    pub encoder: Arc<Encoder>,
-    pub model_name: String,
-    pub batcher: Batcher,
-    pub metrics: Arc<Metrics>,
-    pub limits: Limits,
-    pub store: Option<PathBuf>,
-    pub store_model: Option<i64>,
-}
-
-pub type Shared = Arc<AppState>;
-
-/// An error answer: `{"error": {"message", "type", "param"}}`, OpenAI's shape.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub class: &'static str,
-    pub message: String,
-    pub param: Option<String>,
-    pub retry_after: Option<u64>,
-}
-
-impl ApiError {
-    pub fn bad(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            class: "bad_request",
-            message: message.into(),
-            param: Some(param.into()),
-            retry_after: None,
-        }
-    }
-    fn new(status: StatusCode, class: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            class,
-            message: message.into(),
-            param: None,
-            retry_after: None,
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body =
-            json!({"error": {"message": self.message, "type": self.class, "param": self.param}});
-        let mut r = (self.status, axum::Json(body)).into_response();
-        if let Some(s) = self.retry_after {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        r
-    }
-}
-
-type ApiResult = Result<Response, ApiError>;
-
-/// Runs an endpoint under the request timeout, and records its latency,
-/// status and error class.
-async fn guarded<F>(st: &Shared, endpoint: &'static str, fut: F) -> Response
-where
-    F: std::future::Future<Output = ApiResult>,
-{
-    let t = Instant::now();
-    let r = match tokio::time::timeout(st.limits.request_timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "timeout",
-            format!(
-                "request took longer than {} ms",
-                st.limits.request_timeout.as_millis()
-            ),
-        )),
-    };
-    let resp = match r {
-        Ok(r) => r,
-        Err(e) => {
-            st.metrics.errors.with_label_values(&[e.class]).inc();
-            e.into_response()
-        }
-    };
-    st.metrics
-        .request_seconds
-        .with_label_values(&[endpoint])
-        .observe(t.elapsed().as_secs_f64());
-    st.metrics
-        .requests
-        .with_label_values(&[endpoint, resp.status().as_str()])
-        .inc();
-    resp
-}
-
-/// Reads a request body, up to the body limit.
-///
-/// Over the limit, the rest of the body is read and thrown away (at most
-/// another limit's worth, for at most [`DRAIN_TIME`]) before the 413 goes out.
-/// Most clients write their whole body before they read the answer; closing
-/// the connection under them turns the 413 into a broken pipe, and they never
-/// learn why. This is nginx's lingering close, bounded so a huge upload still
-/// cannot hold the server. axum's `to_bytes` stops at the limit and drops the
-/// body, so it cannot do this.
-async fn read_body(st: &Shared, mut body: Body) -> Result<Bytes, ApiError> {
-    use axum::body::HttpBody;
-    let limit = st.limits.max_body_bytes;
-    let mut buf = Vec::new();
-    let mut seen = 0usize;
-    let mut drain_until: Option<tokio::time::Instant> = None;
-    loop {
-        let next = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx));
-        let frame = match drain_until {
-            None => next.await,
-            Some(t) => match tokio::time::timeout_at(t, next).await {
-                Ok(f) => f,
-                Err(_) => break,
-            },
-        };
-        let data = match frame {
-            None => break,
-            Some(Err(_)) if drain_until.is_some() => break,
-            Some(Err(e)) => {
-                return Err(ApiError::bad(
-                    "body",
-                    format!("cannot read the request body: {e}"),
-                ))
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(d) => d,
-                Err(_) => continue, // trailers
-            },
-        };
-        seen += data.len();
-        if drain_until.is_some() {
-            if seen > limit.saturating_mul(2) {
-                break;
-            }
-        } else if seen > limit {
-            drain_until = Some(tokio::time::Instant::now() + DRAIN_TIME);
-            buf = Vec::new();
-        } else {
-            buf.extend_from_slice(&data);
-        }
-    }
-    if drain_until.is_some() {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body is over the limit of {limit} bytes"),
-        ));
-    }
-    Ok(Bytes::from(buf))
-}
-
-/// How long an over-limit body is drained before the 413 goes out anyway.
-const DRAIN_TIME: Duration = Duration::from_secs(5);
-
-fn parse_json(bytes: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::bad("body", "the body must be a JSON object")),
-        Err(e) => Err(ApiError::bad("body", format!("malformed JSON: {e}"))),
-    }
-}
-
-fn strings(v: &Value, field: &str) -> Result<Vec<String>, ApiError> {
-    match v {
-        Value::String(s) => Ok(vec![s.clone()]),
-        Value::Array(a) => a
-            .iter()
-            .enumerate()
-            .map(|(i, x)| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| ApiError::bad(format!("{field}[{i}]"), "expected a string"))
-            })
-            .collect(),
-        _ => Err(ApiError::bad(
-            field,
-            "expected a string or an array of strings",
-        )),
-    }
-}
-
-fn check_items(st: &Shared, n: usize) -> Result<(), ApiError> {
-    if n > st.limits.max_items {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_items",
-            format!(
-                "{n} items in one request; the limit is {}",
-                st.limits.max_items
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Decodes and preprocesses images on blocking threads, refusing images
-/// above the pixel limit before they are decoded (decompression bombs).
-async fn images_to_items(
-    st: &Shared,
-    images: Vec<(String, Vec<u8>)>,
-) -> Result<Vec<Item>, ApiError> {
-    let st2 = st.clone();
-    tokio::task::spawn_blocking(move || {
-        use rayon::prelude::*;
-        images
-            .into_par_iter()
-            .map(|(field, bytes)| {
-                let dims = image::ImageReader::new(Cursor::new(&bytes))
-                    .with_guessed_format()
-                    .ok()
-                    .and_then(|r| r.into_dimensions().ok());
-                if let Some((w, h)) = dims {
-                    if w as u64 * h as u64 > st2.limits.max_pixels {
-                        return Err(ApiError {
-                            status: StatusCode::PAYLOAD_TOO_LARGE,
-                            class: "pixel_limit",
-                            message: format!(
-                                "image is {w}x{h}, over the limit of {} pixels",
-                                st2.limits.max_pixels
-                            ),
-                            param: Some(field),
-                            retry_after: None,
-                        });
-                    }
-                }
-                let img = decode_image(&bytes, std::path::Path::new(&field)).map_err(|e| {
-                    ApiError::bad(field.clone(), format!("not a decodable image: {e}"))
-                })?;
-                let px = st2
-                    .encoder
-                    .image_processor()
-                    .process(&img)
-                    .map_err(|e| ApiError::bad(field, e.to_string()))?;
-                Ok(Item::Image(px))
-            })
-            .collect()
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-}
-
-fn b64_images(v: &Value, field: &str) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
-    let arr = match v {
-        Value::Array(a) => a.clone(),
-        Value::String(_) => vec![v.clone()],
-        _ => return Err(ApiError::bad(field, "expected an array of base64 strings")),
-    };
-    arr.iter()
-        .enumerate()
-        .map(|(i, x)| {
-            let name = format!("{field}[{i}]");
-            let s = x
-                .as_str()
-                .ok_or_else(|| ApiError::bad(&name, "expected a base64 string"))?;
-            // Accept data URLs too.
-            let s = s.split_once(";base64,").map(|(_, b)| b).unwrap_or(s);
-            base64::engine::general_purpose::STANDARD
-                .decode(s.trim())
-                .map(|b| (name.clone(), b))
-                .map_err(|e| ApiError::bad(&name, format!("invalid base64: {e}")))
-        })
-        .collect()
-}
+use crate::vecmath::dot;
 
 async fn embed_items(st: &Shared, items: Vec<Item>) -> Result<Vec<Vec<f32>>, ApiError> {
     match st.batcher.embed(items).await {
@@ -427,10 +147,6 @@ fn softmax(row: &[f64]) -> Vec<f64> {
     e.iter().map(|x| x / z).collect()
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
-}
-
 /// `POST /v1/similarity`: `{"images": [...], "texts": [...]}` →
 /// `logits_per_image` (as CLIPModel) and per-image softmax over the texts.
 pub async fn similarity(State(st): State<Shared>, req: Request) -> Response {
@@ -471,7 +187,7 @@ pub async fn similarity(State(st): State<Shared>, req: Request) -> Response {
         let (tv, iv) = v.split_at(n_t);
         let logits: Vec<Vec<f64>> = iv
             .iter()
-            .map(|i| tv.iter().map(|t| scale * dot(i, t)).collect())
+            .map(|i| tv.iter().map(|t| scale * dot(i, t) as f64).collect())
             .collect();
         let probs: Vec<Vec<f64>> = logits.iter().map(|r| softmax(r)).collect();
         Ok(
@@ -519,7 +235,7 @@ pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
             .iter()
             .enumerate()
             .map(|(i, img)| {
-                let logits: Vec<f64> = classes.iter().map(|c| 100.0 * dot(img, c)).collect();
+                let logits: Vec<f64> = classes.iter().map(|c| 100.0 * dot(img, c) as f64).collect();
                 let p = softmax(&logits);
                 let best = (0..p.len()).fold(0, |b, j| if p[j] > p[b] { j } else { b });
                 let scores: serde_json::Map<String, Value> = labels

@@ -3,8 +3,11 @@
 
 pub mod api;
 pub mod batcher;
+mod body;
+mod error;
 pub mod metrics;
 pub mod openapi;
+pub mod state;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

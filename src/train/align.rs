@@ -256,8 +256,7 @@ impl Distill {
             Tensor::eye(student_dim, candle_core::DType::F32, dev)?
         } else {
             let bound = 1.0 / (student_dim as f64).sqrt();
-            let v =
-                crate::rng::Rng(seed ^ 0x0D15_7111).symmetric(teacher_dim * student_dim, bound);
+            let v = crate::rng::Rng(seed ^ 0x0D15_7111).symmetric(teacher_dim * student_dim, bound);
             Tensor::from_vec(v, (teacher_dim, student_dim), dev)?
         };
         Ok(Self {

@@ -17,6 +17,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::data::PairSet;
+use crate::vecmath::dot;
 use crate::{Error, Result};
 
 const COLOURS_EN: &[&str] = &[
@@ -230,10 +231,6 @@ impl MinedNegatives {
             a += 1;
         }
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]

@@ -40,16 +40,12 @@ pub struct TeacherInputs<'a> {
 
 /// The teacher's normalised features of the whole batch and its log scale.
 fn teacher_view(t: &TeacherInputs, pixels: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let prev = crate::model::set_grad_mode(false);
-    let r = (|| -> Result<(Tensor, Tensor, Tensor)> {
-        Ok((
-            l2_normalize(&t.model.image_features(pixels)?)?.detach(),
-            l2_normalize(&t.model.text_features(t.ids, t.mask)?)?.detach(),
-            t.model.logit_scale().detach(),
-        ))
-    })();
-    crate::model::set_grad_mode(prev);
-    r
+    let _mode = crate::model::grad_mode_guard(false);
+    Ok((
+        l2_normalize(&t.model.image_features(pixels)?)?.detach(),
+        l2_normalize(&t.model.text_features(t.ids, t.mask)?)?.detach(),
+        t.model.logit_scale().detach(),
+    ))
 }
 
 /// Frozen towers (LiT). A locked tower's output comes from the model given
@@ -74,10 +70,8 @@ fn pooled(
     let Some(frozen) = frozen else {
         return f(model);
     };
-    let prev = crate::model::set_grad_mode(false);
-    let r = f(frozen);
-    crate::model::set_grad_mode(prev);
-    Ok(r?.detach())
+    let _mode = crate::model::grad_mode_guard(false);
+    Ok(f(frozen)?.detach())
 }
 
 fn features(
@@ -114,10 +108,8 @@ pub fn contrastive_grads(
     vars: &[(String, Var)],
     accum: usize,
 ) -> Result<(f64, GradStore)> {
-    let prev = crate::model::set_grad_mode(true);
-    let r = run(model, objective, x, bias, vars, accum.max(1));
-    crate::model::set_grad_mode(prev);
-    r
+    let _mode = crate::model::grad_mode_guard(true);
+    run(model, objective, x, bias, vars, accum.max(1))
 }
 
 fn run(
