@@ -165,8 +165,17 @@ def main():
         lc = med.get(("llama.cpp Q4_1", b), {}).get("decode_tok_s")
         lc_ratio = f"{m['decode_tok_s'] / lc:.2f}" if lc else "—"
         print(f"| {name} | {b} | {m['prefill_tok_s']:.1f} | {m['decode_tok_s']:.1f} | {m['decode_tok_s'] / tf:.2f} | {lc_ratio} |")
-    print(f"\nPeak RSS of `clasp generate` (Q4_1, 128 new tokens): {rss:.0f} MiB; GGUF file {size:.0f} MiB "
-          f"({rss / size:.2f}x the file)")
+    # The KV cache clasp holds at the end: candle's KvCache grows in steps of
+    # 64 positions; f32 keys and values for every layer and KV head.
+    import gguf as gguf_reader
+    meta = gguf_reader.GGUFReader(model).fields
+    val = lambda k: int(meta[k].contents())
+    prompt_len = 38  # the chat-templated prompt below
+    slots = -(-(prompt_len + 128) // 64) * 64
+    kv = val("llama.block_count") * 2 * val("llama.attention.head_count_kv") * val("llama.rope.dimension_count") * 4 * slots / 2**20
+    budget = 1.5 * size + kv
+    print(f"\nPeak RSS of `clasp generate` (Q4_1, 128 new tokens): {rss:.0f} MiB; GGUF file {size:.1f} MiB; "
+          f"KV cache {kv:.1f} MiB; budget 1.5 x file + KV cache = {budget:.1f} MiB ({rss / budget:.2f} of it)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": {f"{k[0]} b{k[1]}": v for k, v in runs.items()}, "rss_mb": rss}, f, indent=1)

@@ -5,6 +5,7 @@
 //! Layout: `model/` (architectures and loading), `preprocess/` (images and
 //! text), and `encoder` (the loaded-once API the rest builds on).
 
+pub mod atomic;
 pub mod data;
 pub mod encoder;
 pub mod error;

@@ -351,7 +351,7 @@ fn odd_formats_decode_to_pillows_pixels() {
         let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
         if name.ends_with(".jpg") {
             assert!(
-                max <= 4 && mean < 1.0,
+                max <= 8 && mean < 1.0,
                 "{name}: max diff {max}, mean {mean:.3}"
             );
         } else {

@@ -142,82 +142,69 @@ fn write_gguf(path: &Path, arch: &str, with_tokenizer: bool) {
     gguf_file::write(&mut f, &refs, &[("token_embd.weight", &w)]).unwrap();
 }
 
+/// Runs clasp, expects exit code 2 and every needle in stderr.
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let (code, _, err) = run(args);
+    assert_eq!(code, 2, "{args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: no {n:?} in: {err}");
+    }
+}
+
 #[test]
 fn bad_inputs_get_errors_that_name_them() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    let path = |name: &str| d.join(name).to_str().unwrap().to_string();
+    let model = gguf();
+    let model = model.to_str().unwrap();
 
     // Truncated GGUF.
-    let full = std::fs::read(gguf()).unwrap();
-    let cut = d.join("cut.gguf");
-    std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
-    let (code, _, err) = run(&["generate", "-m", cut.to_str().unwrap(), "-p", "hi"]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("cut.gguf") && err.contains("truncated: tensor `"),
-        "{err}"
+    let full = std::fs::read(model).unwrap();
+    std::fs::write(path("cut.gguf"), &full[..full.len() / 2]).unwrap();
+    fails_with(
+        &["generate", "-m", &path("cut.gguf"), "-p", "hi"],
+        &["cut.gguf", "truncated: tensor `"],
     );
 
     // Wrong magic.
-    let junk = d.join("junk.gguf");
-    std::fs::write(&junk, b"\x89PNG\r\n\x1a\nnot a model at all").unwrap();
-    let (code, _, err) = run(&["generate", "-m", junk.to_str().unwrap(), "-p", "hi"]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("junk.gguf") && err.contains("not a GGUF file"),
-        "{err}"
+    std::fs::write(path("junk.gguf"), b"\x89PNG\r\n\x1a\nnot a model at all").unwrap();
+    fails_with(
+        &["generate", "-m", &path("junk.gguf"), "-p", "hi"],
+        &["junk.gguf", "not a GGUF file"],
     );
 
     // Missing tokenizer metadata.
-    let notok = d.join("notok.gguf");
-    write_gguf(&notok, "llama", false);
-    let (code, _, err) = run(&["generate", "-m", notok.to_str().unwrap(), "-p", "hi"]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("notok.gguf") && err.contains("missing metadata key `tokenizer.ggml.model`"),
-        "{err}"
+    write_gguf(&d.join("notok.gguf"), "llama", false);
+    fails_with(
+        &["generate", "-m", &path("notok.gguf"), "-p", "hi"],
+        &["notok.gguf", "missing metadata key `tokenizer.ggml.model`"],
     );
 
     // Unsupported architecture (the tokenizer is there, the architecture is not).
-    let mamba = d.join("mamba.gguf");
-    write_gguf(&mamba, "mamba", true);
-    let (code, _, err) = run(&["generate", "-m", mamba.to_str().unwrap(), "-p", "hi"]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("mamba.gguf") && err.contains("unsupported architecture `mamba`"),
-        "{err}"
+    write_gguf(&d.join("mamba.gguf"), "mamba", true);
+    fails_with(
+        &["generate", "-m", &path("mamba.gguf"), "-p", "hi"],
+        &["mamba.gguf", "unsupported architecture `mamba`"],
     );
 
     // Non-UTF-8 prompt file.
-    let bin = d.join("prompt.txt");
-    std::fs::write(&bin, b"caf\xe9 au lait").unwrap();
-    let model = gguf();
-    let (code, _, err) = run(&[
-        "generate",
-        "-m",
-        model.to_str().unwrap(),
-        "--prompt-file",
-        bin.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("prompt.txt") && err.contains("not UTF-8") && err.contains("offset 3"),
-        "{err}"
+    std::fs::write(path("prompt.txt"), b"caf\xe9 au lait").unwrap();
+    fails_with(
+        &[
+            "generate",
+            "-m",
+            model,
+            "--prompt-file",
+            &path("prompt.txt"),
+        ],
+        &["prompt.txt", "not UTF-8", "offset 3"],
     );
 
     // A prompt longer than the context (8192 for SmolLM2).
-    let long = d.join("long.txt");
-    std::fs::write(&long, "dog ".repeat(9000)).unwrap();
-    let (code, _, err) = run(&[
-        "generate",
-        "-m",
-        model.to_str().unwrap(),
-        "--prompt-file",
-        long.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("the prompt is 9001 tokens") && err.contains("context is 8192"),
-        "{err}"
+    std::fs::write(path("long.txt"), "dog ".repeat(9000)).unwrap();
+    fails_with(
+        &["generate", "-m", model, "--prompt-file", &path("long.txt")],
+        &["the prompt is 9001 tokens", "context is 8192"],
     );
 }

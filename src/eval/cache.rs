@@ -135,7 +135,8 @@ mod tests {
         let k = base.key_bytes();
         assert!(k.starts_with(b"clasp-image-processor-v1\0"));
         assert_eq!(k, ImageProcessorConfig::clip_default(224).key_bytes());
-        let variants: Vec<Box<dyn Fn(&mut ImageProcessorConfig)>> = vec![
+        type Change = Box<dyn Fn(&mut ImageProcessorConfig)>;
+        let variants: Vec<Change> = vec![
             Box::new(|c| c.do_convert_rgb = !c.do_convert_rgb),
             Box::new(|c| c.do_resize = !c.do_resize),
             Box::new(|c| {

@@ -14,26 +14,18 @@
 //! at its first real token, as transformers computes them from the attention
 //! mask.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
-use serde::Deserialize;
 
+pub use super::config::{LlamaConfig, RopeLayout};
 use super::gguf::GgufFile;
-use super::quant::{Kernel, Q4_1Matrix, Q8_0Matrix};
+use super::linear::{check_shape, linear, Group, Linear};
+use super::quant::{Kernel, Q8_0Matrix};
 use crate::{Error, Result};
-
-/// How q and k pair their dimensions for the rotation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeLayout {
-    /// Pairs (0,1), (2,3), ...: GGUF's layout for llama.
-    Interleaved,
-    /// Pairs (i, i + d/2): Hugging Face's `rotate_half`.
-    Half,
-}
 
 /// How the projection weights are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -43,305 +35,6 @@ pub enum Precision {
     Quantized,
     /// Dequantized to f32: exact against transformers, and differentiable.
     F32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct LlamaConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub rms_norm_eps: f64,
-    pub rope_theta: f32,
-    /// Linear position scaling (positions divided by this factor); 1.0 for none.
-    pub rope_linear_factor: f32,
-    pub max_position_embeddings: usize,
-    pub tie_word_embeddings: bool,
-    pub rope_layout: RopeLayout,
-}
-
-/// The parts of a Hugging Face `config.json` that the architecture reads.
-#[derive(Debug, Deserialize)]
-struct HfConfig {
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    num_key_value_heads: Option<usize>,
-    head_dim: Option<usize>,
-    rms_norm_eps: f64,
-    rope_theta: Option<f32>,
-    rope_scaling: Option<serde_json::Value>,
-    rope_parameters: Option<serde_json::Value>,
-    max_position_embeddings: usize,
-    #[serde(default)]
-    tie_word_embeddings: bool,
-}
-
-impl LlamaConfig {
-    /// Reads the architecture from GGUF metadata (`{arch}.*` keys).
-    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let arch = g.get_string("general.architecture")?;
-        if arch != "llama" {
-            return Err(g.error(format!(
-                "unsupported architecture `{arch}` (general.architecture); clasp runs: llama"
-            )));
-        }
-        let k = |s: &str| format!("{arch}.{s}");
-        let hidden_size = g.get_usize(&k("embedding_length"))?;
-        let num_heads = g.get_usize(&k("attention.head_count"))?;
-        let num_kv_heads = if g.has_key(&k("attention.head_count_kv")) {
-            g.get_usize(&k("attention.head_count_kv"))?
-        } else {
-            num_heads
-        };
-        let head_dim = if g.has_key(&k("rope.dimension_count")) {
-            g.get_usize(&k("rope.dimension_count"))?
-        } else {
-            hidden_size / num_heads.max(1)
-        };
-        let rope_theta = if g.has_key(&k("rope.freq_base")) {
-            g.get_f64(&k("rope.freq_base"))? as f32
-        } else {
-            10_000.0
-        };
-        let mut rope_linear_factor = 1.0;
-        if g.has_key(&k("rope.scaling.type")) {
-            let ty = g.get_string(&k("rope.scaling.type"))?;
-            match ty.as_str() {
-                "none" => {}
-                "linear" => rope_linear_factor = g.get_f64(&k("rope.scaling.factor"))? as f32,
-                other => {
-                    return Err(g.error(format!(
-                        "unsupported rope scaling `{other}` ({}); clasp supports none and linear",
-                        k("rope.scaling.type")
-                    )))
-                }
-            }
-        }
-        let vocab_size = if g.has_key(&k("vocab_size")) {
-            g.get_usize(&k("vocab_size"))?
-        } else {
-            g.get_strings("tokenizer.ggml.tokens")?.len()
-        };
-        let cfg = Self {
-            vocab_size,
-            hidden_size,
-            intermediate_size: g.get_usize(&k("feed_forward_length"))?,
-            num_layers: g.get_usize(&k("block_count"))?,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            rms_norm_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
-            rope_theta,
-            rope_linear_factor,
-            max_position_embeddings: g.get_usize(&k("context_length"))?,
-            tie_word_embeddings: !g.has_tensor("output.weight"),
-            rope_layout: RopeLayout::Interleaved,
-        };
-        cfg.validate().map_err(|r| g.error(r))?;
-        Ok(cfg)
-    }
-
-    /// Reads a `LlamaForCausalLM` config.json.
-    pub fn from_hf_json(text: &str, path: &std::path::Path) -> Result<Self> {
-        let cfg_err = |reason: String| Error::Config {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| cfg_err(e.to_string()))?;
-        let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-        if mt != "llama" {
-            return Err(Error::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                model_type: mt.to_string(),
-                supported: "llama".into(),
-            });
-        }
-        let h: HfConfig = serde_json::from_value(v).map_err(|e| cfg_err(e.to_string()))?;
-        let num_kv_heads = h.num_key_value_heads.unwrap_or(h.num_attention_heads);
-        // transformers 5 writes `rope_parameters`; 4.x wrote rope_theta and rope_scaling.
-        let params = h.rope_parameters.as_ref();
-        let rope_theta = params
-            .and_then(|p| p.get("rope_theta"))
-            .and_then(|t| t.as_f64())
-            .map(|t| t as f32)
-            .or(h.rope_theta)
-            .unwrap_or(10_000.0);
-        let scaling = params.or(h.rope_scaling.as_ref());
-        let rope_type = scaling
-            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
-            .and_then(|t| t.as_str())
-            .unwrap_or("default");
-        let rope_linear_factor = match rope_type {
-            "default" => 1.0,
-            "linear" => scaling
-                .and_then(|s| s.get("factor"))
-                .and_then(|f| f.as_f64())
-                .ok_or_else(|| cfg_err("linear rope scaling without a factor".into()))?
-                as f32,
-            other => {
-                return Err(cfg_err(format!(
-                    "unsupported rope scaling `{other}`; clasp supports default and linear"
-                )))
-            }
-        };
-        let cfg = Self {
-            vocab_size: h.vocab_size,
-            hidden_size: h.hidden_size,
-            intermediate_size: h.intermediate_size,
-            num_layers: h.num_hidden_layers,
-            num_heads: h.num_attention_heads,
-            num_kv_heads,
-            head_dim: h
-                .head_dim
-                .unwrap_or(h.hidden_size / h.num_attention_heads.max(1)),
-            rms_norm_eps: h.rms_norm_eps,
-            rope_theta,
-            rope_linear_factor,
-            max_position_embeddings: h.max_position_embeddings,
-            tie_word_embeddings: h.tie_word_embeddings,
-            rope_layout: RopeLayout::Half,
-        };
-        cfg.validate().map_err(cfg_err)?;
-        Ok(cfg)
-    }
-
-    fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
-        {
-            return Err(format!(
-                "{} attention heads is not a multiple of {} key/value heads",
-                self.num_heads, self.num_kv_heads
-            ));
-        }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return Err(format!("head dimension {} must be even", self.head_dim));
-        }
-        if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
-            return Err("zero layers, width or vocabulary".into());
-        }
-        Ok(())
-    }
-}
-
-/// A projection: candle's (f32, or a quantized type candle runs well), or
-/// Q4_1/Q8_0 blocks on clasp's own f32-activation kernels (see `quant`).
-#[derive(Debug, Clone)]
-enum Linear {
-    Candle(QMatMul),
-    Q4_1(Arc<Q4_1Matrix>, Kernel),
-    Q8_0(Arc<Q8_0Matrix>, Kernel),
-}
-
-/// Up to this many rows (a batch's decode step), a quantized product runs on
-/// the block kernels; above it (a prefill) the matrix is dequantized once
-/// for one f32 GEMM.
-const GEMV_ROWS: usize = super::quant::MAX_ROWS;
-
-impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (rows, cols, matmul): (usize, usize, &dyn Fn(&[f32], usize) -> Vec<f32>) = match self {
-            Linear::Candle(m) => return Ok(m.forward(x)?),
-            Linear::Q4_1(w, k) => (w.rows(), w.cols(), &|xs, m| w.matmul(xs, m, *k)),
-            Linear::Q8_0(w, k) => (w.rows(), w.cols(), &|xs, m| w.matmul(xs, m, *k)),
-        };
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap_or(&0);
-        if k != cols {
-            return Err(Error::Shape(format!(
-                "input of width {k} into a quantized projection of {cols} columns"
-            )));
-        }
-        let m = x.elem_count() / k.max(1);
-        if m > GEMV_ROWS {
-            // Prefill: dequantize once (a few % of the GEMM's time), then f32.
-            return Ok(QMatMul::Tensor(self.dense(x.device())?).forward(x)?);
-        }
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let y = matmul(&xs, m);
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = rows;
-        }
-        Ok(Tensor::from_vec(y, out_dims, x.device())?)
-    }
-
-    fn dense(&self, device: &Device) -> Result<Tensor> {
-        Ok(match self {
-            Linear::Candle(QMatMul::QTensor(q)) => q.dequantize(device)?,
-            Linear::Candle(QMatMul::Tensor(t)) => t.clone(),
-            Linear::Candle(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
-            Linear::Q4_1(w, _) => Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), device)?,
-            Linear::Q8_0(w, _) => Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), device)?,
-        })
-    }
-}
-
-/// Projections that read the same input (q, k, v; gate, up): separate, or
-/// stacked into one Q4_1 matrix so a decode step runs one product instead
-/// of three, each output row computed exactly as it would be alone.
-#[derive(Debug, Clone)]
-enum Group {
-    Split(Vec<Linear>),
-    Stacked(Linear, Vec<usize>),
-}
-
-impl Group {
-    fn new(parts: Vec<Linear>) -> Self {
-        let q41: Vec<&Q4_1Matrix> = parts
-            .iter()
-            .filter_map(|p| match p {
-                Linear::Q4_1(w, _) => Some(w.as_ref()),
-                _ => None,
-            })
-            .collect();
-        if q41.len() == parts.len() {
-            if let Some(w) = Q4_1Matrix::stack(&q41) {
-                let rows = q41.iter().map(|p| p.rows()).collect();
-                return Group::Stacked(Linear::Q4_1(Arc::new(w), Kernel::detect()), rows);
-            }
-        }
-        Group::Split(parts)
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        match self {
-            Group::Split(parts) => parts.iter().map(|p| p.forward(x)).collect(),
-            Group::Stacked(w, rows) => {
-                let y = w.forward(x)?;
-                let mut start = 0;
-                let mut out = Vec::with_capacity(rows.len());
-                for &r in rows {
-                    out.push(y.narrow(candle_core::D::Minus1, start, r)?);
-                    start += r;
-                }
-                Ok(out)
-            }
-        }
-    }
-
-    /// Each projection as f32, in order.
-    fn dense(&self, device: &Device) -> Result<Vec<Tensor>> {
-        match self {
-            Group::Split(parts) => parts.iter().map(|p| p.dense(device)).collect(),
-            Group::Stacked(w, rows) => {
-                let all = w.dense(device)?;
-                let mut start = 0;
-                let mut out = Vec::with_capacity(rows.len());
-                for &r in rows {
-                    out.push(all.narrow(0, start, r)?.contiguous()?);
-                    start += r;
-                }
-                Ok(out)
-            }
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -398,42 +91,6 @@ impl Cache {
     pub fn batch_size(&self) -> usize {
         self.pad.len()
     }
-}
-
-/// One projection from the file: Q4_1 and Q8_0 straight from their bytes
-/// onto clasp's kernels (CPU, quantized), anything else through candle.
-fn linear(
-    g: &mut GgufFile,
-    name: &str,
-    shape: &[usize],
-    precision: Precision,
-    device: &Device,
-) -> Result<Linear> {
-    let Some(dtype) = g.tensor_type(name) else {
-        return Err(g.error(format!("missing tensor `{name}`")));
-    };
-    let own_kernel = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0);
-    if precision == Precision::Quantized && device.is_cpu() && own_kernel {
-        let (_, dims, bytes) = g.raw(name)?;
-        check_shape(g, name, &dims, shape)?;
-        let bad = |e: String| g.error(format!("tensor `{name}`: {e}"));
-        return Ok(match dtype {
-            GgmlDType::Q4_1 => Linear::Q4_1(
-                Arc::new(Q4_1Matrix::from_ggml(&bytes, shape[0], shape[1]).map_err(bad)?),
-                Kernel::detect(),
-            ),
-            _ => Linear::Q8_0(
-                Arc::new(Q8_0Matrix::from_ggml(&bytes, shape[0], shape[1]).map_err(bad)?),
-                Kernel::detect(),
-            ),
-        });
-    }
-    let t = g.tensor(name, device)?;
-    check_shape(g, name, t.shape().dims(), shape)?;
-    Ok(match precision {
-        Precision::Quantized => Linear::Candle(QMatMul::from_qtensor(t)?),
-        Precision::F32 => Linear::Candle(QMatMul::Tensor(t.dequantize(device)?)),
-    })
 }
 
 fn load_embedding(
@@ -685,7 +342,7 @@ impl Llama {
 
     /// Logits `[b, t, vocab]` from final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?)
+        self.lm_head.forward(hidden)
     }
 
     /// Ids to the logits of the last position, `[b, vocab]`.
@@ -765,7 +422,7 @@ impl Llama {
             .reshape((b, c.num_heads, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, c.num_heads * hd))?;
-        Ok(blk.o.forward(&y)?)
+        blk.o.forward(&y)
     }
 
     /// cos/sin for positions start..start+t of each row: `[t, d/2]` when no
@@ -912,15 +569,6 @@ pub fn interleaved_to_half_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .reshape((rows, cols))?
         .contiguous()?)
-}
-
-fn check_shape(g: &GgufFile, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
-    if got != want {
-        return Err(g.error(format!(
-            "tensor `{name}` has shape {got:?}, the config implies {want:?}"
-        )));
-    }
-    Ok(())
 }
 
 /// cos and sin tables `[max_pos, d/2]`, computed in f32 as transformers does:

@@ -4,15 +4,18 @@
 //!
 //! - `gguf`: reading GGUF files with errors that name the file and the key or
 //!   tensor;
-//! - `llama`: the architecture (one file, a config struct, built from GGUF or
-//!   a VarBuilder);
+//! - `llama`: the architecture (one file, built from GGUF or a VarBuilder),
+//!   with its config (`config`) and projections (`linear`, on the block
+//!   kernels of `quant`);
 //! - `tokenizer`: the byte-level BPE built from GGUF metadata, and chat
 //!   templates;
 //! - `sampling`: greedy and seeded sampling;
 //! - `generate`: the prefill/decode loop, streaming and batches.
 
+pub mod config;
 pub mod generate;
 pub mod gguf;
+mod linear;
 pub mod llama;
 pub mod quant;
 pub mod sampling;
@@ -183,7 +186,7 @@ impl LanguageModel {
     /// written beside `dir` and renamed into place, so a crash leaves either
     /// the old checkpoint or the new one.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
-        crate::llm::write_dir_atomically(dir, |tmp| {
+        crate::atomic::write_dir(dir, |tmp| {
             let bos = self.tokenizer.bos_id();
             let eos = self.tokenizer.eos_id();
             let cfg = self.model.hf_config(bos, eos);
@@ -212,34 +215,4 @@ impl LanguageModel {
 pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Report(e.to_string()))?;
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
-}
-
-/// Fills a temporary sibling folder with `fill`, then swaps it into `dir`.
-pub(crate) fn write_dir_atomically(
-    dir: &Path,
-    fill: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
 }

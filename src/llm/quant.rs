@@ -95,7 +95,7 @@ fn check_len(
     cols: usize,
     block: usize,
 ) -> Result<usize, String> {
-    if cols % QK != 0 {
+    if !cols.is_multiple_of(QK) {
         return Err(format!("{cols} columns is not a multiple of {QK}"));
     }
     let blocks = rows * cols / QK;
@@ -482,8 +482,8 @@ fn q8_0_row_scalar(blocks: &[BlockQ8_0], x: &[f32]) -> f32 {
     let mut acc = 0f32;
     for (b, xb) in blocks.iter().zip(x.chunks_exact(QK)) {
         let d = half(b.d);
-        for j in 0..QK {
-            acc += (b.qs[j] as f32 * d) * xb[j];
+        for (&q, &xv) in b.qs.iter().zip(xb) {
+            acc += (q as f32 * d) * xv;
         }
     }
     acc

@@ -437,7 +437,7 @@ pub(crate) fn attention(
     mask: Mask,
 ) {
     assert!(
-        heads > 0 && c > 0 && c % heads == 0,
+        heads > 0 && c > 0 && c.is_multiple_of(heads),
         "attention: {heads} heads into width {c}"
     );
     assert_eq!(

@@ -126,36 +126,19 @@ impl Trainable {
     /// model.safetensors, tokenizer and preprocessor files) atomically: into a
     /// sibling temporary directory, then renamed over `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "checkpoint".into());
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let weights = tmp.join("model.safetensors");
-        self.varmap.save(&weights).map_err(|e| werr(&weights, e))?;
-        let cfg = serde_json::to_string_pretty(&self.config_json).expect("config serialises");
-        std::fs::write(tmp.join("config.json"), cfg)
-            .map_err(|e| Error::io(tmp.join("config.json"), e))?;
-        for f in model::loader::SIDE_FILES {
-            let src = self.source_dir.join(f);
-            if src.is_file() {
-                std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
+        crate::atomic::write_dir(dir, |tmp| {
+            let weights = tmp.join("model.safetensors");
+            self.varmap.save(&weights).map_err(|e| werr(&weights, e))?;
+            let cfg = serde_json::to_string_pretty(&self.config_json).expect("config serialises");
+            std::fs::write(tmp.join("config.json"), cfg)
+                .map_err(|e| Error::io(tmp.join("config.json"), e))?;
+            for f in model::loader::SIDE_FILES {
+                let src = self.source_dir.join(f);
+                if src.is_file() {
+                    std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
+                }
             }
-        }
-        // Replace the old checkpoint: move it aside, move the new one in, drop the old.
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        if dir.exists() {
-            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+            Ok(())
+        })
     }
 }

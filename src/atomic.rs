@@ -1,0 +1,61 @@
+//! Writing a folder so that a crash leaves either the old one or the new one:
+//! it is filled beside its destination, then renamed into place.
+
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// Fills a temporary sibling folder with `fill`, then swaps it into `dir`.
+pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_dir;
+
+    #[test]
+    fn a_failed_fill_keeps_the_old_folder_and_leaves_no_temporary() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("ckpt");
+        let put = |name: &'static str, text: &'static str| {
+            move |t: &std::path::Path| -> crate::Result<()> {
+                std::fs::write(t.join(name), text).unwrap();
+                Ok(())
+            }
+        };
+        write_dir(&dir, put("a", "1")).unwrap();
+        let r = write_dir(&dir, |t| {
+            std::fs::write(t.join("a"), "2").unwrap();
+            Err(crate::Error::Report("disk full".into()))
+        });
+        assert!(r.is_err());
+        assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "1");
+        write_dir(&dir, put("b", "3")).unwrap();
+        assert!(!dir.join("a").exists() && dir.join("b").exists());
+        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the checkpoint folder remains");
+    }
+}
