@@ -1,8 +1,9 @@
-//! Evaluation: retrieval Recall@K, zero-shot classification and alignment
-//! diagnostics, computed as CLIP_benchmark computes them, with an embedding
-//! cache so re-runs are fast.
+//! Evaluation: retrieval Recall@K, zero-shot classification, alignment
+//! diagnostics (computed as CLIP_benchmark computes them) and captioning metrics (as
+//! pycocoevalcap computes them), with an embedding cache so re-runs are fast.
 
 pub mod cache;
+pub mod caption;
 pub mod diagnose;
 pub mod embed;
 pub mod metrics;
