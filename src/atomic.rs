@@ -1,9 +1,24 @@
-//! Writing a folder so that a crash leaves either the old one or the new one:
-//! it is filled beside its destination, then renamed into place.
+//! Writing files and folders so that a crash leaves either the old one or
+//! the new one: each is written beside its destination under a name no other
+//! writer uses, then renamed into place.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{Error, Result};
+
+/// A temporary sibling of `path` that no other writer in this or another
+/// process uses (process id and a counter), so concurrent writers of the
+/// same destination never write into one file.
+pub fn temp_beside(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
+}
 
 /// Fills a temporary sibling folder with `fill`, then swaps it into `dir`.
 pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -34,7 +49,20 @@ pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use super::write_dir;
+    use super::{temp_beside, write_dir};
+
+    #[test]
+    fn temporary_names_are_never_reused() {
+        let p = std::path::Path::new("/x/store.sqlite.m1.vecs");
+        let (a, b) = (temp_beside(p), temp_beside(p));
+        assert_ne!(a, b);
+        assert_eq!(a.parent(), p.parent());
+        assert!(a
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".store.sqlite.m1.vecs.tmp-"));
+    }
 
     #[test]
     fn a_failed_fill_keeps_the_old_folder_and_leaves_no_temporary() {

@@ -291,6 +291,42 @@ fn search_endpoint_equals_cli_search() {
         v["data"][0]["path"].as_str().unwrap().ends_with("rgb.png"),
         "an image finds itself: {v}"
     );
+
+    // The server keeps its catalog and engine between searches; an index run
+    // that changes the store under it must still show in the next search.
+    std::fs::copy(core().join("images/alpha.png"), photos.join("alpha.png")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args([
+            "index",
+            photos.to_str().unwrap(),
+            "-m",
+            &tiny(),
+            "--store",
+            store.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (st, v, _) = s.post("/v1/search", &json!({"image": b64("alpha.png"), "k": 1}));
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        v["data"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("alpha.png"),
+        "the newly indexed photo is found: {v}"
+    );
+
+    // The query algebra is the library's: opposite terms cancel out, as in the CLI.
+    let (st, v, _) = s.post("/v1/search", &json!({"query": "-1:\"dog\" + 1:\"dog\""}));
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cancel out"),
+        "{v}"
+    );
 }
 
 #[test]

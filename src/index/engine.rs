@@ -119,33 +119,42 @@ impl Snapshot {
 /// Writes a snapshot atomically (temporary file, then rename).
 pub fn write_snapshot(path: &Path, generation: i64, rows: &[(Hash, Vec<f32>)]) -> Result<()> {
     let dim = rows.first().map(|r| r.1.len()).unwrap_or(0);
-    let tmp = path.with_extension("vecs.tmp");
-    let io = |e| Error::io(&tmp, e);
-    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-    let mut header = [0u8; HEADER];
-    header[..8].copy_from_slice(MAGIC);
-    header[8..16].copy_from_slice(&(generation as u64).to_le_bytes());
-    header[16..24].copy_from_slice(&(rows.len() as u64).to_le_bytes());
-    header[24..32].copy_from_slice(&(dim as u64).to_le_bytes());
-    w.write_all(&header).map_err(io)?;
-    for (h, _) in rows {
-        w.write_all(h).map_err(io)?;
-    }
-    for (_, v) in rows {
-        if v.len() != dim {
-            return Err(Error::Shape(format!(
-                "stored vectors of widths {dim} and {}",
-                v.len()
-            )));
+    // A name of its own: concurrent rebuilds after a store change each write
+    // their own file, and the last rename wins with a complete snapshot.
+    let tmp = crate::atomic::temp_beside(path);
+    let written = (|| -> Result<()> {
+        let io = |e| Error::io(&tmp, e);
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        let mut header = [0u8; HEADER];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..16].copy_from_slice(&(generation as u64).to_le_bytes());
+        header[16..24].copy_from_slice(&(rows.len() as u64).to_le_bytes());
+        header[24..32].copy_from_slice(&(dim as u64).to_le_bytes());
+        w.write_all(&header).map_err(io)?;
+        for (h, _) in rows {
+            w.write_all(h).map_err(io)?;
         }
-        for x in v {
-            w.write_all(&x.to_le_bytes()).map_err(io)?;
+        for (_, v) in rows {
+            if v.len() != dim {
+                return Err(Error::Shape(format!(
+                    "stored vectors of widths {dim} and {}",
+                    v.len()
+                )));
+            }
+            for x in v {
+                w.write_all(&x.to_le_bytes()).map_err(io)?;
+            }
         }
+        w.into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .sync_all()
+            .map_err(io)?;
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    w.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)?;
+    written?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
@@ -301,7 +310,7 @@ impl AnnIndex {
         (0..snap.n)
             .into_par_iter()
             .try_for_each(|r| index.add(r as u64, snap.row(r)).map_err(|e| uerr(&path, e)))?;
-        let tmp = path.with_extension("hnsw.tmp");
+        let tmp = crate::atomic::temp_beside(&path);
         index
             .save(&tmp.to_string_lossy())
             .map_err(|e| uerr(&path, e))?;

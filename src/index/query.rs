@@ -70,6 +70,13 @@ pub fn parse(args: &[String]) -> Result<Vec<Term>> {
         })
         .collect::<Vec<_>>()
         .join(" ");
+    parse_expr(&joined)
+}
+
+/// Parses one query expression, e.g. `"a dog" + 2:"snow" - night` (what the
+/// server receives as `query`): quoted texts, `+`/`-` between terms,
+/// `W:` weights.
+pub fn parse_expr(joined: &str) -> Result<Vec<Term>> {
     let mut terms = Vec::new();
     let mut sign = 1.0;
     let mut cur = String::new();
@@ -110,7 +117,7 @@ pub fn parse(args: &[String]) -> Result<Vec<Term>> {
 /// The query vector: the weighted sum of the terms' unit embeddings,
 /// normalised.
 pub fn embed(encoder: &Encoder, terms: &[Term]) -> Result<Vec<f32>> {
-    let mut acc = vec![0f32; encoder.embedding_dim()];
+    let mut parts = Vec::with_capacity(terms.len());
     for t in terms {
         let v: Vec<f32> = match &t.kind {
             TermKind::Text(s) => encoder.embed_texts(&[s.as_str()])?.get(0)?.to_vec1()?,
@@ -122,13 +129,43 @@ pub fn embed(encoder: &Encoder, terms: &[Term]) -> Result<Vec<f32>> {
                     .to_vec1()?
             }
         };
+        parts.push((t.weight, v));
+    }
+    combine(encoder.embedding_dim(), parts)
+}
+
+/// The query vector from (weight, unit embedding) terms: their weighted sum,
+/// normalised. The one implementation for the CLI and the server.
+///
+/// An error when a weight is not finite, or when the terms cancel out: a sum
+/// shorter than 1e-4 of the total weight is rounding noise (the same text
+/// embedded in two batches differs in the last bits), not a direction.
+pub fn combine(dim: usize, terms: Vec<(f32, Vec<f32>)>) -> Result<Vec<f32>> {
+    let mut acc = vec![0f32; dim];
+    let mut total = 0f32;
+    for (w, v) in terms {
+        if !w.is_finite() {
+            return Err(Error::Report(format!(
+                "query weight {w} is not a finite number"
+            )));
+        }
+        if v.len() != dim {
+            return Err(Error::Shape(format!(
+                "a query term of {} dimensions against a model of {dim}",
+                v.len()
+            )));
+        }
+        total += w.abs();
         for (a, x) in acc.iter_mut().zip(v) {
-            *a += t.weight * x;
+            *a += w * x;
         }
     }
     let n = acc.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if n == 0.0 || !n.is_finite() {
-        return Err(Error::Dataset("the query terms cancel out".into()));
+    if !n.is_finite() {
+        return Err(Error::Report("the query weights are too large".into()));
+    }
+    if n <= 1e-4 * total || n == 0.0 {
+        return Err(Error::Report("the query terms cancel out".into()));
     }
     Ok(acc.iter().map(|x| x / n).collect())
 }
@@ -136,6 +173,33 @@ pub fn embed(encoder: &Encoder, terms: &[Term]) -> Result<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn combine_normalises_and_refuses_what_is_not_a_direction() {
+        let e = |v: &[f32]| v.to_vec();
+        let q = combine(2, vec![(2.0, e(&[1.0, 0.0])), (1.0, e(&[0.0, 1.0]))]).unwrap();
+        let n = 5f32.sqrt();
+        assert!((q[0] - 2.0 / n).abs() < 1e-6 && (q[1] - 1.0 / n).abs() < 1e-6);
+        // Exact and near cancellation (rounding noise) both cancel out.
+        let noisy = e(&[1.0, 1e-7]);
+        for terms in [
+            vec![(-1.0, e(&[1.0, 0.0])), (1.0, e(&[1.0, 0.0]))],
+            vec![(-1.0, e(&[1.0, 0.0])), (1.0, noisy)],
+        ] {
+            let err = combine(2, terms).unwrap_err().to_string();
+            assert!(err.contains("cancel out"), "{err}");
+        }
+        for w in [f32::NAN, f32::INFINITY] {
+            let err = combine(2, vec![(w, e(&[1.0, 0.0]))])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("not a finite number"), "{err}");
+        }
+        let err = combine(2, vec![(1e38, e(&[1.0, 1.0])), (1e38, e(&[1.0, 1.0]))])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too large"), "{err}");
+    }
 
     fn texts(args: &[&str]) -> Vec<(f32, String)> {
         parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())

@@ -12,7 +12,7 @@ use super::batcher::Item;
 use super::body::{b64_images, check_items, images_to_items, parse_json, read_body, strings};
 use super::error::{guarded, ApiError};
 pub use super::state::{AppState, Limits, Shared};
-use crate::index::{self, engine, query, search, Catalog};
+use crate::index::{query, search};
 use crate::preprocess::prompts;
 use crate::vecmath::dot;
 
@@ -268,14 +268,13 @@ pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response
             None => 10,
             Some(v) => v.as_u64().filter(|k| (1..=1000).contains(k)).ok_or_else(|| ApiError::bad("k", "expected an integer in 1..=1000"))? as usize,
         };
-        let mut q = vec![0f32; st.encoder.embedding_dim()];
-        let mut any = false;
+        let mut terms: Vec<(f32, Vec<f32>)> = Vec::new();
         if let Some(v) = m.get("query") {
             let s = v.as_str().ok_or_else(|| ApiError::bad("query", "expected a string"))?;
-            let terms = query::parse(&[s.to_string()]).map_err(|e| ApiError::bad("query", e.to_string()))?;
+            let parsed = query::parse_expr(s).map_err(|e| ApiError::bad("query", e.to_string()))?;
             let mut items = Vec::new();
             let mut weights = Vec::new();
-            for t in terms {
+            for t in parsed {
                 match t.kind {
                     query::TermKind::Text(s) => items.push(Item::Text(s)),
                     query::TermKind::Image(_) => {
@@ -285,40 +284,28 @@ pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response
                 weights.push(t.weight);
             }
             let v = embed_items(&st, items).await?;
-            for (w, e) in weights.iter().zip(v) {
-                for (a, x) in q.iter_mut().zip(e) {
-                    *a += w * x;
-                }
-            }
-            any = true;
+            terms.extend(weights.into_iter().zip(v));
         }
         if let Some(v) = m.get("image") {
             let imgs = b64_images(v, "image")?;
             let items = images_to_items(&st, imgs).await?;
-            for e in embed_items(&st, items).await? {
-                for (a, x) in q.iter_mut().zip(e) {
-                    *a += x;
-                }
-            }
-            any = true;
+            terms.extend(embed_items(&st, items).await?.into_iter().map(|e| (1.0, e)));
         }
-        if !any {
+        if terms.is_empty() {
             return Err(ApiError::bad("query", "give `query` (text or algebra) and/or `image` (base64)"));
         }
-        let n = q.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if n == 0.0 {
-            return Err(ApiError::bad("query", "the query terms cancel out"));
-        }
-        q.iter_mut().for_each(|x| *x /= n);
+        let q = query::combine(st.encoder.embedding_dim(), terms)
+            .map_err(|e| ApiError::bad("query", e.to_string()))?;
         let dir = match m.get("dir") {
             None => None,
             Some(v) => Some(v.as_str().ok_or_else(|| ApiError::bad("dir", "expected a string"))?.to_string()),
         };
+        let st2 = st.clone();
         let hits = tokio::task::spawn_blocking(move || -> crate::Result<Vec<search::Hit>> {
-            let catalog = Catalog::open(&store)?;
-            let engine = engine::open_engine(&catalog, model_id, index::ANN_THRESHOLD)?;
             let dirs: Vec<String> = dir.into_iter().collect();
-            search::vector_search(engine.as_ref(), &catalog, &q, k, &dirs)
+            st2.search.with(&store, model_id, |catalog, engine| {
+                search::vector_search(engine, catalog, &q, k, &dirs)
+            })
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?

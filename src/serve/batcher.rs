@@ -318,7 +318,8 @@ fn model_worker(
                 }
             }
             Err(e) => {
-                metrics.errors.with_label_values(&["internal"]).inc();
+                // Not counted here: each request of the batch gets an
+                // "internal" answer, which the endpoint wrapper counts once.
                 for r in replies {
                     let _ = r.send(Err(e.to_string()));
                 }

@@ -65,6 +65,7 @@ pub async fn serve(
         limits: cfg.limits,
         store: cfg.store,
         store_model: cfg.store_model,
+        search: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
