@@ -291,8 +291,6 @@ pub fn score(cands: &[String], refs: &[Vec<String>]) -> CaptionScores {
 }
 
 fn bleu(cands: &[Vec<&str>], refs: &[Vec<Vec<&str>>]) -> ([f64; 4], Vec<[f64; 4]>) {
-    const SMALL: f64 = 1e-9;
-    const TINY: f64 = 1e-15;
     let mut guess = [0f64; 4];
     let mut correct = [0f64; 4];
     let (mut testlen_all, mut reflen_all) = (0f64, 0f64);
@@ -325,19 +323,7 @@ fn bleu(cands: &[Vec<&str>], refs: &[Vec<Vec<&str>>]) -> ([f64; 4], Vec<[f64; 4]
         for (gram, cnt) in ngrams(c, 4) {
             k[gram.len() - 1] += cnt.min(*maxcounts.get(gram).unwrap_or(&0.0));
         }
-        let mut b = [0f64; 4];
-        let mut prod = 1.0;
-        for n in 0..4 {
-            prod *= (k[n] + TINY) / (g[n] + SMALL);
-            b[n] = prod.powf(1.0 / (n + 1) as f64);
-        }
-        let ratio = (testlen + TINY) / (reflen + SMALL);
-        if ratio < 1.0 {
-            for x in b.iter_mut() {
-                *x *= (1.0 - 1.0 / ratio).exp();
-            }
-        }
-        per.push(b);
+        per.push(bleu_from(&k, &g, testlen, reflen));
         for n in 0..4 {
             guess[n] += g[n];
             correct[n] += k[n];
@@ -345,19 +331,28 @@ fn bleu(cands: &[Vec<&str>], refs: &[Vec<Vec<&str>>]) -> ([f64; 4], Vec<[f64; 4]
         testlen_all += testlen;
         reflen_all += reflen;
     }
-    let mut total = [0f64; 4];
+    (bleu_from(&correct, &guess, testlen_all, reflen_all), per)
+}
+
+/// BLEU-1..4 from clipped n-gram matches and n-gram counts: the running
+/// geometric mean of the precisions, then the brevity penalty, with
+/// pycocoevalcap's guards against zero counts.
+fn bleu_from(correct: &[f64; 4], guess: &[f64; 4], testlen: f64, reflen: f64) -> [f64; 4] {
+    const SMALL: f64 = 1e-9;
+    const TINY: f64 = 1e-15;
+    let mut b = [0f64; 4];
     let mut prod = 1.0;
     for n in 0..4 {
         prod *= (correct[n] + TINY) / (guess[n] + SMALL);
-        total[n] = prod.powf(1.0 / (n + 1) as f64);
+        b[n] = prod.powf(1.0 / (n + 1) as f64);
     }
-    let ratio = (testlen_all + TINY) / (reflen_all + SMALL);
+    let ratio = (testlen + TINY) / (reflen + SMALL);
     if ratio < 1.0 {
-        for x in total.iter_mut() {
+        for x in b.iter_mut() {
             *x *= (1.0 - 1.0 / ratio).exp();
         }
     }
-    (total, per)
+    b
 }
 
 fn lcs(a: &[&str], b: &[&str]) -> usize {
