@@ -54,13 +54,7 @@ pub enum LlmSource {
 /// one, or a folder whose config.json says `llama`.
 pub fn resolve(path: &Path) -> Result<LlmSource> {
     if path.is_file() {
-        if path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        {
-            return Ok(LlmSource::Gguf(path.to_path_buf()));
-        }
-        // Any other file is tried as GGUF, so a wrong one gets the magic-number error.
+        // Any file is read as GGUF, so a wrong one gets the magic-number error.
         return Ok(LlmSource::Gguf(path.to_path_buf()));
     }
     if !path.is_dir() {
