@@ -141,24 +141,12 @@ pub fn classify(
         let Some(files) = by_hash.get(&snap.hash(r)) else {
             continue;
         };
-        let v = snap.row(r);
-        let logits: Vec<f64> = classes
-            .iter()
-            .map(|c| 100.0 * super::engine::dot(v, c) as f64)
-            .collect();
-        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let exps: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-        let z: f64 = exps.iter().sum();
-        let (best, p) =
-            exps.iter().enumerate().fold(
-                (0, 0.0),
-                |acc, (i, e)| if *e > acc.1 { (i, *e) } else { acc },
-            );
+        let (best, p) = crate::preprocess::prompts::class_probabilities(snap.row(r), &classes);
         for f in files {
             out.push(Label {
                 path: f.path.clone(),
                 label: labels[best].clone(),
-                probability: p / z,
+                probability: p[best],
             });
         }
     }

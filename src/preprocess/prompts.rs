@@ -118,9 +118,41 @@ pub fn zh_name(class: &str) -> Option<&'static str> {
         .map(|i| CIFAR10_CLASSES_ZH[i])
 }
 
+/// CLIP's logit scale for zero-shot probabilities.
+pub const ZERO_SHOT_SCALE: f64 = 100.0;
+
+/// Zero-shot label probabilities of one unit image vector against unit
+/// class vectors: the softmax of 100 · cosine, and the best class (the first
+/// among equals). The one implementation for `clasp classify` and the
+/// server's `/v1/classify`.
+pub fn class_probabilities(image: &[f32], classes: &[Vec<f32>]) -> (usize, Vec<f64>) {
+    let logits: Vec<f64> = classes
+        .iter()
+        .map(|c| ZERO_SHOT_SCALE * crate::vecmath::dot(image, c) as f64)
+        .collect();
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+    let z: f64 = e.iter().sum();
+    let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+    let best = (0..p.len()).fold(0, |b, j| if p[j] > p[b] { j } else { b });
+    (best, p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_probabilities_are_a_softmax_at_scale_100() {
+        let classes = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        let (best, p) = class_probabilities(&[0.6, 0.8], &classes);
+        assert_eq!(best, 1);
+        // softmax(60, 80): p1 = 1 / (1 + e^-20).
+        assert!((p[1] - 1.0 / (1.0 + (-20f64).exp())).abs() < 1e-12);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        // Ties go to the first class.
+        assert_eq!(class_probabilities(&[1.0, 1.0], &classes).0, 0);
+    }
 
     #[test]
     fn fill_both_placeholders() {

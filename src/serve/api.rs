@@ -235,9 +235,7 @@ pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
             .iter()
             .enumerate()
             .map(|(i, img)| {
-                let logits: Vec<f64> = classes.iter().map(|c| 100.0 * dot(img, c) as f64).collect();
-                let p = softmax(&logits);
-                let best = (0..p.len()).fold(0, |b, j| if p[j] > p[b] { j } else { b });
+                let (best, p) = prompts::class_probabilities(img, &classes);
                 let scores: serde_json::Map<String, Value> = labels
                     .iter()
                     .zip(&p)
