@@ -202,17 +202,9 @@ impl Q4_1Matrix {
             .chunks_exact(QK)
             .map(|b| [0.0, b.iter().sum(), 0.0, 0.0])
             .collect();
-        let mut t = vec![0f32; self.rows * m];
-        let chunk = gemv_chunk(self.rows);
-        t.par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(|(c, dst)| {
-                for (i, o) in dst.chunks_exact_mut(m).enumerate() {
-                    let r = c * chunk + i;
-                    q4_1_rows(kernel, &self.blocks[r * nb..(r + 1) * nb], x, &xsum, o);
-                }
-            });
-        transpose(&t, self.rows, m)
+        per_weight_row(self.rows, m, |r, o| {
+            q4_1_rows(kernel, &self.blocks[r * nb..(r + 1) * nb], x, &xsum, o)
+        })
     }
 }
 
@@ -227,6 +219,21 @@ fn row_group(left: usize) -> usize {
         2 | 3 => 2,
         _ => 1,
     }
+}
+
+/// Runs `row(r, out)` for every weight row in parallel chunks, `out` being
+/// that row's outputs for the m rows of x, and returns them as `[m, rows]`.
+fn per_weight_row(rows: usize, m: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut t = vec![0f32; rows * m];
+    let chunk = gemv_chunk(rows);
+    t.par_chunks_mut(chunk * m)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for (i, o) in dst.chunks_exact_mut(m).enumerate() {
+                row(c * chunk + i, o);
+            }
+        });
+    transpose(&t, rows, m)
 }
 
 /// `[rows, m]` to `[m, rows]`.
@@ -432,17 +439,9 @@ impl Q8_0Matrix {
         assert!(m <= MAX_ROWS, "at most {MAX_ROWS} rows per call");
         let kernel = kernel.checked();
         let nb = self.cols / QK;
-        let mut t = vec![0f32; self.rows * m];
-        let chunk = gemv_chunk(self.rows);
-        t.par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(|(c, dst)| {
-                for (i, o) in dst.chunks_exact_mut(m).enumerate() {
-                    let r = c * chunk + i;
-                    q8_0_rows(kernel, &self.blocks[r * nb..(r + 1) * nb], x, o);
-                }
-            });
-        transpose(&t, self.rows, m)
+        per_weight_row(self.rows, m, |r, o| {
+            q8_0_rows(kernel, &self.blocks[r * nb..(r + 1) * nb], x, o)
+        })
     }
 }
 
