@@ -208,32 +208,27 @@ impl Encoder {
             indices: Vec::with_capacity(paths.len()),
             failures: Vec::new(),
         };
-        let batch_size = batch_size.max(1);
-        for (chunk_no, chunk) in paths.chunks(batch_size).enumerate() {
-            let base = chunk_no * batch_size;
-            let decoded: Vec<Result<Vec<f32>>> = chunk
-                .par_iter()
-                .map(|p| self.image_processor.process_path(p))
-                .collect();
-            let mut ok = Vec::with_capacity(chunk.len());
-            for (i, r) in decoded.into_iter().enumerate() {
-                match r {
-                    Ok(px) => {
-                        ok.push(px);
-                        out.indices.push(base + i);
-                    }
-                    Err(error) => out.failures.push(Failure {
-                        index: base + i,
-                        error,
-                    }),
+        let jobs: Vec<usize> = (0..paths.len()).collect();
+        crate::preprocess::pipeline::prepare_ahead(
+            crate::preprocess::pipeline::batches(jobs, batch_size),
+            |_, _, &i| self.image_processor.process_path(&paths[i]),
+            |batch| {
+                let n = batch.len();
+                let (ok, pixels, failed) = crate::preprocess::pipeline::partition(batch);
+                out.failures.extend(
+                    failed
+                        .into_iter()
+                        .map(|(index, error)| Failure { index, error }),
+                );
+                if !pixels.is_empty() {
+                    let emb = self.embed_pixels(&self.pixel_batch(&pixels)?)?;
+                    out.embeddings.extend(emb.to_vec2::<f32>()?);
+                    out.indices.extend(ok);
                 }
-            }
-            if !ok.is_empty() {
-                let emb = self.embed_pixels(&self.pixel_batch(&ok)?)?;
-                out.embeddings.extend(emb.to_vec2::<f32>()?);
-            }
-            progress(chunk.len());
-        }
+                progress(n);
+                Ok(true)
+            },
+        )?;
         Ok(out)
     }
 

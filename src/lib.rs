@@ -7,6 +7,7 @@
 
 pub mod atomic;
 pub mod data;
+pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod eval;

@@ -4,13 +4,11 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
     clasp::tune_allocator();
     clasp::tune_threads();
     // Parsing starts no thread, so the environment may still change here.
-    let args = cli::Cli::parse();
+    let args = cli::Cli::parse_args();
     if args.is_training() {
         clasp::tune_for_training();
     }

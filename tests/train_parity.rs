@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
-use clasp::train::loss::{Batch, InfoNce, Objective, SigLip};
+use clasp::train::objectives::{Batch, InfoNce, Objective, SigLip};
 
 fn fixtures() -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load("tests/fixtures/train/losses.safetensors", &Device::Cpu).unwrap()
@@ -99,33 +99,40 @@ fn losses_and_gradients_equal_open_clip() {
 /// weights.
 #[test]
 fn alignment_objectives_and_gradients_equal_their_torch_reference() {
-    use clasp::train::align::{Daa, Distill, Geometric, ObjectiveParams, Triplet, TripletMode};
-    use clasp::train::loss::Teacher;
+    use clasp::train::objectives::Teacher;
+    use clasp::train::objectives::{
+        Daa, Distill, Geometric, ObjectiveParams, Triplet, TripletMode,
+    };
     let f = objective_fixtures();
     let p = ObjectiveParams::default();
     let mut objectives: Vec<(&str, Box<dyn Objective>)> = vec![
         ("distill_t1", Box::new(Distill::new(1.0))),
         ("distill_t2", Box::new(Distill::new(2.0))),
-        ("daa", Box::new(Daa { temp: p.daa_temp })),
+        (
+            "daa",
+            Box::new(Daa {
+                temp: p.daa.daa_temp,
+            }),
+        ),
         (
             "triplet_max",
             Box::new(Triplet {
-                margin: p.triplet_margin,
+                margin: p.triplet.triplet_margin,
                 mode: TripletMode::Max,
             }),
         ),
         (
             "triplet_sum",
             Box::new(Triplet {
-                margin: p.triplet_margin,
+                margin: p.triplet.triplet_margin,
                 mode: TripletMode::Sum,
             }),
         ),
         (
             "geometric",
             Box::new(Geometric {
-                margin: p.geometric_margin,
-                k: p.geometric_k,
+                margin: p.geometric.geometric_margin,
+                k: p.geometric.geometric_k,
             }),
         ),
     ];
@@ -204,7 +211,7 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
 /// and the discriminator as is.
 #[test]
 fn adversarial_objective_and_gradients_equal_torch() {
-    use clasp::train::adversarial::{AdvLoss, AdvParams, Adversarial};
+    use clasp::train::objectives::{AdvLoss, AdvParams, Adversarial};
     let f = objective_fixtures();
     let mut checked = 0;
     for case in ["b8_d16", "b1_d8"] {
@@ -566,7 +573,7 @@ fn tiny_model_and_batch() -> (clasp::train::model::Trainable, Tensor, Tensor, Te
 /// full-batch gradient, for every parameter (and the SigLIP bias).
 #[test]
 fn accumulated_gradients_equal_the_full_batch_gradient() {
-    use clasp::train::loss::SigLip;
+    use clasp::train::objectives::SigLip;
     use clasp::train::step::{contrastive_grads, Inputs};
     let (t, pixels, ids, mask) = tiny_model_and_batch();
     let bias = Var::from_tensor(&Tensor::new(-2f32, &Device::Cpu).unwrap()).unwrap();

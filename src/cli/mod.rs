@@ -12,7 +12,7 @@ mod train;
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::Device;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -34,6 +34,15 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// Parses the command line; `clasp train --help` shows the library's
+    /// training defaults.
+    pub fn parse_args() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let cmd = Self::command().mut_subcommand("train", train::with_defaults);
+        let m = cmd.get_matches();
+        Self::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
+    }
+
     /// Whether this invocation trains (see `clasp::tune_for_training`).
     pub fn is_training(&self) -> bool {
         matches!(self.command, Command::Train(_))
@@ -74,15 +83,11 @@ pub enum DeviceArg {
 }
 
 pub fn device(arg: DeviceArg) -> Result<Device> {
-    match arg {
-        DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda => {
-            if !cfg!(feature = "cuda") {
-                bail!("this clasp was built without CUDA; rebuild with `cargo build --release --features cuda`");
-            }
-            Ok(Device::new_cuda(0)?)
-        }
+    Ok(match arg {
+        DeviceArg::Cpu => clasp::device::DeviceKind::Cpu,
+        DeviceArg::Cuda => clasp::device::DeviceKind::Cuda,
     }
+    .open()?)
 }
 
 pub fn init_logging(verbose: u8, quiet: bool) {

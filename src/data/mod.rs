@@ -18,8 +18,9 @@ pub use retrieval::load_pairs;
 
 use crate::{Error, Result};
 
-/// Which part of a dataset to read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which part of a dataset to read (in configs: `train`, `dev`, `test`, `all`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Split {
     Train,
     Dev,
@@ -51,8 +52,9 @@ impl Split {
     }
 }
 
-/// Caption language, for datasets that carry several.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Caption language, for datasets that carry several (in configs: `en`, `zh`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Lang {
     En,
     Zh,
@@ -66,6 +68,12 @@ impl Lang {
             _ => Err(Error::Dataset(format!(
                 "unknown language `{s}` (use en or zh)"
             ))),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lang::En => "en",
+            Lang::Zh => "zh",
         }
     }
 }
@@ -238,6 +246,18 @@ impl Format {
     pub const NAMES: &'static str =
         "flickr8k, karpathy, coco, cnclip, csv|tsv|jsonl (generic pairs), folder";
 
+    /// The name `FORMAT:PATH` specs use for this format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Flickr8k => "flickr8k",
+            Format::Karpathy => "karpathy",
+            Format::Coco => "coco",
+            Format::ChineseClip => "cnclip",
+            Format::Pairs => "pairs",
+            Format::Folder => "folder",
+        }
+    }
+
     fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "flickr8k" => Format::Flickr8k,
@@ -251,8 +271,9 @@ impl Format {
     }
 }
 
-/// A parsed dataset spec.
-#[derive(Clone, Debug)]
+/// A parsed dataset spec (in configs: the `FORMAT:PATH` string).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct DatasetSpec {
     pub format: Format,
     pub path: PathBuf,
@@ -281,6 +302,32 @@ impl DatasetSpec {
         Ok(Self { format, path })
     }
 }
+
+/// Config values: specs, splits and languages are strings in TOML and in a
+/// run's saved state, parsed (and checked) when the config is read.
+macro_rules! string_conversions {
+    ($t:ty, $to:expr) => {
+        impl TryFrom<String> for $t {
+            type Error = Error;
+            fn try_from(s: String) -> Result<Self> {
+                <$t>::parse(&s)
+            }
+        }
+        impl From<$t> for String {
+            fn from(v: $t) -> String {
+                let f: fn(&$t) -> String = $to;
+                f(&v)
+            }
+        }
+    };
+}
+string_conversions!(Split, |s| s.as_str().to_string());
+string_conversions!(Lang, |l| l.as_str().to_string());
+string_conversions!(DatasetSpec, |d| format!(
+    "{}:{}",
+    d.format.name(),
+    d.path.display()
+));
 
 fn detect(path: &Path) -> Result<Format> {
     if !path.exists() {

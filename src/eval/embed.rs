@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use super::cache::{self, EmbeddingCache, Key};
 use crate::data::ImageSource;
 use crate::preprocess::image::decode_image;
+use crate::preprocess::pipeline;
 use crate::progress::Progress;
 use crate::{Encoder, Error, Result};
 
@@ -87,39 +88,32 @@ impl EmbedContext<'_> {
                 todo = bytes_ok;
             }
             let mut fresh: Vec<(Key, Vec<f32>)> = Vec::new();
-            for batch in todo.chunks(bs) {
-                let decoded: Vec<Result<Vec<f32>>> = batch
-                    .par_iter()
-                    .map(|(i, b)| {
-                        let img = decode_image(b, &srcs[*i].path())?;
-                        proc.process(&img)
-                    })
-                    .collect();
-                let mut ok_idx = Vec::new();
-                let mut pixels = Vec::new();
-                for ((i, _), r) in batch.iter().zip(decoded) {
-                    match r {
-                        Ok(px) => {
-                            ok_idx.push(*i);
-                            pixels.push(px);
+            let (encoder, progress) = (self.encoder, self.progress);
+            pipeline::prepare_ahead(
+                pipeline::batches(todo, bs),
+                |_, _, (i, b): &(usize, std::sync::Arc<[u8]>)| {
+                    proc.process(&decode_image(b, &srcs[*i].path())?)
+                },
+                |batch| {
+                    let n = batch.len();
+                    let (ok, pixels, failed) = pipeline::partition(batch);
+                    out.failures
+                        .extend(failed.into_iter().map(|((i, _), e)| (base + i, e)));
+                    if !pixels.is_empty() {
+                        let emb = encoder
+                            .embed_pixels(&encoder.pixel_batch(&pixels)?)?
+                            .to_vec2::<f32>()?;
+                        for ((i, _), v) in ok.into_iter().zip(emb) {
+                            if let Some(k) = keys[i] {
+                                fresh.push((k, v.clone()));
+                            }
+                            out.vectors[base + i] = Some(v);
                         }
-                        Err(e) => out.failures.push((base + i, e)),
                     }
-                }
-                if !pixels.is_empty() {
-                    let emb = self
-                        .encoder
-                        .embed_pixels(&self.encoder.pixel_batch(&pixels)?)?
-                        .to_vec2::<f32>()?;
-                    for (i, v) in ok_idx.into_iter().zip(emb) {
-                        if let Some(k) = keys[i] {
-                            fresh.push((k, v.clone()));
-                        }
-                        out.vectors[base + i] = Some(v);
-                    }
-                }
-                self.progress.inc(batch.len() as u64);
-            }
+                    progress.inc(n as u64);
+                    Ok(true)
+                },
+            )?;
             if let (Some(cache), Some(space)) = (self.cache.as_deref_mut(), space.as_ref()) {
                 cache.put_many(space, &fresh)?;
             }

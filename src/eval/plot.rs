@@ -275,3 +275,40 @@ pub fn confusion_matrix(
         root.present().map_err(|e| perr(path, e))
     })
 }
+
+/// A training run's curves from its metrics.jsonl: loss.png, and
+/// dev_recall.png when it was evaluated.
+pub fn training_curves(out: &Path) -> Result<()> {
+    let path = out.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let series = |key: &dyn Fn(&serde_json::Value) -> Option<f64>| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter_map(|r| Some((r["step"].as_f64()?, key(r)?)))
+            .collect()
+    };
+    let loss = series(&|r| r["loss"].as_f64());
+    line_chart(
+        &out.join("loss.png"),
+        "Training loss",
+        "step",
+        "loss",
+        None,
+        &[("loss", loss)],
+    )?;
+    let dev = series(&|r| r["dev"]["mean_recall"].as_f64());
+    if !dev.is_empty() {
+        line_chart(
+            &out.join("dev_recall.png"),
+            "Dev mean recall",
+            "step",
+            "mean recall",
+            Some((0.0, 1.0)),
+            &[("dev", dev)],
+        )?;
+    }
+    Ok(())
+}

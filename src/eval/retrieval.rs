@@ -85,3 +85,29 @@ pub fn evaluate_retrieval(
         metrics,
     })
 }
+
+/// Retrieval metrics of a checkpoint on a dev set, as `clasp eval` computes
+/// them, as a JSON object of metric name to value (a training run's dev
+/// evaluation hook).
+pub fn checkpoint_metrics(
+    checkpoint: &std::path::Path,
+    set: &crate::data::PairSet,
+    device: &Device,
+) -> Result<serde_json::Value> {
+    let enc = crate::Encoder::load(&checkpoint.to_string_lossy(), device)?;
+    let mut ctx = EmbedContext {
+        encoder: &enc,
+        cache: None,
+        model_key: None,
+        batch_size: 64,
+        progress: &crate::progress::Silent,
+    };
+    let r = evaluate_retrieval(&mut ctx, set.clone(), &super::RECALL_KS)?;
+    Ok(serde_json::Value::Object(
+        r.metrics
+            .to_pairs()
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::json!(v)))
+            .collect(),
+    ))
+}

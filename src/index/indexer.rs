@@ -10,9 +10,9 @@
 //!    and vectors are committed together, so a killed run loses at most the
 //!    batch in flight and the next run carries on.
 
+use crate::preprocess::pipeline;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
 use rayon::prelude::*;
 
@@ -20,7 +20,7 @@ use super::catalog::{Catalog, FileRow, Hash};
 use super::walk::{self, Found, Skipped};
 use crate::preprocess::image::decode_image;
 use crate::progress::Progress;
-use crate::{Encoder, Result};
+use crate::{Encoder, Error, Result};
 
 #[derive(Clone, Debug, Default)]
 pub struct IndexOptions {
@@ -269,9 +269,6 @@ pub fn index(
     Ok(summary)
 }
 
-/// A decoded batch: (pending file, pixels or error).
-type Decoded = Vec<(Pending, std::result::Result<Vec<f32>, String>)>;
-
 fn embed_pending(
     catalog: &mut Catalog,
     encoder: &Encoder,
@@ -286,35 +283,15 @@ fn embed_pending(
     }
     progress.start("indexing", todo.len() as u64);
     let proc = encoder.image_processor();
-    let mut batches: Vec<Vec<Pending>> = Vec::new();
-    let mut it = todo.into_iter().peekable();
-    while it.peek().is_some() {
-        batches.push(it.by_ref().take(batch_size).collect());
-    }
+    let mut seen: HashSet<Hash> = HashSet::new();
     // Decoding runs one batch ahead of the encoder on a worker thread.
-    let (tx, rx) = mpsc::sync_channel::<Decoded>(1);
-    std::thread::scope(|s| -> Result<()> {
-        s.spawn(move || {
-            for batch in batches {
-                let decoded: Decoded = batch
-                    .into_par_iter()
-                    .map(|p| {
-                        let r = std::fs::read(&p.found.path)
-                            .map_err(|e| e.to_string())
-                            .and_then(|b| {
-                                decode_image(&b, &p.found.path).map_err(|e| e.to_string())
-                            })
-                            .and_then(|img| proc.process(&img).map_err(|e| e.to_string()));
-                        (p, r)
-                    })
-                    .collect();
-                if tx.send(decoded).is_err() {
-                    return; // the consumer stopped on an error
-                }
-            }
-        });
-        let mut seen: HashSet<Hash> = HashSet::new();
-        for batch in rx {
+    pipeline::prepare_ahead(
+        pipeline::batches(todo, batch_size),
+        |_, _, p: &Pending| {
+            let b = std::fs::read(&p.found.path).map_err(|e| Error::io(&p.found.path, e))?;
+            proc.process(&decode_image(&b, &p.found.path)?)
+        },
+        |batch| {
             let n = batch.len();
             let mut pixels = Vec::new();
             let mut ok: Vec<Pending> = Vec::new();
@@ -332,7 +309,7 @@ fn embed_pending(
                         }
                     }
                     Err(e) => {
-                        p.error = Some(e);
+                        p.error = Some(e.to_string());
                         failed.push(p);
                     }
                 }
@@ -370,9 +347,9 @@ fn embed_pending(
                 ));
             }
             progress.inc(n as u64);
-        }
-        Ok(())
-    })?;
+            Ok(true)
+        },
+    )?;
     progress.finish();
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod augment;
 pub mod image;
+pub mod pipeline;
 pub mod prompts;
 pub mod resample;
 pub mod text;

@@ -1,13 +1,23 @@
-//! Training: contrastive objectives, the trainable model and its checkpoints,
-//! and the optimiser with its schedule.
+//! Training: the objectives and their schedules, the trainable model and its
+//! checkpoints, the optimiser, and the loop that runs them.
+//!
+//! - `config`: the run's typed configuration (its `Default` holds the defaults);
+//! - `trainer`: the loop as an object, with hooks for evaluation;
+//! - `order` and `state`: the data order and the saved run state;
+//! - `objectives` (one file each, with a registry) and `schedule`;
+//! - `step`: one batch's forward and backward; `optim`, `ewc`, `mine`.
 
-pub mod adversarial;
-pub mod align;
+pub mod config;
 pub mod ewc;
-pub mod loss;
+pub mod hooks;
 pub mod mine;
 pub mod model;
+pub mod objectives;
 pub mod optim;
+pub mod order;
 pub mod presets;
+pub mod schedule;
+pub mod state;
 pub mod step;
+mod teacher;
 pub mod trainer;

@@ -13,7 +13,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
-use super::loss::{Batch, Objective, Teacher};
+use super::objectives::{Batch, Objective, Teacher};
 use crate::model::{l2_normalize, Model};
 use crate::Result;
 

@@ -26,9 +26,22 @@ use std::sync::Mutex;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::loss::{Batch, Objective};
+use super::{Batch, Objective, Registered};
 use crate::rng::Rng;
 use crate::Result;
+
+pub const REGISTERED: Registered = Registered {
+    name: "adversarial",
+    aliases: &[],
+    build: |p, env| {
+        Ok(Box::new(Adversarial::new(
+            env.dim,
+            p.adv.clone(),
+            env.seed,
+            env.device,
+        )?))
+    },
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

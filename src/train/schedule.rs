@@ -1,123 +1,11 @@
-//! Contrastive objectives, written with candle ops so they differentiate.
-//!
-//! Both follow open_clip (`open_clip/loss.py`): `ClipLoss` for symmetric
-//! InfoNCE and `SigLipLoss` for the sigmoid loss, on L2-normalised features
-//! with the temperature kept as a log scale (`logit_scale`, exponentiated
-//! here, as CLIPModel does). Objectives are pluggable through [`Objective`]
-//! and combine with weights through [`Combined`].
+//! Weighted objective lists: `--objective name[:weight],...`, each weight a
+//! schedule over training, and `--schedule` trading the first objective
+//! against the rest (BCIF's hand-over).
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Tensor, Var};
 
-use super::align::{Daa, Distill, Geometric, ObjectiveParams, Triplet};
+use super::objectives::{self, Batch, Objective, ObjectiveEnv, ObjectiveParams};
 use crate::Result;
-
-/// What an objective sees of one batch.
-pub struct Batch<'a> {
-    /// L2-normalised image features [B, P].
-    pub image: &'a Tensor,
-    /// L2-normalised text features [B, P]; row i pairs with image row i.
-    pub text: &'a Tensor,
-    /// The learnable log temperature (a scalar).
-    pub log_scale: &'a Tensor,
-    /// SigLIP's learnable bias (a scalar), when the model has one.
-    pub bias: Option<&'a Tensor>,
-    /// A frozen teacher's view of the same batch (distillation).
-    pub teacher: Option<Teacher<'a>>,
-}
-
-/// A teacher's L2-normalised features of the batch and its log temperature,
-/// all without a graph.
-#[derive(Clone, Copy)]
-pub struct Teacher<'a> {
-    pub image: &'a Tensor,
-    pub text: &'a Tensor,
-    pub log_scale: &'a Tensor,
-}
-
-pub trait Objective: Send + Sync {
-    fn name(&self) -> &str;
-    /// The loss of a batch (a scalar tensor).
-    fn loss(&self, b: &Batch) -> Result<Tensor>;
-    /// Trainable parameters of the objective itself (a discriminator), named;
-    /// they join the optimiser and the training state.
-    fn vars(&self) -> Vec<(String, Var)> {
-        Vec::new()
-    }
-}
-
-/// What objectives with their own parameters are built for.
-pub struct ObjectiveEnv<'a> {
-    /// The width of the projected features.
-    pub dim: usize,
-    pub seed: u64,
-    pub device: &'a Device,
-    /// The distillation teacher's feature width, when there is a teacher.
-    pub teacher_dim: Option<usize>,
-}
-
-fn eye(n: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    Ok(Tensor::eye(n, dtype, dev)?)
-}
-
-/// exp(log_scale) · image · textᵀ, as `logits_per_image`.
-pub fn logits_per_image(b: &Batch) -> Result<Tensor> {
-    let scale = b.log_scale.exp()?;
-    Ok(b.image.matmul(&b.text.t()?)?.broadcast_mul(&scale)?)
-}
-
-/// Symmetric InfoNCE: the mean of the image→text and text→image
-/// cross-entropies with the matching pair as the target (open_clip's
-/// `ClipLoss`).
-pub struct InfoNce;
-
-impl Objective for InfoNce {
-    fn name(&self) -> &str {
-        "infonce"
-    }
-    fn loss(&self, b: &Batch) -> Result<Tensor> {
-        let logits = logits_per_image(b)?;
-        let n = logits.dim(0)?;
-        let diag = eye(n, logits.dtype(), logits.device())?;
-        let ce = |l: &Tensor| -> Result<Tensor> {
-            let lsm = candle_nn::ops::log_softmax(l, D::Minus1)?;
-            Ok((lsm * &diag)?
-                .sum_all()?
-                .neg()?
-                .affine(1.0 / n as f64, 0.0)?)
-        };
-        let li = ce(&logits)?;
-        let lt = ce(&logits.t()?.contiguous()?)?;
-        Ok(((li + lt)? * 0.5)?)
-    }
-}
-
-/// log σ(x) = min(x, 0) − log(1 + e^{−|x|}), stable for any x.
-pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let neg_abs = x.abs()?.neg()?;
-    let soft = (neg_abs.exp()? + 1.0)?.log()?;
-    Ok((x.minimum(0f32)? - soft)?)
-}
-
-/// The sigmoid loss of SigLIP (open_clip's `SigLipLoss`): every pair is a
-/// binary problem, +1 on the diagonal and −1 off it, summed and divided by
-/// the batch size.
-pub struct SigLip;
-
-impl Objective for SigLip {
-    fn name(&self) -> &str {
-        "siglip"
-    }
-    fn loss(&self, b: &Batch) -> Result<Tensor> {
-        let mut logits = logits_per_image(b)?;
-        if let Some(bias) = b.bias {
-            logits = logits.broadcast_add(bias)?;
-        }
-        let n = logits.dim(0)?;
-        let labels = ((eye(n, logits.dtype(), logits.device())? * 2.0)? - 1.0)?;
-        let ls = log_sigmoid(&(labels * logits)?)?;
-        Ok(ls.sum_all()?.neg()?.affine(1.0 / n as f64, 0.0)?)
-    }
-}
 
 /// A loss weight as a function of training progress p in [0, 1).
 #[derive(Clone, Debug, PartialEq)]
@@ -322,12 +210,9 @@ pub fn names(spec: &str) -> Vec<String> {
         .collect()
 }
 
-/// The objective names `--objective` accepts.
-pub const OBJECTIVES: &str = "infonce, siglip, daa, triplet, geometric, adversarial, distill, ewc";
-
 /// Parses `name[:weight],...` (e.g. `infonce,daa:0.5,geometric:linear(0,1)`),
 /// with `schedule` (`bcif`, or any weight schedule) trading the first
-/// objective against the rest.
+/// objective against the rest. Names come from [`objectives::REGISTRY`].
 pub fn parse_objectives(
     spec: &str,
     params: &ObjectiveParams,
@@ -353,49 +238,13 @@ pub fn parse_objectives(
             ewc = Some(w);
             continue;
         }
-        let o: Box<dyn Objective> = match name {
-            "infonce" | "clip" => Box::new(InfoNce),
-            "siglip" => Box::new(SigLip),
-            "daa" => Box::new(Daa {
-                temp: params.daa_temp,
-            }),
-            "triplet" => Box::new(Triplet {
-                margin: params.triplet_margin,
-                mode: params.triplet_mode,
-            }),
-            "geometric" => Box::new(Geometric {
-                margin: params.geometric_margin,
-                k: params.geometric_k,
-            }),
-            "distill" if params.distill_feature > 0.0 => {
-                let teacher_dim = env.teacher_dim.ok_or_else(|| {
-                    crate::Error::Report(
-                        "objective `distill` needs a teacher (--teacher CHECKPOINT)".into(),
-                    )
-                })?;
-                Box::new(Distill::with_feature(
-                    params.distill_temp,
-                    params.distill_feature,
-                    env.dim,
-                    teacher_dim,
-                    env.seed,
-                    env.device,
-                )?)
-            }
-            "distill" => Box::new(Distill::new(params.distill_temp)),
-            "adversarial" => Box::new(super::adversarial::Adversarial::new(
-                env.dim,
-                params.adv.clone(),
-                env.seed,
-                env.device,
-            )?),
-            other => {
-                return Err(crate::Error::Report(format!(
-                    "unknown objective `{other}` (available: {OBJECTIVES})"
-                )))
-            }
+        let Some(entry) = objectives::lookup(name) else {
+            return Err(crate::Error::Report(format!(
+                "unknown objective `{name}` (available: {})",
+                objectives::available()
+            )));
         };
-        parts.push((w, o));
+        parts.push((w, (entry.build)(params, env)?));
     }
     if parts.is_empty() {
         return Err(crate::Error::Report(
@@ -426,6 +275,7 @@ pub fn parse_objectives(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn schedules_follow_their_formulas() {

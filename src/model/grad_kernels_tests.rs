@@ -1,0 +1,191 @@
+//! Unit tests of `grad_kernels` (kept beside it, in their own file).
+use super::*;
+use candle_core::{Device, Var, D};
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Values and input gradients of `fused` and `composed` under the same
+/// random upstream gradient (a random linear functional of the output).
+fn check(
+    inputs: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> Tensor,
+    composed: impl Fn(&[Tensor]) -> Tensor,
+    tol: f32,
+) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (yf, yc) = (fused(&ts), composed(&ts));
+    assert!(max_diff(&yf, &yc) < tol, "values differ");
+    let probe = Tensor::randn(0f32, 1.0, yf.shape(), &Device::Cpu).unwrap();
+    let gf = (&yf * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gc = (&yc * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (i, t) in ts.iter().enumerate() {
+        let d = max_diff(gf.get(t).unwrap(), gc.get(t).unwrap());
+        assert!(d < tol, "gradient of input {i} differs by {d}");
+    }
+}
+
+fn randn(s: &[usize]) -> Tensor {
+    Tensor::randn(0f32, 1.0, s, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn linear_matches_composition() {
+    let composed = |t: &[Tensor]| {
+        let (b, s, i) = t[0].dims3().unwrap();
+        let y = t[0]
+            .reshape((b * s, i))
+            .unwrap()
+            .matmul(&t[1].t().unwrap())
+            .unwrap();
+        let y = match t.get(2) {
+            Some(bias) => y.broadcast_add(bias).unwrap(),
+            None => y,
+        };
+        y.reshape((b, s, t[1].dim(0).unwrap())).unwrap()
+    };
+    check(
+        &[randn(&[3, 7, 24]), randn(&[40, 24]), randn(&[40])],
+        |t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+        composed,
+        1e-4,
+    );
+    check(
+        &[randn(&[2, 5, 24]), randn(&[9, 24])],
+        |t| linear(&t[0], &t[1], None).unwrap(),
+        composed,
+        1e-4,
+    );
+    // A batch of one row.
+    check(
+        &[randn(&[1, 1, 24]), randn(&[8, 24]), randn(&[8])],
+        |t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+        composed,
+        1e-4,
+    );
+}
+
+#[test]
+fn layer_norm_matches_composition() {
+    let w = ((randn(&[24]) * 0.5).unwrap() + 1.0).unwrap();
+    check(
+        &[
+            ((randn(&[3, 5, 24]) * 3.0).unwrap() + 1.0).unwrap(),
+            w,
+            randn(&[24]),
+        ],
+        |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+        |t| {
+            let x = &t[0];
+            let mean = x.mean_keepdim(D::Minus1).unwrap();
+            let xc = x.broadcast_sub(&mean).unwrap();
+            let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            let xn = xc
+                .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap();
+            xn.broadcast_mul(&t[1])
+                .unwrap()
+                .broadcast_add(&t[2])
+                .unwrap()
+        },
+        1e-4,
+    );
+}
+
+#[test]
+fn activations_match_candle_ops() {
+    for act in [
+        Activation::QuickGelu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Relu,
+    ] {
+        check(
+            &[(randn(&[4, 33]) * 3.0).unwrap()],
+            |t| activate(&t[0], act).unwrap(),
+            |t| {
+                let x = &t[0];
+                match act {
+                    Activation::QuickGelu => {
+                        (x * candle_nn::ops::sigmoid(&(x * 1.702).unwrap()).unwrap()).unwrap()
+                    }
+                    Activation::Gelu => x.gelu_erf().unwrap(),
+                    Activation::GeluTanh => x.gelu().unwrap(),
+                    Activation::Relu => x.relu().unwrap(),
+                }
+            },
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn attention_matches_composition_under_each_mask() {
+    let (b, h, t, d) = (2, 3, 5, 4);
+    let c = h * d;
+    let keys = vec![0.0, 0.0, 0.0, f32::MIN, f32::MIN, 0.0, 0.0, 0.0, 0.0, 0.0];
+    let causal = crate::model::layers::causal_mask(t, &Device::Cpu).unwrap();
+    let key_t = Tensor::from_vec(keys.clone(), (b, 1, 1, t), &Device::Cpu).unwrap();
+    for (mask, additive) in [
+        (SoftmaxMask::None, None),
+        (SoftmaxMask::Causal, Some(causal.clone())),
+        (
+            SoftmaxMask::Keys(Arc::new(keys.clone())),
+            Some(key_t.clone()),
+        ),
+    ] {
+        check(
+            &[randn(&[b, t, 3 * c])],
+            |x| attention(&x[0], h, mask.clone()).unwrap(),
+            |x| {
+                // [3, B, H, T, D]
+                let qkv = x[0]
+                    .reshape((b, t, 3, h, d))
+                    .unwrap()
+                    .permute((2, 0, 3, 1, 4))
+                    .unwrap();
+                let (q, k, v) = (
+                    qkv.get(0).unwrap(),
+                    qkv.get(1).unwrap(),
+                    qkv.get(2).unwrap(),
+                );
+                let mut s = (q.matmul(&k.t().unwrap()).unwrap() * 0.5).unwrap();
+                if let Some(m) = &additive {
+                    s = s.broadcast_add(m).unwrap();
+                }
+                let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+                p.matmul(&v)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, t, c))
+                    .unwrap()
+            },
+            1e-5,
+        );
+    }
+}

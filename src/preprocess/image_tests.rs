@@ -1,0 +1,104 @@
+//! Unit tests of `image` (kept beside it, in their own file).
+use super::*;
+
+#[test]
+fn random_resized_crop_is_seeded_and_sized() {
+    let p = ImageProcessor::new(ImageProcessorConfig::clip_default(32));
+    let img = RgbImage::from_fn(90, 60, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, 7]));
+    let draws = |seed: u64| {
+        let mut s = seed;
+        move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 53) as f64
+        }
+    };
+    let a = p.normalize(&p.random_resized_crop(&img, (0.5, 1.0), &mut draws(1)));
+    let b = p.normalize(&p.random_resized_crop(&img, (0.5, 1.0), &mut draws(1)));
+    let c = p.normalize(&p.random_resized_crop(&img, (0.5, 1.0), &mut draws(2)));
+    assert_eq!(a.len(), 3 * 32 * 32);
+    assert_eq!(a, b, "same draws, same crop");
+    assert_ne!(a, c, "other draws, other crop");
+    // A square image at full scale and aspect 1 is the plain resize.
+    let sq = RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, 9]));
+    let mut one = [0.0, 0.5, 0.0, 0.0].into_iter().cycle();
+    let full = p.normalize(&p.random_resized_crop(&sq, (1.0, 1.0), &mut || one.next().unwrap()));
+    assert_eq!(full, p.process(&sq).unwrap());
+}
+
+#[test]
+fn shortest_edge_truncates_long_side_like_transformers() {
+    // 500x333 (w x h): new long = int(224 * 500 / 333) = 336
+    assert_eq!(
+        resize_target((333, 500), ResizeTo::ShortestEdge(224)),
+        (224, 336)
+    );
+    assert_eq!(
+        resize_target((500, 333), ResizeTo::ShortestEdge(224)),
+        (336, 224)
+    );
+    assert_eq!(
+        resize_target((10, 10), ResizeTo::ShortestEdge(224)),
+        (224, 224)
+    );
+}
+
+#[test]
+fn center_crop_uses_floor_offsets() {
+    let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8, y as u8, 0]));
+    let c = center_crop(&img, (2, 2));
+    // top = (4-2)//2 = 1, left = (5-2)//2 = 1
+    assert_eq!(c.get_pixel(0, 0).0, [1, 1, 0]);
+    assert_eq!(c.get_pixel(1, 1).0, [2, 2, 0]);
+}
+
+#[test]
+fn alpha_is_composited_onto_white() {
+    let mut img = image::RgbaImage::new(1, 3);
+    img.put_pixel(0, 0, image::Rgba([0, 0, 0, 0]));
+    img.put_pixel(0, 1, image::Rgba([10, 20, 30, 255]));
+    img.put_pixel(0, 2, image::Rgba([0, 0, 0, 128]));
+    let rgb = to_rgb(DynamicImage::ImageRgba8(img));
+    assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+    assert_eq!(rgb.get_pixel(0, 1).0, [10, 20, 30]);
+    // 255 * 127 / 255 = 127
+    assert_eq!(rgb.get_pixel(0, 2).0, [127, 127, 127]);
+}
+
+#[test]
+fn jpeg_truncation_is_detected_by_markers() {
+    let complete = [0xFF, 0xD8, 0xFF, 0xDA, 1, 2, 0xFF, 0x00, 3, 0xFF, 0xD9];
+    assert!(!jpeg_is_truncated(&complete));
+    assert!(jpeg_is_truncated(&complete[..8]));
+    // a thumbnail's EOI before the main scan does not count
+    let thumb = [0xFF, 0xD8, 0xFF, 0xD9, 0xFF, 0xDA, 1, 2];
+    assert!(jpeg_is_truncated(&thumb));
+}
+
+#[test]
+fn old_feature_extractor_names_are_accepted() {
+    let json = r#"{"feature_extractor_type":"ChineseCLIPFeatureExtractor",
+                   "size":{"height":224,"width":224},"do_center_crop":false}"#;
+    let cfg = ImageProcessorConfig::from_json(json, Path::new("p.json")).unwrap();
+    assert_eq!(
+        cfg.resize,
+        ResizeTo::Exact {
+            height: 224,
+            width: 224
+        }
+    );
+    assert!(!cfg.do_center_crop);
+}
+
+#[test]
+fn empty_and_garbage_bytes_name_the_input() {
+    let e = decode_image(&[], Path::new("a.jpg"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a.jpg") && e.contains("empty"), "{e}");
+    let e = decode_image(b"not an image", Path::new("b.png"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("b.png"), "{e}");
+}

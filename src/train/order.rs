@@ -1,0 +1,97 @@
+//! The data order of a run: each epoch shows every image once, with one of
+//! its captions drawn at random, from a saved RNG state, so a resumed run
+//! draws the same batches; and the per-item preparation of a batch's pixels,
+//! seeded by (seed, step, position) so a resumed run draws the same crops.
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{ImageSource, PairSet};
+use crate::preprocess::augment::ColorJitter;
+use crate::preprocess::image::decode_image;
+use crate::preprocess::ImageProcessor;
+use crate::rng::Rng;
+use crate::Result;
+
+/// Where the data order stands: the epoch's image order with one caption
+/// each, and the position in it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Order {
+    rng: Rng,
+    epoch: usize,
+    /// (image, caption) pairs of the current epoch.
+    pairs: Vec<(usize, usize)>,
+    pos: usize,
+}
+
+impl Order {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: Rng(seed),
+            epoch: 0,
+            pairs: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// The next batch: `n` distinct images, each with one of its captions.
+    pub fn next_batch(&mut self, per_image: &[Vec<usize>], n: usize) -> Vec<(usize, usize)> {
+        if self.pos + n > self.pairs.len() {
+            let mut imgs: Vec<usize> = (0..per_image.len()).collect();
+            self.rng.shuffle(&mut imgs);
+            self.pairs = imgs
+                .into_iter()
+                .map(|i| {
+                    let caps = &per_image[i];
+                    (i, caps[self.rng.below(caps.len())])
+                })
+                .collect();
+            self.pos = 0;
+            self.epoch += 1;
+        }
+        let b = self.pairs[self.pos..self.pos + n].to_vec();
+        self.pos += n;
+        b
+    }
+}
+
+/// Each image's caption indices.
+pub fn captions_per_image(set: &PairSet) -> Vec<Vec<usize>> {
+    let mut per_image: Vec<Vec<usize>> = vec![Vec::new(); set.images.len()];
+    for (c, &i) in set.caption_image.iter().enumerate() {
+        per_image[i].push(c);
+    }
+    per_image
+}
+
+/// The captions of a batch's (image, caption) pairs.
+pub fn batch_texts<'a>(set: &'a PairSet, batch: &[(usize, usize)]) -> Vec<&'a str> {
+    batch
+        .iter()
+        .map(|(_, c)| set.captions[*c].as_str())
+        .collect()
+}
+
+/// How training images are augmented.
+#[derive(Clone, Copy)]
+pub struct Augment {
+    pub crop_scale: f64,
+    pub jitter: Option<ColorJitter>,
+    pub seed: u64,
+}
+
+/// Decodes, augments and preprocesses the image at `position` of the batch
+/// of `step`.
+pub fn prepare_image(
+    proc: &ImageProcessor,
+    src: &ImageSource,
+    aug: Augment,
+    step: usize,
+    position: usize,
+) -> Result<Vec<f32>> {
+    let bytes = src.read()?;
+    let img = decode_image(&bytes, &src.path())?;
+    let mut rng = Rng(aug.seed ^ 0xA5A5_5A5A ^ ((step as u64) << 20) ^ position as u64);
+    rng.next_u64();
+    let mut uniform = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    proc.process_train(&img, aug.crop_scale, aug.jitter.as_ref(), &mut uniform)
+}
