@@ -20,6 +20,7 @@ pub mod rng;
 pub mod serve;
 pub mod train;
 pub mod vecmath;
+pub mod vlm;
 
 pub use encoder::{BatchEmbeddings, Encoder, Failure};
 pub use error::{Error, Result};

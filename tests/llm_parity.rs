@@ -3,6 +3,8 @@
 //! Fixtures: scripts/gen_llm_fixtures.py, with transformers loading the same
 //! GGUF dequantized to f32.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -11,22 +13,7 @@ use clasp::llm::{self, GenerateOptions, LanguageModel, Message, Precision};
 use serde_json::Value;
 
 fn gguf() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let out = std::process::Command::new(root.join("scripts/get-smollm2.sh"))
-            .output()
-            .expect("run scripts/get-smollm2.sh");
-        assert!(
-            out.status.success(),
-            "scripts/get-smollm2.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let p = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        assert!(p.is_file(), "{} missing", p.display());
-        p
-    })
-    .clone()
+    common::smollm2()
 }
 
 fn model(p: Precision) -> &'static LanguageModel {

@@ -109,6 +109,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<ExitCode> {
         max_new_tokens: a.max_tokens,
         sampling,
         stop: a.stop.clone(),
+        ..Default::default()
     };
     let stdout = std::io::stdout();
     let json = a.json;

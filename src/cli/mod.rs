@@ -9,6 +9,7 @@ mod output;
 mod search;
 mod serve;
 mod train;
+mod vlm;
 
 use std::process::ExitCode;
 
@@ -74,6 +75,12 @@ pub enum Command {
     Tokenize(generate::TokenizeArgs),
     /// Convert a language model to a Hugging Face LlamaForCausalLM checkpoint.
     Convert(generate::ConvertArgs),
+    /// Build an untrained vision-language model (vision tower, connector, LLM).
+    Assemble(vlm::AssembleArgs),
+    /// Caption images with a vision-language model.
+    Caption(vlm::CaptionArgs),
+    /// Ask a vision-language model about an image.
+    Chat(vlm::ChatArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +127,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate(a) => generate::generate_cmd(a),
         Command::Tokenize(a) => generate::tokenize_cmd(a),
         Command::Convert(a) => generate::convert_cmd(a),
+        Command::Assemble(a) => vlm::assemble_cmd(a),
+        Command::Caption(a) => vlm::caption_cmd(a),
+        Command::Chat(a) => vlm::chat_cmd(a),
     }
 }
 

@@ -20,6 +20,45 @@ pub struct GenerateOptions {
     /// Generation stops when the text contains one of these; the text is cut
     /// before it.
     pub stop: Vec<String>,
+    /// Token ids never generated (transformers' `suppress_tokens`), e.g. a
+    /// vision-language model's image placeholder.
+    pub suppress_tokens: Vec<u32>,
+}
+
+/// A prompt: its token ids and, when some positions are not tokens (image
+/// features spliced in), its input embeddings `[t, hidden]`.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub embeds: Option<Tensor>,
+}
+
+impl Prompt {
+    pub fn tokens(ids: &[u32]) -> Self {
+        Self {
+            ids: ids.to_vec(),
+            embeds: None,
+        }
+    }
+
+    /// The input embeddings `[t, hidden]`.
+    fn embeddings(&self, model: &Llama) -> Result<Tensor> {
+        match &self.embeds {
+            Some(e) => Ok(e.clone()),
+            None => Ok(model
+                .embed(&Tensor::new(self.ids.as_slice(), model.device())?.unsqueeze(0)?)?
+                .squeeze(0)?),
+        }
+    }
+}
+
+/// Logits rows with the suppressed ids at −∞.
+fn suppress(row: &mut [f32], ids: &[u32]) {
+    for &i in ids {
+        if let Some(x) = row.get_mut(i as usize) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
 }
 
 impl Default for GenerateOptions {
@@ -28,6 +67,7 @@ impl Default for GenerateOptions {
             max_new_tokens: 128,
             sampling: SamplingParams::default(),
             stop: Vec::new(),
+            suppress_tokens: Vec::new(),
         }
     }
 }
@@ -122,6 +162,18 @@ pub fn generate(
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
+    generate_prompt(model, tok, &Prompt::tokens(prompt), opts, on_text)
+}
+
+/// [`generate`] for a prompt that may carry its own input embeddings.
+pub fn generate_prompt(
+    model: &Llama,
+    tok: &LlmTokenizer,
+    prompt: &Prompt,
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
+    let (prompt, embeds) = (prompt.ids.as_slice(), prompt.embeds.as_ref());
     opts.sampling.validate().map_err(Error::Generate)?;
     check_prompt(model, prompt.len())?;
     let ctx = model.config().max_position_embeddings;
@@ -134,15 +186,21 @@ pub fn generate(
     let mut text = String::new();
 
     let t0 = Instant::now();
-    let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
-    let mut logits = model.forward_last(&input, &mut cache)?;
+    let mut logits = match embeds {
+        Some(e) => model.last_logits(&e.unsqueeze(0)?, &mut cache)?,
+        None => {
+            let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+            model.forward_last(&input, &mut cache)?
+        }
+    };
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let stop_reason = loop {
         if ids.len() >= opts.max_new_tokens {
             break StopReason::Length;
         }
-        let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+        let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+        suppress(&mut row, &opts.suppress_tokens);
         let next = sampler.sample(&row, &history);
         ids.push(next);
         history.push(next);
@@ -187,10 +245,23 @@ pub fn generate_batch(
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
 ) -> Result<Vec<Generation>> {
+    let p: Vec<Prompt> = prompts.iter().map(|p| Prompt::tokens(p)).collect();
+    generate_batch_prompts(model, tok, &p, opts)
+}
+
+/// [`generate_batch`] for prompts that may carry their own input embeddings.
+pub fn generate_batch_prompts(
+    model: &Llama,
+    tok: &LlmTokenizer,
+    batch: &[Prompt],
+    opts: &GenerateOptions,
+) -> Result<Vec<Generation>> {
     opts.sampling.validate().map_err(Error::Generate)?;
-    if prompts.is_empty() {
+    if batch.is_empty() {
         return Ok(Vec::new());
     }
+    let prompts: Vec<Vec<u32>> = batch.iter().map(|p| p.ids.clone()).collect();
+    let prompts = prompts.as_slice();
     for p in prompts {
         check_prompt(model, p.len())?;
     }
@@ -212,15 +283,39 @@ pub fn generate_batch(
     let mut ids: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut texts: Vec<String> = vec![String::new(); n];
     let mut done: Vec<Option<StopReason>> = vec![None; n];
+    let cache_pad = pad.clone();
     let mut cache = model.new_cache(pad);
 
     let t0 = Instant::now();
-    let input = Tensor::from_vec(flat, (n, longest), model.device())?;
-    let mut logits = model.forward_last(&input, &mut cache)?;
+    let mut logits = if batch.iter().any(|p| p.embeds.is_some()) {
+        // Left-pad each row's embeddings with the pad token's.
+        let pad_row = model
+            .embed(&Tensor::new(&[[pad_id]], model.device())?)?
+            .squeeze(0)?;
+        let rows = batch
+            .iter()
+            .zip(&cache_pad)
+            .map(|(p, &k)| {
+                let e = p.embeddings(model)?;
+                if k == 0 {
+                    return Ok(e);
+                }
+                let h = pad_row.dim(1)?;
+                Ok(Tensor::cat(&[&pad_row.broadcast_as((k, h))?, &e], 0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        model.last_logits(&Tensor::stack(&rows, 0)?, &mut cache)?
+    } else {
+        let input = Tensor::from_vec(flat, (n, longest), model.device())?;
+        model.forward_last(&input, &mut cache)?
+    };
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     loop {
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        for r in rows.iter_mut() {
+            suppress(r, &opts.suppress_tokens);
+        }
         let mut next_ids = Vec::with_capacity(n);
         for r in 0..n {
             if done[r].is_some() {

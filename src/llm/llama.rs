@@ -345,12 +345,17 @@ impl Llama {
         self.lm_head.forward(hidden)
     }
 
-    /// Ids to the logits of the last position, `[b, vocab]`.
-    pub fn forward_last(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
-        let x = self.embed(ids)?;
-        let h = self.forward_embeds(&x, cache)?;
+    /// Input embeddings `[b, t, hidden]` to the logits of the last
+    /// position, `[b, vocab]`.
+    pub fn last_logits(&self, x: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let h = self.forward_embeds(x, cache)?;
         let t = h.dim(1)?;
         Ok(self.logits(&h.narrow(1, t - 1, 1)?)?.squeeze(1)?)
+    }
+
+    /// Ids to the logits of the last position, `[b, vocab]`.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        self.last_logits(&self.embed(ids)?, cache)
     }
 
     fn block(

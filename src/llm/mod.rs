@@ -25,7 +25,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-pub use generate::{generate, generate_batch, GenerateOptions, Generation, StopReason};
+pub use generate::{
+    generate, generate_batch, generate_batch_prompts, generate_prompt, GenerateOptions, Generation,
+    Prompt, StopReason,
+};
 pub use gguf::GgufFile;
 pub use llama::{Llama, LlamaConfig, Precision};
 pub use sampling::{Sampler, SamplingParams};

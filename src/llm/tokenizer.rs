@@ -264,6 +264,19 @@ impl LlmTokenizer {
         std::fs::write(&cfg_path, text).map_err(|e| Error::io(&cfg_path, e))
     }
 
+    /// Adds `token` as a special token matched whole in text (as
+    /// transformers' `add_special_tokens`), or finds it when present; its id.
+    pub fn add_special_token(&mut self, token: &str) -> u32 {
+        if let Some(id) = self.inner.token_to_id(token) {
+            return id;
+        }
+        self.inner
+            .add_special_tokens(&[tokenizers::AddedToken::from(token.to_string(), true)]);
+        self.inner
+            .token_to_id(token)
+            .expect("a token just added has an id")
+    }
+
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
     }

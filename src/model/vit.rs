@@ -64,6 +64,27 @@ impl VisionTransformer {
     /// `pixel_values`: [B, C, S, S] normalised pixels. Returns the pooled
     /// (post-LN class token) output [B, hidden].
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let x = self.run_layers(self.embed(pixel_values)?, self.layers.len())?;
+        let pooled = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+        self.post_layernorm.forward(&pooled)
+    }
+
+    /// The hidden states after the first `n` encoder layers, [B, 1 +
+    /// patches, hidden] with the class token first: transformers'
+    /// `hidden_states[n]` (0: the embeddings after `pre_layrnorm`). LLaVA
+    /// reads its patch features here (`vision_feature_layer`).
+    pub fn hidden_state(&self, pixel_values: &Tensor, n: usize) -> Result<Tensor> {
+        if n > self.layers.len() {
+            return Err(Error::Shape(format!(
+                "hidden state {n} of a vision tower with {} layers",
+                self.layers.len()
+            )));
+        }
+        self.run_layers(self.embed(pixel_values)?, n)
+    }
+
+    /// Patch embedding, class token, positions and the pre-LN.
+    fn embed(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let (b, c, hh, ww) = pixel_values.dims4()?;
         let (p, s) = (self.cfg.patch_size, self.cfg.image_size);
         if c != self.cfg.num_channels || hh != s || ww != s {
@@ -88,16 +109,19 @@ impl VisionTransformer {
             .broadcast_as((b, 1, hdim))?;
         let x = Tensor::cat(&[&cls, &x], 1)?;
         let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
-        let mut x = self.pre_layrnorm.forward(&x)?;
-        if cpu_kernels::applies(&x) {
-            x = forward_fused(&self.layers, &x, &AttnMask::None)?;
-        } else {
-            for layer in &self.layers {
-                x = layer.forward(&x, &AttnMask::None)?;
-            }
+        self.pre_layrnorm.forward(&x)
+    }
+
+    /// The first `n` encoder layers over `x`.
+    fn run_layers(&self, mut x: Tensor, n: usize) -> Result<Tensor> {
+        let layers = &self.layers[..n];
+        if cpu_kernels::applies(&x) && !layers.is_empty() {
+            return forward_fused(layers, &x, &AttnMask::None);
         }
-        let pooled = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
-        self.post_layernorm.forward(&pooled)
+        for layer in layers {
+            x = layer.forward(&x, &AttnMask::None)?;
+        }
+        Ok(x)
     }
 
     pub fn config(&self) -> &VisionConfig {

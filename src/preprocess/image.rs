@@ -129,6 +129,32 @@ impl ImageProcessorConfig {
         }
     }
 
+    /// The preprocessor_config.json that transformers reads back as this
+    /// config (CLIPImageProcessor, or ChineseCLIPImageProcessor for an
+    /// exact resize), bicubic as both use.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let (kind, size) = match self.resize {
+            ResizeTo::ShortestEdge(e) => (
+                "CLIPImageProcessor",
+                serde_json::json!({"shortest_edge": e}),
+            ),
+            ResizeTo::Exact { height, width } => (
+                "ChineseCLIPImageProcessor",
+                serde_json::json!({"height": height, "width": width}),
+            ),
+        };
+        serde_json::json!({
+            "image_processor_type": kind,
+            "do_resize": self.do_resize, "size": size,
+            "do_center_crop": self.do_center_crop,
+            "crop_size": {"height": self.crop.0, "width": self.crop.1},
+            "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": self.mean, "image_std": self.std,
+            "do_convert_rgb": self.do_convert_rgb, "resample": 3
+        })
+    }
+
     /// ChineseCLIPImageProcessor's behaviour: straight resize, no crop.
     pub fn chinese_clip_default(size: u32) -> Self {
         Self {

@@ -104,16 +104,7 @@ fn config_file(path: &Path) -> Result<serde_json::Value> {
 }
 
 fn preprocessor_json(image_size: u64) -> serde_json::Value {
-    json!({
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": true, "size": {"shortest_edge": image_size},
-        "do_center_crop": true, "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": true, "rescale_factor": 0.00392156862745098,
-        "do_normalize": true,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": true, "resample": 3
-    })
+    crate::preprocess::ImageProcessorConfig::clip_default(image_size as u32).to_hf_json()
 }
 
 /// Writes a preset checkpoint directory without weights' values yet:

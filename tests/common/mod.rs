@@ -66,3 +66,23 @@ pub fn signal(child: &std::process::Child, sig: i32) {
 pub fn running_as_root() -> bool {
     unsafe { geteuid() == 0 }
 }
+
+/// SmolLM2-135M-Instruct's GGUF, fetched once by scripts/get-smollm2.sh.
+pub fn smollm2() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let out = std::process::Command::new(root.join("scripts/get-smollm2.sh"))
+            .output()
+            .expect("run scripts/get-smollm2.sh");
+        assert!(
+            out.status.success(),
+            "scripts/get-smollm2.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let p = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        assert!(p.is_file(), "{} missing", p.display());
+        p
+    })
+    .clone()
+}

@@ -1,0 +1,247 @@
+//! `clasp assemble`, `clasp caption` and `clasp chat`: front ends over
+//! `clasp::vlm`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use clasp::data::ImageSource;
+use clasp::llm::{GenerateOptions, SamplingParams};
+use clasp::vlm::model::{DESCRIBE_EN, DESCRIBE_ZH};
+use clasp::vlm::{ConnectorKind, Vlm};
+
+use super::BarProgress;
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectorArg {
+    /// LLaVA-1.5's two-layer MLP with GELU, on every patch token.
+    Mlp2xGelu,
+    /// A Perceiver resampler: --queries learnable queries, --layers blocks.
+    Resampler,
+}
+
+/// Build an untrained vision-language model from a CLIP-family checkpoint and
+/// a language model, and save it as a LlavaForConditionalGeneration folder.
+#[derive(Args, Debug)]
+pub struct AssembleArgs {
+    /// A CLIP-family checkpoint folder whose vision tower is used (frozen).
+    #[arg(long)]
+    pub vision: PathBuf,
+    /// The language model: a .gguf file, a folder holding one, or a LlamaForCausalLM folder.
+    #[arg(long)]
+    pub llm: PathBuf,
+    #[arg(long, value_enum, default_value_t = ConnectorArg::Mlp2xGelu)]
+    pub connector: ConnectorArg,
+    /// Resampler queries: image tokens per image.
+    #[arg(long, default_value_t = 16)]
+    pub queries: usize,
+    /// Resampler cross-attention blocks.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Resampler attention heads (they divide the vision width).
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// The vision hidden state the features come from (−2: the penultimate layer, as LLaVA).
+    #[arg(long, default_value_t = -2, allow_negative_numbers = true)]
+    pub vision_feature_layer: i64,
+    /// Seed of the connector's initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, short)]
+    pub output: PathBuf,
+}
+
+impl AssembleArgs {
+    pub fn kind(&self) -> ConnectorKind {
+        match self.connector {
+            ConnectorArg::Mlp2xGelu => ConnectorKind::Mlp2xGelu,
+            ConnectorArg::Resampler => ConnectorKind::Resampler {
+                queries: self.queries,
+                layers: self.layers,
+                heads: self.heads,
+            },
+        }
+    }
+}
+
+pub fn assemble_cmd(a: AssembleArgs) -> Result<ExitCode> {
+    let vlm = Vlm::assemble(
+        &a.vision,
+        &a.llm,
+        a.kind(),
+        a.vision_feature_layer,
+        a.seed,
+        &candle_core::Device::Cpu,
+    )?;
+    vlm.save(&a.output)?;
+    eprintln!(
+        "wrote {} ({} image tokens per image, image token id {})",
+        a.output.display(),
+        vlm.image_tokens(),
+        vlm.cfg.image_token_index
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sampling flags shared by caption and chat.
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// Most new tokens.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0 is greedy decoding (reproducible).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SampleArgs {
+    fn options(&self) -> Result<GenerateOptions> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            ..Default::default()
+        };
+        sampling.validate().map_err(|e| anyhow::anyhow!(e))?;
+        Ok(GenerateOptions {
+            max_new_tokens: self.max_tokens,
+            sampling,
+            ..Default::default()
+        })
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LangArg {
+    En,
+    Zh,
+}
+
+/// Caption images with a vision-language model.
+#[derive(Args, Debug)]
+pub struct CaptionArgs {
+    /// A VLM checkpoint folder (LlavaForConditionalGeneration layout).
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// Image files.
+    pub images: Vec<PathBuf>,
+    /// A folder of images, or a list file with one path per line.
+    #[arg(long, value_name = "DIR_OR_LIST")]
+    pub images_from: Option<PathBuf>,
+    /// The instruction's language: "Describe the image." or its Chinese.
+    #[arg(long, value_enum, default_value_t = LangArg::En)]
+    pub lang: LangArg,
+    /// The user turn instead of the default; `<image>` marks the image (put first when absent).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Images captioned together.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+    /// Print [{"path", "caption"}] as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The user turn: `prompt` with `<image>` put first when it has none.
+fn user_turn(prompt: Option<&str>, lang: LangArg) -> String {
+    match prompt {
+        Some(p) if p.contains("<image>") => p.to_string(),
+        Some(p) => Vlm::caption_turn(p),
+        None => Vlm::caption_turn(match lang {
+            LangArg::En => DESCRIBE_EN,
+            LangArg::Zh => DESCRIBE_ZH,
+        }),
+    }
+}
+
+fn load(model: &Path) -> Result<Vlm> {
+    if !clasp::vlm::checkpoint::is_vlm(model) {
+        bail!(
+            "{}: not a vision-language checkpoint (config.json with model_type llava); make one with `clasp assemble` or `clasp train --llm ... --vision ...`",
+            model.display()
+        );
+    }
+    Ok(Vlm::load(model, &candle_core::Device::Cpu)?)
+}
+
+pub fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
+    let mut paths = a.images.clone();
+    if let Some(src) = &a.images_from {
+        paths.extend(clasp::encoder::image_inputs_from(src)?);
+    }
+    if paths.is_empty() {
+        bail!("give image files, or --images-from DIR_OR_LIST");
+    }
+    let vlm = load(&a.model)?;
+    let sources: Vec<ImageSource> = paths.iter().cloned().map(ImageSource::File).collect();
+    let bar = BarProgress::default();
+    let results = clasp::vlm::caption::caption_images(
+        &vlm,
+        &sources,
+        &user_turn(a.prompt.as_deref(), a.lang),
+        &a.sample.options()?,
+        a.batch_size,
+        &bar,
+    )?;
+    let mut failed = 0;
+    let mut rows = Vec::new();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for (p, r) in paths.iter().zip(results) {
+        match r {
+            Ok(g) => {
+                if a.json {
+                    rows.push(
+                        serde_json::json!({"path": p.display().to_string(), "caption": g.text}),
+                    );
+                } else {
+                    writeln!(out, "{}\t{}", p.display(), g.text.replace('\n', " "))?;
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+    }
+    if failed > 0 {
+        eprintln!("{failed} of {} images could not be captioned", paths.len());
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ask a vision-language model about one image.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// A VLM checkpoint folder.
+    #[arg(short, long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub image: PathBuf,
+    /// The question; `<image>` marks where the image goes (put first when absent).
+    #[arg(short, long)]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+}
+
+pub fn chat_cmd(a: ChatArgs) -> Result<ExitCode> {
+    let vlm = load(&a.model)?;
+    let px = vlm.pixels(&[a.image.as_path()])?;
+    let user = user_turn(Some(&a.prompt), LangArg::En);
+    let g = vlm.generate(&px, &user, &a.sample.options()?)?;
+    println!("{}", g[0].text);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,18 @@
+//! The bridge generation: a LLaVA-style vision-language model. A CLIP-family
+//! vision tower gives patch features from a chosen layer; a connector
+//! (LLaVA-1.5's `mlp2x_gelu`, or a Perceiver resampler) maps them to image
+//! tokens in the language model's embedding space; the language model reads
+//! them where the prompt has its `<image>` placeholder.
+//!
+//! - `connector`: the two connectors;
+//! - `model`: the assembled model, its prompts and its generation;
+//! - `checkpoint`: the `LlavaForConditionalGeneration` layout that
+//!   transformers loads.
+
+pub mod caption;
+pub mod checkpoint;
+pub mod connector;
+pub mod model;
+
+pub use connector::{Connector, ConnectorKind};
+pub use model::{FeatureSelect, Vlm, VlmConfig};

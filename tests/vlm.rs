@@ -1,0 +1,256 @@
+//! The vision-language model against transformers' LlavaForConditionalGeneration
+//! on the checkpoint clasp saves (fixtures: scripts/gen_vlm_fixtures.py, which
+//! runs `clasp assemble` on the committed random-weight CLIP vision tower and
+//! SmolLM2, then transformers on the saved folder).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use clasp::vlm::{ConnectorKind, Vlm};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm")
+}
+
+fn shared_image(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/flickr8k/images")
+        .join(name)
+}
+
+/// The model the fixture generator assembled: same tower, LLM and seed.
+fn vlm() -> &'static Vlm {
+    static M: OnceLock<Vlm> = OnceLock::new();
+    M.get_or_init(|| {
+        Vlm::assemble(
+            &fixtures().join("vision"),
+            &common::smollm2(),
+            ConnectorKind::Mlp2xGelu,
+            -2,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap()
+    })
+}
+
+fn fixture() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("llava_logits.json")).unwrap())
+        .unwrap()
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn f32s2(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+/// Prompts, pixels and logits equal transformers' on held-out photos, in
+/// English and Chinese: ids exactly (the Llava processor's expansion of
+/// `<image>` included), logits to 1e-3 at the last 24 positions (64 fixed
+/// vocabulary ids and the top 16), and the argmax at every position.
+#[test]
+fn logits_equal_transformers_llava_on_the_saved_checkpoint() {
+    let m = vlm();
+    let mut worst = 0f32;
+    let f = fixture();
+    for c in f["cases"].as_array().unwrap() {
+        let name = format!("{} {}", c["image"], c["lang"]);
+        let ids = m.chat_prompt(c["user"].as_str().unwrap(), 1).unwrap();
+        assert_eq!(ids, u32s(&c["input_ids"]), "{name}: input ids");
+        let img = shared_image(c["image"].as_str().unwrap());
+        let ours: Vec<f32> = m
+            .pixels(&[img.as_path()])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let theirs: Vec<f32> = f["pixel_values"][c["image"].as_str().unwrap()]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        // The same preprocessing up to the JPEG decoders (zune-jpeg against
+        // Pillow's libjpeg-turbo differ by IDCT rounding, see core_parity).
+        let jpeg_bound = 3.0 / 255.0 / 0.261_302_6 + 1e-5;
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!((a - b).abs() <= jpeg_bound, "{name}: pixel {a} vs {b}");
+        }
+        // The model is compared on the processor's pixels.
+        let px = candle_core::Tensor::from_vec(theirs, (1, 3, 32, 32), &Device::Cpu).unwrap();
+        let logits: Vec<Vec<f32>> = m.logits(&ids, &px).unwrap().to_vec2().unwrap();
+        let t = logits.len();
+        let argmax: Vec<u32> = logits
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .unwrap()
+                    .0 as u32
+            })
+            .collect();
+        let want_argmax = u32s(&c["argmax"]);
+        for (p, (a, w)) in argmax.iter().zip(&want_argmax).enumerate() {
+            if a != w {
+                // Only a near-tie may differ.
+                let r = &logits[p];
+                assert!(
+                    (r[*a as usize] - r[*w as usize]).abs() < 1e-3,
+                    "{name}: argmax at {p}: {a} vs transformers' {w}"
+                );
+            }
+        }
+        let last = &logits[t - 24..];
+        for (key, ids_key) in [("fixed", "fixed_ids"), ("top", "top_ids")] {
+            let want = f32s2(&c[key]);
+            let ids: Vec<Vec<u32>> = match &c[ids_key] {
+                Value::Array(a) if a.first().is_some_and(|x| x.is_array()) => {
+                    a.iter().map(u32s).collect()
+                }
+                v => vec![u32s(v); 24],
+            };
+            for (p, (row, wrow)) in last.iter().zip(&want).enumerate() {
+                for (&id, w) in ids[p].iter().zip(wrow) {
+                    let d = (row[id as usize] - w).abs();
+                    worst = worst.max(d);
+                    assert!(
+                        d <= 1e-3,
+                        "{name}: {key} logit of {id} at {p}: {} vs {w}",
+                        row[id as usize]
+                    );
+                }
+            }
+        }
+    }
+    eprintln!("largest logit difference against transformers: {worst:.2e}");
+}
+
+/// What clasp saves, clasp loads back to the same logits, and the folder
+/// holds what transformers' Llava classes read.
+#[test]
+fn a_saved_vlm_loads_back_to_identical_logits() {
+    let m = vlm();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("vlm");
+    m.save(&dir).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let back = Vlm::load(&dir, &Device::Cpu).unwrap();
+    let img = shared_image("2090545563_a4e66ec76b.jpg");
+    let ids = m
+        .chat_prompt("<image>\nWhat is in the picture?", 1)
+        .unwrap();
+    assert_eq!(
+        back.chat_prompt("<image>\nWhat is in the picture?", 1)
+            .unwrap(),
+        ids
+    );
+    let a: Vec<Vec<f32>> = m
+        .logits(&ids, &m.pixels(&[img.as_path()]).unwrap())
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let b: Vec<Vec<f32>> = back
+        .logits(&ids, &back.pixels(&[img.as_path()]).unwrap())
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    // The loaded head has one more column (the image token's, all zero).
+    // The loaded language model runs transformers' layout (rotary halves)
+    // where the GGUF ran its interleaved one: equal up to float rounding.
+    let mut worst = 0f32;
+    for (ra, rb) in a.iter().zip(&b) {
+        assert_eq!(rb.len(), ra.len() + 1);
+        assert_eq!(rb[ra.len()], 0.0);
+        for (x, y) in ra.iter().zip(rb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst < 1e-4, "saved and loaded logits differ by {worst}");
+}
+
+/// Bad input gets an error that says what is wrong.
+#[test]
+fn bad_prompts_images_and_mismatched_towers_are_refused_by_name() {
+    let m = vlm();
+    let e = m
+        .chat_prompt("<image><image> compare", 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2 <image> placeholders for 1 image"), "{e}");
+    let e = m.chat_prompt("no image here", 1).unwrap_err().to_string();
+    assert!(e.contains("0 <image> placeholders"), "{e}");
+    let d = tempfile::tempdir().unwrap();
+    let not_image = d.path().join("notes.jpg");
+    std::fs::write(&not_image, b"plain text, not a JPEG").unwrap();
+    let e = m.pixels(&[not_image.as_path()]).unwrap_err().to_string();
+    assert!(e.contains("notes.jpg"), "{e}");
+    // A checkpoint whose vision tower is wider than its connector expects.
+    let dir = d.path().join("vlm");
+    m.save(&dir).unwrap();
+    let cfg_path = dir.join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["vision_config"]["hidden_size"] = 48.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = Vlm::load(&dir, &Device::Cpu).err().unwrap().to_string();
+    assert!(
+        e.contains("does the vision tower match the connector"),
+        "{e}"
+    );
+}
+
+/// Generation never emits the image placeholder and is reproducible under
+/// greedy decoding; a batch of images equals the images one at a time.
+#[test]
+fn greedy_captions_are_reproducible_and_batched_equals_single() {
+    let m = vlm();
+    let imgs: Vec<PathBuf> = ["2090545563_a4e66ec76b.jpg", "3393035454_2d2370ffd4.jpg"]
+        .iter()
+        .map(|n| shared_image(n))
+        .collect();
+    let refs: Vec<&Path> = imgs.iter().map(|p| p.as_path()).collect();
+    let opts = clasp::llm::GenerateOptions {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let turn = Vlm::caption_turn("Describe the image.");
+    let both = m.generate(&m.pixels(&refs).unwrap(), &turn, &opts).unwrap();
+    for (i, p) in refs.iter().enumerate() {
+        let one = m.generate(&m.pixels(&[*p]).unwrap(), &turn, &opts).unwrap();
+        assert_eq!(one[0].ids, both[i].ids, "image {i}");
+        assert!(!one[0].ids.contains(&m.cfg.image_token_index));
+    }
+}
