@@ -53,6 +53,45 @@ def r5(t):
     return [[round(float(x), 5) for x in row] for row in t]
 
 
+TRAIN = [("2090545563_a4e66ec76b.jpg", "en", "A dog runs across the grass ."),
+         ("3393035454_2d2370ffd4.jpg", "zh", "两个孩子在海滩上玩耍。")]
+
+
+def lm_loss_case(model, proc, pixels):
+    """Stage 1's loss and the connector's gradient on a right-padded batch of two: the
+    answer tokens (caption + end of turn) count, the prompt and the padding do not."""
+    tok = proc.tokenizer
+    rows, labels, pv = [], [], []
+    for img, lang, caption in TRAIN:
+        text = tok.apply_chat_template([{"role": "user", "content": PROMPTS[lang]}], tokenize=False,
+                                       add_generation_prompt=True)
+        prompt = proc(images=Image.open(os.path.join(SHARED, "images", img)), text=text,
+                      return_tensors="pt")["input_ids"][0].tolist()
+        answer = tok(caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+        pv.append(torch.tensor(pixels[img]).reshape(3, 32, 32))
+    t = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tok.eos_token_id] * (t - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in rows])
+    lab = torch.tensor([l + [-100] * (t - len(l)) for l in labels])
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=torch.stack(pv), labels=lab)
+    out.loss.backward()
+    p = dict(model.model.multi_modal_projector.named_parameters())
+    g = {k: v.grad.detach() for k, v in p.items()}
+    return {
+        "rows": [{"image": i, "lang": l, "caption": c, "ids": r, "answer_len": len(lb) - lb.count(-100)}
+                 for (i, l, c), r, lb in zip(TRAIN, rows, labels)],
+        "loss": float(out.loss),
+        "grad_norms": {k: float(v.norm()) for k, v in g.items()},
+        "grad_linear_1_bias": [float(x) for x in g["linear_1.bias"]],
+        "grad_linear_2_bias": [float(x) for x in g["linear_2.bias"]],
+        "grad_linear_1_weight_rows": g["linear_1.weight"][:4].tolist(),
+        "grad_linear_2_weight_block": g["linear_2.weight"][:4, :64].tolist(),
+    }
+
+
 def main():
     gguf = subprocess.run([os.path.join(ROOT, "scripts/get-smollm2.sh")], check=True,
                           capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -92,8 +131,9 @@ def main():
                     "top_ids": top.indices.tolist(),
                     "top": r5(top.values),
                 })
+        train = lm_loss_case(model, proc, pixels)
         json.dump({"transformers": __import__("transformers").__version__, "cases": cases,
-                   "pixel_values": pixels},
+                   "pixel_values": pixels, "lm_loss": train},
                   open(os.path.join(OUT, "llava_logits.json"), "w"))
         print("wrote", len(cases), "cases")
 

@@ -254,3 +254,114 @@ fn greedy_captions_are_reproducible_and_batched_equals_single() {
         assert!(!one[0].ids.contains(&m.cfg.image_token_index));
     }
 }
+
+/// Stage 1's loss and the connector's gradient equal transformers' (the
+/// same batch of two, right-padded, English and Chinese captions): the LM
+/// loss counts the answer tokens only, and the gradient reaches the
+/// connector through the frozen f32 language model.
+#[test]
+fn answer_loss_and_connector_gradients_equal_transformers() {
+    use clasp::train::vlm::{answer_loss, Example};
+    let m = vlm();
+    let f = fixture();
+    let case = &f["lm_loss"];
+    let mut examples = Vec::new();
+    let mut pixels = Vec::new();
+    for r in case["rows"].as_array().unwrap() {
+        let lang = clasp::data::Lang::parse(r["lang"].as_str().unwrap()).unwrap();
+        let e = Example::caption(m, lang, r["caption"].as_str().unwrap(), 48).unwrap();
+        let ids: Vec<u32> = [e.prompt.clone(), e.answer.clone()].concat();
+        assert_eq!(ids, u32s(&r["ids"]), "token ids of {}", r["caption"]);
+        assert_eq!(e.answer.len() as u64, r["answer_len"].as_u64().unwrap());
+        pixels.extend(
+            f["pixel_values"][r["image"].as_str().unwrap()]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32),
+        );
+        examples.push(e);
+    }
+    let px = candle_core::Tensor::from_vec(pixels, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let loss = {
+        let _g = clasp::model::grad_mode_guard(true);
+        answer_loss(m, &examples, &m.image_features(&px).unwrap()).unwrap()
+    };
+    let lv = loss.to_scalar::<f32>().unwrap() as f64;
+    let want = case["loss"].as_f64().unwrap();
+    assert!(
+        (lv - want).abs() < 1e-4,
+        "loss {lv} vs transformers' {want}"
+    );
+    let grads = loss.backward().unwrap();
+    let grad = |name: &str| -> Vec<Vec<f32>> {
+        let v = m
+            .connector
+            .vars()
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .clone();
+        let g = grads.get(v.as_tensor()).expect("a gradient").clone();
+        match g.rank() {
+            1 => vec![g.to_vec1().unwrap()],
+            _ => g.to_vec2().unwrap(),
+        }
+    };
+    let close = |got: &[f32], want: &Value, what: &str| {
+        let want: Vec<f32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * scale.max(1e-3) + 1e-6,
+                "{what}[{i}]: {a} vs transformers' {b}"
+            );
+        }
+    };
+    close(
+        &grad("linear_1.bias")[0],
+        &case["grad_linear_1_bias"],
+        "linear_1.bias",
+    );
+    close(
+        &grad("linear_2.bias")[0],
+        &case["grad_linear_2_bias"],
+        "linear_2.bias",
+    );
+    let w1 = grad("linear_1.weight");
+    for r in 0..4 {
+        close(
+            &w1[r],
+            &case["grad_linear_1_weight_rows"][r],
+            "linear_1.weight",
+        );
+    }
+    let w2 = grad("linear_2.weight");
+    for r in 0..4 {
+        close(
+            &w2[r][..64],
+            &case["grad_linear_2_weight_block"][r],
+            "linear_2.weight",
+        );
+    }
+    for (name, want) in case["grad_norms"].as_object().unwrap() {
+        let g = grad(name);
+        let norm = g
+            .iter()
+            .flatten()
+            .map(|x| (*x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let w = want.as_f64().unwrap();
+        assert!(
+            (norm - w).abs() <= 1e-4 * w,
+            "{name}: gradient norm {norm} vs {w}"
+        );
+    }
+}

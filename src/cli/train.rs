@@ -44,6 +44,44 @@ pub struct TrainArgs {
     #[arg(long, requires = "text_init")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text_pooling: Option<clasp::model::config::TextPooling>,
+    /// Train a vision-language model: the language model (a .gguf, or a LlamaForCausalLM
+    /// folder) that the connector feeds. Needs --vision.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm: Option<PathBuf>,
+    /// Train a vision-language model: the CLIP-family checkpoint whose vision tower
+    /// (frozen) gives the patch features.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vision: Option<PathBuf>,
+    /// The connector between the towers: mlp2x_gelu or resampler.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connector: Option<String>,
+    /// Resampler queries: the image tokens per image.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queries: Option<usize>,
+    /// Resampler cross-attention blocks.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resampler_layers: Option<usize>,
+    /// Resampler attention heads.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resampler_heads: Option<usize>,
+    /// The vision hidden state the features come from (-2: the penultimate layer).
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vision_feature_layer: Option<i64>,
+    /// 1: only the connector learns (2, LoRA on the language model, is not built yet).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<u8>,
+    /// Vision-language runs: captions longer than this many tokens are cut.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_answer_tokens: Option<usize>,
     /// cpu or cuda (GPU 0; a build with `--features cuda`)
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -266,9 +304,14 @@ pub struct TrainArgs {
 /// The bar's message shows loss, learning rate, temperature and speed.
 impl TrainProgress for BarProgress {
     fn step(&self, log: &StepLog) {
+        let temp = if log.temperature.is_finite() {
+            format!(" T {:.1}", log.temperature)
+        } else {
+            String::new()
+        };
         self.message(&format!(
-            "loss {:.4} lr {:.2e} T {:.1} {:.1} img/s",
-            log.loss, log.lr, log.temperature, log.images_per_s
+            "loss {:.4} lr {:.2e}{temp} {:.1} img/s",
+            log.loss, log.lr, log.images_per_s
         ));
         if let Some(d) = &log.dev {
             eprintln!("step {}: dev {}", log.step, d);
@@ -291,6 +334,16 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         .context("installing the Ctrl-C handler")?;
     }
     let bar = BarProgress::default();
+    let vlm = match &a.resume {
+        Some(dir) => clasp::train::state::read(dir, &candle_core::Device::Cpu)?
+            .0
+            .config
+            .is_vlm(),
+        None => a.llm.is_some() || a.vision.is_some() || build_config(&a)?.is_vlm(),
+    };
+    if vlm {
+        return run_vlm(&a, &stop, &bar);
+    }
     let mut run = match &a.resume {
         Some(dir) => Trainer::resume(dir)?,
         None => {
@@ -330,6 +383,35 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     if let Some(d) = &out.dev {
         println!("{}", serde_json::to_string_pretty(d)?);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `clasp train --llm ... --vision ...`: a vision-language run.
+fn run_vlm(a: &TrainArgs, stop: &AtomicBool, bar: &BarProgress) -> Result<ExitCode> {
+    use clasp::train::vlm::VlmTrainer;
+    let mut run = match &a.resume {
+        Some(dir) => VlmTrainer::resume(dir)?,
+        None => VlmTrainer::new(build_config(a)?)?,
+    };
+    let hooks = trainer::Hooks {
+        progress: bar,
+        evaluate: None,
+    };
+    let out = run.run(stop, a.stop_after, &hooks)?;
+    let dir = run.config().output_dir()?;
+    if let Err(e) = clasp::eval::plot::training_curves(dir) {
+        eprintln!(
+            "warning: could not plot the training curves in {}: {e}",
+            dir.display()
+        );
+    }
+    eprintln!(
+        "{} after {} steps (last loss {:.4}); checkpoint: {}",
+        if out.interrupted { "stopped" } else { "done" },
+        out.steps_done,
+        out.last_loss,
+        out.checkpoint.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

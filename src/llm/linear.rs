@@ -30,6 +30,16 @@ type BlockMatmul<'a> = dyn Fn(&[f32], usize) -> Vec<f32> + 'a;
 const GEMV_ROWS: usize = super::quant::MAX_ROWS;
 
 impl Linear {
+    /// The product with an f32 weight held fixed: its backward gives the
+    /// input's gradient only. Quantized weights are dequantized first.
+    pub(super) fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        let w = match self {
+            Linear::Candle(QMatMul::Tensor(w)) => w.clone(),
+            other => other.dense(x.device())?,
+        };
+        Ok(crate::model::grad_kernels::frozen_linear(x, &w)?)
+    }
+
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, cols, matmul): (usize, usize, &BlockMatmul) = match self {
             Linear::Candle(m) => return Ok(m.forward(x)?),
@@ -100,6 +110,24 @@ impl Group {
             Group::Split(parts) => parts.iter().map(|p| p.forward(x)).collect(),
             Group::Stacked(w, rows) => {
                 let y = w.forward(x)?;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(rows.len());
+                for &r in rows {
+                    out.push(y.narrow(candle_core::D::Minus1, start, r)?);
+                    start += r;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// [`Self::forward`] with frozen f32 weights whose backward reaches the
+    /// input only (training through a frozen model).
+    pub(super) fn forward_frozen(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Group::Split(parts) => parts.iter().map(|p| p.forward_frozen(x)).collect(),
+            Group::Stacked(w, rows) => {
+                let y = w.forward_frozen(x)?;
                 let mut start = 0;
                 let mut out = Vec::with_capacity(rows.len());
                 for &r in rows {

@@ -326,7 +326,7 @@ impl Llama {
             || -> Result<Tensor> {
                 let mut x = x.clone();
                 for (block, kv) in self.blocks.iter().zip(layers.iter_mut()) {
-                    x = self.block(block, &x, kv, &cos, &sin, mask.as_ref())?;
+                    x = self.block(block, &x, Some(kv), &cos, &sin, mask.as_ref(), Ops::Fused)?;
                 }
                 Ok(candle_nn::ops::rms_norm(
                     &x,
@@ -340,9 +340,43 @@ impl Llama {
         x
     }
 
+    /// The final normed hidden states `[b, t, hidden]` of a whole sequence
+    /// (positions from 0, causal, no cache) through ops that all have a
+    /// backward pass, so gradients reach `x` (the input embeddings) through
+    /// the frozen weights. Rows may be right-padded: a real position never
+    /// attends to a later one.
+    pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, t, _) = x.dims3()?;
+        if t > self.cfg.max_position_embeddings {
+            return Err(Error::Generate(format!(
+                "{t} positions exceed the model's context of {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
+        let mut m = vec![0f32; t * t];
+        for i in 0..t {
+            for j in i + 1..t {
+                m[i * t + j] = -1e30;
+            }
+        }
+        let mask = Tensor::from_vec(m, (1, 1, 1, t, t), &self.device)?;
+        let mut x = x.clone();
+        for block in &self.blocks {
+            x = self.block(block, &x, None, &cos, &sin, Some(&mask), Ops::Autograd)?;
+        }
+        Ops::Autograd.rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
+    }
+
     /// Logits `[b, t, vocab]` from final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
+    }
+
+    /// [`Self::logits`] for training: the head's backward reaches `hidden`
+    /// only.
+    pub fn logits_train(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward_frozen(hidden)
     }
 
     /// Input embeddings `[b, t, hidden]` to the logits of the last
@@ -358,55 +392,56 @@ impl Llama {
         self.last_logits(&self.embed(ids)?, cache)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         b: &Block,
         x: &Tensor,
-        kv: &mut KvCache,
+        kv: Option<&mut KvCache>,
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
+        ops: Ops,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
-        let h = candle_nn::ops::rms_norm(x, &b.attn_norm, eps)?;
-        let x = (x + self.attention(b, &h, kv, cos, sin, mask)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
-        let gu = b.gate_up.forward(&h)?;
+        let h = ops.rms_norm(x, &b.attn_norm, eps)?;
+        let x = (x + self.attention(b, &h, kv, cos, sin, mask, ops)?)?;
+        let h = ops.rms_norm(&x, &b.ffn_norm, eps)?;
+        let gu = ops.group(&b.gate_up, &h)?;
         let gate = candle_nn::ops::silu(&gu[0])?;
-        let mlp = b.down.forward(&(gate * &gu[1])?)?;
+        let mlp = ops.linear(&b.down, &(gate * &gu[1])?)?;
         Ok((x + mlp)?)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         blk: &Block,
         x: &Tensor,
-        kv: &mut KvCache,
+        kv: Option<&mut KvCache>,
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
+        ops: Ops,
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let hd = c.head_dim;
-        let qkv = blk.qkv.forward(x)?;
+        let qkv = ops.group(&blk.qkv, x)?;
         let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
         let q = heads(&qkv[0], c.num_heads)?;
         let k = heads(&qkv[1], c.num_kv_heads)?;
         let v = heads(&qkv[2], c.num_kv_heads)?;
-        let (q, k) = match c.rope_layout {
-            RopeLayout::Interleaved => (
-                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-            ),
-            RopeLayout::Half => (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            ),
+        let (q, k) = (
+            ops.rope(c.rope_layout, &q, cos, sin)?,
+            ops.rope(c.rope_layout, &k, cos, sin)?,
+        );
+        let (k, v) = match kv {
+            Some(kv) => kv.append(&k, &v)?,
+            None => (k, v),
         };
-        let (k, v) = kv.append(&k, &v)?;
         let total = k.dim(2)?;
         // Grouped queries without copying keys: the n_rep query heads that
         // share a key head are stacked along the sequence axis.
@@ -421,13 +456,13 @@ impl Llama {
                 .reshape((b, c.num_kv_heads, n_rep * t, total))?,
             None => att,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = ops.softmax(&att)?;
         let y = att.matmul(&v.contiguous()?)?;
         let y = y
             .reshape((b, c.num_heads, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, c.num_heads * hd))?;
-        blk.o.forward(&y)
+        ops.linear(&blk.o, &y)
     }
 
     /// cos/sin for positions start..start+t of each row: `[t, d/2]` when no
@@ -568,6 +603,55 @@ impl Llama {
 /// Reorders the rows of a q or k projection from llama.cpp's interleaved
 /// rotary layout to Hugging Face's rotate-half layout (the inverse of
 /// llama.cpp's convert permutation).
+/// Which implementation of the normalisation, rotary and softmax ops a pass
+/// uses: candle's fused kernels (inference; they have no backward), or
+/// compositions of differentiable ops (training).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ops {
+    Fused,
+    Autograd,
+}
+
+impl Ops {
+    fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        Ok(match self {
+            Ops::Fused => candle_nn::ops::rms_norm(x, w, eps)?,
+            Ops::Autograd => candle_nn::ops::rms_norm_slow(x, w, eps)?,
+        })
+    }
+
+    fn rope(self, layout: RopeLayout, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        use candle_nn::rotary_emb as r;
+        Ok(match (self, layout) {
+            (Ops::Fused, RopeLayout::Interleaved) => r::rope_i(x, cos, sin)?,
+            (Ops::Fused, RopeLayout::Half) => r::rope(x, cos, sin)?,
+            (Ops::Autograd, RopeLayout::Interleaved) => r::rope_i_slow(x, cos, sin)?,
+            (Ops::Autograd, RopeLayout::Half) => r::rope_slow(x, cos, sin)?,
+        })
+    }
+
+    fn linear(self, l: &Linear, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Ops::Fused => l.forward(x),
+            Ops::Autograd => l.forward_frozen(x),
+        }
+    }
+
+    fn group(self, g: &Group, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Ops::Fused => g.forward(x),
+            Ops::Autograd => g.forward_frozen(x),
+        }
+    }
+
+    fn softmax(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Ops::Fused => candle_nn::ops::softmax_last_dim(x)?,
+            Ops::Autograd => candle_nn::ops::softmax(x, candle_core::D::Minus1)?,
+        })
+    }
+}
+
 pub fn interleaved_to_half_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     Ok(w.reshape((heads, rows / heads / 2, 2, cols))?

@@ -313,6 +313,54 @@ impl CustomOp2 for LinearNoBiasOp {
     }
 }
 
+/// [`LinearNoBiasOp`] for a frozen weight: the backward gives dx only.
+/// candle's matmul backward always forms the weight's gradient too (a full
+/// [out, in] GEMM and buffer per layer per step), which for a frozen language
+/// model is most of the backward's work and memory traffic.
+struct FrozenLinearOp;
+
+impl CustomOp2 for FrozenLinearOp {
+    fn name(&self) -> &'static str {
+        "clasp-frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        linear_fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (n, inp, out, _) = linear_dims(_x.shape(), w.shape())?;
+        let (wc, gc) = (w.contiguous()?, grad.contiguous()?);
+        let (wv, gv) = (f32_view(&wc)?, f32_view(&gc)?);
+        use cpu_kernels::{sgemm, MatRef};
+        let dx = sgemm(
+            n,
+            inp,
+            out,
+            MatRef::rows(gv.as_slice(), out),
+            MatRef::rows(wv.as_slice(), inp),
+        );
+        Ok((Some(vec_tensor(dx, _x.shape(), _x)?), None))
+    }
+}
+
+/// `x W^T` with W [out, in] held fixed: gradients reach x, never W.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, FrozenLinearOp)
+}
+
 /// `x W^T + b` over the last dimension of x [.., in], with W [out, in].
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);

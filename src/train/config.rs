@@ -30,6 +30,24 @@ pub struct TrainConfig {
     pub text_init: Option<PathBuf>,
     /// With `text_init`: BERT's pooler or the mean of the token states.
     pub text_pooling: TextPooling,
+    /// A vision-language run: the language model (GGUF or LlamaForCausalLM
+    /// folder) the connector feeds.
+    pub llm: Option<PathBuf>,
+    /// A vision-language run: the CLIP-family checkpoint whose vision tower
+    /// (frozen) gives the patch features.
+    pub vision: Option<PathBuf>,
+    /// The connector: mlp2x_gelu or resampler.
+    pub connector: String,
+    /// Resampler: learnable queries (image tokens per image), blocks, heads.
+    pub queries: usize,
+    pub resampler_layers: usize,
+    pub resampler_heads: usize,
+    /// The vision hidden state the features come from (−2: penultimate).
+    pub vision_feature_layer: i64,
+    /// 1: only the connector learns; 2: the connector and LoRA on the LLM.
+    pub stage: u8,
+    /// Captions longer than this many tokens are cut (vision-language runs).
+    pub max_answer_tokens: usize,
     /// Training data, `FORMAT:PATH` or `PATH`.
     pub dataset: Option<DatasetSpec>,
     pub split: Split,
@@ -114,6 +132,15 @@ impl Default for TrainConfig {
             tokenizer: None,
             text_init: None,
             text_pooling: TextPooling::default(),
+            llm: None,
+            vision: None,
+            connector: "mlp2x_gelu".into(),
+            queries: 16,
+            resampler_layers: 2,
+            resampler_heads: 4,
+            vision_feature_layer: -2,
+            stage: 1,
+            max_answer_tokens: 48,
             dataset: None,
             split: Split::Train,
             lang: Lang::En,
@@ -244,6 +271,27 @@ impl TrainConfig {
         Ok(Some(note))
     }
 
+    /// Whether this run trains a vision-language model (`llm` or `vision`
+    /// given, or `init` is a VLM checkpoint).
+    pub fn is_vlm(&self) -> bool {
+        self.llm.is_some()
+            || self.vision.is_some()
+            || self
+                .init
+                .as_deref()
+                .is_some_and(|i| crate::vlm::checkpoint::is_vlm(std::path::Path::new(i)))
+    }
+
+    /// The connector this run builds.
+    pub fn connector_kind(&self) -> Result<crate::vlm::ConnectorKind> {
+        crate::vlm::ConnectorKind::parse(
+            &self.connector,
+            self.queries,
+            self.resampler_layers,
+            self.resampler_heads,
+        )
+    }
+
     /// The warm-up in steps.
     pub fn warmup_steps(&self) -> usize {
         self.warmup.unwrap_or(self.steps / 10)
@@ -266,6 +314,36 @@ impl TrainConfig {
             );
         }
         self.output_dir()?;
+        if self.is_vlm() {
+            if self.init.is_none() && (self.llm.is_none() || self.vision.is_none()) {
+                return bad(
+                    "llm, vision",
+                    "a vision-language run needs both --llm and --vision (or --init VLM_CHECKPOINT)".into(),
+                );
+            }
+            if self.preset.is_some() {
+                return bad(
+                    "preset",
+                    "a vision-language run starts from --llm and --vision".into(),
+                );
+            }
+            if self.stage != 1 {
+                return bad(
+                    "stage",
+                    format!("stage {} (LoRA on the language model) is not built yet; stage 1 trains the connector", self.stage),
+                );
+            }
+            crate::vlm::ConnectorKind::parse(
+                &self.connector,
+                self.queries,
+                self.resampler_layers,
+                self.resampler_heads,
+            )?;
+            if self.batch_size == 0 || self.steps == 0 {
+                return bad("steps, batch_size", "must be at least 1".into());
+            }
+            return Ok(());
+        }
         match (&self.init, &self.preset) {
             (Some(_), Some(_)) => {
                 return bad("init", "give either init or preset, not both".into())

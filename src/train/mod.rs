@@ -21,3 +21,4 @@ pub mod state;
 pub mod step;
 mod teacher;
 pub mod trainer;
+pub mod vlm;

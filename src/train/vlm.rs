@@ -1,0 +1,388 @@
+//! Training a vision-language model (LLaVA's recipe). Stage 1: only the
+//! connector learns, on image–caption pairs turned into instructions (the
+//! user turn `<image>` + "Describe the image.", the caption as the answer),
+//! English or Chinese. The LM loss counts the answer tokens only (the
+//! caption and its end-of-turn token), as LLaVA masks everything else with
+//! −100. The vision tower runs without a graph; the language model's frozen
+//! f32 weights pass the gradient from the loss back to the image tokens and
+//! on into the connector.
+//!
+//! The habits of `clasp train` hold: config file and flags, seeded data order,
+//! atomic checkpoints (the VLM in the Llava layout) and a resumable state,
+//! metrics.jsonl with plots, progress, Ctrl-C saves.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+
+use super::config::TrainConfig;
+use super::hooks::{Hooks, StepLog, TrainOutcome};
+use super::optim::{self, AdamWConfig, GroupedAdamW};
+use super::order::{self, Order};
+use super::state::{self, checkpoint_dir, State};
+use crate::data::{self, Lang, PairSet};
+use crate::preprocess::image::decode_image;
+use crate::preprocess::pipeline;
+use crate::vlm::model::{DESCRIBE_EN, DESCRIBE_ZH};
+use crate::vlm::Vlm;
+use crate::{Error, Result};
+
+/// One training sequence: the prompt (images expanded) and the answer.
+pub struct Example {
+    pub prompt: Vec<u32>,
+    pub answer: Vec<u32>,
+}
+
+impl Example {
+    /// The user turn for a caption in `lang`, and the caption (cut to
+    /// `max_answer` tokens) closed by the end-of-turn token as the answer.
+    pub fn caption(vlm: &Vlm, lang: Lang, caption: &str, max_answer: usize) -> Result<Self> {
+        let instruction = match lang {
+            Lang::En => DESCRIBE_EN,
+            Lang::Zh => DESCRIBE_ZH,
+        };
+        let prompt = vlm.chat_prompt(&Vlm::caption_turn(instruction), 1)?;
+        let mut answer = vlm.tokenizer.encode(caption.trim(), false)?;
+        answer.truncate(max_answer);
+        let eos = vlm.tokenizer.eos_id().ok_or_else(|| {
+            Error::Report("the language model has no end-of-sequence token".into())
+        })?;
+        answer.push(eos);
+        Ok(Self { prompt, answer })
+    }
+}
+
+/// The mean cross-entropy of every answer token given what precedes it,
+/// with the images' tokens `[B, N, hidden]` spliced into the prompts. The
+/// graph reaches back into `images` (and whatever made them).
+pub fn answer_loss(vlm: &Vlm, examples: &[Example], images: &Tensor) -> Result<Tensor> {
+    let b = examples.len();
+    let seqs: Vec<Vec<u32>> = examples
+        .iter()
+        .map(|e| [e.prompt.as_slice(), e.answer.as_slice()].concat())
+        .collect();
+    let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    let hidden = vlm.llm.config().hidden_size;
+    let mut rows = Vec::with_capacity(b);
+    let (mut idx, mut targets) = (Vec::new(), Vec::new());
+    for (i, (e, ids)) in examples.iter().zip(&seqs).enumerate() {
+        let x = vlm.input_embeds(&e.prompt, &images.narrow(0, i, 1)?)?;
+        let a = Tensor::new(e.answer.as_slice(), vlm.device())?.unsqueeze(0)?;
+        let a = vlm.llm.embed(&a)?.squeeze(0)?;
+        let mut parts = vec![x, a];
+        // Right padding: causal attention keeps real positions blind to it.
+        if ids.len() < t {
+            parts.push(Tensor::zeros(
+                (t - ids.len(), hidden),
+                candle_core::DType::F32,
+                vlm.device(),
+            )?);
+        }
+        rows.push(Tensor::cat(&parts, 0)?);
+        // Position p predicts token p + 1: the answer's tokens.
+        for p in e.prompt.len() - 1..ids.len() - 1 {
+            idx.push((i * t + p) as u32);
+            targets.push(ids[p + 1]);
+        }
+    }
+    let h = vlm.llm.forward_train(&Tensor::stack(&rows, 0)?)?;
+    let picked = h
+        .reshape((b * t, hidden))?
+        .index_select(&Tensor::new(idx.as_slice(), vlm.device())?, 0)?;
+    let logits = vlm.llm.logits_train(&picked)?;
+    let targets = Tensor::new(targets.as_slice(), vlm.device())?;
+    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
+
+/// A vision-language run in progress.
+pub struct VlmTrainer {
+    cfg: TrainConfig,
+    out: PathBuf,
+    vlm: Vlm,
+    opt: GroupedAdamW,
+    vars: Vec<(String, Var)>,
+    set: PairSet,
+    per_image: Vec<Vec<usize>>,
+    order: Order,
+    step: usize,
+}
+
+/// The model a run starts from: its `init` checkpoint, or the vision tower
+/// and language model joined by a fresh connector.
+fn base_model(cfg: &TrainConfig, dev: &Device) -> Result<Vlm> {
+    match (&cfg.init, &cfg.llm, &cfg.vision) {
+        (Some(init), _, _) => Vlm::load(Path::new(init), dev),
+        (None, Some(llm), Some(vision)) => Vlm::assemble(
+            vision,
+            llm,
+            cfg.connector_kind()?,
+            cfg.vision_feature_layer,
+            cfg.seed,
+            dev,
+        ),
+        _ => Err(Error::Report(
+            "a vision-language run needs --llm and --vision, or --init VLM_CHECKPOINT".into(),
+        )),
+    }
+}
+
+impl VlmTrainer {
+    pub fn new(cfg: TrainConfig) -> Result<Self> {
+        cfg.check()?;
+        let out = cfg.output_dir()?.to_path_buf();
+        state::check_fresh_output(&out)?;
+        let dev = cfg.device.open()?;
+        let vlm = base_model(&cfg, &dev)?;
+        let order = Order::new(cfg.seed);
+        Self::build(cfg, vlm, order, 0, None)
+    }
+
+    /// Continues the run in `out`: the model is rebuilt from the run's own
+    /// sources and the connector set from the saved checkpoint, so a resumed
+    /// run computes exactly what an uninterrupted one would.
+    pub fn resume(out: &Path) -> Result<Self> {
+        let (st, _) = state::read(out, &Device::Cpu)?;
+        let cfg = TrainConfig {
+            output: Some(out.to_path_buf()),
+            ..st.config
+        };
+        let dev = cfg.device.open()?;
+        let (st, opt) = state::read(out, &dev)?;
+        let vlm = base_model(&cfg, &dev)?;
+        let w = checkpoint_dir(out).join("model.safetensors");
+        let saved = candle_core::safetensors::load(&w, &dev).map_err(|e| Error::Weights {
+            path: w.clone(),
+            reason: e.to_string(),
+        })?;
+        for (name, v) in vlm.connector.vars() {
+            let key = format!("multi_modal_projector.{name}");
+            let t = saved.get(&key).ok_or_else(|| {
+                Error::Report(format!("{}: no {key} to resume from", w.display()))
+            })?;
+            v.set(t)?;
+        }
+        Self::build(cfg, vlm, st.order, st.step, Some(opt))
+    }
+
+    fn build(
+        cfg: TrainConfig,
+        vlm: Vlm,
+        order: Order,
+        step: usize,
+        opt_state: Option<HashMap<String, Tensor>>,
+    ) -> Result<Self> {
+        let out = cfg.output_dir()?.to_path_buf();
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        let spec = cfg.dataset.as_ref().expect("checked");
+        let set = data::load_pairs(spec, cfg.split, cfg.lang, None)?;
+        if set.images.len() < cfg.batch_size {
+            return Err(Error::Dataset(format!(
+                "{}: {} images, fewer than one batch of {}",
+                set.name,
+                set.images.len(),
+                cfg.batch_size
+            )));
+        }
+        let per_image = order::captions_per_image(&set);
+        let vars: Vec<(String, Var)> = vlm
+            .connector
+            .vars()
+            .iter()
+            .map(|(n, v)| (format!("multi_modal_projector.{n}"), v.clone()))
+            .collect();
+        let mut opt = GroupedAdamW::new(
+            &vars,
+            AdamWConfig {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..AdamWConfig::default()
+            },
+        )?;
+        if let Some(s) = opt_state {
+            opt.load_state(&s, step)?;
+        }
+        Ok(Self {
+            cfg,
+            out,
+            vlm,
+            opt,
+            vars,
+            set,
+            per_image,
+            order,
+            step,
+        })
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    pub fn model(&self) -> &Vlm {
+        &self.vlm
+    }
+
+    /// One optimiser step on (image, caption) pairs and their prepared pixels.
+    pub fn step(&mut self, batch: &[(usize, usize)], pixels: &[Vec<f32>]) -> Result<StepLog> {
+        let t0 = Instant::now();
+        let cfg = &self.cfg;
+        let lr = optim::cosine_lr(self.step, cfg.lr, cfg.warmup_steps(), cfg.steps);
+        self.opt.set_lr(lr);
+        let v = self.vlm.vision_config();
+        let px = Tensor::from_vec(
+            pixels.concat(),
+            (pixels.len(), v.num_channels, v.image_size, v.image_size),
+            self.vlm.device(),
+        )?;
+        let examples = batch
+            .iter()
+            .map(|(_, c)| {
+                Example::caption(
+                    &self.vlm,
+                    cfg.lang,
+                    &self.set.captions[*c],
+                    cfg.max_answer_tokens,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let loss = {
+            let _graph = crate::model::grad_mode_guard(true);
+            let images = self.vlm.image_features(&px)?;
+            answer_loss(&self.vlm, &examples, &images)?
+        };
+        let lv = loss.to_scalar::<f32>()? as f64;
+        if !lv.is_finite() {
+            return Err(Error::Report(format!(
+                "step {}: the loss is {lv}",
+                self.step + 1
+            )));
+        }
+        let mut grads = loss.backward()?;
+        let projector_norm = optim::clip_grad_norm(&self.vars, &mut grads, cfg.grad_clip)?;
+        self.opt.step(&grads)?;
+        self.step += 1;
+        Ok(StepLog {
+            step: self.step,
+            loss: lv,
+            lr,
+            temperature: f64::NAN,
+            images_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
+            group_grad_norms: Some(
+                [("projector".to_string(), projector_norm)]
+                    .into_iter()
+                    .collect(),
+            ),
+            grad_conflict: None,
+            skipped: Vec::new(),
+            dev: None,
+        })
+    }
+
+    fn save_at(&self, order: &Order) -> Result<()> {
+        self.vlm.save(&checkpoint_dir(&self.out))?;
+        let st = State {
+            step: self.step,
+            order: order.clone(),
+            config: self.cfg.clone(),
+        };
+        state::write(&self.out, &self.opt.state().into_iter().collect(), &st)
+    }
+
+    /// Runs to the end of the schedule (or `stop_after` steps, or Ctrl-C),
+    /// preparing images one batch ahead; an unreadable image is skipped and
+    /// reported in its step's log.
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        stop_after: Option<usize>,
+        hooks: &Hooks,
+    ) -> Result<TrainOutcome> {
+        let start = self.step;
+        let end = stop_after.unwrap_or(self.cfg.steps).min(self.cfg.steps);
+        let draw = |o: &mut Order, n: usize, me: &Self| -> Vec<Vec<(usize, usize)>> {
+            (0..n)
+                .map(|_| o.next_batch(&me.per_image, me.cfg.batch_size))
+                .collect()
+        };
+        let base = self.order.clone();
+        let mut live = base.clone();
+        let plan = draw(&mut live, end.saturating_sub(start), self);
+        let order_at = |me: &Self, step: usize| {
+            let mut o = base.clone();
+            draw(&mut o, step - start, me);
+            o
+        };
+        let metrics_path = self.out.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?;
+        let progress = hooks.progress;
+        progress.start("training", end.saturating_sub(start) as u64);
+        let (mut last_loss, mut interrupted) = (f64::NAN, false);
+        let images = self.set.images.clone();
+        let proc = self.vlm.image_processor().clone();
+        pipeline::prepare_ahead(
+            plan,
+            |_, _, pair: &(usize, usize)| {
+                let src = &images[pair.0];
+                proc.process(&decode_image(&src.read()?, &src.path())?)
+            },
+            |prepared| {
+                if stop.load(Ordering::Relaxed) {
+                    interrupted = true;
+                    return Ok(false);
+                }
+                let (batch, pixels, failed) = pipeline::partition(prepared);
+                if batch.is_empty() {
+                    return Err(Error::Report(format!(
+                        "step {}: no readable image in the batch; first error: {}",
+                        self.step + 1,
+                        failed
+                            .first()
+                            .map(|(_, e)| e.to_string())
+                            .unwrap_or_default()
+                    )));
+                }
+                let mut log = self.step(&batch, &pixels)?;
+                log.skipped = failed
+                    .iter()
+                    .map(|((i, _), e)| format!("{}: {e}", images[*i].path().display()))
+                    .collect();
+                last_loss = log.loss;
+                let step = self.step;
+                if (self.cfg.save_every > 0 && step.is_multiple_of(self.cfg.save_every))
+                    || step == end
+                {
+                    self.save_at(&order_at(self, step))?;
+                }
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::to_string(&log).expect("log serialises")
+                )
+                .map_err(|e| Error::io(&metrics_path, e))?;
+                progress.step(&log);
+                progress.inc(1);
+                Ok(true)
+            },
+        )?;
+        progress.finish();
+        self.order = order_at(self, self.step);
+        if interrupted {
+            self.save_at(&self.order)?;
+        }
+        Ok(TrainOutcome {
+            steps_done: self.step,
+            interrupted,
+            last_loss,
+            dev: None,
+            checkpoint: checkpoint_dir(&self.out),
+        })
+    }
+}
