@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod caption;
+pub mod captioning;
 pub mod diagnose;
 pub mod embed;
 pub mod metrics;
