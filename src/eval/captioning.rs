@@ -252,3 +252,35 @@ pub fn write_report(
         serde_json::to_string_pretty(e).map_err(|err| crate::Error::Report(err.to_string()))?;
     std::fs::write(&json, text).map_err(|err| crate::Error::io(&json, err))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wrong_photo_control_scores_a_grounded_model_lower_and_a_constant_one_the_same() {
+        let refs: Vec<Vec<String>> = [
+            "a dog runs on the grass",
+            "two children play in the snow",
+            "a man rides a red bike",
+            "a woman swims in the sea",
+        ]
+        .iter()
+        .map(|r| vec![r.to_string()])
+        .collect();
+        // Captions that describe their own photo.
+        let grounded: Vec<String> = refs.iter().map(|r| r[0].clone()).collect();
+        let (own, wrong) = score_captions(Lang::En, &grounded, &refs);
+        assert!(
+            own.cider_d > 5.0 && wrong.cider_d < 1.0,
+            "{} {}",
+            own.cider_d,
+            wrong.cider_d
+        );
+        // One caption for every photo: the derangement cannot tell.
+        let constant = vec!["a dog in the snow".to_string(); 4];
+        let (own, wrong) = score_captions(Lang::En, &constant, &refs);
+        let total = |s: &CaptionScores| s.per_image.iter().map(|p| p.cider_d).sum::<f64>();
+        assert!((total(&own) - total(&wrong)).abs() < 1e-9);
+    }
+}

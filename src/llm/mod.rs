@@ -17,6 +17,7 @@ pub mod generate;
 pub mod gguf;
 mod linear;
 pub mod llama;
+mod ops;
 pub mod quant;
 pub mod sampling;
 pub mod tokenizer;

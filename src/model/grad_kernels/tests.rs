@@ -1,6 +1,7 @@
 //! Unit tests of `grad_kernels` (kept beside it, in their own file).
 use super::*;
 use candle_core::{Device, Var, D};
+use std::sync::Arc;
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
