@@ -162,31 +162,121 @@ fn attention_matches_composition_under_each_mask() {
         check(
             &[randn(&[b, t, 3 * c])],
             |x| attention(&x[0], h, mask.clone()).unwrap(),
-            |x| {
-                // [3, B, H, T, D]
-                let qkv = x[0]
-                    .reshape((b, t, 3, h, d))
-                    .unwrap()
-                    .permute((2, 0, 3, 1, 4))
-                    .unwrap();
-                let (q, k, v) = (
-                    qkv.get(0).unwrap(),
-                    qkv.get(1).unwrap(),
-                    qkv.get(2).unwrap(),
-                );
-                let mut s = (q.matmul(&k.t().unwrap()).unwrap() * 0.5).unwrap();
-                if let Some(m) = &additive {
-                    s = s.broadcast_add(m).unwrap();
-                }
-                let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
-                p.matmul(&v)
-                    .unwrap()
-                    .transpose(1, 2)
-                    .unwrap()
-                    .reshape((b, t, c))
-                    .unwrap()
-            },
+            |x| attention_composed(&x[0], (b, t, h, d), additive.as_ref()),
             1e-5,
         );
     }
+}
+
+/// softmax(q kᵀ / √d + mask) v from packed qkv [B, T, 3·H·D], composed of
+/// candle ops.
+fn attention_composed(
+    x: &Tensor,
+    (b, t, h, d): (usize, usize, usize, usize),
+    additive: Option<&Tensor>,
+) -> Tensor {
+    // [3, B, H, T, D]
+    let qkv = x
+        .reshape((b, t, 3, h, d))
+        .unwrap()
+        .permute((2, 0, 3, 1, 4))
+        .unwrap();
+    let (q, k, v) = (
+        qkv.get(0).unwrap(),
+        qkv.get(1).unwrap(),
+        qkv.get(2).unwrap(),
+    );
+    let mut s = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+    if let Some(m) = additive {
+        s = s.broadcast_add(m).unwrap();
+    }
+    let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+    p.matmul(&v)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, t, h * d))
+        .unwrap()
+}
+
+/// Every op at sizes past its parallel chunking (thousands of rows and
+/// tens of thousands of elements, where the work splits across threads),
+/// ReLU included, and attention over a packed batch of sequences of
+/// different lengths (padding keys masked per row).
+#[test]
+fn kernels_hold_at_shapes_that_cross_the_parallel_chunking() {
+    let x = randn(&[4, 300, 64]); // 76,800 elements, 1,200 rows
+    let (w, bias) = (randn(&[96, 64]), randn(&[96]));
+    let composed = |t: &[Tensor]| {
+        let y = t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap();
+        match t.get(2) {
+            Some(b) => y.broadcast_add(b).unwrap(),
+            None => y,
+        }
+    };
+    check(
+        &[x.clone(), w.clone(), bias],
+        |t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+        composed,
+        2e-3,
+    );
+    // The frozen-weight linear: the same values and input gradient; no
+    // gradient for the weight.
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = frozen_linear(xv.as_tensor(), &w).unwrap();
+    let want = composed(&[x.clone(), w.clone()]);
+    assert!(max_diff(&y, &want) < 2e-3);
+    let probe = randn(y.dims());
+    let g = (&y * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let dx_want = probe.broadcast_matmul(&w).unwrap();
+    assert!(max_diff(g.get(xv.as_tensor()).unwrap(), &dx_want) < 2e-3);
+    assert!(g.get(&w).is_none());
+    check(
+        &[randn(&[8, 128, 96]), randn(&[96]), randn(&[96])],
+        |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+        |t| {
+            let x = &t[0];
+            let mean = x.mean_keepdim(D::Minus1).unwrap();
+            let xc = x.broadcast_sub(&mean).unwrap();
+            let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(&t[1])
+                .unwrap()
+                .broadcast_add(&t[2])
+                .unwrap()
+        },
+        1e-4,
+    );
+    for act in [Activation::Relu, Activation::QuickGelu] {
+        check(
+            &[(randn(&[64, 129]) * 3.0).unwrap()], // 8,256 elements
+            |t| activate(&t[0], act).unwrap(),
+            |t| match act {
+                Activation::Relu => t[0].relu().unwrap(),
+                _ => (&t[0] * candle_nn::ops::sigmoid(&(&t[0] * 1.702).unwrap()).unwrap()).unwrap(),
+            },
+            1e-4,
+        );
+    }
+    // Three sequences of 48, 31 and 7 tokens packed into one padded batch.
+    let (b, t, h, d) = (3, 48, 4, 16);
+    let mut keys = vec![0f32; b * t];
+    for (row, len) in [48usize, 31, 7].iter().enumerate() {
+        for k in *len..t {
+            keys[row * t + k] = f32::MIN;
+        }
+    }
+    let additive = Tensor::from_vec(keys.clone(), (b, 1, 1, t), &Device::Cpu).unwrap();
+    check(
+        &[randn(&[b, t, 3 * h * d])],
+        |x| attention(&x[0], h, SoftmaxMask::Keys(Arc::new(keys.clone()))).unwrap(),
+        |x| attention_composed(&x[0], (b, t, h, d), Some(&additive)),
+        1e-4,
+    );
 }
