@@ -366,7 +366,16 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         evaluate: Some(&evaluate),
     };
     let out = run.run(&stop, a.stop_after, &hooks)?;
-    let dir = run.config().output_dir()?;
+    finish(run.config().output_dir()?, &out);
+    if let Some(d) = &out.dev {
+        println!("{}", serde_json::to_string_pretty(d)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The end of a run: its curves plotted (a failure is said, not fatal) and
+/// what it did.
+fn finish(dir: &std::path::Path, out: &trainer::TrainOutcome) {
     if let Err(e) = clasp::eval::plot::training_curves(dir) {
         eprintln!(
             "warning: could not plot the training curves in {}: {e}",
@@ -380,10 +389,6 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         out.last_loss,
         out.checkpoint.display()
     );
-    if let Some(d) = &out.dev {
-        println!("{}", serde_json::to_string_pretty(d)?);
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `clasp train --llm ... --vision ...`: a vision-language run.
@@ -398,20 +403,7 @@ fn run_vlm(a: &TrainArgs, stop: &AtomicBool, bar: &BarProgress) -> Result<ExitCo
         evaluate: None,
     };
     let out = run.run(stop, a.stop_after, &hooks)?;
-    let dir = run.config().output_dir()?;
-    if let Err(e) = clasp::eval::plot::training_curves(dir) {
-        eprintln!(
-            "warning: could not plot the training curves in {}: {e}",
-            dir.display()
-        );
-    }
-    eprintln!(
-        "{} after {} steps (last loss {:.4}); checkpoint: {}",
-        if out.interrupted { "stopped" } else { "done" },
-        out.steps_done,
-        out.last_loss,
-        out.checkpoint.display()
-    );
+    finish(run.config().output_dir()?, &out);
     Ok(ExitCode::SUCCESS)
 }
 

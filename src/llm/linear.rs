@@ -108,16 +108,7 @@ impl Group {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
             Group::Split(parts) => parts.iter().map(|p| p.forward(x)).collect(),
-            Group::Stacked(w, rows) => {
-                let y = w.forward(x)?;
-                let mut start = 0;
-                let mut out = Vec::with_capacity(rows.len());
-                for &r in rows {
-                    out.push(y.narrow(candle_core::D::Minus1, start, r)?);
-                    start += r;
-                }
-                Ok(out)
-            }
+            Group::Stacked(w, rows) => split_last(&w.forward(x)?, rows),
         }
     }
 
@@ -126,16 +117,7 @@ impl Group {
     pub(super) fn forward_frozen(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
             Group::Split(parts) => parts.iter().map(|p| p.forward_frozen(x)).collect(),
-            Group::Stacked(w, rows) => {
-                let y = w.forward_frozen(x)?;
-                let mut start = 0;
-                let mut out = Vec::with_capacity(rows.len());
-                for &r in rows {
-                    out.push(y.narrow(candle_core::D::Minus1, start, r)?);
-                    start += r;
-                }
-                Ok(out)
-            }
+            Group::Stacked(w, rows) => split_last(&w.forward_frozen(x)?, rows),
         }
     }
 
@@ -155,6 +137,17 @@ impl Group {
             }
         }
     }
+}
+
+/// A stacked projection's output cut back into its parts' widths.
+fn split_last(y: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+    let mut start = 0;
+    let mut out = Vec::with_capacity(widths.len());
+    for &r in widths {
+        out.push(y.narrow(candle_core::D::Minus1, start, r)?);
+        start += r;
+    }
+    Ok(out)
 }
 
 /// One projection from the file: Q4_1 and Q8_0 straight from their bytes

@@ -54,3 +54,22 @@ pub struct Hooks<'a> {
     /// Needed when the config names an `eval_dataset`.
     pub evaluate: Option<EvalHook<'a>>,
 }
+
+/// Appends a step's line to metrics.jsonl and shows it.
+pub fn record(
+    metrics: &mut std::fs::File,
+    path: &Path,
+    log: &StepLog,
+    progress: &dyn TrainProgress,
+) -> Result<()> {
+    use std::io::Write;
+    writeln!(
+        metrics,
+        "{}",
+        serde_json::to_string(log).expect("log serialises")
+    )
+    .map_err(|e| crate::Error::io(path, e))?;
+    progress.step(log);
+    progress.inc(1);
+    Ok(())
+}

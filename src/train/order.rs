@@ -54,6 +54,37 @@ impl Order {
     }
 }
 
+/// The run's training pairs and each image's caption indices, refusing a
+/// set smaller than one batch.
+pub fn training_pairs(cfg: &super::config::TrainConfig) -> Result<(PairSet, Vec<Vec<usize>>)> {
+    let spec = cfg
+        .dataset
+        .as_ref()
+        .ok_or_else(|| crate::Error::Report("the run has no dataset".into()))?;
+    let set = crate::data::load_pairs(spec, cfg.split, cfg.lang, None)?;
+    if set.images.len() < cfg.batch_size {
+        return Err(crate::Error::Dataset(format!(
+            "{}: {} images, fewer than one batch of {}",
+            set.name,
+            set.images.len(),
+            cfg.batch_size
+        )));
+    }
+    let per_image = captions_per_image(&set);
+    Ok((set, per_image))
+}
+
+/// Opens a run's metrics.jsonl for appending (a resumed run continues it).
+pub fn open_metrics(out: &std::path::Path) -> Result<(std::fs::File, std::path::PathBuf)> {
+    let path = out.join("metrics.jsonl");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| crate::Error::io(&path, e))?;
+    Ok((f, path))
+}
+
 /// Each image's caption indices.
 pub fn captions_per_image(set: &PairSet) -> Vec<Vec<usize>> {
     let mut per_image: Vec<Vec<usize>> = vec![Vec::new(); set.images.len()];

@@ -8,7 +8,6 @@
 //! run on CPU: the data order comes from a saved RNG state, the optimiser
 //! moments are saved exactly, and the weights are saved in f32.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -105,17 +104,7 @@ impl Trainer {
     ) -> Result<Self> {
         let out = cfg.output_dir()?.to_path_buf();
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-        let spec = cfg.dataset.as_ref().expect("checked");
-        let set = data::load_pairs(spec, cfg.split, cfg.lang, None)?;
-        if set.images.len() < cfg.batch_size {
-            return Err(Error::Dataset(format!(
-                "{}: {} images, fewer than one batch of {}",
-                set.name,
-                set.images.len(),
-                cfg.batch_size
-            )));
-        }
-        let per_image = order::captions_per_image(&set);
+        let (set, per_image) = order::training_pairs(&cfg)?;
         let wants_teacher = schedule::names(&cfg.objective)
             .iter()
             .any(|n| n == "distill");
@@ -437,12 +426,7 @@ impl Trainer {
             me.draw(&mut o, step - start);
             o
         };
-        let metrics_path = self.out.join("metrics.jsonl");
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| Error::io(&metrics_path, e))?;
+        let (mut metrics, metrics_path) = order::open_metrics(&self.out)?;
         let progress = hooks.progress;
         progress.start("training", end.saturating_sub(start) as u64);
         let (mut last_loss, mut interrupted, mut last_dev) = (f64::NAN, false, None);
@@ -495,14 +479,7 @@ impl Trainer {
                     last_dev = Some(m.clone());
                     log.dev = Some(m);
                 }
-                writeln!(
-                    metrics,
-                    "{}",
-                    serde_json::to_string(&log).expect("log serialises")
-                )
-                .map_err(|e| Error::io(&metrics_path, e))?;
-                progress.step(&log);
-                progress.inc(1);
+                super::hooks::record(&mut metrics, &metrics_path, &log, progress)?;
                 Ok(true)
             },
         )?;

@@ -12,7 +12,6 @@
 //! metrics.jsonl with plots, progress, Ctrl-C saves.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -24,7 +23,7 @@ use super::hooks::{Hooks, StepLog, TrainOutcome};
 use super::optim::{self, AdamWConfig, GroupedAdamW};
 use super::order::{self, Order};
 use super::state::{self, checkpoint_dir, State};
-use crate::data::{self, Lang, PairSet};
+use crate::data::{Lang, PairSet};
 use crate::preprocess::image::decode_image;
 use crate::preprocess::pipeline;
 use crate::vlm::model::{DESCRIBE_EN, DESCRIBE_ZH};
@@ -177,17 +176,7 @@ impl VlmTrainer {
     ) -> Result<Self> {
         let out = cfg.output_dir()?.to_path_buf();
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-        let spec = cfg.dataset.as_ref().expect("checked");
-        let set = data::load_pairs(spec, cfg.split, cfg.lang, None)?;
-        if set.images.len() < cfg.batch_size {
-            return Err(Error::Dataset(format!(
-                "{}: {} images, fewer than one batch of {}",
-                set.name,
-                set.images.len(),
-                cfg.batch_size
-            )));
-        }
-        let per_image = order::captions_per_image(&set);
+        let (set, per_image) = order::training_pairs(&cfg)?;
         let vars: Vec<(String, Var)> = vlm
             .connector
             .vars()
@@ -316,12 +305,7 @@ impl VlmTrainer {
             draw(&mut o, step - start, me);
             o
         };
-        let metrics_path = self.out.join("metrics.jsonl");
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| Error::io(&metrics_path, e))?;
+        let (mut metrics, metrics_path) = order::open_metrics(&self.out)?;
         let progress = hooks.progress;
         progress.start("training", end.saturating_sub(start) as u64);
         let (mut last_loss, mut interrupted) = (f64::NAN, false);
@@ -361,14 +345,7 @@ impl VlmTrainer {
                 {
                     self.save_at(&order_at(self, step))?;
                 }
-                writeln!(
-                    metrics,
-                    "{}",
-                    serde_json::to_string(&log).expect("log serialises")
-                )
-                .map_err(|e| Error::io(&metrics_path, e))?;
-                progress.step(&log);
-                progress.inc(1);
+                super::hooks::record(&mut metrics, &metrics_path, &log, progress)?;
                 Ok(true)
             },
         )?;

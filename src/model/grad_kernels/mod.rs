@@ -222,20 +222,29 @@ fn linear_fwd(
     Ok((CpuStorage::F32(y), shape))
 }
 
-/// dx and dW of a linear op (db is the column sums of the same gradient).
-fn linear_bwd(x: &Tensor, w: &Tensor, grad: &Tensor) -> CResult<(Tensor, Tensor, Tensor)> {
+/// dx = g W of a linear op.
+fn linear_dx(x: &Tensor, w: &Tensor, grad: &Tensor) -> CResult<Tensor> {
     let (n, inp, out, _) = linear_dims(x.shape(), w.shape())?;
-    let (xc, wc, gc) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
-    let (xv, wv, gv) = (f32_view(&xc)?, f32_view(&wc)?, f32_view(&gc)?);
-    let g = gv.as_slice();
-    use cpu_kernels::{sgemm, MatRef};
-    let dx = sgemm(
+    let (wc, gc) = (w.contiguous()?, grad.contiguous()?);
+    let (wv, gv) = (f32_view(&wc)?, f32_view(&gc)?);
+    let dx = cpu_kernels::sgemm(
         n,
         inp,
         out,
-        MatRef::rows(g, out),
-        MatRef::rows(wv.as_slice(), inp),
+        cpu_kernels::MatRef::rows(gv.as_slice(), out),
+        cpu_kernels::MatRef::rows(wv.as_slice(), inp),
     );
+    vec_tensor(dx, x.shape(), x)
+}
+
+/// dx and dW of a linear op (db is the column sums of the same gradient).
+fn linear_bwd(x: &Tensor, w: &Tensor, grad: &Tensor) -> CResult<(Tensor, Tensor, Tensor)> {
+    let (n, inp, out, _) = linear_dims(x.shape(), w.shape())?;
+    let (xc, gc) = (x.contiguous()?, grad.contiguous()?);
+    let (xv, gv) = (f32_view(&xc)?, f32_view(&gc)?);
+    let g = gv.as_slice();
+    use cpu_kernels::{sgemm, MatRef};
+    let dx = linear_dx(x, w, grad)?;
     let dw = sgemm(
         out,
         inp,
@@ -245,7 +254,7 @@ fn linear_bwd(x: &Tensor, w: &Tensor, grad: &Tensor) -> CResult<(Tensor, Tensor,
     );
     let db = column_sums(g, out);
     Ok((
-        vec_tensor(dx, x.shape(), x)?,
+        dx,
         vec_tensor(dw, w.shape(), w)?,
         Tensor::from_vec(db, out, w.device())?,
     ))
@@ -281,8 +290,13 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// [`LinearOp`] without a bias.
-struct LinearNoBiasOp;
+/// [`LinearOp`] without a bias. With `frozen_weight` the backward gives dx
+/// only: candle's matmul backward always forms the weight's gradient too (a
+/// full [out, in] GEMM and buffer per layer per step), which for a frozen
+/// language model is most of the backward's work and memory traffic.
+struct LinearNoBiasOp {
+    frozen_weight: bool,
+}
 
 impl CustomOp2 for LinearNoBiasOp {
     fn name(&self) -> &'static str {
@@ -306,57 +320,22 @@ impl CustomOp2 for LinearNoBiasOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        if self.frozen_weight {
+            return Ok((Some(linear_dx(x, w, grad)?), None));
+        }
         let (dx, dw, _) = linear_bwd(x, w, grad)?;
         Ok((Some(dx), Some(dw)))
     }
 }
 
-/// [`LinearNoBiasOp`] for a frozen weight: the backward gives dx only.
-/// candle's matmul backward always forms the weight's gradient too (a full
-/// [out, in] GEMM and buffer per layer per step), which for a frozen language
-/// model is most of the backward's work and memory traffic.
-struct FrozenLinearOp;
-
-impl CustomOp2 for FrozenLinearOp {
-    fn name(&self) -> &'static str {
-        "clasp-frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        linear_fwd((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (n, inp, out, _) = linear_dims(_x.shape(), w.shape())?;
-        let (wc, gc) = (w.contiguous()?, grad.contiguous()?);
-        let (wv, gv) = (f32_view(&wc)?, f32_view(&gc)?);
-        use cpu_kernels::{sgemm, MatRef};
-        let dx = sgemm(
-            n,
-            inp,
-            out,
-            MatRef::rows(gv.as_slice(), out),
-            MatRef::rows(wv.as_slice(), inp),
-        );
-        Ok((Some(vec_tensor(dx, _x.shape(), _x)?), None))
-    }
-}
-
 /// `x W^T` with W [out, in] held fixed: gradients reach x, never W.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, FrozenLinearOp)
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        LinearNoBiasOp {
+            frozen_weight: true,
+        },
+    )
 }
 
 /// `x W^T + b` over the last dimension of x [.., in], with W [out, in].
@@ -364,7 +343,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp),
-        None => x.apply_op2(&w, LinearNoBiasOp),
+        None => x.apply_op2(
+            &w,
+            LinearNoBiasOp {
+                frozen_weight: false,
+            },
+        ),
     }
 }
 
