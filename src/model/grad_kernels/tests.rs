@@ -205,6 +205,8 @@ fn attention_composed(
 /// different lengths (padding keys masked per row).
 #[test]
 fn kernels_hold_at_shapes_that_cross_the_parallel_chunking() {
+    // Tolerances grow with the length of the sums (a weight gradient adds
+    // 1,024-1,200 rows, in a different order than candle).
     let x = randn(&[4, 300, 64]); // 76,800 elements, 1,200 rows
     let (w, bias) = (randn(&[96, 64]), randn(&[96]));
     let composed = |t: &[Tensor]| {
@@ -218,7 +220,7 @@ fn kernels_hold_at_shapes_that_cross_the_parallel_chunking() {
         &[x.clone(), w.clone(), bias],
         |t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
         composed,
-        2e-3,
+        5e-3,
     );
     // The frozen-weight linear: the same values and input gradient; no
     // gradient for the weight.
@@ -251,7 +253,7 @@ fn kernels_hold_at_shapes_that_cross_the_parallel_chunking() {
                 .broadcast_add(&t[2])
                 .unwrap()
         },
-        1e-4,
+        2e-3,
     );
     for act in [Activation::Relu, Activation::QuickGelu] {
         check(
@@ -277,6 +279,6 @@ fn kernels_hold_at_shapes_that_cross_the_parallel_chunking() {
         &[randn(&[b, t, 3 * h * d])],
         |x| attention(&x[0], h, SoftmaxMask::Keys(Arc::new(keys.clone()))).unwrap(),
         |x| attention_composed(&x[0], (b, t, h, d), Some(&additive)),
-        1e-4,
+        5e-4,
     );
 }
