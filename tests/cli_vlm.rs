@@ -1,0 +1,190 @@
+//! `clasp assemble`, `clasp caption`, `clasp chat` and `clasp eval caption`
+//! as a user runs them: the CLI's captions are the library's, `--json` has
+//! the documented shape, an unreadable image is reported and the rest still
+//! captioned, and eval's scores equal a rescoring of its own captions.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::Device;
+use serde_json::Value;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn image(name: &str) -> String {
+    root()
+        .join("../shared/data/flickr8k/images")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// An untrained VLM from the fixture tower and SmolLM2.
+fn assembled(dir: &Path) -> String {
+    let out = dir.join("vlm");
+    let vision = root().join("tests/fixtures/vlm/vision");
+    let gguf = common::smollm2();
+    let (code, _, err) = run(&[
+        "assemble",
+        "--vision",
+        vision.to_str().unwrap(),
+        "--llm",
+        gguf.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("16 image tokens per image"), "{err}");
+    out.display().to_string()
+}
+
+#[test]
+fn caption_json_equals_the_library_and_a_bad_image_is_reported_not_fatal() {
+    let d = tempfile::tempdir().unwrap();
+    let model = assembled(d.path());
+    let bad = d.path().join("broken.jpg");
+    std::fs::write(&bad, b"not a jpeg").unwrap();
+    let (a, b) = (
+        image("2090545563_a4e66ec76b.jpg"),
+        image("3393035454_2d2370ffd4.jpg"),
+    );
+    let (code, out, err) = run(&[
+        "caption",
+        "--model",
+        &model,
+        &a,
+        bad.to_str().unwrap(),
+        &b,
+        "--max-tokens",
+        "6",
+        "--json",
+    ]);
+    assert_eq!(code, 1, "one image failed: exit 1\n{err}");
+    assert!(err.contains("broken.jpg"), "{err}");
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["path"], a.as_str());
+    assert_eq!(rows[1]["path"], b.as_str());
+    // The same greedy captions as the library's, one image at a time.
+    let vlm = clasp::vlm::Vlm::load(Path::new(&model), &Device::Cpu).unwrap();
+    let opts = clasp::llm::GenerateOptions {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    for (row, p) in rows.iter().zip([&a, &b]) {
+        let px = vlm.pixels(&[Path::new(p)]).unwrap();
+        let g = vlm
+            .generate(
+                &px,
+                &clasp::vlm::Vlm::caption_turn("Describe the image."),
+                &opts,
+            )
+            .unwrap();
+        assert_eq!(row["caption"], g[0].text.as_str());
+    }
+    // chat answers the same question about one image.
+    let (code, out, err) = run(&[
+        "chat",
+        "--model",
+        &model,
+        "--image",
+        &a,
+        "--prompt",
+        "Describe the image.",
+        "--max-tokens",
+        "6",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim_end(),
+        rows[0]["caption"].as_str().unwrap().trim_end()
+    );
+    // Two placeholders for one image: refused, naming the count.
+    let (code, _, err) = run(&[
+        "chat",
+        "--model",
+        &model,
+        "--image",
+        &a,
+        "--prompt",
+        "<image> <image> compare",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("2 <image> placeholders for 1 image"), "{err}");
+}
+
+#[test]
+fn eval_caption_scores_equal_a_rescoring_of_its_own_captions() {
+    let d = tempfile::tempdir().unwrap();
+    let model = assembled(d.path());
+    let report = d.path().join("report");
+    let data = format!(
+        "flickr8k:{}",
+        root().join("../shared/data/flickr8k").display()
+    );
+    let (code, out, err) = run(&[
+        "eval",
+        "caption",
+        "-m",
+        &model,
+        "-d",
+        &data,
+        "--split",
+        "dev",
+        "--limit",
+        "4",
+        "--max-tokens",
+        "8",
+        "--json",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["images"], 4);
+    let e: Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("captions.json")).unwrap())
+            .unwrap();
+    let caps: Vec<String> = e["captions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["caption"].as_str().unwrap().to_string())
+        .collect();
+    let refs: Vec<Vec<String>> = e["captions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            c["references"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap().to_string())
+                .collect()
+        })
+        .collect();
+    let (own, wrong) = clasp::eval::captioning::score_captions(clasp::data::Lang::En, &caps, &refs);
+    let close = |a: &Value, b: f64| (a.as_f64().unwrap() - b).abs() < 1e-12;
+    assert!(close(&v["scores"]["cider_d"], own.cider_d));
+    assert!(close(&v["scores"]["bleu_1"], own.bleu[0]));
+    assert!(close(&v["wrong_photos"]["cider_d"], wrong.cider_d));
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("grounding control") && md.contains("- **generated:**"));
+}
