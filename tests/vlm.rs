@@ -151,7 +151,7 @@ fn logits_equal_transformers_llava_on_the_saved_checkpoint() {
 /// What clasp saves, clasp loads back to the same logits, and the folder
 /// holds what transformers' Llava classes read.
 #[test]
-fn a_saved_vlm_loads_back_to_identical_logits() {
+fn a_saved_vlm_loads_back_to_the_same_logits_up_to_rounding() {
     let m = vlm();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("vlm");
@@ -198,7 +198,7 @@ fn a_saved_vlm_loads_back_to_identical_logits() {
             worst = worst.max((x - y).abs());
         }
     }
-    assert!(worst < 1e-4, "saved and loaded logits differ by {worst}");
+    assert!(worst < 1e-3, "saved and loaded logits differ by {worst}");
 }
 
 /// Bad input gets an error that says what is wrong.
@@ -364,4 +364,70 @@ fn answer_loss_and_connector_gradients_equal_transformers() {
             "{name}: gradient norm {norm} vs {w}"
         );
     }
+}
+
+/// The resampler variant: N image tokens whatever the patch count, saved in
+/// the same layout with its sizes in `clasp_connector`, loaded back to the
+/// same logits, and trainable (the LM loss's gradient reaches its queries
+/// through the frozen language model).
+#[test]
+fn the_resampler_round_trips_and_its_queries_get_a_gradient() {
+    let kind = ConnectorKind::Resampler {
+        queries: 4,
+        layers: 1,
+        heads: 4,
+    };
+    let m = Vlm::assemble(
+        &fixtures().join("vision"),
+        &common::smollm2(),
+        kind,
+        -2,
+        7,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(m.image_tokens(), 4);
+    let ids = m.chat_prompt("<image>\nDescribe the image.", 1).unwrap();
+    assert_eq!(
+        ids.iter()
+            .filter(|&&i| i == m.cfg.image_token_index)
+            .count(),
+        4
+    );
+    let img = shared_image("2090545563_a4e66ec76b.jpg");
+    let px = m.pixels(&[img.as_path()]).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    m.save(d.path()).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["clasp_connector"]["type"], "resampler");
+    assert_eq!(cfg["clasp_connector"]["queries"], 4);
+    let back = Vlm::load(d.path(), &Device::Cpu).unwrap();
+    assert_eq!(back.cfg.connector, kind);
+    let a: Vec<Vec<f32>> = m.logits(&ids, &px).unwrap().to_vec2().unwrap();
+    let b: Vec<Vec<f32>> = back.logits(&ids, &px).unwrap().to_vec2().unwrap();
+    // Equal up to float rounding: the loaded language model runs the
+    // rotary halves where the GGUF ran its interleaved layout (logits of
+    // about 20 differ by ~1e-4 = 5e-6 relative).
+    for (ra, rb) in a.iter().zip(&b) {
+        for (x, y) in ra.iter().zip(rb) {
+            assert!((x - y).abs() < 1e-3, "{x} vs {y}");
+        }
+    }
+    let e = clasp::train::vlm::Example::caption(&m, clasp::data::Lang::En, "A dog .", 8).unwrap();
+    let loss = {
+        let _g = clasp::model::grad_mode_guard(true);
+        clasp::train::vlm::answer_loss(&m, &[e], &m.image_features(&px).unwrap()).unwrap()
+    };
+    let grads = loss.backward().unwrap();
+    let q = &m
+        .connector
+        .vars()
+        .iter()
+        .find(|(n, _)| n == "resampler.queries")
+        .unwrap()
+        .1;
+    let g: Vec<Vec<f32>> = grads.get(q.as_tensor()).unwrap().to_vec2().unwrap();
+    assert!(g.iter().flatten().any(|x| *x != 0.0));
 }
