@@ -35,6 +35,7 @@ pub use llama::{Llama, LlamaConfig, Precision};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{LlmTokenizer, Message};
 
+use crate::atomic::write_json;
 use crate::{Error, Result};
 
 /// A loaded language model with its tokenizer.
@@ -208,9 +209,4 @@ impl LanguageModel {
             self.tokenizer.save_hf(tmp)
         })
     }
-}
-
-pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Report(e.to_string()))?;
-    std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }

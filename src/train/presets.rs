@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use super::model::Trainable;
+use crate::atomic::write_json;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -213,11 +214,6 @@ pub fn init_lit(
     }
     t.save(dir)?;
     Ok(t)
-}
-
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v).expect("json"))
-        .map_err(|e| Error::io(path, e))
 }
 
 fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {

@@ -26,6 +26,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::connector::{Connector, ConnectorKind};
 use super::model::{FeatureSelect, Vlm, VlmConfig};
+use crate::atomic::write_json;
 use crate::llm::{Llama, LlamaConfig, LlmTokenizer};
 use crate::model::config::VisionConfig;
 use crate::preprocess::{ImageProcessor, ImageProcessorConfig};
@@ -39,11 +40,6 @@ pub fn is_vlm(dir: &Path) -> bool {
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .is_some_and(|v| v["model_type"] == "llava")
-}
-
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Report(e.to_string()))?;
-    std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
 /// `t` [rows, cols] with zero rows appended up to `rows`.
