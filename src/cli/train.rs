@@ -334,20 +334,18 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         .context("installing the Ctrl-C handler")?;
     }
     let bar = BarProgress::default();
-    let vlm = match &a.resume {
-        Some(dir) => clasp::train::state::read(dir, &candle_core::Device::Cpu)?
-            .0
-            .config
-            .is_vlm(),
-        None => a.llm.is_some() || a.vision.is_some() || build_config(&a)?.is_vlm(),
+    // The config: a new run's from the flags and file, a resumed one's saved.
+    let cfg = match &a.resume {
+        Some(dir) => clasp::train::state::read_state(dir)?.config,
+        None => build_config(&a)?,
     };
-    if vlm {
-        return run_vlm(&a, &stop, &bar);
+    if cfg.is_vlm() {
+        return run_vlm(&a, cfg, &stop, &bar);
     }
     let mut run = match &a.resume {
         Some(dir) => Trainer::resume(dir)?,
         None => {
-            let mut cfg = build_config(&a)?;
+            let mut cfg = cfg;
             // A preset's init is written before the run starts, and said.
             trainer::check_fresh_output(cfg.output_dir()?)?;
             if let Some(note) = cfg.materialize_init()? {
@@ -392,11 +390,16 @@ fn finish(dir: &std::path::Path, out: &trainer::TrainOutcome) {
 }
 
 /// `clasp train --llm ... --vision ...`: a vision-language run.
-fn run_vlm(a: &TrainArgs, stop: &AtomicBool, bar: &BarProgress) -> Result<ExitCode> {
+fn run_vlm(
+    a: &TrainArgs,
+    cfg: clasp::train::config::TrainConfig,
+    stop: &AtomicBool,
+    bar: &BarProgress,
+) -> Result<ExitCode> {
     use clasp::train::vlm::VlmTrainer;
     let mut run = match &a.resume {
         Some(dir) => VlmTrainer::resume(dir)?,
-        None => VlmTrainer::new(build_config(a)?)?,
+        None => VlmTrainer::new(cfg)?,
     };
     let hooks = trainer::Hooks {
         progress: bar,

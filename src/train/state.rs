@@ -42,15 +42,24 @@ pub fn check_fresh_output(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The saved state of the run in `out`, with its optimiser tensors.
-pub fn read(out: &Path, dev: &Device) -> Result<(State, HashMap<String, Tensor>)> {
-    let sd = state_dir(out);
-    let path = sd.join("trainer.json");
+/// The saved state of the run in `out` (its step, order and config),
+/// without the optimiser tensors.
+pub fn read_state(out: &Path) -> Result<State> {
+    let path = state_dir(out).join("trainer.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let st: State = serde_json::from_str(&text)
+    let mut st: State = serde_json::from_str(&text)
         .map_err(|e| Error::Report(format!("{}: {e}", path.display())))?;
-    let opt = candle_core::safetensors::load(sd.join("optimizer.safetensors"), dev)?;
-    Ok((st, opt))
+    // The run continues where it now is, wherever it was first written.
+    st.config.output = Some(out.to_path_buf());
+    Ok(st)
+}
+
+/// The optimiser tensors of the run in `out`, on `dev`.
+pub fn read_optimizer(out: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(
+        state_dir(out).join("optimizer.safetensors"),
+        dev,
+    )?)
 }
 
 /// Writes the optimiser tensors and the state, each atomically.

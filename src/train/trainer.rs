@@ -82,16 +82,11 @@ impl Trainer {
 
     /// Continues the run saved in `out`, with its own config.
     pub fn resume(out: &Path) -> Result<Self> {
-        let probe = Device::Cpu;
-        let (st, _) = state::read(out, &probe)?;
-        let cfg = TrainConfig {
-            output: Some(out.to_path_buf()),
-            ..st.config
-        };
-        let dev = cfg.device.open()?;
-        let (st, opt) = state::read(out, &dev)?;
+        let st = state::read_state(out)?;
+        let dev = st.config.device.open()?;
+        let opt = state::read_optimizer(out, &dev)?;
         let t = Trainable::from_checkpoint(&checkpoint_dir(out).to_string_lossy(), &dev)?;
-        Self::build(cfg, dev, t, st.order, st.step, Some(opt))
+        Self::build(st.config, dev, t, st.order, st.step, Some(opt))
     }
 
     fn build(

@@ -144,13 +144,10 @@ impl VlmTrainer {
     /// sources and the connector set from the saved checkpoint, so a resumed
     /// run computes exactly what an uninterrupted one would.
     pub fn resume(out: &Path) -> Result<Self> {
-        let (st, _) = state::read(out, &Device::Cpu)?;
-        let cfg = TrainConfig {
-            output: Some(out.to_path_buf()),
-            ..st.config
-        };
+        let st = state::read_state(out)?;
+        let cfg = st.config;
         let dev = cfg.device.open()?;
-        let (st, opt) = state::read(out, &dev)?;
+        let opt = state::read_optimizer(out, &dev)?;
         let vlm = base_model(&cfg, &dev)?;
         let w = checkpoint_dir(out).join("model.safetensors");
         let saved = candle_core::safetensors::load(&w, &dev).map_err(|e| Error::Weights {
