@@ -511,12 +511,6 @@ fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
     let spec = DatasetSpec::parse(&a.dataset)?;
     let set = data::load_pairs(&spec, Split::parse(&a.split)?, lang, None)?;
     report_issues(&set.issues, a.json);
-    if !clasp::vlm::checkpoint::is_vlm(&a.model) {
-        bail!(
-            "{}: not a vision-language checkpoint (config.json with model_type llava)",
-            a.model.display()
-        );
-    }
     let vlm = clasp::vlm::Vlm::load(&a.model, &candle_core::Device::Cpu)?;
     let opts = clasp::llm::GenerateOptions {
         max_new_tokens: a.max_tokens,

@@ -163,12 +163,6 @@ fn user_turn(prompt: Option<&str>, lang: LangArg) -> String {
 }
 
 fn load(model: &Path) -> Result<Vlm> {
-    if !clasp::vlm::checkpoint::is_vlm(model) {
-        bail!(
-            "{}: not a vision-language checkpoint (config.json with model_type llava); make one with `clasp assemble` or `clasp train --llm ... --vision ...`",
-            model.display()
-        );
-    }
     Ok(Vlm::load(model, &candle_core::Device::Cpu)?)
 }
 

@@ -149,15 +149,15 @@ impl VlmTrainer {
         let dev = cfg.device.open()?;
         let opt = state::read_optimizer(out, &dev)?;
         let vlm = base_model(&cfg, &dev)?;
+        // The connector's tensors only, not the whole saved model.
         let w = checkpoint_dir(out).join("model.safetensors");
-        let saved = candle_core::safetensors::load(&w, &dev).map_err(|e| Error::Weights {
-            path: w.clone(),
-            reason: e.to_string(),
-        })?;
+        let saved = crate::vlm::checkpoint::load_prefixed(&w, &["multi_modal_projector."], &dev)?;
         for (name, v) in vlm.connector.vars() {
-            let key = format!("multi_modal_projector.{name}");
-            let t = saved.get(&key).ok_or_else(|| {
-                Error::Report(format!("{}: no {key} to resume from", w.display()))
+            let t = saved.get(name).ok_or_else(|| {
+                Error::Report(format!(
+                    "{}: no multi_modal_projector.{name} to resume from",
+                    w.display()
+                ))
             })?;
             v.set(t)?;
         }
@@ -218,12 +218,7 @@ impl VlmTrainer {
         let cfg = &self.cfg;
         let lr = optim::cosine_lr(self.step, cfg.lr, cfg.warmup_steps(), cfg.steps);
         self.opt.set_lr(lr);
-        let v = self.vlm.vision_config();
-        let px = Tensor::from_vec(
-            pixels.concat(),
-            (pixels.len(), v.num_channels, v.image_size, v.image_size),
-            self.vlm.device(),
-        )?;
+        let px = self.vlm.pixel_batch(pixels)?;
         let examples = batch
             .iter()
             .map(|(_, c)| {

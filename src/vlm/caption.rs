@@ -1,8 +1,6 @@
 //! Captioning many images: prepared on a worker one batch ahead, generated a
 //! batch at a time, each image's failure kept with it.
 
-use candle_core::Tensor;
-
 use super::model::Vlm;
 use crate::data::ImageSource;
 use crate::llm::{GenerateOptions, Generation};
@@ -26,8 +24,7 @@ pub fn caption_images(
     vlm.chat_prompt(user, 1)?;
     let mut out: Vec<Option<Result<Generation>>> = (0..images.len()).map(|_| None).collect();
     progress.start("captioning", images.len() as u64);
-    let (proc, cfg) = (vlm.image_processor(), vlm.vision_config());
-    let shape = (cfg.num_channels, cfg.image_size, cfg.image_size);
+    let proc = vlm.image_processor();
     pipeline::prepare_ahead(
         pipeline::batches((0..images.len()).collect(), batch),
         |_, _, &i| {
@@ -41,11 +38,7 @@ pub fn caption_images(
                 out[i] = Some(Err(e));
             }
             if !ok.is_empty() {
-                let px = Tensor::from_vec(
-                    pixels.concat(),
-                    (ok.len(), shape.0, shape.1, shape.2),
-                    vlm.device(),
-                )?;
+                let px = vlm.pixel_batch(&pixels)?;
                 for (i, g) in ok.into_iter().zip(vlm.generate(&px, user, opts)?) {
                     out[i] = Some(Ok(g));
                 }

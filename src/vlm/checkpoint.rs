@@ -42,6 +42,31 @@ pub fn is_vlm(dir: &Path) -> bool {
         .is_some_and(|v| v["model_type"] == "llava")
 }
 
+/// The tensors of a safetensors file whose names start with one of
+/// `prefixes` (the first that matches is stripped). Only those are read: the
+/// file is memory-mapped and the rest never leaves the disk.
+pub fn load_prefixed(
+    path: &Path,
+    prefixes: &[&str],
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let bad = |e: candle_core::Error| Error::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    // SAFETY: the file is mapped read-only and dropped before this returns
+    // (every loaded tensor is copied out); clasp never writes a checkpoint in
+    // place (writes go to a temporary folder that is renamed).
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
+    let mut out = HashMap::new();
+    for (name, _) in st.tensors() {
+        if let Some(short) = prefixes.iter().find_map(|p| name.strip_prefix(p)) {
+            out.insert(short.to_string(), st.load(&name, device).map_err(bad)?);
+        }
+    }
+    Ok(out)
+}
+
 /// `t` [rows, cols] with zero rows appended up to `rows`.
 fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
     let (r, c) = t.dims2()?;
@@ -178,7 +203,7 @@ impl Vlm {
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if v["model_type"] != "llava" {
             return Err(bad(format!(
-                "model_type is {}, not llava: not a vision-language checkpoint",
+                "model_type is {}, not llava: not a vision-language checkpoint (make one with `clasp assemble` or `clasp train --llm ... --vision ...`)",
                 v["model_type"]
             )));
         }
@@ -223,27 +248,17 @@ impl Vlm {
             path: w.clone(),
             reason: e.to_string(),
         };
-        let all = candle_core::safetensors::load(&w, device).map_err(weights_err)?;
-        let strip = |prefixes: &[&str]| -> HashMap<String, Tensor> {
-            all.iter()
-                .filter_map(|(k, t)| {
-                    prefixes
-                        .iter()
-                        .find_map(|p| k.strip_prefix(p))
-                        .map(|k| (k.to_string(), t.clone()))
-                })
-                .collect()
-        };
+        let strip = |prefixes: &[&str]| load_prefixed(&w, prefixes, device);
         // transformers 5 writes `vision_tower.*`; 4.x wrote `vision_tower.vision_model.*`.
-        let vision_tensors = strip(&["vision_tower.vision_model.", "vision_tower."]);
-        let connector_tensors = strip(&[PROJECTOR]);
+        let vision_tensors = strip(&["vision_tower.vision_model.", "vision_tower."])?;
+        let connector_tensors = strip(&[PROJECTOR])?;
         let connector = Connector::from_tensors(
             connector,
             vision_cfg.hidden_size,
             text_cfg.hidden_size,
             &connector_tensors,
         )?;
-        let llm_tensors = strip(&["language_model."]);
+        let llm_tensors = strip(&["language_model."])?;
         let vb = candle_nn::VarBuilder::from_tensors(llm_tensors, DType::F32, device);
         let llm = Llama::from_hf(vb, text_cfg).map_err(|e| match e {
             Error::Candle(c) => weights_err(c),

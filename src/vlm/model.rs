@@ -73,15 +73,9 @@ impl Vlm {
         let files = crate::model::loader::resolve(&vision_checkpoint.to_string_lossy())?;
         let model_cfg = crate::model::config::ModelConfig::from_file(&files.config)?;
         let vision_cfg = model_cfg.vision().clone();
-        let all =
-            candle_core::safetensors::load(&files.weights, device).map_err(|e| Error::Weights {
-                path: files.weights.clone(),
-                reason: e.to_string(),
-            })?;
-        let vision_tensors: HashMap<String, Tensor> = all
-            .into_iter()
-            .filter_map(|(k, v)| k.strip_prefix("vision_model.").map(|k| (k.to_string(), v)))
-            .collect();
+        // The vision tower only: the text tower's tensors stay on disk.
+        let vision_tensors =
+            super::checkpoint::load_prefixed(&files.weights, &["vision_model."], device)?;
         if vision_tensors.is_empty() {
             return Err(Error::Report(format!(
                 "{}: no vision_model.* tensors; the vision tower must come from a CLIP-family checkpoint",
@@ -201,14 +195,26 @@ impl Vlm {
     /// Prepared pixels of image files as `[B, C, S, S]`; each file's error
     /// names it.
     pub fn pixels(&self, paths: &[&Path]) -> Result<Tensor> {
-        let s = self.vision_cfg.image_size;
-        let mut flat = Vec::new();
-        for p in paths {
-            flat.extend(self.processor.process_path(p)?);
+        let images = paths
+            .iter()
+            .map(|p| self.processor.process_path(p))
+            .collect::<Result<Vec<_>>>()?;
+        self.pixel_batch(&images)
+    }
+
+    /// Images prepared by [`Self::image_processor`] as one `[B, C, S, S]`
+    /// tensor, each checked for its size.
+    pub fn pixel_batch(&self, images: &[Vec<f32>]) -> Result<Tensor> {
+        let (c, s) = (self.vision_cfg.num_channels, self.vision_cfg.image_size);
+        if let Some(i) = images.iter().position(|im| im.len() != c * s * s) {
+            return Err(Error::Shape(format!(
+                "image {i} has {} values, the vision tower takes {c}x{s}x{s}",
+                images[i].len()
+            )));
         }
         Ok(Tensor::from_vec(
-            flat,
-            (paths.len(), self.vision_cfg.num_channels, s, s),
+            images.concat(),
+            (images.len(), c, s, s),
             self.device(),
         )?)
     }
