@@ -71,6 +71,17 @@ pub fn score_captions(
     (score(&cands, &refs), score(&cands, &deranged))
 }
 
+/// The reference captions of the first `n` images of `set`.
+fn references(set: &PairSet, n: usize) -> Vec<Vec<String>> {
+    let mut refs: Vec<Vec<String>> = vec![Vec::new(); n];
+    for (c, &i) in set.caption_image.iter().enumerate() {
+        if i < n {
+            refs[i].push(set.captions[c].clone());
+        }
+    }
+    refs
+}
+
 /// Captions the first `limit` images of `set` (all with `None`) with the
 /// user turn `<image>` + `prompt` (the language's instruction by default)
 /// and scores them.
@@ -87,12 +98,7 @@ pub fn evaluate_captions(
 ) -> Result<CaptionEval> {
     let n = limit.unwrap_or(set.images.len()).min(set.images.len());
     let images = &set.images[..n];
-    let mut refs: Vec<Vec<String>> = vec![Vec::new(); n];
-    for (c, &i) in set.caption_image.iter().enumerate() {
-        if i < n {
-            refs[i].push(set.captions[c].clone());
-        }
-    }
+    let refs = references(set, n);
     let user = Vlm::caption_turn(prompt.unwrap_or(instruction(lang)));
     let results = crate::vlm::caption::caption_images(vlm, images, &user, opts, batch, progress)?;
     let (mut captions, mut kept_refs, mut rows, mut failed) =
@@ -158,12 +164,7 @@ pub fn evaluate_prior(
 ) -> Result<CaptionEval> {
     let caption = prior_caption(vlm, lang, prompt, opts)?;
     let n = limit.unwrap_or(set.images.len()).min(set.images.len());
-    let mut refs: Vec<Vec<String>> = vec![Vec::new(); n];
-    for (c, &i) in set.caption_image.iter().enumerate() {
-        if i < n {
-            refs[i].push(set.captions[c].clone());
-        }
-    }
+    let refs = references(set, n);
     let (rows, kept): (Vec<Captioned>, Vec<Vec<String>>) = set.images[..n]
         .iter()
         .zip(refs)

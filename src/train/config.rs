@@ -314,6 +314,12 @@ impl TrainConfig {
             );
         }
         self.output_dir()?;
+        if self.steps == 0 || self.batch_size == 0 || self.accum_freq == 0 {
+            return bad("steps, batch_size, accum_freq", "must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", format!("{} is not a positive number", self.lr));
+        }
         if self.is_vlm() {
             if self.init.is_none() && (self.llm.is_none() || self.vision.is_none()) {
                 return bad(
@@ -333,15 +339,7 @@ impl TrainConfig {
                     format!("stage {} (LoRA on the language model) is not built yet; stage 1 trains the connector", self.stage),
                 );
             }
-            crate::vlm::ConnectorKind::parse(
-                &self.connector,
-                self.queries,
-                self.resampler_layers,
-                self.resampler_heads,
-            )?;
-            if self.batch_size == 0 || self.steps == 0 {
-                return bad("steps, batch_size", "must be at least 1".into());
-            }
+            self.connector_kind()?;
             return Ok(());
         }
         match (&self.init, &self.preset) {
@@ -359,9 +357,6 @@ impl TrainConfig {
         if self.text_init.is_some() && self.preset.is_none() {
             return bad("text_init", "needs a preset for the image tower".into());
         }
-        if self.steps == 0 || self.batch_size == 0 || self.accum_freq == 0 {
-            return bad("steps, batch_size, accum_freq", "must be at least 1".into());
-        }
         if !(self.crop_scale > 0.0 && self.crop_scale <= 1.0) {
             return bad(
                 "crop_scale",
@@ -373,9 +368,6 @@ impl TrainConfig {
                 "negatives_share",
                 format!("{} is not in [0, 0.5]", self.negatives_share),
             );
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("lr", format!("{} is not a positive number", self.lr));
         }
         crate::preprocess::augment::ColorJitter::new(&self.color_jitter, self.color_jitter_prob)?;
         for name in super::schedule::names(&self.objective) {
