@@ -161,25 +161,20 @@ fn eval_caption_scores_equal_a_rescoring_of_its_own_captions() {
     let e: Value =
         serde_json::from_str(&std::fs::read_to_string(report.join("captions.json")).unwrap())
             .unwrap();
-    let caps: Vec<String> = e["captions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["caption"].as_str().unwrap().to_string())
-        .collect();
-    let refs: Vec<Vec<String>> = e["captions"]
+    let (caps, refs): (Vec<String>, Vec<Vec<String>>) = e["captions"]
         .as_array()
         .unwrap()
         .iter()
         .map(|c| {
-            c["references"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r.as_str().unwrap().to_string())
-                .collect()
+            let refs = c["references"].as_array().unwrap();
+            (
+                c["caption"].as_str().unwrap().to_string(),
+                refs.iter()
+                    .map(|r| r.as_str().unwrap().to_string())
+                    .collect(),
+            )
         })
-        .collect();
+        .unzip();
     let (own, wrong) = clasp::eval::captioning::score_captions(clasp::data::Lang::En, &caps, &refs);
     let close = |a: &Value, b: f64| (a.as_f64().unwrap() - b).abs() < 1e-12;
     assert!(close(&v["scores"]["cider_d"], own.cider_d));

@@ -2,6 +2,10 @@
 //! functions, on fixtures from `scripts/gen_eval_fixtures.py` (several
 //! captions per image, ties, a single-item set, k above the candidate count).
 
+mod common;
+
+use common::f32s;
+
 use clasp::eval::metrics::{classification_metrics, retrieval_ranks, RetrievalMetrics, RECALL_KS};
 use serde_json::Value;
 
@@ -11,13 +15,6 @@ fn fixtures() -> Vec<Value> {
     v["cases"].as_array().unwrap().clone()
 }
 
-fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
 fn usizes(v: &Value) -> Vec<usize> {
     v.as_array()
         .unwrap()

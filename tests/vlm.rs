@@ -43,26 +43,10 @@ fn fixture() -> Value {
         .unwrap()
 }
 
-fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+use common::{f32s, u32s};
 
 fn f32s2(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
+    v.as_array().unwrap().iter().map(f32s).collect()
 }
 
 /// Prompts, pixels and logits equal transformers' on held-out photos, in
@@ -86,12 +70,7 @@ fn logits_equal_transformers_llava_on_the_saved_checkpoint() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let theirs: Vec<f32> = f["pixel_values"][c["image"].as_str().unwrap()]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
+        let theirs = f32s(&f["pixel_values"][c["image"].as_str().unwrap()]);
         // The same preprocessing up to the JPEG decoders (zune-jpeg against
         // Pillow's libjpeg-turbo differ by IDCT rounding, see core_parity).
         let jpeg_bound = 3.0 / 255.0 / 0.261_302_6 + 1e-5;
@@ -273,13 +252,7 @@ fn answer_loss_and_connector_gradients_equal_transformers() {
         let ids: Vec<u32> = [e.prompt.clone(), e.answer.clone()].concat();
         assert_eq!(ids, u32s(&r["ids"]), "token ids of {}", r["caption"]);
         assert_eq!(e.answer.len() as u64, r["answer_len"].as_u64().unwrap());
-        pixels.extend(
-            f["pixel_values"][r["image"].as_str().unwrap()]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32),
-        );
+        pixels.extend(f32s(&f["pixel_values"][r["image"].as_str().unwrap()]));
         examples.push(e);
     }
     let px = candle_core::Tensor::from_vec(pixels, (2, 3, 32, 32), &Device::Cpu).unwrap();
@@ -310,12 +283,7 @@ fn answer_loss_and_connector_gradients_equal_transformers() {
         }
     };
     let close = |got: &[f32], want: &Value, what: &str| {
-        let want: Vec<f32> = want
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
+        let want = f32s(want);
         let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!(

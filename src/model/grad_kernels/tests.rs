@@ -54,21 +54,39 @@ fn randn(s: &[usize]) -> Tensor {
     Tensor::randn(0f32, 1.0, s, &Device::Cpu).unwrap()
 }
 
+/// x Wᵀ (+ b) over [B, S, in] inputs, composed of candle ops; t = [x, W, b?].
+fn linear_composed(t: &[Tensor]) -> Tensor {
+    let (b, s, i) = t[0].dims3().unwrap();
+    let y = t[0]
+        .reshape((b * s, i))
+        .unwrap()
+        .matmul(&t[1].t().unwrap())
+        .unwrap();
+    let y = match t.get(2) {
+        Some(bias) => y.broadcast_add(bias).unwrap(),
+        None => y,
+    };
+    y.reshape((b, s, t[1].dim(0).unwrap())).unwrap()
+}
+
+/// Layer norm over the last axis (eps 1e-5), composed of candle ops;
+/// t = [x, weight, bias].
+fn layer_norm_composed(t: &[Tensor]) -> Tensor {
+    let x = &t[0];
+    let mean = x.mean_keepdim(D::Minus1).unwrap();
+    let xc = x.broadcast_sub(&mean).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&t[1])
+        .unwrap()
+        .broadcast_add(&t[2])
+        .unwrap()
+}
+
 #[test]
 fn linear_matches_composition() {
-    let composed = |t: &[Tensor]| {
-        let (b, s, i) = t[0].dims3().unwrap();
-        let y = t[0]
-            .reshape((b * s, i))
-            .unwrap()
-            .matmul(&t[1].t().unwrap())
-            .unwrap();
-        let y = match t.get(2) {
-            Some(bias) => y.broadcast_add(bias).unwrap(),
-            None => y,
-        };
-        y.reshape((b, s, t[1].dim(0).unwrap())).unwrap()
-    };
+    let composed = linear_composed;
     check(
         &[randn(&[3, 7, 24]), randn(&[40, 24]), randn(&[40])],
         |t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
@@ -100,19 +118,7 @@ fn layer_norm_matches_composition() {
             randn(&[24]),
         ],
         |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
-        |t| {
-            let x = &t[0];
-            let mean = x.mean_keepdim(D::Minus1).unwrap();
-            let xc = x.broadcast_sub(&mean).unwrap();
-            let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-            let xn = xc
-                .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
-                .unwrap();
-            xn.broadcast_mul(&t[1])
-                .unwrap()
-                .broadcast_add(&t[2])
-                .unwrap()
-        },
+        layer_norm_composed,
         1e-4,
     );
 }
@@ -209,24 +215,17 @@ fn kernels_hold_at_shapes_that_cross_the_parallel_chunking() {
     // 1,024-1,200 rows, in a different order than candle).
     let x = randn(&[4, 300, 64]); // 76,800 elements, 1,200 rows
     let (w, bias) = (randn(&[96, 64]), randn(&[96]));
-    let composed = |t: &[Tensor]| {
-        let y = t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap();
-        match t.get(2) {
-            Some(b) => y.broadcast_add(b).unwrap(),
-            None => y,
-        }
-    };
     check(
         &[x.clone(), w.clone(), bias],
         |t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
-        composed,
+        linear_composed,
         5e-3,
     );
     // The frozen-weight linear: the same values and input gradient; no
     // gradient for the weight.
     let xv = Var::from_tensor(&x).unwrap();
     let y = frozen_linear(xv.as_tensor(), &w).unwrap();
-    let want = composed(&[x.clone(), w.clone()]);
+    let want = linear_composed(&[x.clone(), w.clone()]);
     assert!(max_diff(&y, &want) < 2e-3);
     let probe = randn(y.dims());
     let g = (&y * &probe)
@@ -241,18 +240,7 @@ fn kernels_hold_at_shapes_that_cross_the_parallel_chunking() {
     check(
         &[randn(&[8, 128, 96]), randn(&[96]), randn(&[96])],
         |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
-        |t| {
-            let x = &t[0];
-            let mean = x.mean_keepdim(D::Minus1).unwrap();
-            let xc = x.broadcast_sub(&mean).unwrap();
-            let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-            xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
-                .unwrap()
-                .broadcast_mul(&t[1])
-                .unwrap()
-                .broadcast_add(&t[2])
-                .unwrap()
-        },
+        layer_norm_composed,
         2e-3,
     );
     for act in [Activation::Relu, Activation::QuickGelu] {
