@@ -58,7 +58,7 @@ def gguf():
 
 
 def train(name, seed, steps, vision, extra):
-    out = os.path.join(WORK, f"{name}_s{seed}")
+    out = os.path.join(WORK, f"{name}_{steps}_s{seed}")
     state = os.path.join(out, "state", "trainer.json")
     if os.path.isfile(state) and json.load(open(state))["step"] >= steps:
         return out
@@ -131,11 +131,11 @@ def main():
         runs = []
         for s in seeds:
             out = train(key, s, a.steps, vision, extra)
-            ev = evaluate(os.path.join(out, "checkpoint"), a.limit, f"{key}_s{s}")
-            runs.append((ev, step_time(out), paired(f"{key}_s{s}")))
+            ev = evaluate(os.path.join(out, "checkpoint"), a.limit, f"{key}_{a.steps}_s{s}")
+            runs.append((ev, step_time(out), paired(f"{key}_{a.steps}_s{s}")))
             first = first or os.path.join(out, "checkpoint")
         table.append((label, runs))
-    prior = evaluate(first, a.limit, "prior", no_image=True)
+    prior = evaluate(first, a.limit, f"prior_{a.limit}", no_image=True)
     lines = [
         "# The bridge: stage-1 vision-language models trained by clasp",
         "",

@@ -283,6 +283,105 @@ fn batched_generation_equals_one_prompt_at_a_time() {
     }
 }
 
+/// Continuous batching: sequences that join a running batch at different
+/// decode steps (so their caches are left-padded against each other, and
+/// rows leave as they finish) give each the tokens it gives alone, and the
+/// streamed pieces add up to each final text.
+#[test]
+fn sequences_joining_a_running_batch_equal_one_prompt_at_a_time() {
+    use clasp::llm::continuous::{Event, Running};
+    let lm = model(Precision::F32);
+    let texts = [
+        "Hi",
+        "Write a haiku about the sea, the wind and the long grey sky.",
+        "What is the capital of France?",
+    ];
+    let budgets = [12usize, 16, 6];
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| {
+            lm.tokenizer
+                .encode_chat(&[Message::new("user", t)], true)
+                .unwrap()
+        })
+        .collect();
+    let mut run = Running::new(&lm.model, &lm.tokenizer);
+    let mut streamed = vec![String::new(); 3];
+    let mut done: Vec<Option<llm::Generation>> = vec![None, None, None];
+    let mut admitted = 0;
+    let mut steps = 0;
+    // Prompt k joins at step 3k.
+    while done.iter().any(|d| d.is_none()) {
+        if admitted < 3 && steps == 3 * admitted {
+            let opts = GenerateOptions {
+                max_new_tokens: budgets[admitted],
+                ..Default::default()
+            };
+            run.admit(
+                admitted as u64,
+                &llm::Prompt::tokens(&prompts[admitted]),
+                opts,
+            )
+            .unwrap();
+            admitted += 1;
+        }
+        run.step(&mut |k, e| {
+            match e {
+                Event::Text(t) => streamed[k as usize].push_str(&t),
+                Event::Done(g) => done[k as usize] = Some(g),
+            }
+            true
+        })
+        .unwrap();
+        steps += 1;
+        assert!(steps < 100, "the batch never drained");
+    }
+    assert!(run.is_empty());
+    assert_eq!(run.cache_len(), 0, "the cache is emptied when the last row leaves");
+    for k in 0..3 {
+        let g = done[k].as_ref().unwrap();
+        assert_eq!(g.ids, greedy(lm, &prompts[k], budgets[k]), "prompt {k}");
+        assert_eq!(streamed[k], g.text, "prompt {k}: streamed pieces");
+    }
+}
+
+/// A row cancelled mid-stream leaves the batch at once, and the others go on.
+#[test]
+fn a_cancelled_row_leaves_the_running_batch() {
+    use clasp::llm::continuous::{Event, Running};
+    let lm = model(Precision::Quantized);
+    let p = lm
+        .tokenizer
+        .encode_chat(&[Message::new("user", "Count to twenty.")], true)
+        .unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 20,
+        ..Default::default()
+    };
+    let mut run = Running::new(&lm.model, &lm.tokenizer);
+    run.admit(0, &llm::Prompt::tokens(&p), opts.clone()).unwrap();
+    run.admit(1, &llm::Prompt::tokens(&p), opts).unwrap();
+    let mut reasons = Vec::new();
+    let mut texts = 0;
+    for _ in 0..3 {
+        run.step(&mut |k, e| match e {
+            // The client of row 1 goes away at its first piece of text.
+            Event::Text(_) => {
+                texts += 1;
+                k != 1
+            }
+            Event::Done(g) => {
+                reasons.push((k, g.stop_reason));
+                true
+            }
+        })
+        .unwrap();
+    }
+    assert!(texts > 0);
+    assert_eq!(reasons, vec![(1, llm::StopReason::Cancelled)]);
+    assert_eq!(run.len(), 1);
+}
+
 #[test]
 fn stop_strings_and_streaming_pieces_add_up() {
     let lm = model(Precision::Quantized);

@@ -53,7 +53,7 @@ impl Prompt {
 }
 
 /// Logits rows with the suppressed ids at −∞.
-fn suppress(row: &mut [f32], ids: &[u32]) {
+pub(super) fn suppress(row: &mut [f32], ids: &[u32]) {
     for &i in ids {
         if let Some(x) = row.get_mut(i as usize) {
             *x = f32::NEG_INFINITY;
@@ -111,16 +111,16 @@ impl Generation {
 /// Incremental detokenization: the text of the ids so far, and which part of
 /// it is new. A trailing incomplete UTF-8 sequence (shown as U+FFFD) is held
 /// back until the next token completes it.
-struct TextStream {
+pub(super) struct TextStream {
     emitted: usize,
 }
 
 impl TextStream {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self { emitted: 0 }
     }
 
-    fn next(&mut self, tok: &LlmTokenizer, ids: &[u32]) -> Result<(String, String)> {
+    pub(super) fn next(&mut self, tok: &LlmTokenizer, ids: &[u32]) -> Result<(String, String)> {
         let text = tok.decode(ids, true)?;
         if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
             return Ok((text, String::new()));
@@ -132,7 +132,7 @@ impl TextStream {
 }
 
 /// The prompt fits, with room for at least one new token.
-fn check_prompt(model: &Llama, prompt_len: usize) -> Result<()> {
+pub(super) fn check_prompt(model: &Llama, prompt_len: usize) -> Result<()> {
     let ctx = model.config().max_position_embeddings;
     if prompt_len == 0 {
         return Err(Error::Generate("the prompt has no tokens".into()));
@@ -145,7 +145,7 @@ fn check_prompt(model: &Llama, prompt_len: usize) -> Result<()> {
     Ok(())
 }
 
-fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
+pub(super) fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops
         .iter()
         .filter(|s| !s.is_empty())

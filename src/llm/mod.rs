@@ -10,9 +10,12 @@
 //! - `tokenizer`: the byte-level BPE built from GGUF metadata, and chat
 //!   templates;
 //! - `sampling`: greedy and seeded sampling;
-//! - `generate`: the prefill/decode loop, streaming and batches.
+//! - `generate`: the prefill/decode loop, streaming and batches;
+//! - `continuous`: a running batch that sequences join and leave between
+//!   decode steps.
 
 pub mod config;
+pub mod continuous;
 pub mod generate;
 pub mod gguf;
 mod linear;
