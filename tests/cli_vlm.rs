@@ -35,24 +35,7 @@ fn image(name: &str) -> String {
         .to_string()
 }
 
-/// An untrained VLM from the fixture tower and SmolLM2.
-fn assembled(dir: &Path) -> String {
-    let out = dir.join("vlm");
-    let vision = root().join("tests/fixtures/vlm/vision");
-    let gguf = common::smollm2();
-    let (code, _, err) = run(&[
-        "assemble",
-        "--vision",
-        vision.to_str().unwrap(),
-        "--llm",
-        gguf.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    assert!(err.contains("16 image tokens per image"), "{err}");
-    out.display().to_string()
-}
+use common::assembled;
 
 #[test]
 fn caption_json_equals_the_library_and_a_bad_image_is_reported_not_fatal() {

@@ -337,7 +337,11 @@ fn sequences_joining_a_running_batch_equal_one_prompt_at_a_time() {
         assert!(steps < 100, "the batch never drained");
     }
     assert!(run.is_empty());
-    assert_eq!(run.cache_len(), 0, "the cache is emptied when the last row leaves");
+    assert_eq!(
+        run.cache_len(),
+        0,
+        "the cache is emptied when the last row leaves"
+    );
     for k in 0..3 {
         let g = done[k].as_ref().unwrap();
         assert_eq!(g.ids, greedy(lm, &prompts[k], budgets[k]), "prompt {k}");
@@ -359,7 +363,8 @@ fn a_cancelled_row_leaves_the_running_batch() {
         ..Default::default()
     };
     let mut run = Running::new(&lm.model, &lm.tokenizer);
-    run.admit(0, &llm::Prompt::tokens(&p), opts.clone()).unwrap();
+    run.admit(0, &llm::Prompt::tokens(&p), opts.clone())
+        .unwrap();
     run.admit(1, &llm::Prompt::tokens(&p), opts).unwrap();
     let mut reasons = Vec::new();
     let mut texts = 0;

@@ -1,10 +1,10 @@
 //! Integration tests of `clasp serve` on loopback: every endpoint, every
 //! error class, batching under concurrency, disconnects and graceful shutdown.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
@@ -19,72 +19,14 @@ fn tiny() -> String {
     core().join("tiny-clip").display().to_string()
 }
 
-struct Server {
-    child: Child,
-    base: String,
-    addr: String,
-}
+use common::Server;
 
-impl Server {
-    fn start(extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_clasp"))
-            .args(["serve", "-m", &tiny(), "--addr", "127.0.0.1:0"])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("server exited before listening")
-                .unwrap();
-            if let Some(a) = line.strip_prefix("listening on http://") {
-                break a.to_string();
-            }
-        };
-        // Keep draining stderr so the server never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
-        Server {
-            child,
-            base: format!("http://{addr}"),
-            addr,
-        }
-    }
-    fn post(&self, path: &str, body: &Value) -> (u16, Value, Option<String>) {
-        let r = ureq::post(&format!("{}{path}", self.base)).send_json(body.clone());
-        let resp = match r {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{path}: {e}"),
-        };
-        let status = resp.status();
-        let retry = resp.header("retry-after").map(str::to_string);
-        let v: Value = resp.into_json().unwrap_or(Value::Null);
-        (status, v, retry)
-    }
-    fn get(&self, path: &str) -> String {
-        ureq::get(&format!("{}{path}", self.base))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    }
-    fn metric(&self, name: &str) -> f64 {
-        self.get("/metrics")
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .map(|v| v.parse().unwrap())
-            .unwrap_or(0.0)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `clasp serve` of the tiny CLIP with `extra` flags.
+fn server(extra: &[&str]) -> Server {
+    let tiny = tiny();
+    let mut args = vec!["serve", "-m", tiny.as_str(), "--addr", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
 }
 
 fn b64(file: &str) -> String {
@@ -149,7 +91,7 @@ fn clasp_embed(texts: &[&str], images: &[&str]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>
 
 #[test]
 fn every_endpoint_answers_and_matches_offline_embeddings() {
-    let s = Server::start(&[]);
+    let s = server(&[]);
     assert!(s.get("/health").contains("\"ok\""));
     let api: Value = serde_json::from_str(&s.get("/openapi.json")).unwrap();
     for p in [
@@ -272,7 +214,7 @@ fn search_endpoint_equals_cli_search() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let cli: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let s = Server::start(&["--store", store.to_str().unwrap()]);
+    let s = server(&["--store", store.to_str().unwrap()]);
     let (st, v, _) = s.post(
         "/v1/search",
         &json!({"query": "\"a red square\" + 2:sky", "k": 3}),
@@ -331,7 +273,7 @@ fn search_endpoint_equals_cli_search() {
 
 #[test]
 fn every_error_class_has_its_status_and_names_the_field() {
-    let s = Server::start(&[
+    let s = server(&[
         "--max-queue",
         "4",
         "--max-items",
@@ -442,7 +384,7 @@ fn concurrent_requests_are_batched_and_equal_unbatched_results() {
         .map(|i| format!("caption number {i} of a photo"))
         .collect();
     // Unbatched reference: a server that never batches.
-    let single = Server::start(&["--max-batch-size", "1", "--max-wait-ms", "0"]);
+    let single = server(&["--max-batch-size", "1", "--max-wait-ms", "0"]);
     let reference: Vec<Vec<f32>> = texts
         .iter()
         .map(|t| vecs(&single.post("/v1/embeddings", &json!({"input": t})).1).remove(0))
@@ -454,7 +396,7 @@ fn concurrent_requests_are_batched_and_equal_unbatched_results() {
     );
     drop(single);
 
-    let s = Server::start(&["--max-batch-size", "32", "--max-wait-ms", "200"]);
+    let s = server(&["--max-batch-size", "32", "--max-wait-ms", "200"]);
     let base = s.base.clone();
     let handles: Vec<_> = texts
         .iter()
@@ -517,7 +459,7 @@ fn concurrent_requests_are_batched_and_equal_unbatched_results() {
 
 #[test]
 fn disconnected_clients_are_dropped_and_shutdown_drains() {
-    let mut s = Server::start(&["--max-batch-size", "64", "--max-wait-ms", "1500"]);
+    let mut s = server(&["--max-batch-size", "64", "--max-wait-ms", "1500"]);
     // A client that sends a request and leaves before its batch is cut.
     {
         let mut c = TcpStream::connect(&s.addr).unwrap();
@@ -563,7 +505,7 @@ fn disconnected_clients_are_dropped_and_shutdown_drains() {
 fn a_client_too_slow_to_send_its_body_is_timed_out() {
     // A server of its own: a short timeout on a loaded CI machine must not
     // catch the other error tests' requests.
-    let s = Server::start(&["--timeout-ms", "300"]);
+    let s = server(&["--timeout-ms", "300"]);
     let mut c = TcpStream::connect(&s.addr).unwrap();
     c.write_all(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"input\"").unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -580,7 +522,7 @@ fn an_over_limit_body_still_gets_its_413_when_it_arrives_in_pieces() {
     // tail of the body arriving after the server has seen the limit pass. If
     // the server answered and closed at the limit, the tail would meet a
     // closed socket and the client would see a reset instead of the 413.
-    let s = Server::start(&["--max-body-mb", "1"]);
+    let s = server(&["--max-body-mb", "1"]);
     let mut c = TcpStream::connect(&s.addr).unwrap();
     let len = 1_600_000;
     write!(c, "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n").unwrap();

@@ -9,26 +9,40 @@ use anyhow::Result;
 use clap::Args;
 
 use super::{device, DeviceArg};
-use clasp::serve::{self, BatchConfig, Limits, ServeConfig};
+use clasp::serve::{self, BatchConfig, ChatConfig, GenConfig, Limits, ServeConfig};
+use clasp::vlm::Vlm;
 use clasp::Encoder;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Model: a local directory or a Hugging Face Hub id.
-    #[arg(long, short)]
-    pub model: String,
+    /// Embedding model: a local directory or a Hugging Face Hub id (serves
+    /// /v1/embeddings, /v1/similarity, /v1/classify and /v1/search).
+    #[arg(long, short, required_unless_present = "vlm")]
+    pub model: Option<String>,
+    /// Vision-language model (a checkpoint from `clasp assemble` or `clasp
+    /// train --stage`): serves OpenAI's /v1/chat/completions, with
+    /// continuous batching.
+    #[arg(long)]
+    pub vlm: Option<PathBuf>,
+    /// Chat requests may name local images (`file://` or absolute paths)
+    /// under this folder; without it only data URLs are read.
+    #[arg(long, value_name = "DIR", requires = "vlm")]
+    pub allow_local_images: Option<PathBuf>,
     /// A store built by `clasp index` (enables /v1/search).
     #[arg(long)]
     pub store: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
-    /// Largest model batch.
+    /// Largest model batch (embeddings: items per batch; chat: sequences
+    /// decoded together).
     #[arg(long, default_value_t = 32)]
     pub max_batch_size: usize,
-    /// Longest an item waits for its batch to fill, in ms.
+    /// Longest an item waits for its batch to fill, in ms (chat: when no
+    /// batch is running; later requests join the running batch).
     #[arg(long, default_value_t = 5)]
     pub max_wait_ms: u64,
-    /// Items queued at most; past it requests get 503 with Retry-After.
+    /// Items (chat: requests) queued at most; past it requests get 503
+    /// with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_queue: usize,
     /// Items (texts + images) in one request at most.
@@ -48,20 +62,40 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<ExitCode> {
-    let encoder = Encoder::load(&a.model, &device(a.device)?)?;
-    let store_model = match &a.store {
-        Some(p) => {
+    let dev = device(a.device)?;
+    let encoder = a
+        .model
+        .as_deref()
+        .map(|m| Encoder::load(m, &dev))
+        .transpose()?;
+    let store_model = match (&a.store, &encoder, &a.model) {
+        (Some(p), Some(encoder), Some(name)) => {
             let catalog = clasp::index::Catalog::open(p)?;
-            Some(clasp::index::model_id(&catalog, &encoder, &a.model)?)
+            Some(clasp::index::model_id(&catalog, encoder, name)?)
         }
+        (Some(_), None, _) => anyhow::bail!("--store needs an embedding model (--model)"),
+        _ => None,
+    };
+    let max_wait = Duration::from_millis(a.max_wait_ms);
+    let chat = match &a.vlm {
+        Some(p) => Some(ChatConfig {
+            vlm: Vlm::load(p, &dev)?,
+            model_name: p.display().to_string(),
+            engine: GenConfig {
+                max_batch_size: a.max_batch_size.max(1),
+                max_wait,
+                max_queue: a.max_queue.max(1),
+            },
+            local_images: a.allow_local_images.clone(),
+        }),
         None => None,
     };
     let cfg = ServeConfig {
         addr: a.addr,
-        model_name: a.model.clone(),
+        model_name: a.model.clone().unwrap_or_default(),
         batch: BatchConfig {
             max_batch_size: a.max_batch_size.max(1),
-            max_wait: Duration::from_millis(a.max_wait_ms),
+            max_wait,
             max_queue: a.max_queue.max(1),
         },
         limits: Limits {
@@ -88,7 +122,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
             }
             eprintln!("shutting down: draining requests in flight");
         };
-        serve::serve(encoder, cfg, shutdown, |addr| {
+        serve::serve(encoder, chat, cfg, shutdown, |addr| {
             eprintln!("listening on http://{addr}")
         })
         .await

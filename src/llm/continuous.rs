@@ -94,7 +94,8 @@ impl<'m> Running<'m> {
         let logits = match &prompt.embeds {
             Some(e) => self.model.last_logits(&e.unsqueeze(0)?, &mut cache)?,
             None => {
-                let input = Tensor::new(prompt.ids.as_slice(), self.model.device())?.unsqueeze(0)?;
+                let input =
+                    Tensor::new(prompt.ids.as_slice(), self.model.device())?.unsqueeze(0)?;
                 self.model.forward_last(&input, &mut cache)?
             }
         };
@@ -165,7 +166,10 @@ impl<'m> Running<'m> {
         }
         let n = next.len();
         let input = Tensor::from_vec(next, (n, 1), self.model.device())?;
-        let logits: Vec<Vec<f32>> = self.model.forward_last(&input, &mut self.cache)?.to_vec2()?;
+        let logits: Vec<Vec<f32>> = self
+            .model
+            .forward_last(&input, &mut self.cache)?
+            .to_vec2()?;
         for (row, l) in self.rows.iter_mut().zip(logits) {
             row.logits = l;
         }

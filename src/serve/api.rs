@@ -51,7 +51,7 @@ async fn embedding_inputs(
         // The whole body first, so multipart bodies meet the same limit
         // (and the same drain) as JSON ones.
         let (parts, body) = req.into_parts();
-        let bytes = read_body(st, body).await?;
+        let bytes = read_body(&st.limits, body).await?;
         let req = Request::from_parts(parts, Body::from(bytes));
         let mut mp = Multipart::from_request(req, &())
             .await
@@ -85,7 +85,7 @@ async fn embedding_inputs(
         }
         return Ok((texts, images));
     }
-    let bytes = read_body(st, req.into_body()).await?;
+    let bytes = read_body(&st.limits, req.into_body()).await?;
     let m = parse_json(&bytes)?;
     let texts = match m.get("input") {
         Some(v) => strings(v, "input")?,
@@ -110,7 +110,7 @@ async fn embedding_inputs(
 /// (`input`) come first in `data`, then images, each in input order.
 pub async fn embeddings(State(st): State<Shared>, req: Request) -> Response {
     let st2 = st.clone();
-    guarded(&st, "embeddings", async move {
+    guarded(&st.limits, &st.metrics, "embeddings", async move {
         let st = st2;
         let (texts, images) = embedding_inputs(&st, req).await?;
         if texts.is_empty() && images.is_empty() {
@@ -151,9 +151,9 @@ fn softmax(row: &[f64]) -> Vec<f64> {
 /// `logits_per_image` (as CLIPModel) and per-image softmax over the texts.
 pub async fn similarity(State(st): State<Shared>, req: Request) -> Response {
     let st2 = st.clone();
-    guarded(&st, "similarity", async move {
+    guarded(&st.limits, &st.metrics, "similarity", async move {
         let st = st2;
-        let m = parse_json(&read_body(&st, req.into_body()).await?)?;
+        let m = parse_json(&read_body(&st.limits, req.into_body()).await?)?;
         let texts = strings(
             m.get("texts")
                 .ok_or_else(|| ApiError::bad("texts", "missing"))?,
@@ -201,9 +201,9 @@ pub async fn similarity(State(st): State<Shared>, req: Request) -> Response {
 /// `POST /v1/classify`: `{"images": [...], "labels": [...], "templates"?: [...]}`.
 pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
     let st2 = st.clone();
-    guarded(&st, "classify", async move {
+    guarded(&st.limits, &st.metrics, "classify", async move {
         let st = st2;
-        let m = parse_json(&read_body(&st, req.into_body()).await?)?;
+        let m = parse_json(&read_body(&st.limits, req.into_body()).await?)?;
         let labels = strings(
             m.get("labels")
                 .ok_or_else(|| ApiError::bad("labels", "missing"))?,
@@ -252,7 +252,7 @@ pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
 /// `POST /v1/search`: `{"query": "\"a dog\" + 2:\"snow\"", "image"?: base64, "k"?: 10, "dir"?: "..."}`.
 pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response {
     let st2 = st.clone();
-    guarded(&st, "search", async move {
+    guarded(&st.limits, &st.metrics, "search", async move {
         let st = st2;
         let (Some(store), Some(model_id)) = (st.store.clone(), st.store_model) else {
             return Err(ApiError::new(
@@ -261,7 +261,7 @@ pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response
                 "this server has no store; start it with --store PATH",
             ));
         };
-        let m = parse_json(&read_body(&st, req.into_body()).await?)?;
+        let m = parse_json(&read_body(&st.limits, req.into_body()).await?)?;
         let k = match m.get("k") {
             None => 10,
             Some(v) => v.as_u64().filter(|k| (1..=1000).contains(k)).ok_or_else(|| ApiError::bad("k", "expected an integer in 1..=1000"))? as usize,

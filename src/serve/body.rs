@@ -11,8 +11,9 @@ use serde_json::Value;
 
 use super::batcher::Item;
 use super::error::ApiError;
-use super::state::Shared;
+use super::state::{Limits, Shared};
 use crate::preprocess::image::decode_image;
+use crate::preprocess::ImageProcessor;
 
 /// Reads a request body, up to the body limit.
 ///
@@ -23,9 +24,9 @@ use crate::preprocess::image::decode_image;
 /// learn why. This is nginx's lingering close, bounded so a huge upload still
 /// cannot hold the server. axum's `to_bytes` stops at the limit and drops the
 /// body, so it cannot do this.
-pub(crate) async fn read_body(st: &Shared, mut body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(limits: &Limits, mut body: Body) -> Result<Bytes, ApiError> {
     use axum::body::HttpBody;
-    let limit = st.limits.max_body_bytes;
+    let limit = limits.max_body_bytes;
     let mut buf = Vec::new();
     let mut seen = 0usize;
     let mut drain_until: Option<tokio::time::Instant> = None;
@@ -124,7 +125,18 @@ pub(crate) async fn images_to_items(
     st: &Shared,
     images: Vec<(String, Vec<u8>)>,
 ) -> Result<Vec<Item>, ApiError> {
-    let st2 = st.clone();
+    let processor = st.encoder.image_processor().clone();
+    let px = prepare_images(st.limits.max_pixels, processor, images).await?;
+    Ok(px.into_iter().map(Item::Image).collect())
+}
+
+/// Decodes `(field, bytes)` images and prepares their pixels with
+/// `processor`, on blocking threads; an error names the field.
+pub(crate) async fn prepare_images(
+    max_pixels: u64,
+    processor: ImageProcessor,
+    images: Vec<(String, Vec<u8>)>,
+) -> Result<Vec<Vec<f32>>, ApiError> {
     tokio::task::spawn_blocking(move || {
         use rayon::prelude::*;
         images
@@ -135,13 +147,12 @@ pub(crate) async fn images_to_items(
                     .ok()
                     .and_then(|r| r.into_dimensions().ok());
                 if let Some((w, h)) = dims {
-                    if w as u64 * h as u64 > st2.limits.max_pixels {
+                    if w as u64 * h as u64 > max_pixels {
                         return Err(ApiError {
                             status: StatusCode::PAYLOAD_TOO_LARGE,
                             class: "pixel_limit",
                             message: format!(
-                                "image is {w}x{h}, over the limit of {} pixels",
-                                st2.limits.max_pixels
+                                "image is {w}x{h}, over the limit of {max_pixels} pixels"
                             ),
                             param: Some(field),
                             retry_after: None,
@@ -151,12 +162,9 @@ pub(crate) async fn images_to_items(
                 let img = decode_image(&bytes, std::path::Path::new(&field)).map_err(|e| {
                     ApiError::bad(field.clone(), format!("not a decodable image: {e}"))
                 })?;
-                let px = st2
-                    .encoder
-                    .image_processor()
+                processor
                     .process(&img)
-                    .map_err(|e| ApiError::bad(field, e.to_string()))?;
-                Ok(Item::Image(px))
+                    .map_err(|e| ApiError::bad(field, e.to_string()))
             })
             .collect()
     })

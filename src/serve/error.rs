@@ -7,7 +7,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::state::Shared;
+use super::metrics::Metrics;
+use super::state::Limits;
 
 /// An error answer: `{"error": {"message", "type", "param"}}`, OpenAI's shape.
 #[derive(Debug)]
@@ -57,34 +58,39 @@ pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// Runs an endpoint under the request timeout, and records its latency,
 /// status and error class.
-pub(crate) async fn guarded<F>(st: &Shared, endpoint: &'static str, fut: F) -> Response
+pub(crate) async fn guarded<F>(
+    limits: &Limits,
+    metrics: &Metrics,
+    endpoint: &'static str,
+    fut: F,
+) -> Response
 where
     F: std::future::Future<Output = ApiResult>,
 {
     let t = Instant::now();
-    let r = match tokio::time::timeout(st.limits.request_timeout, fut).await {
+    let r = match tokio::time::timeout(limits.request_timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",
             format!(
                 "request took longer than {} ms",
-                st.limits.request_timeout.as_millis()
+                limits.request_timeout.as_millis()
             ),
         )),
     };
     let resp = match r {
         Ok(r) => r,
         Err(e) => {
-            st.metrics.errors.with_label_values(&[e.class]).inc();
+            metrics.errors.with_label_values(&[e.class]).inc();
             e.into_response()
         }
     };
-    st.metrics
+    metrics
         .request_seconds
         .with_label_values(&[endpoint])
         .observe(t.elapsed().as_secs_f64());
-    st.metrics
+    metrics
         .requests
         .with_label_values(&[endpoint, resp.status().as_str()])
         .inc();

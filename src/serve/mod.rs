@@ -1,10 +1,14 @@
 //! The HTTP service: embeddings, similarity, zero-shot classification and
-//! search over a store, behind a dynamic batching engine.
+//! search over a store, behind a dynamic batching engine; and chat
+//! completions over a vision-language model, behind a continuous-batching
+//! generation engine.
 
 pub mod api;
 pub mod batcher;
 mod body;
+pub mod chat;
 mod error;
+pub mod generation;
 pub mod metrics;
 pub mod openapi;
 pub mod state;
@@ -19,7 +23,9 @@ use axum::Router;
 
 pub use api::Limits;
 pub use batcher::{BatchConfig, Batcher};
+pub use generation::{GenConfig, GenEngine};
 
+use crate::vlm::Vlm;
 use crate::{Encoder, Error, Result};
 
 pub struct ServeConfig {
@@ -31,6 +37,16 @@ pub struct ServeConfig {
     pub store_model: Option<i64>,
 }
 
+/// What `serve` answers chat completions with.
+pub struct ChatConfig {
+    pub vlm: Vlm,
+    pub model_name: String,
+    pub engine: GenConfig,
+    /// Local image paths are read only under this folder.
+    pub local_images: Option<PathBuf>,
+}
+
+/// The embedding routes.
 pub fn router(state: api::Shared) -> Router {
     Router::new()
         .route("/v1/embeddings", post(api::embeddings))
@@ -40,33 +56,61 @@ pub fn router(state: api::Shared) -> Router {
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
         .route("/openapi.json", get(api::openapi))
-        .fallback(api::not_found)
-        // Bodies are read (and limited) by the handlers themselves.
-        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
 
 /// Serves until `shutdown` resolves, then stops accepting connections and
-/// drains the requests in flight.
+/// drains the requests in flight. `encoder` serves the embedding endpoints,
+/// `chat` the chat completions; at least one is needed.
 pub async fn serve(
-    encoder: Encoder,
+    encoder: Option<Encoder>,
+    chat: Option<ChatConfig>,
     cfg: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let encoder = Arc::new(encoder);
-    let batcher = Batcher::start(encoder.clone(), cfg.batch, metrics.clone());
-    let state = Arc::new(api::AppState {
-        encoder,
-        model_name: cfg.model_name,
-        batcher,
-        metrics,
-        limits: cfg.limits,
-        store: cfg.store,
-        store_model: cfg.store_model,
-        search: Default::default(),
-    });
+    let mut app = Router::new();
+    let standalone = encoder.is_none();
+    if let Some(encoder) = encoder {
+        let encoder = Arc::new(encoder);
+        let batcher = Batcher::start(encoder.clone(), cfg.batch, metrics.clone());
+        app = app.merge(router(Arc::new(api::AppState {
+            encoder,
+            model_name: cfg.model_name,
+            batcher,
+            metrics: metrics.clone(),
+            limits: cfg.limits.clone(),
+            store: cfg.store,
+            store_model: cfg.store_model,
+            search: Default::default(),
+        })));
+    }
+    if let Some(c) = chat {
+        let local_images = match c.local_images {
+            Some(d) => Some(d.canonicalize().map_err(|e| Error::io(&d, e))?),
+            None => None,
+        };
+        let vlm = Arc::new(c.vlm);
+        let engine = GenEngine::start(vlm.clone(), c.engine, metrics.clone());
+        let state = Arc::new(chat::ChatState {
+            engine,
+            vlm,
+            model_name: c.model_name,
+            limits: cfg.limits,
+            metrics,
+            local_images,
+        });
+        app = app.merge(chat::router(state, standalone));
+    } else if standalone {
+        return Err(Error::Report(
+            "nothing to serve: give an embedding model, a vision-language model, or both".into(),
+        ));
+    }
+    let app = app
+        .fallback(api::not_found)
+        // Bodies are read (and limited) by the handlers themselves.
+        .layer(axum::extract::DefaultBodyLimit::disable());
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
         .map_err(|e| Error::Report(format!("cannot listen on {}: {e}", cfg.addr)))?;
@@ -74,7 +118,7 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| Error::Report(format!("listener address: {e}")))?;
     on_listening(local);
-    axum::serve(listener, router(state))
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| Error::Report(format!("server error: {e}")))

@@ -6,13 +6,16 @@
 //!
 //! - `connector`: the two connectors;
 //! - `model`: the assembled model, its prompts and its generation;
+//! - `chat`: conversations with text and image parts;
 //! - `checkpoint`: the `LlavaForConditionalGeneration` layout that
 //!   transformers loads.
 
 pub mod caption;
+pub mod chat;
 pub mod checkpoint;
 pub mod connector;
 pub mod model;
 
+pub use chat::{Part, Turn};
 pub use connector::{Connector, ConnectorKind};
 pub use model::{FeatureSelect, Vlm, VlmConfig};

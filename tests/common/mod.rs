@@ -1,7 +1,9 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
@@ -103,4 +105,91 @@ pub fn u32s(v: &Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
+}
+
+/// A `clasp` server on a free loopback port, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub addr: String,
+}
+
+impl Server {
+    /// Runs `clasp ARGS` and waits until it says where it listens.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_clasp"))
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(a) = line.strip_prefix("listening on http://") {
+                break a.to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            addr,
+        }
+    }
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value, Option<String>) {
+        let r = ureq::post(&format!("{}{path}", self.base)).send_json(body.clone());
+        let resp = match r {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{path}: {e}"),
+        };
+        let status = resp.status();
+        let retry = resp.header("retry-after").map(str::to_string);
+        let v: Value = resp.into_json().unwrap_or(Value::Null);
+        (status, v, retry)
+    }
+    pub fn get(&self, path: &str) -> String {
+        ureq::get(&format!("{}{path}", self.base))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    }
+    pub fn metric(&self, name: &str) -> f64 {
+        self.get("/metrics")
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An untrained VLM (the fixture tower, SmolLM2, a seeded connector),
+/// written by `clasp assemble` to `dir/vlm`.
+pub fn assembled(dir: &Path) -> String {
+    let out = dir.join("vlm");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let vision = root.join("tests/fixtures/vlm/vision");
+    let gguf = smollm2();
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(["assemble", "--vision", vision.to_str().unwrap()])
+        .args(["--llm", gguf.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("16 image tokens per image"), "{err}");
+    out.display().to_string()
 }
