@@ -49,6 +49,57 @@ fn f32s2(v: &Value) -> Vec<Vec<f32>> {
     v.as_array().unwrap().iter().map(f32s).collect()
 }
 
+/// Checks clasp's logits `[t, vocab]` against a fixture case: every
+/// position's argmax (up to a near-tie), and at the last 24 positions the
+/// fixed and top ids' values to 1e-3. Returns the largest difference.
+fn check_logits(name: &str, logits: &[Vec<f32>], c: &Value) -> f32 {
+    let mut worst = 0f32;
+    let t = logits.len();
+    let argmax: Vec<u32> = logits
+        .iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u32
+        })
+        .collect();
+    let want_argmax = u32s(&c["argmax"]);
+    for (p, (a, w)) in argmax.iter().zip(&want_argmax).enumerate() {
+        if a != w {
+            // Only a near-tie may differ.
+            let r = &logits[p];
+            assert!(
+                (r[*a as usize] - r[*w as usize]).abs() < 1e-3,
+                "{name}: argmax at {p}: {a} vs transformers' {w}"
+            );
+        }
+    }
+    let last = &logits[t - 24..];
+    for (key, ids_key) in [("fixed", "fixed_ids"), ("top", "top_ids")] {
+        let want = f32s2(&c[key]);
+        let ids: Vec<Vec<u32>> = match &c[ids_key] {
+            Value::Array(a) if a.first().is_some_and(|x| x.is_array()) => {
+                a.iter().map(u32s).collect()
+            }
+            v => vec![u32s(v); 24],
+        };
+        for (p, (row, wrow)) in last.iter().zip(&want).enumerate() {
+            for (&id, w) in ids[p].iter().zip(wrow) {
+                let d = (row[id as usize] - w).abs();
+                worst = worst.max(d);
+                assert!(
+                    d <= 1e-3,
+                    "{name}: {key} logit of {id} at {p}: {} vs {w}",
+                    row[id as usize]
+                );
+            }
+        }
+    }
+    worst
+}
+
 /// Prompts, pixels and logits equal transformers' on held-out photos, in
 /// English and Chinese: ids exactly (the Llava processor's expansion of
 /// `<image>` included), logits to 1e-3 at the last 24 positions (64 fixed
@@ -80,49 +131,7 @@ fn logits_equal_transformers_llava_on_the_saved_checkpoint() {
         // The model is compared on the processor's pixels.
         let px = candle_core::Tensor::from_vec(theirs, (1, 3, 32, 32), &Device::Cpu).unwrap();
         let logits: Vec<Vec<f32>> = m.logits(&ids, &px).unwrap().to_vec2().unwrap();
-        let t = logits.len();
-        let argmax: Vec<u32> = logits
-            .iter()
-            .map(|r| {
-                r.iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .unwrap()
-                    .0 as u32
-            })
-            .collect();
-        let want_argmax = u32s(&c["argmax"]);
-        for (p, (a, w)) in argmax.iter().zip(&want_argmax).enumerate() {
-            if a != w {
-                // Only a near-tie may differ.
-                let r = &logits[p];
-                assert!(
-                    (r[*a as usize] - r[*w as usize]).abs() < 1e-3,
-                    "{name}: argmax at {p}: {a} vs transformers' {w}"
-                );
-            }
-        }
-        let last = &logits[t - 24..];
-        for (key, ids_key) in [("fixed", "fixed_ids"), ("top", "top_ids")] {
-            let want = f32s2(&c[key]);
-            let ids: Vec<Vec<u32>> = match &c[ids_key] {
-                Value::Array(a) if a.first().is_some_and(|x| x.is_array()) => {
-                    a.iter().map(u32s).collect()
-                }
-                v => vec![u32s(v); 24],
-            };
-            for (p, (row, wrow)) in last.iter().zip(&want).enumerate() {
-                for (&id, w) in ids[p].iter().zip(wrow) {
-                    let d = (row[id as usize] - w).abs();
-                    worst = worst.max(d);
-                    assert!(
-                        d <= 1e-3,
-                        "{name}: {key} logit of {id} at {p}: {} vs {w}",
-                        row[id as usize]
-                    );
-                }
-            }
-        }
+        worst = worst.max(check_logits(&name, &logits, c));
     }
     eprintln!("largest logit difference against transformers: {worst:.2e}");
 }
@@ -398,4 +407,97 @@ fn the_resampler_round_trips_and_its_queries_get_a_gradient() {
         .1;
     let g: Vec<Vec<f32>> = grads.get(q.as_tensor()).unwrap().to_vec2().unwrap();
     assert!(g.iter().flatten().any(|x| *x != 0.0));
+}
+
+/// Stage 2's LoRA adapter, saved in PEFT's layout beside the weights:
+/// transformers + PEFT load it and give the same logits as clasp with the
+/// adapter held unmerged (fixture: scripts/gen_lora_fixtures.py, which runs
+/// the same seeded `clasp train --stage 2`); merged into the weights it gives
+/// the same logits again, and the merged model saves without an adapter.
+#[test]
+fn lora_adapter_equals_peft_and_merges_into_the_weights() {
+    let f: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("lora_logits.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vlm = common::assembled(dir.path());
+    let run = dir.path().join("run");
+    let dataset = format!(
+        "flickr8k:{}",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/data/flickr8k")
+            .display()
+    );
+    let train: Vec<String> = f["train_args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(["train", "--init", &vlm, "--dataset", &dataset])
+        .args(&train)
+        .args(["--output", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpt = run.join("checkpoint");
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert!(ckpt.join(f).is_file(), "{f} beside the weights");
+    }
+    // Stopped after one step and resumed, the run ends with the same adapter
+    // and connector, bit for bit.
+    let split = dir.path().join("split");
+    let clasp = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_clasp"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let mut first = vec!["train", "--init", &vlm, "--dataset", &dataset];
+    first.extend(train.iter().map(String::as_str));
+    first.extend(["--output", split.to_str().unwrap(), "--stop-after", "1"]);
+    clasp(&first);
+    clasp(&["train", "--resume", split.to_str().unwrap()]);
+    let tensors = |d: &Path, f: &str| {
+        candle_core::safetensors::load(d.join("checkpoint").join(f), &Device::Cpu).unwrap()
+    };
+    for f in ["adapter_model.safetensors", "model.safetensors"] {
+        let (a, b) = (tensors(&run, f), tensors(&split, f));
+        assert_eq!(a.len(), b.len());
+        for (k, t) in &a {
+            let same = t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == b[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(same, "{f}: {k} differs after resuming");
+        }
+    }
+    let mut m = Vlm::load(&ckpt, &Device::Cpu).unwrap();
+    let lora = m.llm.lora().expect("the adapter is loaded");
+    assert_eq!(lora.cfg.rank, 4);
+    assert_eq!(lora.cfg.targets.len(), 7);
+    let ids = m.chat_prompt(f["user"].as_str().unwrap(), 1).unwrap();
+    assert_eq!(ids, u32s(&f["input_ids"]));
+    let px = candle_core::Tensor::from_vec(f32s(&f["pixel_values"]), (1, 3, 32, 32), &Device::Cpu)
+        .unwrap();
+    let adapted: Vec<Vec<f32>> = m.logits(&ids, &px).unwrap().to_vec2().unwrap();
+    let worst = check_logits("with the adapter", &adapted, &f);
+    eprintln!(
+        "LoRA logits against PEFT: largest difference {worst:.2e} (the adapter moves them by up to {:.2})",
+        f["adapter_effect"]
+    );
+    assert!(f["adapter_effect"].as_f64().unwrap() > 0.1);
+
+    m.llm.merge_lora().unwrap();
+    assert!(m.llm.lora().is_none());
+    let merged: Vec<Vec<f32>> = m.logits(&ids, &px).unwrap().to_vec2().unwrap();
+    check_logits("merged", &merged, &f);
+    let out = dir.path().join("merged");
+    m.save(&out).unwrap();
+    assert!(!out.join("adapter_config.json").exists());
+    let back = Vlm::load(&out, &Device::Cpu).unwrap();
+    assert!(back.llm.lora().is_none());
+    let reloaded: Vec<Vec<f32>> = back.logits(&ids, &px).unwrap().to_vec2().unwrap();
+    check_logits("merged, saved and loaded", &reloaded, &f);
 }

@@ -81,6 +81,8 @@ pub enum Command {
     Caption(vlm::CaptionArgs),
     /// Ask a vision-language model about an image.
     Chat(vlm::ChatArgs),
+    /// Fold a VLM's LoRA adapter into its language model's weights and save the result.
+    MergeLora(vlm::MergeLoraArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +132,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Assemble(a) => vlm::assemble_cmd(a),
         Command::Caption(a) => vlm::caption_cmd(a),
         Command::Chat(a) => vlm::chat_cmd(a),
+        Command::MergeLora(a) => vlm::merge_lora_cmd(a),
     }
 }
 

@@ -74,10 +74,24 @@ pub struct TrainArgs {
     #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vision_feature_layer: Option<i64>,
-    /// 1: only the connector learns (2, LoRA on the language model, is not built yet).
+    /// 1: only the connector learns; 2: the connector and LoRA on the language model
+    /// (continues a stage-1 model given by --init).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stage: Option<u8>,
+    /// Stage 2: LoRA rank.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<usize>,
+    /// Stage 2: LoRA alpha (the update is scaled by alpha / rank).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    /// Stage 2: the language model's projections that get LoRA, comma-separated
+    /// (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_targets: Option<Vec<String>>,
     /// Vision-language runs: captions longer than this many tokens are cut.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,5 +1,5 @@
-//! `clasp assemble`, `clasp caption` and `clasp chat`: front ends over
-//! `clasp::vlm`.
+//! `clasp assemble`, `clasp caption`, `clasp chat` and `clasp merge-lora`:
+//! front ends over `clasp::vlm`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -237,5 +237,34 @@ pub fn chat_cmd(a: ChatArgs) -> Result<ExitCode> {
     let user = user_turn(Some(&a.prompt), LangArg::En);
     let g = vlm.generate(&px, &user, &a.sample.options()?)?;
     println!("{}", g[0].text);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args, Debug)]
+pub struct MergeLoraArgs {
+    /// A VLM checkpoint with a LoRA adapter beside its weights (from `clasp train --stage 2`).
+    #[arg(long, short)]
+    pub model: PathBuf,
+    /// Where the merged checkpoint goes (written atomically, without adapter files).
+    #[arg(long, short)]
+    pub output: PathBuf,
+}
+
+pub fn merge_lora_cmd(a: MergeLoraArgs) -> Result<ExitCode> {
+    let mut vlm = load(&a.model)?;
+    let Some(lora) = vlm.llm.lora() else {
+        bail!(
+            "{}: no LoRA adapter (adapter_config.json) beside the weights",
+            a.model.display()
+        );
+    };
+    vlm.llm.merge_lora()?;
+    vlm.save(&a.output)?;
+    eprintln!(
+        "merged the rank-{} adapter ({}) into {}",
+        lora.cfg.rank,
+        lora.cfg.targets.join(", "),
+        a.output.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -24,6 +24,7 @@ use candle_nn::VarBuilder;
 pub use super::config::{LlamaConfig, RopeLayout};
 use super::gguf::GgufFile;
 use super::linear::{check_shape, linear, Group, Linear};
+use super::lora::{Lora, LoraConfig, LoraPair};
 pub use super::ops::interleaved_to_half_rows;
 use super::ops::{rope_tables, Ops};
 use super::quant::{Kernel, Q8_0Matrix};
@@ -49,6 +50,8 @@ struct Block {
     /// gate, up.
     gate_up: Group,
     down: Linear,
+    /// LoRA adapters of this layer's projections, in `lora::TARGETS` order.
+    lora: [Option<LoraPair>; 7],
 }
 
 /// Token embeddings: quantized rows looked up one by one, or an f32 table.
@@ -69,6 +72,8 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// The LoRA adapter held in the blocks (unmerged), if any.
+    lora: Option<LoraConfig>,
 }
 
 /// The per-sequence state of a batch: its KV cache and left padding.
@@ -266,6 +271,7 @@ impl Llama {
                 ffn_norm: dense(g, &format!("blk.{i}.ffn_norm.weight"))?,
                 gate_up: Group::new(vec![gate, up]),
                 down,
+                lora: Default::default(),
             });
         }
         let norm = dense(g, "output_norm.weight")?;
@@ -312,6 +318,7 @@ impl Llama {
                     lin(f.pp("up_proj"), cfg.intermediate_size, h)?,
                 ]),
                 down: lin(f.pp("down_proj"), h, cfg.intermediate_size)?,
+                lora: Default::default(),
             });
         }
         let embed = m.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
@@ -349,6 +356,7 @@ impl Llama {
             cos,
             sin,
             device: device.clone(),
+            lora: None,
         })
     }
 
@@ -513,10 +521,13 @@ impl Llama {
         let h = ops.rms_norm(x, &b.attn_norm, eps)?;
         let x = (x + self.attention(b, &h, kv, cos, sin, mask, ops)?)?;
         let h = ops.rms_norm(&x, &b.ffn_norm, eps)?;
-        let gu = ops.group(&b.gate_up, &h)?;
+        let mut gu = ops.group(&b.gate_up, &h)?;
+        self.adapt(b, 4, &h, &mut gu)?;
         let gate = candle_nn::ops::silu(&gu[0])?;
-        let mlp = ops.linear(&b.down, &(gate * &gu[1])?)?;
-        Ok((x + mlp)?)
+        let inner = (gate * &gu[1])?;
+        let mut mlp = vec![ops.linear(&b.down, &inner)?];
+        self.adapt(b, 6, &inner, &mut mlp)?;
+        Ok((x + &mlp[0])?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -533,7 +544,8 @@ impl Llama {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let hd = c.head_dim;
-        let qkv = ops.group(&blk.qkv, x)?;
+        let mut qkv = ops.group(&blk.qkv, x)?;
+        self.adapt(blk, 0, x, &mut qkv)?;
         let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
@@ -568,7 +580,93 @@ impl Llama {
             .reshape((b, c.num_heads, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, c.num_heads * hd))?;
-        ops.linear(&blk.o, &y)
+        let mut o = vec![ops.linear(&blk.o, &y)?];
+        self.adapt(blk, 3, &y, &mut o)?;
+        Ok(o.swap_remove(0))
+    }
+
+    /// Adds the LoRA deltas of the projections `first..first + ys.len()`
+    /// (in `lora::TARGETS` order), which all read `x`, to their outputs.
+    fn adapt(&self, b: &Block, first: usize, x: &Tensor, ys: &mut [Tensor]) -> Result<()> {
+        let Some(cfg) = &self.lora else {
+            return Ok(());
+        };
+        for (j, y) in ys.iter_mut().enumerate() {
+            if let Some(p) = &b.lora[first + j] {
+                *y = (&*y + p.delta(x, cfg.scale())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds `lora` in the blocks, unmerged (its tensors may be training
+    /// variables); `None` removes it.
+    pub fn set_lora(&mut self, lora: Option<&Lora>) -> Result<()> {
+        if let Some(l) = lora {
+            if l.layers.len() != self.blocks.len() {
+                return Err(Error::Shape(format!(
+                    "a LoRA adapter of {} layers for a model of {}",
+                    l.layers.len(),
+                    self.blocks.len()
+                )));
+            }
+        }
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            b.lora = match lora {
+                Some(l) => l.layers[i].clone(),
+                None => Default::default(),
+            };
+        }
+        self.lora = lora.map(|l| l.cfg.clone());
+        Ok(())
+    }
+
+    /// The adapter held in the blocks, if any.
+    pub fn lora(&self) -> Option<Lora> {
+        self.lora.as_ref().map(|cfg| Lora {
+            cfg: cfg.clone(),
+            layers: self.blocks.iter().map(|b| b.lora.clone()).collect(),
+        })
+    }
+
+    /// Folds the held adapter into the f32 weights (`W + scale · B A`) and
+    /// drops it; the outputs are unchanged up to float rounding.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let Some(cfg) = self.lora.take() else {
+            return Ok(());
+        };
+        let scale = cfg.scale();
+        let fold = |l: &mut Linear, p: &Option<LoraPair>| -> Result<()> {
+            let Some(p) = p else { return Ok(()) };
+            let w =
+                match l {
+                    Linear::Candle(candle_core::quantized::QMatMul::Tensor(w)) => w.clone(),
+                    _ => return Err(Error::Report(
+                        "merging LoRA needs the f32 weights (load the model with Precision::F32)"
+                            .into(),
+                    )),
+                };
+            let merged = (w + (p.b.matmul(&p.a)? * scale)?)?;
+            *l = Linear::Candle(candle_core::quantized::QMatMul::Tensor(merged));
+            Ok(())
+        };
+        for b in self.blocks.iter_mut() {
+            let pairs = std::mem::take(&mut b.lora);
+            for (group, first) in [(&mut b.qkv, 0usize), (&mut b.gate_up, 4)] {
+                let Group::Split(parts) = group else {
+                    return Err(Error::Report(
+                        "merging LoRA needs the f32 weights (load the model with Precision::F32)"
+                            .into(),
+                    ));
+                };
+                for (j, part) in parts.iter_mut().enumerate() {
+                    fold(part, &pairs[first + j])?;
+                }
+            }
+            fold(&mut b.o, &pairs[3])?;
+            fold(&mut b.down, &pairs[6])?;
+        }
+        Ok(())
     }
 
     /// cos/sin for positions start..start+t of each row: `[t, d/2]` when no

@@ -9,6 +9,7 @@
 //!   kernels of `quant`);
 //! - `tokenizer`: the byte-level BPE built from GGUF metadata, and chat
 //!   templates;
+//! - `lora`: LoRA adapters in PEFT's layout;
 //! - `sampling`: greedy and seeded sampling;
 //! - `generate`: the prefill/decode loop, streaming and batches;
 //! - `continuous`: a running batch that sequences join and leave between
@@ -20,6 +21,7 @@ pub mod generate;
 pub mod gguf;
 mod linear;
 pub mod llama;
+pub mod lora;
 mod ops;
 pub mod quant;
 pub mod sampling;

@@ -46,6 +46,11 @@ pub struct TrainConfig {
     pub vision_feature_layer: i64,
     /// 1: only the connector learns; 2: the connector and LoRA on the LLM.
     pub stage: u8,
+    /// Stage 2: LoRA's rank, alpha and target projections (of q_proj,
+    /// k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_targets: Vec<String>,
     /// Captions longer than this many tokens are cut (vision-language runs).
     pub max_answer_tokens: usize,
     /// Training data, `FORMAT:PATH` or `PATH`.
@@ -140,6 +145,12 @@ impl Default for TrainConfig {
             resampler_heads: 4,
             vision_feature_layer: -2,
             stage: 1,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lora_targets: crate::llm::lora::TARGETS
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
             max_answer_tokens: 48,
             dataset: None,
             split: Split::Train,
@@ -273,6 +284,15 @@ impl TrainConfig {
 
     /// Whether this run trains a vision-language model (`llm` or `vision`
     /// given, or `init` is a VLM checkpoint).
+    /// Stage 2's LoRA settings.
+    pub fn lora(&self) -> crate::llm::lora::LoraConfig {
+        crate::llm::lora::LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha,
+            targets: self.lora_targets.clone(),
+        }
+    }
+
     pub fn is_vlm(&self) -> bool {
         self.llm.is_some()
             || self.vision.is_some()
@@ -333,11 +353,18 @@ impl TrainConfig {
                     "a vision-language run starts from --llm and --vision".into(),
                 );
             }
-            if self.stage != 1 {
-                return bad(
-                    "stage",
-                    format!("stage {} (LoRA on the language model) is not built yet; stage 1 trains the connector", self.stage),
-                );
+            match self.stage {
+                1 => {}
+                2 => {
+                    if self.init.is_none() {
+                        return bad(
+                            "init",
+                            "stage 2 continues a stage-1 model: pass --init VLM_CHECKPOINT (LLaVA's recipe)".into(),
+                        );
+                    }
+                    self.lora().check().map_err(|e| Error::Report(format!("lora: {e}")))?;
+                }
+                s => return bad("stage", format!("{s}: the stages are 1 (the connector) and 2 (the connector and LoRA on the language model)")),
             }
             self.connector_kind()?;
             return Ok(());

@@ -24,6 +24,7 @@ use super::optim::{self, AdamWConfig, GroupedAdamW};
 use super::order::{self, Order};
 use super::state::{self, checkpoint_dir, State};
 use crate::data::{Lang, PairSet};
+use crate::llm::lora::Lora;
 use crate::preprocess::image::decode_image;
 use crate::preprocess::pipeline;
 use crate::vlm::model::{DESCRIBE_EN, DESCRIBE_ZH};
@@ -149,24 +150,34 @@ impl VlmTrainer {
         let dev = cfg.device.open()?;
         let opt = state::read_optimizer(out, &dev)?;
         let vlm = base_model(&cfg, &dev)?;
-        // The connector's tensors only, not the whole saved model.
-        let w = checkpoint_dir(out).join("model.safetensors");
-        let saved = crate::vlm::checkpoint::load_prefixed(&w, &["multi_modal_projector."], &dev)?;
-        for (name, v) in vlm.connector.vars() {
-            let t = saved.get(name).ok_or_else(|| {
-                Error::Report(format!(
-                    "{}: no multi_modal_projector.{name} to resume from",
-                    w.display()
-                ))
+        let me = Self::build(cfg, vlm, st.order, st.step, Some(opt))?;
+        // The trained tensors only (the connector's, the adapter's), not
+        // the whole saved model.
+        let ckpt = checkpoint_dir(out);
+        let w = ckpt.join("model.safetensors");
+        let mut saved =
+            crate::vlm::checkpoint::load_prefixed(&w, &["multi_modal_projector."], &dev)?;
+        let adapter = ckpt.join("adapter_model.safetensors");
+        if me.cfg.stage == 2 {
+            let a = candle_core::safetensors::load(&adapter, &dev).map_err(|e| Error::Weights {
+                path: adapter.clone(),
+                reason: e.to_string(),
+            })?;
+            saved.extend(a);
+        }
+        for (name, v) in &me.vars {
+            let key = name.strip_prefix("multi_modal_projector.").unwrap_or(name);
+            let t = saved.get(key).ok_or_else(|| {
+                Error::Report(format!("{}: no {name} to resume from", ckpt.display()))
             })?;
             v.set(t)?;
         }
-        Self::build(cfg, vlm, st.order, st.step, Some(opt))
+        Ok(me)
     }
 
     fn build(
         cfg: TrainConfig,
-        vlm: Vlm,
+        mut vlm: Vlm,
         order: Order,
         step: usize,
         opt_state: Option<HashMap<String, Tensor>>,
@@ -174,12 +185,22 @@ impl VlmTrainer {
         let out = cfg.output_dir()?.to_path_buf();
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let (set, per_image) = order::training_pairs(&cfg)?;
-        let vars: Vec<(String, Var)> = vlm
+        let mut vars: Vec<(String, Var)> = vlm
             .connector
             .vars()
             .iter()
             .map(|(n, v)| (format!("multi_modal_projector.{n}"), v.clone()))
             .collect();
+        if cfg.stage == 2 {
+            // The init model's adapter goes on training; else a fresh one.
+            let lora = match vlm.llm.lora() {
+                Some(l) => l,
+                None => Lora::init(&cfg.lora(), vlm.llm.config(), cfg.seed, vlm.device())?,
+            };
+            let (lora, lora_vars) = lora.into_vars()?;
+            vlm.llm.set_lora(Some(&lora))?;
+            vars.extend(lora_vars);
+        }
         let mut opt = GroupedAdamW::new(
             &vars,
             AdamWConfig {
@@ -243,7 +264,22 @@ impl VlmTrainer {
             )));
         }
         let mut grads = loss.backward()?;
-        let projector_norm = optim::clip_grad_norm(&self.vars, &mut grads, cfg.grad_clip)?;
+        let (proj, llm): (Vec<_>, Vec<_>) = self
+            .vars
+            .iter()
+            .cloned()
+            .partition(|(n, _)| n.starts_with("multi_modal_projector."));
+        let mut norms = vec![(
+            "projector".to_string(),
+            optim::clip_grad_norm(&proj, &mut grads, 0.0)?,
+        )];
+        if !llm.is_empty() {
+            norms.push((
+                "llm".to_string(),
+                optim::clip_grad_norm(&llm, &mut grads, 0.0)?,
+            ));
+        }
+        optim::clip_grad_norm(&self.vars, &mut grads, cfg.grad_clip)?;
         self.opt.step(&grads)?;
         self.step += 1;
         Ok(StepLog {
@@ -252,11 +288,7 @@ impl VlmTrainer {
             lr,
             temperature: f64::NAN,
             images_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
-            group_grad_norms: Some(
-                [("projector".to_string(), projector_norm)]
-                    .into_iter()
-                    .collect(),
-            ),
+            group_grad_norms: Some(norms.into_iter().collect()),
             grad_conflict: None,
             skipped: Vec::new(),
             dev: None,

@@ -27,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 use super::connector::{Connector, ConnectorKind};
 use super::model::{FeatureSelect, Vlm, VlmConfig};
 use crate::atomic::write_json;
+use crate::llm::lora::Lora;
 use crate::llm::{Llama, LlamaConfig, LlmTokenizer};
 use crate::model::config::VisionConfig;
 use crate::preprocess::{ImageProcessor, ImageProcessorConfig};
@@ -168,6 +169,10 @@ impl Vlm {
                 }
             })?;
             self.tokenizer.save_hf(tmp)?;
+            // A LoRA adapter goes beside the base weights, in PEFT's layout.
+            if let Some(l) = self.llm.lora() {
+                l.save_peft(tmp, self.llm.config().rope_layout)?;
+            }
             write_json(
                 &tmp.join("preprocessor_config.json"),
                 &self.processor.config().to_hf_json(),
@@ -286,7 +291,7 @@ impl Vlm {
             image_token: token,
             image_token_index,
         };
-        Self::from_parts(
+        let mut vlm = Self::from_parts(
             cfg,
             vision_cfg,
             vision_tensors,
@@ -294,6 +299,12 @@ impl Vlm {
             llm,
             tokenizer,
             processor,
-        )
+        )?;
+        // A PEFT adapter saved beside the weights is held unmerged.
+        if Lora::present(dir) {
+            let lora = Lora::load_peft(dir, vlm.llm.config(), device)?;
+            vlm.llm.set_lora(Some(&lora))?;
+        }
+        Ok(vlm)
     }
 }
