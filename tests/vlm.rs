@@ -409,13 +409,15 @@ fn the_resampler_round_trips_and_its_queries_get_a_gradient() {
     assert!(g.iter().flatten().any(|x| *x != 0.0));
 }
 
-/// Stage 2's LoRA adapter, saved in PEFT's layout beside the weights:
-/// transformers + PEFT load it and give the same logits as clasp with the
-/// adapter held unmerged (fixture: scripts/gen_lora_fixtures.py, which runs
-/// the same seeded `clasp train --stage 2`); merged into the weights it gives
-/// the same logits again, and the merged model saves without an adapter.
+/// A stage-2 BCIF run (LoRA, lm + infonce + geometric under the bcif
+/// schedule, the probe every step): it logs each part, λ and the gradient
+/// cosine; stopped and resumed it ends bit-identical; its adapter, saved in
+/// PEFT's layout beside the weights, gives the logits transformers + PEFT
+/// give (fixture: scripts/gen_lora_fixtures.py, which runs the same seeded
+/// `clasp train`); merged into the weights it gives them again, and the
+/// merged model saves without an adapter.
 #[test]
-fn lora_adapter_equals_peft_and_merges_into_the_weights() {
+fn stage2_bcif_run_resumes_exactly_and_its_lora_adapter_equals_peft_merged_or_not() {
     let f: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("lora_logits.json")).unwrap(),
     )
@@ -443,7 +445,22 @@ fn lora_adapter_equals_peft_and_merges_into_the_weights() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ckpt = run.join("checkpoint");
-    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+    // The run was BCIF's: each step logs its parts, λ and the probe.
+    let log = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    for line in log.lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        for k in ["lm", "infonce", "geometric", "lambda"] {
+            assert!(r["losses"][k].is_number(), "{k} in {r}");
+        }
+        let cos = r["grad_conflict"].as_f64().unwrap();
+        assert!((-1.0..=1.0).contains(&cos));
+    }
+    assert!(run.join("grad_conflict.png").is_file());
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "contrastive_heads.safetensors",
+    ] {
         assert!(ckpt.join(f).is_file(), "{f} beside the weights");
     }
     // Stopped after one step and resumed, the run ends with the same adapter
@@ -464,7 +481,11 @@ fn lora_adapter_equals_peft_and_merges_into_the_weights() {
     let tensors = |d: &Path, f: &str| {
         candle_core::safetensors::load(d.join("checkpoint").join(f), &Device::Cpu).unwrap()
     };
-    for f in ["adapter_model.safetensors", "model.safetensors"] {
+    for f in [
+        "adapter_model.safetensors",
+        "model.safetensors",
+        "contrastive_heads.safetensors",
+    ] {
         let (a, b) = (tensors(&run, f), tensors(&split, f));
         assert_eq!(a.len(), b.len());
         for (k, t) in &a {
@@ -500,4 +521,88 @@ fn lora_adapter_equals_peft_and_merges_into_the_weights() {
     assert!(back.llm.lora().is_none());
     let reloaded: Vec<Vec<f32>> = back.logits(&ids, &px).unwrap().to_vec2().unwrap();
     check_logits("merged, saved and loaded", &reloaded, &f);
+}
+
+/// BCIF's branch on the real generative loss: the step's gradient, mixed
+/// from the two losses' separate gradients with λ and 1 − λ, equals the
+/// gradient of λ·contrastive + (1 − λ)·LM taken at once; the schedule's λ
+/// is BCIF's; the text side reaches only its head when the language model
+/// is frozen.
+#[test]
+fn bcif_mixes_the_contrastive_and_lm_gradients_as_one_weighted_loss() {
+    use clasp::train::bcif::{mix_grads, Branch};
+    use clasp::train::config::TrainConfig;
+    use clasp::train::vlm::{answer_loss, Example};
+    let m = vlm();
+    let cfg = TrainConfig {
+        objective: "lm,infonce:1,geometric:0.5".into(),
+        schedule: Some("bcif".into()),
+        contrastive_dim: 32,
+        ..Default::default()
+    };
+    let b = Branch::from_config(&cfg, m.llm.config().hidden_size, &Device::Cpu)
+        .unwrap()
+        .unwrap();
+    // λ: 1 through the warm-up, 0.6 at 30%, 0.2 from half-way.
+    for (p, lambda) in [(0.05, 1.0), (0.3, 0.6), (0.8, 0.2)] {
+        let (wl, wc) = b.weights(p);
+        assert!((wc - lambda).abs() < 1e-12 && (wl - (1.0 - lambda)).abs() < 1e-12);
+    }
+    let imgs: Vec<PathBuf> = ["2090545563_a4e66ec76b.jpg", "3393035454_2d2370ffd4.jpg"]
+        .iter()
+        .map(|n| shared_image(n))
+        .collect();
+    let refs: Vec<&Path> = imgs.iter().map(PathBuf::as_path).collect();
+    let px = m.pixels(&refs).unwrap();
+    let caps = [
+        "A dog runs across the grass .",
+        "Two children play on a beach .",
+    ];
+    let ex: Vec<Example> = caps
+        .iter()
+        .map(|c| Example::caption(m, clasp::data::Lang::En, c, 48).unwrap())
+        .collect();
+    let captions: Vec<Vec<u32>> = ex
+        .iter()
+        .map(|e| e.answer[..e.answer.len() - 1].to_vec())
+        .collect();
+    let _g = clasp::model::grad_mode_guard(true);
+    let images = m.image_features(&px).unwrap();
+    let lm = answer_loss(m, &ex, &images).unwrap();
+    let (fi, ft) = (
+        b.image_features(&images).unwrap(),
+        b.text_features(m, &captions, false).unwrap(),
+    );
+    let c = b.losses(&fi, &ft, 0.3).unwrap().contrastive;
+    let (wl, wc) = b.weights(0.3);
+    let mut vars: Vec<(String, candle_core::Var)> = m
+        .connector
+        .vars()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    vars.extend(b.vars());
+    let mut mixed = lm.backward().unwrap();
+    let gc = c.backward().unwrap();
+    mix_grads(&vars, &mut mixed, wl, &gc, wc).unwrap();
+    let total = ((&lm * wl).unwrap() + (&c * wc).unwrap()).unwrap();
+    let direct = total.backward().unwrap();
+    for (name, v) in &vars {
+        let flat = |g: &candle_core::backprop::GradStore| -> Vec<f32> {
+            g.get(v.as_tensor())
+                .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+                .unwrap_or_default()
+        };
+        let (a, d) = (flat(&mixed), flat(&direct));
+        assert_eq!(a.len(), d.len(), "{name}");
+        let scale = d.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        for (x, y) in a.iter().zip(&d) {
+            assert!((x - y).abs() <= 1e-4 * scale, "{name}: {x} vs {y}");
+        }
+    }
+    // The text head gets a gradient from the contrastive loss; the frozen
+    // language model's text pass adds nothing else (no LoRA here).
+    let text_head = &b.vars()[1].1;
+    assert!(gc.get(text_head.as_tensor()).is_some());
+    assert!(direct.get(text_head.as_tensor()).is_some());
 }

@@ -299,6 +299,39 @@ pub fn training_curves(out: &Path) -> Result<()> {
         None,
         &[("loss", loss)],
     )?;
+    let conflict = series(&|r| r["grad_conflict"].as_f64());
+    if !conflict.is_empty() {
+        line_chart(
+            &out.join("grad_conflict.png"),
+            "Gradient cosine between the first two objectives",
+            "step",
+            "cosine",
+            Some((-1.0, 1.0)),
+            &[("cosine", conflict)],
+        )?;
+    }
+    let mut names: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r["losses"].as_object())
+        .flat_map(|m| m.keys().cloned())
+        .filter(|k| k != "lambda")
+        .collect();
+    names.sort();
+    names.dedup();
+    if !names.is_empty() {
+        let parts: Vec<(&str, Vec<(f64, f64)>)> = names
+            .iter()
+            .map(|n| (n.as_str(), series(&|r| r["losses"][n.as_str()].as_f64())))
+            .collect();
+        line_chart(
+            &out.join("losses.png"),
+            "Each objective (unweighted)",
+            "step",
+            "loss",
+            None,
+            &parts,
+        )?;
+    }
     let dev = series(&|r| r["dev"]["mean_recall"].as_f64());
     if !dev.is_empty() {
         line_chart(

@@ -51,6 +51,9 @@ pub struct TrainConfig {
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub lora_targets: Vec<String>,
+    /// Vision-language runs with a contrastive objective: the width of the
+    /// contrastive heads' features.
+    pub contrastive_dim: usize,
     /// Captions longer than this many tokens are cut (vision-language runs).
     pub max_answer_tokens: usize,
     /// Training data, `FORMAT:PATH` or `PATH`.
@@ -151,6 +154,7 @@ impl Default for TrainConfig {
                 .iter()
                 .map(|t| t.to_string())
                 .collect(),
+            contrastive_dim: 256,
             max_answer_tokens: 48,
             dataset: None,
             split: Split::Train,
@@ -284,6 +288,17 @@ impl TrainConfig {
 
     /// Whether this run trains a vision-language model (`llm` or `vision`
     /// given, or `init` is a VLM checkpoint).
+    /// A vision-language run's objective: `lm` (the answer tokens' loss)
+    /// when the config keeps the default, else the one given (e.g.
+    /// `lm,infonce:0.5,geometric:0.5`).
+    pub fn vlm_objective(&self) -> String {
+        if self.objective == Self::default().objective {
+            "lm".into()
+        } else {
+            self.objective.clone()
+        }
+    }
+
     /// Stage 2's LoRA settings.
     pub fn lora(&self) -> crate::llm::lora::LoraConfig {
         crate::llm::lora::LoraConfig {

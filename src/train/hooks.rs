@@ -24,6 +24,10 @@ pub struct StepLog {
     /// Cosine between the first two objectives' gradients on the probed group.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_conflict: Option<f64>,
+    /// Each part of a combined objective, unweighted, and the weights in
+    /// force (vision-language runs: `lm`, the contrastive parts, `lambda`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub losses: Option<std::collections::BTreeMap<String, f64>>,
     /// Images of the batch that could not be read, skipped (with the error).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<String>,

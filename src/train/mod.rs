@@ -5,8 +5,10 @@
 //! - `trainer`: the loop as an object, with hooks for evaluation;
 //! - `order` and `state`: the data order and the saved run state;
 //! - `objectives` (one file each, with a registry) and `schedule`;
-//! - `step`: one batch's forward and backward; `optim`, `ewc`, `mine`.
+//! - `step`: one batch's forward and backward; `optim`, `ewc`, `mine`;
+//! - `vlm`: vision-language runs, with `bcif`'s contrastive branch.
 
+pub mod bcif;
 pub mod config;
 pub mod ewc;
 pub mod hooks;

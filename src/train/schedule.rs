@@ -184,7 +184,7 @@ impl Objective for AtProgress<'_> {
 }
 
 /// Splits at commas outside parentheses.
-fn top_level_items(spec: &str) -> Vec<&str> {
+pub(super) fn top_level_items(spec: &str) -> Vec<&str> {
     let (mut depth, mut start, mut out) = (0i32, 0, Vec::new());
     for (i, c) in spec.char_indices() {
         match c {

@@ -358,6 +358,7 @@ impl Trainer {
                     .collect()
             }),
             grad_conflict,
+            losses: None,
             skipped: Vec::new(),
             dev: None,
         })

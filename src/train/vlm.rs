@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 
+use super::bcif::{mix_grads, Branch};
 use super::config::TrainConfig;
 use super::hooks::{Hooks, StepLog, TrainOutcome};
 use super::optim::{self, AdamWConfig, GroupedAdamW};
@@ -98,6 +99,9 @@ pub fn answer_loss(vlm: &Vlm, examples: &[Example], images: &Tensor) -> Result<T
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
 }
 
+/// The contrastive branch's heads and temperature, beside the checkpoint.
+pub const HEADS: &str = "contrastive_heads.safetensors";
+
 /// A vision-language run in progress.
 pub struct VlmTrainer {
     cfg: TrainConfig,
@@ -109,6 +113,8 @@ pub struct VlmTrainer {
     per_image: Vec<Vec<usize>>,
     order: Order,
     step: usize,
+    /// BCIF's contrastive branch, when the objective has one.
+    branch: Option<Branch>,
 }
 
 /// The model a run starts from: its `init` checkpoint, or the vision tower
@@ -165,6 +171,14 @@ impl VlmTrainer {
             })?;
             saved.extend(a);
         }
+        if me.branch.is_some() {
+            let h = ckpt.join(HEADS);
+            let a = candle_core::safetensors::load(&h, &dev).map_err(|e| Error::Weights {
+                path: h.clone(),
+                reason: e.to_string(),
+            })?;
+            saved.extend(a);
+        }
         for (name, v) in &me.vars {
             let key = name.strip_prefix("multi_modal_projector.").unwrap_or(name);
             let t = saved.get(key).ok_or_else(|| {
@@ -201,6 +215,10 @@ impl VlmTrainer {
             vlm.llm.set_lora(Some(&lora))?;
             vars.extend(lora_vars);
         }
+        let branch = Branch::from_config(&cfg, vlm.llm.config().hidden_size, vlm.device())?;
+        if let Some(b) = &branch {
+            vars.extend(b.vars());
+        }
         let mut opt = GroupedAdamW::new(
             &vars,
             AdamWConfig {
@@ -222,6 +240,7 @@ impl VlmTrainer {
             per_image,
             order,
             step,
+            branch,
         })
     }
 
@@ -251,32 +270,89 @@ impl VlmTrainer {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let loss = {
+        let p = self.step as f64 / cfg.steps.max(1) as f64;
+        let (w_lm, w_c) = match &self.branch {
+            Some(b) => b.weights(p),
+            None => (1.0, 0.0),
+        };
+        let with_lm = self.branch.as_ref().is_none_or(|b| b.lm);
+        let mut losses = std::collections::BTreeMap::new();
+        let (lm, contrastive) = {
             let _graph = crate::model::grad_mode_guard(true);
             let images = self.vlm.image_features(&px)?;
-            answer_loss(&self.vlm, &examples, &images)?
+            let lm = if with_lm {
+                Some(answer_loss(&self.vlm, &examples, &images)?)
+            } else {
+                None
+            };
+            let contrastive = match &self.branch {
+                Some(b) => {
+                    // The caption without its end-of-turn token.
+                    let captions: Vec<Vec<u32>> = examples
+                        .iter()
+                        .map(|e| e.answer[..e.answer.len() - 1].to_vec())
+                        .collect();
+                    let fi = b.image_features(&images)?;
+                    let ft = b.text_features(&self.vlm, &captions, cfg.stage == 2)?;
+                    let l = b.losses(&fi, &ft, p)?;
+                    losses.extend(l.parts.iter().cloned());
+                    losses.insert("lambda".into(), w_c);
+                    Some(l.contrastive)
+                }
+                None => None,
+            };
+            (lm, contrastive)
         };
-        let lv = loss.to_scalar::<f32>()? as f64;
+        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
+        let lm_v = lm.as_ref().map(scalar).transpose()?;
+        let c_v = contrastive.as_ref().map(scalar).transpose()?;
+        if let Some(v) = lm_v {
+            losses.insert("lm".into(), v);
+        }
+        let lv = w_lm * lm_v.unwrap_or(0.0) + w_c * c_v.unwrap_or(0.0);
         if !lv.is_finite() {
             return Err(Error::Report(format!(
                 "step {}: the loss is {lv}",
                 self.step + 1
             )));
         }
-        let mut grads = loss.backward()?;
         let (proj, llm): (Vec<_>, Vec<_>) = self
             .vars
             .iter()
             .cloned()
-            .partition(|(n, _)| n.starts_with("multi_modal_projector."));
+            .partition(|(n, _)| !n.starts_with("base_model."));
+        let connector: Vec<_> = proj
+            .iter()
+            .filter(|(n, _)| n.starts_with("multi_modal_projector."))
+            .cloned()
+            .collect();
+        // The two losses are differentiated apart and their gradients mixed
+        // with the step's weights: the conflict probe reads both for free.
+        let mut grad_conflict = None;
+        let mut grads = match (&lm, &contrastive) {
+            (Some(l), None) => l.backward()?,
+            (None, Some(c)) => (c * w_c)?.backward()?,
+            (Some(l), Some(c)) => {
+                let mut g = l.backward()?;
+                let gc = c.backward()?;
+                if cfg.conflict_every > 0 && self.step.is_multiple_of(cfg.conflict_every) {
+                    grad_conflict = Some(optim::grad_cosine(&connector, &g, &gc)?);
+                }
+                mix_grads(&self.vars, &mut g, w_lm, &gc, w_c)?;
+                g
+            }
+            (None, None) => unreachable!("a run has the LM loss or a contrastive branch"),
+        };
+        // Per-module clipping (BCIF's: the projector side, the language
+        // model's adapter; the vision tower is frozen), then the global clip.
         let mut norms = vec![(
             "projector".to_string(),
-            optim::clip_grad_norm(&proj, &mut grads, 0.0)?,
+            optim::clip_grad_norm(&proj, &mut grads, cfg.grad_clip_proj)?,
         )];
         if !llm.is_empty() {
             norms.push((
                 "llm".to_string(),
-                optim::clip_grad_norm(&llm, &mut grads, 0.0)?,
+                optim::clip_grad_norm(&llm, &mut grads, cfg.grad_clip_text)?,
             ));
         }
         optim::clip_grad_norm(&self.vars, &mut grads, cfg.grad_clip)?;
@@ -289,14 +365,31 @@ impl VlmTrainer {
             temperature: f64::NAN,
             images_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
             group_grad_norms: Some(norms.into_iter().collect()),
-            grad_conflict: None,
+            grad_conflict,
+            losses: (!losses.is_empty() && self.branch.is_some()).then_some(losses),
             skipped: Vec::new(),
             dev: None,
         })
     }
 
     fn save_at(&self, order: &Order) -> Result<()> {
-        self.vlm.save(&checkpoint_dir(&self.out))?;
+        self.vlm.save_with(&checkpoint_dir(&self.out), |dir| {
+            let Some(b) = &self.branch else {
+                return Ok(());
+            };
+            // Training-only tensors, beside the model (transformers ignores
+            // the file).
+            let t: HashMap<String, Tensor> = b
+                .vars()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect();
+            let p = dir.join(HEADS);
+            candle_core::safetensors::save(&t, &p).map_err(|e| Error::Weights {
+                path: p.clone(),
+                reason: e.to_string(),
+            })
+        })?;
         let st = State {
             step: self.step,
             order: order.clone(),

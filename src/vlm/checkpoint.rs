@@ -154,7 +154,14 @@ impl Vlm {
     /// Writes the checkpoint into `dir`, atomically (a temporary folder
     /// renamed into place).
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_with(dir, |_| Ok(()))
+    }
+
+    /// [`Self::save`], with `extra` writing more files into the folder
+    /// before it is renamed into place (a training run's own tensors).
+    pub fn save_with(&self, dir: &Path, extra: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         crate::atomic::write_dir(dir, |tmp| {
+            extra(tmp)?;
             write_json(&tmp.join("config.json"), &self.llava_config())?;
             let eos = self.tokenizer.eos_id();
             write_json(

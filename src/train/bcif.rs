@@ -1,0 +1,265 @@
+//! BCIF's contrastive branch on a vision-language model, against the real
+//! generative loss (`--objective lm,infonce:W,geometric:W --schedule bcif`).
+//!
+//! - The image side: the mean of the connector's output tokens, through a
+//!   learned linear head, L2-normalised.
+//! - The text side: the mean of the language model's last hidden states over
+//!   the caption in a text-only pass, through its own head, normalised. With
+//!   the language model frozen (stage 1) that pass runs without a graph;
+//!   with LoRA (stage 2) the contrastive gradient reaches the adapter.
+//! - The contrastive objectives are the registry's (`infonce`, `geometric`
+//!   with its k hardest in-batch negatives, ...) on those features, with a
+//!   learned temperature.
+//! - With a schedule λ(p) (`bcif`: 1 through the warm-up, down to 0.2 by
+//!   half-way), the step's loss is λ·contrastive + (1 − λ)·LM; without one,
+//!   LM + the contrastive parts at their own weights.
+//!
+//! The two losses are differentiated separately and their gradients summed
+//! with those weights, so the gradient-conflict probe (the cosine between
+//! them on the connector) costs nothing extra.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use super::config::TrainConfig;
+use super::objectives::{Batch, Objective, ObjectiveEnv};
+use super::schedule::{self, Combined, Weight};
+use crate::rng::Rng;
+use crate::vlm::Vlm;
+use crate::{Error, Result};
+
+/// The contrastive branch: heads, temperature and objectives.
+pub struct Branch {
+    image_head: Var,
+    text_head: Var,
+    log_scale: Var,
+    objective: Combined,
+    /// λ(p), when the schedule trades the branch against the LM loss.
+    trade: Option<Weight>,
+    /// Whether the LM loss is in the objective at all.
+    pub lm: bool,
+}
+
+/// The parts of a VLM run's objective: whether `lm` is among them, and the
+/// rest (the contrastive ones) as a spec.
+fn split_spec(spec: &str) -> (bool, String) {
+    let mut lm = false;
+    let rest: Vec<String> = schedule::top_level_items(spec)
+        .into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .filter(|s| {
+            let is_lm = s.split(':').next().map(str::trim) == Some("lm");
+            lm |= is_lm;
+            !is_lm
+        })
+        .map(str::to_string)
+        .collect();
+    (lm, rest.join(","))
+}
+
+/// What the branch computed for one step.
+pub struct Losses {
+    /// The contrastive parts' weighted sum (a scalar with a graph).
+    pub contrastive: Tensor,
+    /// Each part's unweighted value.
+    pub parts: Vec<(String, f64)>,
+}
+
+impl Branch {
+    /// The branch a config asks for: None when the objective is the LM
+    /// loss alone.
+    pub fn from_config(cfg: &TrainConfig, hidden: usize, device: &Device) -> Result<Option<Self>> {
+        let (lm, rest) = split_spec(&cfg.vlm_objective());
+        if rest.is_empty() {
+            if !lm {
+                return Err(Error::Report("no objective given".into()));
+            }
+            if cfg.schedule.is_some() {
+                return Err(Error::Report(
+                    "--schedule trades a contrastive objective against lm: add one (e.g. lm,infonce:1)".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let dim = cfg.contrastive_dim;
+        let env = ObjectiveEnv {
+            dim,
+            seed: cfg.seed,
+            device,
+            teacher_dim: None,
+        };
+        let objective = schedule::parse_objectives(&rest, &cfg.objective_params, None, &env)?;
+        if objective.ewc.is_some() || objective.parts.iter().any(|(_, o)| !o.vars().is_empty()) {
+            return Err(Error::Report(
+                "a vision-language run's contrastive branch takes infonce, siglip, triplet, daa or geometric"
+                    .into(),
+            ));
+        }
+        let trade = match cfg.schedule.as_deref().map(str::trim) {
+            None => None,
+            Some("bcif") => Some(Weight::bcif()),
+            Some(s) => Some(Weight::parse(s)?),
+        };
+        if trade.is_some() && !lm {
+            return Err(Error::Report(
+                "--schedule trades the contrastive branch against lm: add lm to the objective"
+                    .into(),
+            ));
+        }
+        let mut rng = Rng(cfg.seed ^ 0xBC1F);
+        let bound = 1.0 / (hidden as f64).sqrt();
+        let head = |rng: &mut Rng| {
+            Var::from_vec(rng.symmetric(dim * hidden, bound), (dim, hidden), device)
+        };
+        Ok(Some(Self {
+            image_head: head(&mut rng)?,
+            text_head: head(&mut rng)?,
+            log_scale: Var::from_vec(vec![(1.0f32 / 0.07).ln()], (), device)?,
+            objective,
+            trade,
+            lm,
+        }))
+    }
+
+    /// The branch's trainable tensors, named as saved beside the checkpoint
+    /// (`contrastive_heads.safetensors`).
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        vec![
+            (
+                "contrastive.image_head.weight".into(),
+                self.image_head.clone(),
+            ),
+            (
+                "contrastive.text_head.weight".into(),
+                self.text_head.clone(),
+            ),
+            ("contrastive.log_scale".into(), self.log_scale.clone()),
+        ]
+    }
+
+    /// The weights of the LM loss and of the contrastive sum at progress p.
+    pub fn weights(&self, p: f64) -> (f64, f64) {
+        let lm = if self.lm { 1.0 } else { 0.0 };
+        match &self.trade {
+            Some(t) => {
+                let l = t.at(p);
+                (lm * (1.0 - l), l)
+            }
+            None => (lm, 1.0),
+        }
+    }
+
+    /// L2-normalised image-side features `[B, P]` from the connector's
+    /// tokens `[B, N, hidden]`.
+    pub fn image_features(&self, tokens: &Tensor) -> Result<Tensor> {
+        let m = tokens.mean(1)?;
+        normalize(&m.matmul(&self.image_head.as_tensor().t()?)?)
+    }
+
+    /// L2-normalised text-side features `[B, P]`: the caption tokens alone
+    /// through the language model, the mean of its last hidden states.
+    pub fn text_features(&self, vlm: &Vlm, captions: &[Vec<u32>], graph: bool) -> Result<Tensor> {
+        let t = captions.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let b = captions.len();
+        let pad = vlm.tokenizer.eos_id().unwrap_or(0);
+        let mut ids = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * t);
+        for c in captions {
+            let n = c.len().max(1);
+            ids.extend(c.iter().copied());
+            ids.extend(std::iter::repeat_n(pad, t - c.len()));
+            mask.extend((0..t).map(|i| if i < c.len() { 1.0 / n as f32 } else { 0.0 }));
+        }
+        let dev = vlm.device();
+        let x = vlm.llm.embed(&Tensor::from_vec(ids, (b, t), dev)?)?;
+        let h = {
+            let _g = crate::model::grad_mode_guard(graph);
+            let h = vlm.llm.forward_train(&x)?;
+            if graph {
+                h
+            } else {
+                h.detach()
+            }
+        };
+        // Right padding: a caption's positions never see the padding.
+        let w = Tensor::from_vec(mask, (b, 1, t), dev)?;
+        let mean = w.matmul(&h)?.squeeze(1)?;
+        normalize(&mean.matmul(&self.text_head.as_tensor().t()?)?)
+    }
+
+    /// The contrastive parts on a batch's features, weighted by their own
+    /// schedules at progress p (λ is applied by the caller).
+    pub fn losses(&self, image: &Tensor, text: &Tensor, p: f64) -> Result<Losses> {
+        let batch = Batch {
+            image,
+            text,
+            log_scale: self.log_scale.as_tensor(),
+            bias: None,
+            teacher: None,
+        };
+        let mut parts = Vec::new();
+        for (i, (_, o)) in self.objective.parts.iter().enumerate() {
+            let v = self.objective.only(i).loss(&batch)?.to_scalar::<f32>()? as f64;
+            parts.push((o.name().to_string(), v));
+        }
+        Ok(Losses {
+            contrastive: self.objective.at(p).loss(&batch)?,
+            parts,
+        })
+    }
+
+    /// Restores the heads and temperature from saved tensors.
+    pub fn load(&self, saved: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        for (name, v) in self.vars() {
+            let t = saved
+                .get(&name)
+                .ok_or_else(|| Error::Report(format!("no {name} to resume from")))?;
+            v.set(t)?;
+        }
+        Ok(())
+    }
+}
+
+fn normalize(x: &Tensor) -> Result<Tensor> {
+    let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    Ok(x.broadcast_div(&(n + 1e-12)?)?)
+}
+
+/// `a·x + b·y` over every gradient in `vars` (a missing one is zero), into
+/// `x`'s store.
+pub fn mix_grads(
+    vars: &[(String, Var)],
+    x: &mut candle_core::backprop::GradStore,
+    a: f64,
+    y: &candle_core::backprop::GradStore,
+    b: f64,
+) -> Result<()> {
+    for (_, v) in vars {
+        let t = v.as_tensor();
+        let gx = x.remove(t);
+        let gy = y.get(t);
+        let g = match (gx, gy) {
+            (Some(gx), Some(gy)) => ((gx * a)? + (gy * b)?)?,
+            (Some(gx), None) => (gx * a)?,
+            (None, Some(gy)) => (gy * b)?,
+            (None, None) => continue,
+        };
+        x.insert(t, g.to_dtype(DType::F32)?);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lm_term_is_split_from_the_contrastive_ones() {
+        assert_eq!(
+            split_spec("lm, infonce:0.5,geometric:linear(0,1)"),
+            (true, "infonce:0.5,geometric:linear(0,1)".to_string())
+        );
+        assert_eq!(split_spec("infonce"), (false, "infonce".to_string()));
+        assert_eq!(split_spec("lm"), (true, String::new()));
+    }
+}
