@@ -16,6 +16,7 @@ pub mod llm;
 pub mod model;
 pub mod preprocess;
 pub mod progress;
+pub mod rag;
 pub mod rng;
 pub mod serve;
 pub mod train;

@@ -332,3 +332,121 @@ fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     let (status, v, _) = s.post("/v1/chat/completions", &ask(&image(PHOTOS[0]), 4));
     assert_eq!(status, 200, "{v}");
 }
+
+/// Multimodal RAG: `clasp ask` and the server's `clasp_retrieve` put the
+/// photos that `clasp search` finds for the question into the prompt (the
+/// same paths, in order), each as an image, and answer.
+#[test]
+fn ask_and_clasp_retrieve_answer_with_the_photos_search_finds() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    let dev = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/data/flickr8k/Flickr_8k.devImages.txt"),
+    )
+    .unwrap();
+    for name in dev.split_whitespace().take(6) {
+        std::fs::copy(image(name), photos.join(name)).unwrap();
+    }
+    let store = dir.path().join("store.sqlite");
+    let (s_store, s_photos) = (store.to_str().unwrap(), photos.to_str().unwrap());
+    let tiny = common::tiny();
+    let clasp = |args: &[&str]| -> String {
+        let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    clasp(&["index", s_photos, "-m", &tiny, "--store", s_store]);
+    let question = "Where is the dog running?";
+    let found: Vec<Value> = serde_json::from_str(&clasp(&[
+        "search",
+        question,
+        "--store",
+        s_store,
+        "--no-index",
+        "--dir",
+        s_photos,
+        "-k",
+        "2",
+        "--json",
+    ]))
+    .unwrap();
+    let found: Vec<&str> = found.iter().map(|h| h["path"].as_str().unwrap()).collect();
+    assert_eq!(found.len(), 2);
+
+    let vlm = common::assembled(dir.path());
+    let ask: Value = serde_json::from_str(&clasp(&[
+        "ask",
+        question,
+        "--vlm",
+        &vlm,
+        "--store",
+        s_store,
+        "-k",
+        "2",
+        "--json",
+        "--max-tokens",
+        "8",
+    ]))
+    .unwrap();
+    let used: Vec<&str> = ask["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(used, found);
+    assert!(!ask["answer"].as_str().unwrap().is_empty());
+    // Two photos of 16 image tokens each are in the prompt.
+    assert!(ask["prompt_tokens"].as_u64().unwrap() > 32, "{ask}");
+
+    let s = Server::start(&[
+        "serve",
+        "-m",
+        &tiny,
+        "--store",
+        s_store,
+        "--vlm",
+        &vlm,
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let plain = json!({"messages": [{"role": "user", "content": question}], "max_tokens": 4, "temperature": 0});
+    let (status, p, _) = s.post("/v1/chat/completions", &plain);
+    assert_eq!(status, 200, "{p}");
+    let mut rag = plain.clone();
+    rag["clasp_retrieve"] = json!({"k": 2});
+    let (status, r, _) = s.post("/v1/chat/completions", &rag);
+    assert_eq!(status, 200, "{r}");
+    let via_server: Vec<&str> = r["clasp_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(via_server, found);
+    let tokens = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        tokens(&r) > tokens(&p) + 32,
+        "the photos are in the prompt: {r}"
+    );
+    let mut bad = rag.clone();
+    bad["clasp_retrieve"] = json!({"k": 0});
+    let (status, v, _) = s.post("/v1/chat/completions", &bad);
+    assert_eq!(status, 400);
+    assert_eq!(v["error"]["param"], "clasp_retrieve.k");
+    drop(s);
+    // A server without a store says what retrieval needs.
+    let s = Server::start(&["serve", "--vlm", &vlm, "--addr", "127.0.0.1:0"]);
+    let (status, v, _) = s.post("/v1/chat/completions", &rag);
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("--store"));
+}

@@ -83,6 +83,8 @@ pub enum Command {
     Chat(vlm::ChatArgs),
     /// Fold a VLM's LoRA adapter into its language model's weights and save the result.
     MergeLora(vlm::MergeLoraArgs),
+    /// Answer a question from an indexed photo collection with a vision-language model (RAG).
+    Ask(vlm::AskArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +135,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Caption(a) => vlm::caption_cmd(a),
         Command::Chat(a) => vlm::chat_cmd(a),
         Command::MergeLora(a) => vlm::merge_lora_cmd(a),
+        Command::Ask(a) => vlm::ask_cmd(a),
     }
 }
 

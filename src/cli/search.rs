@@ -96,12 +96,12 @@ pub struct ClassifyArgs {
     pub store: StoreArgs,
 }
 
-fn open_store(a: &StoreArgs) -> Result<Catalog> {
+pub(super) fn open_store(a: &StoreArgs) -> Result<Catalog> {
     let p = a.store.clone().unwrap_or_else(Catalog::default_path);
     Ok(Catalog::open(&p)?)
 }
 
-fn model_spec(arg: &Option<String>, catalog: &Catalog) -> Result<String> {
+pub(super) fn model_spec(arg: &Option<String>, catalog: &Catalog) -> Result<String> {
     if let Some(m) = arg {
         return Ok(m.clone());
     }

@@ -268,3 +268,91 @@ pub fn merge_lora_cmd(a: MergeLoraArgs) -> Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// Answer a question from a photo collection: retrieve from a clasp store,
+/// then let a vision-language model answer with the photos in its prompt.
+#[derive(Args, Debug)]
+pub struct AskArgs {
+    /// The question.
+    pub question: String,
+    /// A photo the question is about (it also queries the store, image→image).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// The vision-language model that answers.
+    #[arg(long)]
+    pub vlm: PathBuf,
+    /// Photos retrieved into the prompt.
+    #[arg(short = 'k', long, default_value_t = 3)]
+    pub k: usize,
+    /// Also match the question against the photos' captions (BM25), fused by RRF.
+    #[arg(long)]
+    pub hybrid: bool,
+    /// The store's embedding model [default: the store's most recently used model].
+    #[arg(long, short)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+    /// Print {"answer", "sources", "cited", "skipped"} as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: super::search::StoreArgs,
+}
+
+pub fn ask_cmd(a: AskArgs) -> Result<ExitCode> {
+    use clasp::rag;
+    if a.k == 0 {
+        bail!("-k must be at least 1");
+    }
+    let catalog = super::search::open_store(&a.store)?;
+    let spec = super::search::model_spec(&a.model, &catalog)?;
+    let encoder = clasp::Encoder::load(&spec, &super::device(a.store.device)?)?;
+    let model_id = clasp::index::model_id(&catalog, &encoder, &spec)?;
+    let engine = clasp::index::open_engine(&catalog, model_id, clasp::index::ANN_THRESHOLD)?;
+    if engine.len() == 0 {
+        bail!(
+            "the store {} has no photos for {spec}; run `clasp index DIR -m {spec}` first",
+            catalog.path().display()
+        );
+    }
+    let q = rag::RagQuery {
+        question: a.question.clone(),
+        image: a.image.clone(),
+        k: a.k,
+        hybrid: a.hybrid,
+    };
+    let sources = rag::retrieve(&encoder, &catalog, engine.as_ref(), &q)?;
+    let vlm = load(&a.vlm)?;
+    let (turn, skipped) = rag::conversation(&vlm, &a.question, a.image.as_deref(), &sources)?;
+    for (s, e) in &skipped {
+        eprintln!("warning: [{}] {} left out: {e}", s.n, s.path);
+    }
+    let prompt = vlm.conversation_prompt(&[turn])?;
+    let mut opts = a.sample.options()?;
+    opts.suppress_tokens.push(vlm.cfg.image_token_index);
+    let g = clasp::llm::generate_prompt(&vlm.llm, &vlm.tokenizer, &prompt, &opts, &mut |_| true)?;
+    let used: Vec<&rag::Source> = sources
+        .iter()
+        .filter(|s| !skipped.iter().any(|(k, _)| k.n == s.n))
+        .collect();
+    let cited = rag::cited(&g.text, sources.len());
+    if a.json {
+        let v = serde_json::json!({
+            "answer": g.text,
+            "sources": used,
+            "cited": cited,
+            "skipped": skipped.iter().map(|(s, e)| serde_json::json!({"path": s.path, "error": e.to_string()})).collect::<Vec<_>>(),
+            "prompt_tokens": g.prompt_tokens,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", g.text.trim());
+        println!();
+        println!("Sources (the photos in the prompt; * cited by the answer):");
+        for s in used {
+            let mark = if cited.contains(&s.n) { "*" } else { " " };
+            println!("{mark}[{}] {:.4}\t{}", s.n, s.score, s.path);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -220,6 +220,19 @@ impl Catalog {
             .collect())
     }
 
+    /// The caption of the file at `path`, if the catalog has the file.
+    pub fn caption_of(&self, path: &str) -> Result<Option<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT caption FROM files WHERE path = ?1")
+            .map_err(|e| self.err(e))?;
+        let mut rows = stmt.query([path]).map_err(|e| self.err(e))?;
+        match rows.next().map_err(|e| self.err(e))? {
+            Some(r) => Ok(Some(r.get(0).map_err(|e| self.err(e))?)),
+            None => Ok(None),
+        }
+    }
+
     /// Which of `hashes` have a vector for `model`.
     pub fn has_vectors(&self, model: i64, hashes: &[Hash]) -> Result<Vec<bool>> {
         let mut stmt = self

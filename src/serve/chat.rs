@@ -40,6 +40,8 @@ pub struct ChatState {
     pub metrics: Arc<Metrics>,
     /// Local image paths are read only under this folder (canonical).
     pub local_images: Option<PathBuf>,
+    /// The embedding model and store that `clasp_retrieve` searches.
+    pub retrieval: Option<super::api::Shared>,
 }
 
 pub type ChatShared = Arc<ChatState>;
@@ -85,6 +87,47 @@ struct ChatRequest {
     opts: GenerateOptions,
     stream: bool,
     include_usage: bool,
+    retrieve: Option<Retrieve>,
+}
+
+/// clasp's extension field `clasp_retrieve: {"k": 3, "hybrid": false}`:
+/// retrieve photos from the server's store with the last user message's
+/// text, and put them into that message as numbered images to cite.
+struct Retrieve {
+    k: usize,
+    hybrid: bool,
+}
+
+fn parse_retrieve(v: &Value, st: &ChatState) -> Result<Retrieve, ApiError> {
+    let f = "clasp_retrieve";
+    if st.retrieval.is_none() {
+        return Err(ApiError::bad(
+            f,
+            "this server has no store to retrieve from; start it with --model M --store S as well as --vlm",
+        ));
+    }
+    let o = v
+        .as_object()
+        .ok_or_else(|| ApiError::bad(f, "expected {\"k\": N, \"hybrid\": bool}"))?;
+    let k = match o.get("k") {
+        None => 3,
+        Some(k) => match k.as_u64() {
+            Some(k @ 1..=16) => k as usize,
+            _ => {
+                return Err(ApiError::bad(
+                    format!("{f}.k"),
+                    "expected an integer from 1 to 16",
+                ))
+            }
+        },
+    };
+    let hybrid = match o.get("hybrid") {
+        None => false,
+        Some(h) => h
+            .as_bool()
+            .ok_or_else(|| ApiError::bad(format!("{f}.hybrid"), "expected a boolean"))?,
+    };
+    Ok(Retrieve { k, hybrid })
 }
 
 enum RawPart {
@@ -340,11 +383,16 @@ fn parse_request(m: &Map<String, Value>, st: &ChatState) -> Result<ChatRequest, 
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let retrieve = match m.get("clasp_retrieve") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_retrieve(v, st)?),
+    };
     Ok(ChatRequest {
         turns,
         opts: options(m)?,
         stream,
         include_usage,
+        retrieve,
     })
 }
 
@@ -382,6 +430,66 @@ async fn prepare_turns(
         .collect())
 }
 
+/// Retrieves for the last user message's text and puts the photos (as
+/// numbered image parts, with their paths and captions) before its own
+/// parts, and the instruction to cite after them. Returns the sources used.
+async fn augment(
+    st: &ChatState,
+    turns: &mut [Turn],
+    r: &Retrieve,
+) -> Result<Vec<crate::rag::Source>, ApiError> {
+    let emb = st.retrieval.clone().expect("checked when parsed");
+    let Some(last) = turns.iter_mut().rev().find(|t| t.role == "user") else {
+        return Err(ApiError::bad(
+            "clasp_retrieve",
+            "no user message to retrieve for",
+        ));
+    };
+    let question: Vec<&str> = last
+        .parts
+        .iter()
+        .filter_map(|p| match p {
+            Part::Text(s) => Some(s.as_str()),
+            Part::Image(_) => None,
+        })
+        .collect();
+    let q = crate::rag::RagQuery {
+        question: question.join("\n"),
+        image: None,
+        k: r.k,
+        hybrid: r.hybrid,
+    };
+    if q.question.trim().is_empty() {
+        return Err(ApiError::bad(
+            "clasp_retrieve",
+            "the last user message has no text to retrieve with",
+        ));
+    }
+    let vlm = st.vlm.clone();
+    let (parts, used) = tokio::task::spawn_blocking(move || -> crate::Result<_> {
+        let (Some(store), Some(model)) = (&emb.store, emb.store_model) else {
+            return Err(crate::Error::Report("no store".into()));
+        };
+        let sources = emb.search.with(store, model, |catalog, engine| {
+            crate::rag::retrieve(&emb.encoder, catalog, engine, &q)
+        })?;
+        let (parts, skipped) = crate::rag::source_parts(&vlm, &sources);
+        let used: Vec<_> = sources
+            .into_iter()
+            .filter(|s| !skipped.iter().any(|(k, _)| k.n == s.n))
+            .collect();
+        Ok((parts, used))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let own = std::mem::take(&mut last.parts);
+    last.parts = parts;
+    last.parts.extend(own);
+    last.parts.push(Part::Text(crate::rag::CITE.into()));
+    Ok(used)
+}
+
 fn finish_reason(r: StopReason) -> &'static str {
     match r {
         StopReason::Eos | StopReason::Stop | StopReason::Cancelled => "stop",
@@ -413,7 +521,11 @@ pub async fn completions(State(st): State<ChatShared>, req: Request) -> Response
         let st = st2;
         let m = parse_json(&read_body(&st.limits, req.into_body()).await?)?;
         let parsed = parse_request(&m, &st)?;
-        let turns = prepare_turns(&st, parsed.turns).await?;
+        let mut turns = prepare_turns(&st, parsed.turns).await?;
+        let sources = match &parsed.retrieve {
+            Some(r) => augment(&st, &mut turns, r).await?,
+            None => Vec::new(),
+        };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let job = ChatJob {
             turns,
@@ -446,15 +558,23 @@ pub async fn completions(State(st): State<ChatShared>, req: Request) -> Response
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let model = st.model_name.clone();
+        let sources = (parsed.retrieve.is_some()).then(|| json!(sources));
         if parsed.stream {
-            return Ok(stream(rx, id, created, model, parsed.include_usage));
+            return Ok(stream(
+                rx,
+                id,
+                created,
+                model,
+                parsed.include_usage,
+                sources,
+            ));
         }
         let mut text = String::new();
         loop {
             match rx.recv().await {
                 Some(ChatEvent::Text(s)) => text.push_str(&s),
                 Some(ChatEvent::Done(g)) => {
-                    return Ok(axum::Json(json!({
+                    let mut body = json!({
                         "id": id,
                         "object": "chat.completion",
                         "created": created,
@@ -465,8 +585,11 @@ pub async fn completions(State(st): State<ChatShared>, req: Request) -> Response
                             "finish_reason": finish_reason(g.stop_reason),
                         }],
                         "usage": usage(&g),
-                    }))
-                    .into_response())
+                    });
+                    if let Some(s) = sources {
+                        body["clasp_sources"] = s;
+                    }
+                    return Ok(axum::Json(body).into_response());
                 }
                 Some(ChatEvent::Failed { message, bad }) => return Err(failed(message, bad)),
                 Some(ChatEvent::Started { .. }) => {}
@@ -487,38 +610,48 @@ fn stream(
     created: u64,
     model: String,
     include_usage: bool,
+    sources: Option<Value>,
 ) -> Response {
-    let chunk = move |delta: Value, finish: Option<&str>, usage: Option<Value>| {
-        let mut c = json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": if usage.is_some() { json!([]) } else {
-                json!([{"index": 0, "delta": delta, "finish_reason": finish}])
-            },
-        });
-        if let Some(u) = usage {
-            c["usage"] = u;
-        }
-        SseEvent::default().data(c.to_string())
-    };
+    let chunk =
+        move |delta: Value, finish: Option<&str>, usage: Option<Value>, extra: Option<Value>| {
+            let mut c = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": if usage.is_some() { json!([]) } else {
+                    json!([{"index": 0, "delta": delta, "finish_reason": finish}])
+                },
+            });
+            if let Some(u) = usage {
+                c["usage"] = u;
+            }
+            if let Some(s) = extra {
+                c["clasp_sources"] = s;
+            }
+            SseEvent::default().data(c.to_string())
+        };
     enum Phase {
-        Role,
+        Role(Option<Value>),
         Body,
         Usage(Value),
         Done,
         End,
     }
-    let state = (rx, Phase::Role, chunk);
+    let state = (rx, Phase::Role(sources), chunk);
     let events = futures_util::stream::unfold(state, move |(mut rx, phase, chunk)| async move {
         let ev = match phase {
-            Phase::Role => {
-                let e = chunk(json!({"role": "assistant", "content": ""}), None, None);
+            Phase::Role(sources) => {
+                let e = chunk(
+                    json!({"role": "assistant", "content": ""}),
+                    None,
+                    None,
+                    sources,
+                );
                 return Some((
                     Ok::<_, std::convert::Infallible>(e),
                     (rx, Phase::Body, chunk),
                 ));
             }
             Phase::Usage(u) => {
-                let e = chunk(json!({}), None, Some(u));
+                let e = chunk(json!({}), None, Some(u), None);
                 return Some((Ok(e), (rx, Phase::Done, chunk)));
             }
             Phase::Done => {
@@ -531,9 +664,11 @@ fn stream(
             Phase::Body => rx.recv().await,
         };
         let (e, next) = match ev {
-            Some(ChatEvent::Text(s)) => (chunk(json!({"content": s}), None, None), Phase::Body),
+            Some(ChatEvent::Text(s)) => {
+                (chunk(json!({"content": s}), None, None, None), Phase::Body)
+            }
             Some(ChatEvent::Done(g)) => (
-                chunk(json!({}), Some(finish_reason(g.stop_reason)), None),
+                chunk(json!({}), Some(finish_reason(g.stop_reason)), None, None),
                 if include_usage {
                     Phase::Usage(usage(&g))
                 } else {

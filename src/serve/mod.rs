@@ -72,10 +72,11 @@ pub async fn serve(
     let metrics = Arc::new(metrics::Metrics::new());
     let mut app = Router::new();
     let standalone = encoder.is_none();
+    let mut embedding: Option<api::Shared> = None;
     if let Some(encoder) = encoder {
         let encoder = Arc::new(encoder);
         let batcher = Batcher::start(encoder.clone(), cfg.batch, metrics.clone());
-        app = app.merge(router(Arc::new(api::AppState {
+        let state = Arc::new(api::AppState {
             encoder,
             model_name: cfg.model_name,
             batcher,
@@ -84,7 +85,9 @@ pub async fn serve(
             store: cfg.store,
             store_model: cfg.store_model,
             search: Default::default(),
-        })));
+        });
+        app = app.merge(router(state.clone()));
+        embedding = Some(state);
     }
     if let Some(c) = chat {
         let local_images = match c.local_images {
@@ -100,6 +103,8 @@ pub async fn serve(
             limits: cfg.limits,
             metrics,
             local_images,
+            // Retrieval-augmented requests search the embedding side's store.
+            retrieval: embedding.filter(|e| e.store.is_some()),
         });
         app = app.merge(chat::router(state, standalone));
     } else if standalone {
