@@ -309,7 +309,7 @@ pub fn ask_cmd(a: AskArgs) -> Result<ExitCode> {
     let encoder = clasp::Encoder::load(&spec, &super::device(a.store.device)?)?;
     let model_id = clasp::index::model_id(&catalog, &encoder, &spec)?;
     let engine = clasp::index::open_engine(&catalog, model_id, clasp::index::ANN_THRESHOLD)?;
-    if engine.len() == 0 {
+    if engine.is_empty() {
         bail!(
             "the store {} has no photos for {spec}; run `clasp index DIR -m {spec}` first",
             catalog.path().display()
