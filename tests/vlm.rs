@@ -494,6 +494,35 @@ fn stage2_bcif_run_resumes_exactly_and_its_lora_adapter_equals_peft_merged_or_no
             assert!(same, "{f}: {k} differs after resuming");
         }
     }
+    // `clasp eval caption` measures the trained heads' retrieval: with 4
+    // photos every caption's photo is within the top 10, and R@1 is a rate.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args([
+            "eval",
+            "caption",
+            "-m",
+            ckpt.to_str().unwrap(),
+            "-d",
+            &dataset,
+        ])
+        .args([
+            "--split",
+            "dev",
+            "--limit",
+            "4",
+            "--max-tokens",
+            "4",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ev: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let h = &ev["heads_retrieval"];
+    assert_eq!(h["image_retrieval_recall@10"], 1.0, "{h}");
+    assert_eq!(h["text_retrieval_recall@10"], 1.0, "{h}");
+    let r1 = h["image_retrieval_recall@1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&r1));
     let mut m = Vlm::load(&ckpt, &Device::Cpu).unwrap();
     let lora = m.llm.lora().expect("the adapter is loaded");
     assert_eq!(lora.cfg.rank, 4);

@@ -532,6 +532,17 @@ fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
         )?
     };
     let secs = t0.elapsed().as_secs_f64();
+    // A run with BCIF's contrastive branch left its heads beside the model.
+    let heads = match clasp::vlm::heads::Heads::load(&a.model, vlm.device())? {
+        Some(h) if !a.no_image => Some(captioning::heads_recall(
+            &vlm,
+            &h,
+            &set,
+            a.limit,
+            a.batch_size,
+        )?),
+        _ => None,
+    };
     if let Some(dir) = &a.report {
         captioning::write_report(dir, &a.model.display().to_string(), &set.name, &e)?;
         eprintln!("wrote {}", dir.join("report.md").display());
@@ -549,6 +560,7 @@ fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
                 "images_per_s": e.images as f64 / secs,
                 "scores": metrics(&e.scores), "wrong_photos": metrics(&e.wrong_photos),
                 "failed": e.failed.len(),
+                "heads_retrieval": heads.as_ref().map(|h| h.to_pairs().into_iter().collect::<std::collections::BTreeMap<_, _>>()),
             }))?
         );
     } else {
@@ -561,6 +573,12 @@ fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
             println!(
                 "{name:<16} {:>8.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.3}",
                 s.cider_d, s.bleu[0], s.bleu[1], s.bleu[2], s.bleu[3], s.rouge_l
+            );
+        }
+        if let Some(h) = &heads {
+            println!(
+                "contrastive heads: mean recall {:.4} (text→image R@1 {:.4}, image→text R@1 {:.4})",
+                h.mean_recall, h.image_retrieval_recall[0].1, h.text_retrieval_recall[0].1
             );
         }
     }

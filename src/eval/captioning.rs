@@ -37,6 +37,51 @@ pub struct CaptionEval {
     pub failed: Vec<(String, String)>,
 }
 
+/// The retrieval of BCIF's contrastive heads on the first `limit` images of
+/// `set` and all their captions (text→image and image→text Recall@1/5/10,
+/// CLIP_benchmark's definitions, as `clasp eval` reports them).
+pub fn heads_recall(
+    vlm: &Vlm,
+    heads: &crate::vlm::heads::Heads,
+    set: &PairSet,
+    limit: Option<usize>,
+    batch: usize,
+) -> Result<crate::eval::metrics::RetrievalMetrics> {
+    use crate::vlm::heads::{image_side, text_side};
+    let n = limit.unwrap_or(set.images.len()).min(set.images.len());
+    let batch = batch.max(1);
+    let mut image_feats: Vec<Vec<f32>> = Vec::with_capacity(n);
+    for chunk in set.images[..n].chunks(batch) {
+        let px = chunk
+            .iter()
+            .map(|src| {
+                let img = crate::preprocess::image::decode_image(&src.read()?, &src.path())?;
+                vlm.image_processor().process(&img)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tokens = vlm.image_features(&vlm.pixel_batch(&px)?)?;
+        image_feats.extend(image_side(&tokens, &heads.image)?.to_vec2::<f32>()?);
+    }
+    let (mut texts, mut owner) = (Vec::new(), Vec::new());
+    for (c, &i) in set.caption_image.iter().enumerate() {
+        if i < n {
+            texts.push(vlm.tokenizer.encode(set.captions[c].trim(), false)?);
+            owner.push(i);
+        }
+    }
+    let mut text_feats: Vec<Vec<f32>> = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(32) {
+        text_feats.extend(text_side(vlm, chunk, &heads.text, false)?.to_vec2::<f32>()?);
+    }
+    let scores = crate::eval::retrieval::score_matrix(&text_feats, &image_feats)?;
+    let (t2i, i2t) = crate::eval::metrics::retrieval_ranks(&scores, n, &owner);
+    Ok(crate::eval::metrics::RetrievalMetrics::from_ranks(
+        &t2i,
+        &i2t,
+        &[1, 5, 10],
+    ))
+}
+
 /// The tokenizer the scores use for a language.
 pub fn tokenize(lang: Lang, text: &str) -> String {
     match lang {

@@ -18,12 +18,13 @@
 //! with those weights, so the gradient-conflict probe (the cosine between
 //! them on the connector) costs nothing extra.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::TrainConfig;
 use super::objectives::{Batch, Objective, ObjectiveEnv};
 use super::schedule::{self, Combined, Weight};
 use crate::rng::Rng;
+use crate::vlm::heads::{image_side, text_side};
 use crate::vlm::Vlm;
 use crate::{Error, Result};
 
@@ -152,39 +153,13 @@ impl Branch {
     /// L2-normalised image-side features `[B, P]` from the connector's
     /// tokens `[B, N, hidden]`.
     pub fn image_features(&self, tokens: &Tensor) -> Result<Tensor> {
-        let m = tokens.mean(1)?;
-        normalize(&m.matmul(&self.image_head.as_tensor().t()?)?)
+        image_side(tokens, self.image_head.as_tensor())
     }
 
     /// L2-normalised text-side features `[B, P]`: the caption tokens alone
     /// through the language model, the mean of its last hidden states.
     pub fn text_features(&self, vlm: &Vlm, captions: &[Vec<u32>], graph: bool) -> Result<Tensor> {
-        let t = captions.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let b = captions.len();
-        let pad = vlm.tokenizer.eos_id().unwrap_or(0);
-        let mut ids = Vec::with_capacity(b * t);
-        let mut mask = Vec::with_capacity(b * t);
-        for c in captions {
-            let n = c.len().max(1);
-            ids.extend(c.iter().copied());
-            ids.extend(std::iter::repeat_n(pad, t - c.len()));
-            mask.extend((0..t).map(|i| if i < c.len() { 1.0 / n as f32 } else { 0.0 }));
-        }
-        let dev = vlm.device();
-        let x = vlm.llm.embed(&Tensor::from_vec(ids, (b, t), dev)?)?;
-        let h = {
-            let _g = crate::model::grad_mode_guard(graph);
-            let h = vlm.llm.forward_train(&x)?;
-            if graph {
-                h
-            } else {
-                h.detach()
-            }
-        };
-        // Right padding: a caption's positions never see the padding.
-        let w = Tensor::from_vec(mask, (b, 1, t), dev)?;
-        let mean = w.matmul(&h)?.squeeze(1)?;
-        normalize(&mean.matmul(&self.text_head.as_tensor().t()?)?)
+        text_side(vlm, captions, self.text_head.as_tensor(), graph)
     }
 
     /// The contrastive parts on a batch's features, weighted by their own
@@ -218,11 +193,6 @@ impl Branch {
         }
         Ok(())
     }
-}
-
-fn normalize(x: &Tensor) -> Result<Tensor> {
-    let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-    Ok(x.broadcast_div(&(n + 1e-12)?)?)
 }
 
 /// `a·x + b·y` over every gradient in `vars` (a missing one is zero), into

@@ -28,6 +28,7 @@ use crate::data::{Lang, PairSet};
 use crate::llm::lora::Lora;
 use crate::preprocess::image::decode_image;
 use crate::preprocess::pipeline;
+use crate::vlm::heads::HEADS;
 use crate::vlm::model::{DESCRIBE_EN, DESCRIBE_ZH};
 use crate::vlm::Vlm;
 use crate::{Error, Result};
@@ -98,9 +99,6 @@ pub fn answer_loss(vlm: &Vlm, examples: &[Example], images: &Tensor) -> Result<T
     let targets = Tensor::new(targets.as_slice(), vlm.device())?;
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
 }
-
-/// The contrastive branch's heads and temperature, beside the checkpoint.
-pub const HEADS: &str = "contrastive_heads.safetensors";
 
 /// A vision-language run in progress.
 pub struct VlmTrainer {
@@ -217,6 +215,20 @@ impl VlmTrainer {
         }
         let branch = Branch::from_config(&cfg, vlm.llm.config().hidden_size, vlm.device())?;
         if let Some(b) = &branch {
+            // Heads trained by the init model's run go on from where they were
+            // (e.g. a contrastively pre-aligned connector).
+            if let Some(init) = &cfg.init {
+                let h = Path::new(init).join(HEADS);
+                if h.is_file() {
+                    let saved = candle_core::safetensors::load(&h, vlm.device()).map_err(|e| {
+                        Error::Weights {
+                            path: h.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    b.load(&saved)?;
+                }
+            }
             vars.extend(b.vars());
         }
         let mut opt = GroupedAdamW::new(

@@ -7,6 +7,7 @@
 //! - `connector`: the two connectors;
 //! - `model`: the assembled model, its prompts and its generation;
 //! - `chat`: conversations with text and image parts;
+//! - `heads`: BCIF's contrastive heads (trained by `train::bcif`);
 //! - `checkpoint`: the `LlavaForConditionalGeneration` layout that
 //!   transformers loads.
 
@@ -14,6 +15,7 @@ pub mod caption;
 pub mod chat;
 pub mod checkpoint;
 pub mod connector;
+pub mod heads;
 pub mod model;
 
 pub use chat::{Part, Turn};
