@@ -55,7 +55,8 @@ pub fn router(state: ChatShared, standalone: bool) -> Router {
     if standalone {
         r = r
             .route("/health", get(health))
-            .route("/metrics", get(metrics));
+            .route("/metrics", get(metrics))
+            .route("/openapi.json", get(super::api::openapi));
     }
     r.with_state(state)
 }

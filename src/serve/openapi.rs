@@ -26,7 +26,7 @@ pub fn document() -> Value {
     json!({
         "openapi": "3.1.0",
         "info": {"title": "clasp", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Embeddings, similarity, zero-shot classification and image search with CLIP-family models."},
+                 "description": "Embeddings, similarity, zero-shot classification and image search with CLIP-family models; chat completions with a vision-language model."},
         "paths": {
             "/v1/embeddings": post(
                 "Embed texts and/or images (OpenAI embeddings shape; texts first, then images, each in input order). Also accepts multipart/form-data with `input` and `image` parts.",
@@ -62,6 +62,37 @@ pub fn document() -> Value {
                     "k": {"type": "integer", "minimum": 1, "maximum": 1000}, "dir": {"type": "string"}}}),
                 json!({"type": "object", "properties": {"data": {"type": "array", "items": {"type": "object", "properties": {
                     "path": {"type": "string"}, "score": {"type": "number"}}}}}})),
+            "/v1/chat/completions": post(
+                "OpenAI chat completions over the vision-language model (`--vlm`), with continuous batching. `stream: true` answers server-sent events of `chat.completion.chunk` objects, then `[DONE]`. clasp's extension `clasp_retrieve` puts photos retrieved from the store (`--store`) into the last user message and answers `clasp_sources`.",
+                json!({"type": "object", "required": ["messages"], "properties": {
+                    "model": {"type": "string"},
+                    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {
+                        "role": {"enum": ["system", "developer", "user", "assistant"]},
+                        "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {"oneOf": [
+                            {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}},
+                            {"type": "object", "required": ["type", "image_url"], "properties": {"type": {"const": "image_url"},
+                                "image_url": {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}}}}]}}]}}}},
+                    "max_tokens": {"type": "integer", "minimum": 1},
+                    "max_completion_tokens": {"type": "integer", "minimum": 1},
+                    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+                    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                    "seed": {"type": "integer"},
+                    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 4, "items": {"type": "string"}}]},
+                    "stream": {"type": "boolean"},
+                    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+                    "n": {"const": 1},
+                    "clasp_retrieve": {"type": "object", "properties": {
+                        "k": {"type": "integer", "minimum": 1, "maximum": 16}, "hybrid": {"type": "boolean"}}}}}),
+                json!({"type": "object", "properties": {
+                    "id": {"type": "string"}, "object": {"const": "chat.completion"}, "model": {"type": "string"},
+                    "choices": {"type": "array", "items": {"type": "object", "properties": {
+                        "index": {"type": "integer"},
+                        "message": {"type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}},
+                        "finish_reason": {"enum": ["stop", "length"]}}}},
+                    "usage": {"type": "object", "properties": {
+                        "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}},
+                    "clasp_sources": {"type": "array", "items": {"type": "object"}}}})),
+            "/v1/models": {"get": {"summary": "The chat model (OpenAI's list shape)", "responses": {"200": {"description": "OK"}}}},
             "/health": {"get": {"summary": "Health check", "responses": {"200": {"description": "OK"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OK"}}}}
