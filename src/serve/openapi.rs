@@ -20,6 +20,36 @@ fn post(summary: &str, request: Value, response: Value) -> Value {
     }})
 }
 
+/// The chat completions request, built in parts (one `json!` of it all
+/// passes the macro's recursion limit).
+fn chat_request() -> Value {
+    let text = json!({"type": "object", "required": ["type", "text"], "properties": {
+        "type": {"const": "text"}, "text": {"type": "string"}}});
+    let image = json!({"type": "object", "required": ["type", "image_url"], "properties": {
+        "type": {"const": "image_url"},
+        "image_url": {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}}}});
+    let content = json!({"oneOf": [{"type": "string"}, {"type": "null"},
+        {"type": "array", "items": {"oneOf": [text, image]}}]});
+    let message = json!({"type": "object", "required": ["role"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant"]}, "content": content}});
+    let stop = json!({"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 4, "items": {"type": "string"}}]});
+    let retrieve = json!({"type": "object", "properties": {
+        "k": {"type": "integer", "minimum": 1, "maximum": 16}, "hybrid": {"type": "boolean"}}});
+    json!({"type": "object", "required": ["messages"], "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": message},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "seed": {"type": "integer"},
+        "stop": stop,
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "n": {"const": 1},
+        "clasp_retrieve": retrieve}})
+}
+
 pub fn document() -> Value {
     let strings = json!({"type": "array", "items": {"type": "string"}});
     let b64 = json!({"type": "array", "items": {"type": "string", "contentEncoding": "base64"}});
@@ -64,25 +94,7 @@ pub fn document() -> Value {
                     "path": {"type": "string"}, "score": {"type": "number"}}}}}})),
             "/v1/chat/completions": post(
                 "OpenAI chat completions over the vision-language model (`--vlm`), with continuous batching. `stream: true` answers server-sent events of `chat.completion.chunk` objects, then `[DONE]`. clasp's extension `clasp_retrieve` puts photos retrieved from the store (`--store`) into the last user message and answers `clasp_sources`.",
-                json!({"type": "object", "required": ["messages"], "properties": {
-                    "model": {"type": "string"},
-                    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {
-                        "role": {"enum": ["system", "developer", "user", "assistant"]},
-                        "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {"oneOf": [
-                            {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}},
-                            {"type": "object", "required": ["type", "image_url"], "properties": {"type": {"const": "image_url"},
-                                "image_url": {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}}}}]}}]}}}},
-                    "max_tokens": {"type": "integer", "minimum": 1},
-                    "max_completion_tokens": {"type": "integer", "minimum": 1},
-                    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-                    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                    "seed": {"type": "integer"},
-                    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 4, "items": {"type": "string"}}]},
-                    "stream": {"type": "boolean"},
-                    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-                    "n": {"const": 1},
-                    "clasp_retrieve": {"type": "object", "properties": {
-                        "k": {"type": "integer", "minimum": 1, "maximum": 16}, "hybrid": {"type": "boolean"}}}}}),
+                chat_request(),
                 json!({"type": "object", "properties": {
                     "id": {"type": "string"}, "object": {"const": "chat.completion"}, "model": {"type": "string"},
                     "choices": {"type": "array", "items": {"type": "object", "properties": {
