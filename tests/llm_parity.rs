@@ -64,6 +64,18 @@ fn last_logits(lm: &LanguageModel, prompt: &[u32]) -> Vec<f32> {
         .unwrap()
 }
 
+/// Each text as one user turn of the chat template, the assistant's turn opened.
+fn user_turns(lm: &LanguageModel, texts: &[&str]) -> Vec<Vec<u32>> {
+    texts
+        .iter()
+        .map(|t| {
+            lm.tokenizer
+                .encode_chat(&[Message::new("user", t)], true)
+                .unwrap()
+        })
+        .collect()
+}
+
 fn greedy(lm: &LanguageModel, prompt: &[u32], n: usize) -> Vec<u32> {
     let opts = GenerateOptions {
         max_new_tokens: n,
@@ -261,18 +273,14 @@ fn quantized_greedy_agrees_with_f32_on_at_least_18_of_20_and_reports_kl() {
 #[test]
 fn batched_generation_equals_one_prompt_at_a_time() {
     let lm = model(Precision::F32);
-    let prompts: Vec<Vec<u32>> = [
-        "What is the capital of France?",
-        "Write a haiku about the sea, the wind and the long grey sky.",
-        "Hi",
-    ]
-    .iter()
-    .map(|t| {
-        lm.tokenizer
-            .encode_chat(&[Message::new("user", t)], true)
-            .unwrap()
-    })
-    .collect();
+    let prompts = user_turns(
+        lm,
+        &[
+            "What is the capital of France?",
+            "Write a haiku about the sea, the wind and the long grey sky.",
+            "Hi",
+        ],
+    );
     let opts = GenerateOptions {
         max_new_tokens: 16,
         ..Default::default()
@@ -297,14 +305,7 @@ fn sequences_joining_a_running_batch_equal_one_prompt_at_a_time() {
         "What is the capital of France?",
     ];
     let budgets = [12usize, 16, 6];
-    let prompts: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| {
-            lm.tokenizer
-                .encode_chat(&[Message::new("user", t)], true)
-                .unwrap()
-        })
-        .collect();
+    let prompts = user_turns(lm, &texts);
     let mut run = Running::new(&lm.model, &lm.tokenizer);
     let mut streamed = vec![String::new(); 3];
     let mut done: Vec<Option<llm::Generation>> = vec![None, None, None];

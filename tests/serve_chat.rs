@@ -333,6 +333,15 @@ fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     assert_eq!(status, 200, "{v}");
 }
 
+/// The `path` of each object of a JSON array.
+fn paths(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["path"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Multimodal RAG: `clasp ask` and the server's `clasp_retrieve` put the
 /// photos that `clasp search` finds for the question into the prompt (the
 /// same paths, in order), each as an image, and answer.
@@ -379,7 +388,7 @@ fn ask_and_clasp_retrieve_answer_with_the_photos_search_finds() {
         "--json",
     ]))
     .unwrap();
-    let found: Vec<&str> = found.iter().map(|h| h["path"].as_str().unwrap()).collect();
+    let found = paths(&Value::from(found));
     assert_eq!(found.len(), 2);
 
     let vlm = common::assembled(dir.path());
@@ -397,13 +406,7 @@ fn ask_and_clasp_retrieve_answer_with_the_photos_search_finds() {
         "8",
     ]))
     .unwrap();
-    let used: Vec<&str> = ask["sources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["path"].as_str().unwrap())
-        .collect();
-    assert_eq!(used, found);
+    assert_eq!(paths(&ask["sources"]), found);
     assert!(!ask["answer"].as_str().unwrap().is_empty());
     // Two photos of 16 image tokens each are in the prompt.
     assert!(ask["prompt_tokens"].as_u64().unwrap() > 32, "{ask}");
@@ -426,13 +429,7 @@ fn ask_and_clasp_retrieve_answer_with_the_photos_search_finds() {
     rag["clasp_retrieve"] = json!({"k": 2});
     let (status, r, _) = s.post("/v1/chat/completions", &rag);
     assert_eq!(status, 200, "{r}");
-    let via_server: Vec<&str> = r["clasp_sources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["path"].as_str().unwrap())
-        .collect();
-    assert_eq!(via_server, found);
+    assert_eq!(paths(&r["clasp_sources"]), found);
     let tokens = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(
         tokens(&r) > tokens(&p) + 32,

@@ -24,7 +24,7 @@ use base64::Engine;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::body::{parse_json, prepare_images, read_body};
+use super::body::{parse_json, prepare_images, read_body, strings};
 use super::error::{guarded, ApiError};
 use super::generation::{ChatEvent, ChatJob, GenEngine};
 use super::metrics::Metrics;
@@ -194,23 +194,11 @@ fn options(m: &Map<String, Value>) -> Result<GenerateOptions, ApiError> {
     };
     let stop = match m.get("stop") {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if a.len() <= 4 => a
-            .iter()
-            .enumerate()
-            .map(|(i, x)| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| ApiError::bad(format!("stop[{i}]"), "expected a string"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => {
-            return Err(ApiError::bad(
-                "stop",
-                "expected a string or an array of up to 4 strings",
-            ))
-        }
+        Some(v) => strings(v, "stop")?,
     };
+    if stop.len() > 4 {
+        return Err(ApiError::bad("stop", "at most 4 stop strings"));
+    }
     if let Some(n) = count(m, "n")? {
         if n != 1 {
             return Err(ApiError::bad("n", "only n = 1 is supported"));
