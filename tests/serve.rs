@@ -295,9 +295,11 @@ fn every_error_class_has_its_status_and_names_the_field() {
         "images[0]",
     );
     bad(
-        json!({"encoding_format": "base64", "input": "x"}),
+        json!({"encoding_format": "int8", "input": "x"}),
         "encoding_format",
     );
+    bad(json!({"dimensions": 100000, "input": "x"}), "dimensions");
+    bad(json!({"dimensions": 0, "input": "x"}), "dimensions");
     let r = ureq::post(&format!("{}/v1/embeddings", s.base))
         .set("Content-Type", "application/json")
         .send_string("{\"input\": [");
@@ -543,4 +545,62 @@ fn an_over_limit_body_still_gets_its_413_when_it_arrives_in_pieces() {
     let head = String::from_utf8_lossy(&head);
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     assert!(head.contains("body_too_large"), "{head}");
+}
+
+/// The official `openai` package's default embeddings call (it asks for
+/// base64) gets the vectors `clasp embed` writes; `dimensions` truncates and
+/// renormalises; usage counts the text tower's tokens.
+#[test]
+fn the_openai_client_embeds_with_its_defaults_and_dimensions() {
+    let s = server(&[]);
+    let pythonpath = Command::new("scripts/get-openai.sh")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(pythonpath.status.success(), "scripts/get-openai.sh failed");
+    let o = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_embeddings_check.py"))
+        .arg(&s.base)
+        .env(
+            "PYTHONPATH",
+            String::from_utf8(pythonpath.stdout).unwrap().trim(),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "the openai client failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let texts = ["a dog", "a photo of a cat on a sofa"];
+    let (offline, _) = clasp_embed(&texts, &[]);
+    let got: Vec<Vec<f32>> = r["default"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(common::f32s)
+        .collect();
+    assert!(
+        max_abs(&got, &offline) <= 1e-6,
+        "{}",
+        max_abs(&got, &offline)
+    );
+    for (v, full) in r["dims8"].as_array().unwrap().iter().zip(&offline) {
+        let v = common::f32s(v);
+        assert_eq!(v.len(), 8);
+        let n = full[..8].iter().map(|x| x * x).sum::<f32>().sqrt();
+        for (a, b) in v.iter().zip(&full[..8]) {
+            assert!((a - b / n).abs() <= 1e-6);
+        }
+    }
+    // Each text's tokens with the start and end tokens, as the tokenizer counts them.
+    let tok = clasp::Encoder::load(&tiny(), &candle_core::Device::Cpu).unwrap();
+    let batch = tok.tokenizer().encode(&texts).unwrap();
+    let want: usize = batch
+        .mask
+        .iter()
+        .map(|m| m.iter().filter(|&&x| x != 0).count())
+        .sum();
+    assert_eq!(r["prompt_tokens"], want);
 }

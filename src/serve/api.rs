@@ -6,6 +6,7 @@ use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
 use serde_json::{json, Value};
 
 use super::batcher::Item;
@@ -38,10 +39,7 @@ async fn embed_items(st: &Shared, items: Vec<Item>) -> Result<Vec<Vec<f32>>, Api
 }
 
 /// Texts and images of an embeddings request, from JSON or multipart.
-async fn embedding_inputs(
-    st: &Shared,
-    req: Request,
-) -> Result<(Vec<String>, Vec<(String, Vec<u8>)>), ApiError> {
+async fn embedding_inputs(st: &Shared, req: Request) -> Result<EmbeddingInputs, ApiError> {
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -83,7 +81,12 @@ async fn embedding_inputs(
                 }
             }
         }
-        return Ok((texts, images));
+        return Ok(EmbeddingInputs {
+            texts,
+            images,
+            base64: false,
+            dimensions: None,
+        });
     }
     let bytes = read_body(&st.limits, req.into_body()).await?;
     let m = parse_json(&bytes)?;
@@ -95,15 +98,67 @@ async fn embedding_inputs(
         Some(v) => b64_images(v, "images")?,
         None => Vec::new(),
     };
-    if let Some(f) = m.get("encoding_format") {
-        if f.as_str() != Some("float") {
-            return Err(ApiError::bad(
-                "encoding_format",
-                "only \"float\" is supported",
-            ));
+    let base64 = match m.get("encoding_format") {
+        None | Some(Value::Null) => false,
+        Some(f) => match f.as_str() {
+            Some("float") => false,
+            Some("base64") => true,
+            _ => {
+                return Err(ApiError::bad(
+                    "encoding_format",
+                    "expected \"float\" or \"base64\"",
+                ))
+            }
+        },
+    };
+    let dims = st.encoder.embedding_dim();
+    let dimensions = match m.get("dimensions") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(d) if d >= 1 && d as usize <= dims => Some(d as usize),
+            _ => {
+                return Err(ApiError::bad(
+                    "dimensions",
+                    format!("expected an integer from 1 to the model's {dims}"),
+                ))
+            }
+        },
+    };
+    Ok(EmbeddingInputs {
+        texts,
+        images,
+        base64,
+        dimensions,
+    })
+}
+
+/// What an embeddings request asks for.
+struct EmbeddingInputs {
+    texts: Vec<String>,
+    images: Vec<(String, Vec<u8>)>,
+    /// `encoding_format: "base64"`: each vector as base64 of its
+    /// little-endian f32 bytes (what the `openai` client sends by default).
+    base64: bool,
+    /// Keep the first `dimensions` values and renormalise (Matryoshka-style).
+    dimensions: Option<usize>,
+}
+
+/// One embedding in the requested shape: truncated and renormalised to
+/// `dimensions`, as floats or as base64 of little-endian f32.
+fn encode_embedding(mut v: Vec<f32>, dimensions: Option<usize>, base64: bool) -> Value {
+    if let Some(d) = dimensions {
+        v.truncate(d);
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if n > 0.0 {
+            v.iter_mut().for_each(|x| *x /= n);
         }
     }
-    Ok((texts, images))
+    if base64 {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else {
+        json!(v)
+    }
 }
 
 /// `POST /v1/embeddings`: OpenAI's request and response shapes; texts
@@ -112,7 +167,12 @@ pub async fn embeddings(State(st): State<Shared>, req: Request) -> Response {
     let st2 = st.clone();
     guarded(&st.limits, &st.metrics, "embeddings", async move {
         let st = st2;
-        let (texts, images) = embedding_inputs(&st, req).await?;
+        let EmbeddingInputs {
+            texts,
+            images,
+            base64,
+            dimensions,
+        } = embedding_inputs(&st, req).await?;
         if texts.is_empty() && images.is_empty() {
             return Err(ApiError::bad(
                 "input",
@@ -120,14 +180,30 @@ pub async fn embeddings(State(st): State<Shared>, req: Request) -> Response {
             ));
         }
         check_items(&st, texts.len() + images.len())?;
-        let n_tokens: usize = texts.iter().map(|t| t.split_whitespace().count()).sum();
+        // Tokens as the text tower sees them (special tokens included, after
+        // truncation to its context).
+        let n_tokens: usize = if texts.is_empty() {
+            0
+        } else {
+            st.encoder
+                .tokenizer()
+                .encode(&texts)
+                .map_err(|e| ApiError::bad("input", e.to_string()))?
+                .mask
+                .iter()
+                .map(|m| m.iter().filter(|&&x| x != 0).count())
+                .sum()
+        };
         let mut items: Vec<Item> = texts.into_iter().map(Item::Text).collect();
         items.extend(images_to_items(&st, images).await?);
         let vectors = embed_items(&st, items).await?;
         let data: Vec<Value> = vectors
             .into_iter()
             .enumerate()
-            .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+            .map(|(i, v)| {
+                json!({"object": "embedding", "index": i,
+                       "embedding": encode_embedding(v, dimensions, base64)})
+            })
             .collect();
         Ok(axum::Json(json!({
             "object": "list",

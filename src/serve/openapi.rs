@@ -64,7 +64,8 @@ pub fn document() -> Value {
                     "input": {"oneOf": [{"type": "string"}, strings]},
                     "images": b64,
                     "model": {"type": "string"},
-                    "encoding_format": {"const": "float"}}}),
+                    "encoding_format": {"enum": ["float", "base64", null]},
+                    "dimensions": {"type": "integer", "minimum": 1}}}),
                 json!({"type": "object", "properties": {
                     "object": {"const": "list"},
                     "data": {"type": "array", "items": {"type": "object", "properties": {
