@@ -359,3 +359,24 @@ fn odd_formats_decode_to_pillows_pixels() {
         }
     }
 }
+
+/// An output path whose folder does not exist is refused before any work,
+/// naming the path.
+#[test]
+fn a_bad_output_path_is_refused_before_embedding() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("nodir").join("sub").join("out.npy");
+    let o = clasp(&[
+        "embed",
+        "-m",
+        fixtures().join("tiny-clip").to_str().unwrap(),
+        "--text",
+        "a dog",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(out.to_str().unwrap()), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+}

@@ -572,3 +572,87 @@ fn hybrid_search_finds_sidecar_captions() {
         "{hits:?}"
     );
 }
+
+/// First contact: a store that does not exist is refused where one is
+/// required (not silently created), an empty one answers with no results,
+/// a store indexed with a relative model path is searched from elsewhere,
+/// and errors say their cause once.
+#[test]
+fn missing_stores_are_refused_empty_ones_answer_and_the_model_path_is_absolute() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("typo").join("store.sqlite");
+    let o = clasp(&[
+        "search",
+        "a dog",
+        "--no-index",
+        "--store",
+        missing.to_str().unwrap(),
+        "-m",
+        &tiny(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no such store"), "{err}");
+    assert!(!missing.parent().unwrap().exists(), "nothing was created");
+    let o = clasp(&["serve", "-m", &tiny(), "--store", missing.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no such store"));
+
+    // Index from the repository with a relative model path, search from a
+    // folder elsewhere with no --model: the store found the model again.
+    let pics = d.path().join("pics");
+    photos(&pics, 3);
+    let store = d.path().join("store.sqlite");
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "index",
+            pics.to_str().unwrap(),
+            "-m",
+            "tests/fixtures/core/tiny-clip",
+        ])
+        .args(["--store", store.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .current_dir(d.path())
+        .args([
+            "search",
+            "a dog",
+            "--no-index",
+            "--json",
+            "--dir",
+            pics.to_str().unwrap(),
+        ])
+        .args(["--store", store.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(ok(&o).as_array().unwrap().len(), 3);
+
+    // A store with nothing under the folder searched: no results, exit 0.
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = clasp(&[
+        "search",
+        "a dog",
+        "--json",
+        "--dir",
+        empty.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "-m",
+        &tiny(),
+    ]);
+    assert_eq!(ok(&o), serde_json::json!([]));
+
+    // An error names its cause once.
+    let o = clasp(&["embed", "-m", "/nonexistent/model/dir", "--text", "a"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success());
+    let first = err.lines().next().unwrap_or_default();
+    let parts: Vec<&str> = first.split(": ").collect();
+    for w in parts.windows(2) {
+        assert_ne!(w[0], w[1], "repeated: {first}");
+    }
+}

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::output::{write_embeddings, Embedded};
+use super::output::{check_output, write_embeddings, Embedded};
 use super::{device, progress_bar, DeviceArg};
 use clasp::Encoder;
 
@@ -56,6 +56,10 @@ pub fn run(a: EmbedArgs) -> Result<ExitCode> {
     }
     if a.similarity && (image_paths.is_empty() || texts.is_empty()) {
         bail!("--similarity needs both images and texts");
+    }
+    // A bad output path is found before the work, not after it.
+    if let Some(p) = &a.output {
+        check_output(p)?;
     }
     let dev = device(a.device)?;
     let encoder = Encoder::load(&a.model, &dev)?;

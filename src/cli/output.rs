@@ -23,6 +23,33 @@ fn matrix(rows: &[Vec<f32>], dim: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(flat, (rows.len(), dim), &Device::Cpu)?)
 }
 
+/// Checks, before any work, that `path` can be written: its folder exists
+/// and takes a new file. `-` (stdout) always can.
+pub fn check_output(path: &Path) -> Result<()> {
+    if path == Path::new("-") {
+        return Ok(());
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{}: cannot write the output there: the folder {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    if path.is_dir() {
+        anyhow::bail!("{}: is a folder; give a file name", path.display());
+    }
+    let probe = dir.join(format!(".clasp-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{}: cannot write the output there", path.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// Writes to `path` through a temporary sibling and a rename, so a reader
 /// never sees a half-written file.
 fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -37,6 +64,7 @@ fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<
         std::process::id()
     ));
     let r = write(&tmp)
+        .with_context(|| format!("writing {}", path.display()))
         .and_then(|_| std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display())));
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -96,9 +96,15 @@ pub struct ClassifyArgs {
     pub store: StoreArgs,
 }
 
-pub(super) fn open_store(a: &StoreArgs) -> Result<Catalog> {
+/// The store: created when `create` (indexing comes first), else it must
+/// exist.
+pub(super) fn open_store(a: &StoreArgs, create: bool) -> Result<Catalog> {
     let p = a.store.clone().unwrap_or_else(Catalog::default_path);
-    Ok(Catalog::open(&p)?)
+    Ok(if create {
+        Catalog::open(&p)?
+    } else {
+        Catalog::open_existing(&p)?
+    })
 }
 
 pub(super) fn model_spec(arg: &Option<String>, catalog: &Catalog) -> Result<String> {
@@ -109,7 +115,16 @@ pub(super) fn model_spec(arg: &Option<String>, catalog: &Catalog) -> Result<Stri
         return Ok(m);
     }
     match catalog.last_model_spec()? {
-        Some(m) => Ok(m),
+        Some(m) => {
+            tracing::info!(model = %m, "using the model the store was last indexed with");
+            if m.starts_with('/') && !Path::new(&m).is_dir() {
+                bail!(
+                    "the store {} was indexed with the model {m}, which is no longer there; pass --model",
+                    catalog.path().display()
+                );
+            }
+            Ok(m)
+        }
         None => bail!(
             "no model given and the store {} has none yet; pass --model DIR_OR_HUB_ID",
             catalog.path().display()
@@ -176,7 +191,7 @@ fn run_index(
 }
 
 pub fn index_cmd(a: IndexArgs) -> Result<ExitCode> {
-    let mut catalog = open_store(&a.store)?;
+    let mut catalog = open_store(&a.store, true)?;
     let encoder = Encoder::load(&a.model, &device(a.store.device)?)?;
     let model_id = index::model_id(&catalog, &encoder, &a.model)?;
     let s = run_index(
@@ -222,7 +237,7 @@ fn open_and_index(
     dir: &Path,
     no_index: bool,
 ) -> Result<(Catalog, Encoder, i64)> {
-    let mut catalog = open_store(store)?;
+    let mut catalog = open_store(store, !no_index)?;
     let spec = model_spec(model, &catalog)?;
     let encoder = Encoder::load(&spec, &device(store.device)?)?;
     let model_id = index::model_id(&catalog, &encoder, &spec)?;
@@ -242,6 +257,9 @@ fn open_and_index(
 }
 
 pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
+    if a.k == 0 {
+        bail!("-k must be at least 1");
+    }
     let dir = search_dir(&a.dir)?;
     let (catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &dir, a.no_index)?;
     let dirs = vec![index::indexer::canonical_prefix(&dir)?];
@@ -262,6 +280,9 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
     } else {
         search::vector_search(engine.as_ref(), &catalog, &q, a.k, &dirs)?
     };
+    if hits.is_empty() {
+        eprintln!("no results: no indexed images under {}", dir.display());
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&hits)?);
     } else if a.paths_only {

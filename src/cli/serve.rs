@@ -70,7 +70,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         .transpose()?;
     let store_model = match (&a.store, &encoder, &a.model) {
         (Some(p), Some(encoder), Some(name)) => {
-            let catalog = clasp::index::Catalog::open(p)?;
+            let catalog = clasp::index::Catalog::open_existing(p)?;
             Some(clasp::index::model_id(&catalog, encoder, name)?)
         }
         (Some(_), None, _) => anyhow::bail!("--store needs an embedding model (--model)"),

@@ -304,7 +304,7 @@ pub fn ask_cmd(a: AskArgs) -> Result<ExitCode> {
     if a.k == 0 {
         bail!("-k must be at least 1");
     }
-    let catalog = super::search::open_store(&a.store)?;
+    let catalog = super::search::open_store(&a.store, false)?;
     let spec = super::search::model_spec(&a.model, &catalog)?;
     let encoder = clasp::Encoder::load(&spec, &super::device(a.store.device)?)?;
     let model_id = clasp::index::model_id(&catalog, &encoder, &spec)?;

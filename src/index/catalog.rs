@@ -55,6 +55,21 @@ impl Catalog {
             .join("index.sqlite")
     }
 
+    /// Opens the store at `path`, refusing one that does not exist (only
+    /// indexing creates a store, so a mistyped path is an error, not an
+    /// empty store).
+    pub fn open_existing(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::Report(format!(
+                "{}: no such store; `clasp index DIR --store {}` makes one",
+                path.display(),
+                path.display()
+            )));
+        }
+        Self::open(path)
+    }
+
+    /// Opens the store at `path`, creating it (and its folder) if needed.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

@@ -32,7 +32,18 @@ pub fn model_id(catalog: &Catalog, encoder: &Encoder, spec: &str) -> Result<i64>
         Some(k) => k,
         None => encoder.content_hash()?,
     };
-    let id = catalog.model_id(&key, spec, encoder.embedding_dim())?;
+    // A local model is remembered by its absolute path, so the store finds
+    // it again from any working directory; a Hub id stays as given.
+    let local = Path::new(spec);
+    let spec = if local.is_dir() {
+        local
+            .canonicalize()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| spec.to_string())
+    } else {
+        spec.to_string()
+    };
+    let id = catalog.model_id(&key, &spec, encoder.embedding_dim())?;
     catalog.remember_model_file(id, w, size, mtime)?;
     Ok(id)
 }

@@ -39,6 +39,11 @@ pub fn vector_search(
     k: usize,
     dirs: &[String],
 ) -> Result<Vec<Hit>> {
+    // An empty store (nothing indexed for this model yet) has no answers,
+    // whatever the query's width.
+    if engine.is_empty() {
+        return Ok(Vec::new());
+    }
     let by_hash = files_by_hash(catalog, dirs)?;
     let allow: Option<HashSet<Hash>> =
         (!dirs.is_empty()).then(|| by_hash.keys().copied().collect());

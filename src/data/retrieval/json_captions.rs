@@ -97,14 +97,14 @@ pub(super) fn coco(path: &Path, image_root: Option<&Path>, b: &mut Builder) -> R
             // annotations/captions_val2017.json -> ../val2017/
             let stem = path.file_stem().unwrap_or_default().to_string_lossy();
             let part = stem.strip_prefix("captions_").unwrap_or(&stem).to_string();
-            let up = base.parent().unwrap_or(base);
-            first_existing(&[
-                base.join(&part),
-                up.join(&part),
-                base.join("images"),
-                base.to_path_buf(),
-            ])
-            .unwrap_or_else(|| base.to_path_buf())
+            // Only COCO's own layout looks beside the annotations folder;
+            // elsewhere the parent is not the dataset's (e.g. /tmp).
+            let mut candidates = vec![base.join(&part)];
+            if base.file_name().is_some_and(|n| n == "annotations") {
+                candidates.push(base.parent().unwrap_or(base).join(&part));
+            }
+            candidates.extend([base.join("images"), base.to_path_buf()]);
+            first_existing(&candidates).unwrap_or_else(|| base.to_path_buf())
         }
     };
     let arr = |k: &str| {
