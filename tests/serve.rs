@@ -604,3 +604,18 @@ fn the_openai_client_embeds_with_its_defaults_and_dimensions() {
         .sum();
     assert_eq!(r["prompt_tokens"], want);
 }
+
+/// A GET on a POST endpoint gets a 405 with the JSON error shape; /health
+/// names the model without the server's absolute path.
+#[test]
+fn wrong_methods_get_a_json_405_and_health_hides_the_model_path() {
+    let s = server(&[]);
+    let r = ureq::get(&format!("{}/v1/embeddings", s.base)).call();
+    let Err(ureq::Error::Status(405, r)) = r else {
+        panic!("GET /v1/embeddings should be 405");
+    };
+    let v: Value = r.into_json().unwrap();
+    assert_eq!(v["error"]["type"], "method_not_allowed", "{v}");
+    let h: Value = serde_json::from_str(&s.get("/health")).unwrap();
+    assert_eq!(h["model"], "tiny-clip", "{h}");
+}

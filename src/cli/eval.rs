@@ -280,12 +280,14 @@ fn retrieval(a: RetrievalArgs) -> Result<ExitCode> {
             "{:<16}{:>10}{:>10}{:>10}{:>12}{:>10}",
             "direction", "R@1", "R@5", "R@10", "median rank", "mAP"
         );
+        // Percentages, marked as such (the JSON keeps fractions, as CLIP_benchmark).
+        let pct = |v: f64| format!("{:.2}%", v * 100.0);
         let row = |label: &str, rec: &[(usize, f64)], med: f64, map: f64| {
             print!("{label:<16}");
             for (_, v) in rec {
-                print!("{:>10.2}", v * 100.0);
+                print!("{:>10}", pct(*v));
             }
-            println!("{med:>12}{:>10.2}", map * 100.0);
+            println!("{med:>12}{:>10}", pct(map));
         };
         let m = &r.metrics;
         row(
@@ -300,7 +302,7 @@ fn retrieval(a: RetrievalArgs) -> Result<ExitCode> {
             m.text_retrieval_median_rank,
             m.text_retrieval_map,
         );
-        println!("mean recall {:.2}", m.mean_recall * 100.0);
+        println!("mean recall {}", pct(m.mean_recall));
     }
     if let Some(dir) = &a.common.report {
         report::retrieval(dir, &a.common.model, &name, &r)?;

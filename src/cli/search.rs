@@ -86,10 +86,13 @@ pub struct ClassifyArgs {
     /// Prompt templates, one per line with `{}` [default: openai's 18 CIFAR templates, Chinese with a Chinese model].
     #[arg(long)]
     pub templates: Option<PathBuf>,
+    /// Model [default: the store's most recently used model].
     #[arg(long, short)]
     pub model: Option<String>,
+    /// Print a JSON list of {"path", "label", "probability"}.
     #[arg(long)]
     pub json: bool,
+    /// Label the store as it is, without indexing the folder first.
     #[arg(long)]
     pub no_index: bool,
     #[command(flatten)]

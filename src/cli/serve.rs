@@ -80,7 +80,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     let chat = match &a.vlm {
         Some(p) => Some(ChatConfig {
             vlm: Vlm::load(p, &dev)?,
-            model_name: p.display().to_string(),
+            model_name: public_name(&p.display().to_string()),
             engine: GenConfig {
                 max_batch_size: a.max_batch_size.max(1),
                 max_wait,
@@ -92,7 +92,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     };
     let cfg = ServeConfig {
         addr: a.addr,
-        model_name: a.model.clone().unwrap_or_default(),
+        model_name: a.model.as_deref().map(public_name).unwrap_or_default(),
         batch: BatchConfig {
             max_batch_size: a.max_batch_size.max(1),
             max_wait,
@@ -128,4 +128,26 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         .await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The name the server shows for a model: a Hub id as given, a local folder
+/// by its own name (with its parent's when it is a run's `checkpoint`), never
+/// the server's absolute path.
+fn public_name(spec: &str) -> String {
+    let p = std::path::Path::new(spec);
+    if !p.exists() {
+        return spec.to_string();
+    }
+    let name = |p: &std::path::Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let last = name(p);
+    match p.parent() {
+        Some(parent) if last == "checkpoint" && !name(parent).is_empty() => {
+            format!("{}/{last}", name(parent))
+        }
+        _ => last,
+    }
 }

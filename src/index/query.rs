@@ -46,6 +46,11 @@ fn term(raw: &str, sign: f32) -> Result<Term> {
     let kind = if has_image_extension(p) && p.is_file() {
         TermKind::Image(p.to_path_buf())
     } else {
+        if has_image_extension(p) {
+            tracing::warn!(
+                "`{body}` looks like an image path, but there is no such file; searching it as text"
+            );
+        }
         TermKind::Text(body.to_string())
     };
     Ok(Term {

@@ -407,6 +407,16 @@ pub async fn openapi() -> Response {
     axum::Json(super::openapi::document()).into_response()
 }
 
+/// A known route with the wrong method: 405 in the same JSON error shape.
+pub async fn method_not_allowed() -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint takes another method (POST for /v1/*, GET for /health, /metrics and /openapi.json)",
+    )
+    .into_response()
+}
+
 /// Unknown routes answer with the same JSON error shape.
 pub async fn not_found() -> Response {
     ApiError::new(

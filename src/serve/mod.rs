@@ -114,6 +114,7 @@ pub async fn serve(
     }
     let app = app
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         // Bodies are read (and limited) by the handlers themselves.
         .layer(axum::extract::DefaultBodyLimit::disable());
     let listener = tokio::net::TcpListener::bind(cfg.addr)
