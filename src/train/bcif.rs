@@ -64,6 +64,9 @@ pub struct Losses {
     pub contrastive: Tensor,
     /// Each part's unweighted value.
     pub parts: Vec<(String, f64)>,
+    /// The parts' unweighted sum, for the conflict probe, when some part's
+    /// weight is 0 now (else the weighted sum's gradient serves).
+    pub probe: Option<Tensor>,
 }
 
 impl Branch {
@@ -138,6 +141,11 @@ impl Branch {
         ]
     }
 
+    /// Whether a schedule trades the branch against the LM loss.
+    pub fn trades(&self) -> bool {
+        self.trade.is_some()
+    }
+
     /// The weights of the LM loss and of the contrastive sum at progress p.
     pub fn weights(&self, p: f64) -> (f64, f64) {
         let lm = if self.lm { 1.0 } else { 0.0 };
@@ -173,13 +181,28 @@ impl Branch {
             teacher: None,
         };
         let mut parts = Vec::new();
+        let mut unweighted: Option<Tensor> = None;
         for (i, (_, o)) in self.objective.parts.iter().enumerate() {
-            let v = self.objective.only(i).loss(&batch)?.to_scalar::<f32>()? as f64;
-            parts.push((o.name().to_string(), v));
+            let l = self.objective.only(i).loss(&batch)?;
+            parts.push((o.name().to_string(), l.to_scalar::<f32>()? as f64));
+            unweighted = Some(match unweighted {
+                None => l,
+                Some(u) => (u + l)?,
+            });
         }
+        let at = self.objective.at(p);
+        // A part at weight 0 (e.g. `lm,infonce:0`, to watch the conflict
+        // without training on it) has no gradient in the weighted sum; the
+        // probe then reads the parts at weight 1.
+        let probe = if at.weights.contains(&0.0) {
+            unweighted
+        } else {
+            None
+        };
         Ok(Losses {
-            contrastive: self.objective.at(p).loss(&batch)?,
+            contrastive: at.loss(&batch)?,
             parts,
+            probe,
         })
     }
 

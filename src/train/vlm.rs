@@ -289,6 +289,7 @@ impl VlmTrainer {
         };
         let with_lm = self.branch.as_ref().is_none_or(|b| b.lm);
         let mut losses = std::collections::BTreeMap::new();
+        let mut probe: Option<Tensor> = None;
         let (lm, contrastive) = {
             let _graph = crate::model::grad_mode_guard(true);
             let images = self.vlm.image_features(&px)?;
@@ -308,7 +309,10 @@ impl VlmTrainer {
                     let ft = b.text_features(&self.vlm, &captions, cfg.stage == 2)?;
                     let l = b.losses(&fi, &ft, p)?;
                     losses.extend(l.parts.iter().cloned());
-                    losses.insert("lambda".into(), w_c);
+                    if b.trades() {
+                        losses.insert("lambda".into(), w_c);
+                    }
+                    probe = l.probe;
                     Some(l.contrastive)
                 }
                 None => None,
@@ -348,7 +352,10 @@ impl VlmTrainer {
                 let mut g = l.backward()?;
                 let gc = c.backward()?;
                 if cfg.conflict_every > 0 && self.step.is_multiple_of(cfg.conflict_every) {
-                    grad_conflict = Some(optim::grad_cosine(&connector, &g, &gc)?);
+                    grad_conflict = Some(match &probe {
+                        Some(u) => optim::grad_cosine(&connector, &g, &u.backward()?)?,
+                        None => optim::grad_cosine(&connector, &g, &gc)?,
+                    });
                 }
                 mix_grads(&self.vars, &mut g, w_lm, &gc, w_c)?;
                 g
