@@ -553,26 +553,7 @@ fn an_over_limit_body_still_gets_its_413_when_it_arrives_in_pieces() {
 #[test]
 fn the_openai_client_embeds_with_its_defaults_and_dimensions() {
     let s = server(&[]);
-    let pythonpath = Command::new("scripts/get-openai.sh")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(pythonpath.status.success(), "scripts/get-openai.sh failed");
-    let o = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_embeddings_check.py"))
-        .arg(&s.base)
-        .env(
-            "PYTHONPATH",
-            String::from_utf8(pythonpath.stdout).unwrap().trim(),
-        )
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "the openai client failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = common::openai_client("openai_embeddings_check.py", &[&s.base]);
     let texts = ["a dog", "a photo of a cat on a sofa"];
     let (offline, _) = clasp_embed(&texts, &[]);
     let got: Vec<Vec<f32>> = r["default"]

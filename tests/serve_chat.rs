@@ -79,25 +79,11 @@ fn cli_chat(vlm: &str, photo: &Path, max_tokens: usize) -> String {
 fn the_openai_client_chats_with_and_without_streaming() {
     let dir = tempfile::tempdir().unwrap();
     let s = vlm_server(dir.path(), &[]);
-    let pythonpath = Command::new("scripts/get-openai.sh")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(pythonpath.status.success(), "scripts/get-openai.sh failed");
-    let pythonpath = String::from_utf8(pythonpath.stdout).unwrap();
     let photo = image(PHOTOS[0]);
-    let o = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_chat_check.py"))
-        .args([s.base.as_str(), photo.to_str().unwrap()])
-        .env("PYTHONPATH", pythonpath.trim())
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "the openai client failed: {}",
-        String::from_utf8_lossy(&o.stderr)
+    let r = common::openai_client(
+        "openai_chat_check.py",
+        &[s.base.as_str(), photo.to_str().unwrap()],
     );
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     let plain = r["plain"].as_str().unwrap();
     assert!(!plain.is_empty());
     // The server's greedy answer is the CLI's (same model, turn and limit).

@@ -193,3 +193,26 @@ pub fn assembled(dir: &Path) -> String {
     assert!(err.contains("16 image tokens per image"), "{err}");
     out.display().to_string()
 }
+
+/// Runs `scripts/SCRIPT ARGS` with the official `openai` Python package on
+/// the path (scripts/get-openai.sh installs it into the cache) and parses
+/// the JSON it prints; the client's error fails the test.
+pub fn openai_client(script: &str, args: &[&str]) -> Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = Command::new(root.join("scripts/get-openai.sh"))
+        .output()
+        .unwrap();
+    assert!(lib.status.success(), "scripts/get-openai.sh failed");
+    let o = Command::new("python3")
+        .arg(root.join("scripts").join(script))
+        .args(args)
+        .env("PYTHONPATH", String::from_utf8(lib.stdout).unwrap().trim())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "the openai client failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
