@@ -32,7 +32,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASP = os.path.join(ROOT, "target/release/clasp")
+# CLASP_BIN runs a frozen copy of the binary, so a rebuild during a long run changes nothing.
+CLASP = os.environ.get("CLASP_BIN", os.path.join(ROOT, "target/release/clasp"))
 SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared"))
 DATA = "flickr8k:" + os.path.join(SHARED, "data/flickr8k")
 WORK = os.path.join(ROOT, "bench/.work/bridge")
@@ -166,6 +167,8 @@ def main():
     ap.add_argument("--steps-resampler", type=int, default=1000)
     ap.add_argument("--steps-stage2", type=int, default=100)
     ap.add_argument("--steps-prealign", type=int, default=200)
+    ap.add_argument("--table-only", action="store_true",
+                    help="train nothing: write the table from the runs already finished")
     a = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -178,12 +181,15 @@ def main():
     for key in a.rows.split(","):
         runs = []
         for s in seeds:
-            out = train(key, s, steps, vision, a)
             name = f"{key}_{steps[key]}_s{s}"
+            if a.table_only and not os.path.isfile(os.path.join(WORK, f"eval_{name}.json")):
+                continue
+            out = train(key, s, steps, vision, a)
             ev = evaluate(os.path.join(out, "checkpoint"), a.limit, name)
-            runs.append((ev, run_stats(out), paired(name)))
+            runs.append((ev, run_stats(out), paired(name), s))
             first = first or os.path.join(out, "checkpoint")
-        table.append((key, runs))
+        if runs:
+            table.append((key, runs))
     prior = evaluate(first, a.limit, f"prior_{a.limit}", no_image=True)
     lines = [
         "# The bridge: vision-language models trained by clasp",
@@ -206,10 +212,13 @@ def main():
         "*Cosine*: the mean gradient cosine between the contrastive and LM losses on the "
         "connector, probed every 5 steps.",
         "",
-        "| row | CIDEr-D | CIDEr-D, wrong photos | own − wrong (paired t) | distinct captions "
+        "Cells are mean ± std over the seeds in the *seeds* column; the paired t and the distinct "
+        "captions are listed per seed.",
+        "",
+        "| row | seeds | CIDEr-D | CIDEr-D, wrong photos | own − wrong (paired t) | distinct captions "
         "| BLEU-4 | ROUGE-L | heads' recall | cosine | step time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| the LLM alone, no image (the prior) | {prior['scores']['cider_d']:.3f} | "
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| the LLM alone, no image (the prior) | — | {prior['scores']['cider_d']:.3f} | "
         f"{prior['wrong_photos']['cider_d']:.3f} | — | 1 | {prior['scores']['bleu_4']:.3f} | "
         f"{prior['scores']['rouge_l']:.3f} | — | — | — |",
     ]
@@ -217,7 +226,7 @@ def main():
         heads = [r[0]["heads_retrieval"]["mean_recall"] for r in runs
                  if r[0].get("heads_retrieval")]
         lines.append(
-            f"| {ROWS[key][0]} | {fmt([r[0]['scores']['cider_d'] for r in runs])} | "
+            f"| {ROWS[key][0]} | {','.join(str(r[3]) for r in runs)} | {fmt([r[0]['scores']['cider_d'] for r in runs])} | "
             f"{fmt([r[0]['wrong_photos']['cider_d'] for r in runs])} | "
             f"{fmt([r[2][0] for r in runs])} ({', '.join('%.2f' % r[2][1] for r in runs)}) | "
             f"{', '.join(str(r[2][2]) for r in runs)} of {a.limit} | "
