@@ -28,6 +28,7 @@ use super::lora::{Lora, LoraConfig, LoraPair};
 pub use super::ops::interleaved_to_half_rows;
 use super::ops::{rope_tables, Ops};
 use super::quant::{Kernel, Q8_0Matrix};
+use crate::model::grad_kernels as gk;
 use crate::{Error, Result};
 
 /// How the projection weights are held in memory.
@@ -523,8 +524,7 @@ impl Llama {
         let h = ops.rms_norm(&x, &b.ffn_norm, eps)?;
         let mut gu = ops.group(&b.gate_up, &h)?;
         self.adapt(b, 4, &h, &mut gu)?;
-        let gate = candle_nn::ops::silu(&gu[0])?;
-        let inner = (gate * &gu[1])?;
+        let inner = ops.swiglu(&gu[0], &gu[1])?;
         let mut mlp = vec![ops.linear(&b.down, &inner)?];
         self.adapt(b, 6, &inner, &mut mlp)?;
         Ok((x + &mlp[0])?)
@@ -546,6 +546,9 @@ impl Llama {
         let hd = c.head_dim;
         let mut qkv = ops.group(&blk.qkv, x)?;
         self.adapt(blk, 0, x, &mut qkv)?;
+        if ops == Ops::Autograd && kv.is_none() && gk::applies(x) {
+            return self.attention_train(blk, &qkv, cos, sin);
+        }
         let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
@@ -581,6 +584,49 @@ impl Llama {
             .transpose(1, 2)?
             .reshape((b, t, c.num_heads * hd))?;
         let mut o = vec![ops.linear(&blk.o, &y)?];
+        self.adapt(blk, 3, &y, &mut o)?;
+        Ok(o.swap_remove(0))
+    }
+
+    /// Causal attention of a whole sequence for training, on the fused
+    /// kernels: rotary on `[b, t, heads, d]` in place of the transposed
+    /// layout, the key and value heads repeated for their query groups (a
+    /// copy of a third of the width; its backward sums the groups), and one
+    /// op for softmax(q kᵀ/√d + causal) v with its backward.
+    fn attention_train(
+        &self,
+        blk: &Block,
+        qkv: &[Tensor],
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, t, _) = qkv[0].dims3()?;
+        let hd = c.head_dim;
+        let pairs = match c.rope_layout {
+            RopeLayout::Interleaved => gk::RopePairs::Interleaved,
+            RopeLayout::Half => gk::RopePairs::Half,
+        };
+        let q = gk::rope(&qkv[0].reshape((b, t, c.num_heads, hd))?, cos, sin, pairs)?;
+        let k = gk::rope(
+            &qkv[1].reshape((b, t, c.num_kv_heads, hd))?,
+            cos,
+            sin,
+            pairs,
+        )?;
+        let n_rep = c.num_heads / c.num_kv_heads;
+        let width = c.num_heads * hd;
+        let groups = |y: &Tensor| -> Result<Tensor> {
+            let y = y.reshape((b, t, c.num_kv_heads, 1, hd))?;
+            Ok(y.broadcast_as((b, t, c.num_kv_heads, n_rep, hd))?
+                .reshape((b, t, width))?)
+        };
+        let packed = Tensor::cat(
+            &[q.reshape((b, t, width))?, groups(&k)?, groups(&qkv[2])?],
+            2,
+        )?;
+        let y = gk::attention(&packed, c.num_heads, gk::SoftmaxMask::Causal)?;
+        let mut o = vec![Ops::Autograd.linear(&blk.o, &y)?];
         self.adapt(blk, 3, &y, &mut o)?;
         Ok(o.swap_remove(0))
     }

@@ -5,11 +5,14 @@ use candle_core::{Device, Tensor};
 
 use super::config::{LlamaConfig, RopeLayout};
 use super::linear::{Group, Linear};
+use crate::model::grad_kernels as gk;
 use crate::Result;
 
 /// Which implementation of the normalisation, rotary and softmax ops a pass
-/// uses: candle's fused kernels (inference; they have no backward), or
-/// compositions of differentiable ops (training).
+/// uses: candle's fused kernels (inference; they have no backward), or ops
+/// with a backward (training): clasp's fused training kernels on f32 CPU
+/// tensors (`model::grad_kernels`), compositions of candle ops elsewhere.
+/// An `Autograd` pass is a whole causal sequence from position 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Ops {
     Fused,
@@ -20,7 +23,16 @@ impl Ops {
     pub(super) fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
         Ok(match self {
             Ops::Fused => candle_nn::ops::rms_norm(x, w, eps)?,
+            Ops::Autograd if gk::applies(x) => gk::rms_norm(x, w, eps)?,
             Ops::Autograd => candle_nn::ops::rms_norm_slow(x, w, eps)?,
+        })
+    }
+
+    /// `silu(gate) * up`.
+    pub(super) fn swiglu(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Ops::Autograd if gk::applies(gate) => gk::swiglu(gate, up)?,
+            _ => (candle_nn::ops::silu(gate)? * up)?,
         })
     }
 

@@ -451,6 +451,8 @@ pub fn activate(x: &Tensor, act: Activation) -> CResult<Tensor> {
 
 mod attention;
 pub use attention::{attention, SoftmaxMask};
+mod llama;
+pub use llama::{rms_norm, rope, swiglu, RopePairs};
 
 #[cfg(test)]
 mod tests;

@@ -270,3 +270,52 @@ fn kernels_hold_at_shapes_that_cross_the_parallel_chunking() {
         5e-4,
     );
 }
+
+#[test]
+fn rms_norm_matches_composition() {
+    let (x, w) = (randn(&[3, 5, 64]), randn(&[64]));
+    check(
+        &[x, w],
+        |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+        |t| candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5).unwrap(),
+        1e-4,
+    );
+}
+
+#[test]
+fn swiglu_matches_composition() {
+    let (g, u) = (randn(&[2, 7, 96]), randn(&[2, 7, 96]));
+    check(
+        &[g, u],
+        |t| swiglu(&t[0], &t[1]).unwrap(),
+        |t| (candle_nn::ops::silu(&t[0]).unwrap() * &t[1]).unwrap(),
+        1e-4,
+    );
+}
+
+/// Both layouts against candle's differentiable `rope_i_slow` / `rope_slow`,
+/// which take [B, heads, T, d]; the tables are longer than the sequence.
+#[test]
+fn rope_matches_composition() {
+    let (t, d) = (6, 16);
+    let cos = Tensor::rand(-1f32, 1.0, (t + 3, d / 2), &Device::Cpu).unwrap();
+    let sin = Tensor::rand(-1f32, 1.0, (t + 3, d / 2), &Device::Cpu).unwrap();
+    for pairs in [RopePairs::Interleaved, RopePairs::Half] {
+        let (c, s) = (cos.clone(), sin.clone());
+        check(
+            &[randn(&[2, t, 3, d])],
+            |x| rope(&x[0], &c, &s, pairs).unwrap(),
+            |x| {
+                let xh = x[0].transpose(1, 2).unwrap().contiguous().unwrap();
+                let (c, s) = (c.narrow(0, 0, t).unwrap(), s.narrow(0, 0, t).unwrap());
+                let y = match pairs {
+                    RopePairs::Interleaved => candle_nn::rotary_emb::rope_i_slow(&xh, &c, &s),
+                    RopePairs::Half => candle_nn::rotary_emb::rope_slow(&xh, &c, &s),
+                }
+                .unwrap();
+                y.transpose(1, 2).unwrap()
+            },
+            1e-5,
+        );
+    }
+}
