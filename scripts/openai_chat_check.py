@@ -7,7 +7,7 @@ the same call streamed, and a seeded sampled call made twice.
 Prints one JSON object: the plain answer, the streamed answer (the chunks
 joined), their finish reasons, usage, the number of chunks, and the two
 seeded answers. Exits non-zero (with the reason) when the client fails or a
-response is not the shape the client expects. scripts/get-openai.sh installs
+response is not the shape the client expects. scripts/get-py-clients.sh installs
 the package into a cache outside the repository.
 """
 import base64

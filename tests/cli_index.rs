@@ -656,3 +656,63 @@ fn missing_stores_are_refused_empty_ones_answer_and_the_model_path_is_absolute()
         assert_ne!(w[0], w[1], "repeated: {first}");
     }
 }
+
+/// Checks that need no model come before loading one, and a model that does
+/// not load leaves no store behind: `index` and `search` with a wrong model
+/// create no store file, `classify` with one label or an empty template file
+/// says so without touching the model or the store, and `-q` leaves only
+/// errors on stderr.
+#[test]
+fn cheap_checks_come_first_and_a_wrong_model_leaves_no_store() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("photos");
+    photos(&dir, 2);
+    let store = d.path().join("sub/s.sqlite");
+    let (dir_s, store_s) = (dir.to_str().unwrap(), store.to_str().unwrap());
+    let missing = d.path().join("no-such-model");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        vec!["index", dir_s, "-m", missing, "--store", store_s],
+        vec![
+            "search", "a dog", "--dir", dir_s, "-m", missing, "--store", store_s,
+        ],
+    ] {
+        let o = clasp(&args);
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("no-such-model"), "{args:?}: {err}");
+        assert!(!store.exists(), "{args:?} left a store behind");
+    }
+    let o = clasp(&[
+        "classify", dir_s, "--labels", "dog", "-m", missing, "--store", store_s,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("at least two labels"),
+        "{err}"
+    );
+    let empty = d.path().join("templates.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    let o = clasp(&[
+        "classify",
+        dir_s,
+        "--labels",
+        "dog,cat",
+        "--templates",
+        empty.to_str().unwrap(),
+        "-m",
+        missing,
+        "--store",
+        store_s,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no templates"), "{err}");
+    assert!(!store.exists());
+    // With the real model: a summary without -q, nothing on stderr with it.
+    let loud = clasp(&["index", dir_s, "-m", &tiny(), "--store", store_s]);
+    assert!(loud.status.success());
+    assert!(String::from_utf8_lossy(&loud.stderr).contains("unchanged"));
+    let quiet = clasp(&["-q", "index", dir_s, "-m", &tiny(), "--store", store_s]);
+    assert!(quiet.status.success());
+    assert_eq!(String::from_utf8_lossy(&quiet.stderr), "");
+}

@@ -271,6 +271,82 @@ fn search_endpoint_equals_cli_search() {
     );
 }
 
+/// The served OpenAPI document says what the server does. For each case of
+/// scripts/openapi_check.py (the disagreements schemathesis found, and
+/// accepted neighbours of each), the body is valid under its path's schema
+/// exactly when the server answers 200, and an invalid one gets a 400 that
+/// says why.
+#[test]
+fn the_openapi_schema_accepts_exactly_what_the_server_accepts() {
+    let d = tempfile::tempdir().unwrap();
+    let photos = d.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    for f in ["rgb.png", "gray.png"] {
+        std::fs::copy(core().join("images").join(f), photos.join(f)).unwrap();
+    }
+    let store = d.path().join("s.sqlite");
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(["index", photos.to_str().unwrap(), "-m", &tiny(), "--store"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = server(&["--store", store.to_str().unwrap()]);
+    let image = core().join("images/rgb.png");
+    let r = common::python_client("openapi_check.py", &[&s.base, image.to_str().unwrap()]);
+    let cases = r.as_array().unwrap();
+    assert!(cases.len() >= 20, "{r}");
+    let (mut valid, mut invalid) = (0, 0);
+    for c in cases {
+        let ok = c["status"] == 200;
+        assert_eq!(
+            c["valid"].as_bool().unwrap(),
+            ok,
+            "schema and server disagree: {c}"
+        );
+        if ok {
+            valid += 1;
+        } else {
+            invalid += 1;
+            assert_eq!(c["status"], 400, "{c}");
+            assert!(c["error"].as_str().is_some_and(|m| !m.is_empty()), "{c}");
+        }
+    }
+    // Both verdicts are exercised on every path.
+    assert!(
+        valid >= 8 && invalid >= 10,
+        "{valid} valid, {invalid} invalid"
+    );
+}
+
+/// `/v1/classify` counts its inputs (images and labels) against
+/// `--max-items`, not the label x template prompts they expand to: one image
+/// and 15 labels (270 prompts with the default 18 templates) pass a limit of
+/// 16, and a 17th input does not.
+#[test]
+fn classify_counts_inputs_not_expanded_prompts() {
+    let s = server(&["--max-items", "16"]);
+    let labels: Vec<String> = (0..15).map(|i| format!("label {i}")).collect();
+    let (st, v, _) = s.post(
+        "/v1/classify",
+        &json!({"images": [b64("rgb.png")], "labels": labels}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["data"][0]["scores"].as_object().unwrap().len(), 15);
+    let (st, v, _) = s.post(
+        "/v1/classify",
+        &json!({"images": [b64("rgb.png"), b64("gray.png")], "labels": labels}),
+    );
+    assert_eq!(st, 413, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("17 items"),
+        "{v}"
+    );
+}
+
 #[test]
 fn every_error_class_has_its_status_and_names_the_field() {
     let s = server(&[
@@ -553,7 +629,7 @@ fn an_over_limit_body_still_gets_its_413_when_it_arrives_in_pieces() {
 #[test]
 fn the_openai_client_embeds_with_its_defaults_and_dimensions() {
     let s = server(&[]);
-    let r = common::openai_client("openai_embeddings_check.py", &[&s.base]);
+    let r = common::python_client("openai_embeddings_check.py", &[&s.base]);
     let texts = ["a dog", "a photo of a cat on a sofa"];
     let (offline, _) = clasp_embed(&texts, &[]);
     let got: Vec<Vec<f32>> = r["default"]

@@ -1,5 +1,5 @@
 //! `clasp serve --vlm`: OpenAI's chat completions on loopback, driven by the
-//! official `openai` Python package (scripts/get-openai.sh installs it) and
+//! official `openai` Python package (scripts/get-py-clients.sh installs it) and
 //! by raw HTTP for what a client library hides: bad input, continuous
 //! batching under concurrent requests, and a client that leaves mid-stream.
 
@@ -80,7 +80,7 @@ fn the_openai_client_chats_with_and_without_streaming() {
     let dir = tempfile::tempdir().unwrap();
     let s = vlm_server(dir.path(), &[]);
     let photo = image(PHOTOS[0]);
-    let r = common::openai_client(
+    let r = common::python_client(
         "openai_chat_check.py",
         &[s.base.as_str(), photo.to_str().unwrap()],
     );

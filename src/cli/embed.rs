@@ -1,5 +1,6 @@
 //! `clasp embed`.
 
+use super::note;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -94,7 +95,7 @@ pub fn run(a: EmbedArgs) -> Result<ExitCode> {
     match &a.output {
         Some(path) => {
             for p in write_embeddings(path, &out)? {
-                eprintln!("wrote {}", p.display());
+                note!("wrote {}", p.display());
             }
         }
         None if !a.similarity => write_embeddings(std::path::Path::new("-"), &out).map(|_| ())?,

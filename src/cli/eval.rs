@@ -1,5 +1,6 @@
 //! `clasp eval retrieval|zeroshot|diagnose`.
 
+use super::note;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -306,7 +307,7 @@ fn retrieval(a: RetrievalArgs) -> Result<ExitCode> {
     }
     if let Some(dir) = &a.common.report {
         report::retrieval(dir, &a.common.model, &name, &r)?;
-        eprintln!("wrote {}", dir.join("report.md").display());
+        note!("wrote {}", dir.join("report.md").display());
     }
     report_issues(issues, a.common.json);
     Ok(exit_for(issues))
@@ -429,7 +430,7 @@ fn zeroshot(a: ZeroshotArgs) -> Result<ExitCode> {
     }
     if let Some(dir) = &a.common.report {
         report::zeroshot(dir, &a.common.model, &dataset, &z)?;
-        eprintln!("wrote {}", dir.join("report.md").display());
+        note!("wrote {}", dir.join("report.md").display());
     }
     report_issues(&z.issues, a.common.json);
     Ok(exit_for(&z.issues))
@@ -501,7 +502,7 @@ fn diagnose_cmd(a: DiagnoseArgs) -> Result<ExitCode> {
     }
     if let Some(dir) = &a.common.report {
         report::diagnostics(dir, &a.common.model, &name, &d, &data.set.issues)?;
-        eprintln!("wrote {}", dir.join("report.md").display());
+        note!("wrote {}", dir.join("report.md").display());
     }
     report_issues(&data.set.issues, a.common.json);
     Ok(exit_for(&data.set.issues))
@@ -547,7 +548,7 @@ fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
     };
     if let Some(dir) = &a.report {
         captioning::write_report(dir, &a.model.display().to_string(), &set.name, &e)?;
-        eprintln!("wrote {}", dir.join("report.md").display());
+        note!("wrote {}", dir.join("report.md").display());
     }
     let metrics = |s: &clasp::eval::caption::CaptionScores| {
         json!({"cider_d": s.cider_d, "bleu_1": s.bleu[0], "bleu_2": s.bleu[1], "bleu_3": s.bleu[2],

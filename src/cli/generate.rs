@@ -1,5 +1,6 @@
 //! `clasp generate` and `clasp tokenize`: front ends over `clasp::llm`.
 
+use super::note;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -258,6 +259,6 @@ pub fn convert_cmd(a: ConvertArgs) -> Result<ExitCode> {
     }
     let lm = LanguageModel::load(&a.model, Precision::F32, &candle_core::Device::Cpu)?;
     lm.save_hf(&a.output)?;
-    eprintln!("wrote {}", a.output.display());
+    note!("wrote {}", a.output.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,6 @@
 //! `clasp mine`: offline hard negatives for the triplet objective.
 
+use super::note;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -95,7 +96,7 @@ pub fn run(a: MineArgs) -> Result<ExitCode> {
         anchors,
     };
     m.save(&a.output)?;
-    eprintln!(
+    note!(
         "{} captions: {with} with hard negatives, {total} in all; wrote {}",
         set.captions.len(),
         a.output.display()

@@ -101,7 +101,26 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     .open()?)
 }
 
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `-q` asked for errors only: the summaries and notes that
+/// commands print to stderr (through [`note!`]) are then left out.
+pub fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `eprintln!` for a summary or a note, not an error: silent under `-q`.
+macro_rules! note {
+    ($($arg:tt)*) => {
+        if !$crate::cli::quiet() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+pub(crate) use note;
+
 pub fn init_logging(verbose: u8, quiet: bool) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
     let level = match (quiet, verbose) {
         (true, _) => "error",
         (false, 0) => "warn",

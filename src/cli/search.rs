@@ -1,5 +1,6 @@
 //! `clasp index`, `clasp search` and `clasp classify`.
 
+use super::note;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -110,11 +111,13 @@ pub(super) fn open_store(a: &StoreArgs, create: bool) -> Result<Catalog> {
     })
 }
 
+/// The model named by `--model` or `CLASP_MODEL`, if either is set.
+fn given_model(arg: &Option<String>) -> Option<String> {
+    arg.clone().or_else(|| std::env::var("CLASP_MODEL").ok())
+}
+
 pub(super) fn model_spec(arg: &Option<String>, catalog: &Catalog) -> Result<String> {
-    if let Some(m) = arg {
-        return Ok(m.clone());
-    }
-    if let Ok(m) = std::env::var("CLASP_MODEL") {
+    if let Some(m) = given_model(arg) {
         return Ok(m);
     }
     match catalog.last_model_spec()? {
@@ -139,7 +142,7 @@ fn print_summary(s: &Summary, json: bool) {
     if json {
         println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
     } else {
-        eprintln!(
+        note!(
             "added {}, updated {}, moved {}, removed {}, unchanged {}, failed {}, skipped {} ({} embedded)",
             s.added,
             s.updated,
@@ -166,7 +169,7 @@ fn print_summary(s: &Summary, json: bool) {
 /// Searches index first; they mention what changed, and stay quiet otherwise.
 fn note_changes(s: &Summary) {
     if s.added + s.updated + s.moved + s.removed > 0 {
-        eprintln!(
+        note!(
             "indexed: added {}, updated {}, moved {}, removed {} ({} failed; `clasp index` lists them)",
             s.added,
             s.updated,
@@ -194,8 +197,9 @@ fn run_index(
 }
 
 pub fn index_cmd(a: IndexArgs) -> Result<ExitCode> {
-    let mut catalog = open_store(&a.store, true)?;
+    // The model first: a wrong one must not leave a new, empty store behind.
     let encoder = Encoder::load(&a.model, &device(a.store.device)?)?;
+    let mut catalog = open_store(&a.store, true)?;
     let model_id = index::model_id(&catalog, &encoder, &a.model)?;
     let s = run_index(
         &mut catalog,
@@ -215,7 +219,7 @@ pub fn index_cmd(a: IndexArgs) -> Result<ExitCode> {
                 problems.join("; ")
             );
         }
-        eprintln!("store {} checked: consistent", catalog.path().display());
+        note!("store {} checked: consistent", catalog.path().display());
     }
     Ok(if s.failed.is_empty() && s.skipped.is_empty() {
         ExitCode::SUCCESS
@@ -240,9 +244,22 @@ fn open_and_index(
     dir: &Path,
     no_index: bool,
 ) -> Result<(Catalog, Encoder, i64)> {
-    let mut catalog = open_store(store, !no_index)?;
-    let spec = model_spec(model, &catalog)?;
-    let encoder = Encoder::load(&spec, &device(store.device)?)?;
+    // A given model loads before the store is opened (and perhaps created),
+    // so a wrong one leaves nothing behind; otherwise the store names it.
+    let (mut catalog, spec, encoder) = match given_model(model) {
+        Some(spec) => {
+            let encoder = Encoder::load(&spec, &device(store.device)?)?;
+            (open_store(store, !no_index)?, spec, encoder)
+        }
+        None => {
+            let catalog = open_store(store, false).map_err(|e| {
+                anyhow::anyhow!("no model given, and no store to take one from ({e}); pass --model DIR_OR_HUB_ID")
+            })?;
+            let spec = model_spec(model, &catalog)?;
+            let encoder = Encoder::load(&spec, &device(store.device)?)?;
+            (catalog, spec, encoder)
+        }
+    };
     let model_id = index::model_id(&catalog, &encoder, &spec)?;
     if !no_index {
         let dirs = [dir.to_path_buf()];
@@ -284,7 +301,7 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
         search::vector_search(engine.as_ref(), &catalog, &q, a.k, &dirs)?
     };
     if hits.is_empty() {
-        eprintln!("no results: no indexed images under {}", dir.display());
+        note!("no results: no indexed images under {}", dir.display());
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&hits)?);
@@ -301,7 +318,6 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
 }
 
 pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
-    let (catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &a.dir, a.no_index)?;
     let labels: Vec<String> = a
         .labels
         .iter()
@@ -311,19 +327,30 @@ pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
     if labels.len() < 2 {
         bail!("--labels needs at least two labels, e.g. --labels cat,dog");
     }
-    let templates: Vec<String> = match &a.templates {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| p.display().to_string())?
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect(),
-        None => prompts::default_templates(matches!(
+    // The cheap checks first: before a model loads or a folder is indexed.
+    let custom: Option<Vec<String>> = match &a.templates {
+        Some(p) => {
+            let t: Vec<String> = std::fs::read_to_string(p)
+                .with_context(|| p.display().to_string())?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            if t.is_empty() {
+                bail!("{}: no templates in the file", p.display());
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let (catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &a.dir, a.no_index)?;
+    let templates = custom.unwrap_or_else(|| {
+        prompts::default_templates(matches!(
             encoder.config(),
             clasp::model::ModelConfig::ChineseClip(_)
-        )),
-    };
+        ))
+    });
     let dirs = vec![index::indexer::canonical_prefix(&a.dir)?];
     let snap = engine::Snapshot::open(&catalog, model_id)?;
     let out = search::classify(&encoder, &snap, &catalog, &labels, &templates, &dirs)?;

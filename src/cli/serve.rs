@@ -1,5 +1,6 @@
 //! `clasp serve`.
 
+use super::note;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,7 +46,8 @@ pub struct ServeArgs {
     /// with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_queue: usize,
-    /// Items (texts + images) in one request at most.
+    /// Items in one request at most: texts + images (classify: images +
+    /// labels, not the prompts they expand to).
     #[arg(long, default_value_t = 256)]
     pub max_items: usize,
     /// Request body limit in MiB.
@@ -120,10 +122,10 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
                 _ = ctrl_c => {},
                 _ = term.recv() => {},
             }
-            eprintln!("shutting down: draining requests in flight");
+            note!("shutting down: draining requests in flight");
         };
         serve::serve(encoder, chat, cfg, shutdown, |addr| {
-            eprintln!("listening on http://{addr}")
+            note!("listening on http://{addr}")
         })
         .await
     })?;

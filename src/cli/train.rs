@@ -1,5 +1,6 @@
 //! `clasp train`.
 
+use super::note;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -328,7 +329,7 @@ impl TrainProgress for BarProgress {
             log.loss, log.lr, log.images_per_s
         ));
         if let Some(d) = &log.dev {
-            eprintln!("step {}: dev {}", log.step, d);
+            note!("step {}: dev {}", log.step, d);
         }
     }
 }
@@ -363,7 +364,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
             // A preset's init is written before the run starts, and said.
             trainer::check_fresh_output(cfg.output_dir()?)?;
             if let Some(note) = cfg.materialize_init()? {
-                eprintln!("{note}");
+                note!("{note}");
             }
             Trainer::new(cfg)?
         }
@@ -394,7 +395,7 @@ fn finish(dir: &std::path::Path, out: &trainer::TrainOutcome) {
             dir.display()
         );
     }
-    eprintln!(
+    note!(
         "{} after {} steps (last loss {:.4}); checkpoint: {}",
         if out.interrupted { "stopped" } else { "done" },
         out.steps_done,

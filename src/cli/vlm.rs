@@ -1,6 +1,7 @@
 //! `clasp assemble`, `clasp caption`, `clasp chat` and `clasp merge-lora`:
 //! front ends over `clasp::vlm`.
 
+use super::note;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -76,7 +77,7 @@ pub fn assemble_cmd(a: AssembleArgs) -> Result<ExitCode> {
         &candle_core::Device::Cpu,
     )?;
     vlm.save(&a.output)?;
-    eprintln!(
+    note!(
         "wrote {} ({} image tokens per image, image token id {})",
         a.output.display(),
         vlm.image_tokens(),
@@ -260,7 +261,7 @@ pub fn merge_lora_cmd(a: MergeLoraArgs) -> Result<ExitCode> {
     };
     vlm.llm.merge_lora()?;
     vlm.save(&a.output)?;
-    eprintln!(
+    note!(
         "merged the rank-{} adapter ({}) into {}",
         lora.cfg.rank,
         lora.cfg.targets.join(", "),

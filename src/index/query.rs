@@ -40,7 +40,7 @@ fn term(raw: &str, sign: f32) -> Result<Term> {
     };
     let body = strip_quotes(body);
     if body.is_empty() {
-        return Err(Error::Dataset(format!("empty query term in `{raw}`")));
+        return Err(Error::Report(format!("empty query term in `{raw}`")));
     }
     let p = Path::new(body);
     let kind = if has_image_extension(p) && p.is_file() {
@@ -114,7 +114,9 @@ pub fn parse_expr(joined: &str) -> Result<Vec<Term>> {
         terms.push(term(&cur, sign)?);
     }
     if terms.is_empty() {
-        return Err(Error::Dataset("empty query".into()));
+        return Err(Error::Report(
+            "empty query: give a text, an image path, or terms joined by + and -".into(),
+        ));
     }
     Ok(terms)
 }

@@ -98,6 +98,14 @@ async fn embedding_inputs(st: &Shared, req: Request) -> Result<EmbeddingInputs, 
         Some(v) => b64_images(v, "images")?,
         None => Vec::new(),
     };
+    if let Some(v) = m.get("model") {
+        if !(v.is_string() || v.is_null()) {
+            return Err(ApiError::bad(
+                "model",
+                "expected a string (the name is not used)",
+            ));
+        }
+    }
     let base64 = match m.get("encoding_format") {
         None | Some(Value::Null) => false,
         Some(f) => match f.as_str() {
@@ -289,7 +297,16 @@ pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
             return Err(ApiError::bad("labels", "give at least two labels"));
         }
         let templates = match m.get("templates") {
-            Some(v) => strings(v, "templates")?,
+            Some(v) => {
+                let t = strings(v, "templates")?;
+                if t.is_empty() {
+                    return Err(ApiError::bad(
+                        "templates",
+                        "must not be empty; leave it out for the default ensemble",
+                    ));
+                }
+                t
+            }
             None => prompts::default_templates(matches!(
                 st.encoder.config(),
                 crate::model::ModelConfig::ChineseClip(_)
@@ -300,8 +317,11 @@ pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
                 .ok_or_else(|| ApiError::bad("images", "missing"))?,
             "images",
         )?;
+        // Inputs count, not the label x template prompts they expand to:
+        // a caller cannot see the expansion, and the default ensemble has
+        // 18 templates.
+        check_items(&st, images.len() + labels.len())?;
         let prompts_all = prompts::class_prompts(&labels, &templates);
-        check_items(&st, images.len() + prompts_all.len())?;
         let mut items: Vec<Item> = prompts_all.into_iter().map(Item::Text).collect();
         let n_p = items.len();
         items.extend(images_to_items(&st, images).await?);
@@ -375,10 +395,17 @@ pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response
             Some(v) => Some(v.as_str().ok_or_else(|| ApiError::bad("dir", "expected a string"))?.to_string()),
         };
         let st2 = st.clone();
-        let hits = tokio::task::spawn_blocking(move || -> crate::Result<Vec<search::Hit>> {
+        let hits = tokio::task::spawn_blocking(move || -> crate::Result<Vec<Value>> {
             let dirs: Vec<String> = dir.into_iter().collect();
             st2.search.with(&store, model_id, |catalog, engine| {
-                search::vector_search(engine, catalog, &q, k, &dirs)
+                let hits = search::vector_search(engine, catalog, &q, k, &dirs)?;
+                // Each hit with its caption (sidecar, EXIF), when it has one.
+                hits.into_iter()
+                    .map(|h| {
+                        let caption = catalog.caption_of(&h.path)?.filter(|c| !c.is_empty());
+                        Ok(json!({"path": h.path, "score": h.score, "caption": caption}))
+                    })
+                    .collect::<crate::Result<Vec<Value>>>()
             })
         })
         .await

@@ -50,6 +50,13 @@ fn chat_request() -> Value {
         "clasp_retrieve": retrieve}})
 }
 
+/// `array` (an array schema) with at least `n` items.
+fn nonempty(array: &Value, n: usize) -> Value {
+    let mut a = array.clone();
+    a["minItems"] = json!(n);
+    a
+}
+
 pub fn document() -> Value {
     let strings = json!({"type": "array", "items": {"type": "string"}});
     let b64 = json!({"type": "array", "items": {"type": "string", "contentEncoding": "base64"}});
@@ -60,12 +67,16 @@ pub fn document() -> Value {
         "paths": {
             "/v1/embeddings": post(
                 "Embed texts and/or images (OpenAI embeddings shape; texts first, then images, each in input order). Also accepts multipart/form-data with `input` and `image` parts.",
-                json!({"type": "object", "properties": {
+                json!({"type": "object",
+                    "anyOf": [
+                        {"required": ["input"], "properties": {"input": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1}]}}},
+                        {"required": ["images"], "properties": {"images": {"type": "array", "minItems": 1}}}],
+                    "properties": {
                     "input": {"oneOf": [{"type": "string"}, strings]},
                     "images": b64,
-                    "model": {"type": "string"},
+                    "model": {"type": ["string", "null"]},
                     "encoding_format": {"enum": ["float", "base64", null]},
-                    "dimensions": {"type": "integer", "minimum": 1}}}),
+                    "dimensions": {"type": ["integer", "null"], "minimum": 1}}}),
                 json!({"type": "object", "properties": {
                     "object": {"const": "list"},
                     "data": {"type": "array", "items": {"type": "object", "properties": {
@@ -75,24 +86,36 @@ pub fn document() -> Value {
                     "usage": {"type": "object"}}})),
             "/v1/similarity": post(
                 "logits_per_image (images x texts) as CLIPModel computes it, and softmax over texts",
-                json!({"type": "object", "required": ["images", "texts"], "properties": {"images": b64, "texts": strings}}),
+                json!({"type": "object", "required": ["images", "texts"], "properties": {
+                    "images": nonempty(&b64, 1), "texts": nonempty(&strings, 1)}}),
                 json!({"type": "object", "properties": {
                     "logits_per_image": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
                     "probs": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
                     "logit_scale": {"type": "number"}}})),
             "/v1/classify": post(
-                "Zero-shot labels with CLIP's prompt ensemble",
-                json!({"type": "object", "required": ["images", "labels"], "properties": {"images": b64, "labels": strings, "templates": strings}}),
+                "Zero-shot labels with CLIP's prompt ensemble. Each image and each label counts once against the server's item limit (a label's template prompts are not counted).",
+                json!({"type": "object", "required": ["images", "labels"], "properties": {
+                    "images": b64, "labels": nonempty(&strings, 2), "templates": nonempty(&strings, 1)}}),
                 json!({"type": "object", "properties": {"data": {"type": "array", "items": {"type": "object", "properties": {
                     "index": {"type": "integer"}, "label": {"type": "string"}, "probability": {"type": "number"},
                     "scores": {"type": "object", "additionalProperties": {"type": "number"}}}}}}})),
             "/v1/search": post(
                 "Search the store: text or algebra (`\"a dog\" + 2:\"snow\" - night`) and/or an image",
-                json!({"type": "object", "properties": {
-                    "query": {"type": "string"}, "image": {"type": "string", "contentEncoding": "base64"},
+                json!({"type": "object",
+                    "anyOf": [{"required": ["query"]}, {"required": ["image"]}],
+                    "properties": {
+                    "query": {"type": "string", "pattern": "\\S"}, "image": {"type": "string", "contentEncoding": "base64"},
                     "k": {"type": "integer", "minimum": 1, "maximum": 1000}, "dir": {"type": "string"}}}),
                 json!({"type": "object", "properties": {"data": {"type": "array", "items": {"type": "object", "properties": {
-                    "path": {"type": "string"}, "score": {"type": "number"}}}}}})),
+                    "path": {"type": "string"}, "score": {"type": "number"}, "caption": {"type": ["string", "null"]}}}}}})),
+            "/v1/thumbnail": {"get": {
+                "summary": "A JPEG thumbnail of an indexed image (the search page's grid); other paths get 404",
+                "parameters": [
+                    {"name": "path", "in": "query", "required": true, "schema": {"type": "string", "minLength": 1}},
+                    {"name": "size", "in": "query", "schema": {"type": "integer", "minimum": 16, "maximum": 2048, "default": 256}}],
+                "responses": {"200": {"description": "image/jpeg"}, "400": error_response("Bad size or no path"),
+                              "404": error_response("Not an indexed image"), "503": error_response("No store")}}},
+            "/": {"get": {"summary": "The search page (HTML)", "responses": {"200": {"description": "text/html"}}}},
             "/v1/chat/completions": post(
                 "OpenAI chat completions over the vision-language model (`--vlm`), with continuous batching. `stream: true` answers server-sent events of `chat.completion.chunk` objects, then `[DONE]`. clasp's extension `clasp_retrieve` puts photos retrieved from the store (`--store`) into the last user message and answers `clasp_sources`.",
                 chat_request(),

@@ -194,15 +194,16 @@ pub fn assembled(dir: &Path) -> String {
     out.display().to_string()
 }
 
-/// Runs `scripts/SCRIPT ARGS` with the official `openai` Python package on
-/// the path (scripts/get-openai.sh installs it into the cache) and parses
-/// the JSON it prints; the client's error fails the test.
-pub fn openai_client(script: &str, args: &[&str]) -> Value {
+/// Runs `scripts/SCRIPT ARGS` with the Python clients the tests use (the
+/// official `openai` package and `jsonschema`; scripts/get-py-clients.sh
+/// installs them into the cache) on the path, and parses the JSON it
+/// prints; the script's error fails the test.
+pub fn python_client(script: &str, args: &[&str]) -> Value {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lib = Command::new(root.join("scripts/get-openai.sh"))
+    let lib = Command::new(root.join("scripts/get-py-clients.sh"))
         .output()
         .unwrap();
-    assert!(lib.status.success(), "scripts/get-openai.sh failed");
+    assert!(lib.status.success(), "scripts/get-py-clients.sh failed");
     let o = Command::new("python3")
         .arg(root.join("scripts").join(script))
         .args(args)
@@ -211,7 +212,7 @@ pub fn openai_client(script: &str, args: &[&str]) -> Value {
         .unwrap();
     assert!(
         o.status.success(),
-        "the openai client failed: {}",
+        "scripts/{script} failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_slice(&o.stdout).unwrap()
