@@ -8,6 +8,11 @@ scripts/get-smollm2.sh >/dev/null
 # Python clients for the server's tests: `openai`, and `jsonschema` for the
 # OpenAPI check.
 scripts/get-py-clients.sh >/dev/null
+# The search page's browser test needs chromium; without it, it is skipped.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    echo "note: chromium/chromedriver not found: tests/search_page.rs will be skipped" \
+         "(apt install chromium chromium-driver)" >&2
+fi
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --release --no-fail-fast

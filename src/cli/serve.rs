@@ -125,7 +125,8 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
             note!("shutting down: draining requests in flight");
         };
         serve::serve(encoder, chat, cfg, shutdown, |addr| {
-            note!("listening on http://{addr}")
+            // Always printed, even under -q: it is where the server is.
+            eprintln!("listening on http://{addr}")
         })
         .await
     })?;

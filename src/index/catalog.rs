@@ -248,6 +248,17 @@ impl Catalog {
         }
     }
 
+    /// What describes the file at `path` for a person: its sidecar caption
+    /// and EXIF description, i.e. its search text ([`Self::caption_of`])
+    /// without the file-name words that end it. None when it has neither, or
+    /// the catalog does not have the file.
+    pub fn description_of(&self, path: &str) -> Result<Option<String>> {
+        Ok(self.caption_of(path)?.and_then(|c| {
+            let d = c.rsplit_once('\n').map_or("", |(head, _)| head).trim();
+            (!d.is_empty()).then(|| d.to_string())
+        }))
+    }
+
     /// Which of `hashes` have a vector for `model`.
     pub fn has_vectors(&self, model: i64, hashes: &[Hash]) -> Result<Vec<bool>> {
         let mut stmt = self
@@ -518,5 +529,26 @@ mod tests {
         assert!(c.check(Some(m)).unwrap().is_empty());
         assert_eq!(c.text_search("caption x.jpg!", 5).unwrap()[0].0, "/b/x.jpg");
         assert!(under("/b/x.jpg", "/b") && !under("/bb/x.jpg", "/b"));
+    }
+
+    /// The description leaves out the file-name words that end every search
+    /// text, and is None when nothing else describes the file.
+    #[test]
+    fn descriptions_drop_the_file_name_words() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::open(&d.path().join("s.sqlite")).unwrap();
+        let mut with = row("/a/dog_run.jpg", 1);
+        with.caption = "a dog runs\nby the sea\ndog run".into();
+        let mut bare = row("/a/x.jpg", 2);
+        bare.caption = "x".into();
+        c.write(|w| {
+            w.upsert_file(&with)?;
+            w.upsert_file(&bare)
+        })
+        .unwrap();
+        let desc = c.description_of("/a/dog_run.jpg").unwrap();
+        assert_eq!(desc.as_deref(), Some("a dog runs\nby the sea"));
+        assert_eq!(c.description_of("/a/x.jpg").unwrap(), None);
+        assert_eq!(c.description_of("/a/none.jpg").unwrap(), None);
     }
 }

@@ -402,7 +402,7 @@ pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response
                 // Each hit with its caption (sidecar, EXIF), when it has one.
                 hits.into_iter()
                     .map(|h| {
-                        let caption = catalog.caption_of(&h.path)?.filter(|c| !c.is_empty());
+                        let caption = catalog.description_of(&h.path)?;
                         Ok(json!({"path": h.path, "score": h.score, "caption": caption}))
                     })
                     .collect::<crate::Result<Vec<Value>>>()

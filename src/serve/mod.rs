@@ -1,5 +1,6 @@
 //! The HTTP service: embeddings, similarity, zero-shot classification and
-//! search over a store, behind a dynamic batching engine; and chat
+//! search over a store, behind a dynamic batching engine, with a search page
+//! at `/`; and chat
 //! completions over a vision-language model, behind a continuous-batching
 //! generation engine.
 
@@ -11,6 +12,7 @@ mod error;
 pub mod generation;
 pub mod metrics;
 pub mod openapi;
+pub mod page;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -53,6 +55,8 @@ pub fn router(state: api::Shared) -> Router {
         .route("/v1/similarity", post(api::similarity))
         .route("/v1/classify", post(api::classify))
         .route("/v1/search", post(api::search_endpoint))
+        .route("/v1/thumbnail", get(page::thumbnail))
+        .route("/", get(page::page))
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
         .route("/openapi.json", get(api::openapi))
@@ -85,6 +89,7 @@ pub async fn serve(
             store: cfg.store,
             store_model: cfg.store_model,
             search: Default::default(),
+            thumbs: Default::default(),
         });
         app = app.merge(router(state.clone()));
         embedding = Some(state);

@@ -28,6 +28,8 @@ pub struct AppState {
     pub store_model: Option<i64>,
     /// The store's catalog and engine, shared by searches.
     pub search: SearchCache,
+    /// The search page's thumbnails.
+    pub thumbs: super::page::Thumbnails,
 }
 
 /// The store's catalog and search engine, opened by the first search and

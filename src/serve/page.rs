@@ -1,0 +1,240 @@
+//! The search page at `GET /` (plain HTML, CSS and JS in the binary, no
+//! external requests) and the thumbnails it shows (`GET /v1/thumbnail`):
+//! resized on demand, kept in a bounded in-memory cache, and served only
+//! for files the store has indexed, so the endpoint cannot read anything
+//! else on the server.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::error::{guarded, ApiError};
+use super::state::Shared;
+
+const PAGE: &str = include_str!("page.html");
+
+/// Sizes a thumbnail may be asked for (its longer side, in pixels).
+pub const SIZES: std::ops::RangeInclusive<u32> = 16..=2048;
+
+/// `GET /`: the search page.
+pub async fn page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
+}
+
+#[derive(Deserialize)]
+pub struct ThumbQuery {
+    path: Option<String>,
+    size: Option<u32>,
+}
+
+/// `GET /v1/thumbnail?path=P&size=N`: a JPEG of the indexed image at `P`,
+/// its longer side `N` pixels (256 by default), EXIF orientation applied.
+pub async fn thumbnail(
+    State(st): State<Shared>,
+    q: Result<Query<ThumbQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let st2 = st.clone();
+    guarded(&st.limits, &st.metrics, "thumbnail", async move {
+        let st = st2;
+        let Query(q) = q.map_err(|e| ApiError::bad("query", e.body_text()))?;
+        let path = q
+            .path
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ApiError::bad("path", "missing"))?;
+        let size = q.size.unwrap_or(256);
+        if !SIZES.contains(&size) {
+            return Err(ApiError::bad(
+                "size",
+                format!("expected {} to {} pixels", SIZES.start(), SIZES.end()),
+            ));
+        }
+        let (Some(store), Some(model)) = (st.store.clone(), st.store_model) else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_store",
+                "this server has no store; start it with --store PATH",
+            ));
+        };
+        let not_found = || {
+            let mut e = ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no indexed image at this path",
+            );
+            e.param = Some("path".into());
+            e
+        };
+        let st3 = st.clone();
+        let p = path.clone();
+        let bytes = tokio::task::spawn_blocking(move || -> Result<Arc<Vec<u8>>, ApiError> {
+            let indexed = st3
+                .search
+                .with(&store, model, |catalog, _| catalog.caption_of(&p))
+                .map_err(|e| {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?;
+            if indexed.is_none() {
+                return Err(not_found());
+            }
+            let file = PathBuf::from(&p);
+            let mtime = std::fs::metadata(&file)
+                .and_then(|m| m.modified())
+                .map_err(|_| not_found())?;
+            st3.thumbs.get_or_make(&file, size, mtime)
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+        Ok((
+            [
+                (header::CONTENT_TYPE, "image/jpeg"),
+                (header::CACHE_CONTROL, "private, max-age=3600"),
+            ],
+            bytes.as_ref().clone(),
+        )
+            .into_response())
+    })
+    .await
+}
+
+type Key = (PathBuf, u32);
+
+/// Encoded thumbnails by (path, size), each with the file's modification
+/// time (a changed file is made again); the oldest go first past `budget`
+/// bytes.
+pub struct Thumbnails {
+    inner: Mutex<Inner>,
+    budget: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<Key, (SystemTime, Arc<Vec<u8>>)>,
+    order: VecDeque<Key>,
+    bytes: usize,
+}
+
+impl Default for Thumbnails {
+    fn default() -> Self {
+        Self::new(64 << 20)
+    }
+}
+
+impl Thumbnails {
+    pub fn new(budget: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            budget,
+        }
+    }
+
+    fn get_or_make(
+        &self,
+        path: &Path,
+        size: u32,
+        mtime: SystemTime,
+    ) -> Result<Arc<Vec<u8>>, ApiError> {
+        let key = (path.to_path_buf(), size);
+        if let Some(b) = self.lookup(&key, mtime) {
+            return Ok(b);
+        }
+        let bytes = Arc::new(make(path, size)?);
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, old)) = g.map.insert(key.clone(), (mtime, bytes.clone())) {
+            g.bytes -= old.len();
+            g.order.retain(|k| k != &key);
+        }
+        g.bytes += bytes.len();
+        g.order.push_back(key);
+        while g.bytes > self.budget {
+            let Some(k) = g.order.pop_front() else { break };
+            if let Some((_, b)) = g.map.remove(&k) {
+                g.bytes -= b.len();
+            }
+        }
+        Ok(bytes)
+    }
+
+    fn lookup(&self, key: &Key, mtime: SystemTime) -> Option<Arc<Vec<u8>>> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.map
+            .get(key)
+            .filter(|(t, _)| *t == mtime)
+            .map(|(_, b)| b.clone())
+    }
+
+    /// How many thumbnails are held, and their bytes.
+    pub fn held(&self) -> (usize, usize) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (g.map.len(), g.bytes)
+    }
+}
+
+/// Decodes `path` (EXIF orientation applied) and encodes it as a JPEG whose
+/// longer side is at most `size`.
+fn make(path: &Path, size: u32) -> Result<Vec<u8>, ApiError> {
+    let img = crate::preprocess::image::load_image(path).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_image",
+            format!("the indexed file cannot be decoded: {e}"),
+        )
+    })?;
+    let small = image::DynamicImage::ImageRgb8(img).thumbnail(size, size);
+    let mut out = Cursor::new(Vec::new());
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
+        .encode_image(&small)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok(out.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cached thumbnail is reused while its file is unchanged, made again
+    /// when the modification time moves, and the oldest leave first once
+    /// the budget is passed.
+    #[test]
+    fn the_cache_reuses_refreshes_and_evicts() {
+        let d = tempfile::tempdir().unwrap();
+        let img = image::RgbImage::from_fn(300, 200, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let paths: Vec<PathBuf> = (0..3)
+            .map(|i| {
+                let p = d.path().join(format!("{i}.png"));
+                img.save(&p).unwrap();
+                p
+            })
+            .collect();
+        let t0 = SystemTime::UNIX_EPOCH;
+        let one = make(&paths[0], 64).unwrap().len();
+        let cache = Thumbnails::new(2 * one + one / 2);
+        let a = cache.get_or_make(&paths[0], 64, t0).unwrap();
+        let decoded = image::load_from_memory(&a).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (64, 43));
+        assert!(Arc::ptr_eq(
+            &a,
+            &cache.get_or_make(&paths[0], 64, t0).unwrap()
+        ));
+        let t1 = t0 + std::time::Duration::from_secs(1);
+        assert!(!Arc::ptr_eq(
+            &a,
+            &cache.get_or_make(&paths[0], 64, t1).unwrap()
+        ));
+        assert_eq!(cache.held().0, 1);
+        cache.get_or_make(&paths[1], 64, t0).unwrap();
+        cache.get_or_make(&paths[2], 64, t0).unwrap();
+        let (n, bytes) = cache.held();
+        assert_eq!(n, 2, "the oldest left");
+        assert!(bytes <= 2 * one + one / 2);
+        assert!(cache.lookup(&(paths[0].clone(), 64), t1).is_none());
+    }
+}
