@@ -29,8 +29,10 @@ pub struct EmbedArgs {
     /// A file with one text per line.
     #[arg(long)]
     pub texts_from: Option<PathBuf>,
+    /// Images or texts per model batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Where the model runs (cuda needs a build with the `cuda` feature).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
     /// Where to write: FILE.npy (writes FILE.image.npy and FILE.text.npy),

@@ -51,8 +51,10 @@ pub struct CaptionArgs {
     /// The caption prior: the language model alone, asked with no image.
     #[arg(long)]
     pub no_image: bool,
+    /// Images captioned together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Tokens generated per caption at most.
     #[arg(long, default_value_t = 48)]
     pub max_tokens: usize,
     /// Print one JSON object instead of a table.
@@ -68,8 +70,10 @@ pub struct Common {
     /// Model: a local directory or a Hugging Face Hub id.
     #[arg(long, short)]
     pub model: String,
+    /// Images or texts per model batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Where the model runs (cuda needs a build with the `cuda` feature).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
     /// Print one JSON object instead of a table.

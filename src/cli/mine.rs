@@ -35,6 +35,7 @@ pub struct MineArgs {
     /// Captions per encoder batch.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    /// Where the model runs (cuda needs a build with the `cuda` feature).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     /// Where to write the negatives (JSON), for `clasp train --negatives`.

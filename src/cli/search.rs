@@ -17,8 +17,10 @@ pub struct StoreArgs {
     /// The store (SQLite) [default: $CLASP_STORE, else the platform data dir].
     #[arg(long)]
     pub store: Option<PathBuf>,
+    /// Images or texts per model batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Where the model runs (cuda needs a build with the `cuda` feature).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 }
@@ -280,10 +282,11 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
     if a.k == 0 {
         bail!("-k must be at least 1");
     }
+    // The query parses before a model loads or a folder is indexed.
+    let terms = query::parse(&a.query)?;
     let dir = search_dir(&a.dir)?;
     let (catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &dir, a.no_index)?;
     let dirs = vec![index::indexer::canonical_prefix(&dir)?];
-    let terms = query::parse(&a.query)?;
     let q = query::embed(&encoder, &terms)?;
     let engine = engine::open_engine(&catalog, model_id, a.ann_threshold)?;
     tracing::info!(engine = engine.name(), vectors = engine.len(), "searching");

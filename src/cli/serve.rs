@@ -59,6 +59,7 @@ pub struct ServeArgs {
     /// Request timeout in ms.
     #[arg(long, default_value_t = 30_000)]
     pub timeout_ms: u64,
+    /// Where the model runs (cuda needs a build with the `cuda` feature).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 }

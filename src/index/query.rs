@@ -86,6 +86,8 @@ pub fn parse_expr(joined: &str) -> Result<Vec<Term>> {
     let mut sign = 1.0;
     let mut cur = String::new();
     let mut in_quotes = false;
+    // The last operator, until a term follows it.
+    let mut dangling: Option<char> = None;
     let chars: Vec<char> = joined.chars().collect();
     let mut i = 0;
     while i < chars.len() {
@@ -105,13 +107,22 @@ pub fn parse_expr(joined: &str) -> Result<Vec<Term>> {
             }
             cur.clear();
             sign = if c == '-' { -1.0 } else { 1.0 };
+            dangling = Some(c);
         } else {
             cur.push(c);
+            if !c.is_whitespace() {
+                dangling = None;
+            }
         }
         i += 1;
     }
     if !cur.trim().is_empty() {
         terms.push(term(&cur, sign)?);
+    }
+    if let (Some(op), false) = (dangling, terms.is_empty()) {
+        return Err(Error::Report(format!(
+            "the query ends with `{op}`: put a term after it, or remove it"
+        )));
     }
     if terms.is_empty() {
         return Err(Error::Report(
@@ -243,5 +254,13 @@ mod tests {
         );
         assert_eq!(texts(&["a", "dog"]), vec![(1.0, "a dog".into())]);
         assert!(parse(&["+".to_string()]).is_err());
+        for dangling in [&["a dog", "+"][..], &["a dog", "-"], &[r#""a dog" + "#]] {
+            let err = parse(&dangling.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("ends with"), "{dangling:?}: {err}");
+        }
+        // A quoted `+` is text, not an operator.
+        assert_eq!(texts(&[r#""a + b""#]), vec![(1.0, "a + b".into())]);
     }
 }
