@@ -10,7 +10,9 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::batcher::Item;
-use super::body::{b64_images, check_items, images_to_items, parse_json, read_body, strings};
+use super::body::{
+    b64_images, check_items, count, images_to_items, parse_json, read_body, strings,
+};
 use super::error::{guarded, ApiError};
 pub use super::state::{AppState, Limits, Shared};
 use crate::index::{query, search};
@@ -120,17 +122,15 @@ async fn embedding_inputs(st: &Shared, req: Request) -> Result<EmbeddingInputs, 
         },
     };
     let dims = st.encoder.embedding_dim();
-    let dimensions = match m.get("dimensions") {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_u64() {
-            Some(d) if d >= 1 && d as usize <= dims => Some(d as usize),
-            _ => {
-                return Err(ApiError::bad(
-                    "dimensions",
-                    format!("expected an integer from 1 to the model's {dims}"),
-                ))
-            }
-        },
+    let dimensions = match count(&m, "dimensions") {
+        Ok(None) => None,
+        Ok(Some(d)) if d >= 1 && d as usize <= dims => Some(d as usize),
+        _ => {
+            return Err(ApiError::bad(
+                "dimensions",
+                format!("expected an integer from 1 to the model's {dims}"),
+            ))
+        }
     };
     Ok(EmbeddingInputs {
         texts,

@@ -105,6 +105,34 @@ pub(crate) fn strings(v: &Value, field: &str) -> Result<Vec<String>, ApiError> {
     }
 }
 
+/// An optional number field (absent or null: None).
+pub(crate) fn number(
+    m: &serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<f64>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(key, "expected a number")),
+    }
+}
+
+/// An optional non-negative integer field (absent or null: None).
+pub(crate) fn count(
+    m: &serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<u64>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(key, "expected a non-negative integer")),
+    }
+}
+
 pub(crate) fn check_items(st: &Shared, n: usize) -> Result<(), ApiError> {
     if n > st.limits.max_items {
         return Err(ApiError::new(

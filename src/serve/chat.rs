@@ -24,7 +24,7 @@ use base64::Engine;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::body::{parse_json, prepare_images, read_body, strings};
+use super::body::{count, number, parse_json, prepare_images, read_body, strings};
 use super::error::{guarded, ApiError};
 use super::generation::{ChatEvent, ChatJob, GenEngine};
 use super::metrics::Metrics;
@@ -134,26 +134,6 @@ fn parse_retrieve(v: &Value, st: &ChatState) -> Result<Retrieve, ApiError> {
 enum RawPart {
     Text(String),
     Image { field: String, bytes: Vec<u8> },
-}
-
-fn number(m: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| ApiError::bad(key, "expected a number")),
-    }
-}
-
-fn count(m: &Map<String, Value>, key: &str) -> Result<Option<u64>, ApiError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| ApiError::bad(key, "expected a non-negative integer")),
-    }
 }
 
 /// A seed for requests that give none: different for each request.

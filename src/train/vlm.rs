@@ -113,6 +113,37 @@ pub struct VlmTrainer {
     step: usize,
     /// BCIF's contrastive branch, when the objective has one.
     branch: Option<Branch>,
+    /// `vars` split for per-module clipping and the probe, once.
+    groups: Groups,
+}
+
+/// The trained variables by module.
+struct Groups {
+    /// The projector side: the connector and the contrastive heads.
+    proj: Vec<(String, Var)>,
+    /// The language model's LoRA adapter (stage 2; else empty).
+    llm: Vec<(String, Var)>,
+    /// The connector alone: where the conflict probe reads the gradients.
+    connector: Vec<(String, Var)>,
+}
+
+impl Groups {
+    fn new(vars: &[(String, Var)]) -> Self {
+        let (proj, llm): (Vec<_>, Vec<_>) = vars
+            .iter()
+            .cloned()
+            .partition(|(n, _)| !n.starts_with("base_model."));
+        let connector = proj
+            .iter()
+            .filter(|(n, _)| n.starts_with("multi_modal_projector."))
+            .cloned()
+            .collect();
+        Self {
+            proj,
+            llm,
+            connector,
+        }
+    }
 }
 
 /// The model a run starts from: its `init` checkpoint, or the vision tower
@@ -247,6 +278,7 @@ impl VlmTrainer {
             out,
             vlm,
             opt,
+            groups: Groups::new(&vars),
             vars,
             set,
             per_image,
@@ -332,16 +364,11 @@ impl VlmTrainer {
                 self.step + 1
             )));
         }
-        let (proj, llm): (Vec<_>, Vec<_>) = self
-            .vars
-            .iter()
-            .cloned()
-            .partition(|(n, _)| !n.starts_with("base_model."));
-        let connector: Vec<_> = proj
-            .iter()
-            .filter(|(n, _)| n.starts_with("multi_modal_projector."))
-            .cloned()
-            .collect();
+        let Groups {
+            proj,
+            llm,
+            connector,
+        } = &self.groups;
         // The two losses are differentiated apart and their gradients mixed
         // with the step's weights: the conflict probe reads both for free.
         let mut grad_conflict = None;
@@ -353,8 +380,8 @@ impl VlmTrainer {
                 let gc = c.backward()?;
                 if cfg.conflict_every > 0 && self.step.is_multiple_of(cfg.conflict_every) {
                     grad_conflict = Some(match &probe {
-                        Some(u) => optim::grad_cosine(&connector, &g, &u.backward()?)?,
-                        None => optim::grad_cosine(&connector, &g, &gc)?,
+                        Some(u) => optim::grad_cosine(connector, &g, &u.backward()?)?,
+                        None => optim::grad_cosine(connector, &g, &gc)?,
                     });
                 }
                 mix_grads(&self.vars, &mut g, w_lm, &gc, w_c)?;
@@ -366,12 +393,12 @@ impl VlmTrainer {
         // model's adapter; the vision tower is frozen), then the global clip.
         let mut norms = vec![(
             "projector".to_string(),
-            optim::clip_grad_norm(&proj, &mut grads, cfg.grad_clip_proj)?,
+            optim::clip_grad_norm(proj, &mut grads, cfg.grad_clip_proj)?,
         )];
         if !llm.is_empty() {
             norms.push((
                 "llm".to_string(),
-                optim::clip_grad_norm(&llm, &mut grads, cfg.grad_clip_text)?,
+                optim::clip_grad_norm(llm, &mut grads, cfg.grad_clip_text)?,
             ));
         }
         optim::clip_grad_norm(&self.vars, &mut grads, cfg.grad_clip)?;

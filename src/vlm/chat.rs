@@ -65,16 +65,7 @@ impl Vlm {
             }
             messages.push(Message::new(&t.role, &pieces.join("\n")));
         }
-        if written > 0 && written != images.len() {
-            return Err(Error::Report(format!(
-                "the text has {written} {placeholder} placeholder{} for {} image{}",
-                if written == 1 { "" } else { "s" },
-                images.len(),
-                if images.len() == 1 { "" } else { "s" }
-            )));
-        }
-        let ids = self.tokenizer.encode_chat(&messages, true)?;
-        let ids = self.expand_images(&ids);
+        let ids = self.render_ids(&messages, images.len())?;
         if images.is_empty() {
             return Ok(Prompt::tokens(&ids));
         }
@@ -85,5 +76,26 @@ impl Vlm {
             ids,
             embeds: Some(embeds),
         })
+    }
+
+    /// The ids of `messages` through the chat template with the assistant's
+    /// turn opened, each placeholder expanded to the image's tokens; an error
+    /// unless the placeholders in the text number `images`. What every
+    /// prompt with images goes through: chats, captions and training.
+    pub(crate) fn render_ids(&self, messages: &[Message], images: usize) -> Result<Vec<u32>> {
+        let placeholder = self.cfg.image_token.as_str();
+        let written: usize = messages
+            .iter()
+            .map(|m| m.content.matches(placeholder).count())
+            .sum();
+        if written != images {
+            return Err(Error::Report(format!(
+                "the prompt has {written} {placeholder} placeholder{} for {images} image{}",
+                if written == 1 { "" } else { "s" },
+                if images == 1 { "" } else { "s" }
+            )));
+        }
+        let ids = self.tokenizer.encode_chat(messages, true)?;
+        Ok(self.expand_images(&ids))
     }
 }

@@ -255,19 +255,7 @@ impl Vlm {
     /// assistant's turn opened, images expanded. Checks that the prompt has
     /// exactly `images` placeholders.
     pub fn chat_prompt(&self, user: &str, images: usize) -> Result<Vec<u32>> {
-        let found = user.matches(self.cfg.image_token.as_str()).count();
-        if found != images {
-            return Err(Error::Report(format!(
-                "the prompt has {found} {} placeholder{} for {images} image{}",
-                self.cfg.image_token,
-                if found == 1 { "" } else { "s" },
-                if images == 1 { "" } else { "s" }
-            )));
-        }
-        let ids = self
-            .tokenizer
-            .encode_chat(&[Message::new("user", user)], true)?;
-        Ok(self.expand_images(&ids))
+        self.render_ids(&[Message::new("user", user)], images)
     }
 
     /// The default captioning turn: the placeholder, a newline, the
