@@ -45,12 +45,33 @@ def clasp_steps(model, stage, tmp):
     if stage == 2:
         args += ["--stage", "2"]
     env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(args, check=True, capture_output=True, env=env)
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    rss = peak_rss(args, env)
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     # The first two steps warm the allocator and caches.
-    return statistics.median(8 / r["images_per_s"] for r in rows[2:]), max(rss, before) / 1024
+    return statistics.median(8 / r["images_per_s"] for r in rows[2:]), rss
+
+
+def peak_rss(args, env):
+    """Runs `args` and returns its own peak RSS (MiB): VmHWM of /proc/PID/status, polled until it
+    exits. getrusage(RUSAGE_CHILDREN) cannot serve: its maximum is over every child so far, and a
+    child started by (v)fork from this large process begins with the parent's resident pages."""
+    # stderr to a file, not a pipe: a full pipe would stall the run.
+    log = tempfile.TemporaryFile()
+    p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    peak = 0
+    while p.poll() is None:
+        try:
+            for line in open(f"/proc/{p.pid}/status"):
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+        time.sleep(0.05)
+    log.seek(0)
+    err = log.read().decode(errors="replace")
+    if p.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed: {err[-2000:]}")
+    return peak / 1024
 
 
 class Torch:
