@@ -105,32 +105,36 @@ pub(crate) fn strings(v: &Value, field: &str) -> Result<Vec<String>, ApiError> {
     }
 }
 
-/// An optional number field (absent or null: None).
+/// An optional field (absent or null: None) read by `read`; a value it
+/// cannot read is a 400 saying what was `expected`.
+fn optional<T>(
+    m: &serde_json::Map<String, Value>,
+    key: &str,
+    read: impl Fn(&Value) -> Option<T>,
+    expected: &str,
+) -> Result<Option<T>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => read(v)
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(key, expected)),
+    }
+}
+
+/// An optional number field.
 pub(crate) fn number(
     m: &serde_json::Map<String, Value>,
     key: &str,
 ) -> Result<Option<f64>, ApiError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| ApiError::bad(key, "expected a number")),
-    }
+    optional(m, key, Value::as_f64, "expected a number")
 }
 
-/// An optional non-negative integer field (absent or null: None).
+/// An optional non-negative integer field.
 pub(crate) fn count(
     m: &serde_json::Map<String, Value>,
     key: &str,
 ) -> Result<Option<u64>, ApiError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| ApiError::bad(key, "expected a non-negative integer")),
-    }
+    optional(m, key, Value::as_u64, "expected a non-negative integer")
 }
 
 pub(crate) fn check_items(st: &Shared, n: usize) -> Result<(), ApiError> {
