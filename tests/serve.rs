@@ -292,6 +292,11 @@ fn the_openapi_schema_accepts_exactly_what_the_server_accepts() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = server(&["--store", store.to_str().unwrap()]);
+    // Without --vlm the document lists no chat paths (they would 404).
+    let doc: Value = serde_json::from_str(&s.get("/openapi.json")).unwrap();
+    for p in ["/v1/chat/completions", "/v1/models"] {
+        assert!(doc["paths"].get(p).is_none(), "{p} listed but not served");
+    }
     let image = core().join("images/rgb.png");
     let r = common::python_client("openapi_check.py", &[&s.base, image.to_str().unwrap()]);
     let cases = r.as_array().unwrap();

@@ -430,10 +430,6 @@ pub async fn metrics(State(st): State<Shared>) -> Response {
     (h, st.metrics.render()).into_response()
 }
 
-pub async fn openapi() -> Response {
-    axum::Json(super::openapi::document()).into_response()
-}
-
 /// A known route with the wrong method: 405 in the same JSON error shape.
 pub async fn method_not_allowed() -> Response {
     ApiError::new(

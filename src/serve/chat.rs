@@ -55,8 +55,7 @@ pub fn router(state: ChatShared, standalone: bool) -> Router {
     if standalone {
         r = r
             .route("/health", get(health))
-            .route("/metrics", get(metrics))
-            .route("/openapi.json", get(super::api::openapi));
+            .route("/metrics", get(metrics));
     }
     r.with_state(state)
 }

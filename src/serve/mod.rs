@@ -59,7 +59,6 @@ pub fn router(state: api::Shared) -> Router {
         .route("/", get(page::page))
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
-        .route("/openapi.json", get(api::openapi))
         .with_state(state)
 }
 
@@ -94,6 +93,7 @@ pub async fn serve(
         app = app.merge(router(state.clone()));
         embedding = Some(state);
     }
+    let (embedding_served, chat_served) = (embedding.is_some(), chat.is_some());
     if let Some(c) = chat {
         let local_images = match c.local_images {
             Some(d) => Some(d.canonicalize().map_err(|e| Error::io(&d, e))?),
@@ -117,7 +117,10 @@ pub async fn serve(
             "nothing to serve: give an embedding model, a vision-language model, or both".into(),
         ));
     }
+    // The document lists only the paths this server answers.
+    let doc = axum::Json(openapi::document_for(embedding_served, chat_served));
     let app = app
+        .route("/openapi.json", get(move || async move { doc.clone() }))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         // Bodies are read (and limited) by the handlers themselves.

@@ -50,16 +50,53 @@ fn chat_request() -> Value {
         "clasp_retrieve": retrieve}})
 }
 
-/// `array` (an array schema) with at least `n` items.
-fn nonempty(array: &Value, n: usize) -> Value {
-    let mut a = array.clone();
-    a["minItems"] = json!(n);
-    a
+/// A list field as the server reads it (`body::strings`, `body::b64_images`):
+/// an array of `item`s with at least `min` of them, or, when one is enough,
+/// a single bare `item`.
+fn list(item: &Value, min: usize) -> Value {
+    let array = json!({"type": "array", "items": item, "minItems": min});
+    if min <= 1 {
+        json!({"oneOf": [item, array]})
+    } else {
+        array
+    }
 }
 
+/// The paths of the embedding side (`--model`) and of the chat side
+/// (`--vlm`).
+const EMBEDDING_PATHS: &[&str] = &[
+    "/v1/embeddings",
+    "/v1/similarity",
+    "/v1/classify",
+    "/v1/search",
+    "/v1/thumbnail",
+    "/",
+];
+const CHAT_PATHS: &[&str] = &["/v1/chat/completions", "/v1/models"];
+
+/// The document of a server that serves the embedding endpoints, the chat
+/// endpoints or both: it lists only the paths that answer.
+pub fn document_for(embedding: bool, chat: bool) -> Value {
+    let mut doc = document();
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for (served, list) in [(embedding, EMBEDDING_PATHS), (chat, CHAT_PATHS)] {
+            if !served {
+                for p in list {
+                    paths.remove(*p);
+                }
+            }
+        }
+    }
+    doc
+}
+
+/// Every path clasp can serve.
 pub fn document() -> Value {
-    let strings = json!({"type": "array", "items": {"type": "string"}});
-    let b64 = json!({"type": "array", "items": {"type": "string", "contentEncoding": "base64"}});
+    let text = json!({"type": "string"});
+    let image =
+        json!({"type": "string", "contentEncoding": "base64", "contentMediaType": "image/*"});
+    let strings = list(&text, 0);
+    let b64 = list(&image, 0);
     json!({
         "openapi": "3.1.0",
         "info": {"title": "clasp", "version": env!("CARGO_PKG_VERSION"),
@@ -69,10 +106,10 @@ pub fn document() -> Value {
                 "Embed texts and/or images (OpenAI embeddings shape; texts first, then images, each in input order). Also accepts multipart/form-data with `input` and `image` parts.",
                 json!({"type": "object",
                     "anyOf": [
-                        {"required": ["input"], "properties": {"input": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1}]}}},
-                        {"required": ["images"], "properties": {"images": {"type": "array", "minItems": 1}}}],
+                        {"required": ["input"], "properties": {"input": list(&text, 1)}},
+                        {"required": ["images"], "properties": {"images": list(&image, 1)}}],
                     "properties": {
-                    "input": {"oneOf": [{"type": "string"}, strings]},
+                    "input": strings,
                     "images": b64,
                     "model": {"type": ["string", "null"]},
                     "encoding_format": {"enum": ["float", "base64", null]},
@@ -87,7 +124,7 @@ pub fn document() -> Value {
             "/v1/similarity": post(
                 "logits_per_image (images x texts) as CLIPModel computes it, and softmax over texts",
                 json!({"type": "object", "required": ["images", "texts"], "properties": {
-                    "images": nonempty(&b64, 1), "texts": nonempty(&strings, 1)}}),
+                    "images": list(&image, 1), "texts": list(&text, 1)}}),
                 json!({"type": "object", "properties": {
                     "logits_per_image": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
                     "probs": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
@@ -95,16 +132,16 @@ pub fn document() -> Value {
             "/v1/classify": post(
                 "Zero-shot labels with CLIP's prompt ensemble. Each image and each label counts once against the server's item limit (a label's template prompts are not counted).",
                 json!({"type": "object", "required": ["images", "labels"], "properties": {
-                    "images": b64, "labels": nonempty(&strings, 2), "templates": nonempty(&strings, 1)}}),
+                    "images": b64, "labels": list(&text, 2), "templates": list(&text, 1)}}),
                 json!({"type": "object", "properties": {"data": {"type": "array", "items": {"type": "object", "properties": {
                     "index": {"type": "integer"}, "label": {"type": "string"}, "probability": {"type": "number"},
                     "scores": {"type": "object", "additionalProperties": {"type": "number"}}}}}}})),
             "/v1/search": post(
                 "Search the store: text or algebra (`\"a dog\" + 2:\"snow\" - night`) and/or an image",
                 json!({"type": "object",
-                    "anyOf": [{"required": ["query"]}, {"required": ["image"]}],
+                    "anyOf": [{"required": ["query"]}, {"required": ["image"], "properties": {"image": list(&image, 1)}}],
                     "properties": {
-                    "query": {"type": "string", "pattern": "\\S"}, "image": {"type": "string", "contentEncoding": "base64"},
+                    "query": {"type": "string", "pattern": "\\S"}, "image": b64,
                     "k": {"type": "integer", "minimum": 1, "maximum": 1000}, "dir": {"type": "string"}}}),
                 json!({"type": "object", "properties": {"data": {"type": "array", "items": {"type": "object", "properties": {
                     "path": {"type": "string"}, "score": {"type": "number"}, "caption": {"type": ["string", "null"]}}}}}})),
