@@ -583,8 +583,13 @@ impl Llama {
             .reshape((b, c.num_heads, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, c.num_heads * hd))?;
-        let mut o = vec![ops.linear(&blk.o, &y)?];
-        self.adapt(blk, 3, &y, &mut o)?;
+        self.out_proj(blk, &y, ops)
+    }
+
+    /// The attention's output projection, with its LoRA delta.
+    fn out_proj(&self, blk: &Block, y: &Tensor, ops: Ops) -> Result<Tensor> {
+        let mut o = vec![ops.linear(&blk.o, y)?];
+        self.adapt(blk, 3, y, &mut o)?;
         Ok(o.swap_remove(0))
     }
 
@@ -626,9 +631,7 @@ impl Llama {
             2,
         )?;
         let y = gk::attention(&packed, c.num_heads, gk::SoftmaxMask::Causal)?;
-        let mut o = vec![Ops::Autograd.linear(&blk.o, &y)?];
-        self.adapt(blk, 3, &y, &mut o)?;
-        Ok(o.swap_remove(0))
+        self.out_proj(blk, &y, Ops::Autograd)
     }
 
     /// Adds the LoRA deltas of the projections `first..first + ys.len()`

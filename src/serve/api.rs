@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::batcher::Item;
 use super::body::{
-    b64_images, check_items, count, images_to_items, parse_json, read_body, strings,
+    b64_images, check_items, count, images_to_items, optional, parse_json, read_body, strings,
 };
 use super::error::{guarded, ApiError};
 pub use super::state::{AppState, Limits, Shared};
@@ -100,14 +100,12 @@ async fn embedding_inputs(st: &Shared, req: Request) -> Result<EmbeddingInputs, 
         Some(v) => b64_images(v, "images")?,
         None => Vec::new(),
     };
-    if let Some(v) = m.get("model") {
-        if !(v.is_string() || v.is_null()) {
-            return Err(ApiError::bad(
-                "model",
-                "expected a string (the name is not used)",
-            ));
-        }
-    }
+    optional(
+        &m,
+        "model",
+        |v| v.as_str().map(|_| ()),
+        "expected a string (the name is not used)",
+    )?;
     let base64 = match m.get("encoding_format") {
         None | Some(Value::Null) => false,
         Some(f) => match f.as_str() {

@@ -107,7 +107,7 @@ pub(crate) fn strings(v: &Value, field: &str) -> Result<Vec<String>, ApiError> {
 
 /// An optional field (absent or null: None) read by `read`; a value it
 /// cannot read is a 400 saying what was `expected`.
-fn optional<T>(
+pub(crate) fn optional<T>(
     m: &serde_json::Map<String, Value>,
     key: &str,
     read: impl Fn(&Value) -> Option<T>,

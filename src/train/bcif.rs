@@ -21,7 +21,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::TrainConfig;
-use super::objectives::{Batch, Objective, ObjectiveEnv};
+use super::objectives::{Batch, ObjectiveEnv};
 use super::schedule::{self, Combined, Weight};
 use crate::rng::Rng;
 use crate::vlm::heads::{image_side, text_side};
@@ -180,15 +180,19 @@ impl Branch {
             bias: None,
             teacher: None,
         };
+        // Each part once: its value is logged, and the weighted sum (and the
+        // probe's unweighted one) are made from the same tensors.
         let mut parts = Vec::new();
+        let mut each = Vec::with_capacity(self.objective.parts.len());
         let mut unweighted: Option<Tensor> = None;
-        for (i, (_, o)) in self.objective.parts.iter().enumerate() {
-            let l = self.objective.only(i).loss(&batch)?;
+        for (_, o) in &self.objective.parts {
+            let l = o.loss(&batch)?;
             parts.push((o.name().to_string(), l.to_scalar::<f32>()? as f64));
             unweighted = Some(match unweighted {
-                None => l,
-                Some(u) => (u + l)?,
+                None => l.clone(),
+                Some(u) => (u + &l)?,
             });
+            each.push(l);
         }
         let at = self.objective.at(p);
         // A part at weight 0 (e.g. `lm,infonce:0`, to watch the conflict
@@ -200,7 +204,7 @@ impl Branch {
             None
         };
         Ok(Losses {
-            contrastive: at.loss(&batch)?,
+            contrastive: at.weigh(&batch, |i| Ok(each[i].clone()))?,
             parts,
             probe,
         })

@@ -163,12 +163,20 @@ impl Objective for AtProgress<'_> {
         "combined"
     }
     fn loss(&self, b: &Batch) -> Result<Tensor> {
+        self.weigh(b, |i| self.parts[i].1.loss(b))
+    }
+}
+
+impl AtProgress<'_> {
+    /// The weighted sum of the parts' losses, `part(i)` giving part i's
+    /// (asked only for parts whose weight is not 0).
+    pub fn weigh(&self, b: &Batch, part: impl Fn(usize) -> Result<Tensor>) -> Result<Tensor> {
         let mut total: Option<Tensor> = None;
-        for (w, (_, o)) in self.weights.iter().zip(self.parts) {
+        for (i, w) in self.weights.iter().enumerate() {
             if *w == 0.0 {
                 continue; // e.g. a second objective before a schedule lets it in
             }
-            let l = (o.loss(b)? * *w)?;
+            let l = (part(i)? * *w)?;
             total = Some(match total {
                 None => l,
                 Some(t) => (t + l)?,
