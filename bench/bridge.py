@@ -19,7 +19,12 @@ exp_infonce, exp_bcif, exp_bcif_geo. A row's source row is run first when needed
   contrastive and LM gradients on the connector every 5 steps.
 
 Every run is resumable: a run whose output holds a finished checkpoint is not repeated, an
-interrupted one continues (`clasp train --resume`). Work goes to bench/.work/bridge/.
+interrupted one continues (`clasp train --resume`). Work goes to bench/.work/bridge/ (ignored,
+and gone when the machine is). What each finished run measured is kept small and committed in
+bench/bridge_runs/NAME.json, so the table survives the work folder: it is always written from
+those records, a run with a record is not repeated, and `--table-only` needs no work folder.
+Rows with no records at all may carry an archived line (bench/bridge_runs/archive.json): the
+table line of runs whose per-seed records were lost, shown as it was and marked so.
 The vision tower is the best one clasp's training makes here: the tiny CLIP preset trained
 contrastively on Flickr8k train (bench/.work/bridge/vision, made first if missing).
 """
@@ -37,6 +42,7 @@ CLASP = os.environ.get("CLASP_BIN", os.path.join(ROOT, "target/release/clasp"))
 SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared"))
 DATA = "flickr8k:" + os.path.join(SHARED, "data/flickr8k")
 WORK = os.path.join(ROOT, "bench/.work/bridge")
+RECORDS = os.path.join(ROOT, "bench/bridge_runs")
 PROBE = ["--set", "conflict_every=5"]
 NOTES = "<!-- notes: kept by bench/bridge.py -->"
 RESAMPLER16 = ["--connector", "resampler", "--queries", "16"]
@@ -157,6 +163,54 @@ def fmt(vals, digits=3):
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
+def record_path(name):
+    return os.path.join(RECORDS, f"{name}.json")
+
+
+def load_record(name):
+    p = record_path(name)
+    return json.load(open(p)) if os.path.isfile(p) else None
+
+
+def save_record(name, rec):
+    """Atomic: a record is either whole or absent."""
+    os.makedirs(RECORDS, exist_ok=True)
+    tmp = record_path(name) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rec, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, record_path(name))
+
+
+def git_rev():
+    r = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                       text=True)
+    return r.stdout.strip() or None
+
+
+def measure(key, seed, steps, vision, a):
+    """Train and score one run, or return its committed record."""
+    name = f"{key}_{steps[key]}_s{seed}"
+    rec = load_record(name)
+    if rec is not None:
+        return rec
+    out = train(key, seed, steps, vision, a)
+    ev = evaluate(os.path.join(out, "checkpoint"), a.limit, name)
+    (t, cos), (m, pt, distinct) = run_stats(out), paired(name)
+    heads = ev.get("heads_retrieval")
+    rec = {
+        "row": key, "seed": seed, "steps": steps[key], "limit": a.limit,
+        "cider_d": ev["scores"]["cider_d"], "wrong_cider_d": ev["wrong_photos"]["cider_d"],
+        "bleu_4": ev["scores"]["bleu_4"], "rouge_l": ev["scores"]["rouge_l"],
+        "own_minus_wrong": m, "paired_t": pt, "distinct": distinct,
+        "heads_recall": heads["mean_recall"] if heads else None,
+        "cosine": None if cos != cos else cos, "step_time_s": None if t != t else t,
+        "cpu_flags": cpu_flags(), "clasp_rev": git_rev(),
+    }
+    save_record(name, rec)
+    return rec
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0")
@@ -175,27 +229,42 @@ def main():
     kinds = {"mlp": a.steps_mlp, "resampler": a.steps_resampler, "stage2": a.steps_stage2,
              "prealign": a.steps_prealign}
     steps = {k: kinds[v[2]] for k, v in ROWS.items()}
-    vision, recall = vision_tower(a.vision_steps)
+    vrec = load_record(f"vision_{a.vision_steps}")
+    vision = None
+    if vrec is None or not a.table_only:
+        vision, recall = vision_tower(a.vision_steps)
+        if vrec is None:
+            vrec = {"steps": a.vision_steps, "mean_recall": recall["mean_recall"]}
+            save_record(f"vision_{a.vision_steps}", vrec)
+    archive = json.load(open(os.path.join(RECORDS, "archive.json"))) if os.path.isfile(
+        os.path.join(RECORDS, "archive.json")) else {}
     table = []
     first = None
     for key in a.rows.split(","):
         runs = []
         for s in seeds:
             name = f"{key}_{steps[key]}_s{s}"
-            if a.table_only and not os.path.isfile(os.path.join(WORK, f"eval_{name}.json")):
+            if a.table_only and load_record(name) is None:
                 continue
-            out = train(key, s, steps, vision, a)
-            ev = evaluate(os.path.join(out, "checkpoint"), a.limit, name)
-            runs.append((ev, run_stats(out), paired(name), s))
-            first = first or os.path.join(out, "checkpoint")
-        if runs:
+            runs.append(measure(key, s, steps, vision, a))
+            first = first or os.path.join(run_dir(key, steps[key], s), "checkpoint")
+        if runs or key in archive:
             table.append((key, runs))
-    prior = evaluate(first, a.limit, f"prior_{a.limit}", no_image=True)
+    prior = load_record(f"prior_{a.limit}")
+    if prior is None:
+        ev = evaluate(first, a.limit, f"prior_{a.limit}", no_image=True)
+        prior = {"cider_d": ev["scores"]["cider_d"], "wrong_cider_d": ev["wrong_photos"]["cider_d"],
+                 "bleu_4": ev["scores"]["bleu_4"], "rouge_l": ev["scores"]["rouge_l"],
+                 "distinct": len({c["caption"] for c in ev["captions"]})}
+        save_record(f"prior_{a.limit}", prior)
+    recall = vrec
     lines = [
         "# The bridge: vision-language models trained by clasp",
         "",
-        "Made by `python3 bench/bridge.py " + " ".join(sys.argv[1:]) + "` on this machine "
-        f"(CPU flags: {cpu_flags()}).",
+        "Made by `python3 bench/bridge.py " + " ".join(sys.argv[1:]) + "`. The runs' CPU flags "
+        "(each record keeps its own): "
+        + "; ".join(sorted({r["cpu_flags"] for _, runs in table for r in runs} or {cpu_flags()}))
+        + ".",
         "",
         f"- Vision tower: the tiny CLIP preset trained by `clasp train` on Flickr8k train for "
         f"{a.vision_steps} steps at batch 32; its own dev mean recall is "
@@ -218,22 +287,28 @@ def main():
         "| row | seeds | CIDEr-D | CIDEr-D, wrong photos | own − wrong (paired t) | distinct captions "
         "| BLEU-4 | ROUGE-L | heads' recall | cosine | step time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| the LLM alone, no image (the prior) | — | {prior['scores']['cider_d']:.3f} | "
-        f"{prior['wrong_photos']['cider_d']:.3f} | — | 1 | {prior['scores']['bleu_4']:.3f} | "
-        f"{prior['scores']['rouge_l']:.3f} | — | — | — |",
+        f"| the LLM alone, no image (the prior) | — | {prior['cider_d']:.3f} | "
+        f"{prior['wrong_cider_d']:.3f} | — | {prior['distinct']} | {prior['bleu_4']:.3f} | "
+        f"{prior['rouge_l']:.3f} | — | — | — |",
     ]
     for key, runs in table:
-        heads = [r[0]["heads_retrieval"]["mean_recall"] for r in runs
-                 if r[0].get("heads_retrieval")]
+        if not runs:
+            lines.append(archive[key])
+            continue
+
+        def col(field, digits=3):
+            return fmt([r[field] if r[field] is not None else float("nan") for r in runs], digits)
+
         lines.append(
-            f"| {ROWS[key][0]} | {','.join(str(r[3]) for r in runs)} | {fmt([r[0]['scores']['cider_d'] for r in runs])} | "
-            f"{fmt([r[0]['wrong_photos']['cider_d'] for r in runs])} | "
-            f"{fmt([r[2][0] for r in runs])} ({', '.join('%.2f' % r[2][1] for r in runs)}) | "
-            f"{', '.join(str(r[2][2]) for r in runs)} of {a.limit} | "
-            f"{fmt([r[0]['scores']['bleu_4'] for r in runs])} | "
-            f"{fmt([r[0]['scores']['rouge_l'] for r in runs])} | "
-            f"{fmt(heads, 4)} | {fmt([r[1][1] for r in runs])} | "
-            f"{fmt([r[1][0] for r in runs], 2)} |")
+            f"| {ROWS[key][0]} | {','.join(str(r['seed']) for r in runs)} | {col('cider_d')} | "
+            f"{col('wrong_cider_d')} | "
+            f"{col('own_minus_wrong')} ({', '.join('%.2f' % r['paired_t'] for r in runs)}) | "
+            f"{', '.join(str(r['distinct']) for r in runs)} of {a.limit} | "
+            f"{col('bleu_4')} | {col('rouge_l')} | {col('heads_recall', 4)} | {col('cosine')} | "
+            f"{col('step_time_s', 2)} |")
+    if any(not runs for _, runs in table):
+        lines += ["", "Rows marked *(archived)* are the table lines of runs whose per-seed records "
+                  "were lost with an earlier machine's work folder; they are shown as they were."]
     # Hand-written notes under the marker survive a rerun.
     md = os.path.join(ROOT, "bench/bridge.md")
     old = open(md).read() if os.path.isfile(md) else ""
