@@ -168,7 +168,7 @@ fn indexing_bench(model: &str, n: usize, rounds: usize) {
         let store = dir.path().join(format!("s{round}.sqlite"));
         let mut cat = Catalog::open(&store).unwrap();
         let t = Instant::now();
-        let id = index::model_id(&cat, &enc, model).unwrap();
+        let id = index::model_id(&mut cat, &enc, model).unwrap();
         let s = index::index(
             &mut cat,
             &enc,

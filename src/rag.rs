@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::index::query::{self, Term, TermKind};
-use crate::index::{search, Catalog, VectorSearch};
+use crate::index::{search, Store, VectorSearch};
 use crate::preprocess::image::load_image;
 use crate::vlm::{Part, Turn, Vlm};
 use crate::{Encoder, Error, Result};
@@ -45,7 +45,7 @@ pub struct RagQuery {
 /// Retrieves the `k` best photos for the question (and image), best first.
 pub fn retrieve(
     encoder: &Encoder,
-    catalog: &Catalog,
+    catalog: &mut dyn Store,
     engine: &dyn VectorSearch,
     q: &RagQuery,
 ) -> Result<Vec<Source>> {

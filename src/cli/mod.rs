@@ -8,6 +8,7 @@ mod mine;
 mod output;
 mod search;
 mod serve;
+mod store;
 mod train;
 mod vlm;
 
@@ -85,6 +86,9 @@ pub enum Command {
     MergeLora(vlm::MergeLoraArgs),
     /// Answer a question from an indexed photo collection with a vision-language model (RAG).
     Ask(vlm::AskArgs),
+    /// Copy a store into another (SQLite and PostgreSQL either way), or check one.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +161,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Chat(a) => vlm::chat_cmd(a),
         Command::MergeLora(a) => vlm::merge_lora_cmd(a),
         Command::Ask(a) => vlm::ask_cmd(a),
+        Command::Store(c) => store::run(c),
     }
 }
 

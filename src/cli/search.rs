@@ -8,21 +8,51 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{device, BarProgress, DeviceArg};
-use clasp::index::{self, engine, query, search, Catalog, IndexOptions, Summary};
+use clasp::index::{
+    self, query, search, store, Catalog, ConnectOptions, IndexOptions, Store, Summary,
+};
 use clasp::preprocess::prompts;
 use clasp::Encoder;
 
 #[derive(Args, Debug)]
 pub struct StoreArgs {
-    /// The store (SQLite) [default: $CLASP_STORE, else the platform data dir].
+    /// The store: a SQLite file, or a PostgreSQL URL (postgres://USER@HOST:PORT/DB; the password
+    /// from the URL, PGPASSWORD or ~/.pgpass) [default: $CLASP_STORE, else the platform data dir].
     #[arg(long)]
-    pub store: Option<PathBuf>,
+    pub store: Option<String>,
+    /// A PostgreSQL read replica to send searches to (repeatable); writes go to --store. One
+    /// that does not answer is skipped with a warning.
+    #[arg(long = "replica", value_name = "URL")]
+    pub replicas: Vec<String>,
+    /// Seconds before connecting to or querying a PostgreSQL store gives up.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
     /// Images or texts per model batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Where the model runs (cuda needs a build with the `cuda` feature).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
+}
+
+impl StoreArgs {
+    /// The store's name: --store, $CLASP_STORE, or the default SQLite file.
+    pub fn spec(&self) -> String {
+        self.store
+            .clone()
+            .or_else(|| std::env::var("CLASP_STORE").ok())
+            .unwrap_or_else(|| Catalog::default_path().display().to_string())
+    }
+
+    pub fn connect_options(&self) -> Result<ConnectOptions> {
+        if !(self.timeout > 0.0 && self.timeout.is_finite()) {
+            bail!("--timeout must be a positive number of seconds");
+        }
+        Ok(ConnectOptions {
+            timeout: std::time::Duration::from_secs_f64(self.timeout),
+            replicas: self.replicas.clone(),
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -72,9 +102,13 @@ pub struct SearchArgs {
     /// Also search captions (sidecar .txt, EXIF description, file names) with BM25, fused by RRF.
     #[arg(long)]
     pub hybrid: bool,
-    /// Use the HNSW index from this many stored vectors on.
+    /// Use the HNSW index from this many stored vectors on (a larger number than the store
+    /// holds searches exactly).
     #[arg(long, default_value_t = index::ANN_THRESHOLD)]
     pub ann_threshold: usize,
+    /// HNSW's candidate list at query time (usearch's expansion, pgvector's hnsw.ef_search).
+    #[arg(long)]
+    pub ef_search: Option<usize>,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -104,13 +138,8 @@ pub struct ClassifyArgs {
 
 /// The store: created when `create` (indexing comes first), else it must
 /// exist.
-pub(super) fn open_store(a: &StoreArgs, create: bool) -> Result<Catalog> {
-    let p = a.store.clone().unwrap_or_else(Catalog::default_path);
-    Ok(if create {
-        Catalog::open(&p)?
-    } else {
-        Catalog::open_existing(&p)?
-    })
+pub(super) fn open_store(a: &StoreArgs, create: bool) -> Result<Box<dyn Store>> {
+    Ok(store::open(&a.spec(), create, &a.connect_options()?)?)
 }
 
 /// The model named by `--model` or `CLASP_MODEL`, if either is set.
@@ -118,7 +147,7 @@ fn given_model(arg: &Option<String>) -> Option<String> {
     arg.clone().or_else(|| std::env::var("CLASP_MODEL").ok())
 }
 
-pub(super) fn model_spec(arg: &Option<String>, catalog: &Catalog) -> Result<String> {
+pub(super) fn model_spec(arg: &Option<String>, catalog: &mut dyn Store) -> Result<String> {
     if let Some(m) = given_model(arg) {
         return Ok(m);
     }
@@ -128,14 +157,14 @@ pub(super) fn model_spec(arg: &Option<String>, catalog: &Catalog) -> Result<Stri
             if m.starts_with('/') && !Path::new(&m).is_dir() {
                 bail!(
                     "the store {} was indexed with the model {m}, which is no longer there; pass --model",
-                    catalog.path().display()
+                    catalog.describe()
                 );
             }
             Ok(m)
         }
         None => bail!(
             "no model given and the store {} has none yet; pass --model DIR_OR_HUB_ID",
-            catalog.path().display()
+            catalog.describe()
         ),
     }
 }
@@ -183,7 +212,7 @@ fn note_changes(s: &Summary) {
 }
 
 fn run_index(
-    catalog: &mut Catalog,
+    catalog: &mut dyn Store,
     encoder: &Encoder,
     model_id: i64,
     dirs: &[PathBuf],
@@ -202,9 +231,9 @@ pub fn index_cmd(a: IndexArgs) -> Result<ExitCode> {
     // The model first: a wrong one must not leave a new, empty store behind.
     let encoder = Encoder::load(&a.model, &device(a.store.device)?)?;
     let mut catalog = open_store(&a.store, true)?;
-    let model_id = index::model_id(&catalog, &encoder, &a.model)?;
+    let model_id = index::model_id(catalog.as_mut(), &encoder, &a.model)?;
     let s = run_index(
-        &mut catalog,
+        catalog.as_mut(),
         &encoder,
         model_id,
         &a.dirs,
@@ -217,11 +246,11 @@ pub fn index_cmd(a: IndexArgs) -> Result<ExitCode> {
         if !problems.is_empty() {
             bail!(
                 "store {} is inconsistent: {}",
-                catalog.path().display(),
+                catalog.describe(),
                 problems.join("; ")
             );
         }
-        note!("store {} checked: consistent", catalog.path().display());
+        note!("store {} checked: consistent", catalog.describe());
     }
     Ok(if s.failed.is_empty() && s.skipped.is_empty() {
         ExitCode::SUCCESS
@@ -245,7 +274,7 @@ fn open_and_index(
     model: &Option<String>,
     dir: &Path,
     no_index: bool,
-) -> Result<(Catalog, Encoder, i64)> {
+) -> Result<(Box<dyn Store>, Encoder, i64)> {
     // A given model loads before the store is opened (and perhaps created),
     // so a wrong one leaves nothing behind; otherwise the store names it.
     let (mut catalog, spec, encoder) = match given_model(model) {
@@ -254,19 +283,25 @@ fn open_and_index(
             (open_store(store, !no_index)?, spec, encoder)
         }
         None => {
-            let catalog = open_store(store, false).map_err(|e| {
-                anyhow::anyhow!("no model given, and no store to take one from ({e}); pass --model DIR_OR_HUB_ID")
+            // A missing SQLite file says how to go on; a server that cannot
+            // be reached says so plainly.
+            let mut catalog = open_store(store, false).map_err(|e| {
+                if store::is_postgres(&store.spec()) {
+                    e
+                } else {
+                    anyhow::anyhow!("no model given, and no store to take one from ({e}); pass --model DIR_OR_HUB_ID")
+                }
             })?;
-            let spec = model_spec(model, &catalog)?;
+            let spec = model_spec(model, catalog.as_mut())?;
             let encoder = Encoder::load(&spec, &device(store.device)?)?;
             (catalog, spec, encoder)
         }
     };
-    let model_id = index::model_id(&catalog, &encoder, &spec)?;
+    let model_id = index::model_id(catalog.as_mut(), &encoder, &spec)?;
     if !no_index {
         let dirs = [dir.to_path_buf()];
         let s = run_index(
-            &mut catalog,
+            catalog.as_mut(),
             &encoder,
             model_id,
             &dirs,
@@ -285,10 +320,13 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
     // The query parses before a model loads or a folder is indexed.
     let terms = query::parse(&a.query)?;
     let dir = search_dir(&a.dir)?;
-    let (catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &dir, a.no_index)?;
+    let (mut catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &dir, a.no_index)?;
     let dirs = vec![index::indexer::canonical_prefix(&dir)?];
     let q = query::embed(&encoder, &terms)?;
-    let engine = engine::open_engine(&catalog, model_id, a.ann_threshold)?;
+    let engine = catalog.engine(model_id, a.ann_threshold)?;
+    if let Some(ef) = a.ef_search {
+        engine.set_ef_search(ef);
+    }
     tracing::info!(engine = engine.name(), vectors = engine.len(), "searching");
     let hits = if a.hybrid {
         let text: Vec<String> = terms
@@ -299,9 +337,16 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
                 query::TermKind::Image(_) => None,
             })
             .collect();
-        search::hybrid_search(engine.as_ref(), &catalog, &q, &text.join(" "), a.k, &dirs)?
+        search::hybrid_search(
+            engine.as_ref(),
+            catalog.as_mut(),
+            &q,
+            &text.join(" "),
+            a.k,
+            &dirs,
+        )?
     } else {
-        search::vector_search(engine.as_ref(), &catalog, &q, a.k, &dirs)?
+        search::vector_search(engine.as_ref(), catalog.as_mut(), &q, a.k, &dirs)?
     };
     if hits.is_empty() {
         note!("no results: no indexed images under {}", dir.display());
@@ -347,7 +392,7 @@ pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let (catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &a.dir, a.no_index)?;
+    let (mut catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &a.dir, a.no_index)?;
     let templates = custom.unwrap_or_else(|| {
         prompts::default_templates(matches!(
             encoder.config(),
@@ -355,8 +400,15 @@ pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
         ))
     });
     let dirs = vec![index::indexer::canonical_prefix(&a.dir)?];
-    let snap = engine::Snapshot::open(&catalog, model_id)?;
-    let out = search::classify(&encoder, &snap, &catalog, &labels, &templates, &dirs)?;
+    let vectors = catalog.model_vectors(model_id)?;
+    let out = search::classify(
+        &encoder,
+        vectors.iter().map(|(h, v)| (*h, v.as_slice())),
+        catalog.as_mut(),
+        &labels,
+        &templates,
+        &dirs,
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {

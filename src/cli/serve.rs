@@ -10,7 +10,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::{device, DeviceArg};
-use clasp::serve::{self, BatchConfig, ChatConfig, GenConfig, Limits, ServeConfig};
+use clasp::serve::{self, BatchConfig, ChatConfig, GenConfig, Limits, ServeConfig, StoreSpec};
 use clasp::vlm::Vlm;
 use clasp::Encoder;
 
@@ -29,9 +29,12 @@ pub struct ServeArgs {
     /// under this folder; without it only data URLs are read.
     #[arg(long, value_name = "DIR", requires = "vlm")]
     pub allow_local_images: Option<PathBuf>,
-    /// A store built by `clasp index` (enables /v1/search).
+    /// A store built by `clasp index` (enables /v1/search): a SQLite file or a PostgreSQL URL.
     #[arg(long)]
-    pub store: Option<PathBuf>,
+    pub store: Option<String>,
+    /// A PostgreSQL read replica for searches (repeatable).
+    #[arg(long = "replica", value_name = "URL", requires = "store")]
+    pub replicas: Vec<String>,
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
     /// Largest model batch (embeddings: items per batch; chat: sequences
@@ -71,10 +74,17 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         .as_deref()
         .map(|m| Encoder::load(m, &dev))
         .transpose()?;
-    let store_model = match (&a.store, &encoder, &a.model) {
-        (Some(p), Some(encoder), Some(name)) => {
-            let catalog = clasp::index::Catalog::open_existing(p)?;
-            Some(clasp::index::model_id(&catalog, encoder, name)?)
+    let store = a.store.as_ref().map(|spec| StoreSpec {
+        spec: spec.clone(),
+        options: clasp::index::ConnectOptions {
+            timeout: Duration::from_millis(a.timeout_ms.max(1)),
+            replicas: a.replicas.clone(),
+        },
+    });
+    let store_model = match (&store, &encoder, &a.model) {
+        (Some(s), Some(encoder), Some(name)) => {
+            let mut catalog = clasp::index::store::open(&s.spec, false, &s.options)?;
+            Some(clasp::index::model_id(catalog.as_mut(), encoder, name)?)
         }
         (Some(_), None, _) => anyhow::bail!("--store needs an embedding model (--model)"),
         _ => None,
@@ -107,7 +117,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
             max_pixels: a.max_pixels,
             request_timeout: Duration::from_millis(a.timeout_ms),
         },
-        store: a.store.clone(),
+        store,
         store_model,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -305,15 +305,15 @@ pub fn ask_cmd(a: AskArgs) -> Result<ExitCode> {
     if a.k == 0 {
         bail!("-k must be at least 1");
     }
-    let catalog = super::search::open_store(&a.store, false)?;
-    let spec = super::search::model_spec(&a.model, &catalog)?;
+    let mut catalog = super::search::open_store(&a.store, false)?;
+    let spec = super::search::model_spec(&a.model, catalog.as_mut())?;
     let encoder = clasp::Encoder::load(&spec, &super::device(a.store.device)?)?;
-    let model_id = clasp::index::model_id(&catalog, &encoder, &spec)?;
-    let engine = clasp::index::open_engine(&catalog, model_id, clasp::index::ANN_THRESHOLD)?;
+    let model_id = clasp::index::model_id(catalog.as_mut(), &encoder, &spec)?;
+    let engine = catalog.engine(model_id, clasp::index::ANN_THRESHOLD)?;
     if engine.is_empty() {
         bail!(
             "the store {} has no photos for {spec}; run `clasp index DIR -m {spec}` first",
-            catalog.path().display()
+            catalog.describe()
         );
     }
     let q = rag::RagQuery {
@@ -322,7 +322,7 @@ pub fn ask_cmd(a: AskArgs) -> Result<ExitCode> {
         k: a.k,
         hybrid: a.hybrid,
     };
-    let sources = rag::retrieve(&encoder, &catalog, engine.as_ref(), &q)?;
+    let sources = rag::retrieve(&encoder, catalog.as_mut(), engine.as_ref(), &q)?;
     let vlm = load(&a.vlm)?;
     let (turn, skipped) = rag::conversation(&vlm, &a.question, a.image.as_deref(), &sources)?;
     for (s, e) in &skipped {

@@ -193,6 +193,37 @@ impl Catalog {
             .map_err(|e| self.err(e))
     }
 
+    /// Every model the store holds, by id.
+    pub fn models(&self) -> Result<Vec<super::store::ModelRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, key, spec, dim FROM models ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, key, spec, dim)| {
+                Some(super::store::ModelRow {
+                    id,
+                    key: hash_of(Some(key))?,
+                    spec,
+                    dim: dim as usize,
+                })
+            })
+            .collect())
+    }
+
     /// The most recently used model's spec, for searches without `--model`.
     pub fn last_model_spec(&self) -> Result<Option<String>> {
         self.conn

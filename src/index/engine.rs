@@ -37,6 +37,8 @@ pub trait VectorSearch: Send + Sync {
         self.len() == 0
     }
     fn name(&self) -> &'static str;
+    /// HNSW's candidate list size at query time; exact engines ignore it.
+    fn set_ef_search(&self, _ef: usize) {}
 }
 
 const MAGIC: &[u8; 8] = b"CLASPVEC";
@@ -395,6 +397,9 @@ impl VectorSearch for AnnIndex {
     }
     fn name(&self) -> &'static str {
         "hnsw"
+    }
+    fn set_ef_search(&self, ef: usize) {
+        self.set_expansion(ef);
     }
 }
 

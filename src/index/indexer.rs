@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::catalog::{Catalog, FileRow, Hash};
+use super::catalog::{FileRow, Hash};
+use super::store::Store;
 use super::walk::{self, Found, Skipped};
 use crate::preprocess::image::decode_image;
 use crate::progress::Progress;
@@ -67,9 +68,9 @@ fn row_of(p: &Pending) -> FileRow {
     }
 }
 
-/// Indexes `roots` for the model `model_id` (see [`Catalog::model_id`]).
+/// Indexes `roots` for the model `model_id` (see [`super::model_id`]).
 pub fn index(
-    catalog: &mut Catalog,
+    catalog: &mut dyn Store,
     encoder: &Encoder,
     model_id: i64,
     roots: &[PathBuf],
@@ -256,7 +257,7 @@ pub fn index(
     fresh.sort_by(|a, b| a.0.found.path.cmp(&b.0.found.path));
     let mut todo: Vec<Pending> = fresh.into_iter().map(|(p, _)| p).collect();
     todo.extend(reembed_unchanged);
-    embed_pending(
+    embed_claimed(
         catalog,
         encoder,
         model_id,
@@ -269,8 +270,15 @@ pub fn index(
     Ok(summary)
 }
 
-fn embed_pending(
-    catalog: &mut Catalog,
+/// Content claimed per round: few enough that a second writer waiting on
+/// it waits little, enough to keep the encoder's batches full.
+const CLAIM_CHUNK: usize = 256;
+
+/// Embeds `todo` a chunk at a time, each chunk's content claimed first
+/// ([`Store::claim`]): content another writer holds is left for the end,
+/// then waited for, and embedded only if that writer did not.
+fn embed_claimed(
+    store: &mut dyn Store,
     encoder: &Encoder,
     model_id: i64,
     todo: Vec<Pending>,
@@ -282,6 +290,80 @@ fn embed_pending(
         return Ok(());
     }
     progress.start("indexing", todo.len() as u64);
+    let mut deferred: Vec<Pending> = Vec::new();
+    let mut rest = todo.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk: Vec<Pending> = rest.by_ref().take(CLAIM_CHUNK).collect();
+        let hashes: Vec<Hash> = chunk.iter().map(|p| p.hash.unwrap()).collect();
+        let claimed = store.claim(&hashes)?;
+        let (mine, theirs): (Vec<_>, Vec<_>) = chunk.into_iter().zip(claimed).partition(|x| x.1);
+        deferred.extend(theirs.into_iter().map(|x| x.0));
+        let mine = mine.into_iter().map(|x| x.0).collect();
+        let mine = record_done(store, model_id, mine, progress, summary)?;
+        embed_pending(
+            store, encoder, model_id, mine, batch_size, progress, summary,
+        )?;
+        store.release_claims()?;
+    }
+    let mut rest = deferred.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk: Vec<Pending> = rest.by_ref().take(CLAIM_CHUNK).collect();
+        for p in &chunk {
+            store.claim_wait(p.hash.as_ref().unwrap())?;
+        }
+        let mine = record_done(store, model_id, chunk, progress, summary)?;
+        embed_pending(
+            store, encoder, model_id, mine, batch_size, progress, summary,
+        )?;
+        store.release_claims()?;
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// Records the files whose content has a vector by now (another writer
+/// embedded it) and returns the others.
+fn record_done(
+    store: &mut dyn Store,
+    model_id: i64,
+    chunk: Vec<Pending>,
+    progress: &dyn Progress,
+    summary: &mut Summary,
+) -> Result<Vec<Pending>> {
+    let hashes: Vec<Hash> = chunk.iter().map(|p| p.hash.unwrap()).collect();
+    let have = store.has_vectors(model_id, &hashes)?;
+    let (done, todo): (Vec<_>, Vec<_>) = chunk.into_iter().zip(have).partition(|x| x.1);
+    if !done.is_empty() {
+        store.write(|w| {
+            for (p, _) in &done {
+                w.upsert_file(&row_of(p))?;
+            }
+            Ok(())
+        })?;
+        for (p, _) in &done {
+            if p.existed {
+                summary.updated += 1;
+            } else {
+                summary.added += 1;
+            }
+        }
+        progress.inc(done.len() as u64);
+    }
+    Ok(todo.into_iter().map(|x| x.0).collect())
+}
+
+fn embed_pending(
+    catalog: &mut dyn Store,
+    encoder: &Encoder,
+    model_id: i64,
+    todo: Vec<Pending>,
+    batch_size: usize,
+    progress: &dyn Progress,
+    summary: &mut Summary,
+) -> Result<()> {
+    if todo.is_empty() {
+        return Ok(());
+    }
     let proc = encoder.image_processor();
     let mut seen: HashSet<Hash> = HashSet::new();
     // Decoding runs one batch ahead of the encoder on a worker thread.
@@ -350,7 +432,6 @@ fn embed_pending(
             Ok(true)
         },
     )?;
-    progress.finish();
     Ok(())
 }
 

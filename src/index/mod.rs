@@ -1,13 +1,16 @@
 //! Image search over folders: an incremental, crash-safe catalog of files and
-//! vectors (SQLite), exact and HNSW search engines, rclip-style query algebra,
+//! vectors (embedded SQLite, or PostgreSQL with pgvector, behind
+//! [`store::Store`]), exact and HNSW search engines, rclip-style query algebra,
 //! hybrid BM25 + vector retrieval, and zero-shot classification of stored
 //! images.
 
 pub mod catalog;
 pub mod engine;
 pub mod indexer;
+pub mod postgres;
 pub mod query;
 pub mod search;
+pub mod store;
 pub mod walk;
 
 use std::path::Path;
@@ -15,6 +18,7 @@ use std::path::Path;
 pub use catalog::Catalog;
 pub use engine::{open_engine, VectorSearch};
 pub use indexer::{index, IndexOptions, Summary};
+pub use store::{ConnectOptions, Store};
 
 use crate::{Encoder, Result};
 
@@ -24,7 +28,7 @@ pub const ANN_THRESHOLD: usize = 50_000;
 /// The model's id in the catalog, registering it if new. Its content hash is
 /// remembered against the weights file's size and mtime, so it is computed
 /// once per model file.
-pub fn model_id(catalog: &Catalog, encoder: &Encoder, spec: &str) -> Result<i64> {
+pub fn model_id(catalog: &mut dyn Store, encoder: &Encoder, spec: &str) -> Result<i64> {
     let w: &Path = &encoder.files().weights;
     let meta = std::fs::metadata(w).map_err(|e| crate::Error::io(w, e))?;
     let (size, mtime) = (meta.len(), walk::mtime_ns(&meta));

@@ -6,8 +6,9 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use super::catalog::{under, Catalog, FileRow, Hash};
-use super::engine::{Snapshot, VectorSearch};
+use super::catalog::{under, FileRow, Hash};
+use super::engine::VectorSearch;
+use super::store::Store;
 use crate::{Encoder, Result};
 
 /// The RRF constant of Cormack et al. (2009), as the seeds specify.
@@ -20,7 +21,10 @@ pub struct Hit {
 }
 
 /// Embeddable files under `dirs` (all when empty), grouped by content hash.
-pub fn files_by_hash(catalog: &Catalog, dirs: &[String]) -> Result<HashMap<Hash, Vec<FileRow>>> {
+pub fn files_by_hash(
+    catalog: &mut dyn Store,
+    dirs: &[String],
+) -> Result<HashMap<Hash, Vec<FileRow>>> {
     let mut m: HashMap<Hash, Vec<FileRow>> = HashMap::new();
     for f in catalog.files_under(dirs)? {
         if let (None, Some(h)) = (&f.error, f.hash) {
@@ -34,7 +38,7 @@ pub fn files_by_hash(catalog: &Catalog, dirs: &[String]) -> Result<HashMap<Hash,
 /// identical content share a score; each is listed.
 pub fn vector_search(
     engine: &dyn VectorSearch,
-    catalog: &Catalog,
+    catalog: &mut dyn Store,
     query: &[f32],
     k: usize,
     dirs: &[String],
@@ -101,7 +105,7 @@ pub fn rrf(lists: &[Vec<String>], k: usize) -> Vec<Hit> {
 /// files, EXIF descriptions, file names) by RRF.
 pub fn hybrid_search(
     engine: &dyn VectorSearch,
-    catalog: &Catalog,
+    catalog: &mut dyn Store,
     query: &[f32],
     text: &str,
     k: usize,
@@ -130,11 +134,12 @@ pub struct Label {
     pub probability: f64,
 }
 
-/// Zero-shot labels for every stored image under `dirs`.
-pub fn classify(
+/// Zero-shot labels for every stored image under `dirs`, given the model's
+/// stored vectors as (content hash, vector).
+pub fn classify<'v>(
     encoder: &Encoder,
-    snap: &Snapshot,
-    catalog: &Catalog,
+    vectors: impl IntoIterator<Item = (Hash, &'v [f32])>,
+    catalog: &mut dyn Store,
     labels: &[String],
     templates: &[String],
     dirs: &[String],
@@ -142,11 +147,11 @@ pub fn classify(
     let classes = encoder.prompt_ensemble(labels, templates, 64)?;
     let by_hash = files_by_hash(catalog, dirs)?;
     let mut out = Vec::new();
-    for r in 0..snap.n {
-        let Some(files) = by_hash.get(&snap.hash(r)) else {
+    for (h, v) in vectors {
+        let Some(files) = by_hash.get(&h) else {
             continue;
         };
-        let (best, p) = crate::preprocess::prompts::class_probabilities(snap.row(r), &classes);
+        let (best, p) = crate::preprocess::prompts::class_probabilities(v, &classes);
         for f in files {
             out.push(Label {
                 path: f.path.clone(),

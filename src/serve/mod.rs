@@ -26,6 +26,7 @@ use axum::Router;
 pub use api::Limits;
 pub use batcher::{BatchConfig, Batcher};
 pub use generation::{GenConfig, GenEngine};
+pub use state::StoreSpec;
 
 use crate::vlm::Vlm;
 use crate::{Encoder, Error, Result};
@@ -35,7 +36,7 @@ pub struct ServeConfig {
     pub model_name: String,
     pub batch: BatchConfig,
     pub limits: Limits,
-    pub store: Option<PathBuf>,
+    pub store: Option<state::StoreSpec>,
     pub store_model: Option<i64>,
 }
 

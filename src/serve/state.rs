@@ -1,13 +1,12 @@
 //! What every handler shares: the model, the batcher, the metrics and the limits.
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::batcher::Batcher;
 use super::metrics::Metrics;
-use crate::index::engine::{self, VectorSearch};
-use crate::index::{Catalog, ANN_THRESHOLD};
+use crate::index::engine::VectorSearch;
+use crate::index::{store, ConnectOptions, Store, ANN_THRESHOLD};
 use crate::{Encoder, Result};
 
 #[derive(Clone, Debug)]
@@ -24,7 +23,7 @@ pub struct AppState {
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
-    pub store: Option<PathBuf>,
+    pub store: Option<StoreSpec>,
     pub store_model: Option<i64>,
     /// The store's catalog and engine, shared by searches.
     pub search: SearchCache,
@@ -39,40 +38,51 @@ pub struct AppState {
 pub struct SearchCache(Mutex<Option<SearchState>>);
 
 struct SearchState {
-    catalog: Catalog,
+    catalog: Box<dyn Store>,
     engine: Box<dyn VectorSearch>,
     generation: i64,
 }
 
 impl SearchCache {
     /// Runs `f` with the current catalog and engine of `store`. Searches
-    /// take turns on the one SQLite connection.
+    /// take turns on the one store connection. Call it from blocking code
+    /// (a PostgreSQL store's client blocks).
     pub fn with<R>(
         &self,
-        store: &Path,
+        store: &StoreSpec,
         model: i64,
-        f: impl FnOnce(&Catalog, &dyn VectorSearch) -> Result<R>,
+        f: impl FnOnce(&mut dyn Store, &dyn VectorSearch) -> Result<R>,
     ) -> Result<R> {
         let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let stale = match guard.as_ref() {
+        let stale = match guard.as_mut() {
             None => true,
-            Some(s) => s.catalog.generation()? != s.generation,
+            // A store that cannot answer is reopened (a restarted server).
+            Some(s) => s.catalog.generation().map_or(true, |g| g != s.generation),
         };
         if stale {
-            let catalog = Catalog::open(store)?;
+            *guard = None;
+            let mut catalog = store::open(&store.spec, false, &store.options)?;
             let generation = catalog.generation()?;
-            let engine = engine::open_engine(&catalog, model, ANN_THRESHOLD)?;
+            let engine = catalog.engine(model, ANN_THRESHOLD)?;
             *guard = Some(SearchState {
                 catalog,
                 engine,
                 generation,
             });
         }
-        match guard.as_ref() {
-            Some(s) => f(&s.catalog, s.engine.as_ref()),
+        match guard.as_mut() {
+            Some(s) => f(s.catalog.as_mut(), s.engine.as_ref()),
             None => unreachable!("opened above"),
         }
     }
+}
+
+/// Where a server's store is and how to reach it.
+#[derive(Clone, Debug)]
+pub struct StoreSpec {
+    /// A SQLite path or a PostgreSQL URL.
+    pub spec: String,
+    pub options: ConnectOptions,
 }
 
 pub type Shared = Arc<AppState>;

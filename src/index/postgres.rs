@@ -1,0 +1,804 @@
+//! The PostgreSQL store: the catalog and the vectors in PostgreSQL, searched
+//! by pgvector on the server.
+//!
+//! Tables (all prefixed `clasp_`):
+//! - `clasp_files`: path, size, mtime, BLAKE3 hash, error, caption, and the
+//!   caption's `tsvector` (generated) for full-text search;
+//! - `clasp_models`: one row per model (content hash, spec, width);
+//! - `clasp_vectors_<id>`: one table per model, (hash, embedding
+//!   `vector(dim)`), with an HNSW index (`vector_cosine_ops`). One table per
+//!   model because an HNSW index needs one width; the name is made from the
+//!   model's integer id, never from user text;
+//! - `clasp_meta`: the generation counter.
+//!
+//! The client is the `postgres` crate: tokio-postgres's own blocking
+//! wrapper. The store's users (indexing, the CLI, the server's blocking
+//! tasks) are synchronous, and the wrapper keeps one small runtime per
+//! connection out of their way. Every statement is parameterised; only
+//! integer ids and widths are ever formatted into SQL. TLS is negotiated
+//! with rustls when the URL asks (`sslmode=prefer|require`).
+//!
+//! Several writers: every write transaction first bumps the generation row,
+//! so write transactions run one at a time and each sees the others'
+//! commits; embedding happens outside them. Content is claimed with
+//! session advisory locks ([`Store::claim`]) before it is embedded, so
+//! overlapping runs embed each content once, and a killed writer's claims
+//! end with its connection.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use pgvector::Vector;
+use postgres::{Client, Config, Transaction};
+
+use super::catalog::{under, FileRow, Hash};
+use super::engine::VectorSearch;
+use super::store::{ConnectOptions, ModelRow, Store, StoreWriter};
+use crate::{Error, Result};
+
+/// A PostgreSQL store.
+pub struct PgStore {
+    client: Client,
+    shown: String,
+    config: Config,
+    opts: ConnectOptions,
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((a, h)) => (Some(a), h),
+        None => (None, rest),
+    };
+    match auth {
+        Some(a) => {
+            let user = a.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn pg_err(shown: &str, e: postgres::Error) -> Error {
+    let reason = match e.as_db_error() {
+        Some(db) => {
+            let mut r = db.message().to_string();
+            if let Some(d) = db.detail() {
+                r.push_str(&format!(" ({d})"));
+            }
+            if db.code() == &postgres::error::SqlState::INVALID_PASSWORD
+                || db.code() == &postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            {
+                r.push_str(
+                    "; the password comes from the URL (postgres://USER:PASSWORD@...), \
+                     PGPASSWORD or ~/.pgpass",
+                );
+            }
+            r
+        }
+        None => {
+            let mut r = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                r.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            if e.is_closed() || r.contains("onnection refused") {
+                r.push_str(" (is the server running?)");
+            }
+            r
+        }
+    };
+    Error::Report(format!("{shown}: {reason}"))
+}
+
+/// The password for `cfg` from ~/.pgpass (host:port:database:user:password,
+/// `*` matching anything), as libpq reads it.
+fn pgpass_password(cfg: &Config) -> Option<String> {
+    let path = std::env::var_os("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| dirs::home_dir().map(|h| h.join(".pgpass")))?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let host = match cfg.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_string(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432).to_string();
+    let db = cfg.get_dbname().unwrap_or("").to_string();
+    let user = cfg.get_user().unwrap_or("").to_string();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.splitn(5, ':').collect();
+        if f.len() == 5
+            && [&host, &port, &db, &user]
+                .iter()
+                .zip(&f)
+                .all(|(want, got)| *got == "*" || got == want)
+        {
+            return Some(f[4].to_string());
+        }
+    }
+    None
+}
+
+fn tls() -> tokio_postgres_rustls::MakeRustlsConnect {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("rustls's default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+/// Parses `url` into a connection config with the password, timeouts and
+/// keepalives set.
+fn config(url: &str, timeout: Duration) -> Result<Config> {
+    let shown = redact(url);
+    let mut cfg: Config = url
+        .parse()
+        .map_err(|e| Error::Report(format!("{shown}: not a PostgreSQL URL: {e}")))?;
+    if cfg.get_password().is_none() {
+        if let Some(p) = std::env::var("PGPASSWORD")
+            .ok()
+            .or_else(|| pgpass_password(&cfg))
+        {
+            cfg.password(p);
+        }
+    }
+    cfg.connect_timeout(timeout);
+    cfg.keepalives(true);
+    cfg.keepalives_idle(Duration::from_secs(10));
+    cfg.options(&format!("-c statement_timeout={}", timeout.as_millis()));
+    cfg.application_name("clasp");
+    Ok(cfg)
+}
+
+fn connect_config(cfg: &Config, shown: &str) -> Result<Client> {
+    cfg.connect(tls()).map_err(|e| pg_err(shown, e))
+}
+
+fn hash_of(b: &[u8]) -> Option<Hash> {
+    b.try_into().ok()
+}
+
+/// The advisory-lock key of a content hash: its first 8 bytes.
+fn lock_key(h: &Hash) -> i64 {
+    i64::from_le_bytes(h[..8].try_into().expect("8 bytes"))
+}
+
+/// The table of model `id`'s vectors (an integer id: never user text).
+fn vectors_table(id: i64) -> String {
+    format!("clasp_vectors_{id}")
+}
+
+/// An arbitrary fixed key for the schema lock.
+const SCHEMA_LOCK: i64 = 0x636c_6173_7073_6368;
+
+impl PgStore {
+    /// Connects, checks that pgvector is there, and makes the tables when
+    /// missing.
+    pub fn connect(url: &str, opts: &ConnectOptions) -> Result<Self> {
+        let shown = redact(url);
+        let cfg = config(url, opts.timeout)?;
+        let mut client = connect_config(&cfg, &shown)?;
+        let has_vector: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector')",
+                &[],
+            )
+            .map_err(|e| pg_err(&shown, e))?
+            .get(0);
+        if !has_vector {
+            return Err(Error::Report(format!(
+                "{shown}: the server has no pgvector extension (`vector`); install pgvector \
+                 there, or use scripts/postgres.sh's server"
+            )));
+        }
+        // Two first runs at once must not race on CREATE ... IF NOT EXISTS.
+        let mut tx = client.transaction().map_err(|e| pg_err(&shown, e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .map_err(|e| pg_err(&shown, e))?;
+        tx.batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS vector;
+             CREATE TABLE IF NOT EXISTS clasp_files (
+                 path TEXT PRIMARY KEY,
+                 size BIGINT NOT NULL,
+                 mtime_ns BIGINT NOT NULL,
+                 hash BYTEA,
+                 error TEXT,
+                 caption TEXT NOT NULL DEFAULT '',
+                 caption_tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', caption)) STORED
+             );
+             CREATE INDEX IF NOT EXISTS clasp_files_hash ON clasp_files (hash);
+             CREATE INDEX IF NOT EXISTS clasp_files_tsv ON clasp_files USING gin (caption_tsv);
+             CREATE TABLE IF NOT EXISTS clasp_models (
+                 id BIGSERIAL PRIMARY KEY,
+                 key BYTEA NOT NULL UNIQUE,
+                 spec TEXT NOT NULL,
+                 dim INTEGER NOT NULL,
+                 weights_path TEXT,
+                 weights_size BIGINT,
+                 weights_mtime_ns BIGINT,
+                 last_used BIGINT NOT NULL DEFAULT 0
+             );
+             CREATE TABLE IF NOT EXISTS clasp_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+             INSERT INTO clasp_meta (key, value) VALUES ('generation', 0) ON CONFLICT DO NOTHING;",
+        )
+        .map_err(|e| pg_err(&shown, e))?;
+        tx.commit().map_err(|e| pg_err(&shown, e))?;
+        Ok(Self {
+            client,
+            shown,
+            config: cfg,
+            opts: opts.clone(),
+        })
+    }
+
+    fn dim_of(&mut self, model: i64) -> Result<usize> {
+        let row = self
+            .client
+            .query_opt("SELECT dim FROM clasp_models WHERE id = $1", &[&model])
+            .map_err(|e| pg_err(&self.shown, e))?;
+        match row {
+            Some(r) => Ok(r.get::<_, i32>(0) as usize),
+            None => Err(Error::Report(format!(
+                "{}: no model with id {model}",
+                self.shown
+            ))),
+        }
+    }
+}
+
+struct PgWriter<'a, 'b> {
+    tx: &'a mut Transaction<'b>,
+    shown: &'a str,
+}
+
+impl PgWriter<'_, '_> {
+    fn err(&self, e: postgres::Error) -> Error {
+        pg_err(self.shown, e)
+    }
+}
+
+impl StoreWriter for PgWriter<'_, '_> {
+    fn upsert_file(&mut self, f: &FileRow) -> Result<()> {
+        let hash = f.hash.as_ref().map(|h| &h[..]);
+        self.tx
+            .execute(
+                "INSERT INTO clasp_files (path, size, mtime_ns, hash, error, caption)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (path) DO UPDATE SET size = excluded.size,
+                   mtime_ns = excluded.mtime_ns, hash = excluded.hash, error = excluded.error,
+                   caption = excluded.caption",
+                &[
+                    &f.path,
+                    &(f.size as i64),
+                    &f.mtime_ns,
+                    &hash,
+                    &f.error,
+                    &f.caption,
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    fn move_file(&mut self, from: &str, to: &FileRow) -> Result<()> {
+        self.remove_file(from)?;
+        self.upsert_file(to)
+    }
+
+    fn remove_file(&mut self, path: &str) -> Result<()> {
+        self.tx
+            .execute("DELETE FROM clasp_files WHERE path = $1", &[&path])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    fn put_vector(&mut self, model: i64, hash: &Hash, v: &[f32]) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO {} (hash, embedding) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
+            vectors_table(model)
+        );
+        self.tx
+            .execute(&sql, &[&&hash[..], &Vector::from(v.to_vec())])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    fn drop_orphan_vectors(&mut self) -> Result<usize> {
+        let ids: Vec<i64> = self
+            .tx
+            .query("SELECT id FROM clasp_models ORDER BY id", &[])
+            .map_err(|e| self.err(e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut n = 0;
+        for id in ids {
+            let sql = format!(
+                "DELETE FROM {t} v WHERE NOT EXISTS (SELECT 1 FROM clasp_files f WHERE f.hash = v.hash)",
+                t = vectors_table(id)
+            );
+            n += self.tx.execute(&sql, &[]).map_err(|e| self.err(e))? as usize;
+        }
+        Ok(n)
+    }
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Store for PgStore {
+    fn describe(&self) -> String {
+        self.shown.clone()
+    }
+
+    fn generation(&mut self) -> Result<i64> {
+        self.client
+            .query_one("SELECT value FROM clasp_meta WHERE key = 'generation'", &[])
+            .map(|r| r.get(0))
+            .map_err(|e| pg_err(&self.shown, e))
+    }
+
+    fn model_id(&mut self, key: &Hash, spec: &str, dim: usize) -> Result<i64> {
+        let shown = self.shown.clone();
+        let mut tx = self.client.transaction().map_err(|e| pg_err(&shown, e))?;
+        // Two writers registering one model must not race on its table.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .map_err(|e| pg_err(&shown, e))?;
+        let row = tx
+            .query_one(
+                "INSERT INTO clasp_models (key, spec, dim, last_used) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (key) DO UPDATE SET spec = excluded.spec, last_used = excluded.last_used
+                 RETURNING id, dim",
+                &[&&key[..], &spec, &(dim as i32), &now_s()],
+            )
+            .map_err(|e| pg_err(&shown, e))?;
+        let (id, stored): (i64, i32) = (row.get(0), row.get(1));
+        if stored as usize != dim {
+            return Err(Error::Report(format!(
+                "{shown}: the store holds this model with {stored}-d vectors, but it embeds to {dim}"
+            )));
+        }
+        let t = vectors_table(id);
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {t} (hash BYTEA PRIMARY KEY, embedding vector({dim}) NOT NULL);
+             CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding vector_cosine_ops);"
+        ))
+        .map_err(|e| pg_err(&shown, e))?;
+        tx.commit().map_err(|e| pg_err(&shown, e))?;
+        Ok(id)
+    }
+
+    fn models(&mut self) -> Result<Vec<ModelRow>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, key, spec, dim FROM clasp_models ORDER BY id",
+                &[],
+            )
+            .map_err(|e| pg_err(&self.shown, e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(ModelRow {
+                    id: r.get(0),
+                    key: hash_of(r.get::<_, &[u8]>(1))?,
+                    spec: r.get(2),
+                    dim: r.get::<_, i32>(3) as usize,
+                })
+            })
+            .collect())
+    }
+
+    fn remembered_model_key(
+        &mut self,
+        weights: &Path,
+        size: u64,
+        mtime_ns: i64,
+    ) -> Result<Option<Hash>> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT key FROM clasp_models WHERE weights_path = $1 AND weights_size = $2
+                 AND weights_mtime_ns = $3 LIMIT 1",
+                &[
+                    &weights.to_string_lossy().as_ref(),
+                    &(size as i64),
+                    &mtime_ns,
+                ],
+            )
+            .map_err(|e| pg_err(&self.shown, e))?;
+        Ok(row.and_then(|r| hash_of(r.get::<_, &[u8]>(0))))
+    }
+
+    fn remember_model_file(
+        &mut self,
+        id: i64,
+        weights: &Path,
+        size: u64,
+        mtime_ns: i64,
+    ) -> Result<()> {
+        self.client
+            .execute(
+                "UPDATE clasp_models SET weights_path = $2, weights_size = $3,
+                 weights_mtime_ns = $4 WHERE id = $1",
+                &[
+                    &id,
+                    &weights.to_string_lossy().as_ref(),
+                    &(size as i64),
+                    &mtime_ns,
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| pg_err(&self.shown, e))
+    }
+
+    fn last_model_spec(&mut self) -> Result<Option<String>> {
+        self.client
+            .query_opt(
+                "SELECT spec FROM clasp_models ORDER BY last_used DESC, id DESC LIMIT 1",
+                &[],
+            )
+            .map(|r| r.map(|r| r.get(0)))
+            .map_err(|e| pg_err(&self.shown, e))
+    }
+
+    fn files_under(&mut self, prefixes: &[String]) -> Result<Vec<FileRow>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT path, size, mtime_ns, hash, error, caption FROM clasp_files ORDER BY path",
+                &[],
+            )
+            .map_err(|e| pg_err(&self.shown, e))?;
+        Ok(rows
+            .iter()
+            .map(|r| FileRow {
+                path: r.get(0),
+                size: r.get::<_, i64>(1) as u64,
+                mtime_ns: r.get(2),
+                hash: r.get::<_, Option<&[u8]>>(3).and_then(hash_of),
+                error: r.get(4),
+                caption: r.get(5),
+            })
+            .filter(|r| prefixes.is_empty() || prefixes.iter().any(|p| under(&r.path, p)))
+            .collect())
+    }
+
+    fn caption_of(&mut self, path: &str) -> Result<Option<String>> {
+        self.client
+            .query_opt("SELECT caption FROM clasp_files WHERE path = $1", &[&path])
+            .map(|r| r.map(|r| r.get(0)))
+            .map_err(|e| pg_err(&self.shown, e))
+    }
+
+    fn has_vectors(&mut self, model: i64, hashes: &[Hash]) -> Result<Vec<bool>> {
+        if hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<&[u8]> = hashes.iter().map(|h| &h[..]).collect();
+        let sql = format!(
+            "SELECT hash FROM {} WHERE hash = ANY($1)",
+            vectors_table(model)
+        );
+        let have: HashSet<Vec<u8>> = self
+            .client
+            .query(&sql, &[&keys])
+            .map_err(|e| pg_err(&self.shown, e))?
+            .iter()
+            .map(|r| r.get::<_, Vec<u8>>(0))
+            .collect();
+        Ok(hashes.iter().map(|h| have.contains(&h[..])).collect())
+    }
+
+    fn model_vectors(&mut self, model: i64) -> Result<Vec<(Hash, Vec<f32>)>> {
+        let sql = format!(
+            "SELECT v.hash, v.embedding FROM {} v WHERE EXISTS
+             (SELECT 1 FROM clasp_files f WHERE f.hash = v.hash AND f.error IS NULL)
+             ORDER BY v.hash",
+            vectors_table(model)
+        );
+        let rows = self
+            .client
+            .query(&sql, &[])
+            .map_err(|e| pg_err(&self.shown, e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    hash_of(r.get::<_, &[u8]>(0))?,
+                    r.get::<_, Vector>(1).to_vec(),
+                ))
+            })
+            .collect())
+    }
+
+    fn write_dyn(&mut self, f: &mut dyn FnMut(&mut dyn StoreWriter) -> Result<()>) -> Result<()> {
+        let shown = self.shown.clone();
+        let mut tx = self.client.transaction().map_err(|e| pg_err(&shown, e))?;
+        // First, so that write transactions queue on this row and each
+        // sees the ones before it.
+        tx.execute(
+            "UPDATE clasp_meta SET value = value + 1 WHERE key = 'generation'",
+            &[],
+        )
+        .map_err(|e| pg_err(&shown, e))?;
+        f(&mut PgWriter {
+            tx: &mut tx,
+            shown: &shown,
+        })?;
+        tx.commit().map_err(|e| pg_err(&shown, e))
+    }
+
+    fn text_search(&mut self, query: &str, limit: usize) -> Result<Vec<(String, f64)>> {
+        // OR-ed lower-case words: user text is never tsquery syntax.
+        let terms: Vec<String> = query
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(|w| w.to_lowercase())
+            .collect();
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let q = terms.join(" | ");
+        let rows = self
+            .client
+            .query(
+                "SELECT path, ts_rank(caption_tsv, q)::float8 FROM clasp_files,
+                 to_tsquery('simple', $1) q WHERE caption_tsv @@ q
+                 ORDER BY 2 DESC, path LIMIT $2",
+                &[&q, &(limit as i64)],
+            )
+            .map_err(|e| pg_err(&self.shown, e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    fn check(&mut self, model: Option<i64>) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        let models = self.models()?;
+        for m in &models {
+            let sql = format!(
+                "SELECT COUNT(*) FROM {} v WHERE NOT EXISTS
+                 (SELECT 1 FROM clasp_files f WHERE f.hash = v.hash)",
+                vectors_table(m.id)
+            );
+            let orphans: i64 = self
+                .client
+                .query_one(&sql, &[])
+                .map_err(|e| pg_err(&self.shown, e))?
+                .get(0);
+            if orphans > 0 {
+                problems.push(format!(
+                    "{orphans} vectors of model {} belong to no file",
+                    m.id
+                ));
+            }
+        }
+        if let Some(id) = model {
+            let sql = format!(
+                "SELECT COUNT(*) FROM clasp_files f WHERE f.error IS NULL AND NOT EXISTS
+                 (SELECT 1 FROM {} v WHERE v.hash = f.hash)",
+                vectors_table(id)
+            );
+            let missing: i64 = self
+                .client
+                .query_one(&sql, &[])
+                .map_err(|e| pg_err(&self.shown, e))?
+                .get(0);
+            if missing > 0 {
+                problems.push(format!("{missing} files have no vector for this model"));
+            }
+        }
+        let bad: i64 = self
+            .client
+            .query_one(
+                "SELECT COUNT(*) FROM clasp_files WHERE error IS NULL AND hash IS NULL",
+                &[],
+            )
+            .map_err(|e| pg_err(&self.shown, e))?
+            .get(0);
+        if bad > 0 {
+            problems.push(format!("{bad} embeddable files have no content hash"));
+        }
+        Ok(problems)
+    }
+
+    fn engine(&mut self, model: i64, ann_threshold: usize) -> Result<Box<dyn VectorSearch>> {
+        let dim = self.dim_of(model)?;
+        let n: i64 = self
+            .client
+            .query_one(
+                &format!("SELECT COUNT(*) FROM {}", vectors_table(model)),
+                &[],
+            )
+            .map_err(|e| pg_err(&self.shown, e))?
+            .get(0);
+        let mut search = PgSearch {
+            conns: Vec::new(),
+            table: vectors_table(model),
+            n: n as usize,
+            dim,
+            ann: n as usize >= ann_threshold && n > 0,
+            ef_search: Mutex::new(None),
+        };
+        for url in &self.opts.replicas {
+            let shown = redact(url);
+            match config(url, self.opts.timeout).and_then(|c| connect_config(&c, &shown)) {
+                Ok(c) => search.conns.push((shown, Mutex::new(c))),
+                Err(e) => tracing::warn!("skipping replica: {e}"),
+            }
+        }
+        if search.conns.is_empty() {
+            let c = connect_config(&self.config, &self.shown)?;
+            search.conns.push((self.shown.clone(), Mutex::new(c)));
+        }
+        Ok(Box::new(search))
+    }
+
+    fn claim(&mut self, hashes: &[Hash]) -> Result<Vec<bool>> {
+        hashes
+            .iter()
+            .map(|h| {
+                self.client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key(h)])
+                    .map(|r| r.get::<_, bool>(0))
+                    .map_err(|e| pg_err(&self.shown, e))
+            })
+            .collect()
+    }
+
+    fn claim_wait(&mut self, hash: &Hash) -> Result<()> {
+        self.client
+            .execute("SELECT pg_advisory_lock($1)", &[&lock_key(hash)])
+            .map(|_| ())
+            .map_err(|e| pg_err(&self.shown, e))
+    }
+
+    fn release_claims(&mut self) -> Result<()> {
+        self.client
+            .execute("SELECT pg_advisory_unlock_all()", &[])
+            .map(|_| ())
+            .map_err(|e| pg_err(&self.shown, e))
+    }
+}
+
+/// k-NN on the server. Below the HNSW threshold (or with `exact`), the
+/// query orders by negative inner product, which no index serves, so the
+/// scan is exact; above, by cosine distance through the HNSW index.
+/// Vectors are unit length, so both scores equal the inner product.
+pub struct PgSearch {
+    /// (name, connection): the replicas when given, else the primary. The
+    /// first that answers serves each query.
+    conns: Vec<(String, Mutex<Client>)>,
+    table: String,
+    n: usize,
+    dim: usize,
+    ann: bool,
+    ef_search: Mutex<Option<usize>>,
+}
+
+impl PgSearch {
+    /// HNSW's candidate list size (pgvector's `hnsw.ef_search`).
+    pub fn set_ef_search(&self, ef: usize) {
+        *self.ef_search.lock().expect("ef_search lock") = Some(ef);
+    }
+}
+
+impl VectorSearch for PgSearch {
+    fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        allow: Option<&HashSet<Hash>>,
+    ) -> Result<Vec<(Hash, f32)>> {
+        if query.len() != self.dim {
+            return Err(Error::Report(format!(
+                "the query has {} dimensions, the store's vectors {}",
+                query.len(),
+                self.dim
+            )));
+        }
+        let q = Vector::from(query.to_vec());
+        let allow: Option<Vec<&[u8]>> = allow.map(|s| s.iter().map(|h| &h[..]).collect());
+        let filter = if allow.is_some() {
+            "WHERE hash = ANY($2)"
+        } else {
+            ""
+        };
+        let sql = if self.ann {
+            format!(
+                "SELECT hash, (1 - (embedding <=> $1))::float4 FROM {t} {filter}
+                 ORDER BY embedding <=> $1 LIMIT {k}",
+                t = self.table
+            )
+        } else {
+            format!(
+                "SELECT hash, (-(embedding <#> $1))::float4 FROM {t} {filter}
+                 ORDER BY embedding <#> $1, hash LIMIT {k}",
+                t = self.table
+            )
+        };
+        let ef = *self.ef_search.lock().expect("ef_search lock");
+        let mut last = None;
+        for (name, conn) in &self.conns {
+            let mut c = conn.lock().expect("connection lock");
+            let r = (|| {
+                let mut tx = c.transaction()?;
+                if self.ann {
+                    if let Some(ef) = ef {
+                        tx.batch_execute(&format!("SET LOCAL hnsw.ef_search = {}", ef.max(1)))?;
+                    }
+                    if allow.is_some() {
+                        tx.batch_execute("SET LOCAL hnsw.iterative_scan = strict_order")?;
+                    }
+                }
+                let rows = match &allow {
+                    Some(a) => tx.query(&sql, &[&q, a])?,
+                    None => tx.query(&sql, &[&q])?,
+                };
+                tx.commit()?;
+                Ok::<_, postgres::Error>(rows)
+            })();
+            match r {
+                Ok(rows) => {
+                    return Ok(rows
+                        .iter()
+                        .filter_map(|r| Some((hash_of(r.get::<_, &[u8]>(0))?, r.get(1))))
+                        .collect())
+                }
+                Err(e) => {
+                    let e = pg_err(name, e);
+                    if self.conns.len() > 1 {
+                        tracing::warn!("{e}; trying the next server");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one connection"))
+    }
+
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn name(&self) -> &'static str {
+        if self.ann {
+            "pgvector-hnsw"
+        } else {
+            "pgvector-exact"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redact("postgres://clasp:secret@127.0.0.1:5432/db"),
+            "postgres://clasp@127.0.0.1:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+    }
+}

@@ -1,0 +1,506 @@
+//! The PostgreSQL store, end to end, against real PostgreSQL 18 + pgvector
+//! servers that `scripts/postgres.sh` starts on loopback (one per test, on
+//! its own port, destroyed when the test ends, panics included).
+//!
+//! The embedded SQLite store is the independent expectation: the same
+//! photos, the same model, the same queries.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use clasp::index::{store, ConnectOptions};
+use serde_json::Value;
+
+mod common;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A server for one test; stopped and deleted on drop.
+struct Pg {
+    port: u16,
+}
+
+impl Pg {
+    fn start(port: u16) -> Pg {
+        let pg = Pg { port };
+        // A server left by an aborted earlier run goes first.
+        pg.script(&["destroy", &port.to_string()]);
+        let o = pg.script(&["start", &port.to_string()]);
+        assert!(
+            o.status.success(),
+            "scripts/postgres.sh start {port} failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        pg
+    }
+
+    fn script(&self, args: &[&str]) -> Output {
+        Command::new(root().join("scripts/postgres.sh"))
+            .args(args)
+            .output()
+            .expect("run scripts/postgres.sh")
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://clasp:clasp@127.0.0.1:{}/clasp", self.port)
+    }
+
+    fn stop(&self) {
+        let o = self.script(&["stop", &self.port.to_string()]);
+        assert!(o.status.success(), "stop failed");
+    }
+
+    fn restart(&self) {
+        let o = self.script(&["start", &self.port.to_string()]);
+        assert!(o.status.success(), "restart failed");
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = self.script(&["destroy", &self.port.to_string()]);
+    }
+}
+
+fn flickr_images() -> PathBuf {
+    root().join("../shared/data/flickr8k/images")
+}
+
+/// Copies Flickr8k photos `range` (sorted by name) into `dir`.
+fn photos(dir: &Path, range: std::ops::Range<usize>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(flickr_images())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    for n in &names[range] {
+        std::fs::copy(flickr_images().join(n), dir.join(n)).unwrap();
+    }
+}
+
+fn clasp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(args)
+        .output()
+        .expect("run clasp")
+}
+
+fn ok(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "clasp failed ({:?}):\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+fn index(dir: &Path, store: &str) -> Value {
+    ok(&clasp(&[
+        "index",
+        dir.to_str().unwrap(),
+        "-m",
+        &common::tiny(),
+        "--store",
+        store,
+        "--json",
+        "--check",
+    ]))
+}
+
+/// `clasp search --json` over `dir`, exact (no HNSW), as (path, score).
+fn search(store: &str, dir: &Path, query: &str, k: usize) -> Vec<(String, f64)> {
+    let v = ok(&clasp(&[
+        "search",
+        query,
+        "--dir",
+        dir.to_str().unwrap(),
+        "--store",
+        store,
+        "--no-index",
+        "--json",
+        "-k",
+        &k.to_string(),
+        "--ann-threshold",
+        "100000000",
+    ]));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["path"].as_str().unwrap().to_string(),
+                h["score"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Same paths in the same order, and the same scores to float rounding.
+fn assert_same_hits(a: &[(String, f64)], b: &[(String, f64)], what: &str) {
+    let pa: Vec<&str> = a.iter().map(|h| h.0.as_str()).collect();
+    let pb: Vec<&str> = b.iter().map(|h| h.0.as_str()).collect();
+    assert_eq!(pa, pb, "{what}: the same files in the same order");
+    for (x, y) in a.iter().zip(b) {
+        assert!((x.1 - y.1).abs() < 1e-5, "{what}: {} vs {}", x.1, y.1);
+    }
+}
+
+fn store_files(spec: &str) -> BTreeSet<String> {
+    let mut s = store::open(spec, false, &ConnectOptions::default()).unwrap();
+    s.files_under(&[])
+        .unwrap()
+        .into_iter()
+        .map(|f| f.path)
+        .collect()
+}
+
+const QUERIES: [&str; 4] = [
+    "a dog running on grass",
+    "a child in a pink dress",
+    "two people at the beach",
+    "a man riding a bike",
+];
+
+#[test]
+fn exact_search_on_postgres_equals_the_embedded_store() {
+    let pg = Pg::start(55401);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("photos");
+    photos(&dir, 0..120);
+    let sqlite = d.path().join("s.sqlite");
+    let s1 = index(&dir, sqlite.to_str().unwrap());
+    let s2 = index(&dir, &pg.url());
+    assert_eq!(s1["embedded"], 120);
+    assert_eq!(s2["embedded"], 120);
+    for q in QUERIES {
+        let a = search(sqlite.to_str().unwrap(), &dir, q, 20);
+        let b = search(&pg.url(), &dir, q, 20);
+        assert_eq!(a.len(), 20);
+        assert_same_hits(&a, &b, q);
+    }
+    // A second run finds nothing to do, as on the embedded store.
+    let again = index(&dir, &pg.url());
+    assert_eq!(
+        (again["embedded"].as_u64(), again["unchanged"].as_u64()),
+        (Some(0), Some(120))
+    );
+    // Moves and removals: the vectors follow the content.
+    let moved = d.path().join("photos/sub");
+    std::fs::create_dir_all(&moved).unwrap();
+    let names: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .take(10)
+        .collect();
+    for p in &names[..5] {
+        std::fs::rename(p, moved.join(p.file_name().unwrap())).unwrap();
+    }
+    for p in &names[5..] {
+        std::fs::remove_file(p).unwrap();
+    }
+    let s = index(&dir, &pg.url());
+    assert_eq!(
+        (
+            s["moved"].as_u64(),
+            s["removed"].as_u64(),
+            s["embedded"].as_u64()
+        ),
+        (Some(5), Some(5), Some(0)),
+        "{s}"
+    );
+    index(&dir, sqlite.to_str().unwrap());
+    assert_eq!(
+        store_files(&pg.url()),
+        store_files(sqlite.to_str().unwrap())
+    );
+    for q in QUERIES {
+        let a = search(sqlite.to_str().unwrap(), &dir, q, 20);
+        let b = search(&pg.url(), &dir, q, 20);
+        assert_same_hits(&a, &b, q);
+    }
+}
+
+#[test]
+fn hnsw_search_on_postgres_finds_the_exact_neighbours_at_high_ef() {
+    let pg = Pg::start(55402);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("photos");
+    photos(&dir, 0..300);
+    index(&dir, &pg.url());
+    for q in QUERIES {
+        let exact = search(&pg.url(), &dir, q, 10);
+        let v = ok(&clasp(&[
+            "search",
+            q,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--store",
+            &pg.url(),
+            "--no-index",
+            "--json",
+            "-k",
+            "10",
+            "--ann-threshold",
+            "1",
+            "--ef-search",
+            "400",
+        ]));
+        let hnsw: BTreeSet<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["path"].as_str().unwrap())
+            .collect();
+        let truth: BTreeSet<&str> = exact.iter().map(|h| h.0.as_str()).collect();
+        let hit = hnsw.intersection(&truth).count();
+        // 300 vectors, ef 400: the graph search visits them all.
+        assert_eq!(hit, 10, "{q}: HNSW recall@10 at ef 400 over 300 vectors");
+    }
+}
+
+#[test]
+fn two_writers_on_overlapping_folders_embed_each_content_once() {
+    let pg = Pg::start(55403);
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a");
+    let b = d.path().join("b");
+    // 100 photos in both folders: the same content under different paths.
+    photos(&a, 0..250);
+    photos(&b, 150..400);
+    // The schema first, so both writers start on equal terms.
+    drop(store::open(&pg.url(), true, &ConnectOptions::default()).unwrap());
+    let spawn = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_clasp"))
+            .args([
+                "index",
+                dir.to_str().unwrap(),
+                "-m",
+                &common::tiny(),
+                "--store",
+                &pg.url(),
+                "--json",
+                "--batch-size",
+                "4",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (ca, cb) = (spawn(&a), spawn(&b));
+    let (oa, ob) = (
+        ca.wait_with_output().unwrap(),
+        cb.wait_with_output().unwrap(),
+    );
+    let (sa, sb) = (ok(&oa), ok(&ob));
+    assert_eq!(
+        sa["embedded"].as_u64().unwrap() + sb["embedded"].as_u64().unwrap(),
+        400,
+        "400 distinct photos, each embedded once: {sa} {sb}"
+    );
+    assert_eq!(sa["added"], 250);
+    assert_eq!(sb["added"], 250);
+    let mut s = store::open(&pg.url(), false, &ConnectOptions::default()).unwrap();
+    assert_eq!(
+        s.files_under(&[]).unwrap().len(),
+        500,
+        "no lost or doubled rows"
+    );
+    let model = s.models().unwrap()[0].id;
+    assert_eq!(s.model_vectors(model).unwrap().len(), 400);
+    assert_eq!(s.check(Some(model)).unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn sigkill_mid_run_leaves_postgres_consistent_and_a_rerun_completes() {
+    let pg = Pg::start(55404);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("photos");
+    photos(&dir, 0..800);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args([
+            "index",
+            dir.to_str().unwrap(),
+            "-m",
+            &common::tiny(),
+            "--store",
+            &pg.url(),
+            "--batch-size",
+            "1",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut committed = 0;
+    let mut watch = store::open(&pg.url(), true, &ConnectOptions::default()).unwrap();
+    while t0.elapsed().as_secs() < 300 {
+        committed = watch.files_under(&[]).map(|f| f.len()).unwrap_or(0);
+        if committed >= 50 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(watch);
+    child.kill().unwrap(); // SIGKILL
+    assert!(
+        !child.wait().unwrap().success(),
+        "killed before the end ({committed})"
+    );
+    let mut s = store::open(&pg.url(), false, &ConnectOptions::default()).unwrap();
+    let before = s.files_under(&[]).unwrap().len();
+    assert!(
+        (50..800).contains(&before),
+        "killed halfway: {before} committed"
+    );
+    let model = s.models().unwrap()[0].id;
+    assert_eq!(
+        s.check(Some(model)).unwrap(),
+        Vec::<String>::new(),
+        "consistent after SIGKILL"
+    );
+    drop(s);
+    let r = index(&dir, &pg.url());
+    assert_eq!(r["embedded"].as_u64(), Some((800 - before) as u64), "{r}");
+    assert_eq!(store_files(&pg.url()).len(), 800);
+
+    // A server restart between runs: the next run reconnects and goes on.
+    pg.stop();
+    let o = clasp(&[
+        "search",
+        "a dog",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--store",
+        &pg.url(),
+        "--no-index",
+        "--timeout",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("127.0.0.1:55404") && err.contains("is the server running?"),
+        "names the store and says what is wrong: {err}"
+    );
+    pg.restart();
+    assert_eq!(search(&pg.url(), &dir, "a dog", 5).len(), 5);
+}
+
+#[test]
+fn store_copy_both_ways_keeps_every_file_vector_and_search_result() {
+    let pg = Pg::start(55405);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("photos");
+    photos(&dir, 0..150);
+    let sqlite = d.path().join("s.sqlite");
+    index(&dir, sqlite.to_str().unwrap());
+    let c = ok(&clasp(&[
+        "store",
+        "copy",
+        sqlite.to_str().unwrap(),
+        &pg.url(),
+        "--json",
+    ]));
+    assert_eq!(
+        (c["files"].as_u64(), c["vectors"].as_u64()),
+        (Some(150), Some(150))
+    );
+    // Again: nothing is written twice (a resumed copy carries on the same way).
+    let c = ok(&clasp(&[
+        "store",
+        "copy",
+        sqlite.to_str().unwrap(),
+        &pg.url(),
+        "--json",
+    ]));
+    assert_eq!(
+        (c["vectors"].as_u64(), c["vectors_present"].as_u64()),
+        (Some(0), Some(150))
+    );
+    let back = d.path().join("back.sqlite");
+    let c = ok(&clasp(&[
+        "store",
+        "copy",
+        &pg.url(),
+        back.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(c["vectors"].as_u64(), Some(150));
+    for s in [&pg.url(), &back.display().to_string()] {
+        let o = clasp(&["store", "check", s]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for q in QUERIES {
+        let a = search(sqlite.to_str().unwrap(), &dir, q, 15);
+        assert_same_hits(&a, &search(&pg.url(), &dir, q, 15), q);
+        assert_same_hits(&a, &search(back.to_str().unwrap(), &dir, q, 15), q);
+    }
+    // The copy needed no model: an index run afterwards embeds nothing.
+    let s = index(&dir, &pg.url());
+    assert_eq!(s["embedded"].as_u64(), Some(0), "{s}");
+}
+
+#[test]
+fn bad_settings_get_errors_that_name_them_and_never_show_the_password() {
+    let pg = Pg::start(55406);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("photos");
+    photos(&dir, 0..3);
+    let run = |store: &str| {
+        let o = clasp(&[
+            "index",
+            dir.to_str().unwrap(),
+            "-m",
+            &common::tiny(),
+            "--store",
+            store,
+            "--timeout",
+            "3",
+        ]);
+        assert!(!o.status.success(), "{store} must fail");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = run("postgres://clasp:hunter2@127.0.0.1:55406/clasp");
+    assert!(e.contains("password authentication failed"), "{e}");
+    assert!(
+        e.contains("PGPASSWORD"),
+        "says where passwords come from: {e}"
+    );
+    assert!(!e.contains("hunter2"), "the password is never printed: {e}");
+    let e = run("postgres://clasp:clasp@127.0.0.1:55406/nosuchdb");
+    assert!(
+        e.contains("nosuchdb") && e.contains("does not exist"),
+        "{e}"
+    );
+    let e = run("postgres://clasp:clasp@127.0.0.1:1/clasp");
+    assert!(
+        e.contains("127.0.0.1:1") && e.contains("is the server running?"),
+        "{e}"
+    );
+    let e = run("postgres://clasp:clasp@127.0.0.1:notaport/clasp");
+    assert!(e.contains("not a PostgreSQL URL"), "{e}");
+    // PGPASSWORD stands in for a URL without one.
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args([
+            "index",
+            dir.to_str().unwrap(),
+            "-m",
+            &common::tiny(),
+            "--store",
+            &format!("postgres://clasp@127.0.0.1:{}/clasp", pg.port),
+        ])
+        .env("PGPASSWORD", "clasp")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
