@@ -504,3 +504,161 @@ fn bad_settings_get_errors_that_name_them_and_never_show_the_password() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `clasp store init --shard A --shard B` on a coordinator: every vector
+/// lives on one of the shards (each with its own HNSW index), and exact
+/// search through the coordinator returns what one node returns.
+#[test]
+fn a_two_shard_store_answers_exactly_as_one_node() {
+    let (single, coord, s0, s1) = (
+        Pg::start(55411),
+        Pg::start(55412),
+        Pg::start(55413),
+        Pg::start(55414),
+    );
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("photos");
+    photos(&dir, 0..200);
+    let o = clasp(&[
+        "store",
+        "init",
+        "--store",
+        &coord.url(),
+        "--shard",
+        &s0.url(),
+        "--shard",
+        &s1.url(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A second init refuses: the store is already sharded.
+    let o = clasp(&[
+        "store",
+        "init",
+        "--store",
+        &coord.url(),
+        "--shard",
+        &s0.url(),
+        "--shard",
+        &s1.url(),
+    ]);
+    assert!(!o.status.success());
+    index(&dir, &single.url());
+    let s = index(&dir, &coord.url());
+    assert_eq!(s["embedded"].as_u64(), Some(200));
+    // The vectors are on the shards, split by hash, none on the coordinator.
+    let count = |pg: &Pg, table: &str| -> i64 {
+        let mut c = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+        c.query_one(&format!("SELECT COUNT(*) FROM {table}"), &[])
+            .unwrap()
+            .get(0)
+    };
+    let (n0, n1) = (
+        count(&s0, "clasp_vectors_1_p0"),
+        count(&s1, "clasp_vectors_1_p1"),
+    );
+    assert_eq!(n0 + n1, 200);
+    assert!(n0 > 50 && n1 > 50, "split by hash: {n0} + {n1}");
+    for q in QUERIES {
+        let a = search(&single.url(), &dir, q, 20);
+        let b = search(&coord.url(), &dir, q, 20);
+        assert_same_hits(&a, &b, q);
+    }
+    let o = clasp(&["store", "check", &coord.url()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A shard that is down: the error names it.
+    s1.stop();
+    let o = clasp(&[
+        "search",
+        "a dog",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--store",
+        &coord.url(),
+        "--no-index",
+        "--timeout",
+        "5",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("clasp_shard_1"), "names the shard: {err}");
+}
+
+/// Searches go to a streaming replica (`--replica`), which answers as the
+/// primary does once it has replayed the index run; a replica that is down
+/// is skipped with a warning.
+#[test]
+fn searches_go_to_a_replica_and_skip_one_that_is_down() {
+    let primary = Pg::start(55421);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("photos");
+    photos(&dir, 0..80);
+    index(&dir, &primary.url());
+    let replica = Pg { port: 55422 };
+    let _ = replica.script(&["destroy", "55422"]);
+    let o = replica.script(&["replica", "55421", "55422"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The replica is read-only and has the primary's rows.
+    let mut c = postgres::Client::connect(&replica.url(), postgres::NoTls).unwrap();
+    let in_recovery: bool = c
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "a standby");
+    let t0 = std::time::Instant::now();
+    while c
+        .query_one("SELECT COUNT(*) FROM clasp_files", &[])
+        .unwrap()
+        .get::<_, i64>(0)
+        < 80
+    {
+        assert!(t0.elapsed().as_secs() < 30, "the replica caught up");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let with_replica = |extra: &[&str]| {
+        let mut args = vec![
+            "search",
+            "a dog on grass",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--store",
+        ];
+        let url = primary.url();
+        args.push(&url);
+        args.extend_from_slice(&["--no-index", "--json", "-k", "10", "--timeout", "3"]);
+        args.extend_from_slice(extra);
+        clasp(&args)
+    };
+    let scans = |c: &mut postgres::Client| -> i64 {
+        c.batch_execute("SELECT pg_stat_clear_snapshot()").unwrap();
+        c.query_one(
+            "SELECT COALESCE(SUM(COALESCE(seq_scan, 0) + COALESCE(idx_scan, 0)), 0)::int8
+             FROM pg_stat_user_tables WHERE relname = 'clasp_vectors_1'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let direct = ok(&with_replica(&[]));
+    let before = scans(&mut c);
+    let rurl = replica.url();
+    let via = with_replica(&["--replica", &rurl]);
+    assert_eq!(ok(&via), direct, "the replica answers as the primary");
+    // The search really went there: the replica counts a scan of the vectors.
+    let t0 = std::time::Instant::now();
+    while scans(&mut c) <= before {
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "the replica scanned the vectors"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(c);
+    replica.stop();
+    let o = with_replica(&["--replica", &rurl]);
+    assert_eq!(ok(&o), direct, "a replica that is down is skipped");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("skipping replica") && err.contains("55422"),
+        "{err}"
+    );
+}

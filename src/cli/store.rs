@@ -8,13 +8,18 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 
 use super::BarProgress;
-use clasp::index::{store, ConnectOptions};
+use clasp::index::postgres::PgStore;
+use clasp::index::{store, ConnectOptions, Store};
 
 #[derive(Subcommand, Debug)]
 pub enum StoreCommand {
     /// Copy every model, file and vector from one store to another without re-embedding
     /// (resumable: run it again after an interruption; verified at the end).
     Copy(CopyArgs),
+    /// Make a new PostgreSQL store the coordinator of shards: every model's vectors are
+    /// hash-partitioned over them (postgres_fdw foreign tables, each shard with its own HNSW
+    /// index); the catalog stays on the coordinator.
+    Init(InitArgs),
     /// Check a store's consistency: every embeddable file has a vector for each model, and no
     /// vector is orphaned.
     Check(CheckArgs),
@@ -32,6 +37,19 @@ pub struct CopyArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// The coordinator: a PostgreSQL URL [default: $CLASP_STORE].
+    #[arg(long)]
+    pub store: Option<String>,
+    /// A shard's PostgreSQL URL, with its password if it needs one (repeatable; at least two).
+    #[arg(long = "shard", value_name = "URL", required = true)]
+    pub shards: Vec<String>,
+    /// Seconds before a PostgreSQL connection or statement gives up.
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout: f64,
 }
 
 #[derive(Args, Debug)]
@@ -73,6 +91,22 @@ pub fn run(c: StoreCommand) -> Result<ExitCode> {
                     to.describe()
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCommand::Init(a) => {
+            let Some(spec) = a.store.or_else(|| std::env::var("CLASP_STORE").ok()) else {
+                bail!("give the coordinator with --store postgres://... (or CLASP_STORE)");
+            };
+            if !store::is_postgres(&spec) {
+                bail!("{spec}: shards need a PostgreSQL store (postgres://...)");
+            }
+            let mut st = PgStore::connect(&spec, &options(a.timeout)?)?;
+            st.init_shards(&a.shards)?;
+            note!(
+                "{} now shards its vectors over {} servers",
+                st.describe(),
+                a.shards.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         StoreCommand::Check(a) => {

@@ -233,6 +233,11 @@ impl PgStore {
                  last_used BIGINT NOT NULL DEFAULT 0
              );
              CREATE TABLE IF NOT EXISTS clasp_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+             CREATE TABLE IF NOT EXISTS clasp_shards (
+                 idx INTEGER PRIMARY KEY,
+                 server TEXT NOT NULL UNIQUE,
+                 shown TEXT NOT NULL
+             );
              INSERT INTO clasp_meta (key, value) VALUES ('generation', 0) ON CONFLICT DO NOTHING;",
         )
         .map_err(|e| pg_err(&shown, e))?;
@@ -257,6 +262,130 @@ impl PgStore {
                 self.shown
             ))),
         }
+    }
+}
+
+/// Makes model table `t` hash-partitioned over the shards: on each shard
+/// (through dblink and the shard's foreign server, so clasp keeps no shard
+/// password of its own) a plain table with its own HNSW index; on the
+/// coordinator a `postgres_fdw` foreign table per shard as the partition.
+fn create_sharded(
+    tx: &mut Transaction,
+    t: &str,
+    dim: usize,
+    shards: &[String],
+) -> std::result::Result<(), postgres::Error> {
+    let n = shards.len();
+    tx.batch_execute(&format!(
+        "CREATE TABLE {t} (hash BYTEA NOT NULL, embedding vector({dim}) NOT NULL) PARTITION BY HASH (hash);"
+    ))?;
+    for (i, server) in shards.iter().enumerate() {
+        let part = format!("{t}_p{i}");
+        let remote = format!(
+            "CREATE EXTENSION IF NOT EXISTS vector;
+             CREATE TABLE IF NOT EXISTS {part} (hash BYTEA PRIMARY KEY, embedding vector({dim}) NOT NULL);
+             CREATE INDEX IF NOT EXISTS {part}_hnsw ON {part} USING hnsw (embedding vector_cosine_ops);"
+        );
+        tx.execute("SELECT dblink_exec($1, $2)", &[server, &remote])?;
+        // The server name is clasp's own (clasp_shard_<i>), quoted anyway.
+        let ddl: String = tx
+            .query_one(
+                "SELECT format('CREATE FOREIGN TABLE %I PARTITION OF %I
+                   FOR VALUES WITH (MODULUS %s, REMAINDER %s) SERVER %I
+                   OPTIONS (table_name %L)', $1::text, $2::text, $3::int, $4::int, $5::text, $1::text)",
+                &[&part, &t, &(n as i32), &(i as i32), server],
+            )?
+            .get(0);
+        tx.batch_execute(&ddl)?;
+    }
+    Ok(())
+}
+
+impl PgStore {
+    /// Makes this store the coordinator of `shards` (PostgreSQL URLs, each
+    /// with its password if the server needs one): a `postgres_fdw` foreign
+    /// server and user mapping per shard. Every model's vectors are then
+    /// hash-partitioned over them. Only a store without models can be
+    /// sharded (its vectors would have to move).
+    pub fn init_shards(&mut self, shards: &[String]) -> Result<()> {
+        let shown = self.shown.clone();
+        if shards.len() < 2 {
+            return Err(Error::Report(format!(
+                "{shown}: sharding needs at least two --shard URLs"
+            )));
+        }
+        let mut tx = self.client.transaction().map_err(|e| pg_err(&shown, e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .map_err(|e| pg_err(&shown, e))?;
+        let models: i64 = tx
+            .query_one("SELECT COUNT(*) FROM clasp_models", &[])
+            .map_err(|e| pg_err(&shown, e))?
+            .get(0);
+        let existing: i64 = tx
+            .query_one("SELECT COUNT(*) FROM clasp_shards", &[])
+            .map_err(|e| pg_err(&shown, e))?
+            .get(0);
+        if models > 0 || existing > 0 {
+            return Err(Error::Report(format!(
+                "{shown}: only a new store can be sharded (this one has {models} models and \
+                 {existing} shards); shard a new store, then `clasp store copy` into it"
+            )));
+        }
+        tx.batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS postgres_fdw; CREATE EXTENSION IF NOT EXISTS dblink;",
+        )
+        .map_err(|e| pg_err(&shown, e))?;
+        for (i, url) in shards.iter().enumerate() {
+            let cfg = config(url, self.opts.timeout)?;
+            let host = match cfg.get_hosts().first() {
+                Some(postgres::config::Host::Tcp(h)) => h.clone(),
+                _ => {
+                    return Err(Error::Report(format!(
+                        "{}: a shard needs a TCP host",
+                        redact(url)
+                    )))
+                }
+            };
+            let port = cfg.get_ports().first().copied().unwrap_or(5432).to_string();
+            let db = cfg.get_dbname().unwrap_or("postgres").to_string();
+            let user = cfg.get_user().unwrap_or("postgres").to_string();
+            let password = cfg
+                .get_password()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .unwrap_or_default();
+            // Reach the shard first, so a bad URL is named now.
+            drop(connect_config(&cfg, &redact(url))?);
+            let server = format!("clasp_shard_{i}");
+            // DDL takes no parameters: PostgreSQL's own format() quotes the
+            // values (%I identifiers, %L literals).
+            let statements: [(&str, Vec<&(dyn postgres::types::ToSql + Sync)>); 2] = [
+                (
+                    "SELECT format('CREATE SERVER %I FOREIGN DATA WRAPPER postgres_fdw OPTIONS
+                       (host %L, port %L, dbname %L, extensions ''vector'',
+                        async_capable ''true'', fetch_size ''10000'')',
+                       $1::text, $2::text, $3::text, $4::text)",
+                    vec![&server, &host, &port, &db],
+                ),
+                (
+                    "SELECT format('CREATE USER MAPPING FOR CURRENT_USER SERVER %I OPTIONS
+                       (user %L, password %L)', $1::text, $2::text, $3::text)",
+                    vec![&server, &user, &password],
+                ),
+            ];
+            for (sql, params) in statements {
+                let ddl: String = tx
+                    .query_one(sql, &params)
+                    .map_err(|e| pg_err(&shown, e))?
+                    .get(0);
+                tx.batch_execute(&ddl).map_err(|e| pg_err(&shown, e))?;
+            }
+            tx.execute(
+                "INSERT INTO clasp_shards (idx, server, shown) VALUES ($1, $2, $3)",
+                &[&(i as i32), &server, &redact(url)],
+            )
+            .map_err(|e| pg_err(&shown, e))?;
+        }
+        tx.commit().map_err(|e| pg_err(&shown, e))
     }
 }
 
@@ -308,7 +437,7 @@ impl StoreWriter for PgWriter<'_, '_> {
 
     fn put_vector(&mut self, model: i64, hash: &Hash, v: &[f32]) -> Result<()> {
         let sql = format!(
-            "INSERT INTO {} (hash, embedding) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
+            "INSERT INTO {} (hash, embedding) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             vectors_table(model)
         );
         self.tx
@@ -377,11 +506,27 @@ impl Store for PgStore {
             )));
         }
         let t = vectors_table(id);
-        tx.batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {t} (hash BYTEA PRIMARY KEY, embedding vector({dim}) NOT NULL);
-             CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding vector_cosine_ops);"
-        ))
-        .map_err(|e| pg_err(&shown, e))?;
+        let exists: bool = tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t])
+            .map_err(|e| pg_err(&shown, e))?
+            .get(0);
+        if !exists {
+            let shards: Vec<String> = tx
+                .query("SELECT server FROM clasp_shards ORDER BY idx", &[])
+                .map_err(|e| pg_err(&shown, e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if shards.is_empty() {
+                tx.batch_execute(&format!(
+                    "CREATE TABLE {t} (hash BYTEA PRIMARY KEY, embedding vector({dim}) NOT NULL);
+                     CREATE INDEX {t}_hnsw ON {t} USING hnsw (embedding vector_cosine_ops);"
+                ))
+                .map_err(|e| pg_err(&shown, e))?;
+            } else {
+                create_sharded(&mut tx, &t, dim, &shards).map_err(|e| pg_err(&shown, e))?;
+            }
+        }
         tx.commit().map_err(|e| pg_err(&shown, e))?;
         Ok(id)
     }
