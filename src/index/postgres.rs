@@ -182,6 +182,17 @@ fn vectors_table(id: i64) -> String {
     format!("clasp_vectors_{id}")
 }
 
+/// Vectors stored inline in the row, never compressed or moved out of line
+/// (TOAST), while a row still fits a page: an exact scan then reads them
+/// straight from the heap (pgvector's advice), several times faster.
+fn storage(dim: usize) -> &'static str {
+    if dim * 4 + 64 < 8000 {
+        "STORAGE PLAIN"
+    } else {
+        ""
+    }
+}
+
 /// An arbitrary fixed key for the schema lock.
 const SCHEMA_LOCK: i64 = 0x636c_6173_7073_6368;
 
@@ -276,6 +287,7 @@ fn create_sharded(
     shards: &[String],
 ) -> std::result::Result<(), postgres::Error> {
     let n = shards.len();
+    let storage = storage(dim);
     tx.batch_execute(&format!(
         "CREATE TABLE {t} (hash BYTEA NOT NULL, embedding vector({dim}) NOT NULL) PARTITION BY HASH (hash);"
     ))?;
@@ -283,7 +295,7 @@ fn create_sharded(
         let part = format!("{t}_p{i}");
         let remote = format!(
             "CREATE EXTENSION IF NOT EXISTS vector;
-             CREATE TABLE IF NOT EXISTS {part} (hash BYTEA PRIMARY KEY, embedding vector({dim}) NOT NULL);
+             CREATE TABLE IF NOT EXISTS {part} (hash BYTEA PRIMARY KEY, embedding vector({dim}) {storage} NOT NULL);
              CREATE INDEX IF NOT EXISTS {part}_hnsw ON {part} USING hnsw (embedding vector_cosine_ops);"
         );
         tx.execute("SELECT dblink_exec($1, $2)", &[server, &remote])?;
@@ -357,12 +369,16 @@ impl PgStore {
             drop(connect_config(&cfg, &redact(url))?);
             let server = format!("clasp_shard_{i}");
             // DDL takes no parameters: PostgreSQL's own format() quotes the
-            // values (%I identifiers, %L literals).
+            // values (%I identifiers, %L literals). postgres_fdw pushes a
+            // k-NN query's ORDER BY down to each shard but not its LIMIT;
+            // the coordinator merges the shards' ordered scans, so a small
+            // fetch_size keeps each shard from sending its whole table
+            // (measured: 700 ms -> see bench/RESULTS.md at 10k vectors).
             let statements: [(&str, Vec<&(dyn postgres::types::ToSql + Sync)>); 2] = [
                 (
                     "SELECT format('CREATE SERVER %I FOREIGN DATA WRAPPER postgres_fdw OPTIONS
                        (host %L, port %L, dbname %L, extensions ''vector'',
-                        async_capable ''true'', fetch_size ''10000'')',
+                        async_capable ''true'', fetch_size ''100'')',
                        $1::text, $2::text, $3::text, $4::text)",
                     vec![&server, &host, &port, &db],
                 ),
@@ -389,38 +405,86 @@ impl PgStore {
     }
 }
 
+/// Writes inside one transaction. File rows and vectors are buffered and
+/// sent as one multi-row statement each (`unnest` of array parameters), so
+/// a batch costs a few round trips, not one per row; a removal, a move or
+/// the end of the transaction sends what is buffered first, keeping the
+/// order of the calls.
 struct PgWriter<'a, 'b> {
     tx: &'a mut Transaction<'b>,
     shown: &'a str,
+    files: Vec<FileRow>,
+    vectors: Vec<(i64, Hash, Vec<f32>)>,
 }
 
 impl PgWriter<'_, '_> {
     fn err(&self, e: postgres::Error) -> Error {
         pg_err(self.shown, e)
     }
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.files.is_empty() {
+            // One statement may not update a row twice: the last write of a
+            // path wins, as it would row by row.
+            let mut last: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+            for (i, f) in self.files.iter().enumerate() {
+                last.insert(&f.path, i);
+            }
+            let rows: Vec<&FileRow> = self
+                .files
+                .iter()
+                .enumerate()
+                .filter(|(i, f)| last[f.path.as_str()] == *i)
+                .map(|x| x.1)
+                .collect();
+            let paths: Vec<&str> = rows.iter().map(|f| f.path.as_str()).collect();
+            let sizes: Vec<i64> = rows.iter().map(|f| f.size as i64).collect();
+            let mtimes: Vec<i64> = rows.iter().map(|f| f.mtime_ns).collect();
+            let hashes: Vec<Option<&[u8]>> =
+                rows.iter().map(|f| f.hash.as_ref().map(|h| &h[..])).collect();
+            let errors: Vec<Option<&str>> = rows.iter().map(|f| f.error.as_deref()).collect();
+            let captions: Vec<&str> = rows.iter().map(|f| f.caption.as_str()).collect();
+            self.tx
+                .execute(
+                    "INSERT INTO clasp_files (path, size, mtime_ns, hash, error, caption)
+                     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[],
+                                          $5::text[], $6::text[])
+                     ON CONFLICT (path) DO UPDATE SET size = excluded.size,
+                       mtime_ns = excluded.mtime_ns, hash = excluded.hash,
+                       error = excluded.error, caption = excluded.caption",
+                    &[&paths, &sizes, &mtimes, &hashes, &errors, &captions],
+                )
+                .map_err(|e| pg_err(self.shown, e))?;
+            self.files.clear();
+        }
+        if !self.vectors.is_empty() {
+            let mut models: Vec<i64> = self.vectors.iter().map(|v| v.0).collect();
+            models.sort_unstable();
+            models.dedup();
+            for m in models {
+                let mine: Vec<&(i64, Hash, Vec<f32>)> =
+                    self.vectors.iter().filter(|v| v.0 == m).collect();
+                let hashes: Vec<&[u8]> = mine.iter().map(|v| &v.1[..]).collect();
+                let vecs: Vec<Vector> = mine.iter().map(|v| Vector::from(v.2.clone())).collect();
+                let sql = format!(
+                    "INSERT INTO {} (hash, embedding) SELECT * FROM unnest($1::bytea[], $2::vector[])
+                     ON CONFLICT DO NOTHING",
+                    vectors_table(m)
+                );
+                self.tx
+                    .execute(&sql, &[&hashes, &vecs])
+                    .map_err(|e| pg_err(self.shown, e))?;
+            }
+            self.vectors.clear();
+        }
+        Ok(())
+    }
 }
 
 impl StoreWriter for PgWriter<'_, '_> {
     fn upsert_file(&mut self, f: &FileRow) -> Result<()> {
-        let hash = f.hash.as_ref().map(|h| &h[..]);
-        self.tx
-            .execute(
-                "INSERT INTO clasp_files (path, size, mtime_ns, hash, error, caption)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (path) DO UPDATE SET size = excluded.size,
-                   mtime_ns = excluded.mtime_ns, hash = excluded.hash, error = excluded.error,
-                   caption = excluded.caption",
-                &[
-                    &f.path,
-                    &(f.size as i64),
-                    &f.mtime_ns,
-                    &hash,
-                    &f.error,
-                    &f.caption,
-                ],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        self.files.push(f.clone());
+        Ok(())
     }
 
     fn move_file(&mut self, from: &str, to: &FileRow) -> Result<()> {
@@ -429,6 +493,7 @@ impl StoreWriter for PgWriter<'_, '_> {
     }
 
     fn remove_file(&mut self, path: &str) -> Result<()> {
+        self.flush()?;
         self.tx
             .execute("DELETE FROM clasp_files WHERE path = $1", &[&path])
             .map(|_| ())
@@ -436,17 +501,12 @@ impl StoreWriter for PgWriter<'_, '_> {
     }
 
     fn put_vector(&mut self, model: i64, hash: &Hash, v: &[f32]) -> Result<()> {
-        let sql = format!(
-            "INSERT INTO {} (hash, embedding) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            vectors_table(model)
-        );
-        self.tx
-            .execute(&sql, &[&&hash[..], &Vector::from(v.to_vec())])
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        self.vectors.push((model, *hash, v.to_vec()));
+        Ok(())
     }
 
     fn drop_orphan_vectors(&mut self) -> Result<usize> {
+        self.flush()?;
         let ids: Vec<i64> = self
             .tx
             .query("SELECT id FROM clasp_models ORDER BY id", &[])
@@ -518,8 +578,9 @@ impl Store for PgStore {
                 .map(|r| r.get(0))
                 .collect();
             if shards.is_empty() {
+                let storage = storage(dim);
                 tx.batch_execute(&format!(
-                    "CREATE TABLE {t} (hash BYTEA PRIMARY KEY, embedding vector({dim}) NOT NULL);
+                    "CREATE TABLE {t} (hash BYTEA PRIMARY KEY, embedding vector({dim}) {storage} NOT NULL);
                      CREATE INDEX {t}_hnsw ON {t} USING hnsw (embedding vector_cosine_ops);"
                 ))
                 .map_err(|e| pg_err(&shown, e))?;
@@ -685,10 +746,14 @@ impl Store for PgStore {
             &[],
         )
         .map_err(|e| pg_err(&shown, e))?;
-        f(&mut PgWriter {
+        let mut w = PgWriter {
             tx: &mut tx,
             shown: &shown,
-        })?;
+            files: Vec::new(),
+            vectors: Vec::new(),
+        };
+        f(&mut w)?;
+        w.flush()?;
         tx.commit().map_err(|e| pg_err(&shown, e))
     }
 
@@ -775,8 +840,17 @@ impl Store for PgStore {
             )
             .map_err(|e| pg_err(&self.shown, e))?
             .get(0);
+        let shards: Vec<String> = self
+            .client
+            .query("SELECT server FROM clasp_shards ORDER BY idx", &[])
+            .map_err(|e| pg_err(&self.shown, e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         let mut search = PgSearch {
             conns: Vec::new(),
+            shards,
+            connected: Mutex::new(false),
             table: vectors_table(model),
             n: n as usize,
             dim,
@@ -798,15 +872,20 @@ impl Store for PgStore {
     }
 
     fn claim(&mut self, hashes: &[Hash]) -> Result<Vec<bool>> {
-        hashes
-            .iter()
-            .map(|h| {
-                self.client
-                    .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key(h)])
-                    .map(|r| r.get::<_, bool>(0))
-                    .map_err(|e| pg_err(&self.shown, e))
-            })
-            .collect()
+        if hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One round trip: the locks are taken in the array's order.
+        let keys: Vec<i64> = hashes.iter().map(lock_key).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT pg_try_advisory_lock(k) FROM unnest($1::int8[]) WITH ORDINALITY AS t(k, i)
+                 ORDER BY i",
+                &[&keys],
+            )
+            .map_err(|e| pg_err(&self.shown, e))?;
+        Ok(rows.iter().map(|r| r.get::<_, bool>(0)).collect())
     }
 
     fn claim_wait(&mut self, hash: &Hash) -> Result<()> {
@@ -832,6 +911,11 @@ pub struct PgSearch {
     /// (name, connection): the replicas when given, else the primary. The
     /// first that answers serves each query.
     conns: Vec<(String, Mutex<Client>)>,
+    /// The shards' foreign servers, when the store is sharded: a query
+    /// then fans out to them (see [`PgSearch::fan_out`]).
+    shards: Vec<String>,
+    /// Whether the dblink connections to the shards are open.
+    connected: Mutex<bool>,
     table: String,
     n: usize,
     dim: usize,
@@ -839,10 +923,108 @@ pub struct PgSearch {
     ef_search: Mutex<Option<usize>>,
 }
 
+/// A vector as a pgvector literal: Rust's shortest round-trip decimal of
+/// each f32, so the server parses back the same floats.
+fn vector_literal(v: &[f32]) -> String {
+    let mut s = String::with_capacity(v.len() * 12);
+    s.push('[');
+    for (i, x) in v.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!("{x:?}"));
+    }
+    s.push(']');
+    s
+}
+
 impl PgSearch {
-    /// HNSW's candidate list size (pgvector's `hnsw.ef_search`).
-    pub fn set_ef_search(&self, ef: usize) {
-        *self.ef_search.lock().expect("ef_search lock") = Some(ef);
+    /// k-NN over a sharded store: the same query, with its LIMIT, sent to
+    /// every shard at once through dblink (`dblink_send_query` returns at
+    /// once; the shards work in parallel), each answered by the shard's own
+    /// table and HNSW index; the coordinator session collects the shards'
+    /// top k and they are merged here. postgres_fdw's merge of ordered
+    /// scans, the plain path, cannot push the LIMIT (nor `hnsw.ef_search`)
+    /// down; bench/RESULTS.md has both measured. The query text carries
+    /// only numbers and hex formatted here, never user text.
+    fn fan_out(
+        &self,
+        c: &mut Client,
+        query: &[f32],
+        k: usize,
+        allow: Option<&HashSet<Hash>>,
+        ef: Option<usize>,
+    ) -> std::result::Result<Vec<(Hash, f32)>, postgres::Error> {
+        let mut connected = self.connected.lock().expect("shard connections lock");
+        if !*connected {
+            for (i, server) in self.shards.iter().enumerate() {
+                c.execute(
+                    "SELECT dblink_connect($1, $2)",
+                    &[&format!("clasp_q{i}"), server],
+                )?;
+            }
+            *connected = true;
+        }
+        let v = vector_literal(query);
+        let filter = allow.map(|a| {
+            let list: Vec<String> = a
+                .iter()
+                .map(|h| {
+                    let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+                    format!("'\\x{hex}'::bytea")
+                })
+                .collect();
+            format!("WHERE hash IN ({})", list.join(","))
+        });
+        let filter = filter.as_deref().unwrap_or("");
+        for (i, _) in self.shards.iter().enumerate() {
+            let name = format!("clasp_q{i}");
+            let part = format!("{}_p{i}", self.table);
+            if self.ann {
+                let ef = ef.unwrap_or(40).max(1);
+                c.execute(
+                    "SELECT dblink_exec($1, $2)",
+                    &[&name, &format!("SET hnsw.ef_search = {ef}")],
+                )?;
+                if allow.is_some() {
+                    c.execute(
+                        "SELECT dblink_exec($1, $2)",
+                        &[&name, &"SET hnsw.iterative_scan = strict_order"],
+                    )?;
+                }
+            }
+            let sql = if self.ann {
+                format!(
+                    "SELECT hash, (1 - (embedding <=> '{v}'))::float4 FROM {part} {filter}
+                     ORDER BY embedding <=> '{v}' LIMIT {k}"
+                )
+            } else {
+                format!(
+                    "SELECT hash, (-(embedding <#> '{v}'))::float4 FROM {part} {filter}
+                     ORDER BY embedding <#> '{v}', hash LIMIT {k}"
+                )
+            };
+            c.execute("SELECT dblink_send_query($1, $2)", &[&name, &sql])?;
+        }
+        let mut hits: Vec<(Hash, f32)> = Vec::new();
+        for (i, _) in self.shards.iter().enumerate() {
+            let rows = c.query(
+                "SELECT hash, score FROM dblink_get_result($1) AS t(hash bytea, score float4)",
+                &[&format!("clasp_q{i}")],
+            )?;
+            // The end-of-results marker that dblink_get_result leaves.
+            c.query(
+                "SELECT * FROM dblink_get_result($1) AS t(hash bytea, score float4)",
+                &[&format!("clasp_q{i}")],
+            )?;
+            hits.extend(
+                rows.iter()
+                    .filter_map(|r| Some((hash_of(r.get::<_, &[u8]>(0))?, r.get::<_, f32>(1)))),
+            );
+        }
+        hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        hits.truncate(k);
+        Ok(hits)
     }
 }
 
@@ -861,6 +1043,7 @@ impl VectorSearch for PgSearch {
             )));
         }
         let q = Vector::from(query.to_vec());
+        let allow_set = allow;
         let allow: Option<Vec<&[u8]>> = allow.map(|s| s.iter().map(|h| &h[..]).collect());
         let filter = if allow.is_some() {
             "WHERE hash = ANY($2)"
@@ -884,6 +1067,15 @@ impl VectorSearch for PgSearch {
         let mut last = None;
         for (name, conn) in &self.conns {
             let mut c = conn.lock().expect("connection lock");
+            if !self.shards.is_empty() {
+                match self.fan_out(&mut c, query, k, allow_set, ef) {
+                    Ok(hits) => return Ok(hits),
+                    Err(e) => {
+                        last = Some(pg_err(name, e));
+                        continue;
+                    }
+                }
+            }
             let r = (|| {
                 let mut tx = c.transaction()?;
                 if self.ann {
@@ -922,6 +1114,11 @@ impl VectorSearch for PgSearch {
 
     fn len(&self) -> usize {
         self.n
+    }
+
+    /// pgvector's `hnsw.ef_search`.
+    fn set_ef_search(&self, ef: usize) {
+        *self.ef_search.lock().expect("ef_search lock") = Some(ef);
     }
 
     fn name(&self) -> &'static str {
