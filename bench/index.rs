@@ -321,7 +321,7 @@ fn postgres_bench(pg: &PgTargets, model: &str, n_photos: usize, rounds: usize, s
         let sstore = sdir.path().join("s.sqlite");
         let snap_path = index::engine::snapshot_path(&sstore, 1);
         let mut sorted = rows.clone();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        sorted.sort_by_key(|a| a.0);
         write_snapshot(&snap_path, 1, &sorted).unwrap();
         drop(sorted);
         let exact = ExactIndex {
