@@ -265,7 +265,7 @@ struct PgTargets {
 fn postgres_bench(pg: &PgTargets, model: &str, n_photos: usize, rounds: usize, sizes: &[usize]) {
     let opts = ConnectOptions {
         timeout: std::time::Duration::from_secs(600),
-        replicas: vec![],
+        ..Default::default()
     };
     // 1. Indexing throughput.
     let enc = clasp::Encoder::load(model, &candle_core::Device::Cpu).unwrap();

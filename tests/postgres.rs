@@ -662,3 +662,93 @@ fn searches_go_to_a_replica_and_skip_one_that_is_down() {
         "{err}"
     );
 }
+
+/// `--pg-vector halfvec` keeps f16 vectors (half the space): each stored
+/// value is the f32 one rounded to f16, and searches find the f32 store's
+/// neighbours with scores within f16's rounding.
+#[test]
+fn a_halfvec_store_holds_f16_vectors_and_finds_the_same_neighbours() {
+    let pg = Pg::start(55431);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("photos");
+    photos(&dir, 0..120);
+    let sqlite = d.path().join("s.sqlite");
+    index(&dir, sqlite.to_str().unwrap());
+    let o = clasp(&[
+        "index",
+        dir.to_str().unwrap(),
+        "-m",
+        &common::tiny(),
+        "--store",
+        &pg.url(),
+        "--json",
+        "--check",
+        "--pg-vector",
+        "halfvec",
+    ]);
+    ok(&o);
+    let mut c = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let ty: String = c
+        .query_one(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = 'clasp_vectors_1'::regclass AND attname = 'embedding'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ty.starts_with("halfvec("), "{ty}");
+    let mut lite =
+        store::open(sqlite.to_str().unwrap(), false, &ConnectOptions::default()).unwrap();
+    let mut pgs = store::open(&pg.url(), false, &ConnectOptions::default()).unwrap();
+    let a = lite.model_vectors(1).unwrap();
+    let b = pgs.model_vectors(1).unwrap();
+    assert_eq!(a.len(), b.len());
+    for ((ha, va), (hb, vb)) in a.iter().zip(&b) {
+        assert_eq!(ha, hb);
+        for (x, y) in va.iter().zip(vb) {
+            assert_eq!(half::f16::from_f32(*x).to_f32(), *y, "f16 of the f32 value");
+        }
+    }
+    for q in QUERIES {
+        let f32_hits = search(sqlite.to_str().unwrap(), &dir, q, 20);
+        let f16_hits = search(&pg.url(), &dir, q, 20);
+        let set: BTreeSet<&str> = f32_hits.iter().map(|h| h.0.as_str()).collect();
+        let same = f16_hits
+            .iter()
+            .filter(|h| set.contains(h.0.as_str()))
+            .count();
+        assert!(same >= 18, "{q}: {same} of 20 shared");
+        for h in &f16_hits {
+            if let Some(f) = f32_hits.iter().find(|x| x.0 == h.0) {
+                assert!((f.1 - h.1).abs() < 5e-3, "{q}: {} vs {}", f.1, h.1);
+            }
+        }
+    }
+    // The HNSW index over halfvec (halfvec_cosine_ops) serves a search too.
+    let v = ok(&clasp(&[
+        "search",
+        "a dog",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--store",
+        &pg.url(),
+        "--no-index",
+        "--json",
+        "-k",
+        "10",
+        "--ann-threshold",
+        "1",
+        "--ef-search",
+        "200",
+    ]));
+    assert_eq!(v.as_array().unwrap().len(), 10);
+    let opclass: String = c
+        .query_one(
+            "SELECT opcname FROM pg_index i JOIN pg_opclass o ON o.oid = i.indclass[0]
+             WHERE i.indrelid = 'clasp_vectors_1'::regclass AND NOT i.indisprimary",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(opclass, "halfvec_cosine_ops");
+}

@@ -79,6 +79,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         options: clasp::index::ConnectOptions {
             timeout: Duration::from_millis(a.timeout_ms.max(1)),
             replicas: a.replicas.clone(),
+            ..Default::default()
         },
     });
     let store_model = match (&store, &encoder, &a.model) {

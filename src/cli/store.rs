@@ -67,7 +67,7 @@ fn options(timeout: f64) -> Result<ConnectOptions> {
     }
     Ok(ConnectOptions {
         timeout: std::time::Duration::from_secs_f64(timeout),
-        replicas: Vec::new(),
+        ..Default::default()
     })
 }
 

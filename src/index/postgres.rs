@@ -35,7 +35,7 @@ use postgres::{Client, Config, Transaction};
 
 use super::catalog::{under, FileRow, Hash};
 use super::engine::VectorSearch;
-use super::store::{ConnectOptions, ModelRow, Store, StoreWriter};
+use super::store::{ConnectOptions, ModelRow, Store, StoreWriter, VectorType};
 use crate::{Error, Result};
 
 /// A PostgreSQL store.
@@ -225,12 +225,18 @@ impl PgStore {
         if has {
             return Ok(());
         }
+        let vtype: String = self
+            .client
+            .query_one("SELECT vtype FROM clasp_models WHERE id = $1", &[&model])
+            .map_err(|e| pg_err(&shown, e))?
+            .get(0);
+        let vtype = VectorType::parse(&vtype).unwrap_or_default().sql();
         tracing::info!(table = %t, "building the HNSW index");
         let mut tx = self.client.transaction().map_err(|e| pg_err(&shown, e))?;
         tx.batch_execute(&format!(
             "SET LOCAL maintenance_work_mem = '1GB';
              SET LOCAL statement_timeout = 0;
-             CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding vector_cosine_ops);"
+             CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding {vtype}_cosine_ops);"
         ))
         .map_err(|e| pg_err(&shown, e))?;
         tx.commit().map_err(|e| pg_err(&shown, e))
@@ -282,6 +288,7 @@ impl PgStore {
                  weights_mtime_ns BIGINT,
                  last_used BIGINT NOT NULL DEFAULT 0
              );
+             ALTER TABLE clasp_models ADD COLUMN IF NOT EXISTS vtype TEXT NOT NULL DEFAULT 'vector';
              CREATE TABLE IF NOT EXISTS clasp_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
              CREATE TABLE IF NOT EXISTS clasp_shards (
                  idx INTEGER PRIMARY KEY,
@@ -322,20 +329,21 @@ impl PgStore {
 fn create_sharded(
     tx: &mut Transaction,
     t: &str,
+    vtype: &str,
     dim: usize,
     shards: &[String],
 ) -> std::result::Result<(), postgres::Error> {
     let n = shards.len();
     let storage = storage(dim);
     tx.batch_execute(&format!(
-        "CREATE TABLE {t} (hash BYTEA NOT NULL, embedding vector({dim}) NOT NULL) PARTITION BY HASH (hash);"
+        "CREATE TABLE {t} (hash BYTEA NOT NULL, embedding {vtype}({dim}) NOT NULL) PARTITION BY HASH (hash);"
     ))?;
     for (i, server) in shards.iter().enumerate() {
         let part = format!("{t}_p{i}");
         let remote = format!(
             "CREATE EXTENSION IF NOT EXISTS vector;
-             CREATE TABLE IF NOT EXISTS {part} (hash BYTEA PRIMARY KEY, embedding vector({dim}) {storage} NOT NULL);
-             CREATE INDEX IF NOT EXISTS {part}_hnsw ON {part} USING hnsw (embedding vector_cosine_ops);"
+             CREATE TABLE IF NOT EXISTS {part} (hash BYTEA PRIMARY KEY, embedding {vtype}({dim}) {storage} NOT NULL);
+             CREATE INDEX IF NOT EXISTS {part}_hnsw ON {part} USING hnsw (embedding {vtype}_cosine_ops);"
         );
         tx.execute("SELECT dblink_exec($1, $2)", &[server, &remote])?;
         // The server name is clasp's own (clasp_shard_<i>), quoted anyway.
@@ -509,7 +517,7 @@ impl PgWriter<'_, '_> {
                 let vecs: Vec<Vector> = mine.iter().map(|v| Vector::from(v.2.clone())).collect();
                 let sql = format!(
                     "INSERT INTO {} (hash, embedding) SELECT * FROM unnest($1::bytea[], $2::vector[])
-                     ON CONFLICT DO NOTHING",
+                     ON CONFLICT DO NOTHING", // vector -> halfvec by assignment cast
                     vectors_table(m)
                 );
                 self.tx
@@ -594,13 +602,14 @@ impl Store for PgStore {
             .map_err(|e| pg_err(&shown, e))?;
         let row = tx
             .query_one(
-                "INSERT INTO clasp_models (key, spec, dim, last_used) VALUES ($1, $2, $3, $4)
+                "INSERT INTO clasp_models (key, spec, dim, last_used, vtype) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (key) DO UPDATE SET spec = excluded.spec, last_used = excluded.last_used
-                 RETURNING id, dim",
-                &[&&key[..], &spec, &(dim as i32), &now_s()],
+                 RETURNING id, dim, vtype",
+                &[&&key[..], &spec, &(dim as i32), &now_s(), &self.opts.vector_type.sql()],
             )
             .map_err(|e| pg_err(&shown, e))?;
         let (id, stored): (i64, i32) = (row.get(0), row.get(1));
+        let vtype = VectorType::parse(row.get(2)).unwrap_or_default().sql();
         if stored as usize != dim {
             return Err(Error::Report(format!(
                 "{shown}: the store holds this model with {stored}-d vectors, but it embeds to {dim}"
@@ -626,11 +635,11 @@ impl Store for PgStore {
                 // halved indexing speed with a fast model).
                 let storage = storage(dim);
                 tx.batch_execute(&format!(
-                    "CREATE TABLE {t} (hash BYTEA PRIMARY KEY, embedding vector({dim}) {storage} NOT NULL);"
+                    "CREATE TABLE {t} (hash BYTEA PRIMARY KEY, embedding {vtype}({dim}) {storage} NOT NULL);"
                 ))
                 .map_err(|e| pg_err(&shown, e))?;
             } else {
-                create_sharded(&mut tx, &t, dim, &shards).map_err(|e| pg_err(&shown, e))?;
+                create_sharded(&mut tx, &t, vtype, dim, &shards).map_err(|e| pg_err(&shown, e))?;
             }
         }
         tx.commit().map_err(|e| pg_err(&shown, e))?;
@@ -761,7 +770,7 @@ impl Store for PgStore {
 
     fn model_vectors(&mut self, model: i64) -> Result<Vec<(Hash, Vec<f32>)>> {
         let sql = format!(
-            "SELECT v.hash, v.embedding FROM {} v WHERE EXISTS
+            "SELECT v.hash, v.embedding::vector FROM {} v WHERE EXISTS
              (SELECT 1 FROM clasp_files f WHERE f.hash = v.hash AND f.error IS NULL)
              ORDER BY v.hash",
             vectors_table(model)
@@ -883,6 +892,11 @@ impl Store for PgStore {
 
     fn engine(&mut self, model: i64, ann_threshold: usize) -> Result<Box<dyn VectorSearch>> {
         let dim = self.dim_of(model)?;
+        let vtype: String = self
+            .client
+            .query_one("SELECT vtype FROM clasp_models WHERE id = $1", &[&model])
+            .map_err(|e| pg_err(&self.shown, e))?
+            .get(0);
         let n: i64 = self
             .client
             .query_one(
@@ -907,6 +921,7 @@ impl Store for PgStore {
             shards,
             connected: Mutex::new(false),
             table: vectors_table(model),
+            vtype: VectorType::parse(&vtype).unwrap_or_default().sql(),
             n: n as usize,
             dim,
             ann,
@@ -972,6 +987,8 @@ pub struct PgSearch {
     /// Whether the dblink connections to the shards are open.
     connected: Mutex<bool>,
     table: String,
+    /// The column's type: `vector` or `halfvec`.
+    vtype: &'static str,
     n: usize,
     dim: usize,
     ann: bool,
@@ -1107,14 +1124,16 @@ impl VectorSearch for PgSearch {
         };
         let sql = if self.ann {
             format!(
-                "SELECT hash, (1 - (embedding <=> $1))::float4 FROM {t} {filter}
-                 ORDER BY embedding <=> $1 LIMIT {k}",
+                "SELECT hash, (1 - (embedding <=> $1::vector::{v}))::float4 FROM {t} {filter}
+                 ORDER BY embedding <=> $1::vector::{v} LIMIT {k}",
+                v = self.vtype,
                 t = self.table
             )
         } else {
             format!(
-                "SELECT hash, (-(embedding <#> $1))::float4 FROM {t} {filter}
-                 ORDER BY embedding <#> $1, hash LIMIT {k}",
+                "SELECT hash, (-(embedding <#> $1::vector::{v}))::float4 FROM {t} {filter}
+                 ORDER BY embedding <#> $1::vector::{v}, hash LIMIT {k}",
+                v = self.vtype,
                 t = self.table
             )
         };

@@ -136,6 +136,35 @@ pub struct ConnectOptions {
     pub timeout: std::time::Duration,
     /// Read replicas for searches (PostgreSQL only).
     pub replicas: Vec<String>,
+    /// pgvector's column type for a model's vectors when its table is made:
+    /// `vector` (f32) or `halfvec` (f16, half the space).
+    pub vector_type: VectorType,
+}
+
+/// How a PostgreSQL store keeps vectors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VectorType {
+    #[default]
+    Vector,
+    Halfvec,
+}
+
+impl VectorType {
+    /// pgvector's type name (also the prefix of its operator classes).
+    pub fn sql(self) -> &'static str {
+        match self {
+            VectorType::Vector => "vector",
+            VectorType::Halfvec => "halfvec",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "vector" => Some(VectorType::Vector),
+            "halfvec" => Some(VectorType::Halfvec),
+            _ => None,
+        }
+    }
 }
 
 impl Default for ConnectOptions {
@@ -143,6 +172,7 @@ impl Default for ConnectOptions {
         Self {
             timeout: std::time::Duration::from_secs(10),
             replicas: Vec::new(),
+            vector_type: VectorType::Vector,
         }
     }
 }
