@@ -373,7 +373,43 @@ fn sigkill_mid_run_leaves_postgres_consistent_and_a_rerun_completes() {
     assert_eq!(r["embedded"].as_u64(), Some((800 - before) as u64), "{r}");
     assert_eq!(store_files(&pg.url()).len(), 800);
 
-    // A server restart between runs: the next run reconnects and goes on.
+    // The server restarts in the middle of a run: the run stops with an
+    // error naming the store, and the next run completes the work.
+    photos(&dir, 800..1400);
+    let child = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args([
+            "index",
+            dir.to_str().unwrap(),
+            "-m",
+            &common::tiny(),
+            "--store",
+            &pg.url(),
+            "--batch-size",
+            "1",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watch = store::open(&pg.url(), false, &ConnectOptions::default()).unwrap();
+    let t0 = std::time::Instant::now();
+    while watch.files_under(&[]).map(|f| f.len()).unwrap_or(0) < 820 {
+        assert!(t0.elapsed().as_secs() < 300, "the second run got going");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(watch);
+    pg.stop();
+    pg.restart();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the run lost its server");
+    assert!(
+        err.contains("127.0.0.1:55404") && err.contains("terminating connection"),
+        "names the store and what happened: {err}"
+    );
+    let r = index(&dir, &pg.url());
+    assert_eq!(store_files(&pg.url()).len(), 1400, "{r}");
+
+    // A server that is down when a search starts: a clear error, no hang.
     pg.stop();
     let o = clasp(&[
         "search",
