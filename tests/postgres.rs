@@ -481,6 +481,38 @@ fn store_copy_both_ways_keeps_every_file_vector_and_search_result() {
         assert_same_hits(&a, &search(&pg.url(), &dir, q, 15), q);
         assert_same_hits(&a, &search(back.to_str().unwrap(), &dir, q, 15), q);
     }
+    // `clasp serve --store postgres://...` answers /v1/search as the CLI does.
+    let server = common::Server::start(&[
+        "serve",
+        "-m",
+        &common::tiny(),
+        "--store",
+        &pg.url(),
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let (status, v, _) = server.post(
+        "/v1/search",
+        &serde_json::json!({"query": QUERIES[0], "k": 15, "dir": dir.canonicalize().unwrap()}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let served: Vec<(String, f64)> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["path"].as_str().unwrap().to_string(),
+                h["score"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_same_hits(
+        &search(sqlite.to_str().unwrap(), &dir, QUERIES[0], 15),
+        &served,
+        "serve",
+    );
+    drop(server);
     // The copy needed no model: an index run afterwards embeds nothing.
     let s = index(&dir, &pg.url());
     assert_eq!(s["embedded"].as_u64(), Some(0), "{s}");
