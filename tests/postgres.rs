@@ -557,6 +557,23 @@ fn bad_settings_get_errors_that_name_them_and_never_show_the_password() {
     );
     let e = run("postgres://clasp:clasp@127.0.0.1:notaport/clasp");
     assert!(e.contains("not a PostgreSQL URL"), "{e}");
+    // A server without pgvector (PostgreSQL 18 looks for extensions where
+    // extension_control_path says; here, an empty folder).
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        empty.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut c = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    c.batch_execute("CREATE DATABASE novector").unwrap();
+    c.batch_execute(&format!(
+        "ALTER DATABASE novector SET extension_control_path = '{}'",
+        empty.path().display()
+    ))
+    .unwrap();
+    let e = run("postgres://clasp:clasp@127.0.0.1:55406/novector");
+    assert!(e.contains("no pgvector extension"), "{e}");
     // PGPASSWORD stands in for a URL without one.
     let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
         .args([
