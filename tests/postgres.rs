@@ -114,9 +114,10 @@ fn index(dir: &Path, store: &str) -> Value {
     ]))
 }
 
-/// `clasp search --json` over `dir`, exact (no HNSW), as (path, score).
-fn search(store: &str, dir: &Path, query: &str, k: usize) -> Vec<(String, f64)> {
-    let v = ok(&clasp(&[
+/// `clasp search QUERY --dir DIR --store STORE --no-index --json -k K EXTRA...`.
+fn search_output(store: &str, dir: &Path, query: &str, k: usize, extra: &[&str]) -> Output {
+    let k = k.to_string();
+    let mut args = vec![
         "search",
         query,
         "--dir",
@@ -126,10 +127,14 @@ fn search(store: &str, dir: &Path, query: &str, k: usize) -> Vec<(String, f64)> 
         "--no-index",
         "--json",
         "-k",
-        &k.to_string(),
-        "--ann-threshold",
-        "100000000",
-    ]));
+        &k,
+    ];
+    args.extend_from_slice(extra);
+    clasp(&args)
+}
+
+/// Search hits as (path, score).
+fn hits(v: &Value) -> Vec<(String, f64)> {
     v.as_array()
         .unwrap()
         .iter()
@@ -140,6 +145,51 @@ fn search(store: &str, dir: &Path, query: &str, k: usize) -> Vec<(String, f64)> 
             )
         })
         .collect()
+}
+
+/// `clasp search --json` over `dir`, exact (no HNSW), as (path, score).
+fn search(store: &str, dir: &Path, query: &str, k: usize) -> Vec<(String, f64)> {
+    hits(&ok(&search_output(
+        store,
+        dir,
+        query,
+        k,
+        &["--ann-threshold", "100000000"],
+    )))
+}
+
+/// `clasp index DIR -m tiny --store STORE --batch-size B` in the background.
+fn spawn_index(dir: &Path, store: &str, batch: usize, json: bool) -> std::process::Child {
+    let (batch, tiny) = (batch.to_string(), common::tiny());
+    let mut args = vec![
+        "index",
+        dir.to_str().unwrap(),
+        "-m",
+        &tiny,
+        "--store",
+        store,
+        "--batch-size",
+        &batch,
+    ];
+    if json {
+        args.push("--json");
+    }
+    Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `store` holds at least `n` file rows.
+fn wait_for_files(store: &str, n: usize) {
+    let mut watch = store::open(store, true, &ConnectOptions::default()).unwrap();
+    let t0 = std::time::Instant::now();
+    while watch.files_under(&[]).map(|f| f.len()).unwrap_or(0) < n {
+        assert!(t0.elapsed().as_secs() < 300, "{n} files committed in time");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Same paths in the same order, and the same scores to float rounding.
@@ -238,22 +288,13 @@ fn hnsw_search_on_postgres_finds_the_exact_neighbours_at_high_ef() {
     index(&dir, &pg.url());
     for q in QUERIES {
         let exact = search(&pg.url(), &dir, q, 10);
-        let v = ok(&clasp(&[
-            "search",
-            q,
-            "--dir",
-            dir.to_str().unwrap(),
-            "--store",
+        let v = ok(&search_output(
             &pg.url(),
-            "--no-index",
-            "--json",
-            "-k",
-            "10",
-            "--ann-threshold",
-            "1",
-            "--ef-search",
-            "400",
-        ]));
+            &dir,
+            q,
+            10,
+            &["--ann-threshold", "1", "--ef-search", "400"],
+        ));
         let hnsw: BTreeSet<&str> = v
             .as_array()
             .unwrap()
@@ -278,25 +319,10 @@ fn two_writers_on_overlapping_folders_embed_each_content_once() {
     photos(&b, 150..400);
     // The schema first, so both writers start on equal terms.
     drop(store::open(&pg.url(), true, &ConnectOptions::default()).unwrap());
-    let spawn = |dir: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_clasp"))
-            .args([
-                "index",
-                dir.to_str().unwrap(),
-                "-m",
-                &common::tiny(),
-                "--store",
-                &pg.url(),
-                "--json",
-                "--batch-size",
-                "4",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let (ca, cb) = (spawn(&a), spawn(&b));
+    let (ca, cb) = (
+        spawn_index(&a, &pg.url(), 4, true),
+        spawn_index(&b, &pg.url(), 4, true),
+    );
     let (oa, ob) = (
         ca.wait_with_output().unwrap(),
         cb.wait_with_output().unwrap(),
@@ -326,36 +352,11 @@ fn sigkill_mid_run_leaves_postgres_consistent_and_a_rerun_completes() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("photos");
     photos(&dir, 0..800);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clasp"))
-        .args([
-            "index",
-            dir.to_str().unwrap(),
-            "-m",
-            &common::tiny(),
-            "--store",
-            &pg.url(),
-            "--batch-size",
-            "1",
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    let mut committed = 0;
-    let mut watch = store::open(&pg.url(), true, &ConnectOptions::default()).unwrap();
-    while t0.elapsed().as_secs() < 300 {
-        committed = watch.files_under(&[]).map(|f| f.len()).unwrap_or(0);
-        if committed >= 50 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    drop(watch);
+    let mut child = spawn_index(&dir, &pg.url(), 1, false);
+    // Kill it once some batches have committed.
+    wait_for_files(&pg.url(), 50);
     child.kill().unwrap(); // SIGKILL
-    assert!(
-        !child.wait().unwrap().success(),
-        "killed before the end ({committed})"
-    );
+    assert!(!child.wait().unwrap().success(), "killed before the end");
     let mut s = store::open(&pg.url(), false, &ConnectOptions::default()).unwrap();
     let before = s.files_under(&[]).unwrap().len();
     assert!(
@@ -376,27 +377,8 @@ fn sigkill_mid_run_leaves_postgres_consistent_and_a_rerun_completes() {
     // The server restarts in the middle of a run: the run stops with an
     // error naming the store, and the next run completes the work.
     photos(&dir, 800..1400);
-    let child = Command::new(env!("CARGO_BIN_EXE_clasp"))
-        .args([
-            "index",
-            dir.to_str().unwrap(),
-            "-m",
-            &common::tiny(),
-            "--store",
-            &pg.url(),
-            "--batch-size",
-            "1",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut watch = store::open(&pg.url(), false, &ConnectOptions::default()).unwrap();
-    let t0 = std::time::Instant::now();
-    while watch.files_under(&[]).map(|f| f.len()).unwrap_or(0) < 820 {
-        assert!(t0.elapsed().as_secs() < 300, "the second run got going");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    drop(watch);
+    let child = spawn_index(&dir, &pg.url(), 1, false);
+    wait_for_files(&pg.url(), 820);
     pg.stop();
     pg.restart();
     let o = child.wait_with_output().unwrap();
@@ -496,17 +478,7 @@ fn store_copy_both_ways_keeps_every_file_vector_and_search_result() {
         &serde_json::json!({"query": QUERIES[0], "k": 15, "dir": dir.canonicalize().unwrap()}),
     );
     assert_eq!(status, 200, "{v}");
-    let served: Vec<(String, f64)> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h["path"].as_str().unwrap().to_string(),
-                h["score"].as_f64().unwrap(),
-            )
-        })
-        .collect();
+    let served = hits(&v["data"]);
     assert_same_hits(
         &search(sqlite.to_str().unwrap(), &dir, QUERIES[0], 15),
         &served,
@@ -699,19 +671,11 @@ fn searches_go_to_a_replica_and_skip_one_that_is_down() {
         assert!(t0.elapsed().as_secs() < 30, "the replica caught up");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let url = primary.url();
     let with_replica = |extra: &[&str]| {
-        let mut args = vec![
-            "search",
-            "a dog on grass",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--store",
-        ];
-        let url = primary.url();
-        args.push(&url);
-        args.extend_from_slice(&["--no-index", "--json", "-k", "10", "--timeout", "3"]);
+        let mut args = vec!["--timeout", "3"];
         args.extend_from_slice(extra);
-        clasp(&args)
+        search_output(&url, &dir, "a dog on grass", 10, &args)
     };
     let scans = |c: &mut postgres::Client| -> i64 {
         c.batch_execute("SELECT pg_stat_clear_snapshot()").unwrap();
@@ -810,22 +774,13 @@ fn a_halfvec_store_holds_f16_vectors_and_finds_the_same_neighbours() {
         }
     }
     // The HNSW index over halfvec (halfvec_cosine_ops) serves a search too.
-    let v = ok(&clasp(&[
-        "search",
-        "a dog",
-        "--dir",
-        dir.to_str().unwrap(),
-        "--store",
+    let v = ok(&search_output(
         &pg.url(),
-        "--no-index",
-        "--json",
-        "-k",
-        "10",
-        "--ann-threshold",
-        "1",
-        "--ef-search",
-        "200",
-    ]));
+        &dir,
+        "a dog",
+        10,
+        &["--ann-threshold", "1", "--ef-search", "200"],
+    ));
     assert_eq!(v.as_array().unwrap().len(), 10);
     let opclass: String = c
         .query_one(
