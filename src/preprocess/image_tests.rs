@@ -102,3 +102,29 @@ fn empty_and_garbage_bytes_name_the_input() {
         .to_string();
     assert!(e.contains("b.png"), "{e}");
 }
+
+/// Found by fuzzing: a small JPEG whose frame header claims ~2.7 gigapixels
+/// is refused from its header, at once, instead of being decoded.
+#[test]
+fn a_jpeg_claiming_billions_of_pixels_is_refused_before_decoding() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut bytes = std::fs::read(root.join("tests/fixtures/core/images/rgb.jpg")).unwrap();
+    // The baseline frame header: FF C0, length (2), precision (1), height (2), width (2).
+    let sof = bytes
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("a baseline JPEG");
+    bytes[sof + 5..sof + 9].copy_from_slice(&[0xC3, 0xC3, 0xD2, 0xD2]);
+    let t = std::time::Instant::now();
+    let e = decode_image(&bytes, std::path::Path::new("bomb.jpg")).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("bomb.jpg") && msg.contains("53970x50115"),
+        "{msg}"
+    );
+    assert!(msg.contains("decompression bomb"), "{msg}");
+    assert!(t.elapsed().as_secs() < 5, "refused from the header");
+    // At the limit's scale, a real image still decodes.
+    let ok = std::fs::read(root.join("tests/fixtures/core/images/rgb.jpg")).unwrap();
+    assert!(decode_image(&ok, std::path::Path::new("rgb.jpg")).is_ok());
+}
