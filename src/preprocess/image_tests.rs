@@ -128,3 +128,38 @@ fn a_jpeg_claiming_billions_of_pixels_is_refused_before_decoding() {
     let ok = std::fs::read(root.join("tests/fixtures/core/images/rgb.jpg")).unwrap();
     assert!(decode_image(&ok, std::path::Path::new("rgb.jpg")).is_ok());
 }
+
+/// Found by fuzzing: a PNG whose header claims 60x536870957 pixels made the
+/// decoder ask for a 96 GB buffer and abort the process. With a valid CRC
+/// (the fuzz build skips CRC checks) it is now refused from its header.
+#[test]
+fn a_png_claiming_billions_of_pixels_is_refused_not_allocated() {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 == 1 {
+                    (c >> 1) ^ 0xEDB8_8320
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut bytes = std::fs::read(root.join("tests/fixtures/core/images/palette.png")).unwrap();
+    // IHDR: length (4) "IHDR" width (4) height (4) ... CRC over type + data.
+    assert_eq!(&bytes[12..16], b"IHDR");
+    bytes[16..20].copy_from_slice(&60u32.to_be_bytes());
+    bytes[20..24].copy_from_slice(&0x2000_002Du32.to_be_bytes());
+    let crc = crc32(&bytes[12..29]);
+    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    let e = decode_image(&bytes, std::path::Path::new("tall.png")).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("60x536870957") && msg.contains("decompression bomb"),
+        "{msg}"
+    );
+}
