@@ -67,6 +67,22 @@ fn clustered(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// Queries: perturbed stored vectors (a near-duplicate photo, a paraphrase).
+fn perturbed_queries(rows: &[([u8; 32], Vec<f32>)], count: usize) -> Vec<Vec<f32>> {
+    let mut r = Rng(7);
+    (0..count)
+        .map(|i| {
+            let mut q: Vec<f32> = rows[(i * 104729) % rows.len()]
+                .1
+                .iter()
+                .map(|x| x + 0.05 * r.next())
+                .collect();
+            normalize(&mut q);
+            q
+        })
+        .collect()
+}
+
 fn pct(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -91,19 +107,7 @@ fn search_bench(sizes: &[usize]) {
         let store = dir.path().join(format!("s{n}.sqlite"));
         let snap_path = index::engine::snapshot_path(&store, 1);
         write_snapshot(&snap_path, 1, &rows).unwrap();
-        // Queries: perturbed stored vectors (a near-duplicate photo, a paraphrase).
-        let mut r = Rng(7);
-        let queries: Vec<Vec<f32>> = (0..300)
-            .map(|i| {
-                let mut q: Vec<f32> = rows[(i * 104729) % n]
-                    .1
-                    .iter()
-                    .map(|x| x + 0.05 * r.next())
-                    .collect();
-                normalize(&mut q);
-                q
-            })
-            .collect();
+        let queries = perturbed_queries(&rows, 300);
         drop(rows);
         let exact = ExactIndex {
             snap: Snapshot::open_file(&snap_path).unwrap(),
@@ -304,18 +308,7 @@ fn postgres_bench(pg: &PgTargets, model: &str, n_photos: usize, rounds: usize, s
                 (h, v)
             })
             .collect();
-        let mut r = Rng(7);
-        let queries: Vec<Vec<f32>> = (0..200)
-            .map(|i| {
-                let mut q: Vec<f32> = rows[(i * 104729) % n]
-                    .1
-                    .iter()
-                    .map(|x| x + 0.05 * r.next())
-                    .collect();
-                normalize(&mut q);
-                q
-            })
-            .collect();
+        let queries = perturbed_queries(&rows, 200);
         // The embedded store: the snapshot searched in process.
         let sdir = tempfile::tempdir().unwrap();
         let sstore = sdir.path().join("s.sqlite");

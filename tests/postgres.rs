@@ -192,6 +192,11 @@ fn wait_for_files(store: &str, n: usize) {
     }
 }
 
+/// `clasp store copy FROM TO --json`.
+fn copy(from: &str, to: &str) -> Value {
+    ok(&clasp(&["store", "copy", from, to, "--json"]))
+}
+
 /// Same paths in the same order, and the same scores to float rounding.
 fn assert_same_hits(a: &[(String, f64)], b: &[(String, f64)], what: &str) {
     let pa: Vec<&str> = a.iter().map(|h| h.0.as_str()).collect();
@@ -423,37 +428,19 @@ fn store_copy_both_ways_keeps_every_file_vector_and_search_result() {
     photos(&dir, 0..150);
     let sqlite = d.path().join("s.sqlite");
     index(&dir, sqlite.to_str().unwrap());
-    let c = ok(&clasp(&[
-        "store",
-        "copy",
-        sqlite.to_str().unwrap(),
-        &pg.url(),
-        "--json",
-    ]));
+    let c = copy(sqlite.to_str().unwrap(), &pg.url());
     assert_eq!(
         (c["files"].as_u64(), c["vectors"].as_u64()),
         (Some(150), Some(150))
     );
     // Again: nothing is written twice (a resumed copy carries on the same way).
-    let c = ok(&clasp(&[
-        "store",
-        "copy",
-        sqlite.to_str().unwrap(),
-        &pg.url(),
-        "--json",
-    ]));
+    let c = copy(sqlite.to_str().unwrap(), &pg.url());
     assert_eq!(
         (c["vectors"].as_u64(), c["vectors_present"].as_u64()),
         (Some(0), Some(150))
     );
     let back = d.path().join("back.sqlite");
-    let c = ok(&clasp(&[
-        "store",
-        "copy",
-        &pg.url(),
-        back.to_str().unwrap(),
-        "--json",
-    ]));
+    let c = copy(&pg.url(), back.to_str().unwrap());
     assert_eq!(c["vectors"].as_u64(), Some(150));
     for s in [&pg.url(), &back.display().to_string()] {
         let o = clasp(&["store", "check", s]);
