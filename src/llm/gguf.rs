@@ -99,7 +99,19 @@ impl GgufFile {
                     supported_list()
                 )));
             }
-            let elems = info.shape.elem_count();
+            // Checked: a crafted header's dimensions can overflow their
+            // product (found by fuzzing), which would wrap in a release build.
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .ok_or_else(|| {
+                    err(format!(
+                        "tensor `{name}`: its shape {:?} has more elements than fit in memory",
+                        info.shape.dims()
+                    ))
+                })?;
             let block = info.ggml_dtype.block_size();
             if elems % block != 0 {
                 return Err(err(format!(
@@ -107,7 +119,10 @@ impl GgufFile {
                     info.ggml_dtype
                 )));
             }
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            let bytes = (elems / block)
+                .checked_mul(info.ggml_dtype.type_size())
+                .ok_or_else(|| err(format!("tensor `{name}`: its size overflows")))?
+                as u64;
             let end = content
                 .tensor_data_offset
                 .saturating_add(info.offset)
@@ -387,6 +402,33 @@ mod tests {
         let e = GgufFile::open(&p).unwrap_err().to_string();
         assert!(
             e.contains("model.gguf") && e.contains("corrupt or truncated"),
+            "{e}"
+        );
+    }
+
+    /// Found by fuzzing: dimensions whose product overflows (here 2^40 ×
+    /// 2^40) are refused, not wrapped into a small size that passes the
+    /// bounds check.
+    #[test]
+    fn a_shape_whose_size_overflows_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big.gguf");
+        write_gguf(&p, GgmlDType::F32);
+        let mut bytes = std::fs::read(&p).unwrap();
+        // Tensor info of `w`: name length (u64 1), "w", n_dims (u32 2), dims (2 × u64).
+        let key = [1u8, 0, 0, 0, 0, 0, 0, 0, b'w', 2, 0, 0, 0];
+        let at = bytes
+            .windows(key.len())
+            .position(|w| w == key)
+            .expect("w's tensor info")
+            + key.len();
+        for d in 0..2 {
+            bytes[at + 8 * d..at + 8 * d + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        }
+        std::fs::write(&p, &bytes).unwrap();
+        let e = GgufFile::open(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("big.gguf") && e.contains("tensor `w`") && e.contains("more elements"),
             "{e}"
         );
     }
