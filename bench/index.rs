@@ -152,49 +152,21 @@ fn search_bench(sizes: &[usize]) {
 
 fn indexing_bench(model: &str, n: usize, rounds: usize) {
     let enc = clasp::Encoder::load(model, &candle_core::Device::Cpu).unwrap();
-    let src = std::path::Path::new("../shared/data/flickr8k/images");
-    let mut names: Vec<_> = std::fs::read_dir(src)
+    let (dir, photos) = photo_folder(n);
+    let mut paths: Vec<_> = std::fs::read_dir(&photos)
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .collect();
-    names.sort();
-    names.truncate(n);
-    let dir = tempfile::tempdir().unwrap();
-    let photos = dir.path().join("photos");
-    std::fs::create_dir(&photos).unwrap();
-    let paths: Vec<_> = names
-        .iter()
-        .map(|p| {
-            let to = photos.join(p.file_name().unwrap());
-            std::fs::copy(p, &to).unwrap();
-            to
-        })
-        .collect();
+    paths.sort();
     let (mut bare, mut idx) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let t = Instant::now();
         let r = enc.embed_image_files(&paths, 32, |_| {}).unwrap();
         assert_eq!(r.embeddings.len(), n);
         bare.push(n as f64 / t.elapsed().as_secs_f64());
-        let store = dir.path().join(format!("s{round}.sqlite"));
-        let mut cat = Catalog::open(&store).unwrap();
-        let t = Instant::now();
-        let id = index::model_id(&mut cat, &enc, model).unwrap();
-        let s = index::index(
-            &mut cat,
-            &enc,
-            id,
-            std::slice::from_ref(&photos),
-            &IndexOptions {
-                batch_size: 32,
-                excludes: vec![],
-            },
-            &clasp::progress::Silent,
-        )
-        .unwrap();
-        assert_eq!(s.embedded, n);
-        idx.push(n as f64 / t.elapsed().as_secs_f64());
+        let mut cat = Catalog::open(&dir.path().join(format!("s{round}.sqlite"))).unwrap();
+        idx.push(index_once(&mut cat, &enc, model, &photos));
         println!(
             "round {round}: bare {:.1} img/s, index {:.1} img/s",
             bare[round], idx[round]

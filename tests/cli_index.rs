@@ -41,22 +41,7 @@ fn ok(o: &Output) -> Value {
 
 /// Copies the first `n` Flickr8k photos (sorted) into `dir`.
 fn photos(dir: &Path, n: usize) -> Vec<PathBuf> {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut names: Vec<_> = std::fs::read_dir(flickr_images())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    names.sort();
-    names
-        .into_iter()
-        .take(n)
-        .map(|n| {
-            let to = dir.join(&n);
-            std::fs::copy(flickr_images().join(&n), &to).unwrap();
-            to
-        })
-        .collect()
+    common::flickr_photos(dir, 0..n)
 }
 
 fn image_files(dir: &Path) -> BTreeSet<String> {

@@ -65,22 +65,9 @@ impl Drop for Pg {
     }
 }
 
-fn flickr_images() -> PathBuf {
-    root().join("../shared/data/flickr8k/images")
-}
-
 /// Copies Flickr8k photos `range` (sorted by name) into `dir`.
 fn photos(dir: &Path, range: std::ops::Range<usize>) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut names: Vec<_> = std::fs::read_dir(flickr_images())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    names.sort();
-    for n in &names[range] {
-        std::fs::copy(flickr_images().join(n), dir.join(n)).unwrap();
-    }
+    common::flickr_photos(dir, range);
 }
 
 fn clasp(args: &[&str]) -> Output {
@@ -564,29 +551,22 @@ fn a_two_shard_store_answers_exactly_as_one_node() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("photos");
     photos(&dir, 0..200);
-    let o = clasp(&[
-        "store",
-        "init",
-        "--store",
-        &coord.url(),
-        "--shard",
-        &s0.url(),
-        "--shard",
-        &s1.url(),
-    ]);
+    let init = || {
+        clasp(&[
+            "store",
+            "init",
+            "--store",
+            &coord.url(),
+            "--shard",
+            &s0.url(),
+            "--shard",
+            &s1.url(),
+        ])
+    };
+    let o = init();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // A second init refuses: the store is already sharded.
-    let o = clasp(&[
-        "store",
-        "init",
-        "--store",
-        &coord.url(),
-        "--shard",
-        &s0.url(),
-        "--shard",
-        &s1.url(),
-    ]);
-    assert!(!o.status.success());
+    assert!(!init().status.success());
     index(&dir, &single.url());
     let s = index(&dir, &coord.url());
     assert_eq!(s["embedded"].as_u64(), Some(200));

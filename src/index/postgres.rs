@@ -200,7 +200,7 @@ impl PgStore {
     /// Builds model `model`'s HNSW index (`vector_cosine_ops`) if it has
     /// none; a sharded model's shards have theirs from the start. Once
     /// built, PostgreSQL keeps it up to date on every insert.
-    pub fn ensure_hnsw(&mut self, model: i64) -> Result<()> {
+    fn ensure_hnsw(&mut self, model: i64, vtype: VectorType) -> Result<()> {
         let t = vectors_table(model);
         let shown = self.shown.clone();
         let kind: Option<String> = self
@@ -225,12 +225,7 @@ impl PgStore {
         if has {
             return Ok(());
         }
-        let vtype: String = self
-            .client
-            .query_one("SELECT vtype FROM clasp_models WHERE id = $1", &[&model])
-            .map_err(|e| pg_err(&shown, e))?
-            .get(0);
-        let vtype = VectorType::parse(&vtype).unwrap_or_default().sql();
+        let vtype = vtype.sql();
         tracing::info!(table = %t, "building the HNSW index");
         let mut tx = self.client.transaction().map_err(|e| pg_err(&shown, e))?;
         tx.batch_execute(&format!(
@@ -307,13 +302,20 @@ impl PgStore {
         })
     }
 
-    fn dim_of(&mut self, model: i64) -> Result<usize> {
+    /// A model's vector width and column type.
+    fn column(&mut self, model: i64) -> Result<(usize, VectorType)> {
         let row = self
             .client
-            .query_opt("SELECT dim FROM clasp_models WHERE id = $1", &[&model])
+            .query_opt(
+                "SELECT dim, vtype FROM clasp_models WHERE id = $1",
+                &[&model],
+            )
             .map_err(|e| pg_err(&self.shown, e))?;
         match row {
-            Some(r) => Ok(r.get::<_, i32>(0) as usize),
+            Some(r) => Ok((
+                r.get::<_, i32>(0) as usize,
+                VectorType::parse(r.get(1)).unwrap_or_default(),
+            )),
             None => Err(Error::Report(format!(
                 "{}: no model with id {model}",
                 self.shown
@@ -507,14 +509,15 @@ impl PgWriter<'_, '_> {
             self.files.clear();
         }
         if !self.vectors.is_empty() {
-            let mut models: Vec<i64> = self.vectors.iter().map(|v| v.0).collect();
-            models.sort_unstable();
-            models.dedup();
-            for m in models {
-                let mine: Vec<&(i64, Hash, Vec<f32>)> =
-                    self.vectors.iter().filter(|v| v.0 == m).collect();
-                let hashes: Vec<&[u8]> = mine.iter().map(|v| &v.1[..]).collect();
-                let vecs: Vec<Vector> = mine.iter().map(|v| Vector::from(v.2.clone())).collect();
+            let mut by_model: std::collections::BTreeMap<i64, (Vec<Hash>, Vec<Vector>)> =
+                Default::default();
+            for (m, h, v) in std::mem::take(&mut self.vectors) {
+                let e = by_model.entry(m).or_default();
+                e.0.push(h);
+                e.1.push(Vector::from(v));
+            }
+            for (m, (hashes, vecs)) in by_model {
+                let hashes: Vec<&[u8]> = hashes.iter().map(|h| &h[..]).collect();
                 let sql = format!(
                     "INSERT INTO {} (hash, embedding) SELECT * FROM unnest($1::bytea[], $2::vector[])
                      ON CONFLICT DO NOTHING", // vector -> halfvec by assignment cast
@@ -524,7 +527,6 @@ impl PgWriter<'_, '_> {
                     .execute(&sql, &[&hashes, &vecs])
                     .map_err(|e| pg_err(self.shown, e))?;
             }
-            self.vectors.clear();
         }
         Ok(())
     }
@@ -629,7 +631,7 @@ impl Store for PgStore {
                 .collect();
             if shards.is_empty() {
                 // The HNSW index comes with the first search that wants it
-                // ([`PgStore::ensure_hnsw`]), as the embedded store's graph
+                // (`PgStore::ensure_hnsw`), as the embedded store's graph
                 // does: below the threshold searches are exact and the index
                 // would only cost each insert a graph update (measured: it
                 // halved indexing speed with a fast model).
@@ -891,12 +893,7 @@ impl Store for PgStore {
     }
 
     fn engine(&mut self, model: i64, ann_threshold: usize) -> Result<Box<dyn VectorSearch>> {
-        let dim = self.dim_of(model)?;
-        let vtype: String = self
-            .client
-            .query_one("SELECT vtype FROM clasp_models WHERE id = $1", &[&model])
-            .map_err(|e| pg_err(&self.shown, e))?
-            .get(0);
+        let (dim, vtype) = self.column(model)?;
         let n: i64 = self
             .client
             .query_one(
@@ -914,14 +911,14 @@ impl Store for PgStore {
             .collect();
         let ann = n as usize >= ann_threshold && n > 0;
         if ann {
-            self.ensure_hnsw(model)?;
+            self.ensure_hnsw(model, vtype)?;
         }
         let mut search = PgSearch {
             conns: Vec::new(),
             shards,
             connected: Mutex::new(false),
             table: vectors_table(model),
-            vtype: VectorType::parse(&vtype).unwrap_or_default().sql(),
+            vtype: vtype.sql(),
             n: n as usize,
             dim,
             ann,

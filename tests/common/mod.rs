@@ -11,6 +11,27 @@ pub fn core() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core")
 }
 
+/// Copies Flickr8k photos `range` (sorted by name) from ../shared into
+/// `dir`, and returns their new paths.
+pub fn flickr_photos(dir: &Path, range: std::ops::Range<usize>) -> Vec<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/flickr8k/images");
+    std::fs::create_dir_all(dir).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(&src)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    names[range]
+        .iter()
+        .map(|n| {
+            let to = dir.join(n);
+            std::fs::copy(src.join(n), &to).unwrap();
+            to
+        })
+        .collect()
+}
+
 pub fn tiny() -> String {
     core().join("tiny-clip").display().to_string()
 }
