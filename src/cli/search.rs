@@ -405,11 +405,10 @@ pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
         ))
     });
     let dirs = vec![index::indexer::canonical_prefix(&a.dir)?];
-    let vectors = catalog.model_vectors(model_id)?;
     let out = search::classify(
         &encoder,
-        vectors.iter().map(|(h, v)| (*h, v.as_slice())),
         catalog.as_mut(),
+        model_id,
         &labels,
         &templates,
         &dirs,

@@ -134,12 +134,12 @@ pub struct Label {
     pub probability: f64,
 }
 
-/// Zero-shot labels for every stored image under `dirs`, given the model's
-/// stored vectors as (content hash, vector).
-pub fn classify<'v>(
+/// Zero-shot labels for every image under `dirs` that has a vector for
+/// `model`.
+pub fn classify(
     encoder: &Encoder,
-    vectors: impl IntoIterator<Item = (Hash, &'v [f32])>,
     catalog: &mut dyn Store,
+    model: i64,
     labels: &[String],
     templates: &[String],
     dirs: &[String],
@@ -147,9 +147,9 @@ pub fn classify<'v>(
     let classes = encoder.prompt_ensemble(labels, templates, 64)?;
     let by_hash = files_by_hash(catalog, dirs)?;
     let mut out = Vec::new();
-    for (h, v) in vectors {
+    catalog.for_each_vector(model, &mut |h, v| {
         let Some(files) = by_hash.get(&h) else {
-            continue;
+            return;
         };
         let (best, p) = crate::preprocess::prompts::class_probabilities(v, &classes);
         for f in files {
@@ -159,7 +159,7 @@ pub fn classify<'v>(
                 probability: p[best],
             });
         }
-    }
+    })?;
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }

@@ -72,6 +72,15 @@ pub trait Store: Send {
     /// All vectors of a model whose hash belongs to an embeddable file, in
     /// hash order.
     fn model_vectors(&mut self, model: i64) -> Result<Vec<(Hash, Vec<f32>)>>;
+    /// Calls `f` with each of `model_vectors`'s rows; a store may read them
+    /// more cheaply than collecting them (the embedded store maps its
+    /// snapshot file).
+    fn for_each_vector(&mut self, model: i64, f: &mut dyn FnMut(Hash, &[f32])) -> Result<()> {
+        for (h, v) in self.model_vectors(model)? {
+            f(h, &v);
+        }
+        Ok(())
+    }
     /// Runs `f` in one transaction, bumping the generation.
     fn write_dyn(&mut self, f: &mut dyn FnMut(&mut dyn StoreWriter) -> Result<()>) -> Result<()>;
     /// Full-text search over captions: (path, score), best first.
@@ -260,6 +269,13 @@ impl Store for Catalog {
     }
     fn model_vectors(&mut self, model: i64) -> Result<Vec<(Hash, Vec<f32>)>> {
         Catalog::model_vectors(self, model)
+    }
+    fn for_each_vector(&mut self, model: i64, f: &mut dyn FnMut(Hash, &[f32])) -> Result<()> {
+        let snap = engine::Snapshot::open(self, model)?;
+        for r in 0..snap.n {
+            f(snap.hash(r), snap.row(r));
+        }
+        Ok(())
     }
     fn write_dyn(&mut self, f: &mut dyn FnMut(&mut dyn StoreWriter) -> Result<()>) -> Result<()> {
         Catalog::write(self, |w| f(&mut SqliteWriter(w)))
