@@ -355,7 +355,7 @@ fn postgres_bench(pg: &PgTargets, model: &str, n_photos: usize, rounds: usize, s
             let e = st.engine(id, usize::MAX).unwrap();
             report(n, name, "exact", Some(load), e.as_ref(), &queries, &truth);
             // The first HNSW engine builds the index (a sharded store's
-            // shards index as the rows arrive).
+            // shards build theirs at the same time).
             let t = Instant::now();
             let e = st.engine(id, 1).unwrap();
             let build = t.elapsed().as_secs_f64();

@@ -538,8 +538,12 @@ fn bad_settings_get_errors_that_name_them_and_never_show_the_password() {
 }
 
 /// `clasp store init --shard A --shard B` on a coordinator: every vector
-/// lives on one of the shards (each with its own HNSW index), and exact
-/// search through the coordinator returns what one node returns.
+/// lives on one of the shards, and exact search through the coordinator
+/// returns what one node returns; so does HNSW at a high ef, the first
+/// such search building each shard's index. A shard that is down fails a
+/// search by name, or, with `--allow-partial`, leaves exactly the other
+/// shard's share of the results, flagged; once it is back, searches are
+/// whole again.
 #[test]
 fn a_two_shard_store_answers_exactly_as_one_node() {
     let (single, coord, s0, s1) = (
@@ -588,8 +592,49 @@ fn a_two_shard_store_answers_exactly_as_one_node() {
         let b = search(&coord.url(), &dir, q, 20);
         assert_same_hits(&a, &b, q);
     }
+    // HNSW: no shard has an index until a search wants one; then each
+    // shard builds its own, and ef 400 over 200 vectors is exact.
+    let has_hnsw = |pg: &Pg, index: &str| -> bool {
+        let mut c = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+        c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&index])
+            .unwrap()
+            .get(0)
+    };
+    assert!(!has_hnsw(&s0, "clasp_vectors_1_p0_hnsw"));
+    for q in QUERIES {
+        let a = search(&single.url(), &dir, q, 10);
+        let b = hits(&ok(&search_output(
+            &coord.url(),
+            &dir,
+            q,
+            10,
+            &["--ann-threshold", "1", "--ef-search", "400"],
+        )));
+        assert_same_hits(&a, &b, &format!("hnsw over shards: {q}"));
+    }
+    assert!(has_hnsw(&s0, "clasp_vectors_1_p0_hnsw"));
+    assert!(has_hnsw(&s1, "clasp_vectors_1_p1_hnsw"));
     let o = clasp(&["store", "check", &coord.url()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // What shard 0 alone holds, as paths (through the single node's catalog).
+    let on_shard0: BTreeSet<String> = {
+        let mut c = postgres::Client::connect(&s0.url(), postgres::NoTls).unwrap();
+        let hashes: Vec<Vec<u8>> = c
+            .query("SELECT hash FROM clasp_vectors_1_p0", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut c = postgres::Client::connect(&single.url(), postgres::NoTls).unwrap();
+        c.query(
+            "SELECT path FROM clasp_files WHERE hash = ANY($1)",
+            &[&hashes],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
     // A shard that is down: the error names it.
     s1.stop();
     let o = clasp(&[
@@ -606,6 +651,44 @@ fn a_two_shard_store_answers_exactly_as_one_node() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("clasp_shard_1"), "names the shard: {err}");
+    // --allow-partial: shard 0's share of the whole answer, in its order,
+    // flagged on stderr and by exit code 1.
+    for q in QUERIES {
+        let whole = search(&single.url(), &dir, q, 200);
+        let expect: Vec<(String, f64)> = whole
+            .into_iter()
+            .filter(|(p, _)| on_shard0.contains(p))
+            .take(10)
+            .collect();
+        let o = search_output(
+            &coord.url(),
+            &dir,
+            q,
+            10,
+            &[
+                "--ann-threshold",
+                "100000000",
+                "--allow-partial",
+                "--timeout",
+                "5",
+            ],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "partial results exit 1: {err}");
+        assert!(
+            err.contains("partial results") && err.contains("clasp_shard_1"),
+            "flags the missing shard: {err}"
+        );
+        let got = hits(&serde_json::from_slice(&o.stdout).unwrap());
+        assert_same_hits(&expect, &got, &format!("partial: {q}"));
+    }
+    // The shard is back: searches are whole again.
+    s1.restart();
+    for q in QUERIES {
+        let a = search(&single.url(), &dir, q, 20);
+        let b = search(&coord.url(), &dir, q, 20);
+        assert_same_hits(&a, &b, &format!("after the shard's restart: {q}"));
+    }
 }
 
 /// Searches go to a streaming replica (`--replica`), which answers as the

@@ -31,6 +31,10 @@ pub struct StoreArgs {
     /// Seconds before connecting to or querying a PostgreSQL store gives up.
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
+    /// On a sharded PostgreSQL store, answer from the shards that answer when one is down: the
+    /// results are flagged partial (a warning naming the shard, exit code 1) instead of failing.
+    #[arg(long)]
+    pub allow_partial: bool,
     /// Images or texts per model batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -56,6 +60,7 @@ impl StoreArgs {
             timeout: std::time::Duration::from_secs_f64(self.timeout),
             replicas: self.replicas.clone(),
             vector_type: store::VectorType::parse(&self.pg_vector).unwrap_or_default(),
+            allow_partial: self.allow_partial,
         })
     }
 }
@@ -366,6 +371,14 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
         for h in &hits {
             println!("{:.4}\t{}", h.score, h.path);
         }
+    }
+    let missing = engine.unanswered();
+    if !missing.is_empty() {
+        note!(
+            "partial results: {} did not answer (--allow-partial)",
+            missing.join(", ")
+        );
+        return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// A PostgreSQL read replica for searches (repeatable).
     #[arg(long = "replica", value_name = "URL", requires = "store")]
     pub replicas: Vec<String>,
+    /// On a sharded PostgreSQL store, answer searches from the shards that answer when one is
+    /// down, flagged `"partial": true` with the missing shards, instead of failing.
+    #[arg(long, requires = "store")]
+    pub allow_partial: bool,
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
     /// Largest model batch (embeddings: items per batch; chat: sequences
@@ -79,6 +83,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         options: clasp::index::ConnectOptions {
             timeout: Duration::from_millis(a.timeout_ms.max(1)),
             replicas: a.replicas.clone(),
+            allow_partial: a.allow_partial,
             ..Default::default()
         },
     });

@@ -323,6 +323,13 @@ pub fn ask_cmd(a: AskArgs) -> Result<ExitCode> {
         hybrid: a.hybrid,
     };
     let sources = rag::retrieve(&encoder, catalog.as_mut(), engine.as_ref(), &q)?;
+    let missing = engine.unanswered();
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: partial retrieval: {} did not answer (--allow-partial)",
+            missing.join(", ")
+        );
+    }
     let vlm = load(&a.vlm)?;
     let (turn, skipped) = rag::conversation(&vlm, &a.question, a.image.as_deref(), &sources)?;
     for (s, e) in &skipped {

@@ -39,6 +39,13 @@ pub trait VectorSearch: Send + Sync {
     fn name(&self) -> &'static str;
     /// HNSW's candidate list size at query time; exact engines ignore it.
     fn set_ef_search(&self, _ef: usize) {}
+    /// The parts of the store that did not answer the latest search, which
+    /// is then partial: the shards of a sharded PostgreSQL store that were
+    /// down when the store was opened with `allow_partial`. Empty when the
+    /// latest search saw every vector.
+    fn unanswered(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 const MAGIC: &[u8; 8] = b"CLASPVEC";

@@ -196,11 +196,27 @@ fn storage(dim: usize) -> &'static str {
 /// An arbitrary fixed key for the schema lock.
 const SCHEMA_LOCK: i64 = 0x636c_6173_7073_6368;
 
+/// `maintenance_work_mem` for building an HNSW index over `n` vectors of
+/// `dim` floats: pgvector builds fast only while the whole graph fits in
+/// it (about the vectors plus their neighbour lists), and falls back to a
+/// far slower on-disk build when it does not. At least 1 GB, at most 8 GB.
+fn build_memory_mb(n: i64, dim: usize, vtype: VectorType) -> i64 {
+    let width = match vtype {
+        VectorType::Vector => 4,
+        VectorType::Halfvec => 2,
+    };
+    let bytes = n.max(0) as f64 * (dim * width + 512) as f64 * 1.25;
+    ((bytes / (1 << 20) as f64).ceil() as i64).clamp(1024, 8192)
+}
+
 impl PgStore {
     /// Builds model `model`'s HNSW index (`vector_cosine_ops`) if it has
-    /// none; a sharded model's shards have theirs from the start. Once
-    /// built, PostgreSQL keeps it up to date on every insert.
-    fn ensure_hnsw(&mut self, model: i64, vtype: VectorType) -> Result<()> {
+    /// none: on the table itself, or, for a sharded model, on every shard
+    /// at once (each shard builds its own partition's index, in parallel,
+    /// through dblink). Loading is faster without an index to maintain, so
+    /// it is made at the first search that wants it; once built,
+    /// PostgreSQL keeps it up to date on every insert.
+    fn ensure_hnsw(&mut self, model: i64, dim: usize, vtype: VectorType) -> Result<()> {
         let t = vectors_table(model);
         let shown = self.shown.clone();
         let kind: Option<String> = self
@@ -211,30 +227,114 @@ impl PgStore {
             )
             .map_err(|e| pg_err(&shown, e))?
             .map(|r| r.get(0));
-        if kind.as_deref() != Some("r") {
-            return Ok(()); // partitioned over shards, or missing
+        let vsql = vtype.sql();
+        match kind.as_deref() {
+            Some("r") => {
+                let has: bool = self
+                    .client
+                    .query_one(
+                        "SELECT to_regclass($1) IS NOT NULL",
+                        &[&format!("{t}_hnsw")],
+                    )
+                    .map_err(|e| pg_err(&shown, e))?
+                    .get(0);
+                if has {
+                    return Ok(());
+                }
+                let n: i64 = self
+                    .client
+                    .query_one(&format!("SELECT COUNT(*) FROM {t}"), &[])
+                    .map_err(|e| pg_err(&shown, e))?
+                    .get(0);
+                let mb = build_memory_mb(n, dim, vtype);
+                tracing::info!(table = %t, vectors = n, "building the HNSW index");
+                let mut tx = self.client.transaction().map_err(|e| pg_err(&shown, e))?;
+                tx.batch_execute(&format!(
+                    "SET LOCAL maintenance_work_mem = '{mb}MB';
+                     SET LOCAL statement_timeout = 0;
+                     CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding {vsql}_cosine_ops);"
+                ))
+                .map_err(|e| pg_err(&shown, e))?;
+                tx.commit().map_err(|e| pg_err(&shown, e))
+            }
+            Some("p") => {
+                let shards: Vec<(String, String)> = self
+                    .client
+                    .query("SELECT server, shown FROM clasp_shards ORDER BY idx", &[])
+                    .map_err(|e| pg_err(&shown, e))?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect();
+                let mut tx = self.client.transaction().map_err(|e| pg_err(&shown, e))?;
+                tx.batch_execute("SET LOCAL statement_timeout = 0")
+                    .map_err(|e| pg_err(&shown, e))?;
+                let mut building = Vec::new();
+                for (i, (server, shard)) in shards.iter().enumerate() {
+                    let part = format!("{t}_p{i}");
+                    let conn = format!("clasp_build{i}");
+                    let shard_err = |e: postgres::Error| {
+                        Error::Report(format!("shard {server} ({shard}): {}", pg_err(shard, e)))
+                    };
+                    // In a savepoint, so a shard that is down leaves the
+                    // transaction usable.
+                    let connected = tx.savepoint("clasp_connect").and_then(|mut sp| {
+                        sp.execute("SELECT dblink_connect($1, $2)", &[&conn, server])?;
+                        sp.commit()
+                    });
+                    if let Err(e) = connected {
+                        // A shard that is down builds its index at a later search.
+                        if self.opts.allow_partial {
+                            tracing::warn!("{}; not indexed now", shard_err(e));
+                            continue;
+                        }
+                        return Err(shard_err(e));
+                    }
+                    let has: bool = tx
+                        .query_one(
+                            "SELECT b FROM dblink($1, format('SELECT to_regclass(%L) IS NOT NULL', $2::text)) AS t(b bool)",
+                            &[&conn, &format!("{part}_hnsw")],
+                        )
+                        .map_err(shard_err)?
+                        .get(0);
+                    let n: i64 = tx
+                        .query_one(
+                            &format!("SELECT n FROM dblink($1, 'SELECT COUNT(*) FROM {part}') AS t(n int8)"),
+                            &[&conn],
+                        )
+                        .map_err(shard_err)?
+                        .get(0);
+                    if !has {
+                        let mb = build_memory_mb(n, dim, vtype);
+                        tracing::info!(shard = %server, vectors = n, "building the shard's HNSW index");
+                        let sql = format!(
+                            "SET maintenance_work_mem = '{mb}MB'; SET statement_timeout = 0;
+                             CREATE INDEX IF NOT EXISTS {part}_hnsw ON {part} USING hnsw (embedding {vsql}_cosine_ops)"
+                        );
+                        tx.execute("SELECT dblink_send_query($1, $2)", &[&conn, &sql])
+                            .map_err(shard_err)?;
+                    }
+                    building.push((conn, server, shard, has));
+                }
+                // The shards build at the same time; collect each result.
+                for (conn, server, shard, has) in &building {
+                    let shard_err = |e: postgres::Error| {
+                        Error::Report(format!("shard {server} ({shard}): {}", pg_err(shard, e)))
+                    };
+                    // One status row per statement sent, then an empty
+                    // result at the end.
+                    while !has
+                        && !tx
+                            .query("SELECT * FROM dblink_get_result($1) AS t(s text)", &[conn])
+                            .map_err(shard_err)?
+                            .is_empty()
+                    {}
+                    tx.execute("SELECT dblink_disconnect($1)", &[conn])
+                        .map_err(shard_err)?;
+                }
+                tx.commit().map_err(|e| pg_err(&shown, e))
+            }
+            _ => Ok(()), // missing
         }
-        let has: bool = self
-            .client
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL",
-                &[&format!("{t}_hnsw")],
-            )
-            .map_err(|e| pg_err(&shown, e))?
-            .get(0);
-        if has {
-            return Ok(());
-        }
-        let vtype = vtype.sql();
-        tracing::info!(table = %t, "building the HNSW index");
-        let mut tx = self.client.transaction().map_err(|e| pg_err(&shown, e))?;
-        tx.batch_execute(&format!(
-            "SET LOCAL maintenance_work_mem = '1GB';
-             SET LOCAL statement_timeout = 0;
-             CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding {vtype}_cosine_ops);"
-        ))
-        .map_err(|e| pg_err(&shown, e))?;
-        tx.commit().map_err(|e| pg_err(&shown, e))
     }
 
     /// Connects, checks that pgvector is there, and makes the tables when
@@ -326,7 +426,8 @@ impl PgStore {
 
 /// Makes model table `t` hash-partitioned over the shards: on each shard
 /// (through dblink and the shard's foreign server, so clasp keeps no shard
-/// password of its own) a plain table with its own HNSW index; on the
+/// password of its own) a plain table, which gets its own HNSW index at the
+/// first search that wants one (`ensure_hnsw`); on the
 /// coordinator a `postgres_fdw` foreign table per shard as the partition.
 fn create_sharded(
     tx: &mut Transaction,
@@ -344,8 +445,7 @@ fn create_sharded(
         let part = format!("{t}_p{i}");
         let remote = format!(
             "CREATE EXTENSION IF NOT EXISTS vector;
-             CREATE TABLE IF NOT EXISTS {part} (hash BYTEA PRIMARY KEY, embedding {vtype}({dim}) {storage} NOT NULL);
-             CREATE INDEX IF NOT EXISTS {part}_hnsw ON {part} USING hnsw (embedding {vtype}_cosine_ops);"
+             CREATE TABLE IF NOT EXISTS {part} (hash BYTEA PRIMARY KEY, embedding {vtype}({dim}) {storage} NOT NULL);"
         );
         tx.execute("SELECT dblink_exec($1, $2)", &[server, &remote])?;
         // The server name is clasp's own (clasp_shard_<i>), quoted anyway.
@@ -427,7 +527,7 @@ impl PgStore {
                 (
                     "SELECT format('CREATE SERVER %I FOREIGN DATA WRAPPER postgres_fdw OPTIONS
                        (host %L, port %L, dbname %L, extensions ''vector'',
-                        async_capable ''true'', fetch_size ''100'')',
+                        async_capable ''true'', fetch_size ''100'', batch_size ''1000'')',
                        $1::text, $2::text, $3::text, $4::text)",
                     vec![&server, &host, &port, &db],
                 ),
@@ -894,30 +994,54 @@ impl Store for PgStore {
 
     fn engine(&mut self, model: i64, ann_threshold: usize) -> Result<Box<dyn VectorSearch>> {
         let (dim, vtype) = self.column(model)?;
-        let n: i64 = self
+        let shards: Vec<(String, String)> = self
             .client
-            .query_one(
-                &format!("SELECT COUNT(*) FROM {}", vectors_table(model)),
-                &[],
-            )
-            .map_err(|e| pg_err(&self.shown, e))?
-            .get(0);
-        let shards: Vec<String> = self
-            .client
-            .query("SELECT server FROM clasp_shards ORDER BY idx", &[])
+            .query("SELECT server, shown FROM clasp_shards ORDER BY idx", &[])
             .map_err(|e| pg_err(&self.shown, e))?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
+        let table = vectors_table(model);
+        let n: i64 = if shards.is_empty() {
+            self.client
+                .query_one(&format!("SELECT COUNT(*) FROM {table}"), &[])
+                .map_err(|e| pg_err(&self.shown, e))?
+                .get(0)
+        } else {
+            // Shard by shard, so one that is down is named (or, with
+            // allow_partial, left out of the count).
+            let mut n = 0;
+            for (i, (server, shown)) in shards.iter().enumerate() {
+                match self
+                    .client
+                    .query_one(&format!("SELECT COUNT(*) FROM {table}_p{i}"), &[])
+                {
+                    Ok(r) => n += r.get::<_, i64>(0),
+                    Err(e) => {
+                        let e = Error::Report(format!(
+                            "shard {server} ({shown}): {}",
+                            pg_err(shown, e)
+                        ));
+                        if !self.opts.allow_partial {
+                            return Err(e);
+                        }
+                        tracing::warn!("{e}; answering without it (--allow-partial)");
+                    }
+                }
+            }
+            n
+        };
         let ann = n as usize >= ann_threshold && n > 0;
         if ann {
-            self.ensure_hnsw(model, vtype)?;
+            self.ensure_hnsw(model, dim, vtype)?;
         }
         let mut search = PgSearch {
             conns: Vec::new(),
+            connected: Mutex::new(vec![false; shards.len()]),
             shards,
-            connected: Mutex::new(false),
-            table: vectors_table(model),
+            allow_partial: self.opts.allow_partial,
+            missing: Mutex::new(Vec::new()),
+            table,
             vtype: vtype.sql(),
             n: n as usize,
             dim,
@@ -978,11 +1102,17 @@ pub struct PgSearch {
     /// (name, connection): the replicas when given, else the primary. The
     /// first that answers serves each query.
     conns: Vec<(String, Mutex<Client>)>,
-    /// The shards' foreign servers, when the store is sharded: a query
-    /// then fans out to them (see [`PgSearch::fan_out`]).
-    shards: Vec<String>,
-    /// Whether the dblink connections to the shards are open.
-    connected: Mutex<bool>,
+    /// The shards' foreign servers with their redacted URLs, when the
+    /// store is sharded: a query then fans out to them (see
+    /// [`PgSearch::fan_out`]).
+    shards: Vec<(String, String)>,
+    /// Which shards' dblink connections are open.
+    connected: Mutex<Vec<bool>>,
+    /// Answer from the shards that answer (`--allow-partial`) instead of
+    /// failing when one does not.
+    allow_partial: bool,
+    /// The shards that did not answer the latest search.
+    missing: Mutex<Vec<String>>,
     table: String,
     /// The column's type: `vector` or `halfvec`.
     vtype: &'static str,
@@ -1023,17 +1153,8 @@ impl PgSearch {
         k: usize,
         allow: Option<&HashSet<Hash>>,
         ef: Option<usize>,
-    ) -> std::result::Result<Vec<(Hash, f32)>, postgres::Error> {
+    ) -> Result<Vec<(Hash, f32)>> {
         let mut connected = self.connected.lock().expect("shard connections lock");
-        if !*connected {
-            for (i, server) in self.shards.iter().enumerate() {
-                c.execute(
-                    "SELECT dblink_connect($1, $2)",
-                    &[&format!("clasp_q{i}"), server],
-                )?;
-            }
-            *connected = true;
-        }
         let v = vector_literal(query);
         let filter = allow.map(|a| {
             let list: Vec<String> = a
@@ -1046,51 +1167,97 @@ impl PgSearch {
             format!("WHERE hash IN ({})", list.join(","))
         });
         let filter = filter.as_deref().unwrap_or("");
-        for (i, _) in self.shards.iter().enumerate() {
+        let mut missing = Vec::new();
+        // A shard that fails: its connection is dropped (the next search
+        // reconnects), and it is either skipped (`--allow-partial`) or the
+        // search fails naming it.
+        let mut failed =
+            |c: &mut Client, connected: &mut [bool], i: usize, e: postgres::Error| -> Result<()> {
+                let (server, shown) = &self.shards[i];
+                if connected[i] {
+                    let _ = c.execute("SELECT dblink_disconnect($1)", &[&format!("clasp_q{i}")]);
+                    connected[i] = false;
+                }
+                let e = Error::Report(format!("shard {server} ({shown}): {}", pg_err(shown, e)));
+                if self.allow_partial {
+                    tracing::warn!("{e}; answering without it (--allow-partial)");
+                    missing.push(format!("{server} ({shown})"));
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            };
+        let mut sent = vec![false; self.shards.len()];
+        for (i, (server, _)) in self.shards.iter().enumerate() {
             let name = format!("clasp_q{i}");
             let part = format!("{}_p{i}", self.table);
-            if self.ann {
-                let ef = ef.unwrap_or(40).max(1);
-                c.execute(
-                    "SELECT dblink_exec($1, $2)",
-                    &[&name, &format!("SET hnsw.ef_search = {ef}")],
-                )?;
-                if allow.is_some() {
+            let r = (|| {
+                if !connected[i] {
+                    c.execute("SELECT dblink_connect($1, $2)", &[&name, server])?;
+                    connected[i] = true;
+                }
+                if self.ann {
+                    let ef = ef.unwrap_or(40).max(1);
                     c.execute(
                         "SELECT dblink_exec($1, $2)",
-                        &[&name, &"SET hnsw.iterative_scan = strict_order"],
+                        &[&name, &format!("SET hnsw.ef_search = {ef}")],
                     )?;
+                    if allow.is_some() {
+                        c.execute(
+                            "SELECT dblink_exec($1, $2)",
+                            &[&name, &"SET hnsw.iterative_scan = strict_order"],
+                        )?;
+                    }
                 }
+                let sql = if self.ann {
+                    format!(
+                        "SELECT hash, (1 - (embedding <=> '{v}'))::float4 FROM {part} {filter}
+                         ORDER BY embedding <=> '{v}' LIMIT {k}"
+                    )
+                } else {
+                    format!(
+                        "SELECT hash, (-(embedding <#> '{v}'))::float4 FROM {part} {filter}
+                         ORDER BY embedding <#> '{v}', hash LIMIT {k}"
+                    )
+                };
+                c.execute("SELECT dblink_send_query($1, $2)", &[&name, &sql])?;
+                Ok::<_, postgres::Error>(())
+            })();
+            match r {
+                Ok(()) => sent[i] = true,
+                Err(e) => failed(c, &mut connected, i, e)?,
             }
-            let sql = if self.ann {
-                format!(
-                    "SELECT hash, (1 - (embedding <=> '{v}'))::float4 FROM {part} {filter}
-                     ORDER BY embedding <=> '{v}' LIMIT {k}"
-                )
-            } else {
-                format!(
-                    "SELECT hash, (-(embedding <#> '{v}'))::float4 FROM {part} {filter}
-                     ORDER BY embedding <#> '{v}', hash LIMIT {k}"
-                )
-            };
-            c.execute("SELECT dblink_send_query($1, $2)", &[&name, &sql])?;
         }
         let mut hits: Vec<(Hash, f32)> = Vec::new();
-        for (i, _) in self.shards.iter().enumerate() {
-            let rows = c.query(
-                "SELECT hash, score FROM dblink_get_result($1) AS t(hash bytea, score float4)",
-                &[&format!("clasp_q{i}")],
-            )?;
-            // The end-of-results marker that dblink_get_result leaves.
-            c.query(
-                "SELECT * FROM dblink_get_result($1) AS t(hash bytea, score float4)",
-                &[&format!("clasp_q{i}")],
-            )?;
-            hits.extend(
-                rows.iter()
-                    .filter_map(|r| Some((hash_of(r.get::<_, &[u8]>(0))?, r.get::<_, f32>(1)))),
-            );
+        for i in (0..self.shards.len()).filter(|&i| sent[i]) {
+            let name = format!("clasp_q{i}");
+            let r = (|| {
+                let rows = c.query(
+                    "SELECT hash, score FROM dblink_get_result($1) AS t(hash bytea, score float4)",
+                    &[&name],
+                )?;
+                // The end-of-results marker that dblink_get_result leaves.
+                c.query(
+                    "SELECT * FROM dblink_get_result($1) AS t(hash bytea, score float4)",
+                    &[&name],
+                )?;
+                Ok::<_, postgres::Error>(rows)
+            })();
+            match r {
+                Ok(rows) => hits
+                    .extend(rows.iter().filter_map(|r| {
+                        Some((hash_of(r.get::<_, &[u8]>(0))?, r.get::<_, f32>(1)))
+                    })),
+                Err(e) => failed(c, &mut connected, i, e)?,
+            }
         }
+        if missing.len() == self.shards.len() {
+            return Err(Error::Report(format!(
+                "no shard answered: {}",
+                missing.join(", ")
+            )));
+        }
+        *self.missing.lock().expect("missing shards lock") = missing;
         hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         hits.truncate(k);
         Ok(hits)
@@ -1142,7 +1309,7 @@ impl VectorSearch for PgSearch {
                 match self.fan_out(&mut c, query, k, allow_set, ef) {
                     Ok(hits) => return Ok(hits),
                     Err(e) => {
-                        last = Some(pg_err(name, e));
+                        last = Some(Error::Report(format!("{name}: {e}")));
                         continue;
                     }
                 }
@@ -1185,6 +1352,10 @@ impl VectorSearch for PgSearch {
 
     fn len(&self) -> usize {
         self.n
+    }
+
+    fn unanswered(&self) -> Vec<String> {
+        self.missing.lock().expect("missing shards lock").clone()
     }
 
     /// pgvector's `hnsw.ef_search`.

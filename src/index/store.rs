@@ -148,6 +148,10 @@ pub struct ConnectOptions {
     /// pgvector's column type for a model's vectors when its table is made:
     /// `vector` (f32) or `halfvec` (f16, half the space).
     pub vector_type: VectorType,
+    /// A sharded PostgreSQL store answers from the shards that answer when
+    /// one does not (the search is then flagged partial:
+    /// `VectorSearch::unanswered`), instead of failing.
+    pub allow_partial: bool,
 }
 
 /// How a PostgreSQL store keeps vectors.
@@ -182,6 +186,7 @@ impl Default for ConnectOptions {
             timeout: std::time::Duration::from_secs(10),
             replicas: Vec::new(),
             vector_type: VectorType::Vector,
+            allow_partial: false,
         }
     }
 }

@@ -393,23 +393,30 @@ pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response
             Some(v) => Some(v.as_str().ok_or_else(|| ApiError::bad("dir", "expected a string"))?.to_string()),
         };
         let st2 = st.clone();
-        let hits = tokio::task::spawn_blocking(move || -> crate::Result<Vec<Value>> {
+        let (hits, missing) = tokio::task::spawn_blocking(move || -> crate::Result<(Vec<Value>, Vec<String>)> {
             let dirs: Vec<String> = dir.into_iter().collect();
             st2.search.with(&store, model_id, |catalog, engine| {
                 let hits = search::vector_search(engine, catalog, &q, k, &dirs)?;
                 // Each hit with its caption (sidecar, EXIF), when it has one.
-                hits.into_iter()
+                let hits = hits
+                    .into_iter()
                     .map(|h| {
                         let caption = catalog.description_of(&h.path)?;
                         Ok(json!({"path": h.path, "score": h.score, "caption": caption}))
                     })
-                    .collect::<crate::Result<Vec<Value>>>()
+                    .collect::<crate::Result<Vec<Value>>>()?;
+                Ok((hits, engine.unanswered()))
             })
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-        Ok(axum::Json(json!({"data": hits})).into_response())
+        if missing.is_empty() {
+            Ok(axum::Json(json!({"data": hits})).into_response())
+        } else {
+            // --allow-partial: some shards were down; say which.
+            Ok(axum::Json(json!({"data": hits, "partial": true, "missing": missing})).into_response())
+        }
     })
     .await
 }
