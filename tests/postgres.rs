@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 
 use clasp::index::{store, ConnectOptions};
 use serde_json::Value;
+use tokio_rustls::rustls::pki_types as rustls_pki;
 
 mod common;
 
@@ -842,4 +843,170 @@ fn a_halfvec_store_holds_f16_vectors_and_finds_the_same_neighbours() {
         .unwrap()
         .get(0);
     assert_eq!(opclass, "halfvec_cosine_ops");
+}
+
+/// A TLS-terminating proxy for PostgreSQL on 127.0.0.1: it answers the
+/// client's SSLRequest with `S`, does the TLS handshake with `cert`, and
+/// pipes the plaintext to the server on `pg_port`. The test servers' build
+/// has no OpenSSL, so this stands in for a server with `ssl = on`. Returns
+/// the proxy's port and the count of completed handshakes.
+fn tls_proxy(
+    cert: rustls_pki::CertificateDer<'static>,
+    key: Vec<u8>,
+    pg_port: u16,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert],
+        rustls_pki::PrivateKeyDer::Pkcs8(rustls_pki::PrivatePkcs8KeyDer::from(key)),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let count = handshakes.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, count) = (acceptor.clone(), count.clone());
+                tokio::spawn(async move {
+                    // SSLRequest: length 8, code 80877103. Anything else
+                    // (a plaintext startup) is refused by closing.
+                    let mut req = [0u8; 8];
+                    if client.read_exact(&mut req).await.is_err()
+                        || req != [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]
+                        || client.write_all(b"S").await.is_err()
+                    {
+                        return;
+                    }
+                    let Ok(mut tls) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", pg_port)).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+                });
+            }
+        });
+    });
+    (port, handshakes)
+}
+
+/// TLS: with `sslmode=require` clasp negotiates TLS and verifies the
+/// server's certificate and name against the URL's `sslrootcert`; a store
+/// reached that way indexes and searches as over plaintext. A certificate
+/// from another CA, no `sslrootcert` (Mozilla's roots), a missing PEM file,
+/// and a server without TLS each get an error that says so.
+#[test]
+fn tls_connections_verify_the_server_against_sslrootcert() {
+    use std::sync::atomic::Ordering;
+    let pg = Pg::start(55421);
+    let d = tempfile::tempdir().unwrap();
+    let ca_pair = |name: &str| {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap()
+    };
+    let (ca, other_ca) = (ca_pair("clasp test CA"), ca_pair("another CA"));
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
+    let (ca_pem, other_pem) = (d.path().join("ca.pem"), d.path().join("other.pem"));
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    std::fs::write(&other_pem, other_ca.pem()).unwrap();
+    let (port, handshakes) = tls_proxy(leaf.der().clone(), leaf_key.serialize_der(), pg.port);
+    let tls_url = |params: &str| format!("postgres://clasp:clasp@127.0.0.1:{port}/clasp?{params}");
+    let good = tls_url(&format!("sslmode=require&sslrootcert={}", ca_pem.display()));
+
+    let dir = d.path().join("photos");
+    photos(&dir, 0..30);
+    let s = index(&dir, &good);
+    assert_eq!(s["embedded"].as_u64(), Some(30));
+    assert!(
+        handshakes.load(Ordering::SeqCst) > 0,
+        "the index run went through TLS"
+    );
+    // libpq's verify-full is accepted (rustls always verifies).
+    let full = tls_url(&format!(
+        "sslmode=verify-full&sslrootcert={}",
+        ca_pem.display()
+    ));
+    for q in QUERIES {
+        assert_same_hits(
+            &search(&pg.url(), &dir, q, 10),
+            &search(&full, &dir, q, 10),
+            &format!("over TLS: {q}"),
+        );
+    }
+    let fails = |url: &str| -> String {
+        let o = search_output(url, &dir, "a dog", 5, &["--timeout", "5"]);
+        assert!(!o.status.success(), "{url} must not connect");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(
+            !err.contains("clasp:clasp"),
+            "the password stays hidden: {err}"
+        );
+        err
+    };
+    let before = handshakes.load(Ordering::SeqCst);
+    for url in [
+        tls_url(&format!(
+            "sslmode=require&sslrootcert={}",
+            other_pem.display()
+        )),
+        tls_url("sslmode=require"),
+    ] {
+        let err = fails(&url);
+        assert!(
+            err.contains("not trusted") && err.contains("sslrootcert"),
+            "an untrusted certificate says how to trust it: {err}"
+        );
+    }
+    assert_eq!(
+        handshakes.load(Ordering::SeqCst),
+        before,
+        "no handshake completed"
+    );
+    let missing = d.path().join("nowhere.pem");
+    let err = fails(&tls_url(&format!(
+        "sslmode=require&sslrootcert={}",
+        missing.display()
+    )));
+    assert!(
+        err.contains("nowhere.pem"),
+        "a missing root file is named: {err}"
+    );
+    let err = fails(&format!("{}?sslmode=require", pg.url()));
+    assert!(
+        err.contains("does not offer"),
+        "a server without TLS: {err}"
+    );
 }

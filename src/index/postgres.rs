@@ -16,7 +16,10 @@
 //! tasks) are synchronous, and the wrapper keeps one small runtime per
 //! connection out of their way. Every statement is parameterised; only
 //! integer ids and widths are ever formatted into SQL. TLS is negotiated
-//! with rustls when the URL asks (`sslmode=prefer|require`).
+//! with rustls when the URL asks (`sslmode=prefer|require|verify-full`),
+//! always verifying the server's certificate and name, against the URL's
+//! `sslrootcert` PEM file (or `PGSSLROOTCERT`) when given, else Mozilla's
+//! roots.
 //!
 //! Several writers: every write transaction first bumps the generation row,
 //! so write transactions run one at a time and each sees the others'
@@ -42,7 +45,7 @@ use crate::{Error, Result};
 pub struct PgStore {
     client: Client,
     shown: String,
-    config: Config,
+    config: Target,
     opts: ConnectOptions,
 }
 
@@ -90,6 +93,13 @@ fn pg_err(shown: &str, e: postgres::Error) -> Error {
             }
             if e.is_closed() || r.contains("onnection refused") {
                 r.push_str(" (is the server running?)");
+            } else if r.contains("certificate") || r.contains("UnknownIssuer") {
+                r.push_str(
+                    " (the server's TLS certificate is not trusted: give its CA as \
+                     sslrootcert=PATH.pem in the URL, or PGSSLROOTCERT)",
+                );
+            } else if r.contains("does not support TLS") {
+                r.push_str(" (sslmode=require asks for TLS, which this server does not offer)");
             }
             r
         }
@@ -128,9 +138,90 @@ fn pgpass_password(cfg: &Config) -> Option<String> {
     None
 }
 
-fn tls() -> tokio_postgres_rustls::MakeRustlsConnect {
+/// A parsed connection target: tokio-postgres's config, and the TLS
+/// connector for it (the server's certificate is checked against
+/// `sslrootcert` when given, else Mozilla's roots).
+#[derive(Clone)]
+struct Target {
+    cfg: Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+}
+
+/// Takes out of `url` what tokio-postgres does not parse itself: libpq's
+/// `sslrootcert` (or `PGSSLROOTCERT`), and `sslmode=verify-ca|verify-full`,
+/// which become `require` (rustls always verifies the certificate and the
+/// host name, so `require` here is libpq's `verify-full`). Handles the URL
+/// form (`postgres://...?a=b&c=d`) and the key=value form.
+fn split_tls_params(url: &str) -> (String, Option<String>) {
+    let mut root = None;
+    let mut keep = |k: &str, v: &str| -> Option<String> {
+        match (k, v) {
+            ("sslrootcert", v) => {
+                root = Some(v.to_string());
+                None
+            }
+            ("sslmode", "verify-ca" | "verify-full") => Some(format!("{k}=require")),
+            _ => Some(format!("{k}={v}")),
+        }
+    };
+    let out = if url.contains("://") {
+        match url.split_once('?') {
+            Some((base, query)) => {
+                let params: Vec<String> = query
+                    .split('&')
+                    .filter(|p| !p.is_empty())
+                    .filter_map(|p| {
+                        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+                        if k == "sslrootcert" || k == "sslmode" {
+                            keep(k, &v)
+                        } else {
+                            Some(p.to_string())
+                        }
+                    })
+                    .collect();
+                if params.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", params.join("&"))
+                }
+            }
+            None => url.to_string(),
+        }
+    } else {
+        url.split_whitespace()
+            .filter_map(|p| match p.split_once('=') {
+                Some((k @ ("sslrootcert" | "sslmode"), v)) => keep(k, v),
+                _ => Some(p.to_string()),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let root = root.or_else(|| std::env::var("PGSSLROOTCERT").ok());
+    (out, root.filter(|r| !r.is_empty()))
+}
+
+/// The TLS connector: the certificates in `root_cert` (a PEM file) as the
+/// only trusted roots when given (libpq's `sslrootcert`), else Mozilla's.
+fn tls(root_cert: Option<&str>, shown: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    match root_cert {
+        Some(path) => {
+            let bad = |why: String| Error::Report(format!("{shown}: sslrootcert {path}: {why}"));
+            let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(e.to_string()))?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bad("no PEM certificates in the file".into()));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
     let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -138,13 +229,14 @@ fn tls() -> tokio_postgres_rustls::MakeRustlsConnect {
     .expect("rustls's default protocol versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
-    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
-/// Parses `url` into a connection config with the password, timeouts and
-/// keepalives set.
-fn config(url: &str, timeout: Duration) -> Result<Config> {
+/// Parses `url` into a connection target with the password, timeouts,
+/// keepalives and TLS roots set.
+fn config(url: &str, timeout: Duration) -> Result<Target> {
     let shown = redact(url);
+    let (url, root_cert) = split_tls_params(url);
     let mut cfg: Config = url
         .parse()
         .map_err(|e| Error::Report(format!("{shown}: not a PostgreSQL URL: {e}")))?;
@@ -161,11 +253,12 @@ fn config(url: &str, timeout: Duration) -> Result<Config> {
     cfg.keepalives_idle(Duration::from_secs(10));
     cfg.options(&format!("-c statement_timeout={}", timeout.as_millis()));
     cfg.application_name("clasp");
-    Ok(cfg)
+    let tls = tls(root_cert.as_deref(), &shown)?;
+    Ok(Target { cfg, tls })
 }
 
-fn connect_config(cfg: &Config, shown: &str) -> Result<Client> {
-    cfg.connect(tls()).map_err(|e| pg_err(shown, e))
+fn connect_config(t: &Target, shown: &str) -> Result<Client> {
+    t.cfg.connect(t.tls.clone()).map_err(|e| pg_err(shown, e))
 }
 
 fn hash_of(b: &[u8]) -> Option<Hash> {
@@ -497,7 +590,8 @@ impl PgStore {
         )
         .map_err(|e| pg_err(&shown, e))?;
         for (i, url) in shards.iter().enumerate() {
-            let cfg = config(url, self.opts.timeout)?;
+            let target = config(url, self.opts.timeout)?;
+            let cfg = &target.cfg;
             let host = match cfg.get_hosts().first() {
                 Some(postgres::config::Host::Tcp(h)) => h.clone(),
                 _ => {
@@ -515,7 +609,7 @@ impl PgStore {
                 .map(|p| String::from_utf8_lossy(p).into_owned())
                 .unwrap_or_default();
             // Reach the shard first, so a bad URL is named now.
-            drop(connect_config(&cfg, &redact(url))?);
+            drop(connect_config(&target, &redact(url))?);
             let server = format!("clasp_shard_{i}");
             // DDL takes no parameters: PostgreSQL's own format() quotes the
             // values (%I identifiers, %L literals). postgres_fdw pushes a
@@ -1384,5 +1478,30 @@ mod tests {
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+    }
+
+    #[test]
+    fn libpq_tls_parameters_are_taken_out_of_the_url() {
+        // URL form: sslrootcert (percent-decoded) comes out, verify-full
+        // becomes require, everything else stays in its order.
+        let (url, root) = split_tls_params(
+            "postgres://u@h/db?application_name=x&sslmode=verify-full&sslrootcert=%2Ftmp%2Fmy%20ca.pem&connect_timeout=3",
+        );
+        assert_eq!(
+            url,
+            "postgres://u@h/db?application_name=x&sslmode=require&connect_timeout=3"
+        );
+        assert_eq!(root.as_deref(), Some("/tmp/my ca.pem"));
+        let (url, root) = split_tls_params("postgres://u@h/db?sslrootcert=/ca.pem");
+        assert_eq!(
+            (url.as_str(), root.as_deref()),
+            ("postgres://u@h/db", Some("/ca.pem"))
+        );
+        // key=value form.
+        let (url, root) = split_tls_params("host=h dbname=d sslmode=verify-ca sslrootcert=/ca.pem");
+        assert_eq!(url, "host=h dbname=d sslmode=require");
+        assert_eq!(root.as_deref(), Some("/ca.pem"));
+        // Parsed by tokio-postgres afterwards.
+        assert!(url.parse::<Config>().is_ok());
     }
 }
