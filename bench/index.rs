@@ -231,6 +231,38 @@ fn index_once(
     s.embedded as f64 / t.elapsed().as_secs_f64()
 }
 
+/// An embedded store of `n` synthetic files under `dir` (which need not
+/// hold them: `search --no-index` reads only the store) with clustered
+/// unit vectors for `model`, as an index run would leave it: for timing a
+/// search process from cold (bench/cold_start.py).
+fn synth_store(model: &str, store: &str, dir: &str, n: usize) {
+    let enc = clasp::Encoder::load(model, &candle_core::Device::Cpu).unwrap();
+    let mut cat = Catalog::open(std::path::Path::new(store)).unwrap();
+    let id = index::model_id(&mut cat, &enc, model).unwrap();
+    let dir = std::path::Path::new(dir).canonicalize().unwrap();
+    let data = clustered(n, enc.embedding_dim(), 7);
+    for (c, chunk) in data.chunks(10_000).enumerate() {
+        cat.write(|w| {
+            for (j, v) in chunk.iter().enumerate() {
+                let i = c * 10_000 + j;
+                let hash = *blake3::hash(&(i as u64).to_le_bytes()).as_bytes();
+                w.upsert_file(&index::catalog::FileRow {
+                    path: dir.join(format!("{i:07}.jpg")).display().to_string(),
+                    size: 100_000,
+                    mtime_ns: 0,
+                    hash: Some(hash),
+                    error: None,
+                    caption: String::new(),
+                })?;
+                w.put_vector(id, &hash, v)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    println!("{store}: {n} files under {} for {model}", dir.display());
+}
+
 struct PgTargets {
     single: String,
     sharded: String,
@@ -499,8 +531,15 @@ fn main() {
             });
             postgres_bench(&pg, &model, photos, rounds, &sizes);
         }
+        Some("synth-store") => {
+            let model = args.get(1).expect("MODEL_DIR");
+            let store = args.get(2).expect("STORE");
+            let dir = args.get(3).expect("DIR");
+            let n = args.get(4).map_or(100_000, |s| s.parse().unwrap());
+            synth_store(model, store, dir, n);
+        }
         _ => {
-            eprintln!("usage: bench_index search [--sizes A,B,C] | indexing MODEL_DIR [N] [ROUNDS] | postgres --single URL --sharded URL --shards URL,URL --replica URL --model DIR [--photos N] [--rounds R] [--sizes A,B]")
+            eprintln!("usage: bench_index search [--sizes A,B,C] | indexing MODEL_DIR [N] [ROUNDS] | postgres --single URL --sharded URL --shards URL,URL --replica URL --model DIR [--photos N] [--rounds R] [--sizes A,B] | synth-store MODEL_DIR STORE DIR [N]")
         }
     }
 }

@@ -39,14 +39,30 @@ pub struct BatchEmbeddings {
 impl Encoder {
     /// Loads a model from a directory or a Hub id.
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
+        Self::load_towers(spec, device, model::Towers::Both)
+    }
+
+    /// Loads a model with only `towers`: [`model::Towers::Text`] for a
+    /// process that embeds texts alone (a text search, zero-shot labels),
+    /// which then never reads the image tower's weights. Embedding an image
+    /// with it is an error.
+    pub fn load_towers(spec: &str, device: &Device, towers: model::Towers) -> Result<Self> {
         let files = model::resolve(spec)?;
-        Self::from_files(files, device)
+        Self::from_files_towers(files, device, towers)
     }
 
     pub fn from_files(files: ModelFiles, device: &Device) -> Result<Self> {
+        Self::from_files_towers(files, device, model::Towers::Both)
+    }
+
+    fn from_files_towers(
+        files: ModelFiles,
+        device: &Device,
+        towers: model::Towers,
+    ) -> Result<Self> {
         let config = ModelConfig::from_file(&files.config)?;
         let vb = loader::var_builder(&files, device)?;
-        let model = Model::load(vb, &config).map_err(|e| match e {
+        let model = Model::load_towers(vb, &config, towers).map_err(|e| match e {
             Error::Candle(c) => Error::Weights {
                 path: files.weights.clone(),
                 reason: c.to_string(),
@@ -277,4 +293,29 @@ pub fn image_inputs_from(src: &Path) -> Result<Vec<PathBuf>> {
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A text-only load embeds texts exactly as the whole model does, for
+    /// every architecture, and refuses images with an error that says why.
+    #[test]
+    fn text_only_encoders_embed_texts_as_the_whole_model_and_refuse_images() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core");
+        for name in ["tiny-clip", "tiny-chinese-clip", "tiny-dual-encoder"] {
+            let spec = root.join(name).display().to_string();
+            let whole = Encoder::load(&spec, &Device::Cpu).unwrap();
+            let text = Encoder::load_towers(&spec, &Device::Cpu, model::Towers::Text).unwrap();
+            let texts = ["a dog on a beach", "两只猫", "a red car"];
+            let a = whole.embed_texts(&texts).unwrap().to_vec2::<f32>().unwrap();
+            let b = text.embed_texts(&texts).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(a, b, "{name}");
+            let img = image::RgbImage::from_pixel(32, 32, image::Rgb([200, 10, 10]));
+            assert!(whole.embed_images(std::slice::from_ref(&img)).is_ok());
+            let err = text.embed_images(&[img]).unwrap_err().to_string();
+            assert!(err.contains("text only"), "{name}: {err}");
+        }
+    }
 }

@@ -284,12 +284,20 @@ fn open_and_index(
     model: &Option<String>,
     dir: &Path,
     no_index: bool,
+    text_only: bool,
 ) -> Result<(Box<dyn Store>, Encoder, i64)> {
+    // Without an index run, a process that embeds only texts loads only the
+    // text tower (a cold text search reads less than half of ViT-B/32).
+    let towers = if no_index && text_only {
+        clasp::model::Towers::Text
+    } else {
+        clasp::model::Towers::Both
+    };
     // A given model loads before the store is opened (and perhaps created),
     // so a wrong one leaves nothing behind; otherwise the store names it.
     let (mut catalog, spec, encoder) = match given_model(model) {
         Some(spec) => {
-            let encoder = Encoder::load(&spec, &device(store.device)?)?;
+            let encoder = Encoder::load_towers(&spec, &device(store.device)?, towers)?;
             (open_store(store, !no_index)?, spec, encoder)
         }
         None => {
@@ -303,7 +311,7 @@ fn open_and_index(
                 }
             })?;
             let spec = model_spec(model, catalog.as_mut())?;
-            let encoder = Encoder::load(&spec, &device(store.device)?)?;
+            let encoder = Encoder::load_towers(&spec, &device(store.device)?, towers)?;
             (catalog, spec, encoder)
         }
     };
@@ -330,7 +338,11 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
     // The query parses before a model loads or a folder is indexed.
     let terms = query::parse(&a.query)?;
     let dir = search_dir(&a.dir)?;
-    let (mut catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &dir, a.no_index)?;
+    let text_only = terms
+        .iter()
+        .all(|t| matches!(t.kind, query::TermKind::Text(_)));
+    let (mut catalog, encoder, model_id) =
+        open_and_index(&a.store, &a.model, &dir, a.no_index, text_only)?;
     let dirs = vec![index::indexer::canonical_prefix(&dir)?];
     let q = query::embed(&encoder, &terms)?;
     let engine = catalog.engine(model_id, a.ann_threshold)?;
@@ -410,7 +422,8 @@ pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let (mut catalog, encoder, model_id) = open_and_index(&a.store, &a.model, &a.dir, a.no_index)?;
+    let (mut catalog, encoder, model_id) =
+        open_and_index(&a.store, &a.model, &a.dir, a.no_index, true)?;
     let templates = custom.unwrap_or_else(|| {
         prompts::default_templates(matches!(
             encoder.config(),

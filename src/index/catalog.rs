@@ -266,6 +266,27 @@ impl Catalog {
             .collect())
     }
 
+    /// Every file whose content hash is one of `hashes` (one indexed
+    /// lookup each).
+    pub fn files_with_hashes(&self, hashes: &[Hash]) -> Result<Vec<FileRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT path, size, mtime_ns, hash, error, caption FROM files WHERE hash = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for h in hashes {
+            let rows = stmt
+                .query_map([&h[..]], Self::row)
+                .map_err(|e| self.err(e))?;
+            for r in rows {
+                out.push(r.map_err(|e| self.err(e))?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The caption of the file at `path`, if the catalog has the file.
     pub fn caption_of(&self, path: &str) -> Result<Option<String>> {
         let mut stmt = self

@@ -261,6 +261,18 @@ fn connect_config(t: &Target, shown: &str) -> Result<Client> {
     t.cfg.connect(t.tls.clone()).map_err(|e| pg_err(shown, e))
 }
 
+/// A `clasp_files` row selected as (path, size, mtime_ns, hash, error, caption).
+fn file_row(r: &postgres::Row) -> FileRow {
+    FileRow {
+        path: r.get(0),
+        size: r.get::<_, i64>(1) as u64,
+        mtime_ns: r.get(2),
+        hash: r.get::<_, Option<&[u8]>>(3).and_then(hash_of),
+        error: r.get(4),
+        caption: r.get(5),
+    }
+}
+
 fn hash_of(b: &[u8]) -> Option<Hash> {
     b.try_into().ok()
 }
@@ -926,16 +938,22 @@ impl Store for PgStore {
             .map_err(|e| pg_err(&self.shown, e))?;
         Ok(rows
             .iter()
-            .map(|r| FileRow {
-                path: r.get(0),
-                size: r.get::<_, i64>(1) as u64,
-                mtime_ns: r.get(2),
-                hash: r.get::<_, Option<&[u8]>>(3).and_then(hash_of),
-                error: r.get(4),
-                caption: r.get(5),
-            })
+            .map(file_row)
             .filter(|r| prefixes.is_empty() || prefixes.iter().any(|p| under(&r.path, p)))
             .collect())
+    }
+
+    fn files_with_hashes(&mut self, hashes: &[Hash]) -> Result<Vec<FileRow>> {
+        let keys: Vec<&[u8]> = hashes.iter().map(|h| &h[..]).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT path, size, mtime_ns, hash, error, caption FROM clasp_files
+                 WHERE hash = ANY($1)",
+                &[&keys],
+            )
+            .map_err(|e| pg_err(&self.shown, e))?;
+        Ok(rows.iter().map(file_row).collect())
     }
 
     fn caption_of(&mut self, path: &str) -> Result<Option<String>> {

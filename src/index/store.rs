@@ -65,6 +65,8 @@ pub trait Store: Send {
     /// Every file whose path is one of `prefixes` or under it (all if
     /// empty), in path order.
     fn files_under(&mut self, prefixes: &[String]) -> Result<Vec<FileRow>>;
+    /// Every file whose content hash is one of `hashes`, in no set order.
+    fn files_with_hashes(&mut self, hashes: &[Hash]) -> Result<Vec<FileRow>>;
     /// The search text of the file at `path`, if the store has the file.
     fn caption_of(&mut self, path: &str) -> Result<Option<String>>;
     /// Which of `hashes` have a vector for `model`.
@@ -265,6 +267,9 @@ impl Store for Catalog {
     }
     fn files_under(&mut self, prefixes: &[String]) -> Result<Vec<FileRow>> {
         Catalog::files_under(self, prefixes)
+    }
+    fn files_with_hashes(&mut self, hashes: &[Hash]) -> Result<Vec<FileRow>> {
+        Catalog::files_with_hashes(self, hashes)
     }
     fn caption_of(&mut self, path: &str) -> Result<Option<String>> {
         Catalog::caption_of(self, path)

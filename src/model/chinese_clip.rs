@@ -218,7 +218,8 @@ impl BertTextModel {
 
 #[derive(Debug, Clone)]
 pub struct ChineseClipModel {
-    pub vision: VisionTransformer,
+    /// `None` when loaded for text only ([`super::Towers::Text`]).
+    pub vision: Option<VisionTransformer>,
     pub text: BertTextModel,
     pub visual_projection: Linear,
     pub text_projection: Linear,
@@ -227,13 +228,13 @@ pub struct ChineseClipModel {
 }
 
 impl ChineseClipModel {
-    pub fn load(vb: VarBuilder, cfg: &ChineseClipConfig) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &ChineseClipConfig, towers: super::Towers) -> Result<Self> {
         let v = &cfg.vision_config;
         let t = &cfg.text_config;
         let (visual_projection, text_projection, logit_scale) =
             load_heads(&vb, v.hidden_size, t.hidden_size, cfg.projection_dim)?;
         Ok(Self {
-            vision: VisionTransformer::load(vb.pp("vision_model"), v)?,
+            vision: towers.vision(vb.pp("vision_model"), v)?,
             text: BertTextModel::load(vb.pp("text_model"), t)?,
             visual_projection,
             text_projection,
@@ -244,7 +245,7 @@ impl ChineseClipModel {
 
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.visual_projection
-            .forward(&self.vision.forward(pixel_values)?)
+            .forward(&super::vision_tower(&self.vision)?.forward(pixel_values)?)
     }
 
     pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {

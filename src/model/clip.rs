@@ -145,7 +145,8 @@ impl ClipTextTransformer {
 
 #[derive(Debug, Clone)]
 pub struct ClipModel {
-    pub vision: VisionTransformer,
+    /// `None` when loaded for text only ([`super::Towers::Text`]).
+    pub vision: Option<VisionTransformer>,
     pub text: ClipTextTransformer,
     pub visual_projection: Linear,
     pub text_projection: Linear,
@@ -154,13 +155,13 @@ pub struct ClipModel {
 }
 
 impl ClipModel {
-    pub fn load(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &ClipConfig, towers: super::Towers) -> Result<Self> {
         let v = &cfg.vision_config;
         let t = &cfg.text_config;
         let (visual_projection, text_projection, logit_scale) =
             load_heads(&vb, v.hidden_size, t.hidden_size, cfg.projection_dim)?;
         Ok(Self {
-            vision: VisionTransformer::load(vb.pp("vision_model"), v)?,
+            vision: towers.vision(vb.pp("vision_model"), v)?,
             text: ClipTextTransformer::load(vb.pp("text_model"), t)?,
             visual_projection,
             text_projection,
@@ -172,7 +173,7 @@ impl ClipModel {
     /// Projected, unnormalised image features [B, P].
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.visual_projection
-            .forward(&self.vision.forward(pixel_values)?)
+            .forward(&super::vision_tower(&self.vision)?.forward(pixel_values)?)
     }
 
     /// Projected, unnormalised text features [B, P].

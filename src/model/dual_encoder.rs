@@ -15,7 +15,8 @@ use crate::Result;
 
 #[derive(Debug, Clone)]
 pub struct DualEncoderModel {
-    pub vision: VisionTransformer,
+    /// `None` when loaded for text only ([`super::Towers::Text`]).
+    pub vision: Option<VisionTransformer>,
     pub text: BertTextModel,
     pub text_pooler: Linear,
     pub visual_projection: Linear,
@@ -25,12 +26,12 @@ pub struct DualEncoderModel {
 }
 
 impl DualEncoderModel {
-    pub fn load(vb: VarBuilder, cfg: &DualEncoderConfig) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &DualEncoderConfig, towers: super::Towers) -> Result<Self> {
         let (v, t) = (&cfg.vision_config, &cfg.text_config);
         let (visual_projection, text_projection, logit_scale) =
             load_heads(&vb, v.hidden_size, t.hidden_size, cfg.projection_dim)?;
         Ok(Self {
-            vision: VisionTransformer::load(vb.pp("vision_model"), v)?,
+            vision: towers.vision(vb.pp("vision_model"), v)?,
             text: BertTextModel::load(vb.pp("text_model"), t)?,
             text_pooler: Linear::load(
                 vb.pp("text_model.pooler.dense"),
@@ -47,7 +48,7 @@ impl DualEncoderModel {
 
     /// The ViT's pooled output [B, C] before the projection.
     pub fn image_pooled(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.vision.forward(pixel_values)
+        super::vision_tower(&self.vision)?.forward(pixel_values)
     }
 
     /// The text tower's output [B, C]: BERT's pooler output tanh(dense([CLS])),

@@ -85,6 +85,37 @@ mod grad_mode_tests {
     }
 }
 
+/// Which towers of a dual encoder to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Towers {
+    Both,
+    /// The text tower and both projections only.
+    Text,
+}
+
+impl Towers {
+    fn vision(
+        self,
+        vb: candle_nn::VarBuilder,
+        cfg: &config::VisionConfig,
+    ) -> Result<Option<vit::VisionTransformer>> {
+        match self {
+            Towers::Both => Ok(Some(vit::VisionTransformer::load(vb, cfg)?)),
+            Towers::Text => Ok(None),
+        }
+    }
+}
+
+/// The image tower, or an error saying the model was loaded without it.
+fn vision_tower(v: &Option<vit::VisionTransformer>) -> Result<&vit::VisionTransformer> {
+    v.as_ref().ok_or_else(|| {
+        crate::Error::Report(
+            "this model was loaded for text only (Towers::Text); load it whole to embed images"
+                .into(),
+        )
+    })
+}
+
 /// A loaded dual encoder of any supported architecture.
 #[derive(Debug, Clone)]
 pub enum Model {
@@ -95,18 +126,32 @@ pub enum Model {
 
 impl Model {
     pub fn load(vb: candle_nn::VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Self::load_towers(vb, cfg, Towers::Both)
+    }
+
+    /// Loads `towers`: with [`Towers::Text`] the image tower's weights are
+    /// never read (a text query's process needs the text tower only).
+    pub fn load_towers(
+        vb: candle_nn::VarBuilder,
+        cfg: &ModelConfig,
+        towers: Towers,
+    ) -> Result<Self> {
         Ok(match cfg {
-            ModelConfig::Clip(c) => Model::Clip(ClipModel::load(vb, c)?),
-            ModelConfig::ChineseClip(c) => Model::ChineseClip(ChineseClipModel::load(vb, c)?),
-            ModelConfig::DualEncoder(c) => Model::DualEncoder(DualEncoderModel::load(vb, c)?),
+            ModelConfig::Clip(c) => Model::Clip(ClipModel::load(vb, c, towers)?),
+            ModelConfig::ChineseClip(c) => {
+                Model::ChineseClip(ChineseClipModel::load(vb, c, towers)?)
+            }
+            ModelConfig::DualEncoder(c) => {
+                Model::DualEncoder(DualEncoderModel::load(vb, c, towers)?)
+            }
         })
     }
 
     /// The image tower's pooled output [B, C], before the projection.
     pub fn image_pooled(&self, pixel_values: &Tensor) -> Result<Tensor> {
         match self {
-            Model::Clip(m) => m.vision.forward(pixel_values),
-            Model::ChineseClip(m) => m.vision.forward(pixel_values),
+            Model::Clip(m) => vision_tower(&m.vision)?.forward(pixel_values),
+            Model::ChineseClip(m) => vision_tower(&m.vision)?.forward(pixel_values),
             Model::DualEncoder(m) => m.image_pooled(pixel_values),
         }
     }
