@@ -262,17 +262,18 @@ impl Catalog {
             .map_err(|e| self.err(e))?;
         Ok(rows
             .into_iter()
-            .filter(|r| prefixes.is_empty() || prefixes.iter().any(|p| under(&r.path, p)))
+            .filter(|r| under_any(&r.path, prefixes))
             .collect())
     }
 
-    /// Every file whose content hash is one of `hashes` (one indexed
-    /// lookup each).
+    /// Every file whose content hash is one of `hashes`, each content's
+    /// files in path order (one indexed lookup each).
     pub fn files_with_hashes(&self, hashes: &[Hash]) -> Result<Vec<FileRow>> {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT path, size, mtime_ns, hash, error, caption FROM files WHERE hash = ?1",
+                "SELECT path, size, mtime_ns, hash, error, caption FROM files WHERE hash = ?1
+                 ORDER BY path",
             )
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
@@ -520,6 +521,12 @@ pub(crate) fn bytes_to_f32(b: &[u8]) -> Vec<f32> {
 /// Whether `path` is `dir` or inside it (by path components, not string prefix).
 pub fn under(path: &str, dir: &str) -> bool {
     Path::new(path).starts_with(Path::new(dir))
+}
+
+/// Whether `path` is one of `dirs` or under one of them; every path is when
+/// `dirs` is empty.
+pub fn under_any(path: &str, dirs: &[String]) -> bool {
+    dirs.is_empty() || dirs.iter().any(|d| under(path, d))
 }
 
 /// Turns free text into an FTS5 query of OR-ed quoted terms, so punctuation

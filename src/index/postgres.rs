@@ -36,7 +36,7 @@ use std::time::Duration;
 use pgvector::Vector;
 use postgres::{Client, Config, Transaction};
 
-use super::catalog::{under, FileRow, Hash};
+use super::catalog::{under_any, FileRow, Hash};
 use super::engine::VectorSearch;
 use super::store::{ConnectOptions, ModelRow, Store, StoreWriter, VectorType};
 use crate::{Error, Result};
@@ -261,6 +261,12 @@ fn connect_config(t: &Target, shown: &str) -> Result<Client> {
     t.cfg.connect(t.tls.clone()).map_err(|e| pg_err(shown, e))
 }
 
+/// An error of shard `server` (foreign server name) at `shown` (its
+/// redacted URL), naming both.
+fn shard_err(server: &str, shown: &str, e: postgres::Error) -> Error {
+    Error::Report(format!("shard {server} ({shown}): {}", pg_err(shown, e)))
+}
+
 /// A `clasp_files` row selected as (path, size, mtime_ns, hash, error, caption).
 fn file_row(r: &postgres::Row) -> FileRow {
     FileRow {
@@ -377,9 +383,7 @@ impl PgStore {
                 for (i, (server, shard)) in shards.iter().enumerate() {
                     let part = format!("{t}_p{i}");
                     let conn = format!("clasp_build{i}");
-                    let shard_err = |e: postgres::Error| {
-                        Error::Report(format!("shard {server} ({shard}): {}", pg_err(shard, e)))
-                    };
+                    let shard_err = |e| shard_err(server, shard, e);
                     // In a savepoint, so a shard that is down leaves the
                     // transaction usable.
                     let connected = tx.savepoint("clasp_connect").and_then(|mut sp| {
@@ -401,14 +405,14 @@ impl PgStore {
                         )
                         .map_err(shard_err)?
                         .get(0);
-                    let n: i64 = tx
-                        .query_one(
-                            &format!("SELECT n FROM dblink($1, 'SELECT COUNT(*) FROM {part}') AS t(n int8)"),
-                            &[&conn],
-                        )
-                        .map_err(shard_err)?
-                        .get(0);
                     if !has {
+                        let n: i64 = tx
+                            .query_one(
+                                &format!("SELECT n FROM dblink($1, 'SELECT COUNT(*) FROM {part}') AS t(n int8)"),
+                                &[&conn],
+                            )
+                            .map_err(shard_err)?
+                            .get(0);
                         let mb = build_memory_mb(n, dim, vtype);
                         tracing::info!(shard = %server, vectors = n, "building the shard's HNSW index");
                         let sql = format!(
@@ -422,17 +426,16 @@ impl PgStore {
                 }
                 // The shards build at the same time; collect each result.
                 for (conn, server, shard, has) in &building {
-                    let shard_err = |e: postgres::Error| {
-                        Error::Report(format!("shard {server} ({shard}): {}", pg_err(shard, e)))
-                    };
+                    let shard_err = |e| shard_err(server, shard, e);
                     // One status row per statement sent, then an empty
                     // result at the end.
-                    while !has
-                        && !tx
+                    if !has {
+                        while !tx
                             .query("SELECT * FROM dblink_get_result($1) AS t(s text)", &[conn])
                             .map_err(shard_err)?
                             .is_empty()
-                    {}
+                        {}
+                    }
                     tx.execute("SELECT dblink_disconnect($1)", &[conn])
                         .map_err(shard_err)?;
                 }
@@ -939,7 +942,7 @@ impl Store for PgStore {
         Ok(rows
             .iter()
             .map(file_row)
-            .filter(|r| prefixes.is_empty() || prefixes.iter().any(|p| under(&r.path, p)))
+            .filter(|r| under_any(&r.path, prefixes))
             .collect())
     }
 
@@ -949,7 +952,7 @@ impl Store for PgStore {
             .client
             .query(
                 "SELECT path, size, mtime_ns, hash, error, caption FROM clasp_files
-                 WHERE hash = ANY($1)",
+                 WHERE hash = ANY($1) ORDER BY path",
                 &[&keys],
             )
             .map_err(|e| pg_err(&self.shown, e))?;
@@ -1130,10 +1133,7 @@ impl Store for PgStore {
                 {
                     Ok(r) => n += r.get::<_, i64>(0),
                     Err(e) => {
-                        let e = Error::Report(format!(
-                            "shard {server} ({shown}): {}",
-                            pg_err(shown, e)
-                        ));
+                        let e = shard_err(server, shown, e);
                         if !self.opts.allow_partial {
                             return Err(e);
                         }
@@ -1290,7 +1290,7 @@ impl PgSearch {
                     let _ = c.execute("SELECT dblink_disconnect($1)", &[&format!("clasp_q{i}")]);
                     connected[i] = false;
                 }
-                let e = Error::Report(format!("shard {server} ({shown}): {}", pg_err(shown, e)));
+                let e = shard_err(server, shown, e);
                 if self.allow_partial {
                     tracing::warn!("{e}; answering without it (--allow-partial)");
                     missing.push(format!("{server} ({shown})"));

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use super::catalog::{under, FileRow, Hash};
+use super::catalog::{under_any, FileRow, Hash};
 use super::engine::VectorSearch;
 use super::store::Store;
 use crate::{Encoder, Result};
@@ -25,13 +25,24 @@ pub fn files_by_hash(
     catalog: &mut dyn Store,
     dirs: &[String],
 ) -> Result<HashMap<Hash, Vec<FileRow>>> {
+    Ok(group_by_hash(catalog.files_under(dirs)?, dirs))
+}
+
+/// The embeddable rows among `rows` that lie under `dirs` (all when
+/// empty), grouped by content hash, keeping their order.
+fn group_by_hash(
+    rows: impl IntoIterator<Item = FileRow>,
+    dirs: &[String],
+) -> HashMap<Hash, Vec<FileRow>> {
     let mut m: HashMap<Hash, Vec<FileRow>> = HashMap::new();
-    for f in catalog.files_under(dirs)? {
+    for f in rows {
         if let (None, Some(h)) = (&f.error, f.hash) {
-            m.entry(h).or_default().push(f);
+            if under_any(&f.path, dirs) {
+                m.entry(h).or_default().push(f);
+            }
         }
     }
-    Ok(m)
+    m
 }
 
 /// The best `k` files for a query vector, restricted to `dirs`. Files with
@@ -60,17 +71,7 @@ pub fn vector_search(
         let hits = engine.search(query, wide, None)?;
         let complete = hits.len() < wide;
         let hashes: Vec<Hash> = hits.iter().map(|h| h.0).collect();
-        let mut by_hash: HashMap<Hash, Vec<FileRow>> = HashMap::new();
-        for f in catalog.files_with_hashes(&hashes)? {
-            if let (None, Some(h)) = (&f.error, f.hash) {
-                if dirs.iter().any(|d| under(&f.path, d)) {
-                    by_hash.entry(h).or_default().push(f);
-                }
-            }
-        }
-        for files in by_hash.values_mut() {
-            files.sort_by(|a, b| a.path.cmp(&b.path));
-        }
+        let by_hash = group_by_hash(catalog.files_with_hashes(&hashes)?, dirs);
         let out = files_of_hits(hits, &by_hash, k);
         if out.len() >= k || complete {
             return Ok(out);
@@ -157,7 +158,7 @@ pub fn hybrid_search(
         .text_search(text, depth * 4)?
         .into_iter()
         .map(|(p, _)| p)
-        .filter(|p| dirs.is_empty() || dirs.iter().any(|d| under(p, d)))
+        .filter(|p| under_any(p, dirs))
         .take(depth)
         .collect();
     Ok(rrf(&[vec_hits, text_hits], k))
@@ -220,8 +221,9 @@ mod tests {
     /// `vector_search` restricted to a folder equals brute force over that
     /// folder's files, both when the folder holds most of the store (the
     /// best matches overall give k files) and when it holds a few (the
-    /// filtered search over the whole catalog), with files that share a
-    /// content listed together in path order, and failed files left out.
+    /// filtered search over the whole catalog), and with no folder at all;
+    /// files that share a content are listed together in path order, and
+    /// failed files are left out.
     #[test]
     fn folder_search_equals_brute_force_for_big_and_small_folders() {
         use crate::index::store::Store;
@@ -273,7 +275,13 @@ mod tests {
         let engine = store.engine(id, usize::MAX).unwrap();
         for q in 0..5 {
             let query: Vec<f32> = files[q * 50].2.iter().map(|x| x + 0.1 * next()).collect();
-            for (dir, k) in [("/big", 10), ("/small", 10), ("/small", 30), ("/big", 3)] {
+            for (dir, k) in [
+                ("/big", 10),
+                ("/small", 10),
+                ("/small", 30),
+                ("/big", 3),
+                ("", 10), // no folder: the whole store
+            ] {
                 let dot = |v: &[f32]| v.iter().zip(&query).map(|(a, b)| a * b).sum::<f32>();
                 let mut want: Vec<(&str, f32)> = files
                     .iter()
@@ -282,8 +290,11 @@ mod tests {
                     .collect();
                 want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
                 want.truncate(k);
-                let got =
-                    vector_search(engine.as_ref(), store, &query, k, &[dir.to_string()]).unwrap();
+                let dirs: Vec<String> = (!dir.is_empty())
+                    .then(|| dir.to_string())
+                    .into_iter()
+                    .collect();
+                let got = vector_search(engine.as_ref(), store, &query, k, &dirs).unwrap();
                 let got: Vec<(&str, f32)> = got
                     .iter()
                     .map(|h| (h.path.as_str(), h.score as f32))

@@ -65,7 +65,8 @@ pub trait Store: Send {
     /// Every file whose path is one of `prefixes` or under it (all if
     /// empty), in path order.
     fn files_under(&mut self, prefixes: &[String]) -> Result<Vec<FileRow>>;
-    /// Every file whose content hash is one of `hashes`, in no set order.
+    /// Every file whose content hash is one of `hashes`; the files of one
+    /// content in path order.
     fn files_with_hashes(&mut self, hashes: &[Hash]) -> Result<Vec<FileRow>>;
     /// The search text of the file at `path`, if the store has the file.
     fn caption_of(&mut self, path: &str) -> Result<Option<String>>;
