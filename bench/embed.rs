@@ -1,6 +1,6 @@
 //! In-process encoder throughput for bench/embed_throughput.py.
 //!
-//!     cargo run --release --example bench_embed -- MODEL_DIR image|text BATCH ITERS [TEXTS_FILE]
+//!     cargo run --release --example bench_embed -- MODEL_DIR image|text BATCH ITERS [TEXTS_FILE [f32|int8]]
 //!
 //! Prints one JSON line: {"kind", "batch", "items_per_s": [per iteration]}.
 //! Images are random pixel tensors (model cost only, as the PyTorch and ONNX
@@ -20,7 +20,10 @@ fn main() -> anyhow::Result<()> {
         a[3].parse::<usize>()?,
         a[4].parse::<usize>()?,
     );
-    let enc = clasp::Encoder::load(model, &Device::Cpu)?;
+    let mut enc = clasp::Encoder::load(model, &Device::Cpu)?;
+    if let Some(p) = a.get(6) {
+        enc.set_precision(p.parse().map_err(anyhow::Error::msg)?)?;
+    }
     let texts: Vec<String> = match a.get(5) {
         Some(f) => std::fs::read_to_string(f)?
             .lines()

@@ -18,6 +18,38 @@ pub struct Encoder {
     tokenizer: TextTokenizer,
     image_processor: ImageProcessor,
     device: Device,
+    precision: Precision,
+}
+
+/// The arithmetic the towers run in at inference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// The checkpoint's f32 weights (the reference).
+    #[default]
+    F32,
+    /// Dynamic int8 on the CPU (see `model::int8`): per-channel int8 weights,
+    /// per-token int8 activations.
+    Int8,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "int8" => Ok(Precision::Int8),
+            other => Err(format!("unknown precision `{other}` (f32 or int8)")),
+        }
+    }
 }
 
 /// One input that could not be embedded, with its position in the input.
@@ -89,7 +121,39 @@ impl Encoder {
             tokenizer,
             image_processor: ImageProcessor::new(pp),
             device: device.clone(),
+            precision: Precision::F32,
         })
+    }
+
+    /// Runs the towers in `precision` from now on. int8 runs on the CPU
+    /// only; going back to f32 after int8 is not supported (reload).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        match (self.precision, precision) {
+            (Precision::F32, Precision::F32) | (Precision::Int8, Precision::Int8) => Ok(()),
+            (Precision::F32, Precision::Int8) => {
+                if !self.device.is_cpu() {
+                    return Err(Error::Report(
+                        "--precision int8 runs on the CPU only (use --device cpu)".into(),
+                    ));
+                }
+                let t = std::time::Instant::now();
+                self.model.quantize_int8(&|_| Ok(None))?;
+                tracing::info!(
+                    seconds = t.elapsed().as_secs_f64(),
+                    kernel = crate::model::int8::Int8Kernel::selected().name(),
+                    "quantized the towers to int8"
+                );
+                self.precision = precision;
+                Ok(())
+            }
+            (Precision::Int8, Precision::F32) => Err(Error::Report(
+                "this encoder already runs in int8; load the model again for f32".into(),
+            )),
+        }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn model(&self) -> &Model {
@@ -124,6 +188,12 @@ impl Encoder {
         }
         let files = &self.files;
         let mut h = blake3::Hasher::new();
+        // Another precision gives other vectors: its own key, so a store or
+        // cache never mixes them with f32 ones.
+        if self.precision != Precision::F32 {
+            h.update(b"precision:");
+            h.update(self.precision.name().as_bytes());
+        }
         for p in [&files.config, &files.weights] {
             hash_file(&mut h, p)?;
         }

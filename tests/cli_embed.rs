@@ -380,3 +380,47 @@ fn a_bad_output_path_is_refused_before_embedding() {
     assert!(err.contains(out.to_str().unwrap()), "{err}");
     assert!(err.contains("does not exist"), "{err}");
 }
+
+/// `--precision int8` under each int8 kernel this CPU runs (forced through
+/// CLASP_INT8_KERNEL): the integer products are exact on every path, so the
+/// vectors are identical, and they differ from f32's.
+#[test]
+fn int8_embeddings_are_identical_on_every_kernel() {
+    let model = fixtures().join("tiny-clip");
+    let img = fixtures().join(FILES[0]);
+    let run = |precision: &str, kernel: &str| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_clasp"))
+            .env("CLASP_INT8_KERNEL", kernel)
+            .args(["embed", "--model", model.to_str().unwrap()])
+            .args(["--image", img.to_str().unwrap()])
+            .args(["--text", "a photo of a dog", "--precision", precision])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let kernels: Vec<&str> = clasp::model::int8::Int8Kernel::available()
+        .into_iter()
+        .map(|k| k.name())
+        .collect();
+    let scalar = run("int8", "scalar");
+    for k in &kernels {
+        assert_eq!(run("int8", k), scalar, "int8 on {k} differs from scalar");
+    }
+    assert_ne!(run("f32", "scalar"), scalar, "int8 output equals f32's");
+    let bad = clasp(&[
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "x",
+        "--precision",
+        "int4",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("f32 or int8"));
+}

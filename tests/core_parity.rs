@@ -309,3 +309,48 @@ fn sentence_encoder_matches_sentence_transformers() {
         "max |clasp - sentence-transformers| = {worst}"
     );
 }
+
+/// Rows' cosine similarities between two [N, D] tensors.
+fn row_cosines(a: &Tensor, b: &Tensor) -> Vec<f32> {
+    let (a, b) = (a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| {
+            let dot: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+            let n = |v: &[f32]| v.iter().map(|p| p * p).sum::<f32>().sqrt();
+            dot / (n(x) * n(y))
+        })
+        .collect()
+}
+
+/// `--precision int8` on each architecture: the embeddings stay within a
+/// cosine of 0.99 of transformers' f32 ones, and they are not the f32 ones
+/// (the int8 path ran).
+#[test]
+fn int8_embeddings_stay_close_to_transformers_f32() {
+    let exp = expected();
+    for (dir, prefix, texts_file) in [
+        ("tiny-clip", "clip", "tiny-clip.texts.json"),
+        ("tiny-chinese-clip", "cn", "tiny-chinese-clip.texts.json"),
+        ("tiny-dual-encoder", "dual", "tiny-dual-encoder.texts.json"),
+    ] {
+        let get = |k: &str| exp[&format!("{prefix}.{k}")].clone();
+        let mut enc = Encoder::load(fixtures().join(dir).to_str().unwrap(), &Device::Cpu).unwrap();
+        enc.set_precision(clasp::encoder::Precision::Int8).unwrap();
+        let texts: Vec<String> =
+            serde_json::from_str(&std::fs::read_to_string(fixtures().join(texts_file)).unwrap())
+                .unwrap();
+        let img = enc.image_features(&get("pixel_values")).unwrap();
+        let txt = enc.text_features(&texts).unwrap();
+        for (what, got, want) in [
+            ("image", &img, get("image_features")),
+            ("text", &txt, get("text_features")),
+        ] {
+            let cos = row_cosines(got, &want);
+            let min = cos.iter().cloned().fold(1f32, f32::min);
+            eprintln!("{dir} int8 {what}: min cosine {min}");
+            assert!(min >= 0.99, "{dir}: int8 {what} cosine {min} < 0.99");
+            assert!(max_abs(got, &want) > 1e-6, "{dir}: int8 {what} equals f32");
+        }
+    }
+}

@@ -105,6 +105,18 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     .open()?)
 }
 
+/// Loads an encoder (only `towers`) and switches it to `precision`.
+pub fn load_encoder(
+    spec: &str,
+    dev: &Device,
+    towers: clasp::model::Towers,
+    precision: clasp::encoder::Precision,
+) -> Result<clasp::Encoder> {
+    let mut e = clasp::Encoder::load_towers(spec, dev, towers)?;
+    e.set_precision(precision)?;
+    Ok(e)
+}
+
 static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether `-q` asked for errors only: the summaries and notes that

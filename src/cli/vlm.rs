@@ -307,7 +307,12 @@ pub fn ask_cmd(a: AskArgs) -> Result<ExitCode> {
     }
     let mut catalog = super::search::open_store(&a.store, false)?;
     let spec = super::search::model_spec(&a.model, catalog.as_mut())?;
-    let encoder = clasp::Encoder::load(&spec, &super::device(a.store.device)?)?;
+    let encoder = super::load_encoder(
+        &spec,
+        &super::device(a.store.device)?,
+        clasp::model::Towers::Both,
+        a.store.precision,
+    )?;
     let model_id = clasp::index::model_id(catalog.as_mut(), &encoder, &spec)?;
     let engine = catalog.engine(model_id, clasp::index::ANN_THRESHOLD)?;
     if engine.is_empty() {

@@ -32,9 +32,11 @@ pub fn model_id(catalog: &mut dyn Store, encoder: &Encoder, spec: &str) -> Resul
     let w: &Path = &encoder.files().weights;
     let meta = std::fs::metadata(w).map_err(|e| crate::Error::io(w, e))?;
     let (size, mtime) = (meta.len(), walk::mtime_ns(&meta));
+    // The remembered key is the f32 one; another precision hashes afresh.
+    let f32 = encoder.precision() == crate::encoder::Precision::F32;
     let key = match catalog.remembered_model_key(w, size, mtime)? {
-        Some(k) => k,
-        None => encoder.content_hash()?,
+        Some(k) if f32 => k,
+        _ => encoder.content_hash()?,
     };
     // A local model is remembered by its absolute path, so the store finds
     // it again from any working directory; a Hub id stays as given.
@@ -48,6 +50,8 @@ pub fn model_id(catalog: &mut dyn Store, encoder: &Encoder, spec: &str) -> Resul
         spec.to_string()
     };
     let id = catalog.model_id(&key, &spec, encoder.embedding_dim())?;
-    catalog.remember_model_file(id, w, size, mtime)?;
+    if f32 {
+        catalog.remember_model_file(id, w, size, mtime)?;
+    }
     Ok(id)
 }

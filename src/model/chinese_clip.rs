@@ -51,6 +51,15 @@ impl BertLayer {
     }
 }
 
+impl super::layers::Int8Layer for BertLayer {
+    fn attn_mlp(&mut self) -> (&mut Attention, &mut Mlp) {
+        (&mut self.attn, &mut self.mlp)
+    }
+    fn attn_mlp_ref(&self) -> (&Attention, &Mlp) {
+        (&self.attn, &self.mlp)
+    }
+}
+
 impl FusedLayer for BertLayer {
     fn forward_rows(&self, xv: &mut [f32], segs: &[(usize, usize)], mask: Mask) -> Result<()> {
         let c = self.attn_ln.weight.dim(0)?;
@@ -87,6 +96,15 @@ pub struct BertTextModel {
 }
 
 impl BertTextModel {
+    /// Switches the encoder layers' linears to int8 (see `model::int8`).
+    pub fn quantize_int8(&mut self, src: super::layers::Int8Source) -> Result<()> {
+        super::layers::quantize_layers(&mut self.layers, src)
+    }
+
+    pub(crate) fn int8_linears(&self) -> Vec<&Linear> {
+        super::layers::int8_linears(&self.layers)
+    }
+
     /// `vb` points at `text_model`.
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         let h = cfg.hidden_size;

@@ -20,6 +20,15 @@ pub struct ClipTextTransformer {
 }
 
 impl ClipTextTransformer {
+    /// Switches the encoder layers' linears to int8 (see `model::int8`).
+    pub fn quantize_int8(&mut self, src: super::layers::Int8Source) -> Result<()> {
+        super::layers::quantize_layers(&mut self.layers, src)
+    }
+
+    pub(crate) fn int8_linears(&self) -> Vec<&Linear> {
+        super::layers::int8_linears(&self.layers)
+    }
+
     /// `vb` points at `text_model`.
     pub fn load(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let h = cfg.hidden_size;

@@ -63,6 +63,8 @@ impl<'a> F32View<'a> {
 pub struct LinearRef<'a> {
     pub w: &'a [f32],
     pub b: Option<&'a [f32]>,
+    /// Int8 weights: when present the product runs on them, not on `w`.
+    pub q: Option<&'a super::int8::QuantMatrix>,
     pub out: usize,
     pub inp: usize,
 }
@@ -108,6 +110,18 @@ pub(crate) fn linear_into(x: &[f32], n: usize, l: &LinearRef, dst: &mut [f32], a
                 row.copy_from_slice(b);
             }
         });
+    }
+    if let Some(q) = l.q {
+        assert_eq!(
+            (q.rows(), q.cols()),
+            (l.out, l.inp),
+            "linear_into: int8 weight shape"
+        );
+        if !read_dst {
+            dst.fill(0.0);
+        }
+        super::int8::matmul_acc(x, n, q, dst, super::int8::Int8Kernel::selected());
+        return;
     }
     sgemm_xwt(x, n, l.w, out, l.inp, dst, read_dst);
 }

@@ -27,6 +27,7 @@ fn linear_into_equals_the_plain_product() {
             let l = super::LinearRef {
                 w: &w,
                 b: bias.then_some(&b[..]),
+                q: None,
                 out,
                 inp,
             };

@@ -8,18 +8,33 @@ use candle_nn::VarBuilder;
 use super::config::Activation;
 use super::cpu_kernels::{self, uniform_segments, F32View, LinearRef, Mask};
 use super::grad_kernels::{self, SoftmaxMask};
+use super::int8::QuantMatrix;
 use crate::Result;
+use std::sync::Arc;
 
 /// `y = x W^T + b` over the last dimension, for inputs of any rank.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub(crate) weight: Tensor,
     pub(crate) bias: Option<Tensor>,
+    /// The int8 weights (`--precision int8`), used by the fused CPU path.
+    pub(crate) int8: Option<Arc<QuantMatrix>>,
+    /// The checkpoint name it was loaded from (`...q_proj`), if any.
+    pub(crate) name: Option<Arc<str>>,
 }
+
+/// Where a layer's int8 weights come from: `Ok(Some)` read by name from a
+/// quantized checkpoint, `Ok(None)` to quantize the f32 weights.
+pub type Int8Source<'a> = &'a dyn Fn(&str) -> Result<Option<QuantMatrix>>;
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            int8: None,
+            name: None,
+        }
     }
 
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
@@ -29,7 +44,39 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            name: Some(vb.prefix().into()),
+            ..Self::new(weight, bias)
+        })
+    }
+
+    /// This layer's weights in int8: from `src` by name, else quantized.
+    pub(crate) fn int8_weights(&self, src: Int8Source) -> Result<QuantMatrix> {
+        let (n, k) = self.weight.dims2()?;
+        if let Some(name) = &self.name {
+            if let Some(q) = src(name)? {
+                if (q.rows(), q.cols()) != (n, k) {
+                    return Err(crate::Error::Shape(format!(
+                        "int8 weight {name} is [{}, {}], the layer is [{n}, {k}]",
+                        q.rows(),
+                        q.cols()
+                    )));
+                }
+                return Ok(q);
+            }
+        }
+        let w = F32View::new(&self.weight)?;
+        QuantMatrix::quantize(w.as_slice(), n, k).map_err(crate::Error::Shape)
+    }
+
+    /// Switches the fused CPU path of this layer to int8.
+    pub fn quantize_int8(&mut self, src: Int8Source) -> Result<()> {
+        self.int8 = Some(Arc::new(self.int8_weights(src)?));
+        Ok(())
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -53,12 +100,23 @@ impl Linear {
             Some(b) => Some(Tensor::cat(&b, 0)?),
             None => None,
         };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if fused_grad(x) {
             return Ok(grad_kernels::linear(x, &self.weight, self.bias.as_ref())?);
+        }
+        if self.int8.is_some() && cpu_kernels::applies(x) {
+            let dims = x.dims().to_vec();
+            let n: usize = dims[..dims.len() - 1].iter().product();
+            let w = LinearWeights::new(self)?;
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut y = vec![0f32; n * w.out];
+            cpu_kernels::linear_into(&xv, n, &w.get(), &mut y, false);
+            let mut out_dims = dims;
+            *out_dims.last_mut().unwrap() = w.out;
+            return Ok(Tensor::from_vec(y, out_dims, x.device())?);
         }
         // Flatten the leading dims so the GEMM sees one [N, in] x [in, out]
         // product; the transposed weight is read through strides, not copied.
@@ -189,6 +247,27 @@ impl Attention {
         )
     }
 
+    /// The fused q/k/v product and the output projection to int8 (q, k and
+    /// v are quantized, or read, one by one: per-channel scales do not
+    /// change when their rows are stacked).
+    pub fn quantize_int8(&mut self, src: Int8Source) -> Result<()> {
+        let parts = self
+            .parts
+            .iter()
+            .map(|l| l.int8_weights(src))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&QuantMatrix> = parts.iter().collect();
+        self.qkv.int8 = Some(Arc::new(
+            QuantMatrix::stack(&refs).map_err(crate::Error::Shape)?,
+        ));
+        self.out.quantize_int8(src)
+    }
+
+    /// The named linears (q, k, v, out), as a checkpoint holds them.
+    pub(crate) fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.parts.iter().chain(std::iter::once(&self.out))
+    }
+
     /// `x`: [B, T, C].
     pub fn forward(&self, x: &Tensor, mask: &AttnMask) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
@@ -246,6 +325,11 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = activate(&self.fc1.forward(x)?, self.act)?;
         self.fc2.forward(&h)
+    }
+
+    pub fn quantize_int8(&mut self, src: Int8Source) -> Result<()> {
+        self.fc1.quantize_int8(src)?;
+        self.fc2.quantize_int8(src)
     }
 }
 
@@ -328,6 +412,42 @@ impl PreNormBlock {
     }
 }
 
+/// A layer whose attention and MLP linears can run in int8.
+pub(crate) trait Int8Layer {
+    fn attn_mlp(&mut self) -> (&mut Attention, &mut Mlp);
+    fn attn_mlp_ref(&self) -> (&Attention, &Mlp);
+}
+
+impl Int8Layer for PreNormBlock {
+    fn attn_mlp(&mut self) -> (&mut Attention, &mut Mlp) {
+        (&mut self.attn, &mut self.mlp)
+    }
+    fn attn_mlp_ref(&self) -> (&Attention, &Mlp) {
+        (&self.attn, &self.mlp)
+    }
+}
+
+/// Quantizes every layer's attention and MLP linears (the towers' GEMMs).
+pub(crate) fn quantize_layers<L: Int8Layer>(layers: &mut [L], src: Int8Source) -> Result<()> {
+    for l in layers {
+        let (attn, mlp) = l.attn_mlp();
+        attn.quantize_int8(src)?;
+        mlp.quantize_int8(src)?;
+    }
+    Ok(())
+}
+
+/// The linears that [`quantize_layers`] quantizes, by their checkpoint names.
+pub(crate) fn int8_linears<L: Int8Layer>(layers: &[L]) -> Vec<&Linear> {
+    layers
+        .iter()
+        .flat_map(|l| {
+            let (attn, mlp) = l.attn_mlp_ref();
+            attn.linears().chain([&mlp.fc1, &mlp.fc2])
+        })
+        .collect()
+}
+
 /// A layer that also runs on the fused CPU kernels (see `cpu_kernels`), over
 /// a flat [rows, C] buffer holding the given sequences back to back.
 pub(crate) trait FusedLayer {
@@ -401,38 +521,55 @@ impl FusedLayer for PreNormBlock {
     }
 }
 
-/// Borrowed weight slices of one block's attention and MLP.
+/// Borrowed weights of one linear: f32 slices, and the int8 ones if any.
+pub(crate) struct LinearWeights<'a> {
+    w: F32View<'a>,
+    b: Option<F32View<'a>>,
+    q: Option<&'a QuantMatrix>,
+    out: usize,
+    inp: usize,
+}
+
+impl<'a> LinearWeights<'a> {
+    pub(crate) fn new(l: &'a Linear) -> Result<Self> {
+        Ok(Self {
+            w: F32View::new(&l.weight)?,
+            b: l.bias.as_ref().map(F32View::new).transpose()?,
+            q: l.int8.as_deref(),
+            out: l.weight.dim(0)?,
+            inp: l.weight.dim(1)?,
+        })
+    }
+
+    pub(crate) fn get(&self) -> LinearRef<'_> {
+        LinearRef {
+            w: self.w.as_slice(),
+            b: self.b.as_ref().map(F32View::as_slice),
+            q: self.q,
+            out: self.out,
+            inp: self.inp,
+        }
+    }
+}
+
+/// Borrowed weights of one block's attention and MLP.
 pub(crate) struct Weights<'a> {
-    v: [(F32View<'a>, Option<F32View<'a>>, usize, usize); 4],
+    v: [LinearWeights<'a>; 4],
 }
 
 impl<'a> Weights<'a> {
     pub(crate) fn new(attn: &'a Attention, mlp: &'a Mlp) -> Result<Self> {
-        let view = |l: &'a Linear| -> Result<_> {
-            Ok((
-                F32View::new(&l.weight)?,
-                l.bias.as_ref().map(F32View::new).transpose()?,
-                l.weight.dim(0)?,
-                l.weight.dim(1)?,
-            ))
-        };
         Ok(Self {
             v: [
-                view(&attn.qkv)?,
-                view(&attn.out)?,
-                view(&mlp.fc1)?,
-                view(&mlp.fc2)?,
+                LinearWeights::new(&attn.qkv)?,
+                LinearWeights::new(&attn.out)?,
+                LinearWeights::new(&mlp.fc1)?,
+                LinearWeights::new(&mlp.fc2)?,
             ],
         })
     }
     fn get(&self, i: usize) -> LinearRef<'_> {
-        let (w, b, out, inp) = &self.v[i];
-        LinearRef {
-            w: w.as_slice(),
-            b: b.as_ref().map(F32View::as_slice),
-            out: *out,
-            inp: *inp,
-        }
+        self.v[i].get()
     }
     pub(crate) fn qkv(&self) -> LinearRef<'_> {
         self.get(0)

@@ -13,6 +13,7 @@ pub mod config;
 pub mod cpu_kernels;
 pub mod dual_encoder;
 pub mod grad_kernels;
+pub mod int8;
 pub mod layers;
 pub mod loader;
 pub mod sentence;
@@ -197,6 +198,50 @@ impl Model {
             Model::ChineseClip(m) => &m.logit_scale,
             Model::DualEncoder(m) => &m.logit_scale,
         }
+    }
+
+    /// Runs the towers' transformer layers in int8 on the CPU: every
+    /// attention and MLP linear (dynamic per-token activations, per-channel
+    /// weights; see [`int8`]). What stays f32, and why:
+    /// - the patch embedding (the first layer; 1/25 of the image FLOPs);
+    /// - the token and position embeddings (lookups, not products);
+    /// - the attention products (activations times activations);
+    /// - layer norms and the final projections (the pooled vector alone).
+    ///
+    /// `src` gives weights already quantized (a `clasp quantize` checkpoint)
+    /// by name; the others are quantized here.
+    pub fn quantize_int8(&mut self, src: layers::Int8Source) -> Result<()> {
+        let vision = match self {
+            Model::Clip(m) => {
+                m.text.quantize_int8(src)?;
+                m.vision.as_mut()
+            }
+            Model::ChineseClip(m) => {
+                m.text.quantize_int8(src)?;
+                m.vision.as_mut()
+            }
+            Model::DualEncoder(m) => {
+                m.text.quantize_int8(src)?;
+                m.vision.as_mut()
+            }
+        };
+        if let Some(v) = vision {
+            v.quantize_int8(src)?;
+        }
+        Ok(())
+    }
+
+    /// The linears that [`Self::quantize_int8`] quantizes.
+    pub fn int8_linears(&self) -> Vec<&layers::Linear> {
+        let (vision, mut out) = match self {
+            Model::Clip(m) => (m.vision.as_ref(), m.text.int8_linears()),
+            Model::ChineseClip(m) => (m.vision.as_ref(), m.text.int8_linears()),
+            Model::DualEncoder(m) => (m.vision.as_ref(), m.text.int8_linears()),
+        };
+        if let Some(v) = vision {
+            out.extend(v.int8_linears());
+        }
+        out
     }
 
     /// Replaces the logit scale (mixed precision keeps the f32 one).

@@ -24,6 +24,17 @@ pub struct VisionTransformer {
 }
 
 impl VisionTransformer {
+    /// Switches the encoder layers' linears to int8 (see `model::int8`). The
+    /// patch embedding stays f32: it is the first layer, where quantization
+    /// error would reach every later one, and it is 1/25 of the FLOPs.
+    pub fn quantize_int8(&mut self, src: super::layers::Int8Source) -> Result<()> {
+        super::layers::quantize_layers(&mut self.layers, src)
+    }
+
+    pub(crate) fn int8_linears(&self) -> Vec<&Linear> {
+        super::layers::int8_linears(&self.layers)
+    }
+
     /// `vb` points at `vision_model`.
     pub fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
         let (c, p, h) = (cfg.num_channels, cfg.patch_size, cfg.hidden_size);

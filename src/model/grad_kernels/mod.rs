@@ -215,6 +215,7 @@ fn linear_fwd(
     let l = cpu_kernels::LinearRef {
         w: slice(w.0, w.1)?,
         b,
+        q: None,
         out,
         inp,
     };
