@@ -3,11 +3,13 @@
 Runtime, on the ViT-B/32 config (random weights; speed does not depend on
 them), CPU, batch 1 and 32, images/s and texts/s.
 
-    python3 bench/embed_throughput.py [--rounds 5] [--threads 2] [--variants default,openblas]
+    python3 bench/embed_throughput.py [--rounds 5] [--threads 2] [--variants default,int8,openblas]
 
 Each clasp variant is a build of the bench binary with that cargo feature
-(`default`: none; `openblas` needs `apt install libopenblas-dev`), measured in
-the same interleaved rounds.
+(`default`: none; `openblas` needs `apt install libopenblas-dev`), or `int8`:
+the default build run with `--precision int8`. All are measured in the same
+interleaved rounds as PyTorch, ONNX Runtime f32 and ONNX Runtime's own int8
+model (`quantize_dynamic`, per-channel int8 weights).
 
 Rounds are interleaved (clasp, torch, ort, clasp, ...) on the same machine,
 and each figure is the median over rounds of that round's median iteration.
@@ -77,11 +79,11 @@ class Torch:
 class Ort:
     name = "onnxruntime"
 
-    def __init__(self, d, threads, torch_side):
+    def __init__(self, d, threads, torch_side, int8=False, work=WORK):
         import onnxruntime as ort
-        os.makedirs(WORK, exist_ok=True)
+        os.makedirs(work, exist_ok=True)
         m = torch_side.m
-        vis, txt = os.path.join(WORK, "vision.onnx"), os.path.join(WORK, "text.onnx")
+        vis, txt = os.path.join(work, "vision.onnx"), os.path.join(work, "text.onnx")
 
         class V(torch.nn.Module):
             def __init__(self):
@@ -113,6 +115,9 @@ class Ort:
                               output_names=["text_embeds"],
                               dynamic_axes={"input_ids": {0: "b", 1: "t"}, "attention_mask": {0: "b", 1: "t"}},
                               opset_version=17, dynamo=False)
+        if int8:
+            self.name = "onnxruntime-int8"
+            vis, txt = quantized(vis), quantized(txt)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -130,6 +135,24 @@ class Ort:
         out = self.t.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
                                 "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
         return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+def quantized(path):
+    """ONNX Runtime's dynamic int8 model of `path` (per-channel int8 weights,
+    activations quantized at run time), made once."""
+    out = path.replace(".onnx", ".int8.onnx")
+    if not os.path.exists(out):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        quantize_dynamic(path, out, per_channel=True, weight_type=QuantType.QInt8)
+    return out
+
+
+def cpu_info():
+    txt = open("/proc/cpuinfo").read()
+    model = next((l.split(":", 1)[1].strip() for l in txt.splitlines() if l.startswith("model name")), "?")
+    flags = txt.split("flags")[1].split("\n")[0].split(":", 1)[1].split()
+    keep = sorted({f for f in flags if f.startswith(("avx", "fma", "f16c", "amx"))})
+    return model, " ".join(keep)
 
 
 def py_rates(fn, arg, batch, iters):
@@ -152,8 +175,8 @@ def build_variant(variant):
     return exe
 
 
-def clasp_rates(exe, d, kind, batch, iters, texts_file):
-    out = subprocess.run([exe, d, kind, str(batch), str(iters), texts_file], check=True,
+def clasp_rates(exe, d, kind, batch, iters, texts_file, precision="f32"):
+    out = subprocess.run([exe, d, kind, str(batch), str(iters), texts_file, precision], check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["items_per_s"]
 
@@ -168,10 +191,20 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     variants = a.variants.split(",")
-    exes = {("clasp" if v == "default" else f"clasp+{v}"): build_variant(v) for v in variants}
+    built = {}
+    exes = {}  # name -> (binary, precision)
+    for v in variants:
+        feat = "default" if v == "int8" else v
+        if feat not in built:
+            built[feat] = build_variant(feat)
+        name = {"default": "clasp", "int8": "clasp-int8"}.get(v, f"clasp+{v}")
+        exes[name] = (built[feat], "int8" if v == "int8" else "f32")
+    model, flags = cpu_info()
+    print(f"CPU: {model}; flags: {flags}", file=sys.stderr)
     d = checkpoint()
     tside = Torch(d)
     oside = Ort(d, a.threads, tside)
+    qside = Ort(d, a.threads, tside, int8=True)
     texts = captions(32)
     os.makedirs(OUT, exist_ok=True)
     tf = os.path.join(OUT, "captions.txt")
@@ -180,21 +213,22 @@ def main():
     if a.only:
         keep = a.only.split(",")
         cases = [c for c in cases if f"{c[0]}{c[1]}" in keep]
-    sides = [*exes, "pytorch", "onnxruntime"]
+    sides = [*exes, "pytorch", "onnxruntime", "onnxruntime-int8"]
     res = {f"{k}{b}": {s: [] for s in sides} for k, b, _ in cases}
     rng = np.random.default_rng(0)
     for r in range(a.rounds):
         for kind, b, iters in cases:
             key = f"{kind}{b}"
             arg = rng.standard_normal((b, 3, 224, 224), dtype=np.float32) if kind == "image" else texts[:b]
-            for name, exe in exes.items():
-                res[key][name].append(statistics.median(clasp_rates(exe, d, kind, b, iters, tf)))
-            for side in (tside, oside):
+            for name, (exe, prec) in exes.items():
+                res[key][name].append(statistics.median(clasp_rates(exe, d, kind, b, iters, tf, prec)))
+            for side in (tside, oside, qside):
                 fn = side.image if kind == "image" else side.text
                 res[key][side.name].append(statistics.median(py_rates(fn, arg, b, iters)))
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
     print(f"\n(items/s, median of {a.rounds} rounds; ratios are clasp build / PyTorch and / ONNX Runtime)")
-    print(f"{'case':<10}" + "".join(f"{n:>16}" for n in sides) + "".join(f"{n + '/pt':>18}{n + '/ort':>18}" for n in exes))
+    print(f"{'case':<10}" + "".join(f"{n:>17}" for n in sides)
+          + "".join(f"{n + '/pt':>18}{n + '/ort':>18}{n + '/ort8':>20}" for n in exes))
     summary = {}
     for key, v in res.items():
         m = {k: statistics.median(x) for k, x in v.items()}
@@ -202,13 +236,16 @@ def main():
         for n in exes:
             ratios[f"{n}_vs_pytorch"] = m[n] / m["pytorch"]
             ratios[f"{n}_vs_onnxruntime"] = m[n] / m["onnxruntime"]
+            ratios[f"{n}_vs_onnxruntime_int8"] = m[n] / m["onnxruntime-int8"]
             ratios[f"{n}_vs_pytorch_per_round"] = [c / p for c, p in zip(v[n], v["pytorch"])]
         summary[key] = {**m, **ratios, "rounds": v}
-        print(f"{key:<10}" + "".join(f"{m[n]:>16.2f}" for n in sides)
-              + "".join(f"{m[n] / m['pytorch']:>18.2f}{m[n] / m['onnxruntime']:>18.2f}" for n in exes))
+        print(f"{key:<10}" + "".join(f"{m[n]:>17.2f}" for n in sides)
+              + "".join(f"{m[n] / m['pytorch']:>18.2f}{m[n] / m['onnxruntime']:>18.2f}"
+                        f"{m[n] / m['onnxruntime-int8']:>20.2f}" for n in exes))
         for n in exes:
             print(f"  {n}/pytorch per round: " + ", ".join(f"{r:.2f}" for r in ratios[f"{n}_vs_pytorch_per_round"]))
-    json.dump({"threads": a.threads, "variants": variants, "torch": torch.__version__, "results": summary},
+    json.dump({"threads": a.threads, "variants": variants, "torch": torch.__version__,
+               "cpu": model, "flags": flags, "results": summary},
               open(os.path.join(OUT, "embed_throughput.json"), "w"), indent=1)
 
 

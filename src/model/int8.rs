@@ -275,19 +275,37 @@ impl QuantMatrix {
     }
 }
 
-/// Symmetric int8 of one row; returns its scale (0 for an all-zero row).
-fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
-    let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    if max == 0.0 {
-        q.iter_mut().for_each(|v| *v = 0);
-        return 0.0;
+/// Symmetric int8 of one row, each value passed to `store` with its index;
+/// returns the scale (0 for an all-zero row). Rounds half to even, and is
+/// written so that it vectorizes (no libm call per value).
+#[inline(always)]
+fn quantize_with(x: &[f32], mut store: impl FnMut(usize, i8)) -> f32 {
+    // Not f32::max, whose NaN rule keeps this from vectorizing; NaN and
+    // infinity are caught below.
+    let max = x
+        .iter()
+        .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+    let nan = x.iter().fold(false, |b, v| b | v.is_nan());
+    if max == 0.0 || !max.is_finite() || nan {
+        (0..x.len()).for_each(|i| store(i, 0));
+        // A NaN or infinite input gives NaN outputs, as f32 would.
+        return if max == 0.0 && !nan { 0.0 } else { f32::NAN };
     }
     let s = max / 127.0;
-    let inv = 1.0 / s;
-    for (d, &v) in q.iter_mut().zip(x) {
-        *d = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    let inv = 127.0 / max;
+    // 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to the nearest
+    // integer, ties to even (the FPU's default mode), in plain SSE2 that
+    // vectorizes; `round_ties_even` would call libm's rintf per value here.
+    const MAGIC: f32 = 12_582_912.0;
+    for (i, &v) in x.iter().enumerate() {
+        let y = (v * inv).clamp(-127.0, 127.0);
+        store(i, ((y + MAGIC) - MAGIC) as i8);
     }
     s
+}
+
+fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
+    quantize_with(x, |i, v| q[i] = v)
 }
 
 /// Activations quantized per row, laid out as the kernel reads them: rows of
@@ -305,15 +323,13 @@ impl QuantRows {
         let mut data = vec![0u8; m * kp];
         let mut scales = vec![0f32; m];
         let shift = kernel.unsigned_activations();
+        let pad = encode(0, shift);
         data.par_chunks_mut(kp.max(1))
             .zip(scales.par_iter_mut())
             .zip(x.par_chunks(k.max(1)))
             .for_each(|((d, s), xr)| {
-                let mut q = vec![0i8; kp];
-                *s = quantize_row(xr, &mut q[..k]);
-                for (b, v) in d.iter_mut().zip(q) {
-                    *b = encode(v, shift);
-                }
+                *s = quantize_with(xr, |i, v| d[i] = encode(v, shift));
+                d[k..].iter_mut().for_each(|b| *b = pad);
             });
         Self {
             m,
@@ -341,6 +357,7 @@ impl QuantRows {
     }
 }
 
+#[inline(always)]
 fn encode(v: i8, shift: bool) -> u8 {
     if shift {
         (v as u8) ^ 0x80
@@ -372,28 +389,37 @@ fn drive(
     let groups = w.kp / GROUP;
     let panel_stride = w.kp * PANEL;
     let mut tile: Tile = [[0; 2 * PANEL]; 8];
-    let mut p = panels.start;
-    while p < panels.end {
-        let pn = np.min(panels.end - p);
-        let c0 = p * PANEL;
-        let cn = (pn * PANEL).min(w.n - c0);
-        let bpanel = &w.packed[p * panel_stride..(p + pn) * panel_stride];
-        let mut r = rows.start;
-        while r < rows.end {
-            let rn = mr.min(rows.end - r);
-            let arows = &a.data[r * a.kp..(r + rn) * a.kp];
-            run_tile(kernel, arows, rn, a.kp, bpanel, pn, groups, &mut tile);
-            if kernel.unsigned_activations() {
-                for row in tile.iter_mut().take(rn) {
-                    for (c, v) in row.iter_mut().take(cn).enumerate() {
-                        *v -= 128 * w.colsum[c0 + c];
+    // Rows in blocks of ROW_BLOCK, all panels for each block: the block's
+    // output rows stay in L2 while each panel (kp * 16 bytes) is read from
+    // L1 for all of the block's tiles.
+    const ROW_BLOCK: usize = 64;
+    let mut rb = rows.start;
+    while rb < rows.end {
+        let rb_end = (rb + ROW_BLOCK).min(rows.end);
+        let mut p = panels.start;
+        while p < panels.end {
+            let pn = np.min(panels.end - p);
+            let c0 = p * PANEL;
+            let cn = (pn * PANEL).min(w.n - c0);
+            let bpanel = &w.packed[p * panel_stride..(p + pn) * panel_stride];
+            let mut r = rb;
+            while r < rb_end {
+                let rn = mr.min(rb_end - r);
+                let arows = &a.data[r * a.kp..(r + rn) * a.kp];
+                run_tile(kernel, arows, rn, a.kp, bpanel, pn, groups, &mut tile);
+                if kernel.unsigned_activations() {
+                    for row in tile.iter_mut().take(rn) {
+                        for (c, v) in row.iter_mut().take(cn).enumerate() {
+                            *v -= 128 * w.colsum[c0 + c];
+                        }
                     }
                 }
+                sink(r, rn, c0, cn, &tile);
+                r += rn;
             }
-            sink(r, rn, c0, cn, &tile);
-            r += rn;
+            p += pn;
         }
-        p += pn;
+        rb = rb_end;
     }
 }
 

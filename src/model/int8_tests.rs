@@ -109,7 +109,7 @@ fn the_f32_product_is_the_dequantized_product_and_close_to_f32() {
             let s = row.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
             let xq: Vec<f64> = row
                 .iter()
-                .map(|v| ((v / s).round().clamp(-127.0, 127.0) * s) as f64)
+                .map(|v| ((v / s).round_ties_even().clamp(-127.0, 127.0) * s) as f64)
                 .collect();
             for j in 0..n {
                 for t in 0..k {
@@ -153,4 +153,19 @@ fn bad_weights_are_refused() {
     assert!(QuantMatrix::from_int8(&[1, 0], vec![1.0, 2.0], 1, 2).is_err());
     let zero = QuantMatrix::quantize(&[0.0; 6], 2, 3).unwrap();
     assert_eq!(zero.scales(), &[0.0, 0.0]);
+}
+
+#[test]
+fn a_nan_activation_gives_nan_outputs_not_zeros() {
+    let w = QuantMatrix::quantize(&[0.5, -0.25, 1.0, 2.0], 2, 2).unwrap();
+    let mut dst = vec![0f32; 4];
+    matmul_acc(
+        &[1.0, f32::NAN, 3.0, 4.0],
+        2,
+        &w,
+        &mut dst,
+        Int8Kernel::Scalar,
+    );
+    assert!(dst[0].is_nan() && dst[1].is_nan(), "{dst:?}");
+    assert!(dst[2].is_finite() && dst[3].is_finite(), "{dst:?}");
 }
