@@ -5,6 +5,8 @@ them), CPU, batch 1 and 32, images/s and texts/s.
 
     python3 bench/embed_throughput.py [--rounds 5] [--threads 2] [--variants default,int8,openblas]
 
+Needs `pip install torch transformers onnx onnxruntime pillow`.
+
 Each clasp variant is a build of the bench binary with that cargo feature
 (`default`: none; `openblas` needs `apt install libopenblas-dev`), or `int8`:
 the default build run with `--precision int8`. All are measured in the same
@@ -105,7 +107,8 @@ class Ort:
 
         if not os.path.exists(vis):
           with torch.no_grad():
-            torch.onnx.export(V(), (torch.randn(2, 3, 224, 224),), vis, input_names=["pixel_values"],
+            s = m.config.vision_config.image_size
+            torch.onnx.export(V(), (torch.randn(2, 3, s, s),), vis, input_names=["pixel_values"],
                               output_names=["image_embeds"], dynamic_axes={"pixel_values": {0: "b"}},
                               opset_version=17, dynamo=False)
         if not os.path.exists(txt):

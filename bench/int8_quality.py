@@ -4,6 +4,8 @@ Runtime's own int8 model (`quantize_dynamic`, per-channel int8 weights).
 
     python3 bench/int8_quality.py [--photos 500] [--checkpoint DIR]
 
+Needs `pip install torch transformers onnx onnxruntime pillow`.
+
 1. The real-config ViT-B/32 with random weights (bench/embed_throughput.py's
    checkpoint): the cosine between int8 and f32 embeddings of the first
    `--photos` Flickr8k dev photos and one caption of each; mean and minimum.
