@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use crate::model::{self, loader, Model, ModelConfig, ModelFiles};
+use crate::model::{self, int8_checkpoint, loader, Model, ModelConfig, ModelFiles};
 use crate::preprocess::{ImageProcessor, ImageProcessorConfig, TextTokenizer};
 use crate::{Error, Result};
 
@@ -93,14 +93,48 @@ impl Encoder {
         towers: model::Towers,
     ) -> Result<Self> {
         let config = ModelConfig::from_file(&files.config)?;
-        let vb = loader::var_builder(&files, device)?;
-        let model = Model::load_towers(vb, &config, towers).map_err(|e| match e {
+        // A `clasp quantize` checkpoint: f32 tensors for the model to build
+        // from, and the int8 weights, used as they are.
+        let quantized = if int8_checkpoint::is_quantized(&files.weights)? {
+            if !device.is_cpu() {
+                return Err(Error::Report(format!(
+                    "{} is an int8 checkpoint (clasp quantize), which runs on the CPU only",
+                    files.dir.display()
+                )));
+            }
+            Some(int8_checkpoint::read(&files.weights)?)
+        } else {
+            None
+        };
+        let vb = match &quantized {
+            Some((tensors, _)) => candle_nn::VarBuilder::from_tensors(
+                tensors.clone(),
+                candle_core::DType::F32,
+                device,
+            ),
+            None => loader::var_builder(&files, device)?,
+        };
+        let mut model = Model::load_towers(vb, &config, towers).map_err(|e| match e {
             Error::Candle(c) => Error::Weights {
                 path: files.weights.clone(),
                 reason: c.to_string(),
             },
             other => other,
         })?;
+        let precision = match quantized {
+            Some((_, int8)) => {
+                model.quantize_int8(&|name| Ok(int8.get(name).cloned()))?;
+                Precision::Int8
+            }
+            None => {
+                // An encoder only infers: its weights never change, so the
+                // CPU kernels get them packed once.
+                if device.is_cpu() {
+                    model.pack_f32()?;
+                }
+                Precision::F32
+            }
+        };
         let image_size = config.vision().image_size as u32;
         let pp = match &files.preprocessor_config {
             Some(p) => ImageProcessorConfig::from_file(p)?,
@@ -121,7 +155,7 @@ impl Encoder {
             tokenizer,
             image_processor: ImageProcessor::new(pp),
             device: device.clone(),
-            precision: Precision::F32,
+            precision,
         })
     }
 
@@ -146,9 +180,10 @@ impl Encoder {
                 self.precision = precision;
                 Ok(())
             }
-            (Precision::Int8, Precision::F32) => Err(Error::Report(
-                "this encoder already runs in int8; load the model again for f32".into(),
-            )),
+            (Precision::Int8, Precision::F32) => Err(Error::Report(format!(
+                "{} runs in int8 (an int8 checkpoint, or quantized already); f32 needs the original checkpoint",
+                self.files.dir.display()
+            ))),
         }
     }
 

@@ -42,6 +42,11 @@ fn max_abs(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 const FILES: [&str; 3] = ["images/rgb.png", "images/alpha.png", "images/palette.png"];
 
 fn check_npy_output(model: &str, prefix: &str, texts_file: &str) {
+    check_npy_output_on(model, prefix, texts_file, None)
+}
+
+/// As `check_npy_output`, with the f32 kernel forced (`CLASP_F32_KERNEL`).
+fn check_npy_output_on(model: &str, prefix: &str, texts_file: &str, f32_kernel: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("emb.npy");
     let texts: Vec<String> =
@@ -65,7 +70,11 @@ fn check_npy_output(model: &str, prefix: &str, texts_file: &str) {
         "2",
     ]);
     args.extend(["--output", out.to_str().unwrap()]);
-    let o = clasp(&args);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    if let Some(k) = f32_kernel {
+        cmd.env("CLASP_F32_KERNEL", k);
+    }
+    let o = cmd.args(&args).output().expect("run clasp");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let img = Tensor::read_npy(dir.path().join("emb.image.npy")).unwrap();
@@ -74,8 +83,14 @@ fn check_npy_output(model: &str, prefix: &str, texts_file: &str) {
     let want_txt = normalized(&expected(&format!("{prefix}.text_features")));
     let d_img = max_abs(&img.to_vec2().unwrap(), &want_img);
     let d_txt = max_abs(&txt.to_vec2().unwrap(), &want_txt);
-    assert!(d_img <= 1e-4, "{model}: image embeddings differ by {d_img}");
-    assert!(d_txt <= 1e-4, "{model}: text embeddings differ by {d_txt}");
+    assert!(
+        d_img <= 1e-4,
+        "{model} ({f32_kernel:?}): image embeddings differ by {d_img}"
+    );
+    assert!(
+        d_txt <= 1e-4,
+        "{model} ({f32_kernel:?}): text embeddings differ by {d_txt}"
+    );
     // rows are unit length and in input order (the path list says which is which)
     let paths = std::fs::read_to_string(dir.path().join("emb.image.paths.txt")).unwrap();
     assert_eq!(paths.lines().collect::<Vec<_>>(), files);
@@ -423,4 +438,86 @@ fn int8_embeddings_are_identical_on_every_kernel() {
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("f32 or int8"));
+}
+
+/// The prepacked f32 kernels (each one this CPU runs, forced through
+/// CLASP_F32_KERNEL) and the `gemm` crate keep parity with transformers.
+#[test]
+fn embed_matches_transformers_on_every_f32_kernel() {
+    let mut kernels = vec!["gemm"];
+    kernels.extend(
+        clasp::model::packed::F32Kernel::available()
+            .into_iter()
+            .map(|k| k.name()),
+    );
+    for k in kernels {
+        check_npy_output_on("tiny-clip", "clip", "tiny-clip.texts.json", Some(k));
+        check_npy_output_on(
+            "tiny-chinese-clip",
+            "cn",
+            "tiny-chinese-clip.texts.json",
+            Some(k),
+        );
+    }
+}
+
+/// `clasp quantize` writes int8 weights with their scales; the checkpoint
+/// embeds exactly as `--precision int8` does on the original, and refuses f32.
+#[test]
+fn a_quantized_checkpoint_embeds_as_precision_int8_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q8");
+    let model = fixtures().join("tiny-clip");
+    let o = clasp(&[
+        "quantize",
+        "-m",
+        model.to_str().unwrap(),
+        "-o",
+        q.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(q.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let w = st
+        .tensor("text_model.encoder.layers.0.self_attn.q_proj.weight")
+        .unwrap();
+    assert_eq!(w.dtype(), safetensors::Dtype::I8);
+    let s = st
+        .tensor("text_model.encoder.layers.0.self_attn.q_proj.weight_scale")
+        .unwrap();
+    assert_eq!(
+        (s.dtype(), s.shape()),
+        (safetensors::Dtype::F32, &[w.shape()[0]][..])
+    );
+    // The patch embedding and the projections stay f32.
+    assert_eq!(
+        st.tensor("visual_projection.weight").unwrap().dtype(),
+        safetensors::Dtype::F32
+    );
+    assert!(q.join("tokenizer.json").is_file() || q.join("vocab.json").is_file());
+
+    let img = fixtures().join(FILES[0]);
+    let embed = |m: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["embed", "--model", m.to_str().unwrap()];
+        args.extend([
+            "--image",
+            img.to_str().unwrap(),
+            "--text",
+            "a photo of a dog",
+        ]);
+        args.extend(extra);
+        clasp(&args)
+    };
+    let runtime = embed(&model, &["--precision", "int8"]);
+    let saved = embed(&q, &[]);
+    assert!(
+        saved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+    assert_eq!(saved.stdout, runtime.stdout);
+    let f32 = embed(&q, &["--precision", "f32"]);
+    assert!(!f32.status.success());
+    let err = String::from_utf8_lossy(&f32.stderr);
+    assert!(err.contains("int8") && err.contains("q8"), "{err}");
 }

@@ -6,6 +6,7 @@ mod eval;
 mod generate;
 mod mine;
 mod output;
+mod quantize;
 mod search;
 mod serve;
 mod store;
@@ -86,6 +87,9 @@ pub enum Command {
     MergeLora(vlm::MergeLoraArgs),
     /// Answer a question from an indexed photo collection with a vision-language model (RAG).
     Ask(vlm::AskArgs),
+    /// Save a dual encoder with int8 weights (what `--precision int8` runs), so loading need not
+    /// quantize.
+    Quantize(quantize::QuantizeArgs),
     /// Copy a store into another (SQLite and PostgreSQL either way), or check one.
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -105,15 +109,17 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     .open()?)
 }
 
-/// Loads an encoder (only `towers`) and switches it to `precision`.
+/// Loads an encoder (only `towers`) and switches it to `precision` if given.
 pub fn load_encoder(
     spec: &str,
     dev: &Device,
     towers: clasp::model::Towers,
-    precision: clasp::encoder::Precision,
+    precision: Option<clasp::encoder::Precision>,
 ) -> Result<clasp::Encoder> {
     let mut e = clasp::Encoder::load_towers(spec, dev, towers)?;
-    e.set_precision(precision)?;
+    if let Some(p) = precision {
+        e.set_precision(p)?;
+    }
     Ok(e)
 }
 
@@ -174,6 +180,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::MergeLora(a) => vlm::merge_lora_cmd(a),
         Command::Ask(a) => vlm::ask_cmd(a),
         Command::Store(c) => store::run(c),
+        Command::Quantize(a) => quantize::run(a),
     }
 }
 

@@ -65,6 +65,9 @@ pub struct LinearRef<'a> {
     pub b: Option<&'a [f32]>,
     /// Int8 weights: when present the product runs on them, not on `w`.
     pub q: Option<&'a super::int8::QuantMatrix>,
+    /// Prepacked f32 weights: when present (and no `q`), the product runs
+    /// on the packed kernels.
+    pub p: Option<&'a super::packed::PackedF32>,
     pub out: usize,
     pub inp: usize,
 }
@@ -121,6 +124,18 @@ pub(crate) fn linear_into(x: &[f32], n: usize, l: &LinearRef, dst: &mut [f32], a
             dst.fill(0.0);
         }
         super::int8::matmul_acc(x, n, q, dst, super::int8::Int8Kernel::selected());
+        return;
+    }
+    if let (Some(p), Some(kernel)) = (l.p, super::packed::F32Kernel::selected()) {
+        assert_eq!(
+            (p.rows(), p.cols()),
+            (l.out, l.inp),
+            "linear_into: packed weight shape"
+        );
+        if !read_dst {
+            dst.fill(0.0);
+        }
+        super::packed::matmul_acc(x, n, p, dst, kernel);
         return;
     }
     sgemm_xwt(x, n, l.w, out, l.inp, dst, read_dst);

@@ -28,6 +28,7 @@ fn linear_into_equals_the_plain_product() {
                 w: &w,
                 b: bias.then_some(&b[..]),
                 q: None,
+                p: None,
                 out,
                 inp,
             };

@@ -9,6 +9,7 @@ use super::config::Activation;
 use super::cpu_kernels::{self, uniform_segments, F32View, LinearRef, Mask};
 use super::grad_kernels::{self, SoftmaxMask};
 use super::int8::QuantMatrix;
+use super::packed::PackedF32;
 use crate::Result;
 use std::sync::Arc;
 
@@ -21,6 +22,8 @@ pub struct Linear {
     pub(crate) int8: Option<Arc<QuantMatrix>>,
     /// The checkpoint name it was loaded from (`...q_proj`), if any.
     pub(crate) name: Option<Arc<str>>,
+    /// The weights packed for the f32 kernels (inference encoders only).
+    pub(crate) packed: Option<Arc<PackedF32>>,
 }
 
 /// Where a layer's int8 weights come from: `Ok(Some)` read by name from a
@@ -34,6 +37,7 @@ impl Linear {
             bias,
             int8: None,
             name: None,
+            packed: None,
         }
     }
 
@@ -69,9 +73,21 @@ impl Linear {
         QuantMatrix::quantize(w.as_slice(), n, k).map_err(crate::Error::Shape)
     }
 
-    /// Switches the fused CPU path of this layer to int8.
+    /// Switches the fused CPU path of this layer to int8 (dropping any f32
+    /// packing, which int8 does not read).
     pub fn quantize_int8(&mut self, src: Int8Source) -> Result<()> {
         self.int8 = Some(Arc::new(self.int8_weights(src)?));
+        self.packed = None;
+        Ok(())
+    }
+
+    /// Packs the weights for the prepacked f32 kernels (see `packed`).
+    pub fn pack_f32(&mut self) -> Result<()> {
+        if self.int8.is_none() && self.weight.device().is_cpu() {
+            let (n, k) = self.weight.dims2()?;
+            let w = F32View::new(&self.weight)?;
+            self.packed = Some(Arc::new(PackedF32::pack(w.as_slice(), n, k)));
+        }
         Ok(())
     }
 
@@ -107,7 +123,7 @@ impl Linear {
         if fused_grad(x) {
             return Ok(grad_kernels::linear(x, &self.weight, self.bias.as_ref())?);
         }
-        if self.int8.is_some() && cpu_kernels::applies(x) {
+        if (self.int8.is_some() || self.packed.is_some()) && cpu_kernels::applies(x) {
             let dims = x.dims().to_vec();
             let n: usize = dims[..dims.len() - 1].iter().product();
             let w = LinearWeights::new(self)?;
@@ -263,6 +279,13 @@ impl Attention {
         self.out.quantize_int8(src)
     }
 
+    /// Packs the fused q/k/v product and the output projection for the f32
+    /// kernels.
+    pub fn pack_f32(&mut self) -> Result<()> {
+        self.qkv.pack_f32()?;
+        self.out.pack_f32()
+    }
+
     /// The named linears (q, k, v, out), as a checkpoint holds them.
     pub(crate) fn linears(&self) -> impl Iterator<Item = &Linear> {
         self.parts.iter().chain(std::iter::once(&self.out))
@@ -330,6 +353,11 @@ impl Mlp {
     pub fn quantize_int8(&mut self, src: Int8Source) -> Result<()> {
         self.fc1.quantize_int8(src)?;
         self.fc2.quantize_int8(src)
+    }
+
+    pub fn pack_f32(&mut self) -> Result<()> {
+        self.fc1.pack_f32()?;
+        self.fc2.pack_f32()
     }
 }
 
@@ -437,6 +465,16 @@ pub(crate) fn quantize_layers<L: Int8Layer>(layers: &mut [L], src: Int8Source) -
     Ok(())
 }
 
+/// Packs every layer's attention and MLP linears for the f32 kernels.
+pub(crate) fn pack_layers<L: Int8Layer>(layers: &mut [L]) -> Result<()> {
+    for l in layers {
+        let (attn, mlp) = l.attn_mlp();
+        attn.pack_f32()?;
+        mlp.pack_f32()?;
+    }
+    Ok(())
+}
+
 /// The linears that [`quantize_layers`] quantizes, by their checkpoint names.
 pub(crate) fn int8_linears<L: Int8Layer>(layers: &[L]) -> Vec<&Linear> {
     layers
@@ -526,6 +564,7 @@ pub(crate) struct LinearWeights<'a> {
     w: F32View<'a>,
     b: Option<F32View<'a>>,
     q: Option<&'a QuantMatrix>,
+    p: Option<&'a PackedF32>,
     out: usize,
     inp: usize,
 }
@@ -536,6 +575,7 @@ impl<'a> LinearWeights<'a> {
             w: F32View::new(&l.weight)?,
             b: l.bias.as_ref().map(F32View::new).transpose()?,
             q: l.int8.as_deref(),
+            p: l.packed.as_deref(),
             out: l.weight.dim(0)?,
             inp: l.weight.dim(1)?,
         })
@@ -546,6 +586,7 @@ impl<'a> LinearWeights<'a> {
             w: self.w.as_slice(),
             b: self.b.as_ref().map(F32View::as_slice),
             q: self.q,
+            p: self.p,
             out: self.out,
             inp: self.inp,
         }

@@ -14,8 +14,10 @@ pub mod cpu_kernels;
 pub mod dual_encoder;
 pub mod grad_kernels;
 pub mod int8;
+pub mod int8_checkpoint;
 pub mod layers;
 pub mod loader;
+pub mod packed;
 pub mod sentence;
 pub mod vit;
 
@@ -228,6 +230,34 @@ impl Model {
         if let Some(v) = vision {
             v.quantize_int8(src)?;
         }
+        Ok(())
+    }
+
+    /// Packs the towers' transformer linears for the prepacked f32 kernels
+    /// (see [`packed`]) when this CPU has one; inference only: weights that
+    /// change afterwards (training) would not be seen.
+    pub fn pack_f32(&mut self) -> Result<()> {
+        let Some(kernel) = packed::F32Kernel::selected() else {
+            return Ok(());
+        };
+        let vision = match self {
+            Model::Clip(m) => {
+                m.text.pack_f32()?;
+                m.vision.as_mut()
+            }
+            Model::ChineseClip(m) => {
+                m.text.pack_f32()?;
+                m.vision.as_mut()
+            }
+            Model::DualEncoder(m) => {
+                m.text.pack_f32()?;
+                m.vision.as_mut()
+            }
+        };
+        if let Some(v) = vision {
+            v.pack_f32()?;
+        }
+        tracing::debug!(kernel = kernel.name(), "packed the f32 weights");
         Ok(())
     }
 

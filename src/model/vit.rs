@@ -31,6 +31,11 @@ impl VisionTransformer {
         super::layers::quantize_layers(&mut self.layers, src)
     }
 
+    /// Packs the encoder layers' linears for the f32 kernels.
+    pub fn pack_f32(&mut self) -> Result<()> {
+        super::layers::pack_layers(&mut self.layers)
+    }
+
     pub(crate) fn int8_linears(&self) -> Vec<&Linear> {
         super::layers::int8_linears(&self.layers)
     }

@@ -216,6 +216,7 @@ fn linear_fwd(
         w: slice(w.0, w.1)?,
         b,
         q: None,
+        p: None,
         out,
         inp,
     };
