@@ -108,7 +108,8 @@ impl Int8Kernel {
     /// This kernel if the CPU runs it, else the scalar one (so a forced
     /// kernel can never execute instructions the CPU lacks).
     fn checked(self) -> Self {
-        if Self::available().contains(&self) {
+        static RUNNABLE: std::sync::OnceLock<Vec<Int8Kernel>> = std::sync::OnceLock::new();
+        if RUNNABLE.get_or_init(Self::available).contains(&self) {
             self
         } else {
             Self::Scalar

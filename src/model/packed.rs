@@ -40,20 +40,32 @@ impl F32Kernel {
         Self::available().into_iter().find(|k| *k == Self::Avx512)
     }
 
-    /// Every kernel this CPU runs (the tests force each).
+    /// Every kernel this CPU runs (the tests force each); detected once.
     pub fn available() -> Vec<Self> {
-        #[allow(unused_mut)]
-        let mut v = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                v.push(Self::Avx2);
+        Self::runnable().to_vec()
+    }
+
+    fn runnable() -> &'static [Self] {
+        static RUNNABLE: std::sync::OnceLock<Vec<F32Kernel>> = std::sync::OnceLock::new();
+        RUNNABLE.get_or_init(|| {
+            #[allow(unused_mut)]
+            let mut v = Vec::new();
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    v.push(Self::Avx2);
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    v.push(Self::Avx512);
+                }
             }
-            if is_x86_feature_detected!("avx512f") {
-                v.push(Self::Avx512);
-            }
-        }
-        v
+            v
+        })
+    }
+
+    /// Whether this CPU runs the kernel (cheap: every tile asks).
+    fn runs(self) -> bool {
+        Self::runnable().contains(&self)
     }
 
     pub fn name(self) -> &'static str {
@@ -143,7 +155,7 @@ pub fn matmul_acc(x: &[f32], m: usize, w: &PackedF32, dst: &mut [f32], kernel: F
         w.n
     );
     assert!(
-        F32Kernel::available().contains(&kernel),
+        kernel.runs(),
         "this CPU does not run the {} kernel",
         kernel.name()
     );
@@ -287,7 +299,7 @@ fn run_tile(
     assert!(a.len() > (rn - 1) * lda + kc - 1);
     assert!(b.len() >= (pn - 1) * stride + kc * PANEL);
     assert!(c.len() >= (rn - 1) * ldc + pn * PANEL);
-    assert!(F32Kernel::available().contains(&kernel));
+    assert!(kernel.runs());
     #[cfg(target_arch = "x86_64")]
     {
         let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
