@@ -8,8 +8,8 @@ them), CPU, batch 1 and 32, images/s and texts/s.
 Needs `pip install torch transformers onnx onnxruntime pillow`.
 
 Each clasp variant is a build of the bench binary with that cargo feature
-(`default`: none; `openblas` needs `apt install libopenblas-dev`), or `int8`:
-the default build run with `--precision int8`. All are measured in the same
+(`default`: none; `openblas` needs `apt install libopenblas-dev`), or `int8`
+and `bf16`: the default build run with `--precision int8` or `bf16`. All are measured in the same
 interleaved rounds as PyTorch, ONNX Runtime f32 and ONNX Runtime's own int8
 model (`quantize_dynamic`, per-channel int8 weights).
 
@@ -197,11 +197,11 @@ def main():
     built = {}
     exes = {}  # name -> (binary, precision)
     for v in variants:
-        feat = "default" if v == "int8" else v
+        feat = "default" if v in ("int8", "bf16") else v
         if feat not in built:
             built[feat] = build_variant(feat)
-        name = {"default": "clasp", "int8": "clasp-int8"}.get(v, f"clasp+{v}")
-        exes[name] = (built[feat], "int8" if v == "int8" else "f32")
+        name = {"default": "clasp", "int8": "clasp-int8", "bf16": "clasp-bf16"}.get(v, f"clasp+{v}")
+        exes[name] = (built[feat], v if v in ("int8", "bf16") else "f32")
     model, flags = cpu_info()
     print(f"CPU: {model}; flags: {flags}", file=sys.stderr)
     d = checkpoint()

@@ -30,6 +30,9 @@ pub enum Precision {
     /// Dynamic int8 on the CPU (see `model::int8`): per-channel int8 weights,
     /// per-token int8 activations.
     Int8,
+    /// bf16 weights and activations with f32 sums, on CPUs with avx512_bf16
+    /// (see `model::packed`).
+    Bf16,
 }
 
 impl Precision {
@@ -37,6 +40,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Int8 => "int8",
+            Precision::Bf16 => "bf16",
         }
     }
 }
@@ -47,7 +51,8 @@ impl std::str::FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "int8" => Ok(Precision::Int8),
-            other => Err(format!("unknown precision `{other}` (f32 or int8)")),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("unknown precision `{other}` (f32, int8 or bf16)")),
         }
     }
 }
@@ -162,29 +167,44 @@ impl Encoder {
     /// Runs the towers in `precision` from now on. int8 runs on the CPU
     /// only; going back to f32 after int8 is not supported (reload).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        match (self.precision, precision) {
-            (Precision::F32, Precision::F32) | (Precision::Int8, Precision::Int8) => Ok(()),
-            (Precision::F32, Precision::Int8) => {
-                if !self.device.is_cpu() {
-                    return Err(Error::Report(
-                        "--precision int8 runs on the CPU only (use --device cpu)".into(),
-                    ));
-                }
-                let t = std::time::Instant::now();
+        if self.precision == precision {
+            return Ok(());
+        }
+        if self.precision != Precision::F32 {
+            return Err(Error::Report(format!(
+                "{} runs in {} (an int8 checkpoint, or switched already); {} needs the original f32 checkpoint",
+                self.files.dir.display(),
+                self.precision.name(),
+                precision.name()
+            )));
+        }
+        if !self.device.is_cpu() {
+            return Err(Error::Report(format!(
+                "--precision {} runs on the CPU only (use --device cpu)",
+                precision.name()
+            )));
+        }
+        let t = std::time::Instant::now();
+        match precision {
+            Precision::F32 => unreachable!("f32 is where it came from"),
+            Precision::Int8 => {
                 self.model.quantize_int8(&|_| Ok(None))?;
                 tracing::info!(
                     seconds = t.elapsed().as_secs_f64(),
                     kernel = crate::model::int8::Int8Kernel::selected().name(),
                     "quantized the towers to int8"
                 );
-                self.precision = precision;
-                Ok(())
             }
-            (Precision::Int8, Precision::F32) => Err(Error::Report(format!(
-                "{} runs in int8 (an int8 checkpoint, or quantized already); f32 needs the original checkpoint",
-                self.files.dir.display()
-            ))),
+            Precision::Bf16 => {
+                self.model.pack_bf16()?;
+                tracing::info!(
+                    seconds = t.elapsed().as_secs_f64(),
+                    "packed the towers in bf16"
+                );
+            }
         }
+        self.precision = precision;
+        Ok(())
     }
 
     pub fn precision(&self) -> Precision {

@@ -427,6 +427,25 @@ fn int8_embeddings_are_identical_on_every_kernel() {
         assert_eq!(run("int8", k), scalar, "int8 on {k} differs from scalar");
     }
     assert_ne!(run("f32", "scalar"), scalar, "int8 output equals f32's");
+    // bf16 runs where the CPU has it, and is refused with a reason elsewhere.
+    let bf16 = clasp(&[
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "x",
+        "--precision",
+        "bf16",
+    ]);
+    if clasp::model::packed::bf16_supported() {
+        assert!(
+            bf16.status.success(),
+            "{}",
+            String::from_utf8_lossy(&bf16.stderr)
+        );
+    } else {
+        assert!(String::from_utf8_lossy(&bf16.stderr).contains("avx512_bf16"));
+    }
     let bad = clasp(&[
         "embed",
         "--model",
@@ -437,7 +456,7 @@ fn int8_embeddings_are_identical_on_every_kernel() {
         "int4",
     ]);
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("f32 or int8"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("f32, int8 or bf16"));
 }
 
 /// The prepacked f32 kernels (each one this CPU runs, forced through

@@ -328,6 +328,20 @@ fn row_cosines(a: &Tensor, b: &Tensor) -> Vec<f32> {
 /// (the int8 path ran).
 #[test]
 fn int8_embeddings_stay_close_to_transformers_f32() {
+    reduced_precision_stays_close(clasp::encoder::Precision::Int8);
+}
+
+/// The same for `--precision bf16`, where the CPU has avx512_bf16.
+#[test]
+fn bf16_embeddings_stay_close_to_transformers_f32() {
+    if !clasp::model::packed::bf16_supported() {
+        eprintln!("this CPU lacks avx512_bf16: the bf16 path cannot run here");
+        return;
+    }
+    reduced_precision_stays_close(clasp::encoder::Precision::Bf16);
+}
+
+fn reduced_precision_stays_close(precision: clasp::encoder::Precision) {
     let exp = expected();
     for (dir, prefix, texts_file) in [
         ("tiny-clip", "clip", "tiny-clip.texts.json"),
@@ -336,7 +350,7 @@ fn int8_embeddings_stay_close_to_transformers_f32() {
     ] {
         let get = |k: &str| exp[&format!("{prefix}.{k}")].clone();
         let mut enc = Encoder::load(fixtures().join(dir).to_str().unwrap(), &Device::Cpu).unwrap();
-        enc.set_precision(clasp::encoder::Precision::Int8).unwrap();
+        enc.set_precision(precision).unwrap();
         let texts: Vec<String> =
             serde_json::from_str(&std::fs::read_to_string(fixtures().join(texts_file)).unwrap())
                 .unwrap();
@@ -348,9 +362,10 @@ fn int8_embeddings_stay_close_to_transformers_f32() {
         ] {
             let cos = row_cosines(got, &want);
             let min = cos.iter().cloned().fold(1f32, f32::min);
-            eprintln!("{dir} int8 {what}: min cosine {min}");
-            assert!(min >= 0.99, "{dir}: int8 {what} cosine {min} < 0.99");
-            assert!(max_abs(got, &want) > 1e-6, "{dir}: int8 {what} equals f32");
+            let p = precision.name();
+            eprintln!("{dir} {p} {what}: min cosine {min}");
+            assert!(min >= 0.99, "{dir}: {p} {what} cosine {min} < 0.99");
+            assert!(max_abs(got, &want) > 1e-6, "{dir}: {p} {what} equals f32");
         }
     }
 }

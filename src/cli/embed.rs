@@ -35,10 +35,10 @@ pub struct EmbedArgs {
     /// Where the model runs (cuda needs a build with the `cuda` feature).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
-    /// The towers' arithmetic: f32, or int8 (dynamic int8 on the CPU, several times faster on
-    /// CPUs with AVX-512 VNNI; its vectors are kept apart from f32 ones in stores and caches)
-    /// [default: f32, or int8 for a `clasp quantize` checkpoint].
-    #[arg(long, value_name = "f32|int8")]
+    /// The towers' arithmetic: f32; int8 (dynamic int8 on the CPU, several times faster on CPUs
+    /// with AVX-512 VNNI); or bf16 (CPUs with avx512_bf16). Vectors of each precision are kept
+    /// apart in stores and caches [default: f32, or int8 for a `clasp quantize` checkpoint].
+    #[arg(long, value_name = "f32|int8|bf16")]
     pub precision: Option<clasp::encoder::Precision>,
     /// Where to write: FILE.npy (writes FILE.image.npy and FILE.text.npy),
     /// FILE.jsonl or FILE.safetensors. Without it, JSON lines go to stdout.

@@ -101,9 +101,10 @@ impl BertTextModel {
         super::layers::quantize_layers(&mut self.layers, src)
     }
 
-    /// Packs the encoder layers' linears for the f32 kernels.
-    pub fn pack_f32(&mut self) -> Result<()> {
-        super::layers::pack_layers(&mut self.layers)
+    /// Packs the encoder layers' linears for the prepacked kernels (f32, or
+    /// bf16 when `bf16`).
+    pub fn pack(&mut self, bf16: bool) -> Result<()> {
+        super::layers::pack_layers(&mut self.layers, bf16)
     }
 
     pub(crate) fn int8_linears(&self) -> Vec<&Linear> {

@@ -126,7 +126,7 @@ pub(crate) fn linear_into(x: &[f32], n: usize, l: &LinearRef, dst: &mut [f32], a
         super::int8::matmul_acc(x, n, q, dst, super::int8::Int8Kernel::selected());
         return;
     }
-    if let (Some(p), Some(kernel)) = (l.p, super::packed::F32Kernel::selected()) {
+    if let Some(p) = l.p {
         assert_eq!(
             (p.rows(), p.cols()),
             (l.out, l.inp),
@@ -135,7 +135,7 @@ pub(crate) fn linear_into(x: &[f32], n: usize, l: &LinearRef, dst: &mut [f32], a
         if !read_dst {
             dst.fill(0.0);
         }
-        super::packed::matmul_acc(x, n, p, dst, kernel);
+        p.matmul_acc(x, n, dst);
         return;
     }
     sgemm_xwt(x, n, l.w, out, l.inp, dst, read_dst);

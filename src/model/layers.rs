@@ -81,12 +81,17 @@ impl Linear {
         Ok(())
     }
 
-    /// Packs the weights for the prepacked f32 kernels (see `packed`).
-    pub fn pack_f32(&mut self) -> Result<()> {
+    /// Packs the weights for the prepacked kernels (see `packed`), in f32,
+    /// or in bf16 when `bf16`.
+    pub fn pack(&mut self, bf16: bool) -> Result<()> {
         if self.int8.is_none() && self.weight.device().is_cpu() {
             let (n, k) = self.weight.dims2()?;
             let w = F32View::new(&self.weight)?;
-            self.packed = Some(Arc::new(PackedF32::pack(w.as_slice(), n, k)));
+            self.packed = Some(Arc::new(if bf16 {
+                PackedF32::pack_bf16(w.as_slice(), n, k)
+            } else {
+                PackedF32::pack(w.as_slice(), n, k)
+            }));
         }
         Ok(())
     }
@@ -279,11 +284,11 @@ impl Attention {
         self.out.quantize_int8(src)
     }
 
-    /// Packs the fused q/k/v product and the output projection for the f32
-    /// kernels.
-    pub fn pack_f32(&mut self) -> Result<()> {
-        self.qkv.pack_f32()?;
-        self.out.pack_f32()
+    /// Packs the fused q/k/v product and the output projection for the
+    /// prepacked kernels.
+    pub fn pack(&mut self, bf16: bool) -> Result<()> {
+        self.qkv.pack(bf16)?;
+        self.out.pack(bf16)
     }
 
     /// The named linears (q, k, v, out), as a checkpoint holds them.
@@ -355,9 +360,9 @@ impl Mlp {
         self.fc2.quantize_int8(src)
     }
 
-    pub fn pack_f32(&mut self) -> Result<()> {
-        self.fc1.pack_f32()?;
-        self.fc2.pack_f32()
+    pub fn pack(&mut self, bf16: bool) -> Result<()> {
+        self.fc1.pack(bf16)?;
+        self.fc2.pack(bf16)
     }
 }
 
@@ -465,12 +470,12 @@ pub(crate) fn quantize_layers<L: Int8Layer>(layers: &mut [L], src: Int8Source) -
     Ok(())
 }
 
-/// Packs every layer's attention and MLP linears for the f32 kernels.
-pub(crate) fn pack_layers<L: Int8Layer>(layers: &mut [L]) -> Result<()> {
+/// Packs every layer's attention and MLP linears for the prepacked kernels.
+pub(crate) fn pack_layers<L: Int8Layer>(layers: &mut [L], bf16: bool) -> Result<()> {
     for l in layers {
         let (attn, mlp) = l.attn_mlp();
-        attn.pack_f32()?;
-        mlp.pack_f32()?;
+        attn.pack(bf16)?;
+        mlp.pack(bf16)?;
     }
     Ok(())
 }

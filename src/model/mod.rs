@@ -237,27 +237,44 @@ impl Model {
     /// (see [`packed`]) when this CPU has one; inference only: weights that
     /// change afterwards (training) would not be seen.
     pub fn pack_f32(&mut self) -> Result<()> {
-        let Some(kernel) = packed::F32Kernel::selected() else {
-            return Ok(());
-        };
+        match packed::F32Kernel::selected() {
+            Some(_) => self.pack_towers(false),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the towers' transformer linears in bf16 (AVX-512 BF16: weights
+    /// and activations rounded to bf16, products summed in f32); what stays
+    /// f32 is as for [`Self::quantize_int8`].
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        if !packed::bf16_supported() {
+            return Err(crate::Error::Report(
+                "--precision bf16 needs a CPU with avx512_bf16 (Zen 4, Intel Cooper Lake and later); \
+                 this one lacks it: use f32 or int8"
+                    .into(),
+            ));
+        }
+        self.pack_towers(true)
+    }
+
+    fn pack_towers(&mut self, bf16: bool) -> Result<()> {
         let vision = match self {
             Model::Clip(m) => {
-                m.text.pack_f32()?;
+                m.text.pack(bf16)?;
                 m.vision.as_mut()
             }
             Model::ChineseClip(m) => {
-                m.text.pack_f32()?;
+                m.text.pack(bf16)?;
                 m.vision.as_mut()
             }
             Model::DualEncoder(m) => {
-                m.text.pack_f32()?;
+                m.text.pack(bf16)?;
                 m.vision.as_mut()
             }
         };
         if let Some(v) = vision {
-            v.pack_f32()?;
+            v.pack(bf16)?;
         }
-        tracing::debug!(kernel = kernel.name(), "packed the f32 weights");
         Ok(())
     }
 

@@ -14,6 +14,12 @@
 //! L1), and accumulate into the output, which the caller pre-fills with the
 //! bias and the residual.
 //!
+//! `--precision bf16` packs the same way in bf16 pairs: each 32-bit element
+//! holds inputs 2i (low half) and 2i+1 (high half) of one channel, and the
+//! AVX-512 BF16 kernel (`vdpbf16ps`) multiplies pairs of activations, rounded
+//! to bf16 as they come, by them, accumulating in f32. It needs
+//! `avx512_bf16`.
+//!
 //! This costs memory: the packed copy sits beside the f32 weights, which
 //! training and the other paths read.
 
@@ -92,41 +98,82 @@ impl F32Kernel {
             None => Self::detect(),
         })
     }
-
-    fn tile(self) -> (usize, usize) {
-        match self {
-            Self::Avx2 => (6, 1),
-            Self::Avx512 => (12, 2),
-        }
-    }
 }
 
-/// A weight matrix [n, k] packed for the kernels.
+/// A weight matrix [n, k] packed for the kernels, in f32 or bf16 pairs.
 #[derive(Debug, Clone)]
 pub struct PackedF32 {
     n: usize,
     k: usize,
-    packed: Vec<f32>,
+    data: Data,
+}
+
+#[derive(Debug, Clone)]
+enum Data {
+    /// `[panel][k][16]`.
+    F32(Vec<f32>),
+    /// `[panel][ceil(k / 2)][16]`, each u32 two bf16 (inputs 2i, 2i+1).
+    Bf16(Vec<u32>),
+}
+
+/// Whether this CPU runs the bf16 kernel (`avx512_bf16`).
+pub fn bf16_supported() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Two f32 as one u32 of bf16 (round to nearest even), `lo` in the low half.
+fn bf16_pair(lo: f32, hi: f32) -> u32 {
+    half::bf16::from_f32(lo).to_bits() as u32 | (half::bf16::from_f32(hi).to_bits() as u32) << 16
+}
+
+/// Packs `w` [n, k] into 16-channel panels whose k-major rows hold `ku`
+/// elements made by `elem(row, unit)`.
+fn pack_with<E: Copy + Default + Send>(
+    n: usize,
+    ku: usize,
+    elem: impl Fn(usize, usize) -> E + Sync,
+) -> Vec<E> {
+    let panels = n.div_ceil(PANEL);
+    let mut packed = vec![E::default(); panels * ku * PANEL];
+    packed
+        .par_chunks_mut((ku * PANEL).max(1))
+        .enumerate()
+        .for_each(|(p, dst)| {
+            for c in 0..PANEL.min(n - p * PANEL) {
+                for u in 0..ku {
+                    dst[u * PANEL + c] = elem(p * PANEL + c, u);
+                }
+            }
+        });
+    packed
 }
 
 impl PackedF32 {
-    /// Packs `w` [n, k] (row-major).
+    /// Packs `w` [n, k] (row-major) in f32.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "pack: weight is not [{n}, {k}]");
-        let panels = n.div_ceil(PANEL);
-        let mut packed = vec![0f32; panels * k * PANEL];
-        packed
-            .par_chunks_mut((k * PANEL).max(1))
-            .enumerate()
-            .for_each(|(p, dst)| {
-                for c in 0..PANEL.min(n - p * PANEL) {
-                    let row = &w[(p * PANEL + c) * k..(p * PANEL + c + 1) * k];
-                    for (kk, &v) in row.iter().enumerate() {
-                        dst[kk * PANEL + c] = v;
-                    }
-                }
-            });
-        Self { n, k, packed }
+        let data = Data::F32(pack_with(n, k, |r, u| w[r * k + u]));
+        Self { n, k, data }
+    }
+
+    /// Packs `w` [n, k] (row-major) in bf16 pairs.
+    pub fn pack_bf16(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "pack: weight is not [{n}, {k}]");
+        let at = |r: usize, i: usize| if i < k { w[r * k + i] } else { 0.0 };
+        let data = Data::Bf16(pack_with(n, k.div_ceil(2), |r, u| {
+            bf16_pair(at(r, 2 * u), at(r, 2 * u + 1))
+        }));
+        Self { n, k, data }
     }
 
     pub fn rows(&self) -> usize {
@@ -137,15 +184,58 @@ impl PackedF32 {
         self.k
     }
 
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.data, Data::Bf16(_))
+    }
+
     fn panels(&self) -> usize {
         self.n.div_ceil(PANEL)
     }
+
+    /// `dst[m, n] += x[m, k] · W^T` on the kernel for this format: f32 on
+    /// the selected f32 kernel, bf16 on the AVX-512 BF16 one.
+    ///
+    /// Panics when the shapes do not match, or when the CPU lacks the kernel.
+    pub fn matmul_acc(&self, x: &[f32], m: usize, dst: &mut [f32]) {
+        match &self.data {
+            Data::F32(_) => {
+                let kernel = F32Kernel::selected().unwrap_or(F32Kernel::Avx2);
+                matmul_acc(x, m, self, dst, kernel)
+            }
+            Data::Bf16(w) => {
+                assert!(bf16_supported(), "this CPU does not run bf16 (avx512_bf16)");
+                assert_eq!(
+                    x.len(),
+                    m * self.k,
+                    "packed matmul: x is not [{m}, {}]",
+                    self.k
+                );
+                assert_eq!(
+                    dst.len(),
+                    m * self.n,
+                    "packed matmul: dst is not [{m}, {}]",
+                    self.n
+                );
+                let (k, ku) = (self.k, self.k.div_ceil(2));
+                let mut xb = vec![0u32; m * ku];
+                xb.par_chunks_mut(ku.max(1))
+                    .zip(x.par_chunks(k.max(1)))
+                    .for_each(|(d, r)| {
+                        for (u, v) in d.iter_mut().enumerate() {
+                            let hi = if 2 * u + 1 < k { r[2 * u + 1] } else { 0.0 };
+                            *v = bf16_pair(r[2 * u], hi);
+                        }
+                    });
+                run(Kern::Bf16, &xb, m, ku, w, self.n, self.panels(), dst)
+            }
+        }
+    }
 }
 
-/// `dst[m, n] += x[m, k] · W^T` on `kernel`, over rayon's threads.
+/// `dst[m, n] += x[m, k] · W^T` on the f32 `kernel`, over rayon's threads.
 ///
-/// Panics when a slice's length does not match the shapes, or when the CPU
-/// does not run `kernel`.
+/// Panics when a slice's length does not match the shapes, when `w` is not
+/// f32, or when the CPU does not run `kernel`.
 pub fn matmul_acc(x: &[f32], m: usize, w: &PackedF32, dst: &mut [f32], kernel: F32Kernel) {
     assert_eq!(x.len(), m * w.k, "packed matmul: x is not [{m}, {}]", w.k);
     assert_eq!(
@@ -159,12 +249,80 @@ pub fn matmul_acc(x: &[f32], m: usize, w: &PackedF32, dst: &mut [f32], kernel: F
         "this CPU does not run the {} kernel",
         kernel.name()
     );
-    let n = w.n;
+    let Data::F32(packed) = &w.data else {
+        panic!("packed matmul: the weights are bf16, not f32");
+    };
+    let kern = match kernel {
+        F32Kernel::Avx2 => Kern::Avx2,
+        F32Kernel::Avx512 => Kern::Avx512,
+    };
+    run(kern, x, m, w.k, packed, w.n, w.panels(), dst)
+}
+
+/// The microkernels, by what they read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kern {
+    Avx2,
+    Avx512,
+    Bf16,
+}
+
+impl Kern {
+    fn tile(self) -> (usize, usize) {
+        match self {
+            Kern::Avx2 => (6, 1),
+            Kern::Avx512 | Kern::Bf16 => (12, 2),
+        }
+    }
+
+    fn runs(self) -> bool {
+        match self {
+            Kern::Avx2 => F32Kernel::Avx2.runs(),
+            Kern::Avx512 => F32Kernel::Avx512.runs(),
+            Kern::Bf16 => bf16_supported(),
+        }
+    }
+}
+
+/// An element the kernels read: f32, or a u32 of two bf16.
+trait Elem: Copy + Send + Sync {
+    /// One tile (see [`run_tile`]); panics if `kern` does not read `Self`.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(
+        kern: Kern,
+        a: &[Self],
+        lda: usize,
+        b: &[Self],
+        stride: usize,
+        kc: usize,
+        rn: usize,
+        pn: usize,
+        c: &mut [f32],
+        ldc: usize,
+    );
+}
+
+/// The parallel split shared by the formats: `x` [m, ku] against packed
+/// panels of `ku` units, accumulated into `dst` [m, n].
+#[allow(clippy::too_many_arguments)]
+fn run<E: Elem>(
+    kern: Kern,
+    x: &[E],
+    m: usize,
+    ku: usize,
+    packed: &[E],
+    n: usize,
+    panels: usize,
+    dst: &mut [f32],
+) {
+    assert_eq!(x.len(), m * ku);
+    assert_eq!(dst.len(), m * n);
+    assert_eq!(packed.len(), panels * ku * PANEL);
     if m == 0 || n == 0 {
         return;
     }
     let threads = rayon::current_num_threads().max(1);
-    let (mr, _) = kernel.tile();
+    let (mr, _) = kern.tile();
     if m >= 2 * mr * threads {
         let per = m.div_ceil(threads * 2).div_ceil(mr) * mr;
         dst.par_chunks_mut(per * n)
@@ -172,21 +330,12 @@ pub fn matmul_acc(x: &[f32], m: usize, w: &PackedF32, dst: &mut [f32], kernel: F
             .for_each(|(t, block)| {
                 let r0 = t * per;
                 let rows = block.len() / n;
-                drive(
-                    kernel,
-                    &x[r0 * w.k..(r0 + rows) * w.k],
-                    rows,
-                    w,
-                    0..w.panels(),
-                    block,
-                    n,
-                    0,
-                );
+                let xs = &x[r0 * ku..(r0 + rows) * ku];
+                drive(kern, xs, rows, ku, packed, n, 0..panels, block, n, 0);
             });
     } else {
         // Few rows: split the channels; each task works on its own copy of
         // its columns, which is then written back.
-        let panels = w.panels();
         let per = panels.div_ceil(threads * 2).max(1);
         let parts: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(per))
             .into_par_iter()
@@ -198,7 +347,7 @@ pub fn matmul_acc(x: &[f32], m: usize, w: &PackedF32, dst: &mut [f32], kernel: F
                     .chunks(n)
                     .flat_map(|r| r[c0..c0 + cw].iter().copied())
                     .collect();
-                drive(kernel, x, m, w, ps, &mut local, cw, c0);
+                drive(kern, x, m, ku, packed, n, ps, &mut local, cw, c0);
                 (c0, cw, local)
             })
             .collect();
@@ -211,24 +360,25 @@ pub fn matmul_acc(x: &[f32], m: usize, w: &PackedF32, dst: &mut [f32], kernel: F
 }
 
 /// Accumulates `x[rows, k] · W[panels]^T` into `out`, whose rows are `ldo`
-/// wide and whose column 0 is channel `c_base`.
+/// wide and whose column 0 is channel `c_base` (`k` in the element's units).
 #[allow(clippy::too_many_arguments)]
-fn drive(
-    kernel: F32Kernel,
-    x: &[f32],
+fn drive<E: Elem>(
+    kern: Kern,
+    x: &[E],
     rows: usize,
-    w: &PackedF32,
+    k: usize,
+    packed: &[E],
+    n: usize,
     panels: std::ops::Range<usize>,
     out: &mut [f32],
     ldo: usize,
     c_base: usize,
 ) {
-    let k = w.k;
     assert_eq!(x.len(), rows * k);
     assert_eq!(out.len(), rows * ldo);
-    assert!(panels.end <= w.panels() && w.packed.len() == w.panels() * k * PANEL);
-    assert!(panels.start * PANEL >= c_base && (panels.end * PANEL).min(w.n) - c_base <= ldo);
-    let (mr, np) = kernel.tile();
+    assert!(panels.end <= n.div_ceil(PANEL) && packed.len() >= panels.end * k * PANEL);
+    assert!(panels.start * PANEL >= c_base && (panels.end * PANEL).min(n) - c_base <= ldo);
+    let (mr, np) = kern.tile();
     let stride = k * PANEL;
     let mut tmp = [0f32; 12 * 2 * PANEL];
     let mut rb = 0;
@@ -241,17 +391,16 @@ fn drive(
             while p < panels.end {
                 let pn = np.min(panels.end - p);
                 let c0 = p * PANEL - c_base;
-                let cn = (pn * PANEL).min(w.n - p * PANEL);
+                let cn = (pn * PANEL).min(n - p * PANEL);
                 let full = cn == pn * PANEL;
-                let b =
-                    &w.packed[p * stride + kb * PANEL..(p + pn - 1) * stride + (kb + kc) * PANEL];
+                let b = &packed[p * stride + kb * PANEL..(p + pn - 1) * stride + (kb + kc) * PANEL];
                 let mut r = rb;
                 while r < rb_end {
                     let rn = mr.min(rb_end - r);
                     let a = &x[r * k + kb..(r + rn - 1) * k + kb + kc];
                     if full {
                         let o = &mut out[r * ldo + c0..(r + rn - 1) * ldo + c0 + cn];
-                        run_tile(kernel, a, k, b, stride, kc, rn, pn, o, ldo);
+                        E::tile(kern, a, k, b, stride, kc, rn, pn, o, ldo);
                     } else {
                         // The last, partial panel: through a full-width buffer
                         // so the kernel never writes past the real channels.
@@ -261,7 +410,7 @@ fn drive(
                             tmp[i * width..i * width + cn].copy_from_slice(src);
                         }
                         let t = &mut tmp[..(rn - 1) * width + width];
-                        run_tile(kernel, a, k, b, stride, kc, rn, pn, t, width);
+                        E::tile(kern, a, k, b, stride, kc, rn, pn, t, width);
                         for i in 0..rn {
                             out[(r + i) * ldo + c0..(r + i) * ldo + c0 + cn]
                                 .copy_from_slice(&tmp[i * width..i * width + cn]);
@@ -277,12 +426,91 @@ fn drive(
     }
 }
 
-/// One tile: `rn` rows of `a` (row stride `lda`, `kc` values each) against
-/// `pn` panels of `b` (`stride` apart, k-major, from the block's first k),
-/// accumulated into `c` (`rn` rows of `pn * 16` values, row stride `ldc`).
+/// The bounds every kernel relies on, checked once per tile.
+#[allow(clippy::too_many_arguments)]
+fn check_tile<E>(
+    kern: Kern,
+    a: &[E],
+    lda: usize,
+    b: &[E],
+    stride: usize,
+    kc: usize,
+    rn: usize,
+    pn: usize,
+    c: &[f32],
+    ldc: usize,
+) {
+    let (mr, np) = kern.tile();
+    assert!((1..=mr).contains(&rn) && (1..=np).contains(&pn) && kc >= 1);
+    assert!(a.len() > (rn - 1) * lda + kc - 1);
+    assert!(b.len() >= (pn - 1) * stride + kc * PANEL);
+    assert!(c.len() >= (rn - 1) * ldc + pn * PANEL);
+    assert!(kern.runs(), "this CPU does not run the kernel");
+}
+
+impl Elem for f32 {
+    fn tile(
+        kern: Kern,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        stride: usize,
+        kc: usize,
+        rn: usize,
+        pn: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        check_tile(kern, a, lda, b, stride, kc, rn, pn, c, ldc);
+        run_tile(kern, a, lda, b, stride, kc, rn, pn, c, ldc)
+    }
+}
+
+impl Elem for u32 {
+    fn tile(
+        kern: Kern,
+        a: &[u32],
+        lda: usize,
+        b: &[u32],
+        stride: usize,
+        kc: usize,
+        rn: usize,
+        pn: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        assert!(kern == Kern::Bf16, "bf16 pairs run on the bf16 kernel only");
+        check_tile(kern, a, lda, b, stride, kc, rn, pn, c, ldc);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+            macro_rules! go {
+                ($($r:literal),*) => {
+                    match (rn, pn) {
+                        $(
+                            ($r, 1) => xbf16::tile::<$r, 1>(ap, lda, bp, stride, kc, cp, ldc),
+                            ($r, _) => xbf16::tile::<$r, 2>(ap, lda, bp, stride, kc, cp, ldc),
+                        )*
+                        _ => unreachable!("rn is 1..=12 (checked)"),
+                    }
+                };
+            }
+            // SAFETY: check_tile verified the CPU runs AVX-512 BF16 and that
+            // every read of a and b and every access to c is in bounds.
+            unsafe { go!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no bf16 kernel off x86_64");
+    }
+}
+
+/// One f32 tile: `rn` rows of `a` (row stride `lda`, `kc` values each)
+/// against `pn` panels of `b` (`stride` apart, k-major, from the block's
+/// first k), accumulated into `c` (`rn` rows of `pn * 16` values, row stride
+/// `ldc`). The caller has run [`check_tile`].
 #[allow(clippy::too_many_arguments)]
 fn run_tile(
-    kernel: F32Kernel,
+    kern: Kern,
     a: &[f32],
     lda: usize,
     b: &[f32],
@@ -293,18 +521,12 @@ fn run_tile(
     c: &mut [f32],
     ldc: usize,
 ) {
-    let (mr, np) = kernel.tile();
-    // The bounds the kernels rely on, checked once per tile.
-    assert!(rn >= 1 && rn <= mr && pn >= 1 && pn <= np && kc >= 1);
-    assert!(a.len() > (rn - 1) * lda + kc - 1);
-    assert!(b.len() >= (pn - 1) * stride + kc * PANEL);
-    assert!(c.len() >= (rn - 1) * ldc + pn * PANEL);
-    assert!(kernel.runs());
     #[cfg(target_arch = "x86_64")]
     {
         let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-        match kernel {
-            F32Kernel::Avx512 => {
+        let _ = pn;
+        match kern {
+            Kern::Avx512 => {
                 macro_rules! go {
                     ($($r:literal),*) => {
                         match (rn, pn) {
@@ -312,31 +534,32 @@ fn run_tile(
                                 ($r, 1) => x512::tile::<$r, 1>(ap, lda, bp, stride, kc, cp, ldc),
                                 ($r, _) => x512::tile::<$r, 2>(ap, lda, bp, stride, kc, cp, ldc),
                             )*
-                            _ => unreachable!("rn is 1..=12 (asserted)"),
+                            _ => unreachable!("rn is 1..=12 (checked)"),
                         }
                     };
                 }
-                // SAFETY: the CPU runs AVX-512F (asserted), and the asserts
-                // above bound every read of a and b and every access to c.
+                // SAFETY: check_tile verified that the CPU runs AVX-512F and
+                // bounded every read of a and b and every access to c.
                 unsafe { go!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12) }
             }
-            F32Kernel::Avx2 => {
+            Kern::Avx2 => {
                 macro_rules! go {
                     ($($r:literal),*) => {
                         match rn {
                             $($r => x256::tile::<$r>(ap, lda, bp, kc, cp, ldc),)*
-                            _ => unreachable!("rn is 1..=6 (asserted)"),
+                            _ => unreachable!("rn is 1..=6 (checked)"),
                         }
                     };
                 }
                 // SAFETY: as above, for AVX2 + FMA and one panel.
                 unsafe { go!(1, 2, 3, 4, 5, 6) }
             }
+            Kern::Bf16 => unreachable!("f32 elements never reach the bf16 kernel"),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a, lda, b, stride, kc, c, ldc);
+        let _ = (kern, a, lda, b, stride, kc, rn, pn, c, ldc);
         unreachable!("no f32 kernel is available off x86_64");
     }
 }
@@ -375,6 +598,52 @@ mod x512 {
                 let av = _mm512_set1_ps(*a.add(r * lda + kk));
                 for (v, &bw) in accr.iter_mut().zip(&bv) {
                     *v = _mm512_fmadd_ps(av, bw, *v);
+                }
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            for (p, v) in accr.iter().enumerate() {
+                _mm512_storeu_ps(c.add(r * ldc + p * PANEL), *v);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod xbf16 {
+    use super::PANEL;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16; `a`: `R` rows `lda` apart of `kc` bf16
+    /// pairs; `b`: `P` panels `stride` apart of `kc * 16` pairs; `c`: `R`
+    /// rows `ldc` apart of `P * 16` floats.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile<const R: usize, const P: usize>(
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        stride: usize,
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        for (r, accr) in acc.iter_mut().enumerate() {
+            for (p, v) in accr.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(c.add(r * ldc + p * PANEL));
+            }
+        }
+        for kk in 0..kc {
+            let mut bv = [_mm512_setzero_si512(); P];
+            for (p, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(b.add(p * stride + kk * PANEL) as *const _);
+            }
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_epi32(*a.add(r * lda + kk) as i32);
+                let av: __m512bh = std::mem::transmute(av);
+                for (v, &bw) in accr.iter_mut().zip(&bv) {
+                    *v = _mm512_dpbf16_ps(*v, av, std::mem::transmute::<__m512i, __m512bh>(bw));
                 }
             }
         }
@@ -452,6 +721,26 @@ mod tests {
             let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
             let init: Vec<f32> = (0..m * n).map(|_| next()).collect();
             let packed = PackedF32::pack(&w, n, k);
+            if bf16_supported() {
+                // bf16: against the product of the bf16-rounded values.
+                let r = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+                let pb = PackedF32::pack_bf16(&w, n, k);
+                let mut dst = init.clone();
+                pb.matmul_acc(&x, m, &mut dst);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = init[i * n + j] as f64
+                            + (0..k)
+                                .map(|t| r(x[i * k + t]) * r(w[j * k + t]))
+                                .sum::<f64>();
+                        let got = dst[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "bf16 at m={m} n={n} k={k} [{i},{j}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
             for kernel in F32Kernel::available() {
                 let mut dst = init.clone();
                 matmul_acc(&x, m, &packed, &mut dst, kernel);
