@@ -8,7 +8,8 @@ use candle_nn::VarBuilder;
 use super::config::{BertConfig, ChineseClipConfig};
 use super::cpu_kernels::{self, F32View, Mask};
 use super::layers::{
-    forward_fused, load_heads, Attention, AttnMask, FusedLayer, LayerNorm, Linear, Mlp, Weights,
+    forward_fused, load_heads, Attention, AttnMask, FusedLayer, LayerNorm, LayerStack, Linear, Mlp,
+    Weights,
 };
 use super::vit::VisionTransformer;
 use crate::{Error, Result};
@@ -96,19 +97,13 @@ pub struct BertTextModel {
 }
 
 impl BertTextModel {
-    /// Switches the encoder layers' linears to int8 (see `model::int8`).
-    pub fn quantize_int8(&mut self, src: super::layers::Int8Source) -> Result<()> {
-        super::layers::quantize_layers(&mut self.layers, src)
+    /// The encoder layers (see [`LayerStack`]).
+    pub(crate) fn layer_stack(&mut self) -> &mut dyn LayerStack {
+        &mut self.layers
     }
 
-    /// Packs the encoder layers' linears for the prepacked kernels (f32, or
-    /// bf16 when `bf16`).
-    pub fn pack(&mut self, bf16: bool) -> Result<()> {
-        super::layers::pack_layers(&mut self.layers, bf16)
-    }
-
-    pub(crate) fn int8_linears(&self) -> Vec<&Linear> {
-        super::layers::int8_linears(&self.layers)
+    pub(crate) fn layer_stack_ref(&self) -> &dyn LayerStack {
+        &self.layers
     }
 
     /// `vb` points at `text_model`.

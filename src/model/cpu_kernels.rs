@@ -442,6 +442,42 @@ impl SendPtr {
     }
 }
 
+/// For products with few rows, where splitting the rows leaves threads idle:
+/// splits dst [m, n]'s `panel`-wide channel groups over rayon's threads.
+/// Each task accumulates into its own copy of its columns (`work(panels,
+/// first column, width, copy)`, the copy's rows `width` apart), which is then
+/// written back.
+pub(crate) fn par_column_blocks(
+    dst: &mut [f32],
+    n: usize,
+    panel: usize,
+    work: impl Fn(std::ops::Range<usize>, usize, usize, &mut [f32]) + Sync,
+) {
+    let panels = n.div_ceil(panel);
+    let threads = rayon::current_num_threads().max(1);
+    let per = panels.div_ceil(threads * 2).max(1);
+    let src: &[f32] = dst;
+    let parts: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(per))
+        .into_par_iter()
+        .map(|t| {
+            let ps = t * per..((t + 1) * per).min(panels);
+            let c0 = ps.start * panel;
+            let cw = (ps.end * panel).min(n) - c0;
+            let mut local: Vec<f32> = src
+                .chunks(n)
+                .flat_map(|r| r[c0..c0 + cw].iter().copied())
+                .collect();
+            work(ps, c0, cw, &mut local);
+            (c0, cw, local)
+        })
+        .collect();
+    for (c0, cw, local) in parts {
+        for (drow, lrow) in dst.chunks_mut(n).zip(local.chunks(cw)) {
+            drow[c0..c0 + cw].copy_from_slice(lrow);
+        }
+    }
+}
+
 /// `n` sequences of `t` rows each, back to back.
 pub fn uniform_segments(n: usize, t: usize) -> Vec<(usize, usize)> {
     (0..n).map(|i| (i * t, t)).collect()

@@ -653,33 +653,15 @@ pub fn matmul_acc(x: &[f32], m: usize, w: &QuantMatrix, dst: &mut [f32], kernel:
                 );
             });
     } else {
-        // Few rows (batch 1 texts): split the channels, each task into its
-        // own buffer, then add them in.
-        let panels = w.panels();
-        let per = panels.div_ceil(threads * 2).max(1);
-        let parts: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(per))
-            .into_par_iter()
-            .map(|t| {
-                let ps = t * per..((t + 1) * per).min(panels);
-                let c0 = ps.start * PANEL;
-                let cw = (ps.end * PANEL).min(n) - c0;
-                let mut local = vec![0f32; m * cw];
-                drive(kernel, &qa, 0..m, w, ps, |r, rn, cc, cn, tile| {
-                    for (i, trow) in tile.iter().take(rn).enumerate() {
-                        let off = (r + i) * cw + cc - c0;
-                        epilogue(&mut local[off..off + cn], &trow[..cn], qa.scales[r + i], cc);
-                    }
-                });
-                (c0, cw, local)
-            })
-            .collect();
-        for (c0, cw, local) in parts {
-            for (drow, lrow) in dst.chunks_mut(n).zip(local.chunks(cw)) {
-                for (d, v) in drow[c0..c0 + cw].iter_mut().zip(lrow) {
-                    *d += v;
+        // Few rows (batch 1 texts): split the channels.
+        super::cpu_kernels::par_column_blocks(dst, n, PANEL, |ps, c0, cw, local| {
+            drive(kernel, &qa, 0..m, w, ps, |r, rn, cc, cn, tile| {
+                for (i, trow) in tile.iter().take(rn).enumerate() {
+                    let off = (r + i) * cw + cc - c0;
+                    epilogue(&mut local[off..off + cn], &trow[..cn], qa.scales[r + i], cc);
                 }
-            }
-        }
+            });
+        });
     }
 }
 

@@ -460,35 +460,44 @@ impl Int8Layer for PreNormBlock {
     }
 }
 
-/// Quantizes every layer's attention and MLP linears (the towers' GEMMs).
-pub(crate) fn quantize_layers<L: Int8Layer>(layers: &mut [L], src: Int8Source) -> Result<()> {
-    for l in layers {
-        let (attn, mlp) = l.attn_mlp();
-        attn.quantize_int8(src)?;
-        mlp.quantize_int8(src)?;
-    }
-    Ok(())
+/// A tower's stack of transformer layers, whose attention and MLP linears
+/// (the towers' GEMMs) can run in int8 or on the packed kernels.
+pub(crate) trait LayerStack {
+    /// Quantizes every layer's attention and MLP linears.
+    fn quantize_int8(&mut self, src: Int8Source) -> Result<()>;
+    /// Packs them for the prepacked kernels (f32, or bf16 when `bf16`).
+    fn pack(&mut self, bf16: bool) -> Result<()>;
+    /// The linears that `quantize_int8` quantizes, by their checkpoint names.
+    fn int8_linears(&self) -> Vec<&Linear>;
 }
 
-/// Packs every layer's attention and MLP linears for the prepacked kernels.
-pub(crate) fn pack_layers<L: Int8Layer>(layers: &mut [L], bf16: bool) -> Result<()> {
-    for l in layers {
-        let (attn, mlp) = l.attn_mlp();
-        attn.pack(bf16)?;
-        mlp.pack(bf16)?;
+impl<L: Int8Layer> LayerStack for Vec<L> {
+    fn quantize_int8(&mut self, src: Int8Source) -> Result<()> {
+        for l in self {
+            let (attn, mlp) = l.attn_mlp();
+            attn.quantize_int8(src)?;
+            mlp.quantize_int8(src)?;
+        }
+        Ok(())
     }
-    Ok(())
-}
 
-/// The linears that [`quantize_layers`] quantizes, by their checkpoint names.
-pub(crate) fn int8_linears<L: Int8Layer>(layers: &[L]) -> Vec<&Linear> {
-    layers
-        .iter()
-        .flat_map(|l| {
-            let (attn, mlp) = l.attn_mlp_ref();
-            attn.linears().chain([&mlp.fc1, &mlp.fc2])
-        })
-        .collect()
+    fn pack(&mut self, bf16: bool) -> Result<()> {
+        for l in self {
+            let (attn, mlp) = l.attn_mlp();
+            attn.pack(bf16)?;
+            mlp.pack(bf16)?;
+        }
+        Ok(())
+    }
+
+    fn int8_linears(&self) -> Vec<&Linear> {
+        self.iter()
+            .flat_map(|l| {
+                let (attn, mlp) = l.attn_mlp_ref();
+                attn.linears().chain([&mlp.fc1, &mlp.fc2])
+            })
+            .collect()
+    }
 }
 
 /// A layer that also runs on the fused CPU kernels (see `cpu_kernels`), over

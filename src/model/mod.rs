@@ -213,24 +213,21 @@ impl Model {
     /// `src` gives weights already quantized (a `clasp quantize` checkpoint)
     /// by name; the others are quantized here.
     pub fn quantize_int8(&mut self, src: layers::Int8Source) -> Result<()> {
-        let vision = match self {
-            Model::Clip(m) => {
-                m.text.quantize_int8(src)?;
-                m.vision.as_mut()
-            }
-            Model::ChineseClip(m) => {
-                m.text.quantize_int8(src)?;
-                m.vision.as_mut()
-            }
-            Model::DualEncoder(m) => {
-                m.text.quantize_int8(src)?;
-                m.vision.as_mut()
-            }
+        self.layer_stacks()
+            .into_iter()
+            .try_for_each(|s| s.quantize_int8(src))
+    }
+
+    /// The text tower's layers, and the image tower's when loaded.
+    fn layer_stacks(&mut self) -> Vec<&mut dyn layers::LayerStack> {
+        let (text, vision) = match self {
+            Model::Clip(m) => (m.text.layer_stack(), m.vision.as_mut()),
+            Model::ChineseClip(m) => (m.text.layer_stack(), m.vision.as_mut()),
+            Model::DualEncoder(m) => (m.text.layer_stack(), m.vision.as_mut()),
         };
-        if let Some(v) = vision {
-            v.quantize_int8(src)?;
-        }
-        Ok(())
+        let mut v = vec![text];
+        v.extend(vision.map(|t| t.layer_stack()));
+        v
     }
 
     /// Packs the towers' transformer linears for the prepacked f32 kernels
@@ -258,35 +255,21 @@ impl Model {
     }
 
     fn pack_towers(&mut self, bf16: bool) -> Result<()> {
-        let vision = match self {
-            Model::Clip(m) => {
-                m.text.pack(bf16)?;
-                m.vision.as_mut()
-            }
-            Model::ChineseClip(m) => {
-                m.text.pack(bf16)?;
-                m.vision.as_mut()
-            }
-            Model::DualEncoder(m) => {
-                m.text.pack(bf16)?;
-                m.vision.as_mut()
-            }
-        };
-        if let Some(v) = vision {
-            v.pack(bf16)?;
-        }
-        Ok(())
+        self.layer_stacks()
+            .into_iter()
+            .try_for_each(|s| s.pack(bf16))
     }
 
     /// The linears that [`Self::quantize_int8`] quantizes.
     pub fn int8_linears(&self) -> Vec<&layers::Linear> {
-        let (vision, mut out) = match self {
-            Model::Clip(m) => (m.vision.as_ref(), m.text.int8_linears()),
-            Model::ChineseClip(m) => (m.vision.as_ref(), m.text.int8_linears()),
-            Model::DualEncoder(m) => (m.vision.as_ref(), m.text.int8_linears()),
+        let (text, vision) = match self {
+            Model::Clip(m) => (m.text.layer_stack_ref(), m.vision.as_ref()),
+            Model::ChineseClip(m) => (m.text.layer_stack_ref(), m.vision.as_ref()),
+            Model::DualEncoder(m) => (m.text.layer_stack_ref(), m.vision.as_ref()),
         };
+        let mut out = text.int8_linears();
         if let Some(v) = vision {
-            out.extend(v.int8_linears());
+            out.extend(v.layer_stack_ref().int8_linears());
         }
         out
     }

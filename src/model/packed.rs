@@ -334,28 +334,9 @@ fn run<E: Elem>(
                 drive(kern, xs, rows, ku, packed, n, 0..panels, block, n, 0);
             });
     } else {
-        // Few rows: split the channels; each task works on its own copy of
-        // its columns, which is then written back.
-        let per = panels.div_ceil(threads * 2).max(1);
-        let parts: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(per))
-            .into_par_iter()
-            .map(|t| {
-                let ps = t * per..((t + 1) * per).min(panels);
-                let c0 = ps.start * PANEL;
-                let cw = (ps.end * PANEL).min(n) - c0;
-                let mut local: Vec<f32> = dst
-                    .chunks(n)
-                    .flat_map(|r| r[c0..c0 + cw].iter().copied())
-                    .collect();
-                drive(kern, x, m, ku, packed, n, ps, &mut local, cw, c0);
-                (c0, cw, local)
-            })
-            .collect();
-        for (c0, cw, local) in parts {
-            for (drow, lrow) in dst.chunks_mut(n).zip(local.chunks(cw)) {
-                drow[c0..c0 + cw].copy_from_slice(lrow);
-            }
-        }
+        super::cpu_kernels::par_column_blocks(dst, n, PANEL, |ps, c0, cw, local| {
+            drive(kern, x, m, ku, packed, n, ps, local, cw, c0)
+        });
     }
 }
 

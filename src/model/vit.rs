@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
 use super::cpu_kernels;
-use super::layers::{forward_fused, AttnMask, LayerNorm, Linear, PreNormBlock};
+use super::layers::{forward_fused, AttnMask, LayerNorm, LayerStack, Linear, PreNormBlock};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -24,21 +24,15 @@ pub struct VisionTransformer {
 }
 
 impl VisionTransformer {
-    /// Switches the encoder layers' linears to int8 (see `model::int8`). The
-    /// patch embedding stays f32: it is the first layer, where quantization
-    /// error would reach every later one, and it is 1/25 of the FLOPs.
-    pub fn quantize_int8(&mut self, src: super::layers::Int8Source) -> Result<()> {
-        super::layers::quantize_layers(&mut self.layers, src)
+    /// The encoder layers (see [`LayerStack`]). The patch embedding stays
+    /// f32 under int8 and bf16: it is the first layer, where an error would
+    /// reach every later one, and 1/25 of the FLOPs.
+    pub(crate) fn layer_stack(&mut self) -> &mut dyn LayerStack {
+        &mut self.layers
     }
 
-    /// Packs the encoder layers' linears for the prepacked kernels (f32, or
-    /// bf16 when `bf16`).
-    pub fn pack(&mut self, bf16: bool) -> Result<()> {
-        super::layers::pack_layers(&mut self.layers, bf16)
-    }
-
-    pub(crate) fn int8_linears(&self) -> Vec<&Linear> {
-        super::layers::int8_linears(&self.layers)
+    pub(crate) fn layer_stack_ref(&self) -> &dyn LayerStack {
+        &self.layers
     }
 
     /// `vb` points at `vision_model`.
