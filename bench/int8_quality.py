@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """What int8 costs in quality, for clasp's `--precision int8` and for ONNX
-Runtime's own int8 model (`quantize_dynamic`, per-channel int8 weights).
+Runtime's own int8 model (`quantize_dynamic`, per-channel int8 weights); and
+clasp's `--precision bf16` where the CPU has avx512_bf16.
 
     python3 bench/int8_quality.py [--photos 500] [--checkpoint DIR]
 
@@ -123,6 +124,9 @@ def main():
     f_img, f_txt = clasp_embed(d, ims, txs, "f32", work)
     q_img, q_txt = clasp_embed(d, ims, txs, "int8", work)
     res["vitb32_clasp"] = {"image": cosines(q_img, f_img), "text": cosines(q_txt, f_txt)}
+    if "avx512_bf16" in flags:
+        b_img, b_txt = clasp_embed(d, ims, txs, "bf16", work)
+        res["vitb32_clasp_bf16"] = {"image": cosines(b_img, f_img), "text": cosines(b_txt, f_txt)}
     tside = et.Torch(d)
     proc = CLIPProcessor.from_pretrained(d)
     of = ort_embed(et.Ort(d, a.threads, tside), ims, txs, proc)
@@ -137,6 +141,8 @@ def main():
     res["checkpoint"] = ck
     res["recall_clasp_f32"] = clasp_recall(ck, "f32")
     res["recall_clasp_int8"] = clasp_recall(ck, "int8")
+    if "avx512_bf16" in flags:
+        res["recall_clasp_bf16"] = clasp_recall(ck, "bf16")
     cside = et.Torch(ck)
     cproc = CLIPProcessor.from_pretrained(ck)
     flat = [t for c in caps for t in c]
@@ -151,19 +157,24 @@ def main():
     c, o = res["vitb32_clasp"], res["vitb32_ort"]
     print(f"\nCPU: {model}; flags: {flags}\n")
     print(f"ViT-B/32 (random weights, real config), {a.photos} Flickr8k dev photos and captions, "
-          "cosine of int8 to the same stack's f32:\n")
+          "cosine of int8 or bf16 to the same stack's f32:\n")
     print("| stack | images mean | images min | texts mean | texts min |\n|---|---|---|---|---|")
-    for n, r in (("clasp int8", c), ("ONNX Runtime int8", o)):
+    rows = [("clasp int8", c), ("ONNX Runtime int8", o)]
+    if "vitb32_clasp_bf16" in res:
+        rows.insert(1, ("clasp bf16", res["vitb32_clasp_bf16"]))
+    for n, r in rows:
         print(f"| {n} | {r['image']['mean']:.5f} | {r['image']['min']:.5f} | "
               f"{r['text']['mean']:.5f} | {r['text']['min']:.5f} |")
     print(f"\nFlickr8k dev recall (%), {ck}:\n")
     keys = [f"{w}_retrieval_recall@{k}" for w in ("image", "text") for k in (1, 5, 10)] + ["mean_recall"]
     print("| run | t→i R@1 | R@5 | R@10 | i→t R@1 | R@5 | R@10 | mean | Δ mean vs its f32 (points) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for n, key, base in (("clasp f32", "recall_clasp_f32", "recall_clasp_f32"),
-                         ("clasp int8", "recall_clasp_int8", "recall_clasp_f32"),
-                         ("ONNX Runtime f32", "recall_ort_f32", "recall_ort_f32"),
-                         ("ONNX Runtime int8", "recall_ort_int8", "recall_ort_f32")):
+    runs = [("clasp f32", "recall_clasp_f32", "recall_clasp_f32"),
+            ("clasp int8", "recall_clasp_int8", "recall_clasp_f32"),
+            ("clasp bf16", "recall_clasp_bf16", "recall_clasp_f32"),
+            ("ONNX Runtime f32", "recall_ort_f32", "recall_ort_f32"),
+            ("ONNX Runtime int8", "recall_ort_int8", "recall_ort_f32")]
+    for n, key, base in (r for r in runs if r[1] in res):
         r = res[key]
         delta = 100 * (r["mean_recall"] - res[base]["mean_recall"])
         print(f"| {n} | " + " | ".join(f"{100 * r[k]:.2f}" for k in keys) + f" | {delta:+.2f} |")
