@@ -84,18 +84,30 @@ impl Encoder {
     /// which then never reads the image tower's weights. Embedding an image
     /// with it is an error.
     pub fn load_towers(spec: &str, device: &Device, towers: model::Towers) -> Result<Self> {
+        Self::load_with(spec, device, towers, None)
+    }
+
+    /// Loads `towers` to run in `precision` (`None`: f32, or int8 for a
+    /// `clasp quantize` checkpoint), preparing the weights once for it.
+    pub fn load_with(
+        spec: &str,
+        device: &Device,
+        towers: model::Towers,
+        precision: Option<Precision>,
+    ) -> Result<Self> {
         let files = model::resolve(spec)?;
-        Self::from_files_towers(files, device, towers)
+        Self::from_files_towers(files, device, towers, precision)
     }
 
     pub fn from_files(files: ModelFiles, device: &Device) -> Result<Self> {
-        Self::from_files_towers(files, device, model::Towers::Both)
+        Self::from_files_towers(files, device, model::Towers::Both, None)
     }
 
     fn from_files_towers(
         files: ModelFiles,
         device: &Device,
         towers: model::Towers,
+        precision: Option<Precision>,
     ) -> Result<Self> {
         let config = ModelConfig::from_file(&files.config)?;
         // A `clasp quantize` checkpoint: f32 tensors for the model to build
@@ -111,13 +123,12 @@ impl Encoder {
         } else {
             None
         };
-        let vb = match &quantized {
-            Some((tensors, _)) => candle_nn::VarBuilder::from_tensors(
-                tensors.clone(),
-                candle_core::DType::F32,
-                device,
+        let (vb, int8) = match quantized {
+            Some((tensors, int8)) => (
+                candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, device),
+                Some(int8),
             ),
-            None => loader::var_builder(&files, device)?,
+            None => (loader::var_builder(&files, device)?, None),
         };
         let mut model = Model::load_towers(vb, &config, towers).map_err(|e| match e {
             Error::Candle(c) => Error::Weights {
@@ -126,19 +137,12 @@ impl Encoder {
             },
             other => other,
         })?;
-        let precision = match quantized {
-            Some((_, int8)) => {
+        let loaded = match int8 {
+            Some(int8) => {
                 model.quantize_int8(&|name| Ok(int8.get(name).cloned()))?;
                 Precision::Int8
             }
-            None => {
-                // An encoder only infers: its weights never change, so the
-                // CPU kernels get them packed once.
-                if device.is_cpu() {
-                    model.pack_f32()?;
-                }
-                Precision::F32
-            }
+            None => Precision::F32,
         };
         let image_size = config.vision().image_size as u32;
         let pp = match &files.preprocessor_config {
@@ -153,24 +157,36 @@ impl Encoder {
             },
         };
         let tokenizer = TextTokenizer::from_dir(&files.dir, config.text_context_length())?;
-        Ok(Self {
+        let mut encoder = Self {
             model,
             config,
             files,
             tokenizer,
             image_processor: ImageProcessor::new(pp),
             device: device.clone(),
-            precision,
-        })
+            precision: loaded,
+        };
+        encoder.prepare(precision.unwrap_or(loaded))?;
+        Ok(encoder)
     }
 
-    /// Runs the towers in `precision` from now on. int8 runs on the CPU
-    /// only; going back to f32 after int8 is not supported (reload).
+    /// Runs the towers in `precision` from now on. int8 and bf16 run on the
+    /// CPU only; going back to f32 from them is not supported (reload).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         if self.precision == precision {
             return Ok(());
         }
+        self.prepare(precision)
+    }
+
+    /// Prepares the weights for `precision`: packs f32 ones for the CPU
+    /// kernels, quantizes to int8, or packs bf16; once, as an encoder's
+    /// weights never change.
+    fn prepare(&mut self, precision: Precision) -> Result<()> {
         if self.precision != Precision::F32 {
+            if self.precision == precision {
+                return Ok(());
+            }
             return Err(Error::Report(format!(
                 "{} runs in {} (an int8 checkpoint, or switched already); {} needs the original f32 checkpoint",
                 self.files.dir.display(),
@@ -178,7 +194,7 @@ impl Encoder {
                 precision.name()
             )));
         }
-        if !self.device.is_cpu() {
+        if precision != Precision::F32 && !self.device.is_cpu() {
             return Err(Error::Report(format!(
                 "--precision {} runs on the CPU only (use --device cpu)",
                 precision.name()
@@ -186,23 +202,16 @@ impl Encoder {
         }
         let t = std::time::Instant::now();
         match precision {
-            Precision::F32 => unreachable!("f32 is where it came from"),
-            Precision::Int8 => {
-                self.model.quantize_int8(&|_| Ok(None))?;
-                tracing::info!(
-                    seconds = t.elapsed().as_secs_f64(),
-                    kernel = crate::model::int8::Int8Kernel::selected().name(),
-                    "quantized the towers to int8"
-                );
-            }
-            Precision::Bf16 => {
-                self.model.pack_bf16()?;
-                tracing::info!(
-                    seconds = t.elapsed().as_secs_f64(),
-                    "packed the towers in bf16"
-                );
-            }
+            Precision::F32 if self.device.is_cpu() => self.model.pack_f32()?,
+            Precision::F32 => {}
+            Precision::Int8 => self.model.quantize_int8(&|_| Ok(None))?,
+            Precision::Bf16 => self.model.pack_bf16()?,
         }
+        tracing::debug!(
+            precision = precision.name(),
+            seconds = t.elapsed().as_secs_f64(),
+            "prepared the weights"
+        );
         self.precision = precision;
         Ok(())
     }

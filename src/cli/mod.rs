@@ -109,18 +109,14 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     .open()?)
 }
 
-/// Loads an encoder (only `towers`) and switches it to `precision` if given.
+/// Loads an encoder (only `towers`) to run in `precision` if given.
 pub fn load_encoder(
     spec: &str,
     dev: &Device,
     towers: clasp::model::Towers,
     precision: Option<clasp::encoder::Precision>,
 ) -> Result<clasp::Encoder> {
-    let mut e = clasp::Encoder::load_towers(spec, dev, towers)?;
-    if let Some(p) = precision {
-        e.set_precision(p)?;
-    }
-    Ok(e)
+    Ok(clasp::Encoder::load_with(spec, dev, towers, precision)?)
 }
 
 static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::note;
 use candle_core::Device;
+use clasp::encoder::Precision;
 
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
@@ -21,10 +22,17 @@ pub struct QuantizeArgs {
 }
 
 pub fn run(a: QuantizeArgs) -> Result<ExitCode> {
-    let encoder = clasp::Encoder::load(&a.model, &Device::Cpu)?;
-    if encoder.precision() == clasp::encoder::Precision::Int8 {
+    let files = clasp::model::resolve(&a.model)?;
+    if clasp::model::int8_checkpoint::is_quantized(&files.weights)? {
         bail!("{} is already an int8 checkpoint", a.model);
     }
+    // Loaded in int8, so the weights are quantized once, as the save needs them.
+    let encoder = clasp::Encoder::load_with(
+        &a.model,
+        &Device::Cpu,
+        clasp::model::Towers::Both,
+        Some(Precision::Int8),
+    )?;
     let s = clasp::model::int8_checkpoint::save(encoder.files(), encoder.model(), &a.output)?;
     note!(
         "wrote {}: {} linears in int8, {} tensors kept in f32; weights {:.1} MB -> {:.1} MB",

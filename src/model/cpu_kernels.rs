@@ -114,28 +114,26 @@ pub(crate) fn linear_into(x: &[f32], n: usize, l: &LinearRef, dst: &mut [f32], a
             }
         });
     }
-    if let Some(q) = l.q {
-        assert_eq!(
-            (q.rows(), q.cols()),
-            (l.out, l.inp),
-            "linear_into: int8 weight shape"
-        );
+    // clasp's own kernels (int8, or packed f32/bf16) accumulate into dst.
+    if l.q.is_some() || l.p.is_some() {
         if !read_dst {
             dst.fill(0.0);
         }
-        super::int8::matmul_acc(x, n, q, dst, super::int8::Int8Kernel::selected());
-        return;
-    }
-    if let Some(p) = l.p {
-        assert_eq!(
-            (p.rows(), p.cols()),
-            (l.out, l.inp),
-            "linear_into: packed weight shape"
-        );
-        if !read_dst {
-            dst.fill(0.0);
+        if let Some(q) = l.q {
+            assert_eq!(
+                (q.rows(), q.cols()),
+                (l.out, l.inp),
+                "linear_into: int8 shape"
+            );
+            super::int8::matmul_acc(x, n, q, dst, super::int8::Int8Kernel::selected());
+        } else if let Some(p) = l.p {
+            assert_eq!(
+                (p.rows(), p.cols()),
+                (l.out, l.inp),
+                "linear_into: packed shape"
+            );
+            p.matmul_acc(x, n, dst);
         }
-        p.matmul_acc(x, n, dst);
         return;
     }
     sgemm_xwt(x, n, l.w, out, l.inp, dst, read_dst);

@@ -54,8 +54,12 @@ impl Linear {
         })
     }
 
-    /// This layer's weights in int8: from `src` by name, else quantized.
+    /// This layer's weights in int8: those it runs on already, else from
+    /// `src` by name, else quantized.
     pub(crate) fn int8_weights(&self, src: Int8Source) -> Result<QuantMatrix> {
+        if let Some(q) = &self.int8 {
+            return Ok(QuantMatrix::clone(q));
+        }
         let (n, k) = self.weight.dims2()?;
         if let Some(name) = &self.name {
             if let Some(q) = src(name)? {
@@ -81,10 +85,12 @@ impl Linear {
         Ok(())
     }
 
-    /// Packs the weights for the prepacked kernels (see `packed`), in f32,
-    /// or in bf16 when `bf16`.
+    /// Packs the weights for the prepacked kernels (see `packed`): in bf16
+    /// when `bf16`, else in f32 when this CPU has a packed f32 kernel
+    /// (otherwise the `gemm` crate keeps running them).
     pub fn pack(&mut self, bf16: bool) -> Result<()> {
-        if self.int8.is_none() && self.weight.device().is_cpu() {
+        let kernel = bf16 || super::packed::F32Kernel::selected().is_some();
+        if kernel && self.int8.is_none() && self.weight.device().is_cpu() {
             let (n, k) = self.weight.dims2()?;
             let w = F32View::new(&self.weight)?;
             self.packed = Some(Arc::new(if bf16 {
@@ -127,17 +133,6 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if fused_grad(x) {
             return Ok(grad_kernels::linear(x, &self.weight, self.bias.as_ref())?);
-        }
-        if (self.int8.is_some() || self.packed.is_some()) && cpu_kernels::applies(x) {
-            let dims = x.dims().to_vec();
-            let n: usize = dims[..dims.len() - 1].iter().product();
-            let w = LinearWeights::new(self)?;
-            let xv = x.flatten_all()?.to_vec1::<f32>()?;
-            let mut y = vec![0f32; n * w.out];
-            cpu_kernels::linear_into(&xv, n, &w.get(), &mut y, false);
-            let mut out_dims = dims;
-            *out_dims.last_mut().unwrap() = w.out;
-            return Ok(Tensor::from_vec(y, out_dims, x.device())?);
         }
         // Flatten the leading dims so the GEMM sees one [N, in] x [in, out]
         // product; the transposed weight is read through strides, not copied.

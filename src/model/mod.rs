@@ -234,10 +234,7 @@ impl Model {
     /// (see [`packed`]) when this CPU has one; inference only: weights that
     /// change afterwards (training) would not be seen.
     pub fn pack_f32(&mut self) -> Result<()> {
-        match packed::F32Kernel::selected() {
-            Some(_) => self.pack_towers(false),
-            None => Ok(()),
-        }
+        self.pack_towers(false)
     }
 
     /// Runs the towers' transformer linears in bf16 (AVX-512 BF16: weights
