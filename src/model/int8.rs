@@ -12,6 +12,12 @@
 //! - **AVX2**: `vpmaddubsw` on `|a|` and `sign(a) * w`, then `vpmaddwd` by
 //!   ones into i32. Both operands are within ±127, so the 16-bit pair sums
 //!   (at most 2·127·127 = 32258) never saturate: the result is exact.
+//! - **AMX** (Sapphire Rapids and later): `tdpbssd` multiplies a 16×64 tile
+//!   of signed activation bytes by a 16×16×4 tile of signed weight bytes into
+//!   a 16×16 tile of i32 sums: 16,384 products per instruction. Rust has no
+//!   stable AMX intrinsics, so the kernel is inline assembly (stable); the
+//!   process asks Linux for the tile state once (`arch_prctl`), and the
+//!   kernel is only chosen when that succeeds.
 //! - **Scalar**: the reference, and the path on other CPUs.
 //!
 //! The candle crates have no int8 GEMM for the CPU (their quantized matmul is
@@ -20,8 +26,11 @@
 //!
 //! Weight layout: panels of [`PANEL`] = 16 output channels; within a panel,
 //! for each group of 4 inputs, 16 channels × 4 bytes (64 bytes: one zmm or
-//! two ymm register loads). The input dimension is padded to a multiple of 4
-//! with zeros, and the last panel's missing channels are zero rows.
+//! two ymm register loads). Sixteen consecutive groups of a panel (64 inputs)
+//! are exactly one AMX weight tile (16 rows of 64 bytes). The input dimension
+//! is padded to a multiple of 64 with zeros (a whole AMX tile; the other
+//! kernels just read zeros), and the last panel's missing channels are zero
+//! rows.
 
 use rayon::prelude::*;
 
@@ -29,6 +38,14 @@ use rayon::prelude::*;
 pub const PANEL: usize = 16;
 /// Inputs per group: the bytes one 32-bit lane multiplies.
 const GROUP: usize = 4;
+/// The input dimension is padded to a multiple of this (one AMX tile row).
+const KBLOCK: usize = 64;
+/// The most rows one tile computes (AMX: two 16-row tiles).
+const MAX_TILE_ROWS: usize = 32;
+
+fn padded_k(k: usize) -> usize {
+    k.div_ceil(KBLOCK) * KBLOCK
+}
 
 /// Which integer product runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +53,7 @@ pub enum Int8Kernel {
     Scalar,
     Avx2,
     Avx512Vnni,
+    Amx,
 }
 
 impl Int8Kernel {
@@ -43,6 +61,9 @@ impl Int8Kernel {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
+            if amx::usable() {
+                return Self::Amx;
+            }
             if is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
@@ -64,8 +85,14 @@ impl Int8Kernel {
             if is_x86_feature_detected!("avx2") {
                 v.push(Self::Avx2);
             }
-            if Self::detect() == Self::Avx512Vnni {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+            {
                 v.push(Self::Avx512Vnni);
+            }
+            if amx::usable() {
+                v.push(Self::Amx);
             }
         }
         v
@@ -76,6 +103,7 @@ impl Int8Kernel {
             Self::Scalar => "scalar",
             Self::Avx2 => "avx2",
             Self::Avx512Vnni => "avx512-vnni",
+            Self::Amx => "amx",
         }
     }
 
@@ -127,6 +155,7 @@ impl Int8Kernel {
             Self::Scalar => (4, 1),
             Self::Avx2 => (4, 1),
             Self::Avx512Vnni => (8, 2),
+            Self::Amx => (MAX_TILE_ROWS, 2),
         }
     }
 }
@@ -137,7 +166,7 @@ impl Int8Kernel {
 pub struct QuantMatrix {
     n: usize,
     k: usize,
-    /// `k` rounded up to a multiple of 4.
+    /// `k` rounded up to a multiple of [`KBLOCK`].
     kp: usize,
     packed: Vec<i8>,
     scales: Vec<f32>,
@@ -195,7 +224,7 @@ impl QuantMatrix {
                 "int8 weight scale {s} is not a finite non-negative number"
             ));
         }
-        let kp = k.div_ceil(GROUP) * GROUP;
+        let kp = padded_k(k);
         let panels = n.div_ceil(PANEL);
         let groups = kp / GROUP;
         let mut packed = vec![0i8; panels * kp * PANEL];
@@ -276,37 +305,66 @@ impl QuantMatrix {
     }
 }
 
-/// Symmetric int8 of one row, each value passed to `store` with its index;
-/// returns the scale (0 for an all-zero row). Rounds half to even, and is
-/// written so that it vectorizes (no libm call per value).
+/// The largest |x| and whether any x is NaN. Sixteen running maxima, one
+/// per lane: a single running maximum is a chain of dependent compares that
+/// does not vectorize (a float max reduction may not be reordered), while
+/// sixteen independent ones are one vector operation per 16 values.
 #[inline(always)]
-fn quantize_with(x: &[f32], mut store: impl FnMut(usize, i8)) -> f32 {
-    // Not f32::max, whose NaN rule keeps this from vectorizing; NaN and
-    // infinity are caught below.
-    let max = x
-        .iter()
-        .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
-    let nan = x.iter().fold(false, |b, v| b | v.is_nan());
+fn abs_max(x: &[f32]) -> (f32, bool) {
+    const LANES: usize = 16;
+    let mut lanes = [0f32; LANES];
+    let mut nan = false;
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            // Not f32::max, whose NaN rule keeps this from vectorizing;
+            // NaN is tracked separately.
+            let a = v.abs();
+            *m = if a > *m { a } else { *m };
+            nan |= v.is_nan();
+        }
+    }
+    for v in tail {
+        let a = v.abs();
+        lanes[0] = if a > lanes[0] { a } else { lanes[0] };
+        nan |= v.is_nan();
+    }
+    let max = lanes.iter().fold(0f32, |m, &v| if v > m { v } else { m });
+    (max, nan)
+}
+
+/// Symmetric int8 of one row into `out` (`out.len() == x.len()`), each
+/// byte XORed with `xor` (0x80 stores `q + 128`); returns the scale (0 for
+/// an all-zero row). Rounds half to even, and is written so that it
+/// vectorizes: no libm call and no float-to-int conversion per value.
+#[inline(always)]
+fn quantize_into(x: &[f32], out: &mut [u8], xor: u8) -> f32 {
+    let (max, nan) = abs_max(x);
     if max == 0.0 || !max.is_finite() || nan {
-        (0..x.len()).for_each(|i| store(i, 0));
+        out.iter_mut().for_each(|o| *o = xor);
         // A NaN or infinite input gives NaN outputs, as f32 would.
         return if max == 0.0 && !nan { 0.0 } else { f32::NAN };
     }
     let s = max / 127.0;
     let inv = 127.0 / max;
-    // 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to the nearest
-    // integer, ties to even (the FPU's default mode), in plain SSE2 that
-    // vectorizes; `round_ties_even` would call libm's rintf per value here.
+    // 1.5 * 2^23: adding it rounds |y| < 2^22 to the nearest integer, ties
+    // to even (the FPU's default mode), and leaves that integer in the low
+    // mantissa bits: for |y| <= 127 the low byte of the sum's bits is the
+    // integer's two's-complement byte.
     const MAGIC: f32 = 12_582_912.0;
-    for (i, &v) in x.iter().enumerate() {
+    for (o, &v) in out.iter_mut().zip(x) {
         let y = (v * inv).clamp(-127.0, 127.0);
-        store(i, ((y + MAGIC) - MAGIC) as i8);
+        *o = ((y + MAGIC).to_bits() as u8) ^ xor;
     }
     s
 }
 
 fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
-    quantize_with(x, |i, v| q[i] = v)
+    let mut bytes = vec![0u8; x.len()];
+    let s = quantize_into(x, &mut bytes, 0);
+    q.iter_mut().zip(bytes).for_each(|(q, b)| *q = b as i8);
+    s
 }
 
 /// Activations quantized per row, laid out as the kernel reads them: rows of
@@ -320,7 +378,7 @@ struct QuantRows {
 
 impl QuantRows {
     fn quantize(x: &[f32], m: usize, k: usize, kernel: Int8Kernel) -> Self {
-        let kp = k.div_ceil(GROUP) * GROUP;
+        let kp = padded_k(k);
         let mut data = vec![0u8; m * kp];
         let mut scales = vec![0f32; m];
         let shift = kernel.unsigned_activations();
@@ -329,7 +387,8 @@ impl QuantRows {
             .zip(scales.par_iter_mut())
             .zip(x.par_chunks(k.max(1)))
             .for_each(|((d, s), xr)| {
-                *s = quantize_with(xr, |i, v| d[i] = encode(v, shift));
+                let xor = encode(0, shift);
+                *s = super::cpu_kernels::with_simd(|| quantize_into(xr, &mut d[..k], xor));
                 d[k..].iter_mut().for_each(|b| *b = pad);
             });
         Self {
@@ -341,7 +400,7 @@ impl QuantRows {
     }
 
     fn from_int8(a: &[i8], m: usize, k: usize, kernel: Int8Kernel) -> Self {
-        let kp = k.div_ceil(GROUP) * GROUP;
+        let kp = padded_k(k);
         let shift = kernel.unsigned_activations();
         let mut data = vec![encode(0, shift); m * kp];
         for (d, r) in data.chunks_mut(kp.max(1)).zip(a.chunks(k.max(1))) {
@@ -367,8 +426,8 @@ fn encode(v: i8, shift: bool) -> u8 {
     }
 }
 
-/// One register tile's exact products: up to 8 rows × 2 panels.
-type Tile = [[i32; 2 * PANEL]; 8];
+/// One tile's exact products: up to [`MAX_TILE_ROWS`] rows × 2 panels.
+type Tile = [[i32; 2 * PANEL]; MAX_TILE_ROWS];
 
 /// Runs the tiles of rows `rows` × panels `panels`, handing each finished
 /// tile (first row, row count, first channel, channel count) to `sink`.
@@ -386,10 +445,15 @@ fn drive(
     assert!(rows.end <= a.m && a.data.len() == a.m * a.kp);
     assert!(panels.end <= w.panels() && w.packed.len() == w.panels() * w.kp * PANEL);
     let kernel = kernel.checked();
+    let mut tile: Tile = [[0; 2 * PANEL]; MAX_TILE_ROWS];
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Int8Kernel::Amx {
+        amx::drive(a, rows, w, panels, &mut tile, sink);
+        return;
+    }
     let (mr, np) = kernel.tile();
     let groups = w.kp / GROUP;
     let panel_stride = w.kp * PANEL;
-    let mut tile: Tile = [[0; 2 * PANEL]; 8];
     // Rows in blocks of ROW_BLOCK, all panels for each block: the block's
     // output rows stay in L2 while each panel (kp * 16 bytes) is read from
     // L1 for all of the block's tiles.
@@ -439,6 +503,10 @@ fn run_tile(
 ) {
     // The bounds every kernel relies on, checked here, once per tile.
     assert!((1..=8).contains(&rn) && (1..=2).contains(&pn));
+    assert!(
+        kernel != Int8Kernel::Amx,
+        "AMX runs whole blocks (amx::drive)"
+    );
     assert_eq!(arows.len(), rn * kp);
     assert_eq!(b.len(), pn * kp * PANEL);
     assert_eq!(kp, groups * GROUP);
@@ -480,6 +548,8 @@ fn run_tile(
             // pn panels of `stride` bytes, checked by the asserts above.
             unsafe { go!(1, 2, 3, 4, 5, 6, 7, 8) }
         }
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Amx => unreachable!("asserted above"),
         #[cfg(not(target_arch = "x86_64"))]
         _ => tile_scalar(arows, rn, kp, b, pn, groups, out),
     }
@@ -597,6 +667,198 @@ mod vnni {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{QuantMatrix, QuantRows, Tile, KBLOCK, MAX_TILE_ROWS, PANEL};
+    use std::arch::asm;
+
+    /// Whether the CPU has AMX-TILE and AMX-INT8 and the kernel granted this
+    /// process the tile state (Linux 5.16+ asks for it once, per process).
+    pub(super) fn usable() -> bool {
+        static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *USABLE.get_or_init(|| {
+            use std::arch::x86_64::{__cpuid, __cpuid_count};
+            #[allow(unused_unsafe)]
+            // SAFETY: CPUID exists on every x86_64 CPU; leaf 7 is read only
+            // when leaf 0 says it exists.
+            let (max_leaf, leaf7) = unsafe {
+                let max = __cpuid(0).eax;
+                (max, if max >= 7 { __cpuid_count(7, 0).edx } else { 0 })
+            };
+            let tile = leaf7 >> 24 & 1 == 1;
+            let int8 = leaf7 >> 25 & 1 == 1;
+            max_leaf >= 7 && tile && int8 && request_tile_state()
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    fn request_tile_state() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM takes two integers and
+        // touches no memory of ours; it fails (non-zero) on kernels or CPUs
+        // without AMX, and then no AMX instruction ever runs.
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn request_tile_state() -> bool {
+        false
+    }
+
+    /// Palette 1 with tiles 0-7 all 16 rows × 64 bytes: tmm0-3 the i32 sums
+    /// (16×16), tmm4-5 activations (16 rows × 64 inputs), tmm6-7 weights
+    /// (16 groups of 4 inputs × 16 channels).
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    static CONFIG: TileConfig = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = 16;
+            t += 1;
+        }
+        TileConfig(c)
+    };
+
+    /// 32 rows × 2 panels: `a0` and `a1` the two 16-row halves (rows `lda`
+    /// bytes apart), `b0` and `b1` the two panels, over `blocks` blocks of
+    /// 64 inputs, into `out`.
+    ///
+    /// # Safety
+    /// [`usable`] is true; `blocks >= 1`; `a0` and `a1` each point to 16 rows
+    /// `lda` bytes apart, each with `blocks * 64` readable bytes; `b0` and
+    /// `b1` each to `blocks * 1024` readable bytes.
+    unsafe fn tile(
+        a0: *const u8,
+        a1: *const u8,
+        lda: usize,
+        b0: *const i8,
+        b1: *const i8,
+        blocks: usize,
+        out: &mut Tile,
+    ) {
+        // The block loads its own tile configuration and keeps no tile
+        // state past its end: tmm registers are never allocated by the
+        // compiler, so nothing else reads or writes them.
+        asm!(
+            "ldtilecfg [{cfg}]",
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {bs}*1]",
+            "tileloadd tmm7, [{b1} + {bs}*1]",
+            "tdpbssd tmm0, tmm4, tmm6",
+            "tdpbssd tmm1, tmm4, tmm7",
+            "tdpbssd tmm2, tmm5, tmm6",
+            "tdpbssd tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{c} + {cs}*1], tmm0",
+            "tilestored [{c} + {cs}*1 + 64], tmm1",
+            "tilestored [{c} + {cs}*1 + 2048], tmm2",
+            "tilestored [{c} + {cs}*1 + 2112], tmm3",
+            "tilerelease",
+            cfg = in(reg) CONFIG.0.as_ptr(),
+            a0 = inout(reg) a0 => _,
+            a1 = inout(reg) a1 => _,
+            lda = in(reg) lda,
+            b0 = inout(reg) b0 => _,
+            b1 = inout(reg) b1 => _,
+            bs = in(reg) 64usize,
+            n = inout(reg) blocks => _,
+            c = in(reg) out.as_mut_ptr() as *mut u8,
+            cs = in(reg) std::mem::size_of::<[i32; 2 * PANEL]>(),
+            options(nostack)
+        );
+    }
+
+    /// [`super::drive`] on AMX: blocks of 32 rows (16 when that is all
+    /// there is) × pairs of panels, panels in chunks that stay in L2 while
+    /// every row block passes over them.
+    pub(super) fn drive(
+        a: &QuantRows,
+        rows: std::ops::Range<usize>,
+        w: &QuantMatrix,
+        panels: std::ops::Range<usize>,
+        out: &mut Tile,
+        mut sink: impl FnMut(usize, usize, usize, usize, &Tile),
+    ) {
+        assert!(usable(), "AMX kernel on a CPU or OS without AMX");
+        // What `super::drive` asserted, restated where the reads happen.
+        let kp = a.kp;
+        assert!(kp == w.kp && kp.is_multiple_of(KBLOCK));
+        assert!(rows.end <= a.m && a.data.len() == a.m * kp);
+        assert!(panels.end <= w.panels() && w.packed.len() == w.panels() * kp * PANEL);
+        assert_eq!(std::mem::size_of::<Tile>(), MAX_TILE_ROWS * 2 * PANEL * 4);
+        let blocks = kp / KBLOCK;
+        let panel_stride = kp * PANEL;
+        let chunk = ((512 << 10) / panel_stride.max(1)).max(2) & !1;
+        let mut scratch = Vec::new();
+        let mut pc = panels.start;
+        while pc < panels.end {
+            let pc_end = (pc + chunk).min(panels.end);
+            let mut r = rows.start;
+            while r < rows.end {
+                let rn = MAX_TILE_ROWS.min(rows.end - r);
+                // Whole 16-row tiles are loaded: past the matrix's last row,
+                // from a zero-padded copy.
+                let whole = if rn <= 16 { 16 } else { 32 };
+                let src: &[u8] = if r + whole <= a.m {
+                    &a.data[r * kp..(r + whole) * kp]
+                } else {
+                    scratch.clear();
+                    scratch.resize(whole * kp, 0u8);
+                    scratch[..rn * kp].copy_from_slice(&a.data[r * kp..(r + rn) * kp]);
+                    &scratch
+                };
+                let a0 = src.as_ptr();
+                // A 16-row block computes its rows twice rather than read
+                // past them.
+                let a1 = src[(whole - 16) * kp..].as_ptr();
+                let mut p = pc;
+                while p < pc_end {
+                    let pn = 2.min(pc_end - p);
+                    let b0 = w.packed[p * panel_stride..(p + 1) * panel_stride].as_ptr();
+                    let last = p + pn - 1;
+                    let b1 = w.packed[last * panel_stride..(last + 1) * panel_stride].as_ptr();
+                    if blocks == 0 {
+                        out.iter_mut().for_each(|row| row.fill(0));
+                    } else {
+                        // SAFETY: `usable()` was asserted; blocks >= 1; a0
+                        // and a1 start 16 whole rows of kp = blocks * 64
+                        // bytes inside `src`; b0 and b1 are whole panels of
+                        // kp * 16 = blocks * 1024 bytes (sliced above).
+                        unsafe { tile(a0, a1, kp, b0, b1, blocks, out) };
+                    }
+                    let c0 = p * PANEL;
+                    sink(r, rn, c0, (pn * PANEL).min(w.n - c0), out);
+                    p += pn;
+                }
+                r += rn;
+            }
+            pc = pc_end;
+        }
+    }
+}
+
 /// The exact integer product `a[m, k] · W^T` (i32, [m, n]) of int8
 /// activations, through `kernel`: what the f32 path computes before scaling.
 pub fn igemm(a: &[i8], m: usize, w: &QuantMatrix, kernel: Int8Kernel) -> Vec<i32> {
@@ -625,9 +887,11 @@ pub fn matmul_acc(x: &[f32], m: usize, w: &QuantMatrix, dst: &mut [f32], kernel:
     let n = w.n;
     let threads = rayon::current_num_threads().max(1);
     let epilogue = |dst_row: &mut [f32], acc: &[i32], sx: f32, c0: usize| {
-        for ((d, &v), &sw) in dst_row.iter_mut().zip(acc).zip(&w.scales[c0..]) {
-            *d += v as f32 * sx * sw;
-        }
+        super::cpu_kernels::with_simd(|| {
+            for ((d, &v), &sw) in dst_row.iter_mut().zip(acc).zip(&w.scales[c0..]) {
+                *d += v as f32 * sx * sw;
+            }
+        })
     };
     let (mr, _) = kernel.tile();
     if m >= 8 * threads {

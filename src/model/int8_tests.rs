@@ -40,6 +40,10 @@ fn every_kernel_equals_the_exact_integer_product_including_tails() {
         (17, 48, 64),
         (5, 31, 130),
         (20, 70, 771),
+        // AMX: a 32-row block plus one row, an odd panel count, a k tail.
+        (33, 48, 200),
+        (70, 80, 64),
+        (16, 16, 128),
     ];
     let kernels = Int8Kernel::available();
     assert!(kernels.contains(&Int8Kernel::Scalar));
