@@ -167,6 +167,10 @@ impl Encoder {
             precision: loaded,
         };
         encoder.prepare(precision.unwrap_or(loaded))?;
+        if device.is_cpu() {
+            // f32 at every precision, so packed once here for all of them.
+            encoder.model.pack_patch_f32()?;
+        }
         Ok(encoder)
     }
 

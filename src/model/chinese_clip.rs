@@ -9,7 +9,7 @@ use super::config::{BertConfig, ChineseClipConfig};
 use super::cpu_kernels::{self, F32View, Mask};
 use super::layers::{
     forward_fused, load_heads, Attention, AttnMask, FusedLayer, LayerNorm, LayerStack, Linear, Mlp,
-    Weights,
+    RowBuffers, Weights,
 };
 use super::vit::VisionTransformer;
 use crate::{Error, Result};
@@ -62,7 +62,13 @@ impl super::layers::Int8Layer for BertLayer {
 }
 
 impl FusedLayer for BertLayer {
-    fn forward_rows(&self, xv: &mut [f32], segs: &[(usize, usize)], mask: Mask) -> Result<()> {
+    fn forward_rows(
+        &self,
+        xv: &mut [f32],
+        segs: &[(usize, usize)],
+        mask: Mask,
+        bufs: &mut RowBuffers,
+    ) -> Result<()> {
         let c = self.attn_ln.weight.dim(0)?;
         let n = xv.len() / c;
         let w = Weights::new(&self.attn, &self.mlp)?;
@@ -71,17 +77,16 @@ impl FusedLayer for BertLayer {
             cpu_kernels::layer_norm_inplace(v, c, g.as_slice(), bb.as_slice(), l.eps);
             Ok(())
         };
-        let mut qkv = vec![0f32; n * 3 * c];
-        cpu_kernels::linear_into(xv, n, &w.qkv(), &mut qkv, false);
-        let mut ctx = vec![0f32; n * c];
-        cpu_kernels::attention(&qkv, &mut ctx, segs, self.attn.heads, c, mask);
-        cpu_kernels::linear_into(&ctx, n, &w.out(), xv, true);
+        let hidden = self.mlp.fc1.weight.dim(0)?;
+        let [qkv, ctx, f] = bufs.three([n * 3 * c, n * c, n * hidden]);
+        cpu_kernels::linear_into(xv, n, &w.qkv(), qkv, false);
+        cpu_kernels::attention(qkv, ctx, segs, self.attn.heads, c, mask);
+        cpu_kernels::linear_into(ctx, n, &w.out(), xv, true);
         ln(&self.attn_ln, xv)?;
-        let mut f = vec![0f32; n * self.mlp.fc1.weight.dim(0)?];
-        cpu_kernels::linear_into(xv, n, &w.fc1(), &mut f, false);
-        cpu_kernels::activate_inplace(&mut f, self.mlp.act);
+        cpu_kernels::linear_into(xv, n, &w.fc1(), f, false);
+        cpu_kernels::activate_inplace(f, self.mlp.act);
         // f no longer needs xv, so the residual sum goes straight into it.
-        cpu_kernels::linear_into(&f, n, &w.fc2(), xv, true);
+        cpu_kernels::linear_into(f, n, &w.fc2(), xv, true);
         ln(&self.out_ln, xv)
     }
 }
@@ -220,8 +225,9 @@ impl BertTextModel {
             F32View::new(&self.emb_ln.bias)?,
         );
         cpu_kernels::layer_norm_inplace(&mut x, c, g.as_slice(), b.as_slice(), self.emb_ln.eps);
+        let mut bufs = RowBuffers::default();
         for layer in &self.layers {
-            layer.forward_rows(&mut x, &segs, Mask::None)?;
+            layer.forward_rows(&mut x, &segs, Mask::None, &mut bufs)?;
         }
         let cls: Vec<f32> = segs
             .iter()

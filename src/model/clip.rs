@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::config::{ClipConfig, ClipTextConfig};
 use super::cpu_kernels::{self, F32View, Mask};
 use super::layers::{
-    load_heads, AttnMask, FusedLayer, LayerNorm, LayerStack, Linear, PreNormBlock,
+    load_heads, AttnMask, FusedLayer, LayerNorm, LayerStack, Linear, PreNormBlock, RowBuffers,
 };
 use super::vit::VisionTransformer;
 use crate::{Error, Result};
@@ -142,8 +142,9 @@ impl ClipTextTransformer {
         );
         let mut x = cpu_kernels::embed_rows(te.as_slice(), pe.as_slice(), &flat, &pos, c);
         drop((te, pe));
+        let mut bufs = RowBuffers::default();
         for layer in &self.layers {
-            layer.forward_rows(&mut x, &segs, Mask::Causal)?;
+            layer.forward_rows(&mut x, &segs, Mask::Causal, &mut bufs)?;
         }
         let last: Vec<f32> = segs
             .iter()

@@ -104,6 +104,17 @@ pub(crate) fn linear_into(x: &[f32], n: usize, l: &LinearRef, dst: &mut [f32], a
         assert_eq!(b.len(), l.out, "linear_into: bias is not [{}]", l.out);
     }
     let out = l.out;
+    if let Some(q) = l.q {
+        assert_eq!(
+            (q.rows(), q.cols()),
+            (l.out, l.inp),
+            "linear_into: int8 shape"
+        );
+        // The int8 product adds the bias in its own epilogue.
+        let kernel = super::int8::Int8Kernel::selected();
+        super::int8::matmul_into(x, n, q, l.b, dst, accumulate, kernel);
+        return;
+    }
     let read_dst = accumulate || l.b.is_some();
     if let Some(b) = l.b {
         dst.par_chunks_mut(out).for_each(|row| {
@@ -114,26 +125,17 @@ pub(crate) fn linear_into(x: &[f32], n: usize, l: &LinearRef, dst: &mut [f32], a
             }
         });
     }
-    // clasp's own kernels (int8, or packed f32/bf16) accumulate into dst.
-    if l.q.is_some() || l.p.is_some() {
+    // The packed f32/bf16 kernels accumulate into dst.
+    if let Some(p) = l.p {
         if !read_dst {
             dst.fill(0.0);
         }
-        if let Some(q) = l.q {
-            assert_eq!(
-                (q.rows(), q.cols()),
-                (l.out, l.inp),
-                "linear_into: int8 shape"
-            );
-            super::int8::matmul_acc(x, n, q, dst, super::int8::Int8Kernel::selected());
-        } else if let Some(p) = l.p {
-            assert_eq!(
-                (p.rows(), p.cols()),
-                (l.out, l.inp),
-                "linear_into: packed shape"
-            );
-            p.matmul_acc(x, n, dst);
-        }
+        assert_eq!(
+            (p.rows(), p.cols()),
+            (l.out, l.inp),
+            "linear_into: packed shape"
+        );
+        p.matmul_acc(x, n, dst);
         return;
     }
     sgemm_xwt(x, n, l.w, out, l.inp, dst, read_dst);

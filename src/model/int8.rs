@@ -880,16 +880,49 @@ pub fn igemm(a: &[i8], m: usize, w: &QuantMatrix, kernel: Int8Kernel) -> Vec<i32
 ///
 /// Panics when a slice's length does not match the shapes.
 pub fn matmul_acc(x: &[f32], m: usize, w: &QuantMatrix, dst: &mut [f32], kernel: Int8Kernel) {
+    matmul_into(x, m, w, None, dst, true, kernel)
+}
+
+/// `dst[m, n] (+)= quantize(x[m, k]) · W^T + bias`, dequantized, on
+/// `kernel`, over rayon's threads; with `accumulate` dst keeps its contents
+/// (a residual), else they are overwritten. The bias is added as each tile
+/// is scaled, not in a pass of its own.
+///
+/// Panics when a slice's length does not match the shapes.
+pub fn matmul_into(
+    x: &[f32],
+    m: usize,
+    w: &QuantMatrix,
+    bias: Option<&[f32]>,
+    dst: &mut [f32],
+    accumulate: bool,
+    kernel: Int8Kernel,
+) {
     assert_eq!(x.len(), m * w.k, "int8 matmul: x is not [{m}, {}]", w.k);
     assert_eq!(dst.len(), m * w.n, "int8 matmul: dst is not [{m}, {}]", w.n);
+    let n = w.n;
+    let zeros;
+    let bias = match bias {
+        Some(b) => {
+            assert_eq!(b.len(), n, "int8 matmul: bias is not [{n}]");
+            b
+        }
+        None => {
+            zeros = vec![0f32; n];
+            &zeros[..]
+        }
+    };
     let kernel = kernel.checked();
     let qa = QuantRows::quantize(x, m, w.k, kernel);
-    let n = w.n;
     let threads = rayon::current_num_threads().max(1);
     let epilogue = |dst_row: &mut [f32], acc: &[i32], sx: f32, c0: usize| {
         super::cpu_kernels::with_simd(|| {
-            for ((d, &v), &sw) in dst_row.iter_mut().zip(acc).zip(&w.scales[c0..]) {
-                *d += v as f32 * sx * sw;
+            let cols = w.scales[c0..].iter().zip(&bias[c0..]);
+            for ((d, &v), (&sw, &b)) in dst_row.iter_mut().zip(acc).zip(cols) {
+                // Overwriting never reads dst (a reused buffer may hold
+                // anything, NaN included).
+                let base = if accumulate { *d } else { 0.0 };
+                *d = base + (v as f32 * sx * sw + b);
             }
         })
     };

@@ -125,6 +125,23 @@ fn the_f32_product_is_the_dequantized_product_and_close_to_f32() {
                     want[idx]
                 );
             }
+            // With a bias: overwriting (never reading what dst held, NaN
+            // here) and accumulating onto a residual.
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 1.0).collect();
+            for accumulate in [false, true] {
+                let mut out = vec![if accumulate { 2.0 } else { f32::NAN }; m * n];
+                matmul_into(&x, m, &qm, Some(&bias), &mut out, accumulate, kern);
+                for idx in 0..m * n {
+                    let base = if accumulate { 2.0 } else { 0.0 };
+                    let expect = want[idx] + bias[idx % n] as f64 + base;
+                    let got = out[idx] as f64;
+                    assert!(
+                        (got - expect).abs() < 1e-4 * (1.0 + expect.abs()),
+                        "{} bias acc={accumulate} [{m}x{n}x{k}] {idx}: {got} vs {expect}",
+                        kern.name()
+                    );
+                }
+            }
             // And int8 is a close approximation of the f32 product.
             let (mut num, mut den) = (0f64, 0f64);
             for idx in 0..m * n {

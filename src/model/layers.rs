@@ -139,13 +139,27 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has at least one dim");
         let n: usize = dims[..dims.len() - 1].iter().product();
+        let mut out_dims = dims.clone();
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        // Weights packed for an inference-only encoder (`pack`) run on the
+        // packed kernels, as the fused layers' do.
+        if self.packed.is_some()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && !crate::model::grad_mode()
+        {
+            let x = x.contiguous()?;
+            let xv = F32View::new(&x)?;
+            let lw = LinearWeights::new(self)?;
+            let mut y = vec![0f32; n * lw.out];
+            cpu_kernels::linear_into(xv.as_slice(), n, &lw.get(), &mut y, false);
+            return Ok(Tensor::from_vec(y, out_dims, x.device())?);
+        }
         let x2 = x.reshape((n, in_dim))?;
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
         Ok(y.reshape(out_dims)?)
     }
 }
@@ -498,7 +512,36 @@ impl<L: Int8Layer> LayerStack for Vec<L> {
 /// A layer that also runs on the fused CPU kernels (see `cpu_kernels`), over
 /// a flat [rows, C] buffer holding the given sequences back to back.
 pub(crate) trait FusedLayer {
-    fn forward_rows(&self, xv: &mut [f32], segs: &[(usize, usize)], mask: Mask) -> Result<()>;
+    fn forward_rows(
+        &self,
+        xv: &mut [f32],
+        segs: &[(usize, usize)],
+        mask: Mask,
+        bufs: &mut RowBuffers,
+    ) -> Result<()>;
+}
+
+/// A stack's working buffers, allocated once per forward and reused by every
+/// layer: a fresh 20 MB buffer per layer cost a zero fill and page faults
+/// that took about a tenth of an int8 image batch. Every layer overwrites
+/// what it reads of them (the segments cover every row), so no zeroing is
+/// needed between layers.
+#[derive(Default)]
+pub(crate) struct RowBuffers {
+    bufs: [Vec<f32>; 3],
+}
+
+impl RowBuffers {
+    /// The three buffers with the given lengths; contents unspecified.
+    pub(crate) fn three(&mut self, lens: [usize; 3]) -> [&mut [f32]; 3] {
+        for (v, &len) in self.bufs.iter_mut().zip(&lens) {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+        }
+        let [a, b, c] = &mut self.bufs;
+        [&mut a[..lens[0]], &mut b[..lens[1]], &mut c[..lens[2]]]
+    }
 }
 
 /// Runs a stack of layers on the fused CPU kernels over x [B, T, C]: one copy
@@ -520,14 +563,21 @@ pub(crate) fn forward_fused<L: FusedLayer>(
         (None, _) => Mask::None,
     };
     let segs = uniform_segments(b, t);
+    let mut bufs = RowBuffers::default();
     for layer in layers {
-        layer.forward_rows(&mut xv, &segs, m)?;
+        layer.forward_rows(&mut xv, &segs, m, &mut bufs)?;
     }
     Ok(Tensor::from_vec(xv, (b, t, c), x.device())?)
 }
 
 impl FusedLayer for PreNormBlock {
-    fn forward_rows(&self, xv: &mut [f32], segs: &[(usize, usize)], mask: Mask) -> Result<()> {
+    fn forward_rows(
+        &self,
+        xv: &mut [f32],
+        segs: &[(usize, usize)],
+        mask: Mask,
+        bufs: &mut RowBuffers,
+    ) -> Result<()> {
         let c = self.ln1.weight.dim(0)?;
         let n = xv.len() / c;
         let w = Weights::new(&self.attn, &self.mlp)?;
@@ -539,31 +589,16 @@ impl FusedLayer for PreNormBlock {
             F32View::new(&self.ln2.weight)?,
             F32View::new(&self.ln2.bias)?,
         );
-        let mut h = vec![0f32; n * c];
-        cpu_kernels::layer_norm_into(
-            xv,
-            &mut h,
-            c,
-            ln1w.as_slice(),
-            ln1b.as_slice(),
-            self.ln1.eps,
-        );
-        let mut qkv = vec![0f32; n * 3 * c];
-        cpu_kernels::linear_into(&h, n, &w.qkv(), &mut qkv, false);
-        cpu_kernels::attention(&qkv, &mut h, segs, self.attn.heads, c, mask);
-        cpu_kernels::linear_into(&h, n, &w.out(), xv, true);
-        cpu_kernels::layer_norm_into(
-            xv,
-            &mut h,
-            c,
-            ln2w.as_slice(),
-            ln2b.as_slice(),
-            self.ln2.eps,
-        );
-        let mut f = vec![0f32; n * self.mlp.fc1.weight.dim(0)?];
-        cpu_kernels::linear_into(&h, n, &w.fc1(), &mut f, false);
-        cpu_kernels::activate_inplace(&mut f, self.mlp.act);
-        cpu_kernels::linear_into(&f, n, &w.fc2(), xv, true);
+        let hidden = self.mlp.fc1.weight.dim(0)?;
+        let [h, qkv, f] = bufs.three([n * c, n * 3 * c, n * hidden]);
+        cpu_kernels::layer_norm_into(xv, h, c, ln1w.as_slice(), ln1b.as_slice(), self.ln1.eps);
+        cpu_kernels::linear_into(h, n, &w.qkv(), qkv, false);
+        cpu_kernels::attention(qkv, h, segs, self.attn.heads, c, mask);
+        cpu_kernels::linear_into(h, n, &w.out(), xv, true);
+        cpu_kernels::layer_norm_into(xv, h, c, ln2w.as_slice(), ln2b.as_slice(), self.ln2.eps);
+        cpu_kernels::linear_into(h, n, &w.fc1(), f, false);
+        cpu_kernels::activate_inplace(f, self.mlp.act);
+        cpu_kernels::linear_into(f, n, &w.fc2(), xv, true);
         Ok(())
     }
 }

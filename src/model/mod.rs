@@ -257,6 +257,18 @@ impl Model {
             .try_for_each(|s| s.pack(bf16))
     }
 
+    /// Packs the image tower's patch embedding for the packed f32 kernel
+    /// (inference only, as [`Self::pack_f32`]); it stays f32 at every
+    /// precision.
+    pub fn pack_patch_f32(&mut self) -> Result<()> {
+        let vision = match self {
+            Model::Clip(m) => m.vision.as_mut(),
+            Model::ChineseClip(m) => m.vision.as_mut(),
+            Model::DualEncoder(m) => m.vision.as_mut(),
+        };
+        vision.map_or(Ok(()), |v| v.pack_patch_f32())
+    }
+
     /// The linears that [`Self::quantize_int8`] quantizes.
     pub fn int8_linears(&self) -> Vec<&layers::Linear> {
         let (text, vision) = match self {

@@ -31,6 +31,13 @@ impl VisionTransformer {
         &mut self.layers
     }
 
+    /// Packs the patch embedding for the packed f32 kernel (when this CPU
+    /// has one), whatever the layers' precision: it stays f32 (see
+    /// [`Self::layer_stack`]) but need not run on the slower generic GEMM.
+    pub(crate) fn pack_patch_f32(&mut self) -> Result<()> {
+        self.patch.pack(false)
+    }
+
     pub(crate) fn layer_stack_ref(&self) -> &dyn LayerStack {
         &self.layers
     }
