@@ -205,7 +205,7 @@ impl Model {
     /// Runs the towers' transformer layers in int8 on the CPU: every
     /// attention and MLP linear (dynamic per-token activations, per-channel
     /// weights; see [`int8`]). What stays f32, and why:
-    /// - the patch embedding (the first layer; 1/25 of the image FLOPs);
+    /// - the patch embedding (the first layer; about 1/37 of the image FLOPs);
     /// - the token and position embeddings (lookups, not products);
     /// - the attention products (activations times activations);
     /// - layer norms and the final projections (the pooled vector alone).

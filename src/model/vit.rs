@@ -26,7 +26,7 @@ pub struct VisionTransformer {
 impl VisionTransformer {
     /// The encoder layers (see [`LayerStack`]). The patch embedding stays
     /// f32 under int8 and bf16: it is the first layer, where an error would
-    /// reach every later one, and 1/25 of the FLOPs.
+    /// reach every later one, and about 1/37 of the FLOPs.
     pub(crate) fn layer_stack(&mut self) -> &mut dyn LayerStack {
         &mut self.layers
     }
