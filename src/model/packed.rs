@@ -303,6 +303,9 @@ trait Elem: Copy + Send + Sync {
     );
 }
 
+/// Fewer rows than this split the channels among threads, not the rows.
+const ROW_SPLIT_MIN: usize = 256;
+
 /// The parallel split shared by the formats: `x` [m, ku] against packed
 /// panels of `ku` units, accumulated into `dst` [m, n].
 #[allow(clippy::too_many_arguments)]
@@ -324,7 +327,10 @@ fn run<E: Elem>(
     }
     let threads = rayon::current_num_threads().max(1);
     let (mr, _) = kern.tile();
-    if m >= 2 * mr * threads {
+    // Row blocks only when there are rows enough: each block reads every
+    // weight, so few rows (one image: 50) split the channels instead and
+    // read the weights once, which is what bounds them.
+    if m >= ROW_SPLIT_MIN.max(2 * mr * threads) {
         let per = m.div_ceil(threads * 2).div_ceil(mr) * mr;
         dst.par_chunks_mut(per * n)
             .enumerate()
