@@ -181,3 +181,11 @@ fn a_nan_activation_gives_nan_outputs_not_zeros() {
     assert!(dst[0].is_nan() && dst[1].is_nan(), "{dst:?}");
     assert!(dst[2].is_finite() && dst[3].is_finite(), "{dst:?}");
 }
+
+#[test]
+fn the_detected_kernel_is_one_the_tests_force() {
+    // Every test above runs each of `available()`; the kernel the models use
+    // by default must be among them, or it would go untested.
+    let all = Int8Kernel::available();
+    assert!(all.contains(&Int8Kernel::detect()), "{all:?}");
+}
