@@ -408,9 +408,7 @@ impl Encoder {
 /// one-text forward (some 70 kernels of a few microseconds) those thread
 /// switches were a third of the time.
 fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    let mut out = None;
-    rayon::scope(|_| out = Some(f()));
-    out.expect("rayon::scope runs its body")
+    rayon::scope(|_| f())
 }
 
 /// Expands `--images-from`: a directory (its image files, sorted) or a list

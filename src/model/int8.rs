@@ -59,25 +59,12 @@ pub enum Int8Kernel {
 impl Int8Kernel {
     /// The fastest path this CPU runs.
     pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if amx::usable() {
-                return Self::Amx;
-            }
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-            {
-                return Self::Avx512Vnni;
-            }
-            if is_x86_feature_detected!("avx2") {
-                return Self::Avx2;
-            }
-        }
-        Self::Scalar
+        *Self::available()
+            .last()
+            .expect("the scalar kernel is always available")
     }
 
-    /// Every path this CPU can run (the tests force each).
+    /// Every path this CPU can run, slowest first (the tests force each).
     pub fn available() -> Vec<Self> {
         let mut v = vec![Self::Scalar];
         #[cfg(target_arch = "x86_64")]
@@ -192,14 +179,16 @@ impl QuantMatrix {
                 w[i]
             ));
         }
-        let mut q = vec![0i8; n * k];
+        let mut bytes = vec![0u8; n * k];
         let mut scales = vec![0f32; n];
-        q.par_chunks_mut(k.max(1))
+        bytes
+            .par_chunks_mut(k.max(1))
             .zip(scales.par_iter_mut())
             .zip(w.par_chunks(k.max(1)))
             .for_each(|((qr, s), wr)| {
-                *s = quantize_row(wr, qr);
+                *s = quantize_into(wr, qr, 0);
             });
+        let q: Vec<i8> = bytes.into_iter().map(|b| b as i8).collect();
         Self::from_int8(&q, scales, n, k)
     }
 
@@ -360,13 +349,6 @@ fn quantize_into(x: &[f32], out: &mut [u8], xor: u8) -> f32 {
     s
 }
 
-fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
-    let mut bytes = vec![0u8; x.len()];
-    let s = quantize_into(x, &mut bytes, 0);
-    q.iter_mut().zip(bytes).for_each(|(q, b)| *q = b as i8);
-    s
-}
-
 /// Activations quantized per row, laid out as the kernel reads them: rows of
 /// `kp` bytes (zero padded), as i8 bits or as `q + 128`.
 struct QuantRows {
@@ -503,10 +485,6 @@ fn run_tile(
 ) {
     // The bounds every kernel relies on, checked here, once per tile.
     assert!((1..=8).contains(&rn) && (1..=2).contains(&pn));
-    assert!(
-        kernel != Int8Kernel::Amx,
-        "AMX runs whole blocks (amx::drive)"
-    );
     assert_eq!(arows.len(), rn * kp);
     assert_eq!(b.len(), pn * kp * PANEL);
     assert_eq!(kp, groups * GROUP);
@@ -549,7 +527,7 @@ fn run_tile(
             unsafe { go!(1, 2, 3, 4, 5, 6, 7, 8) }
         }
         #[cfg(target_arch = "x86_64")]
-        Int8Kernel::Amx => unreachable!("asserted above"),
+        Int8Kernel::Amx => unreachable!("AMX runs whole blocks (amx::drive)"),
         #[cfg(not(target_arch = "x86_64"))]
         _ => tile_scalar(arows, rn, kp, b, pn, groups, out),
     }
@@ -802,7 +780,8 @@ mod amx {
         mut sink: impl FnMut(usize, usize, usize, usize, &Tile),
     ) {
         assert!(usable(), "AMX kernel on a CPU or OS without AMX");
-        // What `super::drive` asserted, restated where the reads happen.
+        // What `super::drive` asserted, restated here: this safe function
+        // makes the raw reads, so it checks their bounds itself.
         let kp = a.kp;
         assert!(kp == w.kp && kp.is_multiple_of(KBLOCK));
         assert!(rows.end <= a.m && a.data.len() == a.m * kp);

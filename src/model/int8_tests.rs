@@ -185,7 +185,8 @@ fn a_nan_activation_gives_nan_outputs_not_zeros() {
 #[test]
 fn the_detected_kernel_is_one_the_tests_force() {
     // Every test above runs each of `available()`; the kernel the models use
-    // by default must be among them, or it would go untested.
+    // by default must be among them, or it would go untested. (`detect`
+    // takes the last of `available()` today; this guards that link.)
     let all = Int8Kernel::available();
     assert!(all.contains(&Int8Kernel::detect()), "{all:?}");
 }
