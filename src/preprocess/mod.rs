@@ -6,6 +6,7 @@ pub mod image;
 pub mod pipeline;
 pub mod prompts;
 pub mod resample;
+pub mod sentencepiece;
 pub mod text;
 
 pub use self::image::{decode_image, load_image, ImageProcessor, ImageProcessorConfig, ResizeTo};

@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use super::sentencepiece::SiglipTokenizer;
 use crate::{Error, Result};
 
 /// Token ids and attention masks, padded to the context length.
@@ -17,6 +18,10 @@ use crate::{Error, Result};
 pub struct TokenBatch {
     pub ids: Vec<Vec<u32>>,
     pub mask: Vec<Vec<u32>>,
+    /// Whether the model may be given the batch cut to its longest real
+    /// sequence. False for SigLIP, whose text tower attends over the whole
+    /// padded context and pools its last position.
+    pub trimmable: bool,
 }
 
 impl TokenBatch {
@@ -37,7 +42,11 @@ impl TokenBatch {
     pub fn to_tensors(&self, trim: bool, device: &Device) -> Result<(Tensor, Tensor)> {
         let b = self.ids.len();
         let full = self.ids.first().map_or(0, Vec::len);
-        let t = if trim { self.longest().min(full) } else { full };
+        let t = if trim && self.trimmable {
+            self.longest().min(full)
+        } else {
+            full
+        };
         let flat = |rows: &[Vec<u32>]| -> Vec<u32> {
             rows.iter().flat_map(|r| r[..t].iter().copied()).collect()
         };
@@ -50,8 +59,16 @@ impl TokenBatch {
 
 #[derive(Clone)]
 pub struct TextTokenizer {
-    tok: Tokenizer,
+    backend: Backend,
     context: usize,
+}
+
+#[derive(Clone)]
+enum Backend {
+    /// A `tokenizers` pipeline with padding and truncation set.
+    Hf(Tokenizer),
+    /// SigLIP's slow SentencePiece tokenizer (see [`SiglipTokenizer`]).
+    Siglip(std::sync::Arc<SiglipTokenizer>),
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -67,6 +84,12 @@ impl TextTokenizer {
     /// truncation to `context` tokens.
     pub fn from_dir(dir: &Path, context: usize) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
+        if !tj.is_file() && dir.join("spiece.model").is_file() {
+            return Ok(Self {
+                backend: Backend::Siglip(std::sync::Arc::new(SiglipTokenizer::from_dir(dir)?)),
+                context,
+            });
+        }
         let (tok, source) = if tj.is_file() {
             (Tokenizer::from_file(&tj).map_err(|e| tok_err(&tj, e))?, tj)
         } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
@@ -105,15 +128,23 @@ impl TextTokenizer {
             pad_token,
             ..Default::default()
         }));
-        Ok(Self { tok, context })
+        Ok(Self {
+            backend: Backend::Hf(tok),
+            context,
+        })
     }
 
     pub fn context_length(&self) -> usize {
         self.context
     }
 
-    pub fn inner(&self) -> &Tokenizer {
-        &self.tok
+    /// The `tokenizers` pipeline, or None for a SentencePiece model read
+    /// directly (SigLIP's `spiece.model`).
+    pub fn inner(&self) -> Option<&Tokenizer> {
+        match &self.backend {
+            Backend::Hf(t) => Some(t),
+            Backend::Siglip(_) => None,
+        }
     }
 
     /// How many texts this process has truncated so far.
@@ -125,13 +156,17 @@ impl TextTokenizer {
     /// does not fit is truncated with a warning, never an error.
     pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<TokenBatch> {
         let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let encs = self
-            .tok
+        let tok = match &self.backend {
+            Backend::Hf(t) => t,
+            Backend::Siglip(s) => return self.encode_siglip(s, &inputs),
+        };
+        let encs = tok
             .encode_batch(inputs.clone(), true)
             .map_err(|e| Error::Tokenize(e.to_string()))?;
         let mut batch = TokenBatch {
             ids: Vec::with_capacity(encs.len()),
             mask: Vec::with_capacity(encs.len()),
+            trimmable: true,
         };
         for (enc, text) in encs.iter().zip(&inputs) {
             if !enc.get_overflowing().is_empty() {
@@ -139,6 +174,34 @@ impl TextTokenizer {
             }
             batch.ids.push(enc.get_ids().to_vec());
             batch.mask.push(enc.get_attention_mask().to_vec());
+        }
+        Ok(batch)
+    }
+}
+
+impl TextTokenizer {
+    /// SigLIP: each text's ids padded with the pad id to the full context,
+    /// which the model reads whole (not trimmable).
+    fn encode_siglip(&self, tok: &SiglipTokenizer, texts: &[&str]) -> Result<TokenBatch> {
+        use rayon::prelude::*;
+        let rows = texts
+            .par_iter()
+            .map(|t| tok.encode(t, self.context))
+            .collect::<Result<Vec<_>>>()?;
+        let mut batch = TokenBatch {
+            ids: Vec::with_capacity(rows.len()),
+            mask: Vec::with_capacity(rows.len()),
+            trimmable: false,
+        };
+        for ((mut ids, truncated), text) in rows.into_iter().zip(texts) {
+            if truncated {
+                warn_truncated(text, self.context);
+            }
+            let mut mask = vec![1; ids.len()];
+            ids.resize(self.context, tok.pad_id());
+            mask.resize(self.context, 0);
+            batch.ids.push(ids);
+            batch.mask.push(mask);
         }
         Ok(batch)
     }
@@ -306,6 +369,7 @@ mod tests {
         let b = TokenBatch {
             ids: vec![vec![5, 6, 7, 0, 0], vec![5, 6, 0, 0, 0]],
             mask: vec![vec![1, 1, 1, 0, 0], vec![1, 1, 0, 0, 0]],
+            trimmable: true,
         };
         let (ids, mask) = b.to_tensors(true, &Device::Cpu).unwrap();
         assert_eq!(ids.dims(), &[2, 3]);
