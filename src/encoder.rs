@@ -154,6 +154,7 @@ impl Encoder {
                 ModelConfig::ChineseClip(_) => {
                     ImageProcessorConfig::chinese_clip_default(image_size)
                 }
+                ModelConfig::Siglip(_) => ImageProcessorConfig::siglip_default(image_size),
             },
         };
         let tokenizer = TextTokenizer::from_dir(&files.dir, config.text_context_length())?;
@@ -339,13 +340,35 @@ impl Encoder {
         model::l2_normalize(&self.text_features(texts)?)
     }
 
-    /// `logits_per_image` [I, T] as CLIPModel computes it:
-    /// exp(logit_scale) * normalised images x normalised texts^T.
+    /// `logits_per_image` [I, T] as the model computes it: exp(logit_scale)
+    /// * normalised images x normalised texts^T, plus SigLIP's logit bias.
     pub fn similarity(&self, image_embeds: &Tensor, text_embeds: &Tensor) -> Result<Tensor> {
         let scale = self.model.logit_scale().exp()?;
-        Ok(image_embeds
+        let logits = image_embeds
             .matmul(&text_embeds.t()?)?
-            .broadcast_mul(&scale)?)
+            .broadcast_mul(&scale)?;
+        Ok(match self.model.logit_bias() {
+            Some(b) => logits.broadcast_add(b)?,
+            None => logits,
+        })
+    }
+
+    /// Whether the model scores pairs with a sigmoid (SigLIP: each pair's
+    /// own probability) rather than a softmax over the candidates (CLIP).
+    pub fn sigmoid_scores(&self) -> bool {
+        self.model.logit_bias().is_some()
+    }
+
+    /// Probabilities from one image's logits over texts: the sigmoid of each
+    /// for SigLIP, the softmax over them for CLIP.
+    pub fn probabilities(&self, logits: &[f64]) -> Vec<f64> {
+        if self.sigmoid_scores() {
+            return logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+        }
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = logits.iter().map(|&l| (l - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        e.into_iter().map(|v| v / sum).collect()
     }
 
     /// Embeds image files in batches, decoding in parallel. Files that fail to

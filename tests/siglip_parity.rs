@@ -44,3 +44,99 @@ fn siglip_tokenizer_matches_transformers_on_214_strings() {
         bad.join("\n")
     );
 }
+
+fn expected() -> (
+    std::collections::HashMap<String, Tensor>,
+    std::collections::HashMap<String, String>,
+) {
+    let path = fixtures().join("expected.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    (tensors, meta.metadata().clone().unwrap_or_default())
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn encoder() -> Encoder {
+    Encoder::load(
+        fixtures().join("tiny-siglip").to_str().unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn siglip_embeddings_and_sigmoid_logits_match_transformers() {
+    let (exp, meta) = expected();
+    let enc = encoder();
+    let img = enc.image_features(&exp["pixel_values"]).unwrap();
+    let d = max_abs(&img, &exp["image_features"]);
+    assert!(d < 1e-4, "image features differ by {d}");
+
+    // Token ids from clasp's tokenizer, then the text tower.
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    let txt = enc.text_features(&texts).unwrap();
+    let d = max_abs(&txt, &exp["text_features"]);
+    assert!(d < 1e-4, "text features differ by {d}");
+    let batch = enc.tokenizer().encode(&texts).unwrap();
+    let want_ids = exp["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
+    assert_eq!(batch.ids, want_ids.to_vec2::<u32>().unwrap());
+
+    let n = |t: &Tensor| clasp::model::l2_normalize(t).unwrap();
+    let logits = enc.similarity(&n(&img), &n(&txt)).unwrap();
+    let d = max_abs(&logits, &exp["logits_per_image"]);
+    assert!(d < 1e-4, "logits differ by {d}");
+    assert!(enc.sigmoid_scores());
+    let p = enc.probabilities(&[0.0, 2.0]);
+    assert!((p[0] - 0.5).abs() < 1e-12 && (p[1] - 0.880797).abs() < 1e-6);
+}
+
+/// SiglipImageProcessor (PIL) against clasp's on non-square real photos,
+/// an RGBA image and an EXIF-rotated JPEG: both resize straight to 32x32
+/// with PIL's bicubic filter. One 8-bit level is 2/255 after the 0.5/0.5
+/// normalization. PNGs must match to float rounding (clasp reproduces
+/// Pillow's fixed-point resampler); one level is allowed on the full-size
+/// JPEG photos, three on the 60x45 test JPEG, whose decoders (libjpeg-turbo's and the `image`
+/// crate's) round the inverse DCT differently (as in core_parity).
+#[test]
+fn siglip_pixels_match_transformers_processor() {
+    let (exp, meta) = expected();
+    let enc = encoder();
+    let files: Vec<String> = serde_json::from_str(&meta["files"]).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    assert_eq!(exp["pixel_values"].dims(), &[files.len(), 3, 32, 32]);
+    for (i, f) in files.iter().enumerate() {
+        let path = root.join(f);
+        if !path.exists() {
+            panic!("{} is missing: the test reads ../shared", path.display());
+        }
+        let got = enc.image_processor().process_path(&path).unwrap();
+        let got = Tensor::from_vec(got, (3, 32, 32), &Device::Cpu).unwrap();
+        let want = exp["pixel_values"].get(i).unwrap();
+        let d = max_abs(&got, &want);
+        let levels = if !f.ends_with(".jpg") {
+            0.0
+        } else if f.contains("fixtures/core/images/") {
+            3.0
+        } else {
+            1.0
+        };
+        assert!(
+            d <= levels * 2.0 / 255.0 + 1e-5,
+            "{f}: pixels differ by {d} (allowed {levels} levels)"
+        );
+    }
+}

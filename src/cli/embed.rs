@@ -152,5 +152,16 @@ fn print_similarity(encoder: &Encoder, out: &Embedded) -> Result<()> {
         }
         println!();
     }
+    if encoder.sigmoid_scores() {
+        println!("probabilities (sigmoid of each logit: SigLIP scores every pair on its own)");
+        for (i, row) in logits.iter().enumerate() {
+            let r: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+            print!("{:<40}", format!("i{i}"));
+            for p in encoder.probabilities(&r) {
+                print!("{p:>10.4}");
+            }
+            println!();
+        }
+    }
     Ok(())
 }

@@ -202,7 +202,7 @@ fn lang_for(arg: &Option<String>, enc: &Encoder) -> Result<Lang> {
         Some(l) => Lang::parse(l)?,
         None => match enc.config() {
             ModelConfig::ChineseClip(_) => Lang::Zh,
-            ModelConfig::Clip(_) | ModelConfig::DualEncoder(_) => Lang::En,
+            ModelConfig::Clip(_) | ModelConfig::DualEncoder(_) | ModelConfig::Siglip(_) => Lang::En,
         },
     })
 }

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// The `model_type` values clasp can build.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["clip", "chinese_clip", "vision-text-dual-encoder"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["clip", "chinese_clip", "vision-text-dual-encoder", "siglip"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -49,6 +50,102 @@ default_fns! {
     d_zero: u32 = 0;
     d_vocab_bert: usize = 30522;
     d_logit_scale: f64 = 2.6592;
+    d_32000: usize = 32000;
+    d_64: usize = 64;
+    d_16: usize = 16;
+    d_gelu_tanh: Activation = Activation::GeluTanh;
+    d_eps_siglip: f64 = 1e-6;
+    d_pad_siglip: u32 = 1;
+    d_true: bool = true;
+}
+
+/// SigLIP's text transformer (`SiglipTextConfig`): learned positions over a
+/// fixed 64-token context, no causal mask, pooled at the last position.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiglipTextConfig {
+    #[serde(default = "d_32000")]
+    pub vocab_size: usize,
+    #[serde(default = "d_768")]
+    pub hidden_size: usize,
+    #[serde(default = "d_3072")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_12")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_12")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_64")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_gelu_tanh")]
+    pub hidden_act: Activation,
+    #[serde(default = "d_eps_siglip")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "d_pad_siglip")]
+    pub pad_token_id: u32,
+    /// The head's output size; transformers' default is `hidden_size`.
+    #[serde(default)]
+    pub projection_size: Option<usize>,
+}
+
+impl SiglipTextConfig {
+    pub fn projection_size(&self) -> usize {
+        self.projection_size.unwrap_or(self.hidden_size)
+    }
+}
+
+/// `SiglipVisionConfig`, with SigLIP's defaults (they differ from CLIP's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiglipVisionConfig {
+    #[serde(default = "d_768")]
+    pub hidden_size: usize,
+    #[serde(default = "d_3072")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_12")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_12")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_3")]
+    pub num_channels: usize,
+    #[serde(default = "d_224")]
+    pub image_size: usize,
+    #[serde(default = "d_16")]
+    pub patch_size: usize,
+    #[serde(default = "d_gelu_tanh")]
+    pub hidden_act: Activation,
+    #[serde(default = "d_eps_siglip")]
+    pub layer_norm_eps: f64,
+    /// The multi-head attention pooling head; without it there is no
+    /// pooled output (such towers serve VLMs, not retrieval).
+    #[serde(default = "d_true")]
+    pub vision_use_head: bool,
+}
+
+impl SiglipVisionConfig {
+    /// The fields the shared ViT code reads, in CLIP's struct.
+    pub fn as_vit(&self) -> VisionConfig {
+        VisionConfig {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_channels: self.num_channels,
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            hidden_act: self.hidden_act,
+            layer_norm_eps: self.layer_norm_eps,
+            projection_dim: self.hidden_size,
+        }
+    }
+}
+
+/// `SiglipConfig`. There are no projections: each tower's head gives the
+/// embedding, so both heads must have one size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiglipConfig {
+    pub text_config: SiglipTextConfig,
+    pub vision_config: SiglipVisionConfig,
+    /// The vision config as the shared ViT code reads it.
+    #[serde(skip)]
+    pub vit: Option<VisionConfig>,
 }
 
 /// CLIP's causal text transformer (`CLIPTextConfig`).
@@ -192,6 +289,7 @@ pub enum ModelConfig {
     Clip(ClipConfig),
     ChineseClip(ChineseClipConfig),
     DualEncoder(DualEncoderConfig),
+    Siglip(SiglipConfig),
 }
 
 /// The sub-model types of each tower, which `vision-text-dual-encoder`
@@ -246,6 +344,31 @@ impl ModelConfig {
                     serde_json::from_str(text).map_err(bad)?,
                 ))
             }
+            "siglip" => {
+                let mut c: SiglipConfig = serde_json::from_str(text).map_err(bad)?;
+                let (v, t) = (&c.vision_config, &c.text_config);
+                if !v.vision_use_head {
+                    return Err(Error::Config {
+                        path: path.to_path_buf(),
+                        reason:
+                            "vision_use_head is false: this SigLIP vision tower has no pooling \
+                                 head, so it gives no image embedding"
+                                .into(),
+                    });
+                }
+                if v.hidden_size != t.projection_size() {
+                    return Err(Error::Config {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "the vision head gives {} values and the text head {}; SigLIP compares them directly",
+                            v.hidden_size,
+                            t.projection_size()
+                        ),
+                    });
+                }
+                c.vit = Some(c.vision_config.as_vit());
+                Ok(ModelConfig::Siglip(c))
+            }
             other => Err(Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 model_type: if other.is_empty() {
@@ -263,6 +386,7 @@ impl ModelConfig {
             ModelConfig::Clip(_) => "clip",
             ModelConfig::ChineseClip(_) => "chinese_clip",
             ModelConfig::DualEncoder(_) => "vision-text-dual-encoder",
+            ModelConfig::Siglip(_) => "siglip",
         }
     }
 
@@ -271,6 +395,7 @@ impl ModelConfig {
             ModelConfig::Clip(c) => &c.vision_config,
             ModelConfig::ChineseClip(c) => &c.vision_config,
             ModelConfig::DualEncoder(c) => &c.vision_config,
+            ModelConfig::Siglip(c) => c.vit.as_ref().expect("set when parsed"),
         }
     }
 
@@ -279,6 +404,7 @@ impl ModelConfig {
             ModelConfig::Clip(c) => c.projection_dim,
             ModelConfig::ChineseClip(c) => c.projection_dim,
             ModelConfig::DualEncoder(c) => c.projection_dim,
+            ModelConfig::Siglip(c) => c.text_config.projection_size(),
         }
     }
 
@@ -291,6 +417,9 @@ impl ModelConfig {
             ModelConfig::Clip(c) => c.text_config.max_position_embeddings,
             ModelConfig::ChineseClip(c) => c.text_config.max_position_embeddings.min(52),
             ModelConfig::DualEncoder(c) => c.text_config.max_position_embeddings.min(77),
+            // SigLIP pads every text to its whole position table (64), as
+            // it was trained, and reads the last position.
+            ModelConfig::Siglip(c) => c.text_config.max_position_embeddings,
         }
     }
 }
@@ -318,12 +447,12 @@ mod tests {
 
     #[test]
     fn unsupported_model_type_lists_supported_ones() {
-        let err = ModelConfig::from_json(r#"{"model_type":"siglip"}"#, Path::new("x/config.json"))
+        let err = ModelConfig::from_json(r#"{"model_type":"blip"}"#, Path::new("x/config.json"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("siglip"), "{err}");
+        assert!(err.contains("blip"), "{err}");
         assert!(
-            err.contains("clip, chinese_clip, vision-text-dual-encoder"),
+            err.contains("clip, chinese_clip, vision-text-dual-encoder, siglip"),
             "{err}"
         );
         assert!(err.contains("x/config.json"), "{err}");

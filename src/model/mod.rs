@@ -19,6 +19,7 @@ pub mod layers;
 pub mod loader;
 pub mod packed;
 pub mod sentence;
+pub mod siglip;
 pub mod vit;
 
 use std::cell::Cell;
@@ -30,6 +31,7 @@ pub use clip::ClipModel;
 pub use config::{ModelConfig, SUPPORTED_MODEL_TYPES};
 pub use dual_encoder::DualEncoderModel;
 pub use loader::{resolve, ModelFiles};
+pub use siglip::SiglipModel;
 pub use vit::l2_normalize;
 
 use crate::Result;
@@ -125,6 +127,7 @@ pub enum Model {
     Clip(ClipModel),
     ChineseClip(ChineseClipModel),
     DualEncoder(DualEncoderModel),
+    Siglip(SiglipModel),
 }
 
 impl Model {
@@ -147,15 +150,18 @@ impl Model {
             ModelConfig::DualEncoder(c) => {
                 Model::DualEncoder(DualEncoderModel::load(vb, c, towers)?)
             }
+            ModelConfig::Siglip(c) => Model::Siglip(SiglipModel::load(vb, c, towers)?),
         })
     }
 
-    /// The image tower's pooled output [B, C], before the projection.
+    /// The image tower's pooled output [B, C], before the projection
+    /// (SigLIP's is its pooling head's output, the embedding itself).
     pub fn image_pooled(&self, pixel_values: &Tensor) -> Result<Tensor> {
         match self {
             Model::Clip(m) => vision_tower(&m.vision)?.forward(pixel_values),
             Model::ChineseClip(m) => vision_tower(&m.vision)?.forward(pixel_values),
             Model::DualEncoder(m) => m.image_pooled(pixel_values),
+            Model::Siglip(m) => m.vision_tower()?.forward(pixel_values),
         }
     }
 
@@ -166,31 +172,68 @@ impl Model {
             Model::Clip(m) => m.text.forward(input_ids),
             Model::ChineseClip(m) => m.text.forward(input_ids, attention_mask),
             Model::DualEncoder(m) => m.text_pooled(input_ids, attention_mask),
+            // No mask: SigLIP reads the padded context whole (see
+            // `SiglipText::forward`).
+            Model::Siglip(m) => m.text.forward(input_ids),
         }
     }
 
-    /// The visual and text projections.
-    pub fn projections(&self) -> (&layers::Linear, &layers::Linear) {
+    /// The visual and text projections; `None` where the towers' pooled
+    /// outputs are the embeddings already (SigLIP).
+    pub fn projections(&self) -> Option<(&layers::Linear, &layers::Linear)> {
         match self {
-            Model::Clip(m) => (&m.visual_projection, &m.text_projection),
-            Model::ChineseClip(m) => (&m.visual_projection, &m.text_projection),
-            Model::DualEncoder(m) => (&m.visual_projection, &m.text_projection),
+            Model::Clip(m) => Some((&m.visual_projection, &m.text_projection)),
+            Model::ChineseClip(m) => Some((&m.visual_projection, &m.text_projection)),
+            Model::DualEncoder(m) => Some((&m.visual_projection, &m.text_projection)),
+            Model::Siglip(_) => None,
         }
     }
 
-    /// Projected, unnormalised image features [B, P] from pixel values [B, C, S, S].
+    /// The dtype the towers' weights are in (bf16 under mixed precision).
+    pub fn param_dtype(&self) -> Result<candle_core::DType> {
+        Ok(match self.projections() {
+            Some((v, _)) => v.weight().dtype(),
+            None => match self {
+                Model::Siglip(m) => m.text.dtype(),
+                _ => unreachable!("only SigLIP has no projections"),
+            },
+        })
+    }
+
+    /// Pooled image outputs [B, C] to embeddings [B, P].
+    pub fn project_image(&self, pooled: &Tensor) -> Result<Tensor> {
+        match self.projections() {
+            Some((v, _)) => v.forward(pooled),
+            None => Ok(pooled.clone()),
+        }
+    }
+
+    /// Pooled text outputs [B, C] to embeddings [B, P].
+    pub fn project_text(&self, pooled: &Tensor) -> Result<Tensor> {
+        match self.projections() {
+            Some((_, t)) => t.forward(pooled),
+            None => Ok(pooled.clone()),
+        }
+    }
+
+    /// Projected, unnormalised image features [B, P] from pixel values [B, C, H, W].
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.projections()
-            .0
-            .forward(&self.image_pooled(pixel_values)?)
+        self.project_image(&self.image_pooled(pixel_values)?)
     }
 
     /// Projected, unnormalised text features [B, P] from token ids and the 0/1
     /// attention mask, both [B, T].
     pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        self.projections()
-            .1
-            .forward(&self.text_pooled(input_ids, attention_mask)?)
+        self.project_text(&self.text_pooled(input_ids, attention_mask)?)
+    }
+
+    /// SigLIP's learned logit bias: its logits are `exp(scale) * cos + bias`
+    /// and each pair's probability their sigmoid. `None` for softmax models.
+    pub fn logit_bias(&self) -> Option<&Tensor> {
+        match self {
+            Model::Siglip(m) => Some(&m.logit_bias),
+            _ => None,
+        }
     }
 
     /// The raw (log) logit scale parameter; logits use its exponential.
@@ -199,6 +242,7 @@ impl Model {
             Model::Clip(m) => &m.logit_scale,
             Model::ChineseClip(m) => &m.logit_scale,
             Model::DualEncoder(m) => &m.logit_scale,
+            Model::Siglip(m) => &m.logit_scale,
         }
     }
 
@@ -224,6 +268,11 @@ impl Model {
             Model::Clip(m) => (m.text.layer_stack(), m.vision.as_mut()),
             Model::ChineseClip(m) => (m.text.layer_stack(), m.vision.as_mut()),
             Model::DualEncoder(m) => (m.text.layer_stack(), m.vision.as_mut()),
+            Model::Siglip(m) => {
+                let mut v = vec![m.text.layer_stack()];
+                v.extend(m.vision.as_mut().map(|t| t.layer_stack()));
+                return v;
+            }
         };
         let mut v = vec![text];
         v.extend(vision.map(|t| t.layer_stack()));
@@ -265,6 +314,7 @@ impl Model {
             Model::Clip(m) => m.vision.as_mut(),
             Model::ChineseClip(m) => m.vision.as_mut(),
             Model::DualEncoder(m) => m.vision.as_mut(),
+            Model::Siglip(m) => return m.vision.as_mut().map_or(Ok(()), |v| v.pack_patch_f32()),
         };
         vision.map_or(Ok(()), |v| v.pack_patch_f32())
     }
@@ -275,6 +325,13 @@ impl Model {
             Model::Clip(m) => (m.text.layer_stack_ref(), m.vision.as_ref()),
             Model::ChineseClip(m) => (m.text.layer_stack_ref(), m.vision.as_ref()),
             Model::DualEncoder(m) => (m.text.layer_stack_ref(), m.vision.as_ref()),
+            Model::Siglip(m) => {
+                let mut out = m.text.layer_stack_ref().int8_linears();
+                if let Some(v) = &m.vision {
+                    out.extend(v.layer_stack_ref().int8_linears());
+                }
+                return out;
+            }
         };
         let mut out = text.int8_linears();
         if let Some(v) = vision {
@@ -289,6 +346,7 @@ impl Model {
             Model::Clip(m) => m.logit_scale = t,
             Model::ChineseClip(m) => m.logit_scale = t,
             Model::DualEncoder(m) => m.logit_scale = t,
+            Model::Siglip(m) => m.logit_scale = t,
         }
     }
 }

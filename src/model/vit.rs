@@ -152,3 +152,109 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
     Ok(x.broadcast_div(&norm)?)
 }
+
+/// Pixels [B, C, H, W] to flattened patches [B, (H/p)*(W/p), C*p*p], row by
+/// row, each patch's values in [C, p, p] order (a stride-p convolution's
+/// weight viewed as a linear map reads them so).
+pub(crate) fn patchify(pixel_values: &Tensor, p: usize) -> Result<Tensor> {
+    let (b, c, h, w) = pixel_values.dims4()?;
+    let (gh, gw) = (h / p, w / p);
+    Ok(pixel_values
+        .reshape((b, c, gh, p, gw, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b, gh * gw, c * p * p))?)
+}
+
+/// A learned position table for a square grid of patches, resized to other
+/// grids as transformers' `interpolate_pos_encoding=True` does: torch's
+/// bicubic `interpolate(size=..., align_corners=False)` of the table viewed
+/// as a [C, g, g] image.
+#[derive(Debug, Clone)]
+pub struct PositionGrid {
+    /// [g*g, C]
+    table: Tensor,
+    g: usize,
+}
+
+impl PositionGrid {
+    pub fn new(table: Tensor, g: usize) -> Result<Self> {
+        let (n, _) = table.dims2()?;
+        if n != g * g {
+            return Err(Error::Shape(format!(
+                "a position table of {n} rows is not a {g}x{g} grid"
+            )));
+        }
+        Ok(Self { table, g })
+    }
+
+    /// The table as trained.
+    pub fn table(&self) -> &Tensor {
+        &self.table
+    }
+
+    /// The positions of a gh x gw grid [gh*gw, C]: the table itself for the
+    /// trained grid, else its bicubic resize.
+    pub fn resized(&self, gh: usize, gw: usize) -> Result<Tensor> {
+        if (gh, gw) == (self.g, self.g) {
+            return Ok(self.table.clone());
+        }
+        let c = self.table.dim(1)?;
+        let src = self
+            .table
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
+        let g = self.g;
+        let wy = bicubic_weights(g, gh);
+        let wx = bicubic_weights(g, gw);
+        let mut out = vec![0f32; gh * gw * c];
+        for (oy, ry) in wy.iter().enumerate() {
+            for (ox, rx) in wx.iter().enumerate() {
+                let dst = &mut out[(oy * gw + ox) * c..(oy * gw + ox + 1) * c];
+                let mut acc = vec![0f64; c];
+                for &(iy, fy) in ry {
+                    // torch interpolates along x first, then y, in float
+                    let mut row = vec![0f64; c];
+                    for &(ix, fx) in rx {
+                        let s = &src[iy * g + ix];
+                        for (r, &v) in row.iter_mut().zip(s) {
+                            *r += fx * v as f64;
+                        }
+                    }
+                    for (a, r) in acc.iter_mut().zip(&row) {
+                        *a += fy * r;
+                    }
+                }
+                for (d, a) in dst.iter_mut().zip(&acc) {
+                    *d = *a as f32;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (gh * gw, c), self.table.device())?
+            .to_dtype(self.table.dtype())?)
+    }
+}
+
+/// For each of `out` positions, the four (source index, weight) taps of
+/// torch's bicubic upsampling from `inp` positions (A = -0.75,
+/// half-pixel centres, indices clamped to the edge).
+fn bicubic_weights(inp: usize, out: usize) -> Vec<[(usize, f64); 4]> {
+    const A: f64 = -0.75;
+    let conv1 = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let conv2 = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let scale = inp as f64 / out as f64;
+    (0..out)
+        .map(|o| {
+            let real = (o as f64 + 0.5) * scale - 0.5;
+            let i0 = real.floor();
+            let t = real - i0;
+            let w = [conv2(t + 1.0), conv1(t), conv1(1.0 - t), conv2(2.0 - t)];
+            let mut taps = [(0usize, 0f64); 4];
+            for (k, tap) in taps.iter_mut().enumerate() {
+                let idx = (i0 as i64 - 1 + k as i64).clamp(0, inp as i64 - 1) as usize;
+                *tap = (idx, w[k]);
+            }
+            taps
+        })
+        .collect()
+}

@@ -21,6 +21,9 @@ pub const SUPPORTED_PROCESSORS: &[&str] = &[
     "ChineseCLIPImageProcessorFast",
     "ChineseCLIPImageProcessorPil",
     "ChineseCLIPFeatureExtractor",
+    "SiglipImageProcessor",
+    "SiglipImageProcessorFast",
+    "SiglipImageProcessorPil",
 ];
 
 /// How to resize before any crop.
@@ -155,6 +158,16 @@ impl ImageProcessorConfig {
         })
     }
 
+    /// SiglipImageProcessor's: straight resize, no crop, and 0.5 for every
+    /// channel's mean and deviation (pixels to [-1, 1]).
+    pub fn siglip_default(size: u32) -> Self {
+        Self {
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            ..Self::chinese_clip_default(size)
+        }
+    }
+
     /// ChineseCLIPImageProcessor's behaviour: straight resize, no crop.
     pub fn chinese_clip_default(size: u32) -> Self {
         Self {
@@ -189,6 +202,7 @@ impl ImageProcessorConfig {
             )));
         }
         let chinese = kind.starts_with("ChineseCLIP");
+        let siglip = kind.starts_with("Siglip");
         if let Some(r) = raw.resample {
             if r != 3 {
                 return Err(bad(format!(
@@ -196,13 +210,15 @@ impl ImageProcessorConfig {
                 )));
             }
         }
-        let mut cfg = if chinese {
+        let mut cfg = if siglip {
+            Self::siglip_default(224)
+        } else if chinese {
             Self::chinese_clip_default(224)
         } else {
             Self::clip_default(224)
         };
         match raw.size {
-            Some(SizeJson::Int(s)) if chinese => {
+            Some(SizeJson::Int(s)) if chinese || siglip => {
                 cfg.resize = ResizeTo::Exact {
                     height: s,
                     width: s,

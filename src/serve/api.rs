@@ -222,15 +222,10 @@ pub async fn embeddings(State(st): State<Shared>, req: Request) -> Response {
     .await
 }
 
-fn softmax(row: &[f64]) -> Vec<f64> {
-    let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = row.iter().map(|x| (x - m).exp()).collect();
-    let z: f64 = e.iter().sum();
-    e.iter().map(|x| x / z).collect()
-}
-
 /// `POST /v1/similarity`: `{"images": [...], "texts": [...]}` →
-/// `logits_per_image` (as CLIPModel) and per-image softmax over the texts.
+/// `logits_per_image` (as the model computes them, SigLIP's bias included)
+/// and probabilities: per-image softmax over the texts, or for SigLIP each
+/// pair's sigmoid (`probs_kind`).
 pub async fn similarity(State(st): State<Shared>, req: Request) -> Response {
     let st2 = st.clone();
     guarded(&st.limits, &st.metrics, "similarity", async move {
@@ -257,25 +252,36 @@ pub async fn similarity(State(st): State<Shared>, req: Request) -> Response {
         let mut items: Vec<Item> = texts.into_iter().map(Item::Text).collect();
         items.extend(images_to_items(&st, images).await?);
         let v = embed_items(&st, items).await?;
-        let scale = st
-            .encoder
-            .model()
+        let internal = |e: candle_core::Error| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        };
+        let model = st.encoder.model();
+        let scale = model
             .logit_scale()
             .exp()
             .and_then(|s| s.to_scalar::<f32>())
-            .map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            })? as f64;
+            .map_err(internal)? as f64;
+        let bias = match model.logit_bias() {
+            Some(b) => Some(b.to_scalar::<f32>().map_err(internal)? as f64),
+            None => None,
+        };
         let (tv, iv) = v.split_at(n_t);
         let logits: Vec<Vec<f64>> = iv
             .iter()
-            .map(|i| tv.iter().map(|t| scale * dot(i, t) as f64).collect())
+            .map(|i| {
+                tv.iter()
+                    .map(|t| scale * dot(i, t) as f64 + bias.unwrap_or(0.0))
+                    .collect()
+            })
             .collect();
-        let probs: Vec<Vec<f64>> = logits.iter().map(|r| softmax(r)).collect();
-        Ok(
-            axum::Json(json!({"logits_per_image": logits, "probs": probs, "logit_scale": scale}))
-                .into_response(),
+        // SigLIP scores each pair on its own (sigmoid); CLIP over the texts.
+        let probs: Vec<Vec<f64>> = logits.iter().map(|r| st.encoder.probabilities(r)).collect();
+        let kind = if bias.is_some() { "sigmoid" } else { "softmax" };
+        Ok(axum::Json(
+            json!({"logits_per_image": logits, "probs": probs, "probs_kind": kind,
+                             "logit_scale": scale, "logit_bias": bias}),
         )
+        .into_response())
     })
     .await
 }

@@ -81,20 +81,19 @@ fn features(
     mask: &Tensor,
     locked: Locked,
 ) -> Result<(Tensor, Tensor)> {
-    let (vp, tp) = model.projections();
     // A locked tower's snapshot runs in f32; the projections in the model's
     // dtype (bf16 under mixed precision).
+    let dt = model.param_dtype()?;
     let img = pooled(locked.image, model, |m| {
-        m.image_pooled(&px.to_dtype(m.projections().0.weight().dtype())?)
+        m.image_pooled(&px.to_dtype(m.param_dtype()?)?)
     })?
-    .to_dtype(vp.weight().dtype())?;
-    let txt =
-        pooled(locked.text, model, |m| m.text_pooled(ids, mask))?.to_dtype(tp.weight().dtype())?;
+    .to_dtype(dt)?;
+    let txt = pooled(locked.text, model, |m| m.text_pooled(ids, mask))?.to_dtype(dt)?;
     // The loss runs in f32 whatever the towers computed in (mixed precision).
     let f32 = |t: Tensor| t.to_dtype(DType::F32);
     Ok((
-        l2_normalize(&f32(vp.forward(&img)?)?)?,
-        l2_normalize(&f32(tp.forward(&txt)?)?)?,
+        l2_normalize(&f32(model.project_image(&img)?)?)?,
+        l2_normalize(&f32(model.project_text(&txt)?)?)?,
     ))
 }
 
