@@ -144,18 +144,9 @@ impl Encoder {
             }
             None => Precision::F32,
         };
-        let image_size = config.vision().image_size as u32;
         let pp = match &files.preprocessor_config {
             Some(p) => ImageProcessorConfig::from_file(p)?,
-            None => match config {
-                ModelConfig::Clip(_) | ModelConfig::DualEncoder(_) => {
-                    ImageProcessorConfig::clip_default(image_size)
-                }
-                ModelConfig::ChineseClip(_) => {
-                    ImageProcessorConfig::chinese_clip_default(image_size)
-                }
-                ModelConfig::Siglip(_) => ImageProcessorConfig::siglip_default(image_size),
-            },
+            None => default_image_processor(&config),
         };
         let tokenizer = TextTokenizer::from_dir(&files.dir, config.text_context_length())?;
         let mut encoder = Self {
@@ -266,7 +257,13 @@ impl Encoder {
         for p in [&files.config, &files.weights] {
             hash_file(&mut h, p)?;
         }
-        for name in ["tokenizer.json", "vocab.json", "merges.txt", "vocab.txt"] {
+        for name in [
+            "tokenizer.json",
+            "vocab.json",
+            "merges.txt",
+            "vocab.txt",
+            "spiece.model",
+        ] {
             let p = files.dir.join(name);
             if p.is_file() {
                 h.update(name.as_bytes());
@@ -422,6 +419,19 @@ impl Encoder {
             progress(chunk.len());
         }
         Ok(out)
+    }
+}
+
+/// The image processor of a checkpoint without preprocessor_config.json:
+/// its architecture's transformers default at the model's image size.
+pub fn default_image_processor(config: &ModelConfig) -> ImageProcessorConfig {
+    let size = config.vision().image_size as u32;
+    match config {
+        ModelConfig::Clip(_) | ModelConfig::DualEncoder(_) => {
+            ImageProcessorConfig::clip_default(size)
+        }
+        ModelConfig::ChineseClip(_) => ImageProcessorConfig::chinese_clip_default(size),
+        ModelConfig::Siglip(_) => ImageProcessorConfig::siglip_default(size),
     }
 }
 

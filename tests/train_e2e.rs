@@ -730,3 +730,82 @@ fn bf16_mixed_precision_trains_f32_weights() {
         "unknown precision `f8`",
     );
 }
+
+/// SigLIP fine-tuning with its own sigmoid loss: the checkpoint's
+/// `logit_bias` is trained and saved as a model parameter (not a state-only
+/// one), a locked image tower (LiT) stays as it was, the text tower learns,
+/// and the run resumes to the same weights as one without a stop.
+#[test]
+fn siglip_trains_its_own_bias_with_the_sigmoid_loss_and_lit_locking() {
+    use candle_core::Device;
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let init = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/siglip/tiny-siglip");
+    let run = |out: &Path, extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+        c.args(["train", "--init"])
+            .arg(&init)
+            .arg("--dataset")
+            .arg(format!("flickr8k:{}", data.display()))
+            .args(["--objective", "siglip", "--lock-image", "--batch-size", "8"])
+            .args([
+                "--lr",
+                "1e-2",
+                "--warmup",
+                "1",
+                "--seed",
+                "3",
+                "--save-every",
+                "2",
+            ])
+            .args(["--steps", "4", "--output"])
+            .arg(out)
+            .args(extra);
+        c
+    };
+    let whole = d.path().join("whole");
+    run_ok(run(&whole, &[]));
+    let load = |p: PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let (before, after) = (
+        load(init.join("model.safetensors")),
+        load(whole.join("checkpoint/model.safetensors")),
+    );
+    let max_diff = |k: &str| {
+        (&before[k] - &after[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert!(max_diff("logit_bias") > 1e-4, "the bias is trained");
+    assert!(
+        max_diff("text_model.head.weight") > 0.0,
+        "the text tower learns"
+    );
+    for k in before.keys().filter(|k| k.starts_with("vision_model.")) {
+        assert_eq!(max_diff(k), 0.0, "locked {k} changed");
+    }
+    // A stop after 2 steps and a resume give the same weights, bias included.
+    let split = d.path().join("split");
+    run_ok(run(&split, &["--stop-after", "2"]));
+    resume_ok(&split);
+    assert!(
+        weights(&whole) == weights(&split),
+        "resumed run ends with the same weights"
+    );
+    // The checkpoint is a SigLIP model that clasp embeds with.
+    let o = run_ok({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+        c.args(["embed", "--model"])
+            .arg(whole.join("checkpoint"))
+            .args(["--text", "a dog on the grass"]);
+        c
+    });
+    assert!(o.contains("embedding"), "{o}");
+}

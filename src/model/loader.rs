@@ -30,6 +30,7 @@ pub const SIDE_FILES: &[&str] = &[
     "vocab.json",
     "merges.txt",
     "vocab.txt",
+    "spiece.model",
 ];
 
 /// Resolves `spec`: an existing directory is used as it is; anything else that

@@ -115,10 +115,15 @@ impl Trainer {
                 teacher_dim: teacher.as_ref().map(|te| te.config().projection_dim()),
             },
         )?;
-        // SigLIP's bias lives in the training state, not in the checkpoint
-        // (CLIPModel has no such parameter).
+        // The sigmoid loss's bias: a SigLIP checkpoint's own `logit_bias`
+        // (trained and saved with the model), else one that lives in the
+        // training state (CLIPModel has no such parameter).
+        let own_bias = t.vars().into_iter().find(|(n, _)| n == "logit_bias");
         let bias = if objective.uses("siglip") {
-            Some(Var::from_tensor(&Tensor::new(-10f32, &dev)?)?)
+            match &own_bias {
+                Some((_, v)) => Some(v.clone()),
+                None => Some(Var::from_tensor(&Tensor::new(-10f32, &dev)?)?),
+            }
         } else {
             None
         };
@@ -137,7 +142,7 @@ impl Trainer {
             })
             .collect();
         let mut extra = objective.vars();
-        if let Some(b) = &bias {
+        if let (Some(b), None) = (&bias, &own_bias) {
             extra.push(("logit_bias".into(), b.clone()));
         }
         opt_vars.extend(extra.iter().cloned());
@@ -161,7 +166,7 @@ impl Trainer {
         let jitter = ColorJitter::new(&cfg.color_jitter, cfg.color_jitter_prob)?;
         let proc = ImageProcessor::new(match &t.source_dir.join("preprocessor_config.json") {
             p if p.is_file() => ImageProcessorConfig::from_file(p)?,
-            _ => ImageProcessorConfig::clip_default(t.config.vision().image_size as u32),
+            _ => crate::encoder::default_image_processor(&t.config),
         });
         if let Some(te) = &teacher {
             check_teacher_pixels(te, cfg.teacher.as_deref().unwrap_or(""), &proc)?;
