@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::model::{self, int8_checkpoint, loader, Model, ModelConfig, ModelFiles};
-use crate::preprocess::{ImageProcessor, ImageProcessorConfig, TextTokenizer};
+use crate::preprocess::{ImageProcessor, ImageProcessorConfig, Pixels, ResizeTo, TextTokenizer};
 use crate::{Error, Result};
 
 pub struct Encoder {
@@ -17,6 +17,8 @@ pub struct Encoder {
     files: ModelFiles,
     tokenizer: TextTokenizer,
     image_processor: ImageProcessor,
+    /// The checkpoint's own processor (before `set_resolution`).
+    default_processor: ImageProcessorConfig,
     device: Device,
     precision: Precision,
 }
@@ -154,7 +156,8 @@ impl Encoder {
             config,
             files,
             tokenizer,
-            image_processor: ImageProcessor::new(pp),
+            image_processor: ImageProcessor::new(pp.clone()),
+            default_processor: pp,
             device: device.clone(),
             precision: loaded,
         };
@@ -254,6 +257,11 @@ impl Encoder {
             h.update(b"precision:");
             h.update(self.precision.name().as_bytes());
         }
+        // So do other input sizes (--image-size, --keep-aspect).
+        if self.image_processor.config() != &self.default_processor {
+            h.update(b"image-processor:");
+            h.update(&self.image_processor.config().key_bytes());
+        }
         for p in [&files.config, &files.weights] {
             hash_file(&mut h, p)?;
         }
@@ -285,15 +293,18 @@ impl Encoder {
         Ok(crate::preprocess::prompts::ensemble(&emb, templates.len()))
     }
 
-    /// Stacks processed CHW images into a [B, C, H, W] tensor.
+    /// Stacks processed CHW images into a [B, C, H, W] tensor; they must
+    /// have the processor's fixed size (or the model's, square).
     pub fn pixel_batch(&self, images: &[Vec<f32>]) -> Result<Tensor> {
-        let s = self.config.vision().image_size;
+        let s = self.config.vision().image_size as u32;
+        let (h, w) = self.image_processor.config().fixed_size().unwrap_or((s, s));
+        let (h, w) = (h as usize, w as usize);
         let c = self.config.vision().num_channels;
-        let mut flat = Vec::with_capacity(images.len() * c * s * s);
+        let mut flat = Vec::with_capacity(images.len() * c * h * w);
         for (i, im) in images.iter().enumerate() {
-            if im.len() != c * s * s {
+            if im.len() != c * h * w {
                 return Err(Error::Shape(format!(
-                    "image {i} has {} values, the model needs {c}x{s}x{s}",
+                    "image {i} has {} values, the model needs {c}x{h}x{w}",
                     im.len()
                 )));
             }
@@ -301,9 +312,93 @@ impl Encoder {
         }
         Ok(Tensor::from_vec(
             flat,
-            (images.len(), c, s, s),
+            (images.len(), c, h, w),
             &self.device,
         )?)
+    }
+
+    /// L2-normalised embeddings [B, P] of processed images of any sizes
+    /// (`--keep-aspect` gives each its own): images of one size run as one
+    /// batch, and the rows come back in input order.
+    pub fn embed_pixel_items(&self, items: &[Pixels]) -> Result<Tensor> {
+        let c = self.config.vision().num_channels;
+        let mut groups: Vec<((usize, usize), Vec<usize>)> = Vec::new();
+        for (i, p) in items.iter().enumerate() {
+            if p.data.len() != c * p.height * p.width {
+                return Err(Error::Shape(format!(
+                    "image {i} has {} values, not {c}x{}x{}",
+                    p.data.len(),
+                    p.height,
+                    p.width
+                )));
+            }
+            match groups.iter_mut().find(|(k, _)| *k == (p.height, p.width)) {
+                Some((_, v)) => v.push(i),
+                None => groups.push(((p.height, p.width), vec![i])),
+            }
+        }
+        let mut rows: Vec<Option<Tensor>> = vec![None; items.len()];
+        for ((h, w), idx) in groups {
+            let flat: Vec<f32> = idx
+                .iter()
+                .flat_map(|&i| items[i].data.iter().copied())
+                .collect();
+            let px = Tensor::from_vec(flat, (idx.len(), c, h, w), &self.device)?;
+            let emb = self.embed_pixels(&px)?;
+            for (j, &i) in idx.iter().enumerate() {
+                rows[i] = Some(emb.get(j)?);
+            }
+        }
+        let rows: Vec<Tensor> = rows
+            .into_iter()
+            .map(|r| r.expect("every item is in a group"))
+            .collect();
+        if rows.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, self.embedding_dim()),
+                candle_core::DType::F32,
+                &self.device,
+            )?);
+        }
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+
+    /// Runs images at `image_size` (a multiple of the patch size; default the
+    /// model's own) instead of the trained size, with the positions
+    /// interpolated, and with `keep_aspect` keeps each image's aspect ratio
+    /// under the same patch budget, (image_size / patch)^2, instead of
+    /// cropping or squashing it.
+    pub fn set_resolution(&mut self, image_size: Option<u32>, keep_aspect: bool) -> Result<()> {
+        let v = self.config.vision();
+        let p = v.patch_size as u32;
+        let n = image_size.unwrap_or(v.image_size as u32);
+        if n == 0 || !n.is_multiple_of(p) {
+            return Err(Error::Report(format!(
+                "--image-size {n} is not a positive multiple of the model's patch size {p}"
+            )));
+        }
+        let mut cfg = self.image_processor.config().clone();
+        if keep_aspect {
+            cfg.do_resize = true;
+            cfg.do_center_crop = false;
+            cfg.resize = ResizeTo::PatchBudget {
+                patch: p,
+                max_patches: (n / p) * (n / p),
+            };
+        } else if image_size.is_some() {
+            cfg.resize = match cfg.resize {
+                ResizeTo::ShortestEdge(_) => ResizeTo::ShortestEdge(n),
+                _ => ResizeTo::Exact {
+                    height: n,
+                    width: n,
+                },
+            };
+            if cfg.do_center_crop {
+                cfg.crop = (n, n);
+            }
+        }
+        self.image_processor = ImageProcessor::new(cfg);
+        Ok(())
     }
 
     /// Unnormalised projected features of pixel values [B, C, S, S].
@@ -320,9 +415,9 @@ impl Encoder {
     pub fn embed_images(&self, images: &[image::RgbImage]) -> Result<Tensor> {
         let pixels = images
             .par_iter()
-            .map(|im| self.image_processor.process(im))
+            .map(|im| self.image_processor.process_pixels(im))
             .collect::<Result<Vec<_>>>()?;
-        self.embed_pixels(&self.pixel_batch(&pixels)?)
+        self.embed_pixel_items(&pixels)
     }
 
     /// Unnormalised projected text features [B, P].
@@ -385,7 +480,7 @@ impl Encoder {
         let jobs: Vec<usize> = (0..paths.len()).collect();
         crate::preprocess::pipeline::prepare_ahead(
             crate::preprocess::pipeline::batches(jobs, batch_size),
-            |_, _, &i| self.image_processor.process_path(&paths[i]),
+            |_, _, &i| self.image_processor.process_path_pixels(&paths[i]),
             |batch| {
                 let n = batch.len();
                 let (ok, pixels, failed) = crate::preprocess::pipeline::partition(batch);
@@ -395,7 +490,7 @@ impl Encoder {
                         .map(|(index, error)| Failure { index, error }),
                 );
                 if !pixels.is_empty() {
-                    let emb = self.embed_pixels(&self.pixel_batch(&pixels)?)?;
+                    let emb = self.embed_pixel_items(&pixels)?;
                     out.embeddings.extend(emb.to_vec2::<f32>()?);
                     out.indices.extend(ok);
                 }

@@ -44,9 +44,12 @@ pub struct EmbedArgs {
     /// FILE.jsonl or FILE.safetensors. Without it, JSON lines go to stdout.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
-    /// Print logits_per_image (images x texts) as CLIPModel computes it.
+    /// Print logits_per_image (images x texts) as the model computes it, and for SigLIP each
+    /// pair's sigmoid probability.
     #[arg(long)]
     pub similarity: bool,
+    #[command(flatten)]
+    pub resolution: super::ResolutionArgs,
 }
 
 pub fn run(a: EmbedArgs) -> Result<ExitCode> {
@@ -70,7 +73,13 @@ pub fn run(a: EmbedArgs) -> Result<ExitCode> {
         check_output(p)?;
     }
     let dev = device(a.device)?;
-    let encoder = super::load_encoder(&a.model, &dev, clasp::model::Towers::Both, a.precision)?;
+    let encoder = super::load_encoder(
+        &a.model,
+        &dev,
+        clasp::model::Towers::Both,
+        a.precision,
+        &a.resolution,
+    )?;
     tracing::info!(model = %a.model, kind = encoder.config().model_type(), "loaded");
 
     let mut out = Embedded::default();

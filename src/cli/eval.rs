@@ -93,6 +93,8 @@ pub struct Common {
     /// Embed everything afresh and store nothing.
     #[arg(long)]
     pub no_cache: bool,
+    #[command(flatten)]
+    pub resolution: super::ResolutionArgs,
 }
 
 #[derive(Args, Debug)]
@@ -183,7 +185,13 @@ impl Loaded {
 
 fn load(c: &Common) -> Result<Loaded> {
     let dev = device(c.device)?;
-    let encoder = super::load_encoder(&c.model, &dev, clasp::model::Towers::Both, c.precision)?;
+    let encoder = super::load_encoder(
+        &c.model,
+        &dev,
+        clasp::model::Towers::Both,
+        c.precision,
+        &c.resolution,
+    )?;
     let cache = if c.no_cache {
         None
     } else {

@@ -109,14 +109,35 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     .open()?)
 }
 
-/// Loads an encoder (only `towers`) to run in `precision` if given.
+/// The input resolution of the image tower.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ResolutionArgs {
+    /// Run images at N x N pixels (a multiple of the patch size) instead of the model's trained
+    /// size, with the position embeddings interpolated (transformers' interpolate_pos_encoding).
+    /// Vectors of each size are kept apart in stores and caches.
+    #[arg(long, value_name = "N")]
+    pub image_size: Option<u32>,
+    /// Keep each image's aspect ratio instead of cropping or squashing it: sides multiples of the
+    /// patch size, at most (N / patch)^2 patches (SigLIP 2's NaFlex rule; N is --image-size or
+    /// the trained size).
+    #[arg(long)]
+    pub keep_aspect: bool,
+}
+
+/// Loads an encoder (only `towers`) to run in `precision` if given, at the
+/// resolution asked for.
 pub fn load_encoder(
     spec: &str,
     dev: &Device,
     towers: clasp::model::Towers,
     precision: Option<clasp::encoder::Precision>,
+    res: &ResolutionArgs,
 ) -> Result<clasp::Encoder> {
-    Ok(clasp::Encoder::load_with(spec, dev, towers, precision)?)
+    let mut enc = clasp::Encoder::load_with(spec, dev, towers, precision)?;
+    if res.image_size.is_some() || res.keep_aspect {
+        enc.set_resolution(res.image_size, res.keep_aspect)?;
+    }
+    Ok(enc)
 }
 
 static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

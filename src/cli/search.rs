@@ -46,6 +46,8 @@ pub struct StoreArgs {
     /// apart in stores and caches [default: f32, or int8 for a `clasp quantize` checkpoint].
     #[arg(long, value_name = "f32|int8|bf16")]
     pub precision: Option<clasp::encoder::Precision>,
+    #[command(flatten)]
+    pub resolution: super::ResolutionArgs,
 }
 
 impl StoreArgs {
@@ -249,6 +251,7 @@ pub fn index_cmd(a: IndexArgs) -> Result<ExitCode> {
         &device(a.store.device)?,
         clasp::model::Towers::Both,
         a.store.precision,
+        &a.store.resolution,
     )?;
     let mut catalog = open_store(&a.store, true)?;
     let model_id = index::model_id(catalog.as_mut(), &encoder, &a.model)?;
@@ -307,8 +310,13 @@ fn open_and_index(
     // so a wrong one leaves nothing behind; otherwise the store names it.
     let (mut catalog, spec, encoder) = match given_model(model) {
         Some(spec) => {
-            let encoder =
-                super::load_encoder(&spec, &device(store.device)?, towers, store.precision)?;
+            let encoder = super::load_encoder(
+                &spec,
+                &device(store.device)?,
+                towers,
+                store.precision,
+                &store.resolution,
+            )?;
             (open_store(store, !no_index)?, spec, encoder)
         }
         None => {
@@ -322,8 +330,13 @@ fn open_and_index(
                 }
             })?;
             let spec = model_spec(model, catalog.as_mut())?;
-            let encoder =
-                super::load_encoder(&spec, &device(store.device)?, towers, store.precision)?;
+            let encoder = super::load_encoder(
+                &spec,
+                &device(store.device)?,
+                towers,
+                store.precision,
+                &store.resolution,
+            )?;
             (catalog, spec, encoder)
         }
     };

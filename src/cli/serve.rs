@@ -73,6 +73,8 @@ pub struct ServeArgs {
     /// apart in stores and caches [default: f32, or int8 for a `clasp quantize` checkpoint].
     #[arg(long, value_name = "f32|int8|bf16")]
     pub precision: Option<clasp::encoder::Precision>,
+    #[command(flatten)]
+    pub resolution: super::ResolutionArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<ExitCode> {
@@ -80,7 +82,15 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     let encoder = a
         .model
         .as_deref()
-        .map(|m| super::load_encoder(m, &dev, clasp::model::Towers::Both, a.precision))
+        .map(|m| {
+            super::load_encoder(
+                m,
+                &dev,
+                clasp::model::Towers::Both,
+                a.precision,
+                &a.resolution,
+            )
+        })
         .transpose()?;
     let store = a.store.as_ref().map(|spec| StoreSpec {
         spec: spec.clone(),

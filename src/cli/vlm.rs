@@ -312,6 +312,7 @@ pub fn ask_cmd(a: AskArgs) -> Result<ExitCode> {
         &super::device(a.store.device)?,
         clasp::model::Towers::Both,
         a.store.precision,
+        &a.store.resolution,
     )?;
     let model_id = clasp::index::model_id(catalog.as_mut(), &encoder, &spec)?;
     let engine = catalog.engine(model_id, clasp::index::ANN_THRESHOLD)?;

@@ -92,7 +92,7 @@ impl EmbedContext<'_> {
             pipeline::prepare_ahead(
                 pipeline::batches(todo, bs),
                 |_, _, (i, b): &(usize, std::sync::Arc<[u8]>)| {
-                    proc.process(&decode_image(b, &srcs[*i].path())?)
+                    proc.process_pixels(&decode_image(b, &srcs[*i].path())?)
                 },
                 |batch| {
                     let n = batch.len();
@@ -100,9 +100,7 @@ impl EmbedContext<'_> {
                     out.failures
                         .extend(failed.into_iter().map(|((i, _), e)| (base + i, e)));
                     if !pixels.is_empty() {
-                        let emb = encoder
-                            .embed_pixels(&encoder.pixel_batch(&pixels)?)?
-                            .to_vec2::<f32>()?;
+                        let emb = encoder.embed_pixel_items(&pixels)?.to_vec2::<f32>()?;
                         for ((i, _), v) in ok.into_iter().zip(emb) {
                             if let Some(k) = keys[i] {
                                 fresh.push((k, v.clone()));

@@ -371,7 +371,7 @@ fn embed_pending(
         pipeline::batches(todo, batch_size),
         |_, _, p: &Pending| {
             let b = std::fs::read(&p.found.path).map_err(|e| Error::io(&p.found.path, e))?;
-            proc.process(&decode_image(&b, &p.found.path)?)
+            proc.process_pixels(&decode_image(&b, &p.found.path)?)
         },
         |batch| {
             let n = batch.len();
@@ -399,9 +399,7 @@ fn embed_pending(
             let vectors = if pixels.is_empty() {
                 Vec::new()
             } else {
-                encoder
-                    .embed_pixels(&encoder.pixel_batch(&pixels)?)?
-                    .to_vec2::<f32>()?
+                encoder.embed_pixel_items(&pixels)?.to_vec2::<f32>()?
             };
             catalog.write(|w| {
                 for (p, v) in ok.iter().zip(&vectors) {

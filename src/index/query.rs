@@ -140,11 +140,8 @@ pub fn embed(encoder: &Encoder, terms: &[Term]) -> Result<Vec<f32>> {
         let v: Vec<f32> = match &t.kind {
             TermKind::Text(s) => encoder.embed_texts(&[s.as_str()])?.get(0)?.to_vec1()?,
             TermKind::Image(p) => {
-                let px = encoder.image_processor().process_path(p)?;
-                encoder
-                    .embed_pixels(&encoder.pixel_batch(&[px])?)?
-                    .get(0)?
-                    .to_vec1()?
+                let px = encoder.image_processor().process_path_pixels(p)?;
+                encoder.embed_pixel_items(&[px])?.get(0)?.to_vec1()?
             }
         };
         parts.push((t.weight, v));

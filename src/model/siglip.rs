@@ -137,7 +137,7 @@ impl SiglipVision {
         let bias = emb.get(h, "patch_embedding.bias")?;
         Ok(Self {
             patch: Linear::new(conv.reshape((h, c * p * p))?, Some(bias)),
-            positions: PositionGrid::new(emb.get((g * g, h), "position_embedding.weight")?, g)?,
+            positions: PositionGrid::new(emb.get((g * g, h), "position_embedding.weight")?, 0, g)?,
             layers: blocks(
                 vb.pp("encoder.layers"),
                 cfg.num_hidden_layers,

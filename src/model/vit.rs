@@ -16,7 +16,8 @@ pub struct VisionTransformer {
     /// [C, p, p] patches: a non-overlapping convolution is exactly that GEMM.
     patch: Linear,
     class_embedding: Tensor,
-    position_embedding: Tensor,
+    /// The class position, then the patch grid's.
+    positions: PositionGrid,
     pre_layrnorm: LayerNorm,
     layers: Vec<PreNormBlock>,
     post_layernorm: LayerNorm,
@@ -71,7 +72,11 @@ impl VisionTransformer {
         Ok(Self {
             patch,
             class_embedding: emb.get(h, "class_embedding")?,
-            position_embedding: emb.get((n_pos, h), "position_embedding.weight")?,
+            positions: PositionGrid::new(
+                emb.get((n_pos, h), "position_embedding.weight")?,
+                1,
+                cfg.image_size / p,
+            )?,
             pre_layrnorm: LayerNorm::load(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
             layers,
             post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
@@ -101,32 +106,46 @@ impl VisionTransformer {
         self.run_layers(self.embed(pixel_values)?, n)
     }
 
-    /// Patch embedding, class token, positions and the pre-LN.
+    /// Patch embedding, class token, positions and the pre-LN. Any size
+    /// with sides that are multiples of the patch size runs: positions are
+    /// interpolated for a grid other than the trained one (transformers'
+    /// `interpolate_pos_encoding=True`).
     fn embed(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let (b, c, hh, ww) = pixel_values.dims4()?;
-        let (p, s) = (self.cfg.patch_size, self.cfg.image_size);
-        if c != self.cfg.num_channels || hh != s || ww != s {
+        let p = self.cfg.patch_size;
+        if c != self.cfg.num_channels
+            || !hh.is_multiple_of(p)
+            || !ww.is_multiple_of(p)
+            || hh == 0
+            || ww == 0
+        {
             return Err(Error::Shape(format!(
-                "pixel_values must be [B, {}, {s}, {s}], got {:?}",
+                "pixel_values must be [B, {}, H, W] with H and W multiples of the patch size {p}, got {:?}",
                 self.cfg.num_channels,
                 pixel_values.dims()
             )));
         }
-        let g = s / p;
-        // [B, C, g, p, g, p] -> [B, g, g, C, p, p] -> [B*g*g, C*p*p]
-        let patches = pixel_values
-            .reshape((b, c, g, p, g, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b, g * g, c * p * p))?;
-        let x = self.patch.forward(&patches)?; // [B, g*g, H]
+        let x = self.patch.forward(&patchify(pixel_values, p)?)?; // [B, gh*gw, H]
         let hdim = self.cfg.hidden_size;
         let cls = self
             .class_embedding
             .reshape((1, 1, hdim))?
             .broadcast_as((b, 1, hdim))?;
         let x = Tensor::cat(&[&cls, &x], 1)?;
-        let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let (gh, gw) = (hh / p, ww / p);
+        let g = self.positions.side();
+        let pos = if (gh, gw) == (g, g) {
+            self.positions.table().clone()
+        } else {
+            Tensor::cat(
+                &[
+                    &self.positions.table().narrow(0, 0, 1)?,
+                    &self.positions.resized(gh, gw)?,
+                ],
+                0,
+            )?
+        };
+        let x = x.broadcast_add(&pos.unsqueeze(0)?)?;
         self.pre_layrnorm.forward(&x)
     }
 
@@ -166,58 +185,65 @@ pub(crate) fn patchify(pixel_values: &Tensor, p: usize) -> Result<Tensor> {
         .reshape((b, gh * gw, c * p * p))?)
 }
 
-/// A learned position table for a square grid of patches, resized to other
-/// grids as transformers' `interpolate_pos_encoding=True` does: torch's
-/// bicubic `interpolate(size=..., align_corners=False)` of the table viewed
-/// as a [C, g, g] image.
+/// A learned position table for a square grid of patches (after `skip`
+/// leading rows: CLIP's class position), resized to other grids as
+/// transformers' `interpolate_pos_encoding=True` does: torch's bicubic
+/// `interpolate(size=..., align_corners=False)` of the grid rows viewed as a
+/// [C, g, g] image. The trained grid's rows are a view of the table, so
+/// gradients reach it; a resized grid is computed without a graph
+/// (inference at other resolutions).
 #[derive(Debug, Clone)]
 pub struct PositionGrid {
-    /// [g*g, C]
+    /// [skip + g*g, C]
     table: Tensor,
+    skip: usize,
     g: usize,
 }
 
 impl PositionGrid {
-    pub fn new(table: Tensor, g: usize) -> Result<Self> {
+    pub fn new(table: Tensor, skip: usize, g: usize) -> Result<Self> {
         let (n, _) = table.dims2()?;
-        if n != g * g {
+        if n != skip + g * g {
             return Err(Error::Shape(format!(
-                "a position table of {n} rows is not a {g}x{g} grid"
+                "a position table of {n} rows is not {skip} + a {g}x{g} grid"
             )));
         }
-        Ok(Self { table, g })
+        Ok(Self { table, skip, g })
     }
 
-    /// The table as trained.
+    /// The whole table as trained.
     pub fn table(&self) -> &Tensor {
         &self.table
     }
 
-    /// The positions of a gh x gw grid [gh*gw, C]: the table itself for the
-    /// trained grid, else its bicubic resize.
+    /// The trained grid's side.
+    pub fn side(&self) -> usize {
+        self.g
+    }
+
+    /// The positions of a gh x gw grid [gh*gw, C]: the table's own rows for
+    /// the trained grid, else their bicubic resize.
     pub fn resized(&self, gh: usize, gw: usize) -> Result<Tensor> {
-        if (gh, gw) == (self.g, self.g) {
-            return Ok(self.table.clone());
+        let g = self.g;
+        let rows = self.table.narrow(0, self.skip, g * g)?;
+        if (gh, gw) == (g, g) {
+            return Ok(rows);
         }
         let c = self.table.dim(1)?;
-        let src = self
-            .table
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec2::<f32>()?;
-        let g = self.g;
+        let src = rows.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
         let wy = bicubic_weights(g, gh);
         let wx = bicubic_weights(g, gw);
         let mut out = vec![0f32; gh * gw * c];
+        let mut row = vec![0f64; c];
+        let mut acc = vec![0f64; c];
         for (oy, ry) in wy.iter().enumerate() {
             for (ox, rx) in wx.iter().enumerate() {
-                let dst = &mut out[(oy * gw + ox) * c..(oy * gw + ox + 1) * c];
-                let mut acc = vec![0f64; c];
+                acc.fill(0.0);
                 for &(iy, fy) in ry {
-                    // torch interpolates along x first, then y, in float
-                    let mut row = vec![0f64; c];
+                    // along x first, then y, as torch's kernel
+                    row.fill(0.0);
                     for &(ix, fx) in rx {
-                        let s = &src[iy * g + ix];
-                        for (r, &v) in row.iter_mut().zip(s) {
+                        for (r, &v) in row.iter_mut().zip(&src[iy * g + ix]) {
                             *r += fx * v as f64;
                         }
                     }
@@ -225,6 +251,7 @@ impl PositionGrid {
                         *a += fy * r;
                     }
                 }
+                let dst = &mut out[(oy * gw + ox) * c..(oy * gw + ox + 1) * c];
                 for (d, a) in dst.iter_mut().zip(&acc) {
                     *d = *a as f32;
                 }

@@ -35,6 +35,10 @@ pub enum ResizeTo {
     /// Resize straight to this size, ignoring the aspect ratio
     /// (ChineseCLIPImageProcessor).
     Exact { height: u32, width: u32 },
+    /// Keep the aspect ratio with each side a multiple of `patch` and at
+    /// most `max_patches` patches (SigLIP 2's NaFlex rule; clasp's
+    /// `--keep-aspect`).
+    PatchBudget { patch: u32, max_patches: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +73,11 @@ impl ImageProcessorConfig {
                 v.push(1);
                 v.extend_from_slice(&height.to_le_bytes());
                 v.extend_from_slice(&width.to_le_bytes());
+            }
+            ResizeTo::PatchBudget { patch, max_patches } => {
+                v.push(2);
+                v.extend_from_slice(&patch.to_le_bytes());
+                v.extend_from_slice(&max_patches.to_le_bytes());
             }
         }
         flag(&mut v, self.do_center_crop);
@@ -144,6 +153,12 @@ impl ImageProcessorConfig {
             ResizeTo::Exact { height, width } => (
                 "ChineseCLIPImageProcessor",
                 serde_json::json!({"height": height, "width": width}),
+            ),
+            // No transformers processor keeps the aspect under a patch budget
+            // with bicubic CLIP resizing: written as clasp's own keys.
+            ResizeTo::PatchBudget { patch, max_patches } => (
+                "CLIPImageProcessor",
+                serde_json::json!({"clasp_patch_budget": {"patch_size": patch, "max_num_patches": max_patches}}),
             ),
         };
         serde_json::json!({
@@ -259,6 +274,18 @@ impl ImageProcessorConfig {
         Ok(cfg)
     }
 
+    /// The (height, width) every processed image has, when it does not
+    /// depend on the input (a crop or a straight resize).
+    pub fn fixed_size(&self) -> Option<(u32, u32)> {
+        if self.do_center_crop {
+            return Some(self.crop);
+        }
+        match (self.do_resize, self.resize) {
+            (true, ResizeTo::Exact { height, width }) => Some((height, width)),
+            _ => None,
+        }
+    }
+
     /// The (height, width) of the processed tensor.
     pub fn output_size(&self, src: (u32, u32)) -> (u32, u32) {
         let resized = if self.do_resize {
@@ -279,6 +306,7 @@ impl ImageProcessorConfig {
 fn resize_target((h, w): (u32, u32), to: ResizeTo) -> (u32, u32) {
     match to {
         ResizeTo::Exact { height, width } => (height, width),
+        ResizeTo::PatchBudget { patch, max_patches } => patch_budget_size(h, w, patch, max_patches),
         ResizeTo::ShortestEdge(s) => {
             let (short, long) = if w <= h { (w, h) } else { (h, w) };
             let new_long = (s as f64 * long as f64 / short as f64) as u32;
@@ -289,6 +317,39 @@ fn resize_target((h, w): (u32, u32), to: ResizeTo) -> (u32, u32) {
             }
         }
     }
+}
+
+/// The size that keeps an image's aspect ratio with each side a multiple of
+/// `patch` and at most `max_patches` patches: transformers'
+/// `get_image_size_for_max_num_patches` (Siglip2ImageProcessor), the same
+/// bisection over the scale in f64, so the same grid comes out.
+pub fn patch_budget_size(h: u32, w: u32, patch: u32, max_patches: u32) -> (u32, u32) {
+    let p = patch as f64;
+    let scaled = |scale: f64, size: u32| -> u32 {
+        let s = ((size as f64 * scale) / p).ceil() * p;
+        s.max(p) as u32
+    };
+    let eps = 1e-5;
+    let (mut lo, mut hi) = (eps / 10.0, 100.0f64);
+    while hi - lo >= eps {
+        let scale = (lo + hi) / 2.0;
+        let (th, tw) = (scaled(scale, h), scaled(scale, w));
+        let n = (th as f64 / p) * (tw as f64 / p);
+        if n <= max_patches as f64 {
+            lo = scale;
+        } else {
+            hi = scale;
+        }
+    }
+    (scaled(lo, h), scaled(lo, w))
+}
+
+/// Processed pixels, CHW, with their height and width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pixels {
+    pub data: Vec<f32>,
+    pub height: usize,
+    pub width: usize,
 }
 
 /// Reads and decodes an image file, applies its EXIF orientation and converts
@@ -399,6 +460,21 @@ impl ImageProcessor {
     /// Processes one RGB image into CHW f32 values, `output_size` in shape.
     pub fn process(&self, img: &RgbImage) -> Result<Vec<f32>> {
         Ok(self.normalize(&self.resize_and_crop(img)))
+    }
+
+    /// [`Self::process`] with the output's height and width.
+    pub fn process_pixels(&self, img: &RgbImage) -> Result<Pixels> {
+        let out = self.resize_and_crop(img);
+        Ok(Pixels {
+            height: out.height() as usize,
+            width: out.width() as usize,
+            data: self.normalize(&out),
+        })
+    }
+
+    /// [`Self::process_path`] with the output's height and width.
+    pub fn process_path_pixels(&self, path: &Path) -> Result<Pixels> {
+        self.process_pixels(&load_image(path)?)
     }
 
     /// The evaluation geometry: resize, then centre crop, as configured.

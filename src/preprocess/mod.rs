@@ -9,5 +9,7 @@ pub mod resample;
 pub mod sentencepiece;
 pub mod text;
 
-pub use self::image::{decode_image, load_image, ImageProcessor, ImageProcessorConfig, ResizeTo};
+pub use self::image::{
+    decode_image, load_image, ImageProcessor, ImageProcessorConfig, Pixels, ResizeTo,
+};
 pub use self::text::{TextTokenizer, TokenBatch};

@@ -27,7 +27,7 @@ use crate::Encoder;
 /// One input to embed. Images arrive already decoded and preprocessed (that
 /// work runs on blocking threads, not on the model thread).
 pub enum Item {
-    Image(Vec<f32>),
+    Image(crate::preprocess::Pixels),
     Text(String),
 }
 
@@ -282,7 +282,7 @@ fn model_worker(
             batch.into_iter().map(|j| (j.item, j.reply)).unzip();
         let result: crate::Result<Vec<Vec<f32>>> = match kind {
             Kind::Image => {
-                let px: Vec<Vec<f32>> = items
+                let px: Vec<crate::preprocess::Pixels> = items
                     .into_iter()
                     .map(|i| match i {
                         Item::Image(p) => p,
@@ -290,8 +290,7 @@ fn model_worker(
                     })
                     .collect();
                 encoder
-                    .pixel_batch(&px)
-                    .and_then(|b| encoder.embed_pixels(&b))
+                    .embed_pixel_items(&px)
                     .and_then(|e| Ok(e.to_vec2::<f32>()?))
             }
             Kind::Text => {

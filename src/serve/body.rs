@@ -168,7 +168,7 @@ pub(crate) async fn prepare_images(
     max_pixels: u64,
     processor: ImageProcessor,
     images: Vec<(String, Vec<u8>)>,
-) -> Result<Vec<Vec<f32>>, ApiError> {
+) -> Result<Vec<crate::preprocess::Pixels>, ApiError> {
     tokio::task::spawn_blocking(move || {
         use rayon::prelude::*;
         images
@@ -195,7 +195,7 @@ pub(crate) async fn prepare_images(
                     ApiError::bad(field.clone(), format!("not a decodable image: {e}"))
                 })?;
                 processor
-                    .process(&img)
+                    .process_pixels(&img)
                     .map_err(|e| ApiError::bad(field, e.to_string()))
             })
             .collect()

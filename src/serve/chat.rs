@@ -390,7 +390,7 @@ async fn prepare_turns(
                 .map(|p| match p {
                     RawPart::Text(s) => Part::Text(s),
                     RawPart::Image { .. } => {
-                        Part::Image(pixels.next().expect("one prepared image per part"))
+                        Part::Image(pixels.next().expect("one prepared image per part").data)
                     }
                 })
                 .collect(),
