@@ -5,6 +5,8 @@ SigLIP has no fast tokenizer) and sentencepiece itself.
 
     python3 scripts/gen_siglip_fixtures.py      # writes tests/fixtures/siglip/
 
+    python3 scripts/gen_siglip_fixtures.py siglip2   # only tiny-siglip2/
+
 Outputs (small):
   tiny-siglip/              a random-init SiglipModel (save_pretrained) with a
                             SentencePiece unigram model that sentencepiece trains
@@ -16,6 +18,12 @@ Outputs (small):
                             model's image and text embeddings and logits
   tokens.json               SiglipTokenizer ids (padding to max_length 64) for
                             edge cases and captions, English and Chinese
+  tiny-siglip2/             a random-init Siglip2Model (NaFlex) with a Gemma
+                            tokenizer.json that transformers converts from a
+                            byte-fallback BPE SentencePiece model trained here
+  expected2.safetensors     Siglip2ImageProcessor's patches, masks and spatial
+                            shapes for non-square photos (max_num_patches 16),
+                            token ids, embeddings and logits
 Needs: pip install torch transformers sentencepiece protobuf pillow safetensors
 """
 import io
@@ -84,9 +92,9 @@ def photos():
 
 
 def main():
-    if os.path.isdir(OUT):
-        shutil.rmtree(OUT)
     d = os.path.join(OUT, "tiny-siglip")
+    if os.path.isdir(d):
+        shutil.rmtree(d)
     os.makedirs(d)
     train_spm(d)
     tok = SiglipTokenizer(vocab_file=os.path.join(d, "spiece.model"))
@@ -137,5 +145,72 @@ def main():
     print(f"siglip fixtures: {len(strings)} strings, {len(files)} photos, {total / 1024:.0f} KiB")
 
 
+def siglip2():
+    from transformers import GemmaTokenizer, Siglip2Config, Siglip2Model
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+    torch.manual_seed(1)
+    d = os.path.join(OUT, "tiny-siglip2")
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    os.makedirs(d)
+    work = os.path.join(OUT, "_spm")
+    os.makedirs(work, exist_ok=True)
+    text = captions("en", 6000, 3) + captions("zh", 2000, 4)
+    # Gemma's SentencePiece settings: BPE with byte fallback, no dummy
+    # prefix, digits split, no normalization.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=os.path.join(work, "tokenizer"), vocab_size=1200,
+        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", byte_fallback=True, add_dummy_prefix=False, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        character_coverage=0.98, minloglevel=2)  # rarer Chinese characters fall back to bytes
+    tok = GemmaTokenizer.from_pretrained(work)
+    shutil.rmtree(work)
+    cfg = Siglip2Config(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=8, num_patches=16))
+    model = Siglip2Model(cfg).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(1.7)
+        model.logit_bias.fill_(-2.5)
+        for n, p in model.named_parameters():
+            if "layernorm" in n.lower() or "layer_norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    tc = os.path.join(d, "tokenizer_config.json")  # no path of this machine in the fixture
+    json.dump({k: v for k, v in json.load(open(tc)).items() if k != "vocab_file"}, open(tc, "w"), indent=2)
+    proc = Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16, do_convert_rgb=True)
+    proc.save_pretrained(d)
+    texts = ["a photo of a cat", "two dogs run on the grass", "一只猫在草地上", "A MAN, riding a bike!",
+             "the cat the dog " * 20]
+    files = photos()
+    imgs = [ImageOps.exif_transpose(Image.open(p)) for p in files]
+    enc = proc(images=imgs, return_tensors="pt")
+    ids = tok(texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=enc["pixel_values"],
+                    pixel_attention_mask=enc["pixel_attention_mask"], spatial_shapes=enc["spatial_shapes"])
+        img = model.get_image_features(pixel_values=enc["pixel_values"],
+                                       pixel_attention_mask=enc["pixel_attention_mask"],
+                                       spatial_shapes=enc["spatial_shapes"])
+        txt = model.get_text_features(input_ids=ids)
+    img = getattr(img, "pooler_output", img)
+    txt = getattr(txt, "pooler_output", txt)
+    tensors = {"pixel_values": enc["pixel_values"], "pixel_attention_mask": enc["pixel_attention_mask"].int(),
+               "spatial_shapes": enc["spatial_shapes"].int(), "input_ids": ids.int(), "image_features": img,
+               "text_features": txt, "logits_per_image": out.logits_per_image}
+    meta = {"files": json.dumps([os.path.relpath(p, ROOT) for p in files]), "texts": json.dumps(texts)}
+    save_file({k: v.contiguous().numpy() for k, v in tensors.items()},
+              os.path.join(OUT, "expected2.safetensors"), metadata=meta)
+    print("siglip2 fixtures: shapes", enc["spatial_shapes"].tolist())
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:] != ["siglip2"]:
+        main()
+    siglip2()

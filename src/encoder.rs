@@ -151,6 +151,11 @@ impl Encoder {
             None => default_image_processor(&config),
         };
         let tokenizer = TextTokenizer::from_dir(&files.dir, config.text_context_length())?;
+        let tokenizer = if config.reads_full_context() {
+            tokenizer.full_context()
+        } else {
+            tokenizer
+        };
         let mut encoder = Self {
             model,
             config,
@@ -388,6 +393,10 @@ impl Encoder {
         } else if image_size.is_some() {
             cfg.resize = match cfg.resize {
                 ResizeTo::ShortestEdge(_) => ResizeTo::ShortestEdge(n),
+                ResizeTo::PatchBudget { patch, .. } => ResizeTo::PatchBudget {
+                    patch,
+                    max_patches: (n / p) * (n / p),
+                },
                 _ => ResizeTo::Exact {
                     height: n,
                     width: n,
@@ -526,6 +535,10 @@ pub fn default_image_processor(config: &ModelConfig) -> ImageProcessorConfig {
             ImageProcessorConfig::clip_default(size)
         }
         ModelConfig::ChineseClip(_) => ImageProcessorConfig::chinese_clip_default(size),
+        ModelConfig::Siglip(c) if c.naflex => ImageProcessorConfig::siglip2_default(
+            c.vision_config.patch_size as u32,
+            c.vision_config.num_patches.unwrap_or(256) as u32,
+        ),
         ModelConfig::Siglip(_) => ImageProcessorConfig::siglip_default(size),
     }
 }

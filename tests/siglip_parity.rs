@@ -140,3 +140,121 @@ fn siglip_pixels_match_transformers_processor() {
         );
     }
 }
+
+fn expected2() -> (
+    std::collections::HashMap<String, Tensor>,
+    std::collections::HashMap<String, String>,
+) {
+    let path = fixtures().join("expected2.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    (tensors, meta.metadata().clone().unwrap_or_default())
+}
+
+/// A reference patch row set [gh*gw, p*p*C] (channels last) back to a
+/// [1, C, gh*p, gw*p] image.
+fn unpatchify(patches: &Tensor, (gh, gw): (usize, usize), p: usize) -> Tensor {
+    let c = patches.dim(1).unwrap() / (p * p);
+    patches
+        .narrow(0, 0, gh * gw)
+        .unwrap()
+        .reshape((gh, gw, p, p, c))
+        .unwrap()
+        .permute((4, 0, 2, 1, 3))
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((1, c, gh * p, gw * p))
+        .unwrap()
+}
+
+/// SigLIP 2 (NaFlex) against transformers on six photos of four aspect
+/// ratios: each image's embedding from its own patch grid (positions
+/// resized per image) equals Siglip2Model's on the padded, masked batch;
+/// the Gemma tokenizer.json gives the same ids; text embeddings and sigmoid
+/// logits agree.
+#[test]
+fn siglip2_naflex_embeddings_and_logits_match_transformers() {
+    let (exp, meta) = expected2();
+    let enc = Encoder::load(
+        fixtures().join("tiny-siglip2").to_str().unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(enc.config().model_type(), "siglip2");
+    let shapes = exp["spatial_shapes"].to_vec2::<i32>().unwrap();
+    let n = shapes.len();
+    let mut rows = Vec::new();
+    for (i, s) in shapes.iter().enumerate() {
+        let img = unpatchify(
+            &exp["pixel_values"].get(i).unwrap(),
+            (s[0] as usize, s[1] as usize),
+            8,
+        );
+        rows.push(enc.image_features(&img).unwrap().squeeze(0).unwrap());
+    }
+    let img = Tensor::stack(&rows, 0).unwrap();
+    let d = max_abs(&img, &exp["image_features"]);
+    assert!(d < 1e-4, "image features differ by {d}");
+    assert!(
+        shapes.iter().any(|s| s[0] != s[1]),
+        "non-square grids tested"
+    );
+
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    let batch = enc.tokenizer().encode(&texts).unwrap();
+    let want = exp["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
+    assert_eq!(batch.ids, want.to_vec2::<u32>().unwrap());
+    let txt = enc.text_features(&texts).unwrap();
+    let d = max_abs(&txt, &exp["text_features"]);
+    assert!(d < 1e-4, "text features differ by {d}");
+    let nrm = |t: &Tensor| clasp::model::l2_normalize(t).unwrap();
+    let logits = enc.similarity(&nrm(&img), &nrm(&txt)).unwrap();
+    assert_eq!(logits.dims(), &[n, texts.len()]);
+    let d = max_abs(&logits, &exp["logits_per_image"]);
+    assert!(d < 1e-4, "logits differ by {d}");
+}
+
+/// Siglip2ImageProcessor (PIL, bilinear, max_num_patches 16) against clasp
+/// on non-square photos: the patch grids and masks are identical, and the
+/// patch values agree to one 8-bit level on PNGs and the full-size JPEGs,
+/// three on the 60x45 test JPEG (decoders differ; see core_parity).
+#[test]
+fn siglip2_patch_grids_masks_and_pixels_match_transformers() {
+    let (exp, meta) = expected2();
+    let enc = Encoder::load(
+        fixtures().join("tiny-siglip2").to_str().unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let files: Vec<String> = serde_json::from_str(&meta["files"]).unwrap();
+    let shapes = exp["spatial_shapes"].to_vec2::<i32>().unwrap();
+    let masks = exp["pixel_attention_mask"].to_vec2::<i32>().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (i, f) in files.iter().enumerate() {
+        let px = enc
+            .image_processor()
+            .process_path_pixels(&root.join(f))
+            .unwrap();
+        let (patches, mask, grid) = clasp::preprocess::image::naflex_patches(&px, 8, 16).unwrap();
+        assert_eq!(
+            grid,
+            (shapes[i][0] as usize, shapes[i][1] as usize),
+            "{f}: grid"
+        );
+        let want_mask: Vec<u8> = masks[i].iter().map(|&m| m as u8).collect();
+        assert_eq!(mask, want_mask, "{f}: mask");
+        let got = Tensor::from_vec(patches, (16, 192), &Device::Cpu).unwrap();
+        let d = max_abs(&got, &exp["pixel_values"].get(i).unwrap());
+        let levels = if f.contains("fixtures/core/images/") && f.ends_with(".jpg") {
+            3.0
+        } else {
+            1.0
+        };
+        assert!(
+            d <= levels * 2.0 / 255.0 + 1e-5,
+            "{f}: patches differ by {d}"
+        );
+    }
+}

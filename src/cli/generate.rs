@@ -202,6 +202,11 @@ pub fn tokenize_cmd(a: TokenizeArgs) -> Result<ExitCode> {
         let cfg = clasp::model::ModelConfig::from_file(&dir.join("config.json"))?;
         let tok =
             clasp::preprocess::text::TextTokenizer::from_dir(&dir, cfg.text_context_length())?;
+        let tok = if cfg.reads_full_context() {
+            tok.full_context()
+        } else {
+            tok
+        };
         let batch = tok.encode(&a.texts)?;
         batch
             .ids

@@ -133,7 +133,7 @@ mod tests {
         use crate::preprocess::image::{ImageProcessorConfig, ResizeTo};
         let base = ImageProcessorConfig::clip_default(224);
         let k = base.key_bytes();
-        assert!(k.starts_with(b"clasp-image-processor-v1\0"));
+        assert!(k.starts_with(b"clasp-image-processor-v2\0"));
         assert_eq!(k, ImageProcessorConfig::clip_default(224).key_bytes());
         type Change = Box<dyn Fn(&mut ImageProcessorConfig)>;
         let variants: Vec<Change> = vec![
@@ -152,6 +152,13 @@ mod tests {
             Box::new(|c| c.do_normalize = !c.do_normalize),
             Box::new(|c| c.mean[2] += 1e-9),
             Box::new(|c| c.std[0] += 1e-9),
+            Box::new(|c| c.resample = crate::preprocess::resample::Filter::Bilinear),
+            Box::new(|c| {
+                c.resize = ResizeTo::PatchBudget {
+                    patch: 16,
+                    max_patches: 196,
+                }
+            }),
         ];
         for (i, change) in variants.iter().enumerate() {
             let mut c = ImageProcessorConfig::clip_default(224);

@@ -9,8 +9,13 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// The `model_type` values clasp can build.
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["clip", "chinese_clip", "vision-text-dual-encoder", "siglip"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "clip",
+    "chinese_clip",
+    "vision-text-dual-encoder",
+    "siglip",
+    "siglip2",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -117,18 +122,27 @@ pub struct SiglipVisionConfig {
     /// pooled output (such towers serve VLMs, not retrieval).
     #[serde(default = "d_true")]
     pub vision_use_head: bool,
+    /// SigLIP 2 (NaFlex) only: the position table's size, a square grid.
+    /// SigLIP 2 has no `image_size`; its grid is sqrt(num_patches) patches
+    /// a side.
+    #[serde(default)]
+    pub num_patches: Option<usize>,
 }
 
 impl SiglipVisionConfig {
     /// The fields the shared ViT code reads, in CLIP's struct.
     pub fn as_vit(&self) -> VisionConfig {
+        let image_size = match self.num_patches {
+            Some(n) => (n as f64).sqrt().round() as usize * self.patch_size,
+            None => self.image_size,
+        };
         VisionConfig {
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: self.num_attention_heads,
             num_channels: self.num_channels,
-            image_size: self.image_size,
+            image_size,
             patch_size: self.patch_size,
             hidden_act: self.hidden_act,
             layer_norm_eps: self.layer_norm_eps,
@@ -137,8 +151,10 @@ impl SiglipVisionConfig {
     }
 }
 
-/// `SiglipConfig`. There are no projections: each tower's head gives the
-/// embedding, so both heads must have one size.
+/// `SiglipConfig` and `Siglip2Config` (NaFlex: `num_patches` set, a linear
+/// patch embedding over channel-last patches, positions resized per image).
+/// There are no projections: each tower's head gives the embedding, so both
+/// heads must have one size.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SiglipConfig {
     pub text_config: SiglipTextConfig,
@@ -146,6 +162,9 @@ pub struct SiglipConfig {
     /// The vision config as the shared ViT code reads it.
     #[serde(skip)]
     pub vit: Option<VisionConfig>,
+    /// SigLIP 2 (`model_type: siglip2`).
+    #[serde(skip)]
+    pub naflex: bool,
 }
 
 /// CLIP's causal text transformer (`CLIPTextConfig`).
@@ -344,8 +363,20 @@ impl ModelConfig {
                     serde_json::from_str(text).map_err(bad)?,
                 ))
             }
-            "siglip" => {
+            "siglip" | "siglip2" => {
                 let mut c: SiglipConfig = serde_json::from_str(text).map_err(bad)?;
+                c.naflex = model_type == "siglip2";
+                if c.naflex {
+                    let n = c.vision_config.num_patches.unwrap_or(256);
+                    let g = (n as f64).sqrt().round() as usize;
+                    if g * g != n {
+                        return Err(Error::Config {
+                            path: path.to_path_buf(),
+                            reason: format!("num_patches {n} is not a square grid"),
+                        });
+                    }
+                    c.vision_config.num_patches = Some(n);
+                }
                 let (v, t) = (&c.vision_config, &c.text_config);
                 if !v.vision_use_head {
                     return Err(Error::Config {
@@ -386,6 +417,7 @@ impl ModelConfig {
             ModelConfig::Clip(_) => "clip",
             ModelConfig::ChineseClip(_) => "chinese_clip",
             ModelConfig::DualEncoder(_) => "vision-text-dual-encoder",
+            ModelConfig::Siglip(c) if c.naflex => "siglip2",
             ModelConfig::Siglip(_) => "siglip",
         }
     }
@@ -406,6 +438,12 @@ impl ModelConfig {
             ModelConfig::DualEncoder(c) => c.projection_dim,
             ModelConfig::Siglip(c) => c.text_config.projection_size(),
         }
+    }
+
+    /// Whether the text tower reads the whole padded context without a mask
+    /// (SigLIP, SigLIP 2), so token batches must keep their full padding.
+    pub fn reads_full_context(&self) -> bool {
+        matches!(self, ModelConfig::Siglip(_))
     }
 
     /// The text context the model was trained with: CLIP's position table (77),
@@ -452,7 +490,7 @@ mod tests {
             .to_string();
         assert!(err.contains("blip"), "{err}");
         assert!(
-            err.contains("clip, chinese_clip, vision-text-dual-encoder, siglip"),
+            err.contains("clip, chinese_clip, vision-text-dual-encoder, siglip, siglip2"),
             "{err}"
         );
         assert!(err.contains("x/config.json"), "{err}");

@@ -108,13 +108,82 @@ impl PoolingHead {
     }
 }
 
-/// SigLIP's image tower (`SiglipVisionTransformer` with its head).
+/// How positions reach a grid other than the trained one.
+#[derive(Debug, Clone)]
+enum Positions {
+    /// SigLIP: bicubic, as `interpolate_pos_encoding=True`.
+    Bicubic(PositionGrid),
+    /// SigLIP 2: antialiased bilinear, per image, as NaFlex does.
+    NaFlex { table: Tensor, g: usize },
+}
+
+impl Positions {
+    fn resized(&self, gh: usize, gw: usize) -> Result<Tensor> {
+        match self {
+            Positions::Bicubic(p) => p.resized(gh, gw),
+            // The trained grid's weights are the identity: the table itself,
+            // so training reaches it.
+            Positions::NaFlex { table, g } if (gh, gw) == (*g, *g) => Ok(table.clone()),
+            Positions::NaFlex { table, g } => naflex_positions(table, *g, gh, gw),
+        }
+    }
+}
+
+/// SigLIP 2's position resize (`Siglip2VisionEmbeddings.
+/// resize_positional_embeddings`): torch's bilinear, antialiased,
+/// `align_corners=False` interpolation of the [g, g, C] table to [gh, gw, C],
+/// as separable triangle weights whose support widens when shrinking.
+fn naflex_positions(table: &Tensor, g: usize, gh: usize, gw: usize) -> Result<Tensor> {
+    let axis = |n: usize| -> Vec<Vec<f64>> {
+        let scale = g as f64 / n as f64;
+        let support = scale.max(1.0);
+        (0..n)
+            .map(|o| {
+                let center = (o as f64 + 0.5) * scale - 0.5;
+                let mut w: Vec<f64> = (0..g)
+                    .map(|s| (1.0 - (s as f64 - center).abs() / support).max(0.0))
+                    .collect();
+                let sum: f64 = w.iter().sum();
+                w.iter_mut().for_each(|v| *v /= sum);
+                w
+            })
+            .collect()
+    };
+    let (wy, wx) = (axis(gh), axis(gw));
+    let c = table.dim(1)?;
+    let src = table.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+    let mut out = vec![0f32; gh * gw * c];
+    let mut acc = vec![0f64; c];
+    for (oy, ry) in wy.iter().enumerate() {
+        for (ox, rx) in wx.iter().enumerate() {
+            acc.fill(0.0);
+            for (iy, &fy) in ry.iter().enumerate().filter(|(_, &f)| f != 0.0) {
+                for (ix, &fx) in rx.iter().enumerate().filter(|(_, &f)| f != 0.0) {
+                    let f = fy * fx;
+                    for (a, &v) in acc.iter_mut().zip(&src[iy * g + ix]) {
+                        *a += f * v as f64;
+                    }
+                }
+            }
+            let dst = &mut out[(oy * gw + ox) * c..(oy * gw + ox + 1) * c];
+            for (d, a) in dst.iter_mut().zip(&acc) {
+                *d = *a as f32;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (gh * gw, c), table.device())?.to_dtype(table.dtype())?)
+}
+
+/// SigLIP's and SigLIP 2's image tower (`SiglipVisionTransformer` with its
+/// head).
 #[derive(Debug, Clone)]
 pub struct SiglipVision {
-    /// The stride-p convolution as a linear map over flattened patches,
-    /// with its bias (CLIP's has none).
+    /// The patch embedding as a linear map over flattened [C, p, p]
+    /// patches, with its bias (CLIP's has none). SigLIP's is a stride-p
+    /// convolution; SigLIP 2's a linear layer over channel-last [p, p, C]
+    /// patches, whose columns are reordered at load.
     patch: Linear,
-    positions: PositionGrid,
+    positions: Positions,
     layers: Vec<PreNormBlock>,
     post_layernorm: LayerNorm,
     head: PoolingHead,
@@ -125,19 +194,40 @@ impl SiglipVision {
     /// `vb` points at `vision_model`.
     pub fn load(vb: VarBuilder, cfg: &SiglipVisionConfig) -> Result<Self> {
         let (c, p, h) = (cfg.num_channels, cfg.patch_size, cfg.hidden_size);
-        if !cfg.image_size.is_multiple_of(p) {
-            return Err(Error::Shape(format!(
-                "image_size {} is not a multiple of patch_size {p}",
-                cfg.image_size
-            )));
-        }
-        let g = cfg.image_size / p;
         let emb = vb.pp("embeddings");
-        let conv = emb.get((h, c, p, p), "patch_embedding.weight")?;
         let bias = emb.get(h, "patch_embedding.bias")?;
+        let (patch, positions) = match cfg.num_patches {
+            Some(n) => {
+                let g = (n as f64).sqrt().round() as usize;
+                // [H, p*p*C] over (py, px, c) to clasp's (c, py, px) order.
+                let w = emb
+                    .get((h, p * p * c), "patch_embedding.weight")?
+                    .reshape((h, p, p, c))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?
+                    .reshape((h, c * p * p))?;
+                let table = emb.get((n, h), "position_embedding.weight")?;
+                (Linear::new(w, Some(bias)), Positions::NaFlex { table, g })
+            }
+            None => {
+                if !cfg.image_size.is_multiple_of(p) {
+                    return Err(Error::Shape(format!(
+                        "image_size {} is not a multiple of patch_size {p}",
+                        cfg.image_size
+                    )));
+                }
+                let g = cfg.image_size / p;
+                let conv = emb.get((h, c, p, p), "patch_embedding.weight")?;
+                let table = emb.get((g * g, h), "position_embedding.weight")?;
+                (
+                    Linear::new(conv.reshape((h, c * p * p))?, Some(bias)),
+                    Positions::Bicubic(PositionGrid::new(table, 0, g)?),
+                )
+            }
+        };
         Ok(Self {
-            patch: Linear::new(conv.reshape((h, c * p * p))?, Some(bias)),
-            positions: PositionGrid::new(emb.get((g * g, h), "position_embedding.weight")?, 0, g)?,
+            patch,
+            positions,
             layers: blocks(
                 vb.pp("encoder.layers"),
                 cfg.num_hidden_layers,
@@ -170,8 +260,11 @@ impl SiglipVision {
     }
 
     /// `pixel_values` [B, C, H, W] (H and W multiples of the patch size; a
-    /// grid other than the trained one gets its positions resized, as
-    /// transformers' `interpolate_pos_encoding=True`) to the pooled [B, C].
+    /// grid other than the trained one gets its positions resized: SigLIP's
+    /// as transformers' `interpolate_pos_encoding=True`, SigLIP 2's as
+    /// NaFlex) to the pooled [B, C]. A NaFlex batch padded to
+    /// `max_num_patches` and masked gives each image's real patches the
+    /// values they get here alone, so images run unpadded, grouped by size.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let (_, c, hh, ww) = pixel_values.dims4()?;
         let p = self.cfg.patch_size;

@@ -24,6 +24,9 @@ pub const SUPPORTED_PROCESSORS: &[&str] = &[
     "SiglipImageProcessor",
     "SiglipImageProcessorFast",
     "SiglipImageProcessorPil",
+    "Siglip2ImageProcessor",
+    "Siglip2ImageProcessorFast",
+    "Siglip2ImageProcessorPil",
 ];
 
 /// How to resize before any crop.
@@ -53,6 +56,8 @@ pub struct ImageProcessorConfig {
     pub do_normalize: bool,
     pub mean: [f64; 3],
     pub std: [f64; 3],
+    /// Pillow's filter for the resize (and random crops in training).
+    pub resample: super::resample::Filter,
 }
 
 impl ImageProcessorConfig {
@@ -60,7 +65,7 @@ impl ImageProcessorConfig {
     /// little-endian, with a version tag, so it never depends on `Debug`
     /// output. Bump the version when a field is added; old keys then miss.
     pub fn key_bytes(&self) -> Vec<u8> {
-        let mut v = b"clasp-image-processor-v1\0".to_vec();
+        let mut v = b"clasp-image-processor-v2\0".to_vec();
         let flag = |v: &mut Vec<u8>, b: bool| v.push(b as u8);
         flag(&mut v, self.do_convert_rgb);
         flag(&mut v, self.do_resize);
@@ -89,6 +94,7 @@ impl ImageProcessorConfig {
         for x in self.mean.iter().chain(&self.std) {
             v.extend_from_slice(&x.to_le_bytes());
         }
+        v.extend_from_slice(&self.resample.pil_number().to_le_bytes());
         v
     }
 }
@@ -119,6 +125,9 @@ struct RawProcessor {
     do_normalize: Option<bool>,
     image_mean: Option<[f64; 3]>,
     image_std: Option<[f64; 3]>,
+    /// Siglip2ImageProcessor's NaFlex budget.
+    patch_size: Option<u32>,
+    max_num_patches: Option<u32>,
 }
 
 const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -138,6 +147,7 @@ impl ImageProcessorConfig {
             do_normalize: true,
             mean: CLIP_MEAN,
             std: CLIP_STD,
+            resample: super::resample::Filter::Bicubic,
         }
     }
 
@@ -169,7 +179,7 @@ impl ImageProcessorConfig {
             "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor,
             "do_normalize": self.do_normalize,
             "image_mean": self.mean, "image_std": self.std,
-            "do_convert_rgb": self.do_convert_rgb, "resample": 3
+            "do_convert_rgb": self.do_convert_rgb, "resample": self.resample.pil_number()
         })
     }
 
@@ -180,6 +190,16 @@ impl ImageProcessorConfig {
             mean: [0.5; 3],
             std: [0.5; 3],
             ..Self::chinese_clip_default(size)
+        }
+    }
+
+    /// Siglip2ImageProcessor's NaFlex defaults: the aspect ratio kept with
+    /// at most `max_patches` patches of `patch` pixels, bilinear, 0.5/0.5.
+    pub fn siglip2_default(patch: u32, max_patches: u32) -> Self {
+        Self {
+            resize: ResizeTo::PatchBudget { patch, max_patches },
+            resample: super::resample::Filter::Bilinear,
+            ..Self::siglip_default(patch)
         }
     }
 
@@ -217,15 +237,33 @@ impl ImageProcessorConfig {
             )));
         }
         let chinese = kind.starts_with("ChineseCLIP");
-        let siglip = kind.starts_with("Siglip");
-        if let Some(r) = raw.resample {
-            if r != 3 {
-                return Err(bad(format!(
-                    "resample={r} is not supported; only 3 (bicubic) is implemented"
-                )));
-            }
-        }
-        let mut cfg = if siglip {
+        let siglip2 = kind.starts_with("Siglip2");
+        let siglip = kind.starts_with("Siglip") && !siglip2;
+        let resample = match raw.resample {
+            Some(r) => super::resample::Filter::from_pil(r).ok_or_else(|| {
+                bad(format!(
+                    "resample={r} is not supported; 3 (bicubic) and 2 (bilinear) are implemented"
+                ))
+            })?,
+            None => super::resample::Filter::Bicubic,
+        };
+        let mut cfg = if siglip2 {
+            let cfg = Self::siglip2_default(
+                raw.patch_size.unwrap_or(16),
+                raw.max_num_patches.unwrap_or(256),
+            );
+            // NaFlex's geometry is its budget; `size` and crops do not apply.
+            return Ok(Self {
+                resample: raw.resample.and(Some(resample)).unwrap_or(cfg.resample),
+                do_rescale: raw.do_rescale.unwrap_or(true),
+                rescale_factor: raw.rescale_factor.unwrap_or(cfg.rescale_factor),
+                do_normalize: raw.do_normalize.unwrap_or(true),
+                mean: raw.image_mean.unwrap_or(cfg.mean),
+                std: raw.image_std.unwrap_or(cfg.std),
+                do_convert_rgb: raw.do_convert_rgb.unwrap_or(true),
+                ..cfg
+            });
+        } else if siglip {
             Self::siglip_default(224)
         } else if chinese {
             Self::chinese_clip_default(224)
@@ -271,6 +309,7 @@ impl ImageProcessorConfig {
              do_center_crop => cfg.do_center_crop, do_rescale => cfg.do_rescale,
              rescale_factor => cfg.rescale_factor, do_normalize => cfg.do_normalize,
              image_mean => cfg.mean, image_std => cfg.std);
+        cfg.resample = resample;
         Ok(cfg)
     }
 
@@ -342,6 +381,41 @@ pub fn patch_budget_size(h: u32, w: u32, patch: u32, max_patches: u32) -> (u32, 
         }
     }
     (scaled(lo, h), scaled(lo, w))
+}
+
+/// SigLIP 2's model inputs for one image as Siglip2ImageProcessor returns
+/// them: the patches [max_patches, p*p*C] (each patch row-major, channels
+/// last), zero after the image's own; the mask (1 for real patches); and
+/// the patch grid (rows, columns).
+pub fn naflex_patches(
+    px: &Pixels,
+    patch: usize,
+    max_patches: usize,
+) -> Result<(Vec<f32>, Vec<u8>, (usize, usize))> {
+    let (gh, gw) = (px.height / patch, px.width / patch);
+    if px.height % patch != 0 || px.width % patch != 0 || gh * gw > max_patches {
+        return Err(Error::Shape(format!(
+            "a {}x{} image is not a grid of at most {max_patches} patches of {patch} px",
+            px.height, px.width
+        )));
+    }
+    let c = px.data.len() / (px.height * px.width);
+    let dim = patch * patch * c;
+    let mut out = vec![0f32; max_patches * dim];
+    for (i, dst) in out.chunks_mut(dim).take(gh * gw).enumerate() {
+        let (r, q) = (i / gw, i % gw);
+        for y in 0..patch {
+            for x in 0..patch {
+                for ch in 0..c {
+                    let src =
+                        ch * px.height * px.width + (r * patch + y) * px.width + q * patch + x;
+                    dst[(y * patch + x) * c + ch] = px.data[src];
+                }
+            }
+        }
+    }
+    let mask = (0..max_patches).map(|i| (i < gh * gw) as u8).collect();
+    Ok((out, mask, (gh, gw)))
 }
 
 /// Processed pixels, CHW, with their height and width.
@@ -484,7 +558,7 @@ impl ImageProcessor {
             if (w, h) == img.dimensions() {
                 img.clone()
             } else {
-                super::resample::resize_bicubic_pil(img, w, h)
+                super::resample::resize_pil(img, w, h, self.cfg.resample)
             }
         } else {
             img.clone()

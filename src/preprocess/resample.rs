@@ -1,5 +1,5 @@
-//! Bicubic resampling that reproduces Pillow's `Image.resize(..., BICUBIC)`
-//! bit for bit on 8-bit RGB.
+//! Resampling that reproduces Pillow's `Image.resize(..., BICUBIC)` and
+//! `(..., BILINEAR)` bit for bit on 8-bit RGB.
 //!
 //! Written here rather than taken from fast_image_resize: that crate uses the
 //! same kernel but 16-bit fixed-point coefficients, which drifted up to three
@@ -26,6 +26,50 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
+/// Pillow's triangle (bilinear) kernel, support 1.
+fn bilinear(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 {
+        1.0 - x
+    } else {
+        0.0
+    }
+}
+
+/// A Pillow resampling filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// `Image.BICUBIC` (3): CLIP's, Chinese-CLIP's and SigLIP's.
+    Bicubic,
+    /// `Image.BILINEAR` (2): SigLIP 2's.
+    Bilinear,
+}
+
+impl Filter {
+    /// From PIL's `resample` number, as preprocessor_config.json has it.
+    pub fn from_pil(n: u32) -> Option<Self> {
+        match n {
+            3 => Some(Filter::Bicubic),
+            2 => Some(Filter::Bilinear),
+            _ => None,
+        }
+    }
+
+    pub fn pil_number(self) -> u32 {
+        match self {
+            Filter::Bicubic => 3,
+            Filter::Bilinear => 2,
+        }
+    }
+
+    fn kernel(self) -> (fn(f64) -> f64, f64) {
+        match self {
+            Filter::Bicubic => (bicubic, 2.0),
+            Filter::Bilinear => (bilinear, 1.0),
+        }
+    }
+}
+
 /// Per output position: the first input index and the fixed-point weights.
 struct Coeffs {
     bounds: Vec<(usize, usize)>,
@@ -33,10 +77,11 @@ struct Coeffs {
     weights: Vec<i32>,
 }
 
-fn precompute(in_size: usize, out_size: usize) -> Coeffs {
+fn precompute(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
+    let (kernel, base_support) = filter.kernel();
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
+    let support = base_support * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut bounds = Vec::with_capacity(out_size);
     let mut weights = vec![0i32; out_size * ksize];
@@ -49,7 +94,7 @@ fn precompute(in_size: usize, out_size: usize) -> Coeffs {
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
         let mut ww = 0.0;
         for (x, kx) in k.iter_mut().enumerate().take(xmax) {
-            let w = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
+            let w = kernel((x as f64 + xmin as f64 - center + 0.5) * ss);
             *kx = w;
             ww += w;
         }
@@ -84,13 +129,18 @@ fn clip8(v: i64) -> u8 {
 
 /// Resizes `img` to `w` x `h` exactly as Pillow's bicubic resize does.
 pub fn resize_bicubic_pil(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    resize_pil(img, w, h, Filter::Bicubic)
+}
+
+/// Resizes `img` to `w` x `h` exactly as Pillow's resize with `filter` does.
+pub fn resize_pil(img: &RgbImage, w: u32, h: u32, filter: Filter) -> RgbImage {
     let (iw, ih) = (img.width() as usize, img.height() as usize);
     let (ow, oh) = (w as usize, h as usize);
     let src = img.as_raw();
     let round = 1i64 << (PRECISION_BITS - 1);
 
     // Vertical bounds decide which input rows the horizontal pass must produce.
-    let vc = (oh != ih).then(|| precompute(ih, oh));
+    let vc = (oh != ih).then(|| precompute(ih, oh, filter));
     let (row0, row1) = match &vc {
         Some(c) => {
             let first = c.bounds[0].0;
@@ -102,7 +152,7 @@ pub fn resize_bicubic_pil(img: &RgbImage, w: u32, h: u32) -> RgbImage {
 
     // Horizontal pass over the needed rows.
     let tmp: Vec<u8> = if ow != iw {
-        let hc = precompute(iw, ow);
+        let hc = precompute(iw, ow, filter);
         let mut tmp = vec![0u8; (row1 - row0) * ow * 3];
         tmp.par_chunks_mut(ow * 3).enumerate().for_each(|(r, out)| {
             let row = &src[(row0 + r) * iw * 3..(row0 + r + 1) * iw * 3];
@@ -157,8 +207,11 @@ mod tests {
 
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
-        for (i, o) in [(500, 224), (224, 500), (33, 7)] {
-            let c = precompute(i, o);
+        for ((i, o), f) in [(500, 224), (224, 500), (33, 7)]
+            .into_iter()
+            .flat_map(|io| [(io, Filter::Bicubic), (io, Filter::Bilinear)])
+        {
+            let c = precompute(i, o, f);
             for (xx, &(_, n)) in c.bounds.iter().enumerate() {
                 let s: i64 = c.weights[xx * c.ksize..xx * c.ksize + n]
                     .iter()

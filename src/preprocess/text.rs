@@ -61,6 +61,10 @@ impl TokenBatch {
 pub struct TextTokenizer {
     backend: Backend,
     context: usize,
+    /// Whether batches may be cut to their longest real sequence (see
+    /// [`TokenBatch::trimmable`]): not when padding goes on the left, nor
+    /// for a model that reads the whole padded context ([`Self::full_context`]).
+    trimmable: bool,
 }
 
 #[derive(Clone)]
@@ -88,6 +92,7 @@ impl TextTokenizer {
             return Ok(Self {
                 backend: Backend::Siglip(std::sync::Arc::new(SiglipTokenizer::from_dir(dir)?)),
                 context,
+                trimmable: false,
             });
         }
         let (tok, source) = if tj.is_file() {
@@ -107,7 +112,8 @@ impl TextTokenizer {
             path: source.clone(),
             reason: "no padding token ([PAD] or <|endoftext|>) in the vocabulary".into(),
         })?;
-        Self::new(tok, context, pad).map_err(|e| match e {
+        let left = pads_left(&read_config(dir));
+        Self::new(tok, context, pad, left).map_err(|e| match e {
             Error::Tokenize(reason) => Error::Tokenizer {
                 path: source,
                 reason,
@@ -116,7 +122,12 @@ impl TextTokenizer {
         })
     }
 
-    fn new(mut tok: Tokenizer, context: usize, (pad_token, pad_id): (String, u32)) -> Result<Self> {
+    fn new(
+        mut tok: Tokenizer,
+        context: usize,
+        (pad_token, pad_id): (String, u32),
+        left: bool,
+    ) -> Result<Self> {
         tok.with_truncation(Some(TruncationParams {
             max_length: context,
             ..Default::default()
@@ -126,12 +137,25 @@ impl TextTokenizer {
             strategy: PaddingStrategy::Fixed(context),
             pad_id,
             pad_token,
+            direction: if left {
+                tokenizers::PaddingDirection::Left
+            } else {
+                tokenizers::PaddingDirection::Right
+            },
             ..Default::default()
         }));
         Ok(Self {
             backend: Backend::Hf(tok),
             context,
+            trimmable: !left,
         })
+    }
+
+    /// For a model whose text tower reads the whole padded context without a
+    /// mask (SigLIP and SigLIP 2): batches are never cut short.
+    pub fn full_context(mut self) -> Self {
+        self.trimmable = false;
+        self
     }
 
     pub fn context_length(&self) -> usize {
@@ -166,7 +190,7 @@ impl TextTokenizer {
         let mut batch = TokenBatch {
             ids: Vec::with_capacity(encs.len()),
             mask: Vec::with_capacity(encs.len()),
-            trimmable: true,
+            trimmable: self.trimmable,
         };
         for (enc, text) in encs.iter().zip(&inputs) {
             if !enc.get_overflowing().is_empty() {
@@ -212,6 +236,34 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
         path: path.to_path_buf(),
         reason: e.to_string(),
     }
+}
+
+/// Whether padding goes on the left: `padding_side` in tokenizer_config.json,
+/// else the default of its `tokenizer_class` in transformers (the Llama and
+/// Gemma families, SigLIP 2's, XLNet's and Cohere's pad on the left).
+fn pads_left(cfg: &Value) -> bool {
+    if let Some(side) = cfg["padding_side"].as_str() {
+        return side == "left";
+    }
+    let class = cfg["tokenizer_class"].as_str().unwrap_or("");
+    let class = class.strip_suffix("Fast").unwrap_or(class);
+    matches!(
+        class,
+        "GemmaTokenizer"
+            | "LlamaTokenizer"
+            | "CodeLlamaTokenizer"
+            | "CohereTokenizer"
+            | "Siglip2Tokenizer"
+            | "XLNetTokenizer"
+    )
+}
+
+/// tokenizer_config.json, or null when absent or unreadable.
+fn read_config(dir: &Path) -> Value {
+    std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
 }
 
 /// The padding token: `pad_token` from tokenizer_config.json or

@@ -163,11 +163,33 @@ impl Trainer {
             opt.load_state(&s, step)?;
         }
         let tokenizer = TextTokenizer::from_dir(&t.source_dir, t.config.text_context_length())?;
+        let tokenizer = if t.config.reads_full_context() {
+            tokenizer.full_context()
+        } else {
+            tokenizer
+        };
         let jitter = ColorJitter::new(&cfg.color_jitter, cfg.color_jitter_prob)?;
         let proc = ImageProcessor::new(match &t.source_dir.join("preprocessor_config.json") {
             p if p.is_file() => ImageProcessorConfig::from_file(p)?,
             _ => crate::encoder::default_image_processor(&t.config),
         });
+        // Batches stack square images of the model's size. An aspect-keeping
+        // processor (SigLIP 2's NaFlex) trains on squares of its trained
+        // grid, where its positions are the table itself.
+        let proc = if proc.config().fixed_size().is_none() {
+            let s = t.config.vision().image_size as u32;
+            let mut c = proc.config().clone();
+            c.resize = crate::preprocess::ResizeTo::Exact {
+                height: s,
+                width: s,
+            };
+            c.do_center_crop = false;
+            c.crop = (s, s);
+            tracing::info!("training on {s}x{s} squares (the trained position grid)");
+            ImageProcessor::new(c)
+        } else {
+            proc
+        };
         if let Some(te) = &teacher {
             check_teacher_pixels(te, cfg.teacher.as_deref().unwrap_or(""), &proc)?;
         }
