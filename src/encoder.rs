@@ -111,10 +111,18 @@ impl Encoder {
         towers: model::Towers,
         precision: Option<Precision>,
     ) -> Result<Self> {
-        let config = ModelConfig::from_file(&files.config)?;
+        // open_clip's layout: translated to transformers' CLIPModel once.
+        let (open_clip, config) = match files.layout {
+            loader::Layout::OpenClip => {
+                let t = model::open_clip::translate(&files.config, &files.weights)?;
+                let c = ModelConfig::from_json(&t.config_json.to_string(), &files.config)?;
+                (Some(t), c)
+            }
+            loader::Layout::Hf => (None, ModelConfig::from_file(&files.config)?),
+        };
         // A `clasp quantize` checkpoint: f32 tensors for the model to build
         // from, and the int8 weights, used as they are.
-        let quantized = if int8_checkpoint::is_quantized(&files.weights)? {
+        let quantized = if open_clip.is_none() && int8_checkpoint::is_quantized(&files.weights)? {
             if !device.is_cpu() {
                 return Err(Error::Report(format!(
                     "{} is an int8 checkpoint (clasp quantize), which runs on the CPU only",
@@ -125,12 +133,20 @@ impl Encoder {
         } else {
             None
         };
-        let (vb, int8) = match quantized {
-            Some((tensors, int8)) => (
+        let mut open_clip_pp = None;
+        let (vb, int8) = match (quantized, open_clip) {
+            (_, Some(t)) => {
+                open_clip_pp = Some(t.preprocessor_json);
+                (
+                    candle_nn::VarBuilder::from_tensors(t.tensors, candle_core::DType::F32, device),
+                    None,
+                )
+            }
+            (Some((tensors, int8)), None) => (
                 candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, device),
                 Some(int8),
             ),
-            None => (loader::var_builder(&files, device)?, None),
+            (None, None) => (loader::var_builder(&files, device)?, None),
         };
         let mut model = Model::load_towers(vb, &config, towers).map_err(|e| match e {
             Error::Candle(c) => Error::Weights {
@@ -146,11 +162,19 @@ impl Encoder {
             }
             None => Precision::F32,
         };
-        let pp = match &files.preprocessor_config {
-            Some(p) => ImageProcessorConfig::from_file(p)?,
-            None => default_image_processor(&config),
+        let pp = match (&files.preprocessor_config, &open_clip_pp) {
+            (_, Some(j)) => ImageProcessorConfig::from_json(&j.to_string(), &files.config)?,
+            (Some(p), None) => ImageProcessorConfig::from_file(p)?,
+            (None, None) => default_image_processor(&config),
         };
         let tokenizer = TextTokenizer::from_dir(&files.dir, config.text_context_length())?;
+        // open_clip cleans texts its way and pads with id 0 (the causal mask
+        // makes the padding irrelevant).
+        let tokenizer = if open_clip_pp.is_some() {
+            tokenizer.open_clip()?
+        } else {
+            tokenizer
+        };
         let tokenizer = if config.reads_full_context() {
             tokenizer.full_context()
         } else {

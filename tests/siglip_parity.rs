@@ -237,7 +237,11 @@ fn siglip2_patch_grids_masks_and_pixels_match_transformers() {
             .image_processor()
             .process_path_pixels(&root.join(f))
             .unwrap();
-        let (patches, mask, grid) = clasp::preprocess::image::naflex_patches(&px, 8, 16).unwrap();
+        let clasp::preprocess::image::NaflexInputs {
+            patches,
+            mask,
+            grid,
+        } = clasp::preprocess::image::naflex_patches(&px, 8, 16).unwrap();
         assert_eq!(
             grid,
             (shapes[i][0] as usize, shapes[i][1] as usize),

@@ -748,7 +748,7 @@ fn bf16_mixed_precision_tracks_the_f32_gradient() {
     use clasp::train::step::{contrastive_grads, Inputs};
     let (t, pixels, ids, mask) = tiny_model_and_batch();
     let half = t.compute_model(DType::BF16).unwrap();
-    assert_eq!(half.projections().0.weight().dtype(), DType::BF16);
+    assert_eq!(half.projections().unwrap().0.weight().dtype(), DType::BF16);
     assert_eq!(half.logit_scale().dtype(), DType::F32);
     let vars = t.vars();
     let x = Inputs {

@@ -235,7 +235,8 @@ pub enum ConvertTarget {
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
-    /// A language model: .gguf file, folder holding one, or LlamaForCausalLM folder.
+    /// A language model (.gguf file, folder holding one, or LlamaForCausalLM folder), or an
+    /// open_clip checkpoint folder (open_clip_config.json), written as a CLIPModel.
     #[arg(short, long)]
     pub model: PathBuf,
     /// The format to write.
@@ -248,9 +249,22 @@ pub struct ConvertArgs {
 
 /// Writes a language model as a `LlamaForCausalLM` checkpoint, dequantized to f32.
 pub fn convert_cmd(a: ConvertArgs) -> Result<ExitCode> {
+    if a.model.join(clasp::model::open_clip::CONFIG_FILE).is_file() {
+        let had_tokenizer = clasp::model::open_clip::write_hf(&a.model, &a.output)?;
+        if !had_tokenizer {
+            eprintln!(
+                "note: {} has no tokenizer files; the CLIP BPE of any CLIP checkpoint \
+                 (vocab.json and merges.txt, e.g. openai/clip-vit-base-patch32's) is open_clip's",
+                a.model.display()
+            );
+        }
+        note!("wrote {} (CLIPModel)", a.output.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if !llm::is_language_model(&a.model) {
         bail!(
-            "{}: clasp convert handles language models (GGUF or LlamaForCausalLM) so far",
+            "{}: clasp convert handles language models (GGUF or LlamaForCausalLM) and open_clip \
+             checkpoints (open_clip_config.json)",
             a.model.display()
         );
     }

@@ -75,7 +75,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Print the token ids of texts, one JSON array per text (any model).
     Tokenize(generate::TokenizeArgs),
-    /// Convert a language model to a Hugging Face LlamaForCausalLM checkpoint.
+    /// Convert a language model (to LlamaForCausalLM) or an open_clip checkpoint (to CLIPModel)
+    /// to the Hugging Face layout.
     Convert(generate::ConvertArgs),
     /// Build an untrained vision-language model (vision tower, connector, LLM).
     Assemble(vlm::AssembleArgs),

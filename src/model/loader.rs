@@ -14,9 +14,21 @@ pub struct ModelFiles {
     /// What the user passed: a directory or a Hub id.
     pub spec: String,
     pub dir: PathBuf,
+    /// config.json, or open_clip_config.json for open_clip's layout.
     pub config: PathBuf,
     pub weights: PathBuf,
     pub preprocessor_config: Option<PathBuf>,
+    pub layout: Layout,
+}
+
+/// How a checkpoint directory is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// transformers': config.json, model.safetensors or pytorch_model.bin.
+    Hf,
+    /// open_clip's: open_clip_config.json and open_clip_model.safetensors
+    /// or open_clip_pytorch_model.bin (see `model::open_clip`).
+    OpenClip,
 }
 
 const WEIGHT_FILES: &[&str] = &["model.safetensors", "pytorch_model.bin"];
@@ -62,10 +74,28 @@ pub fn resolve(spec: &str) -> Result<ModelFiles> {
 
 fn from_dir(spec: &str, dir: &Path) -> Result<ModelFiles> {
     let config = dir.join("config.json");
+    let oc = dir.join(super::open_clip::CONFIG_FILE);
+    if !config.is_file() && oc.is_file() {
+        let weights = super::open_clip::WEIGHT_FILES
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.is_file())
+            .ok_or_else(|| Error::MissingWeights {
+                dir: dir.to_path_buf(),
+            })?;
+        return Ok(ModelFiles {
+            spec: spec.to_string(),
+            dir: dir.to_path_buf(),
+            config: oc,
+            weights,
+            preprocessor_config: None,
+            layout: Layout::OpenClip,
+        });
+    }
     if !config.is_file() {
         return Err(Error::Config {
             path: config,
-            reason: "missing; a model directory needs config.json".into(),
+            reason: "missing; a model directory needs config.json (or open_clip's open_clip_config.json)".into(),
         });
     }
     let weights = WEIGHT_FILES
@@ -82,6 +112,7 @@ fn from_dir(spec: &str, dir: &Path) -> Result<ModelFiles> {
         config,
         weights,
         preprocessor_config: pp.is_file().then_some(pp),
+        layout: Layout::Hf,
     })
 }
 

@@ -17,6 +17,7 @@ pub mod int8;
 pub mod int8_checkpoint;
 pub mod layers;
 pub mod loader;
+pub mod open_clip;
 pub mod packed;
 pub mod sentence;
 pub mod siglip;
@@ -127,7 +128,8 @@ pub enum Model {
     Clip(ClipModel),
     ChineseClip(ChineseClipModel),
     DualEncoder(DualEncoderModel),
-    Siglip(SiglipModel),
+    /// Boxed: it is several times the others' size.
+    Siglip(Box<SiglipModel>),
 }
 
 impl Model {
@@ -150,7 +152,7 @@ impl Model {
             ModelConfig::DualEncoder(c) => {
                 Model::DualEncoder(DualEncoderModel::load(vb, c, towers)?)
             }
-            ModelConfig::Siglip(c) => Model::Siglip(SiglipModel::load(vb, c, towers)?),
+            ModelConfig::Siglip(c) => Model::Siglip(Box::new(SiglipModel::load(vb, c, towers)?)),
         })
     }
 

@@ -383,17 +383,24 @@ pub fn patch_budget_size(h: u32, w: u32, patch: u32, max_patches: u32) -> (u32, 
     (scaled(lo, h), scaled(lo, w))
 }
 
-/// SigLIP 2's model inputs for one image as Siglip2ImageProcessor returns
-/// them: the patches [max_patches, p*p*C] (each patch row-major, channels
-/// last), zero after the image's own; the mask (1 for real patches); and
-/// the patch grid (rows, columns).
-pub fn naflex_patches(
-    px: &Pixels,
-    patch: usize,
-    max_patches: usize,
-) -> Result<(Vec<f32>, Vec<u8>, (usize, usize))> {
+/// SigLIP 2's model inputs for one image, as Siglip2ImageProcessor returns
+/// them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NaflexInputs {
+    /// [max_patches, p*p*C]: each patch row-major, channels last; zero
+    /// after the image's own patches.
+    pub patches: Vec<f32>,
+    /// 1 for the image's patches, 0 for padding.
+    pub mask: Vec<u8>,
+    /// The patch grid (rows, columns).
+    pub grid: (usize, usize),
+}
+
+/// Patchifies processed pixels as Siglip2ImageProcessor does.
+pub fn naflex_patches(px: &Pixels, patch: usize, max_patches: usize) -> Result<NaflexInputs> {
     let (gh, gw) = (px.height / patch, px.width / patch);
-    if px.height % patch != 0 || px.width % patch != 0 || gh * gw > max_patches {
+    if !px.height.is_multiple_of(patch) || !px.width.is_multiple_of(patch) || gh * gw > max_patches
+    {
         return Err(Error::Shape(format!(
             "a {}x{} image is not a grid of at most {max_patches} patches of {patch} px",
             px.height, px.width
@@ -414,8 +421,11 @@ pub fn naflex_patches(
             }
         }
     }
-    let mask = (0..max_patches).map(|i| (i < gh * gw) as u8).collect();
-    Ok((out, mask, (gh, gw)))
+    Ok(NaflexInputs {
+        patches: out,
+        mask: (0..max_patches).map(|i| (i < gh * gw) as u8).collect(),
+        grid: (gh, gw),
+    })
 }
 
 /// Processed pixels, CHW, with their height and width.

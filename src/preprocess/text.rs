@@ -65,12 +65,15 @@ pub struct TextTokenizer {
     /// [`TokenBatch::trimmable`]): not when padding goes on the left, nor
     /// for a model that reads the whole padded context ([`Self::full_context`]).
     trimmable: bool,
+    /// open_clip's `basic_clean`: HTML entities decoded (twice, as it does)
+    /// and the text stripped before tokenizing.
+    html_clean: bool,
 }
 
 #[derive(Clone)]
 enum Backend {
     /// A `tokenizers` pipeline with padding and truncation set.
-    Hf(Tokenizer),
+    Hf(Box<Tokenizer>),
     /// SigLIP's slow SentencePiece tokenizer (see [`SiglipTokenizer`]).
     Siglip(std::sync::Arc<SiglipTokenizer>),
 }
@@ -93,6 +96,7 @@ impl TextTokenizer {
                 backend: Backend::Siglip(std::sync::Arc::new(SiglipTokenizer::from_dir(dir)?)),
                 context,
                 trimmable: false,
+                html_clean: false,
             });
         }
         let (tok, source) = if tj.is_file() {
@@ -145,10 +149,32 @@ impl TextTokenizer {
             ..Default::default()
         }));
         Ok(Self {
-            backend: Backend::Hf(tok),
+            backend: Backend::Hf(Box::new(tok)),
             context,
             trimmable: !left,
+            html_clean: false,
         })
+    }
+
+    /// open_clip's tokenizer: texts are cleaned as its `basic_clean` does
+    /// (HTML entities decoded twice, stripped) and padded with id 0.
+    pub fn open_clip(mut self) -> Result<Self> {
+        self.html_clean = true;
+        self.with_pad_id(0)
+    }
+
+    /// Pads with `id` instead (open_clip pads with 0).
+    pub fn with_pad_id(mut self, id: u32) -> Result<Self> {
+        if let Backend::Hf(t) = &mut self.backend {
+            let token = t.id_to_token(id).ok_or_else(|| {
+                Error::Tokenize(format!("padding id {id} is not in the vocabulary"))
+            })?;
+            if let Some(p) = t.get_padding_mut() {
+                p.pad_id = id;
+                p.pad_token = token;
+            }
+        }
+        Ok(self)
     }
 
     /// For a model whose text tower reads the whole padded context without a
@@ -179,7 +205,19 @@ impl TextTokenizer {
     /// Tokenizes texts, padded and truncated to the context length. Text that
     /// does not fit is truncated with a warning, never an error.
     pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<TokenBatch> {
-        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
+        let cleaned: Vec<String>;
+        let inputs: Vec<&str> = if self.html_clean {
+            cleaned = texts
+                .iter()
+                .map(|t| {
+                    let once = html_escape::decode_html_entities(t.as_ref());
+                    html_escape::decode_html_entities(&once).trim().to_string()
+                })
+                .collect();
+            cleaned.iter().map(String::as_str).collect()
+        } else {
+            texts.iter().map(AsRef::as_ref).collect()
+        };
         let tok = match &self.backend {
             Backend::Hf(t) => t,
             Backend::Siglip(s) => return self.encode_siglip(s, &inputs),

@@ -40,6 +40,14 @@ impl Trainable {
     /// Loads a checkpoint directory (model.safetensors) as variables.
     pub fn from_checkpoint(spec: &str, device: &Device) -> Result<Self> {
         let files = model::resolve(spec)?;
+        if files.layout == model::loader::Layout::OpenClip {
+            return Err(Error::Report(format!(
+                "{} is an open_clip checkpoint; training starts from the Hugging Face layout: \
+                 `clasp convert --model {} --to hf --output DIR`, then --init DIR",
+                files.dir.display(),
+                files.dir.display()
+            )));
+        }
         if files.weights.extension().and_then(|e| e.to_str()) != Some("safetensors") {
             return Err(werr(
                 &files.weights,

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Fixtures for open_clip's own checkpoint layout, made by open_clip_torch:
+
+    python3 scripts/gen_open_clip_fixtures.py   # writes tests/fixtures/open_clip/
+
+  tiny-gelu/        open_clip_config.json ({"model_cfg", "preprocess_cfg"}) and
+                    open_clip_model.safetensors: a random-init open_clip CLIP
+                    (ViT image tower, exact GELU), with the tiny CLIP BPE
+                    vocabulary of tests/fixtures/core/tiny-clip as vocab.json +
+                    merges.txt (as open_clip repositories on the Hub carry them)
+  tiny-quickgelu/   the same layout with QuickGELU (the "-quickgelu" models)
+                    and a pickled state dict, open_clip_pytorch_model.bin
+  expected.safetensors  token ids from open_clip's tokenizer (SimpleTokenizer
+                    over the same merges, zero padding), pixels through
+                    open_clip's own eval transform, and encode_image /
+                    encode_text outputs
+  configs/          open_clip's bundled model configs of ViT-B-32, B-16, L-14,
+                    H-14 and their -quickgelu variants (for the translation test)
+Needs: pip install open_clip_torch torch safetensors pillow
+"""
+import gzip
+import json
+import os
+import shutil
+
+import open_clip
+import torch
+from open_clip.model import CLIP
+from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
+from safetensors.torch import save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "tests", "fixtures", "open_clip")
+TINY = os.path.join(ROOT, "tests", "fixtures", "core", "tiny-clip")
+SHARED = os.path.join(ROOT, "..", "shared")
+REAL = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14"]
+
+
+def main():
+    if os.path.isdir(OUT):
+        shutil.rmtree(OUT)
+    os.makedirs(os.path.join(OUT, "configs"))
+    cfgdir = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")
+    for name in REAL:
+        for suffix in ["", "-quickgelu"]:
+            shutil.copy(os.path.join(cfgdir, f"{name}{suffix}.json"), os.path.join(OUT, "configs"))
+    # open_clip's tokenizer over tiny-clip's merges: the same vocabulary order
+    # (bytes, bytes</w>, merges, the two special tokens).
+    merges = open(os.path.join(TINY, "merges.txt")).read().splitlines()
+    bpe = os.path.join(OUT, "_bpe.txt.gz")
+    with gzip.open(bpe, "wt") as f:
+        f.write("\n".join(merges))  # no trailing newline: open_clip would read an empty merge
+    vocab_n = len(json.load(open(os.path.join(TINY, "vocab.json"))))
+    tok = SimpleTokenizer(bpe_path=bpe, context_length=16)
+    os.remove(bpe)
+    assert len(tok.encoder) == vocab_n, (len(tok.encoder), vocab_n)
+    texts = ["a photo of a cat", "the dog", "an ant on the cat!", "x", "the cat the dog " * 6,
+             "Hello,   WORLD  &amp; friends"]
+    ids = tok(texts)
+    exp = {"input_ids": ids.int()}
+    photos = [os.path.join(SHARED, "data/reference-images/flickr8k-fullres", f)
+              for f in sorted(os.listdir(os.path.join(SHARED, "data/reference-images/flickr8k-fullres")))][:2]
+    photos.append(os.path.join(SHARED, "data/reference-images/clip-diagram.png"))
+    for name, quick, fmt in [("tiny-gelu", False, "safetensors"), ("tiny-quickgelu", True, "bin")]:
+        torch.manual_seed(3 if quick else 2)
+        model_cfg = {"embed_dim": 16, "quick_gelu": quick,
+                     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
+                     "text_cfg": {"context_length": 16, "vocab_size": vocab_n, "width": 24, "heads": 4, "layers": 2}}
+        model = CLIP(**model_cfg).eval()
+        with torch.no_grad():
+            model.logit_scale.fill_(2.3)
+            for n, p in model.named_parameters():  # LayerNorms away from identity
+                if ".ln_" in n or n.startswith("ln_"):
+                    p.add_(0.1 * torch.randn_like(p))
+        d = os.path.join(OUT, name)
+        os.makedirs(d)
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if fmt == "safetensors":
+            save_file(sd, os.path.join(d, "open_clip_model.safetensors"))
+        else:
+            torch.save(sd, os.path.join(d, "open_clip_pytorch_model.bin"))
+        preprocess_cfg = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+                          "interpolation": "bicubic", "resize_mode": "shortest"}
+        json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
+                  open(os.path.join(d, "open_clip_config.json"), "w"), indent=2)
+        for f in ["vocab.json", "merges.txt"]:
+            shutil.copy(os.path.join(TINY, f), d)
+        _, _, preprocess = open_clip.create_model_and_transforms(
+            "ViT-B-32", pretrained=None, image_mean=preprocess_cfg["mean"], image_std=preprocess_cfg["std"],
+            force_image_size=32)
+        px = torch.stack([preprocess(Image.open(p)) for p in photos])
+        with torch.no_grad():
+            exp[f"{name}.pixel_values"] = px
+            exp[f"{name}.image_features"] = model.encode_image(px)
+            exp[f"{name}.text_features"] = model.encode_text(ids)
+    meta = {"texts": json.dumps(texts), "photos": json.dumps([os.path.relpath(p, ROOT) for p in photos])}
+    save_file({k: v.contiguous() for k, v in exp.items()}, os.path.join(OUT, "expected.safetensors"), metadata=meta)
+    total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(OUT) for f in fs)
+    print(f"open_clip fixtures: {total / 1024:.0f} KiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+//! open_clip's checkpoint layout against open_clip_torch itself
+//! (scripts/gen_open_clip_fixtures.py): its tokenizer's ids, its eval
+//! transform's pixels, and `encode_image` / `encode_text`, for a
+//! safetensors checkpoint with GELU and a pickled one with QuickGELU; and
+//! `clasp convert --to hf`, whose CLIPModel checkpoint embeds the same.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use clasp::encoder::Encoder;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/open_clip")
+}
+
+fn expected() -> (
+    std::collections::HashMap<String, Tensor>,
+    std::collections::HashMap<String, String>,
+) {
+    let path = fixtures().join("expected.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    (tensors, meta.metadata().clone().unwrap_or_default())
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn check(enc: &Encoder, name: &str) {
+    let (exp, meta) = expected();
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    let ids = enc.tokenizer().encode(&texts).unwrap().ids;
+    let want = exp["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
+    assert_eq!(ids, want.to_vec2::<u32>().unwrap(), "{name}: token ids");
+    let img = enc
+        .image_features(&exp[&format!("{name}.pixel_values")])
+        .unwrap();
+    let d = max_abs(&img, &exp[&format!("{name}.image_features")]);
+    assert!(d < 1e-4, "{name}: image features differ by {d}");
+    let txt = enc.text_features(&texts).unwrap();
+    let d = max_abs(&txt, &exp[&format!("{name}.text_features")]);
+    assert!(d < 1e-4, "{name}: text features differ by {d}");
+}
+
+#[test]
+fn open_clip_checkpoints_embed_as_open_clip_does() {
+    for name in ["tiny-gelu", "tiny-quickgelu"] {
+        let enc = Encoder::load(fixtures().join(name).to_str().unwrap(), &Device::Cpu).unwrap();
+        check(&enc, name);
+    }
+}
+
+/// open_clip's eval transform (torchvision Resize of the shortest side,
+/// bicubic, CenterCrop) against clasp's translation of preprocess_cfg, on
+/// the full-size photos. Not on images with transparency: open_clip drops
+/// the alpha channel (`convert("RGB")`) where clasp, as transformers,
+/// composites onto white; the fixture's RGBA diagram is there to show it.
+#[test]
+fn open_clip_preprocessing_matches_its_eval_transform() {
+    let (exp, meta) = expected();
+    let photos: Vec<String> = serde_json::from_str(&meta["photos"]).unwrap();
+    let enc = Encoder::load(fixtures().join("tiny-gelu").to_str().unwrap(), &Device::Cpu).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (i, p) in photos
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.ends_with(".jpg"))
+    {
+        let got = enc.image_processor().process_path(&root.join(p)).unwrap();
+        let got = Tensor::from_vec(got, (3, 32, 32), &Device::Cpu).unwrap();
+        let want = exp["tiny-gelu.pixel_values"].get(i).unwrap();
+        // One 8-bit level over CLIP's smallest std (JPEG decoders differ).
+        let d = max_abs(&got, &want);
+        assert!(
+            d <= 1.0 / 255.0 / 0.2613 + 1e-5,
+            "{p}: pixels differ by {d}"
+        );
+    }
+}
+
+#[test]
+fn convert_writes_a_clip_model_checkpoint_with_the_same_embeddings() {
+    let d = tempfile::tempdir().unwrap();
+    for name in ["tiny-gelu", "tiny-quickgelu"] {
+        let out = d.path().join(name);
+        let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+            .args(["convert", "--model"])
+            .arg(fixtures().join(name))
+            .args(["--to", "hf", "--output"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+            "vocab.json",
+        ] {
+            assert!(out.join(f).is_file(), "{name}: {f} written");
+        }
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["model_type"], "clip");
+        let enc = Encoder::load(out.to_str().unwrap(), &Device::Cpu).unwrap();
+        // The HF checkpoint tokenizes as transformers' CLIP tokenizer does:
+        // the same ids as open_clip's for plain text, but HTML entities stay
+        // as they are (the last fixture text has one), so it is left out.
+        let (exp, meta) = expected();
+        let mut texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+        assert!(texts.pop().unwrap().contains("&amp;"));
+        let img = enc
+            .image_features(&exp[&format!("{name}.pixel_values")])
+            .unwrap();
+        assert!(max_abs(&img, &exp[&format!("{name}.image_features")]) < 1e-4);
+        let txt = enc.text_features(&texts).unwrap();
+        let want = exp[&format!("{name}.text_features")]
+            .narrow(0, 0, texts.len())
+            .unwrap();
+        assert!(max_abs(&txt, &want) < 1e-4);
+    }
+}
