@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Install the Python clients that the tests of `clasp serve` run (PyPI: the
-# official `openai` package, and `jsonschema` for the OpenAPI check) into a
+# Install the Python packages the tests run (PyPI: for `clasp serve`, the
+# official `openai` package and `jsonschema` for the OpenAPI check; for ONNX
+# export, `onnxruntime` and `numpy`) into a
 # cache outside the repository; print the folder to put on PYTHONPATH. A
 # second run installs nothing. The folder is moved into place only when
 # complete, and a new package list makes a new folder.
 set -euo pipefail
 
-packages=(openai jsonschema)
+packages=(openai jsonschema onnxruntime numpy)
 root="${CLASP_MODELS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/clasp}"
 dest="$root/py-clients"
 want="${packages[*]}"

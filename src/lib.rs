@@ -11,6 +11,7 @@ pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod index;
 pub mod llm;
 pub mod model;

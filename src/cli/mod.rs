@@ -78,6 +78,9 @@ pub enum Command {
     /// Convert a language model (to LlamaForCausalLM) or an open_clip checkpoint (to CLIPModel)
     /// to the Hugging Face layout.
     Convert(generate::ConvertArgs),
+    /// Export a dual encoder for another runtime (ONNX).
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Build an untrained vision-language model (vision tower, connector, LLM).
     Assemble(vlm::AssembleArgs),
     /// Caption images with a vision-language model.
@@ -94,6 +97,38 @@ pub enum Command {
     /// Copy a store into another (SQLite and PostgreSQL either way), or check one.
     #[command(subcommand)]
     Store(store::StoreCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ExportCommand {
+    /// Write vision.onnx and text.onnx (opset 17, dynamic batch and sequence axes, L2-normalised
+    /// embeddings), preprocess.json and the tokenizer files.
+    Onnx(ExportOnnxArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExportOnnxArgs {
+    /// Model: a local directory or a Hugging Face Hub id.
+    #[arg(long, short)]
+    pub model: String,
+    /// The folder to write (replaced atomically).
+    #[arg(long, short)]
+    pub output: std::path::PathBuf,
+    /// The graphs' arithmetic; f32 only so far.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "int8"])]
+    pub precision: String,
+}
+
+fn export_onnx(a: ExportOnnxArgs) -> Result<ExitCode> {
+    if a.precision != "f32" {
+        anyhow::bail!("--precision int8 ONNX export is not implemented yet; export f32 and quantize with onnxruntime's quantize_dynamic");
+    }
+    clasp::export::export_onnx(&a.model, &a.output)?;
+    note!(
+        "wrote {}: vision.onnx, text.onnx, preprocess.json",
+        a.output.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +227,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate(a) => generate::generate_cmd(a),
         Command::Tokenize(a) => generate::tokenize_cmd(a),
         Command::Convert(a) => generate::convert_cmd(a),
+        Command::Export(ExportCommand::Onnx(a)) => export_onnx(a),
         Command::Assemble(a) => vlm::assemble_cmd(a),
         Command::Caption(a) => vlm::caption_cmd(a),
         Command::Chat(a) => vlm::chat_cmd(a),

@@ -174,6 +174,27 @@ pub fn parse_json(text: &str, path: &Path) -> Result<serde_json::Value> {
     })
 }
 
+/// A checkpoint's tensors by name as f32, from safetensors or a pickled
+/// state dict (.bin), on the CPU.
+pub fn read_tensors(path: &Path) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    let bad = |e: candle_core::Error| Error::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let t: std::collections::HashMap<String, candle_core::Tensor> =
+        if path.extension().is_some_and(|e| e == "bin") {
+            candle_core::pickle::read_all(path)
+                .map_err(bad)?
+                .into_iter()
+                .collect()
+        } else {
+            candle_core::safetensors::load(path, &Device::Cpu).map_err(bad)?
+        };
+    t.into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32).map_err(bad)?)))
+        .collect()
+}
+
 /// Opens the weights as a `VarBuilder` (safetensors are memory-mapped).
 pub fn var_builder(files: &ModelFiles, device: &Device) -> Result<VarBuilder<'static>> {
     let w = &files.weights;

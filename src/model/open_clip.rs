@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -318,26 +318,6 @@ impl OpenClipConfig {
     }
 }
 
-/// Reads an open_clip state dict (safetensors or a pickled .bin).
-pub fn read_state(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bad = |e: candle_core::Error| Error::Weights {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
-    let tensors = if path.extension().is_some_and(|e| e == "bin") {
-        candle_core::pickle::read_all(path)
-            .map_err(bad)?
-            .into_iter()
-            .collect::<HashMap<_, _>>()
-    } else {
-        candle_core::safetensors::load(path, &Device::Cpu).map_err(bad)?
-    };
-    tensors
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32).map_err(bad)?)))
-        .collect()
-}
-
 /// open_clip's state dict under transformers' `CLIPModel` names.
 pub fn to_hf_tensors(
     cfg: &OpenClipConfig,
@@ -476,7 +456,7 @@ pub struct Translated {
 /// Reads and translates the open_clip checkpoint with `config` and `weights`.
 pub fn translate(config: &Path, weights: &Path) -> Result<Translated> {
     let cfg = OpenClipConfig::from_file(config)?;
-    let sd = read_state(weights)?;
+    let sd = super::loader::read_tensors(weights)?;
     Ok(Translated {
         config_json: cfg.hf_config(),
         preprocessor_json: cfg.hf_preprocessor(config)?,

@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""ONNX Runtime on what `clasp export onnx` wrote, against clasp's own
+embeddings of the same inputs (tests/onnx_export.rs writes them):
+
+    python3 scripts/onnx_check.py EXPORT_DIR INPUTS.json
+
+INPUTS.json: {"pixel_values": [...], "pixel_shape": [B, C, H, W],
+"input_ids": [[...], ...] (one unpadded list per text), "image_embeds",
+"text_embeds"}. The images run as one batch and each text alone, so both
+the batch and the sequence axes vary. Prints {"image_max_abs",
+"text_max_abs", "batch", "sequences"} as JSON.
+Needs: pip install onnxruntime numpy
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+
+def main():
+    out_dir, inputs = sys.argv[1], json.load(open(sys.argv[2]))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    vision = ort.InferenceSession(os.path.join(out_dir, "vision.onnx"), opts, providers=["CPUExecutionProvider"])
+    text = ort.InferenceSession(os.path.join(out_dir, "text.onnx"), opts, providers=["CPUExecutionProvider"])
+    px = np.asarray(inputs["pixel_values"], dtype=np.float32).reshape(inputs["pixel_shape"])
+    img = vision.run(["image_embeds"], {"pixel_values": px})[0]
+    txt = np.stack([text.run(["text_embeds"], {"input_ids": np.asarray([ids], dtype=np.int64)})[0][0]
+                    for ids in inputs["input_ids"]])
+    print(json.dumps({
+        "image_max_abs": float(np.abs(img - np.asarray(inputs["image_embeds"])).max()),
+        "text_max_abs": float(np.abs(txt - np.asarray(inputs["text_embeds"])).max()),
+        "batch": int(px.shape[0]),
+        "sequences": sorted({len(i) for i in inputs["input_ids"]}),
+    }))
+
+
+if __name__ == "__main__":
+    main()
