@@ -5,7 +5,8 @@ embeddings of the same inputs (tests/onnx_export.rs writes them):
     python3 scripts/onnx_check.py EXPORT_DIR INPUTS.json
 
 INPUTS.json: {"pixel_values": [...], "pixel_shape": [B, C, H, W],
-"input_ids": [[...], ...] (one unpadded list per text), "image_embeds",
+"input_ids": [[...], ...] (one list per text: unpadded, or padded to the
+context for SigLIP, which reads it whole), "image_embeds",
 "text_embeds"}. The images run as one batch and each text alone, so both
 the batch and the sequence axes vary. Prints {"image_max_abs",
 "text_max_abs", "batch", "sequences"} as JSON.
@@ -27,8 +28,15 @@ def main():
     text = ort.InferenceSession(os.path.join(out_dir, "text.onnx"), opts, providers=["CPUExecutionProvider"])
     px = np.asarray(inputs["pixel_values"], dtype=np.float32).reshape(inputs["pixel_shape"])
     img = vision.run(["image_embeds"], {"pixel_values": px})[0]
-    txt = np.stack([text.run(["text_embeds"], {"input_ids": np.asarray([ids], dtype=np.int64)})[0][0]
-                    for ids in inputs["input_ids"]])
+    names = {i.name for i in text.get_inputs()}
+
+    def embed_text(ids):
+        feed = {"input_ids": np.asarray([ids], dtype=np.int64)}
+        if "attention_mask" in names:  # BERT towers; each text runs alone, unpadded
+            feed["attention_mask"] = np.ones_like(feed["input_ids"])
+        return text.run(["text_embeds"], feed)[0][0]
+
+    txt = np.stack([embed_text(ids) for ids in inputs["input_ids"]])
     print(json.dumps({
         "image_max_abs": float(np.abs(img - np.asarray(inputs["image_embeds"])).max()),
         "text_max_abs": float(np.abs(txt - np.asarray(inputs["text_embeds"])).max()),

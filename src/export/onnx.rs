@@ -12,7 +12,9 @@ use candle_core::{DType, Tensor};
 use prost::Message;
 
 use super::proto::*;
-use crate::model::config::{Activation, ClipConfig, VisionConfig};
+use crate::model::config::{
+    Activation, BertConfig, ChineseClipConfig, ClipConfig, SiglipConfig, TextPooling, VisionConfig,
+};
 use crate::model::ModelConfig;
 use crate::{Error, Result};
 
@@ -512,6 +514,332 @@ fn clip_text(w: &Weights, cfg: &ClipConfig) -> Result<ModelProto> {
     Ok(g.finish("clasp_text"))
 }
 
+/// `x` [B, C] L2-normalised into the graph output `name` [B, dim].
+fn normalized_output(g: &mut Graph, x: &str, name: &str, dim: usize) {
+    g.op(
+        "LpNormalization",
+        &[x],
+        vec![attr_i("axis", -1), attr_i("p", 2)],
+    );
+    g.nodes.last_mut().expect("just pushed").output = vec![name.into()];
+    g.outputs
+        .push(value_info(name, FLOAT, &[Err("batch"), Ok(dim as i64)]));
+}
+
+/// SigLIP's image tower with its attention-pooling head: pixel_values
+/// [batch, C, S, S] to L2-normalised image_embeds [batch, C].
+fn siglip_vision(w: &Weights, c: &SiglipConfig) -> Result<ModelProto> {
+    let v = &c.vision_config;
+    if v.num_patches.is_some() {
+        return Err(Error::Report(
+            "ONNX export of SigLIP 2 (NaFlex: per-image position resizing) is not supported yet"
+                .into(),
+        ));
+    }
+    let mut g = Graph::new();
+    let (ch, s, p, h) = (v.num_channels, v.image_size, v.patch_size, v.hidden_size);
+    g.inputs.push(value_info(
+        "pixel_values",
+        FLOAT,
+        &[Err("batch"), Ok(ch as i64), Ok(s as i64), Ok(s as i64)],
+    ));
+    let e = "vision_model.embeddings";
+    let conv = g.init("patch", w.get(&format!("{e}.patch_embedding.weight"))?)?;
+    let cb = g.init("patch_b", w.get(&format!("{e}.patch_embedding.bias"))?)?;
+    let pe = g.op(
+        "Conv",
+        &["pixel_values", &conv, &cb],
+        vec![
+            attr_ints("strides", &[p as i64, p as i64]),
+            attr_ints("kernel_shape", &[p as i64, p as i64]),
+        ],
+    );
+    let shape = g.ints(&[0, h as i64, -1]);
+    let flat = g.op("Reshape", &[&pe, &shape], vec![]);
+    let tok = g.op("Transpose", &[&flat], vec![attr_ints("perm", &[0, 2, 1])]);
+    let pos = g.init(
+        "pos",
+        &w.get(&format!("{e}.position_embedding.weight"))?
+            .unsqueeze(0)?,
+    )?;
+    let mut x = g.op("Add", &[&tok, &pos], vec![]);
+    let blk = Block {
+        heads: v.num_attention_heads,
+        hidden: h,
+        eps: v.layer_norm_eps,
+        act: v.hidden_act,
+    };
+    for i in 0..v.num_hidden_layers {
+        x = pre_norm_block(
+            &mut g,
+            w,
+            &format!("vision_model.encoder.layers.{i}"),
+            &x,
+            blk,
+            None,
+        )?;
+    }
+    let x = g.layer_norm(
+        &x,
+        w.get("vision_model.post_layernorm.weight")?,
+        w.get("vision_model.post_layernorm.bias")?,
+        v.layer_norm_eps,
+    )?;
+    // The head: one learned probe attends over the tokens.
+    let hp = "vision_model.head";
+    let (heads, d) = (v.num_attention_heads, h / v.num_attention_heads);
+    let inw = w.get(&format!("{hp}.attention.in_proj_weight"))?;
+    let inb = w.get(&format!("{hp}.attention.in_proj_bias"))?;
+    let part =
+        |t: &Tensor, i: usize| -> Result<Tensor> { Ok(t.narrow(0, i * h, h)?.contiguous()?) };
+    let probe = g.init("probe", w.get(&format!("{hp}.probe"))?)?;
+    let split = |g: &mut Graph, t: &str, lead: i64| -> String {
+        let shape = g.ints(&[lead, 0, heads as i64, d as i64]);
+        let r = g.op("Reshape", &[t, &shape], vec![]);
+        g.op("Transpose", &[&r], vec![attr_ints("perm", &[0, 2, 1, 3])])
+    };
+    let q = g.linear(&probe, &part(inw, 0)?, Some(&part(inb, 0)?))?;
+    let q = split(&mut g, &q, 1);
+    let k = g.linear(&x, &part(inw, 1)?, Some(&part(inb, 1)?))?;
+    let k = split(&mut g, &k, 0);
+    let vv = g.linear(&x, &part(inw, 2)?, Some(&part(inb, 2)?))?;
+    let vv = split(&mut g, &vv, 0);
+    let kt = g.op("Transpose", &[&k], vec![attr_ints("perm", &[0, 1, 3, 2])]);
+    let sc = g.op("MatMul", &[&q, &kt], vec![]);
+    let scale = g.scalar((d as f32).powf(-0.5));
+    let sc = g.op("Mul", &[&sc, &scale], vec![]);
+    let pr = g.op("Softmax", &[&sc], vec![attr_i("axis", -1)]);
+    let a = g.op("MatMul", &[&pr, &vv], vec![]);
+    let a = g.op("Transpose", &[&a], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+    let shape = g.ints(&[0, 0, h as i64]);
+    let a = g.op("Reshape", &[&a, &shape], vec![]);
+    let r = g.linear(
+        &a,
+        w.get(&format!("{hp}.attention.out_proj.weight"))?,
+        Some(w.get(&format!("{hp}.attention.out_proj.bias"))?),
+    )?;
+    let ln = g.layer_norm(
+        &r,
+        w.get(&format!("{hp}.layernorm.weight"))?,
+        w.get(&format!("{hp}.layernorm.bias"))?,
+        v.layer_norm_eps,
+    )?;
+    let f1 = g.linear(
+        &ln,
+        w.get(&format!("{hp}.mlp.fc1.weight"))?,
+        Some(w.get(&format!("{hp}.mlp.fc1.bias"))?),
+    )?;
+    let act = g.activation(&f1, v.hidden_act);
+    let f2 = g.linear(
+        &act,
+        w.get(&format!("{hp}.mlp.fc2.weight"))?,
+        Some(w.get(&format!("{hp}.mlp.fc2.bias"))?),
+    )?;
+    let y = g.op("Add", &[&r, &f2], vec![]);
+    let one = g.ints(&[1]);
+    let y = g.op("Squeeze", &[&y, &one], vec![]);
+    normalized_output(&mut g, &y, "image_embeds", h);
+    Ok(g.finish("clasp_vision"))
+}
+
+/// SigLIP's text tower: input_ids [batch, sequence], padded as its
+/// tokenizer pads (to 64 for SigLIP), read without a mask and pooled at the
+/// last position through the head, to L2-normalised text_embeds.
+fn siglip_text(w: &Weights, c: &SiglipConfig) -> Result<ModelProto> {
+    let t = &c.text_config;
+    let h = t.hidden_size;
+    let mut g = Graph::new();
+    g.inputs.push(value_info(
+        "input_ids",
+        INT64,
+        &[Err("batch"), Err("sequence")],
+    ));
+    let te = g.init(
+        "tok",
+        w.get("text_model.embeddings.token_embedding.weight")?,
+    )?;
+    let tok = g.op("Gather", &[&te, "input_ids"], vec![attr_i("axis", 0)]);
+    let shp = g.op("Shape", &["input_ids"], vec![]);
+    let (z, one, two) = (g.ints(&[0]), g.ints(&[1]), g.ints(&[2]));
+    let seq = g.op("Slice", &[&shp, &one, &two], vec![]);
+    let pe = g.init(
+        "pos",
+        w.get("text_model.embeddings.position_embedding.weight")?,
+    )?;
+    let pos = g.op("Slice", &[&pe, &z, &seq, &z], vec![]);
+    let mut x = g.op("Add", &[&tok, &pos], vec![]);
+    let blk = Block {
+        heads: t.num_attention_heads,
+        hidden: h,
+        eps: t.layer_norm_eps,
+        act: t.hidden_act,
+    };
+    for i in 0..t.num_hidden_layers {
+        x = pre_norm_block(
+            &mut g,
+            w,
+            &format!("text_model.encoder.layers.{i}"),
+            &x,
+            blk,
+            None,
+        )?;
+    }
+    let minus1 = g.ints(&[-1]);
+    let last = g.op("Gather", &[&x, &minus1], vec![attr_i("axis", 1)]);
+    let last = g.op("Squeeze", &[&last, &one], vec![]);
+    let last = g.layer_norm(
+        &last,
+        w.get("text_model.final_layer_norm.weight")?,
+        w.get("text_model.final_layer_norm.bias")?,
+        t.layer_norm_eps,
+    )?;
+    let y = g.linear(
+        &last,
+        w.get("text_model.head.weight")?,
+        Some(w.get("text_model.head.bias")?),
+    )?;
+    normalized_output(&mut g, &y, "text_embeds", t.projection_size());
+    Ok(g.finish("clasp_text"))
+}
+
+/// A BERT text tower (Chinese-CLIP's; the dual encoder's) with its
+/// projection: input_ids and attention_mask [batch, sequence] (int64) to
+/// L2-normalised text_embeds. Chinese-CLIP pools the [CLS] state; the dual
+/// encoder its pooler (tanh), or the masked mean (`clasp_text_pooling`).
+fn bert_text(
+    w: &Weights,
+    c: &ChineseClipConfig,
+    pooling: Option<TextPooling>,
+) -> Result<ModelProto> {
+    let t: &BertConfig = &c.text_config;
+    let h = t.hidden_size;
+    let (heads, d) = (t.num_attention_heads, h / t.num_attention_heads);
+    let mut g = Graph::new();
+    for n in ["input_ids", "attention_mask"] {
+        g.inputs
+            .push(value_info(n, INT64, &[Err("batch"), Err("sequence")]));
+    }
+    let e = "text_model.embeddings";
+    let we = g.init("tok", w.get(&format!("{e}.word_embeddings.weight"))?)?;
+    let tok = g.op("Gather", &[&we, "input_ids"], vec![attr_i("axis", 0)]);
+    let shp = g.op("Shape", &["input_ids"], vec![]);
+    let (z, one, two) = (g.ints(&[0]), g.ints(&[1]), g.ints(&[2]));
+    let seq = g.op("Slice", &[&shp, &one, &two], vec![]);
+    let pe = g.init("pos", w.get(&format!("{e}.position_embeddings.weight"))?)?;
+    let pos = g.op("Slice", &[&pe, &z, &seq, &z], vec![]);
+    let tt = g.init(
+        "type0",
+        &w.get(&format!("{e}.token_type_embeddings.weight"))?
+            .narrow(0, 0, 1)?,
+    )?;
+    let x = g.op("Add", &[&tok, &pos], vec![]);
+    let x = g.op("Add", &[&x, &tt], vec![]);
+    let mut x = g.layer_norm(
+        &x,
+        w.get(&format!("{e}.LayerNorm.weight"))?,
+        w.get(&format!("{e}.LayerNorm.bias"))?,
+        t.layer_norm_eps,
+    )?;
+    // Padding keys get the lowest f32 added, as transformers' extended mask.
+    let mf = g.op(
+        "Cast",
+        &["attention_mask"],
+        vec![attr_i("to", FLOAT as i64)],
+    );
+    let onef = g.scalar(1.0);
+    let inv = g.op("Sub", &[&onef, &mf], vec![]);
+    let low = g.scalar(f32::MIN);
+    let add = g.op("Mul", &[&inv, &low], vec![]);
+    let axes = g.ints(&[1, 2]);
+    let add = g.op("Unsqueeze", &[&add, &axes], vec![]); // [B, 1, 1, T]
+    for i in 0..t.num_hidden_layers {
+        let p = format!("text_model.encoder.layer.{i}");
+        let proj = |g: &mut Graph, n: &str| -> Result<String> {
+            let y = g.linear(
+                &x,
+                w.get(&format!("{p}.attention.self.{n}.weight"))?,
+                Some(w.get(&format!("{p}.attention.self.{n}.bias"))?),
+            )?;
+            let shape = g.ints(&[0, 0, heads as i64, d as i64]);
+            let r = g.op("Reshape", &[&y, &shape], vec![]);
+            Ok(g.op("Transpose", &[&r], vec![attr_ints("perm", &[0, 2, 1, 3])]))
+        };
+        let (q, k, v) = (
+            proj(&mut g, "query")?,
+            proj(&mut g, "key")?,
+            proj(&mut g, "value")?,
+        );
+        let kt = g.op("Transpose", &[&k], vec![attr_ints("perm", &[0, 1, 3, 2])]);
+        let s = g.op("MatMul", &[&q, &kt], vec![]);
+        let scale = g.scalar((d as f32).powf(-0.5));
+        let s = g.op("Mul", &[&s, &scale], vec![]);
+        let s = g.op("Add", &[&s, &add], vec![]);
+        let pr = g.op("Softmax", &[&s], vec![attr_i("axis", -1)]);
+        let a = g.op("MatMul", &[&pr, &v], vec![]);
+        let a = g.op("Transpose", &[&a], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+        let shape = g.ints(&[0, 0, h as i64]);
+        let a = g.op("Reshape", &[&a, &shape], vec![]);
+        let o = g.linear(
+            &a,
+            w.get(&format!("{p}.attention.output.dense.weight"))?,
+            Some(w.get(&format!("{p}.attention.output.dense.bias"))?),
+        )?;
+        let r = g.op("Add", &[&x, &o], vec![]);
+        let x1 = g.layer_norm(
+            &r,
+            w.get(&format!("{p}.attention.output.LayerNorm.weight"))?,
+            w.get(&format!("{p}.attention.output.LayerNorm.bias"))?,
+            t.layer_norm_eps,
+        )?;
+        let i1 = g.linear(
+            &x1,
+            w.get(&format!("{p}.intermediate.dense.weight"))?,
+            Some(w.get(&format!("{p}.intermediate.dense.bias"))?),
+        )?;
+        let ac = g.activation(&i1, t.hidden_act);
+        let o2 = g.linear(
+            &ac,
+            w.get(&format!("{p}.output.dense.weight"))?,
+            Some(w.get(&format!("{p}.output.dense.bias"))?),
+        )?;
+        let r2 = g.op("Add", &[&x1, &o2], vec![]);
+        x = g.layer_norm(
+            &r2,
+            w.get(&format!("{p}.output.LayerNorm.weight"))?,
+            w.get(&format!("{p}.output.LayerNorm.bias"))?,
+            t.layer_norm_eps,
+        )?;
+    }
+    let pooled = match pooling {
+        None => {
+            let first = g.op("Gather", &[&x, &z], vec![attr_i("axis", 1)]);
+            g.op("Squeeze", &[&first, &one], vec![])
+        }
+        Some(TextPooling::Pooler) => {
+            let first = g.op("Gather", &[&x, &z], vec![attr_i("axis", 1)]);
+            let first = g.op("Squeeze", &[&first, &one], vec![]);
+            let dn = g.linear(
+                &first,
+                w.get("text_model.pooler.dense.weight")?,
+                Some(w.get("text_model.pooler.dense.bias")?),
+            )?;
+            g.op("Tanh", &[&dn], vec![])
+        }
+        Some(TextPooling::Mean) => {
+            let m3 = g.op("Unsqueeze", &[&mf, &two], vec![]); // [B, T, 1]
+            let xm = g.op("Mul", &[&x, &m3], vec![]);
+            let sum = g.op("ReduceSum", &[&xm, &one], vec![attr_i("keepdims", 0)]);
+            let cnt = g.op("ReduceSum", &[&m3, &one], vec![attr_i("keepdims", 0)]);
+            let tiny = g.scalar(1e-9);
+            let cnt = g.op("Max", &[&cnt, &tiny], vec![]);
+            g.op("Div", &[&sum, &cnt], vec![])
+        }
+    };
+    let y = g.linear(&pooled, w.get("text_projection.weight")?, None)?;
+    normalized_output(&mut g, &y, "text_embeds", c.projection_dim);
+    Ok(g.finish("clasp_text"))
+}
+
 /// The two graphs of a model, serialised: (vision.onnx, text.onnx).
 pub fn export(
     config: &ModelConfig,
@@ -524,9 +852,17 @@ pub fn export(
             clip_vision(&w, &c.vision_config)?.encode_to_vec(),
             clip_text(&w, c)?.encode_to_vec(),
         )),
-        other => Err(Error::Report(format!(
-            "ONNX export supports clip (and open_clip's ViT models) so far, not {}",
-            other.model_type()
-        ))),
+        ModelConfig::ChineseClip(c) => Ok((
+            clip_vision(&w, &c.vision_config)?.encode_to_vec(),
+            bert_text(&w, c, None)?.encode_to_vec(),
+        )),
+        ModelConfig::DualEncoder(c) => Ok((
+            clip_vision(&w, &c.vision_config)?.encode_to_vec(),
+            bert_text(&w, c, Some(c.text_pooling))?.encode_to_vec(),
+        )),
+        ModelConfig::Siglip(c) => Ok((
+            siglip_vision(&w, c)?.encode_to_vec(),
+            siglip_text(&w, c)?.encode_to_vec(),
+        )),
     }
 }
