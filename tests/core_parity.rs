@@ -1,6 +1,9 @@
 //! Parity with transformers on fixtures that transformers produced
 //! (scripts/gen_core_fixtures.py): model outputs, token ids and pixel tensors.
 
+mod common;
+
+use common::max_abs;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -21,20 +24,6 @@ fn expected() -> HashMap<String, Tensor> {
     let mut all = load("models_expected.safetensors");
     all.extend(load("dual_expected.safetensors"));
     all
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn check_model(dir: &str, prefix: &str, texts_file: &str) {

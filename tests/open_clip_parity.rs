@@ -4,6 +4,9 @@
 //! safetensors checkpoint with GELU and a pickled one with QuickGELU; and
 //! `clasp convert --to hf`, whose CLIPModel checkpoint embeds the same.
 
+mod common;
+
+use common::max_abs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,33 +17,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/open_clip")
 }
 
-fn expected() -> (
-    std::collections::HashMap<String, Tensor>,
-    std::collections::HashMap<String, String>,
-) {
-    let path = fixtures().join("expected.safetensors");
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    (tensors, meta.metadata().clone().unwrap_or_default())
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn check(enc: &Encoder, name: &str) {
-    let (exp, meta) = expected();
+    let (exp, meta) = common::expected_with_meta(&fixtures().join("expected.safetensors"));
     let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
     let ids = enc.tokenizer().encode(&texts).unwrap().ids;
     let want = exp["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
@@ -70,7 +48,7 @@ fn open_clip_checkpoints_embed_as_open_clip_does() {
 /// composites onto white; the fixture's RGBA diagram is there to show it.
 #[test]
 fn open_clip_preprocessing_matches_its_eval_transform() {
-    let (exp, meta) = expected();
+    let (exp, meta) = common::expected_with_meta(&fixtures().join("expected.safetensors"));
     let photos: Vec<String> = serde_json::from_str(&meta["photos"]).unwrap();
     let enc = Encoder::load(fixtures().join("tiny-gelu").to_str().unwrap(), &Device::Cpu).unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -120,7 +98,7 @@ fn convert_writes_a_clip_model_checkpoint_with_the_same_embeddings() {
         // The HF checkpoint tokenizes as transformers' CLIP tokenizer does:
         // the same ids as open_clip's for plain text, but HTML entities stay
         // as they are (the last fixture text has one), so it is left out.
-        let (exp, meta) = expected();
+        let (exp, meta) = common::expected_with_meta(&fixtures().join("expected.safetensors"));
         let mut texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
         assert!(texts.pop().unwrap().contains("&amp;"));
         let img = enc

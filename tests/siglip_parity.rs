@@ -3,6 +3,9 @@
 //! SentencePiece model, SiglipImageProcessor's pixels on real photos, and
 //! SiglipModel's embeddings and sigmoid logits.
 
+mod common;
+
+use common::max_abs;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -45,31 +48,6 @@ fn siglip_tokenizer_matches_transformers_on_214_strings() {
     );
 }
 
-fn expected() -> (
-    std::collections::HashMap<String, Tensor>,
-    std::collections::HashMap<String, String>,
-) {
-    let path = fixtures().join("expected.safetensors");
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    (tensors, meta.metadata().clone().unwrap_or_default())
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn encoder() -> Encoder {
     Encoder::load(
         fixtures().join("tiny-siglip").to_str().unwrap(),
@@ -80,7 +58,7 @@ fn encoder() -> Encoder {
 
 #[test]
 fn siglip_embeddings_and_sigmoid_logits_match_transformers() {
-    let (exp, meta) = expected();
+    let (exp, meta) = common::expected_with_meta(&fixtures().join("expected.safetensors"));
     let enc = encoder();
     let img = enc.image_features(&exp["pixel_values"]).unwrap();
     let d = max_abs(&img, &exp["image_features"]);
@@ -113,7 +91,7 @@ fn siglip_embeddings_and_sigmoid_logits_match_transformers() {
 /// crate's) round the inverse DCT differently (as in core_parity).
 #[test]
 fn siglip_pixels_match_transformers_processor() {
-    let (exp, meta) = expected();
+    let (exp, meta) = common::expected_with_meta(&fixtures().join("expected.safetensors"));
     let enc = encoder();
     let files: Vec<String> = serde_json::from_str(&meta["files"]).unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -141,17 +119,6 @@ fn siglip_pixels_match_transformers_processor() {
     }
 }
 
-fn expected2() -> (
-    std::collections::HashMap<String, Tensor>,
-    std::collections::HashMap<String, String>,
-) {
-    let path = fixtures().join("expected2.safetensors");
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    (tensors, meta.metadata().clone().unwrap_or_default())
-}
-
 /// A reference patch row set [gh*gw, p*p*C] (channels last) back to a
 /// [1, C, gh*p, gw*p] image.
 fn unpatchify(patches: &Tensor, (gh, gw): (usize, usize), p: usize) -> Tensor {
@@ -176,7 +143,7 @@ fn unpatchify(patches: &Tensor, (gh, gw): (usize, usize), p: usize) -> Tensor {
 /// logits agree.
 #[test]
 fn siglip2_naflex_embeddings_and_logits_match_transformers() {
-    let (exp, meta) = expected2();
+    let (exp, meta) = common::expected_with_meta(&fixtures().join("expected2.safetensors"));
     let enc = Encoder::load(
         fixtures().join("tiny-siglip2").to_str().unwrap(),
         &Device::Cpu,
@@ -222,7 +189,7 @@ fn siglip2_naflex_embeddings_and_logits_match_transformers() {
 /// three on the 60x45 test JPEG (decoders differ; see core_parity).
 #[test]
 fn siglip2_patch_grids_masks_and_pixels_match_transformers() {
-    let (exp, meta) = expected2();
+    let (exp, meta) = common::expected_with_meta(&fixtures().join("expected2.safetensors"));
     let enc = Encoder::load(
         fixtures().join("tiny-siglip2").to_str().unwrap(),
         &Device::Cpu,

@@ -268,11 +268,7 @@ fn pre_norm_block(
         eps,
     )?;
     let proj = |g: &mut Graph, n: &str| -> Result<String> {
-        let y = g.linear(
-            &h1,
-            w.get(&format!("{p}.self_attn.{n}.weight"))?,
-            Some(w.get(&format!("{p}.self_attn.{n}.bias"))?),
-        )?;
+        let y = named_linear(g, w, &h1, &format!("{p}.self_attn.{n}"))?;
         let shape = g.ints(&[0, 0, heads as i64, d as i64]);
         let r = g.op("Reshape", &[&y, &shape], vec![]);
         Ok(g.op("Transpose", &[&r], vec![attr_ints("perm", &[0, 2, 1, 3])]))
@@ -290,11 +286,7 @@ fn pre_norm_block(
     let a = g.op("Transpose", &[&a], vec![attr_ints("perm", &[0, 2, 1, 3])]);
     let shape = g.ints(&[0, 0, hidden as i64]);
     let a = g.op("Reshape", &[&a, &shape], vec![]);
-    let o = g.linear(
-        &a,
-        w.get(&format!("{p}.self_attn.out_proj.weight"))?,
-        Some(w.get(&format!("{p}.self_attn.out_proj.bias"))?),
-    )?;
+    let o = named_linear(g, w, &a, &format!("{p}.self_attn.out_proj"))?;
     let x = g.op("Add", &[x, &o], vec![]);
     let h2 = g.layer_norm(
         &x,
@@ -302,18 +294,32 @@ fn pre_norm_block(
         w.get(&format!("{p}.layer_norm2.bias"))?,
         eps,
     )?;
-    let f1 = g.linear(
-        &h2,
-        w.get(&format!("{p}.mlp.fc1.weight"))?,
-        Some(w.get(&format!("{p}.mlp.fc1.bias"))?),
-    )?;
+    let f1 = named_linear(g, w, &h2, &format!("{p}.mlp.fc1"))?;
     let a = g.activation(&f1, act);
-    let f2 = g.linear(
-        &a,
-        w.get(&format!("{p}.mlp.fc2.weight"))?,
-        Some(w.get(&format!("{p}.mlp.fc2.bias"))?),
-    )?;
+    let f2 = named_linear(g, w, &a, &format!("{p}.mlp.fc2"))?;
     Ok(g.op("Add", &[&x, &f2], vec![]))
+}
+
+/// The linear layer stored as `{prefix}.weight` and `{prefix}.bias`.
+fn named_linear(g: &mut Graph, w: &Weights, x: &str, prefix: &str) -> Result<String> {
+    g.linear(
+        x,
+        w.get(&format!("{prefix}.weight"))?,
+        Some(w.get(&format!("{prefix}.bias"))?),
+    )
+}
+
+/// Token plus position embeddings of `input_ids` [batch, sequence] →
+/// (x [B, T, C], the sequence length as a 1-element int64 tensor).
+fn token_and_position(g: &mut Graph, tok: &Tensor, pos: &Tensor) -> Result<(String, String)> {
+    let te = g.init("tok", tok)?;
+    let t = g.op("Gather", &[&te, "input_ids"], vec![attr_i("axis", 0)]);
+    let shp = g.op("Shape", &["input_ids"], vec![]);
+    let (z, one, two) = (g.ints(&[0]), g.ints(&[1]), g.ints(&[2]));
+    let seq = g.op("Slice", &[&shp, &one, &two], vec![]);
+    let pe = g.init("pos", pos)?;
+    let p = g.op("Slice", &[&pe, &z, &seq, &z], vec![]);
+    Ok((g.op("Add", &[&t, &p], vec![]), seq))
 }
 
 /// CLIP's image tower with its projection: pixel_values [batch, C, S, S]
@@ -414,20 +420,11 @@ fn clip_text(w: &Weights, cfg: &ClipConfig) -> Result<ModelProto> {
         INT64,
         &[Err("batch"), Err("sequence")],
     ));
-    let te = g.init(
-        "tok",
+    let (x, seq) = token_and_position(
+        &mut g,
         w.get("text_model.embeddings.token_embedding.weight")?,
-    )?;
-    let tok = g.op("Gather", &[&te, "input_ids"], vec![attr_i("axis", 0)]);
-    let shp = g.op("Shape", &["input_ids"], vec![]);
-    let (z, one, two) = (g.ints(&[0]), g.ints(&[1]), g.ints(&[2]));
-    let seq = g.op("Slice", &[&shp, &one, &two], vec![]);
-    let pe = g.init(
-        "pos",
         w.get("text_model.embeddings.position_embedding.weight")?,
     )?;
-    let pos = g.op("Slice", &[&pe, &z, &seq, &z], vec![]);
-    let x = g.op("Add", &[&tok, &pos], vec![]);
     // Causal mask [T, T]: the lowest f32 above the diagonal, 0 elsewhere.
     let tt = g.op("Concat", &[&seq, &seq], vec![attr_i("axis", 0)]);
     let fill = TensorProto {
@@ -613,28 +610,16 @@ fn siglip_vision(w: &Weights, c: &SiglipConfig) -> Result<ModelProto> {
     let a = g.op("Transpose", &[&a], vec![attr_ints("perm", &[0, 2, 1, 3])]);
     let shape = g.ints(&[0, 0, h as i64]);
     let a = g.op("Reshape", &[&a, &shape], vec![]);
-    let r = g.linear(
-        &a,
-        w.get(&format!("{hp}.attention.out_proj.weight"))?,
-        Some(w.get(&format!("{hp}.attention.out_proj.bias"))?),
-    )?;
+    let r = named_linear(&mut g, w, &a, &format!("{hp}.attention.out_proj"))?;
     let ln = g.layer_norm(
         &r,
         w.get(&format!("{hp}.layernorm.weight"))?,
         w.get(&format!("{hp}.layernorm.bias"))?,
         v.layer_norm_eps,
     )?;
-    let f1 = g.linear(
-        &ln,
-        w.get(&format!("{hp}.mlp.fc1.weight"))?,
-        Some(w.get(&format!("{hp}.mlp.fc1.bias"))?),
-    )?;
+    let f1 = named_linear(&mut g, w, &ln, &format!("{hp}.mlp.fc1"))?;
     let act = g.activation(&f1, v.hidden_act);
-    let f2 = g.linear(
-        &act,
-        w.get(&format!("{hp}.mlp.fc2.weight"))?,
-        Some(w.get(&format!("{hp}.mlp.fc2.bias"))?),
-    )?;
+    let f2 = named_linear(&mut g, w, &act, &format!("{hp}.mlp.fc2"))?;
     let y = g.op("Add", &[&r, &f2], vec![]);
     let one = g.ints(&[1]);
     let y = g.op("Squeeze", &[&y, &one], vec![]);
@@ -654,20 +639,12 @@ fn siglip_text(w: &Weights, c: &SiglipConfig) -> Result<ModelProto> {
         INT64,
         &[Err("batch"), Err("sequence")],
     ));
-    let te = g.init(
-        "tok",
+    let (mut x, _) = token_and_position(
+        &mut g,
         w.get("text_model.embeddings.token_embedding.weight")?,
-    )?;
-    let tok = g.op("Gather", &[&te, "input_ids"], vec![attr_i("axis", 0)]);
-    let shp = g.op("Shape", &["input_ids"], vec![]);
-    let (z, one, two) = (g.ints(&[0]), g.ints(&[1]), g.ints(&[2]));
-    let seq = g.op("Slice", &[&shp, &one, &two], vec![]);
-    let pe = g.init(
-        "pos",
         w.get("text_model.embeddings.position_embedding.weight")?,
     )?;
-    let pos = g.op("Slice", &[&pe, &z, &seq, &z], vec![]);
-    let mut x = g.op("Add", &[&tok, &pos], vec![]);
+    let one = g.ints(&[1]);
     let blk = Block {
         heads: t.num_attention_heads,
         hidden: h,
@@ -693,11 +670,7 @@ fn siglip_text(w: &Weights, c: &SiglipConfig) -> Result<ModelProto> {
         w.get("text_model.final_layer_norm.bias")?,
         t.layer_norm_eps,
     )?;
-    let y = g.linear(
-        &last,
-        w.get("text_model.head.weight")?,
-        Some(w.get("text_model.head.bias")?),
-    )?;
+    let y = named_linear(&mut g, w, &last, "text_model.head")?;
     normalized_output(&mut g, &y, "text_embeds", t.projection_size());
     Ok(g.finish("clasp_text"))
 }
@@ -720,19 +693,17 @@ fn bert_text(
             .push(value_info(n, INT64, &[Err("batch"), Err("sequence")]));
     }
     let e = "text_model.embeddings";
-    let we = g.init("tok", w.get(&format!("{e}.word_embeddings.weight"))?)?;
-    let tok = g.op("Gather", &[&we, "input_ids"], vec![attr_i("axis", 0)]);
-    let shp = g.op("Shape", &["input_ids"], vec![]);
+    let (x, _) = token_and_position(
+        &mut g,
+        w.get(&format!("{e}.word_embeddings.weight"))?,
+        w.get(&format!("{e}.position_embeddings.weight"))?,
+    )?;
     let (z, one, two) = (g.ints(&[0]), g.ints(&[1]), g.ints(&[2]));
-    let seq = g.op("Slice", &[&shp, &one, &two], vec![]);
-    let pe = g.init("pos", w.get(&format!("{e}.position_embeddings.weight"))?)?;
-    let pos = g.op("Slice", &[&pe, &z, &seq, &z], vec![]);
     let tt = g.init(
         "type0",
         &w.get(&format!("{e}.token_type_embeddings.weight"))?
             .narrow(0, 0, 1)?,
     )?;
-    let x = g.op("Add", &[&tok, &pos], vec![]);
     let x = g.op("Add", &[&x, &tt], vec![]);
     let mut x = g.layer_norm(
         &x,
@@ -755,11 +726,7 @@ fn bert_text(
     for i in 0..t.num_hidden_layers {
         let p = format!("text_model.encoder.layer.{i}");
         let proj = |g: &mut Graph, n: &str| -> Result<String> {
-            let y = g.linear(
-                &x,
-                w.get(&format!("{p}.attention.self.{n}.weight"))?,
-                Some(w.get(&format!("{p}.attention.self.{n}.bias"))?),
-            )?;
+            let y = named_linear(g, w, &x, &format!("{p}.attention.self.{n}"))?;
             let shape = g.ints(&[0, 0, heads as i64, d as i64]);
             let r = g.op("Reshape", &[&y, &shape], vec![]);
             Ok(g.op("Transpose", &[&r], vec![attr_ints("perm", &[0, 2, 1, 3])]))
@@ -779,11 +746,7 @@ fn bert_text(
         let a = g.op("Transpose", &[&a], vec![attr_ints("perm", &[0, 2, 1, 3])]);
         let shape = g.ints(&[0, 0, h as i64]);
         let a = g.op("Reshape", &[&a, &shape], vec![]);
-        let o = g.linear(
-            &a,
-            w.get(&format!("{p}.attention.output.dense.weight"))?,
-            Some(w.get(&format!("{p}.attention.output.dense.bias"))?),
-        )?;
+        let o = named_linear(&mut g, w, &a, &format!("{p}.attention.output.dense"))?;
         let r = g.op("Add", &[&x, &o], vec![]);
         let x1 = g.layer_norm(
             &r,
@@ -791,17 +754,9 @@ fn bert_text(
             w.get(&format!("{p}.attention.output.LayerNorm.bias"))?,
             t.layer_norm_eps,
         )?;
-        let i1 = g.linear(
-            &x1,
-            w.get(&format!("{p}.intermediate.dense.weight"))?,
-            Some(w.get(&format!("{p}.intermediate.dense.bias"))?),
-        )?;
+        let i1 = named_linear(&mut g, w, &x1, &format!("{p}.intermediate.dense"))?;
         let ac = g.activation(&i1, t.hidden_act);
-        let o2 = g.linear(
-            &ac,
-            w.get(&format!("{p}.output.dense.weight"))?,
-            Some(w.get(&format!("{p}.output.dense.bias"))?),
-        )?;
+        let o2 = named_linear(&mut g, w, &ac, &format!("{p}.output.dense"))?;
         let r2 = g.op("Add", &[&x1, &o2], vec![]);
         x = g.layer_norm(
             &r2,
@@ -818,11 +773,7 @@ fn bert_text(
         Some(TextPooling::Pooler) => {
             let first = g.op("Gather", &[&x, &z], vec![attr_i("axis", 1)]);
             let first = g.op("Squeeze", &[&first, &one], vec![]);
-            let dn = g.linear(
-                &first,
-                w.get("text_model.pooler.dense.weight")?,
-                Some(w.get("text_model.pooler.dense.bias")?),
-            )?;
+            let dn = named_linear(&mut g, w, &first, "text_model.pooler.dense")?;
             g.op("Tanh", &[&dn], vec![])
         }
         Some(TextPooling::Mean) => {

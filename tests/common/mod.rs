@@ -238,3 +238,31 @@ pub fn python_client(script: &str, args: &[&str]) -> Value {
     );
     serde_json::from_slice(&o.stdout).unwrap()
 }
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_abs(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// A fixture's tensors and its safetensors metadata (inputs' names, texts).
+pub fn expected_with_meta(
+    path: &Path,
+) -> (
+    std::collections::HashMap<String, candle_core::Tensor>,
+    std::collections::HashMap<String, String>,
+) {
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    (tensors, meta.metadata().clone().unwrap_or_default())
+}
