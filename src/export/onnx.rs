@@ -393,18 +393,8 @@ fn clip_vision(w: &Weights, v: &VisionConfig) -> Result<ModelProto> {
         v.layer_norm_eps,
     )?;
     let emb = g.linear(&pooled, w.get("visual_projection.weight")?, None)?;
-    g.op(
-        "LpNormalization",
-        &[&emb],
-        vec![attr_i("axis", -1), attr_i("p", 2)],
-    );
-    g.nodes.last_mut().expect("just pushed").output = vec!["image_embeds".into()];
     let pdim = w.get("visual_projection.weight")?.dim(0)?;
-    g.outputs.push(value_info(
-        "image_embeds",
-        FLOAT,
-        &[Err("batch"), Ok(pdim as i64)],
-    ));
+    normalized_output(&mut g, &emb, "image_embeds", pdim);
     Ok(g.finish("clasp_vision"))
 }
 
@@ -496,18 +486,8 @@ fn clip_text(w: &Weights, cfg: &ClipConfig) -> Result<ModelProto> {
     };
     let pooled = g.op("GatherND", &[&x, &idx], vec![attr_i("batch_dims", 1)]);
     let emb = g.linear(&pooled, w.get("text_projection.weight")?, None)?;
-    g.op(
-        "LpNormalization",
-        &[&emb],
-        vec![attr_i("axis", -1), attr_i("p", 2)],
-    );
-    g.nodes.last_mut().expect("just pushed").output = vec!["text_embeds".into()];
     let pdim = w.get("text_projection.weight")?.dim(0)?;
-    g.outputs.push(value_info(
-        "text_embeds",
-        FLOAT,
-        &[Err("batch"), Ok(pdim as i64)],
-    ));
+    normalized_output(&mut g, &emb, "text_embeds", pdim);
     Ok(g.finish("clasp_text"))
 }
 
