@@ -144,7 +144,13 @@ start() {
         # Replication connections from loopback, for `replica`.
         echo "host replication clasp 127.0.0.1/32 scram-sha-256" >>"$dir/pg_hba.conf"
     fi
-    as_user "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 30 start >/dev/null
+    if ! as_user "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 30 start >/dev/null; then
+        # The log is inside the cluster, which a test's cleanup deletes:
+        # show why the server did not start while it is still there.
+        echo "server.log of port $p:" >&2
+        tail -n 20 "$dir/server.log" >&2 || true
+        return 1
+    fi
     wait_ready "$dir" "$p"
     as_user "$bin/psql" -h "$dir" -p "$p" -U clasp -d postgres -tAc \
         "SELECT 1 FROM pg_database WHERE datname = 'clasp'" | grep -q 1 ||
@@ -174,7 +180,13 @@ replica() {
         echo "primary_conninfo = 'host=127.0.0.1 port=$primary user=clasp password=clasp'" \
             >>"$dir/postgresql.auto.conf"
     fi
-    as_user "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 30 start >/dev/null
+    if ! as_user "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 30 start >/dev/null; then
+        # The log is inside the cluster, which a test's cleanup deletes:
+        # show why the server did not start while it is still there.
+        echo "server.log of port $p:" >&2
+        tail -n 20 "$dir/server.log" >&2 || true
+        return 1
+    fi
     wait_ready "$dir" "$p"
     url "$p"
 }
