@@ -809,3 +809,53 @@ fn siglip_trains_its_own_bias_with_the_sigmoid_loss_and_lit_locking() {
     });
     assert!(o.contains("embedding"), "{o}");
 }
+
+/// Training starts from open_clip's own layout: its weights reach the
+/// variables translated (a step at a negligible learning rate leaves
+/// open_clip's embeddings), and the checkpoint is written as a CLIPModel
+/// with the translated preprocessor_config.json and the tokenizer files.
+#[test]
+fn open_clip_checkpoints_train_into_the_hf_layout() {
+    use candle_core::Device;
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let fix = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/open_clip");
+    let out = d.path().join("run");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    c.args(["train", "--init"])
+        .arg(fix.join("tiny-gelu"))
+        .arg("--dataset")
+        .arg(format!("flickr8k:{}", data.display()))
+        .args([
+            "--steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-12",
+            "--output",
+        ])
+        .arg(&out);
+    run_ok(c);
+    let ck = out.join("checkpoint");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "vocab.json",
+        "merges.txt",
+    ] {
+        assert!(ck.join(f).is_file(), "{f}");
+    }
+    let enc = clasp::Encoder::load(ck.to_str().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(enc.config().model_type(), "clip");
+    let exp =
+        candle_core::safetensors::load(fix.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let img = enc.image_features(&exp["tiny-gelu.pixel_values"]).unwrap();
+    let diff = common::max_abs(&img, &exp["tiny-gelu.image_features"]);
+    assert!(
+        diff < 1e-4,
+        "translated weights: image features differ by {diff}"
+    );
+}

@@ -20,6 +20,9 @@ pub struct Trainable {
     pub config_json: serde_json::Value,
     /// Where the tokenizer and preprocessor files come from.
     pub source_dir: PathBuf,
+    /// preprocessor_config.json when it is not a file in `source_dir` (an
+    /// open_clip checkpoint's, translated from its `preprocess_cfg`).
+    pub preprocessor_json: Option<serde_json::Value>,
 }
 
 fn werr(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -41,12 +44,29 @@ impl Trainable {
     pub fn from_checkpoint(spec: &str, device: &Device) -> Result<Self> {
         let files = model::resolve(spec)?;
         if files.layout == model::loader::Layout::OpenClip {
-            return Err(Error::Report(format!(
-                "{} is an open_clip checkpoint; training starts from the Hugging Face layout: \
-                 `clasp convert --model {} --to hf --output DIR`, then --init DIR",
-                files.dir.display(),
-                files.dir.display()
-            )));
+            // Translated to CLIPModel; what training saves is that layout.
+            let t = model::open_clip::translate(&files.config, &files.weights)?;
+            let config = ModelConfig::from_json(&t.config_json.to_string(), &files.config)?;
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+            let model = Model::load(vb, &config)?;
+            for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+                let src = t.tensors.get(name).ok_or_else(|| {
+                    werr(
+                        &files.weights,
+                        format!("no tensor for `{name}` after translation"),
+                    )
+                })?;
+                var.set(&src.to_device(device)?)?;
+            }
+            return Ok(Self {
+                varmap,
+                model,
+                config,
+                config_json: t.config_json,
+                source_dir: files.dir,
+                preprocessor_json: Some(t.preprocessor_json),
+            });
         }
         if files.weights.extension().and_then(|e| e.to_str()) != Some("safetensors") {
             return Err(werr(
@@ -67,6 +87,7 @@ impl Trainable {
             config,
             config_json,
             source_dir: files.dir,
+            preprocessor_json: None,
         })
     }
 
@@ -84,6 +105,7 @@ impl Trainable {
             config,
             config_json,
             source_dir: dir.to_path_buf(),
+            preprocessor_json: None,
         })
     }
 
@@ -145,6 +167,11 @@ impl Trainable {
                 if src.is_file() {
                     std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
                 }
+            }
+            if let Some(pp) = &self.preprocessor_json {
+                let p = tmp.join("preprocessor_config.json");
+                let text = serde_json::to_string_pretty(pp).expect("JSON values serialise");
+                std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
             }
             Ok(())
         })

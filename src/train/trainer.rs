@@ -169,9 +169,11 @@ impl Trainer {
             tokenizer
         };
         let jitter = ColorJitter::new(&cfg.color_jitter, cfg.color_jitter_prob)?;
-        let proc = ImageProcessor::new(match &t.source_dir.join("preprocessor_config.json") {
-            p if p.is_file() => ImageProcessorConfig::from_file(p)?,
-            _ => crate::encoder::default_image_processor(&t.config),
+        let pp_file = t.source_dir.join("preprocessor_config.json");
+        let proc = ImageProcessor::new(match &t.preprocessor_json {
+            Some(j) => ImageProcessorConfig::from_json(&j.to_string(), &pp_file)?,
+            None if pp_file.is_file() => ImageProcessorConfig::from_file(&pp_file)?,
+            None => crate::encoder::default_image_processor(&t.config),
         });
         // Batches stack square images of the model's size. An aspect-keeping
         // processor (SigLIP 2's NaFlex) trains on squares of its trained
