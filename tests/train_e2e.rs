@@ -771,18 +771,7 @@ fn siglip_trains_its_own_bias_with_the_sigmoid_loss_and_lit_locking() {
         load(init.join("model.safetensors")),
         load(whole.join("checkpoint/model.safetensors")),
     );
-    let max_diff = |k: &str| {
-        (&before[k] - &after[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let max_diff = |k: &str| common::max_abs(&before[k], &after[k]);
     assert!(max_diff("logit_bias") > 1e-4, "the bias is trained");
     assert!(
         max_diff("text_model.head.weight") > 0.0,

@@ -254,7 +254,12 @@ impl ImageProcessorConfig {
             );
             // NaFlex's geometry is its budget; `size` and crops do not apply.
             return Ok(Self {
-                resample: raw.resample.and(Some(resample)).unwrap_or(cfg.resample),
+                // SigLIP 2's own default (bilinear) unless the file says.
+                resample: if raw.resample.is_some() {
+                    resample
+                } else {
+                    cfg.resample
+                },
                 do_rescale: raw.do_rescale.unwrap_or(true),
                 rescale_factor: raw.rescale_factor.unwrap_or(cfg.rescale_factor),
                 do_normalize: raw.do_normalize.unwrap_or(true),

@@ -257,6 +257,8 @@ pub struct SiglipTokenizer {
     lowercase: bool,
     unk: String,
     unk_len: usize,
+    /// The piece that is U+2581 alone, looked up once (not per text).
+    lone_space: Option<u32>,
 }
 
 impl SiglipTokenizer {
@@ -299,6 +301,7 @@ impl SiglipTokenizer {
         // Longest first, so one special that contains another wins.
         specials.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         let unk_len = spm.encode(&unk_t)?.len();
+        let lone_space = spm.piece_to_id(&SPACE.to_string());
         Ok(Self {
             spm,
             eos,
@@ -307,6 +310,7 @@ impl SiglipTokenizer {
             lowercase: cfg["do_lower_case"].as_bool().unwrap_or(true),
             unk: unk_t,
             unk_len,
+            lone_space,
         })
     }
 
@@ -356,8 +360,7 @@ impl SiglipTokenizer {
             out.extend(ids.into_iter().skip(self.unk_len).map(|i| (i, false)));
         }
         // A lone leading U+2581 before a special token is dropped.
-        let lone_space = self.spm.piece_to_id(&SPACE.to_string());
-        if out.len() > 1 && Some(out[0].0) == lone_space && !out[0].1 && out[1].1 {
+        if out.len() > 1 && Some(out[0].0) == self.lone_space && !out[0].1 && out[1].1 {
             out.remove(0);
         }
         Ok(out.into_iter().map(|(i, _)| i).collect())
