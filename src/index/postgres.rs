@@ -93,6 +93,13 @@ fn pg_err(shown: &str, e: postgres::Error) -> Error {
             }
             if e.is_closed() || r.contains("onnection refused") {
                 r.push_str(" (is the server running?)");
+            } else if r.contains("onnection reset")
+                || r.contains("roken pipe")
+                || r.contains("unexpected EOF")
+            {
+                // A server that stops mid-query may close the socket before
+                // its "terminating connection" notice is read.
+                r.push_str(" (the server dropped the connection: is the server running?)");
             } else if r.contains("certificate") || r.contains("UnknownIssuer") {
                 r.push_str(
                     " (the server's TLS certificate is not trusted: give its CA as \
