@@ -24,12 +24,25 @@ const TOKENIZER_FILES: &[&str] = &[
     "spiece.model",
 ];
 
+/// The arithmetic of the exported graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnnxPrecision {
+    F32,
+    /// The transformer blocks' attention and MLP linears in dynamic int8,
+    /// exactly as clasp's `--precision int8`: per-channel symmetric int8
+    /// weights, per-token symmetric int8 activations, int32 products
+    /// (`MatMulInteger`); everything else f32.
+    Int8,
+}
+
 /// Writes `vision.onnx`, `text.onnx`, `preprocess.json` (the image
 /// processor as transformers' preprocessor_config.json has it, and the text
 /// context) and the tokenizer files of the model `spec` into `out`,
-/// atomically.
-pub fn export_onnx(spec: &str, out: &Path) -> Result<()> {
+/// atomically. A `clasp quantize` checkpoint exports its own int8 weights
+/// in int8, or their dequantized values in f32.
+pub fn export_onnx(spec: &str, out: &Path, precision: OnnxPrecision) -> Result<()> {
     let files = model::resolve(spec)?;
+    let mut given_int8 = HashMap::new();
     let (config, tensors, processor): (ModelConfig, HashMap<String, Tensor>, serde_json::Value) =
         match files.layout {
             Layout::OpenClip => {
@@ -39,7 +52,13 @@ pub fn export_onnx(spec: &str, out: &Path) -> Result<()> {
             }
             Layout::Hf => {
                 let c = ModelConfig::from_file(&files.config)?;
-                let t = crate::model::loader::read_tensors(&files.weights)?;
+                let t = if crate::model::int8_checkpoint::is_quantized(&files.weights)? {
+                    let (t, q) = crate::model::int8_checkpoint::read(&files.weights)?;
+                    given_int8 = q;
+                    t
+                } else {
+                    crate::model::loader::read_tensors(&files.weights)?
+                };
                 let pp = match &files.preprocessor_config {
                     Some(p) => crate::model::loader::read_json(p)?,
                     None => crate::encoder::default_image_processor(&c).to_hf_json(),
@@ -47,7 +66,8 @@ pub fn export_onnx(spec: &str, out: &Path) -> Result<()> {
                 (c, t, pp)
             }
         };
-    let (vision, text) = onnx::export(&config, &tensors, &files.weights)?;
+    let int8 = (precision == OnnxPrecision::Int8).then_some(&given_int8);
+    let (vision, text) = onnx::export(&config, &tensors, &files.weights, int8)?;
     let side = serde_json::json!({
         "model_type": config.model_type(),
         "image_processor": processor,
@@ -57,6 +77,10 @@ pub fn export_onnx(spec: &str, out: &Path) -> Result<()> {
         },
         "outputs": {"vision.onnx": "image_embeds (L2-normalised)", "text.onnx": "text_embeds (L2-normalised)"},
         "opset": onnx::OPSET,
+        "precision": match precision {
+            OnnxPrecision::F32 => "f32",
+            OnnxPrecision::Int8 => "int8: the transformer blocks' attention and MLP linears take per-token symmetric int8 activations and per-channel symmetric int8 weights (MatMulInteger), as clasp --precision int8",
+        },
     });
     crate::atomic::write_dir(out, |tmp| {
         for (name, bytes) in [("vision.onnx", &vision), ("text.onnx", &text)] {
