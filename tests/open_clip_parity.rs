@@ -112,3 +112,62 @@ fn convert_writes_a_clip_model_checkpoint_with_the_same_embeddings() {
         assert!(max_abs(&txt, &want) < 1e-4);
     }
 }
+
+/// A Hub repository with only open_clip's files (as most LAION and DataComp
+/// models are) loads by its id: here from a hf-hub cache laid out as
+/// hf-hub writes it (refs/main naming a snapshot), with HF_HUB_OFFLINE so
+/// that nothing is fetched. Its vectors are open_clip's (the fixture's).
+#[test]
+fn an_open_clip_only_hub_repository_loads_by_its_id() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--laion--tiny-quickgelu");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for f in std::fs::read_dir(fixtures().join("tiny-quickgelu")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, snap.join(f.file_name().unwrap())).unwrap();
+    }
+    assert!(!snap.join("config.json").exists());
+    let (exp, meta) = common::expected_with_meta(&fixtures().join("expected.safetensors"));
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args([
+            "embed",
+            "--model",
+            "laion/tiny-quickgelu",
+            "--text",
+            &texts[0],
+        ])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap();
+    let got: Vec<f32> = serde_json::from_value(line["embedding"].clone()).unwrap();
+    let want = exp["tiny-quickgelu.text_features"].get(0).unwrap();
+    let norm = want.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+    let want = (want / norm.to_scalar::<f32>().unwrap() as f64)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let d = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-4, "max-abs {d} to open_clip's normalised vector");
+
+    // A repository with neither config: the Hub error names the model.
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(["embed", "--model", "laion/absent", "--text", "x"])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("laion/absent"), "{err}");
+}

@@ -122,36 +122,36 @@ fn from_hub(id: &str) -> Result<ModelFiles> {
         reason,
     };
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
-    let files: Vec<PathBuf> = if offline {
+    // One file of the repository: Ok(None) when it does not have it; the
+    // error is kept for config.json, the one file every layout needs one of.
+    let get: Box<dyn Fn(&str) -> std::result::Result<PathBuf, String>> = if offline {
         let cache = hf_hub::Cache::from_env().model(id.to_string());
-        let config = cache.get("config.json").ok_or_else(|| {
-            hub_err("HF_HUB_OFFLINE is set and it is not in the local cache".into())
-        })?;
-        let mut got = vec![config];
-        got.extend(
-            WEIGHT_FILES
-                .iter()
-                .chain(SIDE_FILES)
-                .filter_map(|f| cache.get(f)),
-        );
-        got
+        Box::new(move |f: &str| {
+            cache
+                .get(f)
+                .ok_or_else(|| "HF_HUB_OFFLINE is set and it is not in the local cache".into())
+        })
     } else {
         let api = hf_hub::api::sync::ApiBuilder::from_env()
             .with_progress(true)
             .build()
             .map_err(|e| hub_err(e.to_string()))?;
         let repo = api.model(id.to_string());
-        let config = repo
-            .get("config.json")
-            .map_err(|e| hub_err(e.to_string()))?;
-        let mut got = vec![config];
-        // The first weight file that exists, then whatever side files exist.
-        if let Some(w) = WEIGHT_FILES.iter().find_map(|f| repo.get(f).ok()) {
-            got.push(w);
-        }
-        got.extend(SIDE_FILES.iter().filter_map(|f| repo.get(f).ok()));
-        got
+        Box::new(move |f: &str| repo.get(f).map_err(|e| e.to_string()))
     };
+    // transformers' layout first; a repository with only open_clip's
+    // config (most LAION and DataComp models) is open_clip's layout.
+    let (config, weight_files) = match get("config.json") {
+        Ok(c) => (c, WEIGHT_FILES),
+        Err(e) => match get(super::open_clip::CONFIG_FILE) {
+            Ok(c) => (c, super::open_clip::WEIGHT_FILES),
+            Err(_) => return Err(hub_err(e)),
+        },
+    };
+    let mut files = vec![config];
+    // The first weight file that exists, then whatever side files exist.
+    files.extend(weight_files.iter().find_map(|f| get(f).ok()));
+    files.extend(SIDE_FILES.iter().filter_map(|f| get(f).ok()));
     // hf-hub puts every file of one revision in one snapshot directory.
     let dir = files[0]
         .parent()
