@@ -116,15 +116,18 @@ fn from_dir(spec: &str, dir: &Path) -> Result<ModelFiles> {
     })
 }
 
+/// Fetches one file of a Hub repository (or finds it in the cache).
+type HubGet = Box<dyn Fn(&str) -> std::result::Result<PathBuf, String>>;
+
 fn from_hub(id: &str) -> Result<ModelFiles> {
     let hub_err = |reason: String| Error::Hub {
         model: id.to_string(),
         reason,
     };
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
-    // One file of the repository: Ok(None) when it does not have it; the
-    // error is kept for config.json, the one file every layout needs one of.
-    let get: Box<dyn Fn(&str) -> std::result::Result<PathBuf, String>> = if offline {
+    // One file of the repository, or why not; the reason is reported for
+    // config.json when neither layout's config is there.
+    let get: HubGet = if offline {
         let cache = hf_hub::Cache::from_env().model(id.to_string());
         Box::new(move |f: &str| {
             cache
