@@ -484,6 +484,24 @@ impl Encoder {
         self.model.logit_bias().is_some()
     }
 
+    /// How `classify` turns cosines into label probabilities: SigLIP's
+    /// sigmoid with the model's scale and bias, else CLIP's softmax.
+    pub fn zero_shot_scoring(&self) -> Result<crate::preprocess::prompts::ZeroShotScoring> {
+        use crate::preprocess::prompts::ZeroShotScoring;
+        let scalar = |t: &Tensor| -> Result<f64> {
+            Ok(t.to_dtype(candle_core::DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?[0])
+        };
+        Ok(match self.model.logit_bias() {
+            Some(b) => ZeroShotScoring::Sigmoid {
+                scale: scalar(self.model.logit_scale())?.exp(),
+                bias: scalar(b)?,
+            },
+            None => ZeroShotScoring::Softmax,
+        })
+    }
+
     /// Probabilities from one image's logits over texts: the sigmoid of each
     /// for SigLIP, the softmax over them for CLIP.
     pub fn probabilities(&self, logits: &[f64]) -> Vec<f64> {

@@ -168,7 +168,8 @@ pub fn hybrid_search(
 pub struct Label {
     pub path: String,
     pub label: String,
-    /// Softmax probability over the labels at CLIP's scale of 100.
+    /// The label's probability: the softmax over the labels at CLIP's scale
+    /// of 100, or SigLIP's own sigmoid (see `ZeroShotScoring`).
     pub probability: f64,
 }
 
@@ -183,13 +184,14 @@ pub fn classify(
     dirs: &[String],
 ) -> Result<Vec<Label>> {
     let classes = encoder.prompt_ensemble(labels, templates, 64)?;
+    let scoring = encoder.zero_shot_scoring()?;
     let by_hash = files_by_hash(catalog, dirs)?;
     let mut out = Vec::new();
     catalog.for_each_vector(model, &mut |h, v| {
         let Some(files) = by_hash.get(&h) else {
             return;
         };
-        let (best, p) = crate::preprocess::prompts::class_probabilities(v, &classes);
+        let (best, p) = crate::preprocess::prompts::class_probabilities(v, &classes, scoring);
         for f in files {
             out.push(Label {
                 path: f.path.clone(),

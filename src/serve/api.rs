@@ -331,11 +331,14 @@ pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
         items.extend(images_to_items(&st, images).await?);
         let v = embed_items(&st, items).await?;
         let classes = prompts::ensemble(&v[..n_p], templates.len());
+        let scoring = st.encoder.zero_shot_scoring().map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
         let data: Vec<Value> = v[n_p..]
             .iter()
             .enumerate()
             .map(|(i, img)| {
-                let (best, p) = prompts::class_probabilities(img, &classes);
+                let (best, p) = prompts::class_probabilities(img, &classes, scoring);
                 let scores: serde_json::Map<String, Value> = labels
                     .iter()
                     .zip(&p)

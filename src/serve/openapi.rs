@@ -122,15 +122,17 @@ pub fn document() -> Value {
                     "model": {"type": "string"},
                     "usage": {"type": "object"}}})),
             "/v1/similarity": post(
-                "logits_per_image (images x texts) as CLIPModel computes it, and softmax over texts",
+                "logits_per_image (images x texts) as the model computes it, and probs: the softmax over texts, or for SigLIP each pair's sigmoid (probs_kind says which)",
                 json!({"type": "object", "required": ["images", "texts"], "properties": {
                     "images": list(&image, 1), "texts": list(&text, 1)}}),
                 json!({"type": "object", "properties": {
                     "logits_per_image": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
                     "probs": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
-                    "logit_scale": {"type": "number"}}})),
+                    "probs_kind": {"type": "string", "enum": ["softmax", "sigmoid"]},
+                    "logit_scale": {"type": "number"},
+                    "logit_bias": {"type": ["number", "null"]}}})),
             "/v1/classify": post(
-                "Zero-shot labels with CLIP's prompt ensemble. Each image and each label counts once against the server's item limit (a label's template prompts are not counted).",
+                "Zero-shot labels with CLIP's prompt ensemble; probability is the softmax over the labels at scale 100, or for SigLIP each label's own sigmoid. Each image and each label counts once against the server's item limit (a label's template prompts are not counted).",
                 json!({"type": "object", "required": ["images", "labels"], "properties": {
                     "images": b64, "labels": list(&text, 2), "templates": list(&text, 1)}}),
                 json!({"type": "object", "properties": {"data": {"type": "array", "items": {"type": "object", "properties": {
