@@ -61,6 +61,9 @@ def main():
     exp = {"input_ids": ids.int()}
     photos = [os.path.join(SHARED, "data/reference-images/flickr8k-fullres", f)
               for f in sorted(os.listdir(os.path.join(SHARED, "data/reference-images/flickr8k-fullres")))][:2]
+    # 500x334: resized to 47x32, an odd margin of 15 that torchvision's
+    # CenterCrop rounds to 8 (half to even) where transformers floors to 7.
+    photos.append(os.path.join(SHARED, "data/reference-images/flickr8k-fullres/1012212859_01547e3f17.jpg"))
     photos.append(os.path.join(SHARED, "data/reference-images/clip-diagram.png"))
     for name, quick, fmt in [("tiny-gelu", False, "safetensors"), ("tiny-quickgelu", True, "bin")]:
         torch.manual_seed(3 if quick else 2)

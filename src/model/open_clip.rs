@@ -296,9 +296,11 @@ impl OpenClipConfig {
             .and_then(Value::as_str)
             .unwrap_or("shortest")
         {
+            // torchvision's CenterCrop rounds odd margins half to even.
             "shortest" => json!({"image_processor_type": "CLIPImageProcessor",
                 "size": {"shortest_edge": size}, "do_center_crop": true,
-                "crop_size": {"height": size, "width": size}}),
+                "crop_size": {"height": size, "width": size},
+                "clasp_crop_rounding": "torchvision"}),
             "squash" => json!({"image_processor_type": "ChineseCLIPImageProcessor",
                 "size": {"height": size, "width": size}, "do_center_crop": false,
                 "crop_size": {"height": size, "width": size}}),

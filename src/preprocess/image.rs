@@ -58,6 +58,40 @@ pub struct ImageProcessorConfig {
     pub std: [f64; 3],
     /// Pillow's filter for the resize (and random crops in training).
     pub resample: super::resample::Filter,
+    /// How the center crop's offsets round (transformers' floor, or
+    /// torchvision's round-half-even that open_clip's transform uses).
+    pub crop_rounding: CropRounding,
+}
+
+/// How a center crop places an odd margin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CropRounding {
+    /// transformers: `(size - crop) // 2`.
+    Floor,
+    /// torchvision's `CenterCrop` (open_clip): `int(round((size - crop) / 2))`,
+    /// Python's round, so a .5 goes to the even neighbour.
+    Torchvision,
+}
+
+impl CropRounding {
+    /// The offset of a crop of `crop` from `size` (negative: the crop is
+    /// larger and the image sits inside it, centred as each library pads).
+    pub fn offset(self, size: u32, crop: u32) -> i64 {
+        let d = size as i64 - crop as i64;
+        match self {
+            Self::Floor => d.div_euclid(2),
+            Self::Torchvision if d >= 0 => {
+                let k = d / 2;
+                if d % 2 == 1 && k % 2 == 1 {
+                    k + 1
+                } else {
+                    k
+                }
+            }
+            // torchvision pads (crop - size) // 2 before the image first.
+            Self::Torchvision => -((-d) / 2),
+        }
+    }
 }
 
 impl ImageProcessorConfig {
@@ -95,6 +129,11 @@ impl ImageProcessorConfig {
             v.extend_from_slice(&x.to_le_bytes());
         }
         v.extend_from_slice(&self.resample.pil_number().to_le_bytes());
+        // Appended only when not transformers' floor, so every key made
+        // before this field existed stays as it was.
+        if self.crop_rounding == CropRounding::Torchvision {
+            v.extend_from_slice(b"crop:torchvision");
+        }
         v
     }
 }
@@ -128,6 +167,8 @@ struct RawProcessor {
     /// Siglip2ImageProcessor's NaFlex budget.
     patch_size: Option<u32>,
     max_num_patches: Option<u32>,
+    /// clasp's own key: "torchvision" for open_clip's center crop.
+    clasp_crop_rounding: Option<String>,
 }
 
 const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -148,6 +189,7 @@ impl ImageProcessorConfig {
             mean: CLIP_MEAN,
             std: CLIP_STD,
             resample: super::resample::Filter::Bicubic,
+            crop_rounding: CropRounding::Floor,
         }
     }
 
@@ -155,6 +197,12 @@ impl ImageProcessorConfig {
     /// config (CLIPImageProcessor, or ChineseCLIPImageProcessor for an
     /// exact resize), bicubic as both use.
     pub fn to_hf_json(&self) -> serde_json::Value {
+        let common = serde_json::json!({
+            "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": self.mean, "image_std": self.std,
+            "do_convert_rgb": self.do_convert_rgb, "resample": self.resample.pil_number()
+        });
         let (kind, size) = match self.resize {
             ResizeTo::ShortestEdge(e) => (
                 "CLIPImageProcessor",
@@ -164,23 +212,33 @@ impl ImageProcessorConfig {
                 "ChineseCLIPImageProcessor",
                 serde_json::json!({"height": height, "width": width}),
             ),
-            // No transformers processor keeps the aspect under a patch budget
-            // with bicubic CLIP resizing: written as clasp's own keys.
-            ResizeTo::PatchBudget { patch, max_patches } => (
-                "CLIPImageProcessor",
-                serde_json::json!({"clasp_patch_budget": {"patch_size": patch, "max_num_patches": max_patches}}),
-            ),
+            // The aspect kept under a patch budget: Siglip2ImageProcessor's
+            // NaFlex keys (which `from_json` reads back).
+            ResizeTo::PatchBudget { patch, max_patches } => {
+                let mut out = serde_json::json!({
+                    "image_processor_type": "Siglip2ImageProcessor",
+                    "patch_size": patch, "max_num_patches": max_patches,
+                });
+                for (k, v) in common.as_object().expect("an object") {
+                    out[k] = v.clone();
+                }
+                return out;
+            }
         };
-        serde_json::json!({
+        let mut out = serde_json::json!({
             "image_processor_type": kind,
             "do_resize": self.do_resize, "size": size,
             "do_center_crop": self.do_center_crop,
             "crop_size": {"height": self.crop.0, "width": self.crop.1},
-            "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor,
-            "do_normalize": self.do_normalize,
-            "image_mean": self.mean, "image_std": self.std,
-            "do_convert_rgb": self.do_convert_rgb, "resample": self.resample.pil_number()
-        })
+        });
+        for (k, v) in common.as_object().expect("an object") {
+            out[k] = v.clone();
+        }
+        if self.crop_rounding == CropRounding::Torchvision {
+            // transformers ignores it (and crops with floor offsets).
+            out["clasp_crop_rounding"] = "torchvision".into();
+        }
+        out
     }
 
     /// SiglipImageProcessor's: straight resize, no crop, and 0.5 for every
@@ -315,6 +373,15 @@ impl ImageProcessorConfig {
              rescale_factor => cfg.rescale_factor, do_normalize => cfg.do_normalize,
              image_mean => cfg.mean, image_std => cfg.std);
         cfg.resample = resample;
+        cfg.crop_rounding = match raw.clasp_crop_rounding.as_deref() {
+            None | Some("floor") => CropRounding::Floor,
+            Some("torchvision") => CropRounding::Torchvision,
+            Some(other) => {
+                return Err(bad(format!(
+                    "clasp_crop_rounding `{other}` is not one of floor, torchvision"
+                )))
+            }
+        };
         Ok(cfg)
     }
 
@@ -579,7 +646,7 @@ impl ImageProcessor {
             img.clone()
         };
         if self.cfg.do_center_crop {
-            center_crop(&resized, self.cfg.crop)
+            center_crop(&resized, self.cfg.crop, self.cfg.crop_rounding)
         } else {
             resized
         }
@@ -692,15 +759,16 @@ impl ImageProcessor {
     }
 }
 
-/// transformers' center crop: offsets `(orig - crop) // 2`; a crop larger than
-/// the image pads with zeros around it, centred the same way.
-fn center_crop(img: &RgbImage, (ch, cw): (u32, u32)) -> RgbImage {
+/// A center crop: transformers' offsets `(orig - crop) // 2`, or
+/// torchvision's (see [`CropRounding`]); a crop larger than the image pads
+/// with zeros around it.
+fn center_crop(img: &RgbImage, (ch, cw): (u32, u32), rounding: CropRounding) -> RgbImage {
     let (w, h) = img.dimensions();
     if (h, w) == (ch, cw) {
         return img.clone();
     }
-    let top = (h as i64 - ch as i64).div_euclid(2);
-    let left = (w as i64 - cw as i64).div_euclid(2);
+    let top = rounding.offset(h, ch);
+    let left = rounding.offset(w, cw);
     let mut out = RgbImage::new(cw, ch);
     for y in 0..ch as i64 {
         let sy = y + top;

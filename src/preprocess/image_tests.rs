@@ -47,7 +47,7 @@ fn shortest_edge_truncates_long_side_like_transformers() {
 #[test]
 fn center_crop_uses_floor_offsets() {
     let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8, y as u8, 0]));
-    let c = center_crop(&img, (2, 2));
+    let c = center_crop(&img, (2, 2), CropRounding::Floor);
     // top = (4-2)//2 = 1, left = (5-2)//2 = 1
     assert_eq!(c.get_pixel(0, 0).0, [1, 1, 0]);
     assert_eq!(c.get_pixel(1, 1).0, [2, 2, 0]);
@@ -162,4 +162,42 @@ fn a_png_claiming_billions_of_pixels_is_refused_not_allocated() {
         msg.contains("60x536870957") && msg.contains("decompression bomb"),
         "{msg}"
     );
+}
+
+#[test]
+fn torchvision_crop_offsets_round_half_to_even_as_python() {
+    // int(round(d / 2)) in Python for d = 0..=7: 0, 0, 1, 2, 2, 2, 3, 4.
+    let want = [0, 0, 1, 2, 2, 2, 3, 4];
+    for (d, w) in want.iter().enumerate() {
+        assert_eq!(
+            CropRounding::Torchvision.offset(224 + d as u32, 224),
+            *w,
+            "d={d}"
+        );
+    }
+    // The two cases that differ from transformers' floor on real photos:
+    // 500x334 resized to 335x224, and a 2162x762 diagram to 635x224.
+    assert_eq!(CropRounding::Torchvision.offset(335, 224), 56);
+    assert_eq!(CropRounding::Floor.offset(335, 224), 55);
+    assert_eq!(CropRounding::Torchvision.offset(635, 224), 206);
+    // A crop larger than the image: torchvision pads (crop - size) // 2
+    // before it.
+    assert_eq!(CropRounding::Torchvision.offset(221, 224), -1);
+    assert_eq!(CropRounding::Floor.offset(221, 224), -2);
+}
+
+#[test]
+fn processor_json_round_trips_crop_rounding_and_patch_budgets() {
+    let p = Path::new("preprocessor_config.json");
+    let mut c = ImageProcessorConfig::clip_default(224);
+    c.crop_rounding = CropRounding::Torchvision;
+    let back = ImageProcessorConfig::from_json(&c.to_hf_json().to_string(), p).unwrap();
+    assert_eq!(back.crop_rounding, CropRounding::Torchvision);
+    assert_ne!(
+        back.key_bytes(),
+        ImageProcessorConfig::clip_default(224).key_bytes()
+    );
+    let n = ImageProcessorConfig::siglip2_default(16, 256);
+    let back = ImageProcessorConfig::from_json(&n.to_hf_json().to_string(), p).unwrap();
+    assert_eq!(back.key_bytes(), n.key_bytes());
 }
