@@ -86,25 +86,8 @@ def run(kind, lang, ctx, work):
         px = proc(images=[ImageOps.exif_transpose(Image.open(p)) for p in imgs], return_tensors="pt")["pixel_values"]
         i = model.get_image_features(pixel_values=px)
         i = getattr(i, "pooler_output", i)
-    t = torch.nn.functional.normalize(t, dim=-1).numpy()
-    i = torch.nn.functional.normalize(i, dim=-1).numpy()
-
-    tf = os.path.join(work, f"{kind}.texts.txt")
-    open(tf, "w", encoding="utf-8").write("\n".join(texts))
-    out = os.path.join(work, f"{kind}.npy")
-    args = [CLASP, "embed", "-q", "--model", d, "--texts-from", tf, "--output", out]
-    for p in imgs:
-        args += ["--image", p]
-    subprocess.run(args, check=True)
-    ct = np.load(out.replace(".npy", ".text.npy"))
-    ci = np.load(out.replace(".npy", ".image.npy"))
-    text_maxabs = float(np.abs(ct - t).max())
-    cos = (ci * i).sum(-1)
-    res = {"model": kind, "texts": len(texts), "images": len(imgs), "text_max_abs": text_maxabs,
-           "image_cosine_min": float(cos.min()), "image_cosine_mean": float(cos.mean()),
-           "image_max_abs": float(np.abs(ci - i).max())}
-    res["pass"] = bool(text_maxabs <= 1e-4 and cos.min() >= 0.9999)
-    return res
+    ct, ci = clasp_embed(d, texts, imgs, work, kind)
+    return compare(kind, texts, imgs, t, i, ct, ci)
 
 
 def clasp_embed(d, texts, imgs, work, name):

@@ -66,6 +66,17 @@ fn argmax(v: &[f32]) -> usize {
     (0..v.len()).fold(0, |b, j| if v[j] > v[b] { j } else { b })
 }
 
+/// Which of `files` a JSON answer's `path` is.
+fn index_of(files: &[PathBuf], path: &Value) -> usize {
+    let p = PathBuf::from(path.as_str().unwrap())
+        .canonicalize()
+        .unwrap();
+    files
+        .iter()
+        .position(|f| f.canonicalize().unwrap() == p)
+        .unwrap_or_else(|| panic!("{} is not one of the photos", p.display()))
+}
+
 /// `clasp embed` of `images` and `texts`: (image vectors in input order,
 /// text vectors).
 fn embed(m: &str, images: &[PathBuf], texts: &[&str]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
@@ -155,11 +166,7 @@ fn every_verb_runs_every_architecture_consistently_with_embed() {
         let hits = hits.as_array().unwrap();
         assert_eq!(hits.len(), 6, "{m}");
         for h in hits {
-            let p = PathBuf::from(h["path"].as_str().unwrap());
-            let i = files
-                .iter()
-                .position(|f| f.canonicalize().unwrap() == p.canonicalize().unwrap())
-                .unwrap();
+            let i = index_of(&files, &h["path"]);
             let want = dot(&tv[0], &iv[i]);
             let got = h["score"].as_f64().unwrap() as f32;
             assert!(
@@ -196,11 +203,7 @@ fn every_verb_runs_every_architecture_consistently_with_embed() {
         let got = got.as_array().unwrap();
         assert_eq!(got.len(), 6, "{m}");
         for g in got {
-            let p = PathBuf::from(g["path"].as_str().unwrap());
-            let i = files
-                .iter()
-                .position(|f| f.canonicalize().unwrap() == p.canonicalize().unwrap())
-                .unwrap();
+            let i = index_of(&files, &g["path"]);
             let cos: Vec<f32> = lv.iter().map(|l| dot(&iv[i], l)).collect();
             let best = argmax(&cos);
             assert_eq!(g["label"], labels[best], "{m}: {g}");
