@@ -149,6 +149,9 @@ def paired(key):
 def run_stats(out):
     """Median step time (s), and the mean gradient cosine on the connector when probed."""
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    # A step logged twice (a run resumed from an earlier checkpoint, or a
+    # second copy of it) counts once: its last line.
+    rows = list({r.get("step", i): r for i, r in enumerate(rows)}.values())
     t = statistics.median(8 / r["images_per_s"] for r in rows[2:]) if len(rows) > 3 else float("nan")
     cos = [r["grad_conflict"] for r in rows if r.get("grad_conflict") is not None]
     return t, (statistics.mean(cos) if cos else float("nan"))
