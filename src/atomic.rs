@@ -42,7 +42,8 @@ pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<(
         .unwrap_or_else(|| "checkpoint".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    // Named as the folder the user asked for: the temporary one is ours.
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(dir, e))?;
     if let Err(e) = fill(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -94,5 +95,15 @@ mod tests {
         assert!(!dir.join("a").exists() && dir.join("b").exists());
         let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "only the checkpoint folder remains");
+    }
+
+    #[test]
+    fn an_unwritable_place_is_reported_by_the_folder_asked_for() {
+        // /proc exists, and no one (root included) can make a folder in it:
+        // the failure is at the temporary folder beside the output.
+        let dir = std::path::Path::new("/proc/clasp-atomic-test-out");
+        let e = write_dir(dir, |_| Ok(())).unwrap_err().to_string();
+        assert!(e.contains("/proc/clasp-atomic-test-out"), "{e}");
+        assert!(!e.contains(".tmp-"), "no temporary name in: {e}");
     }
 }
