@@ -4,7 +4,9 @@ embeddings of the same inputs (tests/onnx_export.rs writes them):
 
     python3 scripts/onnx_check.py EXPORT_DIR INPUTS.json
 
-INPUTS.json: {"pixel_values": [...], "pixel_shape": [B, C, H, W],
+INPUTS.json: {"pixel_values": [...], "pixel_shape": [B, C, H, W] (or
+[B, N, p*p*C] NaFlex patches, with "pixel_attention_mask" and
+"spatial_shapes" for SigLIP 2),
 "input_ids": [[...], ...] (one list per text: unpadded, or padded to the
 context for SigLIP, which reads it whole), "image_embeds",
 "text_embeds"}. The images run as one batch and each text alone, so both
@@ -27,7 +29,11 @@ def main():
     vision = ort.InferenceSession(os.path.join(out_dir, "vision.onnx"), opts, providers=["CPUExecutionProvider"])
     text = ort.InferenceSession(os.path.join(out_dir, "text.onnx"), opts, providers=["CPUExecutionProvider"])
     px = np.asarray(inputs["pixel_values"], dtype=np.float32).reshape(inputs["pixel_shape"])
-    img = vision.run(["image_embeds"], {"pixel_values": px})[0]
+    feed = {"pixel_values": px}
+    if "spatial_shapes" in {i.name for i in vision.get_inputs()}:  # SigLIP 2's NaFlex inputs
+        feed["pixel_attention_mask"] = np.asarray(inputs["pixel_attention_mask"], dtype=np.int64)
+        feed["spatial_shapes"] = np.asarray(inputs["spatial_shapes"], dtype=np.int64)
+    img = vision.run(["image_embeds"], feed)[0]
     names = {i.name for i in text.get_inputs()}
 
     def embed_text(ids):

@@ -71,6 +71,13 @@ pub fn export_onnx(spec: &str, out: &Path, precision: OnnxPrecision) -> Result<(
     let side = serde_json::json!({
         "model_type": config.model_type(),
         "image_processor": processor,
+        "vision": {
+            "input": if config.is_naflex() {
+                "pixel_values (float [batch, patches, patch*patch*C], channels last), pixel_attention_mask (int64 [batch, patches]) and spatial_shapes (int64 [batch, 2]), as transformers' Siglip2ImageProcessor returns them"
+            } else {
+                "pixel_values (float [batch, C, S, S]), processed as image_processor says"
+            },
+        },
         "text": {
             "context_length": config.text_context_length(),
             "input": "input_ids (int64 [batch, sequence]), tokenized with the files beside this one",

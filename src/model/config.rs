@@ -440,6 +440,12 @@ impl ModelConfig {
         }
     }
 
+    /// Whether the image tower takes NaFlex patches (SigLIP 2): the aspect
+    /// kept under a patch budget, positions resized per image.
+    pub fn is_naflex(&self) -> bool {
+        matches!(self, ModelConfig::Siglip(c) if c.vision_config.num_patches.is_some())
+    }
+
     /// Whether the text tower reads the whole padded context without a mask
     /// (SigLIP, SigLIP 2), so token batches must keep their full padding.
     pub fn reads_full_context(&self) -> bool {
