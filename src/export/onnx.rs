@@ -640,6 +640,20 @@ fn siglip_vision(w: &Weights, c: &SiglipConfig) -> Result<ModelProto> {
     Ok(g.finish("clasp_vision"))
 }
 
+/// The int64 [B, T] mask input `name` as f32 [B, T], and as the additive
+/// key mask [B, 1, 1, T] that transformers builds: padding keys get the
+/// lowest f32 added.
+fn key_mask(g: &mut Graph, name: &str) -> (String, String) {
+    let mf = g.op("Cast", &[name], vec![attr_i("to", FLOAT as i64)]);
+    let onef = g.scalar(1.0);
+    let inv = g.op("Sub", &[&onef, &mf], vec![]);
+    let low = g.scalar(f32::MIN);
+    let add = g.op("Mul", &[&inv, &low], vec![]);
+    let axes = g.ints(&[1, 2]);
+    let add = g.op("Unsqueeze", &[&add, &axes], vec![]);
+    (mf, add)
+}
+
 /// SigLIP 2's image tower, NaFlex: transformers' inputs (pixel_values
 /// [batch, N, p*p*C] patches, channels last; pixel_attention_mask [batch, N];
 /// spatial_shapes [batch, 2], each image's patch grid) to L2-normalised
@@ -746,18 +760,7 @@ fn siglip2_vision(w: &Weights, c: &SiglipConfig, n_table: usize) -> Result<Model
     let pos = g.op("MatMul", &[&wxy, &table], vec![]); // [B, N, C]
     let x = g.op("Add", &[&x, &pos], vec![]);
 
-    // Padding keys get the lowest f32 added, as transformers' 4-D mask.
-    let mf = g.op(
-        "Cast",
-        &["pixel_attention_mask"],
-        vec![attr_i("to", FLOAT as i64)],
-    );
-    let onef = g.scalar(1.0);
-    let inv = g.op("Sub", &[&onef, &mf], vec![]);
-    let low = g.scalar(f32::MIN);
-    let add = g.op("Mul", &[&inv, &low], vec![]);
-    let axes = g.ints(&[1, 2]);
-    let add = g.op("Unsqueeze", &[&add, &axes], vec![]); // [B, 1, 1, N]
+    let (_, add) = key_mask(&mut g, "pixel_attention_mask");
     siglip_vision_rest(&mut g, w, c, x, Some(&add))?;
     Ok(g.finish("clasp_vision"))
 }
@@ -928,18 +931,7 @@ fn bert_text(
         w.get(&format!("{e}.LayerNorm.bias"))?,
         t.layer_norm_eps,
     )?;
-    // Padding keys get the lowest f32 added, as transformers' extended mask.
-    let mf = g.op(
-        "Cast",
-        &["attention_mask"],
-        vec![attr_i("to", FLOAT as i64)],
-    );
-    let onef = g.scalar(1.0);
-    let inv = g.op("Sub", &[&onef, &mf], vec![]);
-    let low = g.scalar(f32::MIN);
-    let add = g.op("Mul", &[&inv, &low], vec![]);
-    let axes = g.ints(&[1, 2]);
-    let add = g.op("Unsqueeze", &[&add, &axes], vec![]); // [B, 1, 1, T]
+    let (mf, add) = key_mask(&mut g, "attention_mask");
     for i in 0..t.num_hidden_layers {
         let p = format!("text_model.encoder.layer.{i}");
         let proj = |g: &mut Graph, n: &str| -> Result<String> {
