@@ -119,6 +119,18 @@ impl Graph {
         name
     }
 
+    /// An int64 scalar initializer.
+    fn int_scalar(&mut self, v: i64) -> String {
+        let name = self.fresh("k");
+        self.inits.push(TensorProto {
+            dims: vec![],
+            data_type: INT64,
+            name: name.clone(),
+            raw_data: v.to_le_bytes().to_vec(),
+        });
+        name
+    }
+
     fn ints(&mut self, v: &[i64]) -> String {
         let name = self.fresh("i");
         self.inits.push(TensorProto {
@@ -532,16 +544,7 @@ fn clip_text(w: &Weights, cfg: &ClipConfig) -> Result<ModelProto> {
             ..Default::default()
         }],
     );
-    let k1 = {
-        let name = g.fresh("k");
-        g.inits.push(TensorProto {
-            dims: vec![],
-            data_type: INT64,
-            name: name.clone(),
-            raw_data: 1i64.to_le_bytes().to_vec(),
-        });
-        name
-    };
+    let k1 = g.int_scalar(1);
     let mask = g.op("Trilu", &[&full, &k1], vec![attr_i("upper", 1)]);
     let mut x = x;
     for i in 0..t.num_hidden_layers {
@@ -687,20 +690,7 @@ fn siglip2_vision(w: &Weights, c: &SiglipConfig, n_table: usize) -> Result<Model
     let n = g.op("Slice", &[&shp, &one, &two], vec![]);
     let z0 = g.ints(&[0]);
     let n0 = g.op("Squeeze", &[&n, &z0], vec![]);
-    let start = g.fresh("i0");
-    g.inits.push(TensorProto {
-        dims: vec![],
-        data_type: INT64,
-        name: start.clone(),
-        raw_data: 0i64.to_le_bytes().to_vec(),
-    });
-    let step = g.fresh("i1");
-    g.inits.push(TensorProto {
-        dims: vec![],
-        data_type: INT64,
-        name: step.clone(),
-        raw_data: 1i64.to_le_bytes().to_vec(),
-    });
+    let (start, step) = (g.int_scalar(0), g.int_scalar(1));
     let idx = g.op("Range", &[&start, &n0, &step], vec![]); // [N]
     let idx = g.op("Unsqueeze", &[&idx, &z0], vec![]); // [1, N]
     let (i0, i1) = (g.ints(&[0]), g.ints(&[1]));
