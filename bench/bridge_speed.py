@@ -5,7 +5,7 @@ LlavaForConditionalGeneration (+ PEFT for stage 2) with the same frozen parts, t
 batch of 8 Flickr8k train captions, AdamW; then captioning throughput (greedy, 48 new tokens)
 at batch 1 and 8; and peak memory. Rounds alternate clasp and PyTorch on the same 2 threads.
 
-    cargo build --release && python3 bench/bridge_speed.py [--rounds 3] [--model VLM]
+    cargo build --release && python3 bench/bridge_speed.py [--rounds 3] [--model VLM] [--packed-llm]
 
 The model is a stage-1 mlp2x_gelu checkpoint trained by bench/bridge.py (transformers loads
 that connector; the resampler is clasp's own). Writes the table to bench/bridge_speed.md.
@@ -37,11 +37,11 @@ def cpu_flags():
     return model, " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "f16c"))))
 
 
-def clasp_steps(model, stage, tmp):
+def clasp_steps(model, stage, tmp, extra=()):
     """Median step time of a short `clasp train` run, and its peak RSS (MiB)."""
     out = os.path.join(tmp, f"clasp_s{stage}_{time.time_ns()}")
     args = [CLASP, "train", "--init", model, "--dataset", DATA, "--steps", str(STEPS + 2),
-            "--batch-size", "8", "--lr", "1e-3", "--output", out, "--save-every", "0"]
+            "--batch-size", "8", "--lr", "1e-3", "--output", out, "--save-every", "0", *extra]
     if stage == 2:
         args += ["--stage", "2"]
     env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS))
@@ -173,6 +173,8 @@ def clasp_caption(model, batch, tmp):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--packed-llm", action="store_true",
+                    help="train with clasp's --packed-llm (the frozen LLM on packed AVX-512 copies)")
     ap.add_argument("--model", default=os.path.join(ROOT, "bench/.work/bridge/mlp_200_s0/checkpoint"))
     a = ap.parse_args()
     torch = Torch(a.model)
@@ -181,7 +183,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for stage in (1, 2):
-                t, m = clasp_steps(a.model, stage, tmp)
+                t, m = clasp_steps(a.model, stage, tmp, ["--packed-llm"] if a.packed_llm else [])
                 res[f"c{stage}"].append(t)
                 rss[stage] = max(rss[stage], m)
                 res[f"t{stage}"].append(torch.steps(stage))

@@ -114,6 +114,13 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub lock_image: bool,
+    /// VLM training: run the frozen language model's projections on packed AVX-512 copies of
+    /// their weights (about 7% faster per step on a Sapphire Rapids Xeon, about 1 GB more
+    /// memory; the results differ from the default path in the last bits). No effect on CPUs
+    /// without AVX-512.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub packed_llm: bool,
     /// Tokenizer files for --preset: a folder with CLIP's vocab.json and merges.txt
     /// (or tokenizer.json), e.g. openai/clip-vit-base-patch32's.
     #[arg(long)]

@@ -17,6 +17,9 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub(super) enum Linear {
     Candle(QMatMul),
+    /// An f32 weight held frozen for training, with its copies packed for
+    /// the AVX-512 f32 kernels (forward and input gradient).
+    Packed(Tensor, Arc<crate::model::grad_kernels::FrozenPacks>),
     Q4_1(Arc<Q4_1Matrix>, Kernel),
     Q8_0(Arc<Q8_0Matrix>, Kernel),
 }
@@ -33,6 +36,11 @@ impl Linear {
     /// The product with an f32 weight held fixed: its backward gives the
     /// input's gradient only. Quantized weights are dequantized first.
     pub(super) fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        if let Linear::Packed(w, packs) = self {
+            return Ok(crate::model::grad_kernels::frozen_linear_packed(
+                x, w, packs,
+            )?);
+        }
         let w = match self {
             Linear::Candle(QMatMul::Tensor(w)) => w.clone(),
             other => other.dense(x.device())?,
@@ -43,6 +51,7 @@ impl Linear {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, cols, matmul): (usize, usize, &BlockMatmul) = match self {
             Linear::Candle(m) => return Ok(m.forward(x)?),
+            Linear::Packed(w, _) => return Ok(QMatMul::Tensor(w.clone()).forward(x)?),
             Linear::Q4_1(w, k) => (w.rows(), w.cols(), &|xs, m| w.matmul(xs, m, *k)),
             Linear::Q8_0(w, k) => (w.rows(), w.cols(), &|xs, m| w.matmul(xs, m, *k)),
         };
@@ -67,10 +76,21 @@ impl Linear {
         Ok(Tensor::from_vec(y, out_dims, x.device())?)
     }
 
+    /// Packs an f32 weight for training through it frozen (see
+    /// [`Linear::Packed`]), where this CPU has the packed kernel.
+    pub(super) fn pack_frozen(&mut self) -> Result<()> {
+        if let Linear::Candle(QMatMul::Tensor(w)) = self {
+            if let Some(p) = crate::model::grad_kernels::FrozenPacks::new(w)? {
+                *self = Linear::Packed(w.clone(), Arc::new(p));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn dense(&self, device: &Device) -> Result<Tensor> {
         Ok(match self {
             Linear::Candle(QMatMul::QTensor(q)) => q.dequantize(device)?,
-            Linear::Candle(QMatMul::Tensor(t)) => t.clone(),
+            Linear::Candle(QMatMul::Tensor(t)) | Linear::Packed(t, _) => t.clone(),
             Linear::Candle(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
             Linear::Q4_1(w, _) => Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), device)?,
             Linear::Q8_0(w, _) => Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), device)?,
@@ -118,6 +138,14 @@ impl Group {
         match self {
             Group::Split(parts) => parts.iter().map(|p| p.forward_frozen(x)).collect(),
             Group::Stacked(w, rows) => split_last(&w.forward_frozen(x)?, rows),
+        }
+    }
+
+    /// Packs each f32 projection for frozen training.
+    pub(super) fn pack_frozen(&mut self) -> Result<()> {
+        match self {
+            Group::Split(parts) => parts.iter_mut().try_for_each(Linear::pack_frozen),
+            Group::Stacked(w, _) => w.pack_frozen(),
         }
     }
 

@@ -483,6 +483,20 @@ impl Llama {
         Ops::Autograd.rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
     }
 
+    /// Packs the frozen f32 projections (and the output head) for the
+    /// AVX-512 f32 kernels, forward and input gradient, where the CPU has
+    /// them: for training through the model with its weights fixed. Costs
+    /// two packed copies of those weights.
+    pub fn pack_frozen_for_training(&mut self) -> Result<()> {
+        for b in self.blocks.iter_mut() {
+            b.qkv.pack_frozen()?;
+            b.o.pack_frozen()?;
+            b.gate_up.pack_frozen()?;
+            b.down.pack_frozen()?;
+        }
+        self.lm_head.pack_frozen()
+    }
+
     /// Logits `[b, t, vocab]` from final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
@@ -689,7 +703,8 @@ impl Llama {
             let Some(p) = p else { return Ok(()) };
             let w =
                 match l {
-                    Linear::Candle(candle_core::quantized::QMatMul::Tensor(w)) => w.clone(),
+                    Linear::Candle(candle_core::quantized::QMatMul::Tensor(w))
+                    | Linear::Packed(w, _) => w.clone(),
                     _ => return Err(Error::Report(
                         "merging LoRA needs the f32 weights (load the model with Precision::F32)"
                             .into(),

@@ -99,6 +99,9 @@ pub struct TrainConfig {
     pub lock_image: bool,
     /// Freeze the text tower (LiT: a pretrained text encoder, kept as is).
     pub lock_text: bool,
+    /// VLM training: the frozen LLM's projections on packed AVX-512 copies
+    /// (faster, more memory, not bit-identical to the default path).
+    pub packed_llm: bool,
     /// Seed of the data order, the crops and any objective's parameters.
     pub seed: u64,
     /// `name[:weight],...`, names from `train::objectives::REGISTRY`.
@@ -178,6 +181,7 @@ impl Default for TrainConfig {
             precision: Precision::F32,
             lock_image: false,
             lock_text: false,
+            packed_llm: false,
             seed: 0,
             objective: "infonce".into(),
             objective_params: ObjectiveParams::default(),

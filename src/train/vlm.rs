@@ -244,6 +244,13 @@ impl VlmTrainer {
             vlm.llm.set_lora(Some(&lora))?;
             vars.extend(lora_vars);
         }
+        // The language model stays frozen: with --packed-llm its projections
+        // run on packed AVX-512 copies where the CPU has them (the step's
+        // largest cost). Off by default: the default path's results are the
+        // same on every CPU, which the fixtures made from them rely on.
+        if cfg.packed_llm && vlm.device().is_cpu() {
+            vlm.llm.pack_frozen_for_training()?;
+        }
         let branch = Branch::from_config(&cfg, vlm.llm.config().hidden_size, vlm.device())?;
         if let Some(b) = &branch {
             // Heads trained by the init model's run go on from where they were

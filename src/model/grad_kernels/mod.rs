@@ -340,6 +340,118 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
     )
 }
 
+/// A frozen weight W [out, in] packed twice for the prepacked f32 kernels
+/// (AVX-512; see `model::packed`): W for the forward `x W^T`, and W^T for
+/// the backward `dx = g W`. A frozen language model's projections are most
+/// of a bridge training step, and the `gemm` crate (built without its
+/// AVX-512 kernels, see Cargo.toml) runs them at AVX2 width.
+pub struct FrozenPacks {
+    fwd: super::packed::PackedF32,
+    bwd: super::packed::PackedF32,
+}
+
+impl std::fmt::Debug for FrozenPacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FrozenPacks({}x{})", self.fwd.rows(), self.fwd.cols())
+    }
+}
+
+impl FrozenPacks {
+    /// Packs `w` [out, in] when this CPU has the packed f32 kernel (else
+    /// None: the `gemm` crate stays the faster path).
+    pub fn new(w: &Tensor) -> CResult<Option<Self>> {
+        if super::packed::F32Kernel::selected().is_none() {
+            return Ok(None);
+        }
+        let (out, inp) = w.dims2()?;
+        let wc = w.contiguous()?;
+        let v = f32_view(&wc)?;
+        let wv = v.as_slice();
+        let mut wt = vec![0f32; out * inp];
+        wt.par_chunks_mut(out.max(1))
+            .enumerate()
+            .for_each(|(i, row)| {
+                for (o, d) in row.iter_mut().enumerate() {
+                    *d = wv[o * inp + i];
+                }
+            });
+        Ok(Some(Self {
+            fwd: super::packed::PackedF32::pack(wv, out, inp),
+            bwd: super::packed::PackedF32::pack(&wt, inp, out),
+        }))
+    }
+}
+
+struct PackedFrozenLinearOp {
+    packs: std::sync::Arc<FrozenPacks>,
+}
+
+impl CustomOp2 for PackedFrozenLinearOp {
+    fn name(&self) -> &'static str {
+        "clasp-linear-frozen-packed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (n, inp, out, shape) = linear_dims(l1.shape(), l2.shape())?;
+        let mut y = vec![0f32; n * out];
+        let l = cpu_kernels::LinearRef {
+            w: slice(s2, l2)?,
+            b: None,
+            q: None,
+            p: Some(&self.packs.fwd),
+            out,
+            inp,
+        };
+        cpu_kernels::linear_into(slice(s1, l1)?, n, &l, &mut y, false);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (n, inp, out, _) = linear_dims(x.shape(), w.shape())?;
+        let (wc, gc) = (w.contiguous()?, grad.contiguous()?);
+        let (wv, gv) = (f32_view(&wc)?, f32_view(&gc)?);
+        let mut dx = vec![0f32; n * inp];
+        // dx = g W: a linear of g through W^T [in, out].
+        let l = cpu_kernels::LinearRef {
+            w: wv.as_slice(),
+            b: None,
+            q: None,
+            p: Some(&self.packs.bwd),
+            out: inp,
+            inp: out,
+        };
+        cpu_kernels::linear_into(gv.as_slice(), n, &l, &mut dx, false);
+        Ok((Some(vec_tensor(dx, x.shape(), x)?), None))
+    }
+}
+
+/// [`frozen_linear`] on the weight's packed copies (`packs` from
+/// [`FrozenPacks::new`] of this `w`).
+pub fn frozen_linear_packed(
+    x: &Tensor,
+    w: &Tensor,
+    packs: &std::sync::Arc<FrozenPacks>,
+) -> CResult<Tensor> {
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        PackedFrozenLinearOp {
+            packs: packs.clone(),
+        },
+    )
+}
+
 /// `x W^T + b` over the last dimension of x [.., in], with W [out, in].
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);

@@ -237,6 +237,25 @@ fn kernels_hold_at_shapes_that_cross_the_parallel_chunking() {
     let dx_want = probe.broadcast_matmul(&w).unwrap();
     assert!(max_diff(g.get(xv.as_tensor()).unwrap(), &dx_want) < 2e-3);
     assert!(g.get(&w).is_none());
+    // The same on the weight's packed copies, where this CPU packs them
+    // (AVX-512); odd sizes so the panels and row blocks have remainders.
+    let (x2, w2) = (randn(&[3, 37, 70]), randn(&[45, 70]));
+    if let Some(packs) = FrozenPacks::new(&w2).unwrap() {
+        let packs = std::sync::Arc::new(packs);
+        let xv = Var::from_tensor(&x2).unwrap();
+        let y = frozen_linear_packed(xv.as_tensor(), &w2, &packs).unwrap();
+        assert!(max_diff(&y, &linear_composed(&[x2.clone(), w2.clone()])) < 1e-3);
+        let probe = randn(y.dims());
+        let g = (&y * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx_want = probe.broadcast_matmul(&w2).unwrap();
+        assert!(max_diff(g.get(xv.as_tensor()).unwrap(), &dx_want) < 1e-3);
+        assert!(g.get(&w2).is_none());
+    }
     check(
         &[randn(&[8, 128, 96]), randn(&[96]), randn(&[96])],
         |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
