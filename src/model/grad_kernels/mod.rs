@@ -205,6 +205,7 @@ fn linear_fwd(
     x: (&CpuStorage, &Layout),
     w: (&CpuStorage, &Layout),
     b: Option<(&CpuStorage, &Layout)>,
+    p: Option<&super::packed::PackedF32>,
 ) -> CResult<(CpuStorage, Shape)> {
     let (n, inp, out, shape) = linear_dims(x.1.shape(), w.1.shape())?;
     let b = match b {
@@ -216,7 +217,7 @@ fn linear_fwd(
         w: slice(w.0, w.1)?,
         b,
         q: None,
-        p: None,
+        p,
         out,
         inp,
     };
@@ -276,7 +277,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        linear_fwd((s1, l1), (s2, l2), Some((s3, l3)))
+        linear_fwd((s1, l1), (s2, l2), Some((s3, l3)), None)
     }
 
     fn bwd(
@@ -312,7 +313,7 @@ impl CustomOp2 for LinearNoBiasOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        linear_fwd((s1, l1), (s2, l2), None)
+        linear_fwd((s1, l1), (s2, l2), None, None)
     }
 
     fn bwd(
@@ -398,18 +399,7 @@ impl CustomOp2 for PackedFrozenLinearOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (n, inp, out, shape) = linear_dims(l1.shape(), l2.shape())?;
-        let mut y = vec![0f32; n * out];
-        let l = cpu_kernels::LinearRef {
-            w: slice(s2, l2)?,
-            b: None,
-            q: None,
-            p: Some(&self.packs.fwd),
-            out,
-            inp,
-        };
-        cpu_kernels::linear_into(slice(s1, l1)?, n, &l, &mut y, false);
-        Ok((CpuStorage::F32(y), shape))
+        linear_fwd((s1, l1), (s2, l2), None, Some(&self.packs.fwd))
     }
 
     fn bwd(

@@ -222,29 +222,14 @@ fn kernels_hold_at_shapes_that_cross_the_parallel_chunking() {
         5e-3,
     );
     // The frozen-weight linear: the same values and input gradient; no
-    // gradient for the weight.
-    let xv = Var::from_tensor(&x).unwrap();
-    let y = frozen_linear(xv.as_tensor(), &w).unwrap();
-    let want = linear_composed(&[x.clone(), w.clone()]);
-    assert!(max_diff(&y, &want) < 2e-3);
-    let probe = randn(y.dims());
-    let g = (&y * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let dx_want = probe.broadcast_matmul(&w).unwrap();
-    assert!(max_diff(g.get(xv.as_tensor()).unwrap(), &dx_want) < 2e-3);
-    assert!(g.get(&w).is_none());
-    // The same on the weight's packed copies, where this CPU packs them
-    // (AVX-512); odd sizes so the panels and row blocks have remainders.
-    let (x2, w2) = (randn(&[3, 37, 70]), randn(&[45, 70]));
-    if let Some(packs) = FrozenPacks::new(&w2).unwrap() {
-        let packs = std::sync::Arc::new(packs);
-        let xv = Var::from_tensor(&x2).unwrap();
-        let y = frozen_linear_packed(xv.as_tensor(), &w2, &packs).unwrap();
-        assert!(max_diff(&y, &linear_composed(&[x2.clone(), w2.clone()])) < 1e-3);
+    // gradient for the weight. Then the same on the weight's packed copies,
+    // where this CPU packs them (AVX-512); odd sizes so the panels and row
+    // blocks have remainders.
+    let frozen = |x: &Tensor, w: &Tensor, f: &dyn Fn(&Tensor, &Tensor) -> Tensor, tol: f32| {
+        let xv = Var::from_tensor(x).unwrap();
+        let y = f(xv.as_tensor(), w);
+        let want = linear_composed(&[x.clone(), w.clone()]);
+        assert!(max_diff(&y, &want) < tol);
         let probe = randn(y.dims());
         let g = (&y * &probe)
             .unwrap()
@@ -252,9 +237,20 @@ fn kernels_hold_at_shapes_that_cross_the_parallel_chunking() {
             .unwrap()
             .backward()
             .unwrap();
-        let dx_want = probe.broadcast_matmul(&w2).unwrap();
-        assert!(max_diff(g.get(xv.as_tensor()).unwrap(), &dx_want) < 1e-3);
-        assert!(g.get(&w2).is_none());
+        let dx_want = probe.broadcast_matmul(w).unwrap();
+        assert!(max_diff(g.get(xv.as_tensor()).unwrap(), &dx_want) < tol);
+        assert!(g.get(w).is_none());
+    };
+    frozen(&x, &w, &|x, w| frozen_linear(x, w).unwrap(), 2e-3);
+    let (x2, w2) = (randn(&[3, 37, 70]), randn(&[45, 70]));
+    if let Some(packs) = FrozenPacks::new(&w2).unwrap() {
+        let packs = Arc::new(packs);
+        frozen(
+            &x2,
+            &w2,
+            &|x, w| frozen_linear_packed(x, w, &packs).unwrap(),
+            1e-3,
+        );
     }
     check(
         &[randn(&[8, 128, 96]), randn(&[96]), randn(&[96])],
