@@ -694,12 +694,9 @@ fn siglip2_vision(w: &Weights, c: &SiglipConfig, n_table: usize) -> Result<Model
     let idx = g.op("Range", &[&start, &n0, &step], vec![]); // [N]
     let idx = g.op("Unsqueeze", &[&idx, &z0], vec![]); // [1, N]
     let (i0, i1) = (g.ints(&[0]), g.ints(&[1]));
-    let col = |g: &mut Graph, k: &str| -> String {
-        let end = g.ints(&[if k == "h" { 1 } else { 2 }]);
-        let start = if k == "h" { &i0 } else { &i1 };
-        g.op("Slice", &["spatial_shapes", start, &end, &one], vec![]) // [B, 1]
-    };
-    let (gh, gw) = (col(&mut g, "h"), col(&mut g, "w"));
+    // spatial_shapes[:, 0:1] and [:, 1:2]: each image's rows and columns.
+    let gh = g.op("Slice", &["spatial_shapes", &i0, &i1, &one], vec![]);
+    let gw = g.op("Slice", &["spatial_shapes", &i1, &two, &one], vec![]);
     let row = g.op("Div", &[&idx, &gw], vec![]); // [B, N] (integer division)
     let colx = g.op("Mod", &[&idx, &gw], vec![]);
     let to_f = |g: &mut Graph, t: &str| g.op("Cast", &[t], vec![attr_i("to", FLOAT as i64)]);

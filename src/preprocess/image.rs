@@ -197,39 +197,35 @@ impl ImageProcessorConfig {
     /// config (CLIPImageProcessor, or ChineseCLIPImageProcessor for an
     /// exact resize), bicubic as both use.
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let common = serde_json::json!({
-            "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor,
-            "do_normalize": self.do_normalize,
-            "image_mean": self.mean, "image_std": self.std,
-            "do_convert_rgb": self.do_convert_rgb, "resample": self.resample.pil_number()
-        });
-        let (kind, size) = match self.resize {
-            ResizeTo::ShortestEdge(e) => (
+        let crop = |kind: &str, size: serde_json::Value| {
+            serde_json::json!({
+                "image_processor_type": kind,
+                "do_resize": self.do_resize, "size": size,
+                "do_center_crop": self.do_center_crop,
+                "crop_size": {"height": self.crop.0, "width": self.crop.1},
+            })
+        };
+        let mut out = match self.resize {
+            ResizeTo::ShortestEdge(e) => crop(
                 "CLIPImageProcessor",
                 serde_json::json!({"shortest_edge": e}),
             ),
-            ResizeTo::Exact { height, width } => (
+            ResizeTo::Exact { height, width } => crop(
                 "ChineseCLIPImageProcessor",
                 serde_json::json!({"height": height, "width": width}),
             ),
             // The aspect kept under a patch budget: Siglip2ImageProcessor's
             // NaFlex keys (which `from_json` reads back).
-            ResizeTo::PatchBudget { patch, max_patches } => {
-                let mut out = serde_json::json!({
-                    "image_processor_type": "Siglip2ImageProcessor",
-                    "patch_size": patch, "max_num_patches": max_patches,
-                });
-                for (k, v) in common.as_object().expect("an object") {
-                    out[k] = v.clone();
-                }
-                return out;
-            }
+            ResizeTo::PatchBudget { patch, max_patches } => serde_json::json!({
+                "image_processor_type": "Siglip2ImageProcessor",
+                "patch_size": patch, "max_num_patches": max_patches,
+            }),
         };
-        let mut out = serde_json::json!({
-            "image_processor_type": kind,
-            "do_resize": self.do_resize, "size": size,
-            "do_center_crop": self.do_center_crop,
-            "crop_size": {"height": self.crop.0, "width": self.crop.1},
+        let common = serde_json::json!({
+            "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": self.mean, "image_std": self.std,
+            "do_convert_rgb": self.do_convert_rgb, "resample": self.resample.pil_number()
         });
         for (k, v) in common.as_object().expect("an object") {
             out[k] = v.clone();
