@@ -157,6 +157,72 @@ def run_stats(out):
     return t, (statistics.mean(cos) if cos else float("nan"))
 
 
+def mean_std(vals):
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def parse_cell(cell):
+    """'0.071 ± 0.014' (or a lone '0.071') from an archived table line: mean, std."""
+    parts = cell.split("±")
+    return float(parts[0]), (float(parts[1]) if len(parts) > 1 else 0.0)
+
+
+def chart(bars, prior, path):
+    """bench/bridge.svg: each row's CIDEr-D on its own photos against its captions on the wrong
+    photos (mean ± std bars, one dot per seed where the per-seed records exist), and the no-image
+    prior as a dashed line. Plain SVG, so the script needs nothing beyond the standard library.
+    bars: (label, (own mean, std), (wrong mean, std), own per seed, wrong per seed)."""
+    left, width, row_h, top = 330, 400, 46, 40
+    hi = max([m + sd for _, o, w, _, _ in bars for m, sd in (o, w)] + [prior, 0.01]) * 1.1
+    x = lambda v: left + width * v / hi  # noqa: E731
+    h = top + row_h * len(bars) + 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 30}" height="{h}" '
+           'font-family="sans-serif" font-size="12">',
+           f'<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="10" y="16" font-weight="bold">CIDEr-D on 200 Flickr8k dev photos '
+           '(mean ± std over seeds; dots: seeds)</text>',
+           f'<rect x="{left}" y="24" width="10" height="10" fill="#3b6fb6"/>'
+           f'<text x="{left + 14}" y="33">own photos</text>',
+           f'<rect x="{left + 100}" y="24" width="10" height="10" fill="#b0b0b0"/>'
+           f'<text x="{left + 114}" y="33">wrong photos (grounding control)</text>']
+    for i, (label, own, wrong, own_s, wrong_s) in enumerate(bars):
+        y0 = top + i * row_h
+        words, lines_ = label.split(), [""]
+        for wd in words:
+            if len(lines_[-1]) + len(wd) > 48:
+                lines_.append("")
+            lines_[-1] = (lines_[-1] + " " + wd).strip()
+        for j, ln in enumerate(lines_[:3]):
+            out.append(f'<text x="{left - 8}" y="{y0 + 14 + 13 * j}" text-anchor="end">'
+                       f'{ln.replace("&", "&amp;").replace("<", "&lt;")}</text>')
+        for k, ((m, sd), seeds, colour) in enumerate(((own, own_s, "#3b6fb6"),
+                                                      (wrong, wrong_s, "#b0b0b0"))):
+            y = y0 + 4 + k * 18
+            out.append(f'<rect x="{left}" y="{y}" width="{x(m) - left:.1f}" height="14" '
+                       f'fill="{colour}"/>')
+            out.append(f'<line x1="{x(max(m - sd, 0)):.1f}" x2="{x(m + sd):.1f}" y1="{y + 7}" '
+                       f'y2="{y + 7}" stroke="black"/>')
+            for v in seeds:
+                out.append(f'<circle cx="{x(v):.1f}" cy="{y + 7}" r="2.5" fill="black"/>')
+    base = top + row_h * len(bars)
+    out.append(f'<line x1="{left}" x2="{left + width}" y1="{base}" y2="{base}" stroke="black"/>')
+    step = 0.05 if hi > 0.1 else 0.02
+    t = 0.0
+    while t <= hi + 1e-9:
+        out.append(f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{base}" y2="{base + 4}" '
+                   'stroke="black"/>')
+        out.append(f'<text x="{x(t):.1f}" y="{base + 16}" text-anchor="middle">{t:.2f}</text>')
+        t += step
+    out.append(f'<line x1="{x(prior):.1f}" x2="{x(prior):.1f}" y1="{top}" y2="{base}" '
+               'stroke="#c0392b" stroke-dasharray="4 3"/>')
+    out.append(f'<text x="{x(prior) + 4:.1f}" y="{base + 30}" fill="#c0392b">'
+               f'the LLM alone, no image: {prior:.3f}</text>')
+    out.append("</svg>")
+    tmp = path + ".tmp"
+    open(tmp, "w").write("\n".join(out) + "\n")
+    os.replace(tmp, path)
+
+
 def fmt(vals, digits=3):
     vals = [v for v in vals if v == v]
     if not vals:
@@ -332,6 +398,19 @@ def main():
     if any(not runs for _, runs in table):
         lines += ["", "Rows marked *(archived)* are the table lines of runs whose per-seed records "
                   "were lost with an earlier machine's work folder; they are shown as they were."]
+    bars = []
+    for key, runs in table:
+        if runs:
+            own = [r["cider_d"] for r in runs]
+            wrong = [r["wrong_cider_d"] for r in runs]
+            bars.append((ROWS[key][0], mean_std(own), mean_std(wrong), own, wrong))
+        else:
+            cells = [c.strip() for c in archive[key].strip("|").split("|")]
+            bars.append((cells[0].replace("*(archived)*", "(archived)"), parse_cell(cells[2]),
+                         parse_cell(cells[3]), [], []))
+    chart(bars, prior["cider_d"], os.path.join(ROOT, "bench/bridge.svg"))
+    lines += ["", "![CIDEr-D per row: own photos against wrong photos, with the no-image prior]"
+              "(bridge.svg)"]
     # Hand-written notes under the marker survive a rerun.
     md = os.path.join(ROOT, "bench/bridge.md")
     old = open(md).read() if os.path.isfile(md) else ""
