@@ -12,8 +12,17 @@ scripts/get-py-clients.sh >/dev/null
 # unpacked once into a cache outside the repo; each test starts its own
 # server on loopback with scripts/postgres.sh and destroys it.
 scripts/postgres.sh bin >/dev/null
-# The search page's browser test needs chromium; without it, it is skipped.
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+# The search page's browser test drives chromium over WebDriver: installed
+# from Debian's packages when missing and this user can (root with apt-get;
+# about 20 s). Where it cannot be installed, the test is skipped, saying so.
+have_chromium() { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }
+if ! have_chromium && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt_chromium() {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1
+    }
+    apt_chromium || { apt-get update -q >/dev/null 2>&1 && apt_chromium; } || true
+fi
+if ! have_chromium; then
     echo "note: chromium/chromedriver not found: tests/search_page.rs will be skipped" \
          "(apt install chromium chromium-driver)" >&2
 fi
