@@ -225,18 +225,40 @@ fn linear_fwd(
     Ok((CpuStorage::F32(y), shape))
 }
 
-/// dx = g W of a linear op.
-fn linear_dx(x: &Tensor, w: &Tensor, grad: &Tensor) -> CResult<Tensor> {
+/// dx = g W of a linear op; with `wt`, W^T [in, out] packed, on the packed
+/// kernel (a linear of g through W^T).
+fn linear_dx(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    wt: Option<&super::packed::PackedF32>,
+) -> CResult<Tensor> {
     let (n, inp, out, _) = linear_dims(x.shape(), w.shape())?;
     let (wc, gc) = (w.contiguous()?, grad.contiguous()?);
     let (wv, gv) = (f32_view(&wc)?, f32_view(&gc)?);
-    let dx = cpu_kernels::sgemm(
-        n,
-        inp,
-        out,
-        cpu_kernels::MatRef::rows(gv.as_slice(), out),
-        cpu_kernels::MatRef::rows(wv.as_slice(), inp),
-    );
+    let dx = match wt {
+        Some(p) => {
+            let mut dx = vec![0f32; n * inp];
+            // The packed path reads only `p`; `w` is there for the shape checks.
+            let l = cpu_kernels::LinearRef {
+                w: wv.as_slice(),
+                b: None,
+                q: None,
+                p: Some(p),
+                out: inp,
+                inp: out,
+            };
+            cpu_kernels::linear_into(gv.as_slice(), n, &l, &mut dx, false);
+            dx
+        }
+        None => cpu_kernels::sgemm(
+            n,
+            inp,
+            out,
+            cpu_kernels::MatRef::rows(gv.as_slice(), out),
+            cpu_kernels::MatRef::rows(wv.as_slice(), inp),
+        ),
+    };
     vec_tensor(dx, x.shape(), x)
 }
 
@@ -247,7 +269,7 @@ fn linear_bwd(x: &Tensor, w: &Tensor, grad: &Tensor) -> CResult<(Tensor, Tensor,
     let (xv, gv) = (f32_view(&xc)?, f32_view(&gc)?);
     let g = gv.as_slice();
     use cpu_kernels::{sgemm, MatRef};
-    let dx = linear_dx(x, w, grad)?;
+    let dx = linear_dx(x, w, grad, None)?;
     let dw = sgemm(
         out,
         inp,
@@ -293,12 +315,15 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// [`LinearOp`] without a bias. With `frozen_weight` the backward gives dx
+/// [`LinearOp`] without a bias. With a frozen weight the backward gives dx
 /// only: candle's matmul backward always forms the weight's gradient too (a
 /// full [out, in] GEMM and buffer per layer per step), which for a frozen
 /// language model is most of the backward's work and memory traffic.
-struct LinearNoBiasOp {
-    frozen_weight: bool,
+enum LinearNoBiasOp {
+    Trained,
+    Frozen,
+    /// Frozen, on the weight's packed copies (forward and dx).
+    FrozenPacked(std::sync::Arc<FrozenPacks>),
 }
 
 impl CustomOp2 for LinearNoBiasOp {
@@ -313,7 +338,11 @@ impl CustomOp2 for LinearNoBiasOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        linear_fwd((s1, l1), (s2, l2), None, None)
+        let p = match self {
+            LinearNoBiasOp::FrozenPacked(packs) => Some(&packs.fwd),
+            _ => None,
+        };
+        linear_fwd((s1, l1), (s2, l2), None, p)
     }
 
     fn bwd(
@@ -323,22 +352,23 @@ impl CustomOp2 for LinearNoBiasOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        if self.frozen_weight {
-            return Ok((Some(linear_dx(x, w, grad)?), None));
-        }
-        let (dx, dw, _) = linear_bwd(x, w, grad)?;
-        Ok((Some(dx), Some(dw)))
+        Ok(match self {
+            LinearNoBiasOp::Trained => {
+                let (dx, dw, _) = linear_bwd(x, w, grad)?;
+                (Some(dx), Some(dw))
+            }
+            LinearNoBiasOp::Frozen => (Some(linear_dx(x, w, grad, None)?), None),
+            LinearNoBiasOp::FrozenPacked(packs) => {
+                (Some(linear_dx(x, w, grad, Some(&packs.bwd))?), None)
+            }
+        })
     }
 }
 
 /// `x W^T` with W [out, in] held fixed: gradients reach x, never W.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
-    x.contiguous()?.apply_op2(
-        &w.contiguous()?,
-        LinearNoBiasOp {
-            frozen_weight: true,
-        },
-    )
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, LinearNoBiasOp::Frozen)
 }
 
 /// A frozen weight W [out, in] packed twice for the prepacked f32 kernels
@@ -365,65 +395,12 @@ impl FrozenPacks {
             return Ok(None);
         }
         let (out, inp) = w.dims2()?;
-        let wc = w.contiguous()?;
-        let v = f32_view(&wc)?;
-        let wv = v.as_slice();
-        let mut wt = vec![0f32; out * inp];
-        wt.par_chunks_mut(out.max(1))
-            .enumerate()
-            .for_each(|(i, row)| {
-                for (o, d) in row.iter_mut().enumerate() {
-                    *d = wv[o * inp + i];
-                }
-            });
+        let (wc, wtc) = (w.contiguous()?, w.t()?.contiguous()?);
+        let (wv, wtv) = (f32_view(&wc)?, f32_view(&wtc)?);
         Ok(Some(Self {
-            fwd: super::packed::PackedF32::pack(wv, out, inp),
-            bwd: super::packed::PackedF32::pack(&wt, inp, out),
+            fwd: super::packed::PackedF32::pack(wv.as_slice(), out, inp),
+            bwd: super::packed::PackedF32::pack(wtv.as_slice(), inp, out),
         }))
-    }
-}
-
-struct PackedFrozenLinearOp {
-    packs: std::sync::Arc<FrozenPacks>,
-}
-
-impl CustomOp2 for PackedFrozenLinearOp {
-    fn name(&self) -> &'static str {
-        "clasp-linear-frozen-packed"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        linear_fwd((s1, l1), (s2, l2), None, Some(&self.packs.fwd))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (n, inp, out, _) = linear_dims(x.shape(), w.shape())?;
-        let (wc, gc) = (w.contiguous()?, grad.contiguous()?);
-        let (wv, gv) = (f32_view(&wc)?, f32_view(&gc)?);
-        let mut dx = vec![0f32; n * inp];
-        // dx = g W: a linear of g through W^T [in, out].
-        let l = cpu_kernels::LinearRef {
-            w: wv.as_slice(),
-            b: None,
-            q: None,
-            p: Some(&self.packs.bwd),
-            out: inp,
-            inp: out,
-        };
-        cpu_kernels::linear_into(gv.as_slice(), n, &l, &mut dx, false);
-        Ok((Some(vec_tensor(dx, x.shape(), x)?), None))
     }
 }
 
@@ -436,9 +413,7 @@ pub fn frozen_linear_packed(
 ) -> CResult<Tensor> {
     x.contiguous()?.apply_op2(
         &w.contiguous()?,
-        PackedFrozenLinearOp {
-            packs: packs.clone(),
-        },
+        LinearNoBiasOp::FrozenPacked(packs.clone()),
     )
 }
 
@@ -447,12 +422,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp),
-        None => x.apply_op2(
-            &w,
-            LinearNoBiasOp {
-                frozen_weight: false,
-            },
-        ),
+        None => x.apply_op2(&w, LinearNoBiasOp::Trained),
     }
 }
 
