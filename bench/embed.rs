@@ -12,7 +12,8 @@ use candle_core::{Device, Tensor};
 
 fn main() -> anyhow::Result<()> {
     clasp::tune_allocator();
-    clasp::tune_threads();
+    // SAFETY: first thing in `main`, before any thread starts.
+    unsafe { clasp::tune_threads() };
     let a: Vec<String> = std::env::args().collect();
     let (model, kind, batch, iters) = (
         &a[1],

@@ -490,7 +490,8 @@ fn report(
 
 fn main() {
     clasp::tune_allocator();
-    clasp::tune_threads();
+    // SAFETY: first thing in `main`, before any thread starts.
+    unsafe { clasp::tune_threads() };
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("search") => {

@@ -15,7 +15,8 @@ use clasp::llm::{sampling::argmax, LanguageModel, Precision};
 
 fn main() -> anyhow::Result<()> {
     clasp::tune_allocator();
-    clasp::tune_threads();
+    // SAFETY: first thing in `main`, before any thread starts.
+    unsafe { clasp::tune_threads() };
     let a: Vec<String> = std::env::args().collect();
     if a.len() != 6 {
         anyhow::bail!("usage: bench_llm MODEL quantized|f32 BATCH PROMPT_TOKENS NEW_TOKENS");

@@ -6,11 +6,13 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     clasp::tune_allocator();
-    clasp::tune_threads();
+    // SAFETY: the first lines of `main`: no other thread exists yet.
+    unsafe { clasp::tune_threads() };
     // Parsing starts no thread, so the environment may still change here.
     let args = cli::Cli::parse_args();
     if args.is_training() {
-        clasp::tune_for_training();
+        // SAFETY: still no other thread (argument parsing starts none).
+        unsafe { clasp::tune_for_training() };
     }
     cli::init_logging(args.verbose, args.quiet);
     match cli::run(args) {

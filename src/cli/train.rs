@@ -174,6 +174,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_clip_proj: Option<f64>,
+    /// Vision-language stage 2: max gradient norm of the LoRA adapter alone
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_clip_adapter: Option<f64>,
     /// Every N steps, log (metrics.jsonl `grad_conflict`) the cosine between the first two
     /// objectives' gradients on --conflict-group
     #[arg(long)]

@@ -1,0 +1,724 @@
+//! A training run's configuration: one typed struct whose `Default` is the
+//! only place the defaults are written. The CLI lays its flags over a TOML
+//! table and deserialises once ([`TrainConfig::from_table`]); the same
+//! struct is saved with the run's state, so a resume continues the same run.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::objectives::ObjectiveParams;
+use super::optim::ParamGroup;
+use crate::data::{DatasetSpec, Lang, Split};
+use crate::device::DeviceKind;
+use crate::{Error, Result};
+use clasp_core::model::config::TextPooling;
+
+/// Everything a run needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// A checkpoint directory to start from.
+    pub init: Option<String>,
+    /// Or train from scratch: a CLIP preset (tiny, small, base) or the path of
+    /// a CLIP config.json, written to OUTPUT/init.
+    pub preset: Option<String>,
+    /// Tokenizer files for a preset (CLIP's vocab.json and merges.txt, or
+    /// tokenizer.json).
+    pub tokenizer: Option<PathBuf>,
+    /// LiT: a pretrained BERT checkpoint for the text tower of a preset.
+    pub text_init: Option<PathBuf>,
+    /// With `text_init`: BERT's pooler or the mean of the token states.
+    pub text_pooling: TextPooling,
+    /// A vision-language run: the language model (GGUF or LlamaForCausalLM
+    /// folder) the connector feeds.
+    pub llm: Option<PathBuf>,
+    /// A vision-language run: the CLIP-family checkpoint whose vision tower
+    /// (frozen) gives the patch features.
+    pub vision: Option<PathBuf>,
+    /// The connector: mlp2x_gelu or resampler.
+    pub connector: String,
+    /// Resampler: learnable queries (image tokens per image), blocks, heads.
+    pub queries: usize,
+    pub resampler_layers: usize,
+    pub resampler_heads: usize,
+    /// The vision hidden state the features come from (−2: penultimate).
+    pub vision_feature_layer: i64,
+    /// 1: only the connector learns; 2: the connector and LoRA on the LLM.
+    pub stage: u8,
+    /// Stage 2: LoRA's rank, alpha and target projections (of q_proj,
+    /// k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_targets: Vec<String>,
+    /// Vision-language runs with a contrastive objective: the width of the
+    /// contrastive heads' features.
+    pub contrastive_dim: usize,
+    /// Captions longer than this many tokens are cut (vision-language runs).
+    pub max_answer_tokens: usize,
+    /// Training data, `FORMAT:PATH` or `PATH`.
+    pub dataset: Option<DatasetSpec>,
+    pub split: Split,
+    /// Caption language.
+    pub lang: Lang,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warm-up steps; none: 10% of the steps.
+    pub warmup: Option<usize>,
+    /// AdamW weight decay on weight matrices.
+    pub weight_decay: f64,
+    /// Global grad-norm clip (0: none).
+    pub grad_clip: f64,
+    /// Per-module max-norms (0: off), applied before the global clip.
+    pub grad_clip_vision: f64,
+    pub grad_clip_text: f64,
+    pub grad_clip_proj: f64,
+    /// Vision-language stage 2: the max-norm of the LoRA adapter's
+    /// gradient (0: off).
+    pub grad_clip_adapter: f64,
+    /// Every this many steps, log the cosine between the first two
+    /// objectives' gradients on `conflict_group` (0: never).
+    pub conflict_every: usize,
+    pub conflict_group: ParamGroup,
+    /// Micro-batches per step, with features cached across them (1: none).
+    pub accum_freq: usize,
+    /// RandomResizedCrop's lower area bound (open_clip's 0.9); 1 turns
+    /// augmentation off and uses the evaluation preprocessing.
+    pub crop_scale: f64,
+    /// Colour jitter strengths [brightness, contrast, saturation, hue] as
+    /// torchvision's ColorJitter takes them; empty: off.
+    pub color_jitter: Vec<f32>,
+    /// The probability that an image is jittered (open_clip's 0.8).
+    pub color_jitter_prob: f64,
+    pub device: DeviceKind,
+    /// The towers' compute type: f32, or bf16 (mixed precision, f32 master
+    /// weights and loss).
+    pub precision: Precision,
+    /// Freeze the image tower (only the projections above it learn).
+    pub lock_image: bool,
+    /// Freeze the text tower (LiT: a pretrained text encoder, kept as is).
+    pub lock_text: bool,
+    /// VLM training: the frozen LLM's projections on packed AVX-512 copies
+    /// (faster, more memory, not bit-identical to the default path).
+    pub packed_llm: bool,
+    /// Seed of the data order, the crops and any objective's parameters.
+    pub seed: u64,
+    /// `name[:weight],...`, names from `train::objectives::REGISTRY`.
+    pub objective: String,
+    /// Each objective's tunables (`daa_temp`, `triplet_margin`, ...).
+    #[serde(flatten)]
+    pub objective_params: ObjectiveParams,
+    /// A weight schedule trading the first objective against the others
+    /// (`bcif`, or e.g. `linear(1,0.2)`); none: constant weights.
+    pub schedule: Option<String>,
+    /// Hard negatives from `clasp mine`, put into the batches of their anchors.
+    pub negatives: Option<PathBuf>,
+    /// At most this share of each batch is mined negatives.
+    pub negatives_share: f64,
+    /// After the last step, estimate the diagonal Fisher over this many
+    /// batches and save it with the checkpoint, for EWC later (0: no).
+    pub fisher_batches: usize,
+    /// The old task's Fisher for `ewc` (a fisher.safetensors or a checkpoint
+    /// directory holding one); none: the init checkpoint's.
+    pub ewc_anchor: Option<String>,
+    /// A frozen teacher checkpoint for `distill` (any model clasp loads).
+    pub teacher: Option<String>,
+    /// A dev set evaluated during training.
+    pub eval_dataset: Option<DatasetSpec>,
+    pub eval_split: Split,
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Save the checkpoint and state every this many steps (0: only at the end).
+    pub save_every: usize,
+    /// The run's directory: checkpoint/, state/, metrics.jsonl, plots.
+    pub output: Option<PathBuf>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            init: None,
+            preset: None,
+            tokenizer: None,
+            text_init: None,
+            text_pooling: TextPooling::default(),
+            llm: None,
+            vision: None,
+            connector: "mlp2x_gelu".into(),
+            queries: 16,
+            resampler_layers: 2,
+            resampler_heads: 4,
+            vision_feature_layer: -2,
+            stage: 1,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lora_targets: crate::llm::lora::TARGETS
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
+            contrastive_dim: 256,
+            max_answer_tokens: 48,
+            dataset: None,
+            split: Split::Train,
+            lang: Lang::En,
+            steps: 1000,
+            batch_size: 32,
+            lr: 5e-4,
+            warmup: None,
+            weight_decay: 0.2,
+            grad_clip: 1.0,
+            grad_clip_vision: 0.0,
+            grad_clip_text: 0.0,
+            grad_clip_proj: 0.0,
+            grad_clip_adapter: 0.0,
+            conflict_every: 0,
+            conflict_group: ParamGroup::Proj,
+            accum_freq: 1,
+            crop_scale: 0.9,
+            color_jitter: Vec::new(),
+            color_jitter_prob: 0.8,
+            device: DeviceKind::Cpu,
+            precision: Precision::F32,
+            lock_image: false,
+            lock_text: false,
+            packed_llm: false,
+            seed: 0,
+            objective: "infonce".into(),
+            objective_params: ObjectiveParams::default(),
+            schedule: None,
+            negatives: None,
+            negatives_share: 0.5,
+            fisher_batches: 0,
+            ewc_anchor: None,
+            teacher: None,
+            eval_dataset: None,
+            eval_split: Split::Dev,
+            eval_every: 0,
+            save_every: 100,
+            output: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Every config key with its default value, as the TOML file and the
+    /// flag help show them (keys whose default is "none" are left out).
+    pub fn default_values() -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(Self::default()) {
+            Ok(serde_json::Value::Object(m)) => {
+                m.into_iter().filter(|(_, v)| !v.is_null()).collect()
+            }
+            _ => unreachable!("TrainConfig serialises to an object"),
+        }
+    }
+
+    /// Every key the config accepts.
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(Self::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => unreachable!("TrainConfig serialises to an object"),
+        }
+    }
+
+    /// The config from a table of keys (a TOML file's, with flags laid over
+    /// it): unknown keys are refused by name, missing ones take their
+    /// defaults, and the result is checked.
+    pub fn from_table(table: serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        let known = Self::keys();
+        let mut unknown: Vec<&str> = table
+            .keys()
+            .filter(|k| !known.contains(k))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            unknown.sort_unstable();
+            return Err(Error::Report(format!(
+                "unknown training config key{} {}",
+                if unknown.len() > 1 { "s" } else { "" },
+                unknown
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let given: Vec<String> = table.keys().cloned().collect();
+        let value = serde_json::Value::Object(table);
+        // serde_path_to_error names the key whose value has the wrong type
+        // (serde_json alone says only "invalid type: string, expected f64").
+        let cfg: Self = match serde_path_to_error::deserialize(value.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                // Inside the flattened objective parameters the path is
+                // lost ("."): the key is then the one that fails alone.
+                let mut key = e.path().to_string();
+                if key == "." {
+                    if let Some(k) = given.iter().find(|k| {
+                        let one = serde_json::json!({ k.as_str(): value[k.as_str()].clone() });
+                        serde_json::from_value::<Self>(one).is_err()
+                    }) {
+                        key = k.clone();
+                    }
+                }
+                return Err(Error::Report(format!(
+                    "training config key `{key}`: {}",
+                    e.inner()
+                )));
+            }
+        };
+        let task = cfg.task();
+        let mut unused: Vec<&str> = given
+            .iter()
+            .map(String::as_str)
+            .filter(|k| task.other_keys().contains(k))
+            .collect();
+        if !unused.is_empty() {
+            unused.sort_unstable();
+            return Err(Error::Report(format!(
+                "{} run does not use the key{} {}: {}",
+                task.name(),
+                if unused.len() > 1 { "s" } else { "" },
+                unused
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                task.hint()
+            )));
+        }
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// For a preset, writes the initial checkpoint to OUTPUT/init (CLIP's
+    /// initialisation, or LiT's: the preset's image tower with `text_init`'s
+    /// text tower) and points `init` at it. Says what it wrote.
+    pub fn materialize_init(&mut self) -> Result<Option<String>> {
+        let Some(preset) = self.preset.clone() else {
+            return Ok(None);
+        };
+        let dir = self.output_dir()?.join("init");
+        let cpu = candle_core::Device::Cpu;
+        let note = if let Some(text) = &self.text_init {
+            super::presets::init_lit(&preset, text, &dir, self.seed, self.text_pooling, &cpu)?;
+            let mut n = format!(
+                "wrote a LiT init to {}: the `{preset}` image tower, the text tower of {}",
+                dir.display(),
+                text.display()
+            );
+            if self.text_pooling == TextPooling::Mean {
+                n.push_str(
+                    "\nnote: mean text pooling is a clasp key (clasp_text_pooling); transformers \
+                     loads the checkpoint but pools the text with BERT's pooler",
+                );
+            }
+            n
+        } else {
+            let Some(tok) = &self.tokenizer else {
+                return Err(Error::Report(format!(
+                    "preset {preset} needs CLIP tokenizer files: give --tokenizer DIR (a folder with \
+                     vocab.json and merges.txt, or tokenizer.json, e.g. openai/clip-vit-base-patch32's)"
+                )));
+            };
+            super::presets::init_preset(&preset, tok, &dir, self.seed, &cpu)?;
+            format!(
+                "wrote the `{preset}` preset with CLIP's initialisation to {}",
+                dir.display()
+            )
+        };
+        self.init = Some(dir.display().to_string());
+        self.preset = None;
+        self.text_init = None;
+        Ok(Some(note))
+    }
+
+    /// Whether this run trains a vision-language model (`llm` or `vision`
+    /// given, or `init` is a VLM checkpoint).
+    /// A vision-language run's objective: `lm` (the answer tokens' loss)
+    /// when the config keeps the default, else the one given (e.g.
+    /// `lm,infonce:0.5,geometric:0.5`).
+    pub fn vlm_objective(&self) -> String {
+        if self.objective == Self::default().objective {
+            "lm".into()
+        } else {
+            self.objective.clone()
+        }
+    }
+
+    /// Stage 2's LoRA settings.
+    pub fn lora(&self) -> crate::llm::lora::LoraConfig {
+        crate::llm::lora::LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha,
+            targets: self.lora_targets.clone(),
+        }
+    }
+
+    /// The task this config trains.
+    pub fn task(&self) -> Task {
+        if self.is_vlm() {
+            Task::VisionLanguage
+        } else {
+            Task::DualEncoder
+        }
+    }
+
+    pub fn is_vlm(&self) -> bool {
+        self.llm.is_some()
+            || self.vision.is_some()
+            || self
+                .init
+                .as_deref()
+                .is_some_and(|i| clasp_vlm::checkpoint::is_vlm(std::path::Path::new(i)))
+    }
+
+    /// The connector this run builds.
+    pub fn connector_kind(&self) -> Result<clasp_vlm::ConnectorKind> {
+        clasp_vlm::ConnectorKind::parse(
+            &self.connector,
+            self.queries,
+            self.resampler_layers,
+            self.resampler_heads,
+        )
+    }
+
+    /// The warm-up in steps.
+    pub fn warmup_steps(&self) -> usize {
+        self.warmup.unwrap_or(self.steps / 10)
+    }
+
+    /// The run's directory (checked to be set by [`Self::check`]).
+    pub fn output_dir(&self) -> Result<&std::path::Path> {
+        self.output
+            .as_deref()
+            .ok_or_else(|| Error::Report("give an output directory (`output`, --output DIR) for the checkpoint, state and metrics".into()))
+    }
+
+    /// Refuses values no run can use, naming the key.
+    pub fn check(&self) -> Result<()> {
+        let bad = |key: &str, why: String| Err(Error::Report(format!("{key}: {why}")));
+        if self.dataset.is_none() {
+            return bad(
+                "dataset",
+                "give the training data, e.g. --dataset flickr8k:data/flickr8k".into(),
+            );
+        }
+        self.output_dir()?;
+        if self.steps == 0 || self.batch_size == 0 || self.accum_freq == 0 {
+            return bad("steps, batch_size, accum_freq", "must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", format!("{} is not a positive number", self.lr));
+        }
+        if self.is_vlm() {
+            if self.init.is_none() && (self.llm.is_none() || self.vision.is_none()) {
+                return bad(
+                    "llm, vision",
+                    "a vision-language run needs both --llm and --vision (or --init VLM_CHECKPOINT)".into(),
+                );
+            }
+            if self.preset.is_some() {
+                return bad(
+                    "preset",
+                    "a vision-language run starts from --llm and --vision".into(),
+                );
+            }
+            match self.stage {
+                1 => {}
+                2 => {
+                    if self.init.is_none() {
+                        return bad(
+                            "init",
+                            "stage 2 continues a stage-1 model: pass --init VLM_CHECKPOINT (LLaVA's recipe)".into(),
+                        );
+                    }
+                    self.lora().check().map_err(|e| Error::Report(format!("lora: {e}")))?;
+                }
+                s => return bad("stage", format!("{s}: the stages are 1 (the connector) and 2 (the connector and LoRA on the language model)")),
+            }
+            self.connector_kind()?;
+            return Ok(());
+        }
+        match (&self.init, &self.preset) {
+            (Some(_), Some(_)) => {
+                return bad("init", "give either init or preset, not both".into())
+            }
+            (None, None) => {
+                return bad(
+                    "init",
+                    "give init (a checkpoint directory) or preset (tiny, small, base)".into(),
+                )
+            }
+            _ => {}
+        }
+        if self.text_init.is_some() && self.preset.is_none() {
+            return bad("text_init", "needs a preset for the image tower".into());
+        }
+        if !(self.crop_scale > 0.0 && self.crop_scale <= 1.0) {
+            return bad(
+                "crop_scale",
+                format!("{} is not in (0, 1]", self.crop_scale),
+            );
+        }
+        if !(0.0..=0.5).contains(&self.negatives_share) {
+            return bad(
+                "negatives_share",
+                format!("{} is not in [0, 0.5]", self.negatives_share),
+            );
+        }
+        crate::preprocess::augment::ColorJitter::new(&self.color_jitter, self.color_jitter_prob)?;
+        for name in super::schedule::names(&self.objective) {
+            if name != "ewc" && super::objectives::lookup(&name).is_none() {
+                return bad(
+                    "objective",
+                    format!(
+                        "unknown objective `{name}` (available: {})",
+                        super::objectives::available()
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a run trains, as the config's keys decide it (`llm`, `vision`, or a
+/// vision-language `init` make a vision-language run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// A CLIP-family dual encoder (contrastive training, LiT).
+    DualEncoder,
+    /// A LLaVA-style model: a connector (and stage 2's LoRA) over a frozen
+    /// vision tower and language model.
+    VisionLanguage,
+}
+
+/// Keys only a dual-encoder run reads.
+const DUAL_ENCODER_KEYS: &[&str] = &[
+    "preset",
+    "tokenizer",
+    "text_init",
+    "text_pooling",
+    "grad_clip_vision",
+    "grad_clip_text",
+    "conflict_group",
+    "accum_freq",
+    "crop_scale",
+    "color_jitter",
+    "color_jitter_prob",
+    "precision",
+    "lock_image",
+    "lock_text",
+    "negatives",
+    "negatives_share",
+    "fisher_batches",
+    "ewc_anchor",
+    "teacher",
+    "eval_dataset",
+    "eval_split",
+    "eval_every",
+];
+
+/// Keys only a vision-language run reads.
+const VISION_LANGUAGE_KEYS: &[&str] = &[
+    "connector",
+    "queries",
+    "resampler_layers",
+    "resampler_heads",
+    "vision_feature_layer",
+    "stage",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "grad_clip_adapter",
+    "contrastive_dim",
+    "max_answer_tokens",
+    "packed_llm",
+];
+
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::DualEncoder => "a dual-encoder (CLIP) training",
+            Task::VisionLanguage => "a vision-language (--llm/--vision) training",
+        }
+    }
+
+    /// The keys that belong to the other task, refused in this one.
+    pub fn other_keys(self) -> &'static [&'static str] {
+        match self {
+            Task::DualEncoder => VISION_LANGUAGE_KEYS,
+            Task::VisionLanguage => DUAL_ENCODER_KEYS,
+        }
+    }
+
+    fn hint(self) -> &'static str {
+        match self {
+            Task::DualEncoder => {
+                "they belong to vision-language runs, which --llm and --vision (or a \
+                 vision-language --init) start"
+            }
+            Task::VisionLanguage => {
+                "they belong to dual-encoder runs; remove them (the adapter's clip is \
+                 grad_clip_adapter)"
+            }
+        }
+    }
+}
+
+/// The compute type of the forward and backward passes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// bf16 towers (open_clip's `amp_bf16`): the variables, the optimiser,
+    /// the logit scale and the loss stay f32. bf16 keeps f32's exponent
+    /// range, so no loss scaling is needed. Made for CUDA; on the CPU it
+    /// works but is slower than f32 (candle widens bf16 matmuls to f32).
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype the towers compute in, when it is not f32.
+    pub fn half(self) -> Option<candle_core::DType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(candle_core::DType::BF16),
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" | "fp32" => Ok(Self::F32),
+            "bf16" | "amp_bf16" => Ok(Self::Bf16),
+            other => Err(format!("unknown precision `{other}` (f32 or bf16)")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_table_takes_defaults_for_missing_keys_and_types_the_given_ones() {
+        let c = TrainConfig::from_table(table(serde_json::json!({
+            "init": "ckpt", "dataset": "pairs:x.tsv", "output": "out",
+            "lang": "zh", "split": "dev", "daa_temp": 0.1, "device": "cpu"
+        })))
+        .unwrap();
+        let d = TrainConfig::default();
+        assert_eq!(c.lang, Lang::Zh);
+        assert_eq!(c.split, Split::Dev);
+        assert_eq!(c.objective_params.daa.daa_temp, 0.1);
+        assert_eq!(c.objective_params.triplet, d.objective_params.triplet);
+        assert_eq!((c.steps, c.batch_size, c.warmup_steps()), (1000, 32, 100));
+        let ds = c.dataset.as_ref().unwrap();
+        assert_eq!(String::from(ds.clone()), "pairs:x.tsv");
+        // What a run saves reads back as the same config.
+        let again: TrainConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_by_name() {
+        let base = serde_json::json!({"init": "c", "dataset": "pairs:x.tsv", "output": "o"});
+        let with = |k: &str, v: serde_json::Value| {
+            let mut t = table(base.clone());
+            t.insert(k.into(), v);
+            TrainConfig::from_table(t).err().unwrap().to_string()
+        };
+        assert!(with("batchsize", 3.into()).contains("`batchsize`"));
+        assert!(with("lang", "fr".into()).contains("unknown language `fr`"));
+        assert!(with("crop_scale", 1.5.into()).contains("crop_scale"));
+        assert!(with("objective", "infonce,adversary".into()).contains("`adversary`"));
+        assert!(with("preset", "tiny".into()).contains("either init or preset"));
+        let mut t = table(base);
+        t.remove("output");
+        assert!(TrainConfig::from_table(t)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("output"));
+    }
+
+    /// Each key of the other task is refused by name, the task named, and
+    /// every key that `TrainConfig` has belongs to a task or to both.
+    #[test]
+    fn a_key_the_task_does_not_use_is_refused_by_name() {
+        let vlm = serde_json::json!({"llm": "l.gguf", "vision": "v", "dataset": "pairs:x.tsv", "output": "o"});
+        let clip = serde_json::json!({"init": "c", "dataset": "pairs:x.tsv", "output": "o"});
+        for (base, keys, task) in [
+            (&vlm, DUAL_ENCODER_KEYS, "vision-language"),
+            (&clip, VISION_LANGUAGE_KEYS, "dual-encoder"),
+        ] {
+            assert!(TrainConfig::from_table(table(base.clone())).is_ok());
+            let defaults = serde_json::to_value(TrainConfig::default()).unwrap();
+            for k in keys {
+                let mut t = table(base.clone());
+                // A value of the key's own type (its default, or a string).
+                let v = match &defaults[*k] {
+                    serde_json::Value::Null if k.ends_with("dataset") => "pairs:x.tsv".into(),
+                    serde_json::Value::Null => "x".into(),
+                    v => v.clone(),
+                };
+                t.insert(k.to_string(), v);
+                let e = TrainConfig::from_table(t).expect_err(k).to_string();
+                assert!(
+                    e.contains(&format!("`{k}`")) && e.contains(task),
+                    "{k}: {e}"
+                );
+            }
+        }
+        for k in TrainConfig::keys() {
+            assert!(
+                !(DUAL_ENCODER_KEYS.contains(&k.as_str())
+                    && VISION_LANGUAGE_KEYS.contains(&k.as_str())),
+                "{k} is in both lists"
+            );
+        }
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        let t = table(serde_json::json!({
+            "init": "c", "dataset": "pairs:x.tsv", "output": "o", "lr": "fast"
+        }));
+        let e = TrainConfig::from_table(t).err().unwrap().to_string();
+        assert!(e.contains("`lr`") && e.contains("invalid type"), "{e}");
+        // A nested objective parameter too.
+        let t = table(serde_json::json!({
+            "init": "c", "dataset": "pairs:x.tsv", "output": "o", "daa_temp": [1]
+        }));
+        let e = TrainConfig::from_table(t).err().unwrap().to_string();
+        assert!(e.contains("`daa_temp`") && e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn the_default_table_lists_every_objective_parameter() {
+        let d = TrainConfig::default_values();
+        for k in [
+            "daa_temp",
+            "triplet_margin",
+            "geometric_k",
+            "adv_hidden",
+            "distill_temp",
+            "steps",
+        ] {
+            assert!(d.contains_key(k), "{k}");
+        }
+        assert!(!d.contains_key("init") && !d.contains_key("warmup"));
+    }
+}

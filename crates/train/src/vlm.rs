@@ -1,0 +1,535 @@
+//! Training a vision-language model (LLaVA's recipe). Stage 1: only the
+//! connector learns, on image–caption pairs turned into instructions (the
+//! user turn `<image>` + "Describe the image.", the caption as the answer),
+//! English or Chinese. The LM loss counts the answer tokens only (the
+//! caption and its end-of-turn token), as LLaVA masks everything else with
+//! −100. The vision tower runs without a graph; the language model's frozen
+//! f32 weights pass the gradient from the loss back to the image tokens and
+//! on into the connector.
+//!
+//! The habits of `clasp train` hold: config file and flags, seeded data order,
+//! atomic checkpoints (the VLM in the Llava layout) and a resumable state,
+//! metrics.jsonl with plots, progress, Ctrl-C saves.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+
+use super::bcif::{mix_grads, Branch};
+use super::config::TrainConfig;
+use super::hooks::{Hooks, StepLog, TrainOutcome};
+use super::optim::{self, AdamWConfig, GroupedAdamW};
+use super::order::{self, Order};
+use super::state::{self, checkpoint_dir, State};
+use crate::data::{Lang, PairSet};
+use crate::llm::lora::Lora;
+use crate::preprocess::image::decode_image;
+use crate::preprocess::pipeline;
+use crate::{Error, Result};
+use clasp_vlm::heads::HEADS;
+use clasp_vlm::model::{DESCRIBE_EN, DESCRIBE_ZH};
+use clasp_vlm::Vlm;
+
+/// One training sequence: the prompt (images expanded) and the answer.
+pub struct Example {
+    pub prompt: Vec<u32>,
+    pub answer: Vec<u32>,
+}
+
+impl Example {
+    /// The user turn for a caption in `lang`, and the caption (cut to
+    /// `max_answer` tokens) closed by the end-of-turn token as the answer.
+    pub fn caption(vlm: &Vlm, lang: Lang, caption: &str, max_answer: usize) -> Result<Self> {
+        let instruction = match lang {
+            Lang::En => DESCRIBE_EN,
+            Lang::Zh => DESCRIBE_ZH,
+        };
+        let prompt = vlm.chat_prompt(&Vlm::caption_turn(instruction), 1)?;
+        let mut answer = vlm.tokenizer.encode(caption.trim(), false)?;
+        answer.truncate(max_answer);
+        let eos = vlm.tokenizer.eos_id().ok_or_else(|| {
+            Error::Report("the language model has no end-of-sequence token".into())
+        })?;
+        answer.push(eos);
+        Ok(Self { prompt, answer })
+    }
+}
+
+/// The mean cross-entropy of every answer token given what precedes it,
+/// with the images' tokens `[B, N, hidden]` spliced into the prompts. The
+/// graph reaches back into `images` (and whatever made them).
+pub fn answer_loss(vlm: &Vlm, examples: &[Example], images: &Tensor) -> Result<Tensor> {
+    let b = examples.len();
+    let seqs: Vec<Vec<u32>> = examples
+        .iter()
+        .map(|e| [e.prompt.as_slice(), e.answer.as_slice()].concat())
+        .collect();
+    let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    let hidden = vlm.llm.config().hidden_size;
+    let mut rows = Vec::with_capacity(b);
+    let (mut idx, mut targets) = (Vec::new(), Vec::new());
+    for (i, (e, ids)) in examples.iter().zip(&seqs).enumerate() {
+        let x = vlm.input_embeds(&e.prompt, &images.narrow(0, i, 1)?)?;
+        let a = Tensor::new(e.answer.as_slice(), vlm.device())?.unsqueeze(0)?;
+        let a = vlm.llm.embed(&a)?.squeeze(0)?;
+        let mut parts = vec![x, a];
+        // Right padding: causal attention keeps real positions blind to it.
+        if ids.len() < t {
+            parts.push(Tensor::zeros(
+                (t - ids.len(), hidden),
+                candle_core::DType::F32,
+                vlm.device(),
+            )?);
+        }
+        rows.push(Tensor::cat(&parts, 0)?);
+        // Position p predicts token p + 1: the answer's tokens.
+        for p in e.prompt.len() - 1..ids.len() - 1 {
+            idx.push((i * t + p) as u32);
+            targets.push(ids[p + 1]);
+        }
+    }
+    let h = vlm.llm.forward_train(&Tensor::stack(&rows, 0)?)?;
+    let picked = h
+        .reshape((b * t, hidden))?
+        .index_select(&Tensor::new(idx.as_slice(), vlm.device())?, 0)?;
+    let logits = vlm.llm.logits_train(&picked)?;
+    let targets = Tensor::new(targets.as_slice(), vlm.device())?;
+    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
+
+/// A vision-language run in progress.
+pub struct VlmTrainer {
+    cfg: TrainConfig,
+    out: PathBuf,
+    vlm: Vlm,
+    opt: GroupedAdamW,
+    vars: Vec<(String, Var)>,
+    set: PairSet,
+    per_image: Vec<Vec<usize>>,
+    order: Order,
+    step: usize,
+    /// BCIF's contrastive branch, when the objective has one.
+    branch: Option<Branch>,
+    /// `vars` split for per-module clipping and the probe, once.
+    groups: Groups,
+}
+
+/// The trained variables by module.
+struct Groups {
+    /// The projector side: the connector and the contrastive heads.
+    proj: Vec<(String, Var)>,
+    /// The language model's LoRA adapter (stage 2; else empty).
+    llm: Vec<(String, Var)>,
+    /// The connector alone: where the conflict probe reads the gradients.
+    connector: Vec<(String, Var)>,
+}
+
+impl Groups {
+    fn new(vars: &[(String, Var)]) -> Self {
+        let (proj, llm): (Vec<_>, Vec<_>) = vars
+            .iter()
+            .cloned()
+            .partition(|(n, _)| !n.starts_with("base_model."));
+        let connector = proj
+            .iter()
+            .filter(|(n, _)| n.starts_with("multi_modal_projector."))
+            .cloned()
+            .collect();
+        Self {
+            proj,
+            llm,
+            connector,
+        }
+    }
+}
+
+/// The model a run starts from: its `init` checkpoint, or the vision tower
+/// and language model joined by a fresh connector.
+fn base_model(cfg: &TrainConfig, dev: &Device) -> Result<Vlm> {
+    match (&cfg.init, &cfg.llm, &cfg.vision) {
+        (Some(init), _, _) => Vlm::load(Path::new(init), dev),
+        (None, Some(llm), Some(vision)) => Vlm::assemble(
+            vision,
+            llm,
+            cfg.connector_kind()?,
+            cfg.vision_feature_layer,
+            cfg.seed,
+            dev,
+        ),
+        _ => Err(Error::Report(
+            "a vision-language run needs --llm and --vision, or --init VLM_CHECKPOINT".into(),
+        )),
+    }
+}
+
+impl VlmTrainer {
+    pub fn new(cfg: TrainConfig) -> Result<Self> {
+        cfg.check()?;
+        let out = cfg.output_dir()?.to_path_buf();
+        state::check_fresh_output(&out)?;
+        let dev = cfg.device.open()?;
+        let vlm = base_model(&cfg, &dev)?;
+        let order = Order::new(cfg.seed);
+        Self::build(cfg, vlm, order, 0, None)
+    }
+
+    /// Continues the run in `out`: the model is rebuilt from the run's own
+    /// sources and the connector set from the saved checkpoint, so a resumed
+    /// run computes exactly what an uninterrupted one would.
+    pub fn resume(out: &Path) -> Result<Self> {
+        let st = state::read_state(out)?;
+        let cfg = st.config;
+        let dev = cfg.device.open()?;
+        let opt = state::read_optimizer(out, &dev)?;
+        let vlm = base_model(&cfg, &dev)?;
+        let me = Self::build(cfg, vlm, st.order, st.step, Some(opt))?;
+        // The trained tensors only (the connector's, the adapter's), not
+        // the whole saved model.
+        let ckpt = checkpoint_dir(out);
+        let w = ckpt.join("model.safetensors");
+        let mut saved =
+            clasp_vlm::checkpoint::load_prefixed(&w, &["multi_modal_projector."], &dev)?;
+        let adapter = ckpt.join("adapter_model.safetensors");
+        if me.cfg.stage == 2 {
+            let a = candle_core::safetensors::load(&adapter, &dev).map_err(|e| Error::Weights {
+                path: adapter.clone(),
+                reason: e.to_string(),
+            })?;
+            saved.extend(a);
+        }
+        if me.branch.is_some() {
+            let h = ckpt.join(HEADS);
+            let a = candle_core::safetensors::load(&h, &dev).map_err(|e| Error::Weights {
+                path: h.clone(),
+                reason: e.to_string(),
+            })?;
+            saved.extend(a);
+        }
+        for (name, v) in &me.vars {
+            let key = name.strip_prefix("multi_modal_projector.").unwrap_or(name);
+            let t = saved.get(key).ok_or_else(|| {
+                Error::Report(format!("{}: no {name} to resume from", ckpt.display()))
+            })?;
+            v.set(t)?;
+        }
+        Ok(me)
+    }
+
+    fn build(
+        cfg: TrainConfig,
+        mut vlm: Vlm,
+        order: Order,
+        step: usize,
+        opt_state: Option<HashMap<String, Tensor>>,
+    ) -> Result<Self> {
+        let out = cfg.output_dir()?.to_path_buf();
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        let (set, per_image) = order::training_pairs(&cfg)?;
+        let mut vars: Vec<(String, Var)> = vlm
+            .connector
+            .vars()
+            .iter()
+            .map(|(n, v)| (format!("multi_modal_projector.{n}"), v.clone()))
+            .collect();
+        if cfg.stage == 2 {
+            // The init model's adapter goes on training; else a fresh one.
+            let lora = match vlm.llm.lora() {
+                Some(l) => l,
+                None => Lora::init(&cfg.lora(), vlm.llm.config(), cfg.seed, vlm.device())?,
+            };
+            let (lora, lora_vars) = lora.into_vars()?;
+            vlm.llm.set_lora(Some(&lora))?;
+            vars.extend(lora_vars);
+        }
+        // The language model stays frozen: with --packed-llm its projections
+        // run on packed AVX-512 copies where the CPU has them (the step's
+        // largest cost). Off by default: the default path's results are the
+        // same on every CPU, which the fixtures made from them rely on.
+        if cfg.packed_llm && vlm.device().is_cpu() {
+            vlm.llm.pack_frozen_for_training()?;
+        }
+        let branch = Branch::from_config(&cfg, vlm.llm.config().hidden_size, vlm.device())?;
+        if let Some(b) = &branch {
+            // Heads trained by the init model's run go on from where they were
+            // (e.g. a contrastively pre-aligned connector).
+            if let Some(init) = &cfg.init {
+                let h = Path::new(init).join(HEADS);
+                if h.is_file() {
+                    let saved = candle_core::safetensors::load(&h, vlm.device()).map_err(|e| {
+                        Error::Weights {
+                            path: h.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    b.load(&saved)?;
+                }
+            }
+            vars.extend(b.vars());
+        }
+        let mut opt = GroupedAdamW::new(
+            &vars,
+            AdamWConfig {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..AdamWConfig::default()
+            },
+        )?;
+        if let Some(s) = opt_state {
+            opt.load_state(&s, step)?;
+        }
+        Ok(Self {
+            cfg,
+            out,
+            vlm,
+            opt,
+            groups: Groups::new(&vars),
+            vars,
+            set,
+            per_image,
+            order,
+            step,
+            branch,
+        })
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    pub fn model(&self) -> &Vlm {
+        &self.vlm
+    }
+
+    /// One optimiser step on (image, caption) pairs and their prepared pixels.
+    pub fn step(&mut self, batch: &[(usize, usize)], pixels: &[Vec<f32>]) -> Result<StepLog> {
+        let t0 = Instant::now();
+        let cfg = &self.cfg;
+        let lr = optim::cosine_lr(self.step, cfg.lr, cfg.warmup_steps(), cfg.steps);
+        self.opt.set_lr(lr);
+        let px = self.vlm.pixel_batch(pixels)?;
+        let examples = batch
+            .iter()
+            .map(|(_, c)| {
+                Example::caption(
+                    &self.vlm,
+                    cfg.lang,
+                    &self.set.captions[*c],
+                    cfg.max_answer_tokens,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let p = self.step as f64 / cfg.steps.max(1) as f64;
+        let (w_lm, w_c) = match &self.branch {
+            Some(b) => b.weights(p),
+            None => (1.0, 0.0),
+        };
+        let with_lm = self.branch.as_ref().is_none_or(|b| b.lm);
+        let mut losses = std::collections::BTreeMap::new();
+        let mut probe: Option<Tensor> = None;
+        let (lm, contrastive) = {
+            let _graph = clasp_core::model::grad_mode_guard(true);
+            let images = self.vlm.image_features(&px)?;
+            let lm = if with_lm {
+                Some(answer_loss(&self.vlm, &examples, &images)?)
+            } else {
+                None
+            };
+            let contrastive = match &self.branch {
+                Some(b) => {
+                    // The caption without its end-of-turn token.
+                    let captions: Vec<Vec<u32>> = examples
+                        .iter()
+                        .map(|e| e.answer[..e.answer.len() - 1].to_vec())
+                        .collect();
+                    let fi = b.image_features(&images)?;
+                    let ft = b.text_features(&self.vlm, &captions, cfg.stage == 2)?;
+                    let l = b.losses(&fi, &ft, p)?;
+                    losses.extend(l.parts.iter().cloned());
+                    if b.trades() {
+                        losses.insert("lambda".into(), w_c);
+                    }
+                    probe = l.probe;
+                    Some(l.contrastive)
+                }
+                None => None,
+            };
+            (lm, contrastive)
+        };
+        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
+        let lm_v = lm.as_ref().map(scalar).transpose()?;
+        let c_v = contrastive.as_ref().map(scalar).transpose()?;
+        if let Some(v) = lm_v {
+            losses.insert("lm".into(), v);
+        }
+        let lv = w_lm * lm_v.unwrap_or(0.0) + w_c * c_v.unwrap_or(0.0);
+        if !lv.is_finite() {
+            return Err(Error::Report(format!(
+                "step {}: the loss is {lv}",
+                self.step + 1
+            )));
+        }
+        let Groups {
+            proj,
+            llm,
+            connector,
+        } = &self.groups;
+        // The two losses are differentiated apart and their gradients mixed
+        // with the step's weights: the conflict probe reads both for free.
+        let mut grad_conflict = None;
+        let mut grads = match (&lm, &contrastive) {
+            (Some(l), None) => l.backward()?,
+            (None, Some(c)) => (c * w_c)?.backward()?,
+            (Some(l), Some(c)) => {
+                let mut g = l.backward()?;
+                let gc = c.backward()?;
+                if cfg.conflict_every > 0 && self.step.is_multiple_of(cfg.conflict_every) {
+                    grad_conflict = Some(match &probe {
+                        Some(u) => optim::grad_cosine(connector, &g, &u.backward()?)?,
+                        None => optim::grad_cosine(connector, &g, &gc)?,
+                    });
+                }
+                mix_grads(&self.vars, &mut g, w_lm, &gc, w_c)?;
+                g
+            }
+            (None, None) => unreachable!("a run has the LM loss or a contrastive branch"),
+        };
+        // Per-module clipping (BCIF's: the projector side, the language
+        // model's adapter; the vision tower is frozen), then the global clip.
+        let mut norms = vec![(
+            "projector".to_string(),
+            optim::clip_grad_norm(proj, &mut grads, cfg.grad_clip_proj)?,
+        )];
+        if !llm.is_empty() {
+            norms.push((
+                "llm".to_string(),
+                optim::clip_grad_norm(llm, &mut grads, cfg.grad_clip_adapter)?,
+            ));
+        }
+        optim::clip_grad_norm(&self.vars, &mut grads, cfg.grad_clip)?;
+        self.opt.step(&grads)?;
+        self.step += 1;
+        Ok(StepLog {
+            step: self.step,
+            loss: lv,
+            lr,
+            temperature: f64::NAN,
+            images_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
+            group_grad_norms: Some(norms.into_iter().collect()),
+            grad_conflict,
+            losses: (!losses.is_empty() && self.branch.is_some()).then_some(losses),
+            skipped: Vec::new(),
+            dev: None,
+        })
+    }
+
+    fn save_at(&self, order: &Order) -> Result<()> {
+        self.vlm.save_with(&checkpoint_dir(&self.out), |dir| {
+            let Some(b) = &self.branch else {
+                return Ok(());
+            };
+            // Training-only tensors, beside the model (transformers ignores
+            // the file).
+            let t: HashMap<String, Tensor> = b
+                .vars()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect();
+            let p = dir.join(HEADS);
+            candle_core::safetensors::save(&t, &p).map_err(|e| Error::Weights {
+                path: p.clone(),
+                reason: e.to_string(),
+            })
+        })?;
+        let st = State {
+            step: self.step,
+            order: order.clone(),
+            config: self.cfg.clone(),
+        };
+        state::write(&self.out, &self.opt.state().into_iter().collect(), &st)
+    }
+
+    /// Runs to the end of the schedule (or `stop_after` steps, or Ctrl-C),
+    /// preparing images one batch ahead; an unreadable image is skipped and
+    /// reported in its step's log.
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        stop_after: Option<usize>,
+        hooks: &Hooks,
+    ) -> Result<TrainOutcome> {
+        let start = self.step;
+        let end = stop_after.unwrap_or(self.cfg.steps).min(self.cfg.steps);
+        let draw = |o: &mut Order, n: usize, me: &Self| -> Vec<Vec<(usize, usize)>> {
+            (0..n)
+                .map(|_| o.next_batch(&me.per_image, me.cfg.batch_size))
+                .collect()
+        };
+        let base = self.order.clone();
+        let mut live = base.clone();
+        let plan = draw(&mut live, end.saturating_sub(start), self);
+        let order_at = |me: &Self, step: usize| {
+            let mut o = base.clone();
+            draw(&mut o, step - start, me);
+            o
+        };
+        let (mut metrics, metrics_path) = order::open_metrics(&self.out)?;
+        let progress = hooks.progress;
+        progress.start("training", end.saturating_sub(start) as u64);
+        let (mut last_loss, mut interrupted) = (f64::NAN, false);
+        let images = self.set.images.clone();
+        let proc = self.vlm.image_processor().clone();
+        pipeline::prepare_ahead(
+            plan,
+            |_, _, pair: &(usize, usize)| {
+                let src = &images[pair.0];
+                proc.process(&decode_image(&src.read()?, &src.path())?)
+            },
+            |prepared| {
+                if stop.load(Ordering::Relaxed) {
+                    interrupted = true;
+                    return Ok(false);
+                }
+                let (batch, pixels, failed) = pipeline::partition(prepared);
+                if batch.is_empty() {
+                    return Err(Error::Report(format!(
+                        "step {}: no readable image in the batch; first error: {}",
+                        self.step + 1,
+                        failed
+                            .first()
+                            .map(|(_, e)| e.to_string())
+                            .unwrap_or_default()
+                    )));
+                }
+                let mut log = self.step(&batch, &pixels)?;
+                log.skipped = failed
+                    .iter()
+                    .map(|((i, _), e)| format!("{}: {e}", images[*i].path().display()))
+                    .collect();
+                last_loss = log.loss;
+                let step = self.step;
+                if (self.cfg.save_every > 0 && step.is_multiple_of(self.cfg.save_every))
+                    || step == end
+                {
+                    self.save_at(&order_at(self, step))?;
+                }
+                super::hooks::record(&mut metrics, &metrics_path, &log, progress)?;
+                Ok(true)
+            },
+        )?;
+        progress.finish();
+        self.order = order_at(self, self.step);
+        if interrupted {
+            self.save_at(&self.order)?;
+        }
+        Ok(TrainOutcome {
+            steps_done: self.step,
+            interrupted,
+            last_loss,
+            dev: None,
+            checkpoint: checkpoint_dir(&self.out),
+        })
+    }
+}

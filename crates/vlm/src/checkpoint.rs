@@ -1,0 +1,317 @@
+//! The saved VLM: transformers' `LlavaForConditionalGeneration` layout.
+//!
+//! - `config.json`: `model_type: llava` with a `clip_vision_model` vision
+//!   config and a `llama` text config; `image_token_index`,
+//!   `vision_feature_layer`, `vision_feature_select_strategy`,
+//!   `projector_hidden_act: gelu`.
+//! - `model.safetensors` (f32), in the names transformers 5 writes:
+//!   `vision_tower.*` (CLIPVisionModel's, without `vision_model.`),
+//!   `multi_modal_projector.linear_1/linear_2.*`, `language_model.model.*`
+//!   and `language_model.lm_head.weight`. The language model's vocabulary
+//!   gains one row for `<image>` (zeros: its embedding is never read, as
+//!   image features replace it), and the head is written untied.
+//! - the tokenizer with `<image>` as a special token, the chat template,
+//!   `preprocessor_config.json` and `processor_config.json`, so
+//!   `LlavaProcessor.from_pretrained` builds the same prompts.
+//!
+//! The resampler connector is not a transformers architecture: its model is
+//! saved in the same layout, with its tensors under
+//! `multi_modal_projector.resampler.*` and its sizes in `clasp_connector`;
+//! clasp loads it, transformers does not.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::connector::{Connector, ConnectorKind};
+use super::model::{FeatureSelect, Vlm, VlmConfig};
+use crate::atomic::write_json;
+use crate::llm::lora::Lora;
+use crate::llm::{Llama, LlamaConfig, LlmTokenizer};
+use crate::preprocess::{ImageProcessor, ImageProcessorConfig};
+use crate::{Error, Result};
+use clasp_core::model::config::VisionConfig;
+
+const PROJECTOR: &str = "multi_modal_projector.";
+
+/// Whether `dir` holds a VLM checkpoint (config.json with `model_type: llava`).
+pub fn is_vlm(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["model_type"] == "llava")
+}
+
+/// The tensors of a safetensors file whose names start with one of
+/// `prefixes` (the first that matches is stripped). Only those are read: the
+/// file is memory-mapped and the rest never leaves the disk.
+pub fn load_prefixed(
+    path: &Path,
+    prefixes: &[&str],
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let bad = |e: candle_core::Error| Error::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    // SAFETY: the file is mapped read-only and dropped before this returns
+    // (every loaded tensor is copied out); clasp never writes a checkpoint in
+    // place (writes go to a temporary folder that is renamed).
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
+    let mut out = HashMap::new();
+    for (name, _) in st.tensors() {
+        if let Some(short) = prefixes.iter().find_map(|p| name.strip_prefix(p)) {
+            out.insert(short.to_string(), st.load(&name, device).map_err(bad)?);
+        }
+    }
+    Ok(out)
+}
+
+/// `t` [rows, cols] with zero rows appended up to `rows`.
+fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
+    let (r, c) = t.dims2()?;
+    if r >= rows {
+        return Ok(t.clone());
+    }
+    Ok(Tensor::cat(
+        &[t, &Tensor::zeros((rows - r, c), DType::F32, t.device())?],
+        0,
+    )?)
+}
+
+impl Vlm {
+    /// The Llava config.json of this model.
+    pub fn llava_config(&self) -> serde_json::Value {
+        let mut text = self
+            .llm
+            .hf_config(self.tokenizer.bos_id(), self.tokenizer.eos_id());
+        text["vocab_size"] = serde_json::json!(self.vocab_with_image());
+        text["tie_word_embeddings"] = serde_json::json!(false);
+        let mut vision = serde_json::to_value(&self.vision_cfg).expect("config serialises");
+        vision["model_type"] = serde_json::json!("clip_vision_model");
+        let mut cfg = serde_json::json!({
+            "architectures": ["LlavaForConditionalGeneration"],
+            "model_type": "llava",
+            "image_token_index": self.cfg.image_token_index,
+            "image_seq_length": self.image_tokens(),
+            "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": true,
+            "vision_feature_layer": self.cfg.vision_feature_layer,
+            "vision_feature_select_strategy": match self.cfg.select {
+                FeatureSelect::Default => "default",
+                FeatureSelect::Full => "full",
+            },
+            "tie_word_embeddings": false,
+            "text_config": text,
+            "vision_config": vision,
+            "torch_dtype": "float32",
+        });
+        if let ConnectorKind::Resampler { .. } = self.cfg.connector {
+            cfg["clasp_connector"] = serde_json::to_value(self.cfg.connector).expect("serialises");
+        }
+        cfg
+    }
+
+    /// The language model's vocabulary with the image token.
+    fn vocab_with_image(&self) -> usize {
+        self.llm
+            .config()
+            .vocab_size
+            .max(self.cfg.image_token_index as usize + 1)
+    }
+
+    /// Every tensor of the checkpoint by its saved name.
+    pub fn checkpoint_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (k, v) in &self.vision_tensors {
+            out.insert(format!("vision_tower.{k}"), v.clone());
+        }
+        for (k, v) in self.connector.vars() {
+            out.insert(format!("{PROJECTOR}{k}"), v.as_tensor().clone());
+        }
+        let vocab = self.vocab_with_image();
+        let mut embed = None;
+        for (k, v) in self.llm.hf_tensors()? {
+            if k == "model.embed_tokens.weight" {
+                embed = Some(v.clone());
+                out.insert(format!("language_model.{k}"), pad_rows(&v, vocab)?);
+            } else if k == "lm_head.weight" {
+                out.insert(format!("language_model.{k}"), pad_rows(&v, vocab)?);
+            } else {
+                out.insert(format!("language_model.{k}"), v);
+            }
+        }
+        if !out.contains_key("language_model.lm_head.weight") {
+            // A tied head, written out.
+            let e = embed
+                .ok_or_else(|| Error::Report("the language model has no embeddings".into()))?;
+            out.insert("language_model.lm_head.weight".into(), pad_rows(&e, vocab)?);
+        }
+        Ok(out)
+    }
+
+    /// Writes the checkpoint into `dir`, atomically (a temporary folder
+    /// renamed into place).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_with(dir, |_| Ok(()))
+    }
+
+    /// [`Self::save`], with `extra` writing more files into the folder
+    /// before it is renamed into place (a training run's own tensors).
+    pub fn save_with(&self, dir: &Path, extra: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        crate::atomic::write_dir(dir, |tmp| {
+            extra(tmp)?;
+            write_json(&tmp.join("config.json"), &self.llava_config())?;
+            let eos = self.tokenizer.eos_id();
+            write_json(
+                &tmp.join("generation_config.json"),
+                &serde_json::json!({"bos_token_id": self.tokenizer.bos_id(), "eos_token_id": eos, "pad_token_id": eos}),
+            )?;
+            let w = tmp.join("model.safetensors");
+            candle_core::safetensors::save(&self.checkpoint_tensors()?, &w).map_err(|e| {
+                Error::Weights {
+                    path: w.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            self.tokenizer.save_hf(tmp)?;
+            // A LoRA adapter goes beside the base weights, in PEFT's layout.
+            if let Some(l) = self.llm.lora() {
+                l.save_peft(tmp, self.llm.config().rope_layout)?;
+            }
+            write_json(
+                &tmp.join("preprocessor_config.json"),
+                &self.processor.config().to_hf_json(),
+            )?;
+            let processor = serde_json::json!({
+                "processor_class": "LlavaProcessor",
+                "image_token": self.cfg.image_token,
+                "patch_size": self.vision_cfg.patch_size,
+                "vision_feature_select_strategy": match self.cfg.select {
+                    FeatureSelect::Default => "default",
+                    FeatureSelect::Full => "full",
+                },
+                "num_additional_image_tokens": 1,
+            });
+            if let Some(t) = self.tokenizer.chat_template() {
+                // The processor's template, in the file transformers 5 reads.
+                let p = tmp.join("chat_template.jinja");
+                std::fs::write(&p, t).map_err(|e| Error::io(&p, e))?;
+            }
+            write_json(&tmp.join("processor_config.json"), &processor)
+        })
+    }
+
+    /// Loads a checkpoint written by [`Vlm::save`] (or a transformers Llava
+    /// checkpoint of a CLIP vision tower and a llama language model).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let bad = |reason: String| Error::Config {
+            path: cfg_path.clone(),
+            reason,
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if v["model_type"] != "llava" {
+            return Err(bad(format!(
+                "model_type is {}, not llava: not a vision-language checkpoint (make one with `clasp assemble` or `clasp train --llm ... --vision ...`)",
+                v["model_type"]
+            )));
+        }
+        let act = v["projector_hidden_act"].as_str().unwrap_or("gelu");
+        if act != "gelu" {
+            return Err(bad(format!(
+                "projector_hidden_act `{act}`: clasp's connector uses gelu"
+            )));
+        }
+        let layer = v["vision_feature_layer"]
+            .as_i64()
+            .ok_or_else(|| bad("vision_feature_layer must be one integer".into()))?;
+        let select = match v["vision_feature_select_strategy"]
+            .as_str()
+            .unwrap_or("default")
+        {
+            "default" => FeatureSelect::Default,
+            "full" => FeatureSelect::Full,
+            o => return Err(bad(format!("unknown vision_feature_select_strategy `{o}`"))),
+        };
+        let connector: ConnectorKind = match v.get("clasp_connector") {
+            Some(c) => serde_json::from_value(c.clone())
+                .map_err(|e| bad(format!("clasp_connector: {e}")))?,
+            None => ConnectorKind::Mlp2xGelu,
+        };
+        let vision_cfg: VisionConfig = serde_json::from_value(v["vision_config"].clone())
+            .map_err(|e| bad(format!("vision_config: {e}")))?;
+        let text_cfg = LlamaConfig::from_hf_json(&v["text_config"].to_string(), &cfg_path)?;
+        let image_token_index = v["image_token_index"]
+            .as_u64()
+            .or_else(|| v["image_token_id"].as_u64())
+            .ok_or_else(|| bad("no image_token_index".into()))?
+            as u32;
+
+        let w = dir.join("model.safetensors");
+        if !w.is_file() {
+            return Err(Error::MissingWeights {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let weights_err = |e: candle_core::Error| Error::Weights {
+            path: w.clone(),
+            reason: e.to_string(),
+        };
+        let strip = |prefixes: &[&str]| load_prefixed(&w, prefixes, device);
+        // transformers 5 writes `vision_tower.*`; 4.x wrote `vision_tower.vision_model.*`.
+        let vision_tensors = strip(&["vision_tower.vision_model.", "vision_tower."])?;
+        let connector_tensors = strip(&[PROJECTOR])?;
+        let connector = Connector::from_tensors(
+            connector,
+            vision_cfg.hidden_size,
+            text_cfg.hidden_size,
+            &connector_tensors,
+        )?;
+        let llm_tensors = strip(&["language_model."])?;
+        let vb = candle_nn::VarBuilder::from_tensors(llm_tensors, DType::F32, device);
+        let llm = Llama::from_hf(vb, text_cfg).map_err(|e| match e {
+            Error::Candle(c) => weights_err(c),
+            other => other,
+        })?;
+        let tokenizer = LlmTokenizer::from_hf_dir(dir)?;
+        let token = tokenizer
+            .inner()
+            .id_to_token(image_token_index)
+            .ok_or_else(|| {
+                bad(format!(
+                    "image_token_index {image_token_index} is not in the tokenizer"
+                ))
+            })?;
+        let pp = dir.join("preprocessor_config.json");
+        let processor = ImageProcessor::new(if pp.is_file() {
+            ImageProcessorConfig::from_file(&pp)?
+        } else {
+            ImageProcessorConfig::clip_default(vision_cfg.image_size as u32)
+        });
+        let cfg = VlmConfig {
+            vision_feature_layer: layer,
+            select,
+            connector: connector.kind(),
+            image_token: token,
+            image_token_index,
+        };
+        let mut vlm = Self::from_parts(
+            cfg,
+            vision_cfg,
+            vision_tensors,
+            connector,
+            llm,
+            tokenizer,
+            processor,
+        )?;
+        // A PEFT adapter saved beside the weights is held unmerged.
+        if Lora::present(dir) {
+            let lora = Lora::load_peft(dir, vlm.llm.config(), device)?;
+            vlm.llm.set_lora(Some(&lora))?;
+        }
+        Ok(vlm)
+    }
+}

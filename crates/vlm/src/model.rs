@@ -1,0 +1,332 @@
+//! The assembled vision-language model.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::connector::{Connector, ConnectorKind};
+use crate::llm::{self, GenerateOptions, Generation, LanguageModel, Llama, LlmTokenizer, Message};
+use crate::preprocess::{ImageProcessor, ImageProcessorConfig};
+use crate::{Error, Result};
+use clasp_core::model::config::VisionConfig;
+use clasp_core::model::vit::VisionTransformer;
+
+/// Which of the vision tower's tokens go to the connector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureSelect {
+    /// The patch tokens, without the class token (LLaVA's `default`).
+    #[default]
+    Default,
+    /// Every token, the class token first.
+    Full,
+}
+
+/// How the parts are joined.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VlmConfig {
+    /// The vision hidden state the features come from, as transformers
+    /// indexes `hidden_states` (negative from the end): LLaVA's −2 is the
+    /// penultimate layer.
+    pub vision_feature_layer: i64,
+    pub select: FeatureSelect,
+    pub connector: ConnectorKind,
+    /// The placeholder text and its token id.
+    pub image_token: String,
+    pub image_token_index: u32,
+}
+
+/// The default instructions: English and Chinese.
+pub const DESCRIBE_EN: &str = "Describe the image.";
+pub const DESCRIBE_ZH: &str = "描述这张图片。";
+
+/// A vision tower, a connector and a language model.
+pub struct Vlm {
+    pub cfg: VlmConfig,
+    vision: VisionTransformer,
+    pub(super) vision_cfg: VisionConfig,
+    /// The tower's tensors in transformers' `CLIPVisionModel` names
+    /// (`embeddings.*`, `encoder.*`, ...), for saving.
+    pub(super) vision_tensors: HashMap<String, Tensor>,
+    pub connector: Connector,
+    pub llm: Llama,
+    pub tokenizer: LlmTokenizer,
+    pub(super) processor: ImageProcessor,
+}
+
+impl Vlm {
+    /// Joins the vision tower of a clasp CLIP-family checkpoint (its
+    /// `vision_model.*` tensors and preprocessing) and a language model
+    /// (GGUF, dequantised to f32 so gradients can pass through it) with a
+    /// fresh connector seeded by `seed`. The tokenizer gains `<image>`.
+    pub fn assemble(
+        vision_checkpoint: &Path,
+        llm_path: &Path,
+        connector: ConnectorKind,
+        vision_feature_layer: i64,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let files = clasp_core::model::loader::resolve(&vision_checkpoint.to_string_lossy())?;
+        let model_cfg = clasp_core::model::config::ModelConfig::from_file(&files.config)?;
+        let vision_cfg = model_cfg.vision().clone();
+        // The vision tower only: the text tower's tensors stay on disk.
+        let vision_tensors =
+            super::checkpoint::load_prefixed(&files.weights, &["vision_model."], device)?;
+        if vision_tensors.is_empty() {
+            return Err(Error::Report(format!(
+                "{}: no vision_model.* tensors; the vision tower must come from a CLIP-family checkpoint",
+                files.weights.display()
+            )));
+        }
+        let processor = ImageProcessor::new(match &files.preprocessor_config {
+            Some(p) => ImageProcessorConfig::from_file(p)?,
+            None => ImageProcessorConfig::clip_default(vision_cfg.image_size as u32),
+        });
+        let lm = LanguageModel::load(llm_path, llm::Precision::F32, device)?;
+        let mut tokenizer = lm.tokenizer;
+        let image_token = "<image>".to_string();
+        let image_token_index = tokenizer.add_special_token(&image_token);
+        let connector = Connector::new(
+            connector,
+            vision_cfg.hidden_size,
+            lm.model.config().hidden_size,
+            seed,
+            device,
+        )?;
+        let cfg = VlmConfig {
+            vision_feature_layer,
+            select: FeatureSelect::Default,
+            connector: connector.kind(),
+            image_token,
+            image_token_index,
+        };
+        Self::from_parts(
+            cfg,
+            vision_cfg,
+            vision_tensors,
+            connector,
+            lm.model,
+            tokenizer,
+            processor,
+        )
+    }
+
+    pub(super) fn from_parts(
+        cfg: VlmConfig,
+        vision_cfg: VisionConfig,
+        vision_tensors: HashMap<String, Tensor>,
+        connector: Connector,
+        llm: Llama,
+        tokenizer: LlmTokenizer,
+        processor: ImageProcessor,
+    ) -> Result<Self> {
+        let device = llm.device().clone();
+        let vb = VarBuilder::from_tensors(vision_tensors.clone(), candle_core::DType::F32, &device);
+        let vision = VisionTransformer::load(vb, &vision_cfg)?;
+        if connector.vision_dim() != vision_cfg.hidden_size
+            || connector.text_dim() != llm.config().hidden_size
+        {
+            return Err(Error::Shape(format!(
+                "the connector maps width {} to {}, but the vision tower is {} wide and the language model {}",
+                connector.vision_dim(),
+                connector.text_dim(),
+                vision_cfg.hidden_size,
+                llm.config().hidden_size
+            )));
+        }
+        let me = Self {
+            cfg,
+            vision,
+            vision_cfg,
+            vision_tensors,
+            connector,
+            llm,
+            tokenizer,
+            processor,
+        };
+        me.feature_layer()?;
+        Ok(me)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.llm.device()
+    }
+
+    pub fn image_processor(&self) -> &ImageProcessor {
+        &self.processor
+    }
+
+    pub fn vision_config(&self) -> &VisionConfig {
+        &self.vision_cfg
+    }
+
+    /// The number of encoder layers the features come after.
+    fn feature_layer(&self) -> Result<usize> {
+        let n = self.vision_cfg.num_hidden_layers as i64;
+        let l = self.cfg.vision_feature_layer;
+        let k = if l < 0 { n + 1 + l } else { l };
+        if !(0..=n).contains(&k) {
+            return Err(Error::Report(format!(
+                "vision_feature_layer {l} is outside a vision tower of {n} layers (−{} to {n})",
+                n + 1
+            )));
+        }
+        Ok(k as usize)
+    }
+
+    /// The vision tower's tokens per image that reach the connector.
+    pub fn patch_tokens(&self) -> usize {
+        let g = self.vision_cfg.image_size / self.vision_cfg.patch_size;
+        match self.cfg.select {
+            FeatureSelect::Default => g * g,
+            FeatureSelect::Full => g * g + 1,
+        }
+    }
+
+    /// Image tokens per image in the language model's input.
+    pub fn image_tokens(&self) -> usize {
+        self.cfg.connector.tokens(self.patch_tokens())
+    }
+
+    /// Prepared pixels of image files as `[B, C, S, S]`; each file's error
+    /// names it.
+    pub fn pixels(&self, paths: &[&Path]) -> Result<Tensor> {
+        let images = paths
+            .iter()
+            .map(|p| self.processor.process_path(p))
+            .collect::<Result<Vec<_>>>()?;
+        self.pixel_batch(&images)
+    }
+
+    /// Images prepared by [`Self::image_processor`] as one `[B, C, S, S]`
+    /// tensor, each checked for its size.
+    pub fn pixel_batch(&self, images: &[Vec<f32>]) -> Result<Tensor> {
+        let (c, s) = (self.vision_cfg.num_channels, self.vision_cfg.image_size);
+        if let Some(i) = images.iter().position(|im| im.len() != c * s * s) {
+            return Err(Error::Shape(format!(
+                "image {i} has {} values, the vision tower takes {c}x{s}x{s}",
+                images[i].len()
+            )));
+        }
+        Ok(Tensor::from_vec(
+            images.concat(),
+            (images.len(), c, s, s),
+            self.device(),
+        )?)
+    }
+
+    /// The frozen tower's features `[B, P, vision]`, without a graph.
+    pub fn patch_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let _no_grad = clasp_core::model::grad_mode_guard(false);
+        let h = self.vision.hidden_state(pixels, self.feature_layer()?)?;
+        let h = match self.cfg.select {
+            FeatureSelect::Default => h.narrow(1, 1, h.dim(1)? - 1)?,
+            FeatureSelect::Full => h,
+        };
+        Ok(h.contiguous()?.detach())
+    }
+
+    /// Image tokens `[B, N, hidden]` of prepared pixels.
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.connector.forward(&self.patch_features(pixels)?)
+    }
+
+    /// `ids` with each image placeholder repeated once per image token (as
+    /// transformers' Llava processor expands `<image>`).
+    pub fn expand_images(&self, ids: &[u32]) -> Vec<u32> {
+        let n = self.image_tokens();
+        let mut out = Vec::with_capacity(ids.len() + n);
+        for &id in ids {
+            if id == self.cfg.image_token_index {
+                out.extend(std::iter::repeat_n(id, n));
+            } else {
+                out.push(id);
+            }
+        }
+        out
+    }
+
+    /// The token ids of one user turn (`<image>` written where the image
+    /// goes) rendered with the language model's chat template, with the
+    /// assistant's turn opened, images expanded. Checks that the prompt has
+    /// exactly `images` placeholders.
+    pub fn chat_prompt(&self, user: &str, images: usize) -> Result<Vec<u32>> {
+        self.render_ids(&[Message::new("user", user)], images)
+    }
+
+    /// The default captioning turn: the placeholder, a newline, the
+    /// instruction.
+    pub fn caption_turn(instruction: &str) -> String {
+        format!("<image>\n{instruction}")
+    }
+
+    /// Input embeddings `[t, hidden]` of one expanded prompt, its image
+    /// positions filled, in order, from `images` (`[k, N, hidden]`).
+    pub fn input_embeds(&self, ids: &[u32], images: &Tensor) -> Result<Tensor> {
+        let n = self.image_tokens();
+        let img_id = self.cfg.image_token_index;
+        let slots = ids.iter().filter(|&&i| i == img_id).count();
+        let (k, nn, _) = images.dims3()?;
+        if slots != k * nn || nn != n {
+            return Err(Error::Shape(format!(
+                "the prompt has {slots} image positions, and {k} image(s) of {nn} tokens were given (each image takes {n})"
+            )));
+        }
+        let flat = images.reshape((k * nn, images.dim(2)?))?;
+        let mut parts = Vec::new();
+        let (mut i, mut used) = (0, 0);
+        while i < ids.len() {
+            let is_img = ids[i] == img_id;
+            let mut j = i;
+            while j < ids.len() && (ids[j] == img_id) == is_img {
+                j += 1;
+            }
+            if is_img {
+                parts.push(flat.narrow(0, used, j - i)?);
+                used += j - i;
+            } else {
+                let t = Tensor::new(&ids[i..j], self.device())?.unsqueeze(0)?;
+                parts.push(self.llm.embed(&t)?.squeeze(0)?);
+            }
+            i = j;
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Logits `[t, vocab]` at every position of one expanded prompt with
+    /// its images' prepared pixels `[k, C, S, S]`.
+    pub fn logits(&self, ids: &[u32], pixels: &Tensor) -> Result<Tensor> {
+        let feats = self.image_features(pixels)?;
+        let x = self.input_embeds(ids, &feats)?.unsqueeze(0)?;
+        let mut cache = self.llm.new_cache(vec![0]);
+        let h = self.llm.forward_embeds(&x, &mut cache)?;
+        Ok(self.llm.logits(&h)?.squeeze(0)?)
+    }
+
+    /// Generates one answer per image to the same user turn, the images run
+    /// as one batch.
+    pub fn generate(
+        &self,
+        pixels: &Tensor,
+        user: &str,
+        opts: &GenerateOptions,
+    ) -> Result<Vec<Generation>> {
+        let ids = self.chat_prompt(user, 1)?;
+        let feats = self.image_features(pixels)?;
+        let prompts = (0..feats.dim(0)?)
+            .map(|i| {
+                Ok(llm::Prompt {
+                    ids: ids.clone(),
+                    embeds: Some(self.input_embeds(&ids, &feats.narrow(0, i, 1)?)?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut opts = opts.clone();
+        opts.suppress_tokens.push(self.cfg.image_token_index);
+        llm::generate_batch_prompts(&self.llm, &self.tokenizer, &prompts, &opts)
+    }
+}
