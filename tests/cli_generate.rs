@@ -96,6 +96,60 @@ fn greedy_chat_answer_equals_transformers() {
     );
 }
 
+/// `--stop` with a stop string of three tokens (" a", " gentle", " giant"
+/// in SmolLM2's greedy answer): the streamed text is exactly the final text,
+/// cut before the stop string. The single-prompt loop this replaced printed
+/// " a gentle" before the stop string was complete, text the answer did not
+/// keep; the one engine holds a possible start of a stop string back.
+#[test]
+fn generate_streams_exactly_its_final_text_when_a_stop_string_cuts_it() {
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm/logits.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let greedy = fx["prompts"][0]["greedy_text"].as_str().unwrap();
+    let stop = "a gentle giant";
+    let cut = greedy
+        .find(stop)
+        .expect("the stop string is in the greedy text");
+    let model = gguf();
+    let args = |json: bool| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--chat",
+            "--prompt",
+            "Describe a dog running on a beach.",
+            "--temperature",
+            "0",
+            "--precision",
+            "f32",
+            "--max-tokens",
+            "48",
+            "--stop",
+            stop,
+        ];
+        if json {
+            a.push("--json");
+        }
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let a = args(true);
+    let (code, out, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["stop_reason"], "stop");
+    assert_eq!(v["text"].as_str().unwrap(), &greedy[..cut]);
+    let a = args(false);
+    let (code, streamed, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(streamed.trim_end_matches('\n'), &greedy[..cut]);
+}
+
 #[test]
 fn tokenize_prints_one_array_per_text_for_llms_and_clip() {
     let model = gguf();

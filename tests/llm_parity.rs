@@ -415,7 +415,12 @@ fn stop_strings_and_streaming_pieces_add_up() {
     .unwrap();
     assert_eq!(pieces, full.text);
     // Stop at the second word of the greedy text: the text is cut before it.
-    let word = full.text.split_whitespace().nth(1).unwrap().to_string();
+    // The stop string spans the second and third words (two tokens or
+    // more), so its first token is decoded before it is complete: the
+    // stream must hold that back and print exactly the cut text.
+    let words: Vec<&str> = full.text.split_whitespace().collect();
+    let word = format!("{} {}", words[1], words[2]);
+    let mut streamed = String::new();
     let cut = llm::generate(
         &lm.model,
         &lm.tokenizer,
@@ -425,11 +430,15 @@ fn stop_strings_and_streaming_pieces_add_up() {
             stop: vec![word.clone()],
             ..Default::default()
         },
-        &mut |_| true,
+        &mut |s| {
+            streamed.push_str(s);
+            true
+        },
     )
     .unwrap();
     assert_eq!(cut.stop_reason, llm::StopReason::Stop);
     assert_eq!(cut.text, full.text[..full.text.find(&word).unwrap()]);
+    assert_eq!(streamed, cut.text);
 }
 
 #[test]

@@ -190,7 +190,8 @@ fn sample_one(
     let id = row.sampler.sample(&row.logits, &row.history);
     row.ids.push(id);
     row.history.push(id);
-    let (full, piece) = row.stream.next(tok, &row.ids)?;
+    let piece = row.stream.next(tok, &row.ids)?;
+    let full = row.stream.text().to_string();
     let end = if Some(id) == eos {
         Some(StopReason::Eos)
     } else if let Some(cut) = first_stop(&full, &row.opts.stop) {

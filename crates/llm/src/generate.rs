@@ -1,15 +1,15 @@
-//! Generation: prefill the prompt into the KV cache, then decode one token at
-//! a time until EOS, a stop string, the token limit or the context end.
-//! Single prompts stream their text piece by piece; batches left-pad prompts
-//! of different lengths and run them together.
-
-use std::time::Instant;
+//! Generation's options, results and entry points. There is one decode loop,
+//! [`Running::step`](super::continuous::Running::step) (llama.cpp's slot
+//! loop): a single prompt, a batch of captions and the server's requests are
+//! all rows admitted into it, so they share its stop-string hold-back,
+//! incremental detokenization and early exit of finished rows.
 
 use candle_core::Tensor;
 use serde::Serialize;
 
+use super::continuous::{Event, Running};
 use super::llama::Llama;
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::SamplingParams;
 use super::tokenizer::LlmTokenizer;
 use crate::{Error, Result};
 
@@ -38,16 +38,6 @@ impl Prompt {
         Self {
             ids: ids.to_vec(),
             embeds: None,
-        }
-    }
-
-    /// The input embeddings `[t, hidden]`.
-    fn embeddings(&self, model: &Llama) -> Result<Tensor> {
-        match &self.embeds {
-            Some(e) => Ok(e.clone()),
-            None => Ok(model
-                .embed(&Tensor::new(self.ids.as_slice(), model.device())?.unsqueeze(0)?)?
-                .squeeze(0)?),
         }
     }
 }
@@ -108,26 +98,56 @@ impl Generation {
     }
 }
 
-/// Incremental detokenization: the text of the ids so far, and which part of
-/// it is new. A trailing incomplete UTF-8 sequence (shown as U+FFFD) is held
-/// back until the next token completes it.
+/// Incremental detokenization (text-generation-inference's): each new
+/// token is decoded with the few tokens before it as context, and the text
+/// it adds is the difference, so a step decodes a handful of ids, not the
+/// whole answer. A trailing incomplete UTF-8 sequence (shown as U+FFFD) is
+/// held back until a later token completes it.
 pub(super) struct TextStream {
-    emitted: usize,
+    /// The complete characters decoded so far.
+    text: String,
+    /// `ids[prefix..read]` made the end of `text`: the context the next
+    /// token is decoded in (a Metaspace decoder strips a window's leading
+    /// space, so the context's decode is subtracted, not assumed empty).
+    prefix: usize,
+    read: usize,
 }
 
 impl TextStream {
     pub(super) fn new() -> Self {
-        Self { emitted: 0 }
+        Self {
+            text: String::new(),
+            prefix: 0,
+            read: 0,
+        }
     }
 
-    pub(super) fn next(&mut self, tok: &LlmTokenizer, ids: &[u32]) -> Result<(String, String)> {
-        let text = tok.decode(ids, true)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
-            return Ok((text, String::new()));
+    /// The text so far.
+    pub(super) fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Takes in `ids` (all ids so far, the new one last) and returns the text
+    /// it adds (empty while a character is incomplete).
+    pub(super) fn next(&mut self, tok: &LlmTokenizer, ids: &[u32]) -> Result<String> {
+        let before = tok.decode(&ids[self.prefix..self.read], true)?;
+        let after = tok.decode(&ids[self.prefix..], true)?;
+        if after.ends_with('\u{FFFD}') {
+            return Ok(String::new());
         }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok((text, piece))
+        let piece = match after.get(before.len()..) {
+            Some(p) if after.starts_with(&before) => p.to_string(),
+            // The context decodes differently once extended (rare): fall
+            // back to the whole answer's text.
+            _ => {
+                let all = tok.decode(ids, true)?;
+                all.get(self.text.len()..).unwrap_or_default().to_string()
+            }
+        };
+        self.text.push_str(&piece);
+        self.prefix = self.read;
+        self.read = ids.len();
+        Ok(piece)
     }
 }
 
@@ -165,7 +185,8 @@ pub fn generate(
     generate_prompt(model, tok, &Prompt::tokens(prompt), opts, on_text)
 }
 
-/// [`generate`] for a prompt that may carry its own input embeddings.
+/// [`generate`] for a prompt that may carry its own input embeddings: one
+/// row of the engine.
 pub fn generate_prompt(
     model: &Llama,
     tok: &LlmTokenizer,
@@ -173,72 +194,20 @@ pub fn generate_prompt(
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    let (prompt, embeds) = (prompt.ids.as_slice(), prompt.embeds.as_ref());
-    opts.sampling.validate().map_err(Error::Generate)?;
-    check_prompt(model, prompt.len())?;
-    let ctx = model.config().max_position_embeddings;
-    let eos = tok.eos_id();
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut cache = model.new_cache(vec![0]);
-    let mut history: Vec<u32> = prompt.to_vec();
-    let mut ids: Vec<u32> = Vec::new();
-    let mut stream = TextStream::new();
-    let mut text = String::new();
-
-    let t0 = Instant::now();
-    let mut logits = match embeds {
-        Some(e) => model.last_logits(&e.unsqueeze(0)?, &mut cache)?,
-        None => {
-            let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
-            model.forward_last(&input, &mut cache)?
-        }
-    };
-    let prefill_secs = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let stop_reason = loop {
-        if ids.len() >= opts.max_new_tokens {
-            break StopReason::Length;
-        }
-        let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-        suppress(&mut row, &opts.suppress_tokens);
-        let next = sampler.sample(&row, &history);
-        ids.push(next);
-        history.push(next);
-        if Some(next) == eos {
-            break StopReason::Eos;
-        }
-        let (full, piece) = stream.next(tok, &ids)?;
-        if let Some(cut) = first_stop(&full, &opts.stop) {
-            text = full[..cut].to_string();
-            break StopReason::Stop;
-        }
-        text = full;
-        if !piece.is_empty() && !on_text(&piece) {
-            break StopReason::Cancelled;
-        }
-        if history.len() >= ctx {
-            break StopReason::Context;
-        }
-        if ids.len() >= opts.max_new_tokens {
-            break StopReason::Length;
-        }
-        let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
-        logits = model.forward_last(&input, &mut cache)?;
-    };
-    Ok(Generation {
-        text,
-        ids,
-        stop_reason,
-        prompt_tokens: prompt.len(),
-        prefill_secs,
-        decode_secs: t1.elapsed().as_secs_f64(),
-    })
+    let mut g = run_rows(
+        model,
+        tok,
+        std::slice::from_ref(prompt),
+        opts,
+        &mut |_, t| on_text(t),
+    )?;
+    Ok(g.pop().expect("one prompt, one generation"))
 }
 
-/// Generates continuations of several prompts together. Prompts are
-/// left-padded to the longest; each row samples with its own generator
-/// (seeded with `opts.sampling.seed`), so a row's output equals what
-/// `generate` gives for it alone, up to float rounding of the padded GEMMs.
+/// Generates continuations of several prompts together: each is a row of
+/// the engine with its own generator (seeded with `opts.sampling.seed`), so
+/// a row's output equals what [`generate`] gives for it alone, up to float
+/// rounding of the batched decode GEMMs, and a finished row leaves at once.
 pub fn generate_batch(
     model: &Llama,
     tok: &LlmTokenizer,
@@ -256,114 +225,41 @@ pub fn generate_batch_prompts(
     batch: &[Prompt],
     opts: &GenerateOptions,
 ) -> Result<Vec<Generation>> {
-    opts.sampling.validate().map_err(Error::Generate)?;
-    if batch.is_empty() {
-        return Ok(Vec::new());
-    }
-    let prompts: Vec<Vec<u32>> = batch.iter().map(|p| p.ids.clone()).collect();
-    let prompts = prompts.as_slice();
-    for p in prompts {
-        check_prompt(model, p.len())?;
-    }
-    let ctx = model.config().max_position_embeddings;
-    let n = prompts.len();
-    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let pad_id = tok.eos_id().unwrap_or(0);
-    let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-    let mut flat = Vec::with_capacity(n * longest);
-    for (p, &k) in prompts.iter().zip(&pad) {
-        flat.extend(std::iter::repeat_n(pad_id, k));
-        flat.extend_from_slice(p);
-    }
-    let eos = tok.eos_id();
-    let mut samplers: Vec<Sampler> = (0..n)
-        .map(|_| Sampler::new(opts.sampling.clone()))
-        .collect();
-    let mut history: Vec<Vec<u32>> = prompts.to_vec();
-    let mut ids: Vec<Vec<u32>> = vec![Vec::new(); n];
-    let mut texts: Vec<String> = vec![String::new(); n];
-    let mut done: Vec<Option<StopReason>> = vec![None; n];
-    let cache_pad = pad.clone();
-    let mut cache = model.new_cache(pad);
+    run_rows(model, tok, batch, opts, &mut |_, _| true)
+}
 
-    let t0 = Instant::now();
-    let mut logits = if batch.iter().any(|p| p.embeds.is_some()) {
-        // Left-pad each row's embeddings with the pad token's.
-        let pad_row = model
-            .embed(&Tensor::new(&[[pad_id]], model.device())?)?
-            .squeeze(0)?;
-        let rows = batch
-            .iter()
-            .zip(&cache_pad)
-            .map(|(p, &k)| {
-                let e = p.embeddings(model)?;
-                if k == 0 {
-                    return Ok(e);
-                }
-                let h = pad_row.dim(1)?;
-                Ok(Tensor::cat(&[&pad_row.broadcast_as((k, h))?, &e], 0)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        model.last_logits(&Tensor::stack(&rows, 0)?, &mut cache)?
-    } else {
-        let input = Tensor::from_vec(flat, (n, longest), model.device())?;
-        model.forward_last(&input, &mut cache)?
-    };
-    let prefill_secs = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    loop {
-        let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        for r in rows.iter_mut() {
-            suppress(r, &opts.suppress_tokens);
-        }
-        let mut next_ids = Vec::with_capacity(n);
-        for r in 0..n {
-            if done[r].is_some() {
-                next_ids.push(pad_id);
-                continue;
-            }
-            if ids[r].len() >= opts.max_new_tokens {
-                done[r] = Some(StopReason::Length);
-                next_ids.push(pad_id);
-                continue;
-            }
-            let next = samplers[r].sample(&rows[r], &history[r]);
-            ids[r].push(next);
-            history[r].push(next);
-            next_ids.push(next);
-            if Some(next) == eos {
-                done[r] = Some(StopReason::Eos);
-                continue;
-            }
-            let full = tok.decode(&ids[r], true)?;
-            if let Some(cut) = first_stop(&full, &opts.stop) {
-                texts[r] = full[..cut].to_string();
-                done[r] = Some(StopReason::Stop);
-                continue;
-            }
-            texts[r] = full;
-            if ids[r].len() >= opts.max_new_tokens {
-                done[r] = Some(StopReason::Length);
-            } else if longest + ids[r].len() >= ctx {
-                done[r] = Some(StopReason::Context);
-            }
-        }
-        if done.iter().all(|d| d.is_some()) {
-            break;
-        }
-        let input = Tensor::from_vec(next_ids, (n, 1), model.device())?;
-        logits = model.forward_last(&input, &mut cache)?;
+/// Admits every prompt into one continuous batch and steps it until all
+/// rows end; `on_text(row, piece)` streams each row's text (false cancels
+/// that row). Every prompt is checked before any is prefilled, so a bad one
+/// refuses the batch without work.
+fn run_rows(
+    model: &Llama,
+    tok: &LlmTokenizer,
+    batch: &[Prompt],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(usize, &str) -> bool,
+) -> Result<Vec<Generation>> {
+    opts.sampling.validate().map_err(Error::Generate)?;
+    for p in batch {
+        check_prompt(model, p.ids.len())?;
     }
-    let decode_secs = t1.elapsed().as_secs_f64();
-    Ok((0..n)
-        .map(|r| Generation {
-            text: std::mem::take(&mut texts[r]),
-            ids: std::mem::take(&mut ids[r]),
-            stop_reason: done[r].unwrap_or(StopReason::Length),
-            prompt_tokens: prompts[r].len(),
-            prefill_secs,
-            decode_secs,
-        })
+    let mut running = Running::new(model, tok);
+    for (i, p) in batch.iter().enumerate() {
+        running.admit(i as u64, p, opts.clone())?;
+    }
+    let mut done: Vec<Option<Generation>> = vec![None; batch.len()];
+    while !running.is_empty() {
+        running.step(&mut |key, event| match event {
+            Event::Text(t) => on_text(key as usize, &t),
+            Event::Done(g) => {
+                done[key as usize] = Some(g);
+                true
+            }
+        })?;
+    }
+    Ok(done
+        .into_iter()
+        .map(|g| g.expect("every admitted row ends"))
         .collect())
 }
 

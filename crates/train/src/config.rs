@@ -703,7 +703,10 @@ mod tests {
             "init": "c", "dataset": "pairs:x.tsv", "output": "o", "daa_temp": [1]
         }));
         let e = TrainConfig::from_table(t).err().unwrap().to_string();
-        assert!(e.contains("`daa_temp`") && e.contains("invalid type"), "{e}");
+        assert!(
+            e.contains("`daa_temp`") && e.contains("invalid type"),
+            "{e}"
+        );
     }
 
     #[test]
