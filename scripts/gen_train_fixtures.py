@@ -56,7 +56,7 @@ STEP_OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "t
 
 
 def no_decay(name, p):
-    """clasp's rule (src/train/optim.rs): open_clip's (ndim < 2, norms,
+    """clasp's rule (crates/train/src/optim.rs): open_clip's (ndim < 2, norms,
     biases, logit_scale) plus token/position/class embeddings."""
     keys = ("layer_norm", "layernorm", "LayerNorm", "logit_scale", "logit_bias", "token_embedding",
             "position_embedding", "word_embeddings", "token_type_embeddings", "class_embedding")

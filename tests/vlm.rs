@@ -635,3 +635,77 @@ fn bcif_mixes_the_contrastive_and_lm_gradients_as_one_weighted_loss() {
     assert!(gc.get(text_head.as_tensor()).is_some());
     assert!(direct.get(text_head.as_tensor()).is_some());
 }
+
+/// A folder clasp saves carries a processor chat template that renders the
+/// standard multimodal message form (`"content": [{"type": "image"},
+/// {"type": "text", ...}]`). transformers' LlavaProcessor, on a folder clasp
+/// saved, rendered three conversations in that form and expanded the image
+/// (scripts/gen_processor_chat_fixture.py): the template this build saves
+/// renders the same text (minijinja, set up as transformers sets up jinja2),
+/// and clasp's own prompt for the same turns has the processor's ids.
+#[test]
+fn the_saved_processor_template_renders_multimodal_messages_to_clasps_prompt_ids() {
+    use clasp::vlm::{Part, Turn};
+    let m = vlm();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("vlm");
+    m.save(&dir).unwrap();
+    let template = std::fs::read_to_string(dir.join("chat_template.jinja")).unwrap();
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_template("chat", &template).unwrap();
+    // The tokenizer keeps the language model's own, text-only template.
+    let tok_cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        tok_cfg["chat_template"].as_str(),
+        m.tokenizer.chat_template()
+    );
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("processor_chat.json")).unwrap(),
+    )
+    .unwrap();
+    let img = clasp::preprocess::load_image(&shared_image("2090545563_a4e66ec76b.jpg")).unwrap();
+    let pixels = m.image_processor().process(&img).unwrap();
+    let cases = fx["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for c in cases {
+        let rendered = env
+            .get_template("chat")
+            .unwrap()
+            .render(minijinja::context! {
+                messages => &c["conversation"],
+                add_generation_prompt => true,
+            })
+            .unwrap();
+        assert_eq!(rendered, c["text"].as_str().unwrap(), "{}", c["name"]);
+        let turns: Vec<Turn> = c["conversation"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|msg| Turn {
+                role: msg["role"].as_str().unwrap().into(),
+                parts: msg["content"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| match p["type"].as_str().unwrap() {
+                        "image" => Part::Image(pixels.clone()),
+                        _ => Part::Text(p["text"].as_str().unwrap().into()),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let prompt = m.conversation_prompt(&turns).unwrap();
+        let want: Vec<u32> = c["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(prompt.ids, want, "{}", c["name"]);
+    }
+}

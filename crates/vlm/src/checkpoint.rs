@@ -195,9 +195,12 @@ impl Vlm {
                 "num_additional_image_tokens": 1,
             });
             if let Some(t) = self.tokenizer.chat_template() {
-                // The processor's template, in the file transformers 5 reads.
+                // The processor's template, in the file transformers 5 reads:
+                // the language model's, taught the multimodal message form.
+                // The tokenizer keeps its own (tokenizer_config.json).
                 let p = tmp.join("chat_template.jinja");
-                std::fs::write(&p, t).map_err(|e| Error::io(&p, e))?;
+                std::fs::write(&p, processor_chat_template(t, &self.cfg.image_token))
+                    .map_err(|e| Error::io(&p, e))?;
             }
             write_json(&tmp.join("processor_config.json"), &processor)
         })
@@ -313,5 +316,89 @@ impl Vlm {
             vlm.llm.set_lora(Some(&lora))?;
         }
         Ok(vlm)
+    }
+}
+
+/// The processor's chat template: `llm_template` (which reads
+/// `message['content']` as a string) behind a preamble that turns the
+/// multimodal message form that transformers' documentation and every LLaVA
+/// example use (`"content": [{"type": "image"}, {"type": "text", "text":
+/// ...}]`) into the string clasp renders for it: each image part is the
+/// placeholder, the parts joined by newlines (as `Vlm::conversation_prompt`).
+/// String contents pass through unchanged. One line with no trailing
+/// whitespace control, so the language model's template renders as it does
+/// alone.
+pub fn processor_chat_template(llm_template: &str, image_token: &str) -> String {
+    let token = image_token.replace('\\', "\\\\").replace('\'', "\\'");
+    format!(
+        "{{%- set clasp_ns = namespace(messages=[]) -%}}\
+         {{%- for m in messages -%}}\
+         {{%- if m['content'] is string -%}}\
+         {{%- set clasp_ns.messages = clasp_ns.messages + [m] -%}}\
+         {{%- else -%}}\
+         {{%- set part = namespace(text='', first=true) -%}}\
+         {{%- for item in m['content'] -%}}\
+         {{%- if not part.first -%}}{{%- set part.text = part.text ~ '\\n' -%}}{{%- endif -%}}\
+         {{%- if item['type'] == 'image' -%}}{{%- set part.text = part.text ~ '{token}' -%}}\
+         {{%- elif item['type'] == 'text' -%}}{{%- set part.text = part.text ~ item['text'] -%}}{{%- endif -%}}\
+         {{%- set part.first = false -%}}\
+         {{%- endfor -%}}\
+         {{%- set clasp_ns.messages = clasp_ns.messages + [{{'role': m['role'], 'content': part.text}}] -%}}\
+         {{%- endif -%}}\
+         {{%- endfor -%}}\
+         {{%- set messages = clasp_ns.messages %}}{llm_template}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::processor_chat_template;
+
+    /// SmolLM2-135M-Instruct's ChatML template (its GGUF's).
+    const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    /// Renders as transformers does (trimmed blocks, stripped block lines).
+    fn render(template: &str, messages: serde_json::Value) -> String {
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_template("t", template).unwrap();
+        env.get_template("t")
+            .unwrap()
+            .render(minijinja::context! { messages => messages, add_generation_prompt => true })
+            .unwrap()
+    }
+
+    /// The multimodal message form renders to the text clasp builds for the
+    /// same turns (image parts as the placeholder, parts joined by newlines),
+    /// and plain string contents render exactly as the language model's own
+    /// template renders them.
+    #[test]
+    fn the_processor_template_renders_image_parts_as_clasp_does() {
+        let t = processor_chat_template(CHATML, "<image>");
+        let multimodal = serde_json::json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [
+                {"type": "image"},
+                {"type": "text", "text": "Describe the image."}
+            ]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "And these two?"},
+                {"type": "image"},
+                {"type": "image"}
+            ]}
+        ]);
+        let strings = serde_json::json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "<image>\nDescribe the image."},
+            {"role": "assistant", "content": "A dog."},
+            {"role": "user", "content": "And these two?\n<image>\n<image>"}
+        ]);
+        let expected = render(CHATML, strings.clone());
+        assert!(expected.contains("<|im_start|>user\n<image>\nDescribe the image.<|im_end|>"));
+        assert_eq!(render(&t, multimodal), expected);
+        assert_eq!(render(&t, strings), expected);
     }
 }
