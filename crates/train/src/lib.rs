@@ -23,6 +23,7 @@ pub mod objectives;
 pub mod optim;
 pub mod order;
 pub mod presets;
+pub mod run;
 pub mod schedule;
 pub mod state;
 pub mod step;

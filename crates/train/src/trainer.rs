@@ -9,7 +9,7 @@
 //! moments are saved exactly, and the weights are saved in f32.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -21,11 +21,11 @@ use super::model::Trainable;
 use super::objectives::{self, Objective};
 use super::optim::{self, AdamWConfig, GroupedAdamW};
 use super::order::{self, Augment, Order};
+use super::run::{Prepare, Task};
 use super::schedule::{self, Combined};
 use super::state::{self, checkpoint_dir, State};
-use crate::data::{self, PairSet};
+use crate::data::{ImageSource, PairSet};
 use crate::preprocess::augment::ColorJitter;
-use crate::preprocess::pipeline;
 use crate::preprocess::{ImageProcessor, ImageProcessorConfig, TextTokenizer};
 use crate::progress::Progress;
 use crate::{Encoder, Error, Result};
@@ -416,113 +416,15 @@ impl Trainer {
     }
 
     /// Runs to the end of the schedule, or to `stop_after` total steps, or
-    /// until `stop` is set (Ctrl-C): the run then saves and returns. Images
-    /// are prepared on a worker one batch ahead; one that cannot be read is
-    /// skipped and reported in its step's log.
+    /// until `stop` is set (Ctrl-C): the run then saves and returns. The
+    /// loop is the one every task shares ([`super::run::run`]).
     pub fn run(
         &mut self,
         stop: &AtomicBool,
         stop_after: Option<usize>,
         hooks: &Hooks,
     ) -> Result<TrainOutcome> {
-        let eval_set = match &self.cfg.eval_dataset {
-            Some(spec) if hooks.evaluate.is_some() => Some(data::load_pairs(
-                spec,
-                self.cfg.eval_split,
-                self.cfg.lang,
-                None,
-            )?),
-            Some(_) => {
-                return Err(Error::Report(
-                    "the config names an eval_dataset but no evaluation hook was given".into(),
-                ))
-            }
-            None => None,
-        };
-        let start = self.step;
-        let end = stop_after.unwrap_or(self.cfg.steps).min(self.cfg.steps);
-        // The batches this invocation will run, drawn up front (indices
-        // only); saves mid-run replay `base` to the step they record.
-        let base = self.order.clone();
-        let mut live = base.clone();
-        let plan = self.draw(&mut live, end.saturating_sub(start));
-        let order_at = |me: &Self, step: usize| {
-            let mut o = base.clone();
-            me.draw(&mut o, step - start);
-            o
-        };
-        let (mut metrics, metrics_path) = order::open_metrics(&self.out)?;
-        let progress = hooks.progress;
-        progress.start("training", end.saturating_sub(start) as u64);
-        let (mut last_loss, mut interrupted, mut last_dev) = (f64::NAN, false, None);
-        let images = self.set.images.clone();
-        let (proc, aug) = (self.proc.clone(), self.augment());
-        pipeline::prepare_ahead(
-            plan,
-            |n, k, pair: &(usize, usize)| {
-                order::prepare_image(&proc, &images[pair.0], aug, start + n, k)
-            },
-            |prepared| {
-                if stop.load(Ordering::Relaxed) {
-                    interrupted = true;
-                    return Ok(false);
-                }
-                let (batch, pixels, failed) = pipeline::partition(prepared);
-                if batch.len() < 2 {
-                    return Err(Error::Report(format!(
-                        "step {}: too few readable images in the batch ({} of {}); first error: {}",
-                        self.step + 1,
-                        batch.len(),
-                        batch.len() + failed.len(),
-                        failed
-                            .first()
-                            .map(|(_, e)| e.to_string())
-                            .unwrap_or_default()
-                    )));
-                }
-                let mut log = self.step(&batch, &pixels)?;
-                log.skipped = failed
-                    .iter()
-                    .map(|((i, _), e)| {
-                        tracing::warn!("skipped {}: {e}", images[*i].path().display());
-                        format!("{}: {e}", images[*i].path().display())
-                    })
-                    .collect();
-                last_loss = log.loss;
-                let step = self.step;
-                let save_now = (self.cfg.save_every > 0
-                    && step.is_multiple_of(self.cfg.save_every))
-                    || step == end;
-                let eval_now = eval_set.is_some()
-                    && ((self.cfg.eval_every > 0 && step.is_multiple_of(self.cfg.eval_every))
-                        || step == self.cfg.steps);
-                if save_now || eval_now {
-                    self.save_at(&order_at(self, step))?;
-                }
-                if let (true, Some(set), Some(f)) = (eval_now, &eval_set, hooks.evaluate) {
-                    let m = f(&checkpoint_dir(&self.out), set)?;
-                    last_dev = Some(m.clone());
-                    log.dev = Some(m);
-                }
-                super::hooks::record(&mut metrics, &metrics_path, &log, progress)?;
-                Ok(true)
-            },
-        )?;
-        progress.finish();
-        self.order = order_at(self, self.step);
-        if interrupted {
-            self.save()?;
-        }
-        if self.cfg.fisher_batches > 0 && !interrupted && self.step == self.cfg.steps {
-            self.fisher(progress)?;
-        }
-        Ok(TrainOutcome {
-            steps_done: self.step,
-            interrupted,
-            last_loss,
-            dev: last_dev,
-            checkpoint: checkpoint_dir(&self.out),
-        })
+        super::run::run(self, stop, stop_after, hooks)
     }
 
     /// EWC's diagonal Fisher for this task, on unaugmented batches in a
@@ -600,4 +502,51 @@ pub fn train(
         Start::Resume(out) => Trainer::resume(&out)?,
     };
     t.run(stop, stop_after, hooks)
+}
+
+impl Task for Trainer {
+    fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+    fn out(&self) -> &Path {
+        &self.out
+    }
+    fn steps_done(&self) -> usize {
+        self.step
+    }
+    fn order(&self) -> &Order {
+        &self.order
+    }
+    fn set_order(&mut self, order: Order) {
+        self.order = order;
+    }
+    fn images(&self) -> &[ImageSource] {
+        &self.set.images
+    }
+    fn draw(&self, order: &mut Order, n: usize) -> Vec<Vec<(usize, usize)>> {
+        Trainer::draw(self, order, n)
+    }
+    fn prepare(&self, start: usize) -> Prepare {
+        let (proc, aug, images) = (self.proc.clone(), self.augment(), self.set.images.clone());
+        Box::new(move |n, k, pair: &(usize, usize)| {
+            order::prepare_image(&proc, &images[pair.0], aug, start + n, k)
+        })
+    }
+    /// A contrastive loss needs a negative in the batch.
+    fn min_batch(&self) -> usize {
+        2
+    }
+    fn step(&mut self, batch: &[(usize, usize)], pixels: &[Vec<f32>]) -> Result<StepLog> {
+        Trainer::step(self, batch, pixels)
+    }
+    fn save_at(&self, order: &Order) -> Result<()> {
+        Trainer::save_at(self, order)
+    }
+    /// EWC's Fisher, when the config asks for it.
+    fn finish(&mut self, progress: &dyn TrainProgress) -> Result<()> {
+        if self.cfg.fisher_batches > 0 {
+            self.fisher(progress)?;
+        }
+        Ok(())
+    }
 }

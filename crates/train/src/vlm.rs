@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
@@ -23,11 +23,11 @@ use super::config::TrainConfig;
 use super::hooks::{Hooks, StepLog, TrainOutcome};
 use super::optim::{self, AdamWConfig, GroupedAdamW};
 use super::order::{self, Order};
+use super::run::{Prepare, Task};
 use super::state::{self, checkpoint_dir, State};
-use crate::data::{Lang, PairSet};
+use crate::data::{ImageSource, Lang, PairSet};
 use crate::llm::lora::Lora;
 use crate::preprocess::image::decode_image;
-use crate::preprocess::pipeline;
 use crate::{Error, Result};
 use clasp_vlm::heads::HEADS;
 use clasp_vlm::model::{DESCRIBE_EN, DESCRIBE_ZH};
@@ -452,84 +452,56 @@ impl VlmTrainer {
     }
 
     /// Runs to the end of the schedule (or `stop_after` steps, or Ctrl-C),
-    /// preparing images one batch ahead; an unreadable image is skipped and
-    /// reported in its step's log.
+    /// through the loop every task shares ([`super::run::run`]).
     pub fn run(
         &mut self,
         stop: &AtomicBool,
         stop_after: Option<usize>,
         hooks: &Hooks,
     ) -> Result<TrainOutcome> {
-        let start = self.step;
-        let end = stop_after.unwrap_or(self.cfg.steps).min(self.cfg.steps);
-        let draw = |o: &mut Order, n: usize, me: &Self| -> Vec<Vec<(usize, usize)>> {
-            (0..n)
-                .map(|_| o.next_batch(&me.per_image, me.cfg.batch_size))
-                .collect()
-        };
-        let base = self.order.clone();
-        let mut live = base.clone();
-        let plan = draw(&mut live, end.saturating_sub(start), self);
-        let order_at = |me: &Self, step: usize| {
-            let mut o = base.clone();
-            draw(&mut o, step - start, me);
-            o
-        };
-        let (mut metrics, metrics_path) = order::open_metrics(&self.out)?;
-        let progress = hooks.progress;
-        progress.start("training", end.saturating_sub(start) as u64);
-        let (mut last_loss, mut interrupted) = (f64::NAN, false);
-        let images = self.set.images.clone();
-        let proc = self.vlm.image_processor().clone();
-        pipeline::prepare_ahead(
-            plan,
-            |_, _, pair: &(usize, usize)| {
-                let src = &images[pair.0];
-                proc.process(&decode_image(&src.read()?, &src.path())?)
-            },
-            |prepared| {
-                if stop.load(Ordering::Relaxed) {
-                    interrupted = true;
-                    return Ok(false);
-                }
-                let (batch, pixels, failed) = pipeline::partition(prepared);
-                if batch.is_empty() {
-                    return Err(Error::Report(format!(
-                        "step {}: no readable image in the batch; first error: {}",
-                        self.step + 1,
-                        failed
-                            .first()
-                            .map(|(_, e)| e.to_string())
-                            .unwrap_or_default()
-                    )));
-                }
-                let mut log = self.step(&batch, &pixels)?;
-                log.skipped = failed
-                    .iter()
-                    .map(|((i, _), e)| format!("{}: {e}", images[*i].path().display()))
-                    .collect();
-                last_loss = log.loss;
-                let step = self.step;
-                if (self.cfg.save_every > 0 && step.is_multiple_of(self.cfg.save_every))
-                    || step == end
-                {
-                    self.save_at(&order_at(self, step))?;
-                }
-                super::hooks::record(&mut metrics, &metrics_path, &log, progress)?;
-                Ok(true)
-            },
-        )?;
-        progress.finish();
-        self.order = order_at(self, self.step);
-        if interrupted {
-            self.save_at(&self.order)?;
-        }
-        Ok(TrainOutcome {
-            steps_done: self.step,
-            interrupted,
-            last_loss,
-            dev: None,
-            checkpoint: checkpoint_dir(&self.out),
+        super::run::run(self, stop, stop_after, hooks)
+    }
+}
+
+impl Task for VlmTrainer {
+    fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+    fn out(&self) -> &Path {
+        &self.out
+    }
+    fn steps_done(&self) -> usize {
+        self.step
+    }
+    fn order(&self) -> &Order {
+        &self.order
+    }
+    fn set_order(&mut self, order: Order) {
+        self.order = order;
+    }
+    fn images(&self) -> &[ImageSource] {
+        &self.set.images
+    }
+    fn draw(&self, order: &mut Order, n: usize) -> Vec<Vec<(usize, usize)>> {
+        (0..n)
+            .map(|_| order.next_batch(&self.per_image, self.cfg.batch_size))
+            .collect()
+    }
+    fn prepare(&self, _start: usize) -> Prepare {
+        let (proc, images) = (self.vlm.image_processor().clone(), self.set.images.clone());
+        Box::new(move |_, _, pair: &(usize, usize)| {
+            let src = &images[pair.0];
+            proc.process(&decode_image(&src.read()?, &src.path())?)
         })
+    }
+    /// The language-model loss learns from a single image.
+    fn min_batch(&self) -> usize {
+        1
+    }
+    fn step(&mut self, batch: &[(usize, usize)], pixels: &[Vec<f32>]) -> Result<StepLog> {
+        VlmTrainer::step(self, batch, pixels)
+    }
+    fn save_at(&self, order: &Order) -> Result<()> {
+        VlmTrainer::save_at(self, order)
     }
 }
