@@ -164,9 +164,28 @@ pub fn evaluate_captions(
         }
     }
     if captions.is_empty() {
-        return Err(crate::Error::Report(
-            "no image could be captioned and scored".into(),
-        ));
+        // Every image failed: say which and why, the first few by name.
+        let shown: Vec<String> = failed
+            .iter()
+            .take(3)
+            .map(|(name, e)| format!("{name}: {e}"))
+            .collect();
+        let more = failed.len().saturating_sub(shown.len());
+        return Err(crate::Error::Report(format!(
+            "no image could be captioned and scored ({} of {n} failed{}): {}{}",
+            failed.len(),
+            if n == 0 {
+                "; the data set has no images"
+            } else {
+                ""
+            },
+            shown.join("; "),
+            if more > 0 {
+                format!("; and {more} more")
+            } else {
+                String::new()
+            }
+        )));
     }
     let (scores, wrong_photos) = score_captions(lang, &captions, &kept_refs);
     Ok(CaptionEval {

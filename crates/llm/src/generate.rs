@@ -40,6 +40,16 @@ impl Prompt {
             embeds: None,
         }
     }
+
+    /// The input embeddings `[t, hidden]`.
+    pub(super) fn embeddings(&self, model: &Llama) -> Result<Tensor> {
+        match &self.embeds {
+            Some(e) => Ok(e.clone()),
+            None => Ok(model
+                .embed(&Tensor::new(self.ids.as_slice(), model.device())?.unsqueeze(0)?)?
+                .squeeze(0)?),
+        }
+    }
 }
 
 /// Logits rows with the suppressed ids at −∞.
@@ -228,10 +238,10 @@ pub fn generate_batch_prompts(
     run_rows(model, tok, batch, opts, &mut |_, _| true)
 }
 
-/// Admits every prompt into one continuous batch and steps it until all
-/// rows end; `on_text(row, piece)` streams each row's text (false cancels
-/// that row). Every prompt is checked before any is prefilled, so a bad one
-/// refuses the batch without work.
+/// Admits every prompt into one continuous batch (one prefill for all,
+/// after every prompt is checked, so a bad one refuses the batch without
+/// work) and steps it until all rows end; `on_text(row, piece)` streams each
+/// row's text (false cancels that row).
 fn run_rows(
     model: &Llama,
     tok: &LlmTokenizer,
@@ -239,14 +249,13 @@ fn run_rows(
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(usize, &str) -> bool,
 ) -> Result<Vec<Generation>> {
-    opts.sampling.validate().map_err(Error::Generate)?;
-    for p in batch {
-        check_prompt(model, p.ids.len())?;
-    }
     let mut running = Running::new(model, tok);
-    for (i, p) in batch.iter().enumerate() {
-        running.admit(i as u64, p, opts.clone())?;
-    }
+    let rows: Vec<(u64, &Prompt)> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64, p))
+        .collect();
+    running.admit_many(&rows, opts)?;
     let mut done: Vec<Option<Generation>> = vec![None; batch.len()];
     while !running.is_empty() {
         running.step(&mut |key, event| match event {

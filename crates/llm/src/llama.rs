@@ -706,7 +706,7 @@ impl Llama {
                     Linear::Candle(candle_core::quantized::QMatMul::Tensor(w))
                     | Linear::Packed(w, _) => w.clone(),
                     _ => return Err(Error::Report(
-                        "merging LoRA needs the f32 weights (load the model with Precision::F32)"
+                        "merging LoRA needs the f32 weights, and this language model was loaded quantized (`--precision f32` loads it dequantized)"
                             .into(),
                     )),
                 };
@@ -719,7 +719,7 @@ impl Llama {
             for (group, first) in [(&mut b.qkv, 0usize), (&mut b.gate_up, 4)] {
                 let Group::Split(parts) = group else {
                     return Err(Error::Report(
-                        "merging LoRA needs the f32 weights (load the model with Precision::F32)"
+                        "merging LoRA needs the f32 weights, and this language model was loaded quantized (`--precision f32` loads it dequantized)"
                             .into(),
                     ));
                 };
