@@ -113,7 +113,7 @@ fn caption_json_equals_the_library_and_a_bad_image_is_reported_not_fatal() {
 }
 
 #[test]
-fn eval_caption_scores_equal_a_rescoring_of_its_own_captions() {
+fn eval_caption_scores_the_first_dev_photos_captions_against_their_own_references() {
     let d = tempfile::tempdir().unwrap();
     let model = assembled(d.path());
     let report = d.path().join("report");
@@ -144,20 +144,59 @@ fn eval_caption_scores_equal_a_rescoring_of_its_own_captions() {
     let e: Value =
         serde_json::from_str(&std::fs::read_to_string(report.join("captions.json")).unwrap())
             .unwrap();
-    let (caps, refs): (Vec<String>, Vec<Vec<String>>) = e["captions"]
+    // The inputs of the scores, obtained without `eval caption`: the first 4
+    // dev photos from the split file, their references read from
+    // Flickr8k.token.txt here, and their captions from `clasp caption`.
+    let f8k = root().join("../shared/data/flickr8k");
+    let photos: Vec<String> = std::fs::read_to_string(f8k.join("Flickr_8k.devImages.txt"))
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .take(4)
+        .collect();
+    let tokens = std::fs::read_to_string(f8k.join("Flickr8k.token.txt")).unwrap();
+    let refs: Vec<Vec<String>> = photos
+        .iter()
+        .map(|p| {
+            tokens
+                .lines()
+                .filter_map(|l| l.split_once('\t'))
+                .filter(|(k, _)| k.split('#').next() == Some(p.as_str()))
+                .map(|(_, c)| c.to_string())
+                .collect()
+        })
+        .collect();
+    assert!(refs.iter().all(|r| r.len() == 5), "{refs:?}");
+    let paths: Vec<String> = photos
+        .iter()
+        .map(|p| f8k.join("images").join(p).display().to_string())
+        .collect();
+    let mut args = vec!["caption", "-m", &model, "--max-tokens", "8", "--json"];
+    args.extend(paths.iter().map(String::as_str));
+    let (code, out, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    let caps: Vec<String> = serde_json::from_str::<Value>(&out)
+        .unwrap()
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| {
-            let refs = c["references"].as_array().unwrap();
-            (
-                c["caption"].as_str().unwrap().to_string(),
-                refs.iter()
-                    .map(|r| r.as_str().unwrap().to_string())
-                    .collect(),
-            )
-        })
-        .unzip();
+        .map(|c| c["caption"].as_str().unwrap().trim().to_string())
+        .collect();
+    // The report pairs each photo with its caption and its own references.
+    let rows = e["captions"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row["caption"].as_str().unwrap(), caps[i], "photo {i}");
+        let r: Vec<&str> = row["references"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap())
+            .collect();
+        assert_eq!(r, refs[i], "photo {i}");
+    }
+    // Scored (pycocoevalcap-exact, tests/caption_metrics.rs) on those inputs.
     let (own, wrong) = clasp::eval::captioning::score_captions(clasp::data::Lang::En, &caps, &refs);
     let close = |a: &Value, b: f64| (a.as_f64().unwrap() - b).abs() < 1e-12;
     assert!(close(&v["scores"]["cider_d"], own.cider_d));
