@@ -14,6 +14,10 @@ use crate::device::DeviceKind;
 use crate::{Error, Result};
 use clasp_core::model::config::TextPooling;
 
+#[path = "config/task.rs"]
+mod task;
+pub use task::*;
+
 /// Everything a run needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -486,90 +490,6 @@ impl TrainConfig {
     }
 }
 
-/// What a run trains, as the config's keys decide it (`llm`, `vision`, or a
-/// vision-language `init` make a vision-language run).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Task {
-    /// A CLIP-family dual encoder (contrastive training, LiT).
-    DualEncoder,
-    /// A LLaVA-style model: a connector (and stage 2's LoRA) over a frozen
-    /// vision tower and language model.
-    VisionLanguage,
-}
-
-/// Keys only a dual-encoder run reads.
-const DUAL_ENCODER_KEYS: &[&str] = &[
-    "preset",
-    "tokenizer",
-    "text_init",
-    "text_pooling",
-    "grad_clip_vision",
-    "grad_clip_text",
-    "conflict_group",
-    "accum_freq",
-    "crop_scale",
-    "color_jitter",
-    "color_jitter_prob",
-    "precision",
-    "lock_image",
-    "lock_text",
-    "negatives",
-    "negatives_share",
-    "fisher_batches",
-    "ewc_anchor",
-    "teacher",
-    "eval_dataset",
-    "eval_split",
-    "eval_every",
-];
-
-/// Keys only a vision-language run reads.
-const VISION_LANGUAGE_KEYS: &[&str] = &[
-    "connector",
-    "queries",
-    "resampler_layers",
-    "resampler_heads",
-    "vision_feature_layer",
-    "stage",
-    "lora_rank",
-    "lora_alpha",
-    "lora_targets",
-    "grad_clip_adapter",
-    "contrastive_dim",
-    "max_answer_tokens",
-    "packed_llm",
-];
-
-impl Task {
-    pub fn name(self) -> &'static str {
-        match self {
-            Task::DualEncoder => "a dual-encoder (CLIP) training",
-            Task::VisionLanguage => "a vision-language (--llm/--vision) training",
-        }
-    }
-
-    /// The keys that belong to the other task, refused in this one.
-    pub fn other_keys(self) -> &'static [&'static str] {
-        match self {
-            Task::DualEncoder => VISION_LANGUAGE_KEYS,
-            Task::VisionLanguage => DUAL_ENCODER_KEYS,
-        }
-    }
-
-    fn hint(self) -> &'static str {
-        match self {
-            Task::DualEncoder => {
-                "they belong to vision-language runs, which --llm and --vision (or a \
-                 vision-language --init) start"
-            }
-            Task::VisionLanguage => {
-                "they belong to dual-encoder runs; remove them (the adapter's clip is \
-                 grad_clip_adapter)"
-            }
-        }
-    }
-}
-
 /// The compute type of the forward and backward passes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -605,123 +525,5 @@ impl std::str::FromStr for Precision {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn table(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
-        v.as_object().unwrap().clone()
-    }
-
-    #[test]
-    fn a_table_takes_defaults_for_missing_keys_and_types_the_given_ones() {
-        let c = TrainConfig::from_table(table(serde_json::json!({
-            "init": "ckpt", "dataset": "pairs:x.tsv", "output": "out",
-            "lang": "zh", "split": "dev", "daa_temp": 0.1, "device": "cpu"
-        })))
-        .unwrap();
-        let d = TrainConfig::default();
-        assert_eq!(c.lang, Lang::Zh);
-        assert_eq!(c.split, Split::Dev);
-        assert_eq!(c.objective_params.daa.daa_temp, 0.1);
-        assert_eq!(c.objective_params.triplet, d.objective_params.triplet);
-        assert_eq!((c.steps, c.batch_size, c.warmup_steps()), (1000, 32, 100));
-        let ds = c.dataset.as_ref().unwrap();
-        assert_eq!(String::from(ds.clone()), "pairs:x.tsv");
-        // What a run saves reads back as the same config.
-        let again: TrainConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
-        assert_eq!(again, c);
-    }
-
-    #[test]
-    fn unknown_keys_and_bad_values_are_refused_by_name() {
-        let base = serde_json::json!({"init": "c", "dataset": "pairs:x.tsv", "output": "o"});
-        let with = |k: &str, v: serde_json::Value| {
-            let mut t = table(base.clone());
-            t.insert(k.into(), v);
-            TrainConfig::from_table(t).err().unwrap().to_string()
-        };
-        assert!(with("batchsize", 3.into()).contains("`batchsize`"));
-        assert!(with("lang", "fr".into()).contains("unknown language `fr`"));
-        assert!(with("crop_scale", 1.5.into()).contains("crop_scale"));
-        assert!(with("objective", "infonce,adversary".into()).contains("`adversary`"));
-        assert!(with("preset", "tiny".into()).contains("either init or preset"));
-        let mut t = table(base);
-        t.remove("output");
-        assert!(TrainConfig::from_table(t)
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("output"));
-    }
-
-    /// Each key of the other task is refused by name, the task named, and
-    /// every key that `TrainConfig` has belongs to a task or to both.
-    #[test]
-    fn a_key_the_task_does_not_use_is_refused_by_name() {
-        let vlm = serde_json::json!({"llm": "l.gguf", "vision": "v", "dataset": "pairs:x.tsv", "output": "o"});
-        let clip = serde_json::json!({"init": "c", "dataset": "pairs:x.tsv", "output": "o"});
-        for (base, keys, task) in [
-            (&vlm, DUAL_ENCODER_KEYS, "vision-language"),
-            (&clip, VISION_LANGUAGE_KEYS, "dual-encoder"),
-        ] {
-            assert!(TrainConfig::from_table(table(base.clone())).is_ok());
-            let defaults = serde_json::to_value(TrainConfig::default()).unwrap();
-            for k in keys {
-                let mut t = table(base.clone());
-                // A value of the key's own type (its default, or a string).
-                let v = match &defaults[*k] {
-                    serde_json::Value::Null if k.ends_with("dataset") => "pairs:x.tsv".into(),
-                    serde_json::Value::Null => "x".into(),
-                    v => v.clone(),
-                };
-                t.insert(k.to_string(), v);
-                let e = TrainConfig::from_table(t).expect_err(k).to_string();
-                assert!(
-                    e.contains(&format!("`{k}`")) && e.contains(task),
-                    "{k}: {e}"
-                );
-            }
-        }
-        for k in TrainConfig::keys() {
-            assert!(
-                !(DUAL_ENCODER_KEYS.contains(&k.as_str())
-                    && VISION_LANGUAGE_KEYS.contains(&k.as_str())),
-                "{k} is in both lists"
-            );
-        }
-    }
-
-    #[test]
-    fn a_value_of_the_wrong_type_names_its_key() {
-        let t = table(serde_json::json!({
-            "init": "c", "dataset": "pairs:x.tsv", "output": "o", "lr": "fast"
-        }));
-        let e = TrainConfig::from_table(t).err().unwrap().to_string();
-        assert!(e.contains("`lr`") && e.contains("invalid type"), "{e}");
-        // A nested objective parameter too.
-        let t = table(serde_json::json!({
-            "init": "c", "dataset": "pairs:x.tsv", "output": "o", "daa_temp": [1]
-        }));
-        let e = TrainConfig::from_table(t).err().unwrap().to_string();
-        assert!(
-            e.contains("`daa_temp`") && e.contains("invalid type"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn the_default_table_lists_every_objective_parameter() {
-        let d = TrainConfig::default_values();
-        for k in [
-            "daa_temp",
-            "triplet_margin",
-            "geometric_k",
-            "adv_hidden",
-            "distill_temp",
-            "steps",
-        ] {
-            assert!(d.contains_key(k), "{k}");
-        }
-        assert!(!d.contains_key("init") && !d.contains_key("warmup"));
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;
