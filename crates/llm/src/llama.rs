@@ -24,12 +24,22 @@ use candle_nn::VarBuilder;
 pub use super::config::{LlamaConfig, RopeLayout};
 use super::gguf::GgufFile;
 use super::linear::{check_shape, linear, Group, Linear};
-use super::lora::{Lora, LoraConfig, LoraPair};
+use super::lora::{Lora, LoraConfig, LoraPair, Proj};
 pub use super::ops::interleaved_to_half_rows;
 use super::ops::{rope_tables, Ops};
 use super::quant::{Kernel, Q8_0Matrix};
 use crate::{Error, Result};
 use clasp_kernels::grad_kernels as gk;
+
+#[path = "llama/cache.rs"]
+mod cache;
+pub use cache::*;
+#[path = "llama/adapter.rs"]
+mod adapter;
+#[path = "llama/hf.rs"]
+mod hf;
+#[path = "llama/training.rs"]
+mod training;
 
 /// How the projection weights are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,134 +85,6 @@ pub struct Llama {
     device: Device,
     /// The LoRA adapter held in the blocks (unmerged), if any.
     lora: Option<LoraConfig>,
-}
-
-/// The per-sequence state of a batch: its KV cache and left padding.
-#[derive(Debug, Clone)]
-pub struct Cache {
-    layers: Vec<KvCache>,
-    /// Padding positions at the start of each row.
-    pad: Vec<usize>,
-    /// Positions filled so far, padding included (the same for every row).
-    len: usize,
-}
-
-impl Cache {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn batch_size(&self) -> usize {
-        self.pad.len()
-    }
-
-    /// Padding positions at the start of each row.
-    pub fn pad(&self) -> &[usize] {
-        &self.pad
-    }
-
-    /// One cache holding `self`'s rows and then `other`'s: the shorter side
-    /// is left-padded with masked zero positions, so every row keeps its own
-    /// positions (a row's position is its column minus its padding). This is
-    /// how a new sequence, prefilled alone, joins a running batch.
-    pub fn join(self, other: Cache) -> Result<Cache> {
-        if self.pad.is_empty() {
-            return Ok(other);
-        }
-        if other.pad.is_empty() {
-            return Ok(self);
-        }
-        if self.layers.len() != other.layers.len() {
-            return Err(Error::Shape(format!(
-                "joining caches of {} and {} layers",
-                self.layers.len(),
-                other.layers.len()
-            )));
-        }
-        let len = self.len.max(other.len);
-        let (da, db) = (len - self.len, len - other.len);
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for (a, b) in self.layers.iter().zip(&other.layers) {
-            let (ka, va) = kv_of(a)?;
-            let (kb, vb) = kv_of(b)?;
-            let k = Tensor::cat(&[&left_pad(&ka, da)?, &left_pad(&kb, db)?], 0)?;
-            let v = Tensor::cat(&[&left_pad(&va, da)?, &left_pad(&vb, db)?], 0)?;
-            layers.push(kv_from(&k, &v)?);
-        }
-        let pad = self
-            .pad
-            .iter()
-            .map(|p| p + da)
-            .chain(other.pad.iter().map(|p| p + db))
-            .collect();
-        Ok(Cache { layers, pad, len })
-    }
-
-    /// Keeps only the rows `keep` (in that order), and drops the leading
-    /// columns that are padding in every kept row.
-    pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
-        if let Some(&r) = keep.iter().find(|&&r| r >= self.pad.len()) {
-            return Err(Error::Shape(format!(
-                "row {r} of a cache of {} rows",
-                self.pad.len()
-            )));
-        }
-        let pad: Vec<usize> = keep.iter().map(|&r| self.pad[r]).collect();
-        let cut = pad.iter().copied().min().unwrap_or(0).min(self.len);
-        if keep.is_empty() {
-            self.layers.iter_mut().for_each(KvCache::reset);
-            self.pad.clear();
-            self.len = 0;
-            return Ok(());
-        }
-        if self.len > 0 {
-            let dev = kv_of(&self.layers[0])?.0.device().clone();
-            let idx = Tensor::from_vec(
-                keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                keep.len(),
-                &dev,
-            )?;
-            for l in self.layers.iter_mut() {
-                let (k, v) = kv_of(l)?;
-                let n = self.len - cut;
-                let k = k.narrow(2, cut, n)?.contiguous()?.index_select(&idx, 0)?;
-                let v = v.narrow(2, cut, n)?.contiguous()?.index_select(&idx, 0)?;
-                *l = kv_from(&k, &v)?;
-            }
-        }
-        self.pad = pad.iter().map(|p| p - cut).collect();
-        self.len -= cut;
-        Ok(())
-    }
-}
-
-/// A layer's keys and values so far, `[b, kv_heads, len, head_dim]`.
-fn kv_of(kv: &KvCache) -> Result<(Tensor, Tensor)> {
-    match (kv.k()?, kv.v()?) {
-        (Some(k), Some(v)) => Ok((k, v)),
-        _ => Err(Error::Shape("an empty layer in a filled cache".into())),
-    }
-}
-
-/// A layer cache holding `k` and `v`, with room to grow.
-fn kv_from(k: &Tensor, v: &Tensor) -> Result<KvCache> {
-    let mut kv = KvCache::new(2, k.dim(2)?.max(1) + 64);
-    kv.append(&k.contiguous()?, &v.contiguous()?)?;
-    Ok(kv)
-}
-
-/// `x` `[b, h, t, d]` with `n` zero positions in front.
-fn left_pad(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 0 {
-        return Ok(x.clone());
-    }
-    let (b, h, _, d) = x.dims4()?;
-    let z = Tensor::zeros((b, h, n, d), x.dtype(), x.device())?;
-    Ok(Tensor::cat(&[&z, x], 2)?)
 }
 
 fn load_embedding(
@@ -455,57 +337,9 @@ impl Llama {
         x
     }
 
-    /// The final normed hidden states `[b, t, hidden]` of a whole sequence
-    /// (positions from 0, causal, no cache) through ops that all have a
-    /// backward pass, so gradients reach `x` (the input embeddings) through
-    /// the frozen weights. Rows may be right-padded: a real position never
-    /// attends to a later one.
-    pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, t, _) = x.dims3()?;
-        if t > self.cfg.max_position_embeddings {
-            return Err(Error::Generate(format!(
-                "{t} positions exceed the model's context of {}",
-                self.cfg.max_position_embeddings
-            )));
-        }
-        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
-        let mut m = vec![0f32; t * t];
-        for i in 0..t {
-            for j in i + 1..t {
-                m[i * t + j] = -1e30;
-            }
-        }
-        let mask = Tensor::from_vec(m, (1, 1, 1, t, t), &self.device)?;
-        let mut x = x.clone();
-        for block in &self.blocks {
-            x = self.block(block, &x, None, &cos, &sin, Some(&mask), Ops::Autograd)?;
-        }
-        Ops::Autograd.rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
-    }
-
-    /// Packs the frozen f32 projections (and the output head) for the
-    /// AVX-512 f32 kernels, forward and input gradient, where the CPU has
-    /// them: for training through the model with its weights fixed. Costs
-    /// two packed copies of those weights.
-    pub fn pack_frozen_for_training(&mut self) -> Result<()> {
-        for b in self.blocks.iter_mut() {
-            b.qkv.pack_frozen()?;
-            b.o.pack_frozen()?;
-            b.gate_up.pack_frozen()?;
-            b.down.pack_frozen()?;
-        }
-        self.lm_head.pack_frozen()
-    }
-
     /// Logits `[b, t, vocab]` from final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
-    }
-
-    /// [`Self::logits`] for training: the head's backward reaches `hidden`
-    /// only.
-    pub fn logits_train(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward_frozen(hidden)
     }
 
     /// Input embeddings `[b, t, hidden]` to the logits of the last
@@ -537,10 +371,10 @@ impl Llama {
         let x = (x + self.attention(b, &h, kv, cos, sin, mask, ops)?)?;
         let h = ops.rms_norm(&x, &b.ffn_norm, eps)?;
         let mut gu = ops.group(&b.gate_up, &h)?;
-        self.adapt(b, 4, &h, &mut gu)?;
+        self.adapt(b, Proj::Gate, &h, &mut gu)?;
         let inner = ops.swiglu(&gu[0], &gu[1])?;
         let mut mlp = vec![ops.linear(&b.down, &inner)?];
-        self.adapt(b, 6, &inner, &mut mlp)?;
+        self.adapt(b, Proj::Down, &inner, &mut mlp)?;
         Ok((x + &mlp[0])?)
     }
 
@@ -559,7 +393,7 @@ impl Llama {
         let (b, t, _) = x.dims3()?;
         let hd = c.head_dim;
         let mut qkv = ops.group(&blk.qkv, x)?;
-        self.adapt(blk, 0, x, &mut qkv)?;
+        self.adapt(blk, Proj::Q, x, &mut qkv)?;
         if ops == Ops::Autograd && kv.is_none() && gk::applies(x) {
             return self.attention_train(blk, &qkv, cos, sin);
         }
@@ -603,134 +437,8 @@ impl Llama {
     /// The attention's output projection, with its LoRA delta.
     fn out_proj(&self, blk: &Block, y: &Tensor, ops: Ops) -> Result<Tensor> {
         let mut o = vec![ops.linear(&blk.o, y)?];
-        self.adapt(blk, 3, y, &mut o)?;
+        self.adapt(blk, Proj::O, y, &mut o)?;
         Ok(o.swap_remove(0))
-    }
-
-    /// Causal attention of a whole sequence for training, on the fused
-    /// kernels: rotary on `[b, t, heads, d]` in place of the transposed
-    /// layout, the key and value heads repeated for their query groups (a
-    /// copy of a third of the width; its backward sums the groups), and one
-    /// op for softmax(q kᵀ/√d + causal) v with its backward.
-    fn attention_train(
-        &self,
-        blk: &Block,
-        qkv: &[Tensor],
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Result<Tensor> {
-        let c = &self.cfg;
-        let (b, t, _) = qkv[0].dims3()?;
-        let hd = c.head_dim;
-        let pairs = match c.rope_layout {
-            RopeLayout::Interleaved => gk::RopePairs::Interleaved,
-            RopeLayout::Half => gk::RopePairs::Half,
-        };
-        let q = gk::rope(&qkv[0].reshape((b, t, c.num_heads, hd))?, cos, sin, pairs)?;
-        let k = gk::rope(
-            &qkv[1].reshape((b, t, c.num_kv_heads, hd))?,
-            cos,
-            sin,
-            pairs,
-        )?;
-        let n_rep = c.num_heads / c.num_kv_heads;
-        let width = c.num_heads * hd;
-        let groups = |y: &Tensor| -> Result<Tensor> {
-            let y = y.reshape((b, t, c.num_kv_heads, 1, hd))?;
-            Ok(y.broadcast_as((b, t, c.num_kv_heads, n_rep, hd))?
-                .reshape((b, t, width))?)
-        };
-        let packed = Tensor::cat(
-            &[q.reshape((b, t, width))?, groups(&k)?, groups(&qkv[2])?],
-            2,
-        )?;
-        let y = gk::attention(&packed, c.num_heads, gk::SoftmaxMask::Causal)?;
-        self.out_proj(blk, &y, Ops::Autograd)
-    }
-
-    /// Adds the LoRA deltas of the projections `first..first + ys.len()`
-    /// (in `lora::TARGETS` order), which all read `x`, to their outputs.
-    fn adapt(&self, b: &Block, first: usize, x: &Tensor, ys: &mut [Tensor]) -> Result<()> {
-        let Some(cfg) = &self.lora else {
-            return Ok(());
-        };
-        for (j, y) in ys.iter_mut().enumerate() {
-            if let Some(p) = &b.lora[first + j] {
-                *y = (&*y + p.delta(x, cfg.scale())?)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Holds `lora` in the blocks, unmerged (its tensors may be training
-    /// variables); `None` removes it.
-    pub fn set_lora(&mut self, lora: Option<&Lora>) -> Result<()> {
-        if let Some(l) = lora {
-            if l.layers.len() != self.blocks.len() {
-                return Err(Error::Shape(format!(
-                    "a LoRA adapter of {} layers for a model of {}",
-                    l.layers.len(),
-                    self.blocks.len()
-                )));
-            }
-        }
-        for (i, b) in self.blocks.iter_mut().enumerate() {
-            b.lora = match lora {
-                Some(l) => l.layers[i].clone(),
-                None => Default::default(),
-            };
-        }
-        self.lora = lora.map(|l| l.cfg.clone());
-        Ok(())
-    }
-
-    /// The adapter held in the blocks, if any.
-    pub fn lora(&self) -> Option<Lora> {
-        self.lora.as_ref().map(|cfg| Lora {
-            cfg: cfg.clone(),
-            layers: self.blocks.iter().map(|b| b.lora.clone()).collect(),
-        })
-    }
-
-    /// Folds the held adapter into the f32 weights (`W + scale · B A`) and
-    /// drops it; the outputs are unchanged up to float rounding.
-    pub fn merge_lora(&mut self) -> Result<()> {
-        let Some(cfg) = self.lora.take() else {
-            return Ok(());
-        };
-        let scale = cfg.scale();
-        let fold = |l: &mut Linear, p: &Option<LoraPair>| -> Result<()> {
-            let Some(p) = p else { return Ok(()) };
-            let w =
-                match l {
-                    Linear::Candle(candle_core::quantized::QMatMul::Tensor(w))
-                    | Linear::Packed(w, _) => w.clone(),
-                    _ => return Err(Error::Report(
-                        "merging LoRA needs the f32 weights, and this language model was loaded quantized (`--precision f32` loads it dequantized)"
-                            .into(),
-                    )),
-                };
-            let merged = (w + (p.b.matmul(&p.a)? * scale)?)?;
-            *l = Linear::Candle(candle_core::quantized::QMatMul::Tensor(merged));
-            Ok(())
-        };
-        for b in self.blocks.iter_mut() {
-            let pairs = std::mem::take(&mut b.lora);
-            for (group, first) in [(&mut b.qkv, 0usize), (&mut b.gate_up, 4)] {
-                let Group::Split(parts) = group else {
-                    return Err(Error::Report(
-                        "merging LoRA needs the f32 weights, and this language model was loaded quantized (`--precision f32` loads it dequantized)"
-                            .into(),
-                    ));
-                };
-                for (j, part) in parts.iter_mut().enumerate() {
-                    fold(part, &pairs[first + j])?;
-                }
-            }
-            fold(&mut b.o, &pairs[3])?;
-            fold(&mut b.down, &pairs[6])?;
-        }
-        Ok(())
     }
 
     /// cos/sin for positions start..start+t of each row: `[t, d/2]` when no
@@ -774,103 +482,8 @@ impl Llama {
         }
         Ok(Tensor::from_vec(m, (b, 1, 1, t, total), &self.device)?)
     }
-
-    /// The projection weights as f32 tensors in Hugging Face's names and
-    /// layout (q and k rows back in rotate-half order), for saving a
-    /// `LlamaForCausalLM` checkpoint.
-    pub fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let c = &self.cfg;
-        let dense = |m: &Linear| m.dense(&self.device);
-        let unpermute = |w: Tensor, heads: usize| -> Result<Tensor> {
-            match c.rope_layout {
-                RopeLayout::Half => Ok(w),
-                RopeLayout::Interleaved => interleaved_to_half_rows(&w, heads),
-            }
-        };
-        let mut out = Vec::new();
-        let embed = match &self.embed {
-            Embedding::Quantized(q) => q.dequantize(&self.device)?,
-            Embedding::Q8_0(w) => {
-                Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), &self.device)?
-            }
-            Embedding::F32(w) => w.clone(),
-        };
-        out.push(("model.embed_tokens.weight".to_string(), embed));
-        for (i, b) in self.blocks.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), b.attn_norm.clone()));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                b.ffn_norm.clone(),
-            ));
-            let qkv = b.qkv.dense(&self.device)?;
-            let q = unpermute(qkv[0].clone(), c.num_heads)?;
-            out.push((format!("{p}.self_attn.q_proj.weight"), q));
-            let k = unpermute(qkv[1].clone(), c.num_kv_heads)?;
-            out.push((format!("{p}.self_attn.k_proj.weight"), k));
-            out.push((format!("{p}.self_attn.v_proj.weight"), qkv[2].clone()));
-            out.push((format!("{p}.self_attn.o_proj.weight"), dense(&b.o)?));
-            let gu = b.gate_up.dense(&self.device)?;
-            out.push((format!("{p}.mlp.gate_proj.weight"), gu[0].clone()));
-            out.push((format!("{p}.mlp.up_proj.weight"), gu[1].clone()));
-            out.push((format!("{p}.mlp.down_proj.weight"), dense(&b.down)?));
-        }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
-        if !c.tie_word_embeddings {
-            out.push((
-                "lm_head.weight".to_string(),
-                self.lm_head.dense(&self.device)?,
-            ));
-        }
-        Ok(out)
-    }
-
-    /// The `LlamaForCausalLM` config.json that matches `hf_tensors`.
-    pub fn hf_config(&self, bos: Option<u32>, eos: Option<u32>) -> serde_json::Value {
-        let c = &self.cfg;
-        let scaling = if c.rope_linear_factor != 1.0 {
-            serde_json::json!({"rope_type": "linear", "factor": c.rope_linear_factor})
-        } else {
-            serde_json::Value::Null
-        };
-        serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_layers,
-            "num_attention_heads": c.num_heads,
-            "num_key_value_heads": c.num_kv_heads,
-            "head_dim": c.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": c.rms_norm_eps,
-            "rope_theta": c.rope_theta,
-            "rope_scaling": scaling,
-            "max_position_embeddings": c.max_position_embeddings,
-            "tie_word_embeddings": c.tie_word_embeddings,
-            "attention_bias": false,
-            "mlp_bias": false,
-            "bos_token_id": bos,
-            "eos_token_id": eos,
-            "torch_dtype": "float32",
-        })
-    }
-
-    /// The storage type of the projections (for reports).
-    pub fn weight_type(&self) -> Option<GgmlDType> {
-        match &self.blocks.first()?.o {
-            Linear::Candle(QMatMul::QTensor(q)) => Some(q.dtype()),
-            Linear::Q4_1(..) => Some(GgmlDType::Q4_1),
-            Linear::Q8_0(..) => Some(GgmlDType::Q8_0),
-            _ => Some(GgmlDType::F32),
-        }
-    }
 }
 
-/// Reorders the rows of a q or k projection from llama.cpp's interleaved
-/// rotary layout to Hugging Face's rotate-half layout (the inverse of
-/// llama.cpp's convert permutation).
 #[cfg(test)]
 #[path = "llama_tests.rs"]
 mod tests;

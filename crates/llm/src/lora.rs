@@ -30,6 +30,19 @@ pub const TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
+/// A projection LoRA can adapt, named; its value is its index in [`TARGETS`]
+/// (and in a block's adapter slots).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proj {
+    Q = 0,
+    K = 1,
+    V = 2,
+    O = 3,
+    Gate = 4,
+    Up = 5,
+    Down = 6,
+}
+
 /// Which sub-module holds a target (`self_attn` or `mlp`).
 fn parent(target: &str) -> &'static str {
     if matches!(target, "gate_proj" | "up_proj" | "down_proj") {
