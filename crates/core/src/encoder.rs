@@ -599,7 +599,7 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// directory).
 pub fn image_inputs_from(src: &Path) -> Result<Vec<PathBuf>> {
     if src.is_dir() {
-        let (files, skipped) = crate::preprocess::image::list_image_files(src)?;
+        let (files, skipped) = crate::data::files::list_image_files(src)?;
         if files.is_empty() {
             return Err(Error::NoImages {
                 path: src.to_path_buf(),

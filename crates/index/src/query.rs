@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::preprocess::image::has_image_extension;
 use crate::{Encoder, Error, Result};
+use clasp_core::data::files::has_image_extension;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum TermKind {

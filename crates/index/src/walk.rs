@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
-use crate::preprocess::image::has_image_extension;
 use crate::{Error, Result};
+use clasp_core::data::files::has_image_extension;
 
 #[derive(Clone, Debug)]
 pub struct Found {

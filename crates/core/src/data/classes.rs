@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
+use super::files::list_image_files;
 use super::{ClassSet, DataIssue, ImageSource, Loc};
-use crate::preprocess::image::list_image_files;
 use crate::{Error, Result};
 
 pub fn load_classification(dir: &Path) -> Result<ClassSet> {

@@ -7,6 +7,7 @@
 //! line never stops an evaluation.
 
 mod classes;
+pub mod files;
 mod retrieval;
 
 use std::fmt;
