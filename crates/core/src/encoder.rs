@@ -11,6 +11,10 @@ use crate::model::{self, int8_checkpoint, loader, Model, ModelConfig, ModelFiles
 use crate::preprocess::{ImageProcessor, ImageProcessorConfig, Pixels, ResizeTo, TextTokenizer};
 use crate::{Error, Result};
 
+#[path = "encoder/files.rs"]
+mod files;
+pub use files::*;
+
 pub struct Encoder {
     model: Model,
     config: ModelConfig,
@@ -319,7 +323,7 @@ impl Encoder {
     ) -> Result<Vec<Vec<f32>>> {
         let prompts = crate::preprocess::prompts::class_prompts(classes, templates);
         let emb = self.embed_text_batches(&prompts, batch_size, |_| {})?;
-        Ok(crate::preprocess::prompts::ensemble(&emb, templates.len()))
+        Ok(crate::zeroshot::ensemble(&emb, templates.len()))
     }
 
     /// Stacks processed CHW images into a [B, C, H, W] tensor; they must
@@ -486,8 +490,8 @@ impl Encoder {
 
     /// How `classify` turns cosines into label probabilities: SigLIP's
     /// sigmoid with the model's scale and bias, else CLIP's softmax.
-    pub fn zero_shot_scoring(&self) -> Result<crate::preprocess::prompts::ZeroShotScoring> {
-        use crate::preprocess::prompts::ZeroShotScoring;
+    pub fn zero_shot_scoring(&self) -> Result<crate::zeroshot::ZeroShotScoring> {
+        use crate::zeroshot::ZeroShotScoring;
         let scalar = |t: &Tensor| -> Result<f64> {
             Ok(t.to_dtype(candle_core::DType::F64)?
                 .flatten_all()?
@@ -513,59 +517,6 @@ impl Encoder {
         let sum: f64 = e.iter().sum();
         e.into_iter().map(|v| v / sum).collect()
     }
-
-    /// Embeds image files in batches, decoding in parallel. Files that fail to
-    /// load are reported, and the rest are still embedded. `progress` is called
-    /// with the number of inputs finished after each batch.
-    pub fn embed_image_files(
-        &self,
-        paths: &[PathBuf],
-        batch_size: usize,
-        mut progress: impl FnMut(usize),
-    ) -> Result<BatchEmbeddings> {
-        let mut out = BatchEmbeddings {
-            embeddings: Vec::with_capacity(paths.len()),
-            indices: Vec::with_capacity(paths.len()),
-            failures: Vec::new(),
-        };
-        let jobs: Vec<usize> = (0..paths.len()).collect();
-        crate::preprocess::pipeline::prepare_ahead(
-            crate::preprocess::pipeline::batches(jobs, batch_size),
-            |_, _, &i| self.image_processor.process_path_pixels(&paths[i]),
-            |batch| {
-                let n = batch.len();
-                let (ok, pixels, failed) = crate::preprocess::pipeline::partition(batch);
-                out.failures.extend(
-                    failed
-                        .into_iter()
-                        .map(|(index, error)| Failure { index, error }),
-                );
-                if !pixels.is_empty() {
-                    let emb = self.embed_pixel_items(&pixels)?;
-                    out.embeddings.extend(emb.to_vec2::<f32>()?);
-                    out.indices.extend(ok);
-                }
-                progress(n);
-                Ok(true)
-            },
-        )?;
-        Ok(out)
-    }
-
-    /// Embeds texts in batches.
-    pub fn embed_text_batches<S: AsRef<str> + Sync>(
-        &self,
-        texts: &[S],
-        batch_size: usize,
-        mut progress: impl FnMut(usize),
-    ) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(batch_size.max(1)) {
-            out.extend(self.embed_texts(chunk)?.to_vec2::<f32>()?);
-            progress(chunk.len());
-        }
-        Ok(out)
-    }
 }
 
 /// The image processor of a checkpoint without preprocessor_config.json:
@@ -583,46 +534,6 @@ pub fn default_image_processor(config: &ModelConfig) -> ImageProcessorConfig {
         ),
         ModelConfig::Siglip(_) => ImageProcessorConfig::siglip_default(size),
     }
-}
-
-/// Runs a forward pass on one of rayon's workers. Its CPU kernels are then
-/// joins that the other workers steal from, instead of jobs injected from
-/// this thread one by one, each waited for with a sleep and a wake: for a
-/// one-text forward (some 70 kernels of a few microseconds) those thread
-/// switches were a third of the time.
-fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
-}
-
-/// Expands `--images-from`: a directory (its image files, sorted) or a list
-/// file with one path per line (relative paths are taken from the list's
-/// directory).
-pub fn image_inputs_from(src: &Path) -> Result<Vec<PathBuf>> {
-    if src.is_dir() {
-        let (files, skipped) = crate::data::files::list_image_files(src)?;
-        if files.is_empty() {
-            return Err(Error::NoImages {
-                path: src.to_path_buf(),
-                skipped,
-            });
-        }
-        return Ok(files);
-    }
-    let text = std::fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
-    let base = src.parent().unwrap_or(Path::new("."));
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let p = Path::new(l);
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        })
-        .collect())
 }
 
 #[cfg(test)]

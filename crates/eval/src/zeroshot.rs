@@ -15,7 +15,7 @@ pub fn zeroshot_classifier(
     templates: &[String],
 ) -> Result<Vec<Vec<f32>>> {
     let emb = ctx.texts(&prompts::class_prompts(classes, templates))?;
-    Ok(prompts::ensemble(&emb, templates.len()))
+    Ok(clasp_core::zeroshot::ensemble(&emb, templates.len()))
 }
 
 pub struct ZeroShotOutcome {

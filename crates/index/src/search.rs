@@ -191,7 +191,7 @@ pub fn classify(
         let Some(files) = by_hash.get(&h) else {
             return;
         };
-        let (best, p) = crate::preprocess::prompts::class_probabilities(v, &classes, scoring);
+        let (best, p) = clasp_core::zeroshot::class_probabilities(v, &classes, scoring);
         for f in files {
             out.push(Label {
                 path: f.path.clone(),

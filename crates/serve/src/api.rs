@@ -330,7 +330,7 @@ pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
         let n_p = items.len();
         items.extend(images_to_items(&st, images).await?);
         let v = embed_items(&st, items).await?;
-        let classes = prompts::ensemble(&v[..n_p], templates.len());
+        let classes = clasp_core::zeroshot::ensemble(&v[..n_p], templates.len());
         let scoring = st.encoder.zero_shot_scoring().map_err(|e| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })?;
@@ -338,7 +338,7 @@ pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
             .iter()
             .enumerate()
             .map(|(i, img)| {
-                let (best, p) = prompts::class_probabilities(img, &classes, scoring);
+                let (best, p) = clasp_core::zeroshot::class_probabilities(img, &classes, scoring);
                 let scores: serde_json::Map<String, Value> = labels
                     .iter()
                     .zip(&p)
