@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::output::{check_output, write_embeddings, Embedded};
-use super::{device, progress_bar, DeviceArg};
+use super::{device, progress_bar};
 use clasp::Encoder;
 
 #[derive(Args, Debug)]
@@ -32,14 +32,8 @@ pub struct EmbedArgs {
     /// Images or texts per model batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Where the model runs (cuda needs a build with the `cuda` feature).
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
-    /// The towers' arithmetic: f32; int8 (dynamic int8 on the CPU, several times faster on CPUs
-    /// with AVX-512 VNNI); or bf16 (CPUs with avx512_bf16). Vectors of each precision are kept
-    /// apart in stores and caches [default: f32, or int8 for a `clasp quantize` checkpoint].
-    #[arg(long, value_name = "f32|int8|bf16")]
-    pub precision: Option<clasp::encoder::Precision>,
+    #[command(flatten)]
+    pub compute: super::ComputeArgs,
     /// Where to write: FILE.npy (writes FILE.image.npy and FILE.text.npy),
     /// FILE.jsonl or FILE.safetensors. Without it, JSON lines go to stdout.
     #[arg(long, short)]
@@ -72,12 +66,12 @@ pub fn run(a: EmbedArgs) -> Result<ExitCode> {
     if let Some(p) = &a.output {
         check_output(p)?;
     }
-    let dev = device(a.device)?;
+    let dev = device(a.compute.device)?;
     let encoder = super::load_encoder(
         &a.model,
         &dev,
         clasp::model::Towers::Both,
-        a.precision,
+        a.compute.precision,
         &a.resolution,
     )?;
     tracing::info!(model = %a.model, kind = encoder.config().model_type(), "loaded");

@@ -9,12 +9,16 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Map, Value};
 
-use super::{device, BarProgress, DeviceArg};
+use super::{device, BarProgress};
 use clasp::data::{self, DataIssue, DatasetSpec, Lang, Split};
 use clasp::eval::{self, diagnose, report, EmbedContext, EmbeddingCache, RECALL_KS};
 use clasp::model::ModelConfig;
 use clasp::preprocess::prompts;
 use clasp::Encoder;
+
+#[path = "eval/caption.rs"]
+mod caption;
+pub use caption::*;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -30,42 +34,6 @@ pub enum EvalCommand {
 }
 
 #[derive(Args, Debug)]
-pub struct CaptionArgs {
-    /// A VLM checkpoint folder (LlavaForConditionalGeneration layout).
-    #[arg(long, short)]
-    pub model: PathBuf,
-    /// Dataset: FORMAT:PATH or PATH, with captions as references.
-    #[arg(long, short)]
-    pub dataset: String,
-    #[arg(long, default_value = "test")]
-    pub split: String,
-    /// Caption language: the instruction's and the references' [default: en].
-    #[arg(long, default_value = "en")]
-    pub lang: String,
-    /// Score only the first N images.
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// The instruction after `<image>` [default: "Describe the image." or its Chinese].
-    #[arg(long)]
-    pub prompt: Option<String>,
-    /// The caption prior: the language model alone, asked with no image.
-    #[arg(long)]
-    pub no_image: bool,
-    /// Images captioned together.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Tokens generated per caption at most.
-    #[arg(long, default_value_t = 48)]
-    pub max_tokens: usize,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// Write report.md (with example images and their captions) and captions.json here.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-}
-
-#[derive(Args, Debug)]
 pub struct Common {
     /// Model: a local directory or a Hugging Face Hub id.
     #[arg(long, short)]
@@ -73,14 +41,8 @@ pub struct Common {
     /// Images or texts per model batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Where the model runs (cuda needs a build with the `cuda` feature).
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
-    /// The towers' arithmetic: f32; int8 (dynamic int8 on the CPU, several times faster on CPUs
-    /// with AVX-512 VNNI); or bf16 (CPUs with avx512_bf16). Vectors of each precision are kept
-    /// apart in stores and caches [default: f32, or int8 for a `clasp quantize` checkpoint].
-    #[arg(long, value_name = "f32|int8|bf16")]
-    pub precision: Option<clasp::encoder::Precision>,
+    #[command(flatten)]
+    pub compute: super::ComputeArgs,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -184,12 +146,12 @@ impl Loaded {
 }
 
 fn load(c: &Common) -> Result<Loaded> {
-    let dev = device(c.device)?;
+    let dev = device(c.compute.device)?;
     let encoder = super::load_encoder(
         &c.model,
         &dev,
         clasp::model::Towers::Both,
-        c.precision,
+        c.compute.precision,
         &c.resolution,
     )?;
     let cache = if c.no_cache {
@@ -523,91 +485,4 @@ fn diagnose_cmd(a: DiagnoseArgs) -> Result<ExitCode> {
     }
     report_issues(&data.set.issues, a.common.json);
     Ok(exit_for(&data.set.issues))
-}
-
-fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
-    use clasp::eval::captioning;
-    let lang = Lang::parse(&a.lang)?;
-    let spec = DatasetSpec::parse(&a.dataset)?;
-    let set = data::load_pairs(&spec, Split::parse(&a.split)?, lang, None)?;
-    report_issues(&set.issues, a.json);
-    let vlm = clasp::vlm::Vlm::load(&a.model, &candle_core::Device::Cpu)?;
-    let opts = clasp::llm::GenerateOptions {
-        max_new_tokens: a.max_tokens,
-        ..Default::default()
-    };
-    let t0 = Instant::now();
-    let e = if a.no_image {
-        captioning::evaluate_prior(&vlm, &set, lang, a.prompt.as_deref(), &opts, a.limit)?
-    } else {
-        captioning::evaluate_captions(
-            &vlm,
-            &set,
-            lang,
-            a.prompt.as_deref(),
-            &opts,
-            a.batch_size,
-            a.limit,
-            &BarProgress::default(),
-        )?
-    };
-    let secs = t0.elapsed().as_secs_f64();
-    // A run with BCIF's contrastive branch left its heads beside the model.
-    let heads = match clasp::vlm::heads::Heads::load(&a.model, vlm.device())? {
-        Some(h) if !a.no_image => Some(captioning::heads_recall(
-            &vlm,
-            &h,
-            &set,
-            a.limit,
-            a.batch_size,
-        )?),
-        _ => None,
-    };
-    if let Some(dir) = &a.report {
-        captioning::write_report(dir, &a.model.display().to_string(), &set.name, &e)?;
-        note!("wrote {}", dir.join("report.md").display());
-    }
-    let metrics = |s: &clasp::eval::caption::CaptionScores| {
-        json!({"cider_d": s.cider_d, "bleu_1": s.bleu[0], "bleu_2": s.bleu[1], "bleu_3": s.bleu[2],
-               "bleu_4": s.bleu[3], "rouge_l": s.rouge_l})
-    };
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "model": a.model.display().to_string(), "dataset": set.name, "lang": e.lang,
-                "images": e.images, "no_image": a.no_image, "seconds": secs,
-                "images_per_s": e.images as f64 / secs,
-                "scores": metrics(&e.scores), "wrong_photos": metrics(&e.wrong_photos),
-                "failed": e.failed.len(),
-                "heads_retrieval": heads.as_ref().map(|h| h.to_pairs().into_iter().collect::<std::collections::BTreeMap<_, _>>()),
-            }))?
-        );
-    } else {
-        println!("{} — {} images ({})", set.name, e.images, e.lang);
-        println!(
-            "{:<16} {:>8} {:>7} {:>7} {:>7} {:>7} {:>8}",
-            "", "CIDEr-D", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"
-        );
-        for (name, s) in [("own photos", &e.scores), ("wrong photos", &e.wrong_photos)] {
-            println!(
-                "{name:<16} {:>8.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.3}",
-                s.cider_d, s.bleu[0], s.bleu[1], s.bleu[2], s.bleu[3], s.rouge_l
-            );
-        }
-        if let Some(h) = &heads {
-            println!(
-                "contrastive heads: mean recall {:.4} (text→image R@1 {:.4}, image→text R@1 {:.4})",
-                h.mean_recall, h.image_retrieval_recall[0].1, h.text_retrieval_recall[0].1
-            );
-        }
-    }
-    for (p, err) in &e.failed {
-        eprintln!("error: {p}: {err}");
-    }
-    Ok(if e.failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
 }

@@ -148,6 +148,20 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     .open()?)
 }
 
+/// Where and in what arithmetic an encoder runs: the flags every command
+/// that loads a dual encoder shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ComputeArgs {
+    /// Where the model runs (cuda needs a build with the `cuda` feature).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// The towers' arithmetic: f32; int8 (dynamic int8 on the CPU, several times faster on CPUs
+    /// with AVX-512 VNNI); or bf16 (CPUs with avx512_bf16). Vectors of each precision are kept
+    /// apart in stores and caches [default: f32, or int8 for a `clasp quantize` checkpoint].
+    #[arg(long, value_name = "f32|int8|bf16")]
+    pub precision: Option<clasp::encoder::Precision>,
+}
+
 /// The input resolution of the image tower.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ResolutionArgs {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::{device, BarProgress, DeviceArg};
+use super::{device, BarProgress};
 use clasp::index::{
     self, query, search, store, Catalog, ConnectOptions, IndexOptions, Store, Summary,
 };
@@ -38,14 +38,8 @@ pub struct StoreArgs {
     /// Images or texts per model batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Where the model runs (cuda needs a build with the `cuda` feature).
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
-    /// The towers' arithmetic: f32; int8 (dynamic int8 on the CPU, several times faster on CPUs
-    /// with AVX-512 VNNI); or bf16 (CPUs with avx512_bf16). Vectors of each precision are kept
-    /// apart in stores and caches [default: f32, or int8 for a `clasp quantize` checkpoint].
-    #[arg(long, value_name = "f32|int8|bf16")]
-    pub precision: Option<clasp::encoder::Precision>,
+    #[command(flatten)]
+    pub compute: super::ComputeArgs,
     #[command(flatten)]
     pub resolution: super::ResolutionArgs,
 }
@@ -248,9 +242,9 @@ pub fn index_cmd(a: IndexArgs) -> Result<ExitCode> {
     // The model first: a wrong one must not leave a new, empty store behind.
     let encoder = super::load_encoder(
         &a.model,
-        &device(a.store.device)?,
+        &device(a.store.compute.device)?,
         clasp::model::Towers::Both,
-        a.store.precision,
+        a.store.compute.precision,
         &a.store.resolution,
     )?;
     let mut catalog = open_store(&a.store, true)?;
@@ -312,9 +306,9 @@ fn open_and_index(
         Some(spec) => {
             let encoder = super::load_encoder(
                 &spec,
-                &device(store.device)?,
+                &device(store.compute.device)?,
                 towers,
-                store.precision,
+                store.compute.precision,
                 &store.resolution,
             )?;
             (open_store(store, !no_index)?, spec, encoder)
@@ -332,9 +326,9 @@ fn open_and_index(
             let spec = model_spec(model, catalog.as_mut())?;
             let encoder = super::load_encoder(
                 &spec,
-                &device(store.device)?,
+                &device(store.compute.device)?,
                 towers,
-                store.precision,
+                store.compute.precision,
                 &store.resolution,
             )?;
             (catalog, spec, encoder)

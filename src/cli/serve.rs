@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 
-use super::{device, DeviceArg};
+use super::device;
 use clasp::serve::{self, BatchConfig, ChatConfig, GenConfig, Limits, ServeConfig, StoreSpec};
 use clasp::vlm::Vlm;
 
@@ -65,20 +65,14 @@ pub struct ServeArgs {
     /// Request timeout in ms.
     #[arg(long, default_value_t = 30_000)]
     pub timeout_ms: u64,
-    /// Where the model runs (cuda needs a build with the `cuda` feature).
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
-    /// The towers' arithmetic: f32; int8 (dynamic int8 on the CPU, several times faster on CPUs
-    /// with AVX-512 VNNI); or bf16 (CPUs with avx512_bf16). Vectors of each precision are kept
-    /// apart in stores and caches [default: f32, or int8 for a `clasp quantize` checkpoint].
-    #[arg(long, value_name = "f32|int8|bf16")]
-    pub precision: Option<clasp::encoder::Precision>,
+    #[command(flatten)]
+    pub compute: super::ComputeArgs,
     #[command(flatten)]
     pub resolution: super::ResolutionArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<ExitCode> {
-    let dev = device(a.device)?;
+    let dev = device(a.compute.device)?;
     let encoder = a
         .model
         .as_deref()
@@ -87,7 +81,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
                 m,
                 &dev,
                 clasp::model::Towers::Both,
-                a.precision,
+                a.compute.precision,
                 &a.resolution,
             )
         })

@@ -309,9 +309,9 @@ pub fn ask_cmd(a: AskArgs) -> Result<ExitCode> {
     let spec = super::search::model_spec(&a.model, catalog.as_mut())?;
     let encoder = super::load_encoder(
         &spec,
-        &super::device(a.store.device)?,
+        &super::device(a.store.compute.device)?,
         clasp::model::Towers::Both,
-        a.store.precision,
+        a.store.compute.precision,
         &a.store.resolution,
     )?;
     let model_id = clasp::index::model_id(catalog.as_mut(), &encoder, &spec)?;
