@@ -1,0 +1,96 @@
+//! Helpers the `vlm` tests share (split into two files by size).
+#![allow(dead_code, unused_imports)]
+
+use candle_core::Device;
+use clasp::vlm::{ConnectorKind, Vlm};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm")
+}
+
+pub fn shared_image(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/flickr8k/images")
+        .join(name)
+}
+
+/// The model the fixture generator assembled: same tower, LLM and seed.
+pub fn vlm() -> &'static Vlm {
+    static M: OnceLock<Vlm> = OnceLock::new();
+    M.get_or_init(|| {
+        Vlm::assemble(
+            &fixtures().join("vision"),
+            &crate::common::smollm2(),
+            ConnectorKind::Mlp2xGelu,
+            -2,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap()
+    })
+}
+
+pub fn fixture() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("llava_logits.json")).unwrap())
+        .unwrap()
+}
+
+pub use crate::common::{f32s, u32s};
+
+pub fn f32s2(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array().unwrap().iter().map(f32s).collect()
+}
+
+/// Checks clasp's logits `[t, vocab]` against a fixture case: every
+/// position's argmax (up to a near-tie), and at the last 24 positions the
+/// fixed and top ids' values to 1e-3. Returns the largest difference.
+pub fn check_logits(name: &str, logits: &[Vec<f32>], c: &Value) -> f32 {
+    let mut worst = 0f32;
+    let t = logits.len();
+    let argmax: Vec<u32> = logits
+        .iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u32
+        })
+        .collect();
+    let want_argmax = u32s(&c["argmax"]);
+    for (p, (a, w)) in argmax.iter().zip(&want_argmax).enumerate() {
+        if a != w {
+            // Only a near-tie may differ.
+            let r = &logits[p];
+            assert!(
+                (r[*a as usize] - r[*w as usize]).abs() < 1e-3,
+                "{name}: argmax at {p}: {a} vs transformers' {w}"
+            );
+        }
+    }
+    let last = &logits[t - 24..];
+    for (key, ids_key) in [("fixed", "fixed_ids"), ("top", "top_ids")] {
+        let want = f32s2(&c[key]);
+        let ids: Vec<Vec<u32>> = match &c[ids_key] {
+            Value::Array(a) if a.first().is_some_and(|x| x.is_array()) => {
+                a.iter().map(u32s).collect()
+            }
+            v => vec![u32s(v); 24],
+        };
+        for (p, (row, wrow)) in last.iter().zip(&want).enumerate() {
+            for (&id, w) in ids[p].iter().zip(wrow) {
+                let d = (row[id as usize] - w).abs();
+                worst = worst.max(d);
+                assert!(
+                    d <= 1e-3,
+                    "{name}: {key} logit of {id} at {p}: {} vs {w}",
+                    row[id as usize]
+                );
+            }
+        }
+    }
+    worst
+}
