@@ -8,10 +8,10 @@ use candle_nn::VarBuilder;
 use super::config::{BertConfig, ChineseClipConfig};
 use super::cpu_kernels::{self, F32View, Mask};
 use super::layers::{
-    forward_fused, load_heads, Attention, AttnMask, FusedLayer, LayerNorm, LayerStack, Linear, Mlp,
-    RowBuffers, Weights,
+    forward_fused, Attention, AttnMask, FusedLayer, LayerNorm, LayerStack, Linear, Mlp, RowBuffers,
+    Weights,
 };
-use super::vit::VisionTransformer;
+use super::two_tower::TwoTowerModel;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -241,38 +241,24 @@ impl BertTextModel {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct ChineseClipModel {
-    /// `None` when loaded for text only ([`super::Towers::Text`]).
-    pub vision: Option<VisionTransformer>,
-    pub text: BertTextModel,
-    pub visual_projection: Linear,
-    pub text_projection: Linear,
-    pub logit_scale: Tensor,
-    pub config: ChineseClipConfig,
-}
+/// Chinese-CLIP: a ViT image tower and a BERT text tower.
+pub type ChineseClipModel = TwoTowerModel<BertTextModel, ChineseClipConfig>;
 
 impl ChineseClipModel {
     pub fn load(vb: VarBuilder, cfg: &ChineseClipConfig, towers: super::Towers) -> Result<Self> {
-        let v = &cfg.vision_config;
         let t = &cfg.text_config;
-        let (visual_projection, text_projection, logit_scale) =
-            load_heads(&vb, v.hidden_size, t.hidden_size, cfg.projection_dim)?;
-        Ok(Self {
-            vision: towers.vision(vb.pp("vision_model"), v)?,
-            text: BertTextModel::load(vb.pp("text_model"), t)?,
-            visual_projection,
-            text_projection,
-            logit_scale,
-            config: cfg.clone(),
-        })
+        Self::assemble(
+            vb,
+            &cfg.vision_config,
+            t.hidden_size,
+            cfg.projection_dim,
+            cfg,
+            towers,
+            |vb| BertTextModel::load(vb, t),
+        )
     }
 
-    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.visual_projection
-            .forward(&super::vision_tower(&self.vision)?.forward(pixel_values)?)
-    }
-
+    /// Projected, unnormalised text features [B, P].
     pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         self.text_projection
             .forward(&self.text.forward(input_ids, attention_mask)?)

@@ -6,10 +6,8 @@ use candle_nn::VarBuilder;
 
 use super::config::{ClipConfig, ClipTextConfig};
 use super::cpu_kernels::{self, F32View, Mask};
-use super::layers::{
-    load_heads, AttnMask, FusedLayer, LayerNorm, LayerStack, Linear, PreNormBlock, RowBuffers,
-};
-use super::vit::VisionTransformer;
+use super::layers::{AttnMask, FusedLayer, LayerNorm, LayerStack, PreNormBlock, RowBuffers};
+use super::two_tower::TwoTowerModel;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -155,37 +153,21 @@ impl ClipTextTransformer {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct ClipModel {
-    /// `None` when loaded for text only ([`super::Towers::Text`]).
-    pub vision: Option<VisionTransformer>,
-    pub text: ClipTextTransformer,
-    pub visual_projection: Linear,
-    pub text_projection: Linear,
-    pub logit_scale: Tensor,
-    pub config: ClipConfig,
-}
+/// CLIP: a ViT image tower and CLIP's causal text transformer.
+pub type ClipModel = TwoTowerModel<ClipTextTransformer, ClipConfig>;
 
 impl ClipModel {
     pub fn load(vb: VarBuilder, cfg: &ClipConfig, towers: super::Towers) -> Result<Self> {
-        let v = &cfg.vision_config;
         let t = &cfg.text_config;
-        let (visual_projection, text_projection, logit_scale) =
-            load_heads(&vb, v.hidden_size, t.hidden_size, cfg.projection_dim)?;
-        Ok(Self {
-            vision: towers.vision(vb.pp("vision_model"), v)?,
-            text: ClipTextTransformer::load(vb.pp("text_model"), t)?,
-            visual_projection,
-            text_projection,
-            logit_scale,
-            config: cfg.clone(),
-        })
-    }
-
-    /// Projected, unnormalised image features [B, P].
-    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.visual_projection
-            .forward(&super::vision_tower(&self.vision)?.forward(pixel_values)?)
+        Self::assemble(
+            vb,
+            &cfg.vision_config,
+            t.hidden_size,
+            cfg.projection_dim,
+            cfg,
+            towers,
+            |vb| ClipTextTransformer::load(vb, t),
+        )
     }
 
     /// Projected, unnormalised text features [B, P].

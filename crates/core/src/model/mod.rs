@@ -18,6 +18,7 @@ pub mod loader;
 pub mod open_clip;
 pub mod sentence;
 pub mod siglip;
+pub mod two_tower;
 pub mod vit;
 
 use candle_core::Tensor;

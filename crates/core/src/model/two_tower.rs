@@ -1,0 +1,55 @@
+//! What CLIP and Chinese-CLIP share: a ViT image tower (absent when loaded
+//! for text only), a text tower, one projection each and the logit scale,
+//! under transformers' names. The two architectures differ only in their text
+//! tower and config ([`super::ClipModel`], [`super::ChineseClipModel`]).
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use super::config::VisionConfig;
+use super::layers::{load_heads, Linear};
+use super::vit::VisionTransformer;
+use super::Towers;
+use crate::Result;
+
+#[derive(Debug, Clone)]
+pub struct TwoTowerModel<T, C> {
+    /// `None` when loaded for text only ([`Towers::Text`]).
+    pub vision: Option<VisionTransformer>,
+    pub text: T,
+    pub visual_projection: Linear,
+    pub text_projection: Linear,
+    pub logit_scale: Tensor,
+    pub config: C,
+}
+
+impl<T, C: Clone> TwoTowerModel<T, C> {
+    /// Loads the heads and the towers `towers` asks for; `text` loads the
+    /// text tower (of width `text_hidden`) from `vb.pp("text_model")`.
+    pub(crate) fn assemble(
+        vb: VarBuilder,
+        vision: &VisionConfig,
+        text_hidden: usize,
+        projection_dim: usize,
+        config: &C,
+        towers: Towers,
+        text: impl FnOnce(VarBuilder) -> Result<T>,
+    ) -> Result<Self> {
+        let (visual_projection, text_projection, logit_scale) =
+            load_heads(&vb, vision.hidden_size, text_hidden, projection_dim)?;
+        Ok(Self {
+            vision: towers.vision(vb.pp("vision_model"), vision)?,
+            text: text(vb.pp("text_model"))?,
+            visual_projection,
+            text_projection,
+            logit_scale,
+            config: config.clone(),
+        })
+    }
+
+    /// Projected, unnormalised image features [B, P].
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.visual_projection
+            .forward(&super::vision_tower(&self.vision)?.forward(pixel_values)?)
+    }
+}
