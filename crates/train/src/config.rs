@@ -14,6 +14,19 @@ use crate::device::DeviceKind;
 use crate::{Error, Result};
 use clasp_core::model::config::TextPooling;
 
+/// A vision-language run's connector, by the names LLaVA's and clasp's
+/// configs use (`queries`, `resampler_layers` and `resampler_heads` size the
+/// resampler).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Connector {
+    /// LLaVA-1.5's two-layer MLP with GELU.
+    #[serde(rename = "mlp2x_gelu", alias = "mlp2x-gelu", alias = "mlp")]
+    Mlp2xGelu,
+    /// A Perceiver resampler: learnable queries cross-attending to the patches.
+    #[serde(rename = "resampler", alias = "perceiver")]
+    Resampler,
+}
+
 #[path = "config/task.rs"]
 mod task;
 pub use task::*;
@@ -41,7 +54,7 @@ pub struct TrainConfig {
     /// (frozen) gives the patch features.
     pub vision: Option<PathBuf>,
     /// The connector: mlp2x_gelu or resampler.
-    pub connector: String,
+    pub connector: Connector,
     /// Resampler: learnable queries (image tokens per image), blocks, heads.
     pub queries: usize,
     pub resampler_layers: usize,
@@ -152,7 +165,7 @@ impl Default for TrainConfig {
             text_pooling: TextPooling::default(),
             llm: None,
             vision: None,
-            connector: "mlp2x_gelu".into(),
+            connector: Connector::Mlp2xGelu,
             queries: 16,
             resampler_layers: 2,
             resampler_heads: 4,
@@ -382,12 +395,14 @@ impl TrainConfig {
 
     /// The connector this run builds.
     pub fn connector_kind(&self) -> Result<clasp_vlm::ConnectorKind> {
-        clasp_vlm::ConnectorKind::parse(
-            &self.connector,
-            self.queries,
-            self.resampler_layers,
-            self.resampler_heads,
-        )
+        Ok(match self.connector {
+            Connector::Mlp2xGelu => clasp_vlm::ConnectorKind::Mlp2xGelu,
+            Connector::Resampler => clasp_vlm::ConnectorKind::Resampler {
+                queries: self.queries,
+                layers: self.resampler_layers,
+                heads: self.resampler_heads,
+            },
+        })
     }
 
     /// The warm-up in steps.

@@ -117,3 +117,30 @@ fn the_default_table_lists_every_objective_parameter() {
     }
     assert!(!d.contains_key("init") && !d.contains_key("warmup"));
 }
+
+/// The connector is an enum: a name it does not know is refused naming the
+/// key and the names it takes; the old spellings still read.
+#[test]
+fn an_unknown_connector_names_its_key_and_the_choices() {
+    let vlm = |c: &str| {
+        table(serde_json::json!({
+            "llm": "l.gguf", "vision": "v", "dataset": "pairs:x.tsv", "output": "o",
+            "connector": c
+        }))
+    };
+    let e = TrainConfig::from_table(vlm("mlp3"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("`connector`") && e.contains("mlp2x_gelu") && e.contains("resampler"),
+        "{e}"
+    );
+    for (name, want) in [
+        ("mlp2x_gelu", Connector::Mlp2xGelu),
+        ("mlp", Connector::Mlp2xGelu),
+        ("perceiver", Connector::Resampler),
+    ] {
+        assert_eq!(TrainConfig::from_table(vlm(name)).unwrap().connector, want);
+    }
+}

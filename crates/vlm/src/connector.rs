@@ -37,21 +37,6 @@ pub enum ConnectorKind {
 }
 
 impl ConnectorKind {
-    /// `mlp2x_gelu`, or `resampler` with its sizes.
-    pub fn parse(name: &str, queries: usize, layers: usize, heads: usize) -> Result<Self> {
-        match name {
-            "mlp2x_gelu" | "mlp" => Ok(Self::Mlp2xGelu),
-            "resampler" | "perceiver" => Ok(Self::Resampler {
-                queries,
-                layers,
-                heads,
-            }),
-            other => Err(Error::Report(format!(
-                "unknown connector `{other}` (mlp2x_gelu or resampler)"
-            ))),
-        }
-    }
-
     /// Image tokens per image given `patches` patch tokens.
     pub fn tokens(&self, patches: usize) -> usize {
         match self {
