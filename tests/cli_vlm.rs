@@ -205,3 +205,66 @@ fn eval_caption_scores_the_first_dev_photos_captions_against_their_own_reference
     let md = std::fs::read_to_string(report.join("report.md")).unwrap();
     assert!(md.contains("grounding control") && md.contains("- **generated:**"));
 }
+
+/// Evaluation during training works for a vision-language run as for a dual
+/// encoder: `--eval-dataset` captions the first `--eval-limit` dev photos
+/// with the saved checkpoint, and the step's `dev` record equals what
+/// `clasp eval caption` reports for that checkpoint.
+#[test]
+fn a_vision_language_run_evaluates_its_captions_during_training() {
+    let d = tempfile::tempdir().unwrap();
+    let model = assembled(d.path());
+    let dir = d.path().join("run");
+    let data = format!(
+        "flickr8k:{}",
+        root().join("../shared/data/flickr8k").display()
+    );
+    let (code, out, err) = run(&[
+        "train",
+        "--init",
+        &model,
+        "--dataset",
+        &data,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--eval-dataset",
+        &data,
+        "--eval-every",
+        "2",
+        "--eval-limit",
+        "2",
+        "--output",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let log = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let dev = &last["dev"];
+    assert_eq!(dev["images"], 2, "{last}");
+    let printed: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    assert_eq!(&printed, dev);
+    let ckpt = dir.join("checkpoint");
+    let (code, out, err) = run(&[
+        "eval",
+        "caption",
+        "-m",
+        ckpt.to_str().unwrap(),
+        "-d",
+        &data,
+        "--split",
+        "dev",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "32",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let e: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(dev["cider_d"], e["scores"]["cider_d"]);
+    assert_eq!(dev["wrong_photos_cider_d"], e["wrong_photos"]["cider_d"]);
+    assert_eq!(dev["bleu_4"], e["scores"]["bleu_4"]);
+    assert!(dir.join("dev_cider.png").is_file());
+}

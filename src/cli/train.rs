@@ -292,7 +292,8 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub geometric_k: Option<usize>,
-    /// Dev set evaluated with clasp eval's retrieval metrics.
+    /// Dev set evaluated during training: retrieval metrics for a dual encoder, captioning metrics
+    /// (CIDEr-D against the own and a wrong photo's references) for a vision-language model
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_dataset: Option<String>,
@@ -304,6 +305,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_every: Option<usize>,
+    /// Vision-language runs: images of the eval split captioned at each evaluation (0: all)
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_limit: Option<usize>,
     /// Save checkpoint and state every N steps (0: at the end only)
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -427,12 +432,23 @@ fn run_vlm(
         Some(dir) => VlmTrainer::resume(dir)?,
         None => VlmTrainer::new(cfg)?,
     };
+    // Dev evaluation: clasp eval caption's metrics on the saved checkpoint.
+    let (device, lang, limit) = {
+        let c = run.config();
+        (c.device.open()?, c.lang, c.eval_limit)
+    };
+    let evaluate = |ckpt: &std::path::Path, set: &clasp::data::PairSet| {
+        clasp::eval::captioning::checkpoint_caption_metrics(ckpt, set, lang, limit, &device)
+    };
     let hooks = trainer::Hooks {
         progress: bar,
-        evaluate: None,
+        evaluate: Some(&evaluate),
     };
     let out = run.run(stop, a.stop_after, &hooks)?;
     finish(run.config().output_dir()?, &out);
+    if let Some(d) = &out.dev {
+        println!("{}", serde_json::to_string_pretty(d)?);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -318,6 +318,43 @@ pub fn write_report(
     std::fs::write(&json, text).map_err(|err| crate::Error::io(&json, err))
 }
 
+/// Dev captioning metrics of a saved vision-language checkpoint, for
+/// evaluation during training: greedy captions (at most 32 new tokens,
+/// batches of 8) of the first `limit` images of `set` (all with 0), scored
+/// against their own references and against a deranged image's (the
+/// grounding control), as `clasp eval caption` scores them.
+pub fn checkpoint_caption_metrics(
+    ckpt: &std::path::Path,
+    set: &PairSet,
+    lang: Lang,
+    limit: usize,
+    device: &candle_core::Device,
+) -> Result<serde_json::Value> {
+    let vlm = Vlm::load(ckpt, device)?;
+    let opts = GenerateOptions {
+        max_new_tokens: 32,
+        ..Default::default()
+    };
+    let limit = (limit > 0).then_some(limit);
+    let e = evaluate_captions(
+        &vlm,
+        set,
+        lang,
+        None,
+        &opts,
+        8,
+        limit,
+        &crate::progress::Silent,
+    )?;
+    Ok(serde_json::json!({
+        "images": e.images,
+        "cider_d": e.scores.cider_d,
+        "bleu_4": e.scores.bleu[3],
+        "rouge_l": e.scores.rouge_l,
+        "wrong_photos_cider_d": e.wrong_photos.cider_d,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

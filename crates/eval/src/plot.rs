@@ -277,7 +277,8 @@ pub fn confusion_matrix(
 }
 
 /// A training run's curves from its metrics.jsonl: loss.png, and
-/// dev_recall.png when it was evaluated.
+/// dev_recall.png (a dual encoder) or dev_cider.png (a vision-language
+/// model) when it was evaluated.
 pub fn training_curves(out: &Path) -> Result<()> {
     let path = out.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
@@ -341,6 +342,19 @@ pub fn training_curves(out: &Path) -> Result<()> {
             "mean recall",
             Some((0.0, 1.0)),
             &[("dev", dev)],
+        )?;
+    }
+    // A vision-language run's dev captioning: own against wrong photos.
+    let own = series(&|r| r["dev"]["cider_d"].as_f64());
+    if !own.is_empty() {
+        let wrong = series(&|r| r["dev"]["wrong_photos_cider_d"].as_f64());
+        line_chart(
+            &out.join("dev_cider.png"),
+            "Dev CIDEr-D: own photos against wrong photos",
+            "step",
+            "CIDEr-D",
+            None,
+            &[("own photos", own), ("wrong photos", wrong)],
         )?;
     }
     Ok(())

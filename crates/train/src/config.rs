@@ -149,6 +149,9 @@ pub struct TrainConfig {
     pub eval_split: Split,
     /// Evaluate every this many steps (0: only at the end).
     pub eval_every: usize,
+    /// Vision-language runs: caption this many images of the eval split
+    /// (0: all of them).
+    pub eval_limit: usize,
     /// Save the checkpoint and state every this many steps (0: only at the end).
     pub save_every: usize,
     /// The run's directory: checkpoint/, state/, metrics.jsonl, plots.
@@ -215,6 +218,7 @@ impl Default for TrainConfig {
             eval_dataset: None,
             eval_split: Split::Dev,
             eval_every: 0,
+            eval_limit: 100,
             save_every: 100,
             output: None,
         }

@@ -32,9 +32,6 @@ pub(super) const DUAL_ENCODER_KEYS: &[&str] = &[
     "fisher_batches",
     "ewc_anchor",
     "teacher",
-    "eval_dataset",
-    "eval_split",
-    "eval_every",
 ];
 
 /// Keys only a vision-language run reads.
@@ -52,6 +49,7 @@ pub(super) const VISION_LANGUAGE_KEYS: &[&str] = &[
     "contrastive_dim",
     "max_answer_tokens",
     "packed_llm",
+    "eval_limit",
 ];
 
 impl Task {
