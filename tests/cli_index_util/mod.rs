@@ -18,23 +18,7 @@ pub fn tiny() -> String {
     core().join("tiny-clip").display().to_string()
 }
 
-pub fn clasp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clasp"))
-        .args(args)
-        .output()
-        .expect("run clasp")
-}
-
-pub fn ok(o: &Output) -> Value {
-    assert!(
-        o.status.success(),
-        "clasp failed ({:?}):\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
-}
+pub use crate::common::{clasp, ok};
 
 /// Copies the first `n` Flickr8k photos (sorted) into `dir`.
 pub fn photos(dir: &Path, n: usize) -> Vec<PathBuf> {

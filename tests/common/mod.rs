@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 use serde_json::Value;
 
@@ -265,4 +265,24 @@ pub fn expected_with_meta(
     let bytes = std::fs::read(path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     (tensors, meta.metadata().clone().unwrap_or_default())
+}
+
+/// Runs the `clasp` this build made.
+pub fn clasp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(args)
+        .output()
+        .expect("run clasp")
+}
+
+/// The JSON a successful `clasp` printed (its stderr shown when it failed).
+pub fn ok(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "clasp failed ({:?}):\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
 }

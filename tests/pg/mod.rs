@@ -65,23 +65,7 @@ pub fn photos(dir: &Path, range: std::ops::Range<usize>) {
     crate::common::flickr_photos(dir, range);
 }
 
-pub fn clasp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clasp"))
-        .args(args)
-        .output()
-        .expect("run clasp")
-}
-
-pub fn ok(o: &Output) -> Value {
-    assert!(
-        o.status.success(),
-        "clasp failed ({:?}):\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
-}
+pub use crate::common::{clasp, ok};
 
 pub fn index(dir: &Path, store: &str) -> Value {
     ok(&clasp(&[
