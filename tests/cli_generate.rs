@@ -35,17 +35,18 @@ fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// transformers' prompts, logits and greedy answers
+/// (scripts/gen_llm_fixtures.py).
+fn logits_fixture() -> serde_json::Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm/logits.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
 /// The acceptance prompt; transformers' greedy answer (48 tokens of
 /// it) is in the fixture, made by scripts/gen_llm_fixtures.py.
 #[test]
 fn greedy_chat_answer_equals_transformers() {
-    let fx: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm/logits.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let fx = logits_fixture();
     let p = &fx["prompts"][0];
     assert_eq!(p["prompt"], "Describe a dog running on a beach.");
     let model = gguf();
@@ -103,13 +104,7 @@ fn greedy_chat_answer_equals_transformers() {
 /// keep; the one engine holds a possible start of a stop string back.
 #[test]
 fn generate_streams_exactly_its_final_text_when_a_stop_string_cuts_it() {
-    let fx: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm/logits.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let fx = logits_fixture();
     let greedy = fx["prompts"][0]["greedy_text"].as_str().unwrap();
     let stop = "a gentle giant";
     let cut = greedy
