@@ -89,7 +89,6 @@ pub fn run<T: Task>(
     let progress = hooks.progress;
     progress.start("training", end.saturating_sub(start) as u64);
     let (mut last_loss, mut interrupted, mut last_dev) = (f64::NAN, false, None);
-    let images = task.images().to_vec();
     let prepare = task.prepare(start);
     pipeline::prepare_ahead(plan, prepare, |prepared| {
         if stop.load(Ordering::Relaxed) {
@@ -111,6 +110,7 @@ pub fn run<T: Task>(
             )));
         }
         let mut log = task.step(&batch, &pixels)?;
+        let images = task.images();
         log.skipped = failed
             .iter()
             .map(|((i, _), e)| {
