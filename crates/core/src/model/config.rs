@@ -264,6 +264,12 @@ pub struct ChineseClipConfig {
     /// differ there.
     #[serde(default, rename = "clasp_text_pooling")]
     pub text_pooling: TextPooling,
+    /// Dual encoders only: a pretrained CNN image tower (`vision_config`
+    /// of model_type `mobilenet_v2`) in place of the ViT; then
+    /// `vision_config` holds only its image size, channels and feature
+    /// width (`hidden_size`).
+    #[serde(skip)]
+    pub image_cnn: Option<super::mobilenet_v2::MobileNetV2Config>,
 }
 
 /// How a dual encoder pools its BERT text tower.
@@ -343,16 +349,34 @@ impl ModelConfig {
                 let towers: DualHead = serde_json::from_str(text).map_err(bad)?;
                 let v = towers.vision_config.model_type.unwrap_or_default();
                 let t = towers.text_config.model_type.unwrap_or_default();
-                if v != "clip_vision_model" || t != "bert" {
+                if !matches!(v.as_str(), "clip_vision_model" | "mobilenet_v2") || t != "bert" {
                     return Err(Error::UnsupportedArchitecture {
                         path: path.to_path_buf(),
                         model_type: format!("vision-text-dual-encoder of {v} and {t}"),
-                        supported: "vision-text-dual-encoder of clip_vision_model and bert".into(),
+                        supported: "vision-text-dual-encoder of clip_vision_model or \
+                                    mobilenet_v2, and bert"
+                            .into(),
                     });
                 }
-                Ok(ModelConfig::DualEncoder(
-                    serde_json::from_str(text).map_err(bad)?,
-                ))
+                let mut c: DualEncoderConfig = serde_json::from_str(text).map_err(bad)?;
+                if v == "mobilenet_v2" {
+                    #[derive(Deserialize)]
+                    struct Cnn {
+                        vision_config: super::mobilenet_v2::MobileNetV2Config,
+                    }
+                    let cnn = serde_json::from_str::<Cnn>(text)
+                        .map_err(bad)?
+                        .vision_config;
+                    cnn.check().map_err(|reason| Error::Config {
+                        path: path.to_path_buf(),
+                        reason: format!("vision_config: {reason}"),
+                    })?;
+                    c.vision_config.hidden_size = super::mobilenet_v2::FEATURES;
+                    c.vision_config.image_size = cnn.image_size;
+                    c.vision_config.num_channels = cnn.num_channels;
+                    c.image_cnn = Some(cnn);
+                }
+                Ok(ModelConfig::DualEncoder(c))
             }
             "siglip" | "siglip2" => {
                 let mut c: SiglipConfig = serde_json::from_str(text).map_err(bad)?;

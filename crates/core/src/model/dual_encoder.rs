@@ -10,6 +10,7 @@ use candle_nn::VarBuilder;
 use super::chinese_clip::BertTextModel;
 use super::config::{DualEncoderConfig, TextPooling};
 use super::layers::{load_heads, masked_mean, Linear};
+use super::mobilenet_v2::MobileNetV2;
 use super::vit::VisionTransformer;
 use crate::Result;
 
@@ -17,6 +18,9 @@ use crate::Result;
 pub struct DualEncoderModel {
     /// `None` when loaded for text only ([`super::Towers::Text`]).
     pub vision: Option<VisionTransformer>,
+    /// A pretrained CNN image tower in place of the ViT (`vision` is then
+    /// `None`); `None` too when loaded for text only.
+    pub cnn: Option<Box<MobileNetV2>>,
     pub text: BertTextModel,
     pub text_pooler: Linear,
     pub visual_projection: Linear,
@@ -30,8 +34,17 @@ impl DualEncoderModel {
         let (v, t) = (&cfg.vision_config, &cfg.text_config);
         let (visual_projection, text_projection, logit_scale) =
             load_heads(&vb, v.hidden_size, t.hidden_size, cfg.projection_dim)?;
+        let (vision, cnn) = match (&cfg.image_cnn, towers) {
+            (Some(c), super::Towers::Both) => (
+                None,
+                Some(Box::new(MobileNetV2::load(vb.pp("vision_model"), c)?)),
+            ),
+            (Some(_), super::Towers::Text) => (None, None),
+            (None, _) => (towers.vision(vb.pp("vision_model"), v)?, None),
+        };
         Ok(Self {
-            vision: towers.vision(vb.pp("vision_model"), v)?,
+            vision,
+            cnn,
             text: BertTextModel::load(vb.pp("text_model"), t)?,
             text_pooler: Linear::load(
                 vb.pp("text_model.pooler.dense"),
@@ -46,8 +59,15 @@ impl DualEncoderModel {
         })
     }
 
-    /// The ViT's pooled output [B, C] before the projection.
+    /// The image tower's pooled output [B, C] before the projection: the
+    /// ViT's pooled [CLS], or the CNN's average-pooled last feature map.
     pub fn image_pooled(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        if let Some(c) = &self.cnn {
+            return c.forward(pixel_values);
+        }
+        if self.config.image_cnn.is_some() {
+            super::vision_tower(&None)?;
+        }
         super::vision_tower(&self.vision)?.forward(pixel_values)
     }
 

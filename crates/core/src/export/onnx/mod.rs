@@ -56,6 +56,11 @@ pub fn export(
             clip_vision(&w, &c.vision_config)?.encode_to_vec(),
             bert_text(&w, c, None)?.encode_to_vec(),
         )),
+        ModelConfig::DualEncoder(c) if c.image_cnn.is_some() => Err(crate::Error::Report(
+            "ONNX export of a dual encoder with a CNN image tower is not implemented yet \
+             (only ViT towers export)"
+                .into(),
+        )),
         ModelConfig::DualEncoder(c) => Ok((
             clip_vision(&w, &c.vision_config)?.encode_to_vec(),
             bert_text(&w, c, Some(c.text_pooling))?.encode_to_vec(),

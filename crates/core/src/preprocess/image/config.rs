@@ -184,6 +184,23 @@ impl ImageProcessorConfig {
         }
     }
 
+    /// torchvision's ImageNet eval transform (`Resize(256)`,
+    /// `CenterCrop(224)`, ImageNet mean and deviation), which its pretrained
+    /// classifiers (MobileNetV2, ResNet) were measured with: bilinear as
+    /// torchvision's `Resize` on a PIL image, crop offsets rounded as
+    /// torchvision's `CenterCrop`.
+    pub fn imagenet_default() -> Self {
+        Self {
+            resize: ResizeTo::ShortestEdge(256),
+            crop: (224, 224),
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            resample: crate::preprocess::resample::Filter::Bilinear,
+            crop_rounding: CropRounding::Torchvision,
+            ..Self::clip_default(224)
+        }
+    }
+
     /// The preprocessor_config.json that transformers reads back as this
     /// config (CLIPImageProcessor, or ChineseCLIPImageProcessor for an
     /// exact resize), bicubic as both use.

