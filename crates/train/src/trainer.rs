@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::TrainConfig;
 use super::ewc::Ewc;
+use super::feature_cache::FeatureCache;
 use super::mine::MinedNegatives;
 use super::model::Trainable;
 use super::objectives::{self, Objective};
@@ -24,6 +25,7 @@ use super::order::{self, Augment, Order};
 use super::run::{Prepare, Task};
 use super::schedule::{self, Combined};
 use super::state::{self, checkpoint_dir, State};
+use super::step::Images;
 use crate::data::{ImageSource, PairSet};
 use crate::preprocess::augment::ColorJitter;
 use crate::preprocess::{ImageProcessor, ImageProcessorConfig, TextTokenizer};
@@ -52,6 +54,8 @@ pub struct Trainer {
     bias: Option<Var>,
     /// Inference snapshot of the locked towers.
     frozen: Option<Model>,
+    /// The locked image tower's features, computed once (no augmentation).
+    cache: Option<std::sync::Arc<FeatureCache>>,
     teacher: Option<Encoder>,
     ewc: Option<Ewc>,
     tokenizer: TextTokenizer,
@@ -206,6 +210,45 @@ impl Trainer {
             }
             None => None,
         };
+        if let clasp_core::model::ModelConfig::DualEncoder(c) = &t.config {
+            if c.image_cnn.is_some() && !cfg.lock_image {
+                return Err(Error::Report(
+                    "this checkpoint's image tower is a CNN, which trains locked in clasp: \
+                     add --lock-image"
+                        .into(),
+                ));
+            }
+        }
+        // A locked tower on unaugmented images gives each image one output
+        // for the whole run: compute it once. (A teacher needs the pixels.)
+        let cache = match &frozen {
+            Some(m)
+                if cfg.lock_image
+                    && cfg.crop_scale >= 1.0
+                    && jitter.is_none()
+                    && teacher.is_none() =>
+            {
+                let v = t.config.vision();
+                Some(std::sync::Arc::new(FeatureCache::fill(
+                    m,
+                    &proc,
+                    &set.images,
+                    (v.num_channels, v.image_size, v.image_size),
+                    cfg.seed,
+                    &dev,
+                )?))
+            }
+            Some(_) if cfg.lock_image => {
+                tracing::info!(
+                    "the locked image tower runs at every step: augmentation (crop_scale {}, \
+                     color jitter) or a teacher needs fresh pixels; with crop_scale 1 and no \
+                     jitter its features are computed once",
+                    cfg.crop_scale
+                );
+                None
+            }
+            _ => None,
+        };
         let negatives = match &cfg.negatives {
             Some(p) => Some(MinedNegatives::load(p, &set)?),
             None => None,
@@ -222,6 +265,7 @@ impl Trainer {
             bias,
             frozen,
             teacher,
+            cache,
             ewc,
             tokenizer,
             proc,
@@ -288,14 +332,20 @@ impl Trainer {
             Some(te) => Some(te.tokenizer().encode(&texts)?.to_tensors(true, &self.dev)?),
             None => None,
         };
-        let px = self.pixel_tensor(pixels)?;
+        let images = match &self.cache {
+            Some(c) => Images::Pooled(c.batch(
+                &batch.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+                &self.dev,
+            )?),
+            None => Images::Pixels(self.pixel_tensor(pixels)?),
+        };
         let locked = super::step::Locked {
             image: self.frozen.as_ref().filter(|_| cfg.lock_image),
             text: self.frozen.as_ref().filter(|_| cfg.lock_text),
         };
         let inputs =
             super::step::Inputs {
-                pixels: &px,
+                images: &images,
                 ids: &ids,
                 mask: &mask,
                 locked,
@@ -452,9 +502,9 @@ impl Trainer {
                 .tokenizer
                 .encode(&order::batch_texts(&self.set, &b))?
                 .to_tensors(true, &self.dev)?;
-            let px = self.pixel_tensor(&pixels)?;
+            let images = Images::Pixels(self.pixel_tensor(&pixels)?);
             let inputs = super::step::Inputs {
-                pixels: &px,
+                images: &images,
                 ids: &ids,
                 mask: &mask,
                 locked: super::step::Locked {
@@ -528,7 +578,13 @@ impl Task for Trainer {
     }
     fn prepare(&self, start: usize) -> Prepare {
         let (proc, aug, images) = (self.proc.clone(), self.augment(), self.set.images.clone());
+        let cache = self.cache.clone();
         Box::new(move |n, k, pair: &(usize, usize)| {
+            // Cached images need no pixels; an image the cache could not
+            // read is read again, so the run meets (and skips) its error.
+            if cache.as_ref().is_some_and(|c| c.has(pair.0)) {
+                return Ok(Vec::new());
+            }
             order::prepare_image(&proc, &images[pair.0], aug, start + n, k)
         })
     }

@@ -358,24 +358,27 @@ impl ModelConfig {
                             .into(),
                     });
                 }
-                let mut c: DualEncoderConfig = serde_json::from_str(text).map_err(bad)?;
-                if v == "mobilenet_v2" {
-                    #[derive(Deserialize)]
-                    struct Cnn {
-                        vision_config: super::mobilenet_v2::MobileNetV2Config,
-                    }
-                    let cnn = serde_json::from_str::<Cnn>(text)
-                        .map_err(bad)?
-                        .vision_config;
-                    cnn.check().map_err(|reason| Error::Config {
-                        path: path.to_path_buf(),
-                        reason: format!("vision_config: {reason}"),
-                    })?;
-                    c.vision_config.hidden_size = super::mobilenet_v2::FEATURES;
-                    c.vision_config.image_size = cnn.image_size;
-                    c.vision_config.num_channels = cnn.num_channels;
-                    c.image_cnn = Some(cnn);
+                if v != "mobilenet_v2" {
+                    return Ok(ModelConfig::DualEncoder(
+                        serde_json::from_str(text).map_err(bad)?,
+                    ));
                 }
+                // A CNN tower: its own config, and in `vision_config` only
+                // what the rest of clasp reads of an image tower.
+                let mut raw: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
+                let cnn: super::mobilenet_v2::MobileNetV2Config =
+                    serde_json::from_value(raw["vision_config"].take()).map_err(bad)?;
+                cnn.check().map_err(|reason| Error::Config {
+                    path: path.to_path_buf(),
+                    reason: format!("vision_config: {reason}"),
+                })?;
+                raw["vision_config"] = serde_json::json!({
+                    "hidden_size": super::mobilenet_v2::FEATURES,
+                    "image_size": cnn.image_size,
+                    "num_channels": cnn.num_channels,
+                });
+                let mut c: DualEncoderConfig = serde_json::from_value(raw).map_err(bad)?;
+                c.image_cnn = Some(cnn);
                 Ok(ModelConfig::DualEncoder(c))
             }
             "siglip" | "siglip2" => {

@@ -16,6 +16,7 @@ pub(super) const DUAL_ENCODER_KEYS: &[&str] = &[
     "preset",
     "tokenizer",
     "text_init",
+    "image_init",
     "text_pooling",
     "grad_clip_vision",
     "grad_clip_text",

