@@ -265,13 +265,13 @@ fn tiny_model_and_batch() -> (clasp::train::model::Trainable, Tensor, Tensor, Te
 #[test]
 fn accumulated_gradients_equal_the_full_batch_gradient() {
     use clasp::train::objectives::SigLip;
-    use clasp::train::step::{contrastive_grads, Inputs};
+    use clasp::train::step::{contrastive_grads, Images, Inputs};
     let (t, pixels, ids, mask) = tiny_model_and_batch();
     let bias = Var::from_tensor(&Tensor::new(-2f32, &Device::Cpu).unwrap()).unwrap();
     let mut vars = t.vars();
     vars.push(("logit_bias".into(), bias.clone()));
     let x = Inputs {
-        pixels: &pixels,
+        images: &Images::Pixels(pixels.clone()),
         ids: &ids,
         mask: &mask,
         locked: Default::default(),
@@ -367,7 +367,7 @@ fn color_jitter_ops_equal_torchvision() {
 /// the locked tower equal the unlocked ones, and the locked tower gets none.
 #[test]
 fn locking_a_tower_keeps_the_loss_and_the_other_gradients() {
-    use clasp::train::step::{contrastive_grads, Inputs, Locked};
+    use clasp::train::step::{contrastive_grads, Images, Inputs, Locked};
     let dir = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/core/tiny-dual-encoder"
@@ -392,7 +392,7 @@ fn locking_a_tower_keeps_the_loss_and_the_other_gradients() {
     let vars = t.vars();
     let run = |locked: Locked| {
         let x = Inputs {
-            pixels: &px,
+            images: &Images::Pixels(px.clone()),
             ids: &ids,
             mask: &mask,
             locked,
@@ -436,14 +436,14 @@ fn locking_a_tower_keeps_the_loss_and_the_other_gradients() {
 #[test]
 fn bf16_mixed_precision_tracks_the_f32_gradient() {
     use candle_core::DType;
-    use clasp::train::step::{contrastive_grads, Inputs};
+    use clasp::train::step::{contrastive_grads, Images, Inputs};
     let (t, pixels, ids, mask) = tiny_model_and_batch();
     let half = t.compute_model(DType::BF16).unwrap();
     assert_eq!(half.projections().unwrap().0.weight().dtype(), DType::BF16);
     assert_eq!(half.logit_scale().dtype(), DType::F32);
     let vars = t.vars();
     let x = Inputs {
-        pixels: &pixels,
+        images: &Images::Pixels(pixels.clone()),
         ids: &ids,
         mask: &mask,
         locked: Default::default(),
@@ -505,8 +505,15 @@ fn lit_mean_pooling_matches_sentence_transformers() {
     let d = tempfile::tempdir().unwrap();
     let pooled = |pooling: TextPooling| {
         let dir = d.path().join(format!("{pooling:?}"));
-        let t =
-            clasp::train::presets::init_lit("tiny", st, &dir, 0, pooling, &Device::Cpu).unwrap();
+        let t = clasp::train::presets::init_lit(
+            &clasp::train::presets::LitImage::Preset("tiny".into()),
+            st,
+            &dir,
+            0,
+            pooling,
+            &Device::Cpu,
+        )
+        .unwrap();
         let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
         assert_eq!(
             cfg.contains("clasp_text_pooling"),

@@ -56,7 +56,9 @@ fn image_init_needs_text_init_and_a_locked_image_tower() {
             "image_init": "mobilenet_v2.pth", "dataset": "pairs:x.tsv", "output": "o"
         }));
         t.extend(table(extra));
-        TrainConfig::from_table(t).map(|_| ()).map_err(|e| e.to_string())
+        TrainConfig::from_table(t)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     };
     assert!(cfg(serde_json::json!({"lock_image": true}))
         .unwrap_err()
@@ -64,9 +66,11 @@ fn image_init_needs_text_init_and_a_locked_image_tower() {
     assert!(cfg(serde_json::json!({"text_init": "bert"}))
         .unwrap_err()
         .contains("lock_image"));
-    assert!(cfg(serde_json::json!({"text_init": "bert", "lock_image": true, "preset": "tiny"}))
-        .unwrap_err()
-        .contains("one of init, preset and image_init"));
+    assert!(
+        cfg(serde_json::json!({"text_init": "bert", "lock_image": true, "preset": "tiny"}))
+            .unwrap_err()
+            .contains("one of init, preset and image_init")
+    );
     cfg(serde_json::json!({"text_init": "bert", "lock_image": true})).unwrap();
 }
 
