@@ -137,4 +137,47 @@ fn lit_on_torchvision_mobilenet_v2_trains_the_text_side_and_embeds_as_torchvisio
         diff < 1e-4,
         "clasp embed vs torchvision + projection: {diff}"
     );
+
+    bridge_on_the_feature_map(&out.join("checkpoint"));
+}
+
+/// A vision-language model on that checkpoint's tower takes MobileNetV2's
+/// last feature map as its image tokens: 7×7 = 49 positions of 1280 values
+/// in row-major order, equal to torchvision's map (its first position and
+/// its mean over positions, to 1e-4); the model saves with the CNN's config
+/// and loads back with the same tokens.
+fn bridge_on_the_feature_map(lit: &Path) {
+    use clasp::vlm::{ConnectorKind, Vlm};
+    let m = Vlm::assemble(
+        lit,
+        &common::smollm2(),
+        ConnectorKind::Mlp2xGelu,
+        -2,
+        7,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!((m.patch_tokens(), m.image_tokens()), (49, 49));
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/reference-images/coco-000000039769-two-cats.png");
+    let px = m.pixels(&[photo.as_path()]).unwrap();
+    let f = m.patch_features(&px).unwrap();
+    assert_eq!(f.dims(), [1, 49, 1280]);
+    let exp = candle_core::safetensors::load(fixture("cnn/mobilenet_v2.safetensors"), &Device::Cpu)
+        .unwrap();
+    let first = f.get(0).unwrap().get(0).unwrap();
+    let d0 = max_abs(&first, &exp["feature_map_00"].get(0).unwrap());
+    let mean = f.get(0).unwrap().mean(0).unwrap();
+    let dm = max_abs(&mean, &exp["feature_map_mean"].get(0).unwrap());
+    assert!(d0 < 1e-4 && dm < 1e-4, "first position {d0}, mean {dm}");
+
+    let d = tempfile::tempdir().unwrap();
+    let saved = d.path().join("vlm");
+    m.save(&saved).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vision_config"]["model_type"], "mobilenet_v2");
+    assert_eq!(cfg["image_seq_length"], 49);
+    let back = Vlm::load(&saved, &Device::Cpu).unwrap();
+    assert_eq!(max_abs(&back.patch_features(&px).unwrap(), &f), 0.0);
 }

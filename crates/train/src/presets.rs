@@ -199,13 +199,8 @@ pub fn init_lit(
         }
         LitImage::Pretrained(path) => {
             let tensors = clasp_core::model::mobilenet_v2::read_torchvision(path)?;
-            let mut vision = serde_json::to_value(
-                clasp_core::model::mobilenet_v2::MobileNetV2Config::torchvision(),
-            )
-            .expect("a config serialises");
-            vision["model_type"] = json!("mobilenet_v2");
-            // VisionTextDualEncoderModel reads the feature width here.
-            vision["hidden_size"] = json!(clasp_core::model::mobilenet_v2::FEATURES);
+            let vision =
+                clasp_core::model::mobilenet_v2::MobileNetV2Config::torchvision().to_vision_json();
             (
                 vision,
                 json!(CNN_PROJECTION_DIM),

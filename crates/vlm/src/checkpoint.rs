@@ -88,8 +88,16 @@ impl Vlm {
             .hf_config(self.tokenizer.bos_id(), self.tokenizer.eos_id());
         text["vocab_size"] = serde_json::json!(self.vocab_with_image());
         text["tie_word_embeddings"] = serde_json::json!(false);
-        let mut vision = serde_json::to_value(&self.vision_cfg).expect("config serialises");
-        vision["model_type"] = serde_json::json!("clip_vision_model");
+        let vision = match self.vision_cnn() {
+            // clasp's own: transformers' Llava reads ViT-like hidden states
+            // [B, N, C], which a CNN's feature maps are not.
+            Some(c) => c.to_vision_json(),
+            None => {
+                let mut v = serde_json::to_value(&self.vision_cfg).expect("config serialises");
+                v["model_type"] = serde_json::json!("clip_vision_model");
+                v
+            }
+        };
         let mut cfg = serde_json::json!({
             "architectures": ["LlavaForConditionalGeneration"],
             "model_type": "llava",
@@ -244,8 +252,16 @@ impl Vlm {
                 .map_err(|e| bad(format!("clasp_connector: {e}")))?,
             None => ConnectorKind::Mlp2xGelu,
         };
-        let vision_cfg: VisionConfig = serde_json::from_value(v["vision_config"].clone())
-            .map_err(|e| bad(format!("vision_config: {e}")))?;
+        let (vision_cfg, cnn) = if v["vision_config"]["model_type"] == "mobilenet_v2" {
+            let (c, vit) =
+                clasp_core::model::mobilenet_v2::parse_vision_config(&v["vision_config"])
+                    .map_err(|e| bad(format!("vision_config: {e}")))?;
+            (vit, Some(c))
+        } else {
+            let vit: VisionConfig = serde_json::from_value(v["vision_config"].clone())
+                .map_err(|e| bad(format!("vision_config: {e}")))?;
+            (vit, None)
+        };
         let text_cfg = LlamaConfig::from_hf_json(&v["text_config"].to_string(), &cfg_path)?;
         let image_token_index = v["image_token_index"]
             .as_u64()
@@ -304,6 +320,7 @@ impl Vlm {
         let mut vlm = Self::from_parts(
             cfg,
             vision_cfg,
+            cnn,
             vision_tensors,
             connector,
             llm,

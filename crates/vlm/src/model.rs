@@ -11,8 +11,19 @@ use super::connector::{Connector, ConnectorKind};
 use crate::llm::{self, GenerateOptions, Generation, LanguageModel, Llama, LlmTokenizer, Message};
 use crate::preprocess::{ImageProcessor, ImageProcessorConfig};
 use crate::{Error, Result};
-use clasp_core::model::config::VisionConfig;
+use clasp_core::model::config::{ModelConfig, VisionConfig};
+use clasp_core::model::mobilenet_v2::{MobileNetV2, MobileNetV2Config};
 use clasp_core::model::vit::VisionTransformer;
+
+/// The frozen image tower: a CLIP-family ViT, whose tokens are its patch
+/// states at `vision_feature_layer`, or a pretrained CNN, whose tokens are
+/// the positions of its last feature map (MobileNetV2: 7×7 = 49 tokens of
+/// 1280 at 224 pixels; `vision_feature_layer` does not apply).
+#[derive(Debug, Clone)]
+enum ImageTower {
+    Vit(VisionTransformer),
+    Cnn(Box<MobileNetV2>, MobileNetV2Config),
+}
 
 /// Which of the vision tower's tokens go to the connector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,7 +57,7 @@ pub const DESCRIBE_ZH: &str = "描述这张图片。";
 /// A vision tower, a connector and a language model.
 pub struct Vlm {
     pub cfg: VlmConfig,
-    vision: VisionTransformer,
+    vision: ImageTower,
     pub(super) vision_cfg: VisionConfig,
     /// The tower's tensors in transformers' `CLIPVisionModel` names
     /// (`embeddings.*`, `encoder.*`, ...), for saving.
@@ -71,8 +82,12 @@ impl Vlm {
         device: &Device,
     ) -> Result<Self> {
         let files = clasp_core::model::loader::resolve(&vision_checkpoint.to_string_lossy())?;
-        let model_cfg = clasp_core::model::config::ModelConfig::from_file(&files.config)?;
+        let model_cfg = ModelConfig::from_file(&files.config)?;
         let vision_cfg = model_cfg.vision().clone();
+        let cnn = match &model_cfg {
+            ModelConfig::DualEncoder(c) => c.image_cnn.clone(),
+            _ => None,
+        };
         // The vision tower only: the text tower's tensors stay on disk.
         let vision_tensors =
             super::checkpoint::load_prefixed(&files.weights, &["vision_model."], device)?;
@@ -107,6 +122,7 @@ impl Vlm {
         Self::from_parts(
             cfg,
             vision_cfg,
+            cnn,
             vision_tensors,
             connector,
             lm.model,
@@ -115,9 +131,14 @@ impl Vlm {
         )
     }
 
+    /// `cnn`: the image tower is this CNN rather than the ViT that
+    /// `vision_cfg` describes (which then holds only its feature width,
+    /// image size and stride).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn from_parts(
         cfg: VlmConfig,
         vision_cfg: VisionConfig,
+        cnn: Option<MobileNetV2Config>,
         vision_tensors: HashMap<String, Tensor>,
         connector: Connector,
         llm: Llama,
@@ -126,7 +147,10 @@ impl Vlm {
     ) -> Result<Self> {
         let device = llm.device().clone();
         let vb = VarBuilder::from_tensors(vision_tensors.clone(), candle_core::DType::F32, &device);
-        let vision = VisionTransformer::load(vb, &vision_cfg)?;
+        let vision = match cnn {
+            Some(c) => ImageTower::Cnn(Box::new(MobileNetV2::load(vb, &c)?), c),
+            None => ImageTower::Vit(VisionTransformer::load(vb, &vision_cfg)?),
+        };
         if connector.vision_dim() != vision_cfg.hidden_size
             || connector.text_dim() != llm.config().hidden_size
         {
@@ -178,9 +202,21 @@ impl Vlm {
         Ok(k as usize)
     }
 
+    /// The CNN image tower's config, when the tower is one.
+    pub fn vision_cnn(&self) -> Option<&MobileNetV2Config> {
+        match &self.vision {
+            ImageTower::Cnn(_, c) => Some(c),
+            ImageTower::Vit(_) => None,
+        }
+    }
+
     /// The vision tower's tokens per image that reach the connector.
     pub fn patch_tokens(&self) -> usize {
         let g = self.vision_cfg.image_size / self.vision_cfg.patch_size;
+        if self.vision_cnn().is_some() {
+            // A feature map has no class token.
+            return g * g;
+        }
         match self.cfg.select {
             FeatureSelect::Default => g * g,
             FeatureSelect::Full => g * g + 1,
@@ -222,7 +258,15 @@ impl Vlm {
     /// The frozen tower's features `[B, P, vision]`, without a graph.
     pub fn patch_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let _no_grad = clasp_core::model::grad_mode_guard(false);
-        let h = self.vision.hidden_state(pixels, self.feature_layer()?)?;
+        let vit = match &self.vision {
+            ImageTower::Vit(v) => v,
+            ImageTower::Cnn(c, _) => {
+                // [B, C, H, W] to [B, H*W, C], positions in row-major order.
+                let m = c.feature_map(pixels)?;
+                return Ok(m.flatten_from(2)?.transpose(1, 2)?.contiguous()?.detach());
+            }
+        };
+        let h = vit.hidden_state(pixels, self.feature_layer()?)?;
         let h = match self.cfg.select {
             FeatureSelect::Default => h.narrow(1, 1, h.dim(1)? - 1)?,
             FeatureSelect::Full => h,

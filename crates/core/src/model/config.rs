@@ -366,17 +366,12 @@ impl ModelConfig {
                 // A CNN tower: its own config, and in `vision_config` only
                 // what the rest of clasp reads of an image tower.
                 let mut raw: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
-                let cnn: super::mobilenet_v2::MobileNetV2Config =
-                    serde_json::from_value(raw["vision_config"].take()).map_err(bad)?;
-                cnn.check().map_err(|reason| Error::Config {
-                    path: path.to_path_buf(),
-                    reason: format!("vision_config: {reason}"),
-                })?;
-                raw["vision_config"] = serde_json::json!({
-                    "hidden_size": super::mobilenet_v2::FEATURES,
-                    "image_size": cnn.image_size,
-                    "num_channels": cnn.num_channels,
-                });
+                let (cnn, vit) = super::mobilenet_v2::parse_vision_config(&raw["vision_config"])
+                    .map_err(|reason| Error::Config {
+                        path: path.to_path_buf(),
+                        reason: format!("vision_config: {reason}"),
+                    })?;
+                raw["vision_config"] = serde_json::to_value(&vit).expect("a config serialises");
                 let mut c: DualEncoderConfig = serde_json::from_value(raw).map_err(bad)?;
                 c.image_cnn = Some(cnn);
                 Ok(ModelConfig::DualEncoder(c))

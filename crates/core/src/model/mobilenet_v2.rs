@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::cnn::{global_avg_pool, Act, ConvBn, ConvSpec};
+use super::config::VisionConfig;
 use crate::{Error, Result};
 
 /// transformers' `MobileNetV2Config`, the keys clasp reads.
@@ -114,6 +115,38 @@ impl MobileNetV2Config {
             );
         }
         Ok(())
+    }
+}
+
+/// A `vision_config` of model_type `mobilenet_v2` read: the tower's config,
+/// checked, and the ViT-shaped [`VisionConfig`] the rest of clasp reads of
+/// an image tower (its feature width as `hidden_size`, its image size and
+/// channels; `patch_size` 32, the map's stride).
+pub fn parse_vision_config(
+    v: &serde_json::Value,
+) -> std::result::Result<(MobileNetV2Config, VisionConfig), String> {
+    let cnn: MobileNetV2Config = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    cnn.check()?;
+    let stub = serde_json::json!({
+        "hidden_size": FEATURES,
+        "image_size": cnn.image_size,
+        "num_channels": cnn.num_channels,
+        "patch_size": cnn.output_stride,
+    });
+    let vit: VisionConfig = serde_json::from_value(stub).map_err(|e| e.to_string())?;
+    Ok((cnn, vit))
+}
+
+impl MobileNetV2Config {
+    /// This config as a `vision_config` that transformers reads
+    /// (`MobileNetV2Config`, plus `hidden_size`, the feature width that
+    /// `VisionTextDualEncoderModel` reads) and [`parse_vision_config`] reads
+    /// back.
+    pub fn to_vision_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("a config serialises");
+        v["model_type"] = serde_json::json!("mobilenet_v2");
+        v["hidden_size"] = serde_json::json!(FEATURES);
+        v
     }
 }
 
