@@ -58,7 +58,8 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub llm: Option<PathBuf>,
     /// Train a vision-language model: the CLIP-family checkpoint whose vision tower
-    /// (frozen) gives the patch features.
+    /// (frozen) gives the patch features, or torchvision's ImageNet MobileNetV2 (a `.pth` or
+    /// safetensors file, or a LiT checkpoint on it), whose last feature map gives 49 tokens.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vision: Option<PathBuf>,

@@ -50,6 +50,31 @@ pub struct VlmConfig {
     pub image_token_index: u32,
 }
 
+/// A torchvision ImageNet MobileNetV2 file (`.pth` or safetensors) as a
+/// VLM's image tower, with torchvision's ImageNet preprocessing.
+fn pretrained_cnn(
+    path: &Path,
+    device: &Device,
+) -> Result<(
+    VisionConfig,
+    Option<MobileNetV2Config>,
+    HashMap<String, Tensor>,
+    ImageProcessor,
+)> {
+    let cnn = MobileNetV2Config::torchvision();
+    let (_, vision_cfg) = clasp_core::model::mobilenet_v2::parse_vision_config(
+        &cnn.to_vision_json(),
+    )
+    .map_err(Error::Report)?;
+    let tensors = clasp_core::model::mobilenet_v2::read_torchvision(path)?
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("classifier."))
+        .map(|(k, v)| Ok((k, v.to_device(device)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    let processor = ImageProcessor::new(ImageProcessorConfig::imagenet_default());
+    Ok((vision_cfg, Some(cnn), tensors, processor))
+}
+
 /// The default instructions: English and Chinese.
 pub const DESCRIBE_EN: &str = "Describe the image.";
 pub const DESCRIBE_ZH: &str = "描述这张图片。";
@@ -70,7 +95,9 @@ pub struct Vlm {
 
 impl Vlm {
     /// Joins the vision tower of a clasp CLIP-family checkpoint (its
-    /// `vision_model.*` tensors and preprocessing) and a language model
+    /// `vision_model.*` tensors and preprocessing), or of a torchvision
+    /// MobileNetV2 file (`.pth`/safetensors: its last feature map, with
+    /// ImageNet preprocessing), and a language model
     /// (GGUF, dequantised to f32 so gradients can pass through it) with a
     /// fresh connector seeded by `seed`. The tokenizer gains `<image>`.
     pub fn assemble(
@@ -81,26 +108,31 @@ impl Vlm {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        let files = clasp_core::model::loader::resolve(&vision_checkpoint.to_string_lossy())?;
-        let model_cfg = ModelConfig::from_file(&files.config)?;
-        let vision_cfg = model_cfg.vision().clone();
-        let cnn = match &model_cfg {
-            ModelConfig::DualEncoder(c) => c.image_cnn.clone(),
-            _ => None,
+        let (vision_cfg, cnn, vision_tensors, processor) = if vision_checkpoint.is_file() {
+            pretrained_cnn(vision_checkpoint, device)?
+        } else {
+            let files = clasp_core::model::loader::resolve(&vision_checkpoint.to_string_lossy())?;
+            let model_cfg = ModelConfig::from_file(&files.config)?;
+            let vision_cfg = model_cfg.vision().clone();
+            let cnn = match &model_cfg {
+                ModelConfig::DualEncoder(c) => c.image_cnn.clone(),
+                _ => None,
+            };
+            // The vision tower only: the text tower's tensors stay on disk.
+            let vision_tensors =
+                super::checkpoint::load_prefixed(&files.weights, &["vision_model."], device)?;
+            if vision_tensors.is_empty() {
+                return Err(Error::Report(format!(
+                    "{}: no vision_model.* tensors; the vision tower must come from a CLIP-family checkpoint",
+                    files.weights.display()
+                )));
+            }
+            let processor = ImageProcessor::new(match &files.preprocessor_config {
+                Some(p) => ImageProcessorConfig::from_file(p)?,
+                None => ImageProcessorConfig::clip_default(vision_cfg.image_size as u32),
+            });
+            (vision_cfg, cnn, vision_tensors, processor)
         };
-        // The vision tower only: the text tower's tensors stay on disk.
-        let vision_tensors =
-            super::checkpoint::load_prefixed(&files.weights, &["vision_model."], device)?;
-        if vision_tensors.is_empty() {
-            return Err(Error::Report(format!(
-                "{}: no vision_model.* tensors; the vision tower must come from a CLIP-family checkpoint",
-                files.weights.display()
-            )));
-        }
-        let processor = ImageProcessor::new(match &files.preprocessor_config {
-            Some(p) => ImageProcessorConfig::from_file(p)?,
-            None => ImageProcessorConfig::clip_default(vision_cfg.image_size as u32),
-        });
         let lm = LanguageModel::load(llm_path, llm::Precision::F32, device)?;
         let mut tokenizer = lm.tokenizer;
         let image_token = "<image>".to_string();
