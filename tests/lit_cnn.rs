@@ -41,6 +41,8 @@ fn tiny_bert(dir: &Path) -> PathBuf {
 
 fn lit_cmd(data: &Path, bert: &Path, out: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    // The image features' disk cache, beside the data.
+    c.env("CLASP_CACHE_DIR", data.join("cache"));
     c.args(["train", "--image-init"])
         .arg(common::pretrained("mobilenet_v2"))
         .arg("--text-init")
@@ -136,6 +138,28 @@ fn lit_on_torchvision_mobilenet_v2_trains_the_text_side_and_embeds_as_torchvisio
     assert!(
         diff < 1e-4,
         "clasp embed vs torchvision + projection: {diff}"
+    );
+
+    // A second run reads the image features from the disk cache the first
+    // stored, and ends with the same weights.
+    let cached: Vec<_> = std::fs::read_dir(data.join("cache/train-features"))
+        .unwrap()
+        .collect();
+    assert_eq!(cached.len(), 1, "one feature file");
+    let again = d.path().join("again");
+    let mut c = lit_cmd(&data, &bert, &again);
+    c.args(["--lock-image", "-v"]);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("image features from the cache"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read(again.join("checkpoint/model.safetensors")).unwrap(),
+        std::fs::read(out.join("checkpoint/model.safetensors")).unwrap(),
+        "the cached features train the same weights"
     );
 
     bridge_on_the_feature_map(&out.join("checkpoint"));

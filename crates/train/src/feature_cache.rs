@@ -3,6 +3,12 @@
 //! pooled output at every step, so it runs once per image instead of once
 //! per step (LiT's recipe; with a pretrained CNN tower this is most of the
 //! work a step would otherwise do).
+//!
+//! The features are also kept on disk (`$CLASP_CACHE_DIR/train-features`,
+//! else the platform cache dir), keyed by the tower's weights, the image
+//! preprocessing and every image's identity (path, size and modification
+//! time, or an inline image's bytes), so a second run on the same tower and
+//! data (another seed, a resumed run) reads them instead of recomputing.
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -24,7 +30,151 @@ pub struct FeatureCache {
     dim: usize,
 }
 
+/// Where the on-disk copies live.
+fn cache_dir() -> std::path::PathBuf {
+    match std::env::var_os("CLASP_CACHE_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => dirs::cache_dir()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("clasp"),
+    }
+    .join("train-features")
+}
+
+/// The key of a run's features: everything they depend on.
+fn key(
+    tower: &[(String, Tensor)],
+    proc: &ImageProcessor,
+    images: &[ImageSource],
+    shape: (usize, usize, usize),
+) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update(b"clasp-train-features-v1\0");
+    h.update(&proc.config().key_bytes());
+    for d in [shape.0, shape.1, shape.2] {
+        h.update(&(d as u64).to_le_bytes());
+    }
+    for (name, t) in tower {
+        h.update(name.as_bytes());
+        h.update(&[0]);
+        let v: Vec<f32> = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        for x in v {
+            h.update(&x.to_le_bytes());
+        }
+    }
+    for src in images {
+        match src {
+            ImageSource::File(p) => {
+                h.update(p.to_string_lossy().as_bytes());
+                if let Ok(m) = std::fs::metadata(p) {
+                    h.update(&m.len().to_le_bytes());
+                    let t = m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                    h.update(&t.map_or(0, |t| t.as_nanos()).to_le_bytes());
+                }
+            }
+            ImageSource::Inline { name, data } => {
+                h.update(name.as_bytes());
+                h.update(blake3::hash(data).as_bytes());
+            }
+        }
+        h.update(&[0xff]);
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
 impl FeatureCache {
+    /// The features from the disk cache when a run with the same tower,
+    /// preprocessing and images stored them, else [`Self::fill`]ed and
+    /// stored. `tower` is the locked tower's parameters by name. A cache
+    /// that cannot be read or written is only a warning: the features are
+    /// then computed.
+    pub fn load_or_fill(
+        frozen: &Model,
+        tower: &[(String, Tensor)],
+        proc: &ImageProcessor,
+        images: &[ImageSource],
+        image_shape: (usize, usize, usize),
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let path = cache_dir().join(format!(
+            "{}.safetensors",
+            key(tower, proc, images, image_shape)?
+        ));
+        if path.is_file() {
+            match Self::read(&path, images.len()) {
+                Ok(c) => {
+                    tracing::info!("image features from the cache {}", path.display());
+                    return Ok(c);
+                }
+                Err(e) => tracing::warn!("ignoring the feature cache {}: {e}", path.display()),
+            }
+        }
+        let c = Self::fill(frozen, proc, images, image_shape, seed, device)?;
+        if let Err(e) = c.write(&path) {
+            tracing::warn!("could not store the feature cache {}: {e}", path.display());
+        }
+        Ok(c)
+    }
+
+    fn write(&self, path: &std::path::Path) -> Result<()> {
+        let dir = path.parent().expect("a file in the cache dir");
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        let n = self.rows.len();
+        let mut flat = Vec::with_capacity(n * self.dim);
+        let mut valid = Vec::with_capacity(n);
+        for r in &self.rows {
+            match r {
+                Some(v) => flat.extend_from_slice(v),
+                None => flat.extend(std::iter::repeat_n(0f32, self.dim)),
+            }
+            valid.push(r.is_some() as u8);
+        }
+        let t: std::collections::HashMap<String, Tensor> = [
+            (
+                "features".to_string(),
+                Tensor::from_vec(flat, (n, self.dim), &Device::Cpu)?,
+            ),
+            (
+                "valid".to_string(),
+                Tensor::from_vec(valid, n, &Device::Cpu)?,
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let tmp = crate::atomic::temp_beside(path);
+        candle_core::safetensors::save(&t, &tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| crate::Error::io(path, e))
+    }
+
+    fn read(path: &std::path::Path, n: usize) -> Result<Self> {
+        let t = candle_core::safetensors::load(path, &Device::Cpu)?;
+        let get = |k: &str| {
+            t.get(k)
+                .ok_or_else(|| crate::Error::Report(format!("no `{k}` tensor")))
+        };
+        let (rows, dim) = get("features")?.dims2()?;
+        let valid: Vec<u8> = get("valid")?.to_vec1()?;
+        if rows != n || valid.len() != n {
+            return Err(crate::Error::Report(format!("{rows} rows for {n} images")));
+        }
+        let feats: Vec<Vec<f32>> = get("features")?.to_vec2()?;
+        Ok(Self {
+            rows: feats
+                .into_iter()
+                .zip(valid)
+                .map(|(r, ok)| (ok == 1).then_some(r))
+                .collect(),
+            dim,
+        })
+    }
+
     /// Runs the locked tower over every image, unaugmented.
     pub fn fill(
         frozen: &Model,

@@ -229,8 +229,15 @@ impl Trainer {
                     && teacher.is_none() =>
             {
                 let v = t.config.vision();
-                Some(std::sync::Arc::new(FeatureCache::fill(
+                let tower: Vec<(String, Tensor)> = t
+                    .vars()
+                    .into_iter()
+                    .filter(|(n, _)| n.starts_with("vision_model."))
+                    .map(|(n, v)| (n, v.as_tensor().clone()))
+                    .collect();
+                Some(std::sync::Arc::new(FeatureCache::load_or_fill(
                     m,
+                    &tower,
                     &proc,
                     &set.images,
                     (v.num_channels, v.image_size, v.image_size),

@@ -62,10 +62,9 @@ fn pretrained_cnn(
     ImageProcessor,
 )> {
     let cnn = MobileNetV2Config::torchvision();
-    let (_, vision_cfg) = clasp_core::model::mobilenet_v2::parse_vision_config(
-        &cnn.to_vision_json(),
-    )
-    .map_err(Error::Report)?;
+    let (_, vision_cfg) =
+        clasp_core::model::mobilenet_v2::parse_vision_config(&cnn.to_vision_json())
+            .map_err(Error::Report)?;
     let tensors = clasp_core::model::mobilenet_v2::read_torchvision(path)?
         .into_iter()
         .filter(|(k, _)| !k.starts_with("classifier."))
