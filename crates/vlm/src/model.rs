@@ -50,17 +50,17 @@ pub struct VlmConfig {
     pub image_token_index: u32,
 }
 
-/// A torchvision ImageNet MobileNetV2 file (`.pth` or safetensors) as a
-/// VLM's image tower, with torchvision's ImageNet preprocessing.
-fn pretrained_cnn(
-    path: &Path,
-    device: &Device,
-) -> Result<(
+/// An image tower's config (and CNN config), tensors and preprocessing.
+type TowerParts = (
     VisionConfig,
     Option<MobileNetV2Config>,
     HashMap<String, Tensor>,
     ImageProcessor,
-)> {
+);
+
+/// A torchvision ImageNet MobileNetV2 file (`.pth` or safetensors) as a
+/// VLM's image tower, with torchvision's ImageNet preprocessing.
+fn pretrained_cnn(path: &Path, device: &Device) -> Result<TowerParts> {
     let cnn = MobileNetV2Config::torchvision();
     let (_, vision_cfg) =
         clasp_core::model::mobilenet_v2::parse_vision_config(&cnn.to_vision_json())
