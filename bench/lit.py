@@ -87,15 +87,21 @@ def run(row, seed, a):
     args = flags(row, seed, a)
     t0 = time.time()
     state = os.path.join(out, "state", "trainer.json")
-    if os.path.isfile(state):
+    steps = a.steps_scratch if row == "scratch" else a.steps
+    if os.path.isfile(state) and json.load(open(state))["step"] >= steps:
+        pass
+    elif os.path.isfile(state):
         sh(CLASP, "train", "--resume", out)
     else:
         sh(CLASP, "train", *args, "--output", out)
-    wall = time.time() - t0
+    # From the run's own files, so a run finished earlier (or resumed) is timed whole: its
+    # init written first, its last checkpoint last.
+    wall = (os.path.getmtime(os.path.join(out, "checkpoint", "model.safetensors"))
+            - os.path.getmtime(os.path.join(out, "init", "config.json")))
     res = json.loads(sh(CLASP, "eval", "retrieval", "-m", os.path.join(out, "checkpoint"), "-d", DATA,
                         "--split", "dev", "--json", "--no-cache", capture=True))
     rec = {"row": row, "seed": seed, "train_args": args, "train_wall_s": round(wall, 1),
-           "resumed": os.path.isfile(state) and wall > 0, "cpu": cpu(),
+           "cpu": cpu(),
            "dev": {k: res[k] for k in KEYS + ["mean_recall"]}}
     os.makedirs(RECORDS, exist_ok=True)
     json.dump(rec, open(rec_path, "w"), indent=1)

@@ -39,6 +39,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text_init: Option<PathBuf>,
+    /// The text tower's learning rate when it should differ from --lr (LiT: fine-tune a
+    /// pretrained text tower gently while the new heads learn at --lr); same schedule.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_lr: Option<f64>,
     /// LiT on a pretrained image tower: torchvision's ImageNet MobileNetV2 (`.pth` in
     /// either torch.save format, or safetensors; `scripts/get-model.sh mobilenet_v2`).
     /// Needs --text-init and --lock-image.

@@ -88,6 +88,10 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Peak learning rate.
     pub lr: f64,
+    /// The text tower's learning rate, when not `lr` (LiT: a pretrained
+    /// text tower fine-tuned more gently than the new heads). It follows
+    /// the same schedule.
+    pub text_lr: Option<f64>,
     /// Linear warm-up steps; none: 10% of the steps.
     pub warmup: Option<usize>,
     /// AdamW weight decay on weight matrices.
@@ -170,6 +174,7 @@ impl Default for TrainConfig {
             tokenizer: None,
             text_init: None,
             image_init: None,
+            text_lr: None,
             text_pooling: TextPooling::default(),
             llm: None,
             vision: None,
@@ -520,6 +525,14 @@ impl TrainConfig {
                  gradients): add lock_image (--lock-image)"
                     .into(),
             );
+        }
+        if let Some(l) = self.text_lr {
+            if !(l.is_finite() && l >= 0.0) {
+                return bad("text_lr", format!("{l} is not a learning rate"));
+            }
+            if self.lock_text {
+                return bad("text_lr", "the text tower is locked (lock_text)".into());
+            }
         }
         if !(self.crop_scale > 0.0 && self.crop_scale <= 1.0) {
             return bad(

@@ -77,6 +77,8 @@ struct Param {
     /// (`m`/`v` above are then unused until [`GroupedAdamW::state`]).
     cpu: Option<(Vec<f32>, Vec<f32>)>,
     decay: bool,
+    /// This parameter's learning rate over the schedule's (1: the same).
+    lr_scale: f64,
 }
 
 /// Whether the fused CPU update applies to this parameter.
@@ -101,6 +103,7 @@ impl GroupedAdamW {
                 v: v.as_tensor().zeros_like()?,
                 cpu: fused_cpu(v).then(|| (vec![0f32; n], vec![0f32; n])),
                 decay: !no_decay(name, v.rank()),
+                lr_scale: 1.0,
             });
         }
         Ok(Self {
@@ -116,6 +119,17 @@ impl GroupedAdamW {
         self.lr = lr;
     }
 
+    /// Gives the parameters whose names `pick` selects a learning rate of
+    /// `scale` times the schedule's (a pretrained text tower fine-tuned more
+    /// gently than the new heads above it, for one).
+    pub fn scale_lr(&mut self, pick: impl Fn(&str) -> bool, scale: f64) {
+        for p in &mut self.params {
+            if pick(&p.name) {
+                p.lr_scale = scale;
+            }
+        }
+    }
+
     pub fn steps(&self) -> usize {
         self.step_t
     }
@@ -125,12 +139,13 @@ impl GroupedAdamW {
         self.step_t += 1;
         let c = self.cfg;
         let t = self.step_t as i32;
-        let step_size = self.lr / (1.0 - c.beta1.powi(t));
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for p in &mut self.params {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            let lr = self.lr * p.lr_scale;
+            let step_size = lr / (1.0 - c.beta1.powi(t));
             if let Some((m, v)) = &mut p.cpu {
                 let g = g.contiguous()?;
                 let gv = clasp_core::model::cpu_kernels::F32View::new(&g)?;
@@ -142,7 +157,7 @@ impl GroupedAdamW {
                     gv.as_slice(),
                     m,
                     v,
-                    self.lr,
+                    lr,
                     wd,
                     c,
                     step_size,
@@ -155,7 +170,7 @@ impl GroupedAdamW {
             }
             let mut theta = p.var.as_tensor().detach();
             if p.decay && c.weight_decay != 0.0 {
-                theta = (theta * (1.0 - self.lr * c.weight_decay))?;
+                theta = (theta * (1.0 - lr * c.weight_decay))?;
             }
             p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -387,6 +402,60 @@ pub fn cosine_lr(step: usize, base: f64, warmup: usize, total: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A parameter whose learning rate is scaled by k moves, over several
+    /// steps with weight decay, exactly as under an optimiser whose base
+    /// rate is k times smaller; the other parameters keep the base rate.
+    #[test]
+    fn a_scaled_group_steps_as_at_the_scaled_rate() {
+        let dev = candle_core::Device::Cpu;
+        let var = |seed: f32| {
+            let v: Vec<f32> = (0..6).map(|i| seed + i as f32 * 0.3).collect();
+            Var::from_tensor(&Tensor::from_vec(v, (2, 3), &dev).unwrap()).unwrap()
+        };
+        let run = |lr: f64, scale: Option<f64>| -> (Vec<f32>, Vec<f32>) {
+            let (a, b) = (var(0.5), var(-1.0));
+            let vars = vec![
+                ("text_model.w".to_string(), a.clone()),
+                ("text_projection.weight".to_string(), b.clone()),
+            ];
+            let cfg = AdamWConfig {
+                lr,
+                weight_decay: 0.1,
+                ..AdamWConfig::default()
+            };
+            let mut opt = GroupedAdamW::new(&vars, cfg).unwrap();
+            if let Some(k) = scale {
+                opt.scale_lr(|n| n.starts_with("text_model."), k);
+            }
+            for step in 0..3 {
+                let loss = ((a.as_tensor() * (step as f64 + 1.0))
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    + b.as_tensor().sqr().unwrap().sum_all().unwrap())
+                .unwrap();
+                opt.step(&loss.backward().unwrap()).unwrap();
+            }
+            let flat = |v: &Var| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            (flat(&a), flat(&b))
+        };
+        let (scaled_a, scaled_b) = run(1e-2, Some(0.25));
+        let (slow_a, _) = run(2.5e-3, None);
+        let (_, base_b) = run(1e-2, None);
+        for (x, y) in scaled_a.iter().zip(&slow_a) {
+            assert!((x - y).abs() < 1e-7, "{x} vs {y}");
+        }
+        assert_eq!(scaled_b, base_b);
+    }
 
     #[test]
     fn schedule_and_decay_groups() {

@@ -158,6 +158,9 @@ impl Trainer {
                 ..AdamWConfig::default()
             },
         )?;
+        if let Some(text_lr) = cfg.text_lr {
+            opt.scale_lr(|n| n.starts_with("text_model."), text_lr / cfg.lr);
+        }
         if let Some(s) = opt_state {
             for (name, v) in &extra {
                 if let Some(x) = s.get(name) {

@@ -17,6 +17,7 @@ pub(super) const DUAL_ENCODER_KEYS: &[&str] = &[
     "tokenizer",
     "text_init",
     "image_init",
+    "text_lr",
     "text_pooling",
     "grad_clip_vision",
     "grad_clip_text",
