@@ -133,7 +133,7 @@ mod tests {
         use crate::preprocess::image::{ImageProcessorConfig, ResizeTo};
         let base = ImageProcessorConfig::clip_default(224);
         let k = base.key_bytes();
-        assert!(k.starts_with(b"clasp-image-processor-v2\0"));
+        assert!(k.starts_with(b"clasp-image-processor-v3\0"));
         assert_eq!(k, ImageProcessorConfig::clip_default(224).key_bytes());
         type Change = Box<dyn Fn(&mut ImageProcessorConfig)>;
         let variants: Vec<Change> = vec![

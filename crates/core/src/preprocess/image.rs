@@ -19,6 +19,17 @@ mod naflex;
 pub use naflex::*;
 #[path = "image/decode.rs"]
 mod decode;
+#[cfg(feature = "libjpeg")]
+#[path = "image/libjpeg.rs"]
+mod libjpeg;
+
+/// Which JPEG decoder this build uses: libjpeg-turbo's (Pillow's pixels), or
+/// without the `libjpeg` feature the pure-Rust one of `image`.
+pub const JPEG_DECODER: &str = if cfg!(feature = "libjpeg") {
+    "libjpeg-turbo"
+} else {
+    "zune-jpeg"
+};
 pub use decode::*;
 #[path = "image/train_crop.rs"]
 mod train_crop;

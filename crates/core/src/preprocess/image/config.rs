@@ -90,7 +90,11 @@ impl ImageProcessorConfig {
     /// little-endian, with a version tag, so it never depends on `Debug`
     /// output. Bump the version when a field is added; old keys then miss.
     pub fn key_bytes(&self) -> Vec<u8> {
-        let mut v = b"clasp-image-processor-v2\0".to_vec();
+        let mut v = b"clasp-image-processor-v3\0".to_vec();
+        // The JPEG decoder's pixels differ by a level here and there, so
+        // vectors cached under one are not the other's.
+        v.extend_from_slice(super::JPEG_DECODER.as_bytes());
+        v.push(0);
         let flag = |v: &mut Vec<u8>, b: bool| v.push(b as u8);
         flag(&mut v, self.do_convert_rgb);
         flag(&mut v, self.do_resize);

@@ -41,6 +41,7 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<RgbImage> {
             "truncated JPEG (no end-of-image marker after the last scan)".into(),
         ));
     }
+    let format = reader.format();
     let mut decoder = reader.into_decoder().map_err(|e| fail(e.to_string()))?;
     // A few KB can claim billions of pixels (found by fuzzing: a 2.4 KB JPEG
     // whose header says 65490x65475 held `clasp embed` for minutes): refuse
@@ -52,6 +53,15 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<RgbImage> {
         )));
     }
     let orientation = decoder.orientation().map_err(|e| fail(e.to_string()))?;
+    // JPEG through libjpeg, as Pillow decodes it (see `libjpeg`).
+    #[cfg(feature = "libjpeg")]
+    if format == Some(image::ImageFormat::Jpeg) {
+        drop(decoder);
+        let mut img =
+            DynamicImage::ImageRgb8(super::libjpeg::decode(bytes, MAX_IMAGE_PIXELS).map_err(fail)?);
+        img.apply_orientation(orientation);
+        return Ok(to_rgb(img));
+    }
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
     img.apply_orientation(orientation);
     Ok(to_rgb(img))
