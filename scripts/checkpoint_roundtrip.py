@@ -8,8 +8,11 @@ VisionTextDualEncoderModel (LiT runs; from its config's model_type) and strict k
 captions with transformers, runs `clasp embed` on the same inputs, and
 prints the differences. Exits 1 when a key is missing or unexpected, text
 embeddings differ by more than 1e-4, or an image cosine is below 0.9999 (the
-criteria of scripts/fullsize_parity.py: Pillow and clasp decode JPEGs with
-different libraries).
+criteria of scripts/fullsize_parity.py). A LiT checkpoint on a CNN tower
+loads too: BatchNorm's num_batches_tracked counters (not weights; clasp does
+not save them) may be missing, and with `clasp_text_pooling: "mean"` the text
+side is pooled by the mean of transformers' text states (transformers itself
+ignores that key and would use BERT's pooler).
 """
 import json
 import os
@@ -38,6 +41,9 @@ def main():
     max_pos = cfg["text_config"].get("max_position_embeddings", 77 if not chinese else 512)
     ctx = min(max_pos, 52) if chinese else min(max_pos, 77)
     model, info = cls.from_pretrained(ckpt, output_loading_info=True)
+    # BatchNorm's step counters (a CNN tower's num_batches_tracked) are not
+    # weights and clasp does not save them; eval mode never reads them.
+    info["missing_keys"] = [k for k in info.get("missing_keys", []) if not k.endswith("num_batches_tracked")]
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
         print("loading problems:", bad)
@@ -51,7 +57,14 @@ def main():
         px = proc(images=[ImageOps.exif_transpose(Image.open(p)) for p in images], return_tensors="pt")["pixel_values"]
         ie = torch.nn.functional.normalize(model.get_image_features(pixel_values=px).pooler_output, dim=-1).numpy()
         tk = tok(TEXTS, padding="max_length", max_length=ctx, truncation=True, return_tensors="pt")
-        te = model.get_text_features(input_ids=tk["input_ids"], attention_mask=tk["attention_mask"]).pooler_output
+        if cfg.get("clasp_text_pooling") == "mean":
+            # clasp's key, which transformers ignores: pool the text tower's
+            # states by their mean over the mask, then project.
+            h = model.text_model(input_ids=tk["input_ids"], attention_mask=tk["attention_mask"]).last_hidden_state
+            m = tk["attention_mask"].unsqueeze(-1).float()
+            te = model.text_projection((h * m).sum(1) / m.sum(1))
+        else:
+            te = model.get_text_features(input_ids=tk["input_ids"], attention_mask=tk["attention_mask"]).pooler_output
         te = torch.nn.functional.normalize(te, dim=-1).numpy()
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "e.npy")
