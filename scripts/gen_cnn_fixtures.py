@@ -17,6 +17,8 @@
                     ImageNet mean/std): `pooled` [4, 1280] (the classifier's
                     input) and `logits` [4, 1000]
   mobilenet_v2.json the photos, in order, and the top-5 ImageNet classes
+  crates/core/src/model/imagenet_classes.txt   torchvision's 1000 ImageNet class
+                    names in the classifier's order (`clasp classify --imagenet`)
 
 The script also loads the same weights into transformers' MobileNetV2Model
 (tf_padding false, eps 1e-5) through clasp's key mapping and checks that its
@@ -128,6 +130,8 @@ def mobilenet():
         logits = m.classifier(pooled)
     weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
     names = weights.meta["categories"]
+    with open(os.path.join(ROOT, "crates/core/src/model/imagenet_classes.txt"), "w") as f:
+        f.write("\n".join(names) + "\n")
     top = [[names[i] for i in row.topk(5).indices.tolist()] for row in logits]
     save_file(
         {"pooled": pooled.contiguous(), "logits": logits.contiguous(),

@@ -131,3 +131,51 @@ fn cosine(a: &Tensor, b: &Tensor) -> f64 {
     let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     dot / (n(&a) * n(&b))
 }
+
+/// `clasp classify --imagenet` labels a folder with the model's own
+/// ImageNet classes: torchvision's top class for each photo (the fixture's
+/// top-5 lists), a bad file named with the rest labelled, and exit code 1.
+#[test]
+fn classify_imagenet_gives_torchvision_top_classes() {
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("mobilenet_v2.json")).unwrap(),
+    )
+    .unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let mut want = std::collections::BTreeMap::new();
+    for (i, p) in meta["photos"].as_array().unwrap().iter().enumerate() {
+        let p = p.as_str().unwrap();
+        let name = format!(
+            "{i}_{}",
+            Path::new(p).file_name().unwrap().to_str().unwrap()
+        );
+        std::fs::copy(shared().join(p), d.path().join(&name)).unwrap();
+        want.insert(name, meta["top5"][i][0].as_str().unwrap().to_string());
+    }
+    std::fs::write(d.path().join("zz_broken.jpg"), b"not an image").unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(["classify", "--json", "--imagenet"])
+        .arg(common::pretrained("mobilenet_v2"))
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("zz_broken.jpg"));
+    let got: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let got: std::collections::BTreeMap<String, String> = got
+        .iter()
+        .map(|l| {
+            let p = l["path"].as_str().unwrap();
+            (
+                Path::new(p)
+                    .file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+                l["label"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+}

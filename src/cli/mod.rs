@@ -4,6 +4,7 @@
 mod embed;
 mod eval;
 mod generate;
+mod imagenet;
 mod mine;
 mod output;
 mod quantize;

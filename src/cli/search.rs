@@ -129,8 +129,13 @@ pub struct ClassifyArgs {
     /// Folder whose images to label (indexed first).
     pub dir: PathBuf,
     /// Comma-separated labels.
-    #[arg(long, required = true, value_delimiter = ',')]
+    #[arg(long, required_unless_present = "imagenet", value_delimiter = ',')]
     pub labels: Vec<String>,
+    /// Label with a pretrained ImageNet classifier's own 1000 classes instead of zero-shot
+    /// labels: torchvision's MobileNetV2 (`.pth` or safetensors; `scripts/get-model.sh
+    /// mobilenet_v2`). Reads the folder directly; no store.
+    #[arg(long, conflicts_with_all = ["labels", "templates", "model", "no_index"])]
+    pub imagenet: Option<PathBuf>,
     /// Prompt templates, one per line with `{}` [default: openai's 18 CIFAR templates, Chinese with a Chinese model].
     #[arg(long)]
     pub templates: Option<PathBuf>,
@@ -415,6 +420,9 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
 }
 
 pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
+    if let Some(m) = &a.imagenet {
+        return super::imagenet::classify(m, &a.dir, a.json);
+    }
     let labels: Vec<String> = a
         .labels
         .iter()

@@ -259,6 +259,49 @@ impl MobileNetV2 {
     }
 }
 
+/// torchvision's ImageNet-1k class names, in the classifier's order.
+pub const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
+
+/// A pretrained MobileNetV2 with its own ImageNet head: the model's own
+/// 1000 labels, no prompts (`clasp classify --imagenet`).
+#[derive(Debug, Clone)]
+pub struct ImageNetClassifier {
+    tower: MobileNetV2,
+    head: super::layers::Linear,
+    labels: Vec<&'static str>,
+}
+
+impl ImageNetClassifier {
+    /// torchvision's `mobilenet_v2` checkpoint (`.pth` or safetensors),
+    /// its `classifier.1` included.
+    pub fn load(path: &std::path::Path, device: &candle_core::Device) -> Result<Self> {
+        let t = read_torchvision(path)?;
+        if !t.contains_key("classifier.weight") {
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                reason: "no ImageNet classifier (classifier.1.weight) in this checkpoint".into(),
+            });
+        }
+        let vb = VarBuilder::from_tensors(t, candle_core::DType::F32, device);
+        let labels: Vec<&'static str> = IMAGENET_CLASSES.lines().collect();
+        Ok(Self {
+            tower: MobileNetV2::load(vb.clone(), &MobileNetV2Config::torchvision())?,
+            head: super::layers::Linear::load(vb.pp("classifier"), FEATURES, labels.len(), true)?,
+            labels,
+        })
+    }
+
+    /// The class probabilities [B, 1000] of ImageNet-normalised pixels.
+    pub fn probabilities(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let logits = self.head.forward(&self.tower.forward(pixel_values)?)?;
+        Ok(candle_nn::ops::softmax_last_dim(&logits)?)
+    }
+
+    pub fn labels(&self) -> &[&'static str] {
+        &self.labels
+    }
+}
+
 /// The tensors of a torchvision `mobilenet_v2` checkpoint (`.pth` in either
 /// `torch.save` format, or safetensors) in transformers' names, ready for
 /// [`MobileNetV2::load`] (and `classifier.*`, the ImageNet head). A state
