@@ -91,6 +91,7 @@ fn a_key_the_task_does_not_use_is_refused_by_name() {
             // A value of the key's own type (its default, or a string).
             let v = match &defaults[*k] {
                 serde_json::Value::Null if k.ends_with("dataset") => "pairs:x.tsv".into(),
+                serde_json::Value::Null if k.ends_with("_lr") => 1e-4.into(),
                 serde_json::Value::Null => "x".into(),
                 v => v.clone(),
             };
