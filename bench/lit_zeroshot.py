@@ -8,7 +8,8 @@ annotations; one folder per category that is some image's largest object).
 
 Prompts: openai's 18 CIFAR templates ("a photo of a {}." ...) for both. Chance is 1 / classes;
 the majority-class rate is shown beside it for COCO, whose classes are unbalanced ("person" is
-the largest object in many photos). Records go to bench/lit_runs/zeroshot_s{seed}.json.
+the largest object in a quarter of the photos), and so is the mean per-class recall, which
+always answering the majority class would hold at 1 / classes. Records go to bench/lit_runs/zeroshot_s{seed}.json.
 """
 
 import argparse
@@ -67,19 +68,21 @@ def main():
             print(f"seed {s}: no model at {model}; run bench/lit.py first", file=sys.stderr)
             continue
         c, o = zeroshot(model, os.path.join(SHARED, "cifar10")), zeroshot(model, coco)
-        rec = {"seed": s, "cifar10": {k: c[k] for k in ("acc1", "acc5", "n_images", "n_classes")},
-               "coco_largest": {k: o[k] for k in ("acc1", "acc5", "n_images", "n_classes")}}
+        keys = ("acc1", "acc5", "mean_per_class_recall", "n_images", "n_classes")
+        rec = {"seed": s, "cifar10": {k: c[k] for k in keys},
+               "coco_largest": {k: o[k] for k in keys}}
         json.dump(rec, open(rec_path, "w"), indent=1)
         rows.append(rec)
     n = sum(counts.values())
     lines = ["# Zero-shot classification with the LiT models (bench/lit_zeroshot.py)", "",
              "| seed | CIFAR-10 top-1 / top-5 (2000 images, chance 10%) | COCO-mini by largest object "
              f"top-1 / top-5 ({n} images, {len(counts)} classes; chance {100 / len(counts):.1f}%, "
-             f"majority class {100 * max(counts.values()) / n:.1f}%) |", "|---|---|---|"]
+             f"majority class {100 * max(counts.values()) / n:.1f}%), mean per-class recall |", "|---|---|---|"]
     for r in rows:
         c, o = r["cifar10"], r["coco_largest"]
         lines.append(f"| {r['seed']} | {100 * c['acc1']:.1f} / {100 * c['acc5']:.1f} | "
-                     f"{100 * o['acc1']:.1f} / {100 * o['acc5']:.1f} |")
+                     f"{100 * o['acc1']:.1f} / {100 * o['acc5']:.1f}, "
+                     f"{100 * o['mean_per_class_recall']:.1f} |")
     lines += ["", "COCO classes (largest object, images): " +
               ", ".join(f"{k} {v}" for k, v in counts.most_common()), ""]
     open(os.path.join(ROOT, "bench/lit_zeroshot.md"), "w").write("\n".join(lines))
