@@ -118,7 +118,8 @@ def records():
     if os.path.isdir(RECORDS):
         for f in sorted(os.listdir(RECORDS)):
             r = json.load(open(os.path.join(RECORDS, f)))
-            out.setdefault(r["row"], {})[r["seed"]] = r
+            if "row" in r:  # bench/lit_zeroshot.py keeps its records here too
+                out.setdefault(r["row"], {})[r["seed"]] = r
     return out
 
 
