@@ -5,38 +5,17 @@
 mod common;
 mod train_e2e_util;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use common::max_abs;
-use train_e2e_util::{fails_with, run_ok, small_flickr};
+use train_e2e_util::{fails_with, run_ok, small_flickr, tiny_bert};
 
 fn fixture(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(p)
-}
-
-/// The tiny BERT of the tiny dual-encoder fixture as a text checkpoint.
-fn tiny_bert(dir: &Path) -> PathBuf {
-    let src = fixture("core/tiny-dual-encoder");
-    let bert = dir.join("bert");
-    std::fs::create_dir_all(&bert).unwrap();
-    let dual = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
-    let text: HashMap<String, Tensor> = dual
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix("text_model.")?.to_string(), v.clone())))
-        .collect();
-    candle_core::safetensors::save(&text, bert.join("model.safetensors")).unwrap();
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    std::fs::write(bert.join("config.json"), cfg["text_config"].to_string()).unwrap();
-    for f in ["vocab.txt", "tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(src.join(f), bert.join(f)).unwrap();
-    }
-    bert
 }
 
 fn lit_cmd(data: &Path, bert: &Path, out: &Path) -> Command {

@@ -2,7 +2,7 @@
 //! an interrupted run (by --stop-after, or by Ctrl-C) resumed to the end
 //! gives bit-identical weights to an uninterrupted run.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -129,24 +129,9 @@ fn lit_with_a_locked_text_tower_keeps_it_and_trains_the_rest() {
     let d = tempfile::tempdir().unwrap();
     let data = d.path().join("f8k");
     small_flickr(&data);
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-dual-encoder");
-    let bert = d.path().join("bert");
-    std::fs::create_dir_all(&bert).unwrap();
-    let dual =
-        candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu).unwrap();
-    let text: HashMap<String, Tensor> = dual
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix("text_model.")?.to_string(), v.clone())))
-        .collect();
-    candle_core::safetensors::save(&text, bert.join("model.safetensors")).unwrap();
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
-            .unwrap();
-    std::fs::write(bert.join("config.json"), cfg["text_config"].to_string()).unwrap();
-    for f in ["vocab.txt", "tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fixture.join(f), bert.join(f)).unwrap();
-    }
+    let bert = tiny_bert(d.path());
+    let text: HashMap<String, Tensor> =
+        candle_core::safetensors::load(bert.join("model.safetensors"), &Device::Cpu).unwrap();
     let out = d.path().join("lit");
     let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
     c.args(["train", "--preset", "tiny", "--text-init"])

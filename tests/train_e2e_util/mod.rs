@@ -94,3 +94,25 @@ pub fn losses(out: &Path) -> Vec<f64> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
         .collect()
 }
+
+/// The tiny BERT of the tiny dual-encoder fixture as a text checkpoint.
+pub fn tiny_bert(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-dual-encoder");
+    let bert = dir.join("bert");
+    std::fs::create_dir_all(&bert).unwrap();
+    let dual =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let text: std::collections::HashMap<String, candle_core::Tensor> = dual
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("text_model.")?.to_string(), v.clone())))
+        .collect();
+    candle_core::safetensors::save(&text, bert.join("model.safetensors")).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    std::fs::write(bert.join("config.json"), cfg["text_config"].to_string()).unwrap();
+    for f in ["vocab.txt", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), bert.join(f)).unwrap();
+    }
+    bert
+}

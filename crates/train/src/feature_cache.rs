@@ -19,6 +19,60 @@ use crate::preprocess::ImageProcessor;
 use crate::Result;
 use clasp_core::model::Model;
 
+/// What a run's features come from: the locked tower (an inference
+/// snapshot), the preprocessing, the images and the pixel shape.
+pub struct Source<'a> {
+    pub frozen: &'a Model,
+    pub proc: &'a ImageProcessor,
+    pub images: &'a [ImageSource],
+    /// (channels, height, width).
+    pub shape: (usize, usize, usize),
+    pub seed: u64,
+    pub device: &'a Device,
+}
+
+/// The cache a run uses: with the image tower locked (`frozen` is its
+/// snapshot), unless augmentation or a teacher needs fresh pixels at every
+/// step (`fresh_pixels`, or `crop_scale` below 1), when the tower runs each
+/// step and this says so.
+pub fn for_run(
+    cfg: &super::config::TrainConfig,
+    t: &super::model::Trainable,
+    frozen: &Model,
+    proc: &ImageProcessor,
+    images: &[ImageSource],
+    fresh_pixels: bool,
+    device: &Device,
+) -> Result<Option<std::sync::Arc<FeatureCache>>> {
+    if fresh_pixels || cfg.crop_scale < 1.0 {
+        tracing::info!(
+            "the locked image tower runs at every step: augmentation (crop_scale {}, color \
+             jitter) or a teacher needs fresh pixels; with crop_scale 1 and no jitter its \
+             features are computed once",
+            cfg.crop_scale
+        );
+        return Ok(None);
+    }
+    let v = t.config.vision();
+    let tower: Vec<(String, Tensor)> = t
+        .vars()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("vision_model."))
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let src = Source {
+        frozen,
+        proc,
+        images,
+        shape: (v.num_channels, v.image_size, v.image_size),
+        seed: cfg.seed,
+        device,
+    };
+    Ok(Some(std::sync::Arc::new(FeatureCache::load_or_fill(
+        &src, &tower,
+    )?)))
+}
+
 /// Images per forward pass while filling the cache.
 const BATCH: usize = 32;
 
@@ -94,21 +148,13 @@ impl FeatureCache {
     /// stored. `tower` is the locked tower's parameters by name. A cache
     /// that cannot be read or written is only a warning: the features are
     /// then computed.
-    pub fn load_or_fill(
-        frozen: &Model,
-        tower: &[(String, Tensor)],
-        proc: &ImageProcessor,
-        images: &[ImageSource],
-        image_shape: (usize, usize, usize),
-        seed: u64,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn load_or_fill(src: &Source, tower: &[(String, Tensor)]) -> Result<Self> {
         let path = cache_dir().join(format!(
             "{}.safetensors",
-            key(tower, proc, images, image_shape)?
+            key(tower, src.proc, src.images, src.shape)?
         ));
         if path.is_file() {
-            match Self::read(&path, images.len()) {
+            match Self::read(&path, src.images.len()) {
                 Ok(c) => {
                     tracing::info!("image features from the cache {}", path.display());
                     return Ok(c);
@@ -116,7 +162,7 @@ impl FeatureCache {
                 Err(e) => tracing::warn!("ignoring the feature cache {}: {e}", path.display()),
             }
         }
-        let c = Self::fill(frozen, proc, images, image_shape, seed, device)?;
+        let c = Self::fill(src)?;
         if let Err(e) = c.write(&path) {
             tracing::warn!("could not store the feature cache {}: {e}", path.display());
         }
@@ -176,14 +222,15 @@ impl FeatureCache {
     }
 
     /// Runs the locked tower over every image, unaugmented.
-    pub fn fill(
-        frozen: &Model,
-        proc: &ImageProcessor,
-        images: &[ImageSource],
-        image_shape: (usize, usize, usize),
-        seed: u64,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn fill(src: &Source) -> Result<Self> {
+        let Source {
+            frozen,
+            proc,
+            images,
+            shape: (c, h, w),
+            seed,
+            device,
+        } = *src;
         let _mode = clasp_core::model::grad_mode_guard(false);
         let plain = Augment {
             crop_scale: 1.0,
@@ -193,7 +240,6 @@ impl FeatureCache {
         let t0 = std::time::Instant::now();
         let mut rows: Vec<Option<Vec<f32>>> = Vec::with_capacity(images.len());
         let mut dim = 0;
-        let (c, h, w) = image_shape;
         for (k, chunk) in images.chunks(BATCH).enumerate() {
             let pixels: Vec<Option<Vec<f32>>> = chunk
                 .par_iter()

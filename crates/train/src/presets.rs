@@ -235,49 +235,46 @@ pub fn init_lit(
         })?;
     if let Some((path, tensors)) = &cnn {
         // The image tower's pretrained weights, every one of them.
-        for (name, v) in t.vars() {
-            let Some(key) = name.strip_prefix("vision_model.") else {
-                continue;
-            };
-            let src = tensors.get(key).ok_or_else(|| Error::Weights {
-                path: path.clone(),
-                reason: format!("no tensor `{key}` for the image tower"),
-            })?;
-            if src.dims() != v.as_tensor().dims() {
-                return Err(Error::Weights {
-                    path: path.clone(),
-                    reason: format!(
-                        "`{key}` is {:?}, the tower needs {:?}",
-                        src.dims(),
-                        v.dims()
-                    ),
-                });
-            }
-            v.set(src)?;
-        }
+        set_tower(&t, "vision_model.", tensors, path)?;
     }
+    set_tower(&t, "text_model.", &pretrained, &weights)?;
+    t.save(dir)?;
+    Ok(t)
+}
+
+/// Sets every variable under `prefix` from `tensors` (by the rest of its
+/// name, as f32), refusing a missing tensor or a shape the config does not
+/// give; `path` names the source in errors.
+fn set_tower(
+    t: &Trainable,
+    prefix: &str,
+    tensors: &std::collections::HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
     for (name, v) in t.vars() {
-        let Some(key) = name.strip_prefix("text_model.") else {
+        let Some(key) = name.strip_prefix(prefix) else {
             continue;
         };
-        let src = pretrained.get(key).ok_or_else(|| Error::Weights {
-            path: weights.clone(),
-            reason: format!("no tensor `{key}` for the text tower"),
+        let bad = |reason: String| Error::Weights {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let src = tensors.get(key).ok_or_else(|| {
+            bad(format!(
+                "no tensor `{key}` for {}",
+                prefix.trim_end_matches('.')
+            ))
         })?;
         if src.dims() != v.as_tensor().dims() {
-            return Err(Error::Weights {
-                path: weights.clone(),
-                reason: format!(
-                    "`{key}` is {:?}, the config needs {:?}",
-                    src.dims(),
-                    v.dims()
-                ),
-            });
+            return Err(bad(format!(
+                "`{key}` is {:?}, the config needs {:?}",
+                src.dims(),
+                v.dims()
+            )));
         }
         v.set(&src.to_dtype(candle_core::DType::F32)?)?;
     }
-    t.save(dir)?;
-    Ok(t)
+    Ok(())
 }
 
 fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {

@@ -222,41 +222,16 @@ impl Trainer {
                 ));
             }
         }
-        // A locked tower on unaugmented images gives each image one output
-        // for the whole run: compute it once. (A teacher needs the pixels.)
         let cache = match &frozen {
-            Some(m)
-                if cfg.lock_image
-                    && cfg.crop_scale >= 1.0
-                    && jitter.is_none()
-                    && teacher.is_none() =>
-            {
-                let v = t.config.vision();
-                let tower: Vec<(String, Tensor)> = t
-                    .vars()
-                    .into_iter()
-                    .filter(|(n, _)| n.starts_with("vision_model."))
-                    .map(|(n, v)| (n, v.as_tensor().clone()))
-                    .collect();
-                Some(std::sync::Arc::new(FeatureCache::load_or_fill(
-                    m,
-                    &tower,
-                    &proc,
-                    &set.images,
-                    (v.num_channels, v.image_size, v.image_size),
-                    cfg.seed,
-                    &dev,
-                )?))
-            }
-            Some(_) if cfg.lock_image => {
-                tracing::info!(
-                    "the locked image tower runs at every step: augmentation (crop_scale {}, \
-                     color jitter) or a teacher needs fresh pixels; with crop_scale 1 and no \
-                     jitter its features are computed once",
-                    cfg.crop_scale
-                );
-                None
-            }
+            Some(m) if cfg.lock_image => super::feature_cache::for_run(
+                &cfg,
+                &t,
+                m,
+                &proc,
+                &set.images,
+                jitter.is_some() || teacher.is_some(),
+                &dev,
+            )?,
             _ => None,
         };
         let negatives = match &cfg.negatives {

@@ -186,6 +186,19 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     /// The direct depthwise loop against candle's grouped convolution, with
     /// padding and both strides.
     #[test]
@@ -202,16 +215,7 @@ mod tests {
                 .broadcast_add(&bias.reshape((1, 5, 1, 1)).unwrap())
                 .unwrap();
             assert_eq!(ours.dims(), theirs.dims());
-            let d = (ours - theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_diff(&ours, &theirs);
             assert!(d < 1e-5, "stride {stride}: max diff {d}");
         }
     }
@@ -249,16 +253,7 @@ mod tests {
             .unwrap()
             .broadcast_add(&sh("bn.bias"))
             .unwrap();
-        let d = (ours - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(&ours, &want);
         assert!(d < 1e-4, "max diff {d}");
     }
 }

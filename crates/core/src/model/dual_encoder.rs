@@ -65,9 +65,6 @@ impl DualEncoderModel {
         if let Some(c) = &self.cnn {
             return c.forward(pixel_values);
         }
-        if self.config.image_cnn.is_some() {
-            super::vision_tower(&None)?;
-        }
         super::vision_tower(&self.vision)?.forward(pixel_values)
     }
 
