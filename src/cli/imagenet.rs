@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use clasp::model::mobilenet_v2::ImageNetClassifier;
-use clasp::preprocess::{ImageProcessor, ImageProcessorConfig};
+use clasp::model::cnn_tower::ImageNetClassifier;
+use clasp::preprocess::ImageProcessor;
 
 /// Images per forward pass.
 const BATCH: usize = 16;
@@ -25,7 +25,8 @@ struct Label<'a> {
 pub fn classify(model: &Path, dir: &Path, json: bool) -> Result<ExitCode> {
     let dev = Device::Cpu;
     let clf = ImageNetClassifier::load(model, &dev)?;
-    let proc = ImageProcessor::new(ImageProcessorConfig::imagenet_default());
+    let proc = ImageProcessor::new(clf.processor());
+    let (ch, cw) = clf.processor().crop;
     let (files, _) = clasp::data::files::list_image_files(dir)?;
     if files.is_empty() {
         bail!("{}: no image files", dir.display());
@@ -48,7 +49,7 @@ pub fn classify(model: &Path, dir: &Path, json: bool) -> Result<ExitCode> {
         if ok.is_empty() {
             continue;
         }
-        let t = Tensor::from_vec(px, (ok.len(), 3, 224, 224), &dev)?;
+        let t = Tensor::from_vec(px, (ok.len(), 3, ch as usize, cw as usize), &dev)?;
         for (f, p) in ok.iter().zip(clf.probabilities(&t)?.to_vec2::<f32>()?) {
             let (i, prob) = p
                 .iter()

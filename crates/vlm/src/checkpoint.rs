@@ -252,10 +252,10 @@ impl Vlm {
                 .map_err(|e| bad(format!("clasp_connector: {e}")))?,
             None => ConnectorKind::Mlp2xGelu,
         };
-        let (vision_cfg, cnn) = if v["vision_config"]["model_type"] == "mobilenet_v2" {
-            let (c, vit) =
-                clasp_core::model::mobilenet_v2::parse_vision_config(&v["vision_config"])
-                    .map_err(|e| bad(format!("vision_config: {e}")))?;
+        let (vision_cfg, cnn) = if let Some(parsed) =
+            clasp_core::model::cnn_tower::parse_vision_config(&v["vision_config"])
+        {
+            let (c, vit) = parsed.map_err(|e| bad(format!("vision_config: {e}")))?;
             (vit, Some(c))
         } else {
             let vit: VisionConfig = serde_json::from_value(v["vision_config"].clone())

@@ -11,18 +11,19 @@ use super::connector::{Connector, ConnectorKind};
 use crate::llm::{self, GenerateOptions, Generation, LanguageModel, Llama, LlmTokenizer, Message};
 use crate::preprocess::{ImageProcessor, ImageProcessorConfig};
 use crate::{Error, Result};
+use clasp_core::model::cnn_tower::{CnnConfig, CnnTower};
 use clasp_core::model::config::{ModelConfig, VisionConfig};
-use clasp_core::model::mobilenet_v2::{MobileNetV2, MobileNetV2Config};
 use clasp_core::model::vit::VisionTransformer;
 
 /// The frozen image tower: a CLIP-family ViT, whose tokens are its patch
 /// states at `vision_feature_layer`, or a pretrained CNN, whose tokens are
 /// the positions of its last feature map (MobileNetV2: 7×7 = 49 tokens of
-/// 1280 at 224 pixels; `vision_feature_layer` does not apply).
+/// 1280 at 224 pixels, ResNet-50 49 of 2048; `vision_feature_layer` does not
+/// apply).
 #[derive(Debug, Clone)]
 enum ImageTower {
     Vit(VisionTransformer),
-    Cnn(Box<MobileNetV2>, MobileNetV2Config),
+    Cnn(Box<CnnTower>, CnnConfig),
 }
 
 /// Which of the vision tower's tokens go to the connector.
@@ -53,24 +54,25 @@ pub struct VlmConfig {
 /// An image tower's config (and CNN config), tensors and preprocessing.
 type TowerParts = (
     VisionConfig,
-    Option<MobileNetV2Config>,
+    Option<CnnConfig>,
     HashMap<String, Tensor>,
     ImageProcessor,
 );
 
-/// A torchvision ImageNet MobileNetV2 file (`.pth` or safetensors) as a
-/// VLM's image tower, with torchvision's ImageNet preprocessing.
+/// A pretrained ImageNet CNN file (`.pth` or safetensors: torchvision's
+/// MobileNetV2 or ResNet, or EfficientNet-Lite) as a VLM's image tower,
+/// with the preprocessing its weights were trained with.
 fn pretrained_cnn(path: &Path, device: &Device) -> Result<TowerParts> {
-    let cnn = MobileNetV2Config::torchvision();
-    let (_, vision_cfg) =
-        clasp_core::model::mobilenet_v2::parse_vision_config(&cnn.to_vision_json())
-            .map_err(Error::Report)?;
-    let tensors = clasp_core::model::mobilenet_v2::read_torchvision(path)?
+    let (cnn, tensors) = clasp_core::model::cnn_tower::read_pretrained(path)?;
+    let (_, vision_cfg) = clasp_core::model::cnn_tower::parse_vision_config(&cnn.to_vision_json())
+        .expect("a CNN model type")
+        .map_err(Error::Report)?;
+    let tensors = tensors
         .into_iter()
         .filter(|(k, _)| !k.starts_with("classifier."))
         .map(|(k, v)| Ok((k, v.to_device(device)?)))
         .collect::<Result<HashMap<_, _>>>()?;
-    let processor = ImageProcessor::new(ImageProcessorConfig::imagenet_default());
+    let processor = ImageProcessor::new(cnn.processor());
     Ok((vision_cfg, Some(cnn), tensors, processor))
 }
 
@@ -94,9 +96,9 @@ pub struct Vlm {
 
 impl Vlm {
     /// Joins the vision tower of a clasp CLIP-family checkpoint (its
-    /// `vision_model.*` tensors and preprocessing), or of a torchvision
-    /// MobileNetV2 file (`.pth`/safetensors: its last feature map, with
-    /// ImageNet preprocessing), and a language model
+    /// `vision_model.*` tensors and preprocessing), or of a pretrained
+    /// ImageNet CNN file (`.pth`/safetensors: its last feature map, with
+    /// its ImageNet preprocessing), and a language model
     /// (GGUF, dequantised to f32 so gradients can pass through it) with a
     /// fresh connector seeded by `seed`. The tokenizer gains `<image>`.
     pub fn assemble(
@@ -169,7 +171,7 @@ impl Vlm {
     pub(super) fn from_parts(
         cfg: VlmConfig,
         vision_cfg: VisionConfig,
-        cnn: Option<MobileNetV2Config>,
+        cnn: Option<CnnConfig>,
         vision_tensors: HashMap<String, Tensor>,
         connector: Connector,
         llm: Llama,
@@ -179,7 +181,7 @@ impl Vlm {
         let device = llm.device().clone();
         let vb = VarBuilder::from_tensors(vision_tensors.clone(), candle_core::DType::F32, &device);
         let vision = match cnn {
-            Some(c) => ImageTower::Cnn(Box::new(MobileNetV2::load(vb, &c)?), c),
+            Some(c) => ImageTower::Cnn(Box::new(CnnTower::load(vb, &c)?), c),
             None => ImageTower::Vit(VisionTransformer::load(vb, &vision_cfg)?),
         };
         if connector.vision_dim() != vision_cfg.hidden_size
@@ -234,7 +236,7 @@ impl Vlm {
     }
 
     /// The CNN image tower's config, when the tower is one.
-    pub fn vision_cnn(&self) -> Option<&MobileNetV2Config> {
+    pub fn vision_cnn(&self) -> Option<&CnnConfig> {
         match &self.vision {
             ImageTower::Cnn(_, c) => Some(c),
             ImageTower::Vit(_) => None,

@@ -36,9 +36,34 @@ pub struct ConvBn {
     var: Tensor,
     eps: f64,
     stride: usize,
-    padding: usize,
+    padding: Padding,
     groups: usize,
     act: Act,
+}
+
+/// How a convolution pads its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// `kernel / 2` on every side: PyTorch's symmetric padding (torchvision).
+    Symmetric(usize),
+    /// TensorFlow's `SAME`: the output is `ceil(input / stride)` and the
+    /// padding that needs, with the odd pixel at the bottom and right
+    /// (EfficientNet's ports from TensorFlow).
+    TfSame,
+}
+
+impl Padding {
+    /// The (before, after) padding of one spatial dimension.
+    fn amounts(self, input: usize, kernel: usize, stride: usize) -> (usize, usize) {
+        match self {
+            Padding::Symmetric(p) => (p, p),
+            Padding::TfSame => {
+                let out = input.div_ceil(stride);
+                let total = ((out.max(1) - 1) * stride + kernel).saturating_sub(input);
+                (total / 2, total - total / 2)
+            }
+        }
+    }
 }
 
 /// The shape of a convolution.
@@ -78,10 +103,16 @@ impl ConvBn {
             var: bnv.get(s.cout, "running_var")?,
             eps,
             stride: s.stride,
-            padding: s.kernel / 2,
+            padding: Padding::Symmetric(s.kernel / 2),
             groups: s.groups,
             act,
         })
+    }
+
+    /// The same convolution with TensorFlow's `SAME` padding.
+    pub fn tf_same(mut self) -> Self {
+        self.padding = Padding::TfSame;
+        self
     }
 
     /// The BatchNorm-folded weight [O, I/g, k, k] and bias [O].
@@ -98,9 +129,21 @@ impl ConvBn {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (w, bias) = self.folded()?;
         let (o, ig, k, _) = w.dims4()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let (top, bottom) = self.padding.amounts(h, k, self.stride);
+        let (left, right) = self.padding.amounts(wd, k, self.stride);
+        // Symmetric padding goes to the convolution itself; uneven padding
+        // is added to the input first.
+        let (x, pad) = if top == bottom && left == right && top == left {
+            (x.clone(), top)
+        } else {
+            let x = x.pad_with_zeros(2, top, bottom)?;
+            (x.pad_with_zeros(3, left, right)?, 0)
+        };
+        let x = &x;
         let y = if self.groups > 1 && ig == 1 && self.groups == o {
-            depthwise(x, &w, &bias, self.stride, self.padding)?
-        } else if k == 1 && self.stride == 1 && self.groups == 1 {
+            depthwise(x, &w, &bias, self.stride, pad)?
+        } else if k == 1 && self.stride == 1 && self.groups == 1 && pad == 0 {
             // A pointwise convolution is one GEMM per image: [O, C] x [C, HW].
             let (b, c, h, wd) = x.dims4()?;
             let w2 = w.reshape((o, c))?;
@@ -110,7 +153,7 @@ impl ConvBn {
                 .broadcast_add(&bias.reshape((1, o, 1))?)?;
             y.reshape((b, o, h, wd))?
         } else {
-            x.conv2d(&w, self.padding, self.stride, 1, self.groups)?
+            x.conv2d(&w, pad, self.stride, 1, self.groups)?
                 .broadcast_add(&bias.reshape((1, o, 1, 1))?)?
         };
         Ok(match self.act {
@@ -175,6 +218,14 @@ fn depthwise(x: &Tensor, w: &Tensor, bias: &Tensor, stride: usize, pad: usize) -
     Ok(Tensor::from_vec(out, (b, c, oh, ow), &device)?)
 }
 
+/// PyTorch's `MaxPool2d(kernel, stride, padding)` after a ReLU: the input
+/// is non-negative, so zero padding never wins a window that holds a real
+/// pixel, and equals PyTorch's negative-infinity padding.
+pub fn max_pool_after_relu(x: &Tensor, kernel: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    let x = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+    Ok(x.max_pool2d_with_stride(kernel, stride)?)
+}
+
 /// Global average pooling: [B, C, H, W] to [B, C].
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
@@ -217,6 +268,48 @@ mod tests {
             assert_eq!(ours.dims(), theirs.dims());
             let d = max_diff(&ours, &theirs);
             assert!(d < 1e-5, "stride {stride}: max diff {d}");
+        }
+    }
+
+    /// TensorFlow's SAME padding: the output is ceil(input / stride), the
+    /// odd pixel padded after (EfficientNet's ports).
+    #[test]
+    fn tf_same_padding_amounts() {
+        assert_eq!(Padding::TfSame.amounts(224, 3, 2), (0, 1));
+        assert_eq!(Padding::TfSame.amounts(56, 5, 2), (1, 2));
+        assert_eq!(Padding::TfSame.amounts(14, 5, 1), (2, 2));
+        assert_eq!(Padding::TfSame.amounts(7, 1, 1), (0, 0));
+        assert_eq!(Padding::Symmetric(3).amounts(224, 7, 2), (3, 3));
+    }
+
+    /// Zero padding before the max equals negative-infinity padding on a
+    /// non-negative input.
+    #[test]
+    fn max_pool_after_relu_pads_like_pytorch() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 5, 6), &dev)
+            .unwrap()
+            .relu()
+            .unwrap();
+        let y = max_pool_after_relu(&x, 3, 2, 1).unwrap();
+        assert_eq!(y.dims(), &[1, 2, 3, 3]);
+        let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        for c in 0..2 {
+            for oy in 0..3 {
+                for ox in 0..3 {
+                    let mut m = f32::NEG_INFINITY;
+                    for dy in 0..3 {
+                        for dx in 0..3 {
+                            let (iy, ix) = ((oy * 2 + dy) as isize - 1, (ox * 2 + dx) as isize - 1);
+                            if (0..5).contains(&iy) && (0..6).contains(&ix) {
+                                m = m.max(v[c * 30 + iy as usize * 6 + ix as usize]);
+                            }
+                        }
+                    }
+                    assert_eq!(got[c * 9 + oy * 3 + ox], m);
+                }
+            }
         }
     }
 

@@ -265,11 +265,12 @@ pub struct ChineseClipConfig {
     #[serde(default, rename = "clasp_text_pooling")]
     pub text_pooling: TextPooling,
     /// Dual encoders only: a pretrained CNN image tower (`vision_config`
-    /// of model_type `mobilenet_v2`) in place of the ViT; then
+    /// of model_type `mobilenet_v2`, `resnet` or `efficientnet_lite`) in
+    /// place of the ViT; then
     /// `vision_config` holds only its image size, channels and feature
     /// width (`hidden_size`).
     #[serde(skip)]
-    pub image_cnn: Option<super::mobilenet_v2::MobileNetV2Config>,
+    pub image_cnn: Option<super::cnn_tower::CnnConfig>,
 }
 
 /// How a dual encoder pools its BERT text tower.
@@ -349,16 +350,17 @@ impl ModelConfig {
                 let towers: DualHead = serde_json::from_str(text).map_err(bad)?;
                 let v = towers.vision_config.model_type.unwrap_or_default();
                 let t = towers.text_config.model_type.unwrap_or_default();
-                if !matches!(v.as_str(), "clip_vision_model" | "mobilenet_v2") || t != "bert" {
+                let cnn = super::cnn_tower::MODEL_TYPES.contains(&v.as_str());
+                if !(v == "clip_vision_model" || cnn) || t != "bert" {
                     return Err(Error::UnsupportedArchitecture {
                         path: path.to_path_buf(),
                         model_type: format!("vision-text-dual-encoder of {v} and {t}"),
-                        supported: "vision-text-dual-encoder of clip_vision_model or \
-                                    mobilenet_v2, and bert"
+                        supported: "vision-text-dual-encoder of clip_vision_model, \
+                                    mobilenet_v2, resnet or efficientnet_lite, and bert"
                             .into(),
                     });
                 }
-                if v != "mobilenet_v2" {
+                if !cnn {
                     return Ok(ModelConfig::DualEncoder(
                         serde_json::from_str(text).map_err(bad)?,
                     ));
@@ -366,7 +368,8 @@ impl ModelConfig {
                 // A CNN tower: its own config, and in `vision_config` only
                 // what the rest of clasp reads of an image tower.
                 let mut raw: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
-                let (cnn, vit) = super::mobilenet_v2::parse_vision_config(&raw["vision_config"])
+                let (cnn, vit) = super::cnn_tower::parse_vision_config(&raw["vision_config"])
+                    .expect("a CNN model type")
                     .map_err(|reason| Error::Config {
                         path: path.to_path_buf(),
                         reason: format!("vision_config: {reason}"),

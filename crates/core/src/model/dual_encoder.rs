@@ -8,9 +8,9 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::chinese_clip::BertTextModel;
+use super::cnn_tower::CnnTower;
 use super::config::{DualEncoderConfig, TextPooling};
 use super::layers::{load_heads, masked_mean, Linear};
-use super::mobilenet_v2::MobileNetV2;
 use super::vit::VisionTransformer;
 use crate::Result;
 
@@ -20,7 +20,7 @@ pub struct DualEncoderModel {
     pub vision: Option<VisionTransformer>,
     /// A pretrained CNN image tower in place of the ViT (`vision` is then
     /// `None`); `None` too when loaded for text only.
-    pub cnn: Option<Box<MobileNetV2>>,
+    pub cnn: Option<Box<CnnTower>>,
     pub text: BertTextModel,
     pub text_pooler: Linear,
     pub visual_projection: Linear,
@@ -37,7 +37,7 @@ impl DualEncoderModel {
         let (vision, cnn) = match (&cfg.image_cnn, towers) {
             (Some(c), super::Towers::Both) => (
                 None,
-                Some(Box::new(MobileNetV2::load(vb.pp("vision_model"), c)?)),
+                Some(Box::new(CnnTower::load(vb.pp("vision_model"), c)?)),
             ),
             (Some(_), super::Towers::Text) => (None, None),
             (None, _) => (towers.vision(vb.pp("vision_model"), v)?, None),

@@ -15,11 +15,10 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::cnn::{global_avg_pool, Act, ConvBn, ConvSpec};
-use super::config::VisionConfig;
 use crate::{Error, Result};
 
 /// transformers' `MobileNetV2Config`, the keys clasp reads.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MobileNetV2Config {
     #[serde(default = "d_3")]
     pub num_channels: usize,
@@ -115,38 +114,6 @@ impl MobileNetV2Config {
             );
         }
         Ok(())
-    }
-}
-
-/// A `vision_config` of model_type `mobilenet_v2` read: the tower's config,
-/// checked, and the ViT-shaped [`VisionConfig`] the rest of clasp reads of
-/// an image tower (its feature width as `hidden_size`, its image size and
-/// channels; `patch_size` 32, the map's stride).
-pub fn parse_vision_config(
-    v: &serde_json::Value,
-) -> std::result::Result<(MobileNetV2Config, VisionConfig), String> {
-    let cnn: MobileNetV2Config = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
-    cnn.check()?;
-    let stub = serde_json::json!({
-        "hidden_size": FEATURES,
-        "image_size": cnn.image_size,
-        "num_channels": cnn.num_channels,
-        "patch_size": cnn.output_stride,
-    });
-    let vit: VisionConfig = serde_json::from_value(stub).map_err(|e| e.to_string())?;
-    Ok((cnn, vit))
-}
-
-impl MobileNetV2Config {
-    /// This config as a `vision_config` that transformers reads
-    /// (`MobileNetV2Config`, plus `hidden_size`, the feature width that
-    /// `VisionTextDualEncoderModel` reads) and [`parse_vision_config`] reads
-    /// back.
-    pub fn to_vision_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).expect("a config serialises");
-        v["model_type"] = serde_json::json!("mobilenet_v2");
-        v["hidden_size"] = serde_json::json!(FEATURES);
-        v
     }
 }
 
@@ -259,55 +226,12 @@ impl MobileNetV2 {
     }
 }
 
-/// torchvision's ImageNet-1k class names, in the classifier's order.
-pub const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
-
-/// A pretrained MobileNetV2 with its own ImageNet head: the model's own
-/// 1000 labels, no prompts (`clasp classify --imagenet`).
-#[derive(Debug, Clone)]
-pub struct ImageNetClassifier {
-    tower: MobileNetV2,
-    head: super::layers::Linear,
-    labels: Vec<&'static str>,
-}
-
-impl ImageNetClassifier {
-    /// torchvision's `mobilenet_v2` checkpoint (`.pth` or safetensors),
-    /// its `classifier.1` included.
-    pub fn load(path: &std::path::Path, device: &candle_core::Device) -> Result<Self> {
-        let t = read_torchvision(path)?;
-        if !t.contains_key("classifier.weight") {
-            return Err(Error::Weights {
-                path: path.to_path_buf(),
-                reason: "no ImageNet classifier (classifier.1.weight) in this checkpoint".into(),
-            });
-        }
-        let vb = VarBuilder::from_tensors(t, candle_core::DType::F32, device);
-        let labels: Vec<&'static str> = IMAGENET_CLASSES.lines().collect();
-        Ok(Self {
-            tower: MobileNetV2::load(vb.clone(), &MobileNetV2Config::torchvision())?,
-            head: super::layers::Linear::load(vb.pp("classifier"), FEATURES, labels.len(), true)?,
-            labels,
-        })
-    }
-
-    /// The class probabilities [B, 1000] of ImageNet-normalised pixels.
-    pub fn probabilities(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let logits = self.head.forward(&self.tower.forward(pixel_values)?)?;
-        Ok(candle_nn::ops::softmax_last_dim(&logits)?)
-    }
-
-    pub fn labels(&self) -> &[&'static str] {
-        &self.labels
-    }
-}
-
-/// The tensors of a torchvision `mobilenet_v2` checkpoint (`.pth` in either
-/// `torch.save` format, or safetensors) in transformers' names, ready for
-/// [`MobileNetV2::load`] (and `classifier.*`, the ImageNet head). A state
-/// dict already in transformers' names is taken as it is.
-pub fn read_torchvision(path: &std::path::Path) -> Result<HashMap<String, Tensor>> {
-    let raw = super::torch_file::read_state_dict(path)?;
+/// A torchvision `mobilenet_v2` state dict (already read) in transformers'
+/// names, ready for [`MobileNetV2::load`] (and `classifier.*`, the ImageNet
+/// head). A state dict already in transformers' names is taken as it is.
+pub fn from_torchvision_dict(
+    raw: HashMap<String, Tensor>,
+) -> std::result::Result<HashMap<String, Tensor>, String> {
     if raw.keys().any(|k| k.starts_with("conv_stem.")) {
         return Ok(raw);
     }
@@ -324,13 +248,10 @@ pub fn read_torchvision(path: &std::path::Path) -> Result<HashMap<String, Tensor
     if out.is_empty() || !unknown.is_empty() {
         unknown.sort();
         unknown.truncate(5);
-        return Err(Error::Weights {
-            path: path.to_path_buf(),
-            reason: format!(
-                "not a torchvision mobilenet_v2 state dict (keys such as {})",
-                unknown.join(", ")
-            ),
-        });
+        return Err(format!(
+            "not a torchvision mobilenet_v2 state dict (keys such as {})",
+            unknown.join(", ")
+        ));
     }
     Ok(out)
 }

@@ -10,14 +10,17 @@
 pub mod chinese_clip;
 pub mod clip;
 pub mod cnn;
+pub mod cnn_tower;
 pub mod config;
 pub use clasp_kernels::{cpu_kernels, grad_kernels, int8, packed};
 pub mod dual_encoder;
+pub mod efficientnet_lite;
 pub mod int8_checkpoint;
 pub mod layers;
 pub mod loader;
 pub mod mobilenet_v2;
 pub mod open_clip;
+pub mod resnet;
 pub mod sentence;
 pub mod siglip;
 pub mod torch_file;

@@ -241,8 +241,11 @@ fn tensor_infos(obj: Object, path: &Path) -> Result<Vec<(String, TensorInfo)>> {
     Ok(out)
 }
 
-/// A tensor's view of its storage: contiguous (or, as torch writes some
-/// transposed weights, Fortran-contiguous) from its offset.
+/// A tensor's view of its storage from its offset: contiguous, or dense in
+/// some other order of its dimensions (torch keeps a transposed or permuted
+/// weight, as Fortran-ordered matrices or the channels-last convolutions of
+/// a TensorFlow port, as its storage with permuted strides). Views that skip
+/// or repeat elements are refused.
 fn view(storage: &Tensor, ti: &TensorInfo) -> candle_core::Result<Tensor> {
     let l = &ti.layout;
     let dims = l.dims().to_vec();
@@ -258,17 +261,74 @@ fn view(storage: &Tensor, ti: &TensorInfo) -> candle_core::Result<Tensor> {
     if l.is_contiguous() {
         return flat.reshape(dims);
     }
-    if l.is_fortran_contiguous() {
-        let rev: Vec<usize> = dims.iter().rev().copied().collect();
-        let perm: Vec<usize> = (0..dims.len()).rev().collect();
-        return flat.reshape(rev)?.permute(perm)?.contiguous();
+    let Some(order) = storage_order(&dims, l.stride()) else {
+        candle_core::bail!(
+            "strided tensors that are not dense are not supported ({:?})",
+            l
+        )
+    };
+    // The storage holds the dimensions in `order`; put them back.
+    let stored: Vec<usize> = order.iter().map(|&d| dims[d]).collect();
+    let perm: Vec<usize> = (0..dims.len())
+        .map(|d| order.iter().position(|&o| o == d).expect("a permutation"))
+        .collect();
+    flat.reshape(stored)?.permute(perm)?.contiguous()
+}
+
+/// The order of `dims` (outermost first) in which `strides` lay them out
+/// densely, or `None` when no order does. Size-1 dimensions' strides do not
+/// matter.
+fn storage_order(dims: &[usize], strides: &[usize]) -> Option<Vec<usize>> {
+    if dims.len() != strides.len() {
+        return None;
     }
-    candle_core::bail!("strided tensors are not supported ({:?})", l)
+    let mut order: Vec<usize> = (0..dims.len()).collect();
+    order.sort_by_key(|&d| (std::cmp::Reverse(strides[d]), d));
+    let mut expected = 1usize;
+    for &d in order.iter().rev() {
+        if dims[d] != 1 && strides[d] != expected {
+            return None;
+        }
+        expected = expected.checked_mul(dims[d])?;
+    }
+    Some(order)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn permuted_dense_strides_have_a_storage_order() {
+        // Contiguous, Fortran order, a channels-last convolution, and a
+        // size-1 dimension with any stride.
+        assert_eq!(storage_order(&[2, 3], &[3, 1]), Some(vec![0, 1]));
+        assert_eq!(storage_order(&[2, 3], &[1, 2]), Some(vec![1, 0]));
+        assert_eq!(
+            storage_order(&[1152, 1, 3, 3], &[1, 1, 3456, 1152]),
+            Some(vec![2, 3, 0, 1])
+        );
+        // Skipping (every other element) or repeating (stride 0) is not dense.
+        assert_eq!(storage_order(&[2, 3], &[6, 2]), None);
+        assert_eq!(storage_order(&[2, 3], &[0, 1]), None);
+    }
+
+    /// A permuted view reads as the tensor it shows.
+    #[test]
+    fn a_permuted_view_reads_back_in_its_own_order() {
+        let storage = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap();
+        // The [3, 2] transpose of a [2, 3] storage: strides (1, 3).
+        let ti = TensorInfo {
+            name: "t".into(),
+            dtype: DType::F32,
+            layout: candle_core::Layout::new((3, 2).into(), vec![1, 3], 0),
+            path: String::new(),
+            storage_size: 6,
+        };
+        let t = view(&storage, &ti).unwrap();
+        let want = storage.reshape((2, 3)).unwrap().t().unwrap();
+        assert_eq!(t.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+    }
 
     #[test]
     fn garbage_is_refused_naming_the_file() {
