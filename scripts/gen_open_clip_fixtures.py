@@ -14,6 +14,14 @@
                     over the same merges, zero padding), pixels through
                     open_clip's own eval transform, and encode_image /
                     encode_text outputs
+  tiny-epoch/       tiny-gelu's weights as open_clip's training loop saves
+                    them: epoch_3.pt, torch.save of {"epoch", "name",
+                    "state_dict" (keys prefixed "module.", as DDP has them),
+                    "optimizer"}, beside tiny-gelu's open_clip_config.json and
+                    vocabulary (`python3 scripts/gen_open_clip_fixtures.py
+                    extras` writes this and the next without touching the rest)
+  bundled_tokens.json   open_clip's default tokenizer (the BPE vocabulary its
+                    package ships, context 77) on a few texts
   configs/          open_clip's bundled model configs of ViT-B-32, B-16, L-14,
                     H-14 and their -quickgelu variants (for the translation test)
 Needs: pip install open_clip_torch torch safetensors pillow
@@ -103,5 +111,30 @@ def main():
     print(f"open_clip fixtures: {total / 1024:.0f} KiB")
 
 
+def extras():
+    from safetensors.torch import load_file
+    d = os.path.join(OUT, "tiny-epoch")
+    os.makedirs(d, exist_ok=True)
+    sd = load_file(os.path.join(OUT, "tiny-gelu", "open_clip_model.safetensors"))
+    ckpt = {"epoch": 3, "name": "tiny-gelu",
+            "state_dict": {"module." + k: v for k, v in sd.items()},
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}}
+    torch.save(ckpt, os.path.join(d, "epoch_3.pt"))
+    for f in ["open_clip_config.json", "vocab.json", "merges.txt"]:
+        shutil.copy(os.path.join(OUT, "tiny-gelu", f), d)
+    texts = ["a photo of a cat", "Two dogs play in the snow.", "un café à Paris, s'il vous plaît",
+             "Hello,   WORLD  &amp; friends", "一只猫", "x" * 300]
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    ids = tok(texts)
+    json.dump({"texts": texts, "input_ids": ids.tolist()},
+              open(os.path.join(OUT, "bundled_tokens.json"), "w"))
+    print("wrote tiny-epoch/ and bundled_tokens.json")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:] == ["extras"]:
+        extras()
+    else:
+        main()
+        extras()

@@ -41,6 +41,59 @@ fn open_clip_checkpoints_embed_as_open_clip_does() {
     }
 }
 
+/// open_clip's own training output (`epoch_3.pt`: torch.save of a dict
+/// whose `state_dict` has DDP's `module.` prefix, beside the epoch and the
+/// optimizer) in a folder with its open_clip_config.json embeds as the same
+/// weights published do (tiny-gelu's expectations), through the loader
+/// every verb uses, and converts to a CLIPModel checkpoint.
+#[test]
+fn an_open_clip_training_checkpoint_loads_as_its_weights() {
+    let dir = fixtures().join("tiny-epoch");
+    let enc = Encoder::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    check(&enc, "tiny-gelu");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("hf");
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(["convert", "--model"])
+        .arg(&dir)
+        .args(["--to", "hf", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // As a CLIPModel checkpoint (which pads as transformers does, so only
+    // the image side is compared here; the conversion test covers text).
+    let (exp, _) = common::expected_with_meta(&fixtures().join("expected.safetensors"));
+    let hf = Encoder::load(out.to_str().unwrap(), &Device::Cpu).unwrap();
+    let img = hf.image_features(&exp["tiny-gelu.pixel_values"]).unwrap();
+    assert!(max_abs(&img, &exp["tiny-gelu.image_features"]) < 1e-4);
+}
+
+/// A folder in open_clip's layout without vocab.json/merges.txt tokenizes
+/// with the BPE open_clip bundles, as open_clip's default tokenizer does
+/// (context 77, HTML entities decoded, zero padding, truncated with the end
+/// token kept).
+#[test]
+fn an_open_clip_folder_without_vocabulary_tokenizes_as_open_clip() {
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("bundled_tokens.json")).unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<String> = serde_json::from_value(want["texts"].clone()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(want["input_ids"].clone()).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("configs/ViT-B-32.json"),
+        d.path().join("open_clip_config.json"),
+    )
+    .unwrap();
+    let tok = clasp::preprocess::TextTokenizer::from_dir(d.path(), 77)
+        .unwrap()
+        .open_clip()
+        .unwrap();
+    assert_eq!(tok.encode(&texts).unwrap().ids, ids);
+}
+
 /// open_clip's eval transform (torchvision Resize of the shortest side,
 /// bicubic, CenterCrop) against clasp's translation of preprocess_cfg, on
 /// the full-size photos. Not on images with transparency: open_clip drops

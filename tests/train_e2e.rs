@@ -306,3 +306,49 @@ fn objective_lists_and_the_bcif_schedule_run_end_to_end() {
         "unknown objective `bogus`",
     );
 }
+
+/// `clasp train --preset` without `--tokenizer` uses CLIP's BPE as
+/// open_clip bundles it: the checkpoint's vocab.json and merges.txt are
+/// transformers' files for openai/clip-vit-base-patch32 (../shared/assets),
+/// so the run tokenizes as CLIP does.
+#[test]
+fn a_preset_without_tokenizer_files_gets_clips_bundled_bpe() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let out = d.path().join("run");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    c.args([
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--output",
+    ])
+    .arg(&out)
+    .arg("--dataset")
+    .arg(format!("flickr8k:{}", data.display()));
+    run_ok(c);
+    let clip =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/assets/clip-vit-base-patch32");
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    assert_eq!(
+        json(out.join("checkpoint/vocab.json")),
+        json(clip.join("vocab.json"))
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("checkpoint/merges.txt"))
+            .unwrap()
+            .lines()
+            .collect::<Vec<_>>(),
+        std::fs::read_to_string(clip.join("merges.txt"))
+            .unwrap()
+            .lines()
+            .collect::<Vec<_>>()
+    );
+}

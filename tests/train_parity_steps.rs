@@ -211,7 +211,7 @@ fn tiny_preset_is_a_clip_checkpoint_with_clip_init() {
     let dir = d.path().join("init");
     let tok = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/assets/clip-vit-base-patch32");
-    clasp::train::presets::init_preset("tiny", &tok, &dir, 3, &Device::Cpu).unwrap();
+    clasp::train::presets::init_preset("tiny", Some(&tok), &dir, 3, &Device::Cpu).unwrap();
     let enc = clasp::Encoder::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
     assert_eq!(enc.embedding_dim(), 256);
     let w = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();

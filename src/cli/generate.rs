@@ -252,9 +252,8 @@ pub fn convert_cmd(a: ConvertArgs) -> Result<ExitCode> {
     if a.model.join(clasp::model::open_clip::CONFIG_FILE).is_file() {
         let had_tokenizer = clasp::model::open_clip::write_hf(&a.model, &a.output)?;
         if !had_tokenizer {
-            eprintln!(
-                "note: {} has no tokenizer files; the CLIP BPE of any CLIP checkpoint \
-                 (vocab.json and merges.txt, e.g. openai/clip-vit-base-patch32's) is open_clip's",
+            note!(
+                "{} has no tokenizer files: wrote open_clip's own CLIP BPE (vocab.json, merges.txt)",
                 a.model.display()
             );
         }

@@ -137,7 +137,7 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub packed_llm: bool,
     /// Tokenizer files for --preset: a folder with CLIP's vocab.json and merges.txt
-    /// (or tokenizer.json), e.g. openai/clip-vit-base-patch32's.
+    /// (or tokenizer.json) [default: CLIP's BPE as open_clip bundles it, built in].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<PathBuf>,

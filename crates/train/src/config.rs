@@ -363,12 +363,8 @@ impl TrainConfig {
                         .into(),
                 ));
             };
-            let Some(tok) = &self.tokenizer else {
-                return Err(Error::Report(format!(
-                    "preset {preset} needs CLIP tokenizer files: give --tokenizer DIR (a folder with \
-                     vocab.json and merges.txt, or tokenizer.json, e.g. openai/clip-vit-base-patch32's)"
-                )));
-            };
+            // Without --tokenizer, CLIP's BPE as open_clip bundles it.
+            let tok = self.tokenizer.as_deref();
             super::presets::init_preset(&preset, tok, &dir, self.seed, &cpu)?;
             format!(
                 "wrote the `{preset}` preset with CLIP's initialisation to {}",

@@ -110,10 +110,12 @@ fn preprocessor_json(image_size: u64) -> serde_json::Value {
 
 /// Writes a preset checkpoint directory without weights' values yet:
 /// config.json, preprocessor_config.json and the CLIP tokenizer files from
-/// `tokenizer_dir`; then builds the model with CLIP's initialisation.
+/// `tokenizer_dir` (or, without one, CLIP's BPE as open_clip bundles it:
+/// vocab.json and merges.txt); then builds the model with CLIP's
+/// initialisation.
 pub fn init_preset(
     name: &str,
-    tokenizer_dir: &Path,
+    tokenizer_dir: Option<&Path>,
     dir: &Path,
     seed: u64,
     device: &Device,
@@ -126,7 +128,10 @@ pub fn init_preset(
         &dir.join("preprocessor_config.json"),
         &preprocessor_json(img),
     )?;
-    copy_tokenizer(tokenizer_dir, dir)?;
+    match tokenizer_dir {
+        Some(from) => copy_tokenizer(from, dir)?,
+        None => clasp_core::preprocess::clip_bpe::write(dir)?,
+    }
     let t = Trainable::from_config_dir(dir, device)?;
     clip_init(&t, &cfg, seed)?;
     t.save(dir)?;

@@ -76,13 +76,9 @@ fn from_dir(spec: &str, dir: &Path) -> Result<ModelFiles> {
     let config = dir.join("config.json");
     let oc = dir.join(super::open_clip::CONFIG_FILE);
     if !config.is_file() && oc.is_file() {
-        let weights = super::open_clip::WEIGHT_FILES
-            .iter()
-            .map(|f| dir.join(f))
-            .find(|p| p.is_file())
-            .ok_or_else(|| Error::MissingWeights {
-                dir: dir.to_path_buf(),
-            })?;
+        let weights = super::open_clip::weights_in(dir).ok_or_else(|| Error::MissingWeights {
+            dir: dir.to_path_buf(),
+        })?;
         return Ok(ModelFiles {
             spec: spec.to_string(),
             dir: dir.to_path_buf(),
@@ -165,9 +161,20 @@ fn from_hub(id: &str) -> Result<ModelFiles> {
 
 pub use clasp_common::json::{parse_json, read_json};
 
-/// A checkpoint's tensors by name as f32, from safetensors or a pickled
-/// state dict (.bin), on the CPU.
+/// Whether `path` is a `torch.save` file clasp reads through
+/// [`super::torch_file`] (a training checkpoint such as open_clip's
+/// `epoch_N.pt`, its state dict nested and perhaps `module.`-prefixed).
+fn is_torch_save(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "pt" || e == "pth")
+}
+
+/// A checkpoint's tensors by name as f32, from safetensors, a pickled
+/// state dict (.bin), or a `torch.save` training checkpoint (.pt/.pth), on
+/// the CPU.
 pub fn read_tensors(path: &Path) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    if is_torch_save(path) {
+        return super::torch_file::read_state_dict(path);
+    }
     let bad = |e: candle_core::Error| Error::Weights {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -193,7 +200,13 @@ pub fn var_builder(files: &ModelFiles, device: &Device) -> Result<VarBuilder<'st
         path: w.clone(),
         reason: e.to_string(),
     };
-    if w.extension().is_some_and(|e| e == "bin") {
+    if is_torch_save(w) {
+        Ok(VarBuilder::from_tensors(
+            read_tensors(w)?,
+            DType::F32,
+            device,
+        ))
+    } else if w.extension().is_some_and(|e| e == "bin") {
         VarBuilder::from_pth(w, DType::F32, device).map_err(bad)
     } else {
         // SAFETY: the file is memory-mapped read-only; clasp never writes a

@@ -30,6 +30,38 @@ use crate::{Error, Result};
 pub const CONFIG_FILE: &str = "open_clip_config.json";
 pub const WEIGHT_FILES: &[&str] = &["open_clip_model.safetensors", "open_clip_pytorch_model.bin"];
 
+/// The weights of an open_clip folder: its published files
+/// ([`WEIGHT_FILES`]), or else open_clip's own training output,
+/// `epoch_latest.pt` or the highest `epoch_N.pt` (a dict whose
+/// `state_dict` has the `module.` prefix when trained with DDP).
+pub fn weights_in(dir: &Path) -> Option<std::path::PathBuf> {
+    if let Some(p) = WEIGHT_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+    {
+        return Some(p);
+    }
+    let latest = dir.join("epoch_latest.pt");
+    if latest.is_file() {
+        return Some(latest);
+    }
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let n: u64 = name
+                .strip_prefix("epoch_")?
+                .strip_suffix(".pt")?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p)
+}
+
 const SUPPORTED: &str = "open_clip ViT models with a transformer text tower (ViT-B-32, ViT-B-16, \
      ViT-L-14, ViT-H-14 and their -quickgelu variants, or any config of that form)";
 
@@ -468,18 +500,14 @@ pub fn translate(config: &Path, weights: &Path) -> Result<Translated> {
 
 /// Writes the open_clip checkpoint in `dir` as a transformers `CLIPModel`
 /// checkpoint in `out` (atomically): config.json, model.safetensors,
-/// preprocessor_config.json, and the tokenizer files the directory has.
-/// Returns whether it had any (open_clip's own checkpoints often have none:
-/// its tokenizer is the CLIP BPE bundled with the package).
+/// preprocessor_config.json, and the tokenizer files the directory has, or
+/// else the CLIP BPE open_clip bundles (vocab.json, merges.txt). Returns
+/// whether the directory had any.
 pub fn write_hf(dir: &Path, out: &Path) -> Result<bool> {
     let config = dir.join(CONFIG_FILE);
-    let weights = WEIGHT_FILES
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())
-        .ok_or_else(|| Error::MissingWeights {
-            dir: dir.to_path_buf(),
-        })?;
+    let weights = weights_in(dir).ok_or_else(|| Error::MissingWeights {
+        dir: dir.to_path_buf(),
+    })?;
     let t = translate(&config, &weights)?;
     let tok_files: Vec<&str> = [
         "tokenizer.json",
@@ -507,6 +535,10 @@ pub fn write_hf(dir: &Path, out: &Path) -> Result<bool> {
         }
         for f in &tok_files {
             std::fs::copy(dir.join(f), tmp.join(f)).map_err(|e| Error::io(dir.join(f), e))?;
+        }
+        if tok_files.is_empty() {
+            // open_clip's own tokenizer, the BPE its package bundles.
+            crate::preprocess::clip_bpe::write(tmp)?;
         }
         Ok(())
     })?;

@@ -2,6 +2,7 @@
 //! text (tokenize, pad, truncate).
 
 pub mod augment;
+pub mod clip_bpe;
 pub mod image;
 pub mod pipeline;
 pub mod prompts;

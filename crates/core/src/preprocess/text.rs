@@ -107,6 +107,15 @@ impl TextTokenizer {
         } else if dir.join("vocab.txt").is_file() {
             let src = dir.join("vocab.txt");
             (wordpiece_from_file(&src)?, src)
+        } else if dir.join(crate::model::open_clip::CONFIG_FILE).is_file() {
+            // open_clip keeps its BPE in its package; so does clasp.
+            let src = dir.join(crate::model::open_clip::CONFIG_FILE);
+            let tok = clip_bpe(
+                super::clip_bpe::vocab_json(),
+                &super::clip_bpe::merges_txt(),
+                &src,
+            )?;
+            (tok, src)
         } else {
             return Err(Error::MissingTokenizer {
                 dir: dir.to_path_buf(),
@@ -333,6 +342,12 @@ fn clip_bpe_from_files(dir: &Path) -> Result<Tokenizer> {
         serde_json::from_str(&std::fs::read_to_string(&vp).map_err(|e| Error::io(&vp, e))?)
             .map_err(|e| tok_err(&vp, e))?;
     let merges_text = std::fs::read_to_string(&mp).map_err(|e| Error::io(&mp, e))?;
+    clip_bpe(vocab, &merges_text, &vp)
+}
+
+/// CLIP's BPE tokenizer from its vocabulary and merges; `vp` names the
+/// source in errors.
+fn clip_bpe(vocab: Value, merges_text: &str, vp: &Path) -> Result<Tokenizer> {
     let merges: Vec<Value> = merges_text
         .lines()
         .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
@@ -346,7 +361,7 @@ fn clip_bpe_from_files(dir: &Path) -> Result<Tokenizer> {
         (Some(b), Some(e)) => (b, e),
         _ => {
             return Err(tok_err(
-                &vp,
+                vp,
                 "vocab.json lacks <|startoftext|> or <|endoftext|>",
             ))
         }
@@ -379,7 +394,7 @@ fn clip_bpe_from_files(dir: &Path) -> Result<Tokenizer> {
             "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false,
             "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
     });
-    Tokenizer::from_str(&spec.to_string()).map_err(|e| tok_err(&vp, e))
+    Tokenizer::from_str(&spec.to_string()).map_err(|e| tok_err(vp, e))
 }
 
 /// BERT's WordPiece tokenizer from vocab.txt, as transformers' `BertConverter`
