@@ -22,6 +22,20 @@
                     extras` writes this and the next without touching the rest)
   bundled_tokens.json   open_clip's default tokenizer (the BPE vocabulary its
                     package ships, context 77) on a few texts
+  rn50/             OpenAI's RN50 CLIP at its real config (open_clip's
+                    RN50.json) with weights from a formula both sides compute
+                    (`formula` below; crates/core's test restates it), since
+                    random RN50 weights are 400 MB: manifest.json (every
+                    state-dict key and shape), open_clip_config.json, and
+                    expected.safetensors (encode_image of two held-out photos
+                    through open_clip's own RN50 transform, encode_text of
+                    three captions, and the token ids); written by
+                    `python3 scripts/gen_open_clip_fixtures.py rn50`
+  tiny-rn/          a narrow ModifiedResNet CLIP (layers [1, 1, 1, 1], width
+                    8, 64 pixels) under tiny-gelu's text tower and vocabulary,
+                    as manifest.json and open_clip_config.json: the tests
+                    write its weights by the same formula (every verb runs on
+                    it; RN50 holds the parity)
   configs/          open_clip's bundled model configs of ViT-B-32, B-16, L-14,
                     H-14 and their -quickgelu variants (for the translation test)
 Needs: pip install open_clip_torch torch safetensors pillow
@@ -131,10 +145,90 @@ def extras():
     print("wrote tiny-epoch/ and bundled_tokens.json")
 
 
+def formula(name, shape):
+    """Deterministic weights: a sine over the flat index, phase from the
+    name, scaled by kind so that activations stay of order one."""
+    import math
+    n = 1
+    for d in shape:
+        n *= d
+    h = sum(name.encode()) % 997
+    s = torch.sin(torch.arange(n, dtype=torch.float64) * 0.61803398875 + h * 0.1)
+    if name.endswith("running_var"):
+        v = 1 + 0.25 * (1 + s)
+    elif name.endswith("running_mean"):
+        v = 0.1 * s
+    elif name == "logit_scale":
+        v = torch.full((n,), math.log(1 / 0.07), dtype=torch.float64)
+    elif len(shape) == 1 and name.endswith(".weight"):
+        v = 1 + 0.1 * s
+    elif len(shape) <= 1 or "embedding" in name:
+        v = 0.1 * s
+    else:
+        v = s * math.sqrt(3.0 / (n // shape[0]))
+    return v.float().reshape(shape)
+
+
+def tiny_rn():
+    d = os.path.join(OUT, "tiny-rn")
+    os.makedirs(d, exist_ok=True)
+    gelu = json.load(open(os.path.join(OUT, "tiny-gelu", "open_clip_config.json")))
+    model_cfg = {"embed_dim": 16,
+                 "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+                 "text_cfg": gelu["model_cfg"]["text_cfg"]}
+    model = CLIP(**model_cfg)
+    manifest = {k: list(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
+    json.dump({"formula": "scripts/gen_open_clip_fixtures.py formula", "shapes": manifest},
+              open(os.path.join(d, "manifest.json"), "w"))
+    json.dump({"model_cfg": model_cfg, "preprocess_cfg": gelu["preprocess_cfg"]},
+              open(os.path.join(d, "open_clip_config.json"), "w"), indent=2)
+    for f in ["vocab.json", "merges.txt"]:
+        shutil.copy(os.path.join(OUT, "tiny-gelu", f), d)
+
+
+def rn50():
+    tiny_rn()
+    d = os.path.join(OUT, "rn50")
+    os.makedirs(d, exist_ok=True)
+    model, _, preprocess = open_clip.create_model_and_transforms("RN50", pretrained=None)
+    model.eval()
+    sd = model.state_dict()
+    manifest = {}
+    with torch.no_grad():
+        for k, v in sd.items():
+            if not v.is_floating_point():
+                continue
+            manifest[k] = list(v.shape)
+            v.copy_(formula(k, list(v.shape)))
+    json.dump({"formula": "scripts/gen_open_clip_fixtures.py formula", "shapes": manifest},
+              open(os.path.join(d, "manifest.json"), "w"))
+    cfgdir = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")
+    model_cfg = json.load(open(os.path.join(cfgdir, "RN50.json")))
+    json.dump({"model_cfg": model_cfg, "preprocess_cfg": {
+        "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic", "resize_mode": "shortest"}},
+        open(os.path.join(d, "open_clip_config.json"), "w"), indent=2)
+    photos = ["data/reference-images/coco-000000039769-two-cats.png",
+              "data/flickr8k/images/2090545563_a4e66ec76b.jpg"]
+    texts = ["two cats sleeping on a pink blanket", "a child rides a tricycle",
+             "A dog runs through the snow ."]
+    px = torch.stack([preprocess(Image.open(os.path.join(SHARED, p))) for p in photos])
+    ids = open_clip.get_tokenizer("RN50")(texts)
+    with torch.no_grad():
+        img = model.encode_image(px)
+        txt = model.encode_text(ids)
+    print("RN50 image features", img.abs().max().item(), "text", txt.abs().max().item())
+    save_file({"image_features": img.contiguous(), "text_features": txt.contiguous(),
+               "input_ids": ids.int().contiguous()}, os.path.join(d, "expected.safetensors"),
+              metadata={"photos": json.dumps(photos), "texts": json.dumps(texts)})
+
+
 if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["extras"]:
         extras()
+    elif sys.argv[1:] == ["rn50"]:
+        rn50()
     else:
         main()
         extras()

@@ -1,5 +1,6 @@
 //! Every verb with every architecture: for CLIP, Chinese-CLIP, the dual
-//! encoder, SigLIP, SigLIP 2 and open_clip's layout, `index` + `search`,
+//! encoder, SigLIP, SigLIP 2 and open_clip's layout (a ViT, and a ResNet
+//! with attention pooling as OpenAI's RN50 family), `index` + `search`,
 //! `classify`, `eval zeroshot`, `eval retrieval` and `serve` give what the
 //! vectors of `clasp embed` (each architecture's parity with its reference
 //! is tested elsewhere) imply, and `train` runs a step and saves a
@@ -13,13 +14,14 @@ use serde_json::{json, Value};
 
 mod common;
 
-const MODELS: [&str; 6] = [
+const MODELS: [&str; 7] = [
     "core/tiny-clip",
     "core/tiny-chinese-clip",
     "core/tiny-dual-encoder",
     "siglip/tiny-siglip",
     "siglip/tiny-siglip2",
     "open_clip/tiny-quickgelu",
+    "open_clip/tiny-rn",
 ];
 
 const CAPTIONS: [&str; 4] = [
@@ -30,11 +32,23 @@ const CAPTIONS: [&str; 4] = [
 ];
 
 fn fixture(m: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
-        .join(m)
-        .display()
-        .to_string()
+        .join(m);
+    if !src.join("manifest.json").is_file() {
+        return src.display().to_string();
+    }
+    // Weights by formula (tests/common), written once per test process.
+    static MADE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let dst = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("every_architecture-{}", std::process::id()))
+        .join(m);
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    if !made.iter().any(|x| x == m) {
+        common::formula_model(&src, &dst);
+        made.push(m.to_string());
+    }
+    dst.display().to_string()
 }
 
 fn clasp(args: &[&str]) -> Output {
@@ -356,12 +370,20 @@ fn every_architecture_trains_a_step_and_saves_a_checkpoint_that_embeds() {
         } else {
             "infonce"
         };
-        let o = clasp(&[
+        // CNN towers train locked.
+        let lock: &[&str] = if m.ends_with("-rn") {
+            &["--lock-image"]
+        } else {
+            &[]
+        };
+        let fx = fixture(m);
+        let data_arg = format!("flickr8k:{}", data.display());
+        let mut args = vec![
             "train",
             "--init",
-            &fixture(m),
+            &fx,
             "--dataset",
-            &format!("flickr8k:{}", data.display()),
+            &data_arg,
             "--objective",
             objective,
             "--batch-size",
@@ -374,7 +396,9 @@ fn every_architecture_trains_a_step_and_saves_a_checkpoint_that_embeds() {
             "1",
             "--output",
             out.to_str().unwrap(),
-        ]);
+        ];
+        args.extend_from_slice(lock);
+        let o = clasp(&args);
         assert!(
             o.status.success(),
             "{m}: {}",

@@ -224,3 +224,61 @@ fn an_open_clip_only_hub_repository_loads_by_its_id() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("laion/absent"), "{err}");
 }
+
+/// OpenAI's RN50 CLIP at its real config (open_clip's RN50.json: a
+/// ModifiedResNet with attention pooling under the 12-layer text
+/// transformer), with the formula's weights in open_clip's layout and no
+/// vocabulary files: image embeddings of held-out photos through clasp's
+/// preprocessing, and text embeddings of captions through the bundled BPE,
+/// equal open_clip's within 1e-4 (and to a cosine of 1 - 1e-6), with the
+/// same token ids.
+#[test]
+fn openai_rn50_embeds_as_open_clip_does() {
+    let src = fixtures().join("rn50");
+    let d = tempfile::tempdir().unwrap();
+    common::formula_model(&src, d.path());
+    let enc = Encoder::load(d.path().to_str().unwrap(), &Device::Cpu).unwrap();
+    let (exp, meta) = common::expected_with_meta(&src.join("expected.safetensors"));
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    let photos: Vec<String> = serde_json::from_str(&meta["photos"]).unwrap();
+    let ids = enc.tokenizer().encode(&texts).unwrap().ids;
+    let want = exp["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
+    assert_eq!(ids, want.to_vec2::<u32>().unwrap(), "token ids");
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    let paths: Vec<PathBuf> = photos.iter().map(|p| shared.join(p)).collect();
+    let px: Vec<Vec<f32>> = paths
+        .iter()
+        .map(|p| enc.image_processor().process_path(p).unwrap())
+        .collect();
+    let px = enc.pixel_batch(&px).unwrap();
+    // Within 1e-4 as every parity test here, and each row's direction (what
+    // retrieval reads) to a cosine of 1 - 1e-6.
+    let check = |what: &str, got: &Tensor, want: &Tensor| {
+        let d = max_abs(got, want);
+        let cos = clasp::model::l2_normalize(got)
+            .unwrap()
+            .mul(&clasp::model::l2_normalize(want).unwrap())
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .min(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        eprintln!("RN50 {what}: max |diff| {d:.2e}, lowest cosine {cos:.8}");
+        assert!(
+            d < 1e-4 && cos > 1.0 - 1e-6,
+            "{what}: max |diff| {d}, cosine {cos}"
+        );
+    };
+    check(
+        "image features",
+        &enc.image_features(&px).unwrap(),
+        &exp["image_features"],
+    );
+    check(
+        "text features",
+        &enc.text_features(&texts).unwrap(),
+        &exp["text_features"],
+    );
+}

@@ -295,3 +295,58 @@ pub fn ok(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
 }
+
+/// scripts/gen_open_clip_fixtures.py's `formula`, restated: deterministic
+/// weights for a state-dict entry from its name and shape.
+pub fn formula(name: &str, shape: &[usize]) -> candle_core::Tensor {
+    let n: usize = shape.iter().product();
+    let h = name.bytes().map(|b| b as u64).sum::<u64>() % 997;
+    let s = |i: usize| (i as f64 * 0.61803398875 + h as f64 * 0.1).sin();
+    let fan_in = if shape.is_empty() { 1 } else { n / shape[0] };
+    let scale = (3.0 / fan_in as f64).sqrt();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let s = s(i);
+            (if name.ends_with("running_var") {
+                1.0 + 0.25 * (1.0 + s)
+            } else if name.ends_with("running_mean") {
+                0.1 * s
+            } else if name == "logit_scale" {
+                (1.0f64 / 0.07).ln()
+            } else if shape.len() == 1 && name.ends_with(".weight") {
+                1.0 + 0.1 * s
+            } else if shape.len() <= 1 || name.contains("embedding") {
+                0.1 * s
+            } else {
+                s * scale
+            }) as f32
+        })
+        .collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
+
+/// An open_clip folder at `dst` from a fixture folder `src` that holds
+/// the model's config, `manifest.json` (every state-dict key and shape) and
+/// perhaps its vocabulary: the weights are [`formula`]'s, written as
+/// open_clip_model.safetensors (for models whose random weights are too
+/// large to commit).
+pub fn formula_model(src: &Path, dst: &Path) {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json")).unwrap()).unwrap();
+    let sd: std::collections::HashMap<String, candle_core::Tensor> = manifest["shapes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, s)| {
+            let shape: Vec<usize> = serde_json::from_value(s.clone()).unwrap();
+            (k.clone(), formula(k, &shape))
+        })
+        .collect();
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["open_clip_config.json", "vocab.json", "merges.txt"] {
+        if src.join(f).is_file() {
+            std::fs::copy(src.join(f), dst.join(f)).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&sd, dst.join("open_clip_model.safetensors")).unwrap();
+}

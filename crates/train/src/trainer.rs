@@ -213,14 +213,17 @@ impl Trainer {
             }
             None => None,
         };
-        if let clasp_core::model::ModelConfig::DualEncoder(c) = &t.config {
-            if c.image_cnn.is_some() && !cfg.lock_image {
-                return Err(Error::Report(
-                    "this checkpoint's image tower is a CNN, which trains locked in clasp: \
-                     add --lock-image"
-                        .into(),
-                ));
-            }
+        let cnn = match &t.config {
+            clasp_core::model::ModelConfig::DualEncoder(c) => c.image_cnn.is_some(),
+            clasp_core::model::ModelConfig::Clip(c) => c.image_cnn.is_some(),
+            _ => false,
+        };
+        if cnn && !cfg.lock_image {
+            return Err(Error::Report(
+                "this checkpoint's image tower is a CNN, which trains locked in clasp: \
+                 add --lock-image"
+                    .into(),
+            ));
         }
         let cache = match &frozen {
             Some(m) if cfg.lock_image => super::feature_cache::for_run(

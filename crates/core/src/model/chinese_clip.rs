@@ -250,6 +250,7 @@ impl ChineseClipModel {
         Self::assemble(
             vb,
             &cfg.vision_config,
+            None,
             t.hidden_size,
             cfg.projection_dim,
             cfg,

@@ -162,6 +162,7 @@ impl ClipModel {
         Self::assemble(
             vb,
             &cfg.vision_config,
+            cfg.image_cnn.as_ref(),
             t.hidden_size,
             cfg.projection_dim,
             cfg,

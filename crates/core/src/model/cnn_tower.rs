@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 use super::config::VisionConfig;
 use super::efficientnet_lite::{EfficientNetLite, EfficientNetLiteConfig};
 use super::mobilenet_v2::{MobileNetV2, MobileNetV2Config};
+use super::modified_resnet::{ModifiedResNet, ModifiedResNetConfig};
 use super::resnet::{ResNet, ResNetConfig};
 use crate::preprocess::ImageProcessorConfig;
 use crate::{Error, Result};
@@ -22,10 +23,18 @@ pub enum CnnConfig {
     MobileNetV2(MobileNetV2Config),
     ResNet(ResNetConfig),
     EfficientNetLite(EfficientNetLiteConfig),
+    /// OpenAI CLIP's ResNets in open_clip's names (a clasp model_type,
+    /// `open_clip_modified_resnet`): pooled by attention to the embedding.
+    ModifiedResNet(ModifiedResNetConfig),
 }
 
 /// The `vision_config` model types that name a CNN tower.
-pub const MODEL_TYPES: [&str; 3] = ["mobilenet_v2", "resnet", "efficientnet_lite"];
+pub const MODEL_TYPES: [&str; 4] = [
+    "mobilenet_v2",
+    "resnet",
+    "efficientnet_lite",
+    "open_clip_modified_resnet",
+];
 
 impl CnnConfig {
     /// The pooled feature's width.
@@ -34,6 +43,7 @@ impl CnnConfig {
             CnnConfig::MobileNetV2(_) => super::mobilenet_v2::FEATURES,
             CnnConfig::ResNet(c) => c.features(),
             CnnConfig::EfficientNetLite(_) => super::efficientnet_lite::FEATURES,
+            CnnConfig::ModifiedResNet(c) => c.output_dim,
         }
     }
 
@@ -43,6 +53,7 @@ impl CnnConfig {
             CnnConfig::MobileNetV2(_) => "MobileNetV2".into(),
             CnnConfig::ResNet(c) => c.name(),
             CnnConfig::EfficientNetLite(c) => c.name(),
+            CnnConfig::ModifiedResNet(c) => c.name(),
         }
     }
 
@@ -51,6 +62,7 @@ impl CnnConfig {
             CnnConfig::MobileNetV2(c) => c.image_size,
             CnnConfig::ResNet(_) => 224,
             CnnConfig::EfficientNetLite(c) => c.image_size,
+            CnnConfig::ModifiedResNet(c) => c.image_size,
         }
     }
 
@@ -59,6 +71,7 @@ impl CnnConfig {
             CnnConfig::MobileNetV2(c) => c.num_channels,
             CnnConfig::ResNet(c) => c.num_channels,
             CnnConfig::EfficientNetLite(c) => c.num_channels,
+            CnnConfig::ModifiedResNet(_) => 3,
         }
     }
 
@@ -79,6 +92,11 @@ impl CnnConfig {
                     ..base
                 }
             }
+            // OpenAI CLIP's: bicubic to the model's size, CLIP's mean/std.
+            CnnConfig::ModifiedResNet(c) => ImageProcessorConfig {
+                crop_rounding: base.crop_rounding,
+                ..ImageProcessorConfig::clip_default(c.image_size as u32)
+            },
             _ => base,
         }
     }
@@ -91,6 +109,7 @@ impl CnnConfig {
             CnnConfig::MobileNetV2(c) => (serde_json::to_value(c), "mobilenet_v2"),
             CnnConfig::ResNet(c) => (serde_json::to_value(c), "resnet"),
             CnnConfig::EfficientNetLite(c) => (serde_json::to_value(c), "efficientnet_lite"),
+            CnnConfig::ModifiedResNet(c) => (serde_json::to_value(c), "open_clip_modified_resnet"),
         };
         let v = v.as_mut().expect("a config serialises");
         v["model_type"] = serde_json::json!(ty);
@@ -119,6 +138,8 @@ pub fn parse_vision_config(
         "efficientnet_lite" => de(v).and_then(|c: EfficientNetLiteConfig| {
             c.check().map(|_| CnnConfig::EfficientNetLite(c))
         }),
+        "open_clip_modified_resnet" => de(v)
+            .and_then(|c: ModifiedResNetConfig| c.check().map(|_| CnnConfig::ModifiedResNet(c))),
         _ => return None,
     };
     Some(cnn.and_then(|cnn| {
@@ -139,6 +160,8 @@ pub enum CnnTower {
     MobileNetV2(MobileNetV2),
     ResNet(ResNet),
     EfficientNetLite(EfficientNetLite),
+    /// Boxed: its attention pool makes it the largest.
+    ModifiedResNet(Box<ModifiedResNet>),
 }
 
 impl CnnTower {
@@ -150,6 +173,9 @@ impl CnnTower {
             CnnConfig::EfficientNetLite(c) => {
                 CnnTower::EfficientNetLite(EfficientNetLite::load(vb, c)?)
             }
+            CnnConfig::ModifiedResNet(c) => {
+                CnnTower::ModifiedResNet(Box::new(ModifiedResNet::load(vb, c)?))
+            }
         })
     }
 
@@ -159,12 +185,17 @@ impl CnnTower {
             CnnTower::MobileNetV2(m) => m.feature_map(pixel_values),
             CnnTower::ResNet(m) => m.feature_map(pixel_values),
             CnnTower::EfficientNetLite(m) => m.feature_map(pixel_values),
+            CnnTower::ModifiedResNet(m) => m.feature_map(pixel_values),
         }
     }
 
-    /// The average-pooled feature [B, C].
+    /// The pooled feature [B, C]: the feature map's average, or for CLIP's
+    /// ResNets their attention pooling (the embedding itself).
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        super::cnn::global_avg_pool(&self.feature_map(pixel_values)?)
+        match self {
+            CnnTower::ModifiedResNet(m) => m.forward(pixel_values),
+            _ => super::cnn::global_avg_pool(&self.feature_map(pixel_values)?),
+        }
     }
 }
 
@@ -303,6 +334,13 @@ mod tests {
             CnnConfig::MobileNetV2(MobileNetV2Config::torchvision()),
             CnnConfig::ResNet(ResNetConfig::torchvision(50).unwrap()),
             CnnConfig::EfficientNetLite(EfficientNetLiteConfig::lite(0).unwrap()),
+            CnnConfig::ModifiedResNet(ModifiedResNetConfig {
+                layers: vec![3, 4, 6, 3],
+                width: 64,
+                head_width: 64,
+                image_size: 224,
+                output_dim: 1024,
+            }),
         ] {
             let j = c.to_vision_json();
             let (back, vit) = parse_vision_config(&j).unwrap().unwrap();

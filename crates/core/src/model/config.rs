@@ -247,6 +247,12 @@ pub struct ClipConfig {
     pub projection_dim: usize,
     #[serde(default = "d_logit_scale")]
     pub logit_scale_init_value: f64,
+    /// OpenAI CLIP's ResNet image towers (open_clip's RN50 family; a
+    /// `vision_config` of model_type `open_clip_modified_resnet`, which only
+    /// clasp reads) in place of the ViT; `vision_config` then holds the
+    /// embedding width as `hidden_size`.
+    #[serde(skip)]
+    pub image_cnn: Option<super::cnn_tower::CnnConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -342,7 +348,24 @@ impl ModelConfig {
         let head: Head = serde_json::from_str(text).map_err(bad)?;
         let model_type = head.model_type.unwrap_or_default();
         match model_type.as_str() {
-            "clip" => Ok(ModelConfig::Clip(serde_json::from_str(text).map_err(bad)?)),
+            "clip" => {
+                let mut raw: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
+                let cnn = match super::cnn_tower::parse_vision_config(&raw["vision_config"]) {
+                    Some(parsed) => {
+                        let (cnn, vit) = parsed.map_err(|reason| Error::Config {
+                            path: path.to_path_buf(),
+                            reason: format!("vision_config: {reason}"),
+                        })?;
+                        raw["vision_config"] =
+                            serde_json::to_value(&vit).expect("a config serialises");
+                        Some(cnn)
+                    }
+                    None => None,
+                };
+                let mut c: ClipConfig = serde_json::from_value(raw).map_err(bad)?;
+                c.image_cnn = cnn;
+                Ok(ModelConfig::Clip(c))
+            }
             "chinese_clip" => Ok(ModelConfig::ChineseClip(
                 serde_json::from_str(text).map_err(bad)?,
             )),

@@ -19,7 +19,9 @@ pub mod int8_checkpoint;
 pub mod layers;
 pub mod loader;
 pub mod mobilenet_v2;
+pub mod modified_resnet;
 pub mod open_clip;
+pub mod open_clip_resnet;
 pub mod resnet;
 pub mod sentence;
 pub mod siglip;
@@ -110,8 +112,8 @@ impl Model {
     /// (SigLIP's is its pooling head's output, the embedding itself).
     pub fn image_pooled(&self, pixel_values: &Tensor) -> Result<Tensor> {
         match self {
-            Model::Clip(m) => vision_tower(&m.vision)?.forward(pixel_values),
-            Model::ChineseClip(m) => vision_tower(&m.vision)?.forward(pixel_values),
+            Model::Clip(m) => m.image_pooled(pixel_values),
+            Model::ChineseClip(m) => m.image_pooled(pixel_values),
             Model::DualEncoder(m) => m.image_pooled(pixel_values),
             Model::Siglip(m) => m.vision_tower()?.forward(pixel_values),
         }

@@ -63,7 +63,8 @@ pub fn weights_in(dir: &Path) -> Option<std::path::PathBuf> {
 }
 
 const SUPPORTED: &str = "open_clip ViT models with a transformer text tower (ViT-B-32, ViT-B-16, \
-     ViT-L-14, ViT-H-14 and their -quickgelu variants, or any config of that form)";
+     ViT-L-14, ViT-H-14 and their -quickgelu variants, or any config of that form), and OpenAI's \
+     ResNets (RN50, RN101, RN50x4, RN50x16, RN50x64)";
 
 fn d_64() -> usize {
     64
@@ -136,6 +137,10 @@ pub struct ModelCfg {
 pub struct OpenClipConfig {
     pub model: ModelCfg,
     pub preprocess: Value,
+    /// OpenAI's ResNet image tower (the RN50 family), when `vision_cfg`'s
+    /// `layers` is a list; `model.vision_cfg` then carries only its image
+    /// size and width.
+    pub resnet: Option<super::modified_resnet::ModifiedResNetConfig>,
 }
 
 /// Whether an open_clip tower flag leaves the architecture as CLIP's (absent,
@@ -199,11 +204,15 @@ impl OpenClipConfig {
                     .unwrap_or("?")
             )));
         }
-        if model["vision_cfg"]["layers"].is_array() {
-            return Err(unsupported(
-                "ModifiedResNet image tower (RN50 family)".into(),
-            ));
-        }
+        let mut model = model;
+        let resnet = if model["vision_cfg"]["layers"].is_array() {
+            let (r, vit_shaped) = super::open_clip_resnet::config(&model)
+                .map_err(|e| unsupported(format!("ModifiedResNet image tower: {e}")))?;
+            model["vision_cfg"] = vit_shaped;
+            Some(r)
+        } else {
+            None
+        };
         if model["text_cfg"]
             .get("hf_model_name")
             .is_some_and(|v| !v.is_null())
@@ -243,6 +252,7 @@ impl OpenClipConfig {
         Ok(Self {
             model: m,
             preprocess,
+            resnet,
         })
     }
 
@@ -250,7 +260,7 @@ impl OpenClipConfig {
     pub fn hf_config(&self) -> Value {
         let (m, v, t) = (&self.model, &self.model.vision_cfg, &self.model.text_cfg);
         let act = if m.quick_gelu { "quick_gelu" } else { "gelu" };
-        json!({
+        let mut out = json!({
             "architectures": ["CLIPModel"],
             "model_type": "clip",
             "projection_dim": m.embed_dim,
@@ -285,7 +295,12 @@ impl OpenClipConfig {
                 "layer_norm_eps": 1e-5,
                 "projection_dim": m.embed_dim
             }
-        })
+        });
+        if let Some(r) = &self.resnet {
+            let cnn = super::cnn_tower::CnnConfig::ModifiedResNet(r.clone());
+            out["vision_config"] = cnn.to_vision_json();
+        }
+        out
     }
 
     /// The preprocessor_config.json of the same preprocessing: open_clip's
@@ -358,13 +373,16 @@ pub fn to_hf_tensors(
     mut sd: HashMap<String, Tensor>,
     path: &Path,
 ) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    if let Some(r) = &cfg.resnet {
+        super::open_clip_resnet::move_visual(&mut sd, &mut out, r.output_dim, path)?;
+    }
     let mut take = |k: &str| {
         sd.remove(k).ok_or_else(|| Error::Weights {
             path: path.to_path_buf(),
             reason: format!("the open_clip state dict lacks `{k}`"),
         })
     };
-    let mut out = HashMap::new();
     let (v, t) = (&cfg.model.vision_cfg, &cfg.model.text_cfg);
     let blocks = |take: &mut dyn FnMut(&str) -> Result<Tensor>,
                   out: &mut HashMap<String, Tensor>,
@@ -404,39 +422,41 @@ pub fn to_hf_tensors(
         }
         Ok(())
     };
-    let ve = "vision_model.embeddings";
-    out.insert(
-        format!("{ve}.patch_embedding.weight"),
-        take("visual.conv1.weight")?,
-    );
-    out.insert(
-        format!("{ve}.class_embedding"),
-        take("visual.class_embedding")?,
-    );
-    out.insert(
-        format!("{ve}.position_embedding.weight"),
-        take("visual.positional_embedding")?,
-    );
-    for (a, b) in [
-        ("visual.ln_pre", "vision_model.pre_layrnorm"),
-        ("visual.ln_post", "vision_model.post_layernorm"),
-    ] {
-        for p in ["weight", "bias"] {
-            out.insert(format!("{b}.{p}"), take(&format!("{a}.{p}"))?);
+    if cfg.resnet.is_none() {
+        let ve = "vision_model.embeddings";
+        out.insert(
+            format!("{ve}.patch_embedding.weight"),
+            take("visual.conv1.weight")?,
+        );
+        out.insert(
+            format!("{ve}.class_embedding"),
+            take("visual.class_embedding")?,
+        );
+        out.insert(
+            format!("{ve}.position_embedding.weight"),
+            take("visual.positional_embedding")?,
+        );
+        for (a, b) in [
+            ("visual.ln_pre", "vision_model.pre_layrnorm"),
+            ("visual.ln_post", "vision_model.post_layernorm"),
+        ] {
+            for p in ["weight", "bias"] {
+                out.insert(format!("{b}.{p}"), take(&format!("{a}.{p}"))?);
+            }
         }
+        blocks(
+            &mut take,
+            &mut out,
+            "visual.transformer.resblocks",
+            "vision_model.encoder.layers",
+            v.layers,
+            v.width,
+        )?;
+        out.insert(
+            "visual_projection.weight".into(),
+            take("visual.proj")?.t()?.contiguous()?,
+        );
     }
-    blocks(
-        &mut take,
-        &mut out,
-        "visual.transformer.resblocks",
-        "vision_model.encoder.layers",
-        v.layers,
-        v.width,
-    )?;
-    out.insert(
-        "visual_projection.weight".into(),
-        take("visual.proj")?.t()?.contiguous()?,
-    );
     let te = "text_model.embeddings";
     out.insert(
         format!("{te}.token_embedding.weight"),
@@ -509,6 +529,15 @@ pub fn write_hf(dir: &Path, out: &Path) -> Result<bool> {
         dir: dir.to_path_buf(),
     })?;
     let t = translate(&config, &weights)?;
+    if t.config_json["vision_config"]["model_type"] == "open_clip_modified_resnet" {
+        return Err(Error::UnsupportedArchitecture {
+            path: config,
+            model_type: "open_clip ModifiedResNet (OpenAI's RN50 family)".into(),
+            supported: "ViT image towers: transformers' CLIPModel has no ResNet tower; clasp \
+                        runs this model in open_clip's own layout"
+                .into(),
+        });
+    }
     let tok_files: Vec<&str> = [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -546,70 +575,5 @@ pub fn write_hf(dir: &Path, out: &Path) -> Result<bool> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn configs() -> std::path::PathBuf {
-        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-            .join("tests/fixtures/open_clip/configs")
-    }
-
-    /// open_clip's own bundled configs of the supported models translate to
-    /// the CLIPConfig numbers of those models (openai/clip-vit-* and
-    /// laion/CLIP-ViT-H-14 on the Hub).
-    #[test]
-    fn real_configs_translate_to_clip_configs() {
-        let cases = [
-            ("ViT-B-32", 768, 12, 12, 32, 512, 8, 512),
-            ("ViT-B-16", 768, 12, 12, 16, 512, 8, 512),
-            ("ViT-L-14", 1024, 24, 16, 14, 768, 12, 768),
-            ("ViT-H-14", 1280, 32, 16, 14, 1024, 16, 1024),
-        ];
-        for (name, vw, vl, vh, p, tw, th, embed) in cases {
-            for (suffix, act) in [("", "gelu"), ("-quickgelu", "quick_gelu")] {
-                let path = configs().join(format!("{name}{suffix}.json"));
-                let c = OpenClipConfig::from_file(&path).unwrap().hf_config();
-                let v = &c["vision_config"];
-                assert_eq!(
-                    (v["hidden_size"].as_u64(), v["num_hidden_layers"].as_u64()),
-                    (Some(vw), Some(vl)),
-                    "{name}"
-                );
-                assert_eq!(v["num_attention_heads"], vh, "{name}");
-                assert_eq!(v["patch_size"], p, "{name}");
-                assert_eq!(v["intermediate_size"], vw * 4, "{name}");
-                assert_eq!(c["text_config"]["hidden_size"], tw, "{name}");
-                assert_eq!(c["text_config"]["num_attention_heads"], th, "{name}");
-                assert_eq!(c["projection_dim"], embed, "{name}");
-                assert_eq!(v["hidden_act"], act, "{name}{suffix}");
-                let parsed = crate::model::ModelConfig::from_json(&c.to_string(), &path).unwrap();
-                assert_eq!(parsed.model_type(), "clip");
-            }
-        }
-    }
-
-    #[test]
-    fn towers_clasp_cannot_run_are_refused_with_what_is_supported() {
-        for (cfg, needle) in [
-            (
-                r#"{"embed_dim":640,"vision_cfg":{"timm_model_name":"convnext_base","image_size":256},"text_cfg":{}}"#,
-                "convnext_base",
-            ),
-            (
-                r#"{"embed_dim":1024,"vision_cfg":{"layers":[3,4,6,3],"width":64,"image_size":224},"text_cfg":{}}"#,
-                "ResNet",
-            ),
-            (
-                r#"{"embed_dim":512,"vision_cfg":{"image_size":224,"layers":12,"width":768,"patch_size":16,"attentional_pool":true},"text_cfg":{}}"#,
-                "attentional_pool",
-            ),
-        ] {
-            let err = OpenClipConfig::from_json(cfg, Path::new("m/open_clip_config.json"))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(needle), "{err}");
-            assert!(err.contains("ViT-B-32"), "lists what is supported: {err}");
-            assert!(err.contains("m/open_clip_config.json"), "{err}");
-        }
-    }
-}
+#[path = "open_clip_tests.rs"]
+mod tests;

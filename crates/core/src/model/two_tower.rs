@@ -6,6 +6,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+use super::cnn_tower::{CnnConfig, CnnTower};
 use super::config::VisionConfig;
 use super::layers::{load_heads, Linear};
 use super::vit::VisionTransformer;
@@ -14,8 +15,12 @@ use crate::Result;
 
 #[derive(Debug, Clone)]
 pub struct TwoTowerModel<T, C> {
-    /// `None` when loaded for text only ([`Towers::Text`]).
+    /// `None` when loaded for text only ([`Towers::Text`]), or when the
+    /// image tower is a CNN.
     pub vision: Option<VisionTransformer>,
+    /// A CNN image tower (CLIP's ResNets) in place of the ViT; `None` too
+    /// when loaded for text only.
+    pub cnn: Option<Box<CnnTower>>,
     pub text: T,
     pub visual_projection: Linear,
     pub text_projection: Linear,
@@ -26,9 +31,11 @@ pub struct TwoTowerModel<T, C> {
 impl<T, C: Clone> TwoTowerModel<T, C> {
     /// Loads the heads and the towers `towers` asks for; `text` loads the
     /// text tower (of width `text_hidden`) from `vb.pp("text_model")`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn assemble(
         vb: VarBuilder,
         vision: &VisionConfig,
+        cnn: Option<&CnnConfig>,
         text_hidden: usize,
         projection_dim: usize,
         config: &C,
@@ -37,8 +44,17 @@ impl<T, C: Clone> TwoTowerModel<T, C> {
     ) -> Result<Self> {
         let (visual_projection, text_projection, logit_scale) =
             load_heads(&vb, vision.hidden_size, text_hidden, projection_dim)?;
+        let (vision, cnn) = match (cnn, towers) {
+            (Some(c), Towers::Both) => (
+                None,
+                Some(Box::new(CnnTower::load(vb.pp("vision_model"), c)?)),
+            ),
+            (Some(_), Towers::Text) => (None, None),
+            (None, _) => (towers.vision(vb.pp("vision_model"), vision)?, None),
+        };
         Ok(Self {
-            vision: towers.vision(vb.pp("vision_model"), vision)?,
+            vision,
+            cnn,
             text: text(vb.pp("text_model"))?,
             visual_projection,
             text_projection,
@@ -47,9 +63,17 @@ impl<T, C: Clone> TwoTowerModel<T, C> {
         })
     }
 
+    /// The image tower's pooled output [B, C], before the projection.
+    pub fn image_pooled(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        if let Some(c) = &self.cnn {
+            return c.forward(pixel_values);
+        }
+        super::vision_tower(&self.vision)?.forward(pixel_values)
+    }
+
     /// Projected, unnormalised image features [B, P].
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.visual_projection
-            .forward(&super::vision_tower(&self.vision)?.forward(pixel_values)?)
+            .forward(&self.image_pooled(pixel_values)?)
     }
 }

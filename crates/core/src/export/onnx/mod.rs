@@ -48,6 +48,11 @@ pub fn export(
         int8,
     };
     match config {
+        ModelConfig::Clip(c) if c.image_cnn.is_some() => Err(crate::Error::Report(
+            "ONNX export of a CLIP with a ResNet image tower (open_clip's RN50 family) is not \
+             implemented yet (only ViT towers export)"
+                .into(),
+        )),
         ModelConfig::Clip(c) => Ok((
             clip_vision(&w, &c.vision_config)?.encode_to_vec(),
             clip_text(&w, c)?.encode_to_vec(),
