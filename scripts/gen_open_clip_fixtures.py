@@ -36,6 +36,12 @@
                     as manifest.json and open_clip_config.json: the tests
                     write its weights by the same formula (every verb runs on
                     it; RN50 holds the parity)
+  convnext_base/    LAION's ConvNeXt-B CLIP at open_clip's real config
+                    (convnext_base.json: timm's convnext_base trunk, average
+                    pool, LayerNorm, linear projection), the same way as rn50/
+  tiny-convnext/    convnext_atto at 64 pixels under tiny-gelu's text tower,
+                    as tiny-rn/ (`python3 scripts/gen_open_clip_fixtures.py
+                    convnext` writes these two)
   configs/          open_clip's bundled model configs of ViT-B-32, B-16, L-14,
                     H-14 and their -quickgelu variants (for the translation test)
 Needs: pip install open_clip_torch torch safetensors pillow
@@ -169,12 +175,12 @@ def formula(name, shape):
     return v.float().reshape(shape)
 
 
-def tiny_rn():
-    d = os.path.join(OUT, "tiny-rn")
+def tiny_rn(name="tiny-rn", vision_cfg=None):
+    d = os.path.join(OUT, name)
     os.makedirs(d, exist_ok=True)
     gelu = json.load(open(os.path.join(OUT, "tiny-gelu", "open_clip_config.json")))
     model_cfg = {"embed_dim": 16,
-                 "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+                 "vision_cfg": vision_cfg or {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
                  "text_cfg": gelu["model_cfg"]["text_cfg"]}
     model = CLIP(**model_cfg)
     manifest = {k: list(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
@@ -184,13 +190,29 @@ def tiny_rn():
               open(os.path.join(d, "open_clip_config.json"), "w"), indent=2)
     for f in ["vocab.json", "merges.txt"]:
         shutil.copy(os.path.join(OUT, "tiny-gelu", f), d)
+    # The image side against open_clip (the text tower is tiny-gelu's).
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                v.copy_(formula(k, list(v.shape)))
+    model.eval()
+    _, _, preprocess = open_clip.create_model_and_transforms(
+        "ViT-B-32", pretrained=None, force_image_size=model_cfg["vision_cfg"]["image_size"])
+    photos = ["data/reference-images/coco-000000039769-two-cats.png",
+              "data/flickr8k/images/2090545563_a4e66ec76b.jpg"]
+    px = torch.stack([preprocess(Image.open(os.path.join(SHARED, p))) for p in photos])
+    with torch.no_grad():
+        img = model.encode_image(px)
+    save_file({"image_features": img.contiguous()}, os.path.join(d, "expected.safetensors"),
+              metadata={"photos": json.dumps(photos)})
 
 
-def rn50():
-    tiny_rn()
-    d = os.path.join(OUT, "rn50")
+def rn50(arch="RN50", out="rn50"):
+    if arch == "RN50":
+        tiny_rn()
+    d = os.path.join(OUT, out)
     os.makedirs(d, exist_ok=True)
-    model, _, preprocess = open_clip.create_model_and_transforms("RN50", pretrained=None)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
     model.eval()
     sd = model.state_dict()
     manifest = {}
@@ -203,7 +225,7 @@ def rn50():
     json.dump({"formula": "scripts/gen_open_clip_fixtures.py formula", "shapes": manifest},
               open(os.path.join(d, "manifest.json"), "w"))
     cfgdir = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")
-    model_cfg = json.load(open(os.path.join(cfgdir, "RN50.json")))
+    model_cfg = json.load(open(os.path.join(cfgdir, f"{arch}.json")))
     json.dump({"model_cfg": model_cfg, "preprocess_cfg": {
         "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
         "interpolation": "bicubic", "resize_mode": "shortest"}},
@@ -213,11 +235,11 @@ def rn50():
     texts = ["two cats sleeping on a pink blanket", "a child rides a tricycle",
              "A dog runs through the snow ."]
     px = torch.stack([preprocess(Image.open(os.path.join(SHARED, p))) for p in photos])
-    ids = open_clip.get_tokenizer("RN50")(texts)
+    ids = open_clip.get_tokenizer(arch)(texts)
     with torch.no_grad():
         img = model.encode_image(px)
         txt = model.encode_text(ids)
-    print("RN50 image features", img.abs().max().item(), "text", txt.abs().max().item())
+    print(arch, "image features", img.abs().max().item(), "text", txt.abs().max().item())
     save_file({"image_features": img.contiguous(), "text_features": txt.contiguous(),
                "input_ids": ids.int().contiguous()}, os.path.join(d, "expected.safetensors"),
               metadata={"photos": json.dumps(photos), "texts": json.dumps(texts)})
@@ -229,6 +251,10 @@ if __name__ == "__main__":
         extras()
     elif sys.argv[1:] == ["rn50"]:
         rn50()
+    elif sys.argv[1:] == ["convnext"]:
+        tiny_rn("tiny-convnext", {"timm_model_name": "convnext_atto", "timm_model_pretrained": False,
+                                  "timm_pool": "", "timm_proj": "linear", "image_size": 64})
+        rn50("convnext_base", "convnext_base")
     else:
         main()
         extras()

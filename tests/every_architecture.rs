@@ -1,6 +1,7 @@
 //! Every verb with every architecture: for CLIP, Chinese-CLIP, the dual
-//! encoder, SigLIP, SigLIP 2 and open_clip's layout (a ViT, and a ResNet
-//! with attention pooling as OpenAI's RN50 family), `index` + `search`,
+//! encoder, SigLIP, SigLIP 2 and open_clip's layout (a ViT, a ResNet with
+//! attention pooling as OpenAI's RN50 family, and a timm ConvNeXt as
+//! LAION's), `index` + `search`,
 //! `classify`, `eval zeroshot`, `eval retrieval` and `serve` give what the
 //! vectors of `clasp embed` (each architecture's parity with its reference
 //! is tested elsewhere) imply, and `train` runs a step and saves a
@@ -14,7 +15,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-const MODELS: [&str; 7] = [
+const MODELS: [&str; 8] = [
     "core/tiny-clip",
     "core/tiny-chinese-clip",
     "core/tiny-dual-encoder",
@@ -22,6 +23,7 @@ const MODELS: [&str; 7] = [
     "siglip/tiny-siglip2",
     "open_clip/tiny-quickgelu",
     "open_clip/tiny-rn",
+    "open_clip/tiny-convnext",
 ];
 
 const CAPTIONS: [&str; 4] = [
@@ -371,7 +373,7 @@ fn every_architecture_trains_a_step_and_saves_a_checkpoint_that_embeds() {
             "infonce"
         };
         // CNN towers train locked.
-        let lock: &[&str] = if m.ends_with("-rn") {
+        let lock: &[&str] = if m.ends_with("-rn") || m.ends_with("-convnext") {
             &["--lock-image"]
         } else {
             &[]

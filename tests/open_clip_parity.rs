@@ -234,7 +234,19 @@ fn an_open_clip_only_hub_repository_loads_by_its_id() {
 /// same token ids.
 #[test]
 fn openai_rn50_embeds_as_open_clip_does() {
-    let src = fixtures().join("rn50");
+    formula_model_embeds_as_open_clip_does("rn50");
+}
+
+/// LAION's ConvNeXt-B CLIP at open_clip's real config (convnext_base.json:
+/// timm's convnext_base trunk, its pooled LayerNorm, a linear projection),
+/// the same way.
+#[test]
+fn laion_convnext_base_embeds_as_open_clip_does() {
+    formula_model_embeds_as_open_clip_does("convnext_base");
+}
+
+fn formula_model_embeds_as_open_clip_does(name: &str) {
+    let src = fixtures().join(name);
     let d = tempfile::tempdir().unwrap();
     common::formula_model(&src, d.path());
     let enc = Encoder::load(d.path().to_str().unwrap(), &Device::Cpu).unwrap();
@@ -265,7 +277,7 @@ fn openai_rn50_embeds_as_open_clip_does() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        eprintln!("RN50 {what}: max |diff| {d:.2e}, lowest cosine {cos:.8}");
+        eprintln!("{name} {what}: max |diff| {d:.2e}, lowest cosine {cos:.8}");
         assert!(
             d < 1e-4 && cos > 1.0 - 1e-6,
             "{what}: max |diff| {d}, cosine {cos}"
@@ -281,4 +293,28 @@ fn openai_rn50_embeds_as_open_clip_does() {
         &enc.text_features(&texts).unwrap(),
         &exp["text_features"],
     );
+}
+
+/// The narrow CNN towers every verb runs on (tests/every_architecture.rs)
+/// give open_clip's image embeddings too: a ModifiedResNet of one block per
+/// stage, and timm's convnext_atto (whose MLP is 1×1 convolutions).
+#[test]
+fn narrow_cnn_towers_embed_images_as_open_clip_does() {
+    for name in ["tiny-rn", "tiny-convnext"] {
+        let src = fixtures().join(name);
+        let d = tempfile::tempdir().unwrap();
+        common::formula_model(&src, d.path());
+        let enc = Encoder::load(d.path().to_str().unwrap(), &Device::Cpu).unwrap();
+        let (exp, meta) = common::expected_with_meta(&src.join("expected.safetensors"));
+        let photos: Vec<String> = serde_json::from_str(&meta["photos"]).unwrap();
+        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+        let px: Vec<Vec<f32>> = photos
+            .iter()
+            .map(|p| enc.image_processor().process_path(&shared.join(p)).unwrap())
+            .collect();
+        let img = enc.image_features(&enc.pixel_batch(&px).unwrap()).unwrap();
+        let d = max_abs(&img, &exp["image_features"]);
+        eprintln!("{name}: image features max |diff| {d:.2e}");
+        assert!(d < 1e-4, "{name}: image features differ by {d}");
+    }
 }

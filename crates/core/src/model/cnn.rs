@@ -168,7 +168,13 @@ impl ConvBn {
 /// CPU. candle runs grouped convolutions as one convolution per group, which
 /// for hundreds of single-channel groups costs more in dispatch than in
 /// arithmetic; this is the direct loop, one output plane per task.
-fn depthwise(x: &Tensor, w: &Tensor, bias: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+pub(crate) fn depthwise(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let (o, _, k, k2) = w.dims4()?;
     if o != c || k != k2 || stride == 0 {

@@ -10,6 +10,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
+use super::convnext::{ConvNext, ConvNextConfig};
 use super::efficientnet_lite::{EfficientNetLite, EfficientNetLiteConfig};
 use super::mobilenet_v2::{MobileNetV2, MobileNetV2Config};
 use super::modified_resnet::{ModifiedResNet, ModifiedResNetConfig};
@@ -26,14 +27,18 @@ pub enum CnnConfig {
     /// OpenAI CLIP's ResNets in open_clip's names (a clasp model_type,
     /// `open_clip_modified_resnet`): pooled by attention to the embedding.
     ModifiedResNet(ModifiedResNetConfig),
+    /// timm's ConvNeXt under open_clip's projection (a clasp model_type,
+    /// `open_clip_timm_convnext`): its output is the embedding.
+    ConvNext(ConvNextConfig),
 }
 
 /// The `vision_config` model types that name a CNN tower.
-pub const MODEL_TYPES: [&str; 4] = [
+pub const MODEL_TYPES: [&str; 5] = [
     "mobilenet_v2",
     "resnet",
     "efficientnet_lite",
     "open_clip_modified_resnet",
+    "open_clip_timm_convnext",
 ];
 
 impl CnnConfig {
@@ -44,6 +49,7 @@ impl CnnConfig {
             CnnConfig::ResNet(c) => c.features(),
             CnnConfig::EfficientNetLite(_) => super::efficientnet_lite::FEATURES,
             CnnConfig::ModifiedResNet(c) => c.output_dim,
+            CnnConfig::ConvNext(c) => c.output_dim,
         }
     }
 
@@ -54,6 +60,7 @@ impl CnnConfig {
             CnnConfig::ResNet(c) => c.name(),
             CnnConfig::EfficientNetLite(c) => c.name(),
             CnnConfig::ModifiedResNet(c) => c.name(),
+            CnnConfig::ConvNext(c) => format!("timm {}", c.timm_model_name),
         }
     }
 
@@ -63,6 +70,7 @@ impl CnnConfig {
             CnnConfig::ResNet(_) => 224,
             CnnConfig::EfficientNetLite(c) => c.image_size,
             CnnConfig::ModifiedResNet(c) => c.image_size,
+            CnnConfig::ConvNext(c) => c.image_size,
         }
     }
 
@@ -71,7 +79,7 @@ impl CnnConfig {
             CnnConfig::MobileNetV2(c) => c.num_channels,
             CnnConfig::ResNet(c) => c.num_channels,
             CnnConfig::EfficientNetLite(c) => c.num_channels,
-            CnnConfig::ModifiedResNet(_) => 3,
+            CnnConfig::ModifiedResNet(_) | CnnConfig::ConvNext(_) => 3,
         }
     }
 
@@ -93,9 +101,10 @@ impl CnnConfig {
                 }
             }
             // OpenAI CLIP's: bicubic to the model's size, CLIP's mean/std.
-            CnnConfig::ModifiedResNet(c) => ImageProcessorConfig {
+            CnnConfig::ModifiedResNet(ModifiedResNetConfig { image_size, .. })
+            | CnnConfig::ConvNext(ConvNextConfig { image_size, .. }) => ImageProcessorConfig {
                 crop_rounding: base.crop_rounding,
-                ..ImageProcessorConfig::clip_default(c.image_size as u32)
+                ..ImageProcessorConfig::clip_default(*image_size as u32)
             },
             _ => base,
         }
@@ -110,6 +119,7 @@ impl CnnConfig {
             CnnConfig::ResNet(c) => (serde_json::to_value(c), "resnet"),
             CnnConfig::EfficientNetLite(c) => (serde_json::to_value(c), "efficientnet_lite"),
             CnnConfig::ModifiedResNet(c) => (serde_json::to_value(c), "open_clip_modified_resnet"),
+            CnnConfig::ConvNext(c) => (serde_json::to_value(c), "open_clip_timm_convnext"),
         };
         let v = v.as_mut().expect("a config serialises");
         v["model_type"] = serde_json::json!(ty);
@@ -140,6 +150,9 @@ pub fn parse_vision_config(
         }),
         "open_clip_modified_resnet" => de(v)
             .and_then(|c: ModifiedResNetConfig| c.check().map(|_| CnnConfig::ModifiedResNet(c))),
+        "open_clip_timm_convnext" => {
+            de(v).and_then(|c: ConvNextConfig| c.check().map(|_| CnnConfig::ConvNext(c)))
+        }
         _ => return None,
     };
     Some(cnn.and_then(|cnn| {
@@ -162,6 +175,7 @@ pub enum CnnTower {
     EfficientNetLite(EfficientNetLite),
     /// Boxed: its attention pool makes it the largest.
     ModifiedResNet(Box<ModifiedResNet>),
+    ConvNext(Box<ConvNext>),
 }
 
 impl CnnTower {
@@ -176,6 +190,7 @@ impl CnnTower {
             CnnConfig::ModifiedResNet(c) => {
                 CnnTower::ModifiedResNet(Box::new(ModifiedResNet::load(vb, c)?))
             }
+            CnnConfig::ConvNext(c) => CnnTower::ConvNext(Box::new(ConvNext::load(vb, c)?)),
         })
     }
 
@@ -186,6 +201,7 @@ impl CnnTower {
             CnnTower::ResNet(m) => m.feature_map(pixel_values),
             CnnTower::EfficientNetLite(m) => m.feature_map(pixel_values),
             CnnTower::ModifiedResNet(m) => m.feature_map(pixel_values),
+            CnnTower::ConvNext(m) => m.feature_map(pixel_values),
         }
     }
 
@@ -194,6 +210,7 @@ impl CnnTower {
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         match self {
             CnnTower::ModifiedResNet(m) => m.forward(pixel_values),
+            CnnTower::ConvNext(m) => m.forward(pixel_values),
             _ => super::cnn::global_avg_pool(&self.feature_map(pixel_values)?),
         }
     }

@@ -63,8 +63,9 @@ pub fn weights_in(dir: &Path) -> Option<std::path::PathBuf> {
 }
 
 const SUPPORTED: &str = "open_clip ViT models with a transformer text tower (ViT-B-32, ViT-B-16, \
-     ViT-L-14, ViT-H-14 and their -quickgelu variants, or any config of that form), and OpenAI's \
-     ResNets (RN50, RN101, RN50x4, RN50x16, RN50x64)";
+     ViT-L-14, ViT-H-14 and their -quickgelu variants, or any config of that form), OpenAI's \
+     ResNets (RN50, RN101, RN50x4, RN50x16, RN50x64), and timm ConvNeXt towers (convnext_base, \
+     convnext_base_w, convnext_large, ... with timm_pool \"\" or avg and a linear projection)";
 
 fn d_64() -> usize {
     64
@@ -137,10 +138,10 @@ pub struct ModelCfg {
 pub struct OpenClipConfig {
     pub model: ModelCfg,
     pub preprocess: Value,
-    /// OpenAI's ResNet image tower (the RN50 family), when `vision_cfg`'s
-    /// `layers` is a list; `model.vision_cfg` then carries only its image
-    /// size and width.
-    pub resnet: Option<super::modified_resnet::ModifiedResNetConfig>,
+    /// A CNN image tower: OpenAI's ResNets (the RN50 family, `vision_cfg`'s
+    /// `layers` a list) or timm's ConvNeXt (LAION's ConvNeXt models);
+    /// `model.vision_cfg` then carries only its image size and width.
+    pub cnn: Option<super::cnn_tower::CnnConfig>,
 }
 
 /// Whether an open_clip tower flag leaves the architecture as CLIP's (absent,
@@ -193,23 +194,20 @@ impl OpenClipConfig {
             model_type: format!("open_clip {what}"),
             supported: SUPPORTED.into(),
         };
-        if model["vision_cfg"]
-            .get("timm_model_name")
-            .is_some_and(|v| !v.is_null())
-        {
-            return Err(unsupported(format!(
-                "timm image tower `{}` (ConvNeXt, ResNet and other timm towers are not supported)",
-                model["vision_cfg"]["timm_model_name"]
-                    .as_str()
-                    .unwrap_or("?")
-            )));
-        }
         let mut model = model;
-        let resnet = if model["vision_cfg"]["layers"].is_array() {
-            let (r, vit_shaped) = super::open_clip_resnet::config(&model)
-                .map_err(|e| unsupported(format!("ModifiedResNet image tower: {e}")))?;
+        let timm = model["vision_cfg"]
+            .get("timm_model_name")
+            .is_some_and(|v| !v.is_null());
+        let cnn = if timm || model["vision_cfg"]["layers"].is_array() {
+            let (c, vit_shaped) = super::open_clip_cnn::config(&model).map_err(|e| {
+                unsupported(if timm {
+                    format!("timm image tower: {e}")
+                } else {
+                    format!("ModifiedResNet image tower: {e}")
+                })
+            })?;
             model["vision_cfg"] = vit_shaped;
-            Some(r)
+            Some(c)
         } else {
             None
         };
@@ -252,7 +250,7 @@ impl OpenClipConfig {
         Ok(Self {
             model: m,
             preprocess,
-            resnet,
+            cnn,
         })
     }
 
@@ -296,9 +294,8 @@ impl OpenClipConfig {
                 "projection_dim": m.embed_dim
             }
         });
-        if let Some(r) = &self.resnet {
-            let cnn = super::cnn_tower::CnnConfig::ModifiedResNet(r.clone());
-            out["vision_config"] = cnn.to_vision_json();
+        if let Some(c) = &self.cnn {
+            out["vision_config"] = c.to_vision_json();
         }
         out
     }
@@ -374,8 +371,8 @@ pub fn to_hf_tensors(
     path: &Path,
 ) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
-    if let Some(r) = &cfg.resnet {
-        super::open_clip_resnet::move_visual(&mut sd, &mut out, r.output_dim, path)?;
+    if let Some(c) = &cfg.cnn {
+        super::open_clip_cnn::move_visual(&mut sd, &mut out, c, path)?;
     }
     let mut take = |k: &str| {
         sd.remove(k).ok_or_else(|| Error::Weights {
@@ -422,7 +419,7 @@ pub fn to_hf_tensors(
         }
         Ok(())
     };
-    if cfg.resnet.is_none() {
+    if cfg.cnn.is_none() {
         let ve = "vision_model.embeddings";
         out.insert(
             format!("{ve}.patch_embedding.weight"),
@@ -529,11 +526,12 @@ pub fn write_hf(dir: &Path, out: &Path) -> Result<bool> {
         dir: dir.to_path_buf(),
     })?;
     let t = translate(&config, &weights)?;
-    if t.config_json["vision_config"]["model_type"] == "open_clip_modified_resnet" {
+    let vision_type = t.config_json["vision_config"]["model_type"].clone();
+    if vision_type != "clip_vision_model" {
         return Err(Error::UnsupportedArchitecture {
             path: config,
-            model_type: "open_clip ModifiedResNet (OpenAI's RN50 family)".into(),
-            supported: "ViT image towers: transformers' CLIPModel has no ResNet tower; clasp \
+            model_type: format!("open_clip CLIP with a {vision_type} image tower"),
+            supported: "ViT image towers: transformers' CLIPModel has no CNN tower; clasp \
                         runs this model in open_clip's own layout"
                 .into(),
         });

@@ -44,8 +44,12 @@ fn real_configs_translate_to_clip_configs() {
 fn towers_clasp_cannot_run_are_refused_with_what_is_supported() {
     for (cfg, needle) in [
         (
-            r#"{"embed_dim":640,"vision_cfg":{"timm_model_name":"convnext_base","image_size":256},"text_cfg":{}}"#,
-            "convnext_base",
+            r#"{"embed_dim":768,"vision_cfg":{"timm_model_name":"convnext_large","timm_proj":"mlp","image_size":256},"text_cfg":{}}"#,
+            "timm_proj \"mlp\"",
+        ),
+        (
+            r#"{"embed_dim":768,"vision_cfg":{"timm_model_name":"vit_medium_patch16_gap_256","image_size":256},"text_cfg":{}}"#,
+            "vit_medium_patch16_gap_256",
         ),
         (
             r#"{"embed_dim":1024,"vision_cfg":{"layers":[3,4,6],"width":64,"image_size":224},"text_cfg":{}}"#,
@@ -73,7 +77,9 @@ fn the_rn50_config_reads_as_a_resnet_clip() {
     let cfg = r#"{"embed_dim":1024,"vision_cfg":{"image_size":224,"layers":[3,4,6,3],"width":64,"patch_size":null},
         "text_cfg":{"context_length":77,"vocab_size":49408,"width":512,"heads":8,"layers":12}}"#;
     let c = OpenClipConfig::from_json(cfg, Path::new("RN50.json")).unwrap();
-    let r = c.resnet.as_ref().unwrap();
+    let Some(crate::model::cnn_tower::CnnConfig::ModifiedResNet(r)) = c.cnn.as_ref() else {
+        panic!("not a ResNet tower: {:?}", c.cnn)
+    };
     assert_eq!(
         (r.name().as_str(), r.heads(), r.output_dim),
         ("CLIP RN50", 32, 1024)
