@@ -20,6 +20,9 @@
                     "optimizer"}, beside tiny-gelu's open_clip_config.json and
                     vocabulary (`python3 scripts/gen_open_clip_fixtures.py
                     extras` writes this and the next without touching the rest)
+  tiny_jit.pt       tiny-quickgelu's model as OpenAI published CLIP: a
+                    TorchScript archive (torch.jit.trace, torch.jit.save)
+  vit_b_32_shapes.json  the state-dict shapes of ViT-B-32 (OpenAI's names)
   bundled_tokens.json   open_clip's default tokenizer (the BPE vocabulary its
                     package ships, context 77) on a few texts
   rn50/             OpenAI's RN50 CLIP at its real config (open_clip's
@@ -142,6 +145,18 @@ def extras():
     torch.save(ckpt, os.path.join(d, "epoch_3.pt"))
     for f in ["open_clip_config.json", "vocab.json", "merges.txt"]:
         shutil.copy(os.path.join(OUT, "tiny-gelu", f), d)
+    # tiny-quickgelu as a TorchScript archive, the format of OpenAI's .pt files.
+    qcfg = json.load(open(os.path.join(OUT, "tiny-quickgelu", "open_clip_config.json")))["model_cfg"]
+    m = CLIP(**qcfg).eval()
+    m.load_state_dict(torch.load(os.path.join(OUT, "tiny-quickgelu", "open_clip_pytorch_model.bin")))
+    px = torch.zeros(1, 3, qcfg["vision_cfg"]["image_size"], qcfg["vision_cfg"]["image_size"])
+    txt = torch.zeros(1, qcfg["text_cfg"]["context_length"], dtype=torch.long)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, (px, txt))
+    torch.jit.save(traced, os.path.join(OUT, "tiny_jit.pt"))
+    vit = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
+    json.dump({k: list(v.shape) for k, v in vit.state_dict().items()},
+              open(os.path.join(OUT, "vit_b_32_shapes.json"), "w"))
     texts = ["a photo of a cat", "Two dogs play in the snow.", "un café à Paris, s'il vous plaît",
              "Hello,   WORLD  &amp; friends", "一只猫", "x" * 300]
     tok = open_clip.get_tokenizer("ViT-B-32")

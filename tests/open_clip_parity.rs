@@ -318,3 +318,70 @@ fn narrow_cnn_towers_embed_images_as_open_clip_does() {
         assert!(d < 1e-4, "{name}: image features differ by {d}");
     }
 }
+
+/// OpenAI published CLIP as TorchScript archives (`torch.jit.save`): such
+/// an archive of tiny-quickgelu reads as exactly the tensors of its pickled
+/// state dict, under the same names (the module's attribute paths), plus
+/// the causal mask, a buffer the archive keeps and state dicts do not.
+#[test]
+fn a_torchscript_archive_reads_as_its_state_dict() {
+    let jit = clasp::model::torch_file::read_state_dict(&fixtures().join("tiny_jit.pt")).unwrap();
+    let sd = clasp::model::torch_file::read_state_dict(
+        &fixtures().join("tiny-quickgelu/open_clip_pytorch_model.bin"),
+    )
+    .unwrap();
+    let mut a: Vec<&String> = jit.keys().filter(|k| *k != "attn_mask").collect();
+    let mut b: Vec<&String> = sd.keys().collect();
+    assert!(jit.contains_key("attn_mask"));
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    for (k, v) in &sd {
+        assert_eq!(max_abs(&jit[k], v), 0.0, "{k}");
+    }
+}
+
+/// The architecture of an OpenAI checkpoint read from its shapes, as
+/// open_clip's build_model_from_openai_state_dict does: RN50's and
+/// ViT-B-32's state dicts give open_clip's RN50 and ViT-B-32-quickgelu
+/// configs.
+#[test]
+fn openai_checkpoints_tell_their_architecture_by_shapes() {
+    use clasp::model::open_clip_openai::model_cfg;
+    let read = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let rn50_shapes: std::collections::HashMap<String, Vec<usize>> =
+        serde_json::from_value(read(fixtures().join("rn50/manifest.json"))["shapes"].clone())
+            .unwrap();
+    let got = model_cfg(&rn50_shapes).unwrap();
+    let want = read(fixtures().join("rn50/open_clip_config.json"))["model_cfg"].clone();
+    assert_eq!(got["embed_dim"], want["embed_dim"]);
+    assert_eq!(got["vision_cfg"]["layers"], want["vision_cfg"]["layers"]);
+    assert_eq!(got["vision_cfg"]["width"], want["vision_cfg"]["width"]);
+    assert_eq!(
+        got["vision_cfg"]["image_size"],
+        want["vision_cfg"]["image_size"]
+    );
+    for k in ["context_length", "vocab_size", "width", "heads", "layers"] {
+        assert_eq!(got["text_cfg"][k], want["text_cfg"][k], "RN50 text_cfg.{k}");
+    }
+    let vit_shapes: std::collections::HashMap<String, Vec<usize>> =
+        serde_json::from_value(read(fixtures().join("vit_b_32_shapes.json"))).unwrap();
+    let got = model_cfg(&vit_shapes).unwrap();
+    let want = read(fixtures().join("configs/ViT-B-32-quickgelu.json"));
+    assert_eq!(got["quick_gelu"], true);
+    assert_eq!(got["embed_dim"], want["embed_dim"]);
+    for k in ["layers", "width", "patch_size", "image_size"] {
+        assert_eq!(
+            got["vision_cfg"][k], want["vision_cfg"][k],
+            "ViT-B-32 vision_cfg.{k}"
+        );
+    }
+    for k in ["context_length", "vocab_size", "width", "heads", "layers"] {
+        assert_eq!(
+            got["text_cfg"][k], want["text_cfg"][k],
+            "ViT-B-32 text_cfg.{k}"
+        );
+    }
+}

@@ -11,3 +11,15 @@ pub mod rng;
 pub mod vecmath;
 
 pub use error::{Error, Result};
+
+/// Where clasp keeps what it derives and can derive again (embedding and
+/// feature caches, converted checkpoints): `$CLASP_CACHE_DIR`, else the
+/// platform's cache folder's `clasp` (or the temporary folder's).
+pub fn cache_root() -> std::path::PathBuf {
+    match std::env::var_os("CLASP_CACHE_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => dirs::cache_dir()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("clasp"),
+    }
+}

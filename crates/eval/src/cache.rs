@@ -26,13 +26,7 @@ fn err(path: &Path, e: impl std::fmt::Display) -> Error {
 impl EmbeddingCache {
     /// The default location: `$CLASP_CACHE_DIR`, else the platform cache dir.
     pub fn default_path() -> PathBuf {
-        if let Some(d) = std::env::var_os("CLASP_CACHE_DIR") {
-            return PathBuf::from(d).join("embeddings.sqlite");
-        }
-        dirs::cache_dir()
-            .unwrap_or_else(std::env::temp_dir)
-            .join("clasp")
-            .join("embeddings.sqlite")
+        clasp_common::cache_root().join("embeddings.sqlite")
     }
 
     pub fn open(path: &Path) -> Result<Self> {

@@ -86,13 +86,7 @@ pub struct FeatureCache {
 
 /// Where the on-disk copies live.
 fn cache_dir() -> std::path::PathBuf {
-    match std::env::var_os("CLASP_CACHE_DIR") {
-        Some(d) => std::path::PathBuf::from(d),
-        None => dirs::cache_dir()
-            .unwrap_or_else(std::env::temp_dir)
-            .join("clasp"),
-    }
-    .join("train-features")
+    clasp_common::cache_root().join("train-features")
 }
 
 /// The key of a run's features: everything they depend on.

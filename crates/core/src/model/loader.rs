@@ -45,12 +45,18 @@ pub const SIDE_FILES: &[&str] = &[
     "spiece.model",
 ];
 
-/// Resolves `spec`: an existing directory is used as it is; anything else that
-/// looks like a Hub id (`name` or `owner/name`) is fetched into the hf-hub cache.
+/// Resolves `spec`: an existing directory is used as it is; an OpenAI CLIP
+/// `.pt` file (TorchScript or a state dict) as the open_clip folder it is
+/// converted to once; anything else that looks like a Hub id (`name` or `owner/name`) is fetched into the hf-hub cache.
 pub fn resolve(spec: &str) -> Result<ModelFiles> {
     let path = Path::new(spec);
     if path.is_dir() {
         return from_dir(spec, path);
+    }
+    if path.is_file() && path.extension().is_some_and(|e| e == "pt" || e == "pth") {
+        // OpenAI's CLIP checkpoints (TorchScript or a state dict).
+        let dir = super::open_clip_openai::as_open_clip_dir(path)?;
+        return from_dir(spec, &dir);
     }
     if path.exists() {
         return Err(Error::Config {

@@ -23,6 +23,7 @@ pub mod mobilenet_v2;
 pub mod modified_resnet;
 pub mod open_clip;
 pub mod open_clip_cnn;
+pub mod open_clip_openai;
 pub mod resnet;
 pub mod sentence;
 pub mod siglip;

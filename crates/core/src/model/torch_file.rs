@@ -46,7 +46,10 @@ pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
             .into_iter()
             .collect()
     } else if n >= 4 && &head == b"PK\x03\x04" {
-        read_zip(path)?
+        match read_torchscript(path)? {
+            Some(t) => t,
+            None => read_zip(path)?,
+        }
     } else if n >= 2 && head[0] == 0x80 {
         read_legacy(path)?
     } else {
@@ -90,6 +93,102 @@ fn read_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
             None => "no tensors found at the top level nor under state_dict/model".into(),
         },
     ))
+}
+
+/// A TorchScript archive (`torch.jit.save`, as OpenAI published CLIP's
+/// `.pt` files): a zip whose `constants.pkl` marks it, and whose `data.pkl`
+/// pickles the module tree as objects (`__torch__.*` classes) with their
+/// attributes. The tensors are named by their attribute paths, which are
+/// the module's `state_dict()` names. `None` when the zip is not one.
+fn read_torchscript(path: &Path) -> Result<Option<Vec<(String, Tensor)>>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| werr(path, e))?;
+    let names: Vec<String> = zip
+        .file_names()
+        .map(|n| n.map(|n| n.into_owned()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| werr(path, e))?;
+    let Some(pkl) = names
+        .iter()
+        .find(|n| {
+            n.ends_with("/data.pkl") && names.contains(&n.replace("/data.pkl", "/constants.pkl"))
+        })
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    let dir = pkl.trim_end_matches(".pkl").to_string();
+    let root = {
+        let mut r = BufReader::new(zip.by_name(&pkl).map_err(|e| werr(path, e))?);
+        next_pickle(&mut r, path, "TorchScript module")?
+    };
+    let mut infos = Vec::new();
+    walk_module(root, String::new(), &dir, &mut infos, 0).map_err(|e| werr(path, e))?;
+    if infos.is_empty() {
+        return Err(werr(path, "a TorchScript archive without tensors"));
+    }
+    let mut storages: HashMap<String, Tensor> = HashMap::new();
+    let mut out = Vec::with_capacity(infos.len());
+    for (name, ti) in infos {
+        if !storages.contains_key(&ti.path) {
+            let mut entry = zip
+                .by_name(&ti.path)
+                .map_err(|e| werr(path, format!("{name}: storage {}: {e}", ti.path)))?;
+            let bytes = ti.storage_size * ti.dtype.size_in_bytes();
+            if entry.size() < bytes as u64 {
+                return Err(werr(
+                    path,
+                    format!("{name}: storage {} is cut short", ti.path),
+                ));
+            }
+            let mut buf = vec![0u8; bytes];
+            entry
+                .read_exact(&mut buf)
+                .map_err(|e| werr(path, format!("{name}: storage {}: {e}", ti.path)))?;
+            let t = Tensor::from_raw_buffer(&buf, ti.dtype, &[ti.storage_size], &Device::Cpu)
+                .map_err(|e| werr(path, e))?;
+            storages.insert(ti.path.clone(), t);
+        }
+        let t = view(&storages[&ti.path], &ti).map_err(|e| werr(path, format!("{name}: {e}")))?;
+        out.push((name, t));
+    }
+    Ok(Some(out))
+}
+
+/// Collects the tensors of a pickled TorchScript module object: its
+/// attributes by name, recursing into submodules (objects of `__torch__`
+/// classes), with `prefix` the attribute path so far.
+fn walk_module(
+    obj: Object,
+    prefix: String,
+    dir: &str,
+    out: &mut Vec<(String, TensorInfo)>,
+    depth: usize,
+) -> std::result::Result<(), String> {
+    if depth > 64 {
+        return Err("TorchScript modules nested more than 64 deep".into());
+    }
+    let attrs = match obj {
+        Object::Build { callable, args } => match (*callable, *args) {
+            (Object::Reduce { callable, .. }, Object::Dict(items)) if matches!(&*callable, Object::Class { module_name, .. } if module_name.starts_with("__torch__")) => {
+                items
+            }
+            _ => return Ok(()),
+        },
+        _ => return Ok(()),
+    };
+    for (k, v) in attrs {
+        let Object::Unicode(name) = &k else { continue };
+        let full = format!("{prefix}{name}");
+        if matches!(&v, Object::Build { .. }) {
+            walk_module(v, format!("{full}."), dir, out, depth + 1)?;
+        } else if let Ok(Some(ti)) =
+            v.into_tensor_info(Object::Unicode(full.clone()), Path::new(dir))
+        {
+            out.push((full, ti));
+        }
+    }
+    Ok(())
 }
 
 /// One pickle from the stream.
