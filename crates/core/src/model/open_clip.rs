@@ -1,6 +1,9 @@
 //! open_clip's own checkpoint layout: `open_clip_config.json` (`model_cfg`,
 //! `preprocess_cfg`) beside `open_clip_model.safetensors` or
-//! `open_clip_pytorch_model.bin`, as LAION and DataComp publish their models.
+//! `open_clip_pytorch_model.bin`, as LAION and DataComp publish their models,
+//! or beside open_clip's training output (`epoch_N.pt`). Without
+//! vocabulary files the tokenizer is the CLIP BPE open_clip bundles
+//! ([`crate::preprocess::clip_bpe`]).
 //!
 //! For the ViT models (ViT-B-32, B-16, L-14, H-14 and their `-quickgelu`
 //! variants) open_clip's `CLIP` is transformers' `CLIPModel` under other
@@ -14,9 +17,10 @@
 //! - the tokenizer pads with id 0 rather than the end-of-text id (the
 //!   causal mask makes the padding irrelevant; clasp pads as open_clip does).
 //!
-//! Towers clasp cannot run (ConvNeXt, ResNet, timm towers, attentional
-//! pooling, text towers from Hugging Face) are refused with what is
-//! supported.
+//! The CNN towers (OpenAI's ResNets, timm's ConvNeXt) stay in open_clip's
+//! names under a CLIP with a CNN tower ([`super::open_clip_cnn`]). Towers
+//! clasp cannot run (other timm towers, attentional pooling, text towers
+//! from Hugging Face) are refused with what is supported.
 
 use std::collections::HashMap;
 use std::path::Path;
