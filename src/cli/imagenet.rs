@@ -25,8 +25,9 @@ struct Label<'a> {
 pub fn classify(model: &Path, dir: &Path, json: bool) -> Result<ExitCode> {
     let dev = Device::Cpu;
     let clf = ImageNetClassifier::load(model, &dev)?;
-    let proc = ImageProcessor::new(clf.processor());
-    let (ch, cw) = clf.processor().crop;
+    let cfg = clf.processor();
+    let (ch, cw) = cfg.crop;
+    let proc = ImageProcessor::new(cfg);
     let (files, _) = clasp::data::files::list_image_files(dir)?;
     if files.is_empty() {
         bail!("{}: no image files", dir.display());

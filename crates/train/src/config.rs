@@ -341,9 +341,17 @@ impl TrainConfig {
         let dir = self.output_dir()?.join("init");
         let cpu = candle_core::Device::Cpu;
         let note = if let Some(text) = &self.text_init {
-            super::presets::init_lit(&image, text, &dir, self.seed, self.text_pooling, &cpu)?;
+            let t =
+                super::presets::init_lit(&image, text, &dir, self.seed, self.text_pooling, &cpu)?;
+            // The CNN's name, from the config the init wrote.
+            let tower = match &t.config {
+                clasp_core::model::ModelConfig::DualEncoder(c) => c.image_cnn.as_ref(),
+                _ => None,
+            }
+            .map(|c| format!(" ({})", c.name()))
+            .unwrap_or_default();
             let mut n = format!(
-                "wrote a LiT init to {}: the image tower of {}, the text tower of {}",
+                "wrote a LiT init to {}: the image tower of {}{tower}, the text tower of {}",
                 dir.display(),
                 image.describe(),
                 text.display()

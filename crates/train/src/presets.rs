@@ -152,10 +152,7 @@ impl LitImage {
     pub fn describe(&self) -> String {
         match self {
             LitImage::Preset(p) => format!("the `{p}` preset"),
-            LitImage::Pretrained(p) => match clasp_core::model::cnn_tower::read_pretrained(p) {
-                Ok((c, _)) => format!("{} ({})", p.display(), c.name()),
-                Err(_) => p.display().to_string(),
-            },
+            LitImage::Pretrained(p) => p.display().to_string(),
         }
     }
 }

@@ -64,9 +64,7 @@ type TowerParts = (
 /// with the preprocessing its weights were trained with.
 fn pretrained_cnn(path: &Path, device: &Device) -> Result<TowerParts> {
     let (cnn, tensors) = clasp_core::model::cnn_tower::read_pretrained(path)?;
-    let (_, vision_cfg) = clasp_core::model::cnn_tower::parse_vision_config(&cnn.to_vision_json())
-        .expect("a CNN model type")
-        .map_err(Error::Report)?;
+    let vision_cfg = cnn.vision_config();
     let tensors = tensors
         .into_iter()
         .filter(|(k, _)| !k.starts_with("classifier."))

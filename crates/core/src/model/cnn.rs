@@ -224,6 +224,35 @@ pub(crate) fn depthwise(
     Ok(Tensor::from_vec(out, (b, c, oh, ow), &device)?)
 }
 
+/// A state dict with every key renamed by `rename`; `what` names the
+/// architecture when some key has no new name (the first few are listed)
+/// or none is left.
+pub fn rename_keys(
+    raw: std::collections::HashMap<String, Tensor>,
+    rename: impl Fn(&str) -> Option<String>,
+    what: &str,
+) -> std::result::Result<std::collections::HashMap<String, Tensor>, String> {
+    let mut out = std::collections::HashMap::with_capacity(raw.len());
+    let mut unknown = Vec::new();
+    for (k, v) in raw {
+        match rename(&k) {
+            Some(n) => {
+                out.insert(n, v);
+            }
+            None => unknown.push(k),
+        }
+    }
+    if out.is_empty() || !unknown.is_empty() {
+        unknown.sort();
+        unknown.truncate(5);
+        return Err(format!(
+            "not a {what} state dict (keys such as {})",
+            unknown.join(", ")
+        ));
+    }
+    Ok(out)
+}
+
 /// PyTorch's `MaxPool2d(kernel, stride, padding)` after a ReLU: the input
 /// is non-negative, so zero padding never wins a window that holds a real
 /// pixel, and equals PyTorch's negative-infinity padding.

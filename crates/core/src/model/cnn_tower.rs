@@ -110,6 +110,19 @@ impl CnnConfig {
         }
     }
 
+    /// The ViT-shaped [`VisionConfig`] the rest of clasp reads of an image
+    /// tower: its feature width as `hidden_size`, its image size and
+    /// channels, and `patch_size` 32 (the last map's stride).
+    pub fn vision_config(&self) -> VisionConfig {
+        let stub = serde_json::json!({
+            "hidden_size": self.features(),
+            "image_size": self.image_size(),
+            "num_channels": self.num_channels(),
+            "patch_size": 32,
+        });
+        serde_json::from_value(stub).expect("a VisionConfig has defaults for the rest")
+    }
+
     /// This config as a `vision_config` (its family's keys, `model_type`,
     /// and `hidden_size`, the feature width `VisionTextDualEncoderModel`
     /// reads), which [`parse_vision_config`] reads back.
@@ -155,15 +168,9 @@ pub fn parse_vision_config(
         }
         _ => return None,
     };
-    Some(cnn.and_then(|cnn| {
-        let stub = serde_json::json!({
-            "hidden_size": cnn.features(),
-            "image_size": cnn.image_size(),
-            "num_channels": cnn.num_channels(),
-            "patch_size": 32,
-        });
-        let vit: VisionConfig = de(&stub)?;
-        Ok((cnn, vit))
+    Some(cnn.map(|cnn| {
+        let vit = cnn.vision_config();
+        (cnn, vit)
     }))
 }
 

@@ -333,6 +333,24 @@ struct Head {
     model_type: Option<String>,
 }
 
+/// A CNN image tower named by `raw`'s `vision_config`: its own config,
+/// with `vision_config` replaced by only what the rest of clasp reads of an
+/// image tower. `None` (and `raw` untouched) for a ViT.
+fn take_cnn(
+    raw: &mut serde_json::Value,
+    path: &Path,
+) -> Result<Option<super::cnn_tower::CnnConfig>> {
+    let Some(parsed) = super::cnn_tower::parse_vision_config(&raw["vision_config"]) else {
+        return Ok(None);
+    };
+    let (cnn, vit) = parsed.map_err(|reason| Error::Config {
+        path: path.to_path_buf(),
+        reason: format!("vision_config: {reason}"),
+    })?;
+    raw["vision_config"] = serde_json::to_value(&vit).expect("a config serialises");
+    Ok(Some(cnn))
+}
+
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -350,18 +368,7 @@ impl ModelConfig {
         match model_type.as_str() {
             "clip" => {
                 let mut raw: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
-                let cnn = match super::cnn_tower::parse_vision_config(&raw["vision_config"]) {
-                    Some(parsed) => {
-                        let (cnn, vit) = parsed.map_err(|reason| Error::Config {
-                            path: path.to_path_buf(),
-                            reason: format!("vision_config: {reason}"),
-                        })?;
-                        raw["vision_config"] =
-                            serde_json::to_value(&vit).expect("a config serialises");
-                        Some(cnn)
-                    }
-                    None => None,
-                };
+                let cnn = take_cnn(&mut raw, path)?;
                 let mut c: ClipConfig = serde_json::from_value(raw).map_err(bad)?;
                 c.image_cnn = cnn;
                 Ok(ModelConfig::Clip(c))
@@ -388,18 +395,10 @@ impl ModelConfig {
                         serde_json::from_str(text).map_err(bad)?,
                     ));
                 }
-                // A CNN tower: its own config, and in `vision_config` only
-                // what the rest of clasp reads of an image tower.
                 let mut raw: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
-                let (cnn, vit) = super::cnn_tower::parse_vision_config(&raw["vision_config"])
-                    .expect("a CNN model type")
-                    .map_err(|reason| Error::Config {
-                        path: path.to_path_buf(),
-                        reason: format!("vision_config: {reason}"),
-                    })?;
-                raw["vision_config"] = serde_json::to_value(&vit).expect("a config serialises");
+                let cnn = take_cnn(&mut raw, path)?;
                 let mut c: DualEncoderConfig = serde_json::from_value(raw).map_err(bad)?;
-                c.image_cnn = Some(cnn);
+                c.image_cnn = cnn;
                 Ok(ModelConfig::DualEncoder(c))
             }
             "siglip" | "siglip2" => {

@@ -34,14 +34,7 @@ impl DualEncoderModel {
         let (v, t) = (&cfg.vision_config, &cfg.text_config);
         let (visual_projection, text_projection, logit_scale) =
             load_heads(&vb, v.hidden_size, t.hidden_size, cfg.projection_dim)?;
-        let (vision, cnn) = match (&cfg.image_cnn, towers) {
-            (Some(c), super::Towers::Both) => (
-                None,
-                Some(Box::new(CnnTower::load(vb.pp("vision_model"), c)?)),
-            ),
-            (Some(_), super::Towers::Text) => (None, None),
-            (None, _) => (towers.vision(vb.pp("vision_model"), v)?, None),
-        };
+        let (vision, cnn) = towers.image(vb.pp("vision_model"), v, cfg.image_cnn.as_ref())?;
         Ok(Self {
             vision,
             cnn,
@@ -62,10 +55,7 @@ impl DualEncoderModel {
     /// The image tower's pooled output [B, C] before the projection: the
     /// ViT's pooled [CLS], or the CNN's average-pooled last feature map.
     pub fn image_pooled(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        if let Some(c) = &self.cnn {
-            return c.forward(pixel_values);
-        }
-        super::vision_tower(&self.vision)?.forward(pixel_values)
+        super::image_pooled((&self.vision, &self.cnn), pixel_values)
     }
 
     /// The text tower's output [B, C]: BERT's pooler output tanh(dense([CLS])),

@@ -235,25 +235,7 @@ pub fn from_torchvision_dict(
     if raw.keys().any(|k| k.starts_with("conv_stem.")) {
         return Ok(raw);
     }
-    let mut out = HashMap::with_capacity(raw.len());
-    let mut unknown = Vec::new();
-    for (k, v) in raw {
-        match from_torchvision(&k) {
-            Some(n) => {
-                out.insert(n, v);
-            }
-            None => unknown.push(k),
-        }
-    }
-    if out.is_empty() || !unknown.is_empty() {
-        unknown.sort();
-        unknown.truncate(5);
-        return Err(format!(
-            "not a torchvision mobilenet_v2 state dict (keys such as {})",
-            unknown.join(", ")
-        ));
-    }
-    Ok(out)
+    super::cnn::rename_keys(raw, from_torchvision, "torchvision mobilenet_v2")
 }
 
 /// A torchvision `mobilenet_v2` state-dict key in transformers' names

@@ -53,16 +53,40 @@ pub enum Towers {
     Text,
 }
 
+/// A dual encoder's image tower: a ViT, or a CNN in its place.
+type ImageTower = (
+    Option<vit::VisionTransformer>,
+    Option<Box<cnn_tower::CnnTower>>,
+);
+
 impl Towers {
-    fn vision(
+    /// The image tower under `vb` (`vision_model`): the CNN `cnn` names,
+    /// else the ViT of `cfg`; neither when loading for text only.
+    fn image(
         self,
         vb: candle_nn::VarBuilder,
         cfg: &config::VisionConfig,
-    ) -> Result<Option<vit::VisionTransformer>> {
-        match self {
-            Towers::Both => Ok(Some(vit::VisionTransformer::load(vb, cfg)?)),
-            Towers::Text => Ok(None),
-        }
+        cnn: Option<&cnn_tower::CnnConfig>,
+    ) -> Result<ImageTower> {
+        Ok(match (self, cnn) {
+            (Towers::Text, _) => (None, None),
+            (Towers::Both, Some(c)) => (None, Some(Box::new(cnn_tower::CnnTower::load(vb, c)?))),
+            (Towers::Both, None) => (Some(vit::VisionTransformer::load(vb, cfg)?), None),
+        })
+    }
+}
+
+/// The pooled output [B, C] of whichever image tower a model has.
+fn image_pooled(
+    tower: (
+        &Option<vit::VisionTransformer>,
+        &Option<Box<cnn_tower::CnnTower>>,
+    ),
+    pixel_values: &Tensor,
+) -> Result<Tensor> {
+    match tower.1 {
+        Some(c) => c.forward(pixel_values),
+        None => vision_tower(tower.0)?.forward(pixel_values),
     }
 }
 

@@ -333,21 +333,7 @@ pub fn from_torchvision_dict(
         downsample_in_bottleneck: false,
     };
     cfg.check()?;
-    let mut out = HashMap::with_capacity(raw.len());
-    let mut unknown = Vec::new();
-    for (k, v) in raw {
-        match from_torchvision(&k) {
-            Some(n) => {
-                out.insert(n, v);
-            }
-            None => unknown.push(k),
-        }
-    }
-    if !unknown.is_empty() {
-        unknown.sort();
-        unknown.truncate(5);
-        return Err(format!("keys outside a ResNet: {}", unknown.join(", ")));
-    }
+    let out = super::cnn::rename_keys(raw, from_torchvision, "torchvision ResNet")?;
     Ok((cfg, out))
 }
 

@@ -44,14 +44,7 @@ impl<T, C: Clone> TwoTowerModel<T, C> {
     ) -> Result<Self> {
         let (visual_projection, text_projection, logit_scale) =
             load_heads(&vb, vision.hidden_size, text_hidden, projection_dim)?;
-        let (vision, cnn) = match (cnn, towers) {
-            (Some(c), Towers::Both) => (
-                None,
-                Some(Box::new(CnnTower::load(vb.pp("vision_model"), c)?)),
-            ),
-            (Some(_), Towers::Text) => (None, None),
-            (None, _) => (towers.vision(vb.pp("vision_model"), vision)?, None),
-        };
+        let (vision, cnn) = towers.image(vb.pp("vision_model"), vision, cnn)?;
         Ok(Self {
             vision,
             cnn,
@@ -65,10 +58,7 @@ impl<T, C: Clone> TwoTowerModel<T, C> {
 
     /// The image tower's pooled output [B, C], before the projection.
     pub fn image_pooled(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        if let Some(c) = &self.cnn {
-            return c.forward(pixel_values);
-        }
-        super::vision_tower(&self.vision)?.forward(pixel_values)
+        super::image_pooled((&self.vision, &self.cnn), pixel_values)
     }
 
     /// Projected, unnormalised image features [B, P].
