@@ -27,7 +27,7 @@
                     package ships, context 77) on a few texts
   rn50/             OpenAI's RN50 CLIP at its real config (open_clip's
                     RN50.json) with weights from a formula both sides compute
-                    (`formula` below; crates/core's test restates it), since
+                    (scripts/formula.py; tests/common restates it), since
                     random RN50 weights are 400 MB: manifest.json (every
                     state-dict key and shape), open_clip_config.json, and
                     expected.safetensors (encode_image of two held-out photos
@@ -58,6 +58,8 @@ import open_clip
 import torch
 from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
+
+from formula import formula
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -166,30 +168,6 @@ def extras():
     print("wrote tiny-epoch/ and bundled_tokens.json")
 
 
-def formula(name, shape):
-    """Deterministic weights: a sine over the flat index, phase from the
-    name, scaled by kind so that activations stay of order one."""
-    import math
-    n = 1
-    for d in shape:
-        n *= d
-    h = sum(name.encode()) % 997
-    s = torch.sin(torch.arange(n, dtype=torch.float64) * 0.61803398875 + h * 0.1)
-    if name.endswith("running_var"):
-        v = 1 + 0.25 * (1 + s)
-    elif name.endswith("running_mean"):
-        v = 0.1 * s
-    elif name == "logit_scale":
-        v = torch.full((n,), math.log(1 / 0.07), dtype=torch.float64)
-    elif len(shape) == 1 and name.endswith(".weight"):
-        v = 1 + 0.1 * s
-    elif len(shape) <= 1 or "embedding" in name:
-        v = 0.1 * s
-    else:
-        v = s * math.sqrt(3.0 / (n // shape[0]))
-    return v.float().reshape(shape)
-
-
 def tiny_rn(name="tiny-rn", vision_cfg=None):
     d = os.path.join(OUT, name)
     os.makedirs(d, exist_ok=True)
@@ -199,7 +177,7 @@ def tiny_rn(name="tiny-rn", vision_cfg=None):
                  "text_cfg": gelu["model_cfg"]["text_cfg"]}
     model = CLIP(**model_cfg)
     manifest = {k: list(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
-    json.dump({"formula": "scripts/gen_open_clip_fixtures.py formula", "shapes": manifest},
+    json.dump({"formula": "scripts/formula.py", "shapes": manifest},
               open(os.path.join(d, "manifest.json"), "w"))
     json.dump({"model_cfg": model_cfg, "preprocess_cfg": gelu["preprocess_cfg"]},
               open(os.path.join(d, "open_clip_config.json"), "w"), indent=2)
@@ -237,7 +215,7 @@ def rn50(arch="RN50", out="rn50"):
                 continue
             manifest[k] = list(v.shape)
             v.copy_(formula(k, list(v.shape)))
-    json.dump({"formula": "scripts/gen_open_clip_fixtures.py formula", "shapes": manifest},
+    json.dump({"formula": "scripts/formula.py", "shapes": manifest},
               open(os.path.join(d, "manifest.json"), "w"))
     cfgdir = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")
     model_cfg = json.load(open(os.path.join(cfgdir, f"{arch}.json")))

@@ -296,7 +296,7 @@ pub fn ok(o: &Output) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
 }
 
-/// scripts/gen_open_clip_fixtures.py's `formula`, restated: deterministic
+/// scripts/formula.py's `formula`, restated: deterministic
 /// weights for a state-dict entry from its name and shape.
 pub fn formula(name: &str, shape: &[usize]) -> candle_core::Tensor {
     let n: usize = shape.iter().product();
@@ -349,4 +349,62 @@ pub fn formula_model(src: &Path, dst: &Path) {
         }
     }
     candle_core::safetensors::save(&sd, dst.join("open_clip_model.safetensors")).unwrap();
+}
+
+/// scripts/formula.py's `uniform`, restated: n values in [-1, 1) from
+/// splitmix64 over the flat index, seeded by the name.
+pub fn uniform(name: &str, n: usize) -> Vec<f64> {
+    let h = name.bytes().map(|b| b as u64).sum::<u64>() % 997;
+    const GOLDEN: u64 = 0x9E3779B97F4A7C15;
+    (0..n as u64)
+        .map(|i| {
+            let mut z = i.wrapping_add(h.wrapping_mul(GOLDEN)).wrapping_add(GOLDEN);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^= z >> 31;
+            2.0 * ((z >> 11) as f64 / (1u64 << 53) as f64) - 1.0
+        })
+        .collect()
+}
+
+/// scripts/formula.py's `hashed`, restated: [`uniform`]'s values at
+/// [`formula`]'s scales.
+pub fn hashed(name: &str, shape: &[usize]) -> candle_core::Tensor {
+    let n: usize = shape.iter().product();
+    let fan_in = if shape.is_empty() { 1 } else { n / shape[0] };
+    let scale = (3.0 / fan_in as f64).sqrt();
+    let v: Vec<f32> = uniform(name, n)
+        .into_iter()
+        .map(|s| {
+            (if shape.len() == 1 && name.ends_with(".weight") {
+                1.0 + 0.1 * s
+            } else if shape.len() <= 1
+                || name.contains("embedding")
+                || name.ends_with("query_tokens")
+            {
+                0.1 * s
+            } else {
+                s * scale
+            }) as f32
+        })
+        .collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
+
+/// The tensors of a manifest.json (`{"shapes": {name: shape}}`) by `make`.
+pub fn manifest_tensors(
+    path: &Path,
+    make: fn(&str, &[usize]) -> candle_core::Tensor,
+) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    manifest["shapes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, s)| {
+            let shape: Vec<usize> = serde_json::from_value(s.clone()).unwrap();
+            (k.clone(), make(k, &shape))
+        })
+        .collect()
 }

@@ -24,6 +24,7 @@ pub mod modified_resnet;
 pub mod open_clip;
 pub mod open_clip_cnn;
 pub mod open_clip_openai;
+pub mod qformer;
 pub mod resnet;
 pub mod sentence;
 pub mod siglip;

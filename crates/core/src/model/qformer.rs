@@ -1,0 +1,449 @@
+//! BLIP-2's Querying Transformer (transformers' `Blip2QFormerModel`): a BERT
+//! whose learned query tokens read an image through cross-attention.
+//!
+//! - Every layer: BERT self-attention (post-LN) over the whole sequence:
+//!   the queries, then any text tokens (the ITM input is both).
+//! - Every `cross_attention_frequency`-th layer (0, 2, 4, ... at 2): the
+//!   queries alone cross-attend to the image features (width
+//!   `encoder_hidden_size`, the vision tower's).
+//! - Feed-forward: the queries through `intermediate_query`/`output_query`,
+//!   text tokens through `intermediate`/`output` (present only when
+//!   `use_qformer_text_input`, as in the ITM/ITC checkpoints).
+//! - Its `layernorm` normalises the input embeddings (queries and text alike:
+//!   BERT's embedding LayerNorm).
+//!
+//! The retrieval heads (`Blip2ForImageTextRetrieval`) are [`QFormerHeads`]:
+//! the text embeddings (word + learned positions), the ITC projections and
+//! the ITM head.
+//!
+//! Built from plain candle ops and [`super::layers`], so the same code
+//! computes inference and, in grad mode, the gradients of training.
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::config::Activation;
+use super::layers::{activate, LayerNorm, Linear};
+use super::vit::l2_normalize;
+use crate::{Error, Result};
+
+fn d_vocab() -> usize {
+    30522
+}
+fn d_hidden() -> usize {
+    768
+}
+fn d_layers() -> usize {
+    12
+}
+fn d_intermediate() -> usize {
+    3072
+}
+fn d_act() -> Activation {
+    Activation::Gelu
+}
+fn d_eps() -> f64 {
+    1e-12
+}
+fn d_positions() -> usize {
+    512
+}
+fn d_two() -> usize {
+    2
+}
+fn d_encoder() -> usize {
+    1408
+}
+
+/// transformers' `Blip2QFormerConfig` (its defaults are `blip2-opt-2.7b`'s).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QFormerConfig {
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_layers")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_intermediate")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "d_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default = "d_two")]
+    pub cross_attention_frequency: usize,
+    #[serde(default = "d_encoder")]
+    pub encoder_hidden_size: usize,
+    #[serde(default)]
+    pub use_qformer_text_input: bool,
+}
+
+impl QFormerConfig {
+    /// Refuses a config whose sizes cannot build the model.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Report(format!("Q-Former config: {m}")));
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return bad(format!(
+                "{} heads do not divide the hidden size {}",
+                self.num_attention_heads, self.hidden_size
+            ));
+        }
+        if self.cross_attention_frequency == 0 {
+            return bad("cross_attention_frequency is 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// BERT's attention block: multi-head attention, then `output.dense` and a
+/// post-LN residual. Keys and values come from the block's own input or, in
+/// a cross-attention block, from the image features.
+#[derive(Debug, Clone)]
+struct AttentionBlock {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    norm: LayerNorm,
+    heads: usize,
+}
+
+impl AttentionBlock {
+    fn load(vb: VarBuilder, cfg: &QFormerConfig, kv_dim: usize) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let a = vb.pp("attention");
+        Ok(Self {
+            query: Linear::load(a.pp("query"), h, h, true)?,
+            key: Linear::load(a.pp("key"), kv_dim, h, true)?,
+            value: Linear::load(a.pp("value"), kv_dim, h, true)?,
+            dense: Linear::load(vb.pp("output.dense"), h, h, true)?,
+            norm: LayerNorm::load(vb.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// `x` [B, T, H] attends to `kv` [B, S, *] (x itself when `None`), with
+    /// an additive key mask [B, 1, 1, S] when given.
+    fn forward(&self, x: &Tensor, kv: Option<&Tensor>, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let kv = kv.unwrap_or(x);
+        let s = kv.dim(1)?;
+        let d = h / self.heads;
+        let split = |y: Tensor, len: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, len, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(self.query.forward(x)?, t)?;
+        let k = split(self.key.forward(kv)?, s)?;
+        let v = split(self.value.forward(kv)?, s)?;
+        let mut scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        // The composed softmax: candle's fused one has no backward.
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let y = (self.dense.forward(&ctx)? + x)?;
+        self.norm.forward(&y)
+    }
+}
+
+/// BERT's feed-forward: `intermediate.dense`, the activation, then
+/// `output.dense` and a post-LN residual.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    up: Linear,
+    down: Linear,
+    norm: LayerNorm,
+    act: Activation,
+}
+
+impl FeedForward {
+    fn load(vb: &VarBuilder, up: &str, down: &str, cfg: &QFormerConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            up: Linear::load(vb.pp(up).pp("dense"), h, i, true)?,
+            down: Linear::load(vb.pp(down).pp("dense"), i, h, true)?,
+            norm: LayerNorm::load(vb.pp(down).pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self
+            .down
+            .forward(&activate(&self.up.forward(x)?, self.act)?)?;
+        self.norm.forward(&(y + x)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct QFormerLayer {
+    attention: AttentionBlock,
+    cross: Option<AttentionBlock>,
+    text_ffn: Option<FeedForward>,
+    query_ffn: FeedForward,
+}
+
+/// The Q-Former (`qformer.*` in a BLIP-2 checkpoint).
+#[derive(Debug, Clone)]
+pub struct QFormer {
+    layernorm: LayerNorm,
+    layers: Vec<QFormerLayer>,
+    cfg: QFormerConfig,
+}
+
+/// A 0/1 key mask [B, S] as the additive mask [B, 1, 1, S] transformers
+/// builds (0 where kept, the dtype's lowest value where masked).
+pub fn additive_mask(mask: &Tensor) -> Result<Tensor> {
+    let (b, s) = mask.dims2()?;
+    let m = mask.to_dtype(DType::F32)?;
+    Ok(((1.0 - m)? * f32::MIN as f64)?.reshape((b, 1, 1, s))?)
+}
+
+impl QFormer {
+    /// `vb` points at `qformer`.
+    pub fn load(vb: VarBuilder, cfg: &QFormerConfig) -> Result<Self> {
+        cfg.validate()?;
+        let enc = vb.pp("encoder.layer");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = enc.pp(i);
+                Ok(QFormerLayer {
+                    attention: AttentionBlock::load(l.pp("attention"), cfg, cfg.hidden_size)?,
+                    cross: if i % cfg.cross_attention_frequency == 0 {
+                        Some(AttentionBlock::load(
+                            l.pp("crossattention"),
+                            cfg,
+                            cfg.encoder_hidden_size,
+                        )?)
+                    } else {
+                        None
+                    },
+                    text_ffn: if cfg.use_qformer_text_input {
+                        Some(FeedForward::load(&l, "intermediate", "output", cfg)?)
+                    } else {
+                        None
+                    },
+                    query_ffn: FeedForward::load(&l, "intermediate_query", "output_query", cfg)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layernorm: LayerNorm::load(vb.pp("layernorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            layers,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &QFormerConfig {
+        &self.cfg
+    }
+
+    /// `Blip2QFormerModel.forward`: `embeds` [B, T, H] are the first
+    /// `query_len` query tokens followed by any text embeddings; `mask` a 0/1
+    /// [B, T] key mask over them (`None`: all kept); `image` [B, P, E] the
+    /// image features the queries cross-attend to (needed when
+    /// `query_len > 0`). Returns the last hidden state [B, T, H].
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        query_len: usize,
+        mask: Option<&Tensor>,
+        image: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t, h) = embeds.dims3()?;
+        if h != self.cfg.hidden_size || query_len > t {
+            return Err(Error::Shape(format!(
+                "the Q-Former takes [B, T, {}] embeddings with at most T query tokens, got {:?} with {query_len} queries",
+                self.cfg.hidden_size,
+                embeds.dims()
+            )));
+        }
+        if query_len > 0 {
+            match image {
+                Some(img) if img.dim(0)? == b && img.dim(2)? == self.cfg.encoder_hidden_size => {}
+                Some(img) => {
+                    return Err(Error::Shape(format!(
+                        "the Q-Former's queries read [{b}, P, {}] image features (its encoder_hidden_size), got {:?}: does the vision tower match the Q-Former?",
+                        self.cfg.encoder_hidden_size,
+                        img.dims()
+                    )))
+                }
+                None => {
+                    return Err(Error::Report(
+                        "the Q-Former's queries need image features".into(),
+                    ))
+                }
+            }
+        }
+        let text_len = t - query_len;
+        if text_len > 0 && !self.cfg.use_qformer_text_input {
+            return Err(Error::Report(
+                "this Q-Former has no text feed-forward (use_qformer_text_input is false): it reads queries only".into(),
+            ));
+        }
+        let mask = mask.map(additive_mask).transpose()?;
+        let mut x = self.layernorm.forward(embeds)?;
+        for layer in &self.layers {
+            let a = layer.attention.forward(&x, None, mask.as_ref())?;
+            let mut parts = Vec::with_capacity(2);
+            if query_len > 0 {
+                let mut q = a.narrow(1, 0, query_len)?;
+                if let Some(cross) = &layer.cross {
+                    q = cross.forward(&q, image, None)?;
+                }
+                parts.push(layer.query_ffn.forward(&q)?);
+            }
+            if text_len > 0 {
+                let ffn = layer.text_ffn.as_ref().expect("checked above");
+                parts.push(ffn.forward(&a.narrow(1, query_len, text_len)?)?);
+            }
+            x = if parts.len() == 1 {
+                parts.pop().expect("one part")
+            } else {
+                Tensor::cat(&parts, 1)?
+            };
+        }
+        Ok(x)
+    }
+
+    /// The query tokens' outputs [B, N, H] for image features [B, P, E]:
+    /// what `Blip2ForConditionalGeneration` projects into the language model
+    /// and the ITC image side reads.
+    pub fn queries(&self, query_tokens: &Tensor, image: &Tensor) -> Result<Tensor> {
+        let b = image.dim(0)?;
+        let (_, n, h) = query_tokens.dims3()?;
+        let q = query_tokens.broadcast_as((b, n, h))?.contiguous()?;
+        self.forward(&q, n, None, Some(image))
+    }
+}
+
+/// `Blip2ForImageTextRetrieval` without its vision tower: the query tokens,
+/// the Q-Former, the text embeddings, and the ITC and ITM heads.
+#[derive(Debug, Clone)]
+pub struct QFormerHeads {
+    pub qformer: QFormer,
+    query_tokens: Tensor,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    vision_projection: Linear,
+    text_projection: Linear,
+    itm_head: Linear,
+}
+
+impl QFormerHeads {
+    /// `vb` points at the model's root; `num_query_tokens` and
+    /// `image_text_hidden_size` come from the `Blip2Config`.
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &QFormerConfig,
+        num_query_tokens: usize,
+        image_text_hidden_size: usize,
+    ) -> Result<Self> {
+        if !cfg.use_qformer_text_input {
+            return Err(Error::Report(
+                "an ITM/ITC model needs a Q-Former with a text feed-forward (use_qformer_text_input: true)".into(),
+            ));
+        }
+        let h = cfg.hidden_size;
+        let emb = vb.pp("embeddings");
+        Ok(Self {
+            qformer: QFormer::load(vb.pp("qformer"), cfg)?,
+            query_tokens: vb.get((1, num_query_tokens, h), "query_tokens")?,
+            word_embeddings: emb.get((cfg.vocab_size, h), "word_embeddings.weight")?,
+            position_embeddings: emb.get(
+                (cfg.max_position_embeddings, h),
+                "position_embeddings.weight",
+            )?,
+            vision_projection: Linear::load(
+                vb.pp("vision_projection"),
+                h,
+                image_text_hidden_size,
+                true,
+            )?,
+            text_projection: Linear::load(
+                vb.pp("text_projection"),
+                h,
+                image_text_hidden_size,
+                true,
+            )?,
+            itm_head: Linear::load(vb.pp("itm_head"), h, 2, true)?,
+        })
+    }
+
+    /// The learned queries [1, N, H].
+    pub fn query_tokens(&self) -> &Tensor {
+        &self.query_tokens
+    }
+
+    pub fn num_query_tokens(&self) -> usize {
+        self.query_tokens.dim(1).unwrap_or(0)
+    }
+
+    /// `Blip2TextEmbeddings`: word embeddings plus positions 0.. for ids [B, L].
+    fn text_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let max = self.position_embeddings.dim(0)?;
+        if l > max {
+            return Err(Error::Shape(format!(
+                "a text of {l} tokens is longer than the Q-Former's {max} positions"
+            )));
+        }
+        let h = self.word_embeddings.dim(1)?;
+        let words = self
+            .word_embeddings
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, l, h))?;
+        Ok(words.broadcast_add(&self.position_embeddings.narrow(0, 0, l)?.unsqueeze(0)?)?)
+    }
+
+    /// The ITC image side: each query's L2-normalised projection [B, N, D].
+    pub fn image_embeds(&self, image: &Tensor) -> Result<Tensor> {
+        let q = self.qformer.queries(&self.query_tokens, image)?;
+        l2_normalize(&self.vision_projection.forward(&q)?)
+    }
+
+    /// The ITC text side: the first token's L2-normalised projection [B, D]
+    /// for ids [B, L] with their 0/1 mask.
+    pub fn text_embeds(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let x = self
+            .qformer
+            .forward(&self.text_embeddings(ids)?, 0, Some(mask), None)?;
+        let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
+        l2_normalize(&self.text_projection.forward(&cls)?)
+    }
+
+    /// BLIP-2's ITC score of every image with every text: the largest
+    /// cosine over the image's queries, [images, texts].
+    pub fn itc(image_embeds: &Tensor, text_embeds: &Tensor) -> Result<Tensor> {
+        // [I, N, D] x [D, T] -> [I, N, T], max over N.
+        let sims = image_embeds.broadcast_matmul(&text_embeds.t()?)?;
+        Ok(sims.max(1)?)
+    }
+
+    /// The ITM logits [B, 2] (no match, match) of image features [B, P, E]
+    /// paired row by row with texts [B, L] and their mask: the ITM head on
+    /// the query outputs, averaged over the queries.
+    pub fn itm(&self, image: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, _) = ids.dims2()?;
+        let n = self.num_query_tokens();
+        let h = self.query_tokens.dim(2)?;
+        let q = self.query_tokens.broadcast_as((b, n, h))?;
+        let embeds = Tensor::cat(&[&q, &self.text_embeddings(ids)?], 1)?;
+        let qmask = Tensor::ones((b, n), mask.dtype(), mask.device())?;
+        let mask = Tensor::cat(&[&qmask, mask], 1)?;
+        let x = self.qformer.forward(&embeds, n, Some(&mask), Some(image))?;
+        Ok(self.itm_head.forward(&x.narrow(1, 0, n)?)?.mean(1)?)
+    }
+}

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Fixtures for BLIP-2's Q-Former, made by transformers:
+
+    PYTHONPATH=/tmp/torchpy python3 scripts/gen_blip2_fixtures.py   # writes tests/fixtures/blip2/
+
+  itm/config.json   a Blip2Config with the Q-Former of Salesforce/blip2-itm-vit-g
+                    (768 wide, 12 layers, 12 heads, cross-attention every 2nd
+                    layer onto 1408-wide image features, the text feed-forward
+                    on, BERT's 30523-token vocabulary with [DEC]) and its heads
+                    (32 queries, a 256-d ITC space); its vision tower is cut to
+                    one layer, since the fixture feeds the Q-Former image
+                    features directly
+  itm/manifest.json every non-vision state-dict key and its shape: the weights
+                    are scripts/formula.py's `hashed` (tests/common restates it), since
+                    the real Q-Former's 107M random weights are 430 MB
+  itm/expected.safetensors
+                    the inputs (token ids of three captions and their mask,
+                    from all-MiniLM-L6-v2's uncased BERT vocabulary, which is
+                    BLIP-2's) and transformers' outputs on two images' 257x1408
+                    features (10 x `hashed` of "image_embedding.0" and ".1"):
+                    Blip2ForImageTextRetrieval's ITC logits (images x texts)
+                    and ITM logits (image i with text j, every pair), the
+                    queries' last hidden state (first 16 channels and row
+                    sums) and the ITC image and text embeddings
+
+Needs: pip install torch transformers safetensors; the MiniLM tokenizer in
+~/.cache/clasp/all-MiniLM-L6-v2 (scripts/get-model.sh minilm).
+"""
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import (AutoTokenizer, Blip2Config, Blip2ForImageTextRetrieval,
+                          Blip2QFormerConfig, Blip2VisionConfig)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from formula import hashed  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "tests/fixtures/blip2")
+MINILM = os.path.expanduser("~/.cache/clasp/all-MiniLM-L6-v2")
+CAPTIONS = ["a black dog runs across the grass", "two children play in the snow",
+            "a man in a red jacket climbs a rock face"]
+PATCHES = 257  # ViT-g at 224 pixels: 16 x 16 patches and the class token
+
+
+class Features(torch.nn.Module):
+    """Stands in for the vision tower: its input is already the features."""
+
+    def forward(self, pixel_values=None, **kwargs):
+        return BaseModelOutputWithPooling(last_hidden_state=pixel_values,
+                                          pooler_output=pixel_values[:, 0])
+
+
+def itm_model():
+    d = os.path.join(OUT, "itm")
+    os.makedirs(d, exist_ok=True)
+    q = Blip2QFormerConfig(vocab_size=30523, use_qformer_text_input=True,
+                           encoder_hidden_size=1408)
+    v = Blip2VisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=1,
+                          num_attention_heads=16, image_size=224, patch_size=14)
+    cfg = Blip2Config(vision_config=v.to_dict(), qformer_config=q.to_dict(),
+                      text_config={"model_type": "opt"}, num_query_tokens=32,
+                      image_text_hidden_size=256)
+    model = Blip2ForImageTextRetrieval(cfg).eval()
+    sd = {k: t for k, t in model.state_dict().items() if not k.startswith("vision_model.")}
+    manifest = {k: list(t.shape) for k, t in sd.items()}
+    model.load_state_dict({k: hashed(k, s) for k, s in manifest.items()}, strict=False)
+    model.vision_model = Features()
+    cfg.save_pretrained(d)
+    json.dump({"formula": "scripts/formula.py hashed", "shapes": manifest},
+              open(os.path.join(d, "manifest.json"), "w"))
+
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    enc = tok(CAPTIONS, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    # Unit-scale features, as the vision tower's post-LayerNorm gives them.
+    image = torch.stack([10 * hashed(f"image_embedding.{i}", (PATCHES, 1408)) for i in range(2)])
+    with torch.no_grad():
+        itc = model(pixel_values=image, input_ids=ids, attention_mask=mask)
+        itm = torch.stack([
+            model(pixel_values=image[i:i + 1].expand(len(CAPTIONS), -1, -1), input_ids=ids,
+                  attention_mask=mask, use_image_text_matching_head=True).logits_per_image
+            for i in range(2)])  # [image, text, 2]
+        queries = model.qformer(query_embeds=model.query_tokens.expand(2, -1, -1),
+                                encoder_hidden_states=image).last_hidden_state
+    out = {
+        "input_ids": ids.to(torch.int64), "attention_mask": mask.to(torch.int64),
+        "itc": itc.logits_per_image.contiguous(),
+        "image_embeds": itc.image_embeds.contiguous(),
+        "text_embeds": itc.text_embeds.contiguous(),
+        "itm": itm.contiguous(),
+        "queries_head": queries[:, :, :16].contiguous(),
+        "queries_rowsum": queries.sum(-1).contiguous(),
+    }
+    save_file(out, os.path.join(d, "expected.safetensors"),
+              metadata={"transformers": __import__("transformers").__version__})
+    print("itc", itc.logits_per_image, "\nitm", itm.softmax(-1)[..., 1])
+
+
+if __name__ == "__main__":
+    itm_model()

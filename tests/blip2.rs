@@ -1,0 +1,107 @@
+//! BLIP-2's Q-Former against transformers (scripts/gen_blip2_fixtures.py):
+//! the Q-Former of Salesforce/blip2-itm-vit-g at its real sizes, with
+//! weights both sides compute (scripts/formula.py's `hashed`), fed the same
+//! image features; its query outputs, ITC embeddings and scores and ITM
+//! logits as `Blip2ForImageTextRetrieval` computes them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use clasp::model::qformer::{QFormerConfig, QFormerHeads};
+use common::max_abs;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blip2/itm")
+}
+
+fn heads() -> QFormerHeads {
+    let dir = fixtures();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let q: QFormerConfig = serde_json::from_value(cfg["qformer_config"].clone()).unwrap();
+    let tensors = common::manifest_tensors(&dir.join("manifest.json"), common::hashed);
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    QFormerHeads::load(
+        vb,
+        &q,
+        cfg["num_query_tokens"].as_u64().unwrap() as usize,
+        cfg["image_text_hidden_size"].as_u64().unwrap() as usize,
+    )
+    .unwrap()
+}
+
+/// The two images' features, as the script makes them.
+fn image() -> Tensor {
+    let parts: Vec<Tensor> = (0..2)
+        .map(|i| (common::hashed(&format!("image_embedding.{i}"), &[257, 1408]) * 10.0).unwrap())
+        .collect();
+    Tensor::stack(&parts, 0).unwrap()
+}
+
+#[test]
+fn qformer_queries_itc_and_itm_match_transformers() {
+    let (exp, _) = common::expected_with_meta(&fixtures().join("expected.safetensors"));
+    let heads = heads();
+    let image = image();
+    let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = exp["attention_mask"].to_dtype(DType::F32).unwrap();
+
+    // The queries' last hidden state.
+    let tokens = heads.query_tokens().clone();
+    let q = heads.qformer.queries(&tokens, &image).unwrap();
+    let d = max_abs(&q.narrow(2, 0, 16).unwrap(), &exp["queries_head"]);
+    assert!(d < 1e-4, "query outputs differ by {d}");
+    let d = max_abs(&q.sum(2).unwrap(), &exp["queries_rowsum"]);
+    assert!(d < 1e-3, "query output row sums differ by {d}");
+
+    // ITC: per-query image embeddings, [CLS] text embeddings, max over queries.
+    let img = heads.image_embeds(&image).unwrap();
+    let d = max_abs(&img, &exp["image_embeds"]);
+    assert!(d < 1e-4, "ITC image embeddings differ by {d}");
+    let txt = heads.text_embeds(&ids, &mask).unwrap();
+    let d = max_abs(&txt, &exp["text_embeds"]);
+    assert!(d < 1e-4, "ITC text embeddings differ by {d}");
+    let itc = QFormerHeads::itc(&img, &txt).unwrap();
+    let d = max_abs(&itc, &exp["itc"]);
+    assert!(d < 1e-4, "ITC scores differ by {d}");
+
+    // ITM: every image with every text (transformers pairs rows).
+    let n = ids.dim(0).unwrap();
+    let per_image: Vec<Tensor> = (0..2)
+        .map(|i| {
+            let img = image
+                .narrow(0, i, 1)
+                .unwrap()
+                .broadcast_as((n, 257, 1408))
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            heads.itm(&img, &ids, &mask).unwrap()
+        })
+        .collect();
+    let itm = Tensor::stack(&per_image, 0).unwrap();
+    let d = max_abs(&itm, &exp["itm"]);
+    assert!(d < 1e-4, "ITM logits differ by {d}");
+    eprintln!("ITM logits within {d:e} of transformers");
+    // The fixture discriminates: the scores are not one number repeated.
+    let spread = |t: &Tensor| {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().cloned().fold(f32::MIN, f32::max) - v.iter().cloned().fold(f32::MAX, f32::min)
+    };
+    assert!(spread(&exp["itc"]) > 0.02 && spread(&exp["itm"]) > 0.05);
+}
+
+#[test]
+fn qformer_refuses_image_features_of_the_wrong_width() {
+    let heads = heads();
+    let wrong = Tensor::zeros((1, 49, 1280), DType::F32, &Device::Cpu).unwrap();
+    let err = heads
+        .qformer
+        .queries(heads.query_tokens(), &wrong)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1408") && err.contains("1280"), "{err}");
+}
