@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Fixtures for BLIP-2's Q-Former, made by transformers:
 
-    PYTHONPATH=/tmp/torchpy python3 scripts/gen_blip2_fixtures.py   # writes tests/fixtures/blip2/
+    PYTHONPATH=/tmp/torchpy python3 scripts/gen_blip2_fixtures.py [itm] [small]
+    # writes tests/fixtures/blip2/
 
   itm/config.json   a Blip2Config with the Q-Former of Salesforce/blip2-itm-vit-g
                     (768 wide, 12 layers, 12 heads, cross-attention every 2nd
@@ -23,6 +24,17 @@
                     queries' last hidden state (first 16 channels and row
                     sums) and the ITC image and text embeddings
 
+  small/            a whole Blip2ForImageTextRetrieval scaled down for speed
+                    (ViT: 96 wide, 2 layers, 224 pixels in 14-pixel patches;
+                    Q-Former: 64 wide, 2 layers, 8 queries, a 32-d ITC space),
+                    as config.json, preprocessor_config.json (the BLIP
+                    processor at 224) and manifest.json; the test writes its
+                    `hashed` weights as model.safetensors beside MiniLM's
+                    tokenizer and loads the folder as a user's would.
+                    expected.safetensors: BlipImageProcessorPil's pixels of two
+                    Flickr8k dev photos (channel means and a corner), the token
+                    ids, and the ITC scores and ITM logits (every pair)
+
 Needs: pip install torch transformers safetensors; the MiniLM tokenizer in
 ~/.cache/clasp/all-MiniLM-L6-v2 (scripts/get-model.sh minilm).
 """
@@ -41,6 +53,7 @@ from formula import hashed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests/fixtures/blip2")
+FLICKR = os.path.join(os.path.dirname(ROOT), "shared/data/flickr8k")
 MINILM = os.path.expanduser("~/.cache/clasp/all-MiniLM-L6-v2")
 CAPTIONS = ["a black dog runs across the grass", "two children play in the snow",
             "a man in a red jacket climbs a rock face"]
@@ -101,5 +114,57 @@ def itm_model():
     print("itc", itc.logits_per_image, "\nitm", itm.softmax(-1)[..., 1])
 
 
+def small_model():
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from PIL import Image
+    d = os.path.join(OUT, "small")
+    os.makedirs(d, exist_ok=True)
+    q = Blip2QFormerConfig(vocab_size=30523, hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=128,
+                           use_qformer_text_input=True)
+    v = Blip2VisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                          num_attention_heads=4, image_size=224, patch_size=14)
+    cfg = Blip2Config(vision_config=v.to_dict(), qformer_config=q.to_dict(),
+                      text_config={"model_type": "opt"}, num_query_tokens=8,
+                      image_text_hidden_size=32)
+    model = Blip2ForImageTextRetrieval(cfg).eval()
+    manifest = {k: list(t.shape) for k, t in model.state_dict().items()}
+    model.load_state_dict({k: hashed(k, s) for k, s in manifest.items()})
+    cfg.save_pretrained(d)
+    proc = BlipImageProcessorPil(size={"height": 224, "width": 224})
+    proc.save_pretrained(d)
+    json.dump({"formula": "scripts/formula.py hashed", "shapes": manifest},
+              open(os.path.join(d, "manifest.json"), "w"))
+
+    photos = sorted(os.listdir(os.path.join(FLICKR, "images")))
+    dev = [line.strip() for line in open(os.path.join(FLICKR, "Flickr_8k.devImages.txt"))][:2]
+    images = [Image.open(os.path.join(FLICKR, "images", f)) for f in dev]
+    assert all(f in photos for f in dev)
+    pixels = proc(images=images, return_tensors="pt")["pixel_values"]
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    enc = tok(CAPTIONS, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        itc = model(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+        itm = torch.stack([
+            model(pixel_values=pixels[i:i + 1].expand(len(CAPTIONS), -1, -1, -1), input_ids=ids,
+                  attention_mask=mask, use_image_text_matching_head=True).logits_per_image
+            for i in range(2)])
+    out = {
+        "input_ids": ids.to(torch.int64), "attention_mask": mask.to(torch.int64),
+        "pixel_means": pixels.mean(dim=(2, 3)).contiguous(),
+        "pixel_corner": pixels[:, :, :8, :8].contiguous(),
+        "itc": itc.logits_per_image.contiguous(), "itm": itm.contiguous(),
+    }
+    save_file(out, os.path.join(d, "expected.safetensors"),
+              metadata={"transformers": __import__("transformers").__version__,
+                        "photos": json.dumps(dev), "texts": json.dumps(CAPTIONS)})
+    print("small itc", itc.logits_per_image, "\nsmall itm", itm.softmax(-1)[..., 1])
+
+
 if __name__ == "__main__":
-    itm_model()
+    which = sys.argv[1:] or ["itm", "small"]
+    if "itm" in which:
+        itm_model()
+    if "small" in which:
+        small_model()

@@ -105,3 +105,75 @@ fn qformer_refuses_image_features_of_the_wrong_width() {
         .to_string();
     assert!(err.contains("1408") && err.contains("1280"), "{err}");
 }
+
+/// The scaled-down `Blip2ForImageTextRetrieval` as a user's folder:
+/// config, processor config, `hashed` weights and MiniLM's BERT tokenizer.
+fn small_folder(dst: &Path) {
+    let src = fixtures().parent().unwrap().join("small");
+    for f in ["config.json", "preprocessor_config.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let minilm = common::pretrained("minilm");
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(minilm.join(f), dst.join(f)).unwrap();
+    }
+    let tensors = common::manifest_tensors(&src.join("manifest.json"), common::hashed);
+    candle_core::safetensors::save(&tensors, dst.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn blip2_retrieval_folder_scores_photos_as_transformers() {
+    use clasp::model::blip2::Blip2Retrieval;
+    let d = tempfile::tempdir().unwrap();
+    small_folder(d.path());
+    let model = Blip2Retrieval::load(d.path(), &Device::Cpu).unwrap();
+    let src = fixtures().parent().unwrap().join("small");
+    let (exp, meta) = common::expected_with_meta(&src.join("expected.safetensors"));
+    let photos: Vec<String> = serde_json::from_str(&meta["photos"]).unwrap();
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    let flickr = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/flickr8k/images");
+
+    // BlipImageProcessor's pixels (checked by channel means and a corner).
+    let pixels: Vec<Tensor> = photos
+        .iter()
+        .map(|p| {
+            let px = model.processor.process_path(&flickr.join(p)).unwrap();
+            Tensor::from_vec(px, (3, 224, 224), &Device::Cpu).unwrap()
+        })
+        .collect();
+    let pixels = Tensor::stack(&pixels, 0).unwrap();
+    let means = pixels.mean((2, 3)).unwrap();
+    assert!(max_abs(&means, &exp["pixel_means"]) < 1e-4);
+    let corner = pixels.narrow(2, 0, 8).unwrap().narrow(3, 0, 8).unwrap();
+    assert!(max_abs(&corner, &exp["pixel_corner"]) < 1e-4);
+
+    // The token ids, then ITC (max over queries) and ITM of every pair.
+    let ids = model.tokenizer.encode(&texts).unwrap();
+    let want = exp["input_ids"].to_dtype(DType::U32).unwrap();
+    let (got, _) = ids.to_tensors(true, &Device::Cpu).unwrap();
+    assert_eq!(
+        got.to_vec2::<u32>().unwrap(),
+        want.to_vec2::<u32>().unwrap()
+    );
+    let feats = model.image_features(&pixels).unwrap();
+    let img = model.heads.image_embeds(&feats).unwrap();
+    let txt = model.text_embeds(&texts).unwrap();
+    let itc = QFormerHeads::itc(&img, &txt).unwrap();
+    let d_itc = max_abs(&itc, &exp["itc"]);
+    assert!(d_itc < 1e-4, "ITC scores differ by {d_itc}");
+    let itm: Vec<Tensor> = (0..2)
+        .map(|i| {
+            model
+                .itm_logits(&feats.narrow(0, i, 1).unwrap(), &texts)
+                .unwrap()
+        })
+        .collect();
+    let d_itm = max_abs(&Tensor::stack(&itm, 0).unwrap(), &exp["itm"]);
+    assert!(d_itm < 1e-4, "ITM logits differ by {d_itm}");
+    eprintln!("photos to ITC within {d_itc:e}, ITM within {d_itm:e} of transformers");
+}

@@ -432,6 +432,15 @@ pub struct PreNormBlock {
 }
 
 impl PreNormBlock {
+    pub fn new(ln1: LayerNorm, attn: Attention, ln2: LayerNorm, mlp: Mlp) -> Self {
+        Self {
+            ln1,
+            attn,
+            ln2,
+            mlp,
+        }
+    }
+
     pub fn load(
         vb: VarBuilder,
         hidden: usize,

@@ -7,6 +7,7 @@
 //! the pieces that training and inspection need, and measured at 0.6x PyTorch's
 //! CPU throughput on the 2-core development machine.
 
+pub mod blip2;
 pub mod chinese_clip;
 pub mod clip;
 pub mod cnn;

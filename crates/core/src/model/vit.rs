@@ -18,7 +18,8 @@ pub struct VisionTransformer {
     class_embedding: Tensor,
     /// The class position, then the patch grid's.
     positions: PositionGrid,
-    pre_layrnorm: LayerNorm,
+    /// CLIP's pre-LN (BLIP-2's ViT has none).
+    pre_layrnorm: Option<LayerNorm>,
     layers: Vec<PreNormBlock>,
     post_layernorm: LayerNorm,
     cfg: VisionConfig,
@@ -77,11 +78,46 @@ impl VisionTransformer {
                 1,
                 cfg.image_size / p,
             )?,
-            pre_layrnorm: LayerNorm::load(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
+            pre_layrnorm: Some(LayerNorm::load(
+                vb.pp("pre_layrnorm"),
+                h,
+                cfg.layer_norm_eps,
+            )?),
             layers,
             post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
             cfg: cfg.clone(),
         })
+    }
+
+    /// A tower from its parts (BLIP-2's ViT, whose checkpoint names and
+    /// layout differ from CLIP's): `positions` [1 + g*g, C], the class
+    /// position first.
+    pub(crate) fn from_parts(
+        patch: Linear,
+        class_embedding: Tensor,
+        positions: Tensor,
+        pre_layrnorm: Option<LayerNorm>,
+        layers: Vec<PreNormBlock>,
+        post_layernorm: LayerNorm,
+        cfg: VisionConfig,
+    ) -> Result<Self> {
+        let g = cfg.image_size / cfg.patch_size;
+        Ok(Self {
+            patch,
+            class_embedding,
+            positions: PositionGrid::new(positions, 1, g)?,
+            pre_layrnorm,
+            layers,
+            post_layernorm,
+            cfg,
+        })
+    }
+
+    /// Every token after the last layer and the post-LN, [B, 1 + patches,
+    /// hidden]: `Blip2VisionModel`'s `last_hidden_state`.
+    pub fn last_hidden_state(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let x = self.run_layers(self.embed(pixel_values)?, self.layers.len())?;
+        self.post_layernorm.forward(&x.contiguous()?)
     }
 
     /// `pixel_values`: [B, C, S, S] normalised pixels. Returns the pooled
@@ -146,7 +182,10 @@ impl VisionTransformer {
             )?
         };
         let x = x.broadcast_add(&pos.unsqueeze(0)?)?;
-        self.pre_layrnorm.forward(&x)
+        match &self.pre_layrnorm {
+            Some(ln) => ln.forward(&x),
+            None => Ok(x),
+        }
     }
 
     /// The first `n` encoder layers over `x`.

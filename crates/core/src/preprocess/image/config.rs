@@ -18,6 +18,9 @@ pub const SUPPORTED_PROCESSORS: &[&str] = &[
     "Siglip2ImageProcessor",
     "Siglip2ImageProcessorFast",
     "Siglip2ImageProcessorPil",
+    "BlipImageProcessor",
+    "BlipImageProcessorFast",
+    "BlipImageProcessorPil",
 ];
 
 /// How to resize before any crop.
@@ -302,7 +305,9 @@ impl ImageProcessorConfig {
                 SUPPORTED_PROCESSORS.join(", ")
             )));
         }
-        let chinese = kind.starts_with("ChineseCLIP");
+        // BLIP's processor resizes as Chinese-CLIP's: straight to the size,
+        // bicubic, no crop, CLIP's mean and deviation.
+        let chinese = kind.starts_with("ChineseCLIP") || kind.starts_with("Blip");
         let siglip2 = kind.starts_with("Siglip2");
         let siglip = kind.starts_with("Siglip") && !siglip2;
         let resample = match raw.resample {

@@ -1,0 +1,294 @@
+//! BLIP-2's image–text retrieval model (transformers'
+//! `Blip2ForImageTextRetrieval`, model type `blip-2`): its ViT
+//! (`Blip2VisionModel`), the Q-Former with its ITC and ITM heads
+//! ([`super::qformer`]), the BLIP image processor and the Q-Former's BERT
+//! tokenizer. It is a *fusion* model: its ITM head looks at an image and a
+//! text together, which is what re-ranking a retrieval's top hits needs.
+//!
+//! `Blip2VisionModel` differs from CLIP's ViT in four ways, handled here by
+//! building a [`VisionTransformer`] from its parts: the patch convolution has
+//! a bias, there is no pre-LayerNorm, attention is one fused `qkv` whose bias
+//! is (q_bias, 0, v_bias), and its output is the post-LayerNorm of every
+//! token (the Q-Former reads them all).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::config::{Activation, VisionConfig};
+use super::layers::{Attention, LayerNorm, Linear, Mlp, PreNormBlock};
+use super::loader::read_json;
+use super::qformer::{QFormerConfig, QFormerHeads};
+use super::vit::VisionTransformer;
+use crate::preprocess::{ImageProcessor, ImageProcessorConfig, TextTokenizer};
+use crate::{Error, Result};
+
+/// transformers' `Blip2VisionConfig`, with its defaults (EVA ViT-g/14).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct Blip2VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+    pub qkv_bias: bool,
+}
+
+impl Default for Blip2VisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 1408,
+            intermediate_size: 6144,
+            num_hidden_layers: 39,
+            num_attention_heads: 16,
+            image_size: 224,
+            patch_size: 14,
+            hidden_act: Activation::Gelu,
+            layer_norm_eps: 1e-6,
+            qkv_bias: true,
+        }
+    }
+}
+
+impl Blip2VisionConfig {
+    fn vision_config(&self) -> VisionConfig {
+        VisionConfig {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_channels: 3,
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            hidden_act: self.hidden_act,
+            layer_norm_eps: self.layer_norm_eps,
+            projection_dim: self.hidden_size,
+        }
+    }
+}
+
+/// transformers' `Blip2Config`: the parts a retrieval model reads.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Blip2Config {
+    #[serde(default)]
+    pub vision_config: Blip2VisionConfig,
+    pub qformer_config: QFormerConfig,
+    #[serde(default = "d_queries")]
+    pub num_query_tokens: usize,
+    #[serde(default = "d_itc")]
+    pub image_text_hidden_size: usize,
+    #[serde(default)]
+    pub image_token_index: Option<u32>,
+}
+
+fn d_queries() -> usize {
+    32
+}
+fn d_itc() -> usize {
+    256
+}
+
+impl Blip2Config {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let v = read_json(path)?;
+        if v["model_type"] != "blip-2" {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                reason: format!("model_type {} is not blip-2", v["model_type"]),
+            });
+        }
+        let mut cfg: Self = serde_json::from_value(v).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        // As Blip2Config does: the queries read the vision tower's width.
+        cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
+        Ok(cfg)
+    }
+}
+
+/// `Blip2VisionModel` (`vb` at `vision_model`) as a [`VisionTransformer`].
+pub fn load_vision(vb: VarBuilder, cfg: &Blip2VisionConfig) -> Result<VisionTransformer> {
+    let (h, p) = (cfg.hidden_size, cfg.patch_size);
+    if !cfg.image_size.is_multiple_of(p) || !h.is_multiple_of(cfg.num_attention_heads) {
+        return Err(Error::Shape(format!(
+            "Blip2 vision config: image_size {} and patch_size {p}, hidden {h} and {} heads do not fit",
+            cfg.image_size, cfg.num_attention_heads
+        )));
+    }
+    let emb = vb.pp("embeddings");
+    let n_pos = (cfg.image_size / p).pow(2) + 1;
+    let conv = emb.get((h, 3, p, p), "patch_embedding.weight")?;
+    let patch = Linear::new(
+        conv.reshape((h, 3 * p * p))?,
+        Some(emb.get(h, "patch_embedding.bias")?),
+    );
+    let class = emb.get((1, 1, h), "class_embedding")?.reshape(h)?;
+    let positions = emb
+        .get((1, n_pos, h), "position_embedding")?
+        .reshape((n_pos, h))?;
+    let enc = vb.pp("encoder.layers");
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|i| layer(enc.pp(i), cfg))
+        .collect::<Result<Vec<_>>>()?;
+    let post = LayerNorm::load(vb.pp("post_layernorm"), h, cfg.layer_norm_eps)?;
+    VisionTransformer::from_parts(
+        patch,
+        class,
+        positions,
+        None,
+        layers,
+        post,
+        cfg.vision_config(),
+    )
+}
+
+/// One `Blip2EncoderLayer`: the fused qkv split into CLIP's q, k and v.
+fn layer(vb: VarBuilder, cfg: &Blip2VisionConfig) -> Result<PreNormBlock> {
+    let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+    let a = vb.pp("self_attn");
+    let w = a.get((3 * h, h), "qkv.weight")?;
+    // transformers 5 keeps one `qkv.bias` (q, k, v); checkpoints saved
+    // before it keep `q_bias` and `v_bias`, the key bias being zero.
+    let bias = if !cfg.qkv_bias {
+        None
+    } else if a.contains_tensor("qkv.bias") {
+        Some(a.get(3 * h, "qkv.bias")?)
+    } else {
+        let q = a.get(h, "q_bias")?;
+        let v = a.get(h, "v_bias")?;
+        Some(Tensor::cat(&[&q, &q.zeros_like()?, &v], 0)?)
+    };
+    let part = |k: usize| -> Result<Linear> {
+        Ok(Linear::new(
+            w.narrow(0, k * h, h)?,
+            bias.as_ref().map(|b| b.narrow(0, k * h, h)).transpose()?,
+        ))
+    };
+    let attn = Attention::new(
+        part(0)?,
+        part(1)?,
+        part(2)?,
+        Linear::load(a.pp("projection"), h, h, true)?,
+        cfg.num_attention_heads,
+    )?;
+    let mlp = Mlp::new(
+        Linear::load(vb.pp("mlp.fc1"), h, i, true)?,
+        Linear::load(vb.pp("mlp.fc2"), i, h, true)?,
+        cfg.hidden_act,
+    );
+    Ok(PreNormBlock::new(
+        LayerNorm::load(vb.pp("layer_norm1"), h, eps)?,
+        attn,
+        LayerNorm::load(vb.pp("layer_norm2"), h, eps)?,
+        mlp,
+    ))
+}
+
+/// A `Blip2ForImageTextRetrieval` folder, loaded.
+pub struct Blip2Retrieval {
+    pub vision: VisionTransformer,
+    pub heads: QFormerHeads,
+    pub processor: ImageProcessor,
+    pub tokenizer: TextTokenizer,
+    pub cfg: Blip2Config,
+    device: Device,
+}
+
+/// Whether `dir` holds a BLIP-2 checkpoint (config.json `model_type` "blip-2").
+pub fn is_blip2_dir(dir: &Path) -> bool {
+    read_json(&dir.join("config.json")).is_ok_and(|c| c["model_type"] == "blip-2")
+}
+
+impl Blip2Retrieval {
+    /// Reads config.json, model.safetensors, preprocessor_config.json (the
+    /// BLIP processor's defaults at the tower's size when absent) and the
+    /// tokenizer files.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg = Blip2Config::from_file(&dir.join("config.json"))?;
+        let weights = dir.join("model.safetensors");
+        if !weights.is_file() {
+            return Err(Error::Report(format!(
+                "{}: no model.safetensors (a Blip2ForImageTextRetrieval folder holds one)",
+                dir.display()
+            )));
+        }
+        // SAFETY: the file is mapped read-only and not modified while the
+        // model lives; candle checks every tensor's bounds against the map.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device)? };
+        let vision = load_vision(vb.pp("vision_model"), &cfg.vision_config)?;
+        let heads = QFormerHeads::load(
+            vb.clone(),
+            &cfg.qformer_config,
+            cfg.num_query_tokens,
+            cfg.image_text_hidden_size,
+        )?;
+        let pp = dir.join("preprocessor_config.json");
+        let processor = ImageProcessor::new(if pp.is_file() {
+            ImageProcessorConfig::from_file(&pp)?
+        } else {
+            // BlipImageProcessor's rule, which is Chinese-CLIP's.
+            ImageProcessorConfig::chinese_clip_default(cfg.vision_config.image_size as u32)
+        });
+        let context = cfg.qformer_config.max_position_embeddings;
+        let tokenizer = TextTokenizer::from_dir(dir, context)?;
+        Ok(Self {
+            vision,
+            heads,
+            processor,
+            tokenizer,
+            cfg,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The vision tower's output for pixels [B, 3, S, S]: every token after
+    /// the post-LayerNorm, [B, 1 + patches, width], which the Q-Former reads.
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.vision.last_hidden_state(pixel_values)
+    }
+
+    /// Token ids [B, L] and their 0/1 mask (f32) for texts.
+    fn tokens(&self, texts: &[String]) -> Result<(Tensor, Tensor)> {
+        let (ids, mask) = self
+            .tokenizer
+            .encode(texts)?
+            .to_tensors(true, &self.device)?;
+        Ok((ids.to_dtype(DType::U32)?, mask.to_dtype(DType::F32)?))
+    }
+
+    /// The ITC embeddings of texts [T, D], L2-normalised.
+    pub fn text_embeds(&self, texts: &[String]) -> Result<Tensor> {
+        let (ids, mask) = self.tokens(texts)?;
+        self.heads.text_embeds(&ids, &mask)
+    }
+
+    /// The ITM logits [T, 2] (no match, match) of one image's features
+    /// [1, P, E] with each text.
+    pub fn itm_logits(&self, image_features: &Tensor, texts: &[String]) -> Result<Tensor> {
+        let (ids, mask) = self.tokens(texts)?;
+        let (_, p, e) = image_features.dims3()?;
+        let img = image_features
+            .broadcast_as((texts.len(), p, e))?
+            .contiguous()?;
+        self.heads.itm(&img, &ids, &mask)
+    }
+
+    /// The probability that each text matches the image (softmax over the
+    /// ITM logits, the "match" column), as BLIP-2's examples report it.
+    pub fn itm_scores(&self, image_features: &Tensor, texts: &[String]) -> Result<Vec<f32>> {
+        let logits = self.itm_logits(image_features, texts)?;
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        Ok(probs.narrow(1, 1, 1)?.squeeze(1)?.to_vec1()?)
+    }
+}
