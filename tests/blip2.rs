@@ -177,3 +177,101 @@ fn blip2_retrieval_folder_scores_photos_as_transformers() {
     assert!(d_itm < 1e-4, "ITM logits differ by {d_itm}");
     eprintln!("photos to ITC within {d_itc:e}, ITM within {d_itm:e} of transformers");
 }
+
+#[test]
+fn search_reranks_its_top_hits_with_the_itm_head_as_transformers_scores_them() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("blip2");
+    std::fs::create_dir(&model).unwrap();
+    small_folder(&model);
+    let src = fixtures().parent().unwrap().join("small");
+    let (exp, meta) = common::expected_with_meta(&src.join("expected.safetensors"));
+    let photos: Vec<String> = serde_json::from_str(&meta["photos"]).unwrap();
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    let flickr = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/flickr8k/images");
+    let dir = d.path().join("photos");
+    std::fs::create_dir(&dir).unwrap();
+    for p in &photos {
+        std::fs::copy(flickr.join(p), dir.join(p)).unwrap();
+    }
+    // transformers' match probability of each photo with the first caption.
+    let itm: Vec<Vec<Vec<f32>>> = exp["itm"].to_vec3().unwrap();
+    let want: Vec<f64> = itm
+        .iter()
+        .map(|per_text| {
+            let l = &per_text[0];
+            1.0 / (1.0 + ((l[0] - l[1]) as f64).exp())
+        })
+        .collect();
+    let store = d.path().join("s.sqlite");
+    let tiny = common::tiny();
+    let hits = common::ok(&common::clasp(&[
+        "search",
+        &texts[0],
+        "-k",
+        "2",
+        "-m",
+        &tiny,
+        "--store",
+        store.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+        "--rerank",
+        "itm:2",
+        "--rerank-model",
+        model.to_str().unwrap(),
+        "--json",
+    ]));
+    let hits = hits.as_array().unwrap();
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    let got: Vec<(String, f64)> = hits
+        .iter()
+        .map(|h| {
+            let name = Path::new(h["path"].as_str().unwrap())
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            (name, h["itm"].as_f64().unwrap())
+        })
+        .collect();
+    for (name, p) in &got {
+        let i = photos.iter().position(|q| q == name).unwrap();
+        assert!((p - want[i]).abs() < 1e-4, "{name}: ITM {p} vs {}", want[i]);
+    }
+    assert!(got[0].1 >= got[1].1, "not ordered by ITM: {got:?}");
+
+    // Without a fusion model the option is refused by name.
+    let out = common::clasp(&[
+        "search",
+        &texts[0],
+        "-m",
+        &tiny,
+        "--store",
+        store.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+        "--rerank",
+        "itm",
+        "--no-index",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rerank-model"));
+    let out = common::clasp(&[
+        "search",
+        &texts[0],
+        "-m",
+        &tiny,
+        "--store",
+        store.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+        "--rerank",
+        "itm",
+        "--rerank-model",
+        &tiny,
+        "--no-index",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a fusion model"));
+}

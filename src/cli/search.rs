@@ -120,6 +120,14 @@ pub struct SearchArgs {
     /// HNSW's candidate list at query time (usearch's expansion, pgvector's hnsw.ef_search).
     #[arg(long)]
     pub ef_search: Option<usize>,
+    /// Re-score the first stage's top K with a fusion model's image-text matching head
+    /// (--rerank-model): `itm[:K]` orders by its match probability, `itm+sim[:K]` by its match
+    /// logit plus the first stage's similarity (ALBEF's and BLIP's practice) [K: 32].
+    #[arg(long, requires = "rerank_model")]
+    pub rerank: Option<index::rerank::Rerank>,
+    /// The fusion model for --rerank: a Blip2ForImageTextRetrieval folder.
+    #[arg(long, requires = "rerank")]
+    pub rerank_model: Option<PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -362,6 +370,34 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
     }
     // The query parses before a model loads or a folder is indexed.
     let terms = query::parse(&a.query)?;
+    let rerank = match (&a.rerank, &a.rerank_model) {
+        (Some(r), Some(m)) => {
+            let (texts, images): (Vec<_>, Vec<_>) = terms
+                .iter()
+                .partition(|t| matches!(t.kind, query::TermKind::Text(_)));
+            let texts: Vec<String> = texts
+                .iter()
+                .filter_map(|t| match &t.kind {
+                    query::TermKind::Text(s) if t.weight > 0.0 => Some(s.clone()),
+                    _ => None,
+                })
+                .collect();
+            let text = index::rerank::check_query(&texts, images.len())?;
+            if !clasp::model::blip2::is_blip2_dir(m) {
+                bail!(
+                    "--rerank-model {}: not a fusion model (a Blip2ForImageTextRetrieval folder, config.json model_type \"blip-2\")",
+                    m.display()
+                );
+            }
+            let model = clasp::model::blip2::Blip2Retrieval::load(
+                m,
+                &super::device(a.store.compute.device)?,
+            )
+            .with_context(|| format!("--rerank-model {}", m.display()))?;
+            Some((*r, model, text))
+        }
+        _ => None,
+    };
     let dir = search_dir(&a.dir)?;
     let text_only = terms
         .iter()
@@ -393,7 +429,16 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
             &dirs,
         )?
     } else {
-        search::vector_search(engine.as_ref(), catalog.as_mut(), &q, a.k, &dirs)?
+        let k = rerank.as_ref().map_or(a.k, |(r, ..)| r.candidates.max(a.k));
+        search::vector_search(engine.as_ref(), catalog.as_mut(), &q, k, &dirs)?
+    };
+    let hits = match rerank {
+        Some((r, model, text)) => {
+            let mut h = index::rerank::rerank(&model, &text, hits, r.score)?;
+            h.truncate(a.k);
+            h
+        }
+        None => hits,
     };
     if hits.is_empty() {
         note!("no results: no indexed images under {}", dir.display());
@@ -406,7 +451,10 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
         }
     } else {
         for h in &hits {
-            println!("{:.4}\t{}", h.score, h.path);
+            match h.itm {
+                Some(itm) => println!("{:.4}\t{itm:.4}\t{}", h.score, h.path),
+                None => println!("{:.4}\t{}", h.score, h.path),
+            }
         }
     }
     let missing = engine.unanswered();

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod indexer;
 pub mod postgres;
 pub mod query;
+pub mod rerank;
 pub mod search;
 pub mod store;
 pub mod walk;

@@ -18,6 +18,9 @@ pub const RRF_K: f64 = 60.0;
 pub struct Hit {
     pub path: String,
     pub score: f64,
+    /// The fusion model's match probability, when re-ranked (`rerank`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub itm: Option<f64>,
 }
 
 /// Embeddable files under `dirs` (all when empty), grouped by content hash.
@@ -97,6 +100,7 @@ fn files_of_hits(
                 out.push(Hit {
                     path: f.path.clone(),
                     score: s as f64,
+                    itm: None,
                 });
             }
         }
@@ -128,6 +132,7 @@ pub fn rrf(lists: &[Vec<String>], k: usize) -> Vec<Hit> {
         .map(|(p, s)| Hit {
             path: p.to_string(),
             score: s,
+            itm: None,
         })
         .collect();
     hits.sort_by(|a, b| {

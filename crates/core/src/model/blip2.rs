@@ -284,6 +284,23 @@ impl Blip2Retrieval {
         self.heads.itm(&img, &ids, &mask)
     }
 
+    /// The ITM logits (no match, match) of one text with each of several
+    /// images, given as the processor's pixels ([3, S, S] each).
+    pub fn itm_logits_pixels(&self, pixels: &[Vec<f32>], text: &str) -> Result<Vec<[f32; 2]>> {
+        let n = pixels.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let side = self.cfg.vision_config.image_size;
+        let batch = Tensor::from_vec(pixels.concat(), (n, 3, side, side), &self.device)?;
+        let feats = self.image_features(&batch)?;
+        let (ids, mask) = self.tokens(&[text.to_string()])?;
+        let ids = ids.broadcast_as((n, ids.dim(1)?))?.contiguous()?;
+        let mask = mask.broadcast_as((n, mask.dim(1)?))?.contiguous()?;
+        let logits: Vec<Vec<f32>> = self.heads.itm(&feats, &ids, &mask)?.to_vec2()?;
+        Ok(logits.into_iter().map(|l| [l[0], l[1]]).collect())
+    }
+
     /// The probability that each text matches the image (softmax over the
     /// ITM logits, the "match" column), as BLIP-2's examples report it.
     pub fn itm_scores(&self, image_features: &Tensor, texts: &[String]) -> Result<Vec<f32>> {
