@@ -7,9 +7,10 @@ loss.
     cargo build --release && python3 bench/bridge.py [--seeds 0,1,2] [--limit N] [--rows ROWS]
         [--steps-mlp N] [--steps-resampler N] [--steps-stage2 N] [--steps-prealign N]
 
-ROWS (comma-separated, default all): mlp, resampler16, resampler64, stage12, exp_lm,
+ROWS (comma-separated, default all): mlp, resampler16, resampler64, qformer32, stage12, exp_lm,
 exp_infonce, exp_bcif, exp_bcif_geo. A row's source row is run first when needed:
-- mlp, resampler16, resampler64: stage 1 (the connector only) from the LLM and the tower;
+- mlp, resampler16, resampler64, qformer32: stage 1 (the connector only) from the LLM and the
+  tower (qformer32: BLIP-2's Q-Former, 32 queries, 2 BERT layers of 256);
 - stage12: stage 2 (connector + LoRA, LM loss) from resampler16's checkpoint;
 - prealign (run for the exp_ rows): a fresh resampler N = 16 trained with InfoNCE alone
   (the contrastive branch; no LM loss): the "contrastively pre-aligned connector";
@@ -93,6 +94,8 @@ ROWS = {
     "resampler16": ("stage 1, resampler N = 16", None, "resampler", RESAMPLER16),
     "resampler64": ("stage 1, resampler N = 64", None, "resampler",
                     ["--connector", "resampler", "--queries", "64"]),
+    "qformer32": ("stage 1, Q-Former N = 32 (BLIP-2's, 2 layers, 256 wide)", None, "resampler",
+                  ["--connector", "qformer", "--queries", "32"]),
     "stage12": ("stage 1 + 2 (resampler N = 16, then LoRA r 8, LM loss)", "resampler16",
                 "stage2", ["--stage", "2"]),
     "prealign": ("contrastive pre-alignment (resampler N = 16, InfoNCE only)", None, "prealign",
@@ -107,8 +110,8 @@ ROWS = {
                      "stage2", ["--stage", "2", "--objective", "lm,infonce:1,geometric:0.5",
                                 "--schedule", "bcif"] + PROBE),
 }
-ORDER = ["mlp", "resampler16", "resampler64", "stage12", "exp_lm", "exp_infonce", "exp_bcif",
-         "exp_bcif_geo"]
+ORDER = ["mlp", "resampler16", "resampler64", "qformer32", "stage12", "exp_lm", "exp_infonce",
+         "exp_bcif", "exp_bcif_geo"]
 
 
 def run_dir(key, steps, seed):

@@ -124,6 +124,22 @@ fn the_resampler_round_trips_and_its_queries_get_a_gradient() {
         layers: 1,
         heads: 4,
     };
+    round_trip_and_gradient(kind, "resampler", "resampler.queries");
+}
+
+/// The same for BLIP-2's Q-Former as the connector: its query tokens and
+/// every layer learn through the frozen language model.
+#[test]
+fn the_qformer_connector_round_trips_and_its_queries_get_a_gradient() {
+    let kind = ConnectorKind::QFormer {
+        queries: 4,
+        layers: 1,
+        heads: 2,
+    };
+    round_trip_and_gradient(kind, "qformer", "query_tokens");
+}
+
+fn round_trip_and_gradient(kind: ConnectorKind, type_name: &str, queries: &str) {
     let m = Vlm::assemble(
         &fixtures().join("vision"),
         &common::smollm2(),
@@ -148,7 +164,7 @@ fn the_resampler_round_trips_and_its_queries_get_a_gradient() {
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap())
             .unwrap();
-    assert_eq!(cfg["clasp_connector"]["type"], "resampler");
+    assert_eq!(cfg["clasp_connector"]["type"], type_name);
     assert_eq!(cfg["clasp_connector"]["queries"], 4);
     let back = Vlm::load(d.path(), &Device::Cpu).unwrap();
     assert_eq!(back.cfg.connector, kind);
@@ -172,11 +188,21 @@ fn the_resampler_round_trips_and_its_queries_get_a_gradient() {
         .connector
         .vars()
         .iter()
-        .find(|(n, _)| n == "resampler.queries")
+        .find(|(n, _)| n == queries)
         .unwrap()
         .1;
-    let g: Vec<Vec<f32>> = grads.get(q.as_tensor()).unwrap().to_vec2().unwrap();
-    assert!(g.iter().flatten().any(|x| *x != 0.0));
+    let g: Vec<f32> = grads
+        .get(q.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(g.iter().any(|x| *x != 0.0));
+    // Every parameter of the connector is reached.
+    for (name, v) in m.connector.vars() {
+        assert!(grads.get(v.as_tensor()).is_some(), "{name}: no gradient");
+    }
 }
 
 /// A stage-2 BCIF run (LoRA, lm + infonce + geometric under the bcif

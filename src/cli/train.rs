@@ -70,7 +70,8 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vision: Option<PathBuf>,
-    /// The connector between the towers: mlp2x_gelu or resampler.
+    /// The connector between the towers: mlp2x_gelu, resampler or qformer (BLIP-2's Q-Former;
+    /// --queries, --resampler-layers and --resampler-heads size it, 64 channels per head).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connector: Option<String>,

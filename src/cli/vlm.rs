@@ -21,6 +21,8 @@ pub enum ConnectorArg {
     Mlp2xGelu,
     /// A Perceiver resampler: --queries learnable queries, --layers blocks.
     Resampler,
+    /// BLIP-2's Q-Former: --queries learned queries, --layers BERT layers, --heads heads of 64.
+    Qformer,
 }
 
 /// Build an untrained vision-language model from a CLIP-family checkpoint and
@@ -59,6 +61,11 @@ impl AssembleArgs {
         match self.connector {
             ConnectorArg::Mlp2xGelu => ConnectorKind::Mlp2xGelu,
             ConnectorArg::Resampler => ConnectorKind::Resampler {
+                queries: self.queries,
+                layers: self.layers,
+                heads: self.heads,
+            },
+            ConnectorArg::Qformer => ConnectorKind::QFormer {
                 queries: self.queries,
                 layers: self.layers,
                 heads: self.heads,

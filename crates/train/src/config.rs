@@ -25,6 +25,10 @@ pub enum Connector {
     /// A Perceiver resampler: learnable queries cross-attending to the patches.
     #[serde(rename = "resampler", alias = "perceiver")]
     Resampler,
+    /// BLIP-2's Q-Former: learned queries through BERT layers with
+    /// cross-attention to the patches (64 channels per head).
+    #[serde(rename = "qformer", alias = "q-former")]
+    QFormer,
 }
 
 #[path = "config/task.rs"]
@@ -431,6 +435,11 @@ impl TrainConfig {
         Ok(match self.connector {
             Connector::Mlp2xGelu => clasp_vlm::ConnectorKind::Mlp2xGelu,
             Connector::Resampler => clasp_vlm::ConnectorKind::Resampler {
+                queries: self.queries,
+                layers: self.resampler_layers,
+                heads: self.resampler_heads,
+            },
+            Connector::QFormer => clasp_vlm::ConnectorKind::QFormer {
                 queries: self.queries,
                 layers: self.resampler_layers,
                 heads: self.resampler_heads,

@@ -115,7 +115,7 @@ impl Vlm {
             "vision_config": vision,
             "torch_dtype": "float32",
         });
-        if let ConnectorKind::Resampler { .. } = self.cfg.connector {
+        if !matches!(self.cfg.connector, ConnectorKind::Mlp2xGelu) {
             cfg["clasp_connector"] = serde_json::to_value(self.cfg.connector).expect("serialises");
         }
         cfg

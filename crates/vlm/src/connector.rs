@@ -9,7 +9,14 @@
 //!   final LayerNorm and a projection to the text width. Its keys are
 //!   clasp's own (`multi_modal_projector.resampler.*`).
 //!
-//! Both are plain candle ops on tensors held as `Var`s, so the same code
+//! - `qformer`: BLIP-2's Q-Former (transformers' `Blip2QFormerModel`, from
+//!   clasp-core) on the patch tokens: N learned `query_tokens`, L BERT
+//!   layers (each with cross-attention to the patches), 64 channels per
+//!   head, then `language_projection` to the text width; saved under
+//!   `multi_modal_projector.` in BLIP-2's own names (`query_tokens`,
+//!   `qformer.*`, `language_projection.*`).
+//!
+//! All are plain candle ops on tensors held as `Var`s, so the same code
 //! computes the forward pass for inference and, with a graph, the gradients
 //! of training.
 
@@ -20,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::rng::Rng;
 use crate::{Error, Result};
+use clasp_core::model::qformer::{QFormer, QFormerConfig};
 
 /// Which connector, and its sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +42,33 @@ pub enum ConnectorKind {
         /// Attention heads (must divide the vision width).
         heads: usize,
     },
+    #[serde(rename = "qformer")]
+    QFormer {
+        /// Learned query tokens: the image tokens the LLM sees.
+        queries: usize,
+        /// BERT layers, each with cross-attention to the patches.
+        layers: usize,
+        /// Attention heads of 64 channels: the Q-Former is 64·heads wide.
+        heads: usize,
+    },
+}
+
+/// The Q-Former's channels per attention head (BERT-base's).
+pub const QFORMER_HEAD_DIM: usize = 64;
+
+/// The `Blip2QFormerConfig` of a `qformer` connector on `vision`-wide patches.
+pub fn qformer_config(layers: usize, heads: usize, vision: usize) -> QFormerConfig {
+    let h = QFORMER_HEAD_DIM * heads;
+    serde_json::from_value(serde_json::json!({
+        "hidden_size": h,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * h,
+        "cross_attention_frequency": 1,
+        "encoder_hidden_size": vision,
+        "use_qformer_text_input": false,
+    }))
+    .expect("a valid Q-Former config")
 }
 
 impl ConnectorKind {
@@ -41,7 +76,7 @@ impl ConnectorKind {
     pub fn tokens(&self, patches: usize) -> usize {
         match self {
             Self::Mlp2xGelu => patches,
-            Self::Resampler { queries, .. } => *queries,
+            Self::Resampler { queries, .. } | Self::QFormer { queries, .. } => *queries,
         }
     }
 }
@@ -92,8 +127,45 @@ fn shapes(kind: ConnectorKind, v: usize, t: usize) -> Vec<(String, Vec<usize>)> 
             out.push((format!("{r}.proj.weight"), vec![t, v]));
             out.push((format!("{r}.proj.bias"), vec![t]));
         }
+        ConnectorKind::QFormer {
+            queries,
+            layers,
+            heads,
+        } => {
+            let cfg = qformer_config(layers, heads, v);
+            let h = cfg.hidden_size;
+            out.push(("query_tokens".into(), vec![1, queries, h]));
+            for (k, s) in cfg.param_shapes() {
+                out.push((format!("qformer.{k}"), s));
+            }
+            out.push(("language_projection.weight".into(), vec![t, h]));
+            out.push(("language_projection.bias".into(), vec![t]));
+        }
     }
     out
+}
+
+/// A fresh parameter: BERT's initialisation for the Q-Former (weights
+/// N(0, 0.02²)-like, biases 0, LayerNorms 1 and 0), else torch's `nn.Linear`
+/// (uniform ±1/√fan_in, weight and bias), LayerNorms at 1 and 0, queries
+/// N(0, 0.02²)-like; `fan_in` is the layer's input width.
+fn init(rng: &mut Rng, name: &str, shape: &[usize], fan_in: usize) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let norm = name.contains(".norm_") || name.contains("LayerNorm") || name.contains("layernorm");
+    let std02 = 0.02 * 3f64.sqrt();
+    if norm && name.ends_with(".weight") {
+        vec![1f32; n]
+    } else if norm {
+        vec![0f32; n]
+    } else if name.ends_with("queries") || name == "query_tokens" {
+        rng.symmetric(n, std02)
+    } else if name.starts_with("qformer.") && name.ends_with(".bias") {
+        vec![0f32; n]
+    } else if name.starts_with("qformer.") {
+        rng.symmetric(n, std02)
+    } else {
+        rng.symmetric(n, 1.0 / (fan_in as f64).sqrt())
+    }
 }
 
 impl Connector {
@@ -114,30 +186,23 @@ impl Connector {
                 )));
             }
         }
+        if let ConnectorKind::QFormer { heads, queries, .. } = kind {
+            if heads == 0 || queries == 0 {
+                return Err(Error::Report(
+                    "qformer: it needs at least one head and one query".into(),
+                ));
+            }
+        }
         let mut rng = Rng(seed ^ 0xC0_77EC);
         let specs = shapes(kind, vision_dim, text_dim);
         let mut tensors = HashMap::new();
         for (i, (name, shape)) in specs.iter().enumerate() {
-            let n: usize = shape.iter().product();
-            let v = if name.ends_with("norm_q.weight")
-                || name.ends_with("norm_kv.weight")
-                || name.ends_with("norm_ff.weight")
-                || name.ends_with("norm_out.weight")
-            {
-                vec![1f32; n]
-            } else if name.contains(".norm_") {
-                vec![0f32; n]
-            } else if name.ends_with("queries") {
-                rng.symmetric(n, 0.02 * 3f64.sqrt())
-            } else {
-                // A bias takes its weight's fan-in (the weight comes first).
-                let fan_in = if name.ends_with(".bias") {
-                    specs[i - 1].1[1]
-                } else {
-                    shape[1]
-                };
-                rng.symmetric(n, 1.0 / (fan_in as f64).sqrt())
+            // A bias takes its weight's fan-in (the weight comes first).
+            let fan_in = match (name.ends_with(".bias"), i) {
+                (true, i) if i > 0 && specs[i - 1].1.len() == 2 => specs[i - 1].1[1],
+                _ => shape.get(1).copied().unwrap_or(1),
             };
+            let v = init(&mut rng, name, shape, fan_in);
             tensors.insert(name.clone(), Tensor::from_vec(v, shape.clone(), dev)?);
         }
         Self::from_tensors(kind, vision_dim, text_dim, &tensors)
@@ -250,6 +315,23 @@ impl Connector {
                 }
                 let x = self.layer_norm(&x, "resampler.norm_out")?;
                 self.linear(&x, "resampler.proj")
+            }
+            ConnectorKind::QFormer { layers, heads, .. } => {
+                // The layers read the variables' own tensors, so gradients
+                // reach them.
+                let cfg = qformer_config(layers, heads, self.vision_dim);
+                let tensors: HashMap<String, Tensor> = self
+                    .vars
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        k.strip_prefix("qformer.")
+                            .map(|k| (k.to_string(), v.as_tensor().clone()))
+                    })
+                    .collect();
+                let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, patches.device());
+                let qformer = QFormer::load(vb, &cfg)?;
+                let q = qformer.queries(self.get("query_tokens"), &patches.contiguous()?)?;
+                self.linear(&q, "language_projection")
             }
         }
     }

@@ -86,6 +86,51 @@ pub struct QFormerConfig {
 }
 
 impl QFormerConfig {
+    /// Every parameter of a `Blip2QFormerModel` with this config, by its
+    /// name under `qformer.`, with its shape.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, e) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.encoder_hidden_size,
+        );
+        let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut add = |name: String, shape: Vec<usize>| out.push((name, shape));
+        let linear = |add: &mut dyn FnMut(String, Vec<usize>), p: String, o: usize, i: usize| {
+            add(format!("{p}.weight"), vec![o, i]);
+            add(format!("{p}.bias"), vec![o]);
+        };
+        let norm = |add: &mut dyn FnMut(String, Vec<usize>), p: String| {
+            add(format!("{p}.weight"), vec![h]);
+            add(format!("{p}.bias"), vec![h]);
+        };
+        norm(&mut add, "layernorm".into());
+        for l in 0..self.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            let mut blocks = vec![("attention", h)];
+            if l % self.cross_attention_frequency.max(1) == 0 {
+                blocks.push(("crossattention", e));
+            }
+            for (b, kv) in blocks {
+                linear(&mut add, format!("{p}.{b}.attention.query"), h, h);
+                linear(&mut add, format!("{p}.{b}.attention.key"), h, kv);
+                linear(&mut add, format!("{p}.{b}.attention.value"), h, kv);
+                linear(&mut add, format!("{p}.{b}.output.dense"), h, h);
+                norm(&mut add, format!("{p}.{b}.output.LayerNorm"));
+            }
+            let mut ffns = vec![("intermediate_query", "output_query")];
+            if self.use_qformer_text_input {
+                ffns.push(("intermediate", "output"));
+            }
+            for (up, down) in ffns {
+                linear(&mut add, format!("{p}.{up}.dense"), i, h);
+                linear(&mut add, format!("{p}.{down}.dense"), h, i);
+                norm(&mut add, format!("{p}.{down}.LayerNorm"));
+            }
+        }
+        out
+    }
+
     /// Refuses a config whose sizes cannot build the model.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Report(format!("Q-Former config: {m}")));
@@ -445,5 +490,35 @@ impl QFormerHeads {
         let mask = Tensor::cat(&[&qmask, mask], 1)?;
         let x = self.qformer.forward(&embeds, n, Some(&mask), Some(image))?;
         Ok(self.itm_head.forward(&x.narrow(1, 0, n)?)?.mean(1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `param_shapes` names exactly what `QFormer::load` reads.
+    #[test]
+    fn param_shapes_are_what_load_reads() {
+        for text in [false, true] {
+            let cfg: QFormerConfig = serde_json::from_value(serde_json::json!({
+                "hidden_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2,
+                "intermediate_size": 16, "encoder_hidden_size": 12,
+                "cross_attention_frequency": 2, "use_qformer_text_input": text,
+            }))
+            .unwrap();
+            let dev = candle_core::Device::Cpu;
+            let tensors: std::collections::HashMap<String, Tensor> = cfg
+                .param_shapes()
+                .into_iter()
+                .map(|(k, s)| (k, Tensor::zeros(s, DType::F32, &dev).unwrap()))
+                .collect();
+            let n = tensors.len();
+            // 3 layers, cross-attention in 2 of them: 1 norm, 3 self + 2
+            // cross blocks of 10 tensors, 3 or 6 feed-forwards of 6.
+            assert_eq!(n, 2 + 5 * 10 + if text { 36 } else { 18 });
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+            QFormer::load(vb, &cfg).unwrap();
+        }
     }
 }
