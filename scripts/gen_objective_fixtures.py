@@ -15,6 +15,12 @@ from the formulas of issue 5 (no library ships them):
   and texts, halved, through a projection W): teacher and student logits, each exp(own log scale) * image @ text.T,
   softened by T; loss = T^2 * (KL(P_t || P_s) rows + columns) / 2 with torch's
   kl_div(reduction="batchmean"); the teacher is a constant.
+- albef (momentum distillation, Li et al. 2021, from ALBEF's `ALBEF.forward`
+  without its queue): sim = scale * image @ text.T; the momentum features'
+  sim_m at the student's scale, without a graph; targets = alpha *
+  softmax(sim_m) + (1 - alpha) * I by rows (and by columns for text->image);
+  loss = the mean of -sum(log_softmax(sim) * targets) both ways, alpha 0.4;
+  the teacher's features stand for the momentum towers'.
 - adversarial: a ReLU MLP discriminator behind a gradient-reversal layer
   (scale 0.7), BCE or WGAN critic loss, WGAN-GP's penalty by double backward,
   and spectral norm by one power iteration, as torch.nn.utils.spectral_norm.
@@ -88,6 +94,20 @@ def distill(fi, ft, scale, teacher, temp):
     return temp * temp * 0.5 * (kl(tlog, student) + kl(tlog.T, student.T))
 
 
+def albef(fi, ft, scale, teacher, alpha):
+    ti, tt, _ = teacher
+    sim_i2t = scale * fi @ ft.T
+    sim_t2i = scale * ft @ fi.T
+    with torch.no_grad():
+        s = scale.detach()
+        eye = torch.eye(fi.shape[0])
+        i2t_targets = alpha * F.softmax(s * ti @ tt.T, dim=1) + (1 - alpha) * eye
+        t2i_targets = alpha * F.softmax(s * tt @ ti.T, dim=1) + (1 - alpha) * eye
+    loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * i2t_targets, dim=1).mean()
+    loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * t2i_targets, dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
 OBJECTIVES = {
     "daa": lambda fi, ft, sc: daa(fi, ft, sc),
     "triplet_max": lambda fi, ft, sc: triplet(fi, ft, "max"),
@@ -125,6 +145,15 @@ def case(name, img, txt, log_scale, out):
         out[p + "grad_image"] = i.grad
         out[p + "grad_text"] = t.grad
         out[p + "grad_log_scale"] = s.grad.reshape(1)
+    i = img.clone().float().requires_grad_(True)
+    t = txt.clone().float().requires_grad_(True)
+    s = torch.tensor(log_scale, dtype=torch.float32, requires_grad=True)
+    loss = albef(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s.exp(), (t_img, t_txt, t_ls), 0.4)
+    loss.backward()
+    p = f"{name}.albef."
+    out[p + "loss"] = loss.detach().reshape(1)
+    out[p + "grad_image"], out[p + "grad_text"] = i.grad, t.grad
+    out[p + "grad_log_scale"] = s.grad.reshape(1)
     # The feature-level term: weight 0.7, through a projection W.
     W = torch.randn(img.shape[1], img.shape[1], generator=g) * 0.3 + torch.eye(img.shape[1])
     i = img.clone().float().requires_grad_(True)

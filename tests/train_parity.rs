@@ -54,7 +54,8 @@ fn losses_and_gradients_equal_open_clip() {
 }
 
 /// The seed documents' objectives (DAA, VSE++ triplet, geometric consistency,
-/// in-batch distillation at two temperatures)
+/// in-batch distillation at two temperatures, ALBEF's momentum-distilled
+/// InfoNCE)
 /// against their torch transcriptions (scripts/gen_objective_fixtures.py),
 /// degenerate batches included: one pair, identical features, uniform DAA
 /// weights.
@@ -62,13 +63,14 @@ fn losses_and_gradients_equal_open_clip() {
 fn alignment_objectives_and_gradients_equal_their_torch_reference() {
     use clasp::train::objectives::Teacher;
     use clasp::train::objectives::{
-        Daa, Distill, Geometric, ObjectiveParams, Triplet, TripletMode,
+        Daa, Distill, DistilledInfoNce, Geometric, ObjectiveParams, Triplet, TripletMode,
     };
     let f = objective_fixtures();
     let p = ObjectiveParams::default();
     let mut objectives: Vec<(&str, Box<dyn Objective>)> = vec![
         ("distill_t1", Box::new(Distill::new(1.0))),
         ("distill_t2", Box::new(Distill::new(2.0))),
+        ("albef", Box::new(DistilledInfoNce { alpha: 0.4 })),
         (
             "daa",
             Box::new(Daa {
@@ -163,7 +165,7 @@ fn alignment_objectives_and_gradients_equal_their_torch_reference() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 42);
+    assert_eq!(checked, 48);
 }
 
 /// The adversarial objective against torch (scripts/gen_objective_fixtures.py):

@@ -29,7 +29,7 @@ pub use adversarial::{AdvLoss, AdvParams, Adversarial};
 pub use daa::{Daa, DaaParams};
 pub use distill::{Distill, DistillParams};
 pub use geometric::{Geometric, GeometricParams};
-pub use infonce::InfoNce;
+pub use infonce::{DistilledInfoNce, InfoNce, MomentumParams};
 pub use siglip::SigLip;
 pub use triplet::{Triplet, TripletMode, TripletParams};
 
@@ -126,6 +126,8 @@ pub struct ObjectiveParams {
     pub distill: DistillParams,
     #[serde(flatten)]
     pub adv: AdvParams,
+    #[serde(flatten)]
+    pub momentum: MomentumParams,
 }
 
 fn eye(n: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
