@@ -279,6 +279,74 @@ fn distilling_from_itself_starts_at_zero_and_a_missing_teacher_is_named() {
     );
 }
 
+/// ALBEF's momentum distillation through the CLI: with α = 0 the targets are
+/// InfoNCE's and the run is the plain run bit for bit; with α > 0 the losses
+/// differ; stopped and resumed, the run ends with the same weights and the
+/// same momentum towers (saved in the state); `--teacher` beside it is
+/// refused by name.
+#[test]
+fn momentum_distillation_resumes_its_ema_and_at_alpha_zero_is_infonce() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let run = |name: &str, extra: &[&str]| {
+        let out = d.path().join(name);
+        let mut args = vec!["--steps", "4"];
+        args.extend(extra);
+        run_ok(train_cmd(&data, &out, &args));
+        out
+    };
+    let plain = run("plain", &[]);
+    let zero = run("zero", &["--momentum", "0.9", "--distill-alpha", "0"]);
+    assert_eq!(losses(&plain), losses(&zero));
+    assert!(weights(&plain) == weights(&zero));
+    let md = ["--momentum", "0.9", "--distill-alpha", "0.4"];
+    let full = run("md", &md);
+    let l = losses(&full);
+    assert!(l.len() == 4 && l.iter().all(|x| x.is_finite()), "{l:?}");
+    assert_ne!(l, losses(&plain));
+    let half = d.path().join("half");
+    let mut args = vec!["--steps", "4", "--stop-after", "2"];
+    args.extend(md);
+    run_ok(train_cmd(&data, &half, &args));
+    resume_ok(&half);
+    assert!(
+        weights(&full) == weights(&half),
+        "resumed run ends with the same weights"
+    );
+    let ema = |o: &Path| {
+        let s = candle_core::safetensors::load(
+            o.join("state/optimizer.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let mut v: Vec<(String, Vec<f32>)> = s
+            .iter()
+            .filter(|(k, _)| k.starts_with("momentum."))
+            .map(|(k, t)| (k.clone(), t.flatten_all().unwrap().to_vec1().unwrap()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let (a, b) = (ema(&full), ema(&half));
+    assert!(!a.is_empty() && a == b, "the momentum towers resume");
+    fails_with(
+        train_cmd(
+            &data,
+            &d.path().join("both"),
+            &[
+                "--steps",
+                "1",
+                "--momentum",
+                "0.9",
+                "--teacher",
+                &common::tiny(),
+            ],
+        ),
+        "--teacher",
+    );
+}
+
 /// `--precision bf16` trains through the CLI: the f32 weights move, stay f32,
 /// and the losses are finite.
 #[test]

@@ -283,6 +283,15 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher: Option<String>,
+    /// Momentum distillation (ALBEF): an EMA of the learning towers with this momentum (e.g.
+    /// 0.995) whose similarities soften InfoNCE's targets
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub momentum: Option<f64>,
+    /// Momentum distillation: the EMA's weight α in the targets [default: 0.4]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distill_alpha: Option<f64>,
     /// Distillation temperature T
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

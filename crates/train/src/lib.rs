@@ -21,6 +21,7 @@ pub mod feature_cache;
 pub mod hooks;
 pub mod mine;
 pub mod model;
+mod momentum;
 pub mod objectives;
 pub mod optim;
 pub mod order;

@@ -35,6 +35,7 @@ use clasp_core::model::Model;
 
 pub use super::config::Precision;
 pub use super::hooks::{EvalHook, Hooks, StepLog, TrainOutcome, TrainProgress};
+use super::momentum::Momentum;
 pub use super::state::check_fresh_output;
 use super::teacher::{check_teacher_pixels, load_teacher};
 
@@ -57,6 +58,7 @@ pub struct Trainer {
     /// The locked image tower's features, computed once (no augmentation).
     cache: Option<std::sync::Arc<FeatureCache>>,
     teacher: Option<Encoder>,
+    momentum: Option<Momentum>,
     ewc: Option<Ewc>,
     tokenizer: TextTokenizer,
     proc: ImageProcessor,
@@ -161,6 +163,7 @@ impl Trainer {
         if let Some(text_lr) = cfg.text_lr {
             opt.scale_lr(|n| n.starts_with("text_model."), text_lr / cfg.lr);
         }
+        let momentum = Momentum::start(&cfg, &t, opt_state.as_ref(), teacher.is_some())?;
         if let Some(s) = opt_state {
             for (name, v) in &extra {
                 if let Some(x) = s.get(name) {
@@ -232,7 +235,7 @@ impl Trainer {
                 m,
                 &proc,
                 &set.images,
-                jitter.is_some() || teacher.is_some(),
+                jitter.is_some() || teacher.is_some() || momentum.is_some(),
                 &dev,
             )?,
             _ => None,
@@ -253,6 +256,7 @@ impl Trainer {
             bias,
             frozen,
             teacher,
+            momentum,
             cache,
             ewc,
             tokenizer,
@@ -327,24 +331,36 @@ impl Trainer {
             )?),
             None => Images::Pixels(self.pixel_tensor(pixels)?),
         };
+        // ALBEF: the momentum towers move first, then see the batch.
+        let ema = self
+            .momentum
+            .as_mut()
+            .map(|m| m.advance(&self.t))
+            .transpose()?;
         let locked = super::step::Locked {
             image: self.frozen.as_ref().filter(|_| cfg.lock_image),
             text: self.frozen.as_ref().filter(|_| cfg.lock_text),
         };
-        let inputs =
-            super::step::Inputs {
-                images: &images,
-                ids: &ids,
-                mask: &mask,
-                locked,
-                teacher: self.teacher.as_ref().zip(teacher_tokens.as_ref()).map(
-                    |(te, (ti, tm))| super::step::TeacherInputs {
-                        model: te.model(),
-                        ids: ti,
-                        mask: tm,
-                    },
-                ),
-            };
+        let inputs = super::step::Inputs {
+            images: &images,
+            ids: &ids,
+            mask: &mask,
+            locked,
+            teacher: self
+                .teacher
+                .as_ref()
+                .zip(teacher_tokens.as_ref())
+                .map(|(te, (ti, tm))| super::step::TeacherInputs {
+                    model: te.model(),
+                    ids: ti,
+                    mask: tm,
+                })
+                .or(ema.as_ref().map(|model| super::step::TeacherInputs {
+                    model,
+                    ids: &ids,
+                    mask: &mask,
+                })),
+        };
         let progress_now = self.step as f64 / cfg.steps.max(1) as f64;
         // Mixed precision: this step's bf16 view of the variables.
         let half = cfg
@@ -439,6 +455,9 @@ impl Trainer {
             self.opt.state().into_iter().collect();
         for (name, v) in &self.extra {
             tensors.insert(name.clone(), v.as_tensor().clone());
+        }
+        if let Some(m) = &self.momentum {
+            m.save_into(&mut tensors);
         }
         let st = State {
             step: self.step,
@@ -542,55 +561,6 @@ pub fn train(
     t.run(stop, stop_after, hooks)
 }
 
-impl Task for Trainer {
-    fn config(&self) -> &TrainConfig {
-        &self.cfg
-    }
-    fn out(&self) -> &Path {
-        &self.out
-    }
-    fn steps_done(&self) -> usize {
-        self.step
-    }
-    fn order(&self) -> &Order {
-        &self.order
-    }
-    fn set_order(&mut self, order: Order) {
-        self.order = order;
-    }
-    fn images(&self) -> &[ImageSource] {
-        &self.set.images
-    }
-    fn draw(&self, order: &mut Order, n: usize) -> Vec<Vec<(usize, usize)>> {
-        Trainer::draw(self, order, n)
-    }
-    fn prepare(&self, start: usize) -> Prepare {
-        let (proc, aug, images) = (self.proc.clone(), self.augment(), self.set.images.clone());
-        let cache = self.cache.clone();
-        Box::new(move |n, k, pair: &(usize, usize)| {
-            // Cached images need no pixels; an image the cache could not
-            // read is read again, so the run meets (and skips) its error.
-            if cache.as_ref().is_some_and(|c| c.has(pair.0)) {
-                return Ok(Vec::new());
-            }
-            order::prepare_image(&proc, &images[pair.0], aug, start + n, k)
-        })
-    }
-    /// A contrastive loss needs a negative in the batch.
-    fn min_batch(&self) -> usize {
-        2
-    }
-    fn step(&mut self, batch: &[(usize, usize)], pixels: &[Vec<f32>]) -> Result<StepLog> {
-        Trainer::step(self, batch, pixels)
-    }
-    fn save_at(&self, order: &Order) -> Result<()> {
-        Trainer::save_at(self, order)
-    }
-    /// EWC's Fisher, when the config asks for it.
-    fn finish(&mut self, progress: &dyn TrainProgress) -> Result<()> {
-        if self.cfg.fisher_batches > 0 {
-            self.fisher(progress)?;
-        }
-        Ok(())
-    }
-}
+// The shared training loop's view of a contrastive run.
+#[path = "trainer_task.rs"]
+mod task;

@@ -1,0 +1,57 @@
+//! [`Task`] for the contrastive [`Trainer`]: what the one training loop
+//! ([`super::super::run`]) asks of it.
+
+use super::*;
+
+impl Task for Trainer {
+    fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+    fn out(&self) -> &Path {
+        &self.out
+    }
+    fn steps_done(&self) -> usize {
+        self.step
+    }
+    fn order(&self) -> &Order {
+        &self.order
+    }
+    fn set_order(&mut self, order: Order) {
+        self.order = order;
+    }
+    fn images(&self) -> &[ImageSource] {
+        &self.set.images
+    }
+    fn draw(&self, order: &mut Order, n: usize) -> Vec<Vec<(usize, usize)>> {
+        Trainer::draw(self, order, n)
+    }
+    fn prepare(&self, start: usize) -> Prepare {
+        let (proc, aug, images) = (self.proc.clone(), self.augment(), self.set.images.clone());
+        let cache = self.cache.clone();
+        Box::new(move |n, k, pair: &(usize, usize)| {
+            // Cached images need no pixels; an image the cache could not
+            // read is read again, so the run meets (and skips) its error.
+            if cache.as_ref().is_some_and(|c| c.has(pair.0)) {
+                return Ok(Vec::new());
+            }
+            order::prepare_image(&proc, &images[pair.0], aug, start + n, k)
+        })
+    }
+    /// A contrastive loss needs a negative in the batch.
+    fn min_batch(&self) -> usize {
+        2
+    }
+    fn step(&mut self, batch: &[(usize, usize)], pixels: &[Vec<f32>]) -> Result<StepLog> {
+        Trainer::step(self, batch, pixels)
+    }
+    fn save_at(&self, order: &Order) -> Result<()> {
+        Trainer::save_at(self, order)
+    }
+    /// EWC's Fisher, when the config asks for it.
+    fn finish(&mut self, progress: &dyn TrainProgress) -> Result<()> {
+        if self.cfg.fisher_batches > 0 {
+            self.fisher(progress)?;
+        }
+        Ok(())
+    }
+}
