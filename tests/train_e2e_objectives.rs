@@ -282,8 +282,8 @@ fn distilling_from_itself_starts_at_zero_and_a_missing_teacher_is_named() {
 /// ALBEF's momentum distillation through the CLI: with α = 0 the targets are
 /// InfoNCE's and the run is the plain run bit for bit; with α > 0 the losses
 /// differ; stopped and resumed, the run ends with the same weights and the
-/// same momentum towers (saved in the state); `--teacher` beside it is
-/// refused by name.
+/// same momentum towers (saved in the state); a locked image tower's cached
+/// features work with it; `--teacher` beside it is refused by name.
 #[test]
 fn momentum_distillation_resumes_its_ema_and_at_alpha_zero_is_infonce() {
     let d = tempfile::tempdir().unwrap();
@@ -330,6 +330,20 @@ fn momentum_distillation_resumes_its_ema_and_at_alpha_zero_is_infonce() {
     };
     let (a, b) = (ema(&full), ema(&half));
     assert!(!a.is_empty() && a == b, "the momentum towers resume");
+    // LiT: the locked image tower's cached features pass through the EMA's
+    // projection; α = 0 is the plain locked run, α > 0 is not.
+    let lit = run("lit", &["--lock-image"]);
+    let lit0 = run(
+        "lit0",
+        &["--lock-image", "--momentum", "0.9", "--distill-alpha", "0"],
+    );
+    assert_eq!(losses(&lit), losses(&lit0));
+    let lit_md = run("lit_md", &["--lock-image", "--momentum", "0.9"]);
+    let l = losses(&lit_md);
+    assert!(
+        l.iter().all(|x| x.is_finite()) && l != losses(&lit),
+        "{l:?}"
+    );
     fails_with(
         train_cmd(
             &data,

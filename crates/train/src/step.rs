@@ -35,15 +35,6 @@ impl Images {
             Images::Pooled(t) => Images::Pooled(t.narrow(0, a, len)?),
         })
     }
-
-    fn pixels(&self) -> Result<&Tensor> {
-        match self {
-            Images::Pixels(t) => Ok(t),
-            Images::Pooled(_) => Err(crate::Error::Report(
-                "a distillation teacher needs the batch's pixels, not cached features".into(),
-            )),
-        }
-    }
 }
 
 /// One batch of inputs: images, token ids and mask [B, T].
@@ -68,10 +59,17 @@ pub struct TeacherInputs<'a> {
 }
 
 /// The teacher's normalised features of the whole batch and its log scale.
-fn teacher_view(t: &TeacherInputs, pixels: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+/// Cached pooled images (a locked image tower) go through the teacher's own
+/// projection: that is the momentum towers' view, whose image tower is the
+/// locked one (a distillation teacher never meets a cache).
+fn teacher_view(t: &TeacherInputs, images: &Images) -> Result<(Tensor, Tensor, Tensor)> {
     let _mode = clasp_core::model::grad_mode_guard(false);
+    let img = match images {
+        Images::Pixels(px) => t.model.image_features(px)?,
+        Images::Pooled(p) => t.model.project_image(p)?,
+    };
     Ok((
-        l2_normalize(&t.model.image_features(pixels)?)?.detach(),
+        l2_normalize(&img)?.detach(),
         l2_normalize(&t.model.text_features(t.ids, t.mask)?)?.detach(),
         t.model.logit_scale().detach(),
     ))
@@ -154,7 +152,7 @@ fn run(
     let n = x.ids.dim(0)?;
     let scalar = |l: &Tensor| -> Result<f64> { Ok(l.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     let tv = match &x.teacher {
-        Some(t) => Some(teacher_view(t, x.images.pixels()?)?),
+        Some(t) => Some(teacher_view(t, x.images)?),
         None => None,
     };
     let teacher = tv.as_ref().map(|(image, text, log_scale)| Teacher {

@@ -235,7 +235,7 @@ impl Trainer {
                 m,
                 &proc,
                 &set.images,
-                jitter.is_some() || teacher.is_some() || momentum.is_some(),
+                jitter.is_some() || teacher.is_some(),
                 &dev,
             )?,
             _ => None,
