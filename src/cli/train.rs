@@ -221,6 +221,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub color_jitter_prob: Option<f64>,
+    /// Label noise: rotate this fraction of the training captions among their images
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption_noise: Option<f64>,
     /// Seed of the data order
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -127,6 +127,9 @@ pub struct TrainConfig {
     pub color_jitter: Vec<f32>,
     /// The probability that an image is jittered (open_clip's 0.8).
     pub color_jitter_prob: f64,
+    /// This fraction of the training captions, drawn by the seed, is rotated
+    /// among their images (label noise, for measuring robustness to it).
+    pub caption_noise: f64,
     pub device: DeviceKind,
     /// The towers' compute type: f32, or bf16 (mixed precision, f32 master
     /// weights and loss).
@@ -219,6 +222,7 @@ impl Default for TrainConfig {
             crop_scale: 0.9,
             color_jitter: Vec::new(),
             color_jitter_prob: 0.8,
+            caption_noise: 0.0,
             device: DeviceKind::Cpu,
             precision: Precision::F32,
             lock_image: false,
@@ -462,6 +466,9 @@ impl TrainConfig {
     /// Refuses values no run can use, naming the key.
     pub fn check(&self) -> Result<()> {
         let bad = |key: &str, why: String| Err(Error::Report(format!("{key}: {why}")));
+        if !(0.0..=1.0).contains(&self.caption_noise) {
+            return bad("caption_noise", "a fraction in [0, 1]".into());
+        }
         if self.dataset.is_none() {
             return bad(
                 "dataset",

@@ -70,8 +70,29 @@ pub fn training_pairs(cfg: &super::config::TrainConfig) -> Result<(PairSet, Vec<
             cfg.batch_size
         )));
     }
+    let mut set = set;
+    add_caption_noise(&mut set, cfg.caption_noise, cfg.seed);
     let per_image = captions_per_image(&set);
     Ok((set, per_image))
+}
+
+/// Rotates a `fraction` of the captions (drawn by `seed`) among themselves:
+/// each drawn caption's text goes to the next drawn caption's image, so the
+/// pairs become wrong ones (the same image only when two drawn captions
+/// share it).
+pub fn add_caption_noise(set: &mut PairSet, fraction: f64, seed: u64) {
+    let n = (fraction * set.captions.len() as f64).round() as usize;
+    if n < 2 {
+        return;
+    }
+    let mut idx: Vec<usize> = (0..set.captions.len()).collect();
+    Rng(seed ^ 0x0015_E0CA_9710).shuffle(&mut idx);
+    let drawn = &idx[..n];
+    let texts: Vec<String> = drawn.iter().map(|&c| set.captions[c].clone()).collect();
+    for (k, &c) in drawn.iter().enumerate() {
+        set.captions[c] = texts[(k + 1) % n].clone();
+    }
+    tracing::info!(captions = n, "caption noise: rotated among their images");
 }
 
 /// Opens a run's metrics.jsonl for appending (a resumed run continues it).
@@ -125,4 +146,41 @@ pub fn prepare_image(
     rng.next_u64();
     let mut uniform = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     proc.process_train(&img, aug.crop_scale, aug.jitter.as_ref(), &mut uniform)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caption_noise_rotates_the_drawn_fraction_among_other_images() {
+        let captions: Vec<String> = (0..20).map(|i| format!("caption {i}")).collect();
+        let mut set = PairSet {
+            name: "t".into(),
+            images: Vec::new(),
+            image_ids: (0..20).map(|i| i.to_string()).collect(),
+            captions: captions.clone(),
+            caption_image: (0..20).collect(),
+            issues: Vec::new(),
+        };
+        add_caption_noise(&mut set, 0.3, 5);
+        let moved: Vec<usize> = (0..20)
+            .filter(|&c| set.captions[c] != captions[c])
+            .collect();
+        // 6 of 20 captions, each now on another image (one caption per image).
+        assert_eq!(moved.len(), 6, "{moved:?}");
+        let mut a = set.captions.clone();
+        let mut b = captions.clone();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "the captions are the same multiset");
+        // The draw is the seed's: the same again, another with another seed.
+        let mut again = set.clone();
+        again.captions = captions.clone();
+        add_caption_noise(&mut again, 0.3, 5);
+        assert_eq!(again.captions, set.captions);
+        again.captions = captions.clone();
+        add_caption_noise(&mut again, 0.3, 6);
+        assert_ne!(again.captions, set.captions);
+    }
 }
