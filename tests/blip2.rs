@@ -241,6 +241,41 @@ fn search_reranks_its_top_hits_with_the_itm_head_as_transformers_scores_them() {
     }
     assert!(got[0].1 >= got[1].1, "not ordered by ITM: {got:?}");
 
+    // `clasp serve --rerank-model` answers /v1/search the same way.
+    let server = common::Server::start(&[
+        "serve",
+        "-m",
+        &tiny,
+        "--store",
+        store.to_str().unwrap(),
+        "--rerank-model",
+        model.to_str().unwrap(),
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let (status, v, _) = server.post(
+        "/v1/search",
+        &serde_json::json!({"query": texts[0], "k": 2, "rerank": "itm:2"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let served: Vec<f64> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["itm"].as_f64().unwrap())
+        .collect();
+    let cli: Vec<f64> = got.iter().map(|(_, p)| *p).collect();
+    assert!(
+        served.iter().zip(&cli).all(|(a, b)| (a - b).abs() < 1e-6),
+        "{served:?} vs {cli:?}"
+    );
+    let (status, v, _) = server.post(
+        "/v1/search",
+        &serde_json::json!({"query": texts[0], "rerank": "cosine"}),
+    );
+    assert_eq!(status, 400, "{v}");
+    drop(server);
+
     // Without a fusion model the option is refused by name.
     let out = common::clasp(&[
         "search",

@@ -28,6 +28,10 @@ pub struct ServeArgs {
     /// under this folder; without it only data URLs are read.
     #[arg(long, value_name = "DIR", requires = "vlm")]
     pub allow_local_images: Option<PathBuf>,
+    /// A fusion model (a Blip2ForImageTextRetrieval folder) with which `/v1/search` re-ranks its
+    /// top hits when a request asks (`"rerank": "itm:32"`).
+    #[arg(long, value_name = "DIR", requires = "store")]
+    pub rerank_model: Option<PathBuf>,
     /// A store built by `clasp index` (enables /v1/search): a SQLite file or a PostgreSQL URL.
     #[arg(long)]
     pub store: Option<String>,
@@ -133,6 +137,14 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         },
         store,
         store_model,
+        reranker: match &a.rerank_model {
+            Some(m) if !clasp::model::blip2::is_blip2_dir(m) => anyhow::bail!(
+                "--rerank-model {}: not a fusion model (a Blip2ForImageTextRetrieval folder)",
+                m.display()
+            ),
+            Some(m) => Some(clasp::model::blip2::Blip2Retrieval::load(m, &dev)?),
+            None => None,
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

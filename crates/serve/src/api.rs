@@ -352,7 +352,8 @@ pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
     .await
 }
 
-/// `POST /v1/search`: `{"query": "\"a dog\" + 2:\"snow\"", "image"?: base64, "k"?: 10, "dir"?: "..."}`.
+/// `POST /v1/search`: `{"query": "\"a dog\" + 2:\"snow\"", "image"?: base64, "k"?: 10, "dir"?: "...",
+/// "rerank"?: "itm:32"}`.
 pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response {
     let st2 = st.clone();
     guarded(&st.limits, &st.metrics, "search", async move {
@@ -368,6 +369,34 @@ pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response
         let k = match m.get("k") {
             None => 10,
             Some(v) => v.as_u64().filter(|k| (1..=1000).contains(k)).ok_or_else(|| ApiError::bad("k", "expected an integer in 1..=1000"))? as usize,
+        };
+        // Re-ranking with the fusion model: a text query only.
+        let rerank = match m.get("rerank") {
+            None => None,
+            Some(v) => {
+                let r: crate::index::rerank::Rerank = v
+                    .as_str()
+                    .ok_or_else(|| ApiError::bad("rerank", "expected a string such as \"itm:32\""))?
+                    .parse()
+                    .map_err(|e: String| ApiError::bad("rerank", e))?;
+                let model = st.reranker.clone().ok_or_else(|| {
+                    ApiError::bad("rerank", "this server has no fusion model; start it with --rerank-model DIR")
+                })?;
+                let text = m.get("query").and_then(Value::as_str).filter(|_| m.get("image").is_none());
+                let terms = text.map(query::parse_expr).transpose().map_err(|e| ApiError::bad("query", e.to_string()))?;
+                let texts: Vec<String> = terms
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|t| t.weight > 0.0)
+                    .filter_map(|t| match t.kind {
+                        query::TermKind::Text(s) => Some(s),
+                        query::TermKind::Image(_) => None,
+                    })
+                    .collect();
+                let text = crate::index::rerank::check_query(&texts, usize::from(text.is_none()))
+                    .map_err(|e| ApiError::bad("rerank", e.to_string()))?;
+                Some((r, model, text))
+            }
         };
         let mut terms: Vec<(f32, Vec<f32>)> = Vec::new();
         if let Some(v) = m.get("query") {
@@ -405,13 +434,22 @@ pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response
         let (hits, missing) = tokio::task::spawn_blocking(move || -> crate::Result<(Vec<Value>, Vec<String>)> {
             let dirs: Vec<String> = dir.into_iter().collect();
             st2.search.with(&store, model_id, |catalog, engine| {
-                let hits = search::vector_search(engine, catalog, &q, k, &dirs)?;
+                let first = rerank.as_ref().map_or(k, |(r, ..)| r.candidates.max(k));
+                let mut hits = search::vector_search(engine, catalog, &q, first, &dirs)?;
+                if let Some((r, model, text)) = &rerank {
+                    hits = crate::index::rerank::rerank(model, text, hits, r.score)?;
+                    hits.truncate(k);
+                }
                 // Each hit with its caption (sidecar, EXIF), when it has one.
                 let hits = hits
                     .into_iter()
                     .map(|h| {
                         let caption = catalog.description_of(&h.path)?;
-                        Ok(json!({"path": h.path, "score": h.score, "caption": caption}))
+                        let mut hit = json!({"path": h.path, "score": h.score, "caption": caption});
+                        if let Some(itm) = h.itm {
+                            hit["itm"] = json!(itm);
+                        }
+                        Ok(hit)
                     })
                     .collect::<crate::Result<Vec<Value>>>()?;
                 Ok((hits, engine.unanswered()))

@@ -45,6 +45,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     pub store: Option<state::StoreSpec>,
     pub store_model: Option<i64>,
+    /// The fusion model `/v1/search` re-ranks with (`"rerank": "itm:K"`).
+    pub reranker: Option<clasp_core::model::blip2::Blip2Retrieval>,
 }
 
 /// What `serve` answers chat completions with.
@@ -95,6 +97,7 @@ pub async fn serve(
             limits: cfg.limits.clone(),
             store: cfg.store,
             store_model: cfg.store_model,
+            reranker: cfg.reranker.map(Arc::new),
             search: Default::default(),
             thumbs: Default::default(),
         });

@@ -144,9 +144,12 @@ pub fn document() -> Value {
                     "anyOf": [{"required": ["query"]}, {"required": ["image"], "properties": {"image": list(&image, 1)}}],
                     "properties": {
                     "query": {"type": "string", "pattern": "\\S"}, "image": b64,
-                    "k": {"type": "integer", "minimum": 1, "maximum": 1000}, "dir": {"type": "string"}}}),
+                    "k": {"type": "integer", "minimum": 1, "maximum": 1000}, "dir": {"type": "string"},
+                    "rerank": {"type": "string", "pattern": "^itm(\\+sim)?(:[1-9][0-9]*)?$",
+                        "description": "Re-score the first stage's top K (32) with the server's fusion model (--rerank-model): itm orders by its match probability, itm+sim by its match logit plus the similarity. Text queries only."}}}),
                 json!({"type": "object", "properties": {"data": {"type": "array", "items": {"type": "object", "properties": {
-                    "path": {"type": "string"}, "score": {"type": "number"}, "caption": {"type": ["string", "null"]}}}}}})),
+                    "path": {"type": "string"}, "score": {"type": "number"}, "caption": {"type": ["string", "null"]},
+                    "itm": {"type": "number", "description": "the fusion model's match probability, when re-ranked"}}}}}})),
             "/v1/thumbnail": {"get": {
                 "summary": "A JPEG thumbnail of an indexed image (the search page's grid); other paths get 404",
                 "parameters": [

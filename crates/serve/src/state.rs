@@ -25,6 +25,8 @@ pub struct AppState {
     pub limits: Limits,
     pub store: Option<StoreSpec>,
     pub store_model: Option<i64>,
+    /// The fusion model that re-ranks searches, when the server has one.
+    pub reranker: Option<Arc<clasp_core::model::blip2::Blip2Retrieval>>,
     /// The store's catalog and engine, shared by searches.
     pub search: SearchCache,
     /// The search page's thumbnails.
