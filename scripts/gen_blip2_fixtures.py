@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fixtures for BLIP-2's Q-Former, made by transformers:
 
-    PYTHONPATH=/tmp/torchpy python3 scripts/gen_blip2_fixtures.py [itm] [small]
+    PYTHONPATH=/tmp/torchpy python3 scripts/gen_blip2_fixtures.py [itm] [small] [stage1]
     # writes tests/fixtures/blip2/
 
   itm/config.json   a Blip2Config with the Q-Former of Salesforce/blip2-itm-vit-g
@@ -34,6 +34,20 @@
                     expected.safetensors: BlipImageProcessorPil's pixels of two
                     Flickr8k dev photos (channel means and a corner), the token
                     ids, and the ITC scores and ITM logits (every pair)
+
+  stage1.safetensors  BLIP-2's stage-1 ITC and ITM losses on small/'s Q-Former
+                    and heads, written from LAVIS's `Blip2Qformer.forward` (its
+                    image_id path, which is the label-smoothed CE when ids are
+                    unique): four image-feature rows of which two are the same
+                    photo, three captions of different lengths (padding) and a
+                    fourth; ITC over max-over-queries similarities / temp with
+                    targets 0.9 * same-photo share + 0.1 / B; ITM on the
+                    positive pairs, each text with a hard negative image and each
+                    image with a hard negative text, drawn from the ITC softmax
+                    with same-photo pairs masked (the fixture keeps the
+                    weights and the drawn indices); losses and the gradients of
+                    the temperature, the query tokens, the ITM head and one
+                    Q-Former weight
 
 Needs: pip install torch transformers safetensors; the MiniLM tokenizer in
 ~/.cache/clasp/all-MiniLM-L6-v2 (scripts/get-model.sh minilm).
@@ -162,9 +176,83 @@ def small_model():
     print("small itc", itc.logits_per_image, "\nsmall itm", itm.softmax(-1)[..., 1])
 
 
+def stage1():
+    import torch.nn.functional as F
+    d = os.path.join(OUT, "small")
+    cfg = Blip2Config.from_pretrained(d)
+    # Eval mode: no dropout (attention's is functional, not a module), so
+    # the losses are deterministic; gradients flow all the same.
+    model = Blip2ForImageTextRetrieval(cfg).eval()
+    manifest = json.load(open(os.path.join(d, "manifest.json")))["shapes"]
+    model.load_state_dict({k: hashed(k, s) for k, s in manifest.items()})
+    h = cfg.vision_config.hidden_size
+    image = torch.stack([10 * hashed(f"stage1.image.{i}", (257, h)) for i in range(3)])
+    image_ids = torch.tensor([0, 1, 1, 2])
+    image_embeds = image[image_ids]  # rows 1 and 2: the same photo
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    texts = CAPTIONS + ["a dog"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    temp = torch.tensor(0.07, requires_grad=True)
+    bs = ids.shape[0]
+
+    query_tokens = model.query_tokens.expand(bs, -1, -1)
+    q_out = model.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds).last_hidden_state
+    image_feats = F.normalize(model.vision_projection(q_out), dim=-1)  # [B, N, D]
+    t_out = model.qformer(query_embeds=model.embeddings(input_ids=ids), query_length=0,
+                          attention_mask=mask).last_hidden_state
+    text_feat = F.normalize(model.text_projection(t_out[:, 0, :]), dim=-1)  # [B, D]
+    sim_q2t = torch.matmul(image_feats.unsqueeze(1), text_feat.unsqueeze(-1)).squeeze(-1)  # [B, B, N]
+    sim_i2t = sim_q2t.max(-1)[0] / temp
+    sim_t2q = torch.matmul(text_feat.unsqueeze(1).unsqueeze(1), image_feats.permute(0, 2, 1)).squeeze(2)
+    sim_t2i = sim_t2q.max(-1)[0] / temp
+    pos = torch.eq(image_ids.view(-1, 1), image_ids.view(1, -1)).float()
+    targets = 0.9 * pos / pos.sum(1, keepdim=True) + 0.1 / bs
+    loss_itc = (-torch.sum(F.log_softmax(sim_i2t, dim=1) * targets, dim=1).mean()
+                - torch.sum(F.log_softmax(sim_t2i, dim=1) * targets, dim=1).mean()) / 2
+
+    with torch.no_grad():
+        same = torch.eq(image_ids.view(-1, 1), image_ids.view(1, -1))
+        weights_t2i = F.softmax(sim_t2i.masked_fill(same, -10000), dim=1)
+        weights_i2t = F.softmax(sim_i2t.masked_fill(same, -10000), dim=1)
+    g = torch.Generator().manual_seed(0)
+    neg_image = torch.stack([torch.multinomial(weights_t2i[b], 1, generator=g)[0] for b in range(bs)])
+    neg_text = torch.stack([torch.multinomial(weights_i2t[b], 1, generator=g)[0] for b in range(bs)])
+    ids_all = torch.cat([ids, ids, ids[neg_text]], 0)
+    mask_all = torch.cat([mask, mask, mask[neg_text]], 0)
+    images_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds], 0)
+    q_itm = model.query_tokens.expand(ids_all.shape[0], -1, -1)
+    att = torch.cat([torch.ones(q_itm.shape[:-1], dtype=torch.long), mask_all], 1)
+    out = model.qformer(query_embeds=model.embeddings(input_ids=ids_all, query_embeds=q_itm),
+                        query_length=q_itm.shape[1], attention_mask=att,
+                        encoder_hidden_states=images_all).last_hidden_state
+    logits = model.itm_head(out[:, :q_itm.shape[1], :]).mean(1)
+    labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)])
+    loss_itm = F.cross_entropy(logits, labels)
+    (loss_itc + loss_itm).backward()
+    qw = "qformer.encoder.layer.0.crossattention.attention.key.weight"
+    params = dict(model.named_parameters())
+    out = {
+        "input_ids": ids.to(torch.int64), "attention_mask": mask.to(torch.int64),
+        "image_ids": image_ids.to(torch.int64),
+        "loss_itc": loss_itc.detach().reshape(1), "loss_itm": loss_itm.detach().reshape(1),
+        "weights_t2i": weights_t2i, "weights_i2t": weights_i2t,
+        "neg_image": neg_image.to(torch.int64), "neg_text": neg_text.to(torch.int64),
+        "itm_logits": logits.detach(),
+        "grad_temp": temp.grad.reshape(1), "grad_query_tokens": params["query_tokens"].grad,
+        "grad_itm_head": params["itm_head.weight"].grad, "grad_qformer_key": params[qw].grad,
+    }
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(d, "stage1.safetensors"),
+              metadata={"transformers": __import__("transformers").__version__,
+                        "texts": json.dumps(texts), "qformer_key": qw})
+    print("stage1 itc", float(loss_itc), "itm", float(loss_itm), "neg", neg_image.tolist(), neg_text.tolist())
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["itm", "small"]
+    which = sys.argv[1:] or ["itm", "small", "stage1"]
     if "itm" in which:
         itm_model()
     if "small" in which:
         small_model()
+    if "stage1" in which:
+        stage1()

@@ -310,3 +310,108 @@ fn search_reranks_its_top_hits_with_the_itm_head_as_transformers_scores_them() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a fusion model"));
 }
+
+/// BLIP-2's stage-1 ITC and ITM (crates/train's `qformer_stage1`) against
+/// LAVIS's `Blip2Qformer.forward` transcribed on transformers' modules
+/// (scripts/gen_blip2_fixtures.py stage1): a batch with padding and a photo
+/// twice; the negatives' weights, the losses and the gradients of the
+/// temperature, the query tokens, the ITM head and a Q-Former weight.
+#[test]
+fn stage1_itc_and_itm_losses_and_gradients_equal_lavis() {
+    use clasp::model::blip2::Blip2Config;
+    use clasp::train::qformer_stage1::itc_itm;
+    let src = fixtures().parent().unwrap().join("small");
+    let (f, meta) = common::expected_with_meta(&src.join("stage1.safetensors"));
+    let cfg = Blip2Config::from_file(&src.join("config.json")).unwrap();
+    let vars: std::collections::HashMap<String, candle_core::Var> =
+        common::manifest_tensors(&src.join("manifest.json"), common::hashed)
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("vision_model."))
+            .map(|(k, t)| (k, candle_core::Var::from_tensor(&t).unwrap()))
+            .collect();
+    let vb = VarBuilder::from_tensors(
+        vars.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect(),
+        DType::F32,
+        &Device::Cpu,
+    );
+    let heads = QFormerHeads::load(
+        vb,
+        &cfg.qformer_config,
+        cfg.num_query_tokens,
+        cfg.image_text_hidden_size,
+    )
+    .unwrap();
+    let h = cfg.vision_config.hidden_size;
+    let photos: Vec<Tensor> = (0..3)
+        .map(|i| (common::hashed(&format!("stage1.image.{i}"), &[257, h]) * 10.0).unwrap())
+        .collect();
+    let image_ids: Vec<usize> = f["image_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&i| i as usize)
+        .collect();
+    let image = Tensor::stack(
+        &image_ids.iter().map(|&i| &photos[i]).collect::<Vec<_>>(),
+        0,
+    )
+    .unwrap();
+    let ids = f["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = f["attention_mask"].to_dtype(DType::F32).unwrap();
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    assert_eq!(ids.dim(0).unwrap(), texts.len());
+    let temp = candle_core::Var::new(0.07f32, &Device::Cpu).unwrap();
+    // The reference's draws, in its order: each caption's photo, then each
+    // photo's caption.
+    let mut drawn: std::collections::VecDeque<usize> = f["neg_image"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .chain(f["neg_text"].to_vec1::<i64>().unwrap())
+        .map(|i| i as usize)
+        .collect();
+    let mut draw = |w: &[f32]| {
+        let i = drawn.pop_front().unwrap();
+        assert!(w[i] > 0.0, "drew a zero-weight negative");
+        i
+    };
+    let _graph = clasp::model::grad_mode_guard(true);
+    let out = itc_itm(
+        &heads,
+        &image,
+        &image_ids,
+        &ids,
+        &mask,
+        temp.as_tensor(),
+        &mut draw,
+    )
+    .unwrap();
+    let to_t = |v: &Vec<Vec<f32>>| Tensor::new(v.clone(), &Device::Cpu).unwrap();
+    for (got, key, tol) in [
+        (out.itc.reshape(1).unwrap(), "loss_itc", 1e-5),
+        (out.itm.reshape(1).unwrap(), "loss_itm", 1e-5),
+        (to_t(&out.weights_t2i), "weights_t2i", 1e-5),
+        (to_t(&out.weights_i2t), "weights_i2t", 1e-5),
+        (out.itm_logits.clone(), "itm_logits", 1e-5),
+    ] {
+        let d = max_abs(&got, &f[key]);
+        assert!(d < tol, "{key} differs by {d}");
+    }
+    // Same-photo pairs are never negatives.
+    assert_eq!(out.weights_t2i[1][2], 0.0);
+    let grads = (&out.itc + &out.itm).unwrap().backward().unwrap();
+    let grad = |v: &candle_core::Var| grads.get(v.as_tensor()).unwrap().clone();
+    let qkey = &meta["qformer_key"];
+    for (got, key) in [
+        (grad(&temp).reshape(1).unwrap(), "grad_temp"),
+        (grad(&vars["query_tokens"]), "grad_query_tokens"),
+        (grad(&vars["itm_head.weight"]), "grad_itm_head"),
+        (grad(&vars[qkey.as_str()]), "grad_qformer_key"),
+    ] {
+        let scale = common::max_abs(&f[key], &f[key].zeros_like().unwrap()).max(1e-3);
+        let d = max_abs(&got, &f[key]);
+        assert!(d / scale < 1e-4, "{key} differs by {d} (of {scale})");
+    }
+}

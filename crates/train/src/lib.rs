@@ -26,6 +26,7 @@ pub mod objectives;
 pub mod optim;
 pub mod order;
 pub mod presets;
+pub mod qformer_stage1;
 pub mod run;
 pub mod schedule;
 pub mod state;
