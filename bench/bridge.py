@@ -263,6 +263,10 @@ def save_record(name, rec):
 
 
 def git_rev():
+    # A frozen copy of the binary (CLASP_BIN) was built at some earlier commit: CLASP_BIN_REV
+    # names it, so the record does not claim the checkout's HEAD at the time it is written.
+    if os.environ.get("CLASP_BIN_REV"):
+        return os.environ["CLASP_BIN_REV"]
     r = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                        text=True)
     return r.stdout.strip() or None
