@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fixtures for BLIP-2's Q-Former, made by transformers:
 
-    PYTHONPATH=/tmp/torchpy python3 scripts/gen_blip2_fixtures.py [itm] [small] [stage1]
+    PYTHONPATH=/tmp/torchpy python3 scripts/gen_blip2_fixtures.py [itm] [small] [stage1] [itg]
     # writes tests/fixtures/blip2/
 
   itm/config.json   a Blip2Config with the Q-Former of Salesforce/blip2-itm-vit-g
@@ -48,6 +48,19 @@
                     weights and the drawn indices); losses and the gradients of
                     the temperature, the query tokens, the ITM head and one
                     Q-Former weight
+
+  itg.safetensors   BLIP-2's stage-1 ITG (the Q-Former's captioning loss), written
+                    as LAVIS computes it: the queries' pass (self-attention among
+                    the queries, cross-attention to the photo) caches each
+                    layer's query keys and values; the caption, its first token
+                    replaced by [DEC] (id 30522), then runs through the text
+                    path attending to the cached queries and to itself
+                    causally (padding masked), through BERT's LM head (dense,
+                    GELU, LayerNorm, the word embeddings tied, a bias:
+                    `cls.predictions.*`, `hashed` weights); the loss is the
+                    next-token cross-entropy with label smoothing 0.1, padding
+                    ignored; with the gradients of the query tokens, the LM
+                    head's dense layer and a text feed-forward weight
 
 Needs: pip install torch transformers safetensors; the MiniLM tokenizer in
 ~/.cache/clasp/all-MiniLM-L6-v2 (scripts/get-model.sh minilm).
@@ -248,11 +261,100 @@ def stage1():
     print("stage1 itc", float(loss_itc), "itm", float(loss_itm), "neg", neg_image.tolist(), neg_text.tolist())
 
 
+ITG_HEAD = {"cls.predictions.transform.dense.weight": "hh", "cls.predictions.transform.dense.bias": "h",
+            "cls.predictions.transform.LayerNorm.weight": "h", "cls.predictions.transform.LayerNorm.bias": "h",
+            "cls.predictions.bias": "v"}
+
+
+def itg():
+    import math
+    import torch.nn.functional as F
+    d = os.path.join(OUT, "small")
+    cfg = Blip2Config.from_pretrained(d)
+    model = Blip2ForImageTextRetrieval(cfg).eval()
+    manifest = json.load(open(os.path.join(d, "manifest.json")))["shapes"]
+    model.load_state_dict({k: hashed(k, s) for k, s in manifest.items()})
+    qc = cfg.qformer_config
+    H, V = qc.hidden_size, qc.vocab_size
+    shapes = {k: {"hh": [H, H], "h": [H], "v": [V]}[s] for k, s in ITG_HEAD.items()}
+    head = {k: hashed(k, s).requires_grad_(True) for k, s in shapes.items()}
+    h = cfg.vision_config.hidden_size
+    image = torch.stack([10 * hashed(f"stage1.image.{i}", (257, h)) for i in range(3)])[[0, 1, 1, 2]]
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    texts = CAPTIONS + ["a dog"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    bos, pad = 30522, 0
+    dec = ids.clone()
+    dec[:, 0] = bos
+    labels = dec.masked_fill(dec == pad, -100)
+    B, L = ids.shape
+    qf = model.qformer
+    nh = qc.num_attention_heads
+    dh = H // nh
+    act = F.gelu
+
+    def split(t):
+        return t.view(t.shape[0], t.shape[1], nh, dh).transpose(1, 2)
+
+    def attend(block, x, enc=None, cache=None, add=None):
+        a = block.attention
+        src = x if enc is None else enc
+        q, k, v = split(a.query(x)), split(a.key(src)), split(a.value(src))
+        own = (k, v)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+        s = q @ k.transpose(-1, -2) / math.sqrt(dh)
+        if add is not None:
+            s = s + add
+        ctx = (s.softmax(-1) @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], H)
+        return block.output.LayerNorm(block.output.dense(ctx) + x), own
+
+    # The queries' pass, caching each layer's query keys and values.
+    x = qf.layernorm(model.query_tokens.expand(B, -1, -1))
+    N = x.shape[1]
+    caches = []
+    for layer in qf.encoder.layer:
+        x, kv = attend(layer.attention, x)
+        caches.append(kv)
+        if layer.has_cross_attention:
+            x, _ = attend(layer.crossattention, x, enc=image)
+        x = layer.output_query.LayerNorm(layer.output_query.dense(act(layer.intermediate_query.dense(x))) + x)
+    # The text pass: the cached queries, then the caption causally.
+    causal = torch.tril(torch.ones(L, L))
+    allowed = torch.cat([torch.ones(B, L, N), causal.expand(B, L, L) * mask[:, None, :]], dim=2)
+    add = ((1.0 - allowed) * -10000.0)[:, None, :, :]
+    t = qf.layernorm(model.embeddings(input_ids=dec))
+    for layer, kv in zip(qf.encoder.layer, caches):
+        t, _ = attend(layer.attention, t, cache=kv, add=add)
+        t = layer.output.LayerNorm(layer.output.dense(act(layer.intermediate.dense(t))) + t)
+    p = "cls.predictions."
+    z = F.gelu(F.linear(t, head[p + "transform.dense.weight"], head[p + "transform.dense.bias"]))
+    z = F.layer_norm(z, (H,), head[p + "transform.LayerNorm.weight"], head[p + "transform.LayerNorm.bias"],
+                     qc.layer_norm_eps)
+    logits = z @ model.embeddings.word_embeddings.weight.T + head[p + "bias"]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100,
+                           label_smoothing=0.1)
+    loss.backward()
+    params = dict(model.named_parameters())
+    tw = "qformer.encoder.layer.1.intermediate.dense.weight"
+    out = {"loss_itg": loss.detach().reshape(1), "logits_head": logits[:, :, :16].detach().contiguous(),
+           "grad_query_tokens": params["query_tokens"].grad,
+           "grad_lm_dense": head[p + "transform.dense.weight"].grad, "grad_text_ffn": params[tw].grad,
+           "input_ids": ids.to(torch.int64), "attention_mask": mask.to(torch.int64)}
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(d, "itg.safetensors"),
+              metadata={"transformers": __import__("transformers").__version__, "bos": str(bos),
+                        "head_shapes": json.dumps(shapes), "text_ffn": tw})
+    print("itg loss", float(loss))
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["itm", "small", "stage1"]
+    which = sys.argv[1:] or ["itm", "small", "stage1", "itg"]
     if "itm" in which:
         itm_model()
     if "small" in which:
         small_model()
     if "stage1" in which:
         stage1()
+    if "itg" in which:
+        itg()

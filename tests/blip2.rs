@@ -311,24 +311,24 @@ fn search_reranks_its_top_hits_with_the_itm_head_as_transformers_scores_them() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a fusion model"));
 }
 
-/// BLIP-2's stage-1 ITC and ITM (crates/train's `qformer_stage1`) against
-/// LAVIS's `Blip2Qformer.forward` transcribed on transformers' modules
-/// (scripts/gen_blip2_fixtures.py stage1): a batch with padding and a photo
-/// twice; the negatives' weights, the losses and the gradients of the
-/// temperature, the query tokens, the ITM head and a Q-Former weight.
-#[test]
-fn stage1_itc_and_itm_losses_and_gradients_equal_lavis() {
-    use clasp::model::blip2::Blip2Config;
-    use clasp::train::qformer_stage1::itc_itm;
-    let src = fixtures().parent().unwrap().join("small");
-    let (f, meta) = common::expected_with_meta(&src.join("stage1.safetensors"));
-    let cfg = Blip2Config::from_file(&src.join("config.json")).unwrap();
-    let vars: std::collections::HashMap<String, candle_core::Var> =
-        common::manifest_tensors(&src.join("manifest.json"), common::hashed)
-            .into_iter()
-            .filter(|(k, _)| !k.starts_with("vision_model."))
-            .map(|(k, t)| (k, candle_core::Var::from_tensor(&t).unwrap()))
-            .collect();
+type Vars = std::collections::HashMap<String, candle_core::Var>;
+
+/// small/'s Q-Former and heads over `Var`s (so gradients reach them), with
+/// `extra` tensors (name, shape) made by `hashed` too.
+fn var_heads(
+    src: &Path,
+    extra: &[(String, Vec<usize>)],
+) -> (clasp::model::blip2::Blip2Config, Vars, QFormerHeads) {
+    let cfg = clasp::model::blip2::Blip2Config::from_file(&src.join("config.json")).unwrap();
+    let mut tensors = common::manifest_tensors(&src.join("manifest.json"), common::hashed);
+    for (k, shape) in extra {
+        tensors.insert(k.clone(), common::hashed(k, shape));
+    }
+    let vars: Vars = tensors
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("vision_model."))
+        .map(|(k, t)| (k, candle_core::Var::from_tensor(&t).unwrap()))
+        .collect();
     let vb = VarBuilder::from_tensors(
         vars.iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
@@ -343,21 +343,35 @@ fn stage1_itc_and_itm_losses_and_gradients_equal_lavis() {
         cfg.image_text_hidden_size,
     )
     .unwrap();
-    let h = cfg.vision_config.hidden_size;
+    (cfg, vars, heads)
+}
+
+/// The stage-1 fixtures' four photo rows (rows 1 and 2 the same photo).
+fn stage1_images(h: usize, ids: &[usize]) -> Tensor {
     let photos: Vec<Tensor> = (0..3)
         .map(|i| (common::hashed(&format!("stage1.image.{i}"), &[257, h]) * 10.0).unwrap())
         .collect();
+    Tensor::stack(&ids.iter().map(|&i| &photos[i]).collect::<Vec<_>>(), 0).unwrap()
+}
+
+/// BLIP-2's stage-1 ITC and ITM (crates/train's `qformer_stage1`) against
+/// LAVIS's `Blip2Qformer.forward` transcribed on transformers' modules
+/// (scripts/gen_blip2_fixtures.py stage1): a batch with padding and a photo
+/// twice; the negatives' weights, the losses and the gradients of the
+/// temperature, the query tokens, the ITM head and a Q-Former weight.
+#[test]
+fn stage1_itc_and_itm_losses_and_gradients_equal_lavis() {
+    use clasp::train::qformer_stage1::itc_itm;
+    let src = fixtures().parent().unwrap().join("small");
+    let (f, meta) = common::expected_with_meta(&src.join("stage1.safetensors"));
+    let (cfg, vars, heads) = var_heads(&src, &[]);
     let image_ids: Vec<usize> = f["image_ids"]
         .to_vec1::<i64>()
         .unwrap()
         .iter()
         .map(|&i| i as usize)
         .collect();
-    let image = Tensor::stack(
-        &image_ids.iter().map(|&i| &photos[i]).collect::<Vec<_>>(),
-        0,
-    )
-    .unwrap();
+    let image = stage1_images(cfg.vision_config.hidden_size, &image_ids);
     let ids = f["input_ids"].to_dtype(DType::U32).unwrap();
     let mask = f["attention_mask"].to_dtype(DType::F32).unwrap();
     let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
@@ -412,6 +426,42 @@ fn stage1_itc_and_itm_losses_and_gradients_equal_lavis() {
     ] {
         let scale = common::max_abs(&f[key], &f[key].zeros_like().unwrap()).max(1e-3);
         let d = max_abs(&got, &f[key]);
+        assert!(d / scale < 1e-4, "{key} differs by {d} (of {scale})");
+    }
+}
+
+/// BLIP-2's stage-1 ITG (the Q-Former's captioning loss, `QFormerHeads::
+/// itg_loss`: one pass over queries and caption under BLIP-2's mask) against
+/// LAVIS's way (scripts/gen_blip2_fixtures.py itg: the queries' pass caches
+/// their keys and values, the caption then reads them causally): loss,
+/// logits and gradients.
+#[test]
+fn stage1_itg_loss_and_gradients_equal_lavis() {
+    let src = fixtures().parent().unwrap().join("small");
+    let (f, meta) = common::expected_with_meta(&src.join("itg.safetensors"));
+    let shapes: std::collections::BTreeMap<String, Vec<usize>> =
+        serde_json::from_str(&meta["head_shapes"]).unwrap();
+    let extra: Vec<(String, Vec<usize>)> = shapes.into_iter().collect();
+    let (cfg, vars, heads) = var_heads(&src, &extra);
+    let image = stage1_images(cfg.vision_config.hidden_size, &[0, 1, 1, 2]);
+    let ids = f["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = f["attention_mask"].to_dtype(DType::F32).unwrap();
+    let bos: u32 = meta["bos"].parse().unwrap();
+    let _graph = clasp::model::grad_mode_guard(true);
+    let (loss, logits) = heads.itg_loss(&image, &ids, &mask, bos).unwrap();
+    let d = max_abs(&loss.reshape(1).unwrap(), &f["loss_itg"]);
+    assert!(d < 1e-5, "ITG loss differs by {d}");
+    let d = max_abs(&logits.narrow(2, 0, 16).unwrap(), &f["logits_head"]);
+    assert!(d < 1e-4, "ITG logits differ by {d}");
+    let grads = loss.backward().unwrap();
+    for (name, key) in [
+        ("query_tokens", "grad_query_tokens"),
+        ("cls.predictions.transform.dense.weight", "grad_lm_dense"),
+        (meta["text_ffn"].as_str(), "grad_text_ffn"),
+    ] {
+        let got = grads.get(vars[name].as_tensor()).unwrap();
+        let scale = max_abs(&f[key], &f[key].zeros_like().unwrap()).max(1e-6);
+        let d = max_abs(got, &f[key]);
         assert!(d / scale < 1e-4, "{key} differs by {d} (of {scale})");
     }
 }

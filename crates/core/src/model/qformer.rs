@@ -307,6 +307,21 @@ impl QFormer {
         mask: Option<&Tensor>,
         image: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let mask = mask.map(additive_mask).transpose()?;
+        self.forward_additive(embeds, query_len, mask.as_ref(), image)
+    }
+
+    /// [`Self::forward`] with the self-attention's additive mask given
+    /// whole: [B, 1, 1, T] (keys only) or [B, 1, T, T] (per query: BLIP-2's
+    /// captioning mask, where queries see queries and text sees the queries
+    /// and earlier text).
+    pub fn forward_additive(
+        &self,
+        embeds: &Tensor,
+        query_len: usize,
+        mask: Option<&Tensor>,
+        image: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t, h) = embeds.dims3()?;
         if h != self.cfg.hidden_size || query_len > t {
             return Err(Error::Shape(format!(
@@ -338,10 +353,9 @@ impl QFormer {
                 "this Q-Former has no text feed-forward (use_qformer_text_input is false): it reads queries only".into(),
             ));
         }
-        let mask = mask.map(additive_mask).transpose()?;
         let mut x = self.layernorm.forward(embeds)?;
         for layer in &self.layers {
-            let a = layer.attention.forward(&x, None, mask.as_ref())?;
+            let a = layer.attention.forward(&x, None, mask)?;
             let mut parts = Vec::with_capacity(2);
             if query_len > 0 {
                 let mut q = a.narrow(1, 0, query_len)?;
@@ -374,124 +388,9 @@ impl QFormer {
     }
 }
 
-/// `Blip2ForImageTextRetrieval` without its vision tower: the query tokens,
-/// the Q-Former, the text embeddings, and the ITC and ITM heads.
-#[derive(Debug, Clone)]
-pub struct QFormerHeads {
-    pub qformer: QFormer,
-    query_tokens: Tensor,
-    word_embeddings: Tensor,
-    position_embeddings: Tensor,
-    vision_projection: Linear,
-    text_projection: Linear,
-    itm_head: Linear,
-}
-
-impl QFormerHeads {
-    /// `vb` points at the model's root; `num_query_tokens` and
-    /// `image_text_hidden_size` come from the `Blip2Config`.
-    pub fn load(
-        vb: VarBuilder,
-        cfg: &QFormerConfig,
-        num_query_tokens: usize,
-        image_text_hidden_size: usize,
-    ) -> Result<Self> {
-        if !cfg.use_qformer_text_input {
-            return Err(Error::Report(
-                "an ITM/ITC model needs a Q-Former with a text feed-forward (use_qformer_text_input: true)".into(),
-            ));
-        }
-        let h = cfg.hidden_size;
-        let emb = vb.pp("embeddings");
-        Ok(Self {
-            qformer: QFormer::load(vb.pp("qformer"), cfg)?,
-            query_tokens: vb.get((1, num_query_tokens, h), "query_tokens")?,
-            word_embeddings: emb.get((cfg.vocab_size, h), "word_embeddings.weight")?,
-            position_embeddings: emb.get(
-                (cfg.max_position_embeddings, h),
-                "position_embeddings.weight",
-            )?,
-            vision_projection: Linear::load(
-                vb.pp("vision_projection"),
-                h,
-                image_text_hidden_size,
-                true,
-            )?,
-            text_projection: Linear::load(
-                vb.pp("text_projection"),
-                h,
-                image_text_hidden_size,
-                true,
-            )?,
-            itm_head: Linear::load(vb.pp("itm_head"), h, 2, true)?,
-        })
-    }
-
-    /// The learned queries [1, N, H].
-    pub fn query_tokens(&self) -> &Tensor {
-        &self.query_tokens
-    }
-
-    pub fn num_query_tokens(&self) -> usize {
-        self.query_tokens.dim(1).unwrap_or(0)
-    }
-
-    /// `Blip2TextEmbeddings`: word embeddings plus positions 0.. for ids [B, L].
-    fn text_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, l) = ids.dims2()?;
-        let max = self.position_embeddings.dim(0)?;
-        if l > max {
-            return Err(Error::Shape(format!(
-                "a text of {l} tokens is longer than the Q-Former's {max} positions"
-            )));
-        }
-        let h = self.word_embeddings.dim(1)?;
-        let words = self
-            .word_embeddings
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, l, h))?;
-        Ok(words.broadcast_add(&self.position_embeddings.narrow(0, 0, l)?.unsqueeze(0)?)?)
-    }
-
-    /// The ITC image side: each query's L2-normalised projection [B, N, D].
-    pub fn image_embeds(&self, image: &Tensor) -> Result<Tensor> {
-        let q = self.qformer.queries(&self.query_tokens, image)?;
-        l2_normalize(&self.vision_projection.forward(&q)?)
-    }
-
-    /// The ITC text side: the first token's L2-normalised projection [B, D]
-    /// for ids [B, L] with their 0/1 mask.
-    pub fn text_embeds(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = self
-            .qformer
-            .forward(&self.text_embeddings(ids)?, 0, Some(mask), None)?;
-        let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
-        l2_normalize(&self.text_projection.forward(&cls)?)
-    }
-
-    /// BLIP-2's ITC score of every image with every text: the largest
-    /// cosine over the image's queries, [images, texts].
-    pub fn itc(image_embeds: &Tensor, text_embeds: &Tensor) -> Result<Tensor> {
-        // [I, N, D] x [D, T] -> [I, N, T], max over N.
-        let sims = image_embeds.broadcast_matmul(&text_embeds.t()?)?;
-        Ok(sims.max(1)?)
-    }
-
-    /// The ITM logits [B, 2] (no match, match) of image features [B, P, E]
-    /// paired row by row with texts [B, L] and their mask: the ITM head on
-    /// the query outputs, averaged over the queries.
-    pub fn itm(&self, image: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, _) = ids.dims2()?;
-        let n = self.num_query_tokens();
-        let h = self.query_tokens.dim(2)?;
-        let q = self.query_tokens.broadcast_as((b, n, h))?;
-        let embeds = Tensor::cat(&[&q, &self.text_embeddings(ids)?], 1)?;
-        let qmask = Tensor::ones((b, n), mask.dtype(), mask.device())?;
-        let mask = Tensor::cat(&[&qmask, mask], 1)?;
-        let x = self.qformer.forward(&embeds, n, Some(&mask), Some(image))?;
-        Ok(self.itm_head.forward(&x.narrow(1, 0, n)?)?.mean(1)?)
-    }
-}
+#[path = "qformer_heads.rs"]
+mod heads;
+pub use heads::{ItgHead, QFormerHeads};
 
 #[cfg(test)]
 mod tests {
