@@ -465,3 +465,78 @@ fn stage1_itg_loss_and_gradients_equal_lavis() {
         assert!(d / scale < 1e-4, "{key} differs by {d} (of {scale})");
     }
 }
+
+/// `clasp eval retrieval --rerank itm:K`: with K at least the photos and the
+/// captions, both directions are ordered by the ITM head alone, so its
+/// recall@1 follows from transformers' ITM logits of the same pairs (the
+/// fixture's two photos and three captions, given here as a pair set).
+#[test]
+fn eval_retrieval_reranked_recall_follows_transformers_itm() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("blip2");
+    std::fs::create_dir(&model).unwrap();
+    small_folder(&model);
+    let src = fixtures().parent().unwrap().join("small");
+    let (exp, meta) = common::expected_with_meta(&src.join("expected.safetensors"));
+    let photos: Vec<String> = serde_json::from_str(&meta["photos"]).unwrap();
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    let flickr = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/flickr8k/images");
+    for p in &photos {
+        std::fs::copy(flickr.join(p), d.path().join(p)).unwrap();
+    }
+    // Caption j belongs to photo owner[j].
+    let owner = [0usize, 1, 0];
+    let mut tsv = String::from("image\tcaption\n");
+    for (j, t) in texts.iter().enumerate() {
+        tsv.push_str(&format!("{}\t{t}\n", photos[owner[j]]));
+    }
+    let pairs = d.path().join("pairs.tsv");
+    std::fs::write(&pairs, tsv).unwrap();
+    let out = common::ok(&common::clasp(&[
+        "eval",
+        "retrieval",
+        "-m",
+        &common::tiny(),
+        "-d",
+        &format!("pairs:{}", pairs.display()),
+        "--json",
+        "--no-cache",
+        "--rerank",
+        "itm:3",
+        "--rerank-model",
+        model.to_str().unwrap(),
+    ]));
+    let itm: Vec<Vec<Vec<f32>>> = exp["itm"].to_vec3().unwrap(); // [photo][caption][2]
+    let p = |i: usize, j: usize| {
+        let l = &itm[i][j];
+        1.0 / (1.0 + ((l[0] - l[1]) as f64).exp())
+    };
+    // text→image: the caption's own photo has the higher match probability.
+    let t2i = (0..3)
+        .filter(|&j| p(owner[j], j) > p(1 - owner[j], j))
+        .count() as f64
+        / 3.0;
+    // image→text: the photo's best caption is one of its own.
+    let i2t = (0..2)
+        .filter(|&i| {
+            let best = (0..3).max_by(|&a, &b| p(i, a).total_cmp(&p(i, b))).unwrap();
+            owner[best] == i
+        })
+        .count() as f64
+        / 2.0;
+    let r = &out["reranked"];
+    assert_eq!(r["pairs_scored"], 3 * 2 + 2 * 3, "{r}");
+    let got = |k: &str| r[k].as_f64().unwrap();
+    assert!(
+        (got("image_retrieval_recall@1") - t2i).abs() < 1e-9,
+        "{r} vs {t2i}"
+    );
+    assert!(
+        (got("text_retrieval_recall@1") - i2t).abs() < 1e-9,
+        "{r} vs {i2t}"
+    );
+    assert!(
+        out["image_retrieval_recall@1"].is_number(),
+        "the first stage stays"
+    );
+}

@@ -1,12 +1,7 @@
 //! Re-ranking a retrieval's top hits with a fusion model: BLIP-2's ITM head
 //! (`Blip2ForImageTextRetrieval`) looks at the query text and each hit's
-//! image together, which the first stage's cosine cannot.
-//!
-//! - `itm`: order by the ITM head's match probability (softmax over its two
-//!   logits, as transformers' examples report it).
-//! - `itm+sim`: order by the ITM match logit plus the first stage's
-//!   similarity, as ALBEF, BLIP and LAVIS's BLIP-2 retrieval score the
-//!   re-ranked candidates.
+//! image together, which the first stage's cosine cannot. The orderings
+//! (`itm`, `itm+sim`) are [`RerankScore`]'s.
 //!
 //! A hit whose image cannot be read keeps its place after the re-scored
 //! hits, with a warning that names the file; the others go on.
@@ -18,52 +13,7 @@ use clasp_core::model::blip2::Blip2Retrieval;
 use crate::search::Hit;
 use crate::{Error, Result};
 
-/// How the re-ranked hits are ordered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RerankScore {
-    Itm,
-    ItmPlusSim,
-}
-
-/// `--rerank itm[:K]` or `itm+sim[:K]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rerank {
-    pub score: RerankScore,
-    /// How many first-stage hits are re-scored (at least the results asked for).
-    pub candidates: usize,
-}
-
-/// The candidates re-scored when `:K` is not given.
-pub const DEFAULT_CANDIDATES: usize = 32;
-
-impl std::str::FromStr for Rerank {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let (name, k) = match s.split_once(':') {
-            Some((n, k)) => (n, Some(k)),
-            None => (s, None),
-        };
-        let score = match name {
-            "itm" => RerankScore::Itm,
-            "itm+sim" => RerankScore::ItmPlusSim,
-            _ => {
-                return Err(format!(
-                    "unknown re-ranker `{name}`: itm[:K] or itm+sim[:K]"
-                ))
-            }
-        };
-        let candidates = match k {
-            Some(k) => k
-                .parse::<usize>()
-                .ok()
-                .filter(|&k| k > 0)
-                .ok_or_else(|| format!("`{k}` is not a number of candidates (itm:32)"))?,
-            None => DEFAULT_CANDIDATES,
-        };
-        Ok(Self { score, candidates })
-    }
-}
+pub use clasp_core::model::blip2::{Rerank, RerankScore, DEFAULT_CANDIDATES};
 
 /// Images whose features are computed together.
 const BATCH: usize = 8;
@@ -98,13 +48,8 @@ pub fn rerank(
         }
         let logits = model.itm_logits_pixels(&pixels, query)?;
         for (mut h, l) in kept.into_iter().zip(logits) {
-            let (no, yes) = (l[0] as f64, l[1] as f64);
-            let prob = 1.0 / (1.0 + (no - yes).exp());
+            let (prob, key) = how.score(l, h.score);
             h.itm = Some(prob);
-            let key = match how {
-                RerankScore::Itm => prob,
-                RerankScore::ItmPlusSim => yes + h.score,
-            };
             scored.push((key, h));
         }
     }
@@ -123,22 +68,4 @@ pub fn check_query(texts: &[String], images: usize) -> Result<String> {
         ));
     }
     Ok(texts.join(" "))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_the_rerank_option() {
-        let r: Rerank = "itm".parse().unwrap();
-        assert_eq!(
-            (r.score, r.candidates),
-            (RerankScore::Itm, DEFAULT_CANDIDATES)
-        );
-        let r: Rerank = "itm+sim:128".parse().unwrap();
-        assert_eq!((r.score, r.candidates), (RerankScore::ItmPlusSim, 128));
-        assert!("itm:0".parse::<Rerank>().unwrap_err().contains("`0`"));
-        assert!("cosine".parse::<Rerank>().unwrap_err().contains("`cosine`"));
-    }
 }

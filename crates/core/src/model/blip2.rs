@@ -191,6 +191,71 @@ fn layer(vb: VarBuilder, cfg: &Blip2VisionConfig) -> Result<PreNormBlock> {
     ))
 }
 
+/// Re-ranking with the ITM head (`--rerank`): a retrieval's top candidates
+/// re-scored by the fusion model.
+/// - `itm`: ordered by the ITM head's match probability (softmax over its two
+///   logits, as transformers' examples report it);
+/// - `itm+sim`: by the match logit plus the first stage's similarity, as
+///   ALBEF, BLIP and LAVIS's BLIP-2 retrieval score re-ranked candidates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RerankScore {
+    Itm,
+    ItmPlusSim,
+}
+
+/// `--rerank itm[:K]` or `itm+sim[:K]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rerank {
+    pub score: RerankScore,
+    /// How many first-stage hits are re-scored (at least the results asked for).
+    pub candidates: usize,
+}
+
+/// The candidates re-scored when `:K` is not given.
+pub const DEFAULT_CANDIDATES: usize = 32;
+
+impl RerankScore {
+    /// The match probability of ITM logits (no match, match) and the key
+    /// the hit is ordered by, given the first stage's similarity `sim`.
+    pub fn score(self, logits: [f32; 2], sim: f64) -> (f64, f64) {
+        let (no, yes) = (logits[0] as f64, logits[1] as f64);
+        let prob = 1.0 / (1.0 + (no - yes).exp());
+        match self {
+            RerankScore::Itm => (prob, prob),
+            RerankScore::ItmPlusSim => (prob, yes + sim),
+        }
+    }
+}
+
+impl std::str::FromStr for Rerank {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (name, k) = match s.split_once(':') {
+            Some((n, k)) => (n, Some(k)),
+            None => (s, None),
+        };
+        let score = match name {
+            "itm" => RerankScore::Itm,
+            "itm+sim" => RerankScore::ItmPlusSim,
+            _ => {
+                return Err(format!(
+                    "unknown re-ranker `{name}`: itm[:K] or itm+sim[:K]"
+                ))
+            }
+        };
+        let candidates = match k {
+            Some(k) => k
+                .parse::<usize>()
+                .ok()
+                .filter(|&k| k > 0)
+                .ok_or_else(|| format!("`{k}` is not a number of candidates (itm:32)"))?,
+            None => DEFAULT_CANDIDATES,
+        };
+        Ok(Self { score, candidates })
+    }
+}
+
 /// A `Blip2ForImageTextRetrieval` folder, loaded.
 pub struct Blip2Retrieval {
     pub vision: VisionTransformer,
@@ -293,11 +358,17 @@ impl Blip2Retrieval {
         }
         let side = self.cfg.vision_config.image_size;
         let batch = Tensor::from_vec(pixels.concat(), (n, 3, side, side), &self.device)?;
-        let feats = self.image_features(&batch)?;
+        self.itm_logits_features(&self.image_features(&batch)?, text)
+    }
+
+    /// The ITM logits (no match, match) of one text with each of several
+    /// images' features [n, P, E].
+    pub fn itm_logits_features(&self, feats: &Tensor, text: &str) -> Result<Vec<[f32; 2]>> {
+        let n = feats.dim(0)?;
         let (ids, mask) = self.tokens(&[text.to_string()])?;
         let ids = ids.broadcast_as((n, ids.dim(1)?))?.contiguous()?;
         let mask = mask.broadcast_as((n, mask.dim(1)?))?.contiguous()?;
-        let logits: Vec<Vec<f32>> = self.heads.itm(&feats, &ids, &mask)?.to_vec2()?;
+        let logits: Vec<Vec<f32>> = self.heads.itm(feats, &ids, &mask)?.to_vec2()?;
         Ok(logits.into_iter().map(|l| [l[0], l[1]]).collect())
     }
 
@@ -307,5 +378,23 @@ impl Blip2Retrieval {
         let logits = self.itm_logits(image_features, texts)?;
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
         Ok(probs.narrow(1, 1, 1)?.squeeze(1)?.to_vec1()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_rerank_option() {
+        let r: Rerank = "itm".parse().unwrap();
+        assert_eq!(
+            (r.score, r.candidates),
+            (RerankScore::Itm, DEFAULT_CANDIDATES)
+        );
+        let r: Rerank = "itm+sim:128".parse().unwrap();
+        assert_eq!((r.score, r.candidates), (RerankScore::ItmPlusSim, 128));
+        assert!("itm:0".parse::<Rerank>().unwrap_err().contains("`0`"));
+        assert!("cosine".parse::<Rerank>().unwrap_err().contains("`cosine`"));
     }
 }
