@@ -84,15 +84,36 @@ def torch_steps(batch, iters):
     return out
 
 
-def clasp_steps(batch, iters):
+def torch_itm(ks):
+    """Re-ranking one caption against K photos' cached features with the ITM head."""
+    model, _, _, ids, _ = torch_model(1)
+    s = SIZES
+    out = {}
+    with torch.no_grad():
+        for k in ks:
+            feats = torch.randn(k, s["patches"], s["encoder"])
+            idk = ids[:1].expand(k, -1)
+            q = model.query_tokens.expand(k, -1, -1)
+            att = torch.ones(k, q.shape[1] + idk.shape[1], dtype=torch.long)
+            t0 = time.perf_counter()
+            h = model.qformer(query_embeds=model.embeddings(input_ids=idk, query_embeds=q),
+                              query_length=q.shape[1], attention_mask=att,
+                              encoder_hidden_states=feats).last_hidden_state
+            model.itm_head(h[:, :q.shape[1], :]).mean(1)
+            out[str(k)] = 1000 * (time.perf_counter() - t0)
+    return out
+
+
+def clasp_steps(batch, iters, ks=()):
     s = SIZES
     args = [str(x) for x in (s["hidden"], s["layers"], s["heads"], s["queries"], s["encoder"], s["patches"],
-                             batch, s["text"], iters)]
+                             batch, s["text"], iters, *ks)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     r = subprocess.run([EXAMPLE, *args], check=True, capture_output=True, text=True,
                        env={**os.environ, "RAYON_NUM_THREADS": str(torch.get_num_threads())})
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return json.loads(r.stdout.strip().splitlines()[-1])["step_s"], max(peak, before)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return res["step_s"], max(peak, before), res.get("itm_ms", {})
 
 
 def main():
@@ -104,12 +125,15 @@ def main():
     torch.set_num_threads(os.cpu_count())
     c, t = [], []
     rss = 0
+    ks = [16, 32, 128]
     for r in range(a.rounds):
-        steps, rss = clasp_steps(a.batch, a.iters)
+        last = r == a.rounds - 1
+        steps, rss, c_itm = clasp_steps(a.batch, a.iters, ks if last else ())
         c += steps[1:] if len(steps) > 1 else steps  # the first iteration warms up
         ts = torch_steps(a.batch, a.iters)
         t += ts[1:] if len(ts) > 1 else ts
         print(f"round {r}: clasp {steps}, torch {ts}", flush=True)
+    t_itm = torch_itm(ks)
     torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     mc, mt = statistics.median(c), statistics.median(t)
     lines = ["# BLIP-2 stage-1 step on the Q-Former: clasp against PyTorch", "",
@@ -122,6 +146,12 @@ def main():
              f"| PyTorch {torch.__version__} (transformers modules, reference losses) | {mt:.2f} | "
              f"{torch_rss / 1024:.0f} (this process, model included) |", "",
              f"clasp / PyTorch step time: **{mc / mt:.2f}x** ({torch.get_num_threads()} threads each).", "",
+             "Re-ranking latency added to one query with the photos' features at hand (the ITM head on "
+             "K caption-photo pairs, no graph; the vision tower's features are not included: with "
+             "BLIP-2's ViT-g they cost seconds a photo here, so `--rerank` wants them cached):", "",
+             "| K | clasp (ms) | PyTorch (ms) |", "|---|---|---|"]
+    lines += [f"| {k} | {c_itm.get(str(k), float('nan')):.0f} | {t_itm[str(k)]:.0f} |" for k in ks]
+    lines += ["",
              f"Machine: {cpu()}. Other work shared the cores (a bridge run), so the ratio is the figure to read.", ""]
     open(os.path.join(ROOT, "bench/qformer.md"), "w").write("\n".join(lines))
     print("\n".join(lines))

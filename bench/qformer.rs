@@ -1,9 +1,12 @@
 //! One BLIP-2 stage-1 training step on clasp's Q-Former, for bench/qformer.py:
 //! ITC + ITM + ITG, forward and backward, at the sizes given.
 //!
-//!     cargo run --release --example bench_qformer -- HIDDEN LAYERS HEADS QUERIES ENCODER PATCHES BATCH TEXT ITERS
+//!     cargo run --release --example bench_qformer -- HIDDEN LAYERS HEADS QUERIES ENCODER PATCHES BATCH TEXT ITERS [K...]
 //!
-//! Prints one JSON line: {"step_s": [per iteration], "losses": [itc, itm, itg]}.
+//! Prints one JSON line: {"step_s": [per iteration], "losses": [itc, itm, itg],
+//! "itm_ms": {K: ms}}: with K values, also the time of re-ranking one caption
+//! against K photos' cached features with the ITM head (no graph), which is
+//! what `--rerank itm:K` adds to a query once the photos' features are at hand.
 //! Weights are random (N(0, 0.02²), LayerNorms at 1 and 0), image features
 //! N(0, 1), captions random token ids: the cost only, as the PyTorch side
 //! measures it.
@@ -27,7 +30,10 @@ fn main() -> anyhow::Result<()> {
         .skip(1)
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
-    let [hidden, layers, heads, queries, encoder, patches, batch, text, iters] = a[..] else {
+    let ks: Vec<usize> = a.get(9..).unwrap_or_default().to_vec();
+    let [hidden, layers, heads, queries, encoder, patches, batch, text, iters] =
+        a[..a.len().min(9)]
+    else {
         anyhow::bail!("HIDDEN LAYERS HEADS QUERIES ENCODER PATCHES BATCH TEXT ITERS");
     };
     let cfg: QFormerConfig = serde_json::from_value(serde_json::json!({
@@ -121,9 +127,23 @@ fn main() -> anyhow::Result<()> {
             itg.to_scalar::<f32>()?,
         ];
     }
+    drop(_graph);
+    let _no_graph = clasp::model::grad_mode_guard(false);
+    let mut itm_ms = serde_json::Map::new();
+    for k in ks {
+        let feats = Tensor::randn(0f32, 1., (k, patches, encoder), &dev)?;
+        let ids1 = ids.narrow(0, 0, 1)?.broadcast_as((k, text))?.contiguous()?;
+        let mask1 = Tensor::ones((k, text), DType::F32, &dev)?;
+        let t0 = Instant::now();
+        drop(model.itm(&feats, &ids1, &mask1)?.to_vec2::<f32>()?);
+        itm_ms.insert(
+            k.to_string(),
+            serde_json::json!(1000.0 * t0.elapsed().as_secs_f64()),
+        );
+    }
     println!(
         "{}",
-        serde_json::json!({"step_s": step_s, "losses": losses})
+        serde_json::json!({"step_s": step_s, "losses": losses, "itm_ms": itm_ms})
     );
     Ok(())
 }
