@@ -19,13 +19,20 @@ def formula(name, shape):
         v = 0.1 * s
     elif name == "logit_scale":
         v = torch.full((n,), math.log(1 / 0.07), dtype=torch.float64)
-    elif len(shape) == 1 and name.endswith(".weight"):
-        v = 1 + 0.1 * s
-    elif len(shape) <= 1 or "embedding" in name:
-        v = 0.1 * s
     else:
-        v = s * math.sqrt(3.0 / (n // shape[0]))
+        v = _scaled(name, shape, n, s, "embedding" in name)
     return v.float().reshape(shape)
+
+
+def _scaled(name, shape, n, s, embedding):
+    """The scale rule both formulas share: norms' weights 1 +- 0.1, biases and
+    embeddings +- 0.1, matrices +- sqrt(3 / fan_in)."""
+    import math
+    if len(shape) == 1 and name.endswith(".weight"):
+        return 1 + 0.1 * s
+    if len(shape) <= 1 or embedding:
+        return 0.1 * s
+    return s * math.sqrt(3.0 / (n // shape[0]))
 
 
 def uniform(name, n):
@@ -46,17 +53,9 @@ def uniform(name, n):
 
 
 def hashed(name, shape):
-    """`formula`'s scales over `uniform`'s values: norms' weights 1 ± 0.1,
-    biases and embeddings ± 0.1, matrices ± sqrt(3 / fan_in)."""
-    import math
+    """`formula`'s scales over `uniform`'s values (query tokens scale as embeddings)."""
     n = 1
     for d in shape:
         n *= d
-    s = uniform(name, n)
-    if len(shape) == 1 and name.endswith(".weight"):
-        v = 1 + 0.1 * s
-    elif len(shape) <= 1 or "embedding" in name or name.endswith("query_tokens"):
-        v = 0.1 * s
-    else:
-        v = s * math.sqrt(3.0 / (n // shape[0]))
+    v = _scaled(name, shape, n, uniform(name, n), "embedding" in name or name.endswith("query_tokens"))
     return v.float().reshape(shape)

@@ -277,38 +277,27 @@ fn search_reranks_its_top_hits_with_the_itm_head_as_transformers_scores_them() {
     drop(server);
 
     // Without a fusion model the option is refused by name.
-    let out = common::clasp(&[
-        "search",
-        &texts[0],
-        "-m",
-        &tiny,
-        "--store",
-        store.to_str().unwrap(),
-        "--dir",
-        dir.to_str().unwrap(),
-        "--rerank",
-        "itm",
-        "--no-index",
-    ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--rerank-model"));
-    let out = common::clasp(&[
-        "search",
-        &texts[0],
-        "-m",
-        &tiny,
-        "--store",
-        store.to_str().unwrap(),
-        "--dir",
-        dir.to_str().unwrap(),
-        "--rerank",
-        "itm",
-        "--rerank-model",
-        &tiny,
-        "--no-index",
-    ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a fusion model"));
+    let refused = |extra: &[&str], needle: &str| {
+        let mut args = vec![
+            "search",
+            &texts[0],
+            "-m",
+            &tiny,
+            "--store",
+            store.to_str().unwrap(),
+            "--dir",
+            dir.to_str().unwrap(),
+            "--no-index",
+            "--rerank",
+            "itm",
+        ];
+        args.extend(extra);
+        let out = common::clasp(&args);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(needle));
+    };
+    refused(&[], "--rerank-model");
+    refused(&["--rerank-model", &tiny], "not a fusion model");
 }
 
 type Vars = std::collections::HashMap<String, candle_core::Var>;

@@ -313,12 +313,8 @@ pub fn formula(name: &str, shape: &[usize]) -> candle_core::Tensor {
                 0.1 * s
             } else if name == "logit_scale" {
                 (1.0f64 / 0.07).ln()
-            } else if shape.len() == 1 && name.ends_with(".weight") {
-                1.0 + 0.1 * s
-            } else if shape.len() <= 1 || name.contains("embedding") {
-                0.1 * s
             } else {
-                s * scale
+                scaled(name, shape, s, scale, name.contains("embedding"))
             }) as f32
         })
         .collect();
@@ -368,7 +364,8 @@ pub fn uniform(name: &str, n: usize) -> Vec<f64> {
 }
 
 /// scripts/formula.py's `hashed`, restated: [`uniform`]'s values at
-/// [`formula`]'s scales.
+/// [`formula`]'s scales (BatchNorm statistics do not occur; queries scale as
+/// embeddings).
 pub fn hashed(name: &str, shape: &[usize]) -> candle_core::Tensor {
     let n: usize = shape.iter().product();
     let fan_in = if shape.is_empty() { 1 } else { n / shape[0] };
@@ -376,19 +373,23 @@ pub fn hashed(name: &str, shape: &[usize]) -> candle_core::Tensor {
     let v: Vec<f32> = uniform(name, n)
         .into_iter()
         .map(|s| {
-            (if shape.len() == 1 && name.ends_with(".weight") {
-                1.0 + 0.1 * s
-            } else if shape.len() <= 1
-                || name.contains("embedding")
-                || name.ends_with("query_tokens")
-            {
-                0.1 * s
-            } else {
-                s * scale
-            }) as f32
+            let embedding = name.contains("embedding") || name.ends_with("query_tokens");
+            scaled(name, shape, s, scale, embedding) as f32
         })
         .collect();
     candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
+
+/// The scale rule both fixtures' formulas share: norms' weights 1 ± 0.1,
+/// biases and embeddings ± 0.1, matrices ± sqrt(3 / fan_in).
+fn scaled(name: &str, shape: &[usize], s: f64, scale: f64, embedding: bool) -> f64 {
+    if shape.len() == 1 && name.ends_with(".weight") {
+        1.0 + 0.1 * s
+    } else if shape.len() <= 1 || embedding {
+        0.1 * s
+    } else {
+        s * scale
+    }
 }
 
 /// The tensors of a manifest.json (`{"shapes": {name: shape}}`) by `make`.
