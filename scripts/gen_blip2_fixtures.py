@@ -190,14 +190,19 @@ def small_model():
     print("small itc", itc.logits_per_image, "\nsmall itm", itm.softmax(-1)[..., 1])
 
 
-def stage1():
-    d = os.path.join(OUT, "small")
+def small_hashed(d):
+    """small/'s model with its `hashed` weights, in eval mode: no dropout (attention's
+    is functional, not a module), so losses are deterministic; gradients flow all the same."""
     cfg = Blip2Config.from_pretrained(d)
-    # Eval mode: no dropout (attention's is functional, not a module), so
-    # the losses are deterministic; gradients flow all the same.
     model = Blip2ForImageTextRetrieval(cfg).eval()
     manifest = json.load(open(os.path.join(d, "manifest.json")))["shapes"]
     model.load_state_dict({k: hashed(k, s) for k, s in manifest.items()})
+    return cfg, model
+
+
+def stage1():
+    d = os.path.join(OUT, "small")
+    cfg, model = small_hashed(d)
     h = cfg.vision_config.hidden_size
     image = torch.stack([10 * hashed(f"stage1.image.{i}", (257, h)) for i in range(3)])
     image_ids = torch.tensor([0, 1, 1, 2])
@@ -239,10 +244,7 @@ ITG_HEAD = {"cls.predictions.transform.dense.weight": "hh", "cls.predictions.tra
 
 def itg():
     d = os.path.join(OUT, "small")
-    cfg = Blip2Config.from_pretrained(d)
-    model = Blip2ForImageTextRetrieval(cfg).eval()
-    manifest = json.load(open(os.path.join(d, "manifest.json")))["shapes"]
-    model.load_state_dict({k: hashed(k, s) for k, s in manifest.items()})
+    cfg, model = small_hashed(d)
     qc = cfg.qformer_config
     H, V = qc.hidden_size, qc.vocab_size
     shapes = {k: {"hh": [H, H], "h": [H], "v": [V]}[s] for k, s in ITG_HEAD.items()}
