@@ -24,6 +24,13 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// What to train, when the other flags do not say it: `qformer` is BLIP-2's stage 1 (a
+    /// Q-Former with ITC, ITM and ITG over a locked pretrained CNN, --vision; its BERT from
+    /// --text-init; --queries of them), saved as a Blip2ForImageTextRetrieval folder that
+    /// `--rerank-model` takes.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
     /// Checkpoint to start from (a directory in the Hugging Face layout).
     #[arg(long, conflicts_with = "preset")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -402,6 +409,9 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     if cfg.is_vlm() {
         return run_vlm(&a, cfg, &stop, &bar);
     }
+    if cfg.task() == clasp::train::config::Task::Qformer {
+        return run_qformer(&a, cfg, &stop, &bar);
+    }
     let mut run = match &a.resume {
         Some(dir) => Trainer::resume(dir)?,
         None => {
@@ -478,6 +488,27 @@ fn run_vlm(
     if let Some(d) = &out.dev {
         println!("{}", serde_json::to_string_pretty(d)?);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `clasp train --task qformer`: BLIP-2's stage 1.
+fn run_qformer(
+    a: &TrainArgs,
+    cfg: clasp::train::config::TrainConfig,
+    stop: &AtomicBool,
+    bar: &BarProgress,
+) -> Result<ExitCode> {
+    use clasp::train::qformer_task::QFormerTrainer;
+    let mut run = match &a.resume {
+        Some(dir) => QFormerTrainer::resume(dir)?,
+        None => QFormerTrainer::new(cfg)?,
+    };
+    let hooks = trainer::Hooks {
+        progress: bar,
+        evaluate: None,
+    };
+    let out = run.run(stop, a.stop_after, &hooks)?;
+    finish(run.config().output_dir()?, &out);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -42,6 +42,8 @@ pub use precision::Precision;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainConfig {
+    /// What the run trains; none: as the other keys say ([`Task`]).
+    pub task: Option<Task>,
     /// A checkpoint directory to start from.
     pub init: Option<String>,
     /// Or train from scratch: a CLIP preset (tiny, small, base) or the path of
@@ -180,6 +182,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
+            task: None,
             init: None,
             preset: None,
             tokenizer: None,
@@ -418,7 +421,9 @@ impl TrainConfig {
 
     /// The task this config trains.
     pub fn task(&self) -> Task {
-        if self.is_vlm() {
+        if let Some(t) = self.task {
+            t
+        } else if self.is_vlm() {
             Task::VisionLanguage
         } else {
             Task::DualEncoder
@@ -426,29 +431,17 @@ impl TrainConfig {
     }
 
     pub fn is_vlm(&self) -> bool {
-        self.llm.is_some()
-            || self.vision.is_some()
-            || self
-                .init
-                .as_deref()
-                .is_some_and(|i| clasp_vlm::checkpoint::is_vlm(std::path::Path::new(i)))
-    }
-
-    /// The connector this run builds.
-    pub fn connector_kind(&self) -> Result<clasp_vlm::ConnectorKind> {
-        Ok(match self.connector {
-            Connector::Mlp2xGelu => clasp_vlm::ConnectorKind::Mlp2xGelu,
-            Connector::Resampler => clasp_vlm::ConnectorKind::Resampler {
-                queries: self.queries,
-                layers: self.resampler_layers,
-                heads: self.resampler_heads,
-            },
-            Connector::QFormer => clasp_vlm::ConnectorKind::QFormer {
-                queries: self.queries,
-                layers: self.resampler_layers,
-                heads: self.resampler_heads,
-            },
-        })
+        match self.task {
+            Some(t) => t == Task::VisionLanguage,
+            None => {
+                self.llm.is_some()
+                    || self.vision.is_some()
+                    || self
+                        .init
+                        .as_deref()
+                        .is_some_and(|i| clasp_vlm::checkpoint::is_vlm(std::path::Path::new(i)))
+            }
+        }
     }
 
     /// The warm-up in steps.
@@ -481,6 +474,9 @@ impl TrainConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("lr", format!("{} is not a positive number", self.lr));
+        }
+        if self.task() == Task::Qformer {
+            return self.check_qformer();
         }
         if self.is_vlm() {
             if self.init.is_none() && (self.llm.is_none() || self.vision.is_none()) {

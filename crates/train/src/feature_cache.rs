@@ -19,10 +19,16 @@ use crate::preprocess::ImageProcessor;
 use crate::Result;
 use clasp_core::model::Model;
 
-/// What a run's features come from: the locked tower (an inference
-/// snapshot), the preprocessing, the images and the pixel shape.
+/// The locked tower as the cache runs it: pixels [B, C, H, W] to each
+/// image's features [B, ...] (pooled, or a feature map's tokens).
+pub type Encode<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
+
+/// What a run's features come from: the locked tower, what of it is kept
+/// (`what`, part of the cache's key: "pooled", "tokens"), the
+/// preprocessing, the images and the pixel shape.
 pub struct Source<'a> {
-    pub frozen: &'a Model,
+    pub encode: Encode<'a>,
+    pub what: &'a str,
     pub proc: &'a ImageProcessor,
     pub images: &'a [ImageSource],
     /// (channels, height, width).
@@ -61,7 +67,8 @@ pub fn for_run(
         .map(|(n, v)| (n, v.as_tensor().clone()))
         .collect();
     let src = Source {
-        frozen,
+        encode: &|px| frozen.image_pooled(px),
+        what: "pooled",
         proc,
         images,
         shape: (v.num_channels, v.image_size, v.image_size),
@@ -76,12 +83,13 @@ pub fn for_run(
 /// Images per forward pass while filling the cache.
 const BATCH: usize = 32;
 
-/// The pooled image features [C] of every image of the training set, or
-/// `None` where the image could not be read (the run then meets that error
-/// again at the image's turn, and skips it as it does any bad image).
+/// The features of every image of the training set (each of shape `tail`,
+/// kept flat), or `None` where the image could not be read (the run then
+/// meets that error again at the image's turn, and skips it as it does any
+/// bad image).
 pub struct FeatureCache {
     rows: Vec<Option<Vec<f32>>>,
-    dim: usize,
+    tail: Vec<usize>,
 }
 
 /// Where the on-disk copies live.
@@ -91,6 +99,7 @@ fn cache_dir() -> std::path::PathBuf {
 
 /// The key of a run's features: everything they depend on.
 fn key(
+    what: &str,
     tower: &[(String, Tensor)],
     proc: &ImageProcessor,
     images: &[ImageSource],
@@ -98,6 +107,12 @@ fn key(
 ) -> Result<String> {
     let mut h = blake3::Hasher::new();
     h.update(b"clasp-train-features-v1\0");
+    // The pooled features' key stays what it was (caches made before
+    // `what` existed still match).
+    if what != "pooled" {
+        h.update(what.as_bytes());
+        h.update(&[0]);
+    }
     h.update(&proc.config().key_bytes());
     for d in [shape.0, shape.1, shape.2] {
         h.update(&(d as u64).to_le_bytes());
@@ -145,7 +160,7 @@ impl FeatureCache {
     pub fn load_or_fill(src: &Source, tower: &[(String, Tensor)]) -> Result<Self> {
         let path = cache_dir().join(format!(
             "{}.safetensors",
-            key(tower, src.proc, src.images, src.shape)?
+            key(src.what, tower, src.proc, src.images, src.shape)?
         ));
         if path.is_file() {
             match Self::read(&path, src.images.len()) {
@@ -167,19 +182,20 @@ impl FeatureCache {
         let dir = path.parent().expect("a file in the cache dir");
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
         let n = self.rows.len();
-        let mut flat = Vec::with_capacity(n * self.dim);
+        let dim = self.dim();
+        let mut flat = Vec::with_capacity(n * dim);
         let mut valid = Vec::with_capacity(n);
         for r in &self.rows {
             match r {
                 Some(v) => flat.extend_from_slice(v),
-                None => flat.extend(std::iter::repeat_n(0f32, self.dim)),
+                None => flat.extend(std::iter::repeat_n(0f32, dim)),
             }
             valid.push(r.is_some() as u8);
         }
         let t: std::collections::HashMap<String, Tensor> = [
             (
                 "features".to_string(),
-                Tensor::from_vec(flat, (n, self.dim), &Device::Cpu)?,
+                Tensor::from_vec(flat, [&[n][..], &self.tail].concat(), &Device::Cpu)?,
             ),
             (
                 "valid".to_string(),
@@ -199,31 +215,33 @@ impl FeatureCache {
             t.get(k)
                 .ok_or_else(|| crate::Error::Report(format!("no `{k}` tensor")))
         };
-        let (rows, dim) = get("features")?.dims2()?;
+        let f = get("features")?;
+        let (rows, tail) = (f.dim(0)?, f.dims()[1..].to_vec());
         let valid: Vec<u8> = get("valid")?.to_vec1()?;
         if rows != n || valid.len() != n {
             return Err(crate::Error::Report(format!("{rows} rows for {n} images")));
         }
-        let feats: Vec<Vec<f32>> = get("features")?.to_vec2()?;
+        let feats: Vec<Vec<f32>> = f.flatten_from(1)?.to_vec2()?;
         Ok(Self {
             rows: feats
                 .into_iter()
                 .zip(valid)
                 .map(|(r, ok)| (ok == 1).then_some(r))
                 .collect(),
-            dim,
+            tail,
         })
     }
 
     /// Runs the locked tower over every image, unaugmented.
     pub fn fill(src: &Source) -> Result<Self> {
         let Source {
-            frozen,
+            encode,
             proc,
             images,
             shape: (c, h, w),
             seed,
             device,
+            ..
         } = *src;
         let _mode = clasp_core::model::grad_mode_guard(false);
         let plain = Augment {
@@ -233,7 +251,7 @@ impl FeatureCache {
         };
         let t0 = std::time::Instant::now();
         let mut rows: Vec<Option<Vec<f32>>> = Vec::with_capacity(images.len());
-        let mut dim = 0;
+        let mut tail = Vec::new();
         for (k, chunk) in images.chunks(BATCH).enumerate() {
             let pixels: Vec<Option<Vec<f32>>> = chunk
                 .par_iter()
@@ -244,9 +262,9 @@ impl FeatureCache {
             if !ok.is_empty() {
                 let flat: Vec<f32> = ok.iter().flat_map(|p| p.iter().copied()).collect();
                 let px = Tensor::from_vec(flat, (ok.len(), c, h, w), device)?;
-                let out = frozen.image_pooled(&px)?;
-                dim = out.dim(1)?;
-                pooled = out.to_vec2::<f32>()?.into_iter();
+                let out = encode(&px)?;
+                tail = out.dims()[1..].to_vec();
+                pooled = out.flatten_from(1)?.to_vec2::<f32>()?.into_iter();
             }
             for p in &pixels {
                 rows.push(p.as_ref().and_then(|_| pooled.next()));
@@ -265,7 +283,12 @@ impl FeatureCache {
             images.len(),
             t0.elapsed().as_secs_f64()
         );
-        Ok(Self { rows, dim })
+        Ok(Self { rows, tail })
+    }
+
+    /// Values per image.
+    fn dim(&self) -> usize {
+        self.tail.iter().product()
     }
 
     /// Whether image `i` has cached features.
@@ -273,9 +296,9 @@ impl FeatureCache {
         self.rows.get(i).is_some_and(Option::is_some)
     }
 
-    /// The cached features of these images as one [B, C] tensor.
+    /// The cached features of these images as one [B, ...] tensor.
     pub fn batch(&self, images: &[usize], device: &Device) -> Result<Tensor> {
-        let mut flat = Vec::with_capacity(images.len() * self.dim);
+        let mut flat = Vec::with_capacity(images.len() * self.dim());
         for &i in images {
             let row =
                 self.rows.get(i).and_then(Option::as_ref).ok_or_else(|| {
@@ -283,6 +306,7 @@ impl FeatureCache {
                 })?;
             flat.extend_from_slice(row);
         }
-        Ok(Tensor::from_vec(flat, (images.len(), self.dim), device)?)
+        let shape = [&[images.len()][..], &self.tail].concat();
+        Ok(Tensor::from_vec(flat, shape, device)?)
     }
 }

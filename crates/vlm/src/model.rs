@@ -291,11 +291,7 @@ impl Vlm {
         let _no_grad = clasp_core::model::grad_mode_guard(false);
         let vit = match &self.vision {
             ImageTower::Vit(v) => v,
-            ImageTower::Cnn(c, _) => {
-                // [B, C, H, W] to [B, H*W, C], positions in row-major order.
-                let m = c.feature_map(pixels)?;
-                return Ok(m.flatten_from(2)?.transpose(1, 2)?.contiguous()?.detach());
-            }
+            ImageTower::Cnn(c, _) => return Ok(c.feature_tokens(pixels)?.detach()),
         };
         let h = vit.hidden_state(pixels, self.feature_layer()?)?;
         let h = match self.cfg.select {

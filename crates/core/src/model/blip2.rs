@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::cnn_tower::{parse_vision_config, CnnConfig, CnnTower};
 use super::config::{Activation, VisionConfig};
 use super::layers::{Attention, LayerNorm, Linear, Mlp, PreNormBlock};
 use super::loader::read_json;
@@ -85,6 +86,11 @@ pub struct Blip2Config {
     pub image_text_hidden_size: usize,
     #[serde(default)]
     pub image_token_index: Option<u32>,
+    /// A pretrained CNN under the Q-Former (clasp's: a `vision_config` whose
+    /// `model_type` names a CNN tower, its `vision_model.*` the tower's
+    /// tensors in their own names); `None` for `Blip2VisionModel`.
+    #[serde(skip)]
+    pub cnn: Option<CnnConfig>,
 }
 
 fn d_queries() -> usize {
@@ -103,10 +109,26 @@ impl Blip2Config {
                 reason: format!("model_type {} is not blip-2", v["model_type"]),
             });
         }
+        let cnn = parse_vision_config(&v["vision_config"])
+            .transpose()
+            .map_err(|reason| Error::Config {
+                path: path.to_path_buf(),
+                reason: format!("vision_config: {reason}"),
+            })?;
+        let mut v = v;
+        if cnn.is_some() {
+            // A CNN's keys are not Blip2VisionConfig's.
+            v["vision_config"] = serde_json::json!({});
+        }
         let mut cfg: Self = serde_json::from_value(v).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
+        if let Some((cnn, vit)) = cnn {
+            cfg.vision_config.hidden_size = vit.hidden_size;
+            cfg.vision_config.image_size = vit.image_size;
+            cfg.cnn = Some(cnn);
+        }
         // As Blip2Config does: the queries read the vision tower's width.
         cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
         Ok(cfg)
@@ -256,9 +278,38 @@ impl std::str::FromStr for Rerank {
     }
 }
 
+/// The image tower under the Q-Former: BLIP-2's ViT, whose every token
+/// (after the post-LayerNorm) the queries read, or a pretrained CNN, whose
+/// last feature map's positions they read (MobileNetV2: 49 of 1280).
+#[derive(Debug, Clone)]
+pub enum Blip2Tower {
+    Vit(Box<VisionTransformer>),
+    Cnn(Box<CnnTower>),
+}
+
+impl Blip2Tower {
+    /// The tower of `cfg` from `vb` at `vision_model`.
+    pub fn load(vb: VarBuilder, cfg: &Blip2Config) -> Result<Self> {
+        Ok(match &cfg.cnn {
+            Some(c) => Blip2Tower::Cnn(Box::new(CnnTower::load(vb, c)?)),
+            None => Blip2Tower::Vit(Box::new(load_vision(vb, &cfg.vision_config)?)),
+        })
+    }
+
+    /// The tokens the Q-Former reads, [B, P, width], without a graph.
+    pub fn features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let _no_grad = super::grad_mode_guard(false);
+        Ok(match self {
+            Blip2Tower::Vit(v) => v.last_hidden_state(pixel_values)?,
+            Blip2Tower::Cnn(c) => c.feature_tokens(pixel_values)?,
+        }
+        .detach())
+    }
+}
+
 /// A `Blip2ForImageTextRetrieval` folder, loaded.
 pub struct Blip2Retrieval {
-    pub vision: VisionTransformer,
+    pub vision: Blip2Tower,
     pub heads: QFormerHeads,
     pub processor: ImageProcessor,
     pub tokenizer: TextTokenizer,
@@ -287,7 +338,7 @@ impl Blip2Retrieval {
         // SAFETY: the file is mapped read-only and not modified while the
         // model lives; candle checks every tensor's bounds against the map.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device)? };
-        let vision = load_vision(vb.pp("vision_model"), &cfg.vision_config)?;
+        let vision = Blip2Tower::load(vb.pp("vision_model"), &cfg)?;
         let heads = QFormerHeads::load(
             vb.clone(),
             &cfg.qformer_config,
@@ -297,6 +348,8 @@ impl Blip2Retrieval {
         let pp = dir.join("preprocessor_config.json");
         let processor = ImageProcessor::new(if pp.is_file() {
             ImageProcessorConfig::from_file(&pp)?
+        } else if let Some(cnn) = &cfg.cnn {
+            cnn.processor()
         } else {
             // BlipImageProcessor's rule, which is Chinese-CLIP's.
             ImageProcessorConfig::chinese_clip_default(cfg.vision_config.image_size as u32)
@@ -317,10 +370,11 @@ impl Blip2Retrieval {
         &self.device
     }
 
-    /// The vision tower's output for pixels [B, 3, S, S]: every token after
-    /// the post-LayerNorm, [B, 1 + patches, width], which the Q-Former reads.
+    /// The vision tower's output for pixels [B, 3, S, S] that the Q-Former
+    /// reads: the ViT's every token after the post-LayerNorm, [B, 1 +
+    /// patches, width], or a CNN's feature map positions [B, H·W, C].
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.vision.last_hidden_state(pixel_values)
+        self.vision.features(pixel_values)
     }
 
     /// Token ids [B, L] and their 0/1 mask (f32) for texts.

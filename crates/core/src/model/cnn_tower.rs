@@ -212,6 +212,13 @@ impl CnnTower {
         }
     }
 
+    /// The feature map's positions as tokens [B, H·W, C], in row-major
+    /// order (what a connector or a Q-Former reads of a CNN).
+    pub fn feature_tokens(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let m = self.feature_map(pixel_values)?;
+        Ok(m.flatten_from(2)?.transpose(1, 2)?.contiguous()?)
+    }
+
     /// The pooled feature [B, C]: the feature map's average, or for CLIP's
     /// ResNets their attention pooling (the embedding itself).
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {

@@ -198,11 +198,16 @@ impl QFormerHeads {
     /// The ITC text side: the first token's L2-normalised projection [B, D]
     /// for ids [B, L] with their 0/1 mask.
     pub fn text_embeds(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = self
-            .qformer
-            .forward(&self.text_embeddings(ids)?, 0, Some(mask), None)?;
+        let x = self.text_states(ids, mask)?;
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
         l2_normalize(&self.text_projection.forward(&cls)?)
+    }
+
+    /// The Q-Former's last hidden states [B, L, H] of texts alone (no
+    /// queries, no image): a BERT encoder's reading of them.
+    pub fn text_states(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.qformer
+            .forward(&self.text_embeddings(ids)?, 0, Some(mask), None)
     }
 
     /// BLIP-2's ITC score of every image with every text: the largest

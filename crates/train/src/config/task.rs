@@ -1,14 +1,21 @@
 //! Which task a config trains, and the keys that belong to one task only (refused by name in the other).
 
-/// What a run trains, as the config's keys decide it (`llm`, `vision`, or a
-/// vision-language `init` make a vision-language run).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a run trains: the config's `task` when given, else as its keys
+/// decide it (`llm`, `vision`, or a vision-language `init` make a
+/// vision-language run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Task {
     /// A CLIP-family dual encoder (contrastive training, LiT).
     DualEncoder,
     /// A LLaVA-style model: a connector (and stage 2's LoRA) over a frozen
     /// vision tower and language model.
     VisionLanguage,
+    /// BLIP-2's stage 1 (`--task qformer`): a Q-Former with its ITC, ITM
+    /// (and ITG) heads over a locked image tower (`vision`), its BERT from
+    /// `text_init`.
+    #[serde(alias = "q-former")]
+    Qformer,
 }
 
 /// Keys only a dual-encoder run reads.
@@ -59,6 +66,7 @@ impl Task {
         match self {
             Task::DualEncoder => "a dual-encoder (CLIP) training",
             Task::VisionLanguage => "a vision-language (--llm/--vision) training",
+            Task::Qformer => "a Q-Former (BLIP-2 stage 1, --task qformer) training",
         }
     }
 
@@ -67,6 +75,7 @@ impl Task {
         match self {
             Task::DualEncoder => VISION_LANGUAGE_KEYS,
             Task::VisionLanguage => DUAL_ENCODER_KEYS,
+            Task::Qformer => QFORMER_REFUSED_KEYS,
         }
     }
 
@@ -80,6 +89,119 @@ impl Task {
                 "they belong to dual-encoder runs; remove them (the adapter's clip is \
                  grad_clip_adapter)"
             }
+            Task::Qformer => {
+                "a Q-Former run reads its tower from `vision` (locked), its BERT from \
+                 `text_init`, and `queries`"
+            }
         }
+    }
+}
+
+/// Keys a Q-Former run does not read: every task-specific key but
+/// `text_init` and `queries`, and the language model's.
+pub(super) const QFORMER_REFUSED_KEYS: &[&str] = &[
+    "preset",
+    "tokenizer",
+    "image_init",
+    "text_lr",
+    "text_pooling",
+    "grad_clip_vision",
+    "grad_clip_text",
+    "conflict_group",
+    "accum_freq",
+    "crop_scale",
+    "color_jitter",
+    "color_jitter_prob",
+    "precision",
+    "lock_image",
+    "lock_text",
+    "negatives",
+    "negatives_share",
+    "fisher_batches",
+    "ewc_anchor",
+    "teacher",
+    "llm",
+    "connector",
+    "resampler_layers",
+    "resampler_heads",
+    "vision_feature_layer",
+    "stage",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "grad_clip_adapter",
+    "contrastive_dim",
+    "max_answer_tokens",
+    "packed_llm",
+    "eval_limit",
+    "schedule",
+];
+
+/// The objectives a Q-Former run can combine (`itc,itm,itg`, each with an
+/// optional `:weight`).
+pub const QFORMER_OBJECTIVES: [&str; 3] = ["itc", "itm", "itg"];
+
+impl super::TrainConfig {
+    /// A Q-Former run's objective: BLIP-2's three when the config keeps the
+    /// default, else the ones given, with their weights.
+    pub fn qformer_objectives(&self) -> crate::Result<Vec<(String, f64)>> {
+        if self.objective == Self::default().objective {
+            return Ok(QFORMER_OBJECTIVES
+                .iter()
+                .map(|n| (n.to_string(), 1.0))
+                .collect());
+        }
+        self.objective
+            .split(',')
+            .map(|part| {
+                let (name, w) = match part.trim().split_once(':') {
+                    Some((n, w)) => (n, w.parse::<f64>().ok()),
+                    None => (part.trim(), Some(1.0)),
+                };
+                match w {
+                    Some(w) if QFORMER_OBJECTIVES.contains(&name) && w.is_finite() => {
+                        Ok((name.to_string(), w))
+                    }
+                    _ => Err(crate::Error::Report(format!(
+                        "objective: `{part}` is not one of a Q-Former run's (itc, itm, itg, each \
+                         with an optional :weight)"
+                    ))),
+                }
+            })
+            .collect()
+    }
+
+    /// The connector this run builds.
+    pub fn connector_kind(&self) -> crate::Result<clasp_vlm::ConnectorKind> {
+        Ok(match self.connector {
+            super::Connector::Mlp2xGelu => clasp_vlm::ConnectorKind::Mlp2xGelu,
+            super::Connector::Resampler => clasp_vlm::ConnectorKind::Resampler {
+                queries: self.queries,
+                layers: self.resampler_layers,
+                heads: self.resampler_heads,
+            },
+            super::Connector::QFormer => clasp_vlm::ConnectorKind::QFormer {
+                queries: self.queries,
+                layers: self.resampler_layers,
+                heads: self.resampler_heads,
+            },
+        })
+    }
+
+    /// What a Q-Former run needs: its tower and its BERT.
+    pub(super) fn check_qformer(&self) -> crate::Result<()> {
+        let bad = |key: &str, why: &str| Err(crate::Error::Report(format!("{key}: {why}")));
+        if self.init.is_none() && (self.vision.is_none() || self.text_init.is_none()) {
+            return bad(
+                "vision, text_init",
+                "a Q-Former run needs --vision (the image tower: a pretrained CNN file or a \
+                 CLIP-family checkpoint) and --text-init (a BERT folder, e.g. MiniLM, whose \
+                 layers and vocabulary the Q-Former starts from), or --init Q_FORMER_FOLDER",
+            );
+        }
+        if self.queries == 0 {
+            return bad("queries", "a Q-Former needs at least one query");
+        }
+        self.qformer_objectives().map(|_| ())
     }
 }

@@ -1,0 +1,235 @@
+//! BLIP-2's stage 1 as a `clasp train` task (`--task qformer`): a Q-Former
+//! started from a BERT over torchvision's locked MobileNetV2, trained on
+//! photo–caption pairs, saved as a folder the re-ranker loads.
+
+mod common;
+mod train_e2e_util;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use clasp::model::qformer::QFormerHeads;
+use common::max_abs;
+use train_e2e_util::{fails_with, losses, resume_ok, run_ok, small_flickr, tiny_bert, weights};
+
+/// A Q-Former started from MiniLM reads a caption as MiniLM does: with no
+/// queries and no image, its layers are MiniLM's (self-attention, the text
+/// feed-forward, the embeddings with token type 0 folded into the positions),
+/// so its last hidden states, mean-pooled and normalised, equal
+/// sentence-transformers' MiniLM embedding (clasp's `SentenceEncoder`, held
+/// to sentence-transformers elsewhere). The queries' feed-forward starts as a
+/// copy of the text's (LAVIS's `*_query` copy), and `[DEC]` is the word
+/// after BERT's vocabulary.
+#[test]
+fn a_qformer_from_minilm_reads_captions_as_minilm() {
+    let minilm = common::pretrained("minilm");
+    let fresh = clasp::train::qformer_init::from_bert(&minilm, 1280, 32, 0).unwrap();
+    let cfg = &fresh.config;
+    assert_eq!(cfg.vocab_size, 30523);
+    assert_eq!(
+        (
+            cfg.hidden_size,
+            cfg.num_hidden_layers,
+            cfg.cross_attention_frequency
+        ),
+        (384, 6, 2)
+    );
+    let t = &fresh.tensors;
+    for l in 0..6 {
+        let p = format!("qformer.encoder.layer.{l}");
+        assert_eq!(
+            max_abs(
+                &t[&format!("{p}.intermediate_query.dense.weight")],
+                &t[&format!("{p}.intermediate.dense.weight")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            t.contains_key(&format!("{p}.crossattention.attention.key.weight")),
+            l % 2 == 0,
+            "cross-attention every other layer"
+        );
+    }
+    assert_eq!(t["query_tokens"].dims(), &[1, 32, 384]);
+    let vb = VarBuilder::from_tensors(t.clone(), DType::F32, &Device::Cpu);
+    let heads = QFormerHeads::load(vb, cfg, 32, 256).unwrap();
+
+    let captions = [
+        "A black dog is running through the grass .",
+        "Two children play on a beach near the water .",
+    ];
+    let tok = clasp::preprocess::TextTokenizer::from_dir(&minilm, 32).unwrap();
+    let (ids, mask) = tok
+        .encode(&captions)
+        .unwrap()
+        .to_tensors(true, &Device::Cpu)
+        .unwrap();
+    let (ids, mask) = (
+        ids.to_dtype(DType::U32).unwrap(),
+        mask.to_dtype(DType::F32).unwrap(),
+    );
+    let states = heads.text_states(&ids, &mask).unwrap();
+    let m = mask.unsqueeze(2).unwrap();
+    let mean = (states.broadcast_mul(&m).unwrap().sum(1).unwrap())
+        .broadcast_div(&m.sum(1).unwrap())
+        .unwrap();
+    let norm = mean.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+    let ours = mean.broadcast_div(&norm).unwrap();
+    let st = clasp::model::sentence::SentenceEncoder::load(&minilm, &Device::Cpu).unwrap();
+    let theirs = st.embed(&captions).unwrap();
+    let d = max_abs(&ours, &theirs);
+    assert!(d < 1e-5, "Q-Former text path vs MiniLM: {d}");
+}
+
+fn qformer_cmd(data: &Path, bert: &Path, out: &Path, steps: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    c.env("CLASP_CACHE_DIR", data.join("cache"));
+    c.args(["train", "--task", "qformer", "--vision"])
+        .arg(common::pretrained("mobilenet_v2"))
+        .arg("--text-init")
+        .arg(bert)
+        .args([
+            "--queries",
+            "4",
+            "--steps",
+            steps,
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--save-every",
+            "2",
+        ])
+        .arg("--dataset")
+        .arg(format!("flickr8k:{}", data.display()))
+        .arg("--output")
+        .arg(out);
+    c
+}
+
+/// `clasp train --task qformer`: the three losses are logged and learn, the
+/// tower stays torchvision's, the saved folder loads as a re-ranker whose
+/// ITM head scores what the run's own heads score, and a run stopped and
+/// resumed ends with the same bytes as one that was not. Bad starts are
+/// refused by name.
+#[test]
+fn qformer_stage1_trains_saves_a_reranker_and_resumes_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let bert = tiny_bert(d.path());
+
+    let out = d.path().join("qf");
+    run_ok(qformer_cmd(&data, &bert, &out, "4"));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        for part in ["itc", "itm", "itg"] {
+            assert!(r["losses"][part].as_f64().unwrap().is_finite(), "{r}");
+        }
+    }
+    // ITG starts near ln(vocab) (the tiny BERT's 372 rows: ln 372 = 5.9)
+    // and goes down.
+    let itg: Vec<f64> = rows
+        .iter()
+        .map(|r| r["losses"]["itg"].as_f64().unwrap())
+        .collect();
+    assert!((itg[0] - 372f64.ln()).abs() < 0.6, "{itg:?}");
+    assert!(itg[3] < itg[0], "{itg:?}");
+
+    // The tower is torchvision's, bit for bit.
+    let ckpt = out.join("checkpoint");
+    let saved =
+        candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (_, tv) =
+        clasp::model::cnn_tower::read_pretrained(&common::pretrained("mobilenet_v2")).unwrap();
+    let vision: Vec<&String> = saved
+        .keys()
+        .filter(|k| k.starts_with("vision_model."))
+        .collect();
+    let tower = tv.keys().filter(|k| !k.starts_with("classifier.")).count();
+    assert_eq!(vision.len(), tower, "every tensor but the ImageNet head");
+    for k in vision {
+        assert_eq!(
+            max_abs(&saved[k], &tv[&k["vision_model.".len()..]]),
+            0.0,
+            "{k}"
+        );
+    }
+
+    // The folder is a re-ranker: BLIP-2's config over the CNN, 49 tokens
+    // of 1280 per photo, and its ITM head equals the saved heads' own.
+    let model = clasp::model::blip2::Blip2Retrieval::load(&ckpt, &Device::Cpu).unwrap();
+    assert_eq!(model.cfg.num_query_tokens, 4);
+    let photo = std::fs::read_dir(data.join("images"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let px = model.processor.process_path(&photo).unwrap();
+    let px = Tensor::from_vec(px, (1, 3, 224, 224), &Device::Cpu).unwrap();
+    let feats = model.image_features(&px).unwrap();
+    assert_eq!(feats.dims(), &[1, 49, 1280]);
+    let text = "a dog runs on the grass".to_string();
+    let logits = model
+        .itm_logits(&feats, std::slice::from_ref(&text))
+        .unwrap();
+    let vb = VarBuilder::from_tensors(saved.clone(), DType::F32, &Device::Cpu);
+    let heads = QFormerHeads::load(vb, &model.cfg.qformer_config, 4, 256).unwrap();
+    let tok = clasp::preprocess::TextTokenizer::from_dir(&ckpt, 32).unwrap();
+    let (ids, mask) = tok
+        .encode(&[&text])
+        .unwrap()
+        .to_tensors(true, &Device::Cpu)
+        .unwrap();
+    let direct = heads
+        .itm(
+            &feats,
+            &ids.to_dtype(DType::U32).unwrap(),
+            &mask.to_dtype(DType::F32).unwrap(),
+        )
+        .unwrap();
+    assert!(max_abs(&logits, &direct) < 1e-6);
+    let dec = tok.inner().unwrap().token_to_id("[DEC]");
+    // The tiny tokenizer has 371 words and the embeddings 372 rows: [DEC]
+    // takes the next id, which the embeddings already hold.
+    assert_eq!(dec, Some(371), "[DEC] after the tokenizer's words");
+    assert_eq!(model.cfg.qformer_config.vocab_size, 372);
+
+    // Stopped after 2 steps and resumed: the same bytes as the run above.
+    let again = d.path().join("again");
+    let mut c = qformer_cmd(&data, &bert, &again, "4");
+    c.args(["--stop-after", "2"]);
+    run_ok(c);
+    assert_eq!(losses(&again).len(), 2);
+    resume_ok(&again);
+    assert_eq!(losses(&again), losses(&out));
+    assert_eq!(
+        weights(&again),
+        weights(&out),
+        "a resumed run ends as an uninterrupted one"
+    );
+
+    // Refused by name.
+    let mut c = qformer_cmd(&data, &bert, &d.path().join("x1"), "2");
+    c.arg("--lock-image");
+    fails_with(c, "`lock_image`");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    c.args(["train", "--task", "qformer", "--vision"])
+        .arg(common::pretrained("mobilenet_v2"))
+        .arg("--dataset")
+        .arg(format!("flickr8k:{}", data.display()))
+        .arg("--output")
+        .arg(d.path().join("x2"));
+    fails_with(c, "text_init");
+    let mut c = qformer_cmd(&data, &bert, &d.path().join("x3"), "2");
+    c.args(["--objective", "itc,lm"]);
+    fails_with(c, "`lm`");
+}
