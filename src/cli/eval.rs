@@ -347,6 +347,13 @@ fn rerank_retrieval(
     for (k, v) in m.to_pairs() {
         o.insert(k, json!(v));
     }
+    // Query by query: which R@1 hits re-ranking made and which it lost.
+    let (t2i_0, i2t_0) = eval::metrics::retrieval_ranks(&r.scores, n, &set.caption_image);
+    for (dir, before, after) in [("t2i", &t2i_0, &t2i), ("i2t", &i2t_0, &i2t)] {
+        let (fixed, broken) = eval::rerank::r1_changes(before, after);
+        o.insert(format!("{dir}_r1_fixed"), json!(fixed));
+        o.insert(format!("{dir}_r1_broken"), json!(broken));
+    }
     o.insert("candidates".into(), json!(how.candidates));
     o.insert("pairs_scored".into(), json!(re.pairs_scored));
     o.insert("seconds".into(), json!(secs));

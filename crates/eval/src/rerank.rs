@@ -112,3 +112,34 @@ pub fn rerank(
     progress.finish();
     Ok(out)
 }
+
+/// How re-ranking changed R@1, query by query: (fixed, broken), the queries
+/// whose first hit moved to the top and those whose top hit was lost (the
+/// two counts McNemar's test compares).
+pub fn r1_changes(
+    before: &crate::metrics::DirectionRanks,
+    after: &crate::metrics::DirectionRanks,
+) -> (usize, usize) {
+    let pairs = before.first.iter().zip(&after.first);
+    let fixed = pairs.clone().filter(|(b, a)| **b > 1 && **a == 1).count();
+    let broken = pairs.filter(|(b, a)| **b == 1 && **a > 1).count();
+    (fixed, broken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::DirectionRanks;
+
+    #[test]
+    fn r1_changes_count_the_queries_that_moved_across_the_top() {
+        let ranks = |first: Vec<usize>| DirectionRanks {
+            ap: vec![0.0; first.len()],
+            first,
+            n_candidates: 10,
+        };
+        let before = ranks(vec![1, 2, 1, 5, 1, 3]);
+        let after = ranks(vec![1, 1, 3, 1, 1, 2]);
+        assert_eq!(r1_changes(&before, &after), (2, 1));
+    }
+}
