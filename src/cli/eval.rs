@@ -16,8 +16,11 @@ use clasp::model::ModelConfig;
 use clasp::preprocess::prompts;
 use clasp::Encoder;
 
+#[path = "eval/blip2.rs"]
+mod blip2;
 #[path = "eval/caption.rs"]
 mod caption;
+
 pub use caption::*;
 
 #[derive(Subcommand, Debug)]
@@ -85,9 +88,10 @@ pub struct RetrievalArgs {
     /// Also re-rank each caption's top K photos and each photo's top K captions with a fusion
     /// model's ITM head (--rerank-model): `itm[:K]` or `itm+sim[:K]` [K: 32]; the JSON gains
     /// `reranked` (its recall) beside the first stage's.
-    #[arg(long, requires = "rerank_model")]
+    #[arg(long)]
     pub rerank: Option<clasp::model::blip2::Rerank>,
-    /// The fusion model for --rerank: a Blip2ForImageTextRetrieval folder.
+    /// The fusion model for --rerank: a Blip2ForImageTextRetrieval folder [default: --model,
+    /// when it is one].
     #[arg(long, requires = "rerank")]
     pub rerank_model: Option<PathBuf>,
 }
@@ -230,6 +234,16 @@ fn print_json(obj: Map<String, Value>) -> Result<()> {
 }
 
 fn retrieval(a: RetrievalArgs) -> Result<ExitCode> {
+    if clasp::model::blip2::is_blip2_dir(Path::new(&a.common.model)) {
+        return blip2::blip2_retrieval(a);
+    }
+    if a.rerank.is_some() && a.rerank_model.is_none() {
+        bail!(
+            "--rerank needs a fusion head: --rerank-model DIR (a Blip2ForImageTextRetrieval \
+             folder); {} is a dual encoder",
+            a.common.model
+        );
+    }
     let t0 = Instant::now();
     let mut l = load(&a.common)?;
     let lang = lang_for(&a.pairs.lang, &l.encoder)?;
@@ -240,7 +254,10 @@ fn retrieval(a: RetrievalArgs) -> Result<ExitCode> {
     let r = eval::retrieval::evaluate_retrieval(&mut ctx, set, &RECALL_KS)?;
     let secs = t0.elapsed().as_secs_f64();
     let reranked = match (&a.rerank, &a.rerank_model) {
-        (Some(how), Some(m)) => Some(rerank_retrieval(&r, *how, m, &a.common, &bar)?),
+        (Some(how), Some(m)) => {
+            let fusion = load_fusion(m, &a.common)?;
+            Some(rerank_with(&fusion, &r.data.set, &r.scores, *how, &bar)?)
+        }
         _ => None,
     };
     let issues = &r.data.set.issues;
@@ -319,13 +336,7 @@ fn retrieval(a: RetrievalArgs) -> Result<ExitCode> {
 
 /// The retrieval re-ranked by a fusion model: its metrics, candidates, ITM
 /// passes and the added time per query (captions and photos both query).
-fn rerank_retrieval(
-    r: &eval::retrieval::RetrievalOutcome,
-    how: clasp::model::blip2::Rerank,
-    model: &Path,
-    common: &Common,
-    bar: &BarProgress,
-) -> Result<serde_json::Value> {
+fn load_fusion(model: &Path, common: &Common) -> Result<clasp::model::blip2::Blip2Retrieval> {
     if !clasp::model::blip2::is_blip2_dir(model) {
         bail!(
             "--rerank-model {}: not a fusion model (a Blip2ForImageTextRetrieval folder)",
@@ -333,13 +344,23 @@ fn rerank_retrieval(
         );
     }
     let dev = super::device(common.compute.device)?;
-    let fusion = clasp::model::blip2::Blip2Retrieval::load(model, &dev)
-        .with_context(|| format!("--rerank-model {}", model.display()))?;
+    clasp::model::blip2::Blip2Retrieval::load(model, &dev)
+        .with_context(|| format!("--rerank-model {}", model.display()))
+}
+
+/// `scores` (texts × images of `set`) re-ranked by `fusion`: the new
+/// recall, the R@1 hits made and lost, and the time it added.
+fn rerank_with(
+    fusion: &clasp::model::blip2::Blip2Retrieval,
+    set: &data::PairSet,
+    scores: &[f32],
+    how: clasp::model::blip2::Rerank,
+    bar: &BarProgress,
+) -> Result<serde_json::Value> {
     let t0 = Instant::now();
-    let set = &r.data.set;
-    let re = eval::rerank::rerank(&fusion, set, &r.scores, how, bar)?;
+    let re = eval::rerank::rerank(fusion, set, scores, how, bar)?;
     let secs = t0.elapsed().as_secs_f64();
-    let n = r.data.images.len();
+    let n = scores.len() / set.captions.len().max(1);
     let (t2i, _) = eval::metrics::retrieval_ranks(&re.t2i, n, &set.caption_image);
     let (_, i2t) = eval::metrics::retrieval_ranks(&re.i2t, n, &set.caption_image);
     let m = eval::RetrievalMetrics::from_ranks(&t2i, &i2t, &RECALL_KS);
@@ -348,7 +369,7 @@ fn rerank_retrieval(
         o.insert(k, json!(v));
     }
     // Query by query: which R@1 hits re-ranking made and which it lost.
-    let (t2i_0, i2t_0) = eval::metrics::retrieval_ranks(&r.scores, n, &set.caption_image);
+    let (t2i_0, i2t_0) = eval::metrics::retrieval_ranks(scores, n, &set.caption_image);
     for (dir, before, after) in [("t2i", &t2i_0, &t2i), ("i2t", &i2t_0, &i2t)] {
         let (fixed, broken) = eval::rerank::r1_changes(before, after);
         o.insert(format!("{dir}_r1_fixed"), json!(fixed));

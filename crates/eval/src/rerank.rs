@@ -41,6 +41,66 @@ fn top_k(scores: impl Iterator<Item = f32>, k: usize) -> Vec<(usize, f32)> {
     v
 }
 
+/// The vision tower's features of every photo of `set` ([1, P, E] each),
+/// one photo at a time.
+pub fn photo_features(
+    model: &Blip2Retrieval,
+    set: &PairSet,
+    what: &str,
+    progress: &dyn Progress,
+) -> Result<Vec<Tensor>> {
+    progress.start(what, set.images.len() as u64);
+    let side = model.cfg.vision_config.image_size;
+    let feats = set
+        .images
+        .iter()
+        .map(|src| {
+            let name = std::path::PathBuf::from(src.display_name());
+            let img = crate::preprocess::image::decode_image(&src.read()?, &name)?;
+            let px = model.processor.process(&img)?;
+            let t = Tensor::from_vec(px, (1, 3, side, side), model.device())?;
+            let f = model.image_features(&t);
+            progress.inc(1);
+            f
+        })
+        .collect::<Result<_>>()?;
+    progress.finish();
+    Ok(feats)
+}
+
+/// BLIP-2's own first stage (ITC): every caption against every photo of
+/// `set`, scored by the best of the photo's query embeddings (cosines),
+/// texts × images row-major, as [`crate::metrics::retrieval_ranks`] reads.
+pub fn itc_scores(
+    model: &Blip2Retrieval,
+    set: &PairSet,
+    batch: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<f32>> {
+    let feats = photo_features(model, set, "ITC: photos", progress)?;
+    let _no_grad = clasp_core::model::grad_mode_guard(false);
+    let image_embeds = feats
+        .iter()
+        .map(|f| model.heads.image_embeds(f))
+        .collect::<Result<Vec<_>>>()?;
+    progress.start("ITC: captions", set.captions.len() as u64);
+    let mut texts = Vec::new();
+    for chunk in set.captions.chunks(batch.max(1)) {
+        texts.push(model.text_embeds(chunk)?);
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish();
+    let texts = Tensor::cat(&texts, 0)?;
+    // [I, N, D] x [D, T], max over the queries, in blocks of photos.
+    let mut cols = Vec::new();
+    for block in image_embeds.chunks(64) {
+        let q = Tensor::cat(block, 0)?;
+        cols.push(clasp_core::model::qformer::QFormerHeads::itc(&q, &texts)?);
+    }
+    let i2t = Tensor::cat(&cols, 0)?;
+    Ok(i2t.t()?.contiguous()?.flatten_all()?.to_vec1()?)
+}
+
 /// Re-ranks `scores` (texts × images of `set`) with `model`.
 pub fn rerank(
     model: &Blip2Retrieval,
@@ -56,23 +116,7 @@ pub fn rerank(
         ));
     }
     let (k_images, k_texts) = (how.candidates.min(n_images), how.candidates.min(n_texts));
-    // The vision tower once per photo.
-    progress.start("re-ranking: photo features", n_images as u64);
-    let feats: Vec<Tensor> = set
-        .images
-        .iter()
-        .map(|src| {
-            let name = std::path::PathBuf::from(src.display_name());
-            let img = crate::preprocess::image::decode_image(&src.read()?, &name)?;
-            let px = model.processor.process(&img)?;
-            let side = model.cfg.vision_config.image_size;
-            let t = Tensor::from_vec(px, (1, 3, side, side), model.device())?;
-            let f = model.image_features(&t);
-            progress.inc(1);
-            f
-        })
-        .collect::<Result<_>>()?;
-    progress.finish();
+    let feats = photo_features(model, set, "re-ranking: photo features", progress)?;
     let mut out = Reranked {
         t2i: scores.to_vec(),
         i2t: scores.to_vec(),
