@@ -455,14 +455,11 @@ fn stage1_itg_loss_and_gradients_equal_lavis() {
     }
 }
 
-/// `clasp eval retrieval --rerank itm:K`: with K at least the photos and the
-/// captions, both directions are ordered by the ITM head alone, so its
-/// recall@1 follows from transformers' ITM logits of the same pairs (the
-/// fixture's two photos and three captions, given here as a pair set).
-#[test]
-fn eval_retrieval_reranked_recall_follows_transformers_itm() {
-    let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("blip2");
+/// The fixture's two photos and three captions as a pair set beside a
+/// small BLIP-2 folder: (folder, pairs.tsv, transformers' outputs), caption
+/// j belonging to photo OWNER[j].
+fn small_pairs(d: &Path) -> (PathBuf, PathBuf, std::collections::HashMap<String, Tensor>) {
+    let model = d.join("blip2");
     std::fs::create_dir(&model).unwrap();
     small_folder(&model);
     let src = fixtures().parent().unwrap().join("small");
@@ -471,16 +468,44 @@ fn eval_retrieval_reranked_recall_follows_transformers_itm() {
     let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
     let flickr = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/flickr8k/images");
     for p in &photos {
-        std::fs::copy(flickr.join(p), d.path().join(p)).unwrap();
+        std::fs::copy(flickr.join(p), d.join(p)).unwrap();
     }
-    // Caption j belongs to photo owner[j].
-    let owner = [0usize, 1, 0];
     let mut tsv = String::from("image\tcaption\n");
     for (j, t) in texts.iter().enumerate() {
-        tsv.push_str(&format!("{}\t{t}\n", photos[owner[j]]));
+        tsv.push_str(&format!("{}\t{t}\n", photos[OWNER[j]]));
     }
-    let pairs = d.path().join("pairs.tsv");
+    let pairs = d.join("pairs.tsv");
     std::fs::write(&pairs, tsv).unwrap();
+    (model, pairs, exp)
+}
+
+const OWNER: [usize; 3] = [0, 1, 0];
+
+/// R@1 of both directions when photo i and caption j score `s(i, j)`:
+/// (text→image, image→text).
+fn recall_at_1(s: impl Fn(usize, usize) -> f64) -> (f64, f64) {
+    let t2i = (0..3)
+        .filter(|&j| s(OWNER[j], j) > s(1 - OWNER[j], j))
+        .count() as f64
+        / 3.0;
+    let i2t = (0..2)
+        .filter(|&i| {
+            let best = (0..3).max_by(|&a, &b| s(i, a).total_cmp(&s(i, b))).unwrap();
+            OWNER[best] == i
+        })
+        .count() as f64
+        / 2.0;
+    (t2i, i2t)
+}
+
+/// `clasp eval retrieval --rerank itm:K`: with K at least the photos and the
+/// captions, both directions are ordered by the ITM head alone, so its
+/// recall@1 follows from transformers' ITM logits of the same pairs (the
+/// fixture's two photos and three captions, given here as a pair set).
+#[test]
+fn eval_retrieval_reranked_recall_follows_transformers_itm() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, pairs, exp) = small_pairs(d.path());
     let out = common::ok(&common::clasp(&[
         "eval",
         "retrieval",
@@ -496,23 +521,10 @@ fn eval_retrieval_reranked_recall_follows_transformers_itm() {
         model.to_str().unwrap(),
     ]));
     let itm: Vec<Vec<Vec<f32>>> = exp["itm"].to_vec3().unwrap(); // [photo][caption][2]
-    let p = |i: usize, j: usize| {
+    let (t2i, i2t) = recall_at_1(|i, j| {
         let l = &itm[i][j];
         1.0 / (1.0 + ((l[0] - l[1]) as f64).exp())
-    };
-    // text→image: the caption's own photo has the higher match probability.
-    let t2i = (0..3)
-        .filter(|&j| p(owner[j], j) > p(1 - owner[j], j))
-        .count() as f64
-        / 3.0;
-    // image→text: the photo's best caption is one of its own.
-    let i2t = (0..2)
-        .filter(|&i| {
-            let best = (0..3).max_by(|&a, &b| p(i, a).total_cmp(&p(i, b))).unwrap();
-            owner[best] == i
-        })
-        .count() as f64
-        / 2.0;
+    });
     let r = &out["reranked"];
     assert_eq!(r["pairs_scored"], 3 * 2 + 2 * 3, "{r}");
     let got = |k: &str| r[k].as_f64().unwrap();
@@ -527,5 +539,65 @@ fn eval_retrieval_reranked_recall_follows_transformers_itm() {
     assert!(
         out["image_retrieval_recall@1"].is_number(),
         "the first stage stays"
+    );
+    // A dual encoder cannot re-rank by itself.
+    let o = common::clasp(&[
+        "eval",
+        "retrieval",
+        "-m",
+        &common::tiny(),
+        "-d",
+        &format!("pairs:{}", pairs.display()),
+        "--rerank",
+        "itm",
+    ]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("fusion head"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `clasp eval retrieval -m BLIP2_FOLDER`: BLIP-2's own first stage, ITC
+/// (the best query's cosine), ranks as transformers' ITC scores of the same
+/// pairs; with `--rerank itm:3` the folder re-ranks its own candidates as
+/// its ITM head scores them.
+#[test]
+fn eval_retrieval_of_a_blip2_folder_ranks_by_transformers_itc() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, pairs, exp) = small_pairs(d.path());
+    let out = common::ok(&common::clasp(&[
+        "eval",
+        "retrieval",
+        "-m",
+        model.to_str().unwrap(),
+        "-d",
+        &format!("pairs:{}", pairs.display()),
+        "--json",
+        "--rerank",
+        "itm:3",
+    ]));
+    let itc: Vec<Vec<f32>> = exp["itc"].to_vec2().unwrap(); // [photo][caption]
+    let (t2i, i2t) = recall_at_1(|i, j| itc[i][j] as f64);
+    let got = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    assert_eq!(out["first_stage"], "itc", "{out}");
+    assert!(
+        (got(&out, "image_retrieval_recall@1") - t2i).abs() < 1e-9,
+        "{out}"
+    );
+    assert!(
+        (got(&out, "text_retrieval_recall@1") - i2t).abs() < 1e-9,
+        "{out}"
+    );
+    let itm: Vec<Vec<Vec<f32>>> = exp["itm"].to_vec3().unwrap();
+    let (t2i, i2t) = recall_at_1(|i, j| (itm[i][j][1] - itm[i][j][0]) as f64);
+    let r = &out["reranked"];
+    assert!(
+        (got(r, "image_retrieval_recall@1") - t2i).abs() < 1e-9,
+        "{r}"
+    );
+    assert!(
+        (got(r, "text_retrieval_recall@1") - i2t).abs() < 1e-9,
+        "{r}"
     );
 }

@@ -51,7 +51,10 @@ pub(super) fn blip2_retrieval(a: RetrievalArgs) -> Result<ExitCode> {
             ("text→image", &m.image_retrieval_recall),
             ("image→text", &m.text_retrieval_recall),
         ] {
-            let cells: Vec<String> = rec.iter().map(|(k, v)| format!("R@{k} {}", pct(*v))).collect();
+            let cells: Vec<String> = rec
+                .iter()
+                .map(|(k, v)| format!("R@{k} {}", pct(*v)))
+                .collect();
             println!("{label:<12} {}", cells.join("  "));
         }
         println!("mean recall {}", pct(m.mean_recall));
