@@ -217,6 +217,8 @@ fn qformer_stage1_trains_saves_a_reranker_and_resumes_exactly() {
         "a resumed run ends as an uninterrupted one"
     );
 
+    stage2_from(&ckpt, &data, d.path());
+
     // Refused by name.
     let mut c = qformer_cmd(&data, &bert, &d.path().join("x1"), "2");
     c.arg("--lock-image");
@@ -232,4 +234,95 @@ fn qformer_stage1_trains_saves_a_reranker_and_resumes_exactly() {
     let mut c = qformer_cmd(&data, &bert, &d.path().join("x3"), "2");
     c.args(["--objective", "itc,lm"]);
     fails_with(c, "`lm`");
+}
+
+/// BLIP-2's stage 2 from the stage-1 folder `ckpt`: the VLM's tower is the
+/// folder's CNN and its connector the folder's Q-Former (its sizes, BLIP-2's
+/// cross-attention every other layer, the queries' own feed-forward; the
+/// text feed-forward left behind) with a fresh projection to SmolLM2; a
+/// `clasp train --llm --vision FOLDER` step trains it and saves a VLM that
+/// loads. Another connector with the folder is refused by name.
+fn stage2_from(ckpt: &Path, data: &Path, tmp: &Path) {
+    use clasp::vlm::{ConnectorKind, Vlm};
+    let smol = common::smollm2();
+    let vlm = Vlm::assemble(
+        ckpt,
+        &smol,
+        ConnectorKind::qformer(16, 2, 2),
+        -2,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ConnectorKind::QFormer {
+        queries,
+        layers,
+        head_dim,
+        cross_every,
+        intermediate,
+        ..
+    } = vlm.connector.kind()
+    else {
+        panic!("a Q-Former connector")
+    };
+    assert_eq!(
+        (queries, layers, head_dim, cross_every, intermediate),
+        (4, 2, 8, 2, Some(37)),
+        "the folder's sizes, not the flags'"
+    );
+    assert_eq!(vlm.image_tokens(), 4);
+    let saved =
+        candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (k, v) in vlm.connector.vars() {
+        match saved.get(k) {
+            Some(t) => assert_eq!(max_abs(v.as_tensor(), t), 0.0, "{k}"),
+            None => assert!(k.starts_with("language_projection."), "{k} is new"),
+        }
+    }
+    assert!(
+        !vlm.connector
+            .vars()
+            .iter()
+            .any(|(k, _)| k.contains(".intermediate.dense")),
+        "the text feed-forward stays behind"
+    );
+
+    let out = tmp.join("stage2");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    c.args(["train", "--llm"])
+        .arg(&smol)
+        .arg("--vision")
+        .arg(ckpt)
+        .args([
+            "--connector",
+            "qformer",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+        ])
+        .args(["--max-answer-tokens", "8", "--save-every", "0"])
+        .arg("--dataset")
+        .arg(format!("flickr8k:{}", data.display()))
+        .arg("--output")
+        .arg(&out);
+    run_ok(c);
+    let trained = Vlm::load(&out.join("checkpoint"), &Device::Cpu).unwrap();
+    assert_eq!(trained.connector.kind(), vlm.connector.kind());
+    assert_eq!(
+        trained.vision_cnn().map(|c| c.name()).as_deref(),
+        Some("MobileNetV2")
+    );
+
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    c.args(["train", "--llm"])
+        .arg(&smol)
+        .arg("--vision")
+        .arg(ckpt)
+        .args(["--connector", "mlp2x_gelu", "--steps", "1"])
+        .arg("--dataset")
+        .arg(format!("flickr8k:{}", data.display()))
+        .arg("--output")
+        .arg(tmp.join("stage2-mlp"));
+    fails_with(c, "--connector qformer");
 }

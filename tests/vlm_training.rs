@@ -131,11 +131,7 @@ fn the_resampler_round_trips_and_its_queries_get_a_gradient() {
 /// every layer learn through the frozen language model.
 #[test]
 fn the_qformer_connector_round_trips_and_its_queries_get_a_gradient() {
-    let kind = ConnectorKind::QFormer {
-        queries: 4,
-        layers: 1,
-        heads: 2,
-    };
+    let kind = ConnectorKind::qformer(4, 1, 2);
     round_trip_and_gradient(kind, "qformer", "query_tokens");
 }
 

@@ -65,11 +65,7 @@ impl AssembleArgs {
                 layers: self.layers,
                 heads: self.heads,
             },
-            ConnectorArg::Qformer => ConnectorKind::QFormer {
-                queries: self.queries,
-                layers: self.layers,
-                heads: self.heads,
-            },
+            ConnectorArg::Qformer => ConnectorKind::qformer(self.queries, self.layers, self.heads),
         }
     }
 }

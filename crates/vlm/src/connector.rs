@@ -46,29 +46,75 @@ pub enum ConnectorKind {
     QFormer {
         /// Learned query tokens: the image tokens the LLM sees.
         queries: usize,
-        /// BERT layers, each with cross-attention to the patches.
+        /// BERT layers.
         layers: usize,
-        /// Attention heads of 64 channels: the Q-Former is 64·heads wide.
+        /// Attention heads of `head_dim` channels: the Q-Former is
+        /// head_dim·heads wide (feed-forward 4× that).
         heads: usize,
+        /// Channels per head (64, BERT-base's, unless a pretrained
+        /// Q-Former says otherwise: MiniLM's is 32).
+        #[serde(default = "d_head_dim")]
+        head_dim: usize,
+        /// Every this many layers has cross-attention to the patches (1:
+        /// all; BLIP-2's is 2).
+        #[serde(default = "d_one")]
+        cross_every: usize,
+        /// The feed-forward's width when not 4× the Q-Former's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        intermediate: Option<usize>,
     },
 }
 
 /// The Q-Former's channels per attention head (BERT-base's).
 pub const QFORMER_HEAD_DIM: usize = 64;
 
-/// The `Blip2QFormerConfig` of a `qformer` connector on `vision`-wide patches.
-pub fn qformer_config(layers: usize, heads: usize, vision: usize) -> QFormerConfig {
-    let h = QFORMER_HEAD_DIM * heads;
+fn d_head_dim() -> usize {
+    QFORMER_HEAD_DIM
+}
+fn d_one() -> usize {
+    1
+}
+
+/// The `Blip2QFormerConfig` of a `qformer` connector (`kind` is one) on
+/// `vision`-wide patches.
+pub fn qformer_config(kind: ConnectorKind, vision: usize) -> QFormerConfig {
+    let ConnectorKind::QFormer {
+        layers,
+        heads,
+        head_dim,
+        cross_every,
+        intermediate,
+        ..
+    } = kind
+    else {
+        unreachable!("a Q-Former connector's config")
+    };
+    let h = head_dim * heads;
     serde_json::from_value(serde_json::json!({
         "hidden_size": h,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "intermediate_size": 4 * h,
-        "cross_attention_frequency": 1,
+        "intermediate_size": intermediate.unwrap_or(4 * h),
+        "cross_attention_frequency": cross_every,
         "encoder_hidden_size": vision,
         "use_qformer_text_input": false,
     }))
     .expect("a valid Q-Former config")
+}
+
+impl ConnectorKind {
+    /// A Q-Former connector of BERT-base's heads (64 channels), with
+    /// cross-attention in every layer.
+    pub fn qformer(queries: usize, layers: usize, heads: usize) -> Self {
+        Self::QFormer {
+            queries,
+            layers,
+            heads,
+            head_dim: QFORMER_HEAD_DIM,
+            cross_every: 1,
+            intermediate: None,
+        }
+    }
 }
 
 impl ConnectorKind {
@@ -127,12 +173,8 @@ fn shapes(kind: ConnectorKind, v: usize, t: usize) -> Vec<(String, Vec<usize>)> 
             out.push((format!("{r}.proj.weight"), vec![t, v]));
             out.push((format!("{r}.proj.bias"), vec![t]));
         }
-        ConnectorKind::QFormer {
-            queries,
-            layers,
-            heads,
-        } => {
-            let cfg = qformer_config(layers, heads, v);
+        ConnectorKind::QFormer { queries, .. } => {
+            let cfg = qformer_config(kind, v);
             let h = cfg.hidden_size;
             out.push(("query_tokens".into(), vec![1, queries, h]));
             for (k, s) in cfg.param_shapes() {
@@ -316,10 +358,10 @@ impl Connector {
                 let x = self.layer_norm(&x, "resampler.norm_out")?;
                 self.linear(&x, "resampler.proj")
             }
-            ConnectorKind::QFormer { layers, heads, .. } => {
+            ConnectorKind::QFormer { .. } => {
                 // The layers read the variables' own tensors, so gradients
                 // reach them.
-                let cfg = qformer_config(layers, heads, self.vision_dim);
+                let cfg = qformer_config(self.kind, self.vision_dim);
                 let tensors: HashMap<String, Tensor> = self
                     .vars
                     .iter()

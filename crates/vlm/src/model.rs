@@ -107,6 +107,16 @@ impl Vlm {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
+        if clasp_core::model::blip2::is_blip2_dir(vision_checkpoint) {
+            return Self::from_stage1(
+                vision_checkpoint,
+                llm_path,
+                connector,
+                vision_feature_layer,
+                seed,
+                device,
+            );
+        }
         let (vision_cfg, cnn, vision_tensors, processor) = if vision_checkpoint.is_file() {
             pretrained_cnn(vision_checkpoint, device)?
         } else {
@@ -159,6 +169,48 @@ impl Vlm {
             lm.model,
             tokenizer,
             processor,
+        )
+    }
+
+    /// BLIP-2's stage 2 from a stage-1 folder (see [`super::stage1`]): its
+    /// CNN as the tower, its Q-Former as the connector (`connector` must ask
+    /// for one; the folder gives its sizes), a fresh projection.
+    fn from_stage1(
+        dir: &Path,
+        llm_path: &Path,
+        connector: ConnectorKind,
+        vision_feature_layer: i64,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        if !matches!(connector, ConnectorKind::QFormer { .. }) {
+            return Err(Error::Report(format!(
+                "{} is a Q-Former (BLIP-2 stage 1) folder: its Q-Former is the connector \
+                 (--connector qformer)",
+                dir.display()
+            )));
+        }
+        let lm = LanguageModel::load(llm_path, llm::Precision::F32, device)?;
+        let mut tokenizer = lm.tokenizer;
+        let image_token = "<image>".to_string();
+        let image_token_index = tokenizer.add_special_token(&image_token);
+        let parts = super::stage1::read(dir, lm.model.config().hidden_size, seed, device)?;
+        let cfg = VlmConfig {
+            vision_feature_layer,
+            select: FeatureSelect::Default,
+            connector: parts.connector.kind(),
+            image_token,
+            image_token_index,
+        };
+        Self::from_parts(
+            cfg,
+            parts.vision_cfg,
+            Some(parts.cnn),
+            parts.tower,
+            parts.connector,
+            lm.model,
+            tokenizer,
+            parts.processor,
         )
     }
 

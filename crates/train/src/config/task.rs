@@ -180,11 +180,11 @@ impl super::TrainConfig {
                 layers: self.resampler_layers,
                 heads: self.resampler_heads,
             },
-            super::Connector::QFormer => clasp_vlm::ConnectorKind::QFormer {
-                queries: self.queries,
-                layers: self.resampler_layers,
-                heads: self.resampler_heads,
-            },
+            super::Connector::QFormer => clasp_vlm::ConnectorKind::qformer(
+                self.queries,
+                self.resampler_layers,
+                self.resampler_heads,
+            ),
         })
     }
 
