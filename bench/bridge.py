@@ -7,8 +7,9 @@ loss.
     cargo build --release && python3 bench/bridge.py [--seeds 0,1,2] [--limit N] [--rows ROWS]
         [--steps-mlp N] [--steps-resampler N] [--steps-stage2 N] [--steps-prealign N]
 
-ROWS (comma-separated, default all): mlp, resampler16, resampler64, qformer32, stage12, exp_lm,
-exp_infonce, exp_bcif, exp_bcif_geo. A row's source row is run first when needed:
+ROWS (comma-separated, default all): mlp, resampler16, resampler64, qformer32, qformer_blip2,
+stage12, exp_lm, exp_infonce, exp_bcif, exp_bcif_geo (qformer_blip2: the MobileNetV2 tower only,
+starting from bench/rerank.py's stage-1 Q-Former of the same seed). A row's source row is run first when needed:
 - mlp, resampler16, resampler64, qformer32: stage 1 (the connector only) from the LLM and the
   tower (qformer32: BLIP-2's Q-Former, 32 queries, 2 BERT layers of 256);
 - stage12: stage 2 (connector + LoRA, LM loss) from resampler16's checkpoint;
@@ -96,6 +97,10 @@ ROWS = {
                     ["--connector", "resampler", "--queries", "64"]),
     "qformer32": ("stage 1, Q-Former N = 32 (BLIP-2's, 2 layers, 256 wide)", None, "resampler",
                   ["--connector", "qformer", "--queries", "32"]),
+    # The Q-Former that `clasp train --task qformer` pretrained on the same tower (BLIP-2's
+    # stage 1, bench/rerank.py: 32 queries, MiniLM-wide), its folder as --vision.
+    "qformer_blip2": ("stage 1, BLIP-2's Q-Former pretrained here (ITC+ITM+ITG, N = 32)", None,
+                      "resampler", ["--connector", "qformer"]),
     "stage12": ("stage 1 + 2 (resampler N = 16, then LoRA r 8, LM loss)", "resampler16",
                 "stage2", ["--stage", "2"]),
     "prealign": ("contrastive pre-alignment (resampler N = 16, InfoNCE only)", None, "prealign",
@@ -110,7 +115,7 @@ ROWS = {
                      "stage2", ["--stage", "2", "--objective", "lm,infonce:1,geometric:0.5",
                                 "--schedule", "bcif"] + PROBE),
 }
-ORDER = ["mlp", "resampler16", "resampler64", "qformer32", "stage12", "exp_lm", "exp_infonce",
+ORDER = ["mlp", "resampler16", "resampler64", "qformer32", "qformer_blip2", "stage12", "exp_lm", "exp_infonce",
          "exp_bcif", "exp_bcif_geo"]
 
 
@@ -127,7 +132,13 @@ def train(key, seed, steps, vision, a):
     if os.path.isfile(state):
         sh(CLASP, "train", "--resume", out)
         return out
-    if source is None:
+    if key == "qformer_blip2":
+        folder = os.path.join(ROOT, f"bench/.work/qformer/stage1_s{seed}/checkpoint")
+        if TOWER != "mobilenet_v2" or not os.path.isdir(folder):
+            sys.exit(f"qformer_blip2 needs --tower mobilenet_v2 and {folder}: run "
+                     f"`python3 bench/rerank.py --seeds {seed}` first (it trains stage 1)")
+        start = ["--llm", gguf(), "--vision", folder]
+    elif source is None:
         start = ["--llm", gguf(), "--vision", vision]
     else:
         start = ["--init", os.path.join(train(source, seed, steps, vision, a), "checkpoint")]
@@ -356,6 +367,8 @@ def main():
     table = []
     first = None
     for key in a.rows.split(","):
+        if key == "qformer_blip2" and TOWER != "mobilenet_v2":
+            continue  # its Q-Former was pretrained on MobileNetV2
         runs = []
         for s in seeds:
             name = f"{PREFIX}{key}_{steps[key]}_s{s}"
