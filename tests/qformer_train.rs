@@ -219,6 +219,29 @@ fn qformer_stage1_trains_saves_a_reranker_and_resumes_exactly() {
 
     stage2_from(&ckpt, &data, d.path());
 
+    // A folder whose tower is wider than its Q-Former reads is refused by
+    // name (a ResNet-50's 2048 channels under queries that read 1280).
+    let wrong = d.path().join("wrong-tower");
+    std::fs::create_dir(&wrong).unwrap();
+    for f in std::fs::read_dir(&ckpt).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, wrong.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(wrong.join("config.json")).unwrap()).unwrap();
+    cfg["vision_config"] = serde_json::json!({
+        "model_type": "resnet", "hidden_sizes": [256, 512, 1024, 2048], "depths": [3, 4, 6, 3]
+    });
+    std::fs::write(wrong.join("config.json"), cfg.to_string()).unwrap();
+    let err = clasp::model::blip2::Blip2Retrieval::load(&wrong, &Device::Cpu)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("does not fit its tower") && err.contains("2048"),
+        "{err}"
+    );
+
     // Refused by name.
     let mut c = qformer_cmd(&data, &bert, &d.path().join("x1"), "2");
     c.arg("--lock-image");

@@ -338,6 +338,19 @@ impl Blip2Retrieval {
         // SAFETY: the file is mapped read-only and not modified while the
         // model lives; candle checks every tensor's bounds against the map.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device)? };
+        // The queries' cross-attention must read the tower's width.
+        let key = "qformer.encoder.layer.0.crossattention.attention.key.weight";
+        if vb.contains_tensor(key) {
+            let reads = vb.get_unchecked(key)?.dim(1)?;
+            let gives = cfg.qformer_config.encoder_hidden_size;
+            if reads != gives {
+                return Err(Error::Shape(format!(
+                    "{}: the Q-Former's queries read {reads}-wide image tokens ({key}), but its \
+                     vision tower gives {gives}: the checkpoint's Q-Former does not fit its tower",
+                    weights.display()
+                )));
+            }
+        }
         let vision = Blip2Tower::load(vb.pp("vision_model"), &cfg)?;
         let heads = QFormerHeads::load(
             vb.clone(),
