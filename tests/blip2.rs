@@ -600,4 +600,16 @@ fn eval_retrieval_of_a_blip2_folder_ranks_by_transformers_itc() {
         (got(r, "text_retrieval_recall@1") - i2t).abs() < 1e-9,
         "{r}"
     );
+    // The same passes ordered by ALBEF's sum: the match logit plus the ITC score.
+    let (t2i, i2t) = recall_at_1(|i, j| itm[i][j][1] as f64 + itc[i][j] as f64);
+    let o = &r["other_score"];
+    assert_eq!(o["score"], "itm+sim", "{o}");
+    assert!(
+        (got(o, "image_retrieval_recall@1") - t2i).abs() < 1e-9,
+        "{o}"
+    );
+    assert!(
+        (got(o, "text_retrieval_recall@1") - i2t).abs() < 1e-9,
+        "{o}"
+    );
 }

@@ -375,6 +375,27 @@ fn rerank_with(
         o.insert(format!("{dir}_r1_fixed"), json!(fixed));
         o.insert(format!("{dir}_r1_broken"), json!(broken));
     }
+    // The other score's order, from the same ITM passes.
+    let (t2i_o, _) = eval::metrics::retrieval_ranks(&re.other_t2i, n, &set.caption_image);
+    let (_, i2t_o) = eval::metrics::retrieval_ranks(&re.other_i2t, n, &set.caption_image);
+    let mo = eval::RetrievalMetrics::from_ranks(&t2i_o, &i2t_o, &RECALL_KS);
+    let mut other = Map::new();
+    other.insert(
+        "score".into(),
+        json!(match re.other {
+            clasp::model::blip2::RerankScore::Itm => "itm",
+            clasp::model::blip2::RerankScore::ItmPlusSim => "itm+sim",
+        }),
+    );
+    for (k, v) in mo.to_pairs() {
+        other.insert(k, json!(v));
+    }
+    for (dir, before, after) in [("t2i", &t2i_0, &t2i_o), ("i2t", &i2t_0, &i2t_o)] {
+        let (fixed, broken) = eval::rerank::r1_changes(before, after);
+        other.insert(format!("{dir}_r1_fixed"), json!(fixed));
+        other.insert(format!("{dir}_r1_broken"), json!(broken));
+    }
+    o.insert("other_score".into(), Value::Object(other));
     o.insert("candidates".into(), json!(how.candidates));
     o.insert("pairs_scored".into(), json!(re.pairs_scored));
     o.insert("seconds".into(), json!(secs));

@@ -5,7 +5,7 @@
 //! as without re-ranking.
 
 use candle_core::Tensor;
-use clasp_core::model::blip2::{Blip2Retrieval, Rerank};
+use clasp_core::model::blip2::{Blip2Retrieval, Rerank, RerankScore};
 
 use crate::data::PairSet;
 use crate::progress::Progress;
@@ -29,6 +29,11 @@ fn place(out: &mut [f32], mut keyed: Vec<(usize, f64)>, at: impl Fn(usize) -> us
 pub struct Reranked {
     pub t2i: Vec<f32>,
     pub i2t: Vec<f32>,
+    /// The same candidates ordered by the other score (`itm` for
+    /// `itm+sim` and back), from the same ITM passes.
+    pub other: RerankScore,
+    pub other_t2i: Vec<f32>,
+    pub other_i2t: Vec<f32>,
     /// ITM passes made.
     pub pairs_scored: usize,
 }
@@ -117,10 +122,23 @@ pub fn rerank(
     }
     let (k_images, k_texts) = (how.candidates.min(n_images), how.candidates.min(n_texts));
     let feats = photo_features(model, set, "re-ranking: photo features", progress)?;
+    let other = match how.score {
+        RerankScore::Itm => RerankScore::ItmPlusSim,
+        RerankScore::ItmPlusSim => RerankScore::Itm,
+    };
     let mut out = Reranked {
         t2i: scores.to_vec(),
         i2t: scores.to_vec(),
+        other,
+        other_t2i: scores.to_vec(),
+        other_i2t: scores.to_vec(),
         pairs_scored: 0,
+    };
+    let keyed = |top: &[(usize, f32)], logits: &[[f32; 2]], s: RerankScore| -> Vec<(usize, f64)> {
+        top.iter()
+            .zip(logits)
+            .map(|((c, sim), l)| (*c, s.score(*l, *sim as f64).1))
+            .collect()
     };
     progress.start("re-ranking: captions", n_texts as u64);
     for t in 0..n_texts {
@@ -128,12 +146,12 @@ pub fn rerank(
         let top = top_k(row.iter().copied(), k_images);
         let images: Vec<Tensor> = top.iter().map(|(i, _)| feats[*i].clone()).collect();
         let logits = model.itm_logits_features(&Tensor::cat(&images, 0)?, &set.captions[t])?;
-        let keyed = top
-            .into_iter()
-            .zip(logits)
-            .map(|((i, sim), l)| (i, how.score.score(l, sim as f64).1))
-            .collect();
-        place(&mut out.t2i, keyed, |i| t * n_images + i);
+        place(&mut out.t2i, keyed(&top, &logits, how.score), |i| {
+            t * n_images + i
+        });
+        place(&mut out.other_t2i, keyed(&top, &logits, other), |i| {
+            t * n_images + i
+        });
         out.pairs_scored += k_images;
         progress.inc(1);
     }
@@ -143,13 +161,18 @@ pub fn rerank(
         let col = (0..n_texts).map(|t| scores[t * n_images + i]);
         let top = top_k(col, k_texts);
         let texts: Vec<String> = top.iter().map(|(t, _)| set.captions[*t].clone()).collect();
-        let logits = model.itm_logits(f, &texts)?.to_vec2::<f32>()?;
-        let keyed = top
+        let logits: Vec<[f32; 2]> = model
+            .itm_logits(f, &texts)?
+            .to_vec2::<f32>()?
             .into_iter()
-            .zip(logits)
-            .map(|((t, sim), l)| (t, how.score.score([l[0], l[1]], sim as f64).1))
+            .map(|l| [l[0], l[1]])
             .collect();
-        place(&mut out.i2t, keyed, |t| t * n_images + i);
+        place(&mut out.i2t, keyed(&top, &logits, how.score), |t| {
+            t * n_images + i
+        });
+        place(&mut out.other_i2t, keyed(&top, &logits, other), |t| {
+            t * n_images + i
+        });
         out.pairs_scored += k_texts;
         progress.inc(1);
     }
