@@ -20,7 +20,7 @@
 //!   candidate counts, a Gaussian length penalty (sigma 6), times 10. Like the
 //!   reference, its "length" is the number of bigrams.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
@@ -240,10 +240,13 @@ pub struct ImageScores {
     pub cider_d: f64,
 }
 
-type Counts<'a> = HashMap<&'a [&'a str], f64>;
+/// N-gram counts, ordered: every sum over them runs in one order, so a
+/// score is the same bits in every process (a `HashMap`'s order is drawn
+/// per process).
+type Counts<'a> = BTreeMap<&'a [&'a str], f64>;
 
 fn ngrams<'a>(words: &'a [&'a str], n: usize) -> Counts<'a> {
-    let mut c = HashMap::new();
+    let mut c = BTreeMap::new();
     for k in 1..=n {
         for w in words.windows(k) {
             *c.entry(w).or_insert(0.0) += 1.0;
@@ -296,7 +299,7 @@ fn bleu(cands: &[Vec<&str>], refs: &[Vec<Vec<&str>>]) -> ([f64; 4], Vec<[f64; 4]
     let (mut testlen_all, mut reflen_all) = (0f64, 0f64);
     let mut per = Vec::with_capacity(cands.len());
     for (c, rs) in cands.iter().zip(refs) {
-        let mut maxcounts: Counts = HashMap::new();
+        let mut maxcounts: Counts = BTreeMap::new();
         for r in rs {
             for (g, k) in ngrams(r, 4) {
                 let e = maxcounts.entry(g).or_insert(0.0);
@@ -432,10 +435,10 @@ fn cider_d(cands: &[Vec<&str>], refs: &[Vec<Vec<&str>>]) -> Vec<f64> {
 
 /// A caption's tf-idf vectors per n-gram order, their norms, and the
 /// "length" pycocoevalcap uses (its count of bigrams).
-type TfIdf<'a> = ([HashMap<&'a [&'a str], f64>; 4], [f64; 4], f64);
+type TfIdf<'a> = ([Counts<'a>; 4], [f64; 4], f64);
 
 fn tfidf<'a>(words: &'a [&'a str], df: &HashMap<&[&str], f64>, ref_len: f64) -> TfIdf<'a> {
-    let mut vec: [HashMap<&[&str], f64>; 4] = Default::default();
+    let mut vec: [Counts; 4] = Default::default();
     let mut norm = [0f64; 4];
     let mut length = 0.0;
     for (g, tf) in ngrams(words, 4) {
