@@ -320,7 +320,7 @@ impl TrainConfig {
         let mut unused: Vec<&str> = given
             .iter()
             .map(String::as_str)
-            .filter(|k| task.other_keys().contains(k))
+            .filter(|k| task.refuses(k))
             .collect();
         if !unused.is_empty() {
             unused.sort_unstable();

@@ -51,8 +51,8 @@ pub struct QFormerTrainer {
     cfg: TrainConfig,
     out: PathBuf,
     dev: Device,
+    /// Its `cnn` is the tower's config (checked to be there).
     blip2: Blip2Config,
-    cnn: CnnConfig,
     /// The tower's tensors, in its own names (saved as `vision_model.*`).
     tower: HashMap<String, Tensor>,
     /// Everything that learns, by its checkpoint name (`temp` included).
@@ -80,13 +80,14 @@ const TOKENIZER_FILES: [&str; 3] = [
 
 /// Writes a Q-Former folder: config, tensors (the tower's under
 /// `vision_model.`), the tower's preprocessing, and the tokenizer files
-/// from `tokenizer_dir`.
+/// `tokenizer` writes into the folder. The folder is filled beside the old
+/// one and swapped in last, so `tokenizer` may read the old one.
 fn write_folder(
     dir: &Path,
     blip2: &serde_json::Value,
     tensors: &HashMap<String, Tensor>,
     proc: &ImageProcessor,
-    tokenizer_dir: &Path,
+    tokenizer: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     write_dir(dir, |tmp| {
         write_json(&tmp.join("config.json"), blip2)?;
@@ -99,14 +100,19 @@ fn write_folder(
             &tmp.join("preprocessor_config.json"),
             &proc.config().to_hf_json(),
         )?;
-        for f in TOKENIZER_FILES {
-            let src = tokenizer_dir.join(f);
-            if src.is_file() {
-                std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
-            }
-        }
-        Ok(())
+        tokenizer(tmp)
     })
+}
+
+/// Copies a Q-Former folder's tokenizer files from `src` into `dst`.
+fn copy_tokenizer(src: &Path, dst: &Path) -> Result<()> {
+    for f in TOKENIZER_FILES {
+        let from = src.join(f);
+        if from.is_file() {
+            std::fs::copy(&from, dst.join(f)).map_err(|e| Error::io(&from, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// The config.json of a Q-Former folder over `cnn`.
@@ -152,33 +158,27 @@ fn materialize_init(cfg: &TrainConfig, out: &Path) -> Result<PathBuf> {
         .map(|(k, v)| (format!("vision_model.{k}"), v))
         .collect();
     all.extend(fresh.tensors);
-    let staging = out.join("init-tokenizer");
-    std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-    fresh
-        .tokenizer
-        .save(staging.join("tokenizer.json"), false)
-        .map_err(|e| Error::Tokenizer {
-            path: staging.join("tokenizer.json"),
-            reason: e.to_string(),
-        })?;
-    write_json(
-        &staging.join("tokenizer_config.json"),
-        &serde_json::json!({
-            "tokenizer_class": "BertTokenizer", "do_lower_case": true, "bos_token": DEC,
-            "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-            "unk_token": "[UNK]", "mask_token": "[MASK]", "model_max_length": 512,
-        }),
-    )?;
     let proc = ImageProcessor::new(cnn.processor());
     let init = out.join("init");
-    write_folder(
-        &init,
-        &blip2_json(&cnn, &fresh.config, cfg.queries),
-        &all,
-        &proc,
-        &staging,
-    )?;
-    std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    let blip2 = blip2_json(&cnn, &fresh.config, cfg.queries);
+    write_folder(&init, &blip2, &all, &proc, |dir| {
+        let tj = dir.join("tokenizer.json");
+        fresh
+            .tokenizer
+            .save(&tj, false)
+            .map_err(|e| Error::Tokenizer {
+                path: tj.clone(),
+                reason: e.to_string(),
+            })?;
+        write_json(
+            &dir.join("tokenizer_config.json"),
+            &serde_json::json!({
+                "tokenizer_class": "BertTokenizer", "do_lower_case": true, "bos_token": DEC,
+                "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                "unk_token": "[UNK]", "mask_token": "[MASK]", "model_max_length": 512,
+            }),
+        )
+    })?;
     Ok(init)
 }
 
@@ -280,7 +280,6 @@ impl QFormerTrainer {
             out,
             dev,
             blip2,
-            cnn,
             tower,
             vars,
             opt,
@@ -314,6 +313,10 @@ impl QFormerTrainer {
             self.blip2.num_query_tokens,
             self.blip2.image_text_hidden_size,
         )
+    }
+
+    fn cnn(&self) -> &CnnConfig {
+        self.blip2.cnn.as_ref().expect("built with a CNN tower")
     }
 
     fn temp(&self) -> &Var {
@@ -431,29 +434,19 @@ impl QFormerTrainer {
     }
 
     fn save_at(&self, order: &Order) -> Result<()> {
-        let ckpt = checkpoint_dir(&self.out);
-        // Resumed from the checkpoint itself: its tokenizer files are read
-        // before the folder is replaced.
-        let staging = self.out.join("tokenizer-staging");
-        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-        for f in TOKENIZER_FILES {
-            let src = self.tokenizer_dir.join(f);
-            if src.is_file() {
-                std::fs::copy(&src, staging.join(f)).map_err(|e| Error::io(&src, e))?;
-            }
-        }
+        // A run resumed from its checkpoint reads the tokenizer files from the
+        // folder being replaced: `write_folder` swaps it in only at the end.
         write_folder(
-            &ckpt,
+            &checkpoint_dir(&self.out),
             &blip2_json(
-                &self.cnn,
+                self.cnn(),
                 &self.blip2.qformer_config,
                 self.blip2.num_query_tokens,
             ),
             &self.checkpoint_tensors(),
             &self.proc,
-            &staging,
+            |dir| copy_tokenizer(&self.tokenizer_dir, dir),
         )?;
-        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
         let st = State {
             step: self.step,
             order: order.clone(),

@@ -70,12 +70,18 @@ impl Task {
         }
     }
 
-    /// The keys that belong to the other task, refused in this one.
-    pub fn other_keys(self) -> &'static [&'static str] {
+    /// Whether a run of this task refuses `key`: one that belongs to
+    /// another task only.
+    pub fn refuses(self, key: &str) -> bool {
         match self {
-            Task::DualEncoder => VISION_LANGUAGE_KEYS,
-            Task::VisionLanguage => DUAL_ENCODER_KEYS,
-            Task::Qformer => QFORMER_REFUSED_KEYS,
+            Task::DualEncoder => VISION_LANGUAGE_KEYS.contains(&key),
+            Task::VisionLanguage => DUAL_ENCODER_KEYS.contains(&key),
+            Task::Qformer => {
+                (DUAL_ENCODER_KEYS.contains(&key)
+                    || VISION_LANGUAGE_KEYS.contains(&key)
+                    || QFORMER_ALSO_REFUSED.contains(&key))
+                    && !QFORMER_READS.contains(&key)
+            }
         }
     }
 
@@ -97,45 +103,10 @@ impl Task {
     }
 }
 
-/// Keys a Q-Former run does not read: every task-specific key but
-/// `text_init` and `queries`, and the language model's.
-pub(super) const QFORMER_REFUSED_KEYS: &[&str] = &[
-    "preset",
-    "tokenizer",
-    "image_init",
-    "text_lr",
-    "text_pooling",
-    "grad_clip_vision",
-    "grad_clip_text",
-    "conflict_group",
-    "accum_freq",
-    "crop_scale",
-    "color_jitter",
-    "color_jitter_prob",
-    "precision",
-    "lock_image",
-    "lock_text",
-    "negatives",
-    "negatives_share",
-    "fisher_batches",
-    "ewc_anchor",
-    "teacher",
-    "llm",
-    "connector",
-    "resampler_layers",
-    "resampler_heads",
-    "vision_feature_layer",
-    "stage",
-    "lora_rank",
-    "lora_alpha",
-    "lora_targets",
-    "grad_clip_adapter",
-    "contrastive_dim",
-    "max_answer_tokens",
-    "packed_llm",
-    "eval_limit",
-    "schedule",
-];
+/// Of the other tasks' keys, the ones a Q-Former run reads.
+const QFORMER_READS: &[&str] = &["text_init", "queries"];
+/// Keys no task list holds that a Q-Former run refuses too.
+const QFORMER_ALSO_REFUSED: &[&str] = &["llm", "schedule"];
 
 /// The objectives a Q-Former run can combine (`itc,itm,itg`, each with an
 /// optional `:weight`).
