@@ -256,7 +256,15 @@ fn retrieval(a: RetrievalArgs) -> Result<ExitCode> {
     let reranked = match (&a.rerank, &a.rerank_model) {
         (Some(how), Some(m)) => {
             let fusion = load_fusion(m, &a.common)?;
-            Some(rerank_with(&fusion, &r.data.set, &r.scores, *how, &bar)?)
+            let before = (&r.image_retrieval, &r.text_retrieval);
+            Some(rerank_with(
+                &fusion,
+                &r.data.set,
+                &r.scores,
+                before,
+                *how,
+                &bar,
+            )?)
         }
         _ => None,
     };
@@ -348,38 +356,45 @@ fn load_fusion(model: &Path, common: &Common) -> Result<clasp::model::blip2::Bli
         .with_context(|| format!("--rerank-model {}", model.display()))
 }
 
-/// `scores` (texts × images of `set`) re-ranked by `fusion`: the new
-/// recall, the R@1 hits made and lost, and the time it added.
+/// `scores` (texts × images of `set`, ranked `before`) re-ranked by
+/// `fusion`: the new recall, the R@1 hits made and lost, the same passes
+/// ordered by the other score, and the time it added.
 fn rerank_with(
     fusion: &clasp::model::blip2::Blip2Retrieval,
     set: &data::PairSet,
     scores: &[f32],
+    before: (
+        &eval::metrics::DirectionRanks,
+        &eval::metrics::DirectionRanks,
+    ),
     how: clasp::model::blip2::Rerank,
     bar: &BarProgress,
 ) -> Result<serde_json::Value> {
+    use eval::rerank::Reordered;
     let t0 = Instant::now();
     let re = eval::rerank::rerank(fusion, set, scores, how, bar)?;
     let secs = t0.elapsed().as_secs_f64();
-    let n = scores.len() / set.captions.len().max(1);
-    let (t2i, _) = eval::metrics::retrieval_ranks(&re.t2i, n, &set.caption_image);
-    let (_, i2t) = eval::metrics::retrieval_ranks(&re.i2t, n, &set.caption_image);
-    let m = eval::RetrievalMetrics::from_ranks(&t2i, &i2t, &RECALL_KS);
-    let mut o = Map::new();
-    for (k, v) in m.to_pairs() {
-        o.insert(k, json!(v));
-    }
-    // Query by query: which R@1 hits re-ranking made and which it lost.
-    let (t2i_0, i2t_0) = eval::metrics::retrieval_ranks(scores, n, &set.caption_image);
-    for (dir, before, after) in [("t2i", &t2i_0, &t2i), ("i2t", &i2t_0, &i2t)] {
-        let (fixed, broken) = eval::rerank::r1_changes(before, after);
-        o.insert(format!("{dir}_r1_fixed"), json!(fixed));
-        o.insert(format!("{dir}_r1_broken"), json!(broken));
-    }
+    let order_json = |r: Reordered| {
+        let mut o = Map::new();
+        for (k, v) in r.metrics.to_pairs() {
+            o.insert(k, json!(v));
+        }
+        // Query by query: which R@1 hits re-ranking made and which it lost.
+        for (dir, (fixed, broken)) in ["t2i", "i2t"].into_iter().zip(r.r1_changes) {
+            o.insert(format!("{dir}_r1_fixed"), json!(fixed));
+            o.insert(format!("{dir}_r1_broken"), json!(broken));
+        }
+        o
+    };
+    let mut o = order_json(Reordered::read(&re.t2i, &re.i2t, set, before, &RECALL_KS));
     // The other score's order, from the same ITM passes.
-    let (t2i_o, _) = eval::metrics::retrieval_ranks(&re.other_t2i, n, &set.caption_image);
-    let (_, i2t_o) = eval::metrics::retrieval_ranks(&re.other_i2t, n, &set.caption_image);
-    let mo = eval::RetrievalMetrics::from_ranks(&t2i_o, &i2t_o, &RECALL_KS);
-    let mut other = Map::new();
+    let mut other = order_json(Reordered::read(
+        &re.other_t2i,
+        &re.other_i2t,
+        set,
+        before,
+        &RECALL_KS,
+    ));
     other.insert(
         "score".into(),
         json!(match re.other {
@@ -387,18 +402,11 @@ fn rerank_with(
             clasp::model::blip2::RerankScore::ItmPlusSim => "itm+sim",
         }),
     );
-    for (k, v) in mo.to_pairs() {
-        other.insert(k, json!(v));
-    }
-    for (dir, before, after) in [("t2i", &t2i_0, &t2i_o), ("i2t", &i2t_0, &i2t_o)] {
-        let (fixed, broken) = eval::rerank::r1_changes(before, after);
-        other.insert(format!("{dir}_r1_fixed"), json!(fixed));
-        other.insert(format!("{dir}_r1_broken"), json!(broken));
-    }
     o.insert("other_score".into(), Value::Object(other));
     o.insert("candidates".into(), json!(how.candidates));
     o.insert("pairs_scored".into(), json!(re.pairs_scored));
     o.insert("seconds".into(), json!(secs));
+    let n = scores.len() / set.captions.len().max(1);
     let queries = (set.captions.len() + n).max(1) as f64;
     o.insert("ms_per_query".into(), json!(1000.0 * secs / queries));
     Ok(serde_json::Value::Object(o))

@@ -90,10 +90,22 @@ pub fn retrieval_ranks(
     n_images: usize,
     caption_image: &[usize],
 ) -> (DirectionRanks, DirectionRanks) {
+    (
+        text_to_image_ranks(scores, n_images, caption_image),
+        image_to_text_ranks(scores, n_images, caption_image),
+    )
+}
+
+/// Text → image ("image retrieval") of [`retrieval_ranks`]: one positive
+/// per text.
+pub fn text_to_image_ranks(
+    scores: &[f32],
+    n_images: usize,
+    caption_image: &[usize],
+) -> DirectionRanks {
     use rayon::prelude::*;
     let n_texts = caption_image.len();
     assert_eq!(scores.len(), n_texts * n_images, "score matrix shape");
-    // text -> image ("image retrieval"): one positive per text.
     let t2i: Vec<usize> = (0..n_texts)
         .into_par_iter()
         .map(|t| {
@@ -102,12 +114,23 @@ pub fn retrieval_ranks(
             stable_rank(row.iter().copied(), p, row[p])
         })
         .collect();
-    let image_retrieval = DirectionRanks {
+    DirectionRanks {
         ap: t2i.iter().map(|&r| 1.0 / r as f64).collect(),
         first: t2i,
         n_candidates: n_images,
-    };
-    // image -> text ("text retrieval"): all captions of the image are positives.
+    }
+}
+
+/// Image → text ("text retrieval") of [`retrieval_ranks`]: all captions of
+/// the image are positives.
+pub fn image_to_text_ranks(
+    scores: &[f32],
+    n_images: usize,
+    caption_image: &[usize],
+) -> DirectionRanks {
+    use rayon::prelude::*;
+    let n_texts = caption_image.len();
+    assert_eq!(scores.len(), n_texts * n_images, "score matrix shape");
     let mut positives: Vec<Vec<usize>> = vec![Vec::new(); n_images];
     for (t, &i) in caption_image.iter().enumerate() {
         positives[i].push(t);
@@ -130,12 +153,11 @@ pub fn retrieval_ranks(
             (ranks.first().copied().unwrap_or(usize::MAX), ap)
         })
         .collect();
-    let text_retrieval = DirectionRanks {
+    DirectionRanks {
         first: per_image.iter().map(|x| x.0).collect(),
         ap: per_image.iter().map(|x| x.1).collect(),
         n_candidates: n_texts,
-    };
-    (image_retrieval, text_retrieval)
+    }
 }
 
 /// The retrieval report, with CLIP_benchmark's key names.

@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use clasp_core::model::blip2::{Blip2Retrieval, Rerank, RerankScore};
 
 use crate::data::PairSet;
+use crate::metrics::{image_to_text_ranks, text_to_image_ranks, DirectionRanks, RetrievalMetrics};
 use crate::progress::Progress;
 use crate::{Error, Result};
 
@@ -183,20 +184,44 @@ pub fn rerank(
 /// How re-ranking changed R@1, query by query: (fixed, broken), the queries
 /// whose first hit moved to the top and those whose top hit was lost (the
 /// two counts McNemar's test compares).
-pub fn r1_changes(
-    before: &crate::metrics::DirectionRanks,
-    after: &crate::metrics::DirectionRanks,
-) -> (usize, usize) {
+pub fn r1_changes(before: &DirectionRanks, after: &DirectionRanks) -> (usize, usize) {
     let pairs = before.first.iter().zip(&after.first);
     let fixed = pairs.clone().filter(|(b, a)| **b > 1 && **a == 1).count();
     let broken = pairs.filter(|(b, a)| **b == 1 && **a > 1).count();
     (fixed, broken)
 }
 
+/// One order of a re-ranking read off: its recall, and R@1's
+/// (fixed, broken) per direction (text→image, image→text) against the
+/// first stage's ranks `before`.
+pub struct Reordered {
+    pub metrics: RetrievalMetrics,
+    pub r1_changes: [(usize, usize); 2],
+}
+
+impl Reordered {
+    /// `t2i`/`i2t`: the re-ranked score matrices (texts × images of `set`)
+    /// of each direction.
+    pub fn read(
+        t2i: &[f32],
+        i2t: &[f32],
+        set: &PairSet,
+        before: (&DirectionRanks, &DirectionRanks),
+        ks: &[usize],
+    ) -> Self {
+        let n = t2i.len() / set.captions.len().max(1);
+        let t2i = text_to_image_ranks(t2i, n, &set.caption_image);
+        let i2t = image_to_text_ranks(i2t, n, &set.caption_image);
+        Self {
+            metrics: RetrievalMetrics::from_ranks(&t2i, &i2t, ks),
+            r1_changes: [r1_changes(before.0, &t2i), r1_changes(before.1, &i2t)],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::DirectionRanks;
 
     #[test]
     fn r1_changes_count_the_queries_that_moved_across_the_top() {

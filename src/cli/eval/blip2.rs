@@ -22,7 +22,14 @@ pub(super) fn blip2_retrieval(a: RetrievalArgs) -> Result<ExitCode> {
     let m = eval::RetrievalMetrics::from_ranks(&t2i, &i2t, &RECALL_KS);
     let secs = t0.elapsed().as_secs_f64();
     let reranked = match &a.rerank {
-        Some(how) => Some(rerank_with(fusion, &set, &scores, *how, &bar)?),
+        Some(how) => Some(rerank_with(
+            fusion,
+            &set,
+            &scores,
+            (&t2i, &i2t),
+            *how,
+            &bar,
+        )?),
         None => None,
     };
     let mut o = Map::new();
