@@ -429,12 +429,24 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     let evaluate = |ckpt: &std::path::Path, set: &clasp::data::PairSet| {
         clasp::eval::retrieval::checkpoint_metrics(ckpt, set, &device)
     };
+    drive(&mut run, Some(&evaluate), a.stop_after, &stop, &bar)
+}
+
+/// Runs `task` through the one training loop, with the caller's dev
+/// evaluation, then plots and says what it did (and prints the dev metrics).
+fn drive<T: clasp::train::run::Task>(
+    task: &mut T,
+    evaluate: Option<trainer::EvalHook>,
+    stop_after: Option<usize>,
+    stop: &AtomicBool,
+    bar: &BarProgress,
+) -> Result<ExitCode> {
     let hooks = trainer::Hooks {
-        progress: &bar,
-        evaluate: Some(&evaluate),
+        progress: bar,
+        evaluate,
     };
-    let out = run.run(&stop, a.stop_after, &hooks)?;
-    finish(run.config().output_dir()?, &out);
+    let out = clasp::train::run::run(task, stop, stop_after, &hooks)?;
+    finish(task.config().output_dir()?, &out);
     if let Some(d) = &out.dev {
         println!("{}", serde_json::to_string_pretty(d)?);
     }
@@ -479,16 +491,7 @@ fn run_vlm(
     let evaluate = |ckpt: &std::path::Path, set: &clasp::data::PairSet| {
         clasp::eval::captioning::checkpoint_caption_metrics(ckpt, set, lang, limit, &device)
     };
-    let hooks = trainer::Hooks {
-        progress: bar,
-        evaluate: Some(&evaluate),
-    };
-    let out = run.run(stop, a.stop_after, &hooks)?;
-    finish(run.config().output_dir()?, &out);
-    if let Some(d) = &out.dev {
-        println!("{}", serde_json::to_string_pretty(d)?);
-    }
-    Ok(ExitCode::SUCCESS)
+    drive(&mut run, Some(&evaluate), a.stop_after, stop, bar)
 }
 
 /// `clasp train --task qformer`: BLIP-2's stage 1.
@@ -503,13 +506,7 @@ fn run_qformer(
         Some(dir) => QFormerTrainer::resume(dir)?,
         None => QFormerTrainer::new(cfg)?,
     };
-    let hooks = trainer::Hooks {
-        progress: bar,
-        evaluate: None,
-    };
-    let out = run.run(stop, a.stop_after, &hooks)?;
-    finish(run.config().output_dir()?, &out);
-    Ok(ExitCode::SUCCESS)
+    drive(&mut run, None, a.stop_after, stop, bar)
 }
 
 /// The config: the `--config` TOML table with the flags laid over it,

@@ -21,7 +21,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,7 +34,7 @@ use clasp_core::model::qformer::QFormerHeads;
 
 use super::config::TrainConfig;
 use super::feature_cache::{FeatureCache, Source};
-use super::hooks::{Hooks, StepLog, TrainOutcome};
+use super::hooks::StepLog;
 use super::optim::{self, AdamWConfig, GroupedAdamW};
 use super::order::{self, Order};
 use super::qformer_init::{self, DEC, ITC_DIM, MAX_TEXT};
@@ -453,16 +452,6 @@ impl QFormerTrainer {
             config: self.cfg.clone(),
         };
         state::write(&self.out, &self.opt.state().into_iter().collect(), &st)
-    }
-
-    /// Runs to the end of the schedule (or `stop_after` steps, or Ctrl-C).
-    pub fn run(
-        &mut self,
-        stop: &AtomicBool,
-        stop_after: Option<usize>,
-        hooks: &Hooks,
-    ) -> Result<TrainOutcome> {
-        super::run::run(self, stop, stop_after, hooks)
     }
 }
 
