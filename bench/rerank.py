@@ -30,19 +30,15 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASP = os.environ.get("CLASP_BIN", os.path.join(ROOT, "target/release/clasp"))
-SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared"))
-DATA = "flickr8k:" + os.path.join(SHARED, "data/flickr8k")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# bench/lit.py's paths, binary and helpers (its LiT runs are this bench's first stage).
+from lit import CLASP, DATA, ROOT, WORK as LIT, cpu, model, sh  # noqa: E402
+
 WORK = os.path.join(ROOT, "bench/.work/qformer")
-LIT = os.path.join(ROOT, "bench/.work/lit")
 RECORDS = os.path.join(ROOT, "bench/rerank_runs")
 TABLE = os.path.join(ROOT, "bench/rerank.md")
 NOTES = "<!-- notes: kept by bench/rerank.py -->"
 DIRS = [("t2i", "image_retrieval"), ("i2t", "text_retrieval")]
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lit import cpu, model, sh  # noqa: E402
 
 
 def rev():
