@@ -11,6 +11,7 @@ use clasp_vlm as vlm;
 pub mod cache;
 pub mod caption;
 pub mod captioning;
+pub mod chair;
 pub mod diagnose;
 pub mod embed;
 pub mod metrics;
@@ -18,6 +19,7 @@ pub mod plot;
 pub mod report;
 pub mod rerank;
 pub mod retrieval;
+pub mod singular;
 pub mod zeroshot;
 
 pub use crate::preprocess::prompts;
