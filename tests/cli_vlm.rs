@@ -202,6 +202,16 @@ fn eval_caption_scores_the_first_dev_photos_captions_against_their_own_reference
     assert!(close(&v["scores"]["cider_d"], own.cider_d));
     assert!(close(&v["scores"]["bleu_1"], own.bleu[0]));
     assert!(close(&v["wrong_photos"]["cider_d"], wrong.cider_d));
+    // CHAIR on the same inputs; Flickr8k has no instance annotations, so the
+    // objects are the references' (tests/eval_hallucination.rs checks CHAIR).
+    let names: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let cs: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let rs: Vec<&[String]> = refs.iter().map(|r| &r[..]).collect();
+    let h = clasp::eval::chair::hallucination(&names, &cs, &rs, None);
+    assert_eq!(v["chair"]["truth"], "references");
+    assert_eq!(v["chair"]["mentions"], h.own.mentions);
+    assert!(close(&v["chair"]["chair_i"], h.own.chair_i));
+    assert!(close(&v["chair"]["wrong_photos"]["chair_s"], h.wrong_photos.chair_s));
     let md = std::fs::read_to_string(report.join("report.md")).unwrap();
     assert!(md.contains("grounding control") && md.contains("- **generated:**"));
 }

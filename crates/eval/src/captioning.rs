@@ -6,8 +6,11 @@
 //! i + ⌊n/2⌋ mod n): a model that learned only the caption style scores the
 //! same there.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::Serialize;
 
+use super::chair::{hallucination, Hallucination};
 use super::caption::{char_tokenize, ptb_tokenize, score, CaptionScores};
 use crate::data::{Lang, PairSet};
 use crate::llm::GenerateOptions;
@@ -35,6 +38,24 @@ pub struct CaptionEval {
     pub captions: Vec<Captioned>,
     /// Images that could not be read, with the error.
     pub failed: Vec<(String, String)>,
+    /// CHAIR (English captions), after [`CaptionEval::with_chair`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chair: Option<Hallucination>,
+}
+
+impl CaptionEval {
+    /// Adds CHAIR (English only: its word list is English) against each
+    /// image's objects, from `instances` (COCO's annotations, by file name)
+    /// and the references.
+    pub fn with_chair(mut self, instances: Option<&BTreeMap<String, BTreeSet<String>>>) -> Self {
+        if self.lang == Lang::En.as_str() {
+            let images: Vec<&str> = self.captions.iter().map(|c| c.image.as_str()).collect();
+            let caps: Vec<&str> = self.captions.iter().map(|c| c.caption.as_str()).collect();
+            let refs: Vec<&[String]> = self.captions.iter().map(|c| &c.references[..]).collect();
+            self.chair = Some(hallucination(&images, &caps, &refs, instances));
+        }
+        self
+    }
 }
 
 /// The retrieval of BCIF's contrastive heads on the first `limit` images of
@@ -195,6 +216,7 @@ pub fn evaluate_captions(
         wrong_photos,
         captions: rows,
         failed,
+        chair: None,
     })
 }
 
@@ -253,6 +275,7 @@ pub fn evaluate_prior(
         wrong_photos,
         captions: rows,
         failed: Vec::new(),
+        chair: None,
     })
 }
 
@@ -292,7 +315,23 @@ pub fn write_report(
             &e.wrong_photos
         )
     );
-    let _ = writeln!(md, "\nA model that only learned the captions' style scores the same on both rows.\n\n## Examples\n");
+    let _ = writeln!(md, "\nA model that only learned the captions' style scores the same on both rows.\n");
+    if let Some(h) = &e.chair {
+        let _ = writeln!(
+            md,
+            "Object hallucination (CHAIR, lower is better): CHAIR_i {:.3}, CHAIR_s {:.3} over {} object mentions; against other photos' objects {:.3} and {:.3}. Objects from {}.\n",
+            h.own.chair_i,
+            h.own.chair_s,
+            h.own.mentions,
+            h.wrong_photos.chair_i,
+            h.wrong_photos.chair_s,
+            match h.own.truth {
+                super::chair::Truth::InstancesAndReferences => "COCO's instance annotations and the references",
+                super::chair::Truth::References => "the references' mentions",
+            }
+        );
+    }
+    let _ = writeln!(md, "## Examples\n");
     for c in e.captions.iter().take(16) {
         // Absolute, so the report shows its images wherever it is opened from.
         let img = std::fs::canonicalize(&c.image)

@@ -249,6 +249,58 @@ pub fn chair(captions: &[&str], objects: &[BTreeSet<String>], truth: Truth) -> C
     }
 }
 
+/// CHAIR of one caption per image against its own image's objects, and
+/// against the objects of another image (the derangement of
+/// [`crate::captioning::score_captions`]: image i against i + ⌊n/2⌋ mod n),
+/// the grounding control.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hallucination {
+    pub own: ChairScores,
+    pub wrong_photos: ChairScores,
+    /// Images the instances file does not list (their references alone count).
+    pub unannotated: usize,
+}
+
+/// [`Hallucination`] of `captions[i]` on image `images[i]` (a path: its file
+/// name is looked up in `instances`) with references `references[i]`.
+pub fn hallucination(
+    images: &[&str],
+    captions: &[&str],
+    references: &[&[String]],
+    instances: Option<&BTreeMap<String, BTreeSet<String>>>,
+) -> Hallucination {
+    let words = ObjectWords::coco();
+    let mut unannotated = 0;
+    let objects: Vec<BTreeSet<String>> = images
+        .iter()
+        .zip(references)
+        .map(|(img, refs)| {
+            let mut o = words.objects_of(refs.iter().map(String::as_str));
+            if let Some(inst) = instances {
+                let file = Path::new(img).file_name().map(|f| f.to_string_lossy());
+                match file.and_then(|f| inst.get(f.as_ref())) {
+                    Some(found) => o.extend(found.iter().cloned()),
+                    None => unannotated += 1,
+                }
+            }
+            o
+        })
+        .collect();
+    let truth = match instances {
+        Some(_) => Truth::InstancesAndReferences,
+        None => Truth::References,
+    };
+    let n = objects.len();
+    let shift = (n / 2).max(1);
+    let deranged: Vec<BTreeSet<String>> =
+        (0..n).map(|i| objects[(i + shift) % n].clone()).collect();
+    Hallucination {
+        own: chair(captions, &objects, truth),
+        wrong_photos: chair(captions, &deranged, truth),
+        unannotated,
+    }
+}
+
 #[derive(Deserialize)]
 struct Instances {
     images: Vec<InstImage>,

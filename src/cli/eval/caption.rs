@@ -30,6 +30,11 @@ pub struct CaptionArgs {
     /// Tokens generated per caption at most.
     #[arg(long, default_value_t = 48)]
     pub max_tokens: usize,
+    /// COCO instance annotations (instances_*.json) for CHAIR's objects; found
+    /// beside a COCO captions file by default. Without them CHAIR counts the
+    /// objects the references mention.
+    #[arg(long)]
+    pub instances: Option<PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -65,6 +70,11 @@ pub(super) fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
         )?
     };
     let secs = t0.elapsed().as_secs_f64();
+    let instances = match a.instances.clone().or_else(|| beside_captions(&spec)) {
+        Some(p) => Some(clasp::eval::chair::coco_instances(&p)?),
+        None => None,
+    };
+    let e = e.with_chair(instances.as_ref());
     // A run with BCIF's contrastive branch left its heads beside the model.
     let heads = match clasp::vlm::heads::Heads::load(&a.model, vlm.device())? {
         Some(h) if !a.no_image => Some(captioning::heads_recall(
@@ -93,6 +103,12 @@ pub(super) fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
                 "images_per_s": e.images as f64 / secs,
                 "scores": metrics(&e.scores), "wrong_photos": metrics(&e.wrong_photos),
                 "failed": e.failed.len(),
+                "chair": e.chair.as_ref().map(|h| json!({
+                    "truth": h.own.truth, "unannotated": h.unannotated,
+                    "chair_i": h.own.chair_i, "chair_s": h.own.chair_s,
+                    "mentions": h.own.mentions,
+                    "wrong_photos": {"chair_i": h.wrong_photos.chair_i, "chair_s": h.wrong_photos.chair_s},
+                })),
                 "heads_retrieval": heads.as_ref().map(|h| h.to_pairs().into_iter().collect::<std::collections::BTreeMap<_, _>>()),
             }))?
         );
@@ -106,6 +122,20 @@ pub(super) fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
             println!(
                 "{name:<16} {:>8.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.3}",
                 s.cider_d, s.bleu[0], s.bleu[1], s.bleu[2], s.bleu[3], s.rouge_l
+            );
+        }
+        if let Some(h) = &e.chair {
+            println!(
+                "CHAIR_i {:.3} / CHAIR_s {:.3} over {} object mentions (wrong photos: {:.3} / {:.3}); objects from {}",
+                h.own.chair_i,
+                h.own.chair_s,
+                h.own.mentions,
+                h.wrong_photos.chair_i,
+                h.wrong_photos.chair_s,
+                match h.own.truth {
+                    clasp::eval::chair::Truth::InstancesAndReferences => "instance annotations and references",
+                    clasp::eval::chair::Truth::References => "the references' mentions",
+                }
             );
         }
         if let Some(h) = &heads {
@@ -123,4 +153,12 @@ pub(super) fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `instances_X.json` beside a COCO `captions_X.json`, if there is one.
+fn beside_captions(spec: &DatasetSpec) -> Option<PathBuf> {
+    let name = spec.path.file_name()?.to_str()?;
+    let split = name.strip_prefix("captions_")?;
+    let p = spec.path.with_file_name(format!("instances_{split}"));
+    p.is_file().then_some(p)
 }
