@@ -92,3 +92,84 @@ fn chair_equals_the_papers_code() {
     // The cases mix grounded and wrong-photo captions: both outcomes occur.
     assert!(s.hallucinated_captions > 0 && s.hallucinated_captions < s.captions);
 }
+
+fn pope_fixture() -> Value {
+    let text = std::fs::read_to_string("tests/fixtures/eval/pope.json").expect("fixture");
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn pope_questions_equal_the_papers_code() {
+    use clasp::eval::pope::{questions, Negatives};
+    let f = pope_fixture();
+    // Each COCO-mini image's annotated categories, sorted, in file-name order.
+    let inst = coco_instances(&coco().join("instances_train2017.json")).unwrap();
+    let images: Vec<Vec<String>> = inst.values().map(|o| o.iter().cloned().collect()).collect();
+    let want: Vec<Vec<String>> = serde_json::from_value(f["images"].clone()).unwrap();
+    assert_eq!(images, want);
+    let refs: Vec<&[String]> = images.iter().map(|v| &v[..]).collect();
+    for (mode, key) in [(Negatives::Popular, "popular"), (Negatives::Adversarial, "adversarial")] {
+        let mut rng = clasp::rng::Rng(0);
+        let got = questions(&refs, 3, mode, &mut rng);
+        let want = f["questions"][key].as_array().unwrap();
+        assert_eq!(got.len(), want.len(), "{key}");
+        let mut fallbacks = 0;
+        for (k, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(g.image as u64, w[0].as_u64().unwrap(), "{key} {k}");
+            assert_eq!(g.present, w[2] == "yes", "{key} {k}");
+            match w[1].as_str() {
+                Some(o) => assert_eq!(g.object, o, "{key} {k}"),
+                // The paper draws these with Python's random: any object of
+                // the set that the image lacks and that was not asked.
+                None => {
+                    fallbacks += 1;
+                    assert!(!images[g.image].contains(&g.object), "{key} {k}");
+                    let earlier = got[..k].iter().filter(|q| q.image == g.image);
+                    assert!(earlier.clone().all(|q| q.object != g.object), "{key} {k}");
+                }
+            }
+        }
+        assert_eq!(fallbacks, want.iter().filter(|w| w[1].is_null()).count());
+    }
+    // Random negatives: absent from the image, never repeated within it.
+    let mut rng = clasp::rng::Rng(1);
+    let q = questions(&refs, 3, Negatives::Random, &mut rng);
+    assert_eq!(q.iter().filter(|q| q.present).count(), q.len() / 2);
+    for (k, g) in q.iter().enumerate() {
+        assert_eq!(images[g.image].contains(&g.object), g.present, "{k}");
+        let earlier = q[..k].iter().filter(|x| x.image == g.image);
+        assert!(earlier.clone().all(|x| x.object != g.object), "{k}");
+    }
+}
+
+#[test]
+fn pope_reads_and_scores_answers_as_its_evaluate_py() {
+    use clasp::eval::pope::{says_yes, score};
+    let f = pope_fixture();
+    let a = &f["answers"];
+    let texts: Vec<&str> = a["text"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let read: Vec<bool> = texts.iter().map(|t| says_yes(t)).collect();
+    let want: Vec<bool> = a["read"].as_array().unwrap().iter().map(|r| r == "yes").collect();
+    assert_eq!(read, want);
+    let labels: Vec<bool> = a["labels"].as_array().unwrap().iter().map(|r| r == "yes").collect();
+    let s = score(&read, &labels);
+    let w = &a["scores"];
+    assert_eq!(
+        (s.tp, s.fp, s.tn, s.fn_),
+        (
+            w["tp"].as_u64().unwrap() as usize,
+            w["fp"].as_u64().unwrap() as usize,
+            w["tn"].as_u64().unwrap() as usize,
+            w["fn"].as_u64().unwrap() as usize
+        )
+    );
+    for (got, key) in [
+        (s.precision, "precision"),
+        (s.recall, "recall"),
+        (s.f1, "f1"),
+        (s.accuracy, "accuracy"),
+        (s.yes_ratio, "yes_ratio"),
+    ] {
+        assert_eq!(got, w[key].as_f64().unwrap(), "{key}");
+    }
+}

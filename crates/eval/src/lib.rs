@@ -16,6 +16,7 @@ pub mod diagnose;
 pub mod embed;
 pub mod metrics;
 pub mod plot;
+pub mod pope;
 pub mod report;
 pub mod rerank;
 pub mod retrieval;

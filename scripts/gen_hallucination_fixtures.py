@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Fixture for CHAIR (tests/eval_hallucination.rs): a reference written from the paper's code.
+"""Fixtures for CHAIR and POPE (tests/eval_hallucination.rs): references written from the papers' code.
 
     pip install --target /tmp/chairpy textblob nltk
-    PYTHONPATH=/tmp/chairpy python3 scripts/gen_chair_fixtures.py
+    PYTHONPATH=/tmp/chairpy python3 scripts/gen_hallucination_fixtures.py
 
 The reference follows Rohrbach et al.'s `chair.py` (LisaAnne/Hallucination, utils/chair.py):
 its synonyms list parsed with `s.strip().split(', ')`, its double words and qualifiers, Pattern's
@@ -22,6 +22,14 @@ Writes tests/fixtures/eval/chair.json:
               hand-written ones with the paper's special cases; for each, the mentions
               [[word, object], ...] and the hallucinated ones;
   totals    - CHAIR_i and CHAIR_s over the cases, and the counts.
+
+and tests/fixtures/eval/pope.json, from POPE's utils.py and evaluate.py (AoiDragon/POPE):
+  images    - each COCO-mini image's annotated categories (sorted), in file-name order;
+  questions - for popular and adversarial negatives (3 per image): [image index, object, label]
+              as `pope()` builds them; a negative that fell back to `random.choice` is recorded
+              with object null (the draw is Python's);
+  answers   - fixed answer strings, their reading (yes/no) and the scores of evaluate.py against
+              fixed labels.
 """
 
 import json
@@ -35,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO = os.path.join(ROOT, "..", "shared", "data", "coco-mini-train", "annotations")
 SYNONYMS = os.path.join(ROOT, "crates", "eval", "src", "chair_synonyms.txt")
 OUT = os.path.join(ROOT, "tests", "fixtures", "eval", "chair.json")
+POPE_OUT = os.path.join(ROOT, "tests", "fixtures", "eval", "pope.json")
 
 HAND = [
     "A man riding a motor bike next to a bus.",
@@ -152,6 +161,75 @@ def main():
                    "cases": cases, "totals": totals}, fh, ensure_ascii=False, indent=0)
     print(f"{OUT}: {len(singular)} words, {len(cases)} captions, CHAIR_i {totals['chair_i']:.4f} "
           f"CHAIR_s {totals['chair_s']:.4f}")
+
+    pope_fixture({f: sorted({chair.inverse[cats[a["category_id"]]] for a in inst["annotations"]
+                             if files[a["image_id"]] == f}) for f in order})
+
+
+def pope_build(images, sample_num, strategy):
+    """POPE's `pope()` over [(name, objects)], the fallbacks recorded as None."""
+    counts = {}
+    for _, objs in images:
+        for o in objs:
+            counts[o] = counts.get(o, 0) + 1
+    sorted_objects = sorted(counts.items(), key=lambda x: x[1], reverse=True)
+    co = {}
+    for _, objs in images:
+        for o in objs:
+            co.setdefault(o, {})
+            for other in objs:
+                if o != other:
+                    co[o][other] = co[o].get(other, 0) + 1
+    sorted_co = {o: [k for k, _ in sorted(v.items(), key=lambda x: x[1], reverse=True)]
+                 for o, v in co.items()}
+    out = []
+    for idx, objs in images:
+        history = []
+        for i in range(sample_num):
+            pos = objs[i]
+            history.append(pos)
+            out.append([idx, pos, "yes"])
+            ranked = [o for o, _ in sorted_objects] if strategy == "popular" else sorted_co[pos]
+            chosen = next((o for o in ranked if o not in history and o not in objs), None)
+            if chosen is not None:
+                history.append(chosen)
+            out.append([idx, chosen, "no"])
+    return out
+
+
+def pope_read(text):
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    text = text.replace(",", "")
+    words = text.split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def pope_fixture(objects):
+    names = sorted(objects)
+    images = [(i, objects[n]) for i, n in enumerate(names) if len(objects[n]) >= 3]
+    questions = {s: pope_build(images, 3, s) for s in ["popular", "adversarial"]}
+    answers = ["Yes, there is a dog.", "No, there is no dog.", "There is not a cat here",
+               "Nope. no", "NO", "no.", "yes", "No", "I see no, well, maybe. Yes", "Yes. No.",
+               "a man, not a woman", "The image shows a cat,no doubt.", ""]
+    labels = ["yes", "no", "no", "yes", "no", "no", "yes", "yes", "no", "yes", "no", "yes", "no"]
+    read = [pope_read(a) for a in answers]
+    pred = [1 if r == "yes" else 0 for r in read]
+    lab = [1 if x == "yes" else 0 for x in labels]
+    tp = sum(p == 1 and l == 1 for p, l in zip(pred, lab))
+    fp = sum(p == 1 and l == 0 for p, l in zip(pred, lab))
+    tn = sum(p == 0 and l == 0 for p, l in zip(pred, lab))
+    fn = sum(p == 0 and l == 1 for p, l in zip(pred, lab))
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    scores = {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "precision": precision, "recall": recall,
+              "f1": 2 * precision * recall / (precision + recall), "accuracy": (tp + tn) / len(pred),
+              "yes_ratio": pred.count(1) / len(pred)}
+    with open(POPE_OUT, "w") as fh:
+        json.dump({"images": [objects[n] for n in names], "questions": questions,
+                   "answers": {"text": answers, "read": read, "labels": labels,
+                               "scores": scores}}, fh, indent=0)
+    print(f"{POPE_OUT}: {len(images)} images polled, "
+          + ", ".join(f"{k} {len(v)} questions" for k, v in questions.items()))
 
 
 if __name__ == "__main__":
