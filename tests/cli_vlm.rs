@@ -211,7 +211,10 @@ fn eval_caption_scores_the_first_dev_photos_captions_against_their_own_reference
     assert_eq!(v["chair"]["truth"], "references");
     assert_eq!(v["chair"]["mentions"], h.own.mentions);
     assert!(close(&v["chair"]["chair_i"], h.own.chair_i));
-    assert!(close(&v["chair"]["wrong_photos"]["chair_s"], h.wrong_photos.chair_s));
+    assert!(close(
+        &v["chair"]["wrong_photos"]["chair_s"],
+        h.wrong_photos.chair_s
+    ));
     let md = std::fs::read_to_string(report.join("report.md")).unwrap();
     assert!(md.contains("grounding control") && md.contains("- **generated:**"));
 }
@@ -277,4 +280,93 @@ fn a_vision_language_run_evaluates_its_captions_during_training() {
     assert_eq!(dev["wrong_photos_cider_d"], e["wrong_photos"]["cider_d"]);
     assert_eq!(dev["bleu_4"], e["scores"]["bleu_4"]);
     assert!(dir.join("dev_cider.png").is_file());
+}
+
+/// `clasp eval pope` on COCO-mini: the questions are POPE's for the images'
+/// annotated objects, each answer is what `clasp caption` answers to the same
+/// question about the same photo, and the scores are POPE's reading of them.
+#[test]
+fn eval_pope_asks_the_papers_questions_and_scores_the_models_own_answers() {
+    use clasp::eval::pope::{questions, says_yes, score, Negatives};
+    let d = tempfile::tempdir().unwrap();
+    let model = assembled(d.path());
+    let ann = root().join("../shared/data/coco-mini-train/annotations");
+    let data = format!("coco:{}", ann.join("captions_train2017.json").display());
+    let (code, out, err) = run(&[
+        "eval",
+        "pope",
+        "-m",
+        &model,
+        "-d",
+        &data,
+        "--limit",
+        "4",
+        "--negatives",
+        "popular",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["objects_from"]
+        .as_str()
+        .unwrap()
+        .ends_with("instances_train2017.json"));
+    let run0 = &v["runs"][0];
+    assert_eq!(run0["negatives"], "popular");
+    let answers = run0["answers"].as_array().unwrap();
+    // The same questions from the library, on the first 4 images' annotations.
+    let set = clasp::data::load_pairs(
+        &clasp::data::DatasetSpec::parse(&data).unwrap(),
+        clasp::data::Split::Test,
+        clasp::data::Lang::En,
+        None,
+    )
+    .unwrap();
+    let inst = clasp::eval::chair::coco_instances(&ann.join("instances_train2017.json")).unwrap();
+    let objects: Vec<Vec<String>> = set.images[..4]
+        .iter()
+        .map(|s| {
+            let f = s.path().file_name().unwrap().to_string_lossy().to_string();
+            inst[&f].iter().cloned().collect()
+        })
+        .collect();
+    let refs: Vec<&[String]> = objects.iter().map(|o| &o[..]).collect();
+    let qs = questions(&refs, 3, Negatives::Popular, &mut clasp::rng::Rng(0));
+    assert!(!qs.is_empty());
+    assert_eq!(answers.len(), qs.len());
+    for (a, q) in answers.iter().zip(&qs) {
+        assert_eq!(a["object"], q.object.as_str());
+        assert_eq!(a["present"], q.present);
+        assert_eq!(a["yes"], says_yes(a["answer"].as_str().unwrap()));
+    }
+    // The first question's answer is `clasp caption`'s answer to it.
+    let q = &qs[0];
+    let photo = set.images[q.image].path().display().to_string();
+    let (code, out, err) = run(&[
+        "caption",
+        "-m",
+        &model,
+        "--max-tokens",
+        "4",
+        "--json",
+        "--prompt",
+        &q.text(),
+        &photo,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let c: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        answers[0]["answer"],
+        c[0]["caption"].as_str().unwrap().trim()
+    );
+    let yes: Vec<bool> = answers
+        .iter()
+        .map(|a| a["yes"].as_bool().unwrap())
+        .collect();
+    let labels: Vec<bool> = qs.iter().map(|q| q.present).collect();
+    let s = score(&yes, &labels);
+    assert_eq!(run0["scores"]["f1"].as_f64().unwrap(), s.f1);
+    assert_eq!(run0["scores"]["yes_ratio"].as_f64().unwrap(), s.yes_ratio);
 }

@@ -51,7 +51,12 @@ fn objects() -> BTreeMap<String, BTreeSet<String>> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| (i["id"].as_u64().unwrap(), i["file_name"].as_str().unwrap().into()))
+        .map(|i| {
+            (
+                i["id"].as_u64().unwrap(),
+                i["file_name"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     for a in caps["annotations"].as_array().unwrap() {
         let file = &files[&a["image_id"].as_u64().unwrap()];
@@ -70,7 +75,10 @@ fn chair_equals_the_papers_code() {
     assert_eq!(objects, want);
 
     let cases = f["cases"].as_array().unwrap();
-    let captions: Vec<&str> = cases.iter().map(|c| c["caption"].as_str().unwrap()).collect();
+    let captions: Vec<&str> = cases
+        .iter()
+        .map(|c| c["caption"].as_str().unwrap())
+        .collect();
     let truth: Vec<BTreeSet<String>> = cases
         .iter()
         .map(|c| objects[c["image"].as_str().unwrap()].clone())
@@ -78,15 +86,33 @@ fn chair_equals_the_papers_code() {
     let s = chair(&captions, &truth, Truth::InstancesAndReferences);
     for (c, got) in cases.iter().zip(&s.per_caption) {
         let as_pairs = |ms: &[clasp::eval::chair::Mention]| -> Vec<(String, String)> {
-            ms.iter().map(|m| (m.word.clone(), m.object.clone())).collect()
+            ms.iter()
+                .map(|m| (m.word.clone(), m.object.clone()))
+                .collect()
         };
-        assert_eq!(as_pairs(&got.mentions), pairs(&c["mentions"]), "{}", c["caption"]);
-        assert_eq!(as_pairs(&got.hallucinated), pairs(&c["hallucinated"]), "{}", c["caption"]);
+        assert_eq!(
+            as_pairs(&got.mentions),
+            pairs(&c["mentions"]),
+            "{}",
+            c["caption"]
+        );
+        assert_eq!(
+            as_pairs(&got.hallucinated),
+            pairs(&c["hallucinated"]),
+            "{}",
+            c["caption"]
+        );
     }
     let t = &f["totals"];
     assert_eq!(s.mentions as u64, t["mentions"].as_u64().unwrap());
-    assert_eq!(s.hallucinated_mentions as u64, t["hallucinated_mentions"].as_u64().unwrap());
-    assert_eq!(s.hallucinated_captions as u64, t["hallucinated_captions"].as_u64().unwrap());
+    assert_eq!(
+        s.hallucinated_mentions as u64,
+        t["hallucinated_mentions"].as_u64().unwrap()
+    );
+    assert_eq!(
+        s.hallucinated_captions as u64,
+        t["hallucinated_captions"].as_u64().unwrap()
+    );
     assert_eq!(s.chair_i, t["chair_i"].as_f64().unwrap());
     assert_eq!(s.chair_s, t["chair_s"].as_f64().unwrap());
     // The cases mix grounded and wrong-photo captions: both outcomes occur.
@@ -108,7 +134,10 @@ fn pope_questions_equal_the_papers_code() {
     let want: Vec<Vec<String>> = serde_json::from_value(f["images"].clone()).unwrap();
     assert_eq!(images, want);
     let refs: Vec<&[String]> = images.iter().map(|v| &v[..]).collect();
-    for (mode, key) in [(Negatives::Popular, "popular"), (Negatives::Adversarial, "adversarial")] {
+    for (mode, key) in [
+        (Negatives::Popular, "popular"),
+        (Negatives::Adversarial, "adversarial"),
+    ] {
         let mut rng = clasp::rng::Rng(0);
         let got = questions(&refs, 3, mode, &mut rng);
         let want = f["questions"][key].as_array().unwrap();
@@ -147,11 +176,26 @@ fn pope_reads_and_scores_answers_as_its_evaluate_py() {
     use clasp::eval::pope::{says_yes, score};
     let f = pope_fixture();
     let a = &f["answers"];
-    let texts: Vec<&str> = a["text"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let texts: Vec<&str> = a["text"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
     let read: Vec<bool> = texts.iter().map(|t| says_yes(t)).collect();
-    let want: Vec<bool> = a["read"].as_array().unwrap().iter().map(|r| r == "yes").collect();
+    let want: Vec<bool> = a["read"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r == "yes")
+        .collect();
     assert_eq!(read, want);
-    let labels: Vec<bool> = a["labels"].as_array().unwrap().iter().map(|r| r == "yes").collect();
+    let labels: Vec<bool> = a["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r == "yes")
+        .collect();
     let s = score(&read, &labels);
     let w = &a["scores"];
     assert_eq!(

@@ -1,4 +1,4 @@
-//! `clasp eval retrieval|zeroshot|diagnose`.
+//! `clasp eval retrieval|zeroshot|diagnose|caption|pope`.
 
 use super::note;
 use std::path::{Path, PathBuf};
@@ -20,8 +20,11 @@ use clasp::Encoder;
 mod blip2;
 #[path = "eval/caption.rs"]
 mod caption;
+#[path = "eval/pope.rs"]
+mod pope;
 
 pub use caption::*;
+pub use pope::*;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -34,6 +37,9 @@ pub enum EvalCommand {
     /// Caption a dataset's images with a vision-language model and score BLEU-1..4,
     /// ROUGE-L and CIDEr-D as pycocoevalcap does (Chinese on characters).
     Caption(CaptionArgs),
+    /// Object hallucination probes (POPE): yes/no questions about objects an image holds
+    /// and objects it lacks (random, popular, adversarial); accuracy, precision, recall, F1.
+    Pope(PopeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -135,6 +141,7 @@ pub fn run(cmd: EvalCommand) -> Result<ExitCode> {
         EvalCommand::Zeroshot(a) => zeroshot(a),
         EvalCommand::Diagnose(a) => diagnose_cmd(a),
         EvalCommand::Caption(a) => caption_cmd(a),
+        EvalCommand::Pope(a) => pope_cmd(a),
     }
 }
 

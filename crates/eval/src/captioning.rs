@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::chair::{hallucination, Hallucination};
 use super::caption::{char_tokenize, ptb_tokenize, score, CaptionScores};
+use super::chair::{hallucination, Hallucination};
 use crate::data::{Lang, PairSet};
 use crate::llm::GenerateOptions;
 use crate::progress::Progress;
@@ -315,7 +315,10 @@ pub fn write_report(
             &e.wrong_photos
         )
     );
-    let _ = writeln!(md, "\nA model that only learned the captions' style scores the same on both rows.\n");
+    let _ = writeln!(
+        md,
+        "\nA model that only learned the captions' style scores the same on both rows.\n"
+    );
     if let Some(h) = &e.chair {
         let _ = writeln!(
             md,

@@ -28,11 +28,33 @@ const SYNONYMS: &str = include_str!("chair_synonyms.txt");
 
 /// Two-word objects the paper joins before looking words up.
 const DOUBLE_WORDS: &[&str] = &[
-    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal",
-    "stop light", "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball",
-    "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "cell phone",
-    "mobile phone", "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
-    "stove top oven", "home plate", "train track",
+    "motor bike",
+    "motor cycle",
+    "air plane",
+    "traffic light",
+    "street light",
+    "traffic signal",
+    "stop light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "suit case",
+    "sports ball",
+    "baseball bat",
+    "baseball glove",
+    "tennis racket",
+    "wine glass",
+    "hot dog",
+    "cell phone",
+    "mobile phone",
+    "teddy bear",
+    "hair drier",
+    "potted plant",
+    "bow tie",
+    "laptop computer",
+    "stove top oven",
+    "home plate",
+    "train track",
 ];
 /// "baby X" and "adult X" are an X (not a person).
 const ANIMALS: &[&str] = &[
@@ -73,8 +95,10 @@ impl ObjectWords {
                     category.insert(n.to_string(), names[0].to_string());
                 }
             }
-            let mut double: HashMap<String, String> =
-                DOUBLE_WORDS.iter().map(|w| (w.to_string(), w.to_string())).collect();
+            let mut double: HashMap<String, String> = DOUBLE_WORDS
+                .iter()
+                .map(|w| (w.to_string(), w.to_string()))
+                .collect();
             for a in ANIMALS {
                 double.insert(format!("baby {a}"), a.to_string());
                 double.insert(format!("adult {a}"), a.to_string());
@@ -162,7 +186,10 @@ pub fn words(text: &str) -> Vec<String> {
                 w = t;
                 continue;
             }
-            match CLITICS.iter().find(|c| w.len() > c.len() && w.ends_with(*c)) {
+            match CLITICS
+                .iter()
+                .find(|c| w.len() > c.len() && w.ends_with(*c))
+            {
                 Some(c) => {
                     tail.push(c.to_string());
                     w = &w[..w.len() - c.len()];
@@ -329,7 +356,10 @@ pub fn coco_instances(path: &Path) -> Result<BTreeMap<String, BTreeSet<String>>>
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Report(format!("{}: {e}", path.display())))?;
     let inst: Instances = serde_json::from_str(&text).map_err(|e| {
-        Error::Report(format!("{}: not a COCO instances file: {e}", path.display()))
+        Error::Report(format!(
+            "{}: not a COCO instances file: {e}",
+            path.display()
+        ))
     })?;
     let words = ObjectWords::coco();
     let names: HashMap<u64, &str> = inst
@@ -355,7 +385,9 @@ pub fn coco_instances(path: &Path) -> Result<BTreeMap<String, BTreeSet<String>>>
                 a.category_id
             )));
         };
-        out.entry(file.to_string()).or_default().insert(name.to_string());
+        out.entry(file.to_string())
+            .or_default()
+            .insert(name.to_string());
     }
     Ok(out)
 }
@@ -375,7 +407,10 @@ mod tests {
     #[test]
     fn the_papers_rules() {
         assert_eq!(objs("Two dogs' toys and a man."), ["dog", "person"]);
-        assert_eq!(objs("a baby elephant near a hot dog stand"), ["elephant", "hot dog"]);
+        assert_eq!(
+            objs("a baby elephant near a hot dog stand"),
+            ["elephant", "hot dog"]
+        );
         assert_eq!(objs("a toilet seat"), ["toilet"]);
         assert_eq!(objs("a passenger train on the train track"), ["train"]);
         assert_eq!(objs("wine glasses"), ["wine glass"]);

@@ -36,7 +36,11 @@ pub enum Negatives {
 }
 
 impl Negatives {
-    pub const ALL: [Negatives; 3] = [Negatives::Random, Negatives::Popular, Negatives::Adversarial];
+    pub const ALL: [Negatives; 3] = [
+        Negatives::Random,
+        Negatives::Popular,
+        Negatives::Adversarial,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -225,6 +229,130 @@ pub fn score(answers: &[bool], labels: &[bool]) -> PopeScores {
     }
 }
 
+/// One asked question and the model's answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answered {
+    pub image: String,
+    pub object: String,
+    pub present: bool,
+    pub answer: String,
+    pub yes: bool,
+}
+
+/// POPE of one negative-sampling mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct PopeRun {
+    pub negatives: Negatives,
+    pub scores: PopeScores,
+    pub answers: Vec<Answered>,
+}
+
+/// POPE of a vision-language model over every mode asked.
+#[derive(Debug, Clone, Serialize)]
+pub struct PopeEval {
+    pub images: usize,
+    pub runs: Vec<PopeRun>,
+    /// Images that could not be read, with the error (their questions dropped).
+    pub failed: Vec<(String, String)>,
+}
+
+/// Asks `vlm` POPE's questions about `images` (with `objects[i]` the objects
+/// of image i, ordered) for each mode in `modes`, greedy. Each image is read
+/// once and every distinct question about it is answered in one batch; the
+/// random draws are seeded with `seed`.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_pope(
+    vlm: &crate::vlm::Vlm,
+    images: &[crate::data::ImageSource],
+    objects: &[Vec<String>],
+    modes: &[Negatives],
+    per_image: usize,
+    seed: u64,
+    opts: &crate::llm::GenerateOptions,
+    progress: &dyn crate::progress::Progress,
+) -> crate::Result<PopeEval> {
+    use crate::preprocess::image::decode_image;
+    use std::collections::{BTreeMap, BTreeSet};
+    let refs: Vec<&[String]> = objects.iter().map(|o| &o[..]).collect();
+    let mut rng = Rng(seed);
+    let asked: Vec<(Negatives, Vec<Question>)> = modes
+        .iter()
+        .map(|&m| (m, questions(&refs, per_image, m, &mut rng)))
+        .collect();
+    let mut by_image: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+    for q in asked.iter().flat_map(|(_, qs)| qs) {
+        by_image
+            .entry(q.image)
+            .or_default()
+            .insert(q.object.clone());
+    }
+    let mut answers: HashMap<(usize, String), String> = HashMap::new();
+    let mut failed = Vec::new();
+    progress.start("asking", by_image.len() as u64);
+    for (&i, objs) in &by_image {
+        let src = &images[i];
+        let read = src
+            .read()
+            .and_then(|bytes| decode_image(&bytes, &src.path()))
+            .and_then(|img| vlm.image_processor().process(&img));
+        let pixels = match read.and_then(|px| vlm.pixel_batch(&[px])) {
+            Ok(p) => p,
+            Err(e) => {
+                failed.push((src.display_name(), e.to_string()));
+                progress.inc(1);
+                continue;
+            }
+        };
+        let objs: Vec<&String> = objs.iter().collect();
+        let users: Vec<String> = objs
+            .iter()
+            .map(|o| {
+                let q = Question {
+                    image: i,
+                    object: o.to_string(),
+                    present: false,
+                };
+                crate::vlm::Vlm::caption_turn(&q.text())
+            })
+            .collect();
+        for (o, g) in objs.iter().zip(vlm.answer_each(&pixels, &users, opts)?) {
+            answers.insert((i, o.to_string()), g.text.trim().to_string());
+        }
+        progress.inc(1);
+    }
+    progress.finish();
+    let runs = asked
+        .into_iter()
+        .map(|(negatives, qs)| {
+            let answered: Vec<Answered> = qs
+                .into_iter()
+                .filter_map(|q| {
+                    let answer = answers.get(&(q.image, q.object.clone()))?.clone();
+                    Some(Answered {
+                        image: images[q.image].display_name(),
+                        yes: says_yes(&answer),
+                        object: q.object,
+                        present: q.present,
+                        answer,
+                    })
+                })
+                .collect();
+            let yes: Vec<bool> = answered.iter().map(|a| a.yes).collect();
+            let labels: Vec<bool> = answered.iter().map(|a| a.present).collect();
+            PopeRun {
+                negatives,
+                scores: score(&yes, &labels),
+                answers: answered,
+            }
+        })
+        .collect();
+    Ok(PopeEval {
+        images: by_image.len() - failed.len(),
+        runs,
+        failed,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,13 +373,21 @@ mod tests {
 
     #[test]
     fn popular_and_adversarial_negatives() {
-        let imgs = [s(&["dog", "person", "frisbee"]), s(&["person", "car", "bus"]), s(&["dog", "car", "person"])];
+        let imgs = [
+            s(&["dog", "person", "frisbee"]),
+            s(&["person", "car", "bus"]),
+            s(&["dog", "car", "person"]),
+        ];
         let refs: Vec<&[String]> = imgs.iter().map(|v| &v[..]).collect();
         let mut rng = Rng(0);
         let q = questions(&refs, 3, Negatives::Popular, &mut rng);
         // person 3 images, dog 2, car 2 (dog met first), frisbee 1, bus 1;
         // image 0's third positive has no absent object left to ask.
-        let negs: Vec<&str> = q.iter().filter(|q| !q.present).map(|q| q.object.as_str()).collect();
+        let negs: Vec<&str> = q
+            .iter()
+            .filter(|q| !q.present)
+            .map(|q| q.object.as_str())
+            .collect();
         assert_eq!(negs[..3], ["car", "bus", "dog"]);
         let q = questions(&refs, 3, Negatives::Adversarial, &mut rng);
         let img1: Vec<(&str, bool)> = q
@@ -260,13 +396,24 @@ mod tests {
             .map(|q| (q.object.as_str(), q.present))
             .collect();
         // person co-occurs with dog twice; car with dog, then frisbee is all that is left.
-        assert_eq!(img1[..4], [("person", true), ("dog", false), ("car", true), ("frisbee", false)]);
+        assert_eq!(
+            img1[..4],
+            [
+                ("person", true),
+                ("dog", false),
+                ("car", true),
+                ("frisbee", false)
+            ]
+        );
         assert_eq!(q.len(), 15);
     }
 
     #[test]
     fn scores() {
-        let s = score(&[true, true, false, false, true], &[true, false, false, true, true]);
+        let s = score(
+            &[true, true, false, false, true],
+            &[true, false, false, true, true],
+        );
         assert_eq!((s.tp, s.fp, s.tn, s.fn_), (2, 1, 1, 1));
         assert!((s.f1 - 2.0 / 3.0).abs() < 1e-12 && (s.yes_ratio - 0.6).abs() < 1e-12);
     }

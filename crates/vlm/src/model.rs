@@ -448,8 +448,39 @@ impl Vlm {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        self.generate_prompts(&prompts, opts)
+    }
+
+    /// Answers several user turns (one `<image>` each) about one image
+    /// (`pixels` `[1, 3, H, W]`), its features computed once, the answers
+    /// generated as one batch.
+    pub fn answer_each(
+        &self,
+        pixels: &Tensor,
+        users: &[String],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<Generation>> {
+        let feats = self.image_features(pixels)?;
+        let prompts = users
+            .iter()
+            .map(|u| {
+                let ids = self.chat_prompt(u, 1)?;
+                Ok(llm::Prompt {
+                    embeds: Some(self.input_embeds(&ids, &feats)?),
+                    ids,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.generate_prompts(&prompts, opts)
+    }
+
+    fn generate_prompts(
+        &self,
+        prompts: &[llm::Prompt],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<Generation>> {
         let mut opts = opts.clone();
         opts.suppress_tokens.push(self.cfg.image_token_index);
-        llm::generate_batch_prompts(&self.llm, &self.tokenizer, &prompts, &opts)
+        llm::generate_batch_prompts(&self.llm, &self.tokenizer, prompts, &opts)
     }
 }

@@ -156,7 +156,7 @@ pub(super) fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
 }
 
 /// `instances_X.json` beside a COCO `captions_X.json`, if there is one.
-fn beside_captions(spec: &DatasetSpec) -> Option<PathBuf> {
+pub(super) fn beside_captions(spec: &DatasetSpec) -> Option<PathBuf> {
     let name = spec.path.file_name()?.to_str()?;
     let split = name.strip_prefix("captions_")?;
     let p = spec.path.with_file_name(format!("instances_{split}"));
