@@ -102,11 +102,11 @@ fn stats(images: &[&[String]]) -> Stats {
     }
     let seen: Vec<String> = count.iter().map(|(o, _)| o.clone()).collect();
     // Stable: ties keep first-met order.
-    count.sort_by(|a, b| b.1.cmp(&a.1));
+    count.sort_by_key(|x| std::cmp::Reverse(x.1));
     let co_occurring = co
         .into_iter()
         .map(|(o, mut v)| {
-            v.sort_by(|a, b| b.1.cmp(&a.1));
+            v.sort_by_key(|x| std::cmp::Reverse(x.1));
             (o, v.into_iter().map(|(x, _)| x).collect())
         })
         .collect();
