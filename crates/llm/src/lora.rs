@@ -143,13 +143,32 @@ fn dims(c: &LlamaConfig, target: &str) -> (usize, usize) {
     }
 }
 
+/// The model a PEFT adapter's module names belong to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeftBase {
+    /// `LlavaForConditionalGeneration` (transformers 5 names).
+    Llava,
+    /// `LlamaForCausalLM`: the language model alone.
+    CausalLm,
+}
+
+impl PeftBase {
+    fn layers(self) -> &'static str {
+        match self {
+            PeftBase::Llava => "model.language_model.layers",
+            PeftBase::CausalLm => "model.layers",
+        }
+    }
+}
+
 /// The module path of layer `i`'s target inside a
 /// `LlavaForConditionalGeneration` (transformers 5 names).
 fn module(i: usize, target: &str) -> String {
-    format!(
-        "model.language_model.layers.{i}.{}.{target}",
-        parent(target)
-    )
+    module_in(PeftBase::Llava, i, target)
+}
+
+fn module_in(base: PeftBase, i: usize, target: &str) -> String {
+    format!("{}.{i}.{}.{target}", base.layers(), parent(target))
 }
 
 impl Lora {
@@ -302,17 +321,25 @@ impl Lora {
             path: w.clone(),
             reason: e.to_string(),
         })?;
+        // The names say which model the adapter was made for; adapters
+        // saved in bf16 or f16 are widened to the f32 they run in.
+        let base = if tensors.keys().any(|k| k.contains(PeftBase::Llava.layers())) {
+            PeftBase::Llava
+        } else {
+            PeftBase::CausalLm
+        };
         let mut targets: Vec<String> = Vec::new();
         let mut layers = Vec::with_capacity(model.num_layers);
         for i in 0..model.num_layers {
             let mut slots: [Option<LoraPair>; 7] = Default::default();
             for (j, t) in TARGETS.iter().enumerate() {
-                let m = module(i, t);
+                let m = module_in(base, i, t);
                 let (a, b) = (
                     tensors.get(&format!("base_model.model.{m}.lora_A.weight")),
                     tensors.get(&format!("base_model.model.{m}.lora_B.weight")),
                 );
                 let (Some(a), Some(b)) = (a, b) else { continue };
+                let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
                 let (out, inp) = dims(model, t);
                 if a.dims() != [rank, inp] || b.dims() != [out, rank] {
                     return Err(Error::Weights {
@@ -327,10 +354,7 @@ impl Lora {
                 if !targets.iter().any(|x| x == t) {
                     targets.push(t.to_string());
                 }
-                slots[j] = Some(LoraPair {
-                    a: a.clone(),
-                    b: b.clone(),
-                });
+                slots[j] = Some(LoraPair { a, b });
             }
             layers.push(slots);
         }
@@ -341,6 +365,14 @@ impl Lora {
             });
         }
         targets.sort_by_key(|t| TARGETS.iter().position(|x| x == t));
+        if model.rope_layout != RopeLayout::Half
+            && targets.iter().any(|t| t == "q_proj" || t == "k_proj")
+        {
+            return Err(Error::Weights {
+                path: w,
+                reason: "LoRA on q_proj/k_proj is in Hugging Face's row order; this model holds q and k in GGUF's interleaved order (load it from a Hugging Face checkpoint)".into(),
+            });
+        }
         Ok(Self {
             cfg: LoraConfig {
                 rank,

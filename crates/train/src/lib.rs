@@ -16,6 +16,7 @@ use clasp_llm as llm;
 
 pub mod bcif;
 pub mod config;
+pub mod dpo;
 pub mod ewc;
 pub mod feature_cache;
 pub mod hooks;
@@ -25,6 +26,7 @@ mod momentum;
 pub mod objectives;
 pub mod optim;
 pub mod order;
+pub mod prefs;
 pub mod presets;
 pub mod qformer_init;
 pub mod qformer_stage1;

@@ -1,0 +1,190 @@
+//! DPO against TRL's `DPOTrainer` on one batch (`scripts/gen_dpo_fixtures.py`):
+//! SmolLM2-135M-Instruct in f32 with a LoRA adapter (rank 2 on v_proj, drawn
+//! by the script), the reference being the model with its adapter disabled.
+//! The pairs' token ids equal TRL's; per loss type (sigmoid, hinge, ipo,
+//! robust with label smoothing 0.1) the loss and the logged rewards and
+//! log-probabilities equal TRL's, and so do the adapter's gradients.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use clasp::llm::lora::Lora;
+use clasp::llm::{LanguageModel, Precision};
+use clasp::train::dpo::{completion_logps, DpoLoss, PairLogps, PrefLoss};
+use clasp::train::prefs::{load_prefs, tokenize_pair, PairIds};
+use serde_json::Value;
+
+const DIR: &str = "tests/fixtures/dpo";
+
+fn fixture() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/trl.json")).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn close(got: f64, want: f64, tol: f64, what: &str) {
+    assert!(
+        (got - want).abs() <= tol * (1.0 + want.abs()),
+        "{what}: {got} against TRL's {want}"
+    );
+}
+
+#[test]
+fn dpo_equals_trl_on_one_batch() {
+    let f = fixture();
+    let mut lm = LanguageModel::load(&common::smollm2(), Precision::F32, &Device::Cpu).unwrap();
+    // Tokenized as TRL tokenizes the conversational pairs.
+    let set = load_prefs(std::path::Path::new(&format!("{DIR}/prefs.jsonl"))).unwrap();
+    assert!(set.issues.is_empty());
+    let pairs: Vec<PairIds> = set
+        .pairs
+        .iter()
+        .map(|p| tokenize_pair(&lm.tokenizer, p).unwrap())
+        .collect();
+    for (i, (p, w)) in pairs.iter().zip(f["ids"].as_array().unwrap()).enumerate() {
+        assert_eq!(p.prompt, ids(&w["prompt"]), "pair {i} prompt");
+        assert_eq!(p.chosen, ids(&w["chosen"]), "pair {i} chosen");
+        assert_eq!(p.rejected, ids(&w["rejected"]), "pair {i} rejected");
+    }
+
+    let adapter = Lora::load_peft(
+        std::path::Path::new(&format!("{DIR}/adapter")),
+        lm.model.config(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (adapter, vars) = adapter.into_vars().unwrap();
+    let logps = |lm: &LanguageModel| -> PairLogps {
+        let prefixes: Vec<Tensor> = pairs
+            .iter()
+            .map(|p| {
+                let t = Tensor::new(p.prompt.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                lm.model.embed(&t).unwrap().squeeze(0).unwrap()
+            })
+            .collect();
+        let c: Vec<&[u32]> = pairs.iter().map(|p| p.chosen.as_slice()).collect();
+        let r: Vec<&[u32]> = pairs.iter().map(|p| p.rejected.as_slice()).collect();
+        PairLogps {
+            chosen: completion_logps(&lm.model, &prefixes, &c).unwrap(),
+            rejected: completion_logps(&lm.model, &prefixes, &r).unwrap(),
+            chosen_len: pairs.iter().map(|p| p.chosen.len()).collect(),
+            rejected_len: pairs.iter().map(|p| p.rejected.len()).collect(),
+        }
+    };
+    let reference = logps(&lm);
+    lm.model.set_lora(Some(&adapter)).unwrap();
+    let policy = logps(&lm);
+    for (side, got) in [("policy", &policy), ("reference", &reference)] {
+        for (key, t) in [("chosen", &got.chosen), ("rejected", &got.rejected)] {
+            let g: Vec<f32> = t.to_vec1().unwrap();
+            for (i, w) in f[side][key].as_array().unwrap().iter().enumerate() {
+                close(
+                    g[i] as f64,
+                    w.as_f64().unwrap(),
+                    1e-5,
+                    &format!("{side} {key} {i}"),
+                );
+            }
+        }
+    }
+    // The policy's adapter changes the log-probs (else this checks nothing).
+    let moved: f32 = (&policy.chosen - &reference.chosen)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(moved > 0.1, "{moved}");
+
+    let grads =
+        candle_core::safetensors::load(format!("{DIR}/grads.safetensors"), &Device::Cpu).unwrap();
+    for (name, want) in f["losses"].as_object().unwrap() {
+        let cfg = DpoLoss {
+            beta: 0.1,
+            loss: PrefLoss::parse(name).unwrap(),
+            label_smoothing: want["label_smoothing"].as_f64().unwrap(),
+        };
+        let (loss, stats) = cfg.loss(&policy, &reference).unwrap();
+        close(
+            stats.loss as f64,
+            want["loss"].as_f64().unwrap(),
+            1e-5,
+            &format!("{name} loss"),
+        );
+        for (got, key) in [
+            (stats.rewards_chosen, "rewards/chosen"),
+            (stats.rewards_rejected, "rewards/rejected"),
+            (stats.rewards_margin, "rewards/margins"),
+            (stats.rewards_accuracy, "rewards/accuracies"),
+            (stats.logps_chosen, "logps/chosen"),
+            (stats.logps_rejected, "logps/rejected"),
+        ] {
+            close(
+                got as f64,
+                want[key].as_f64().unwrap(),
+                1e-5,
+                &format!("{name} {key}"),
+            );
+        }
+        let g = loss.backward().unwrap();
+        let mut sq = 0f64;
+        let by_name: HashMap<&str, Tensor> = vars
+            .iter()
+            .map(|(n, v)| (n.as_str(), g.get(v.as_tensor()).unwrap().clone()))
+            .collect();
+        for t in by_name.values() {
+            sq += t
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+        }
+        let norm = grads[&format!("{name}/norm")].to_vec1::<f64>().unwrap()[0];
+        close(sq.sqrt(), norm, 1e-4, &format!("{name} gradient norm"));
+        for layer in [0, 14, 29] {
+            for ab in ["lora_A", "lora_B"] {
+                let mine = &by_name[format!(
+                    "base_model.model.model.language_model.layers.{layer}.self_attn.v_proj.{ab}.weight"
+                )
+                .as_str()];
+                let theirs = &grads[&format!(
+                    "{name}/base_model.model.model.layers.{layer}.self_attn.v_proj.{ab}.weight"
+                )];
+                let diff: f32 = (mine - theirs)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                let scale: f32 = theirs
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(
+                    diff <= 1e-4 * scale.max(1e-3),
+                    "{name} layer {layer} {ab}: {diff} (max |g| {scale})"
+                );
+            }
+        }
+    }
+}
