@@ -231,11 +231,16 @@ impl Lora {
 
     /// The tensors in PEFT's names.
     pub fn peft_tensors(&self) -> Vec<(String, Tensor)> {
+        self.peft_tensors_for(PeftBase::Llava)
+    }
+
+    /// The tensors in PEFT's names for an adapter of `base`.
+    pub fn peft_tensors_for(&self, base: PeftBase) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for (i, slots) in self.layers.iter().enumerate() {
             for (j, p) in slots.iter().enumerate() {
                 if let Some(p) = p {
-                    let m = module(i, TARGETS[j]);
+                    let m = module_in(base, i, TARGETS[j]);
                     out.push((format!("base_model.model.{m}.lora_A.weight"), p.a.clone()));
                     out.push((format!("base_model.model.{m}.lora_B.weight"), p.b.clone()));
                 }
@@ -248,6 +253,11 @@ impl Lora {
     /// over the language model's layers, so the vision tower's own
     /// `q_proj`s are not adapted.
     pub fn peft_config(&self) -> serde_json::Value {
+        self.peft_config_for(PeftBase::Llava)
+    }
+
+    /// [`Self::peft_config`] for an adapter of `base`.
+    pub fn peft_config_for(&self, base: PeftBase) -> serde_json::Value {
         let names: Vec<&str> = TARGETS
             .iter()
             .copied()
@@ -255,7 +265,10 @@ impl Lora {
             .collect();
         serde_json::json!({
             "peft_type": "LORA",
-            "task_type": null,
+            "task_type": match base {
+                PeftBase::Llava => serde_json::Value::Null,
+                PeftBase::CausalLm => "CAUSAL_LM".into(),
+            },
             "base_model_name_or_path": null,
             "r": self.cfg.rank,
             "lora_alpha": self.cfg.alpha,
@@ -266,36 +279,68 @@ impl Lora {
             "use_dora": false,
             "init_lora_weights": true,
             "inference_mode": true,
-            "target_modules": format!(
-                r".*language_model\.layers\.\d+\.(self_attn|mlp)\.({})",
-                names.join("|")
-            ),
+            "target_modules": match base {
+                PeftBase::Llava => format!(
+                    r".*language_model\.layers\.\d+\.(self_attn|mlp)\.({})",
+                    names.join("|")
+                ),
+                PeftBase::CausalLm => format!(
+                    r"model\.layers\.\d+\.(self_attn|mlp)\.({})",
+                    names.join("|")
+                ),
+            },
             "modules_to_save": null,
         })
     }
 
     /// Writes `adapter_model.safetensors` and `adapter_config.json` into
-    /// `dir` (a folder being written; the caller renames it into place).
-    /// q and k must be in Hugging Face's rotate-half row order.
-    pub fn save_peft(&self, dir: &Path, layout: RopeLayout) -> Result<()> {
-        if layout != RopeLayout::Half
-            && self
-                .cfg
-                .targets
-                .iter()
-                .any(|t| t == "q_proj" || t == "k_proj")
-        {
-            return Err(Error::Report(
-                "LoRA on q_proj/k_proj is saved for a language model in Hugging Face's layout; start stage 2 from a VLM checkpoint (--init)".into(),
-            ));
-        }
+    /// `dir` (a folder being written; the caller renames it into place),
+    /// for a `LlavaForConditionalGeneration` over a model of config `model`.
+    pub fn save_peft(&self, dir: &Path, model: &LlamaConfig) -> Result<()> {
+        self.save_peft_for(dir, model, PeftBase::Llava)
+    }
+
+    /// [`Self::save_peft`] for an adapter of `base`. A model held in GGUF's
+    /// interleaved rotary order has its q and k adapters' B rows put back
+    /// in Hugging Face's order, as its weights are when saved.
+    pub fn save_peft_for(&self, dir: &Path, model: &LlamaConfig, base: PeftBase) -> Result<()> {
+        let layout = self.in_layout(model, RopeLayout::Half)?;
         let w = dir.join("adapter_model.safetensors");
-        let map: HashMap<String, Tensor> = self.peft_tensors().into_iter().collect();
+        let map: HashMap<String, Tensor> = layout.peft_tensors_for(base).into_iter().collect();
         candle_core::safetensors::save(&map, &w).map_err(|e| Error::Weights {
             path: w.clone(),
             reason: e.to_string(),
         })?;
-        crate::atomic::write_json(&dir.join("adapter_config.json"), &self.peft_config())
+        crate::atomic::write_json(
+            &dir.join("adapter_config.json"),
+            &self.peft_config_for(base),
+        )
+    }
+
+    /// This adapter with its q and k B rows in `to`'s order, for a model
+    /// whose weights are held in `model.rope_layout`'s (nothing moves for a
+    /// model in Hugging Face's order).
+    fn in_layout(&self, model: &LlamaConfig, to: RopeLayout) -> Result<Lora> {
+        let mut out = self.clone();
+        if model.rope_layout == RopeLayout::Half {
+            return Ok(out);
+        }
+        for slots in out.layers.iter_mut() {
+            for (j, heads) in [
+                (Proj::Q as usize, model.num_heads),
+                (Proj::K as usize, model.num_kv_heads),
+            ] {
+                if let Some(p) = slots[j].as_mut() {
+                    p.b = match to {
+                        RopeLayout::Half => super::ops::interleaved_to_half_rows(&p.b, heads)?,
+                        RopeLayout::Interleaved => {
+                            super::ops::half_to_interleaved_rows(&p.b, heads)?
+                        }
+                    };
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Reads a PEFT adapter from `dir`, for a model of config `model`.
@@ -365,26 +410,96 @@ impl Lora {
             });
         }
         targets.sort_by_key(|t| TARGETS.iter().position(|x| x == t));
-        if model.rope_layout != RopeLayout::Half
-            && targets.iter().any(|t| t == "q_proj" || t == "k_proj")
-        {
-            return Err(Error::Weights {
-                path: w,
-                reason: "LoRA on q_proj/k_proj is in Hugging Face's row order; this model holds q and k in GGUF's interleaved order (load it from a Hugging Face checkpoint)".into(),
-            });
-        }
-        Ok(Self {
+        // Saved in Hugging Face's order; held in the model's.
+        Self {
             cfg: LoraConfig {
                 rank,
                 alpha,
                 targets,
             },
             layers,
-        })
+        }
+        .in_layout(model, RopeLayout::Interleaved)
     }
 
     /// Whether `dir` holds an adapter.
     pub fn present(dir: &Path) -> bool {
         dir.join("adapter_config.json").is_file()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An adapter on q and k of a model held in GGUF's interleaved order is
+    /// saved in Hugging Face's row order and read back as it was.
+    #[test]
+    fn q_and_k_adapters_cross_the_rotary_layouts() {
+        let model = LlamaConfig {
+            vocab_size: 16,
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_layers: 2,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_linear_factor: 1.0,
+            max_position_embeddings: 32,
+            tie_word_embeddings: true,
+            rope_layout: RopeLayout::Interleaved,
+        };
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
+        };
+        let mut lora = Lora::init(&cfg, &model, 3, &Device::Cpu).unwrap();
+        // B is zero at init: give it distinct rows.
+        for slots in lora.layers.iter_mut() {
+            for p in slots.iter_mut().flatten() {
+                let (o, r) = p.b.dims2().unwrap();
+                let v: Vec<f32> = (0..o * r).map(|x| x as f32).collect();
+                p.b = Tensor::from_vec(v, (o, r), &Device::Cpu).unwrap();
+            }
+        }
+        let d = tempfile::tempdir().unwrap();
+        lora.save_peft_for(d.path(), &model, PeftBase::CausalLm)
+            .unwrap();
+        let saved = candle_core::safetensors::load(
+            d.path().join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let b = |l: &Lora, j: usize| {
+            l.layers[0][j]
+                .as_ref()
+                .unwrap()
+                .b
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let q = saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].clone();
+        let want = super::super::ops::interleaved_to_half_rows(
+            &lora.layers[0][0].as_ref().unwrap().b,
+            model.num_heads,
+        )
+        .unwrap();
+        assert_eq!(
+            q.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert_ne!(
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b(&lora, 0)
+        );
+        let back = Lora::load_peft(d.path(), &model, &Device::Cpu).unwrap();
+        for j in [0, 1, 2] {
+            assert_eq!(b(&back, j), b(&lora, j), "target {j}");
+        }
     }
 }

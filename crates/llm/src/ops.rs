@@ -84,6 +84,16 @@ pub fn interleaved_to_half_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
+/// The inverse of [`interleaved_to_half_rows`]: transformers' rotate-half
+/// row order to GGUF's interleaved one.
+pub fn half_to_interleaved_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w.reshape((heads, 2, rows / heads / 2, cols))?
+        .transpose(1, 2)?
+        .reshape((rows, cols))?
+        .contiguous()?)
+}
+
 /// cos and sin tables `[max_pos, d/2]`, computed in f32 as transformers does:
 /// inv_freq = 1 / theta^(2i/d), angle = (pos / factor) * inv_freq.
 pub(super) fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {

@@ -150,6 +150,9 @@ pub struct TrainConfig {
     /// Each objective's tunables (`daa_temp`, `triplet_margin`, ...).
     #[serde(flatten)]
     pub objective_params: ObjectiveParams,
+    /// A preference run's pairs, β and loss (`prefs`, `beta`, `pref_loss`, `label_smoothing`).
+    #[serde(flatten)]
+    pub preference: super::dpo::PreferenceParams,
     /// A weight schedule trading the first objective against the others
     /// (`bcif`, or e.g. `linear(1,0.2)`); none: constant weights.
     pub schedule: Option<String>,
@@ -234,6 +237,7 @@ impl Default for TrainConfig {
             seed: 0,
             objective: "infonce".into(),
             objective_params: ObjectiveParams::default(),
+            preference: Default::default(),
             schedule: None,
             negatives: None,
             negatives_share: 0.5,
@@ -461,6 +465,10 @@ impl TrainConfig {
         let bad = |key: &str, why: String| Err(Error::Report(format!("{key}: {why}")));
         if !(0.0..=1.0).contains(&self.caption_noise) {
             return bad("caption_noise", "a fraction in [0, 1]".into());
+        }
+        if self.task() == Task::Dpo {
+            self.output_dir()?;
+            return self.check_dpo();
         }
         if self.dataset.is_none() {
             return bad(

@@ -66,6 +66,39 @@ impl Default for DpoLoss {
     }
 }
 
+/// A preference run's keys (flat in the config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PreferenceParams {
+    /// The preference pairs (JSON lines in TRL's format).
+    pub prefs: Option<std::path::PathBuf>,
+    pub beta: f64,
+    pub pref_loss: PrefLoss,
+    pub label_smoothing: f64,
+}
+
+impl Default for PreferenceParams {
+    fn default() -> Self {
+        let d = DpoLoss::default();
+        Self {
+            prefs: None,
+            beta: d.beta,
+            pref_loss: d.loss,
+            label_smoothing: d.label_smoothing,
+        }
+    }
+}
+
+impl PreferenceParams {
+    pub fn loss(&self) -> DpoLoss {
+        DpoLoss {
+            beta: self.beta,
+            loss: self.pref_loss,
+            label_smoothing: self.label_smoothing,
+        }
+    }
+}
+
 /// Summed completion log-probabilities `[B]` of the chosen and the
 /// rejected completions, and their token counts.
 pub struct PairLogps {

@@ -17,6 +17,7 @@ use clasp_llm as llm;
 pub mod bcif;
 pub mod config;
 pub mod dpo;
+pub mod dpo_task;
 pub mod ewc;
 pub mod feature_cache;
 pub mod hooks;

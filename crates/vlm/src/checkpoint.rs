@@ -186,7 +186,7 @@ impl Vlm {
             self.tokenizer.save_hf(tmp)?;
             // A LoRA adapter goes beside the base weights, in PEFT's layout.
             if let Some(l) = self.llm.lora() {
-                l.save_peft(tmp, self.llm.config().rope_layout)?;
+                l.save_peft(tmp, self.llm.config())?;
             }
             write_json(
                 &tmp.join("preprocessor_config.json"),

@@ -16,6 +16,11 @@ pub enum Task {
     /// `text_init`.
     #[serde(alias = "q-former")]
     Qformer,
+    /// Preference alignment (`--task dpo`): a LoRA adapter on the language
+    /// model of a vision-language model (`init`) or of a language model
+    /// alone (`llm`), trained on the pairs of `prefs` against the model as
+    /// it started.
+    Dpo,
 }
 
 /// Keys only a dual-encoder run reads.
@@ -67,6 +72,7 @@ impl Task {
             Task::DualEncoder => "a dual-encoder (CLIP) training",
             Task::VisionLanguage => "a vision-language (--llm/--vision) training",
             Task::Qformer => "a Q-Former (BLIP-2 stage 1, --task qformer) training",
+            Task::Dpo => "a preference (--task dpo) training",
         }
     }
 
@@ -74,11 +80,22 @@ impl Task {
     /// another task only.
     pub fn refuses(self, key: &str) -> bool {
         match self {
-            Task::DualEncoder => VISION_LANGUAGE_KEYS.contains(&key),
-            Task::VisionLanguage => DUAL_ENCODER_KEYS.contains(&key),
+            Task::DualEncoder => {
+                VISION_LANGUAGE_KEYS.contains(&key) || PREFERENCE_KEYS.contains(&key)
+            }
+            Task::VisionLanguage => {
+                DUAL_ENCODER_KEYS.contains(&key) || PREFERENCE_KEYS.contains(&key)
+            }
+            Task::Dpo => {
+                (DUAL_ENCODER_KEYS.contains(&key)
+                    || VISION_LANGUAGE_KEYS.contains(&key)
+                    || DPO_ALSO_REFUSED.contains(&key))
+                    && !DPO_READS.contains(&key)
+            }
             Task::Qformer => {
                 (DUAL_ENCODER_KEYS.contains(&key)
                     || VISION_LANGUAGE_KEYS.contains(&key)
+                    || PREFERENCE_KEYS.contains(&key)
                     || QFORMER_ALSO_REFUSED.contains(&key))
                     && !QFORMER_READS.contains(&key)
             }
@@ -99,9 +116,26 @@ impl Task {
                 "a Q-Former run reads its tower from `vision` (locked), its BERT from \
                  `text_init`, and `queries`"
             }
+            Task::Dpo => {
+                "a preference run reads its model from `init` (a vision-language checkpoint) \
+                 or `llm`, its pairs from `prefs`, and the LoRA keys"
+            }
         }
     }
 }
+
+/// Keys only a preference run reads.
+pub(super) const PREFERENCE_KEYS: &[&str] = &["prefs", "beta", "pref_loss", "label_smoothing"];
+/// Of the other tasks' keys, the ones a preference run reads.
+const DPO_READS: &[&str] = &[
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "grad_clip_adapter",
+    "packed_llm",
+];
+/// Keys no task list holds that a preference run refuses too.
+const DPO_ALSO_REFUSED: &[&str] = &["vision", "dataset", "schedule", "objective", "eval_dataset"];
 
 /// Of the other tasks' keys, the ones a Q-Former run reads.
 const QFORMER_READS: &[&str] = &["text_init", "queries"];
@@ -157,6 +191,30 @@ impl super::TrainConfig {
                 self.resampler_heads,
             ),
         })
+    }
+
+    /// What a preference run needs: a model and its pairs.
+    pub(super) fn check_dpo(&self) -> crate::Result<()> {
+        let bad = |key: &str, why: String| Err(crate::Error::Report(format!("{key}: {why}")));
+        if self.init.is_some() == self.llm.is_some() {
+            return bad(
+                "init, llm",
+                "a preference run starts from one model: --init VLM_CHECKPOINT or --llm \
+                 GGUF_OR_FOLDER"
+                    .into(),
+            );
+        }
+        if self.preference.prefs.is_none() {
+            return bad(
+                "prefs",
+                "give the preference pairs (JSON lines in TRL's format)".into(),
+            );
+        }
+        self.preference
+            .loss()
+            .check()
+            .or_else(|e| bad("beta, pref_loss, label_smoothing", e))?;
+        self.lora().check().or_else(|e| bad("lora", e))
     }
 
     /// What a Q-Former run needs: its tower and its BERT.
