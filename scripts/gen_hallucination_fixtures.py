@@ -41,7 +41,7 @@ from textblob.en.inflect import pluralize, singularize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO = os.path.join(ROOT, "..", "shared", "data", "coco-mini-train", "annotations")
-SYNONYMS = os.path.join(ROOT, "crates", "eval", "src", "chair_synonyms.txt")
+SYNONYMS = os.path.join(ROOT, "crates", "core", "src", "data", "coco_synonyms.txt")
 OUT = os.path.join(ROOT, "tests", "fixtures", "eval", "chair.json")
 POPE_OUT = os.path.join(ROOT, "tests", "fixtures", "eval", "pope.json")
 

@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use clasp::data::singular::singularize;
 use clasp::eval::chair::{chair, coco_instances, ObjectWords, Truth};
-use clasp::eval::singular::singularize;
 use serde_json::Value;
 
 fn fixture() -> Value {

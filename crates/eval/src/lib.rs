@@ -20,7 +20,6 @@ pub mod pope;
 pub mod report;
 pub mod rerank;
 pub mod retrieval;
-pub mod singular;
 pub mod zeroshot;
 
 pub use crate::preprocess::prompts;

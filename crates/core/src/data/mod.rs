@@ -8,7 +8,9 @@
 
 mod classes;
 pub mod files;
+pub mod objects;
 mod retrieval;
+pub mod singular;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
