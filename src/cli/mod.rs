@@ -7,6 +7,7 @@ mod generate;
 mod imagenet;
 mod mine;
 mod output;
+mod prefs;
 mod quantize;
 mod search;
 mod serve;
@@ -72,6 +73,8 @@ pub enum Command {
     Train(Box<train::TrainArgs>),
     /// Mine hard negative captions for the triplet objective (`train --negatives`).
     Mine(mine::MineArgs),
+    /// Build preference pairs against object hallucination (for `train --task dpo`).
+    Prefs(prefs::PrefsArgs),
     /// Generate text with a language model (GGUF or LlamaForCausalLM).
     Generate(generate::GenerateArgs),
     /// Print the token ids of texts, one JSON array per text (any model).
@@ -242,6 +245,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(a) => serve::run(a),
         Command::Train(a) => train::run(*a),
         Command::Mine(a) => mine::run(a),
+        Command::Prefs(a) => prefs::run(a),
         Command::Generate(a) => generate::generate_cmd(a),
         Command::Tokenize(a) => generate::tokenize_cmd(a),
         Command::Convert(a) => generate::convert_cmd(a),

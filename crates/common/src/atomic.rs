@@ -24,8 +24,13 @@ pub fn temp_beside(path: &Path) -> PathBuf {
 /// renamed into place.
 pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Report(e.to_string()))?;
+    write_bytes(path, text.as_bytes())
+}
+
+/// Writes `bytes` to `path`: to a temporary sibling, then renamed into place.
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_beside(path);
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 

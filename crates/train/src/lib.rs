@@ -28,6 +28,7 @@ pub mod objectives;
 pub mod optim;
 pub mod order;
 pub mod prefs;
+pub mod prefs_build;
 pub mod presets;
 pub mod qformer_init;
 pub mod qformer_stage1;
