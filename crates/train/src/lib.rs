@@ -33,6 +33,7 @@ pub mod presets;
 pub mod qformer_init;
 pub mod qformer_stage1;
 pub mod qformer_task;
+pub mod reward;
 pub mod run;
 pub mod schedule;
 pub mod state;
