@@ -91,6 +91,8 @@ pub enum Command {
     Caption(vlm::CaptionArgs),
     /// Ask a vision-language model about an image.
     Chat(vlm::ChatArgs),
+    /// Rate answers about an image with a vision-language reward model.
+    Score(vlm::ScoreArgs),
     /// Fold a VLM's LoRA adapter into its language model's weights and save the result.
     MergeLora(vlm::MergeLoraArgs),
     /// Answer a question from an indexed photo collection with a vision-language model (RAG).
@@ -253,6 +255,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Assemble(a) => vlm::assemble_cmd(a),
         Command::Caption(a) => vlm::caption_cmd(a),
         Command::Chat(a) => vlm::chat_cmd(a),
+        Command::Score(a) => vlm::score_cmd(a),
         Command::MergeLora(a) => vlm::merge_lora_cmd(a),
         Command::Ask(a) => vlm::ask_cmd(a),
         Command::Store(c) => store::run(c),

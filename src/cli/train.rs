@@ -59,7 +59,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     if cfg.task() == clasp::train::config::Task::Qformer {
         return run_qformer(&a, cfg, &stop, &bar);
     }
-    if cfg.task() == clasp::train::config::Task::Dpo {
+    if cfg.task().is_preference() {
         use clasp::train::dpo_task::DpoTrainer;
         let mut run = match &a.resume {
             Some(dir) => DpoTrainer::resume(dir)?,

@@ -19,7 +19,8 @@ pub struct TrainArgs {
     /// Q-Former with ITC, ITM and ITG over a locked pretrained CNN, --vision; its BERT from
     /// --text-init; --queries of them), saved as a Blip2ForImageTextRetrieval folder that
     /// `--rerank-model` takes; `dpo` aligns a vision-language model (--init) or a language
-    /// model (--llm) to the preference pairs of --prefs, training a LoRA adapter.
+    /// model (--llm) to the preference pairs of --prefs, training a LoRA adapter; `reward`
+    /// trains a reward model (a scalar head and a LoRA adapter) on them.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,

@@ -149,6 +149,13 @@ pub struct CaptionArgs {
     pub batch_size: usize,
     #[command(flatten)]
     pub sample: SampleArgs,
+    /// Sample N captions per image and keep the one --reward-model rates highest (needs
+    /// --temperature above 0; --json lists every candidate with its reward).
+    #[arg(long, default_value_t = 1, requires = "reward_model")]
+    pub best_of: usize,
+    /// A vision-language reward model (`clasp train --task reward --init VLM`) for --best-of.
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
     /// Print [{"path", "caption"}] as JSON.
     #[arg(long)]
     pub json: bool,
@@ -181,6 +188,9 @@ pub fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
     let vlm = load(&a.model)?;
     let sources: Vec<ImageSource> = paths.iter().cloned().map(ImageSource::File).collect();
     let bar = BarProgress::default();
+    if let Some(rm) = &a.reward_model {
+        return best_of_cmd(&a, &vlm, rm, &paths, &sources, &bar);
+    }
     let results = clasp::vlm::caption::caption_images(
         &vlm,
         &sources,
@@ -217,6 +227,97 @@ pub fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
         eprintln!("{failed} of {} images could not be captioned", paths.len());
         return Ok(ExitCode::from(1));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `clasp caption --best-of N --reward-model RM`.
+fn best_of_cmd(
+    a: &CaptionArgs,
+    vlm: &clasp::vlm::Vlm,
+    rm: &std::path::Path,
+    paths: &[PathBuf],
+    sources: &[ImageSource],
+    bar: &BarProgress,
+) -> Result<ExitCode> {
+    if a.best_of > 1 && a.sample.temperature <= 0.0 {
+        bail!(
+            "--best-of {} draws different captions only with --temperature above 0",
+            a.best_of
+        );
+    }
+    let rm = clasp::vlm::reward::VlmReward::load(rm, vlm.device())?;
+    let user = user_turn(a.prompt.as_deref(), a.lang);
+    let results = clasp::vlm::reward::best_of(
+        vlm,
+        &rm,
+        sources,
+        &user,
+        &a.sample.options()?,
+        a.best_of.max(1),
+        a.batch_size,
+        bar,
+    )?;
+    let (mut rows, mut failed) = (Vec::new(), 0);
+    for (p, r) in paths.iter().zip(results) {
+        match r {
+            Ok(b) => {
+                let best = &b.candidates[b.best].0;
+                if a.json {
+                    let cands: Vec<_> = b
+                        .candidates
+                        .iter()
+                        .map(|(c, r)| serde_json::json!({"caption": c, "reward": r}))
+                        .collect();
+                    rows.push(serde_json::json!({"path": p.display().to_string(),
+                        "caption": best, "candidates": cands}));
+                } else {
+                    println!("{}\t{}", p.display(), best.replace('\n', " "));
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Rate answers about an image with a vision-language reward model.
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// A reward model (`clasp train --task reward --init VLM`).
+    #[arg(short, long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub image: PathBuf,
+    /// An answer to rate (repeatable).
+    #[arg(long, required = true)]
+    pub answer: Vec<String>,
+    /// The user turn the answers reply to [default: "Describe the image."].
+    #[arg(short, long)]
+    pub prompt: Option<String>,
+}
+
+pub fn score_cmd(a: ScoreArgs) -> Result<ExitCode> {
+    let rm = clasp::vlm::reward::VlmReward::load(&a.model, &candle_core::Device::Cpu)?;
+    let px = rm.vlm.pixels(&[a.image.as_path()])?;
+    let user = user_turn(a.prompt.as_deref(), LangArg::En);
+    let r = rm.scores(&px, &user, &a.answer)?;
+    let rows: Vec<_> = a
+        .answer
+        .iter()
+        .zip(r)
+        .map(|(t, r)| serde_json::json!({"answer": t, "reward": r}))
+        .collect();
+    println!("{}", serde_json::to_string_pretty(&rows)?);
     Ok(ExitCode::SUCCESS)
 }
 

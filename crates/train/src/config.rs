@@ -466,7 +466,7 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.caption_noise) {
             return bad("caption_noise", "a fraction in [0, 1]".into());
         }
-        if self.task() == Task::Dpo {
+        if self.task().is_preference() {
             self.output_dir()?;
             return self.check_dpo();
         }

@@ -1,15 +1,17 @@
-//! `clasp train --task dpo`: a LoRA adapter on a language model trained on
-//! preference pairs with [`crate::dpo`]'s losses, through the one training
-//! loop ([`crate::run`]). The model is a vision-language checkpoint
+//! `clasp train --task dpo|reward`: a LoRA adapter on a language model
+//! trained on preference pairs, through the one training loop
+//! ([`crate::run`]): with [`crate::dpo`]'s losses, or as a reward model
+//! ([`crate::reward`]: a scalar head too, the Bradley–Terry loss). The model is a vision-language checkpoint
 //! (`init`: each pair's image enters policy and reference alike) or a
 //! language model alone (`llm`). The reference is the model as it started:
 //! with its adapter disabled when the adapter is new, or with the adapter it
 //! came with (a stage-2 checkpoint's), kept frozen, as TRL does with PEFT.
 //!
-//! Saves the vision-language model in the Llava layout with its adapter, or
-//! the language model's adapter in PEFT's `LlamaForCausalLM` layout; the
-//! batch's mean rewards, margin, accuracy and log-probabilities go to
-//! metrics.jsonl under `losses`, as TRL logs them.
+//! Saves the vision-language model in the Llava layout with its adapter (a
+//! reward model's head beside it, `score.safetensors`), or the language
+//! model's adapter in PEFT's layout (`LlamaForCausalLM`, or a `SEQ_CLS`
+//! adapter with the head for a reward model); the batch's statistics go to
+//! metrics.jsonl under `losses`, named as TRL logs them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -17,18 +19,20 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 
-use super::config::TrainConfig;
+use super::config::{Task as RunTask, TrainConfig};
 use super::dpo::{completion_logps, PairLogps};
 use super::hooks::StepLog;
 use super::optim::{self, AdamWConfig, GroupedAdamW};
 use super::order::{self, Order};
 use super::prefs::{load_prefs, tokenize_pair, PairIds, PrefPair};
+use super::reward::{self, bradley_terry, sequence_rewards, SCORE_KEY};
 use super::run::{Prepare, Task};
 use super::state::{self, checkpoint_dir, State};
 use crate::data::ImageSource;
 use crate::llm::lora::{Lora, PeftBase};
 use crate::llm::{LanguageModel, Llama, LlmTokenizer, Precision};
 use crate::{Error, Result};
+use clasp_vlm::reward::SCORE_FILE;
 use clasp_vlm::Vlm;
 
 /// The model whose language model is aligned.
@@ -81,6 +85,8 @@ pub struct DpoTrainer {
     adapter: Lora,
     /// The reference's adapter: none when the adapter is new.
     reference: Option<Lora>,
+    /// A reward model's score head `[1, hidden]` (also in `vars`).
+    head: Option<Var>,
     opt: GroupedAdamW,
     vars: Vec<(String, Var)>,
     ids: Vec<PairIds>,
@@ -160,11 +166,20 @@ impl DpoTrainer {
         let policy = load_policy(&st.config, &dev)?;
         let me = Self::build(st.config, policy, st.order, st.step, Some(opt))?;
         let ckpt = checkpoint_dir(out);
-        let saved: HashMap<String, Tensor> =
+        let mut saved: HashMap<String, Tensor> =
             Lora::load_peft(&ckpt, me.policy.llm().config(), &dev)?
                 .peft_tensors()
                 .into_iter()
                 .collect();
+        if me.head.is_some() {
+            let hidden = me.policy.llm().config().hidden_size;
+            let h = reward::load_head_file(
+                &head_file(&ckpt, matches!(me.policy, Policy::Vlm(_))),
+                hidden,
+                &dev,
+            )?;
+            saved.insert(SCORE_KEY.into(), h);
+        }
         for (name, v) in &me.vars {
             let t = saved.get(name).ok_or_else(|| {
                 Error::Report(format!("{}: no {name} to resume from", ckpt.display()))
@@ -211,8 +226,19 @@ impl DpoTrainer {
                 None,
             ),
         };
-        let (adapter, vars) = start.into_vars()?;
+        let (adapter, mut vars) = start.into_vars()?;
         llm.set_lora(Some(&adapter))?;
+        // transformers draws a new score head N(0, 0.02²); this one is
+        // uniform with that spread, from the run's seed.
+        let head = if cfg.task() == RunTask::Reward {
+            let h = llm.config().hidden_size;
+            let w = crate::rng::Rng(cfg.seed ^ 0x5C0_4E).symmetric(h, 0.02 * 3f64.sqrt());
+            let v = Var::from_tensor(&Tensor::from_vec(w, (1, h), llm.device())?)?;
+            vars.push((SCORE_KEY.to_string(), v.clone()));
+            Some(v)
+        } else {
+            None
+        };
         if cfg.packed_llm && llm.device().is_cpu() {
             llm.pack_frozen_for_training()?;
         }
@@ -234,6 +260,7 @@ impl DpoTrainer {
             policy,
             adapter,
             reference,
+            head,
             opt,
             vars,
             ids,
@@ -299,6 +326,9 @@ impl DpoTrainer {
                 })
                 .collect::<Result<_>>()?,
         };
+        if let Some(head) = &self.head {
+            return self.reward_step(&prefixes, &pairs, &head.as_tensor().clone(), lr, t0);
+        }
         self.policy.llm_mut().set_lora(self.reference.as_ref())?;
         let reference = self.logps(&prefixes, &pairs);
         self.policy.llm_mut().set_lora(Some(&self.adapter))?;
@@ -315,38 +345,105 @@ impl DpoTrainer {
         optim::clip_grad_norm(&self.vars, &mut grads, self.cfg.grad_clip)?;
         self.opt.step(&grads)?;
         self.step += 1;
-        let losses: BTreeMap<String, f64> = [
+        let stats = [
             ("rewards/chosen", stats.rewards_chosen),
             ("rewards/rejected", stats.rewards_rejected),
             ("rewards/accuracies", stats.rewards_accuracy),
             ("rewards/margins", stats.rewards_margin),
             ("logps/chosen", stats.logps_chosen),
             ("logps/rejected", stats.logps_rejected),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v as f64))
-        .collect();
-        Ok(StepLog {
+        ];
+        Ok(self.log(loss.to_scalar::<f32>()? as f64, &stats, lr, batch.len(), t0))
+    }
+
+    /// One Bradley–Terry step of a reward model on whole conversations.
+    fn reward_step(
+        &mut self,
+        prefixes: &[Tensor],
+        pairs: &[usize],
+        head: &Tensor,
+        lr: f64,
+        t0: Instant,
+    ) -> Result<StepLog> {
+        let llm = self.policy.llm();
+        let whole = |k: usize, c: &[u32]| -> Result<Tensor> {
+            let ids = Tensor::new(c, llm.device())?.unsqueeze(0)?;
+            Ok(Tensor::cat(
+                &[prefixes[k].clone(), llm.embed(&ids)?.squeeze(0)?],
+                0,
+            )?)
+        };
+        let mut seqs = Vec::with_capacity(2 * pairs.len());
+        for (k, &i) in pairs.iter().enumerate() {
+            seqs.push(whole(k, &self.ids[i].chosen)?);
+        }
+        for (k, &i) in pairs.iter().enumerate() {
+            seqs.push(whole(k, &self.ids[i].rejected)?);
+        }
+        let r = sequence_rewards(llm, &seqs, head)?;
+        let n = pairs.len();
+        let (loss, s) = bradley_terry(&r.narrow(0, 0, n)?, &r.narrow(0, n, n)?)?;
+        let mut grads = loss.backward()?;
+        optim::clip_grad_norm(&self.vars, &mut grads, self.cfg.grad_clip_adapter)?;
+        optim::clip_grad_norm(&self.vars, &mut grads, self.cfg.grad_clip)?;
+        self.opt.step(&grads)?;
+        self.step += 1;
+        let stats = [
+            ("accuracy", s.accuracy),
+            ("margin", s.margin),
+            ("min_reward", s.min_reward),
+            ("mean_reward", s.mean_reward),
+            ("max_reward", s.max_reward),
+        ];
+        Ok(self.log(s.loss as f64, &stats, lr, n, t0))
+    }
+
+    fn log(&self, loss: f64, stats: &[(&str, f32)], lr: f64, n: usize, t0: Instant) -> StepLog {
+        StepLog {
             step: self.step,
-            loss: stats.loss as f64,
+            loss,
             lr,
             temperature: f64::NAN,
-            images_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
+            images_per_s: n as f64 / t0.elapsed().as_secs_f64(),
             group_grad_norms: None,
             grad_conflict: None,
-            losses: Some(losses),
+            losses: Some(
+                stats
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v as f64))
+                    .collect::<BTreeMap<_, _>>(),
+            ),
             skipped: Vec::new(),
             dev: None,
-        })
+        }
     }
 
     fn save_at(&self, order: &Order) -> Result<()> {
         let ckpt = checkpoint_dir(&self.out);
+        let head = self.head.as_ref().map(|h| h.as_tensor().clone());
         match &self.policy {
-            Policy::Vlm(v) => v.save(&ckpt)?,
+            Policy::Vlm(v) => v.save_with(&ckpt, |dir| match &head {
+                Some(h) => save_tensors(&dir.join(SCORE_FILE), &[(SCORE_KEY, h)]),
+                None => Ok(()),
+            })?,
             Policy::Llm(l) => crate::atomic::write_dir(&ckpt, |tmp| {
                 self.adapter
-                    .save_peft_for(tmp, l.model.config(), PeftBase::CausalLm)
+                    .save_peft_for(tmp, l.model.config(), PeftBase::CausalLm)?;
+                let Some(h) = &head else { return Ok(()) };
+                // PEFT's SEQ_CLS adapter: the head beside the LoRA tensors.
+                let w = tmp.join("adapter_model.safetensors");
+                let mut t =
+                    candle_core::safetensors::load(&w, h.device()).map_err(|e| Error::Weights {
+                        path: w.clone(),
+                        reason: e.to_string(),
+                    })?;
+                t.insert(SCORE_KEY.into(), h.clone());
+                let all: Vec<(&str, &Tensor)> = t.iter().map(|(k, v)| (k.as_str(), v)).collect();
+                save_tensors(&w, &all)?;
+                let mut cfg = self.adapter.peft_config_for(PeftBase::CausalLm);
+                cfg["task_type"] = "SEQ_CLS".into();
+                cfg["modules_to_save"] = serde_json::json!(["score"]);
+                crate::atomic::write_json(&tmp.join("adapter_config.json"), &cfg)
             })?,
         }
         let st = State {
@@ -356,6 +453,27 @@ impl DpoTrainer {
         };
         state::write(&self.out, &self.opt.state().into_iter().collect(), &st)
     }
+}
+
+/// Where a saved reward model's head is: in a language model's adapter
+/// file, or in `score.safetensors` (the same name) beside a VLM.
+pub fn head_file(ckpt: &Path, vlm: bool) -> PathBuf {
+    ckpt.join(if vlm {
+        SCORE_FILE
+    } else {
+        "adapter_model.safetensors"
+    })
+}
+
+fn save_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| (k.to_string(), (*v).clone()))
+        .collect();
+    candle_core::safetensors::save(&map, path).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 impl Task for DpoTrainer {

@@ -17,7 +17,7 @@ use crate::llm::Llama;
 use crate::{Error, Result};
 
 /// The head's name in a PEFT `SEQ_CLS` adapter file.
-pub const SCORE_KEY: &str = "base_model.model.score.weight";
+pub use clasp_vlm::reward::SCORE_KEY;
 
 /// What TRL logs of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -35,40 +35,7 @@ pub struct RewardStats {
 /// through the training forward; the reward is the head on the final normed
 /// hidden state of the sequence's last token.
 pub fn sequence_rewards(llm: &Llama, seqs: &[Tensor], head: &Tensor) -> Result<Tensor> {
-    let hidden = llm.config().hidden_size;
-    let dev = llm.device();
-    let lens: Vec<usize> = seqs
-        .iter()
-        .map(|s| s.dim(0))
-        .collect::<candle_core::Result<_>>()?;
-    if lens.contains(&0) {
-        return Err(Error::Report("an empty sequence has no reward".into()));
-    }
-    let t = lens.iter().copied().max().unwrap_or(0);
-    let rows = seqs
-        .iter()
-        .zip(&lens)
-        .map(|(s, &n)| {
-            if n < t {
-                Ok(Tensor::cat(
-                    &[s.clone(), Tensor::zeros((t - n, hidden), DType::F32, dev)?],
-                    0,
-                )?)
-            } else {
-                Ok(s.clone())
-            }
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let h = llm.forward_train(&Tensor::stack(&rows, 0)?)?;
-    let last: Vec<u32> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| (i * t + n - 1) as u32)
-        .collect();
-    let picked = h
-        .reshape((seqs.len() * t, hidden))?
-        .index_select(&Tensor::new(last.as_slice(), dev)?, 0)?;
-    Ok(picked.matmul(&head.t()?)?.squeeze(1)?)
+    Ok(llm.last_hidden(seqs)?.matmul(&head.t()?)?.squeeze(1)?)
 }
 
 /// The Bradley–Terry loss of chosen and rejected rewards `[B]`, and the
@@ -92,9 +59,14 @@ pub fn bradley_terry(chosen: &Tensor, rejected: &Tensor) -> Result<(Tensor, Rewa
     Ok((loss, stats))
 }
 
-/// The score head `[1, hidden]` of a saved reward adapter.
+/// The score head `[1, hidden]` of a saved reward adapter (its folder).
 pub fn load_head(dir: &Path, hidden: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let w = dir.join("adapter_model.safetensors");
+    load_head_file(&dir.join("adapter_model.safetensors"), hidden, dev)
+}
+
+/// The score head `[1, hidden]` in the safetensors file `w`.
+pub fn load_head_file(w: &Path, hidden: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let w = w.to_path_buf();
     let t = candle_core::safetensors::load(&w, dev).map_err(|e| Error::Weights {
         path: w.clone(),
         reason: e.to_string(),

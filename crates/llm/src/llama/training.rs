@@ -31,6 +31,44 @@ impl Llama {
         Ops::Autograd.rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
     }
 
+    /// The final normed hidden state `[b, hidden]` at each sequence's last
+    /// position: `seqs[i]` its input embeddings `[t_i, hidden]`, run as one
+    /// right-padded batch through [`Self::forward_train`] (a sequence
+    /// classifier's pooling, as `LlamaForSequenceClassification` reads the
+    /// last real token).
+    pub fn last_hidden(&self, seqs: &[Tensor]) -> Result<Tensor> {
+        let hidden = self.cfg.hidden_size;
+        let lens: Vec<usize> = seqs
+            .iter()
+            .map(|s| s.dim(0))
+            .collect::<candle_core::Result<_>>()?;
+        if lens.contains(&0) {
+            return Err(Error::Generate(
+                "an empty sequence has no last token".into(),
+            ));
+        }
+        let t = lens.iter().copied().max().unwrap_or(0);
+        let rows = seqs
+            .iter()
+            .zip(&lens)
+            .map(|(s, &n)| {
+                if n == t {
+                    return Ok(s.clone());
+                }
+                let pad = Tensor::zeros((t - n, hidden), candle_core::DType::F32, &self.device)?;
+                Ok(Tensor::cat(&[s.clone(), pad], 0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let h = self.forward_train(&Tensor::stack(&rows, 0)?)?;
+        let last: Vec<u32> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (i * t + n - 1) as u32)
+            .collect();
+        Ok(h.reshape((seqs.len() * t, hidden))?
+            .index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?)
+    }
+
     /// Packs the frozen f32 projections (and the output head) for the
     /// AVX-512 f32 kernels, forward and input gradient, where the CPU has
     /// them: for training through the model with its weights fixed. Costs

@@ -21,6 +21,17 @@ pub enum Task {
     /// alone (`llm`), trained on the pairs of `prefs` against the model as
     /// it started.
     Dpo,
+    /// A reward model (`--task reward`): the same model read by a scalar
+    /// head at the answer's end, trained with the Bradley–Terry loss on the
+    /// pairs of `prefs` (LoRA on its language model, and the head).
+    Reward,
+}
+
+impl Task {
+    /// A run on preference pairs (DPO or a reward model).
+    pub fn is_preference(self) -> bool {
+        matches!(self, Task::Dpo | Task::Reward)
+    }
 }
 
 /// Keys only a dual-encoder run reads.
@@ -73,6 +84,7 @@ impl Task {
             Task::VisionLanguage => "a vision-language (--llm/--vision) training",
             Task::Qformer => "a Q-Former (BLIP-2 stage 1, --task qformer) training",
             Task::Dpo => "a preference (--task dpo) training",
+            Task::Reward => "a reward-model (--task reward) training",
         }
     }
 
@@ -86,7 +98,7 @@ impl Task {
             Task::VisionLanguage => {
                 DUAL_ENCODER_KEYS.contains(&key) || PREFERENCE_KEYS.contains(&key)
             }
-            Task::Dpo => {
+            Task::Dpo | Task::Reward => {
                 (DUAL_ENCODER_KEYS.contains(&key)
                     || VISION_LANGUAGE_KEYS.contains(&key)
                     || DPO_ALSO_REFUSED.contains(&key))
@@ -116,7 +128,7 @@ impl Task {
                 "a Q-Former run reads its tower from `vision` (locked), its BERT from \
                  `text_init`, and `queries`"
             }
-            Task::Dpo => {
+            Task::Dpo | Task::Reward => {
                 "a preference run reads its model from `init` (a vision-language checkpoint) \
                  or `llm`, its pairs from `prefs`, and the LoRA keys"
             }
