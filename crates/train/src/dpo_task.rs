@@ -232,7 +232,7 @@ impl DpoTrainer {
         // uniform with that spread, from the run's seed.
         let head = if cfg.task() == RunTask::Reward {
             let h = llm.config().hidden_size;
-            let w = crate::rng::Rng(cfg.seed ^ 0x5C0_4E).symmetric(h, 0.02 * 3f64.sqrt());
+            let w = crate::rng::Rng(cfg.seed ^ 0x0005_C04E).symmetric(h, 0.02 * 3f64.sqrt());
             let v = Var::from_tensor(&Tensor::from_vec(w, (1, h), llm.device())?)?;
             vars.push((SCORE_KEY.to_string(), v.clone()));
             Some(v)
