@@ -26,6 +26,13 @@ if ! have_chromium; then
     echo "note: chromium/chromedriver not found: tests/search_page.rs will be skipped" \
          "(apt install chromium chromium-driver)" >&2
 fi
+# FFmpeg (its ffmpeg and ffprobe programs) reads video for tests/video.rs;
+# installed from Debian's packages when missing and this user can.
+if ! command -v ffmpeg >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt_ffmpeg() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q ffmpeg >/dev/null 2>&1; }
+    apt_ffmpeg || { apt-get update -q >/dev/null 2>&1 && apt_ffmpeg; } || true
+fi
+command -v ffmpeg >/dev/null || echo "note: ffmpeg not found: tests/video.rs will fail (apt install ffmpeg)" >&2
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --release --no-fail-fast

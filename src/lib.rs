@@ -11,7 +11,7 @@
 //! name the command line and the tests use.
 
 pub use clasp_common::{atomic, device, error, progress, rng, vecmath, Error, Result};
-pub use clasp_core::{data, encoder, export, model, preprocess};
+pub use clasp_core::{data, encoder, export, model, preprocess, video};
 pub use clasp_core::{BatchEmbeddings, Encoder, Failure};
 pub use clasp_eval as eval;
 pub use clasp_index as index;

@@ -9,6 +9,7 @@ pub mod encoder;
 pub mod export;
 pub mod model;
 pub mod preprocess;
+pub mod video;
 pub mod zeroshot;
 
 pub use clasp_common::{atomic, progress, rng, vecmath, Error, Result};

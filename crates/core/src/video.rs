@@ -1,0 +1,254 @@
+//! Video input through FFmpeg: what a file holds (`ffprobe`), and frames
+//! sampled in time (`ffmpeg`), decoded to RGB with their exact timestamps.
+//!
+//! The `ffmpeg` and `ffprobe` programs are found on `PATH` (or at
+//! `CLASP_FFMPEG` / `CLASP_FFPROBE`). A Rust binding to FFmpeg's libraries
+//! would tie the build to one FFmpeg version's headers and need its -dev
+//! packages at build time; the programs read every container and codec the
+//! installed FFmpeg reads (MP4/H.264, WebM/VP9, MKV, MOV, ...), and a
+//! machine without them still builds and runs everything else. Rotation
+//! metadata is honoured (FFmpeg's autorotate): frames come upright, with the
+//! probe's width and height swapped for a quarter turn.
+//!
+//! Every failure names the file and the cause: FFmpeg missing, a file that
+//! is not a video, an empty video, or a truncated one whose frames end
+//! before a requested time.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// What a video file holds (its first video stream), as shown upright.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VideoInfo {
+    pub path: PathBuf,
+    /// Seconds.
+    pub duration: f64,
+    pub width: u32,
+    pub height: u32,
+    /// Frames per second (the stream's average).
+    pub fps: f64,
+    /// Degrees the stored frames are turned to be shown upright.
+    pub rotation: i32,
+    pub codec: String,
+}
+
+/// How frames are picked in time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// `n` frames, uniformly: the centres of `n` equal spans of the video.
+    Count(usize),
+    /// One frame every `1 / fps` seconds, from the start.
+    Fps(f64),
+}
+
+/// One decoded frame and when it is shown (seconds from the start).
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub time: f64,
+    pub image: RgbImage,
+}
+
+fn program(var: &str, name: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn run(path: &Path, cmd: &mut Command, what: &str) -> Result<std::process::Output> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Report(format!(
+                "{}: reading video needs FFmpeg's `{what}`, which is not installed (apt install ffmpeg; or set CLASP_FFMPEG and CLASP_FFPROBE)",
+                path.display()
+            ))
+        } else {
+            Error::io(path, e)
+        }
+    })?;
+    Ok(out)
+}
+
+fn stderr_reason(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stderr);
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|| format!("exit status {}", out.status))
+}
+
+fn ratio(s: &str) -> Option<f64> {
+    match s.split_once('/') {
+        Some((a, b)) => {
+            let (a, b) = (a.parse::<f64>().ok()?, b.parse::<f64>().ok()?);
+            (b != 0.0).then_some(a / b)
+        }
+        None => s.parse().ok(),
+    }
+}
+
+/// The video's first video stream.
+pub fn probe(path: &Path) -> Result<VideoInfo> {
+    if !path.is_file() {
+        return Err(Error::Report(format!("{}: no such file", path.display())));
+    }
+    let out = run(
+        path,
+        Command::new(program("CLASP_FFPROBE", "ffprobe"))
+            .args(["-v", "error", "-select_streams", "v:0", "-print_format", "json"])
+            .args(["-show_entries", "stream=codec_name,width,height,avg_frame_rate,r_frame_rate,duration:stream_side_data=rotation:format=duration"])
+            .arg(path),
+        "ffprobe",
+    )?;
+    let bad =
+        |why: String| Error::Report(format!("{}: not a readable video: {why}", path.display()));
+    if !out.status.success() {
+        return Err(bad(stderr_reason(&out)));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| bad(format!("ffprobe's output: {e}")))?;
+    let s = v["streams"]
+        .get(0)
+        .ok_or_else(|| bad("it has no video stream".into()))?;
+    let num = |x: &serde_json::Value| x.as_str().and_then(|t| t.parse::<f64>().ok());
+    let duration = num(&s["duration"])
+        .or_else(|| num(&v["format"]["duration"]))
+        .unwrap_or(0.0);
+    let fps = s["avg_frame_rate"]
+        .as_str()
+        .and_then(ratio)
+        .filter(|f| *f > 0.0)
+        .or_else(|| s["r_frame_rate"].as_str().and_then(ratio))
+        .unwrap_or(0.0);
+    let rotation = s["side_data_list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|d| d["rotation"].as_i64())
+        .unwrap_or(0) as i32;
+    let (w, h) = (
+        s["width"].as_u64().unwrap_or(0) as u32,
+        s["height"].as_u64().unwrap_or(0) as u32,
+    );
+    if w == 0 || h == 0 || duration <= 0.0 {
+        return Err(Error::Report(format!(
+            "{}: an empty video (no frames to show)",
+            path.display()
+        )));
+    }
+    let quarter = rotation.rem_euclid(180) == 90;
+    Ok(VideoInfo {
+        path: path.to_path_buf(),
+        duration,
+        width: if quarter { h } else { w },
+        height: if quarter { w } else { h },
+        fps,
+        rotation,
+        codec: s["codec_name"].as_str().unwrap_or("?").to_string(),
+    })
+}
+
+/// The times (seconds) `sampling` picks in a video of `duration` seconds.
+pub fn sample_times(duration: f64, sampling: Sampling) -> Vec<f64> {
+    match sampling {
+        Sampling::Count(n) => (0..n)
+            .map(|i| (i as f64 + 0.5) * duration / n as f64)
+            .collect(),
+        Sampling::Fps(f) if f > 0.0 => (0..)
+            .map(|i| i as f64 / f)
+            .take_while(|t| *t < duration)
+            .collect(),
+        Sampling::Fps(_) => Vec::new(),
+    }
+}
+
+/// The first frame whose timestamp is at or after `time` (FFmpeg's accurate
+/// seek), decoded upright, with its own timestamp.
+pub fn frame_at(info: &VideoInfo, time: f64) -> Result<Frame> {
+    let path = &info.path;
+    let out = run(
+        path,
+        Command::new(program("CLASP_FFMPEG", "ffmpeg"))
+            .args(["-v", "info", "-nostats", "-copyts", "-ss"])
+            .arg(format!("{time:.6}"))
+            .arg("-i")
+            .arg(path)
+            .args([
+                "-frames:v",
+                "1",
+                "-vf",
+                "showinfo",
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "rgb24",
+                "-",
+            ]),
+        "ffmpeg",
+    )?;
+    if !out.status.success() {
+        return Err(Error::Report(format!(
+            "{}: could not decode a frame at {time:.3} s: {}",
+            path.display(),
+            stderr_reason(&out)
+        )));
+    }
+    let (w, h) = (info.width as usize, info.height as usize);
+    if out.stdout.len() != w * h * 3 {
+        return Err(Error::Report(format!(
+            "{}: no frame at {time:.3} s (the video is {:.3} s long by its header; truncated?)",
+            path.display(),
+            info.duration
+        )));
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let shown = err
+        .lines()
+        .filter(|l| l.contains("showinfo") && l.contains("pts_time:"))
+        .find_map(|l| {
+            l.split("pts_time:")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(time);
+    let image = RgbImage::from_raw(info.width, info.height, out.stdout)
+        .expect("checked: width × height × 3 bytes");
+    Ok(Frame { time: shown, image })
+}
+
+/// The frames `sampling` picks, in time order.
+pub fn frames(path: &Path, sampling: Sampling) -> Result<(VideoInfo, Vec<Frame>)> {
+    let info = probe(path)?;
+    let frames = sample_times(info.duration, sampling)
+        .into_iter()
+        .map(|t| frame_at(&info, t))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((info, frames))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_times() {
+        assert_eq!(sample_times(4.0, Sampling::Count(4)), [0.5, 1.5, 2.5, 3.5]);
+        assert_eq!(
+            sample_times(1.0, Sampling::Fps(4.0)),
+            [0.0, 0.25, 0.5, 0.75]
+        );
+        assert!(sample_times(1.0, Sampling::Fps(0.0)).is_empty());
+        assert_eq!(
+            ratio("30000/1001").map(|f| (f * 1000.0).round()),
+            Some(29970.0)
+        );
+    }
+}
