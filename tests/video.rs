@@ -153,3 +153,90 @@ fn bad_videos_are_named_with_their_cause() {
     let e = err(&cut);
     assert!(e.contains("cut.webm"), "{e}");
 }
+
+/// `clasp embed --video`: each frame's vector is what `clasp embed --image`
+/// gives a PNG of that frame (cut by FFmpeg itself), the mean is their
+/// normalised mean, and a file that is not a video is named while the rest
+/// are embedded.
+#[test]
+fn embed_video_frames_equal_the_image_path() {
+    let d = tempfile::tempdir().unwrap();
+    let v = make(
+        d.path(),
+        "v.mp4",
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+    );
+    let bad = d.path().join("bad.mp4");
+    std::fs::write(&bad, "not a video").unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-clip");
+    let out = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args([
+            "embed",
+            "-m",
+            model.to_str().unwrap(),
+            "--frames",
+            "3",
+            "--video",
+        ])
+        .arg(&v)
+        .arg("--video")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("bad.mp4") && err.contains("not a readable video"),
+        "{err}"
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1);
+    let vecs = |x: &serde_json::Value| -> Vec<f32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let frames = rows[0]["frames"].as_array().unwrap();
+    let mut sum = vec![0f32; vecs(&frames[0]["embedding"]).len()];
+    for f in frames {
+        let t = f["time"].as_f64().unwrap();
+        let png = d.path().join(format!("f{t}.png"));
+        let st = Command::new("ffmpeg")
+            .args(["-v", "error", "-y", "-ss", &t.to_string(), "-i"])
+            .arg(&v)
+            .args(["-frames:v", "1"])
+            .arg(&png)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+            .args(["embed", "-m", model.to_str().unwrap(), "--image"])
+            .arg(&png)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let line: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap())
+                .unwrap();
+        let want = vecs(&line["embedding"]);
+        let got = vecs(&f["embedding"]);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "frame at {t}: {worst}");
+        for (s, x) in sum.iter_mut().zip(&got) {
+            *s += x;
+        }
+    }
+    let n = sum.iter().map(|x| x * x).sum::<f32>().sqrt();
+    for (m, s) in vecs(&rows[0]["mean"]).iter().zip(&sum) {
+        assert!((m - s / n).abs() < 1e-5);
+    }
+}

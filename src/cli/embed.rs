@@ -32,6 +32,17 @@ pub struct EmbedArgs {
     /// Images or texts per model batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Video files (repeatable; FFmpeg reads them): each frame sampled is embedded as an image,
+    /// and their mean (CLIP4Clip's mean pooling). Written as JSON lines, one per video: its
+    /// `mean` and its `frames` with their `time` in seconds.
+    #[arg(long = "video", conflicts_with_all = ["images", "images_from", "texts", "texts_from", "similarity"])]
+    pub videos: Vec<PathBuf>,
+    /// Frames per video, at the centres of equal spans.
+    #[arg(long, default_value_t = 8)]
+    pub frames: usize,
+    /// Sample one frame every 1/F seconds instead of --frames.
+    #[arg(long)]
+    pub video_fps: Option<f64>,
     #[command(flatten)]
     pub compute: super::ComputeArgs,
     /// Where to write: FILE.npy (writes FILE.image.npy and FILE.text.npy),
@@ -56,8 +67,11 @@ pub fn run(a: EmbedArgs) -> Result<ExitCode> {
         let body = std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?;
         texts.extend(body.lines().map(str::to_string));
     }
+    if !a.videos.is_empty() {
+        return videos(&a);
+    }
     if image_paths.is_empty() && texts.is_empty() {
-        bail!("nothing to embed: give --image, --images-from, --text or --texts-from");
+        bail!("nothing to embed: give --image, --images-from, --text, --texts-from or --video");
     }
     if a.similarity && (image_paths.is_empty() || texts.is_empty()) {
         bail!("--similarity needs both images and texts");
@@ -167,4 +181,66 @@ fn print_similarity(encoder: &Encoder, out: &Embedded) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `clasp embed --video`: one JSON line per video; a video that cannot be
+/// read is reported by name and the rest are embedded.
+fn videos(a: &EmbedArgs) -> Result<ExitCode> {
+    use clasp::video::Sampling;
+    if let Some(p) = &a.output {
+        check_output(p)?;
+    }
+    let sampling = match a.video_fps {
+        Some(f) if f > 0.0 => Sampling::Fps(f),
+        Some(f) => bail!("--video-fps must be above 0, not {f}"),
+        None if a.frames > 0 => Sampling::Count(a.frames),
+        None => bail!("--frames must be at least 1"),
+    };
+    let dev = device(a.compute.device)?;
+    let encoder = super::load_encoder(
+        &a.model,
+        &dev,
+        clasp::model::Towers::Both,
+        a.compute.precision,
+        &a.resolution,
+    )?;
+    let pb = progress_bar(a.videos.len() as u64, "videos");
+    let (mut lines, mut failed) = (String::new(), 0);
+    for v in &a.videos {
+        match encoder.embed_video(v, sampling, a.batch_size) {
+            Ok(e) => {
+                let frames: Vec<_> = e
+                    .times
+                    .iter()
+                    .zip(&e.frames)
+                    .map(|(t, f)| serde_json::json!({"time": t, "embedding": f}))
+                    .collect();
+                let row = serde_json::json!({
+                    "video": v.display().to_string(), "duration": e.info.duration,
+                    "width": e.info.width, "height": e.info.height, "fps": e.info.fps,
+                    "mean": e.mean, "frames": frames,
+                });
+                lines.push_str(&row.to_string());
+                lines.push('\n');
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {e}");
+            }
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    match &a.output {
+        Some(p) => {
+            clasp::atomic::write_bytes(p, lines.as_bytes())?;
+            note!("wrote {}", p.display());
+        }
+        None => print!("{lines}"),
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -13,7 +13,10 @@ use crate::{Error, Result};
 
 #[path = "encoder/files.rs"]
 mod files;
+#[path = "encoder/video.rs"]
+mod video_embed;
 pub use files::*;
+pub use video_embed::VideoEmbedding;
 
 pub struct Encoder {
     model: Model,
