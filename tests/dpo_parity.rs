@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::{close_to as close, u32s as ids};
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -22,21 +24,6 @@ const DIR: &str = "tests/fixtures/dpo";
 
 fn fixture() -> Value {
     serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/trl.json")).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn close(got: f64, want: f64, tol: f64, what: &str) {
-    assert!(
-        (got - want).abs() <= tol * (1.0 + want.abs()),
-        "{what}: {got} against TRL's {want}"
-    );
 }
 
 #[test]

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{close_to as close, u32s as ids};
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -18,21 +20,6 @@ use clasp::train::reward::{bradley_terry, load_head, sequence_rewards};
 use serde_json::Value;
 
 const DIR: &str = "tests/fixtures/reward";
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn close(got: f64, want: f64, tol: f64, what: &str) {
-    assert!(
-        (got - want).abs() <= tol * (1.0 + want.abs()),
-        "{what}: {got} against TRL's {want}"
-    );
-}
 
 #[test]
 fn reward_model_equals_trl_on_one_batch() {

@@ -409,3 +409,11 @@ pub fn manifest_tensors(
         })
         .collect()
 }
+
+/// `got` equals the reference's `want` to a relative `tol` (absolute near 0).
+pub fn close_to(got: f64, want: f64, tol: f64, what: &str) {
+    assert!(
+        (got - want).abs() <= tol * (1.0 + want.abs()),
+        "{what}: {got} against the reference's {want}"
+    );
+}

@@ -328,10 +328,7 @@ pub fn write_report(
             h.own.mentions,
             h.wrong_photos.chair_i,
             h.wrong_photos.chair_s,
-            match h.own.truth {
-                super::chair::Truth::InstancesAndReferences => "COCO's instance annotations and the references",
-                super::chair::Truth::References => "the references' mentions",
-            }
+            h.own.truth.describe()
         );
     }
     let _ = writeln!(md, "## Examples\n");

@@ -26,6 +26,16 @@ pub enum Truth {
     References,
 }
 
+impl Truth {
+    /// Where the objects came from, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Truth::InstancesAndReferences => "COCO's instance annotations and the references",
+            Truth::References => "the references' mentions",
+        }
+    }
+}
+
 /// One caption's CHAIR.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaptionChair {

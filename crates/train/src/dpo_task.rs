@@ -180,12 +180,7 @@ impl DpoTrainer {
             )?;
             saved.insert(SCORE_KEY.into(), h);
         }
-        for (name, v) in &me.vars {
-            let t = saved.get(name).ok_or_else(|| {
-                Error::Report(format!("{}: no {name} to resume from", ckpt.display()))
-            })?;
-            v.set(t)?;
-        }
+        state::restore_vars(&me.vars, &saved, &ckpt, |n| n)?;
         Ok(me)
     }
 
@@ -340,11 +335,7 @@ impl DpoTrainer {
         };
         let policy = self.logps(&prefixes, &pairs)?;
         let (loss, stats) = self.cfg.preference.loss().loss(&policy, &reference)?;
-        let mut grads = loss.backward()?;
-        optim::clip_grad_norm(&self.vars, &mut grads, self.cfg.grad_clip_adapter)?;
-        optim::clip_grad_norm(&self.vars, &mut grads, self.cfg.grad_clip)?;
-        self.opt.step(&grads)?;
-        self.step += 1;
+        self.apply(&loss)?;
         let stats = [
             ("rewards/chosen", stats.rewards_chosen),
             ("rewards/rejected", stats.rewards_rejected),
@@ -383,11 +374,7 @@ impl DpoTrainer {
         let r = sequence_rewards(llm, &seqs, head)?;
         let n = pairs.len();
         let (loss, s) = bradley_terry(&r.narrow(0, 0, n)?, &r.narrow(0, n, n)?)?;
-        let mut grads = loss.backward()?;
-        optim::clip_grad_norm(&self.vars, &mut grads, self.cfg.grad_clip_adapter)?;
-        optim::clip_grad_norm(&self.vars, &mut grads, self.cfg.grad_clip)?;
-        self.opt.step(&grads)?;
-        self.step += 1;
+        self.apply(&loss)?;
         let stats = [
             ("accuracy", s.accuracy),
             ("margin", s.margin),
@@ -396,6 +383,17 @@ impl DpoTrainer {
             ("max_reward", s.max_reward),
         ];
         Ok(self.log(s.loss as f64, &stats, lr, n, t0))
+    }
+
+    /// Backpropagates `loss`, clips (the adapter's norm, then the global
+    /// one) and steps the optimiser.
+    fn apply(&mut self, loss: &Tensor) -> Result<()> {
+        let mut grads = loss.backward()?;
+        optim::clip_grad_norm(&self.vars, &mut grads, self.cfg.grad_clip_adapter)?;
+        optim::clip_grad_norm(&self.vars, &mut grads, self.cfg.grad_clip)?;
+        self.opt.step(&grads)?;
+        self.step += 1;
+        Ok(())
     }
 
     fn log(&self, loss: f64, stats: &[(&str, f32)], lr: f64, n: usize, t0: Instant) -> StepLog {

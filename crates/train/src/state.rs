@@ -78,3 +78,20 @@ pub fn write(out: &Path, tensors: &HashMap<String, Tensor>, state: &State) -> Re
     .map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &json).map_err(|e| Error::io(&json, e))
 }
+
+/// Sets each trained variable from `saved` (a checkpoint's tensors, read
+/// from `ckpt`), found under `key(name)`; a missing one is named.
+pub fn restore_vars<'a>(
+    vars: &'a [(String, candle_core::Var)],
+    saved: &HashMap<String, Tensor>,
+    ckpt: &Path,
+    key: impl Fn(&'a str) -> &'a str,
+) -> Result<()> {
+    for (name, v) in vars {
+        let t = saved.get(key(name)).ok_or_else(|| {
+            crate::Error::Report(format!("{}: no {name} to resume from", ckpt.display()))
+        })?;
+        v.set(t)?;
+    }
+    Ok(())
+}

@@ -208,13 +208,9 @@ impl VlmTrainer {
             })?;
             saved.extend(a);
         }
-        for (name, v) in &me.vars {
-            let key = name.strip_prefix("multi_modal_projector.").unwrap_or(name);
-            let t = saved.get(key).ok_or_else(|| {
-                Error::Report(format!("{}: no {name} to resume from", ckpt.display()))
-            })?;
-            v.set(t)?;
-        }
+        state::restore_vars(&me.vars, &saved, &ckpt, |n| {
+            n.strip_prefix("multi_modal_projector.").unwrap_or(n)
+        })?;
         Ok(me)
     }
 

@@ -132,10 +132,7 @@ pub(super) fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
                 h.own.mentions,
                 h.wrong_photos.chair_i,
                 h.wrong_photos.chair_s,
-                match h.own.truth {
-                    clasp::eval::chair::Truth::InstancesAndReferences => "instance annotations and references",
-                    clasp::eval::chair::Truth::References => "the references' mentions",
-                }
+                h.own.truth.describe()
             );
         }
         if let Some(h) = &heads {
