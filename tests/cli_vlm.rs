@@ -370,3 +370,63 @@ fn eval_pope_asks_the_papers_questions_and_scores_the_models_own_answers() {
     assert_eq!(run0["scores"]["f1"].as_f64().unwrap(), s.f1);
     assert_eq!(run0["scores"]["yes_ratio"].as_f64().unwrap(), s.yes_ratio);
 }
+
+/// `clasp eval pope --answer-by logits`: each answer is whichever of "Yes"
+/// and "No" the model's next-token logits favour after the question, as the
+/// library's own logits of that prompt say.
+#[test]
+fn eval_pope_by_logits_reads_the_yes_and_no_logits() {
+    let d = tempfile::tempdir().unwrap();
+    let model = assembled(d.path());
+    let ann = root().join("../shared/data/coco-mini-train/annotations");
+    let data = format!("coco:{}", ann.join("captions_train2017.json").display());
+    let (code, out, err) = run(&[
+        "eval",
+        "pope",
+        "-m",
+        &model,
+        "-d",
+        &data,
+        "--limit",
+        "3",
+        "--negatives",
+        "adversarial",
+        "--answer-by",
+        "logits",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let answers = v["runs"][0]["answers"].as_array().unwrap();
+    assert!(!answers.is_empty());
+    let vlm = clasp::vlm::Vlm::load(Path::new(&model), &Device::Cpu).unwrap();
+    let tok = |w: &str| vlm.tokenizer.encode(w, false).unwrap()[0] as usize;
+    for a in answers.iter().take(2) {
+        let text = a["answer"].as_str().unwrap();
+        assert!(text == "Yes" || text == "No", "{text}");
+        assert_eq!(a["yes"], text == "Yes");
+        let object = a["object"].as_str().unwrap();
+        let q = clasp::eval::pope::Question {
+            image: 0,
+            object: object.into(),
+            present: false,
+        };
+        let user = clasp::vlm::Vlm::caption_turn(&q.text());
+        let ids = vlm.chat_prompt(&user, 1).unwrap();
+        let px = vlm
+            .pixels(&[Path::new(a["image"].as_str().unwrap())])
+            .unwrap();
+        let logits: Vec<f32> = vlm
+            .logits(&ids, &px)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            text == "Yes",
+            logits[tok("Yes")] > logits[tok("No")],
+            "{object}"
+        );
+    }
+}

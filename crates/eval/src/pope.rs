@@ -229,6 +229,16 @@ pub fn score(answers: &[bool], labels: &[bool]) -> PopeScores {
     }
 }
 
+/// How the model answers: by generating (POPE's way, the answer read for a
+/// "no"), or by comparing the next-token logits of "Yes" and "No" after the
+/// question (a model never taught to answer yes/no still has a preference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerBy {
+    Generate,
+    Logits,
+}
+
 /// One asked question and the model's answer.
 #[derive(Debug, Clone, Serialize)]
 pub struct Answered {
@@ -269,8 +279,18 @@ pub fn evaluate_pope(
     per_image: usize,
     seed: u64,
     opts: &crate::llm::GenerateOptions,
+    by: AnswerBy,
     progress: &dyn crate::progress::Progress,
 ) -> crate::Result<PopeEval> {
+    // "Yes" and "No" as the answer's first token.
+    let first = |w: &str| -> crate::Result<u32> {
+        vlm.tokenizer
+            .encode(w, false)?
+            .first()
+            .copied()
+            .ok_or_else(|| crate::Error::Report(format!("the tokenizer gives no token for {w:?}")))
+    };
+    let yes_no = (first("Yes")?, first("No")?);
     use crate::preprocess::image::decode_image;
     use std::collections::{BTreeMap, BTreeSet};
     let refs: Vec<&[String]> = objects.iter().map(|o| &o[..]).collect();
@@ -315,8 +335,21 @@ pub fn evaluate_pope(
                 crate::vlm::Vlm::caption_turn(&q.text())
             })
             .collect();
-        for (o, g) in objs.iter().zip(vlm.answer_each(&pixels, &users, opts)?) {
-            answers.insert((i, o.to_string()), g.text.trim().to_string());
+        match by {
+            AnswerBy::Generate => {
+                for (o, g) in objs.iter().zip(vlm.answer_each(&pixels, &users, opts)?) {
+                    answers.insert((i, o.to_string()), g.text.trim().to_string());
+                }
+            }
+            AnswerBy::Logits => {
+                for (o, u) in objs.iter().zip(&users) {
+                    let ids = vlm.chat_prompt(u, 1)?;
+                    let logits = vlm.logits(&ids, &pixels)?;
+                    let last: Vec<f32> = logits.get(ids.len() - 1)?.to_vec1()?;
+                    let yes = last[yes_no.0 as usize] > last[yes_no.1 as usize];
+                    answers.insert((i, o.to_string()), if yes { "Yes" } else { "No" }.into());
+                }
+            }
         }
         progress.inc(1);
     }

@@ -29,6 +29,10 @@ pub struct PopeArgs {
     /// Seed of the random negatives.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// How answers are read: generate (POPE's way) or logits (the next token's "Yes" against
+    /// "No", for models never taught to answer yes/no).
+    #[arg(long, default_value = "generate")]
+    pub answer_by: String,
     /// Tokens generated per answer at most.
     #[arg(long, default_value_t = 16)]
     pub max_tokens: usize,
@@ -50,6 +54,11 @@ pub(super) fn pope_cmd(a: PopeArgs) -> Result<ExitCode> {
                 })
         })
         .collect::<Result<Vec<_>>>()?;
+    let by = match a.answer_by.as_str() {
+        "generate" => pope::AnswerBy::Generate,
+        "logits" => pope::AnswerBy::Logits,
+        o => bail!("--answer-by: {o:?} is neither generate nor logits"),
+    };
     if a.per_image == 0 {
         bail!("--per-image must be at least 1");
     }
@@ -104,6 +113,7 @@ pub(super) fn pope_cmd(a: PopeArgs) -> Result<ExitCode> {
         a.per_image,
         a.seed,
         &opts,
+        by,
         &BarProgress::default(),
     )?;
     let secs = t0.elapsed().as_secs_f64();
