@@ -72,16 +72,11 @@ pub fn run(a: PrefsArgs) -> Result<ExitCode> {
         set.captions = keep.iter().map(|&c| set.captions[c].clone()).collect();
         set.caption_image = keep.iter().map(|&c| set.caption_image[c]).collect();
     }
-    let instances = match a.instances.clone().or_else(|| {
-        let name = spec
-            .path
-            .file_name()?
-            .to_str()?
-            .strip_prefix("captions_")?
-            .to_string();
-        let p = spec.path.with_file_name(format!("instances_{name}"));
-        p.is_file().then_some(p)
-    }) {
+    let instances = match a
+        .instances
+        .clone()
+        .or_else(|| clasp::data::objects::instances_beside(&spec.path))
+    {
         Some(p) => Some(clasp::data::objects::coco_instances(&p)?),
         None => None,
     };

@@ -139,13 +139,11 @@ pub fn score_captions(
 
 /// The reference captions of the first `n` images of `set`.
 fn references(set: &PairSet, n: usize) -> Vec<Vec<String>> {
-    let mut refs: Vec<Vec<String>> = vec![Vec::new(); n];
-    for (c, &i) in set.caption_image.iter().enumerate() {
-        if i < n {
-            refs[i].push(set.captions[c].clone());
-        }
-    }
-    refs
+    set.references()
+        .into_iter()
+        .take(n)
+        .map(|rs| rs.into_iter().map(str::to_string).collect())
+        .collect()
 }
 
 /// Captions the first `limit` images of `set` (all with `None`) with the

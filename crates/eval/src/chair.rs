@@ -15,7 +15,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-pub use crate::data::objects::{coco_instances, words, Mention, ObjectWords};
+pub use crate::data::objects::{coco_instances, image_objects, words, Mention, ObjectWords};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -117,20 +117,14 @@ pub fn hallucination(
     references: &[&[String]],
     instances: Option<&BTreeMap<String, BTreeSet<String>>>,
 ) -> Hallucination {
-    let words = ObjectWords::coco();
     let mut unannotated = 0;
     let objects: Vec<BTreeSet<String>> = images
         .iter()
         .zip(references)
         .map(|(img, refs)| {
-            let mut o = words.objects_of(refs.iter().map(String::as_str));
-            if let Some(inst) = instances {
-                let file = Path::new(img).file_name().map(|f| f.to_string_lossy());
-                match file.and_then(|f| inst.get(f.as_ref())) {
-                    Some(found) => o.extend(found.iter().cloned()),
-                    None => unannotated += 1,
-                }
-            }
+            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+            let (o, listed) = image_objects(Path::new(img), &refs, instances);
+            unannotated += usize::from(!listed);
             o
         })
         .collect();

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::data::objects::ObjectWords;
+use crate::data::objects::{self, ObjectWords};
 use crate::data::singular::singularize;
 use crate::data::PairSet;
 use crate::llm::GenerateOptions;
@@ -60,36 +60,16 @@ pub struct BuiltPair {
     pub mode: PrefMode,
 }
 
-/// Each image's reference captions.
-pub fn references(set: &PairSet) -> Vec<Vec<&str>> {
-    let mut refs = vec![Vec::new(); set.images.len()];
-    for (c, &i) in set.caption_image.iter().enumerate() {
-        refs[i].push(set.captions[c].as_str());
-    }
-    refs
-}
-
 /// Each image's objects: its references' mentions, and `instances` (by file
 /// name) where given.
 pub fn image_objects(
     set: &PairSet,
     instances: Option<&BTreeMap<String, BTreeSet<String>>>,
 ) -> Vec<BTreeSet<String>> {
-    let words = ObjectWords::coco();
-    references(set)
-        .into_iter()
+    set.references()
+        .iter()
         .zip(&set.images)
-        .map(|(refs, img)| {
-            let mut o = words.objects_of(refs);
-            let file = img
-                .path()
-                .file_name()
-                .map(|f| f.to_string_lossy().to_string());
-            if let Some(found) = file.and_then(|f| instances.and_then(|m| m.get(&f))) {
-                o.extend(found.iter().cloned());
-            }
-            o
-        })
+        .map(|(refs, img)| objects::image_objects(&img.path(), refs, instances).0)
         .collect()
 }
 
@@ -199,7 +179,7 @@ pub fn text_pairs(
     per_image: usize,
     seed: u64,
 ) -> Vec<BuiltPair> {
-    let refs = references(set);
+    let refs = set.references();
     let words = ObjectWords::coco();
     let co = co_occurrence(objects);
     let all: Vec<&String> = co.keys().collect();
@@ -274,7 +254,7 @@ pub fn sampled_pairs(
     batch: usize,
     progress: &dyn Progress,
 ) -> Result<Vec<BuiltPair>> {
-    let refs = references(set);
+    let refs = set.references();
     let words = ObjectWords::coco();
     let user = Vlm::caption_turn(clasp_vlm::model::DESCRIBE_EN);
     let mut found: Vec<Option<String>> = vec![None; set.images.len()];

@@ -70,7 +70,11 @@ pub(super) fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
         )?
     };
     let secs = t0.elapsed().as_secs_f64();
-    let instances = match a.instances.clone().or_else(|| beside_captions(&spec)) {
+    let instances = match a
+        .instances
+        .clone()
+        .or_else(|| clasp::data::objects::instances_beside(&spec.path))
+    {
         Some(p) => Some(clasp::eval::chair::coco_instances(&p)?),
         None => None,
     };
@@ -150,12 +154,4 @@ pub(super) fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
-}
-
-/// `instances_X.json` beside a COCO `captions_X.json`, if there is one.
-pub(super) fn beside_captions(spec: &DatasetSpec) -> Option<PathBuf> {
-    let name = spec.path.file_name()?.to_str()?;
-    let split = name.strip_prefix("captions_")?;
-    let p = spec.path.with_file_name(format!("instances_{split}"));
-    p.is_file().then_some(p)
 }

@@ -69,7 +69,7 @@ pub(super) fn pope_cmd(a: PopeArgs) -> Result<ExitCode> {
     let instances_path = a
         .instances
         .clone()
-        .or_else(|| caption::beside_captions(&spec));
+        .or_else(|| clasp::data::objects::instances_beside(&spec.path));
     let objects: Vec<Vec<String>> = match &instances_path {
         Some(p) => {
             let inst = clasp::eval::chair::coco_instances(p)?;
@@ -87,14 +87,10 @@ pub(super) fn pope_cmd(a: PopeArgs) -> Result<ExitCode> {
                 .collect()
         }
         None => {
-            let mut refs: Vec<Vec<&str>> = vec![Vec::new(); n];
-            for (c, &i) in set.caption_image.iter().enumerate() {
-                if i < n {
-                    refs[i].push(&set.captions[c]);
-                }
-            }
             let words = clasp::eval::chair::ObjectWords::coco();
-            refs.into_iter()
+            set.references()
+                .into_iter()
+                .take(n)
                 .map(|r| words.objects_of(r).into_iter().collect())
                 .collect()
         }

@@ -179,6 +179,15 @@ pub struct PairSet {
 }
 
 impl PairSet {
+    /// Each image's captions, in order.
+    pub fn references(&self) -> Vec<Vec<&str>> {
+        let mut refs = vec![Vec::new(); self.images.len()];
+        for (c, &i) in self.caption_image.iter().enumerate() {
+            refs[i].push(self.captions[c].as_str());
+        }
+        refs
+    }
+
     pub fn dropped_images(&self) -> usize {
         self.issues.iter().map(|i| i.dropped_images).sum()
     }

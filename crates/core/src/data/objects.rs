@@ -266,6 +266,36 @@ pub fn coco_instances(path: &Path) -> Result<BTreeMap<String, BTreeSet<String>>>
     Ok(out)
 }
 
+/// COCO's `instances_X.json` beside a `captions_X.json`, if there is one.
+pub fn instances_beside(captions: &Path) -> Option<std::path::PathBuf> {
+    let split = captions.file_name()?.to_str()?.strip_prefix("captions_")?;
+    let p = captions.with_file_name(format!("instances_{split}"));
+    p.is_file().then_some(p)
+}
+
+/// An image's objects as CHAIR collects them: what its `references`
+/// mention, and its annotated `instances` (looked up by the image's file
+/// name) where given. The flag is false when instances were given but do not
+/// list the image.
+pub fn image_objects(
+    image: &Path,
+    references: &[&str],
+    instances: Option<&BTreeMap<String, BTreeSet<String>>>,
+) -> (BTreeSet<String>, bool) {
+    let mut o = ObjectWords::coco().objects_of(references.iter().copied());
+    let Some(inst) = instances else {
+        return (o, true);
+    };
+    let file = image.file_name().map(|f| f.to_string_lossy());
+    match file.and_then(|f| inst.get(f.as_ref())) {
+        Some(found) => {
+            o.extend(found.iter().cloned());
+            (o, true)
+        }
+        None => (o, false),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
