@@ -342,9 +342,10 @@ pub fn evaluate_pope(
                 }
             }
             AnswerBy::Logits => {
+                let feats = vlm.image_features(&pixels)?;
                 for (o, u) in objs.iter().zip(&users) {
                     let ids = vlm.chat_prompt(u, 1)?;
-                    let logits = vlm.logits(&ids, &pixels)?;
+                    let logits = vlm.logits_of_features(&ids, &feats)?;
                     let last: Vec<f32> = logits.get(ids.len() - 1)?.to_vec1()?;
                     let yes = last[yes_no.0 as usize] > last[yes_no.1 as usize];
                     answers.insert((i, o.to_string()), if yes { "Yes" } else { "No" }.into());

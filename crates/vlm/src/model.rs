@@ -423,8 +423,13 @@ impl Vlm {
     /// Logits `[t, vocab]` at every position of one expanded prompt with
     /// its images' prepared pixels `[k, C, S, S]`.
     pub fn logits(&self, ids: &[u32], pixels: &Tensor) -> Result<Tensor> {
-        let feats = self.image_features(pixels)?;
-        let x = self.input_embeds(ids, &feats)?.unsqueeze(0)?;
+        self.logits_of_features(ids, &self.image_features(pixels)?)
+    }
+
+    /// [`Self::logits`] on image features already computed (`[k, N, hidden]`),
+    /// for several prompts about the same images.
+    pub fn logits_of_features(&self, ids: &[u32], feats: &Tensor) -> Result<Tensor> {
+        let x = self.input_embeds(ids, feats)?.unsqueeze(0)?;
         let mut cache = self.llm.new_cache(vec![0]);
         let h = self.llm.forward_embeds(&x, &mut cache)?;
         Ok(self.llm.logits(&h)?.squeeze(0)?)
