@@ -60,10 +60,10 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         return run_qformer(&a, cfg, &stop, &bar);
     }
     if cfg.task().is_preference() {
-        use clasp::train::dpo_task::DpoTrainer;
+        use clasp::train::preference_task::PreferenceTrainer;
         let mut run = match &a.resume {
-            Some(dir) => DpoTrainer::resume(dir)?,
-            None => DpoTrainer::new(cfg)?,
+            Some(dir) => PreferenceTrainer::resume(dir)?,
+            None => PreferenceTrainer::new(cfg)?,
         };
         return drive(&mut run, None, a.stop_after, &stop, &bar);
     }

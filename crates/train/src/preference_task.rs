@@ -77,7 +77,7 @@ fn load_policy(cfg: &TrainConfig, dev: &Device) -> Result<Policy> {
 }
 
 /// A preference run in progress.
-pub struct DpoTrainer {
+pub struct PreferenceTrainer {
     cfg: TrainConfig,
     out: PathBuf,
     policy: Policy,
@@ -146,7 +146,7 @@ fn prepare_pairs(
     (ids, images, lines)
 }
 
-impl DpoTrainer {
+impl PreferenceTrainer {
     pub fn new(cfg: TrainConfig) -> Result<Self> {
         cfg.check()?;
         let out = cfg.output_dir()?.to_path_buf();
@@ -474,7 +474,7 @@ fn save_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
     })
 }
 
-impl Task for DpoTrainer {
+impl Task for PreferenceTrainer {
     fn config(&self) -> &TrainConfig {
         &self.cfg
     }
@@ -522,9 +522,9 @@ impl Task for DpoTrainer {
         1
     }
     fn step(&mut self, batch: &[(usize, usize)], pixels: &[Vec<f32>]) -> Result<StepLog> {
-        DpoTrainer::step(self, batch, pixels)
+        PreferenceTrainer::step(self, batch, pixels)
     }
     fn save_at(&self, order: &Order) -> Result<()> {
-        DpoTrainer::save_at(self, order)
+        PreferenceTrainer::save_at(self, order)
     }
 }
