@@ -17,6 +17,7 @@ pub mod convnext;
 pub use clasp_kernels::{cpu_kernels, grad_kernels, int8, packed};
 pub mod dual_encoder;
 pub mod efficientnet_lite;
+pub mod emu3_vq;
 pub mod int8_checkpoint;
 pub mod layers;
 pub mod loader;

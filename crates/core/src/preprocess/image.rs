@@ -40,6 +40,11 @@ fn resize_target((h, w): (u32, u32), to: ResizeTo) -> (u32, u32) {
     match to {
         ResizeTo::Exact { height, width } => (height, width),
         ResizeTo::PatchBudget { patch, max_patches } => patch_budget_size(h, w, patch, max_patches),
+        ResizeTo::PixelBudget {
+            factor,
+            min_pixels,
+            max_pixels,
+        } => pixel_budget_size(h, w, factor, min_pixels, max_pixels),
         ResizeTo::ShortestEdge(s) => {
             let (short, long) = if w <= h { (w, h) } else { (h, w) };
             let new_long = (s as f64 * long as f64 / short as f64) as u32;

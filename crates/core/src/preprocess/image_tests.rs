@@ -201,3 +201,28 @@ fn processor_json_round_trips_crop_rounding_and_patch_budgets() {
     let back = ImageProcessorConfig::from_json(&n.to_hf_json().to_string(), p).unwrap();
     assert_eq!(back.key_bytes(), n.key_bytes());
 }
+
+#[test]
+fn pixel_budget_size_is_emu3s_smart_resize() {
+    // transformers' smart_resize (Emu3ImageProcessor) on these inputs.
+    let cases = [
+        ((375, 500, 8, 512 * 512, 1024 * 1024), (448, 592)),
+        ((224, 224, 8, 96 * 96, 128 * 128), (128, 128)),
+        ((422, 640, 8, 96 * 96, 128 * 128), (96, 152)),
+        ((2000, 300, 8, 512 * 512, 1024 * 1024), (2000, 304)),
+        ((100, 100, 8, 512 * 512, 1024 * 1024), (512, 512)),
+        ((20, 4000, 8, 64, 1024), (8, 448)),
+    ];
+    for ((h, w, f, lo, hi), want) in cases {
+        assert_eq!(pixel_budget_size(h, w, f, lo, hi), want, "{h}x{w}");
+    }
+    let p = Path::new("preprocessor_config.json");
+    let json = r#"{"image_processor_type": "Emu3ImageProcessor", "min_pixels": 9216,
+        "max_pixels": 16384, "spatial_factor": 8, "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5]}"#;
+    let c = ImageProcessorConfig::from_json(json, p).unwrap();
+    assert!(!c.do_center_crop);
+    assert_eq!(c.output_size((422, 640)), (96, 152));
+    let back = ImageProcessorConfig::from_json(&c.to_hf_json().to_string(), p).unwrap();
+    assert_eq!(back.key_bytes(), c.key_bytes());
+}

@@ -21,6 +21,7 @@ pub const SUPPORTED_PROCESSORS: &[&str] = &[
     "BlipImageProcessor",
     "BlipImageProcessorFast",
     "BlipImageProcessorPil",
+    "Emu3ImageProcessor",
 ];
 
 /// How to resize before any crop.
@@ -36,6 +37,14 @@ pub enum ResizeTo {
     /// most `max_patches` patches (SigLIP 2's NaFlex rule; clasp's
     /// `--keep-aspect`).
     PatchBudget { patch: u32, max_patches: u32 },
+    /// Keep the aspect ratio with each side a multiple of `factor` and the
+    /// area between `min_pixels` and `max_pixels` (Emu3ImageProcessor's
+    /// `smart_resize`).
+    PixelBudget {
+        factor: u32,
+        min_pixels: u32,
+        max_pixels: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,6 +125,16 @@ impl ImageProcessorConfig {
                 v.extend_from_slice(&patch.to_le_bytes());
                 v.extend_from_slice(&max_patches.to_le_bytes());
             }
+            ResizeTo::PixelBudget {
+                factor,
+                min_pixels,
+                max_pixels,
+            } => {
+                v.push(3);
+                for x in [factor, min_pixels, max_pixels] {
+                    v.extend_from_slice(&x.to_le_bytes());
+                }
+            }
         }
         flag(&mut v, self.do_center_crop);
         v.extend_from_slice(&self.crop.0.to_le_bytes());
@@ -165,6 +184,10 @@ pub(super) struct RawProcessor {
     /// Siglip2ImageProcessor's NaFlex budget.
     patch_size: Option<u32>,
     max_num_patches: Option<u32>,
+    /// Emu3ImageProcessor's pixel budget.
+    spatial_factor: Option<u32>,
+    min_pixels: Option<u32>,
+    max_pixels: Option<u32>,
     /// clasp's own key: "torchvision" for open_clip's center crop.
     clasp_crop_rounding: Option<String>,
 }
@@ -234,6 +257,14 @@ impl ImageProcessorConfig {
             ResizeTo::PatchBudget { patch, max_patches } => serde_json::json!({
                 "image_processor_type": "Siglip2ImageProcessor",
                 "patch_size": patch, "max_num_patches": max_patches,
+            }),
+            ResizeTo::PixelBudget {
+                factor,
+                min_pixels,
+                max_pixels,
+            } => serde_json::json!({
+                "image_processor_type": "Emu3ImageProcessor",
+                "spatial_factor": factor, "min_pixels": min_pixels, "max_pixels": max_pixels,
             }),
         };
         let common = serde_json::json!({
@@ -309,7 +340,6 @@ impl ImageProcessorConfig {
         // bicubic, no crop, CLIP's mean and deviation.
         let chinese = kind.starts_with("ChineseCLIP") || kind.starts_with("Blip");
         let siglip2 = kind.starts_with("Siglip2");
-        let siglip = kind.starts_with("Siglip") && !siglip2;
         let resample = match raw.resample {
             Some(r) => crate::preprocess::resample::Filter::from_pil(r).ok_or_else(|| {
                 bad(format!(
@@ -318,6 +348,28 @@ impl ImageProcessorConfig {
             })?,
             None => crate::preprocess::resample::Filter::Bicubic,
         };
+        if kind.starts_with("Emu3") {
+            // Emu3's smart resize, no crop; its own defaults are CLIP's mean
+            // and deviation and the 512² to 1024² budget.
+            let base = Self::chinese_clip_default(224);
+            return Ok(Self {
+                resize: ResizeTo::PixelBudget {
+                    factor: raw.spatial_factor.unwrap_or(8),
+                    min_pixels: raw.min_pixels.unwrap_or(512 * 512),
+                    max_pixels: raw.max_pixels.unwrap_or(1024 * 1024),
+                },
+                resample,
+                do_resize: raw.do_resize.unwrap_or(true),
+                do_rescale: raw.do_rescale.unwrap_or(true),
+                rescale_factor: raw.rescale_factor.unwrap_or(base.rescale_factor),
+                do_normalize: raw.do_normalize.unwrap_or(true),
+                mean: raw.image_mean.unwrap_or(base.mean),
+                std: raw.image_std.unwrap_or(base.std),
+                do_convert_rgb: raw.do_convert_rgb.unwrap_or(true),
+                ..base
+            });
+        }
+        let siglip = kind.starts_with("Siglip") && !siglip2;
         let mut cfg = if siglip2 {
             let cfg = Self::siglip2_default(
                 raw.patch_size.unwrap_or(16),

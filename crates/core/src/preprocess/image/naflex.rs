@@ -27,6 +27,32 @@ pub fn patch_budget_size(h: u32, w: u32, patch: u32, max_patches: u32) -> (u32, 
     (scaled(lo, h), scaled(lo, w))
 }
 
+/// The size that keeps an image's aspect ratio with each side a multiple of
+/// `factor` and the area within `min_pixels..=max_pixels`: transformers'
+/// `smart_resize` of Emu3ImageProcessor (Python's round-half-even first, and
+/// floor or ceil of the scaled sides when the area is out of bounds).
+pub fn pixel_budget_size(
+    h: u32,
+    w: u32,
+    factor: u32,
+    min_pixels: u32,
+    max_pixels: u32,
+) -> (u32, u32) {
+    let (hf, wf, f) = (h as f64, w as f64, factor as f64);
+    let mut hb = (hf / f).round_ties_even() * f;
+    let mut wb = (wf / f).round_ties_even() * f;
+    if hb * wb > max_pixels as f64 {
+        let beta = (hf * wf / max_pixels as f64).sqrt();
+        hb = f.max((hf / beta / f).floor() * f);
+        wb = f.max((wf / beta / f).floor() * f);
+    } else if hb * wb < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (hf * wf)).sqrt();
+        hb = (hf * beta / f).ceil() * f;
+        wb = (wf * beta / f).ceil() * f;
+    }
+    (hb as u32, wb as u32)
+}
+
 /// SigLIP 2's model inputs for one image, as Siglip2ImageProcessor returns
 /// them.
 #[derive(Debug, Clone, PartialEq)]
