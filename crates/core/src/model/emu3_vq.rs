@@ -101,7 +101,7 @@ impl Emu3VqConfig {
         {
             return Err("temporal_downsample_factor must be a power of two and channel_multiplier not empty".into());
         }
-        if self.base_channels % 32 != 0 {
+        if !self.base_channels.is_multiple_of(32) {
             return Err(format!(
                 "base_channels {} is not a multiple of GroupNorm's 32 groups",
                 self.base_channels
@@ -309,7 +309,7 @@ impl Emu3Vq {
                     .broadcast_as((b, tf, c, h, w))?
                     .contiguous()?
             }
-            5 if dims[1] % tf == 0 => pixels.clone(),
+            5 if dims[1].is_multiple_of(tf) => pixels.clone(),
             5 => {
                 return Err(Error::Shape(format!(
                     "a video of {} frames: Emu3's tokenizer takes a multiple of {tf}",
@@ -323,7 +323,7 @@ impl Emu3Vq {
             }
         };
         let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        if h % f != 0 || w % f != 0 || h == 0 || w == 0 {
+        if !h.is_multiple_of(f) || !w.is_multiple_of(f) || h == 0 || w == 0 {
             return Err(Error::Shape(format!(
                 "{h}x{w} pixels: each side must be a positive multiple of {f}"
             )));
