@@ -18,31 +18,6 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/emu3/vq")
 }
 
-/// The fixture's weights: `hashed`, BatchNorm's running variances made
-/// positive and the codebook spread over [-1, 1], as the script writes them.
-fn weight(name: &str, shape: &[usize]) -> Tensor {
-    let v = common::hashed(name, shape);
-    if name.ends_with("running_var") {
-        (v.abs().unwrap() + 0.5).unwrap()
-    } else if name.ends_with("quantize.embedding.weight") {
-        (v * 10.0).unwrap()
-    } else {
-        v
-    }
-}
-
-/// The tokenizer folder as a user has it: config, processor and weights.
-fn folder(dir: &Path) -> PathBuf {
-    let out = dir.join("emu3-vq");
-    std::fs::create_dir_all(&out).unwrap();
-    for f in ["config.json", "preprocessor_config.json"] {
-        std::fs::copy(fixtures().join(f), out.join(f)).unwrap();
-    }
-    let tensors = common::manifest_tensors(&fixtures().join("manifest.json"), weight);
-    candle_core::safetensors::save(&tensors, out.join("model.safetensors")).unwrap();
-    out
-}
-
 fn expected() -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu).unwrap()
 }
@@ -96,7 +71,7 @@ fn codes(t: &Tensor) -> Vec<i64> {
 #[test]
 fn tokenizer_matches_transformers_on_photos_and_video() {
     let dir = tempfile::tempdir().unwrap();
-    let model_dir = folder(dir.path());
+    let model_dir = common::emu3_vq_folder(dir.path());
     let vq = Emu3Vq::from_dir(&model_dir, &Device::Cpu).unwrap();
     let want = expected();
     let proc = ImageProcessor::new(
@@ -213,7 +188,7 @@ fn tokenizer_matches_transformers_on_photos_and_video() {
 #[test]
 fn bad_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let model_dir = folder(dir.path());
+    let model_dir = common::emu3_vq_folder(dir.path());
     let vq = Emu3Vq::from_dir(&model_dir, &Device::Cpu).unwrap();
     let odd = Tensor::zeros((1, 3, 60, 64), DType::F32, &Device::Cpu).unwrap();
     let err = vq.encode(&odd).unwrap_err().to_string();

@@ -30,8 +30,12 @@ pub enum ConnectorArg {
 #[derive(Args, Debug)]
 pub struct AssembleArgs {
     /// A CLIP-family checkpoint folder whose vision tower is used (frozen).
-    #[arg(long)]
-    pub vision: PathBuf,
+    #[arg(long, required_unless_present = "native", conflicts_with = "native")]
+    pub vision: Option<PathBuf>,
+    /// A VQ image tokenizer folder (Emu3VQVAE): build a native model (Emu3's
+    /// layout) instead of a bridge, whose vocabulary holds a token per code.
+    #[arg(long, value_name = "VQ_DIR")]
+    pub native: Option<PathBuf>,
     /// The language model: a .gguf file, a folder holding one, or a LlamaForCausalLM folder.
     #[arg(long)]
     pub llm: PathBuf,
@@ -71,13 +75,30 @@ impl AssembleArgs {
 }
 
 pub fn assemble_cmd(a: AssembleArgs) -> Result<ExitCode> {
+    let device = candle_core::Device::Cpu;
+    if let Some(vq) = &a.native {
+        let m = clasp::vlm::native::NativeModel::assemble(&a.llm, vq, a.seed, &device)?;
+        m.save(&a.output)?;
+        note!(
+            "wrote {} (a native model: {} code tokens from id {}, vocabulary {})",
+            a.output.display(),
+            m.tokens.codebook,
+            m.tokens.first_code,
+            m.llm.config().vocab_size
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let vision = a
+        .vision
+        .as_deref()
+        .expect("clap requires --vision without --native");
     let vlm = Vlm::assemble(
-        &a.vision,
+        vision,
         &a.llm,
         a.kind(),
         a.vision_feature_layer,
         a.seed,
-        &candle_core::Device::Cpu,
+        &device,
     )?;
     vlm.save(&a.output)?;
     note!(

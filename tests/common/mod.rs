@@ -417,3 +417,29 @@ pub fn close_to(got: f64, want: f64, tol: f64, what: &str) {
         "{what}: {got} against the reference's {want}"
     );
 }
+
+/// Emu3's VQ tokenizer fixture (scripts/gen_emu3_vq_fixtures.py) as a
+/// folder a user would have: config, processor and its weights, `hashed`
+/// with BatchNorm's running variances made positive and the codebook
+/// spread over [-1, 1], as the script writes them.
+pub fn emu3_vq_folder(dir: &Path) -> PathBuf {
+    fn weight(name: &str, shape: &[usize]) -> candle_core::Tensor {
+        let v = hashed(name, shape);
+        if name.ends_with("running_var") {
+            (v.abs().unwrap() + 0.5).unwrap()
+        } else if name.ends_with("quantize.embedding.weight") {
+            (v * 10.0).unwrap()
+        } else {
+            v
+        }
+    }
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/emu3/vq");
+    let out = dir.join("emu3-vq");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in ["config.json", "preprocessor_config.json"] {
+        std::fs::copy(fixtures.join(f), out.join(f)).unwrap();
+    }
+    let tensors = manifest_tensors(&fixtures.join("manifest.json"), weight);
+    candle_core::safetensors::save(&tensors, out.join("model.safetensors")).unwrap();
+    out
+}

@@ -277,6 +277,26 @@ impl LlmTokenizer {
             .expect("a token just added has an id")
     }
 
+    /// [`Self::add_special_token`] for many tokens in one pass (the
+    /// tokenizer rebuilds its matcher once, not once per token); their ids
+    /// in order.
+    pub fn add_special_tokens(&mut self, tokens: &[String]) -> Vec<u32> {
+        let new: Vec<tokenizers::AddedToken> = tokens
+            .iter()
+            .filter(|t| self.inner.token_to_id(t).is_none())
+            .map(|t| tokenizers::AddedToken::from(t.clone(), true))
+            .collect();
+        self.inner.add_special_tokens(&new);
+        tokens
+            .iter()
+            .map(|t| {
+                self.inner
+                    .token_to_id(t)
+                    .expect("a token just added has an id")
+            })
+            .collect()
+    }
+
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
     }

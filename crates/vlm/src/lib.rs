@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod connector;
 pub mod heads;
 pub mod model;
+pub mod native;
 pub mod reward;
 pub mod stage1;
 

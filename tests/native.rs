@@ -1,0 +1,166 @@
+//! The native (Emu3-layout) model against transformers'
+//! `Emu3ForConditionalGeneration` on the folder `clasp assemble --native`
+//! saves (fixtures: scripts/gen_native_fixtures.py, which assembles the
+//! committed random-weight VQ tokenizer with SmolLM2, then runs transformers
+//! and Emu3Processor on the saved folder). clasp rebuilds the same model
+//! (same seed) and must give the processor's ids (the image span as its
+//! placeholders), the VQ codes, and the logits.
+
+mod common;
+mod vlm_util;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use clasp::vlm::native::NativeModel;
+use serde_json::Value;
+use vlm_util::{check_logits, u32s};
+
+fn fixture() -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/native/native_logits.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn vq_dir() -> &'static PathBuf {
+    static D: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &D.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let p = common::emu3_vq_folder(d.path());
+        (d, p)
+    })
+    .1
+}
+
+fn model() -> &'static NativeModel {
+    static M: OnceLock<NativeModel> = OnceLock::new();
+    M.get_or_init(|| NativeModel::assemble(&common::smollm2(), vq_dir(), 0, &Device::Cpu).unwrap())
+}
+
+/// clasp's ids with the image span's code and end-of-row tokens written
+/// as the processor's placeholder.
+fn as_placeholders(m: &NativeModel, ids: &[u32]) -> Vec<u32> {
+    let t = m.tokens;
+    ids.iter()
+        .map(|&i| {
+            if t.code(i).is_some() || i == t.eol {
+                t.placeholder
+            } else {
+                i
+            }
+        })
+        .collect()
+}
+
+fn argmax(l: &[Vec<f32>]) -> Vec<u32> {
+    l.iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u32
+        })
+        .collect()
+}
+
+fn logits(m: &NativeModel, ids: &[u32]) -> Vec<Vec<f32>> {
+    m.logits(ids).unwrap().to_vec2().unwrap()
+}
+
+#[test]
+fn ids_codes_and_logits_equal_transformers_emu3() {
+    let m = model();
+    let f = fixture();
+    assert_eq!(
+        m.tokens.first_code as u64,
+        f["first_code"].as_u64().unwrap()
+    );
+    let prompt = f["prompt"].as_str().unwrap();
+    let mut worst = 0f32;
+    for c in f["cases"].as_array().unwrap() {
+        let name = c["image"].as_str().unwrap();
+        let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name);
+        let codes = m.image_codes(&photo).unwrap();
+        let want: Vec<Vec<u32>> = c["codes"].as_array().unwrap().iter().map(u32s).collect();
+        assert_eq!(codes, want, "{name}: VQ codes");
+        let ids = m.prompt_ids(prompt, &[codes]).unwrap();
+        assert_eq!(
+            as_placeholders(m, &ids),
+            u32s(&c["input_ids"]),
+            "{name}: ids"
+        );
+        worst = worst.max(check_logits(name, &logits(m, &ids), c));
+    }
+    // The drawing prompt: caption, then the image's start and size prefix.
+    let d = &f["draw"];
+    let sizes = u32s(&d["image_sizes"]);
+    let ids = m
+        .draw_prompt_ids(
+            d["caption"].as_str().unwrap(),
+            sizes[0] as usize,
+            sizes[1] as usize,
+        )
+        .unwrap();
+    assert_eq!(ids, u32s(&d["input_ids"]), "drawing prompt ids");
+    let l = logits(m, &ids);
+    assert_eq!(argmax(&l), u32s(&d["argmax"]), "drawing prompt: argmax");
+    for (key, ids_key) in [("fixed", "fixed_ids"), ("top", "top_ids")] {
+        let rows = d[key].as_array().unwrap();
+        let last = &l[l.len() - rows.len()..];
+        for (p, (row, want)) in last.iter().zip(rows).enumerate() {
+            let ids = match &d[ids_key][0] {
+                Value::Array(_) => u32s(&d[ids_key][p]),
+                _ => u32s(&d[ids_key]),
+            };
+            for (id, w) in ids.iter().zip(vlm_util::f32s(want)) {
+                let diff = (row[*id as usize] - w).abs();
+                assert!(
+                    diff < 1e-3,
+                    "drawing prompt: {key} logit of {id} at {p}: {diff}"
+                );
+                worst = worst.max(diff);
+            }
+        }
+    }
+    eprintln!("largest logit difference against transformers: {worst:.2e}");
+}
+
+/// What clasp saves, clasp loads back with the same logits.
+#[test]
+fn a_saved_native_model_loads_back() {
+    let m = model();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("native");
+    m.save(&dir).unwrap();
+    let back = NativeModel::load(&dir, &Device::Cpu).unwrap();
+    assert_eq!(back.tokens, m.tokens);
+    let codes = vec![vec![5u32, 32767, 0], vec![1, 2, 3]];
+    let ids = m
+        .prompt_ids("<image>\nDescribe the image.", std::slice::from_ref(&codes))
+        .unwrap();
+    assert_eq!(
+        back.prompt_ids("<image>\nDescribe the image.", &[codes])
+            .unwrap(),
+        ids
+    );
+    let (a, b) = (m.logits(&ids).unwrap(), back.logits(&ids).unwrap());
+    let diff = common::max_abs(&a, &b);
+    assert!(diff < 1e-4, "saved and loaded logits differ by {diff}");
+    // The wrong number of images is named.
+    let err = m
+        .prompt_ids("<image> and <image>", &[vec![vec![1]]])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("2 `<image>`") && err.contains("1 images"),
+        "{err}"
+    );
+    // A bridge folder is not a native model.
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "llava"}"#).unwrap();
+    let err = NativeModel::load(&dir, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not a native"), "{err}");
+}
