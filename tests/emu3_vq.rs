@@ -213,3 +213,75 @@ fn bad_inputs_are_named() {
         .to_string();
     assert!(err.contains("config.json") && err.contains("clip"), "{err}");
 }
+
+/// `clasp tokenize-image` prints the codes transformers gives;
+/// `clasp detokenize-image` writes them back as a PNG whose pixels are the
+/// decoded ones unnormalised (Emu3ImageProcessor's postprocess); a bad line
+/// is named.
+#[test]
+fn cli_tokenizes_and_draws_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = common::emu3_vq_folder(dir.path());
+    let want = expected();
+    let m = model_dir.to_str().unwrap();
+    let photo = dev_photo(0);
+    let out = common::clasp(&["tokenize-image", "-m", m, photo.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (line["height"].as_u64(), line["width"].as_u64()),
+        (Some(128), Some(128))
+    );
+    let got: Vec<i64> = line["codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|c| c.as_i64().unwrap()))
+        .collect();
+    assert_eq!(got, codes(&want["codes.0"]), "tokenize-image codes");
+
+    let codes_file = dir.path().join("codes.jsonl");
+    std::fs::write(&codes_file, &out.stdout).unwrap();
+    let png = dir.path().join("back.png");
+    let args = [
+        "detokenize-image",
+        "-m",
+        m,
+        "--codes",
+        codes_file.to_str().unwrap(),
+        "-o",
+    ];
+    let out = common::clasp(&[&args[..], &[png.to_str().unwrap()]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (128, 128));
+    // Every 4th pixel against transformers' decoded values, unnormalised.
+    let dec: Vec<Vec<Vec<f32>>> = want["decoded.0"].to_vec3().unwrap();
+    for (y, row) in (0..128).step_by(4).enumerate() {
+        for (x, col) in (0..128).step_by(4).enumerate() {
+            for c in 0..3 {
+                let v = ((dec[c][y][x] * 0.5 + 0.5) * 255.0).clamp(0.0, 255.0);
+                let p = img.get_pixel(col as u32, row as u32)[c] as f32;
+                assert!(
+                    (p - v.trunc()).abs() <= 1.0,
+                    "pixel ({col}, {row}) channel {c}: {p} vs {v}"
+                );
+            }
+        }
+    }
+    std::fs::write(&codes_file, "{\"codes\": [[1, 2], [3]]}\n").unwrap();
+    let out = common::clasp(&[&args[..], &[png.to_str().unwrap()]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("line 1") && err.contains("equal rows"),
+        "{err}"
+    );
+}

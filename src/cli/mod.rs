@@ -6,6 +6,7 @@ mod eval;
 mod generate;
 mod imagenet;
 mod mine;
+mod native;
 mod output;
 mod prefs;
 mod quantize;
@@ -67,6 +68,10 @@ pub enum Command {
     Search(search::SearchArgs),
     /// Zero-shot labels for every image in a folder.
     Classify(search::ClassifyArgs),
+    /// Print a VQ image tokenizer's codes of images (JSON lines).
+    TokenizeImage(native::TokenizeArgs),
+    /// Draw images back from a VQ image tokenizer's codes (PNG).
+    DetokenizeImage(native::DetokenizeArgs),
     /// Serve embeddings, similarity, classification and search over HTTP.
     Serve(serve::ServeArgs),
     /// Train or fine-tune a dual encoder contrastively (resumable).
@@ -244,6 +249,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Index(a) => search::index_cmd(a),
         Command::Search(a) => search::search_cmd(a),
         Command::Classify(a) => search::classify_cmd(a),
+        Command::TokenizeImage(a) => native::tokenize(a),
+        Command::DetokenizeImage(a) => native::detokenize(a),
         Command::Serve(a) => serve::run(a),
         Command::Train(a) => train::run(*a),
         Command::Mine(a) => mine::run(a),

@@ -423,3 +423,33 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     files.dedup();
     Ok(files)
 }
+
+/// Decoded pixels [3, H, W] back to an image, as Emu3ImageProcessor's
+/// `postprocess` does: unnormalise with the processor's mean and deviation,
+/// scale by 255, clip to [0, 255] and truncate to bytes.
+pub fn pixels_to_image(
+    pixels: &Tensor,
+    cfg: &crate::preprocess::image::ImageProcessorConfig,
+) -> Result<image::RgbImage> {
+    let (c, h, w) = pixels.dims3()?;
+    if c != 3 {
+        return Err(Error::Shape(format!("{c} channels: an RGB image has 3")));
+    }
+    let v: Vec<f32> = pixels.flatten_all()?.to_vec1()?;
+    let scale = if cfg.do_rescale {
+        1.0 / cfg.rescale_factor
+    } else {
+        1.0
+    };
+    let mut img = image::RgbImage::new(w as u32, h as u32);
+    for (x, y, px) in img.enumerate_pixels_mut() {
+        for (ch, out) in px.0.iter_mut().enumerate() {
+            let mut p = v[ch * h * w + y as usize * w + x as usize] as f64;
+            if cfg.do_normalize {
+                p = p * cfg.std[ch] + cfg.mean[ch];
+            }
+            *out = (p * scale).clamp(0.0, 255.0) as u8;
+        }
+    }
+    Ok(img)
+}
