@@ -267,8 +267,8 @@ fn cli_tokenizes_and_draws_back() {
     let dec: Vec<Vec<Vec<f32>>> = want["decoded.0"].to_vec3().unwrap();
     for (y, row) in (0..128).step_by(4).enumerate() {
         for (x, col) in (0..128).step_by(4).enumerate() {
-            for c in 0..3 {
-                let v = ((dec[c][y][x] * 0.5 + 0.5) * 255.0).clamp(0.0, 255.0);
+            for (c, plane) in dec.iter().enumerate() {
+                let v = ((plane[y][x] * 0.5 + 0.5) * 255.0).clamp(0.0, 255.0);
                 let p = img.get_pixel(col as u32, row as u32)[c] as f32;
                 assert!(
                     (p - v.trunc()).abs() <= 1.0,
