@@ -59,6 +59,14 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     if cfg.task() == clasp::train::config::Task::Qformer {
         return run_qformer(&a, cfg, &stop, &bar);
     }
+    if cfg.task() == clasp::train::config::Task::Vq {
+        use clasp::train::vq::VqTrainer;
+        let mut run = match &a.resume {
+            Some(dir) => VqTrainer::resume(dir)?,
+            None => VqTrainer::new(cfg)?,
+        };
+        return drive(&mut run, None, a.stop_after, &stop, &bar);
+    }
     if cfg.task().is_preference() {
         use clasp::train::preference_task::PreferenceTrainer;
         let mut run = match &a.resume {

@@ -20,7 +20,8 @@ pub struct TrainArgs {
     /// --text-init; --queries of them), saved as a Blip2ForImageTextRetrieval folder that
     /// `--rerank-model` takes; `dpo` aligns a vision-language model (--init) or a language
     /// model (--llm) to the preference pairs of --prefs, training a LoRA adapter; `reward`
-    /// trains a reward model (a scalar head and a LoRA adapter) on them.
+    /// trains a reward model (a scalar head and a LoRA adapter) on them; `vq` trains a VQ image
+    /// tokenizer (Emu3's VQ-VAE, sized by the `vq_*` keys) on the dataset's photos.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,

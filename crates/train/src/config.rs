@@ -153,6 +153,9 @@ pub struct TrainConfig {
     /// A preference run's pairs, β and loss (`prefs`, `beta`, `pref_loss`, `label_smoothing`).
     #[serde(flatten)]
     pub preference: super::dpo::PreferenceParams,
+    /// A VQ tokenizer run's size and losses (`vq_*`).
+    #[serde(flatten)]
+    pub vq: super::vq::VqParams,
     /// A weight schedule trading the first objective against the others
     /// (`bcif`, or e.g. `linear(1,0.2)`); none: constant weights.
     pub schedule: Option<String>,
@@ -238,6 +241,7 @@ impl Default for TrainConfig {
             objective: "infonce".into(),
             objective_params: ObjectiveParams::default(),
             preference: Default::default(),
+            vq: Default::default(),
             schedule: None,
             negatives: None,
             negatives_share: 0.5,
@@ -483,8 +487,8 @@ impl TrainConfig {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("lr", format!("{} is not a positive number", self.lr));
         }
-        if self.task() == Task::Qformer {
-            return self.check_qformer();
+        if let Some(checked) = self.check_own_task() {
+            return checked;
         }
         if self.is_vlm() {
             if self.init.is_none() && (self.llm.is_none() || self.vision.is_none()) {

@@ -41,3 +41,4 @@ pub mod step;
 mod teacher;
 pub mod trainer;
 pub mod vlm;
+pub mod vq;

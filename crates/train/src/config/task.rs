@@ -25,6 +25,9 @@ pub enum Task {
     /// head at the answer's end, trained with the Bradley–Terry loss on the
     /// pairs of `prefs` (LoRA on its language model, and the head).
     Reward,
+    /// A VQ image tokenizer (`--task vq`): Emu3's VQ-VAE architecture
+    /// trained to reconstruct the dataset's photos (`vq_*` keys).
+    Vq,
 }
 
 impl Task {
@@ -85,6 +88,7 @@ impl Task {
             Task::Qformer => "a Q-Former (BLIP-2 stage 1, --task qformer) training",
             Task::Dpo => "a preference (--task dpo) training",
             Task::Reward => "a reward-model (--task reward) training",
+            Task::Vq => "a VQ tokenizer (--task vq) training",
         }
     }
 
@@ -93,14 +97,25 @@ impl Task {
     pub fn refuses(self, key: &str) -> bool {
         match self {
             Task::DualEncoder => {
-                VISION_LANGUAGE_KEYS.contains(&key) || PREFERENCE_KEYS.contains(&key)
+                VISION_LANGUAGE_KEYS.contains(&key)
+                    || PREFERENCE_KEYS.contains(&key)
+                    || VQ_KEYS.contains(&key)
             }
             Task::VisionLanguage => {
-                DUAL_ENCODER_KEYS.contains(&key) || PREFERENCE_KEYS.contains(&key)
+                DUAL_ENCODER_KEYS.contains(&key)
+                    || PREFERENCE_KEYS.contains(&key)
+                    || VQ_KEYS.contains(&key)
+            }
+            Task::Vq => {
+                DUAL_ENCODER_KEYS.contains(&key)
+                    || VISION_LANGUAGE_KEYS.contains(&key)
+                    || PREFERENCE_KEYS.contains(&key)
+                    || VQ_ALSO_REFUSED.contains(&key)
             }
             Task::Dpo | Task::Reward => {
                 (DUAL_ENCODER_KEYS.contains(&key)
                     || VISION_LANGUAGE_KEYS.contains(&key)
+                    || VQ_KEYS.contains(&key)
                     || DPO_ALSO_REFUSED.contains(&key))
                     && !DPO_READS.contains(&key)
             }
@@ -108,6 +123,7 @@ impl Task {
                 (DUAL_ENCODER_KEYS.contains(&key)
                     || VISION_LANGUAGE_KEYS.contains(&key)
                     || PREFERENCE_KEYS.contains(&key)
+                    || VQ_KEYS.contains(&key)
                     || QFORMER_ALSO_REFUSED.contains(&key))
                     && !QFORMER_READS.contains(&key)
             }
@@ -127,6 +143,10 @@ impl Task {
             Task::Qformer => {
                 "a Q-Former run reads its tower from `vision` (locked), its BERT from \
                  `text_init`, and `queries`"
+            }
+            Task::Vq => {
+                "a VQ tokenizer run reads its photos from `dataset`, its size from the `vq_*` \
+                 keys, or continues a VQ folder given as `init`"
             }
             Task::Dpo | Task::Reward => {
                 "a preference run reads its model from `init` (a vision-language checkpoint) \
@@ -148,6 +168,11 @@ const DPO_READS: &[&str] = &[
 ];
 /// Keys no task list holds that a preference run refuses too.
 const DPO_ALSO_REFUSED: &[&str] = &["vision", "dataset", "schedule", "objective", "eval_dataset"];
+
+/// The keys only a VQ run reads.
+pub use crate::vq::VQ_KEYS;
+/// Keys no task list holds that a VQ run refuses too.
+const VQ_ALSO_REFUSED: &[&str] = &["llm", "vision", "schedule", "objective", "eval_dataset"];
 
 /// Of the other tasks' keys, the ones a Q-Former run reads.
 const QFORMER_READS: &[&str] = &["text_init", "queries"];
@@ -227,6 +252,16 @@ impl super::TrainConfig {
             .check()
             .or_else(|e| bad("beta, pref_loss, label_smoothing", e))?;
         self.lora().check().or_else(|e| bad("lora", e))
+    }
+
+    /// The checks of a task with its own trainer (Q-Former, VQ), if this
+    /// run is one.
+    pub(super) fn check_own_task(&self) -> Option<crate::Result<()>> {
+        match self.task() {
+            Task::Qformer => Some(self.check_qformer()),
+            Task::Vq => Some(self.vq.check()),
+            _ => None,
+        }
     }
 
     /// What a Q-Former run needs: its tower and its BERT.
