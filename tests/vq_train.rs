@@ -64,14 +64,19 @@ fn vq_tokenizer_trains_saves_an_emu3_folder_and_resumes_exactly() {
             + 0.25 * l["commit"].as_f64().unwrap();
         common::close_to(r["loss"].as_f64().unwrap(), want, 1e-5, "total loss");
     }
-    // Every second step checks for unused codes; a 16-code book over 2 x 3
-    // photos of 16 positions each leaves some unused at first.
+    // Every second step checks for unused codes.
+    // The first step seeds the unused codes from the data.
+    assert!(
+        rows[0]["losses"]["restarted"].as_f64().unwrap() > 0.0,
+        "{}",
+        rows[0]
+    );
     assert!(
         rows[1]["losses"]["restarted"].as_f64().is_some(),
         "{}",
         rows[1]
     );
-    assert!(rows[0]["losses"].get("restarted").is_none());
+    assert!(rows[2]["losses"].get("restarted").is_none(), "{}", rows[2]);
 
     // The checkpoint is an Emu3VQVAE folder: it loads, tokenizes a photo
     // into 4 x 4 codes of the 16, and draws them back.
@@ -98,6 +103,8 @@ fn vq_tokenizer_trains_saves_an_emu3_folder_and_resumes_exactly() {
         photo.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    eval_reports(&ckpt, &out.join("init"), &data, d.path());
 
     // Stopped after 2 steps and resumed: the same bytes as the run above.
     let again = d.path().join("again");
@@ -126,4 +133,71 @@ fn vq_tokenizer_trains_saves_an_emu3_folder_and_resumes_exactly() {
         .args(["--preset", "tiny", "--set", "vq_beta=1", "--output"])
         .arg(d.path().join("x3"));
     fails_with(c, "`vq_beta`");
+}
+
+/// `clasp eval vq` on the run's checkpoint: codebook use, PSNR, SSIM and the
+/// perceptual score beside the wrong photo, the thumbnail and the untrained
+/// start, each control with its paired t; the report's files; its PSNR is
+/// the mean of the per-photo rows.
+fn eval_reports(ckpt: &Path, init: &Path, data: &Path, tmp: &Path) {
+    let report = tmp.join("vq-report");
+    let mnv2 = common::pretrained("mobilenet_v2");
+    let o = common::clasp(&[
+        "eval",
+        "vq",
+        "-m",
+        ckpt.to_str().unwrap(),
+        "-d",
+        &format!("flickr8k:{}", data.display()),
+        "--split",
+        "train",
+        "--limit",
+        "3",
+        "--baseline",
+        init.to_str().unwrap(),
+        "--perceptual",
+        mnv2.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["photos"], 3);
+    assert_eq!(r["codebook"]["size"], 16);
+    let used = r["codebook"]["used"].as_f64().unwrap();
+    assert!(
+        used >= 1.0 && r["codebook"]["perplexity"].as_f64().unwrap() <= used + 1e-9,
+        "{r}"
+    );
+    for metric in ["psnr", "ssim", "perceptual"] {
+        for control in ["wrong_photo", "thumbnail", "baseline"] {
+            let t = &r["scores"][metric][control]["reconstruction_minus_this"]["paired_t"];
+            assert!(t.is_number(), "{metric} {control}: {r}");
+        }
+    }
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(report.join("per_image.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mean = rows
+        .iter()
+        .map(|x| x["psnr"]["reconstruction"].as_f64().unwrap())
+        .sum::<f64>()
+        / 3.0;
+    common::close_to(
+        r["scores"]["psnr"]["reconstruction"]["mean"]
+            .as_f64()
+            .unwrap(),
+        mean,
+        1e-12,
+        "mean PSNR",
+    );
+    let grid = image::open(report.join("grid.png")).unwrap();
+    assert_eq!(
+        (grid.width(), grid.height()),
+        (32 * 8, 64),
+        "photos over reconstructions"
+    );
 }

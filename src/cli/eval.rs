@@ -22,11 +22,13 @@ mod blip2;
 mod caption;
 #[path = "eval/pope.rs"]
 mod pope;
+mod vq;
 #[path = "eval/zeroshot.rs"]
 mod zeroshot;
 
 pub use caption::*;
 pub use pope::*;
+pub use vq::*;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -42,6 +44,9 @@ pub enum EvalCommand {
     /// Object hallucination probes (POPE): yes/no questions about objects an image holds
     /// and objects it lacks (random, popular, adversarial); accuracy, precision, recall, F1.
     Pope(PopeArgs),
+    /// A VQ image tokenizer's reconstructions: PSNR, SSIM, codebook use and a perceptual
+    /// score, beside the wrong photo and a same-size thumbnail, with a picture grid.
+    Vq(VqArgs),
 }
 
 #[derive(Args, Debug)]
@@ -144,6 +149,7 @@ pub fn run(cmd: EvalCommand) -> Result<ExitCode> {
         EvalCommand::Diagnose(a) => diagnose_cmd(a),
         EvalCommand::Caption(a) => caption_cmd(a),
         EvalCommand::Pope(a) => pope_cmd(a),
+        EvalCommand::Vq(a) => vq_cmd(a),
     }
 }
 

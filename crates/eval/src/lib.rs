@@ -20,6 +20,7 @@ pub mod pope;
 pub mod report;
 pub mod rerank;
 pub mod retrieval;
+pub mod vq;
 pub mod zeroshot;
 
 pub use crate::preprocess::prompts;

@@ -9,9 +9,11 @@
 //!   also condition the decoder's spatial norms, MoVQ's design, and take the
 //!   same straight-through value).
 //! - **Codebook usage**: each step logs the codes used in its batch and
-//!   their perplexity; every `vq_restart_every` steps the codes no batch
-//!   used since the last check are restarted at latents drawn from the
-//!   current batch (seeded), and the count is logged as `restarted`.
+//!   their perplexity; after the first step and every `vq_restart_every`
+//!   steps the codes no batch used since the last check are restarted at
+//!   latents drawn from the current batch (seeded), and the count is logged
+//!   as `restarted`. The first check is the codebook's data-dependent
+//!   initialisation.
 //! - **Geometry**: `vq_image_size` pixels square (the photos resized
 //!   straight to it), channel multipliers 1, 2, 2, 4 (8 pixels a code), one
 //!   frame (`temporal_downsample_factor` 1: an image tokenizer; Emu3's own

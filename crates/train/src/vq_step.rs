@@ -201,7 +201,9 @@ impl VqTrainer {
             counts.iter().filter(|&&c| c > 0.0).count() as f64,
         );
         let every = cfg.vq.vq_restart_every;
-        if every > 0 && self.step.is_multiple_of(every) {
+        // The first step's check seeds the unused codes from the data (the
+        // fresh codebook sits far from the encoder's first latents).
+        if every > 0 && (self.step == 1 || self.step.is_multiple_of(every)) {
             let restarted = self.restart_dead(&z_rows)?;
             parts.insert("restarted".into(), restarted as f64);
         }

@@ -293,6 +293,13 @@ pub fn read_pretrained(path: &Path) -> Result<(CnnConfig, HashMap<String, Tensor
     )))
 }
 
+/// A pretrained CNN file's tower (its head left out) and config.
+pub fn load_pretrained(path: &Path, device: &candle_core::Device) -> Result<(CnnTower, CnnConfig)> {
+    let (cfg, t) = read_pretrained(path)?;
+    let vb = VarBuilder::from_tensors(t, candle_core::DType::F32, device);
+    Ok((CnnTower::load(vb, &cfg)?, cfg))
+}
+
 /// torchvision's ImageNet-1k class names, in the classifiers' order (the
 /// order of every ImageNet-1k model here, TensorFlow's included).
 pub const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
