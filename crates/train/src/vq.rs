@@ -22,7 +22,11 @@
 //!   normal on fan-out for convolutions, PyTorch's default for linear
 //!   layers, norms at 1 and 0), except the codebook, uniform in ±1/N as
 //!   Emu3's quantizer itself draws it (transformers' generic init would
-//!   overwrite it with N(0, 1), far from the encoder's first latents).
+//!   overwrite it with N(0, 1), far from the encoder's first latents), and
+//!   the encoder's `conv_out` and `quant_conv`, at a tenth of Kaiming's
+//!   scale (at full scale the first latents are several units per
+//!   dimension, and the codes seeded from them drive the decoder's spatial
+//!   norms to outputs several times the pixel range).
 //!   BatchNorm stays at its initial statistics (mean 0, variance 1), as the
 //!   model runs in evaluation mode in transformers.
 //!
@@ -221,7 +225,10 @@ fn initial_tensors(
         } else if shape.len() == 1 && norm {
             vec![if name.ends_with(".weight") { 1.0 } else { 0.0 }; n]
         } else if shape.len() >= 3 {
-            let std = (2.0 / fan(shape).1 as f64).sqrt();
+            // The latents' last two convolutions start at a tenth of the
+            // scale: latents of order one instead of several units.
+            let last = name == "encoder.conv_out.weight" || name == "quant_conv.conv.weight";
+            let std = (2.0 / fan(shape).1 as f64).sqrt() * if last { 0.1 } else { 1.0 };
             (0..n).map(|_| (gauss(&mut rng) * std) as f32).collect()
         } else {
             // A linear weight, or a bias with its layer's fan-in.
