@@ -156,6 +156,8 @@ fn a_saved_native_model_loads_back() {
         err.contains("2 `<image>`") && err.contains("1 images"),
         "{err}"
     );
+    draws(m, &dir);
+
     // A bridge folder is not a native model.
     std::fs::write(dir.join("config.json"), r#"{"model_type": "llava"}"#).unwrap();
     let err = NativeModel::load(&dir, &Device::Cpu)
@@ -163,4 +165,74 @@ fn a_saved_native_model_loads_back() {
         .unwrap()
         .to_string();
     assert!(err.contains("not a native"), "{err}");
+}
+
+/// `clasp draw`: a PNG of the asked size whose codes follow the row
+/// structure, the same for the same seed; bad prompts, sizes and models are
+/// named.
+fn draws(m: &NativeModel, dir: &Path) {
+    use clasp::vlm::native::{DrawOptions, NEGATIVE_PROMPT};
+    let opts = DrawOptions {
+        size: (24, 16),
+        cfg: 3.0,
+        negative_prompt: NEGATIVE_PROMPT.into(),
+        sampling: clasp::llm::sampling::SamplingParams {
+            temperature: 1.0,
+            top_k: 2048,
+            seed: 7,
+            ..Default::default()
+        },
+    };
+    let codes = m.draw_codes("a dog on the beach", &opts, &|_| {}).unwrap();
+    assert_eq!(
+        (codes.len(), codes[0].len()),
+        (3, 2),
+        "rows and columns of codes"
+    );
+    assert!(codes
+        .iter()
+        .flatten()
+        .all(|&c| (c as usize) < m.tokens.codebook));
+    assert_eq!(
+        m.draw_codes("a dog on the beach", &opts, &|_| {}).unwrap(),
+        codes,
+        "seeded"
+    );
+
+    let d = dir.to_str().unwrap();
+    let out = dir.parent().unwrap().join("dog.png");
+    let o = common::clasp(&[
+        "draw",
+        "a dog on the beach",
+        "-m",
+        d,
+        "--size",
+        "24x16",
+        "--seed",
+        "7",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 24));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("tokens/s"));
+    let fails = |args: &[&str], needle: &str| {
+        let o = common::clasp(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    };
+    fails(
+        &["draw", "  ", "-m", d, "-o", "x.png"],
+        "the prompt is empty",
+    );
+    fails(
+        &["draw", "a dog", "-m", d, "--size", "20x16", "-o", "x.png"],
+        "20x16",
+    );
+    let vq = vq_dir().to_str().unwrap();
+    fails(&["draw", "a dog", "-m", vq, "-o", "x.png"], "not a native");
 }

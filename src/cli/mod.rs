@@ -72,6 +72,8 @@ pub enum Command {
     TokenizeImage(native::TokenizeArgs),
     /// Draw images back from a VQ image tokenizer's codes (PNG).
     DetokenizeImage(native::DetokenizeArgs),
+    /// Draw an image from a caption with a native (Emu3-layout) model.
+    Draw(native::DrawArgs),
     /// Serve embeddings, similarity, classification and search over HTTP.
     Serve(serve::ServeArgs),
     /// Train or fine-tune a dual encoder contrastively (resumable).
@@ -251,6 +253,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Classify(a) => search::classify_cmd(a),
         Command::TokenizeImage(a) => native::tokenize(a),
         Command::DetokenizeImage(a) => native::detokenize(a),
+        Command::Draw(a) => native::draw(a),
         Command::Serve(a) => serve::run(a),
         Command::Train(a) => train::run(*a),
         Command::Mine(a) => mine::run(a),

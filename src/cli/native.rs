@@ -146,3 +146,106 @@ pub fn detokenize(a: DetokenizeArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Args, Debug)]
+pub struct DrawArgs {
+    /// What to draw.
+    pub prompt: String,
+    /// A native model folder (Emu3ForConditionalGeneration, from `clasp assemble --native`).
+    #[arg(long, short)]
+    pub model: PathBuf,
+    /// HEIGHTxWIDTH in pixels, multiples of the tokenizer's pixels per code [default: the
+    /// square of the processor's smallest pixel budget].
+    #[arg(long)]
+    pub size: Option<String>,
+    /// Classifier-free guidance scale (1: none).
+    #[arg(long, default_value_t = 3.0)]
+    pub cfg: f32,
+    /// The unconditional branch's prompt (Emu3's by default).
+    #[arg(long, default_value = clasp::vlm::native::NEGATIVE_PROMPT)]
+    pub negative_prompt: String,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 2048)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The PNG to write.
+    #[arg(long, short)]
+    pub output: PathBuf,
+}
+
+/// `clasp draw`: an image sampled from a native model.
+pub fn draw(a: DrawArgs) -> Result<ExitCode> {
+    use clasp::vlm::native::{is_native, DrawOptions, NativeModel};
+    if a.prompt.trim().is_empty() {
+        bail!("the prompt is empty: say what to draw");
+    }
+    if !is_native(&a.model) {
+        bail!(
+            "{}: not a native (Emu3) model; make one with `clasp assemble --native VQ_DIR --llm GGUF`",
+            a.model.display()
+        );
+    }
+    let vq_cfg = clasp::model::emu3_vq::Emu3VqConfig::from_file(&a.model.join("config.json"))?;
+    let f = vq_cfg.spatial_factor();
+    let size = match &a.size {
+        Some(s) => {
+            let (h, w) = s
+                .split_once('x')
+                .and_then(|(h, w)| Some((h.trim().parse().ok()?, w.trim().parse().ok()?)))
+                .with_context(|| {
+                    format!("--size {s}: expected HEIGHTxWIDTH in pixels, e.g. 64x64")
+                })?;
+            (h, w)
+        }
+        None => {
+            let pp = ImageProcessorConfig::from_file(&a.model.join("preprocessor_config.json"))?;
+            let side = match pp.resize {
+                clasp::preprocess::image::ResizeTo::PixelBudget { min_pixels, .. } => {
+                    ((min_pixels as f64).sqrt() as usize / f).max(1) * f
+                }
+                _ => 8 * f,
+            };
+            (side, side)
+        }
+    };
+    if size.0 == 0 || size.1 == 0 || !size.0.is_multiple_of(f) || !size.1.is_multiple_of(f) {
+        bail!(
+            "--size {}x{}: this tokenizer makes images whose sides are positive multiples of {f} pixels",
+            size.0,
+            size.1
+        );
+    }
+    let m = NativeModel::load(&a.model, &Device::Cpu)?;
+    let opts = DrawOptions {
+        size,
+        cfg: a.cfg,
+        negative_prompt: a.negative_prompt.clone(),
+        sampling: clasp::llm::sampling::SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: 1.0,
+            seed: a.seed,
+        },
+    };
+    let rows = (size.0 / f) as u64;
+    let bar = super::progress_bar(rows, "rows");
+    let t0 = std::time::Instant::now();
+    let img = m.draw(&a.prompt, &opts, &|r| bar.set_position(r as u64))?;
+    bar.finish_and_clear();
+    img.save(&a.output)
+        .with_context(|| a.output.display().to_string())?;
+    let tokens = (size.0 / f) * (size.1 / f + 1);
+    eprintln!(
+        "wrote {} ({}x{} pixels, {tokens} image tokens, {:.1} tokens/s)",
+        a.output.display(),
+        img.width(),
+        img.height(),
+        tokens as f64 / t0.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}

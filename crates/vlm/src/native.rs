@@ -34,6 +34,9 @@ use crate::{llm, rng::Rng, Error, Result};
 #[path = "native/checkpoint.rs"]
 mod checkpoint;
 pub use checkpoint::is_native;
+#[path = "native/draw.rs"]
+mod draw;
+pub use draw::{DrawOptions, NEGATIVE_PROMPT};
 
 /// Begin of image.
 pub const BOI: &str = "<|image start|>";
