@@ -88,6 +88,29 @@ fn fused_cpu(v: &Var) -> bool {
 }
 
 impl GroupedAdamW {
+    /// A run's optimiser: AdamW at the config's learning rate and weight
+    /// decay over `vars`, with the moments of a resumed run (`saved`, at
+    /// `step`).
+    pub fn for_run(
+        vars: &[(String, Var)],
+        cfg: &super::config::TrainConfig,
+        saved: Option<&std::collections::HashMap<String, Tensor>>,
+        step: usize,
+    ) -> Result<Self> {
+        let mut opt = Self::new(
+            vars,
+            AdamWConfig {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..AdamWConfig::default()
+            },
+        )?;
+        if let Some(s) = saved {
+            opt.load_state(s, step)?;
+        }
+        Ok(opt)
+    }
+
     pub fn new(vars: &[(String, Var)], cfg: AdamWConfig) -> Result<Self> {
         let mut params = Vec::new();
         let mut log_scale = None;

@@ -22,7 +22,7 @@ use candle_core::{Device, Tensor, Var};
 use super::config::{Task as RunTask, TrainConfig};
 use super::dpo::{completion_logps, PairLogps};
 use super::hooks::StepLog;
-use super::optim::{self, AdamWConfig, GroupedAdamW};
+use super::optim::{self, GroupedAdamW};
 use super::order::{self, Order};
 use super::prefs::{load_prefs, tokenize_pair, PairIds, PrefPair};
 use super::reward::{self, bradley_terry, sequence_rewards, SCORE_KEY};
@@ -160,9 +160,7 @@ impl PreferenceTrainer {
     /// Continues the run in `out`: the model rebuilt from its sources, the
     /// adapter set from the saved checkpoint.
     pub fn resume(out: &Path) -> Result<Self> {
-        let st = state::read_state(out)?;
-        let dev = st.config.device.open()?;
-        let opt = state::read_optimizer(out, &dev)?;
+        let (st, dev, opt) = state::read_resume(out)?;
         let policy = load_policy(&st.config, &dev)?;
         let me = Self::build(st.config, policy, st.order, st.step, Some(opt))?;
         let ckpt = checkpoint_dir(out);
@@ -237,17 +235,7 @@ impl PreferenceTrainer {
         if cfg.packed_llm && llm.device().is_cpu() {
             llm.pack_frozen_for_training()?;
         }
-        let mut opt = GroupedAdamW::new(
-            &vars,
-            AdamWConfig {
-                lr: cfg.lr,
-                weight_decay: cfg.weight_decay,
-                ..AdamWConfig::default()
-            },
-        )?;
-        if let Some(s) = opt_state {
-            opt.load_state(&s, step)?;
-        }
+        let opt = GroupedAdamW::for_run(&vars, &cfg, opt_state.as_ref(), step)?;
         let per_pair = (0..ids.len()).map(|i| vec![i]).collect();
         Ok(Self {
             cfg,

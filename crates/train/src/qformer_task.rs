@@ -35,7 +35,7 @@ use clasp_core::model::qformer::QFormerHeads;
 use super::config::TrainConfig;
 use super::feature_cache::{FeatureCache, Source};
 use super::hooks::StepLog;
-use super::optim::{self, AdamWConfig, GroupedAdamW};
+use super::optim::{self, GroupedAdamW};
 use super::order::{self, Order};
 use super::qformer_init::{self, DEC, ITC_DIM, MAX_TEXT};
 use super::qformer_stage1::{draw_with, itc_itm};
@@ -199,9 +199,7 @@ impl QFormerTrainer {
 
     /// Continues the run saved in `out`, from its checkpoint.
     pub fn resume(out: &Path) -> Result<Self> {
-        let st = state::read_state(out)?;
-        let dev = st.config.device.open()?;
-        let opt = state::read_optimizer(out, &dev)?;
+        let (st, _, opt) = state::read_resume(out)?;
         Self::build(
             st.config,
             &checkpoint_dir(out),
@@ -262,17 +260,7 @@ impl QFormerTrainer {
         let proc = ImageProcessor::new(cnn.processor());
         let (set, per_image) = order::training_pairs(&cfg)?;
         let cache = feature_tokens(&cfg, &cnn, &tower, &proc, &set.images, &dev)?;
-        let mut opt = GroupedAdamW::new(
-            &vars,
-            AdamWConfig {
-                lr: cfg.lr,
-                weight_decay: cfg.weight_decay,
-                ..AdamWConfig::default()
-            },
-        )?;
-        if let Some(s) = opt_state {
-            opt.load_state(&s, step)?;
-        }
+        let opt = GroupedAdamW::for_run(&vars, &cfg, opt_state.as_ref(), step)?;
         let me = Self {
             objectives: cfg.qformer_objectives()?,
             cfg,

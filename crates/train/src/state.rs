@@ -62,6 +62,15 @@ pub fn read_optimizer(out: &Path, dev: &Device) -> Result<HashMap<String, Tensor
     )?)
 }
 
+/// What a run resumes from: its state, its device opened, and its
+/// optimiser tensors there.
+pub fn read_resume(out: &Path) -> Result<(State, Device, HashMap<String, Tensor>)> {
+    let st = read_state(out)?;
+    let dev = st.config.device.open()?;
+    let opt = read_optimizer(out, &dev)?;
+    Ok((st, dev, opt))
+}
+
 /// Writes the optimiser tensors and the state, each atomically.
 pub fn write(out: &Path, tensors: &HashMap<String, Tensor>, state: &State) -> Result<()> {
     let sd = state_dir(out);

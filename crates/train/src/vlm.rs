@@ -21,7 +21,7 @@ use candle_core::{Device, Tensor, Var};
 use super::bcif::{mix_grads, Branch};
 use super::config::TrainConfig;
 use super::hooks::{Hooks, StepLog, TrainOutcome};
-use super::optim::{self, AdamWConfig, GroupedAdamW};
+use super::optim::{self, GroupedAdamW};
 use super::order::{self, Order};
 use super::run::{Prepare, Task};
 use super::state::{self, checkpoint_dir, State};
@@ -180,10 +180,8 @@ impl VlmTrainer {
     /// sources and the connector set from the saved checkpoint, so a resumed
     /// run computes exactly what an uninterrupted one would.
     pub fn resume(out: &Path) -> Result<Self> {
-        let st = state::read_state(out)?;
+        let (st, dev, opt) = state::read_resume(out)?;
         let cfg = st.config;
-        let dev = cfg.device.open()?;
-        let opt = state::read_optimizer(out, &dev)?;
         let vlm = base_model(&cfg, &dev)?;
         let me = Self::build(cfg, vlm, st.order, st.step, Some(opt))?;
         // The trained tensors only (the connector's, the adapter's), not
@@ -265,17 +263,7 @@ impl VlmTrainer {
             }
             vars.extend(b.vars());
         }
-        let mut opt = GroupedAdamW::new(
-            &vars,
-            AdamWConfig {
-                lr: cfg.lr,
-                weight_decay: cfg.weight_decay,
-                ..AdamWConfig::default()
-            },
-        )?;
-        if let Some(s) = opt_state {
-            opt.load_state(&s, step)?;
-        }
+        let opt = GroupedAdamW::for_run(&vars, &cfg, opt_state.as_ref(), step)?;
         Ok(Self {
             cfg,
             out,

@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
 use super::hooks::StepLog;
-use super::optim::{self, AdamWConfig, GroupedAdamW};
+use super::optim::{self, GroupedAdamW};
 use super::order::{self, Order};
 use super::run::{Prepare, Task};
 use super::state::{self, checkpoint_dir, State};

@@ -27,9 +27,7 @@ impl VqTrainer {
 
     /// Continues the run saved in `out`, from its checkpoint.
     pub fn resume(out: &Path) -> Result<Self> {
-        let st = state::read_state(out)?;
-        let dev = st.config.device.open()?;
-        let opt = state::read_optimizer(out, &dev)?;
+        let (st, _, opt) = state::read_resume(out)?;
         Self::build(
             st.config,
             &checkpoint_dir(out),
@@ -60,21 +58,12 @@ impl VqTrainer {
             .map(|(k, t)| Ok((k, Var::from_tensor(&t.to_dtype(DType::F32)?)?)))
             .collect::<Result<_>>()?;
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut opt = GroupedAdamW::new(
-            &vars,
-            AdamWConfig {
-                lr: cfg.lr,
-                weight_decay: cfg.weight_decay,
-                ..AdamWConfig::default()
-            },
-        )?;
-        let mut usage = vec![0f32; arch.codebook_size];
-        if let Some(mut s) = opt_state {
-            if let Some(u) = s.remove(USAGE) {
-                usage = u.to_vec1()?;
-            }
-            opt.load_state(&s, step)?;
-        }
+        let mut opt_state = opt_state;
+        let usage = match opt_state.as_mut().and_then(|s| s.remove(USAGE)) {
+            Some(u) => u.to_vec1()?,
+            None => vec![0f32; arch.codebook_size],
+        };
+        let opt = GroupedAdamW::for_run(&vars, &cfg, opt_state.as_ref(), step)?;
         let side = cfg.vq.vq_image_size as u32;
         let saved_proc = match from.join("preprocessor_config.json") {
             p if p.is_file() => ImageProcessorConfig::from_file(&p)?,

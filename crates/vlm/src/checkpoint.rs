@@ -68,6 +68,26 @@ pub fn load_prefixed(
     Ok(out)
 }
 
+/// A language-model checkpoint's common files in `dir`: generation_config.json
+/// (bos, eos, and eos as padding), model.safetensors and the tokenizer.
+pub(crate) fn write_model_files(
+    dir: &Path,
+    tensors: &HashMap<String, Tensor>,
+    tokenizer: &crate::llm::LlmTokenizer,
+) -> Result<()> {
+    let eos = tokenizer.eos_id();
+    write_json(
+        &dir.join("generation_config.json"),
+        &serde_json::json!({"bos_token_id": tokenizer.bos_id(), "eos_token_id": eos, "pad_token_id": eos}),
+    )?;
+    let w = dir.join("model.safetensors");
+    candle_core::safetensors::save(tensors, &w).map_err(|e| Error::Weights {
+        path: w.clone(),
+        reason: e.to_string(),
+    })?;
+    tokenizer.save_hf(dir)
+}
+
 /// `t` [rows, cols] with zero rows appended up to `rows`.
 fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
     let (r, c) = t.dims2()?;
@@ -171,19 +191,7 @@ impl Vlm {
         crate::atomic::write_dir(dir, |tmp| {
             extra(tmp)?;
             write_json(&tmp.join("config.json"), &self.llava_config())?;
-            let eos = self.tokenizer.eos_id();
-            write_json(
-                &tmp.join("generation_config.json"),
-                &serde_json::json!({"bos_token_id": self.tokenizer.bos_id(), "eos_token_id": eos, "pad_token_id": eos}),
-            )?;
-            let w = tmp.join("model.safetensors");
-            candle_core::safetensors::save(&self.checkpoint_tensors()?, &w).map_err(|e| {
-                Error::Weights {
-                    path: w.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-            self.tokenizer.save_hf(tmp)?;
+            write_model_files(tmp, &self.checkpoint_tensors()?, &self.tokenizer)?;
             // A LoRA adapter goes beside the base weights, in PEFT's layout.
             if let Some(l) = self.llm.lora() {
                 l.save_peft(tmp, self.llm.config())?;

@@ -116,19 +116,11 @@ impl NativeModel {
     pub fn save(&self, dir: &Path) -> Result<()> {
         crate::atomic::write_dir(dir, |tmp| {
             write_json(&tmp.join("config.json"), &self.config_json())?;
-            let eos = self.tokenizer.eos_id();
-            write_json(
-                &tmp.join("generation_config.json"),
-                &serde_json::json!({"bos_token_id": self.tokenizer.bos_id(), "eos_token_id": eos, "pad_token_id": eos}),
+            crate::checkpoint::write_model_files(
+                tmp,
+                &self.checkpoint_tensors()?,
+                &self.tokenizer,
             )?;
-            let w = tmp.join("model.safetensors");
-            candle_core::safetensors::save(&self.checkpoint_tensors()?, &w).map_err(|e| {
-                Error::Weights {
-                    path: w.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-            self.tokenizer.save_hf(tmp)?;
             // Emu3Processor reads its tokens from the tokenizer's attributes.
             let tc = tmp.join("tokenizer_config.json");
             let text = std::fs::read_to_string(&tc).map_err(|e| Error::io(&tc, e))?;
