@@ -275,6 +275,29 @@ impl NativeModel {
         Ok(ids)
     }
 
+    /// Text for an image: `user` (a user turn with one `<image>`) rendered
+    /// by the chat template, the image's codes in its place, then text
+    /// generated with every image token suppressed.
+    pub fn caption(
+        &self,
+        path: &Path,
+        user: &str,
+        opts: &llm::GenerateOptions,
+    ) -> Result<llm::Generation> {
+        let codes = self.image_codes(path)?;
+        let text = self
+            .tokenizer
+            .render_chat(&[llm::Message::new("user", user)], true)?;
+        let ids = self.prompt_ids(&text, &[codes])?;
+        let mut opts = opts.clone();
+        let t = &self.tokens;
+        opts.suppress_tokens
+            .extend([t.boi, t.eoi, t.wrapper, t.eol, t.eof, t.placeholder]);
+        opts.suppress_tokens
+            .extend(t.first_code..t.first_code + t.codebook as u32);
+        llm::generate(&self.llm, &self.tokenizer, &ids, &opts, &mut |_| true)
+    }
+
     /// Logits [t, vocab] at every position of one sequence.
     pub fn logits(&self, ids: &[u32]) -> Result<Tensor> {
         let x = Tensor::new(ids, self.llm.device())?.unsqueeze(0)?;
