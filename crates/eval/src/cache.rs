@@ -153,6 +153,13 @@ mod tests {
                     max_patches: 196,
                 }
             }),
+            Box::new(|c| {
+                c.resize = ResizeTo::PixelBudget {
+                    factor: 8,
+                    min_pixels: 96 * 96,
+                    max_pixels: 128 * 128,
+                }
+            }),
         ];
         for (i, change) in variants.iter().enumerate() {
             let mut c = ImageProcessorConfig::clip_default(224);
