@@ -379,7 +379,7 @@ pub fn score_cmd(a: ScoreArgs) -> Result<ExitCode> {
 /// Ask a vision-language model about one image.
 #[derive(Args, Debug)]
 pub struct ChatArgs {
-    /// A VLM checkpoint folder.
+    /// A VLM checkpoint folder (a bridge's Llava layout, or a native Emu3 one).
     #[arg(short, long)]
     pub model: PathBuf,
     #[arg(long)]
@@ -392,6 +392,12 @@ pub struct ChatArgs {
 }
 
 pub fn chat_cmd(a: ChatArgs) -> Result<ExitCode> {
+    if clasp::vlm::native::is_native(&a.model) {
+        let m = clasp::vlm::native::NativeModel::load(&a.model, &candle_core::Device::Cpu)?;
+        let user = user_turn(Some(&a.prompt), LangArg::En);
+        println!("{}", m.caption(&a.image, &user, &a.sample.options()?)?.text);
+        return Ok(ExitCode::SUCCESS);
+    }
     let vlm = load(&a.model)?;
     let px = vlm.pixels(&[a.image.as_path()])?;
     let user = user_turn(Some(&a.prompt), LangArg::En);
