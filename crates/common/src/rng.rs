@@ -31,6 +31,17 @@ impl Rng {
             .map(|_| ((self.uniform() as f64 * 2.0 - 1.0) * bound) as f32)
             .collect()
     }
+    /// `n` draws from Normal(0, std), by Box–Muller (one draw per pair of
+    /// uniforms, the cosine branch).
+    pub fn normal(&mut self, n: usize, std: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u1 = (self.uniform() as f64).max(1e-12);
+                let u2 = self.uniform() as f64;
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+            })
+            .collect()
+    }
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             v.swap(i, self.below(i + 1));

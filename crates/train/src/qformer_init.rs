@@ -55,17 +55,6 @@ fn tokenizer_with_dec(dir: &Path) -> Result<(tokenizers::Tokenizer, u32)> {
     Ok((tok, id))
 }
 
-/// Normal draws by Box–Muller from the run's generator.
-fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u1 = (rng.uniform() as f64).max(1e-12);
-            let u2 = rng.uniform() as f64;
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
-        })
-        .collect()
-}
-
 /// The BERT checkpoint's tensors by their `BertModel` names (a `bert.`
 /// prefix, as `BertForMaskedLM` saves them, is dropped).
 fn bert_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
@@ -156,7 +145,7 @@ pub fn from_bert(bert_dir: &Path, vision_width: usize, queries: usize, seed: u64
     let words = get("embeddings.word_embeddings.weight")?;
     let more = cfg.vocab_size - words.dim(0)?;
     let words = if more > 0 {
-        let new = Tensor::from_vec(normal(&mut rng, more * h, 0.02), (more, h), dev)?;
+        let new = Tensor::from_vec(rng.normal(more * h, 0.02), (more, h), dev)?;
         Tensor::cat(&[&words, &new], 0)?
     } else {
         words
@@ -169,7 +158,7 @@ pub fn from_bert(bert_dir: &Path, vision_width: usize, queries: usize, seed: u64
     );
     out.insert(
         "query_tokens".into(),
-        Tensor::from_vec(normal(&mut rng, queries * h, 0.02), (1, queries, h), dev)?,
+        Tensor::from_vec(rng.normal(queries * h, 0.02), (1, queries, h), dev)?,
     );
     for (name, o) in [
         ("vision_projection", ITC_DIM),
@@ -214,7 +203,7 @@ fn bert_init(rng: &mut Rng, name: &str, shape: &[usize], dev: &Device) -> Result
     } else if name.contains("LayerNorm") || name.starts_with("layernorm") {
         vec![1f32; n]
     } else {
-        normal(rng, n, 0.02)
+        rng.normal(n, 0.02)
     };
     Ok(Tensor::from_vec(v, shape, dev)?)
 }
@@ -226,7 +215,7 @@ mod tests {
     #[test]
     fn normal_draws_have_the_asked_spread() {
         let mut rng = Rng(7);
-        let v = normal(&mut rng, 20000, 0.02);
+        let v = rng.normal(20000, 0.02);
         let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
         assert!(mean.abs() < 1e-3, "{mean}");

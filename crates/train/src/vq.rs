@@ -229,7 +229,7 @@ fn initial_tensors(
             // scale: latents of order one instead of several units.
             let last = name == "encoder.conv_out.weight" || name == "quant_conv.conv.weight";
             let std = (2.0 / fan(shape).1 as f64).sqrt() * if last { 0.1 } else { 1.0 };
-            (0..n).map(|_| (gauss(&mut rng) * std) as f32).collect()
+            rng.normal(n, std)
         } else {
             // A linear weight, or a bias with its layer's fan-in.
             let w = name.strip_suffix("bias").map(|p| format!("{p}weight"));
@@ -247,13 +247,6 @@ fn initial_tensors(
         out.insert(name.clone(), Tensor::from_vec(v, shape.as_slice(), dev)?);
     }
     Ok(out)
-}
-
-/// A standard normal draw (Box-Muller over the generator's uniforms).
-fn gauss(rng: &mut Rng) -> f64 {
-    let u1 = (rng.uniform() as f64).max(1e-12);
-    let u2 = rng.uniform() as f64;
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 #[path = "vq_step.rs"]
