@@ -36,16 +36,10 @@ pub struct DetokenizeArgs {
     pub output: PathBuf,
 }
 
-fn open(model: &std::path::Path) -> Result<(Emu3Vq, ImageProcessorConfig)> {
+/// A VQ tokenizer (alone or a native model's) and its processor.
+pub(super) fn open(model: &std::path::Path) -> Result<(Emu3Vq, ImageProcessorConfig)> {
     let vq = Emu3Vq::from_dir(model, &Device::Cpu)?;
-    let pp = model.join("preprocessor_config.json");
-    let cfg = if pp.is_file() {
-        ImageProcessorConfig::from_file(&pp)?
-    } else {
-        let json = r#"{"image_processor_type": "Emu3ImageProcessor"}"#;
-        ImageProcessorConfig::from_json(json, &pp)?
-    };
-    Ok((vq, cfg))
+    Ok((vq, clasp::model::emu3_vq::processor_config(model)?))
 }
 
 /// Prints one JSON line per image: its path, the processed size and the
@@ -179,10 +173,7 @@ pub struct DrawArgs {
 
 /// `clasp draw`: an image sampled from a native model.
 pub fn draw(a: DrawArgs) -> Result<ExitCode> {
-    use clasp::vlm::native::{is_native, DrawOptions, NativeModel};
-    if a.prompt.trim().is_empty() {
-        bail!("the prompt is empty: say what to draw");
-    }
+    use clasp::vlm::native::{check_draw, default_draw_size, is_native, DrawOptions, NativeModel};
     if !is_native(&a.model) {
         bail!(
             "{}: not a native (Emu3) model; make one with `clasp assemble --native VQ_DIR --llm GGUF`",
@@ -190,35 +181,15 @@ pub fn draw(a: DrawArgs) -> Result<ExitCode> {
         );
     }
     let vq_cfg = clasp::model::emu3_vq::Emu3VqConfig::from_file(&a.model.join("config.json"))?;
-    let f = vq_cfg.spatial_factor();
     let size = match &a.size {
-        Some(s) => {
-            let (h, w) = s
-                .split_once('x')
-                .and_then(|(h, w)| Some((h.trim().parse().ok()?, w.trim().parse().ok()?)))
-                .with_context(|| {
-                    format!("--size {s}: expected HEIGHTxWIDTH in pixels, e.g. 64x64")
-                })?;
-            (h, w)
-        }
-        None => {
-            let pp = ImageProcessorConfig::from_file(&a.model.join("preprocessor_config.json"))?;
-            let side = match pp.resize {
-                clasp::preprocess::image::ResizeTo::PixelBudget { min_pixels, .. } => {
-                    ((min_pixels as f64).sqrt() as usize / f).max(1) * f
-                }
-                _ => 8 * f,
-            };
-            (side, side)
-        }
+        Some(s) => s
+            .split_once('x')
+            .and_then(|(h, w)| Some((h.trim().parse().ok()?, w.trim().parse().ok()?)))
+            .with_context(|| format!("--size {s}: expected HEIGHTxWIDTH in pixels, e.g. 64x64"))?,
+        None => default_draw_size(&vq_cfg, &clasp::model::emu3_vq::processor_config(&a.model)?),
     };
-    if size.0 == 0 || size.1 == 0 || !size.0.is_multiple_of(f) || !size.1.is_multiple_of(f) {
-        bail!(
-            "--size {}x{}: this tokenizer makes images whose sides are positive multiples of {f} pixels",
-            size.0,
-            size.1
-        );
-    }
+    // Checked before the model loads.
+    let (rows, columns) = check_draw(&vq_cfg, &a.prompt, size)?;
     let m = NativeModel::load(&a.model, &Device::Cpu)?;
     let opts = DrawOptions {
         size,
@@ -232,14 +203,13 @@ pub fn draw(a: DrawArgs) -> Result<ExitCode> {
             seed: a.seed,
         },
     };
-    let rows = (size.0 / f) as u64;
-    let bar = super::progress_bar(rows, "rows");
+    let bar = super::progress_bar(rows as u64, "rows");
     let t0 = std::time::Instant::now();
     let img = m.draw(&a.prompt, &opts, &|r| bar.set_position(r as u64))?;
     bar.finish_and_clear();
     img.save(&a.output)
         .with_context(|| a.output.display().to_string())?;
-    let tokens = (size.0 / f) * (size.1 / f + 1);
+    let tokens = rows * (columns + 1);
     eprintln!(
         "wrote {} ({}x{} pixels, {tokens} image tokens, {:.1} tokens/s)",
         a.output.display(),

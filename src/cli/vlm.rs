@@ -206,23 +206,29 @@ pub fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
     if paths.is_empty() {
         bail!("give image files, or --images-from DIR_OR_LIST");
     }
-    if clasp::vlm::native::is_native(&a.model) {
-        return native_caption(&a, &paths);
-    }
-    let vlm = load(&a.model)?;
-    let sources: Vec<ImageSource> = paths.iter().cloned().map(ImageSource::File).collect();
-    let bar = BarProgress::default();
-    if let Some(rm) = &a.reward_model {
-        return best_of_cmd(&a, &vlm, rm, &paths, &sources, &bar);
-    }
-    let results = clasp::vlm::caption::caption_images(
-        &vlm,
-        &sources,
-        &user_turn(a.prompt.as_deref(), a.lang),
-        &a.sample.options()?,
-        a.batch_size,
-        &bar,
-    )?;
+    let results = if clasp::vlm::native::is_native(&a.model) {
+        if a.reward_model.is_some() {
+            bail!("--reward-model: best-of-n reranking takes a bridge (Llava) model, not a native one");
+        }
+        let m = clasp::vlm::native::NativeModel::load(&a.model, &candle_core::Device::Cpu)?;
+        let (user, opts) = (user_turn(a.prompt.as_deref(), a.lang), a.sample.options()?);
+        paths.iter().map(|p| m.caption(p, &user, &opts)).collect()
+    } else {
+        let vlm = load(&a.model)?;
+        let sources: Vec<ImageSource> = paths.iter().cloned().map(ImageSource::File).collect();
+        let bar = BarProgress::default();
+        if let Some(rm) = &a.reward_model {
+            return best_of_cmd(&a, &vlm, rm, &paths, &sources, &bar);
+        }
+        clasp::vlm::caption::caption_images(
+            &vlm,
+            &sources,
+            &user_turn(a.prompt.as_deref(), a.lang),
+            &a.sample.options()?,
+            a.batch_size,
+            &bar,
+        )?
+    };
     let mut failed = 0;
     let mut rows = Vec::new();
     let stdout = std::io::stdout();
@@ -246,37 +252,6 @@ pub fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
     }
     if a.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
-    }
-    if failed > 0 {
-        eprintln!("{failed} of {} images could not be captioned", paths.len());
-        return Ok(ExitCode::from(1));
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `clasp caption` with a native (Emu3-layout) model: one image at a time.
-fn native_caption(a: &CaptionArgs, paths: &[PathBuf]) -> Result<ExitCode> {
-    if a.reward_model.is_some() {
-        bail!("--reward-model: best-of-n reranking takes a bridge (Llava) model, not a native one");
-    }
-    let m = clasp::vlm::native::NativeModel::load(&a.model, &candle_core::Device::Cpu)?;
-    let user = user_turn(a.prompt.as_deref(), a.lang);
-    let opts = a.sample.options()?;
-    let (mut failed, mut rows) = (0, Vec::new());
-    for p in paths {
-        match m.caption(p, &user, &opts) {
-            Ok(g) if a.json => {
-                rows.push(serde_json::json!({"path": p.display().to_string(), "caption": g.text}))
-            }
-            Ok(g) => println!("{}\t{}", p.display(), g.text.replace('\n', " ")),
-            Err(e) => {
-                failed += 1;
-                eprintln!("error: {e}");
-            }
-        }
-    }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
     }
     if failed > 0 {
         eprintln!("{failed} of {} images could not be captioned", paths.len());

@@ -1,6 +1,6 @@
 //! How well a VQ image tokenizer reconstructs photos: PSNR and SSIM of the
 //! reconstruction against the photo at the tokenizer's own geometry, the
-//! codebook's use (perplexity and codes used over every position), and a
+//! codebook's use (`emu3_vq::codebook_usage` over every position), and a
 //! perceptual score (the cosine between a pretrained image tower's pooled
 //! features of the two), each beside controls: another photo's
 //! reconstruction (the wrong photo), and the photo shrunk to the code grid
@@ -154,20 +154,6 @@ pub fn thumbnail(img: &RgbImage, grid: (usize, usize)) -> RgbImage {
     resize_pil(&small, img.width(), img.height(), Filter::Bicubic)
 }
 
-/// Perplexity of a code histogram (exp of its entropy) and the codes used.
-pub fn usage(counts: &[u64]) -> (f64, usize) {
-    let n: u64 = counts.iter().sum();
-    let entropy: f64 = counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / n as f64;
-            -p * p.ln()
-        })
-        .sum();
-    (entropy.exp(), counts.iter().filter(|&&c| c > 0).count())
-}
-
 /// Rows of originals over their reconstructions, `per_row` pairs a row.
 pub fn grid(pairs: &[(&RgbImage, &RgbImage)], per_row: usize) -> RgbImage {
     let (w, h) = pairs.first().map_or((1, 1), |p| p.0.dimensions());
@@ -242,7 +228,7 @@ pub fn score_photos(
     baseline: Option<(&Emu3Vq, &ImageProcessorConfig)>,
     perceptual: Option<&Perceptual>,
     photos: &[(String, RgbImage)],
-    counts: &mut [u64],
+    counts: &mut [f64],
     progress: &dyn Fn(usize),
 ) -> Result<Vec<PhotoScores>> {
     let recs: Vec<Reconstruction> = photos
@@ -256,7 +242,7 @@ pub fn score_photos(
     let mut out = Vec::new();
     for (i, r) in recs.iter().enumerate() {
         for c in r.codes.iter().flatten() {
-            counts[*c as usize] += 1;
+            counts[*c as usize] += 1.0;
         }
         let other = &recs[(i + 1) % recs.len()].recon;
         let wrong = resize_pil(
@@ -374,7 +360,7 @@ mod tests {
         let want = 10.0 * (255.0f64 * 255.0 / (100.0 / 3.0)).log10();
         assert!((psnr(&a, &b) - want).abs() < 1e-9, "{}", psnr(&a, &b));
         assert!(ssim(&a, &b) < 1.0 && ssim(&a, &b) > 0.9);
-        let (p, used) = usage(&[5, 5, 0, 0]);
+        let (p, used) = clasp_core::model::emu3_vq::codebook_usage(&[5.0, 5.0, 0.0, 0.0]);
         assert!((p - 2.0).abs() < 1e-12 && used == 2);
     }
 

@@ -133,9 +133,10 @@ impl VqTrainer {
         let mut parts = BTreeMap::new();
         let (total, codes, z_rows) = {
             let _graph = clasp_core::model::grad_mode_guard(true);
+            let latents = vq.latents(&x)?;
+            let codes = vq.quantize(&latents.detach())?;
             // z: [B, T', E, h, w] to [B, E, T', h, w], the embeddings' layout.
-            let z = vq.latents(&x)?.permute((0, 2, 1, 3, 4))?.contiguous()?;
-            let codes = vq.quantize(&z.permute((0, 2, 1, 3, 4))?.detach())?;
+            let z = latents.permute((0, 2, 1, 3, 4))?.contiguous()?;
             let e = vq.embed_codes(&codes)?.contiguous()?;
             // The codebook moves to the latents; the latents commit to it.
             let codebook_loss = (z.detach() - &e)?.sqr()?.mean_all()?;
@@ -170,25 +171,14 @@ impl VqTrainer {
 
         // Codebook use: this batch's perplexity, and the restart check.
         let used: Vec<u32> = codes.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
-        let mut counts = vec![0f32; self.arch.codebook_size];
+        let mut counts = vec![0f64; self.arch.codebook_size];
         for &c in &used {
             counts[c as usize] += 1.0;
             self.usage[c as usize] += 1.0;
         }
-        let n = used.len() as f64;
-        let entropy: f64 = counts
-            .iter()
-            .filter(|&&c| c > 0.0)
-            .map(|&c| {
-                let p = c as f64 / n;
-                -p * p.ln()
-            })
-            .sum();
-        parts.insert("perplexity".into(), entropy.exp());
-        parts.insert(
-            "codes_used".into(),
-            counts.iter().filter(|&&c| c > 0.0).count() as f64,
-        );
+        let (perplexity, codes_used) = clasp_core::model::emu3_vq::codebook_usage(&counts);
+        parts.insert("perplexity".into(), perplexity);
+        parts.insert("codes_used".into(), codes_used as f64);
         let every = cfg.vq.vq_restart_every;
         // The first step's check seeds the unused codes from the data (the
         // fresh codebook sits far from the encoder's first latents).

@@ -24,8 +24,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use clasp_core::model::emu3_vq::{Emu3Vq, Emu3VqConfig};
-use clasp_core::preprocess::image::{ImageProcessor, ImageProcessorConfig};
+use clasp_core::model::emu3_vq::{self, Emu3Vq, Emu3VqConfig};
+use clasp_core::preprocess::image::ImageProcessor;
 use llm::llama::RopeLayout;
 use llm::{Llama, LlmTokenizer};
 
@@ -36,7 +36,7 @@ mod checkpoint;
 pub use checkpoint::is_native;
 #[path = "native/draw.rs"]
 mod draw;
-pub use draw::{DrawOptions, NEGATIVE_PROMPT};
+pub use draw::{check_draw, default_draw_size, DrawOptions, NEGATIVE_PROMPT};
 
 /// Begin of image.
 pub const BOI: &str = "<|image start|>";
@@ -123,6 +123,18 @@ impl ImageTokens {
         })
     }
 
+    /// The structure tokens by name, in Emu3's order.
+    pub fn structure(&self) -> [(&'static str, u32); 6] {
+        [
+            (BOI, self.boi),
+            (EOI, self.eoi),
+            (WRAPPER, self.wrapper),
+            (EOL, self.eol),
+            (EOF, self.eof),
+            (PLACEHOLDER, self.placeholder),
+        ]
+    }
+
     /// The code of token `id`, if it is one.
     pub fn code(&self, id: u32) -> Option<usize> {
         (id >= self.first_code && ((id - self.first_code) as usize) < self.codebook)
@@ -166,7 +178,7 @@ impl NativeModel {
     /// notes for the new rows), seeded by `seed`.
     pub fn assemble(llm_path: &Path, vq_dir: &Path, seed: u64, device: &Device) -> Result<Self> {
         let vq_cfg = Emu3VqConfig::from_file(&vq_dir.join("config.json"))?;
-        let vq_tensors = checkpoint::vq_tensors(vq_dir, device)?;
+        let vq_tensors = emu3_vq::read_tensors(vq_dir, device)?;
         let lm = llm::LanguageModel::load(llm_path, llm::Precision::F32, device)?;
         let mut tokenizer = lm.tokenizer;
         let tokens = ImageTokens::add(&mut tokenizer, vq_cfg.codebook_size)?;
@@ -193,15 +205,7 @@ impl NativeModel {
             candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device),
             cfg,
         )?;
-        let pp = vq_dir.join("preprocessor_config.json");
-        let processor = ImageProcessor::new(if pp.is_file() {
-            ImageProcessorConfig::from_file(&pp)?
-        } else {
-            ImageProcessorConfig::from_json(
-                r#"{"image_processor_type": "Emu3ImageProcessor"}"#,
-                &pp,
-            )?
-        });
+        let processor = ImageProcessor::new(emu3_vq::processor_config(vq_dir)?);
         Self::from_parts(vq_cfg, vq_tensors, llm, tokenizer, tokens, processor)
     }
 
@@ -291,8 +295,7 @@ impl NativeModel {
         let ids = self.prompt_ids(&text, &[codes])?;
         let mut opts = opts.clone();
         let t = &self.tokens;
-        opts.suppress_tokens
-            .extend([t.boi, t.eoi, t.wrapper, t.eol, t.eof, t.placeholder]);
+        opts.suppress_tokens.extend(t.structure().map(|(_, id)| id));
         opts.suppress_tokens
             .extend(t.first_code..t.first_code + t.codebook as u32);
         llm::generate(&self.llm, &self.tokenizer, &ids, &opts, &mut |_| true)
@@ -315,15 +318,7 @@ fn grow_rows(t: &Tensor, rows: usize, rng: &mut Rng) -> Result<Tensor> {
     }
     let mean = t.mean(0)?;
     let std = t.broadcast_sub(&mean)?.sqr()?.mean(0)?.sqrt()?;
-    let n = (rows - r) * c;
-    // Box-Muller over the generator's uniforms.
-    let gauss: Vec<f32> = (0..n)
-        .map(|_| {
-            let u1 = (rng.uniform() as f64).max(1e-12);
-            let u2 = rng.uniform() as f64;
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-        })
-        .collect();
+    let gauss = rng.normal((rows - r) * c, 1.0);
     let noise = Tensor::from_vec(gauss, (rows - r, c), t.device())?;
     let new = noise.broadcast_mul(&(std * 0.1)?)?.broadcast_add(&mean)?;
     Ok(Tensor::cat(&[t, &new], 0)?)

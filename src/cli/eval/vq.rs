@@ -2,10 +2,9 @@
 //! photos (PSNR, SSIM, codebook use, a perceptual score) beside controls,
 //! with a picture grid.
 
+use super::super::native::open;
 use super::*;
 use clasp::eval::vq::{self, Perceptual};
-use clasp::model::emu3_vq::Emu3Vq;
-use clasp::preprocess::image::ImageProcessorConfig;
 
 #[derive(Args, Debug)]
 pub struct VqArgs {
@@ -36,12 +35,6 @@ pub struct VqArgs {
     pub json: bool,
 }
 
-fn open(dir: &Path) -> Result<(Emu3Vq, ImageProcessorConfig)> {
-    let vq = Emu3Vq::from_dir(dir, &candle_core::Device::Cpu)?;
-    let cfg = ImageProcessorConfig::from_file(&dir.join("preprocessor_config.json"))?;
-    Ok((vq, cfg))
-}
-
 pub(super) fn vq_cmd(a: VqArgs) -> Result<ExitCode> {
     let (model, cfg) = open(&a.model)?;
     let baseline = a.baseline.as_deref().map(open).transpose()?;
@@ -68,7 +61,7 @@ pub(super) fn vq_cmd(a: VqArgs) -> Result<ExitCode> {
         );
     }
     let bar = super::super::progress_bar(photos.len() as u64, "photos");
-    let mut counts = vec![0u64; model.config().codebook_size];
+    let mut counts = vec![0f64; model.config().codebook_size];
     let scores = vq::score_photos(
         &model,
         &cfg,
@@ -79,7 +72,7 @@ pub(super) fn vq_cmd(a: VqArgs) -> Result<ExitCode> {
         &|i| bar.set_position(i as u64 + 1),
     )?;
     bar.finish_and_clear();
-    let (perplexity, used) = vq::usage(&counts);
+    let (perplexity, used) = clasp::model::emu3_vq::codebook_usage(&counts);
     let summary = vq::summarize(&scores);
     let out = json!({
         "model": a.model.display().to_string(),

@@ -12,12 +12,14 @@
 //!
 //! Pixels are [-1, 1] (Emu3's processor normalises with mean and std 0.5).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, GroupNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::preprocess::image::ImageProcessorConfig;
 use crate::{Error, Result};
 
 mod blocks;
@@ -258,26 +260,10 @@ impl Emu3Vq {
     }
 
     /// Loads a folder: config.json (an Emu3 VQ or a whole Emu3 model) and
-    /// model.safetensors, or the shards model.safetensors.index.json names.
+    /// the tokenizer's tensors ([`read_tensors`]).
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
         let cfg = Emu3VqConfig::from_file(&dir.join("config.json"))?;
-        let files = weight_files(dir)?;
-        // SAFETY: the files are mapped read-only and clasp never writes a
-        // checkpoint in place; candle checks every tensor against its map.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, blocks::DTYPE, device)? };
-        let key = "quantize.embedding.weight";
-        let prefix = PREFIXES
-            .iter()
-            .find(|p| vb.contains_tensor(&format!("{p}{key}")))
-            .ok_or_else(|| Error::Weights {
-                path: files[0].clone(),
-                reason: format!("no Emu3 VQ codebook ({key}, alone or under model.vqmodel.)"),
-            })?;
-        let vb = if prefix.is_empty() {
-            vb
-        } else {
-            vb.pp(prefix.trim_end_matches('.'))
-        };
+        let vb = VarBuilder::from_tensors(read_tensors(dir, device)?, DType::F32, device);
         Self::load(vb, &cfg).map_err(|e| Error::Weights {
             path: dir.to_path_buf(),
             reason: e.to_string(),
@@ -393,6 +379,79 @@ impl Emu3Vq {
     }
 }
 
+/// A folder's VQ tokenizer tensors by `Emu3VQVAE`'s own names, from
+/// model.safetensors or its shards: the whole file of a tokenizer folder, or
+/// the `model.vqmodel.*` (or `vqmodel.*`) tensors of an Emu3 model, found by
+/// where the codebook is.
+pub fn read_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let files = weight_files(dir)?;
+    let bad = |e: candle_core::Error| Error::Weights {
+        path: files[0].clone(),
+        reason: e.to_string(),
+    };
+    // SAFETY: the files are mapped read-only and dropped before this returns
+    // (the tensors are copied out); clasp never writes a checkpoint in place.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(bad)?;
+    let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    let key = "quantize.embedding.weight";
+    let prefix = PREFIXES
+        .iter()
+        .find(|p| names.iter().any(|n| *n == format!("{p}{key}")))
+        .ok_or_else(|| Error::Weights {
+            path: files[0].clone(),
+            reason: format!("no Emu3 VQ codebook ({key}, alone or under model.vqmodel.)"),
+        })?;
+    let mut out = HashMap::new();
+    for name in &names {
+        if let Some(short) = name.strip_prefix(prefix) {
+            // An Emu3 model's text tensors share the empty prefix.
+            if prefix.is_empty() && !is_vq_tensor(short) {
+                continue;
+            }
+            out.insert(short.to_string(), st.load(name, device).map_err(bad)?);
+        }
+    }
+    Ok(out)
+}
+
+fn is_vq_tensor(name: &str) -> bool {
+    [
+        "encoder.",
+        "decoder.",
+        "quantize.",
+        "quant_conv.",
+        "post_quant_conv.",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+}
+
+/// A tokenizer folder's processor: its preprocessor_config.json, or
+/// Emu3ImageProcessor's defaults when it has none.
+pub fn processor_config(dir: &Path) -> Result<ImageProcessorConfig> {
+    let pp = dir.join("preprocessor_config.json");
+    if pp.is_file() {
+        ImageProcessorConfig::from_file(&pp)
+    } else {
+        ImageProcessorConfig::from_json(r#"{"image_processor_type": "Emu3ImageProcessor"}"#, &pp)
+    }
+}
+
+/// A code histogram's perplexity (the exponential of its entropy) and the
+/// number of codes it uses.
+pub fn codebook_usage(counts: &[f64]) -> (f64, usize) {
+    let n: f64 = counts.iter().sum();
+    let entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0.0)
+        .map(|&c| {
+            let p = c / n;
+            -p * p.ln()
+        })
+        .sum();
+    (entropy.exp(), counts.iter().filter(|&&c| c > 0.0).count())
+}
+
 /// model.safetensors, or every shard of model.safetensors.index.json.
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
@@ -427,10 +486,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Decoded pixels [3, H, W] back to an image, as Emu3ImageProcessor's
 /// `postprocess` does: unnormalise with the processor's mean and deviation,
 /// scale by 255, clip to [0, 255] and truncate to bytes.
-pub fn pixels_to_image(
-    pixels: &Tensor,
-    cfg: &crate::preprocess::image::ImageProcessorConfig,
-) -> Result<image::RgbImage> {
+pub fn pixels_to_image(pixels: &Tensor, cfg: &ImageProcessorConfig) -> Result<image::RgbImage> {
     let (c, h, w) = pixels.dims3()?;
     if c != 3 {
         return Err(Error::Shape(format!("{c} channels: an RGB image has 3")));

@@ -19,32 +19,6 @@ pub fn is_native(dir: &Path) -> bool {
         .is_some_and(|c| c["model_type"] == "emu3")
 }
 
-/// A VQ folder's tensors by `Emu3VQVAE`'s own names (an Emu3 model's
-/// `model.vqmodel.*` included).
-pub(super) fn vq_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let w = dir.join("model.safetensors");
-    if !w.is_file() {
-        return Err(Error::MissingWeights {
-            dir: dir.to_path_buf(),
-        });
-    }
-    let all = load_prefixed(&w, &[VQ, "vqmodel.", ""], device)?;
-    Ok(all
-        .into_iter()
-        .filter(|(k, _)| {
-            [
-                "encoder.",
-                "decoder.",
-                "quantize.",
-                "quant_conv.",
-                "post_quant_conv.",
-            ]
-            .iter()
-            .any(|p| k.starts_with(p))
-        })
-        .collect())
-}
-
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Report(e.to_string()))?;
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
@@ -55,14 +29,7 @@ impl NativeModel {
     fn vocabulary_map(&self) -> serde_json::Map<String, serde_json::Value> {
         let t = &self.tokens;
         let mut m = serde_json::Map::new();
-        for (name, id) in [
-            (BOI, t.boi),
-            (EOI, t.eoi),
-            (WRAPPER, t.wrapper),
-            (EOL, t.eol),
-            (EOF, t.eof),
-            (PLACEHOLDER, t.placeholder),
-        ] {
+        for (name, id) in t.structure() {
             m.insert(name.into(), id.into());
         }
         for c in 0..t.codebook {
@@ -190,9 +157,8 @@ impl NativeModel {
         })?;
         let tokenizer = LlmTokenizer::from_hf_dir(dir)?;
         let tokens = ImageTokens::find(&tokenizer, vq_cfg.codebook_size)?;
-        let pp = dir.join("preprocessor_config.json");
-        let processor = ImageProcessor::new(ImageProcessorConfig::from_file(&pp)?);
-        let vq_tensors = vq_tensors(dir, device)?;
+        let processor = ImageProcessor::new(clasp_core::model::emu3_vq::processor_config(dir)?);
+        let vq_tensors = clasp_core::model::emu3_vq::read_tensors(dir, device)?;
         Self::from_parts(vq_cfg, vq_tensors, llm, tokenizer, tokens, processor)
     }
 }

@@ -5,6 +5,7 @@
 //! tokenizer.
 
 use super::*;
+use clasp_core::preprocess::image::{ImageProcessorConfig, ResizeTo};
 use llm::sampling::{Sampler, SamplingParams};
 
 /// Emu3's negative prompt for drawing.
@@ -24,18 +25,48 @@ pub struct DrawOptions {
     pub sampling: SamplingParams,
 }
 
+/// A drawing's code grid (rows, columns) for `size` pixels under a
+/// tokenizer of `cfg`, or an error that names an empty prompt or a size the
+/// tokenizer cannot make. It needs only the config, so a front end can check
+/// before it loads the model.
+pub fn check_draw(
+    cfg: &Emu3VqConfig,
+    prompt: &str,
+    size: (usize, usize),
+) -> Result<(usize, usize)> {
+    if prompt.trim().is_empty() {
+        return Err(Error::Report(
+            "the prompt is empty: say what to draw".into(),
+        ));
+    }
+    let f = cfg.spatial_factor();
+    let (h, w) = size;
+    if h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
+        return Err(Error::Report(format!(
+            "size {h}x{w}: this tokenizer makes images whose sides are positive multiples of {f} pixels"
+        )));
+    }
+    Ok((h / f, w / f))
+}
+
+/// The default drawing size: the square of the processor's smallest pixel
+/// budget, in whole codes (8 codes a side when the processor has no budget).
+pub fn default_draw_size(cfg: &Emu3VqConfig, processor: &ImageProcessorConfig) -> (usize, usize) {
+    let f = cfg.spatial_factor();
+    let side = match processor.resize {
+        ResizeTo::PixelBudget { min_pixels, .. } => {
+            ((min_pixels as f64).sqrt() as usize / f).max(1) * f
+        }
+        _ => 8 * f,
+    };
+    (side, side)
+}
+
 impl NativeModel {
     /// The code grid (rows, columns) of an image of `size` pixels, or an
     /// error that names the size.
     pub fn code_grid(&self, size: (usize, usize)) -> Result<(usize, usize)> {
-        let f = self.vq.config().spatial_factor();
-        let (h, w) = size;
-        if h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
-            return Err(Error::Report(format!(
-                "size {h}x{w}: this tokenizer makes images whose sides are positive multiples of {f} pixels"
-            )));
-        }
-        Ok((h / f, w / f))
+        check_draw(self.vq.config(), "-", size)
     }
 
     /// The codes [rows][columns] drawn for `caption`; `progress` hears each
@@ -46,13 +77,8 @@ impl NativeModel {
         o: &DrawOptions,
         progress: &dyn Fn(usize),
     ) -> Result<Vec<Vec<u32>>> {
-        if caption.trim().is_empty() {
-            return Err(Error::Report(
-                "the prompt is empty: say what to draw".into(),
-            ));
-        }
+        let (h, w) = check_draw(self.vq.config(), caption, o.size)?;
         o.sampling.validate().map_err(Error::Report)?;
-        let (h, w) = self.code_grid(o.size)?;
         let dev = self.llm.device();
         let guided = o.cfg != 1.0;
         let mut cond = self.llm.new_cache(vec![0]);

@@ -6,7 +6,7 @@
 //! candle has no 3-d convolution; [`Conv3d`] is the sum over the temporal
 //! taps of 2-d convolutions on the frames each tap reads.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 use super::Emu3VqConfig;
@@ -14,8 +14,8 @@ use crate::Result;
 
 /// `Emu3VQVAEConv3d`: a 3-d convolution over [B, C, T, H, W] with spatial
 /// stride 1, its spatial padding `(k - 1) / 2` on each side (the odd pixel
-/// first), and a causal temporal padding of 2 frames at the front; or, with
-/// `causal` false, a plain 1×1×1 `nn.Conv3d`.
+/// first), and a causal temporal padding of 2 frames at the front; or
+/// ([`Conv3d::pointwise`]) a plain 1×1×1 `nn.Conv3d`.
 pub struct Conv3d {
     /// One [O, C, kh, kw] kernel per temporal tap.
     taps: Vec<Tensor>,
@@ -485,6 +485,3 @@ pub fn repeat_frames(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?
         .index_select(&Tensor::new(idx.as_slice(), x.device())?, 2)?)
 }
-
-/// The dtype every block computes in.
-pub const DTYPE: DType = DType::F32;
