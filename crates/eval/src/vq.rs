@@ -219,7 +219,8 @@ pub struct PhotoScores {
 }
 
 /// Scores each of `photos` (decoded images with their names) through `vq`
-/// and the controls; `counts` gathers the code histogram. The wrong photo
+/// and the controls, and returns the scores with the reconstructions;
+/// `counts` gathers the code histogram. The wrong photo
 /// of photo i is photo i + 1's reconstruction (resized to i's geometry),
 /// the last one's the first's.
 pub fn score_photos(
@@ -230,7 +231,7 @@ pub fn score_photos(
     photos: &[(String, RgbImage)],
     counts: &mut [f64],
     progress: &dyn Fn(usize),
-) -> Result<Vec<PhotoScores>> {
+) -> Result<(Vec<PhotoScores>, Vec<Reconstruction>)> {
     let recs: Vec<Reconstruction> = photos
         .iter()
         .enumerate()
@@ -285,7 +286,7 @@ pub fn score_photos(
         }
         out.push(s);
     }
-    Ok(out)
+    Ok((out, recs))
 }
 
 impl PhotoScores {

@@ -62,7 +62,7 @@ pub(super) fn vq_cmd(a: VqArgs) -> Result<ExitCode> {
     }
     let bar = super::super::progress_bar(photos.len() as u64, "photos");
     let mut counts = vec![0f64; model.config().codebook_size];
-    let scores = vq::score_photos(
+    let (scores, recs) = vq::score_photos(
         &model,
         &cfg,
         baseline.as_ref().map(|(m, c)| (m, c)),
@@ -88,12 +88,11 @@ pub(super) fn vq_cmd(a: VqArgs) -> Result<ExitCode> {
             .map(serde_json::to_string)
             .collect::<std::result::Result<_, _>>()?;
         std::fs::write(dir.join("per_image.jsonl"), rows.join("\n") + "\n")?;
-        let shown: Vec<vq::Reconstruction> = photos
+        let pairs: Vec<_> = recs
             .iter()
             .take(8)
-            .map(|(_, img)| vq::reconstruct(&model, &cfg, img))
-            .collect::<std::result::Result<_, _>>()?;
-        let pairs: Vec<_> = shown.iter().map(|r| (&r.original, &r.recon)).collect();
+            .map(|r| (&r.original, &r.recon))
+            .collect();
         vq::grid(&pairs, 8).save(dir.join("grid.png"))?;
     }
     if a.json {
