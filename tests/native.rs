@@ -7,6 +7,7 @@
 //! placeholders), the VQ codes, and the logits.
 
 mod common;
+mod train_e2e_util;
 mod vlm_util;
 
 use std::path::{Path, PathBuf};
@@ -157,6 +158,7 @@ fn a_saved_native_model_loads_back() {
         "{err}"
     );
     draws(m, &dir);
+    serves(&dir);
 
     // A bridge folder is not a native model.
     std::fs::write(dir.join("config.json"), r#"{"model_type": "llava"}"#).unwrap();
@@ -235,4 +237,176 @@ fn draws(m: &NativeModel, dir: &Path) {
     );
     let vq = vq_dir().to_str().unwrap();
     fails(&["draw", "a dog", "-m", vq, "-o", "x.png"], "not a native");
+
+    // A list of prompts: line n drawn with seed + n − 1, an empty line
+    // named and skipped, the others drawn.
+    let list = dir.parent().unwrap().join("prompts.txt");
+    std::fs::write(&list, "a dog on the beach\n\na red bus\n").unwrap();
+    let many = dir.parent().unwrap().join("many");
+    let o = common::clasp(&[
+        "draw",
+        "--prompts-from",
+        list.to_str().unwrap(),
+        "-m",
+        d,
+        "--size",
+        "24x16",
+        "--seed",
+        "7",
+        "-o",
+        many.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("prompts.txt:2") && err.contains("the prompt is empty"),
+        "{err}"
+    );
+    let rows: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        (rows[1]["line"].as_u64(), rows[1]["seed"].as_u64()),
+        (Some(3), Some(9))
+    );
+    let first = image::open(many.join("0001.png")).unwrap().to_rgb8();
+    assert!(
+        first == image::open(&out).unwrap().to_rgb8(),
+        "line 1 is seed 7's drawing"
+    );
+    assert!(many.join("0003.png").is_file() && !many.join("0002.png").exists());
+}
+
+/// `clasp serve --vlm NATIVE`: the chat API answers as `clasp chat` does,
+/// `/v1/images/generations` draws what `clasp draw` draws for the same seed
+/// (its size in OpenAI's WIDTHxHEIGHT), and bad requests are named.
+fn serves(dir: &Path) {
+    use base64::Engine;
+    let d = dir.to_str().unwrap();
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/flickr8k/images/2090545563_a4e66ec76b.jpg");
+    let s = common::Server::start(&["serve", "--vlm", d, "--addr", "127.0.0.1:0"]);
+    let url = format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(&photo).unwrap())
+    );
+    let (status, v, _) = s.post(
+        "/v1/chat/completions",
+        &serde_json::json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "Describe the image."}]}],
+            "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let o = common::clasp(
+        &["chat", "-m", d, "--image", photo.to_str().unwrap()]
+            .into_iter()
+            .chain([
+                "--prompt",
+                "<image>\nDescribe the image.",
+                "--max-tokens",
+                "6",
+            ])
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cli = String::from_utf8(o.stdout).unwrap();
+    assert!(!cli.trim().is_empty(), "an empty answer proves nothing");
+    assert_eq!(v["choices"][0]["message"]["content"], cli.trim_end(), "{v}");
+
+    let body = serde_json::json!({"prompt": "a dog on the beach", "size": "16x24", "seed": 7,
+        "guidance_scale": 3, "top_k": 2048, "n": 2, "response_format": "b64_json"});
+    let (status, v, _) = s.post("/v1/images/generations", &body);
+    assert_eq!(status, 200, "{v}");
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    let png = |i: usize| {
+        let b = data[i]["b64_json"].as_str().unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b).unwrap();
+        image::load_from_memory(&bytes).unwrap().to_rgb8()
+    };
+    let drawn = image::open(dir.parent().unwrap().join("dog.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!((png(0).width(), png(0).height()), (16, 24));
+    assert!(
+        png(0) == drawn,
+        "the served drawing differs from clasp draw's (seed 7)"
+    );
+    assert!(
+        png(1) != drawn,
+        "the second image is drawn with the next seed"
+    );
+    for (body, param) in [
+        (serde_json::json!({"prompt": " "}), "prompt"),
+        (
+            serde_json::json!({"prompt": "a dog", "size": "16x20"}),
+            "size",
+        ),
+        (
+            serde_json::json!({"prompt": "a dog", "size": "big"}),
+            "size",
+        ),
+        (
+            serde_json::json!({"prompt": "a dog", "response_format": "url"}),
+            "response_format",
+        ),
+        (serde_json::json!({"prompt": "a dog", "n": 9}), "n"),
+    ] {
+        let (status, v, _) = s.post("/v1/images/generations", &body);
+        assert_eq!(
+            (status, v["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{body}: {v}"
+        );
+    }
+    let doc: Value = serde_json::from_str(&s.get("/openapi.json")).unwrap();
+    assert!(doc["paths"]["/v1/images/generations"].is_object());
+    drop(s);
+
+    // `clasp eval caption` scores what `clasp caption` writes.
+    let data = dir.parent().unwrap().join("f8k");
+    train_e2e_util::small_flickr(&data);
+    let report = dir.parent().unwrap().join("report");
+    let o = common::clasp(&[
+        "eval",
+        "caption",
+        "-m",
+        d,
+        "-d",
+        &format!("flickr8k:{}", data.display()),
+        "--split",
+        "dev",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "6",
+        "--json",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let v = common::ok(&o);
+    assert_eq!(v["images"], 2, "{v}");
+    assert!(v["scores"]["cider_d"].as_f64().unwrap().is_finite());
+    let rep: Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("captions.json")).unwrap())
+            .unwrap();
+    let first = &rep["captions"][0];
+    let o = common::clasp(&[
+        "caption",
+        "-m",
+        d,
+        "--max-tokens",
+        "6",
+        "--json",
+        first["image"].as_str().unwrap(),
+    ]);
+    let cli = common::ok(&o);
+    assert_eq!(
+        cli[0]["caption"].as_str().unwrap().trim(),
+        first["caption"].as_str().unwrap(),
+        "{cli}"
+    );
 }

@@ -461,7 +461,7 @@ fn the_saved_processor_template_renders_multimodal_messages_to_clasps_prompt_ids
     )
     .unwrap();
     let img = clasp::preprocess::load_image(&shared_image("2090545563_a4e66ec76b.jpg")).unwrap();
-    let pixels = m.image_processor().process(&img).unwrap();
+    let pixels = m.image_processor().process_pixels(&img).unwrap();
     let cases = fx["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 3);
     for c in cases {

@@ -144,7 +144,13 @@ pub fn detokenize(a: DetokenizeArgs) -> Result<ExitCode> {
 #[derive(Args, Debug)]
 pub struct DrawArgs {
     /// What to draw.
-    pub prompt: String,
+    #[arg(required_unless_present = "prompts_from")]
+    pub prompt: Option<String>,
+    /// Draw one image for each line of this file (the line numbered from 1 uses seed + line −
+    /// 1); --output is then a folder that receives LINE.png, and a JSON line per image goes to
+    /// standard output. An empty line is reported and skipped.
+    #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
+    pub prompts_from: Option<PathBuf>,
     /// A native model folder (Emu3ForConditionalGeneration, from `clasp assemble --native`).
     #[arg(long, short)]
     pub model: PathBuf,
@@ -166,7 +172,7 @@ pub struct DrawArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// The PNG to write.
+    /// The PNG to write (with --prompts-from: the folder).
     #[arg(long, short)]
     pub output: PathBuf,
 }
@@ -188,34 +194,78 @@ pub fn draw(a: DrawArgs) -> Result<ExitCode> {
             .with_context(|| format!("--size {s}: expected HEIGHTxWIDTH in pixels, e.g. 64x64"))?,
         None => default_draw_size(&vq_cfg, &clasp::model::emu3_vq::processor_config(&a.model)?),
     };
-    // Checked before the model loads.
-    let (rows, columns) = check_draw(&vq_cfg, &a.prompt, size)?;
-    let m = NativeModel::load(&a.model, &Device::Cpu)?;
+    let sampling = clasp::llm::sampling::SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: 1.0,
+        seed: a.seed,
+    };
     let opts = DrawOptions {
         size,
         cfg: a.cfg,
         negative_prompt: a.negative_prompt.clone(),
-        sampling: clasp::llm::sampling::SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            repetition_penalty: 1.0,
-            seed: a.seed,
-        },
+        sampling,
     };
-    let bar = super::progress_bar(rows as u64, "rows");
-    let t0 = std::time::Instant::now();
-    let img = m.draw(&a.prompt, &opts, &|r| bar.set_position(r as u64))?;
+    let Some(list) = &a.prompts_from else {
+        let prompt = a.prompt.as_deref().unwrap_or_default();
+        // Checked before the model loads.
+        let (rows, columns) = check_draw(&vq_cfg, prompt, size)?;
+        let m = NativeModel::load(&a.model, &Device::Cpu)?;
+        let bar = super::progress_bar(rows as u64, "rows");
+        let t0 = std::time::Instant::now();
+        let img = m.draw(prompt, &opts, &|r| bar.set_position(r as u64))?;
+        bar.finish_and_clear();
+        img.save(&a.output)
+            .with_context(|| a.output.display().to_string())?;
+        let tokens = rows * (columns + 1);
+        eprintln!(
+            "wrote {} ({}x{} pixels, {tokens} image tokens, {:.1} tokens/s)",
+            a.output.display(),
+            img.width(),
+            img.height(),
+            tokens as f64 / t0.elapsed().as_secs_f64()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let text = std::fs::read_to_string(list).with_context(|| list.display().to_string())?;
+    let (rows, columns) = check_draw(&vq_cfg, "-", size)?;
+    let m = NativeModel::load(&a.model, &Device::Cpu)?;
+    std::fs::create_dir_all(&a.output).with_context(|| a.output.display().to_string())?;
+    let lines: Vec<&str> = text.lines().collect();
+    let bar = super::progress_bar(lines.len() as u64, "images");
+    let (t0, mut drawn, mut failed) = (std::time::Instant::now(), 0usize, 0usize);
+    let stdout = std::io::stdout();
+    for (i, line) in lines.iter().enumerate() {
+        bar.inc(1);
+        let mut o = opts.clone();
+        o.sampling.seed = a.seed.wrapping_add(i as u64);
+        let path = a.output.join(format!("{:04}.png", i + 1));
+        let made = m
+            .draw(line, &o, &|_| {})
+            .map_err(anyhow::Error::from)
+            .and_then(|img| img.save(&path).with_context(|| path.display().to_string()));
+        match made {
+            Ok(()) => {
+                drawn += 1;
+                let row = serde_json::json!({"line": i + 1, "prompt": line, "seed": o.sampling.seed, "path": path});
+                writeln!(stdout.lock(), "{row}")?;
+            }
+            Err(e) => {
+                failed += 1;
+                bar.suspend(|| eprintln!("error: {}:{}: {e:#}", list.display(), i + 1));
+            }
+        }
+    }
     bar.finish_and_clear();
-    img.save(&a.output)
-        .with_context(|| a.output.display().to_string())?;
-    let tokens = rows * (columns + 1);
     eprintln!(
-        "wrote {} ({}x{} pixels, {tokens} image tokens, {:.1} tokens/s)",
+        "drew {drawn} images into {} ({failed} failed; {:.1} image tokens/s)",
         a.output.display(),
-        img.width(),
-        img.height(),
-        tokens as f64 / t0.elapsed().as_secs_f64()
+        (drawn * rows * (columns + 1)) as f64 / t0.elapsed().as_secs_f64()
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -10,7 +10,9 @@ use anyhow::Result;
 use clap::Args;
 
 use super::device;
-use clasp::serve::{self, BatchConfig, ChatConfig, GenConfig, Limits, ServeConfig, StoreSpec};
+use clasp::serve::{
+    self, BatchConfig, ChatConfig, ChatModelKind, GenConfig, Limits, ServeConfig, StoreSpec,
+};
 use clasp::vlm::Vlm;
 
 #[derive(Args, Debug)]
@@ -21,7 +23,8 @@ pub struct ServeArgs {
     pub model: Option<String>,
     /// Vision-language model (a checkpoint from `clasp assemble` or `clasp
     /// train --stage`): serves OpenAI's /v1/chat/completions, with
-    /// continuous batching.
+    /// continuous batching. A native model (`clasp assemble --native`) also
+    /// serves /v1/images/generations.
     #[arg(long)]
     pub vlm: Option<PathBuf>,
     /// Chat requests may name local images (`file://` or absolute paths)
@@ -110,7 +113,11 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     let max_wait = Duration::from_millis(a.max_wait_ms);
     let chat = match &a.vlm {
         Some(p) => Some(ChatConfig {
-            vlm: Vlm::load(p, &dev)?,
+            vlm: if clasp::vlm::native::is_native(p) {
+                ChatModelKind::Native(Box::new(clasp::vlm::native::NativeModel::load(p, &dev)?))
+            } else {
+                ChatModelKind::Bridge(Box::new(Vlm::load(p, &dev)?))
+            },
             model_name: public_name(&p.display().to_string()),
             engine: GenConfig {
                 max_batch_size: a.max_batch_size.max(1),

@@ -67,6 +67,14 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         };
         return drive(&mut run, None, a.stop_after, &stop, &bar);
     }
+    if cfg.task() == clasp::train::config::Task::Native {
+        use clasp::train::native_task::NativeTrainer;
+        let mut run = match &a.resume {
+            Some(dir) => NativeTrainer::resume(dir)?,
+            None => NativeTrainer::new(cfg)?,
+        };
+        return drive(&mut run, None, a.stop_after, &stop, &bar);
+    }
     if cfg.task().is_preference() {
         use clasp::train::preference_task::PreferenceTrainer;
         let mut run = match &a.resume {

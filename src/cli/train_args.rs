@@ -21,7 +21,9 @@ pub struct TrainArgs {
     /// `--rerank-model` takes; `dpo` aligns a vision-language model (--init) or a language
     /// model (--llm) to the preference pairs of --prefs, training a LoRA adapter; `reward`
     /// trains a reward model (a scalar head and a LoRA adapter) on them; `vq` trains a VQ image
-    /// tokenizer (Emu3's VQ-VAE, sized by the `vq_*` keys) on the dataset's photos.
+    /// tokenizer (Emu3's VQ-VAE, sized by the `vq_*` keys) on the dataset's photos; `native` trains a
+    /// native model (--init, from `clasp assemble --native`) to caption and to draw (LoRA and the
+    /// image tokens' rows, `--set draw_ratio=0.5`).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,

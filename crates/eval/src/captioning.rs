@@ -16,6 +16,7 @@ use crate::data::{Lang, PairSet};
 use crate::llm::GenerateOptions;
 use crate::progress::Progress;
 use crate::vlm::model::{DESCRIBE_EN, DESCRIBE_ZH};
+use crate::vlm::native::NativeModel;
 use crate::vlm::Vlm;
 use crate::Result;
 
@@ -161,10 +162,49 @@ pub fn evaluate_captions(
     progress: &dyn Progress,
 ) -> Result<CaptionEval> {
     let n = limit.unwrap_or(set.images.len()).min(set.images.len());
+    let user = Vlm::caption_turn(prompt.unwrap_or(instruction(lang)));
+    let results =
+        crate::vlm::caption::caption_images(vlm, &set.images[..n], &user, opts, batch, progress)?;
+    scored(set, lang, n, results)
+}
+
+/// [`evaluate_captions`] for a native model: each photo's codes in the
+/// same user turn, text generated with the image tokens suppressed, one
+/// photo at a time.
+pub fn evaluate_native_captions(
+    m: &NativeModel,
+    set: &PairSet,
+    lang: Lang,
+    prompt: Option<&str>,
+    opts: &GenerateOptions,
+    limit: Option<usize>,
+    progress: &dyn Progress,
+) -> Result<CaptionEval> {
+    let n = limit.unwrap_or(set.images.len()).min(set.images.len());
+    let user = Vlm::caption_turn(prompt.unwrap_or(instruction(lang)));
+    progress.start("captioning", n as u64);
+    let results = set.images[..n]
+        .iter()
+        .map(|src| {
+            let r = m.caption_source(src, &user, opts);
+            progress.inc(1);
+            r
+        })
+        .collect();
+    progress.finish();
+    scored(set, lang, n, results)
+}
+
+/// The first `n` images' captions (or errors) scored against their
+/// references and against the wrong photos'.
+fn scored(
+    set: &PairSet,
+    lang: Lang,
+    n: usize,
+    results: Vec<Result<crate::llm::Generation>>,
+) -> Result<CaptionEval> {
     let images = &set.images[..n];
     let refs = references(set, n);
-    let user = Vlm::caption_turn(prompt.unwrap_or(instruction(lang)));
-    let results = crate::vlm::caption::caption_images(vlm, images, &user, opts, batch, progress)?;
     let (mut captions, mut kept_refs, mut rows, mut failed) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for ((src, r), rs) in images.iter().zip(results).zip(refs) {

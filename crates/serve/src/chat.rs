@@ -30,15 +30,21 @@ use super::generation::{ChatEvent, ChatJob, GenEngine};
 use super::metrics::Metrics;
 use super::state::Limits;
 use crate::llm::{GenerateOptions, Generation, SamplingParams, StopReason};
-use crate::vlm::{Part, Turn, Vlm};
+use crate::vlm::{ChatModel, Part, Turn};
 
 #[path = "chat/request.rs"]
 mod request;
+pub(crate) use request::fresh_seed;
 use request::*;
 
 pub struct ChatState {
     pub engine: GenEngine,
-    pub vlm: Arc<Vlm>,
+    pub vlm: Arc<dyn ChatModel>,
+    /// The same model when it is native: it also draws
+    /// (`/v1/images/generations`).
+    pub native: Option<Arc<crate::vlm::native::NativeModel>>,
+    /// Held while a drawing runs: one at a time.
+    pub drawing: tokio::sync::Mutex<()>,
     pub model_name: String,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
@@ -56,6 +62,9 @@ pub fn router(state: ChatShared, standalone: bool) -> Router {
     let mut r = Router::new()
         .route("/v1/chat/completions", post(completions))
         .route("/v1/models", get(models));
+    if state.native.is_some() {
+        r = r.route("/v1/images/generations", post(super::images::generations));
+    }
     if standalone {
         r = r
             .route("/health", get(health))
@@ -111,7 +120,7 @@ async fn prepare_turns(
                 .map(|p| match p {
                     RawPart::Text(s) => Part::Text(s),
                     RawPart::Image { .. } => {
-                        Part::Image(pixels.next().expect("one prepared image per part").data)
+                        Part::Image(pixels.next().expect("one prepared image per part"))
                     }
                 })
                 .collect(),
@@ -162,7 +171,7 @@ async fn augment(
         let sources = emb.search.with(store, model, |catalog, engine| {
             crate::rag::retrieve(&emb.encoder, catalog, engine, &q)
         })?;
-        let (parts, skipped) = crate::rag::source_parts(&vlm, &sources);
+        let (parts, skipped) = crate::rag::source_parts(vlm.as_ref(), &sources);
         let used: Vec<_> = sources
             .into_iter()
             .filter(|s| !skipped.iter().any(|(k, _)| k.n == s.n))

@@ -1,5 +1,5 @@
 //! The generation engine behind `/v1/chat/completions`: continuous batching
-//! as llama.cpp's server does it. One thread owns the vision-language model
+//! as llama.cpp's server does it. One thread owns the chat model (a bridge or a native model)
 //! and the running batch ([`Running`]); handlers send it jobs and read the
 //! job's events.
 //!
@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use super::metrics::Metrics;
 use crate::llm::continuous::{Event, Running};
 use crate::llm::{GenerateOptions, Generation};
-use crate::vlm::{Turn, Vlm};
+use crate::vlm::{ChatModel, Turn};
 use crate::Error;
 
 /// What a job's handler hears.
@@ -77,13 +77,13 @@ pub struct Busy {
 }
 
 impl GenEngine {
-    pub fn start(vlm: Arc<Vlm>, cfg: GenConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn start(vlm: Arc<dyn ChatModel>, cfg: GenConfig, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = std_mpsc::channel();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let count = in_flight.clone();
         std::thread::Builder::new()
             .name("clasp-generate".into())
-            .spawn(move || engine(&vlm, rx, cfg, &metrics, &count))
+            .spawn(move || engine(vlm.as_ref(), rx, cfg, &metrics, &count))
             .expect("spawn the generation thread");
         Self {
             jobs: tx,
@@ -122,13 +122,13 @@ fn is_bad_request(e: &Error) -> bool {
 }
 
 fn engine(
-    vlm: &Vlm,
+    vlm: &dyn ChatModel,
     rx: std_mpsc::Receiver<ChatJob>,
     cfg: GenConfig,
     metrics: &Metrics,
     in_flight: &AtomicUsize,
 ) {
-    let mut run = Running::new(&vlm.llm, &vlm.tokenizer);
+    let mut run = Running::new(vlm.llm(), vlm.tokenizer());
     let mut live: HashMap<u64, mpsc::UnboundedSender<ChatEvent>> = HashMap::new();
     let mut next_key = 0u64;
     let done = |n: usize| {
@@ -171,7 +171,7 @@ fn engine(
             next_key += 1;
             let t = Instant::now();
             let admitted = vlm.conversation_prompt(&job.turns).and_then(|p| {
-                run.admit(key, &p, job.opts)?;
+                run.admit(key, &p, vlm.chat_options(job.opts))?;
                 Ok(p.ids.len())
             });
             metrics
@@ -236,7 +236,7 @@ fn engine(
                 });
                 done(1);
             }
-            run = Running::new(&vlm.llm, &vlm.tokenizer);
+            run = Running::new(vlm.llm(), vlm.tokenizer());
         }
         metrics
             .queue_depth

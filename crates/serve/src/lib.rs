@@ -17,6 +17,7 @@ mod body;
 pub mod chat;
 mod error;
 pub mod generation;
+mod images;
 pub mod metrics;
 pub mod openapi;
 pub mod page;
@@ -36,7 +37,8 @@ pub use batcher::{BatchConfig, Batcher};
 pub use generation::{GenConfig, GenEngine};
 pub use state::StoreSpec;
 
-use crate::vlm::Vlm;
+use crate::vlm::native::NativeModel;
+use crate::vlm::{ChatModel, Vlm};
 
 pub struct ServeConfig {
     pub addr: SocketAddr,
@@ -50,8 +52,16 @@ pub struct ServeConfig {
 }
 
 /// What `serve` answers chat completions with.
+/// The model a chat server answers with.
+pub enum ChatModelKind {
+    /// A bridge (LLaVA-style) model.
+    Bridge(Box<Vlm>),
+    /// A native (Emu3-layout) model: it also draws.
+    Native(Box<NativeModel>),
+}
+
 pub struct ChatConfig {
-    pub vlm: Vlm,
+    pub vlm: ChatModelKind,
     pub model_name: String,
     pub engine: GenConfig,
     /// Local image paths are read only under this folder.
@@ -105,16 +115,31 @@ pub async fn serve(
         embedding = Some(state);
     }
     let (embedding_served, chat_served) = (embedding.is_some(), chat.is_some());
+    let draws = matches!(
+        chat,
+        Some(ChatConfig {
+            vlm: ChatModelKind::Native(_),
+            ..
+        })
+    );
     if let Some(c) = chat {
         let local_images = match c.local_images {
             Some(d) => Some(d.canonicalize().map_err(|e| Error::io(&d, e))?),
             None => None,
         };
-        let vlm = Arc::new(c.vlm);
+        let (vlm, native): (Arc<dyn ChatModel>, _) = match c.vlm {
+            ChatModelKind::Bridge(v) => (Arc::new(*v), None),
+            ChatModelKind::Native(n) => {
+                let n = Arc::new(*n);
+                (n.clone(), Some(n))
+            }
+        };
         let engine = GenEngine::start(vlm.clone(), c.engine, metrics.clone());
         let state = Arc::new(chat::ChatState {
             engine,
             vlm,
+            native,
+            drawing: Default::default(),
             model_name: c.model_name,
             limits: cfg.limits,
             metrics,
@@ -129,7 +154,7 @@ pub async fn serve(
         ));
     }
     // The document lists only the paths this server answers.
-    let doc = axum::Json(openapi::document_for(embedding_served, chat_served));
+    let doc = axum::Json(openapi::document_for(embedding_served, chat_served, draws));
     let app = app
         .route("/openapi.json", get(move || async move { doc.clone() }))
         .fallback(api::not_found)

@@ -50,6 +50,23 @@ fn chat_request() -> Value {
         "clasp_retrieve": retrieve}})
 }
 
+/// The image generation request (`images.rs`).
+fn draw_request() -> Value {
+    json!({"type": "object", "required": ["prompt"], "properties": {
+        "prompt": {"type": "string", "pattern": "\\S"},
+        "model": {"type": "string"},
+        "n": {"type": "integer", "minimum": 1, "maximum": 4},
+        "size": {"type": "string", "pattern": "^[0-9]+x[0-9]+$",
+            "description": "WIDTHxHEIGHT in pixels, multiples of the tokenizer's pixels per code"},
+        "response_format": {"const": "b64_json"},
+        "seed": {"type": "integer", "minimum": 0},
+        "guidance_scale": {"type": "number", "minimum": 0, "default": 3},
+        "negative_prompt": {"type": "string"},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_k": {"type": "integer", "minimum": 0},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}})
+}
+
 /// A list field as the server reads it (`body::strings`, `body::b64_images`):
 /// an array of `item`s with at least `min` of them, or, when one is enough,
 /// a single bare `item`.
@@ -73,13 +90,20 @@ const EMBEDDING_PATHS: &[&str] = &[
     "/",
 ];
 const CHAT_PATHS: &[&str] = &["/v1/chat/completions", "/v1/models"];
+/// The path a native chat model (`--vlm NATIVE_DIR`) adds.
+const DRAW_PATHS: &[&str] = &["/v1/images/generations"];
 
 /// The document of a server that serves the embedding endpoints, the chat
-/// endpoints or both: it lists only the paths that answer.
-pub fn document_for(embedding: bool, chat: bool) -> Value {
+/// endpoints (`draws`: with a native model's drawing) or both: it lists only
+/// the paths that answer.
+pub fn document_for(embedding: bool, chat: bool, draws: bool) -> Value {
     let mut doc = document();
     if let Some(paths) = doc["paths"].as_object_mut() {
-        for (served, list) in [(embedding, EMBEDDING_PATHS), (chat, CHAT_PATHS)] {
+        for (served, list) in [
+            (embedding, EMBEDDING_PATHS),
+            (chat, CHAT_PATHS),
+            (chat && draws, DRAW_PATHS),
+        ] {
             if !served {
                 for p in list {
                     paths.remove(*p);
@@ -170,6 +194,13 @@ pub fn document() -> Value {
                     "usage": {"type": "object", "properties": {
                         "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}},
                     "clasp_sources": {"type": "array", "items": {"type": "object"}}}})),
+            "/v1/images/generations": post(
+                "OpenAI image generation with the native model (`--vlm NATIVE_DIR`): image tokens sampled with classifier-free guidance (`guidance_scale`, against `negative_prompt`, Emu3's by default), decoded by its VQ tokenizer; PNGs as base64. Image i of a request uses seed + i.",
+                draw_request(),
+                json!({"type": "object", "properties": {
+                    "created": {"type": "integer"}, "size": {"type": "string"},
+                    "data": {"type": "array", "items": {"type": "object", "properties": {
+                        "b64_json": {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"}}}}}})),
             "/v1/models": {"get": {"summary": "The chat model (OpenAI's list shape)", "responses": {"200": {"description": "OK"}}}},
             "/health": {"get": {"summary": "Health check", "responses": {"200": {"description": "OK"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},

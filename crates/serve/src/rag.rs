@@ -5,7 +5,7 @@
 //! captions, and generate an answer that cites them as `[n]`.
 //!
 //! The library retrieves and builds the conversation; generation is the
-//! caller's (`Vlm::conversation_prompt` and `llm::generate_prompt`, or the
+//! caller's (`ChatModel::conversation_prompt` and `llm::generate_prompt`, or the
 //! server's engine).
 
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::index::query::{self, Term, TermKind};
 use crate::index::{search, Store, VectorSearch};
 use crate::preprocess::image::load_image;
-use crate::vlm::{Part, Turn, Vlm};
+use crate::vlm::{ChatModel, Part, Turn};
 use crate::{Encoder, Error, Result};
 
 /// A retrieved photo.
@@ -84,13 +84,15 @@ pub fn retrieve(
 /// The numbered sources as prompt parts: `[n]`, the image, its path and
 /// caption. Sources whose image cannot be read are left out and returned
 /// with their error.
-pub fn source_parts(vlm: &Vlm, sources: &[Source]) -> (Vec<Part>, Vec<(Source, Error)>) {
+pub fn source_parts(vlm: &dyn ChatModel, sources: &[Source]) -> (Vec<Part>, Vec<(Source, Error)>) {
     let mut parts = vec![Part::Text(
         "Photos from the collection, numbered, with their captions:".into(),
     )];
     let mut skipped = Vec::new();
     for s in sources {
-        match load_image(Path::new(&s.path)).and_then(|img| vlm.image_processor().process(&img)) {
+        match load_image(Path::new(&s.path))
+            .and_then(|img| vlm.image_processor().process_pixels(&img))
+        {
             Ok(px) => {
                 parts.push(Part::Text(format!("[{}]", s.n)));
                 parts.push(Part::Image(px));
@@ -114,7 +116,7 @@ pub const CITE: &str = "Answer briefly, and cite the photos you used as [1], [2]
 /// ([`source_parts`]), the question's own photo if any, the question, and
 /// the instruction to cite.
 pub fn conversation(
-    vlm: &Vlm,
+    vlm: &dyn ChatModel,
     question: &str,
     image: Option<&Path>,
     sources: &[Source],
@@ -123,7 +125,7 @@ pub fn conversation(
     if let Some(p) = image {
         let img = load_image(p)?;
         parts.push(Part::Text("The question is about this photo:".into()));
-        parts.push(Part::Image(vlm.image_processor().process(&img)?));
+        parts.push(Part::Image(vlm.image_processor().process_pixels(&img)?));
     }
     parts.push(Part::Text(format!("Question: {question}\n{CITE}")));
     Ok((

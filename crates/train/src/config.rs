@@ -156,6 +156,9 @@ pub struct TrainConfig {
     /// A VQ tokenizer run's size and losses (`vq_*`).
     #[serde(flatten)]
     pub vq: super::vq::VqParams,
+    /// A native run's mix of directions (`draw_ratio`).
+    #[serde(flatten)]
+    pub native: super::native_task::NativeParams,
     /// A weight schedule trading the first objective against the others
     /// (`bcif`, or e.g. `linear(1,0.2)`); none: constant weights.
     pub schedule: Option<String>,
@@ -242,6 +245,7 @@ impl Default for TrainConfig {
             objective_params: ObjectiveParams::default(),
             preference: Default::default(),
             vq: Default::default(),
+            native: Default::default(),
             schedule: None,
             negatives: None,
             negatives_share: 0.5,
@@ -405,32 +409,13 @@ impl TrainConfig {
         Ok(Some(note))
     }
 
-    /// Whether this run trains a vision-language model (`llm` or `vision`
-    /// given, or `init` is a VLM checkpoint).
-    /// A vision-language run's objective: `lm` (the answer tokens' loss)
-    /// when the config keeps the default, else the one given (e.g.
-    /// `lm,infonce:0.5,geometric:0.5`).
-    pub fn vlm_objective(&self) -> String {
-        if self.objective == Self::default().objective {
-            "lm".into()
-        } else {
-            self.objective.clone()
-        }
-    }
-
-    /// Stage 2's LoRA settings.
-    pub fn lora(&self) -> crate::llm::lora::LoraConfig {
-        crate::llm::lora::LoraConfig {
-            rank: self.lora_rank,
-            alpha: self.lora_alpha,
-            targets: self.lora_targets.clone(),
-        }
-    }
-
     /// The task this config trains.
     pub fn task(&self) -> Task {
+        let native = |i: &str| clasp_vlm::native::is_native(std::path::Path::new(i));
         if let Some(t) = self.task {
             t
+        } else if self.init.as_deref().is_some_and(native) {
+            Task::Native
         } else if self.is_vlm() {
             Task::VisionLanguage
         } else {
@@ -438,6 +423,8 @@ impl TrainConfig {
         }
     }
 
+    /// Whether this run trains a vision-language model (`llm` or `vision`
+    /// given, or `init` is a VLM checkpoint).
     pub fn is_vlm(&self) -> bool {
         match self.task {
             Some(t) => t == Task::VisionLanguage,

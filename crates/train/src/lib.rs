@@ -23,6 +23,7 @@ pub mod hooks;
 pub mod mine;
 pub mod model;
 mod momentum;
+pub mod native_task;
 pub mod objectives;
 pub mod optim;
 pub mod order;

@@ -6,15 +6,17 @@
 //! tokens.
 
 use super::model::Vlm;
-use crate::llm::{Message, Prompt};
+use super::native::NativeModel;
+use crate::llm::{GenerateOptions, Llama, LlmTokenizer, Message, Prompt};
 use crate::{Error, Result};
+use clasp_core::preprocess::image::{ImageProcessor, Pixels};
 
 /// One part of a turn's content.
 #[derive(Debug, Clone)]
 pub enum Part {
     Text(String),
-    /// An image's prepared pixels (`Vlm::image_processor`).
-    Image(Vec<f32>),
+    /// An image's prepared pixels (the model's `image_processor`).
+    Image(Pixels),
 }
 
 /// One turn: a role (`system`, `user` or `assistant`) and its parts.
@@ -33,42 +35,87 @@ impl Turn {
     }
 }
 
+/// A model that answers conversations with images: a bridge ([`Vlm`]) or a
+/// native model ([`NativeModel`]). What a chat front end (the server's
+/// engine, `clasp ask`) needs of it.
+pub trait ChatModel: Send + Sync {
+    /// The decoder that generates the answer.
+    fn llm(&self) -> &Llama;
+    fn tokenizer(&self) -> &LlmTokenizer;
+    /// How an image part's pixels are prepared.
+    fn image_processor(&self) -> &ImageProcessor;
+    /// The prompt of a conversation, with the assistant's turn opened.
+    fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt>;
+    /// The options a chat answer runs with (a native model's image tokens
+    /// suppressed: it answers in text).
+    fn chat_options(&self, opts: GenerateOptions) -> GenerateOptions {
+        opts
+    }
+}
+
+/// The messages of a conversation and its images, in order: each image part
+/// becomes `placeholder` where it stands, unless the text writes the
+/// placeholders itself to place the images (their count is checked when
+/// the prompt is rendered).
+pub(crate) fn conversation_messages(
+    turns: &[Turn],
+    placeholder: &str,
+) -> (Vec<Message>, Vec<Pixels>) {
+    let written: usize = turns
+        .iter()
+        .flat_map(|t| &t.parts)
+        .map(|p| match p {
+            Part::Text(s) => s.matches(placeholder).count(),
+            Part::Image(_) => 0,
+        })
+        .sum();
+    let mut images = Vec::new();
+    let mut messages = Vec::with_capacity(turns.len());
+    for t in turns {
+        let mut pieces = Vec::with_capacity(t.parts.len());
+        for p in &t.parts {
+            match p {
+                Part::Text(s) => pieces.push(s.as_str()),
+                Part::Image(px) => {
+                    images.push(px.clone());
+                    if written == 0 {
+                        pieces.push(placeholder);
+                    }
+                }
+            }
+        }
+        messages.push(Message::new(&t.role, &pieces.join("\n")));
+    }
+    (messages, images)
+}
+
+impl ChatModel for Vlm {
+    fn llm(&self) -> &Llama {
+        &self.llm
+    }
+    fn tokenizer(&self) -> &LlmTokenizer {
+        &self.tokenizer
+    }
+    fn image_processor(&self) -> &ImageProcessor {
+        Vlm::image_processor(self)
+    }
+    fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
+        Vlm::conversation_prompt(self, turns)
+    }
+}
+
 impl Vlm {
     /// The prompt of a conversation: its ids (images expanded) and, when it
     /// has images, its input embeddings. Each image part becomes a
     /// placeholder where it stands, unless the text writes the placeholders
     /// itself to place the images; then their count must equal the images'.
     pub fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
-        let placeholder = self.cfg.image_token.as_str();
-        let written: usize = turns
-            .iter()
-            .flat_map(|t| &t.parts)
-            .map(|p| match p {
-                Part::Text(s) => s.matches(placeholder).count(),
-                Part::Image(_) => 0,
-            })
-            .sum();
-        let mut images = Vec::new();
-        let mut messages = Vec::with_capacity(turns.len());
-        for t in turns {
-            let mut pieces = Vec::with_capacity(t.parts.len());
-            for p in &t.parts {
-                match p {
-                    Part::Text(s) => pieces.push(s.as_str()),
-                    Part::Image(px) => {
-                        images.push(px.clone());
-                        if written == 0 {
-                            pieces.push(placeholder);
-                        }
-                    }
-                }
-            }
-            messages.push(Message::new(&t.role, &pieces.join("\n")));
-        }
+        let (messages, images) = conversation_messages(turns, self.cfg.image_token.as_str());
         let ids = self.render_ids(&messages, images.len())?;
         if images.is_empty() {
             return Ok(Prompt::tokens(&ids));
         }
+        let images: Vec<Vec<f32>> = images.into_iter().map(|p| p.data).collect();
         let pixels = self.pixel_batch(&images)?;
         let feats = self.image_features(&pixels)?;
         let embeds = self.input_embeds(&ids, &feats)?;
@@ -97,5 +144,31 @@ impl Vlm {
         }
         let ids = self.tokenizer.encode_chat(messages, true)?;
         Ok(self.expand_images(&ids))
+    }
+}
+
+impl ChatModel for NativeModel {
+    fn llm(&self) -> &Llama {
+        &self.llm
+    }
+    fn tokenizer(&self) -> &LlmTokenizer {
+        &self.tokenizer
+    }
+    fn image_processor(&self) -> &ImageProcessor {
+        &self.processor
+    }
+    /// The conversation through the chat template, each image's codes in
+    /// its placeholder's place (`NativeModel::prompt_ids`).
+    fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
+        let (messages, images) = conversation_messages(turns, crate::native::PLACEHOLDER);
+        let text = self.tokenizer.render_chat(&messages, true)?;
+        let codes = images
+            .iter()
+            .map(|p| self.pixel_codes(&p.data, p.height, p.width))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Prompt::tokens(&self.prompt_ids(&text, &codes)?))
+    }
+    fn chat_options(&self, opts: GenerateOptions) -> GenerateOptions {
+        self.text_only(opts)
     }
 }

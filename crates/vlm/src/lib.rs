@@ -26,6 +26,6 @@ pub mod native;
 pub mod reward;
 pub mod stage1;
 
-pub use chat::{Part, Turn};
+pub use chat::{ChatModel, Part, Turn};
 pub use connector::{Connector, ConnectorKind};
 pub use model::{FeatureSelect, Vlm, VlmConfig};

@@ -232,9 +232,48 @@ impl NativeModel {
     /// The codes of an image file, [h][w], after the processor's resize.
     pub fn image_codes(&self, path: &Path) -> Result<Vec<Vec<u32>>> {
         let px = self.processor.process_path_pixels(path)?;
-        let t = Tensor::from_vec(px.data, (1, 3, px.height, px.width), self.llm.device())?;
+        self.pixel_codes(&px.data, px.height, px.width)
+    }
+
+    /// The codes [h][w] of processed pixels (`[3, height, width]`, the
+    /// processor's normalisation).
+    pub fn pixel_codes(&self, data: &[f32], height: usize, width: usize) -> Result<Vec<Vec<u32>>> {
+        let t = Tensor::from_slice(data, (1, 3, height, width), self.llm.device())?;
         let codes = self.vq.encode(&t)?.squeeze(0)?.to_dtype(DType::U32)?;
         Ok(codes.to_vec2()?)
+    }
+
+    /// The first id of the tokens the image tokens added (the structure
+    /// tokens and the codes): every row from it on is new to the language
+    /// model.
+    pub fn image_rows_from(&self) -> usize {
+        let t = &self.tokens;
+        t.structure()
+            .iter()
+            .map(|&(_, id)| id)
+            .chain([t.first_code])
+            .min()
+            .unwrap_or(t.first_code) as usize
+    }
+
+    /// The ids of a captioning prompt: `user` (a user turn with one
+    /// `<image>`) rendered by the chat template with the generation prompt,
+    /// the image's codes in its place.
+    pub fn caption_prompt_ids(&self, user: &str, codes: &[Vec<u32>]) -> Result<Vec<u32>> {
+        let text = self
+            .tokenizer
+            .render_chat(&[llm::Message::new("user", user)], true)?;
+        self.prompt_ids(&text, &[codes.to_vec()])
+    }
+
+    /// What follows [`Self::draw_prompt_ids`] when the image is `codes`:
+    /// each row and its end-of-row token, the end of the image and the end
+    /// of the sequence (a drawing example's answer).
+    pub fn draw_answer_ids(&self, codes: &[Vec<u32>]) -> Vec<u32> {
+        let mut ids = self.tokens.grid(codes);
+        ids.extend([self.tokens.eof, self.tokens.eoi]);
+        ids.extend(self.tokenizer.eos_id());
+        ids
     }
 
     /// The ids of `text` with each `<image>` in it standing for the next of
@@ -288,17 +327,33 @@ impl NativeModel {
         user: &str,
         opts: &llm::GenerateOptions,
     ) -> Result<llm::Generation> {
-        let codes = self.image_codes(path)?;
-        let text = self
-            .tokenizer
-            .render_chat(&[llm::Message::new("user", user)], true)?;
-        let ids = self.prompt_ids(&text, &[codes])?;
-        let mut opts = opts.clone();
+        let ids = self.caption_prompt_ids(user, &self.image_codes(path)?)?;
+        let opts = self.text_only(opts.clone());
+        llm::generate(&self.llm, &self.tokenizer, &ids, &opts, &mut |_| true)
+    }
+
+    /// [`Self::caption`] of an image from a dataset (a file or bytes).
+    pub fn caption_source(
+        &self,
+        src: &clasp_core::data::ImageSource,
+        user: &str,
+        opts: &llm::GenerateOptions,
+    ) -> Result<llm::Generation> {
+        let img = clasp_core::preprocess::image::decode_image(&src.read()?, &src.path())?;
+        let px = self.processor.process_pixels(&img)?;
+        let codes = self.pixel_codes(&px.data, px.height, px.width)?;
+        let ids = self.caption_prompt_ids(user, &codes)?;
+        let opts = self.text_only(opts.clone());
+        llm::generate(&self.llm, &self.tokenizer, &ids, &opts, &mut |_| true)
+    }
+
+    /// `opts` with every image token suppressed: the model answers in text.
+    pub fn text_only(&self, mut opts: llm::GenerateOptions) -> llm::GenerateOptions {
         let t = &self.tokens;
         opts.suppress_tokens.extend(t.structure().map(|(_, id)| id));
         opts.suppress_tokens
             .extend(t.first_code..t.first_code + t.codebook as u32);
-        llm::generate(&self.llm, &self.tokenizer, &ids, &opts, &mut |_| true)
+        opts
     }
 
     /// Logits [t, vocab] at every position of one sequence.

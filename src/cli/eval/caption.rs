@@ -4,7 +4,8 @@ use super::*;
 
 #[derive(Args, Debug)]
 pub struct CaptionArgs {
-    /// A VLM checkpoint folder (LlavaForConditionalGeneration layout).
+    /// A VLM checkpoint folder (LlavaForConditionalGeneration layout), or a native model
+    /// (Emu3ForConditionalGeneration, from `clasp assemble --native`).
     #[arg(long, short)]
     pub model: PathBuf,
     /// Dataset: FORMAT:PATH or PATH, with captions as references.
@@ -49,12 +50,28 @@ pub(super) fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
     let spec = DatasetSpec::parse(&a.dataset)?;
     let set = data::load_pairs(&spec, Split::parse(&a.split)?, lang, None)?;
     report_issues(&set.issues, a.json);
-    let vlm = clasp::vlm::Vlm::load(&a.model, &candle_core::Device::Cpu)?;
     let opts = clasp::llm::GenerateOptions {
         max_new_tokens: a.max_tokens,
         ..Default::default()
     };
     let t0 = Instant::now();
+    if clasp::vlm::native::is_native(&a.model) {
+        if a.no_image {
+            bail!("--no-image: the caption prior is measured on a bridge model's language model; for a native model, caption with the assembled model or the wrong photos' scores");
+        }
+        let m = clasp::vlm::native::NativeModel::load(&a.model, &candle_core::Device::Cpu)?;
+        let e = captioning::evaluate_native_captions(
+            &m,
+            &set,
+            lang,
+            a.prompt.as_deref(),
+            &opts,
+            a.limit,
+            &BarProgress::default(),
+        )?;
+        return finish(&a, &spec, &set, e, None, t0.elapsed().as_secs_f64());
+    }
+    let vlm = clasp::vlm::Vlm::load(&a.model, &candle_core::Device::Cpu)?;
     let e = if a.no_image {
         captioning::evaluate_prior(&vlm, &set, lang, a.prompt.as_deref(), &opts, a.limit)?
     } else {
@@ -70,15 +87,6 @@ pub(super) fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
         )?
     };
     let secs = t0.elapsed().as_secs_f64();
-    let instances = match a
-        .instances
-        .clone()
-        .or_else(|| clasp::data::objects::instances_beside(&spec.path))
-    {
-        Some(p) => Some(clasp::eval::chair::coco_instances(&p)?),
-        None => None,
-    };
-    let e = e.with_chair(instances.as_ref());
     // A run with BCIF's contrastive branch left its heads beside the model.
     let heads = match clasp::vlm::heads::Heads::load(&a.model, vlm.device())? {
         Some(h) if !a.no_image => Some(captioning::heads_recall(
@@ -90,6 +98,28 @@ pub(super) fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
         )?),
         _ => None,
     };
+    finish(&a, &spec, &set, e, heads, secs)
+}
+
+/// CHAIR, the report and the printed scores of an evaluation.
+fn finish(
+    a: &CaptionArgs,
+    spec: &DatasetSpec,
+    set: &clasp::data::PairSet,
+    e: clasp::eval::captioning::CaptionEval,
+    heads: Option<clasp::eval::metrics::RetrievalMetrics>,
+    secs: f64,
+) -> Result<ExitCode> {
+    use clasp::eval::captioning;
+    let instances = match a
+        .instances
+        .clone()
+        .or_else(|| clasp::data::objects::instances_beside(&spec.path))
+    {
+        Some(p) => Some(clasp::eval::chair::coco_instances(&p)?),
+        None => None,
+    };
+    let e = e.with_chair(instances.as_ref());
     if let Some(dir) = &a.report {
         captioning::write_report(dir, &a.model.display().to_string(), &set.name, &e)?;
         note!("wrote {}", dir.join("report.md").display());

@@ -57,7 +57,7 @@ pub(super) enum RawPart {
 }
 
 /// A seed for requests that give none: different for each request.
-pub(super) fn fresh_seed() -> u64 {
+pub(crate) fn fresh_seed() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -28,6 +28,10 @@ pub enum Task {
     /// A VQ image tokenizer (`--task vq`): Emu3's VQ-VAE architecture
     /// trained to reconstruct the dataset's photos (`vq_*` keys).
     Vq,
+    /// A native model (`--task native`, or an `init` that is one): one
+    /// decoder over text and image tokens, trained to caption and to draw
+    /// (LoRA and the image tokens' rows; `draw_ratio`).
+    Native,
 }
 
 impl Task {
@@ -89,6 +93,7 @@ impl Task {
             Task::Dpo => "a preference (--task dpo) training",
             Task::Reward => "a reward-model (--task reward) training",
             Task::Vq => "a VQ tokenizer (--task vq) training",
+            Task::Native => "a native-model (--task native) training",
         }
     }
 
@@ -100,22 +105,34 @@ impl Task {
                 VISION_LANGUAGE_KEYS.contains(&key)
                     || PREFERENCE_KEYS.contains(&key)
                     || VQ_KEYS.contains(&key)
+                    || NATIVE_KEYS.contains(&key)
             }
             Task::VisionLanguage => {
                 DUAL_ENCODER_KEYS.contains(&key)
                     || PREFERENCE_KEYS.contains(&key)
                     || VQ_KEYS.contains(&key)
+                    || NATIVE_KEYS.contains(&key)
+            }
+            Task::Native => {
+                (DUAL_ENCODER_KEYS.contains(&key)
+                    || VISION_LANGUAGE_KEYS.contains(&key)
+                    || PREFERENCE_KEYS.contains(&key)
+                    || VQ_KEYS.contains(&key)
+                    || VQ_ALSO_REFUSED.contains(&key))
+                    && !NATIVE_READS.contains(&key)
             }
             Task::Vq => {
                 DUAL_ENCODER_KEYS.contains(&key)
                     || VISION_LANGUAGE_KEYS.contains(&key)
                     || PREFERENCE_KEYS.contains(&key)
+                    || NATIVE_KEYS.contains(&key)
                     || VQ_ALSO_REFUSED.contains(&key)
             }
             Task::Dpo | Task::Reward => {
                 (DUAL_ENCODER_KEYS.contains(&key)
                     || VISION_LANGUAGE_KEYS.contains(&key)
                     || VQ_KEYS.contains(&key)
+                    || NATIVE_KEYS.contains(&key)
                     || DPO_ALSO_REFUSED.contains(&key))
                     && !DPO_READS.contains(&key)
             }
@@ -124,6 +141,7 @@ impl Task {
                     || VISION_LANGUAGE_KEYS.contains(&key)
                     || PREFERENCE_KEYS.contains(&key)
                     || VQ_KEYS.contains(&key)
+                    || NATIVE_KEYS.contains(&key)
                     || QFORMER_ALSO_REFUSED.contains(&key))
                     && !QFORMER_READS.contains(&key)
             }
@@ -147,6 +165,10 @@ impl Task {
             Task::Vq => {
                 "a VQ tokenizer run reads its photos from `dataset`, its size from the `vq_*` \
                  keys, or continues a VQ folder given as `init`"
+            }
+            Task::Native => {
+                "a native run reads its model from `init` (`clasp assemble --native`), its pairs \
+                 from `dataset`, `draw_ratio` and the LoRA keys"
             }
             Task::Dpo | Task::Reward => {
                 "a preference run reads its model from `init` (a vision-language checkpoint) \
@@ -174,6 +196,17 @@ pub use crate::vq::VQ_KEYS;
 /// Keys no task list holds that a VQ run refuses too.
 const VQ_ALSO_REFUSED: &[&str] = &["llm", "vision", "schedule", "objective", "eval_dataset"];
 
+/// The keys only a native run reads.
+pub use crate::native_task::NATIVE_KEYS;
+/// Of the other tasks' keys, the ones a native run reads.
+const NATIVE_READS: &[&str] = &[
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "max_answer_tokens",
+    "packed_llm",
+];
+
 /// Of the other tasks' keys, the ones a Q-Former run reads.
 const QFORMER_READS: &[&str] = &["text_init", "queries"];
 /// Keys no task list holds that a Q-Former run refuses too.
@@ -184,6 +217,26 @@ const QFORMER_ALSO_REFUSED: &[&str] = &["llm", "schedule"];
 pub const QFORMER_OBJECTIVES: [&str; 3] = ["itc", "itm", "itg"];
 
 impl super::TrainConfig {
+    /// A vision-language run's objective: `lm` (the answer tokens' loss)
+    /// when the config keeps the default, else the one given (e.g.
+    /// `lm,infonce:0.5,geometric:0.5`).
+    pub fn vlm_objective(&self) -> String {
+        if self.objective == Self::default().objective {
+            "lm".into()
+        } else {
+            self.objective.clone()
+        }
+    }
+
+    /// Stage 2's LoRA settings.
+    pub fn lora(&self) -> crate::llm::lora::LoraConfig {
+        crate::llm::lora::LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha,
+            targets: self.lora_targets.clone(),
+        }
+    }
+
     /// A Q-Former run's objective: BLIP-2's three when the config keeps the
     /// default, else the ones given, with their weights.
     pub fn qformer_objectives(&self) -> crate::Result<Vec<(String, f64)>> {
@@ -260,8 +313,31 @@ impl super::TrainConfig {
         match self.task() {
             Task::Qformer => Some(self.check_qformer()),
             Task::Vq => Some(self.vq.check()),
+            Task::Native => Some(self.check_native()),
             _ => None,
         }
+    }
+
+    /// What a native run needs: a native model, a share and an adapter.
+    pub(super) fn check_native(&self) -> crate::Result<()> {
+        let bad = |key: &str, why: String| Err(crate::Error::Report(format!("{key}: {why}")));
+        match self.init.as_deref() {
+            Some(i) if clasp_vlm::native::is_native(std::path::Path::new(i)) => {}
+            Some(i) => {
+                return bad(
+                    "init",
+                    format!("{i} is not a native (Emu3) model; make one with `clasp assemble --native VQ_DIR --llm GGUF`"),
+                )
+            }
+            None => {
+                return bad(
+                    "init",
+                    "a native run starts from a native model: --init NATIVE_DIR (`clasp assemble --native`)".into(),
+                )
+            }
+        }
+        self.native.check()?;
+        self.lora().check().or_else(|e| bad("lora", e))
     }
 
     /// What a Q-Former run needs: its tower and its BERT.

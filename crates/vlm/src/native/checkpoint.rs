@@ -38,12 +38,12 @@ impl NativeModel {
         m
     }
 
-    fn config_json(&self) -> serde_json::Value {
+    fn config_json(&self, lm: &Llama) -> serde_json::Value {
         let (bos, eos) = (self.tokenizer.bos_id(), self.tokenizer.eos_id());
-        let mut text = self.llm.hf_config(bos, eos);
+        let mut text = lm.hf_config(bos, eos);
         text["model_type"] = "emu3_text_model".into();
         text["rope_parameters"] =
-            serde_json::json!({"rope_type": "default", "rope_theta": self.llm.config().rope_theta});
+            serde_json::json!({"rope_type": "default", "rope_theta": lm.config().rope_theta});
         text["attention_dropout"] = 0.0.into();
         text["pad_token_id"] = eos.into();
         if let Some(o) = text.as_object_mut() {
@@ -65,8 +65,13 @@ impl NativeModel {
 
     /// Every tensor of the checkpoint by its saved name.
     pub fn checkpoint_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        self.checkpoint_tensors_with(&self.llm)
+    }
+
+    /// [`Self::checkpoint_tensors`] with `lm` as the decoder.
+    fn checkpoint_tensors_with(&self, lm: &Llama) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for (k, v) in self.llm.hf_tensors()? {
+        for (k, v) in lm.hf_tensors()? {
             let name = match k.strip_prefix("model.") {
                 Some(rest) => format!("{TEXT}{rest}"),
                 None => k,
@@ -81,11 +86,17 @@ impl NativeModel {
 
     /// Writes the `Emu3ForConditionalGeneration` folder, atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_with(&self.llm, dir)
+    }
+
+    /// [`Self::save`] with `lm` (the same vocabulary and tokens; e.g. the
+    /// decoder a training run has changed) as the decoder.
+    pub fn save_with(&self, lm: &Llama, dir: &Path) -> Result<()> {
         crate::atomic::write_dir(dir, |tmp| {
-            write_json(&tmp.join("config.json"), &self.config_json())?;
+            write_json(&tmp.join("config.json"), &self.config_json(lm))?;
             crate::checkpoint::write_model_files(
                 tmp,
-                &self.checkpoint_tensors()?,
+                &self.checkpoint_tensors_with(lm)?,
                 &self.tokenizer,
             )?;
             // Emu3Processor reads its tokens from the tokenizer's attributes.
