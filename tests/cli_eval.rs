@@ -523,3 +523,72 @@ fn diagnose_reports_gap_spread_and_synonym_probe() {
     assert_eq!(syn[0]["a"], "a red apple");
     assert!(report.join("similarity_hist.png").is_file());
 }
+
+/// `clasp eval frechet` on MobileNetV2's pooled features: a set against
+/// itself is at 0, the distance is symmetric and positive between two
+/// disjoint sets of dev photos, and an unreadable file is named while the
+/// rest are measured (exit code 1).
+#[test]
+fn frechet_distance_of_photo_sets_on_mobilenet() {
+    let d = tempfile::tempdir().unwrap();
+    let tower = common::pretrained("mobilenet_v2");
+    let list = std::fs::read_to_string(shared().join("flickr8k/Flickr_8k.devImages.txt")).unwrap();
+    let names: Vec<&str> = list.lines().take(24).collect();
+    let write = |file: &str, part: &[&str], extra: &str| {
+        let p = d.path().join(file);
+        let mut text: String = part
+            .iter()
+            .map(|n| format!("{}\n", shared().join("flickr8k/images").join(n).display()))
+            .collect();
+        text.push_str(extra);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let (a, b) = (
+        write("a.txt", &names[..12], ""),
+        write("b.txt", &names[12..], ""),
+    );
+    let fd = |x: &str, y: &str| -> f64 {
+        let o = clasp(
+            &[
+                "eval",
+                "frechet",
+                "--real",
+                x,
+                "--generated",
+                y,
+                "--tower",
+                tower.to_str().unwrap(),
+                "--json",
+            ],
+            d.path(),
+        );
+        common::ok(&o)["frechet_distance"].as_f64().unwrap()
+    };
+    let (ab, ba, aa) = (fd(&a, &b), fd(&b, &a), fd(&a, &a));
+    assert!(aa.abs() < 1e-6 * ab, "self distance {aa}");
+    assert!(ab > 1.0 && (ab - ba).abs() < 1e-6 * ab, "{ab} vs {ba}");
+    let bad = write("bad.txt", &names[12..], "/no/such/photo.jpg\n");
+    let o = clasp(
+        &[
+            "eval",
+            "frechet",
+            "--real",
+            &a,
+            "--generated",
+            &bad,
+            "--tower",
+            tower.to_str().unwrap(),
+            "--json",
+        ],
+        d.path(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/no/such/photo.jpg"));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["generated"].as_u64(), v["unreadable"].as_u64()),
+        (Some(12), Some(1))
+    );
+    assert!((v["frechet_distance"].as_f64().unwrap() - ab).abs() < 1e-6 * ab);
+}

@@ -20,6 +20,8 @@ use clasp::Encoder;
 mod blip2;
 #[path = "eval/caption.rs"]
 mod caption;
+#[path = "eval/frechet.rs"]
+mod frechet;
 #[path = "eval/pope.rs"]
 mod pope;
 mod vq;
@@ -27,6 +29,7 @@ mod vq;
 mod zeroshot;
 
 pub use caption::*;
+pub use frechet::*;
 pub use pope::*;
 pub use vq::*;
 
@@ -47,6 +50,9 @@ pub enum EvalCommand {
     /// A VQ image tokenizer's reconstructions: PSNR, SSIM, codebook use and a perceptual
     /// score, beside the wrong photo and a same-size thumbnail, with a picture grid.
     Vq(VqArgs),
+    /// The Fréchet distance between two image sets on a pretrained CNN's pooled features
+    /// (FID's formula on the tower given; not FID).
+    Frechet(FrechetArgs),
 }
 
 #[derive(Args, Debug)]
@@ -150,6 +156,7 @@ pub fn run(cmd: EvalCommand) -> Result<ExitCode> {
         EvalCommand::Caption(a) => caption_cmd(a),
         EvalCommand::Pope(a) => pope_cmd(a),
         EvalCommand::Vq(a) => vq_cmd(a),
+        EvalCommand::Frechet(a) => frechet_cmd(a),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod captioning;
 pub mod chair;
 pub mod diagnose;
 pub mod embed;
+pub mod frechet;
 pub mod metrics;
 pub mod plot;
 pub mod pope;

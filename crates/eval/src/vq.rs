@@ -187,16 +187,25 @@ impl Perceptual {
         })
     }
 
+    /// The tower's pooled features of each image, in batches of 16.
+    pub fn features(&self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>> {
+        let (h, w) = self.proc.config().crop;
+        let mut out = Vec::with_capacity(images.len());
+        for chunk in images.chunks(16) {
+            let px: Vec<f32> = chunk
+                .iter()
+                .map(|i| self.proc.process(i))
+                .collect::<Result<Vec<_>>>()?
+                .concat();
+            let t = Tensor::from_vec(px, (chunk.len(), 3, h as usize, w as usize), &Device::Cpu)?;
+            out.extend(self.tower.forward(&t)?.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+
     /// The cosine between the towers' features of `a` and `b`.
     pub fn cosine(&self, a: &RgbImage, b: &RgbImage) -> Result<f64> {
-        let px: Vec<f32> = [a, b]
-            .iter()
-            .map(|i| self.proc.process(i))
-            .collect::<Result<Vec<_>>>()?
-            .concat();
-        let (h, w) = self.proc.config().crop;
-        let t = Tensor::from_vec(px, (2, 3, h as usize, w as usize), &Device::Cpu)?;
-        let f: Vec<Vec<f32>> = self.tower.forward(&t)?.to_vec2()?;
+        let f = self.features(&[a.clone(), b.clone()])?;
         let dot: f64 = f[0]
             .iter()
             .zip(&f[1])
