@@ -34,7 +34,7 @@ use crate::vlm::{ChatModel, Part, Turn};
 
 #[path = "chat/request.rs"]
 mod request;
-pub(crate) use request::fresh_seed;
+pub(crate) use request::{fresh_seed, temperature_top_p};
 use request::*;
 
 pub struct ChatState {

@@ -81,14 +81,7 @@ fn parse(m: &Map<String, Value>, model: &NativeModel) -> Result<DrawRequest, Api
     if !(cfg.is_finite() && cfg >= 0.0) {
         return Err(ApiError::bad("guidance_scale", "a number of at least 0"));
     }
-    let temperature = number(m, "temperature")?.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad("temperature", "must be between 0 and 2"));
-    }
-    let top_p = number(m, "top_p")?.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad("top_p", "must be in (0, 1]"));
-    }
+    let (temperature, top_p) = super::chat::temperature_top_p(m)?;
     let seed = match m.get("seed") {
         None | Some(Value::Null) => super::chat::fresh_seed(),
         Some(v) => v

@@ -472,21 +472,7 @@ fn feature_tokens(
 }
 
 impl Task for QFormerTrainer {
-    fn config(&self) -> &TrainConfig {
-        &self.cfg
-    }
-    fn out(&self) -> &Path {
-        &self.out
-    }
-    fn steps_done(&self) -> usize {
-        self.step
-    }
-    fn order(&self) -> &Order {
-        &self.order
-    }
-    fn set_order(&mut self, order: Order) {
-        self.order = order;
-    }
+    crate::task_fields!();
     fn images(&self) -> &[ImageSource] {
         &self.set.images
     }

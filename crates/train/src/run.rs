@@ -52,6 +52,31 @@ pub trait Task {
     }
 }
 
+/// The [`Task`] methods every trainer answers from its own `cfg`, `out`,
+/// `step` and `order` fields, written once: `crate::task_fields!();` inside
+/// an `impl Task`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! task_fields {
+    () => {
+        fn config(&self) -> &$crate::config::TrainConfig {
+            &self.cfg
+        }
+        fn out(&self) -> &std::path::Path {
+            &self.out
+        }
+        fn steps_done(&self) -> usize {
+            self.step
+        }
+        fn order(&self) -> &$crate::order::Order {
+            &self.order
+        }
+        fn set_order(&mut self, order: $crate::order::Order) {
+            self.order = order;
+        }
+    };
+}
+
 /// Runs `task` to the end of its schedule, or to `stop_after` total steps,
 /// or until `stop` is set (Ctrl-C): the run then saves and returns.
 pub fn run<T: Task>(

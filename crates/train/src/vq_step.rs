@@ -247,21 +247,7 @@ impl VqTrainer {
 }
 
 impl Task for VqTrainer {
-    fn config(&self) -> &TrainConfig {
-        &self.cfg
-    }
-    fn out(&self) -> &Path {
-        &self.out
-    }
-    fn steps_done(&self) -> usize {
-        self.step
-    }
-    fn order(&self) -> &Order {
-        &self.order
-    }
-    fn set_order(&mut self, order: Order) {
-        self.order = order;
-    }
+    crate::task_fields!();
     fn images(&self) -> &[ImageSource] {
         &self.set.images
     }

@@ -66,6 +66,19 @@ pub(crate) fn fresh_seed() -> u64 {
     t ^ N.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
 }
 
+/// `temperature` (OpenAI's default, 1; at most 2) and `top_p` (in (0, 1]).
+pub(crate) fn temperature_top_p(m: &Map<String, Value>) -> Result<(f64, f64), ApiError> {
+    let temperature = number(m, "temperature")?.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad("temperature", "must be between 0 and 2"));
+    }
+    let top_p = number(m, "top_p")?.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad("top_p", "must be in (0, 1]"));
+    }
+    Ok((temperature, top_p))
+}
+
 pub(super) fn options(m: &Map<String, Value>) -> Result<GenerateOptions, ApiError> {
     let max_tokens = match count(m, "max_completion_tokens")? {
         Some(n) => Some(n),
@@ -76,14 +89,7 @@ pub(super) fn options(m: &Map<String, Value>) -> Result<GenerateOptions, ApiErro
         Some(n) => n as usize,
         None => 256,
     };
-    let temperature = number(m, "temperature")?.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad("temperature", "must be between 0 and 2"));
-    }
-    let top_p = number(m, "top_p")?.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad("top_p", "must be in (0, 1]"));
-    }
+    let (temperature, top_p) = temperature_top_p(m)?;
     let seed = match m.get("seed") {
         None | Some(Value::Null) => fresh_seed(),
         Some(v) => v
