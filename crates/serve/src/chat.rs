@@ -34,8 +34,8 @@ use crate::vlm::{ChatModel, Part, Turn};
 
 #[path = "chat/request.rs"]
 mod request;
-pub(crate) use request::{fresh_seed, temperature_top_p};
 use request::*;
+pub(crate) use request::{fresh_seed, temperature_top_p};
 
 pub struct ChatState {
     pub engine: GenEngine,

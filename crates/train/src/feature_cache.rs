@@ -130,25 +130,40 @@ fn key(
     }
     for src in images {
         match src {
-            ImageSource::File(p) => {
-                h.update(p.to_string_lossy().as_bytes());
-                if let Ok(m) = std::fs::metadata(p) {
-                    h.update(&m.len().to_le_bytes());
-                    let t = m
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-                    h.update(&t.map_or(0, |t| t.as_nanos()).to_le_bytes());
-                }
-            }
+            ImageSource::File(p) => stamp(&mut h, p),
             ImageSource::Inline { name, data } => {
                 h.update(name.as_bytes());
                 h.update(blake3::hash(data).as_bytes());
+            }
+            // The member's place and length, and its shard's size and time.
+            ImageSource::TarMember {
+                shard,
+                member,
+                offset,
+                len,
+            } => {
+                stamp(&mut h, shard);
+                h.update(member.as_bytes());
+                h.update(&offset.to_le_bytes());
+                h.update(&len.to_le_bytes());
             }
         }
         h.update(&[0xff]);
     }
     Ok(h.finalize().to_hex().to_string())
+}
+
+/// A file's path, size and modification time into the key.
+fn stamp(h: &mut blake3::Hasher, p: &std::path::Path) {
+    h.update(p.to_string_lossy().as_bytes());
+    if let Ok(m) = std::fs::metadata(p) {
+        h.update(&m.len().to_le_bytes());
+        let t = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        h.update(&t.map_or(0, |t| t.as_nanos()).to_le_bytes());
+    }
 }
 
 impl FeatureCache {

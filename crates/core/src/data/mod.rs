@@ -81,12 +81,24 @@ impl Lang {
     }
 }
 
-/// Where an image's bytes come from: a file, or bytes carried inside the
-/// dataset file (Chinese-CLIP's base64 TSV).
+/// Where an image's bytes come from: a file, bytes carried inside the
+/// dataset file (Chinese-CLIP's base64 TSV), or a member of a tar shard (a
+/// WebDataset), read from its place when needed.
 #[derive(Clone, Debug)]
 pub enum ImageSource {
     File(PathBuf),
-    Inline { name: String, data: Arc<[u8]> },
+    Inline {
+        name: String,
+        data: Arc<[u8]>,
+    },
+    TarMember {
+        shard: Arc<Path>,
+        /// The member's name inside the shard.
+        member: String,
+        /// Where its data starts in the shard, and its length.
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl ImageSource {
@@ -95,19 +107,42 @@ impl ImageSource {
         match self {
             ImageSource::File(p) => p.display().to_string(),
             ImageSource::Inline { name, .. } => name.clone(),
+            ImageSource::TarMember { shard, member, .. } => {
+                format!("{}#{member}", shard.display())
+            }
         }
     }
-    /// The path used in error messages (a pseudo-path for inline images).
+    /// The path used in error messages (a pseudo-path for inline images and
+    /// shard members: `SHARD#MEMBER`).
     pub fn path(&self) -> PathBuf {
         match self {
             ImageSource::File(p) => p.clone(),
             ImageSource::Inline { name, .. } => PathBuf::from(name),
+            ImageSource::TarMember { .. } => PathBuf::from(self.display_name()),
         }
     }
     pub fn read(&self) -> Result<Arc<[u8]>> {
         match self {
             ImageSource::File(p) => Ok(std::fs::read(p).map_err(|e| Error::io(p, e))?.into()),
             ImageSource::Inline { data, .. } => Ok(data.clone()),
+            ImageSource::TarMember {
+                shard, offset, len, ..
+            } => {
+                use std::io::{Read, Seek, SeekFrom};
+                let io = |e| Error::io(shard.as_ref(), e);
+                let mut f = std::fs::File::open(shard).map_err(io)?;
+                let size = f.metadata().map_err(io)?.len();
+                if offset.saturating_add(*len) > size {
+                    return Err(Error::Dataset(format!(
+                        "{}: the shard is {size} bytes, shorter than it was when indexed (truncated?)",
+                        self.display_name()
+                    )));
+                }
+                f.seek(SeekFrom::Start(*offset)).map_err(io)?;
+                let mut buf = vec![0u8; *len as usize];
+                f.read_exact(&mut buf).map_err(io)?;
+                Ok(buf.into())
+            }
         }
     }
 }
@@ -252,11 +287,13 @@ pub enum Format {
     ChineseClip,
     Pairs,
     Folder,
+    /// WebDataset tar shards (`wds:PATTERN`, braces expanded).
+    WebDataset,
 }
 
 impl Format {
     pub const NAMES: &'static str =
-        "flickr8k, karpathy, coco, cnclip, csv|tsv|jsonl (generic pairs), folder";
+        "flickr8k, karpathy, coco, cnclip, csv|tsv|jsonl (generic pairs), folder, wds (WebDataset shards)";
 
     /// The name `FORMAT:PATH` specs use for this format.
     pub fn name(self) -> &'static str {
@@ -267,6 +304,7 @@ impl Format {
             Format::ChineseClip => "cnclip",
             Format::Pairs => "pairs",
             Format::Folder => "folder",
+            Format::WebDataset => "wds",
         }
     }
 
@@ -278,6 +316,7 @@ impl Format {
             "cnclip" | "chinese-clip" | "chinese_clip" => Format::ChineseClip,
             "csv" | "tsv" | "jsonl" | "pairs" => Format::Pairs,
             "folder" | "imagefolder" => Format::Folder,
+            "wds" | "webdataset" => Format::WebDataset,
             _ => return None,
         })
     }
@@ -342,6 +381,10 @@ string_conversions!(DatasetSpec, |d| format!(
 ));
 
 fn detect(path: &Path) -> Result<Format> {
+    let text = path.to_string_lossy();
+    if text.ends_with(".tar") && (text.contains('{') || path.is_file()) {
+        return Ok(Format::WebDataset);
+    }
     if !path.exists() {
         return Err(Error::Dataset(format!(
             "{}: no such file or directory",

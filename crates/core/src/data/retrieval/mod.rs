@@ -18,6 +18,7 @@ mod cnclip;
 mod flickr8k;
 mod json_captions;
 mod pairs;
+pub mod wds;
 
 use cnclip::cnclip;
 use flickr8k::flickr8k;
@@ -38,6 +39,8 @@ pub fn load_pairs(
         Format::Coco => coco(&spec.path, image_root, &mut b)?,
         Format::ChineseClip => cnclip(&spec.path, split, &mut b)?,
         Format::Pairs => pairs(&spec.path, image_root, &mut b)?,
+        // Shards have no splits: every sample is used.
+        Format::WebDataset => wds::webdataset(&spec.path, &mut b)?,
         Format::Folder => {
             return Err(Error::Dataset(format!(
                 "{}: a folder-per-class set has no captions; use it with `eval zeroshot`",

@@ -1,0 +1,142 @@
+//! WebDataset shards written by PyPI's `webdataset` package
+//! (scripts/wds_shards.py, `ShardWriter`): clasp's `wds:` reader yields the
+//! samples the package's own reader yields (keys, image bytes, captions from
+//! `txt` or `json`), names a sample with no caption and a truncated shard by
+//! shard and key while keeping the rest, and `clasp train` and
+//! `clasp eval retrieval` run on the shards, naming the member that is not
+//! an image and going on past it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use clasp::data::{load_pairs, DatasetSpec, Lang, Split};
+
+fn photos() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/flickr8k");
+    std::fs::read_to_string(dir.join("Flickr_8k.trainImages.txt"))
+        .unwrap()
+        .lines()
+        .take(10)
+        .map(|n| dir.join("images").join(n.trim()).display().to_string())
+        .collect()
+}
+
+fn shards(d: &Path) -> (PathBuf, serde_json::Value) {
+    let out = d.join("wds");
+    let p = photos();
+    let mut args = vec![out.to_str().unwrap()];
+    args.extend(p.iter().map(String::as_str));
+    let v = common::python_client("wds_shards.py", &args);
+    (out, v)
+}
+
+#[test]
+fn webdataset_shards_read_as_the_package_reads_them() {
+    let d = tempfile::tempdir().unwrap();
+    let (dir, py) = shards(d.path());
+    let spec = format!("wds:{}/shard-{{000000..000002}}.tar", dir.display());
+    let set = load_pairs(
+        &DatasetSpec::parse(&spec).unwrap(),
+        Split::All,
+        Lang::En,
+        None,
+    )
+    .unwrap();
+    let key = |id: &str| id.rsplit_once('#').unwrap().1.to_string();
+    let ours: std::collections::HashMap<String, (Vec<u8>, String)> = set
+        .image_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let cap = set.captions[set.caption_image.iter().position(|&c| c == i).unwrap()].clone();
+            (key(id), (set.images[i].read().unwrap().to_vec(), cap))
+        })
+        .collect();
+    // Every sample the package yields from the two whole shards, except the
+    // one without a caption, with the same bytes and caption.
+    let mut expected = 0;
+    for s in py["samples"].as_array().unwrap() {
+        let k = s["key"].as_str().unwrap();
+        if s["caption"].is_null() {
+            assert!(
+                !ours.contains_key(k),
+                "{k} has no caption and must be left out"
+            );
+            continue;
+        }
+        expected += 1;
+        let (bytes, cap) = ours.get(k).unwrap_or_else(|| panic!("{k} is missing"));
+        let want = base64::engine::general_purpose::STANDARD
+            .decode(s["jpg"].as_str().unwrap())
+            .unwrap();
+        assert!(bytes == &want, "{k}: image bytes differ");
+        assert_eq!(cap, s["caption"].as_str().unwrap(), "{k}");
+    }
+    assert_eq!(expected, 7);
+    // The truncated shard: its whole first sample kept, the cut one and the
+    // rest named, by shard.
+    let first = &py["truncated_after"][0]
+        .as_str()
+        .unwrap()
+        .replace(".jpg", "");
+    assert!(
+        ours.contains_key(first.as_str()),
+        "{first} of the truncated shard is whole"
+    );
+    assert_eq!(ours.len(), expected + 1);
+    let issues: Vec<String> = set.issues.iter().map(|i| i.to_string()).collect();
+    let named = |needle: &[&str]| issues.iter().any(|i| needle.iter().all(|n| i.contains(n)));
+    assert!(
+        named(&["shard-000001.tar", "no-caption", "no caption"]),
+        "{issues:?}"
+    );
+    assert!(named(&["shard-000002.tar", "truncated"]), "{issues:?}");
+}
+
+#[test]
+fn train_and_eval_run_on_shards_past_a_member_that_is_not_an_image() {
+    let d = tempfile::tempdir().unwrap();
+    let (dir, _) = shards(d.path());
+    let spec = format!("wds:{}/shard-{{000000..000001}}.tar", dir.display());
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-clip");
+    let o = common::clasp(&[
+        "eval",
+        "retrieval",
+        "-m",
+        tiny.to_str().unwrap(),
+        "-d",
+        &spec,
+        "--json",
+        "--no-cache",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("shard-000000.tar#bad-jpg.jpg"), "{err}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert!(v["mean_recall"].as_f64().is_some(), "{v}");
+    let out = d.path().join("run");
+    let o = common::clasp(&[
+        "train",
+        "--init",
+        tiny.to_str().unwrap(),
+        "--dataset",
+        &spec,
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+}
