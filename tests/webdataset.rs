@@ -140,3 +140,90 @@ fn train_and_eval_run_on_shards_past_a_member_that_is_not_an_image() {
         3
     );
 }
+
+/// `clasp embed --dataset wds:... --output-dir`: clip-retrieval's layout,
+/// split between two workers and resumed without redoing a part; autofaiss
+/// (what `clip-retrieval index` runs) indexes it, its rows line up with the
+/// metadata, and a row is the embedding `clasp embed` gives the photo's file.
+#[test]
+fn bulk_embedding_in_clip_retrieval_layout_feeds_autofaiss() {
+    let d = tempfile::tempdir().unwrap();
+    let (dir, _) = shards(d.path());
+    let spec = format!("wds:{}/shard-{{000000..000001}}.tar", dir.display());
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-clip");
+    let out = d.path().join("emb");
+    let embed = |worker: &str| {
+        common::clasp(&[
+            "embed",
+            "-m",
+            tiny.to_str().unwrap(),
+            "--dataset",
+            &spec,
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--part-size",
+            "3",
+            "--worker",
+            worker,
+        ])
+    };
+    // Worker 0 of 2 meets the member that is not an image: named, left out.
+    let o = embed("0/2");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("bad-jpg"), "{err}");
+    assert!(embed("1/2").status.success());
+    // Shard 0 holds 4 samples (parts of 3 and 1), shard 1 holds 3 usable
+    // ones (no-caption is left out): 3 parts, numbered without padding.
+    let names: Vec<String> = std::fs::read_dir(out.join("metadata"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut names = names;
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "metadata_0.parquet",
+            "metadata_1.parquet",
+            "metadata_2.parquet"
+        ]
+    );
+    let again = embed("0/2");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("has 0 left"));
+
+    let v = common::python_client(
+        "autofaiss_check.py",
+        &[
+            out.to_str().unwrap(),
+            d.path().join("index").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(v["dtype"], "float16");
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    assert_eq!(v["index_top1"], v["numpy_top1"]);
+    // The first row is shard 0's first sample, the first photo.
+    assert!(
+        rows[0][0]
+            .as_str()
+            .unwrap()
+            .ends_with("shard-000000.tar#s0000.jpg"),
+        "{rows:?}"
+    );
+    let photo = photos()[0].clone();
+    let o = common::clasp(&["embed", "-m", tiny.to_str().unwrap(), "--image", &photo]);
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap();
+    let want = common::f32s(&line["embedding"]);
+    let got = common::f32s(&v["first_row"]);
+    let diff = want
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff < 2e-3,
+        "row 0 differs from the photo's embedding by {diff} (float16)"
+    );
+}

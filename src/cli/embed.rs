@@ -55,9 +55,17 @@ pub struct EmbedArgs {
     pub similarity: bool,
     #[command(flatten)]
     pub resolution: super::ResolutionArgs,
+    #[command(flatten)]
+    pub bulk: bulk::BulkArgs,
 }
 
+#[path = "embed_bulk.rs"]
+mod bulk;
+
 pub fn run(a: EmbedArgs) -> Result<ExitCode> {
+    if a.bulk.dataset.is_some() {
+        return bulk::run(&a);
+    }
     let mut image_paths = a.images.clone();
     if let Some(src) = &a.images_from {
         image_paths.extend(clasp::encoder::image_inputs_from(src)?);

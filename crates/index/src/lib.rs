@@ -9,6 +9,7 @@ pub use clasp_common::{Error, Result};
 use clasp_core::{encoder, preprocess, Encoder};
 
 pub mod catalog;
+pub mod clip_retrieval;
 pub mod engine;
 pub mod indexer;
 pub mod postgres;

@@ -10,8 +10,25 @@ impl Encoder {
         &self,
         paths: &[PathBuf],
         batch_size: usize,
+        progress: impl FnMut(usize),
+    ) -> Result<BatchEmbeddings> {
+        let sources: Vec<crate::data::ImageSource> = paths
+            .iter()
+            .cloned()
+            .map(crate::data::ImageSource::File)
+            .collect();
+        self.embed_image_sources(&sources, batch_size, progress)
+    }
+
+    /// [`Self::embed_image_files`] for a dataset's images (files, inline
+    /// bytes or shard members).
+    pub fn embed_image_sources(
+        &self,
+        sources: &[crate::data::ImageSource],
+        batch_size: usize,
         mut progress: impl FnMut(usize),
     ) -> Result<BatchEmbeddings> {
+        let paths = sources;
         let mut out = BatchEmbeddings {
             embeddings: Vec::with_capacity(paths.len()),
             indices: Vec::with_capacity(paths.len()),
@@ -20,7 +37,14 @@ impl Encoder {
         let jobs: Vec<usize> = (0..paths.len()).collect();
         crate::preprocess::pipeline::prepare_ahead(
             crate::preprocess::pipeline::batches(jobs, batch_size),
-            |_, _, &i| self.image_processor.process_path_pixels(&paths[i]),
+            |_, _, &i| {
+                use crate::preprocess::image::{decode_image, load_image};
+                let img = match &paths[i] {
+                    crate::data::ImageSource::File(p) => load_image(p)?,
+                    src => decode_image(&src.read()?, &src.path())?,
+                };
+                self.image_processor.process_pixels(&img)
+            },
             |batch| {
                 let n = batch.len();
                 let (ok, pixels, failed) = crate::preprocess::pipeline::partition(batch);
