@@ -116,6 +116,42 @@ fn train_and_eval_run_on_shards_past_a_member_that_is_not_an_image() {
     let v: serde_json::Value =
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {err}"));
     assert!(v["mean_recall"].as_f64().is_some(), "{v}");
+    // The same shards through `pipe:` (spooled into the cache once): the
+    // same figures; a command that fails is named.
+    let eval = |spec: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_clasp"))
+            .args([
+                "eval",
+                "retrieval",
+                "-m",
+                tiny.to_str().unwrap(),
+                "-d",
+                spec,
+                "--json",
+                "--no-cache",
+            ])
+            .env("CLASP_CACHE_DIR", d.path().join("cache"))
+            .output()
+            .unwrap()
+    };
+    let piped = format!(
+        "wds:pipe:cat {}/shard-{{000000..000001}}.tar",
+        dir.display()
+    );
+    for _ in 0..2 {
+        let o = eval(&piped);
+        let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(p["mean_recall"], v["mean_recall"]);
+    }
+    assert_eq!(
+        std::fs::read_dir(d.path().join("cache/wds"))
+            .unwrap()
+            .count(),
+        2
+    );
+    let o = eval("wds:pipe:false{1,2}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("pipe:false1"), "{err}");
     let out = d.path().join("run");
     let o = common::clasp(&[
         "train",

@@ -7,12 +7,15 @@
 //!
 //! The pattern's braces are expanded as the `braceexpand` package does
 //! (`{000..009}` keeps the padding, `{a,b}` lists, several groups multiply).
-//! Shards are local files: each is scanned once for its members' places,
-//! and images are read from there when a batch needs them
-//! ([`ImageSource::TarMember`]), so images are never all held in memory.
+//! Each shard is scanned once for its members' places, and images are read
+//! from there when a batch needs them ([`ImageSource::TarMember`]), so images
+//! are never all held in memory. A shard is a local file, `pipe:COMMAND`
+//! (the command's standard output, run by `sh -c`) or an `http(s)://` URL
+//! (fetched as webdataset fetches it, `curl -sSfL URL`); a piped or fetched
+//! shard is spooled once into the cache (`$CLASP_CACHE_DIR/wds/`, keyed by
+//! the command) and read from there, so a second run fetches nothing.
 //! A member that cannot be read, a sample without an image or a caption and
 //! a truncated shard are reported by shard and key; the rest is kept.
-//! `pipe:` and `http(s)://` shards are refused by name (not read yet).
 
 use super::*;
 
@@ -73,22 +76,61 @@ struct Sample {
 
 pub(super) fn webdataset(pattern: &Path, b: &mut Builder) -> Result<()> {
     let text = pattern.to_string_lossy();
-    if text.starts_with("pipe:") || text.starts_with("http://") || text.starts_with("https://") {
-        return Err(Error::Dataset(format!(
-            "wds:{text}: only local shards are read for now (not pipe: or http(s) streams); \
-             download the shards and give their path pattern"
-        )));
-    }
-    let shards = expand_braces(&text)?;
-    for shard in &shards {
-        let path = Path::new(shard);
+    for shard in expand_braces(&text)? {
+        let command = if let Some(c) = shard.strip_prefix("pipe:") {
+            Some(c.to_string())
+        } else if shard.starts_with("http://") || shard.starts_with("https://") {
+            Some(format!("curl -sSfL '{}'", shard.replace('\'', "'\\''")))
+        } else {
+            None
+        };
+        let path = match command {
+            Some(c) => match spool(&c) {
+                Ok(p) => p,
+                Err(e) => {
+                    b.bad(Loc::new(Path::new(&shard), 0), e.to_string(), 0);
+                    continue;
+                }
+            },
+            None => PathBuf::from(&shard),
+        };
         if !path.is_file() {
-            b.bad(Loc::new(path, 0), format!("missing shard {shard}"), 0);
+            b.bad(Loc::new(&path, 0), format!("missing shard {shard}"), 0);
             continue;
         }
-        read_shard(path, b)?;
+        read_shard(&path, b)?;
     }
     Ok(())
+}
+
+/// The cached copy of what `command` writes to its standard output, made
+/// once (written beside, renamed when the command succeeded).
+fn spool(command: &str) -> Result<PathBuf> {
+    let dir = clasp_common::cache_root().join("wds");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let path = dir.join(format!("{}.tar", blake3::hash(command.as_bytes()).to_hex()));
+    if path.is_file() {
+        return Ok(path);
+    }
+    let tmp = clasp_common::atomic::temp_beside(&path);
+    let out = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let run = std::process::Command::new("sh")
+        .args(["-c", command])
+        .stdout(out)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .map_err(|e| Error::Dataset(format!("pipe:{command}: cannot run it: {e}")))?;
+    if !run.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        let err = String::from_utf8_lossy(&run.stderr);
+        return Err(Error::Dataset(format!(
+            "pipe:{command}: {} ({})",
+            run.status,
+            err.trim()
+        )));
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    Ok(path)
 }
 
 fn read_shard(path: &Path, b: &mut Builder) -> Result<()> {
