@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use serde_json::{json, Value};
 
 mod common;
@@ -286,6 +287,57 @@ fn the_search_page_searches_filters_shows_and_queries_by_image_in_chromium() {
     );
     assert_eq!(view[0], "a red square on white");
     b.script("document.getElementById('viewer').click(); return true;");
+
+    // The query is in the URL: a fresh page at it searches again.
+    let url = b.script("return location.href;");
+    let url = url.as_str().unwrap().to_string();
+    assert!(url.ends_with("/?q=a+red+square"), "{url}");
+    b.open(&url);
+    let again = b.wait(
+        "the linked search",
+        &format!("const h = (() => {{ {SHOWN} }})(); return h.length > 0 && h;"),
+    );
+    assert_eq!(again, shown);
+
+    // "More like this" on a hit: its stored path is the query (in the URL
+    // too), and the API answers the same for it as for its bytes.
+    b.click(&format!(".hit[data-path='{rgb}']"));
+    b.wait(
+        "the viewer",
+        "return !document.getElementById('viewer').hidden;",
+    );
+    b.click("#more");
+    let more = b.wait(
+        "more like this",
+        &format!(
+            "const h = (() => {{ {SHOWN} }})(); return h.length > 0 && location.search.includes('image=') && h;"
+        ),
+    );
+    let (_, by_path, _) = s.post(
+        "/v1/search",
+        &json!({"query": "a red square", "image_path": rgb, "k": 48}),
+    );
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&rgb).unwrap());
+    let (_, by_bytes, _) = s.post(
+        "/v1/search",
+        &json!({"query": "a red square", "image": b64, "k": 48}),
+    );
+    assert_eq!(by_path["data"], by_bytes["data"]);
+    let paths: Vec<&Value> = by_path["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| &h["path"])
+        .collect();
+    let got: Vec<&Value> = more.as_array().unwrap().iter().map(|r| &r[0]).collect();
+    assert_eq!(got, paths);
+    let (status, err, _) = s.post("/v1/search", &json!({"image_path": "/etc/passwd"}));
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (400, Some("image_path")),
+        "{err}"
+    );
+    b.script("document.getElementById('clear').click(); return true;");
 
     // An image as the query (the file input the drop zone also feeds).
     b.script("document.getElementById('q').value = ''; return true;");

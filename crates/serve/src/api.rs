@@ -14,7 +14,7 @@ use super::body::{
     b64_images, check_items, count, images_to_items, optional, parse_json, read_body, strings,
 };
 use super::error::{guarded, ApiError};
-pub use super::state::{AppState, Limits, Shared};
+pub use super::state::{AppState, Limits, Shared, StoreSpec};
 use crate::index::{query, search};
 use crate::preprocess::prompts;
 use crate::vecmath::dot;
@@ -354,6 +354,32 @@ pub async fn classify(State(st): State<Shared>, req: Request) -> Response {
 
 /// `POST /v1/search`: `{"query": "\"a dog\" + 2:\"snow\"", "image"?: base64, "k"?: 10, "dir"?: "...",
 /// "rerank"?: "itm:32"}`.
+/// The bytes of an image the store has indexed (`/v1/search`'s
+/// `image_path`: "more like this" for a hit); any other path is refused, so
+/// the endpoint reads no file the index does not hold.
+async fn indexed_image(
+    st: &Shared,
+    store: &StoreSpec,
+    model: i64,
+    path: &str,
+) -> Result<Vec<u8>, ApiError> {
+    let (st2, store, p) = (st.clone(), store.clone(), path.to_string());
+    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
+        let indexed = st2
+            .search
+            .with(&store, model, |catalog, _| catalog.caption_of(&p))
+            .map_err(|e| internal(e.to_string()))?;
+        let bad = |why: &str| ApiError::bad("image_path", format!("{p}: {why}"));
+        if indexed.is_none() {
+            return Err(bad("not an image this server's store has indexed"));
+        }
+        std::fs::read(&p).map_err(|e| bad(&format!("cannot be read ({e})")))
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?
+}
+
 pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response {
     let st2 = st.clone();
     guarded(&st.limits, &st.metrics, "search", async move {
@@ -421,8 +447,17 @@ pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response
             let items = images_to_items(&st, imgs).await?;
             terms.extend(embed_items(&st, items).await?.into_iter().map(|e| (1.0, e)));
         }
+        if let Some(v) = m.get("image_path") {
+            let p = v.as_str().ok_or_else(|| ApiError::bad("image_path", "expected a string"))?;
+            let bytes = indexed_image(&st, &store, model_id, p).await?;
+            let items = images_to_items(&st, vec![("image_path".into(), bytes)]).await?;
+            terms.extend(embed_items(&st, items).await?.into_iter().map(|e| (1.0, e)));
+        }
         if terms.is_empty() {
-            return Err(ApiError::bad("query", "give `query` (text or algebra) and/or `image` (base64)"));
+            return Err(ApiError::bad(
+                "query",
+                "give `query` (text or algebra), `image` (base64) and/or `image_path` (an indexed image)",
+            ));
         }
         let q = query::combine(st.encoder.embedding_dim(), terms)
             .map_err(|e| ApiError::bad("query", e.to_string()))?;

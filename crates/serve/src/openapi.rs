@@ -165,9 +165,10 @@ pub fn document() -> Value {
             "/v1/search": post(
                 "Search the store: text or algebra (`\"a dog\" + 2:\"snow\" - night`) and/or an image",
                 json!({"type": "object",
-                    "anyOf": [{"required": ["query"]}, {"required": ["image"], "properties": {"image": list(&image, 1)}}],
+                    "anyOf": [{"required": ["query"]}, {"required": ["image"], "properties": {"image": list(&image, 1)}}, {"required": ["image_path"]}],
                     "properties": {
                     "query": {"type": "string", "pattern": "\\S"}, "image": b64,
+                    "image_path": {"type": "string", "description": "an image the store has indexed, as the query (more like this)"},
                     "k": {"type": "integer", "minimum": 1, "maximum": 1000}, "dir": {"type": "string"},
                     "rerank": {"type": "string", "pattern": "^itm(\\+sim)?(:[1-9][0-9]*)?$",
                         "description": "Re-score the first stage's top K (32) with the server's fusion model (--rerank-model): itm orders by its match probability, itm+sim by its match logit plus the similarity. Text queries only."}}}),
