@@ -395,15 +395,7 @@ impl NativeTrainer {
 }
 
 impl Task for NativeTrainer {
-    crate::task_fields!();
-    fn images(&self) -> &[ImageSource] {
-        &self.set.images
-    }
-    fn draw(&self, order: &mut Order, n: usize) -> Vec<Vec<(usize, usize)>> {
-        (0..n)
-            .map(|_| order.next_batch(&self.per_image, self.cfg.batch_size))
-            .collect()
-    }
+    crate::task_fields!(pairs);
     fn prepare(&self, _start: usize) -> Prepare {
         let (proc, images) = (self.model.processor.clone(), self.set.images.clone());
         let codes = self.codes.clone();

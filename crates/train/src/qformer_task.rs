@@ -472,15 +472,7 @@ fn feature_tokens(
 }
 
 impl Task for QFormerTrainer {
-    crate::task_fields!();
-    fn images(&self) -> &[ImageSource] {
-        &self.set.images
-    }
-    fn draw(&self, order: &mut Order, n: usize) -> Vec<Vec<(usize, usize)>> {
-        (0..n)
-            .map(|_| order.next_batch(&self.per_image, self.cfg.batch_size))
-            .collect()
-    }
+    crate::task_fields!(pairs);
     fn prepare(&self, start: usize) -> Prepare {
         let (proc, images, cache) = (
             self.proc.clone(),

@@ -54,7 +54,7 @@ pub trait Task {
 
 /// The [`Task`] methods every trainer answers from its own `cfg`, `out`,
 /// `step` and `order` fields, written once: `crate::task_fields!();` inside
-/// an `impl Task`.
+/// an `impl Task` (`crate::task_fields!(pairs);` adds `images` and `draw`).
 #[macro_export]
 #[doc(hidden)]
 macro_rules! task_fields {
@@ -73,6 +73,23 @@ macro_rules! task_fields {
         }
         fn set_order(&mut self, order: $crate::order::Order) {
             self.order = order;
+        }
+    };
+    // Also `images` and `draw` for a trainer of (image, caption) pairs with
+    // `set` (a `PairSet`) and `per_image` (its captions by image) fields.
+    (pairs) => {
+        $crate::task_fields!();
+        fn images(&self) -> &[$crate::data::ImageSource] {
+            &self.set.images
+        }
+        fn draw(
+            &self,
+            order: &mut $crate::order::Order,
+            n: usize,
+        ) -> Vec<Vec<(usize, usize)>> {
+            (0..n)
+                .map(|_| order.next_batch(&self.per_image, self.cfg.batch_size))
+                .collect()
         }
     };
 }

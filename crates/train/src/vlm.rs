@@ -25,7 +25,7 @@ use super::optim::{self, GroupedAdamW};
 use super::order::{self, Order};
 use super::run::{Prepare, Task};
 use super::state::{self, checkpoint_dir, State};
-use crate::data::{ImageSource, Lang, PairSet};
+use crate::data::{Lang, PairSet};
 use crate::llm::lora::Lora;
 use crate::preprocess::image::decode_image;
 use crate::{Error, Result};
@@ -448,15 +448,7 @@ impl VlmTrainer {
 }
 
 impl Task for VlmTrainer {
-    crate::task_fields!();
-    fn images(&self) -> &[ImageSource] {
-        &self.set.images
-    }
-    fn draw(&self, order: &mut Order, n: usize) -> Vec<Vec<(usize, usize)>> {
-        (0..n)
-            .map(|_| order.next_batch(&self.per_image, self.cfg.batch_size))
-            .collect()
-    }
+    crate::task_fields!(pairs);
     fn prepare(&self, _start: usize) -> Prepare {
         let (proc, images) = (self.vlm.image_processor().clone(), self.set.images.clone());
         Box::new(move |_, _, pair: &(usize, usize)| {

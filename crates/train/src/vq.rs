@@ -51,7 +51,7 @@ use super::optim::{self, GroupedAdamW};
 use super::order::{self, Order};
 use super::run::{Prepare, Task};
 use super::state::{self, checkpoint_dir, State};
-use crate::data::{ImageSource, PairSet};
+use crate::data::PairSet;
 use crate::preprocess::image::{ImageProcessor, ImageProcessorConfig, ResizeTo};
 use crate::{Error, Result};
 

@@ -247,15 +247,7 @@ impl VqTrainer {
 }
 
 impl Task for VqTrainer {
-    crate::task_fields!();
-    fn images(&self) -> &[ImageSource] {
-        &self.set.images
-    }
-    fn draw(&self, order: &mut Order, n: usize) -> Vec<Vec<(usize, usize)>> {
-        (0..n)
-            .map(|_| order.next_batch(&self.per_image, self.cfg.batch_size))
-            .collect()
-    }
+    crate::task_fields!(pairs);
     fn prepare(&self, start: usize) -> Prepare {
         let (proc, images) = (self.train_proc.clone(), self.set.images.clone());
         Box::new(move |n, k, pair: &(usize, usize)| {
