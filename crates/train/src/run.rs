@@ -82,11 +82,7 @@ macro_rules! task_fields {
         fn images(&self) -> &[$crate::data::ImageSource] {
             &self.set.images
         }
-        fn draw(
-            &self,
-            order: &mut $crate::order::Order,
-            n: usize,
-        ) -> Vec<Vec<(usize, usize)>> {
+        fn draw(&self, order: &mut $crate::order::Order, n: usize) -> Vec<Vec<(usize, usize)>> {
             (0..n)
                 .map(|_| order.next_batch(&self.per_image, self.cfg.batch_size))
                 .collect()
