@@ -161,7 +161,8 @@ mod tests {
         );
         assert_eq!(part_name(3, 9), "3");
         assert_eq!(part_name(3, 10), "03");
-        assert_eq!(part_name(42, 1000), "042");
+        assert_eq!(part_name(42, 999), "042");
+        assert_eq!(part_name(42, 1000), "0042");
     }
 
     #[test]
