@@ -409,4 +409,52 @@ fn serves(dir: &Path) {
         first["caption"].as_str().unwrap(),
         "{cli}"
     );
+
+    // `clasp ask` answers with a native model over photos from a store:
+    // the sources are what `clasp search` finds, their codes in the prompt.
+    let photos = data.join("images");
+    let store = dir.parent().unwrap().join("store.sqlite");
+    let (st, ph) = (store.to_str().unwrap(), photos.to_str().unwrap());
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-clip");
+    let tiny = tiny.to_str().unwrap();
+    common::ok(&common::clasp(&[
+        "index", ph, "-m", tiny, "--store", st, "--json",
+    ]));
+    let q = "Where is the dog running?";
+    let found = common::ok(&common::clasp(&[
+        "search",
+        q,
+        "--store",
+        st,
+        "--no-index",
+        "--dir",
+        ph,
+        "-k",
+        "2",
+        "--json",
+    ]));
+    let ask = common::ok(&common::clasp(&[
+        "ask",
+        q,
+        "--vlm",
+        d,
+        "--store",
+        st,
+        "-k",
+        "2",
+        "--json",
+        "--max-tokens",
+        "6",
+    ]));
+    let paths = |v: &Value| -> Vec<Value> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["path"].clone())
+            .collect()
+    };
+    assert_eq!(paths(&ask["sources"]), paths(&found));
+    assert!(!ask["answer"].as_str().unwrap().trim().is_empty(), "{ask}");
+    // Two photos of at least 9216 pixels each: over 2 x 144 code tokens.
+    assert!(ask["prompt_tokens"].as_u64().unwrap() > 288, "{ask}");
 }

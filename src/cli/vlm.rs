@@ -476,15 +476,24 @@ pub fn ask_cmd(a: AskArgs) -> Result<ExitCode> {
             missing.join(", ")
         );
     }
-    let vlm = load(&a.vlm)?;
-    let (turn, skipped) = rag::conversation(&vlm, &a.question, a.image.as_deref(), &sources)?;
+    // A bridge or a native model answers.
+    let vlm: Box<dyn clasp::vlm::ChatModel> = if clasp::vlm::native::is_native(&a.vlm) {
+        let m = clasp::vlm::native::NativeModel::load(&a.vlm, &candle_core::Device::Cpu)?;
+        Box::new(m)
+    } else {
+        Box::new(load(&a.vlm)?)
+    };
+    let (turn, skipped) =
+        rag::conversation(vlm.as_ref(), &a.question, a.image.as_deref(), &sources)?;
     for (s, e) in &skipped {
         eprintln!("warning: [{}] {} left out: {e}", s.n, s.path);
     }
     let prompt = vlm.conversation_prompt(&[turn])?;
-    let mut opts = a.sample.options()?;
-    opts.suppress_tokens.push(vlm.cfg.image_token_index);
-    let g = clasp::llm::generate_prompt(&vlm.llm, &vlm.tokenizer, &prompt, &opts, &mut |_| true)?;
+    let mut opts = vlm.chat_options(a.sample.options()?);
+    // The answer is text: no image placeholder in it.
+    opts.suppress_tokens
+        .extend(vlm.tokenizer().token_to_id("<image>"));
+    let g = clasp::llm::generate_prompt(vlm.llm(), vlm.tokenizer(), &prompt, &opts, &mut |_| true)?;
     let used: Vec<&rag::Source> = sources
         .iter()
         .filter(|s| !skipped.iter().any(|(k, _)| k.n == s.n))
