@@ -298,8 +298,13 @@ impl NativeTrainer {
             let codes = match known {
                 Some(c) => c,
                 None => {
-                    let (h, w) = (px[0] as usize, px[1] as usize);
-                    let c = self.model.pixel_codes(&px[2..], h, w)?;
+                    let (Some(&h), Some(&w)) = (px.first(), px.get(1)) else {
+                        return Err(Error::Report(format!(
+                            "step {}: image {img} was neither tokenized nor prepared",
+                            self.step + 1
+                        )));
+                    };
+                    let c = self.model.pixel_codes(&px[2..], h as usize, w as usize)?;
                     self.lock_codes()?.insert(img, c.clone());
                     c
                 }
