@@ -62,6 +62,18 @@ pub struct EmbedArgs {
 #[path = "embed_bulk.rs"]
 mod bulk;
 
+/// The model of `a`, both towers, on its device and precision.
+fn encoder_for(a: &EmbedArgs) -> Result<Encoder> {
+    let dev = device(a.compute.device)?;
+    super::load_encoder(
+        &a.model,
+        &dev,
+        clasp::model::Towers::Both,
+        a.compute.precision,
+        &a.resolution,
+    )
+}
+
 pub fn run(a: EmbedArgs) -> Result<ExitCode> {
     if a.bulk.dataset.is_some() {
         return bulk::run(&a);
@@ -88,14 +100,7 @@ pub fn run(a: EmbedArgs) -> Result<ExitCode> {
     if let Some(p) = &a.output {
         check_output(p)?;
     }
-    let dev = device(a.compute.device)?;
-    let encoder = super::load_encoder(
-        &a.model,
-        &dev,
-        clasp::model::Towers::Both,
-        a.compute.precision,
-        &a.resolution,
-    )?;
+    let encoder = encoder_for(&a)?;
     tracing::info!(model = %a.model, kind = encoder.config().model_type(), "loaded");
 
     let mut out = Embedded::default();
@@ -204,14 +209,7 @@ fn videos(a: &EmbedArgs) -> Result<ExitCode> {
         None if a.frames > 0 => Sampling::Count(a.frames),
         None => bail!("--frames must be at least 1"),
     };
-    let dev = device(a.compute.device)?;
-    let encoder = super::load_encoder(
-        &a.model,
-        &dev,
-        clasp::model::Towers::Both,
-        a.compute.precision,
-        &a.resolution,
-    )?;
+    let encoder = encoder_for(a)?;
     let pb = progress_bar(a.videos.len() as u64, "videos");
     let (mut lines, mut failed) = (String::new(), 0);
     for v in &a.videos {

@@ -87,14 +87,7 @@ pub fn run(a: &EmbedArgs) -> Result<ExitCode> {
     if mine.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
-    let dev = device(a.compute.device)?;
-    let encoder = crate::cli::load_encoder(
-        &a.model,
-        &dev,
-        clasp::model::Towers::Both,
-        a.compute.precision,
-        &a.resolution,
-    )?;
+    let encoder = super::encoder_for(a)?;
     let total: usize = mine.iter().map(|&p| parts[p].len()).sum();
     let pb = progress_bar(total as u64, "samples");
     let mut failed = 0;
