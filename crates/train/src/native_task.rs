@@ -316,16 +316,13 @@ impl NativeTrainer {
             self.answer_nll(&examples)?
         };
         let total = nll.mean_all()?;
-        let lv = total.to_scalar::<f32>()? as f64;
-        if !lv.is_finite() {
-            return Err(Error::Report(format!(
-                "step {}: the loss is {lv}",
-                self.step + 1
-            )));
-        }
-        let mut grads = total.backward()?;
-        optim::clip_grad_norm(&self.vars, &mut grads, self.cfg.grad_clip)?;
-        self.opt.step(&grads)?;
+        let lv = optim::backward_step(
+            &total,
+            self.step + 1,
+            &self.vars,
+            &mut self.opt,
+            self.cfg.grad_clip,
+        )?;
         self.step += 1;
         // Each direction's mean over its own answer tokens.
         let per: Vec<f32> = nll.detach().to_vec1()?;

@@ -377,16 +377,13 @@ impl QFormerTrainer {
             }
         }
         let total = total.expect("a Q-Former run has at least one objective");
-        let lv = total.to_scalar::<f32>()? as f64;
-        if !lv.is_finite() {
-            return Err(Error::Report(format!(
-                "step {}: the loss is {lv}",
-                self.step + 1
-            )));
-        }
-        let mut grads = total.backward()?;
-        optim::clip_grad_norm(&self.vars, &mut grads, cfg.grad_clip)?;
-        self.opt.step(&grads)?;
+        let lv = optim::backward_step(
+            &total,
+            self.step + 1,
+            &self.vars,
+            &mut self.opt,
+            cfg.grad_clip,
+        )?;
         // LAVIS keeps the temperature in [0.001, 0.5].
         let temp = self.temp().clone();
         temp.set(&temp.as_tensor().clamp(0.001f32, 0.5f32)?)?;

@@ -157,16 +157,13 @@ impl VqTrainer {
                 .detach();
             (total, codes, rows)
         };
-        let lv = total.to_scalar::<f32>()? as f64;
-        if !lv.is_finite() {
-            return Err(Error::Report(format!(
-                "step {}: the loss is {lv}",
-                self.step + 1
-            )));
-        }
-        let mut grads = total.backward()?;
-        optim::clip_grad_norm(&self.vars, &mut grads, cfg.grad_clip)?;
-        self.opt.step(&grads)?;
+        let lv = optim::backward_step(
+            &total,
+            self.step + 1,
+            &self.vars,
+            &mut self.opt,
+            cfg.grad_clip,
+        )?;
         self.step += 1;
 
         // Codebook use: this batch's perplexity, and the restart check.
