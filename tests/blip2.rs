@@ -106,31 +106,11 @@ fn qformer_refuses_image_features_of_the_wrong_width() {
     assert!(err.contains("1408") && err.contains("1280"), "{err}");
 }
 
-/// The scaled-down `Blip2ForImageTextRetrieval` as a user's folder:
-/// config, processor config, `hashed` weights and MiniLM's BERT tokenizer.
-fn small_folder(dst: &Path) {
-    let src = fixtures().parent().unwrap().join("small");
-    for f in ["config.json", "preprocessor_config.json"] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    let minilm = common::pretrained("minilm");
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "vocab.txt",
-        "special_tokens_map.json",
-    ] {
-        std::fs::copy(minilm.join(f), dst.join(f)).unwrap();
-    }
-    let tensors = common::manifest_tensors(&src.join("manifest.json"), common::hashed);
-    candle_core::safetensors::save(&tensors, dst.join("model.safetensors")).unwrap();
-}
-
 #[test]
 fn blip2_retrieval_folder_scores_photos_as_transformers() {
     use clasp::model::blip2::Blip2Retrieval;
     let d = tempfile::tempdir().unwrap();
-    small_folder(d.path());
+    common::blip2_small_folder(d.path());
     let model = Blip2Retrieval::load(d.path(), &Device::Cpu).unwrap();
     let src = fixtures().parent().unwrap().join("small");
     let (exp, meta) = common::expected_with_meta(&src.join("expected.safetensors"));
@@ -183,7 +163,7 @@ fn search_reranks_its_top_hits_with_the_itm_head_as_transformers_scores_them() {
     let d = tempfile::tempdir().unwrap();
     let model = d.path().join("blip2");
     std::fs::create_dir(&model).unwrap();
-    small_folder(&model);
+    common::blip2_small_folder(&model);
     let src = fixtures().parent().unwrap().join("small");
     let (exp, meta) = common::expected_with_meta(&src.join("expected.safetensors"));
     let photos: Vec<String> = serde_json::from_str(&meta["photos"]).unwrap();
@@ -461,7 +441,7 @@ fn stage1_itg_loss_and_gradients_equal_lavis() {
 fn small_pairs(d: &Path) -> (PathBuf, PathBuf, std::collections::HashMap<String, Tensor>) {
     let model = d.join("blip2");
     std::fs::create_dir(&model).unwrap();
-    small_folder(&model);
+    common::blip2_small_folder(&model);
     let src = fixtures().parent().unwrap().join("small");
     let (exp, meta) = common::expected_with_meta(&src.join("expected.safetensors"));
     let photos: Vec<String> = serde_json::from_str(&meta["photos"]).unwrap();

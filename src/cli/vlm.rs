@@ -26,10 +26,14 @@ pub enum ConnectorArg {
 }
 
 /// Build an untrained vision-language model from a CLIP-family checkpoint and
-/// a language model, and save it as a LlavaForConditionalGeneration folder.
+/// a language model, and save it as a LlavaForConditionalGeneration folder
+/// (a Blip2ForConditionalGeneration folder when the tower is BLIP-2's ViT).
 #[derive(Args, Debug)]
 pub struct AssembleArgs {
-    /// A CLIP-family checkpoint folder whose vision tower is used (frozen).
+    /// The frozen vision tower: a CLIP-family checkpoint folder, a pretrained
+    /// ImageNet CNN file, or a BLIP-2 folder (Blip2ForImageTextRetrieval or
+    /// `train --task qformer`'s output), whose tower and Q-Former are used
+    /// (with --connector qformer).
     #[arg(long, required_unless_present = "native", conflicts_with = "native")]
     pub vision: Option<PathBuf>,
     /// A VQ image tokenizer folder (Emu3VQVAE): build a native model (Emu3's

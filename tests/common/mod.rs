@@ -443,3 +443,23 @@ pub fn emu3_vq_folder(dir: &Path) -> PathBuf {
     candle_core::safetensors::save(&tensors, out.join("model.safetensors")).unwrap();
     out
 }
+
+/// The scaled-down `Blip2ForImageTextRetrieval` as a user's folder:
+/// config, processor config, `hashed` weights and MiniLM's BERT tokenizer.
+pub fn blip2_small_folder(dst: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blip2/small");
+    for f in ["config.json", "preprocessor_config.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let minilm = pretrained("minilm");
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(minilm.join(f), dst.join(f)).unwrap();
+    }
+    let tensors = manifest_tensors(&src.join("manifest.json"), hashed);
+    candle_core::safetensors::save(&tensors, dst.join("model.safetensors")).unwrap();
+}

@@ -142,7 +142,14 @@ impl Vlm {
                 if images == 1 { "" } else { "s" }
             )));
         }
-        let ids = self.tokenizer.encode_chat(messages, true)?;
+        let ids = if self.blip2_vision().is_some() {
+            // Blip2Processor encodes the text as the tokenizer does by
+            // default (its special tokens added).
+            let text = self.tokenizer.render_chat(messages, true)?;
+            self.tokenizer.encode(&text, true)?
+        } else {
+            self.tokenizer.encode_chat(messages, true)?
+        };
         Ok(self.expand_images(&ids))
     }
 }

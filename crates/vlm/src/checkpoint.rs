@@ -25,7 +25,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::connector::{Connector, ConnectorKind};
-use super::model::{FeatureSelect, Vlm, VlmConfig};
+use super::model::{FeatureSelect, TowerSpec, Vlm, VlmConfig};
 use crate::atomic::write_json;
 use crate::llm::lora::Lora;
 use crate::llm::{Llama, LlamaConfig, LlmTokenizer};
@@ -35,12 +35,13 @@ use clasp_core::model::config::VisionConfig;
 
 const PROJECTOR: &str = "multi_modal_projector.";
 
-/// Whether `dir` holds a VLM checkpoint (config.json with `model_type: llava`).
+/// Whether `dir` holds a VLM checkpoint (config.json with `model_type:
+/// llava`, or a `Blip2ForConditionalGeneration`).
 pub fn is_vlm(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["model_type"] == "llava")
+        .is_some_and(|v| v["model_type"] == "llava" || super::blip2::is_generation_config(&v))
 }
 
 /// The tensors of a safetensors file whose names start with one of
@@ -101,13 +102,20 @@ fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
 }
 
 impl Vlm {
-    /// The Llava config.json of this model.
-    pub fn llava_config(&self) -> serde_json::Value {
+    /// The language model's config as transformers writes it, its
+    /// vocabulary holding the image token, its head untied.
+    pub(crate) fn text_config_json(&self) -> serde_json::Value {
         let mut text = self
             .llm
             .hf_config(self.tokenizer.bos_id(), self.tokenizer.eos_id());
         text["vocab_size"] = serde_json::json!(self.vocab_with_image());
         text["tie_word_embeddings"] = serde_json::json!(false);
+        text
+    }
+
+    /// The Llava config.json of this model.
+    pub fn llava_config(&self) -> serde_json::Value {
+        let text = self.text_config_json();
         let vision = match self.vision_cnn() {
             // clasp's own: transformers' Llava reads ViT-like hidden states
             // [B, N, C], which a CNN's feature maps are not.
@@ -149,14 +157,19 @@ impl Vlm {
             .max(self.cfg.image_token_index as usize + 1)
     }
 
-    /// Every tensor of the checkpoint by its saved name.
+    /// Every tensor of the checkpoint by its saved name (Llava's, or
+    /// BLIP-2's for a model on BLIP-2's ViT).
     pub fn checkpoint_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let (tower, projector) = match self.blip2_vision() {
+            Some(_) => ("vision_model.", ""),
+            None => ("vision_tower.", PROJECTOR),
+        };
         let mut out = HashMap::new();
         for (k, v) in &self.vision_tensors {
-            out.insert(format!("vision_tower.{k}"), v.clone());
+            out.insert(format!("{tower}{k}"), v.clone());
         }
         for (k, v) in self.connector.vars() {
-            out.insert(format!("{PROJECTOR}{k}"), v.as_tensor().clone());
+            out.insert(format!("{projector}{k}"), v.as_tensor().clone());
         }
         let vocab = self.vocab_with_image();
         let mut embed = None;
@@ -190,11 +203,28 @@ impl Vlm {
     pub fn save_with(&self, dir: &Path, extra: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         crate::atomic::write_dir(dir, |tmp| {
             extra(tmp)?;
-            write_json(&tmp.join("config.json"), &self.llava_config())?;
+            let blip2 = self.blip2_vision();
+            write_json(
+                &tmp.join("config.json"),
+                &match blip2 {
+                    Some(b) => self.blip2_config(b)?,
+                    None => self.llava_config(),
+                },
+            )?;
             write_model_files(tmp, &self.checkpoint_tensors()?, &self.tokenizer)?;
             // A LoRA adapter goes beside the base weights, in PEFT's layout.
             if let Some(l) = self.llm.lora() {
                 l.save_peft(tmp, self.llm.config())?;
+            }
+            if blip2.is_some() {
+                write_json(
+                    &tmp.join("preprocessor_config.json"),
+                    &self.blip_processor_json()?,
+                )?;
+                return write_json(
+                    &tmp.join("processor_config.json"),
+                    &self.blip2_processor_json(),
+                );
             }
             write_json(
                 &tmp.join("preprocessor_config.json"),
@@ -232,6 +262,9 @@ impl Vlm {
             reason,
         };
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if super::blip2::is_generation_config(&v) {
+            return Self::load_blip2(dir, &v, device);
+        }
         if v["model_type"] != "llava" {
             return Err(bad(format!(
                 "model_type is {}, not llava: not a vision-language checkpoint (make one with `clasp assemble` or `clasp train --llm ... --vision ...`)",
@@ -264,11 +297,11 @@ impl Vlm {
             clasp_core::model::cnn_tower::parse_vision_config(&v["vision_config"])
         {
             let (c, vit) = parsed.map_err(|e| bad(format!("vision_config: {e}")))?;
-            (vit, Some(c))
+            (vit, TowerSpec::Cnn(c))
         } else {
             let vit: VisionConfig = serde_json::from_value(v["vision_config"].clone())
                 .map_err(|e| bad(format!("vision_config: {e}")))?;
-            (vit, None)
+            (vit, TowerSpec::ClipVit)
         };
         let text_cfg = LlamaConfig::from_hf_json(&v["text_config"].to_string(), &cfg_path)?;
         let image_token_index = v["image_token_index"]

@@ -359,23 +359,34 @@ impl Connector {
                 self.linear(&x, "resampler.proj")
             }
             ConnectorKind::QFormer { .. } => {
-                // The layers read the variables' own tensors, so gradients
-                // reach them.
-                let cfg = qformer_config(self.kind, self.vision_dim);
-                let tensors: HashMap<String, Tensor> = self
-                    .vars
-                    .iter()
-                    .filter_map(|(k, v)| {
-                        k.strip_prefix("qformer.")
-                            .map(|k| (k.to_string(), v.as_tensor().clone()))
-                    })
-                    .collect();
-                let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, patches.device());
-                let qformer = QFormer::load(vb, &cfg)?;
-                let q = qformer.queries(self.get("query_tokens"), &patches.contiguous()?)?;
+                let q = self.query_outputs(patches)?;
                 self.linear(&q, "language_projection")
             }
         }
+    }
+
+    /// A Q-Former connector's query outputs `[B, N, qformer width]` (the
+    /// Q-Former's last hidden state, before `language_projection`).
+    pub fn query_outputs(&self, patches: &Tensor) -> Result<Tensor> {
+        if !matches!(self.kind, ConnectorKind::QFormer { .. }) {
+            return Err(Error::Report(
+                "query outputs: the connector is not a Q-Former".into(),
+            ));
+        }
+        // The layers read the variables' own tensors, so gradients reach
+        // them.
+        let cfg = qformer_config(self.kind, self.vision_dim);
+        let tensors: HashMap<String, Tensor> = self
+            .vars
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("qformer.")
+                    .map(|k| (k.to_string(), v.as_tensor().clone()))
+            })
+            .collect();
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, patches.device());
+        let qformer = QFormer::load(vb, &cfg)?;
+        qformer.queries(self.get("query_tokens"), &patches.contiguous()?)
     }
 
     fn cross_attention(&self, q: &Tensor, kv: &Tensor, p: &str, heads: usize) -> Result<Tensor> {

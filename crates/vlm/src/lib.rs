@@ -9,13 +9,15 @@
 //! - `chat`: conversations with text and image parts;
 //! - `heads`: BCIF's contrastive heads (trained by `train::bcif`);
 //! - `checkpoint`: the `LlavaForConditionalGeneration` layout that
-//!   transformers loads.
+//!   transformers loads; `blip2`: `Blip2ForConditionalGeneration`'s, for a
+//!   model on BLIP-2's ViT and Q-Former.
 
 use clasp_common::{atomic, progress, rng};
 pub use clasp_common::{Error, Result};
 use clasp_core::{data, preprocess};
 use clasp_llm as llm;
 
+pub mod blip2;
 pub mod caption;
 pub mod chat;
 pub mod checkpoint;
@@ -28,4 +30,4 @@ pub mod stage1;
 
 pub use chat::{ChatModel, Part, Turn};
 pub use connector::{Connector, ConnectorKind};
-pub use model::{FeatureSelect, Vlm, VlmConfig};
+pub use model::{FeatureSelect, TowerSpec, Vlm, VlmConfig};

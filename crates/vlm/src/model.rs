@@ -11,19 +11,43 @@ use super::connector::{Connector, ConnectorKind};
 use crate::llm::{self, GenerateOptions, Generation, LanguageModel, Llama, LlmTokenizer, Message};
 use crate::preprocess::{ImageProcessor, ImageProcessorConfig};
 use crate::{Error, Result};
+use clasp_core::model::blip2::Blip2VisionConfig;
 use clasp_core::model::cnn_tower::{CnnConfig, CnnTower};
 use clasp_core::model::config::{ModelConfig, VisionConfig};
 use clasp_core::model::vit::VisionTransformer;
 
 /// The frozen image tower: a CLIP-family ViT, whose tokens are its patch
-/// states at `vision_feature_layer`, or a pretrained CNN, whose tokens are
+/// states at `vision_feature_layer`; a pretrained CNN, whose tokens are
 /// the positions of its last feature map (MobileNetV2: 7×7 = 49 tokens of
 /// 1280 at 224 pixels, ResNet-50 49 of 2048; `vision_feature_layer` does not
-/// apply).
+/// apply); or BLIP-2's ViT (`Blip2VisionModel`), whose tokens are every
+/// position after its post-LayerNorm, as `Blip2ForConditionalGeneration`
+/// gives its Q-Former.
 #[derive(Debug, Clone)]
 enum ImageTower {
     Vit(VisionTransformer),
     Cnn(Box<CnnTower>, CnnConfig),
+    Blip2(Box<VisionTransformer>, Blip2VisionConfig),
+}
+
+/// Which kind of image tower a VLM is built with (its tensors in that
+/// tower's own names).
+#[derive(Debug, Clone)]
+pub enum TowerSpec {
+    /// CLIP's ViT (`CLIPVisionModel`), described by the `VisionConfig`.
+    ClipVit,
+    /// A pretrained CNN; the `VisionConfig` holds only its feature width,
+    /// image size and stride.
+    Cnn(CnnConfig),
+    /// BLIP-2's ViT: the VLM is saved as `Blip2ForConditionalGeneration`.
+    Blip2(Blip2VisionConfig),
+}
+
+impl TowerSpec {
+    /// A CNN when one is given, else CLIP's ViT.
+    pub fn cnn_or_clip(cnn: Option<CnnConfig>) -> Self {
+        cnn.map_or(Self::ClipVit, Self::Cnn)
+    }
 }
 
 /// Which of the vision tower's tokens go to the connector.
@@ -54,7 +78,7 @@ pub struct VlmConfig {
 /// An image tower's config (and CNN config), tensors and preprocessing.
 type TowerParts = (
     VisionConfig,
-    Option<CnnConfig>,
+    TowerSpec,
     HashMap<String, Tensor>,
     ImageProcessor,
 );
@@ -71,7 +95,7 @@ fn pretrained_cnn(path: &Path, device: &Device) -> Result<TowerParts> {
         .map(|(k, v)| Ok((k, v.to_device(device)?)))
         .collect::<Result<HashMap<_, _>>>()?;
     let processor = ImageProcessor::new(cnn.processor());
-    Ok((vision_cfg, Some(cnn), tensors, processor))
+    Ok((vision_cfg, TowerSpec::Cnn(cnn), tensors, processor))
 }
 
 /// The default instructions: English and Chinese.
@@ -123,10 +147,10 @@ impl Vlm {
             let files = clasp_core::model::loader::resolve(&vision_checkpoint.to_string_lossy())?;
             let model_cfg = ModelConfig::from_file(&files.config)?;
             let vision_cfg = model_cfg.vision().clone();
-            let cnn = match &model_cfg {
+            let cnn = TowerSpec::cnn_or_clip(match &model_cfg {
                 ModelConfig::DualEncoder(c) => c.image_cnn.clone(),
                 _ => None,
-            };
+            });
             // The vision tower only: the text tower's tensors stay on disk.
             let vision_tensors =
                 super::checkpoint::load_prefixed(&files.weights, &["vision_model."], device)?;
@@ -173,7 +197,7 @@ impl Vlm {
     }
 
     /// BLIP-2's stage 2 from a stage-1 folder (see [`super::stage1`]): its
-    /// CNN as the tower, its Q-Former as the connector (`connector` must ask
+    /// CNN or ViT as the tower, its Q-Former as the connector (`connector` must ask
     /// for one; the folder gives its sizes), a fresh projection.
     fn from_stage1(
         dir: &Path,
@@ -195,9 +219,15 @@ impl Vlm {
         let image_token = "<image>".to_string();
         let image_token_index = tokenizer.add_special_token(&image_token);
         let parts = super::stage1::read(dir, lm.model.config().hidden_size, seed, device)?;
+        let blip2 = matches!(parts.tower_spec, TowerSpec::Blip2(_));
         let cfg = VlmConfig {
-            vision_feature_layer,
-            select: FeatureSelect::Default,
+            // BLIP-2's Q-Former reads every token of the last layer.
+            vision_feature_layer: if blip2 { -1 } else { vision_feature_layer },
+            select: if blip2 {
+                FeatureSelect::Full
+            } else {
+                FeatureSelect::Default
+            },
             connector: parts.connector.kind(),
             image_token,
             image_token_index,
@@ -205,7 +235,7 @@ impl Vlm {
         Self::from_parts(
             cfg,
             parts.vision_cfg,
-            Some(parts.cnn),
+            parts.tower_spec,
             parts.tower,
             parts.connector,
             lm.model,
@@ -214,14 +244,13 @@ impl Vlm {
         )
     }
 
-    /// `cnn`: the image tower is this CNN rather than the ViT that
-    /// `vision_cfg` describes (which then holds only its feature width,
-    /// image size and stride).
+    /// `tower`: which image tower `vision_tensors` are (a CNN's
+    /// `vision_cfg` holds only its feature width, image size and stride).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn from_parts(
         cfg: VlmConfig,
         vision_cfg: VisionConfig,
-        cnn: Option<CnnConfig>,
+        tower: TowerSpec,
         vision_tensors: HashMap<String, Tensor>,
         connector: Connector,
         llm: Llama,
@@ -230,9 +259,12 @@ impl Vlm {
     ) -> Result<Self> {
         let device = llm.device().clone();
         let vb = VarBuilder::from_tensors(vision_tensors.clone(), candle_core::DType::F32, &device);
-        let vision = match cnn {
-            Some(c) => ImageTower::Cnn(Box::new(CnnTower::load(vb, &c)?), c),
-            None => ImageTower::Vit(VisionTransformer::load(vb, &vision_cfg)?),
+        let vision = match tower {
+            TowerSpec::Cnn(c) => ImageTower::Cnn(Box::new(CnnTower::load(vb, &c)?), c),
+            TowerSpec::ClipVit => ImageTower::Vit(VisionTransformer::load(vb, &vision_cfg)?),
+            TowerSpec::Blip2(b) => {
+                ImageTower::Blip2(Box::new(clasp_core::model::blip2::load_vision(vb, &b)?), b)
+            }
         };
         if connector.vision_dim() != vision_cfg.hidden_size
             || connector.text_dim() != llm.config().hidden_size
@@ -289,7 +321,17 @@ impl Vlm {
     pub fn vision_cnn(&self) -> Option<&CnnConfig> {
         match &self.vision {
             ImageTower::Cnn(_, c) => Some(c),
-            ImageTower::Vit(_) => None,
+            _ => None,
+        }
+    }
+
+    /// BLIP-2's vision config, when the tower is `Blip2VisionModel` (the
+    /// model is then a `Blip2ForConditionalGeneration`, its prompts laid out
+    /// as `Blip2Processor` lays them out).
+    pub fn blip2_vision(&self) -> Option<&Blip2VisionConfig> {
+        match &self.vision {
+            ImageTower::Blip2(_, c) => Some(c),
+            _ => None,
         }
     }
 
@@ -299,6 +341,9 @@ impl Vlm {
         if self.vision_cnn().is_some() {
             // A feature map has no class token.
             return g * g;
+        }
+        if self.blip2_vision().is_some() {
+            return g * g + 1;
         }
         match self.cfg.select {
             FeatureSelect::Default => g * g,
@@ -344,6 +389,7 @@ impl Vlm {
         let vit = match &self.vision {
             ImageTower::Vit(v) => v,
             ImageTower::Cnn(c, _) => return Ok(c.feature_tokens(pixels)?.detach()),
+            ImageTower::Blip2(v, _) => return Ok(v.last_hidden_state(pixels)?.detach()),
         };
         let h = vit.hidden_state(pixels, self.feature_layer()?)?;
         let h = match self.cfg.select {
@@ -359,9 +405,15 @@ impl Vlm {
     }
 
     /// `ids` with each image placeholder repeated once per image token (as
-    /// transformers' Llava processor expands `<image>`).
+    /// transformers' Llava processor expands `<image>`). A BLIP-2 model's
+    /// image tokens all go first, before the text (and its bos), as
+    /// `Blip2Processor` puts them; each placeholder leaves the text with
+    /// the newline after it.
     pub fn expand_images(&self, ids: &[u32]) -> Vec<u32> {
         let n = self.image_tokens();
+        if self.blip2_vision().is_some() {
+            return self.prefix_images(ids);
+        }
         let mut out = Vec::with_capacity(ids.len() + n);
         for &id in ids {
             if id == self.cfg.image_token_index {

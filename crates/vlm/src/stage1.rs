@@ -1,6 +1,6 @@
-//! A BLIP-2 stage-1 folder (`clasp train --task qformer`'s output) as the
-//! start of stage 2, as BLIP-2 goes on: its locked CNN becomes the VLM's
-//! image tower and its Q-Former (queries, self- and cross-attention, the
+//! A BLIP-2 stage-1 folder (`clasp train --task qformer`'s output, or a
+//! `Blip2ForImageTextRetrieval` over BLIP-2's ViT) as the start of stage 2,
+//! as BLIP-2 goes on: its locked CNN or ViT becomes the VLM's image tower and its Q-Former (queries, self- and cross-attention, the
 //! queries' feed-forward; the text feed-forward stays behind) the
 //! connector, with a fresh `language_projection` to the language model's
 //! width.
@@ -10,18 +10,18 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use clasp_core::model::blip2::Blip2Config;
-use clasp_core::model::cnn_tower::CnnConfig;
 use clasp_core::model::config::VisionConfig;
 
 use super::connector::{Connector, ConnectorKind};
+use super::model::TowerSpec;
 use crate::preprocess::{ImageProcessor, ImageProcessorConfig};
 use crate::{Error, Result};
 
-/// What a stage-1 folder gives a VLM: the tower's config, CNN config,
-/// tensors (the tower's own names) and preprocessing, and the connector.
+/// What a stage-1 folder gives a VLM: the tower's config, kind, tensors
+/// (the tower's own names) and preprocessing, and the connector.
 pub struct Stage1Parts {
     pub vision_cfg: VisionConfig,
-    pub cnn: CnnConfig,
+    pub tower_spec: TowerSpec,
     pub tower: HashMap<String, Tensor>,
     pub processor: ImageProcessor,
     pub connector: Connector,
@@ -60,13 +60,13 @@ pub fn connector_kind(cfg: &Blip2Config) -> Result<ConnectorKind> {
 /// the projection is drawn from `seed`.
 pub fn read(dir: &Path, text_dim: usize, seed: u64, device: &Device) -> Result<Stage1Parts> {
     let cfg = Blip2Config::from_file(&dir.join("config.json"))?;
-    let cnn = cfg.cnn.clone().ok_or_else(|| {
-        Error::Report(format!(
-            "{}: a Q-Former over BLIP-2's ViT cannot start a clasp VLM yet (its tower is not a \
-             CLIP-family one); a stage-1 folder over a pretrained CNN can",
-            dir.display()
-        ))
-    })?;
+    let (vision_cfg, tower_spec) = match &cfg.cnn {
+        Some(c) => (c.vision_config(), TowerSpec::Cnn(c.clone())),
+        None => (
+            cfg.vision_config.vision_config(),
+            TowerSpec::Blip2(cfg.vision_config.clone()),
+        ),
+    };
     let kind = connector_kind(&cfg)?;
     let w = dir.join("model.safetensors");
     let all = candle_core::safetensors::load(&w, device).map_err(|e| Error::Weights {
@@ -77,7 +77,6 @@ pub fn read(dir: &Path, text_dim: usize, seed: u64, device: &Device) -> Result<S
         .iter()
         .filter_map(|(k, v)| Some((k.strip_prefix("vision_model.")?.to_string(), v.clone())))
         .collect();
-    let vision_cfg = cnn.vision_config();
     let width = vision_cfg.hidden_size;
     // Everything the connector has that the folder holds; the projection new.
     let fresh = Connector::new(kind, width, text_dim, seed, device)?;
@@ -101,12 +100,15 @@ pub fn read(dir: &Path, text_dim: usize, seed: u64, device: &Device) -> Result<S
     let pp = dir.join("preprocessor_config.json");
     let processor = ImageProcessor::new(if pp.is_file() {
         ImageProcessorConfig::from_file(&pp)?
+    } else if let Some(c) = &cfg.cnn {
+        c.processor()
     } else {
-        cnn.processor()
+        // BlipImageProcessor's rule, which is Chinese-CLIP's.
+        ImageProcessorConfig::chinese_clip_default(vision_cfg.image_size as u32)
     });
     Ok(Stage1Parts {
         vision_cfg,
-        cnn,
+        tower_spec,
         tower,
         processor,
         connector,

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::cnn_tower::{parse_vision_config, CnnConfig, CnnTower};
 use super::config::{Activation, VisionConfig};
@@ -27,7 +27,7 @@ use crate::preprocess::{ImageProcessor, ImageProcessorConfig, TextTokenizer};
 use crate::{Error, Result};
 
 /// transformers' `Blip2VisionConfig`, with its defaults (EVA ViT-g/14).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Blip2VisionConfig {
     pub hidden_size: usize,
@@ -58,7 +58,9 @@ impl Default for Blip2VisionConfig {
 }
 
 impl Blip2VisionConfig {
-    fn vision_config(&self) -> VisionConfig {
+    /// The ViT's sizes as clasp's CLIP-family vision config (which
+    /// [`load_vision`] builds the tower with).
+    pub fn vision_config(&self) -> VisionConfig {
         VisionConfig {
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
@@ -71,6 +73,13 @@ impl Blip2VisionConfig {
             layer_norm_eps: self.layer_norm_eps,
             projection_dim: self.hidden_size,
         }
+    }
+
+    /// The config as transformers writes it (`blip_2_vision_model`).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("a config serialises");
+        v["model_type"] = serde_json::json!("blip_2_vision_model");
+        v
     }
 }
 
