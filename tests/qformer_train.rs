@@ -349,3 +349,88 @@ fn stage2_from(ckpt: &Path, data: &Path, tmp: &Path) {
         .arg(tmp.join("stage2-mlp"));
     fails_with(c, "--connector qformer");
 }
+
+/// Stage 1 over BLIP-2's own ViT, from a transformers
+/// `Blip2ForImageTextRetrieval` folder (the scaled-down one, its tokenizer
+/// taught `[DEC]`): the ITC and ITM heads learn, the tower stays as it was,
+/// and the saved folder holds exactly the tensors (names and shapes) of
+/// transformers' model, which the manifest lists, plus the run's `temp`,
+/// with the config's sizes kept; it loads as a re-ranker.
+#[test]
+fn qformer_stage1_over_blip2s_vit_saves_transformers_retrieval_layout() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("f8k");
+    small_flickr(&data);
+    let init = d.path().join("blip2");
+    std::fs::create_dir(&init).unwrap();
+    common::blip2_small_folder(&init);
+    // [DEC] as BLIP-2's tokenizer adds it: the id after BERT's vocabulary.
+    let tj = init.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
+    tok["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": 30522, "content": "[DEC]", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    std::fs::write(&tj, tok.to_string()).unwrap();
+
+    let out = d.path().join("qf");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
+    c.env("CLASP_CACHE_DIR", d.path().join("cache"));
+    c.args(["train", "--task", "qformer", "--init"])
+        .arg(&init)
+        .args([
+            "--objective",
+            "itc,itm",
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+        ])
+        .args(["--lr", "1e-3", "--dataset"])
+        .arg(format!("flickr8k:{}", data.display()))
+        .arg("--output")
+        .arg(&out);
+    run_ok(c);
+    let ckpt = out.join("checkpoint");
+    let load = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (saved, before) = (load(&ckpt), load(&init));
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blip2/small/manifest.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let shapes = manifest["shapes"].as_object().unwrap();
+    let mut names: Vec<&String> = saved.keys().filter(|k| *k != "temp").collect();
+    names.sort();
+    let mut want: Vec<&String> = shapes.keys().collect();
+    want.sort();
+    assert_eq!(names, want, "the saved tensors are not transformers' own");
+    for (k, s) in shapes {
+        let s: Vec<usize> = serde_json::from_value(s.clone()).unwrap();
+        assert_eq!(saved[k].dims(), &s[..], "{k}");
+        if k.starts_with("vision_model.") {
+            assert_eq!(max_abs(&saved[k], &before[k]), 0.0, "{k}: the tower moved");
+        }
+    }
+    let moved = max_abs(&saved["itm_head.weight"], &before["itm_head.weight"]);
+    assert!(moved > 0.0, "the ITM head did not learn");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vision_config"]["model_type"], "blip_2_vision_model");
+    assert_eq!(cfg["image_text_hidden_size"], 32);
+    assert_eq!(cfg["qformer_config"]["use_qformer_text_input"], true);
+    let pp: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ckpt.join("preprocessor_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(pp["image_processor_type"], "BlipImageProcessor");
+    clasp::model::blip2::Blip2Retrieval::load(&ckpt, &Device::Cpu).unwrap();
+}

@@ -28,8 +28,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use clasp_common::atomic::{write_dir, write_json};
 use clasp_common::rng::Rng;
-use clasp_core::model::blip2::Blip2Config;
-use clasp_core::model::cnn_tower::{CnnConfig, CnnTower};
+use clasp_core::model::blip2::{blip_processor_json, Blip2Config, Blip2Tower};
 use clasp_core::model::qformer::QFormerHeads;
 
 use super::config::TrainConfig;
@@ -42,7 +41,7 @@ use super::qformer_stage1::{draw_with, itc_itm};
 use super::run::{Prepare, Task};
 use super::state::{self, checkpoint_dir, State};
 use crate::data::{ImageSource, PairSet};
-use crate::preprocess::{ImageProcessor, TextTokenizer};
+use crate::preprocess::{ImageProcessor, ImageProcessorConfig, TextTokenizer};
 use crate::{Error, Result};
 
 /// A Q-Former run in progress.
@@ -50,7 +49,7 @@ pub struct QFormerTrainer {
     cfg: TrainConfig,
     out: PathBuf,
     dev: Device,
-    /// Its `cnn` is the tower's config (checked to be there).
+    /// The tower is its `cnn` when it has one, else BLIP-2's ViT.
     blip2: Blip2Config,
     /// The tower's tensors, in its own names (saved as `vision_model.*`).
     tower: HashMap<String, Tensor>,
@@ -85,7 +84,7 @@ fn write_folder(
     dir: &Path,
     blip2: &serde_json::Value,
     tensors: &HashMap<String, Tensor>,
-    proc: &ImageProcessor,
+    processor_json: &serde_json::Value,
     tokenizer: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     write_dir(dir, |tmp| {
@@ -95,10 +94,7 @@ fn write_folder(
             path: w.clone(),
             reason: e.to_string(),
         })?;
-        write_json(
-            &tmp.join("preprocessor_config.json"),
-            &proc.config().to_hf_json(),
-        )?;
+        write_json(&tmp.join("preprocessor_config.json"), processor_json)?;
         tokenizer(tmp)
     })
 }
@@ -114,21 +110,22 @@ fn copy_tokenizer(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The config.json of a Q-Former folder over `cnn`.
+/// The config.json of a Q-Former folder over a tower of `vision_config`.
 fn blip2_json(
-    cnn: &CnnConfig,
+    vision_config: serde_json::Value,
     q: &clasp_core::model::qformer::QFormerConfig,
     queries: usize,
+    itc_dim: usize,
 ) -> serde_json::Value {
     let mut qc = serde_json::to_value(q).expect("a config serialises");
     qc["model_type"] = "blip_2_qformer".into();
     serde_json::json!({
         "model_type": "blip-2",
         "architectures": ["Blip2ForImageTextRetrieval"],
-        "vision_config": cnn.to_vision_json(),
+        "vision_config": vision_config,
         "qformer_config": qc,
         "num_query_tokens": queries,
-        "image_text_hidden_size": ITC_DIM,
+        "image_text_hidden_size": itc_dim,
     })
 }
 
@@ -159,8 +156,8 @@ fn materialize_init(cfg: &TrainConfig, out: &Path) -> Result<PathBuf> {
     all.extend(fresh.tensors);
     let proc = ImageProcessor::new(cnn.processor());
     let init = out.join("init");
-    let blip2 = blip2_json(&cnn, &fresh.config, cfg.queries);
-    write_folder(&init, &blip2, &all, &proc, |dir| {
+    let blip2 = blip2_json(cnn.to_vision_json(), &fresh.config, cfg.queries, ITC_DIM);
+    write_folder(&init, &blip2, &all, &proc.config().to_hf_json(), |dir| {
         let tj = dir.join("tokenizer.json");
         fresh
             .tokenizer
@@ -219,12 +216,6 @@ impl QFormerTrainer {
         let dev = cfg.device.open()?;
         let out = cfg.output_dir()?.to_path_buf();
         let blip2 = Blip2Config::from_file(&from.join("config.json"))?;
-        let cnn = blip2.cnn.clone().ok_or_else(|| {
-            Error::Report(format!(
-                "{}: a Q-Former run trains over a pretrained CNN tower; this folder's tower is BLIP-2's ViT",
-                from.display()
-            ))
-        })?;
         let w = from.join("model.safetensors");
         let all = candle_core::safetensors::load(&w, &dev).map_err(|e| Error::Weights {
             path: w.clone(),
@@ -257,9 +248,17 @@ impl QFormerTrainer {
                     from.display()
                 ))
             })?;
-        let proc = ImageProcessor::new(cnn.processor());
+        let pp = from.join("preprocessor_config.json");
+        let proc = ImageProcessor::new(match &blip2.cnn {
+            Some(cnn) => cnn.processor(),
+            None if pp.is_file() => ImageProcessorConfig::from_file(&pp)?,
+            // BlipImageProcessor's rule, which is Chinese-CLIP's.
+            None => {
+                ImageProcessorConfig::chinese_clip_default(blip2.vision_config.image_size as u32)
+            }
+        });
         let (set, per_image) = order::training_pairs(&cfg)?;
-        let cache = feature_tokens(&cfg, &cnn, &tower, &proc, &set.images, &dev)?;
+        let cache = feature_tokens(&cfg, &blip2, &tower, &proc, &set.images, &dev)?;
         let opt = GroupedAdamW::for_run(&vars, &cfg, opt_state.as_ref(), step)?;
         let me = Self {
             objectives: cfg.qformer_objectives()?,
@@ -300,10 +299,6 @@ impl QFormerTrainer {
             self.blip2.num_query_tokens,
             self.blip2.image_text_hidden_size,
         )
-    }
-
-    fn cnn(&self) -> &CnnConfig {
-        self.blip2.cnn.as_ref().expect("built with a CNN tower")
     }
 
     fn temp(&self) -> &Var {
@@ -423,12 +418,19 @@ impl QFormerTrainer {
         write_folder(
             &checkpoint_dir(&self.out),
             &blip2_json(
-                self.cnn(),
+                match &self.blip2.cnn {
+                    Some(c) => c.to_vision_json(),
+                    None => self.blip2.vision_config.to_hf_json(),
+                },
                 &self.blip2.qformer_config,
                 self.blip2.num_query_tokens,
+                self.blip2.image_text_hidden_size,
             ),
             &self.checkpoint_tensors(),
-            &self.proc,
+            &match self.blip2.cnn {
+                Some(_) => self.proc.config().to_hf_json(),
+                None => blip_processor_json(self.proc.config())?,
+            },
             |dir| copy_tokenizer(&self.tokenizer_dir, dir),
         )?;
         let st = State {
@@ -444,24 +446,24 @@ impl QFormerTrainer {
 /// (and kept on disk for the next run on the same tower and photos).
 fn feature_tokens(
     cfg: &TrainConfig,
-    cnn: &CnnConfig,
+    blip2: &Blip2Config,
     tower: &HashMap<String, Tensor>,
     proc: &ImageProcessor,
     images: &[ImageSource],
     dev: &Device,
 ) -> Result<Arc<FeatureCache>> {
     let vb = VarBuilder::from_tensors(tower.clone(), DType::F32, dev);
-    let net = CnnTower::load(vb, cnn)?;
-    let v = cnn.vision_config();
+    let net = Blip2Tower::load(vb, blip2)?;
+    let v = &blip2.vision_config;
     let mut named: Vec<(String, Tensor)> =
         tower.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let src = Source {
-        encode: &|px| net.feature_tokens(px),
+        encode: &|px| net.features(px),
         what: "tokens",
         proc,
         images,
-        shape: (v.num_channels, v.image_size, v.image_size),
+        shape: (3, v.image_size, v.image_size),
         seed: cfg.seed,
         device: dev,
     };

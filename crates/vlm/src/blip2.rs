@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+pub use clasp_core::model::blip2::blip_processor_json;
 use clasp_core::model::blip2::{Blip2Config, Blip2VisionConfig};
 
 use super::connector::{qformer_config, Connector, ConnectorKind};
@@ -100,24 +101,6 @@ impl Vlm {
             "tie_word_embeddings": false,
             "torch_dtype": "float32",
         }))
-    }
-
-    /// `BlipImageProcessor`'s preprocessor_config.json (resizing to the
-    /// tower's square, no crop).
-    pub(crate) fn blip_processor_json(&self) -> Result<serde_json::Value> {
-        let mut v = self.processor.config().to_hf_json();
-        if v["do_center_crop"] == true || v["size"].get("height").is_none() {
-            return Err(Error::Report(
-                "BLIP-2's image processor resizes to a square without cropping; this model's \
-                 preprocessing does otherwise"
-                    .into(),
-            ));
-        }
-        let o = v.as_object_mut().expect("an object");
-        o.remove("do_center_crop");
-        o.remove("crop_size");
-        o.insert("image_processor_type".into(), "BlipImageProcessor".into());
-        Ok(v)
     }
 
     /// `Blip2Processor`'s processor_config.json.

@@ -219,7 +219,7 @@ impl Vlm {
             if blip2.is_some() {
                 write_json(
                     &tmp.join("preprocessor_config.json"),
-                    &self.blip_processor_json()?,
+                    &super::blip2::blip_processor_json(self.processor.config())?,
                 )?;
                 return write_json(
                     &tmp.join("processor_config.json"),

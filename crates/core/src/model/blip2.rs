@@ -144,6 +144,24 @@ impl Blip2Config {
     }
 }
 
+/// `BlipImageProcessor`'s preprocessor_config.json for `cfg` (a resize to
+/// a square, no crop), or an error when `cfg` does otherwise.
+pub fn blip_processor_json(cfg: &ImageProcessorConfig) -> Result<serde_json::Value> {
+    let mut v = cfg.to_hf_json();
+    if v["do_center_crop"] == true || v["size"].get("height").is_none() {
+        return Err(Error::Report(
+            "BLIP-2's image processor resizes to a square without cropping; this model's \
+             preprocessing does otherwise"
+                .into(),
+        ));
+    }
+    let o = v.as_object_mut().expect("an object");
+    o.remove("do_center_crop");
+    o.remove("crop_size");
+    o.insert("image_processor_type".into(), "BlipImageProcessor".into());
+    Ok(v)
+}
+
 /// `Blip2VisionModel` (`vb` at `vision_model`) as a [`VisionTransformer`].
 pub fn load_vision(vb: VarBuilder, cfg: &Blip2VisionConfig) -> Result<VisionTransformer> {
     let (h, p) = (cfg.hidden_size, cfg.patch_size);
