@@ -223,6 +223,7 @@ fn index_once(
         &IndexOptions {
             batch_size: 32,
             excludes: vec![],
+            video: None,
         },
         &clasp::progress::Silent,
     )

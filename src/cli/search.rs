@@ -38,6 +38,17 @@ pub struct StoreArgs {
     /// Images or texts per model batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Leave videos out of indexing. Otherwise each video (mp4, m4v, mov, mkv, webm, avi) is
+    /// read through FFmpeg and indexed whole and in segments, so a search can answer
+    /// `clip.mp4 @ 00:12–00:16`.
+    #[arg(long)]
+    pub no_video: bool,
+    /// The length of an indexed video's segments, in seconds.
+    #[arg(long, default_value_t = 4.0, value_name = "SECONDS")]
+    pub segment_seconds: f64,
+    /// Frames sampled per second of an indexed video.
+    #[arg(long, default_value_t = 1.0, value_name = "FPS")]
+    pub video_fps: f64,
     #[command(flatten)]
     pub compute: super::ComputeArgs,
     #[command(flatten)]
@@ -199,7 +210,7 @@ fn print_summary(s: &Summary, json: bool) {
         println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
     } else {
         note!(
-            "added {}, updated {}, moved {}, removed {}, unchanged {}, failed {}, skipped {} ({} embedded)",
+            "added {}, updated {}, moved {}, removed {}, unchanged {}, failed {}, skipped {} ({} embedded, {} video segments)",
             s.added,
             s.updated,
             s.moved,
@@ -207,7 +218,8 @@ fn print_summary(s: &Summary, json: bool) {
             s.unchanged,
             s.failed.len(),
             s.skipped.len(),
-            s.embedded
+            s.embedded,
+            s.segments
         );
     }
     for (p, why) in &s.failed {
@@ -242,12 +254,16 @@ fn run_index(
     model_id: i64,
     dirs: &[PathBuf],
     excludes: &[String],
-    batch_size: usize,
+    store: &StoreArgs,
 ) -> Result<Summary> {
     let bar = BarProgress::default();
     let opts = IndexOptions {
-        batch_size,
+        batch_size: store.batch_size,
         excludes: excludes.to_vec(),
+        video: (!store.no_video).then_some(index::VideoOptions {
+            segment_seconds: store.segment_seconds,
+            fps: store.video_fps,
+        }),
     };
     Ok(index::index(catalog, encoder, model_id, dirs, &opts, &bar)?)
 }
@@ -269,7 +285,7 @@ pub fn index_cmd(a: IndexArgs) -> Result<ExitCode> {
         model_id,
         &a.dirs,
         &a.exclude,
-        a.store.batch_size,
+        &a.store,
     )?;
     print_summary(&s, a.json);
     if a.check {
@@ -351,14 +367,7 @@ fn open_and_index(
     let model_id = index::model_id(catalog.as_mut(), &encoder, &spec)?;
     if !no_index {
         let dirs = [dir.to_path_buf()];
-        let s = run_index(
-            catalog.as_mut(),
-            &encoder,
-            model_id,
-            &dirs,
-            &[],
-            store.batch_size,
-        )?;
+        let s = run_index(catalog.as_mut(), &encoder, model_id, &dirs, &[], store)?;
         note_changes(&s);
     }
     Ok((catalog, encoder, model_id))
@@ -446,14 +455,15 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&hits)?);
     } else if a.paths_only {
+        // A segment as stored: the video's path with its `#t=START,END`.
         for h in &hits {
-            println!("{}", h.path);
+            println!("{}", h.stored_path());
         }
     } else {
         for h in &hits {
             match h.itm {
-                Some(itm) => println!("{:.4}\t{itm:.4}\t{}", h.score, h.path),
-                None => println!("{:.4}\t{}", h.score, h.path),
+                Some(itm) => println!("{:.4}\t{itm:.4}\t{}", h.score, h.display()),
+                None => println!("{:.4}\t{}", h.score, h.display()),
             }
         }
     }

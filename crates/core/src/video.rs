@@ -224,6 +224,79 @@ pub fn frame_at(info: &VideoInfo, time: f64) -> Result<Frame> {
     Ok(Frame { time: shown, image })
 }
 
+/// One frame every `1 / fps` seconds (the first at or after each multiple
+/// of it, as [`frame_at`] picks), decoded upright in one FFmpeg pass: what
+/// indexing a long video needs, where a process per frame would cost more
+/// than the frames.
+pub fn frames_at_rate(info: &VideoInfo, fps: f64) -> Result<Vec<Frame>> {
+    let path = &info.path;
+    if fps.is_nan() || fps <= 0.0 {
+        return Err(Error::Report(format!(
+            "{}: a frame rate must be above 0, not {fps}",
+            path.display()
+        )));
+    }
+    let out = run(
+        path,
+        Command::new(program("CLASP_FFMPEG", "ffmpeg"))
+            .args(["-v", "info", "-nostats", "-copyts", "-i"])
+            .arg(path)
+            .args(["-an", "-vf"])
+            .arg(format!("select='gte(t\\,selected_n/{fps})',showinfo"))
+            .args([
+                "-fps_mode",
+                "passthrough",
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "rgb24",
+                "-",
+            ]),
+        "ffmpeg",
+    )?;
+    if !out.status.success() {
+        return Err(Error::Report(format!(
+            "{}: could not decode its frames: {}",
+            path.display(),
+            stderr_reason(&out)
+        )));
+    }
+    let size = info.width as usize * info.height as usize * 3;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let times: Vec<f64> = err
+        .lines()
+        .filter(|l| l.contains("showinfo") && l.contains("pts_time:"))
+        .filter_map(|l| {
+            l.split("pts_time:")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .collect();
+    if out.stdout.len() != size * times.len() || times.is_empty() {
+        return Err(Error::Report(format!(
+            "{}: FFmpeg gave {} bytes for {} frames of {}x{} (truncated?)",
+            path.display(),
+            out.stdout.len(),
+            times.len(),
+            info.width,
+            info.height
+        )));
+    }
+    Ok(out
+        .stdout
+        .chunks_exact(size)
+        .zip(times)
+        .map(|(px, time)| Frame {
+            time,
+            image: RgbImage::from_raw(info.width, info.height, px.to_vec())
+                .expect("checked: width × height × 3 bytes"),
+        })
+        .collect())
+}
+
 /// The frames `sampling` picks, in time order.
 pub fn frames(path: &Path, sampling: Sampling) -> Result<(VideoInfo, Vec<Frame>)> {
     let info = probe(path)?;

@@ -9,6 +9,10 @@
 //!    threads while the encoder embeds the previous batch; each batch's rows
 //!    and vectors are committed together, so a killed run loses at most the
 //!    batch in flight and the next run carries on.
+//!
+//! Videos (with [`IndexOptions::video`]) are hashed as they are read, and
+//! embedded whole and in segments ([`super::video_segments`]); a video's
+//! segment rows follow it when it moves, and go when it goes or changes.
 
 use crate::preprocess::pipeline;
 use std::collections::{HashMap, HashSet};
@@ -18,6 +22,7 @@ use rayon::prelude::*;
 
 use super::catalog::{FileRow, Hash};
 use super::store::Store;
+use super::video_segments::{self as vs, is_video, VideoOptions};
 use super::walk::{self, Found, Skipped};
 use crate::preprocess::image::decode_image;
 use crate::progress::Progress;
@@ -28,6 +33,8 @@ pub struct IndexOptions {
     pub batch_size: usize,
     /// Glob patterns of paths to leave out.
     pub excludes: Vec<String>,
+    /// Index videos too, cut so; `None` leaves them out.
+    pub video: Option<VideoOptions>,
 }
 
 /// What an indexing run did.
@@ -39,8 +46,10 @@ pub struct Summary {
     pub removed: usize,
     /// Unchanged files (and copies of content already embedded).
     pub unchanged: usize,
-    /// Vectors computed by the encoder in this run.
+    /// Vectors computed by the encoder in this run (a video counts once).
     pub embedded: usize,
+    /// Video segments embedded in this run.
+    pub segments: usize,
     /// Files that could not be embedded: (path, reason).
     pub failed: Vec<(String, String)>,
     /// Entries the walk could not index: (path, reason).
@@ -78,6 +87,9 @@ pub fn index(
     progress: &dyn Progress,
 ) -> Result<Summary> {
     let excludes = walk::globset(&opts.excludes)?;
+    if let Some(v) = &opts.video {
+        v.check()?;
+    }
     let roots: Vec<PathBuf> = roots
         .iter()
         .map(|r| walk::canonical_root(r))
@@ -91,7 +103,7 @@ pub fn index(
     // 1. Walk.
     let mut found: Vec<Found> = Vec::new();
     for r in &roots {
-        let (f, s) = walk::scan(r, &excludes);
+        let (f, s) = walk::scan(r, &excludes, opts.video.is_some());
         found.extend(f);
         summary.skipped.extend(
             s.into_iter()
@@ -100,11 +112,24 @@ pub fn index(
     }
     found.sort_by(|a, b| a.path.cmp(&b.path));
     found.dedup_by(|a, b| a.path == b.path);
-    let existing: HashMap<String, FileRow> = catalog
+    let mut existing: HashMap<String, FileRow> = catalog
         .files_under(&prefixes)?
         .into_iter()
         .map(|r| (r.path.clone(), r))
         .collect();
+    // A video's segments are rows of their own, kept apart: they follow
+    // their video.
+    let mut segments_of: HashMap<String, Vec<FileRow>> = HashMap::new();
+    existing.retain(|path, row| match vs::parse_segment(path) {
+        Some((video, _, _)) => {
+            segments_of
+                .entry(video.to_string())
+                .or_default()
+                .push(row.clone());
+            false
+        }
+        None => true,
+    });
 
     let mut unchanged_ok: Vec<FileRow> = Vec::new();
     let mut to_hash: Vec<(Found, bool)> = Vec::new();
@@ -129,12 +154,28 @@ pub fn index(
     let hashed: Vec<Pending> = to_hash
         .into_par_iter()
         .map(|(found, existed)| {
-            let r = std::fs::read(&found.path);
+            let r = if is_video(&found.path) {
+                // A video is hashed as it is read, never held whole.
+                let mut h = blake3::Hasher::new();
+                std::fs::File::open(&found.path)
+                    .and_then(|mut f| std::io::copy(&mut f, &mut h))
+                    .map(|_| {
+                        (
+                            *h.finalize().as_bytes(),
+                            walk::caption_for(&found.path, &[]),
+                        )
+                    })
+            } else {
+                std::fs::read(&found.path).map(|bytes| {
+                    let caption = walk::caption_for(&found.path, &bytes);
+                    (*blake3::hash(&bytes).as_bytes(), caption)
+                })
+            };
             progress.inc(1);
             match r {
-                Ok(bytes) => Pending {
-                    hash: Some(*blake3::hash(&bytes).as_bytes()),
-                    caption: walk::caption_for(&found.path, &bytes),
+                Ok((hash, caption)) => Pending {
+                    hash: Some(hash),
+                    caption,
                     error: None,
                     found,
                     existed,
@@ -201,6 +242,12 @@ pub fn index(
     let have = catalog.has_vectors(model_id, &hashes)?;
     let (known, mut fresh): (Vec<_>, Vec<_>) =
         needs_vector.into_iter().zip(have).partition(|(_, h)| *h);
+    // A video at a new path needs its own segment rows, which embedding
+    // writes.
+    let (known, videos): (Vec<_>, Vec<_>) = known
+        .into_iter()
+        .partition(|(p, _)| !is_video(&p.found.path));
+    fresh.extend(videos);
     let known: Vec<Pending> = known.into_iter().map(|(p, _)| p).collect();
     // Unchanged files whose content lacks a vector for this model (a new
     // model, or a run interrupted before this file's batch committed).
@@ -224,11 +271,35 @@ pub fn index(
             });
         }
     }
+    // Segments whose video is gone without a row of its own.
+    let stray: Vec<&String> = segments_of
+        .iter()
+        .filter(|(v, _)| !existing.contains_key(*v) && !found_paths.contains(*v))
+        .flat_map(|(_, rows)| rows.iter().map(|r| &r.path))
+        .collect();
     catalog.write(|w| {
         for (from, p) in &moves {
-            w.move_file(from, &row_of(p))?;
+            let to = row_of(p);
+            w.move_file(from, &to)?;
+            for s in segments_of.get(from).into_iter().flatten() {
+                if let Some((_, a, b)) = vs::parse_segment(&s.path) {
+                    let moved = FileRow {
+                        path: vs::segment_path(&to.path, a, b),
+                        size: to.size,
+                        mtime_ns: to.mtime_ns,
+                        ..s.clone()
+                    };
+                    w.move_file(&s.path, &moved)?;
+                }
+            }
         }
         for path in &removed {
+            w.remove_file(path)?;
+            for s in segments_of.get(path).into_iter().flatten() {
+                w.remove_file(&s.path)?;
+            }
+        }
+        for path in &stray {
             w.remove_file(path)?;
         }
         for p in same_content.iter().chain(&known).chain(&unreadable) {
@@ -257,15 +328,18 @@ pub fn index(
     fresh.sort_by(|a, b| a.0.found.path.cmp(&b.0.found.path));
     let mut todo: Vec<Pending> = fresh.into_iter().map(|(p, _)| p).collect();
     todo.extend(reembed_unchanged);
-    embed_claimed(
-        catalog,
+    let run = Run {
         encoder,
         model_id,
-        todo,
-        opts.batch_size.max(1),
+        batch_size: opts.batch_size.max(1),
         progress,
-        &mut summary,
-    )?;
+        video: opts.video,
+        old_segments: segments_of
+            .into_iter()
+            .map(|(v, rows)| (v, rows.into_iter().map(|r| r.path).collect()))
+            .collect(),
+    };
+    embed_claimed(catalog, &run, todo, &mut summary)?;
     catalog.write(|w| w.drop_orphan_vectors().map(|_| ()))?;
     Ok(summary)
 }
@@ -274,18 +348,27 @@ pub fn index(
 /// it waits little, enough to keep the encoder's batches full.
 const CLAIM_CHUNK: usize = 256;
 
+/// What embedding needs besides the store.
+struct Run<'a> {
+    encoder: &'a Encoder,
+    model_id: i64,
+    batch_size: usize,
+    progress: &'a dyn Progress,
+    video: Option<VideoOptions>,
+    /// The segment rows each video had before this run.
+    old_segments: HashMap<String, Vec<String>>,
+}
+
 /// Embeds `todo` a chunk at a time, each chunk's content claimed first
 /// ([`Store::claim`]): content another writer holds is left for the end,
 /// then waited for, and embedded only if that writer did not.
 fn embed_claimed(
     store: &mut dyn Store,
-    encoder: &Encoder,
-    model_id: i64,
+    run: &Run,
     todo: Vec<Pending>,
-    batch_size: usize,
-    progress: &dyn Progress,
     summary: &mut Summary,
 ) -> Result<()> {
+    let progress = run.progress;
     if todo.is_empty() {
         return Ok(());
     }
@@ -299,10 +382,8 @@ fn embed_claimed(
         let (mine, theirs): (Vec<_>, Vec<_>) = chunk.into_iter().zip(claimed).partition(|x| x.1);
         deferred.extend(theirs.into_iter().map(|x| x.0));
         let mine = mine.into_iter().map(|x| x.0).collect();
-        let mine = record_done(store, model_id, mine, progress, summary)?;
-        embed_pending(
-            store, encoder, model_id, mine, batch_size, progress, summary,
-        )?;
+        let mine = record_done(store, run, mine, summary)?;
+        embed_pending(store, run, mine, summary)?;
         store.release_claims()?;
     }
     let mut rest = deferred.into_iter().peekable();
@@ -311,10 +392,8 @@ fn embed_claimed(
         for p in &chunk {
             store.claim_wait(p.hash.as_ref().unwrap())?;
         }
-        let mine = record_done(store, model_id, chunk, progress, summary)?;
-        embed_pending(
-            store, encoder, model_id, mine, batch_size, progress, summary,
-        )?;
+        let mine = record_done(store, run, chunk, summary)?;
+        embed_pending(store, run, mine, summary)?;
         store.release_claims()?;
     }
     progress.finish();
@@ -325,13 +404,18 @@ fn embed_claimed(
 /// embedded it) and returns the others.
 fn record_done(
     store: &mut dyn Store,
-    model_id: i64,
+    run: &Run,
     chunk: Vec<Pending>,
-    progress: &dyn Progress,
     summary: &mut Summary,
 ) -> Result<Vec<Pending>> {
     let hashes: Vec<Hash> = chunk.iter().map(|p| p.hash.unwrap()).collect();
-    let have = store.has_vectors(model_id, &hashes)?;
+    let have = store.has_vectors(run.model_id, &hashes)?;
+    // A video's rows are its segments' too: only embedding writes them.
+    let have: Vec<bool> = chunk
+        .iter()
+        .zip(have)
+        .map(|(p, h)| h && !is_video(&p.found.path))
+        .collect();
     let (done, todo): (Vec<_>, Vec<_>) = chunk.into_iter().zip(have).partition(|x| x.1);
     if !done.is_empty() {
         store.write(|w| {
@@ -347,28 +431,32 @@ fn record_done(
                 summary.added += 1;
             }
         }
-        progress.inc(done.len() as u64);
+        run.progress.inc(done.len() as u64);
     }
     Ok(todo.into_iter().map(|x| x.0).collect())
 }
 
 fn embed_pending(
     catalog: &mut dyn Store,
-    encoder: &Encoder,
-    model_id: i64,
+    run: &Run,
     todo: Vec<Pending>,
-    batch_size: usize,
-    progress: &dyn Progress,
     summary: &mut Summary,
 ) -> Result<()> {
+    let (videos, todo): (Vec<Pending>, Vec<Pending>) =
+        todo.into_iter().partition(|p| is_video(&p.found.path));
+    for p in videos {
+        embed_video(catalog, run, p, summary)?;
+        run.progress.inc(1);
+    }
     if todo.is_empty() {
         return Ok(());
     }
+    let (encoder, model_id, progress) = (run.encoder, run.model_id, run.progress);
     let proc = encoder.image_processor();
     let mut seen: HashSet<Hash> = HashSet::new();
     // Decoding runs one batch ahead of the encoder on a worker thread.
     pipeline::prepare_ahead(
-        pipeline::batches(todo, batch_size),
+        pipeline::batches(todo, run.batch_size),
         |_, _, p: &Pending| {
             let b = std::fs::read(&p.found.path).map_err(|e| Error::io(&p.found.path, e))?;
             proc.process_pixels(&decode_image(&b, &p.found.path)?)
@@ -430,6 +518,54 @@ fn embed_pending(
             Ok(true)
         },
     )?;
+    Ok(())
+}
+
+/// Embeds one video (whole and in segments) and writes its rows and
+/// vectors in one transaction, replacing the segments it had; a video that
+/// cannot be read keeps a row with the reason.
+fn embed_video(store: &mut dyn Store, run: &Run, p: Pending, summary: &mut Summary) -> Result<()> {
+    let opts = run.video.unwrap_or_default();
+    let mut row = row_of(&p);
+    let old = run.old_segments.get(&row.path).cloned().unwrap_or_default();
+    let hash = p.hash.expect("hashed before embedding");
+    let r = vs::embed(run.encoder, &p.found.path, &opts, run.batch_size);
+    if let Err(e) = &r {
+        row.error = Some(e.to_string());
+    }
+    store.write(|w| {
+        for s in &old {
+            w.remove_file(s)?;
+        }
+        if let Ok(v) = &r {
+            w.put_vector(run.model_id, &hash, &v.mean)?;
+            for s in &v.segments {
+                let h = vs::segment_hash(&hash, s.start, s.end);
+                w.put_vector(run.model_id, &h, &s.vector)?;
+                w.upsert_file(&FileRow {
+                    path: vs::segment_path(&row.path, s.start, s.end),
+                    size: row.size,
+                    mtime_ns: row.mtime_ns,
+                    hash: Some(h),
+                    error: None,
+                    caption: String::new(),
+                })?;
+            }
+        }
+        w.upsert_file(&row)
+    })?;
+    match r {
+        Ok(v) => {
+            summary.embedded += 1;
+            summary.segments += v.segments.len();
+            if p.existed {
+                summary.updated += 1;
+            } else {
+                summary.added += 1;
+            }
+        }
+        Err(e) => summary.failed.push((row.path, e.to_string())),
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@ pub mod query;
 pub mod rerank;
 pub mod search;
 pub mod store;
+pub mod video_segments;
 pub mod walk;
 
 use std::path::Path;
@@ -25,6 +26,7 @@ pub use catalog::Catalog;
 pub use engine::{open_engine, VectorSearch};
 pub use indexer::{index, IndexOptions, Summary};
 pub use store::{ConnectOptions, Store};
+pub use video_segments::VideoOptions;
 
 /// Default number of vectors above which search uses the HNSW index.
 pub const ANN_THRESHOLD: usize = 50_000;

@@ -6,8 +6,6 @@
 //! A hit whose image cannot be read keeps its place after the re-scored
 //! hits, with a warning that names the file; the others go on.
 
-use std::path::Path;
-
 use clasp_core::model::blip2::Blip2Retrieval;
 
 use crate::search::Hit;
@@ -32,7 +30,11 @@ pub fn rerank(
         let mut pixels = Vec::with_capacity(chunk.len());
         let mut kept = Vec::with_capacity(chunk.len());
         for h in chunk {
-            match model.processor.process_path(Path::new(&h.path)) {
+            match h
+                .image()
+                .and_then(|im| model.processor.process_pixels(&im))
+                .map(|p| p.data)
+            {
                 Ok(px) => {
                     pixels.push(px);
                     kept.push(h.clone());

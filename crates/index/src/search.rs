@@ -16,11 +16,72 @@ pub const RRF_K: f64 = 60.0;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Hit {
+    /// The file: a photo, or the video a segment is of.
     pub path: String,
     pub score: f64,
     /// The fusion model's match probability, when re-ranked (`rerank`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub itm: Option<f64>,
+    /// A video segment's start and end, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end: Option<f64>,
+}
+
+impl Hit {
+    /// The hit of a stored path (a segment's is split into its video's
+    /// path and time range).
+    pub fn new(stored: &str, score: f64) -> Self {
+        let (path, start, end) = match super::video_segments::parse_segment(stored) {
+            Some((v, a, b)) => (v.to_string(), Some(a), Some(b)),
+            None => (stored.to_string(), None, None),
+        };
+        Self {
+            path,
+            score,
+            itm: None,
+            start,
+            end,
+        }
+    }
+
+    /// The path as stored (a segment's with its `#t=` range), by which the
+    /// store knows the hit.
+    pub fn stored_path(&self) -> String {
+        match (self.start, self.end) {
+            (Some(a), Some(b)) => super::video_segments::segment_path(&self.path, a, b),
+            _ => self.path.clone(),
+        }
+    }
+
+    /// The hit's picture: the photo, or a segment's middle frame.
+    pub fn image(&self) -> Result<image::RgbImage> {
+        let path = std::path::Path::new(&self.path);
+        match (self.start, self.end) {
+            (Some(a), Some(b)) => {
+                let info = clasp_core::video::probe(path)?;
+                Ok(clasp_core::video::frame_at(&info, (a + b) / 2.0)?.image)
+            }
+            _ => {
+                let bytes = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
+                crate::preprocess::image::decode_image(&bytes, path)
+            }
+        }
+    }
+
+    /// The hit for people: a segment as `clip.mp4 @ 00:12–00:16`.
+    pub fn display(&self) -> String {
+        match (self.start, self.end) {
+            (Some(a), Some(b)) => format!(
+                "{} @ {}–{}",
+                self.path,
+                super::video_segments::clock(a),
+                super::video_segments::clock(b)
+            ),
+            _ => self.path.clone(),
+        }
+    }
 }
 
 /// Embeddable files under `dirs` (all when empty), grouped by content hash.
@@ -97,11 +158,7 @@ fn files_of_hits(
     for (h, s) in hits {
         if let Some(files) = by_hash.get(&h) {
             for f in files {
-                out.push(Hit {
-                    path: f.path.clone(),
-                    score: s as f64,
-                    itm: None,
-                });
+                out.push(Hit::new(&f.path, s as f64));
             }
         }
         if out.len() >= k {
@@ -127,19 +184,12 @@ pub fn rrf(lists: &[Vec<String>], k: usize) -> Vec<Hit> {
             });
         }
     }
-    let mut hits: Vec<Hit> = score
+    let mut hits: Vec<(usize, Hit)> = score
         .into_iter()
-        .map(|(p, s)| Hit {
-            path: p.to_string(),
-            score: s,
-            itm: None,
-        })
+        .map(|(p, s)| (first_seen[p], Hit::new(p, s)))
         .collect();
-    hits.sort_by(|a, b| {
-        b.score
-            .total_cmp(&a.score)
-            .then(first_seen[a.path.as_str()].cmp(&first_seen[b.path.as_str()]))
-    });
+    hits.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then(a.0.cmp(&b.0)));
+    let mut hits: Vec<Hit> = hits.into_iter().map(|(_, h)| h).collect();
     hits.truncate(k);
     hits
 }
@@ -157,7 +207,7 @@ pub fn hybrid_search(
     let depth = (k * 4).max(50);
     let vec_hits: Vec<String> = vector_search(engine, catalog, query, depth, dirs)?
         .into_iter()
-        .map(|h| h.path)
+        .map(|h| h.stored_path())
         .collect();
     let text_hits: Vec<String> = catalog
         .text_search(text, depth * 4)?

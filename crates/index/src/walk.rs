@@ -61,8 +61,8 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
 
 /// Walks `root` (already canonical), following symlinks, skipping hidden
 /// entries and excluded paths (globs match the path relative to the root, or
-/// the absolute path).
-pub fn scan(root: &Path, excludes: &GlobSet) -> (Vec<Found>, Vec<Skipped>) {
+/// the absolute path). Videos are found too when `videos` is set.
+pub fn scan(root: &Path, excludes: &GlobSet, videos: bool) -> (Vec<Found>, Vec<Skipped>) {
     let mut found = Vec::new();
     let mut skipped = Vec::new();
     let excluded = |p: &Path| {
@@ -113,7 +113,9 @@ pub fn scan(root: &Path, excludes: &GlobSet) -> (Vec<Found>, Vec<Skipped>) {
             continue;
         }
         let path = entry.path().to_path_buf();
-        if !has_image_extension(&path) {
+        let wanted =
+            has_image_extension(&path) || (videos && super::video_segments::is_video(&path));
+        if !wanted {
             let ext = path
                 .extension()
                 .and_then(|e| e.to_str())
@@ -190,7 +192,7 @@ mod tests {
         std::os::unix::fs::symlink(&root, root.join("sub/loop")).unwrap();
         std::fs::create_dir(root.join("skipme")).unwrap();
         std::fs::write(root.join("skipme/c.jpg"), b"x").unwrap();
-        let (found, skipped) = scan(&root, &globset(&["skipme".into()]).unwrap());
+        let (found, skipped) = scan(&root, &globset(&["skipme".into()]).unwrap(), false);
         let names: Vec<_> = found
             .iter()
             .map(|f| f.path.strip_prefix(&root).unwrap().display().to_string())

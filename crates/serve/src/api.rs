@@ -484,6 +484,10 @@ pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response
                         if let Some(itm) = h.itm {
                             hit["itm"] = json!(itm);
                         }
+                        if let (Some(a), Some(b)) = (h.start, h.end) {
+                            hit["start"] = json!(a);
+                            hit["end"] = json!(b);
+                        }
                         Ok(hit)
                     })
                     .collect::<crate::Result<Vec<Value>>>()?;

@@ -76,6 +76,7 @@ pub fn router(state: api::Shared) -> Router {
         .route("/v1/classify", post(api::classify))
         .route("/v1/search", post(api::search_endpoint))
         .route("/v1/thumbnail", get(page::thumbnail))
+        .route("/v1/video", get(page::video))
         .route("/", get(page::page))
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))

@@ -87,6 +87,7 @@ const EMBEDDING_PATHS: &[&str] = &[
     "/v1/classify",
     "/v1/search",
     "/v1/thumbnail",
+    "/v1/video",
     "/",
 ];
 const CHAT_PATHS: &[&str] = &["/v1/chat/completions", "/v1/models"];
@@ -174,14 +175,24 @@ pub fn document() -> Value {
                         "description": "Re-score the first stage's top K (32) with the server's fusion model (--rerank-model): itm orders by its match probability, itm+sim by its match logit plus the similarity. Text queries only."}}}),
                 json!({"type": "object", "properties": {"data": {"type": "array", "items": {"type": "object", "properties": {
                     "path": {"type": "string"}, "score": {"type": "number"}, "caption": {"type": ["string", "null"]},
-                    "itm": {"type": "number", "description": "the fusion model's match probability, when re-ranked"}}}}}})),
+                    "itm": {"type": "number", "description": "the fusion model's match probability, when re-ranked"},
+                    "start": {"type": "number", "description": "a video segment's start, in seconds (`path` is the video)"},
+                    "end": {"type": "number", "description": "a video segment's end, in seconds"}}}}}})),
             "/v1/thumbnail": {"get": {
-                "summary": "A JPEG thumbnail of an indexed image (the search page's grid); other paths get 404",
+                "summary": "A JPEG thumbnail of an indexed image, or of an indexed video's frame at `t` (the search page's grid); other paths get 404",
                 "parameters": [
                     {"name": "path", "in": "query", "required": true, "schema": {"type": "string", "minLength": 1}},
-                    {"name": "size", "in": "query", "schema": {"type": "integer", "minimum": 16, "maximum": 2048, "default": 256}}],
-                "responses": {"200": {"description": "image/jpeg"}, "400": error_response("Bad size or no path"),
+                    {"name": "size", "in": "query", "schema": {"type": "integer", "minimum": 16, "maximum": 2048, "default": 256}},
+                    {"name": "t", "in": "query", "schema": {"type": "number", "minimum": 0}}],
+                "responses": {"200": {"description": "image/jpeg"}, "400": error_response("Bad size or t, or no path"),
                               "404": error_response("Not an indexed image"), "503": error_response("No store")}}},
+            "/v1/video": {"get": {
+                "summary": "An indexed video's bytes, with HTTP byte ranges (the search page's player); other paths get 404",
+                "parameters": [
+                    {"name": "path", "in": "query", "required": true, "schema": {"type": "string", "minLength": 1}}],
+                "responses": {"200": {"description": "the video"}, "206": {"description": "a byte range of it"},
+                              "400": error_response("No path"), "404": error_response("Not an indexed video"),
+                              "503": error_response("No store")}}},
             "/": {"get": {"summary": "The search page (HTML)", "responses": {"200": {"description": "text/html"}}}},
             "/v1/chat/completions": post(
                 "OpenAI chat completions over the vision-language model (`--vlm`), with continuous batching. `stream: true` answers server-sent events of `chat.completion.chunk` objects, then `[DONE]`. clasp's extension `clasp_retrieve` puts photos retrieved from the store (`--store`) into the last user message and answers `clasp_sources`.",

@@ -1,8 +1,9 @@
 //! The search page at `GET /` (plain HTML, CSS and JS in the binary, no
-//! external requests) and the thumbnails it shows (`GET /v1/thumbnail`):
-//! resized on demand, kept in a bounded in-memory cache, and served only
-//! for files the store has indexed, so the endpoint cannot read anything
-//! else on the server.
+//! external requests), the thumbnails it shows (`GET /v1/thumbnail`, a
+//! video's frame at `t`): resized on demand, kept in a bounded in-memory
+//! cache, and the videos it plays (`GET /v1/video`, with byte ranges, so a
+//! player can start at a segment). Both serve only files the store has
+//! indexed, so they cannot read anything else on the server.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Cursor;
@@ -32,6 +33,8 @@ pub async fn page() -> Response {
 pub struct ThumbQuery {
     path: Option<String>,
     size: Option<u32>,
+    /// A video's frame at this second.
+    t: Option<f64>,
 }
 
 /// `GET /v1/thumbnail?path=P&size=N`: a JPEG of the indexed image at `P`,
@@ -49,6 +52,12 @@ pub async fn thumbnail(
             .filter(|p| !p.is_empty())
             .ok_or_else(|| ApiError::bad("path", "missing"))?;
         let size = q.size.unwrap_or(256);
+        let t = match q.t {
+            Some(t) if !(t.is_finite() && t >= 0.0) => {
+                return Err(ApiError::bad("t", "expected seconds, 0 or more"))
+            }
+            t => t,
+        };
         if !SIZES.contains(&size) {
             return Err(ApiError::bad(
                 "size",
@@ -87,7 +96,7 @@ pub async fn thumbnail(
             let mtime = std::fs::metadata(&file)
                 .and_then(|m| m.modified())
                 .map_err(|_| not_found())?;
-            st3.thumbs.get_or_make(&file, size, mtime)
+            st3.thumbs.get_or_make(&file, size, t, mtime)
         })
         .await
         .map_err(|e| {
@@ -105,7 +114,63 @@ pub async fn thumbnail(
     .await
 }
 
-type Key = (PathBuf, u32);
+/// (path, size, a video frame's time in milliseconds).
+#[derive(Deserialize)]
+pub struct VideoQuery {
+    path: Option<String>,
+}
+
+/// `GET /v1/video?path=P`: the indexed video at `P`, with byte ranges
+/// (tower-http's `ServeFile`), so the page's player can seek to a segment.
+pub async fn video(
+    State(st): State<Shared>,
+    q: Result<Query<VideoQuery>, axum::extract::rejection::QueryRejection>,
+    req: axum::extract::Request,
+) -> Response {
+    use tower::ServiceExt;
+    let st2 = st.clone();
+    guarded(&st.limits, &st.metrics, "video", async move {
+        let Query(q) = q.map_err(|e| ApiError::bad("query", e.body_text()))?;
+        let path = q
+            .path
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ApiError::bad("path", "missing"))?;
+        let (Some(store), Some(model)) = (st2.store.clone(), st2.store_model) else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_store",
+                "this server has no store; start it with --store PATH",
+            ));
+        };
+        let p = path.clone();
+        let indexed = tokio::task::spawn_blocking(move || {
+            st2.search
+                .with(&store, model, |catalog, _| catalog.caption_of(&p))
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        if indexed.is_none() || !crate::index::video_segments::is_video(Path::new(&path)) {
+            let mut e = ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no indexed video at this path",
+            );
+            e.param = Some("path".into());
+            return Err(e);
+        }
+        let r = tower_http::services::ServeFile::new(&path)
+            .oneshot(req)
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?;
+        Ok(r.map(axum::body::Body::new).into_response())
+    })
+    .await
+}
+
+type Key = (PathBuf, u32, Option<u64>);
 
 /// Encoded thumbnails by (path, size), each with the file's modification
 /// time (a changed file is made again); the oldest go first past `budget`
@@ -140,13 +205,18 @@ impl Thumbnails {
         &self,
         path: &Path,
         size: u32,
+        t: Option<f64>,
         mtime: SystemTime,
     ) -> Result<Arc<Vec<u8>>, ApiError> {
-        let key = (path.to_path_buf(), size);
+        let key = (
+            path.to_path_buf(),
+            size,
+            t.map(|t| (t * 1000.0).round() as u64),
+        );
         if let Some(b) = self.lookup(&key, mtime) {
             return Ok(b);
         }
-        let bytes = Arc::new(make(path, size)?);
+        let bytes = Arc::new(make(path, size, t)?);
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, old)) = g.map.insert(key.clone(), (mtime, bytes.clone())) {
             g.bytes -= old.len();
@@ -178,10 +248,16 @@ impl Thumbnails {
     }
 }
 
-/// Decodes `path` (EXIF orientation applied) and encodes it as a JPEG whose
-/// longer side is at most `size`.
-fn make(path: &Path, size: u32) -> Result<Vec<u8>, ApiError> {
-    let img = crate::preprocess::image::load_image(path).map_err(|e| {
+/// Decodes `path` (EXIF orientation applied; a video's frame at `t`) and
+/// encodes it as a JPEG whose longer side is at most `size`.
+fn make(path: &Path, size: u32, t: Option<f64>) -> Result<Vec<u8>, ApiError> {
+    let img = match t {
+        Some(t) => clasp_core::video::probe(path)
+            .and_then(|info| clasp_core::video::frame_at(&info, t.min(info.duration)))
+            .map(|f| f.image),
+        None => crate::preprocess::image::load_image(path),
+    };
+    let img = img.map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "bad_image",
@@ -215,26 +291,26 @@ mod tests {
             })
             .collect();
         let t0 = SystemTime::UNIX_EPOCH;
-        let one = make(&paths[0], 64).unwrap().len();
+        let one = make(&paths[0], 64, None).unwrap().len();
         let cache = Thumbnails::new(2 * one + one / 2);
-        let a = cache.get_or_make(&paths[0], 64, t0).unwrap();
+        let a = cache.get_or_make(&paths[0], 64, None, t0).unwrap();
         let decoded = image::load_from_memory(&a).unwrap();
         assert_eq!((decoded.width(), decoded.height()), (64, 43));
         assert!(Arc::ptr_eq(
             &a,
-            &cache.get_or_make(&paths[0], 64, t0).unwrap()
+            &cache.get_or_make(&paths[0], 64, None, t0).unwrap()
         ));
         let t1 = t0 + std::time::Duration::from_secs(1);
         assert!(!Arc::ptr_eq(
             &a,
-            &cache.get_or_make(&paths[0], 64, t1).unwrap()
+            &cache.get_or_make(&paths[0], 64, None, t1).unwrap()
         ));
         assert_eq!(cache.held().0, 1);
-        cache.get_or_make(&paths[1], 64, t0).unwrap();
-        cache.get_or_make(&paths[2], 64, t0).unwrap();
+        cache.get_or_make(&paths[1], 64, None, t0).unwrap();
+        cache.get_or_make(&paths[2], 64, None, t0).unwrap();
         let (n, bytes) = cache.held();
         assert_eq!(n, 2, "the oldest left");
         assert!(bytes <= 2 * one + one / 2);
-        assert!(cache.lookup(&(paths[0].clone(), 64), t1).is_none());
+        assert!(cache.lookup(&(paths[0].clone(), 64, None), t1).is_none());
     }
 }
