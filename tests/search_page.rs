@@ -387,3 +387,84 @@ fn the_search_page_works_in_chinese_with_a_chinese_model() {
     let status = b.script("return document.getElementById('status').textContent;");
     assert_eq!(status, "", "no error shown");
 }
+
+/// A video in the store: its segments show in the grid as `clip.webm @
+/// 00:04–00:08` with their frame as the thumbnail, and a click opens the
+/// player on the served video, from the segment's start.
+#[test]
+fn the_search_page_shows_video_segments_and_plays_from_their_start() {
+    let Some(b) = Browser::start() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let (s, photos) = indexed_server(d.path(), &core().join("tiny-clip"), &["rgb.png"]);
+    // Red for 4 s, then blue for 4 s (VP9 in WebM, which chromium plays).
+    let video = photos.join("clip.webm");
+    let st = Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "color=c=red:s=64x48:r=5:d=4",
+        ])
+        .args(["-f", "lavfi", "-i", "color=c=blue:s=64x48:r=5:d=4"])
+        .args([
+            "-filter_complex",
+            "[0][1]concat=n=2:v=1",
+            "-c:v",
+            "libvpx-vp9",
+        ])
+        .arg(&video)
+        .status()
+        .expect("ffmpeg runs (scripts/test.sh installs it)");
+    assert!(st.success());
+    // The server's store is indexed again, now with the video.
+    let store = d.path().join("s.sqlite");
+    let o = Command::new(env!("CARGO_BIN_EXE_clasp"))
+        .args(["index", photos.to_str().unwrap(), "-m"])
+        .arg(core().join("tiny-clip"))
+        .args(["--store", store.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    b.open(&format!("{}/?q=blue", s.base));
+    let labels = b.wait(
+        "the video's segments",
+        "const c = [...document.querySelectorAll('.hit .score')].map(x => x.textContent); \
+         return c.some(t => t.includes('clip.webm @ 00:04–00:08')) && c;",
+    );
+    assert!(
+        labels.to_string().contains("clip.webm @ 00:00–00:04"),
+        "{labels}"
+    );
+    let thumb = b.wait(
+        "the segment's frame",
+        "const f = [...document.querySelectorAll('.hit')].find(x => \
+           x.querySelector('.score').textContent.includes('@ 00:04')); \
+         const i = f.querySelector('img'); \
+         return i.complete && i.naturalWidth > 0 && [i.src, i.naturalWidth];",
+    );
+    assert!(thumb[0].as_str().unwrap().contains("&t=6.000"), "{thumb}");
+    b.script(
+        "[...document.querySelectorAll('.hit')].find(x => \
+           x.querySelector('.score').textContent.includes('@ 00:04')).click(); return 0;",
+    );
+    let played = b.wait(
+        "the player at the segment",
+        "const p = document.getElementById('player'); \
+         return !p.hidden && p.readyState >= 1 && [p.currentSrc, p.currentTime, \
+           document.getElementById('full').hidden, document.getElementById('more').hidden];",
+    );
+    assert!(
+        played[0].as_str().unwrap().contains("/v1/video?path=")
+            && played[0].as_str().unwrap().contains("#t=4,8"),
+        "{played}"
+    );
+    assert!(played[1].as_f64().unwrap() >= 4.0, "{played}");
+    assert_eq!(
+        (&played[2], &played[3]),
+        (&Value::Bool(true), &Value::Bool(true))
+    );
+}
