@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use clasp::video::{frame_at, frames, probe, Sampling};
+use clasp::video::{frame_at, frames, frames_at_rate, probe, Sampling};
 
 /// A 3 s, 10 fps, 64×48 video: red for a second, then blue, then green.
 fn make(dir: &Path, name: &str, codec: &[&str]) -> PathBuf {
@@ -152,6 +152,42 @@ fn bad_videos_are_named_with_their_cause() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let e = err(&cut);
     assert!(e.contains("cut.webm"), "{e}");
+    // The one-pass sampling (what indexing runs) names them too.
+    for p in [&text, &empty, d.path().join("cut.mp4").as_path(), &cut] {
+        let e = probe(p)
+            .and_then(|i| frames_at_rate(&i, 2.0).map(|_| ()))
+            .unwrap_err()
+            .to_string();
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert!(e.contains(name), "{e}");
+    }
+}
+
+/// The one-pass sampling by rate picks the frames that seeking picks: the
+/// same timestamps and the same pixels, in every container.
+#[test]
+fn one_pass_sampling_equals_seeking_frame_by_frame() {
+    let d = tempfile::tempdir().unwrap();
+    for (name, codec) in [
+        ("v.mp4", &["-c:v", "libx264", "-pix_fmt", "yuv420p"][..]),
+        ("v.webm", &["-c:v", "libvpx-vp9", "-b:v", "200k"][..]),
+    ] {
+        let v = make(d.path(), name, codec);
+        let info = probe(&v).unwrap();
+        let fast = frames_at_rate(&info, 4.0).unwrap();
+        let (_, slow) = frames(&v, Sampling::Fps(4.0)).unwrap();
+        assert_eq!(fast.len(), slow.len(), "{name}");
+        assert_eq!(fast.len(), 12, "{name}");
+        for (a, b) in fast.iter().zip(&slow) {
+            assert!(
+                (a.time - b.time).abs() < 1e-6,
+                "{name}: {} vs {}",
+                a.time,
+                b.time
+            );
+            assert_eq!(a.image, b.image, "{name} at {}", a.time);
+        }
+    }
 }
 
 /// `clasp embed --video`: each frame's vector is what `clasp embed --image`

@@ -59,18 +59,23 @@ fn program(var: &str, name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// A program that would not start: FFmpeg missing (named, with the line
+/// that installs it), or another error reading `path`.
+fn missing_or_io(path: &Path, e: std::io::Error, what: &str) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::Report(format!(
+            "{}: reading video needs FFmpeg's `{what}`, which is not installed (apt install ffmpeg; or set CLASP_FFMPEG and CLASP_FFPROBE)",
+            path.display()
+        ))
+    } else {
+        Error::io(path, e)
+    }
+}
+
 fn run(path: &Path, cmd: &mut Command, what: &str) -> Result<std::process::Output> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::Report(format!(
-                "{}: reading video needs FFmpeg's `{what}`, which is not installed (apt install ffmpeg; or set CLASP_FFMPEG and CLASP_FFPROBE)",
-                path.display()
-            ))
-        } else {
-            Error::io(path, e)
-        }
-    })?;
-    Ok(out)
+    cmd.stdin(Stdio::null())
+        .output()
+        .map_err(|e| missing_or_io(path, e, what))
 }
 
 fn stderr_reason(out: &std::process::Output) -> String {
@@ -225,10 +230,17 @@ pub fn frame_at(info: &VideoInfo, time: f64) -> Result<Frame> {
 }
 
 /// One frame every `1 / fps` seconds (the first at or after each multiple
-/// of it, as [`frame_at`] picks), decoded upright in one FFmpeg pass: what
-/// indexing a long video needs, where a process per frame would cost more
-/// than the frames.
-pub fn frames_at_rate(info: &VideoInfo, fps: f64) -> Result<Vec<Frame>> {
+/// of it, as [`frame_at`] picks), decoded upright in one FFmpeg pass and
+/// handed to `each` as it comes, so memory holds one frame at a time
+/// whatever the video's length (and FFmpeg decodes the next while `each`
+/// works). Returns the frames' timestamps, in order. An error from `each`
+/// stops FFmpeg and is returned.
+pub fn each_frame_at_rate(
+    info: &VideoInfo,
+    fps: f64,
+    mut each: impl FnMut(RgbImage) -> Result<()>,
+) -> Result<Vec<f64>> {
+    use std::io::Read;
     let path = &info.path;
     if fps.is_nan() || fps <= 0.0 {
         return Err(Error::Report(format!(
@@ -236,33 +248,82 @@ pub fn frames_at_rate(info: &VideoInfo, fps: f64) -> Result<Vec<Frame>> {
             path.display()
         )));
     }
-    let out = run(
-        path,
-        Command::new(program("CLASP_FFMPEG", "ffmpeg"))
-            .args(["-v", "info", "-nostats", "-copyts", "-i"])
-            .arg(path)
-            .args(["-an", "-vf"])
-            .arg(format!("select='gte(t\\,selected_n/{fps})',showinfo"))
-            .args([
-                "-fps_mode",
-                "passthrough",
-                "-f",
-                "rawvideo",
-                "-pix_fmt",
-                "rgb24",
-                "-",
-            ]),
-        "ffmpeg",
-    )?;
-    if !out.status.success() {
+    let mut child = Command::new(program("CLASP_FFMPEG", "ffmpeg"))
+        .args(["-v", "info", "-nostats", "-copyts", "-i"])
+        .arg(path)
+        .args(["-an", "-vf"])
+        .arg(format!("select='gte(t\\,selected_n/{fps})',showinfo"))
+        .args([
+            "-fps_mode",
+            "passthrough",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| missing_or_io(path, e, "ffmpeg"))?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let log = std::thread::spawn(move || {
+        let mut t = String::new();
+        let _ = stderr.read_to_string(&mut t);
+        t
+    });
+    let mut stdout = child.stdout.take().expect("piped");
+    let size = info.width as usize * info.height as usize * 3;
+    let (mut frames, mut partial) = (0usize, 0usize);
+    let mut failed = None;
+    loop {
+        let mut buf = vec![0u8; size];
+        let mut got = 0;
+        while got < size {
+            match stdout.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failed = Some(Error::io(path, e));
+                    break;
+                }
+            }
+        }
+        if got < size || failed.is_some() {
+            partial = got;
+            break;
+        }
+        let image = RgbImage::from_raw(info.width, info.height, buf)
+            .expect("width × height × 3 bytes read");
+        if let Err(e) = each(image) {
+            failed = Some(e);
+            break;
+        }
+        frames += 1;
+    }
+    if failed.is_some() {
+        let _ = child.kill();
+    }
+    drop(stdout);
+    let status = child.wait().map_err(|e| Error::io(path, e))?;
+    let err = log.join().unwrap_or_default();
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if !status.success() {
+        let out = std::process::Output {
+            status,
+            stdout: Vec::new(),
+            stderr: err.into_bytes(),
+        };
         return Err(Error::Report(format!(
             "{}: could not decode its frames: {}",
             path.display(),
             stderr_reason(&out)
         )));
     }
-    let size = info.width as usize * info.height as usize * 3;
-    let err = String::from_utf8_lossy(&out.stderr);
     let times: Vec<f64> = err
         .lines()
         .filter(|l| l.contains("showinfo") && l.contains("pts_time:"))
@@ -275,25 +336,40 @@ pub fn frames_at_rate(info: &VideoInfo, fps: f64) -> Result<Vec<Frame>> {
                 .ok()
         })
         .collect();
-    if out.stdout.len() != size * times.len() || times.is_empty() {
+    let end = times.last().copied().unwrap_or(0.0) + 1.0 / fps;
+    if frames > 0 && end < info.duration - 0.25 {
         return Err(Error::Report(format!(
-            "{}: FFmpeg gave {} bytes for {} frames of {}x{} (truncated?)",
+            "{}: its frames end at {:.3} s, but the video is {:.3} s long by its header \
+             (truncated?)",
             path.display(),
-            out.stdout.len(),
-            times.len(),
-            info.width,
-            info.height
+            times.last().copied().unwrap_or(0.0),
+            info.duration
         )));
     }
-    Ok(out
-        .stdout
-        .chunks_exact(size)
+    if partial != 0 || times.len() != frames || frames == 0 {
+        return Err(Error::Report(format!(
+            "{}: FFmpeg gave {frames} whole frames of {}x{} (and {partial} bytes) for {} \
+             timestamps (truncated?)",
+            path.display(),
+            info.width,
+            info.height,
+            times.len()
+        )));
+    }
+    Ok(times)
+}
+
+/// [`each_frame_at_rate`]'s frames, all in memory (for short videos).
+pub fn frames_at_rate(info: &VideoInfo, fps: f64) -> Result<Vec<Frame>> {
+    let mut images = Vec::new();
+    let times = each_frame_at_rate(info, fps, |im| {
+        images.push(im);
+        Ok(())
+    })?;
+    Ok(images
+        .into_iter()
         .zip(times)
-        .map(|(px, time)| Frame {
-            time,
-            image: RgbImage::from_raw(info.width, info.height, px.to_vec())
-                .expect("checked: width × height × 3 bytes"),
-        })
+        .map(|(image, time)| Frame { time, image })
         .collect())
 }
 

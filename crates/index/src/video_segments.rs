@@ -141,7 +141,13 @@ pub fn segments(times: &[f64], rows: &[Vec<f32>], seconds: f64, duration: f64) -
     out
 }
 
-/// Embeds the video at `path`: frames at `opts.fps`, `batch` at a time.
+/// Frames of a video held at once for the encoder, whatever the batch
+/// size: a 4K frame is 25 MB.
+const MAX_FRAME_BATCH: usize = 16;
+
+/// Embeds the video at `path`: frames at `opts.fps`, streamed from FFmpeg
+/// and embedded `batch` (at most 16) at a time, so memory holds a batch of
+/// frames and the vectors, however long the video.
 pub fn embed(
     encoder: &Encoder,
     path: &Path,
@@ -149,13 +155,20 @@ pub fn embed(
     batch: usize,
 ) -> Result<VideoVectors> {
     let info = video::probe(path)?;
-    let frames = video::frames_at_rate(&info, opts.fps)?;
-    let mut rows: Vec<Vec<f32>> = Vec::with_capacity(frames.len());
-    for chunk in frames.chunks(batch.max(1)) {
-        let imgs: Vec<image::RgbImage> = chunk.iter().map(|f| f.image.clone()).collect();
-        rows.extend(encoder.embed_images(&imgs)?.to_vec2::<f32>()?);
+    let batch = batch.clamp(1, MAX_FRAME_BATCH);
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    let mut pending: Vec<image::RgbImage> = Vec::with_capacity(batch);
+    let times = video::each_frame_at_rate(&info, opts.fps, |im| {
+        pending.push(im);
+        if pending.len() == batch {
+            rows.extend(encoder.embed_images(&pending)?.to_vec2::<f32>()?);
+            pending.clear();
+        }
+        Ok(())
+    })?;
+    if !pending.is_empty() {
+        rows.extend(encoder.embed_images(&pending)?.to_vec2::<f32>()?);
     }
-    let times: Vec<f64> = frames.iter().map(|f| f.time).collect();
     let dim = encoder.embedding_dim();
     Ok(VideoVectors {
         mean: unit_mean(rows.iter(), dim),
