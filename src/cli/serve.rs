@@ -19,14 +19,21 @@ use clasp::vlm::Vlm;
 pub struct ServeArgs {
     /// Embedding model: a local directory or a Hugging Face Hub id (serves
     /// /v1/embeddings, /v1/similarity, /v1/classify and /v1/search).
-    #[arg(long, short, required_unless_present = "vlm")]
+    #[arg(long, short, required_unless_present_any = ["vlm", "llm"])]
     pub model: Option<String>,
     /// Vision-language model (a checkpoint from `clasp assemble` or `clasp
     /// train --stage`): serves OpenAI's /v1/chat/completions, with
     /// continuous batching. A native model (`clasp assemble --native`) also
     /// serves /v1/images/generations.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "llm")]
     pub vlm: Option<PathBuf>,
+    /// A language model alone (a .gguf file, a folder holding one, or a LlamaForCausalLM
+    /// folder): serves /v1/chat/completions for text conversations, with continuous batching.
+    #[arg(long)]
+    pub llm: Option<PathBuf>,
+    /// How --llm holds its weights: `quantized` (the GGUF's own, fast) or `f32`.
+    #[arg(long, value_enum, default_value = "quantized", requires = "llm")]
+    pub llm_precision: super::generate::PrecisionArg,
     /// Chat requests may name local images (`file://` or absolute paths)
     /// under this folder; without it only data URLs are read.
     #[arg(long, value_name = "DIR", requires = "vlm")]
@@ -111,9 +118,15 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         _ => None,
     };
     let max_wait = Duration::from_millis(a.max_wait_ms);
-    let chat = match &a.vlm {
+    let chat = match a.vlm.as_ref().or(a.llm.as_ref()) {
         Some(p) => Some(ChatConfig {
-            vlm: if clasp::vlm::native::is_native(p) {
+            vlm: if a.llm.is_some() {
+                let lm = clasp::llm::LanguageModel::load(p, a.llm_precision.into(), &dev)?;
+                ChatModelKind::Text(Box::new(clasp::vlm::TextChat {
+                    llm: lm.model,
+                    tokenizer: lm.tokenizer,
+                }))
+            } else if clasp::vlm::native::is_native(p) {
                 ChatModelKind::Native(Box::new(clasp::vlm::native::NativeModel::load(p, &dev)?))
             } else {
                 ChatModelKind::Bridge(Box::new(Vlm::load(p, &dev)?))

@@ -94,6 +94,20 @@ async fn models(State(st): State<ChatShared>) -> Response {
     .into_response()
 }
 
+/// A turn of text parts only.
+fn text_turn(role: String, parts: Vec<RawPart>) -> Turn {
+    Turn {
+        role,
+        parts: parts
+            .into_iter()
+            .filter_map(|p| match p {
+                RawPart::Text(t) => Some(Part::Text(t)),
+                RawPart::Image { .. } => None,
+            })
+            .collect(),
+    }
+}
+
 /// Decodes and prepares the images (on blocking threads), in order.
 async fn prepare_turns(
     st: &ChatState,
@@ -107,7 +121,21 @@ async fn prepare_turns(
             }
         }
     }
-    let processor = st.vlm.image_processor().clone();
+    let processor = match (st.vlm.image_processor(), raw.first()) {
+        (Some(p), _) => p.clone(),
+        (None, Some((field, _))) => {
+            return Err(ApiError::bad(
+                field,
+                "this server's model reads no images (a language model alone, --llm)",
+            ))
+        }
+        (None, None) => {
+            return Ok(turns
+                .into_iter()
+                .map(|(role, parts)| text_turn(role, parts))
+                .collect())
+        }
+    };
     let mut pixels = prepare_images(st.limits.max_pixels, processor, raw)
         .await?
         .into_iter();

@@ -58,6 +58,8 @@ pub enum ChatModelKind {
     Bridge(Box<Vlm>),
     /// A native (Emu3-layout) model: it also draws.
     Native(Box<NativeModel>),
+    /// A language model alone: text conversations.
+    Text(Box<crate::vlm::TextChat>),
 }
 
 pub struct ChatConfig {
@@ -130,6 +132,7 @@ pub async fn serve(
         };
         let (vlm, native): (Arc<dyn ChatModel>, _) = match c.vlm {
             ChatModelKind::Bridge(v) => (Arc::new(*v), None),
+            ChatModelKind::Text(t) => (Arc::new(*t), None),
             ChatModelKind::Native(n) => {
                 let n = Arc::new(*n);
                 (n.clone(), Some(n))

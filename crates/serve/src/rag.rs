@@ -90,9 +90,12 @@ pub fn source_parts(vlm: &dyn ChatModel, sources: &[Source]) -> (Vec<Part>, Vec<
     )];
     let mut skipped = Vec::new();
     for s in sources {
-        match load_image(Path::new(&s.path))
-            .and_then(|img| vlm.image_processor().process_pixels(&img))
-        {
+        let Some(processor) = vlm.image_processor() else {
+            // A model that reads no images gets each photo's path and caption.
+            parts.push(Part::Text(format!("[{}] {} {}", s.n, s.path, s.caption)));
+            continue;
+        };
+        match load_image(Path::new(&s.path)).and_then(|img| processor.process_pixels(&img)) {
             Ok(px) => {
                 parts.push(Part::Text(format!("[{}]", s.n)));
                 parts.push(Part::Image(px));
@@ -125,7 +128,10 @@ pub fn conversation(
     if let Some(p) = image {
         let img = load_image(p)?;
         parts.push(Part::Text("The question is about this photo:".into()));
-        parts.push(Part::Image(vlm.image_processor().process_pixels(&img)?));
+        let processor = vlm.image_processor().ok_or_else(|| {
+            Error::Report("this model reads no images: it is a language model alone".into())
+        })?;
+        parts.push(Part::Image(processor.process_pixels(&img)?));
     }
     parts.push(Part::Text(format!("Question: {question}\n{CITE}")));
     Ok((

@@ -36,14 +36,16 @@ impl Turn {
 }
 
 /// A model that answers conversations with images: a bridge ([`Vlm`]) or a
-/// native model ([`NativeModel`]). What a chat front end (the server's
+/// native model ([`NativeModel`]); or without them, a language model alone
+/// ([`TextChat`]). What a chat front end (the server's
 /// engine, `clasp ask`) needs of it.
 pub trait ChatModel: Send + Sync {
     /// The decoder that generates the answer.
     fn llm(&self) -> &Llama;
     fn tokenizer(&self) -> &LlmTokenizer;
-    /// How an image part's pixels are prepared.
-    fn image_processor(&self) -> &ImageProcessor;
+    /// How an image part's pixels are prepared; `None` for a model that
+    /// reads no images (a language model alone, [`TextChat`]).
+    fn image_processor(&self) -> Option<&ImageProcessor>;
     /// The prompt of a conversation, with the assistant's turn opened.
     fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt>;
     /// The options a chat answer runs with (a native model's image tokens
@@ -96,8 +98,8 @@ impl ChatModel for Vlm {
     fn tokenizer(&self) -> &LlmTokenizer {
         &self.tokenizer
     }
-    fn image_processor(&self) -> &ImageProcessor {
-        Vlm::image_processor(self)
+    fn image_processor(&self) -> Option<&ImageProcessor> {
+        Some(Vlm::image_processor(self))
     }
     fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
         Vlm::conversation_prompt(self, turns)
@@ -161,8 +163,8 @@ impl ChatModel for NativeModel {
     fn tokenizer(&self) -> &LlmTokenizer {
         &self.tokenizer
     }
-    fn image_processor(&self) -> &ImageProcessor {
-        &self.processor
+    fn image_processor(&self) -> Option<&ImageProcessor> {
+        Some(&self.processor)
     }
     /// The conversation through the chat template, each image's codes in
     /// its placeholder's place (`NativeModel::prompt_ids`).
@@ -177,5 +179,44 @@ impl ChatModel for NativeModel {
     }
     fn chat_options(&self, opts: GenerateOptions) -> GenerateOptions {
         self.text_only(opts)
+    }
+}
+
+/// A language model alone as a chat model: conversations of text, through
+/// its chat template. What `clasp serve --llm` answers with.
+pub struct TextChat {
+    pub llm: Llama,
+    pub tokenizer: LlmTokenizer,
+}
+
+impl ChatModel for TextChat {
+    fn llm(&self) -> &Llama {
+        &self.llm
+    }
+    fn tokenizer(&self) -> &LlmTokenizer {
+        &self.tokenizer
+    }
+    fn image_processor(&self) -> Option<&ImageProcessor> {
+        None
+    }
+    fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
+        let mut messages = Vec::with_capacity(turns.len());
+        for t in turns {
+            let mut text = Vec::with_capacity(t.parts.len());
+            for p in &t.parts {
+                match p {
+                    Part::Text(s) => text.push(s.as_str()),
+                    Part::Image(_) => {
+                        return Err(Error::Report(
+                            "this model reads no images: it is a language model alone".into(),
+                        ))
+                    }
+                }
+            }
+            messages.push(Message::new(&t.role, &text.join("\n")));
+        }
+        Ok(Prompt::tokens(
+            &self.tokenizer.encode_chat(&messages, true)?,
+        ))
     }
 }

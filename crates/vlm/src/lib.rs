@@ -28,6 +28,6 @@ pub mod native;
 pub mod reward;
 pub mod stage1;
 
-pub use chat::{ChatModel, Part, Turn};
+pub use chat::{ChatModel, Part, TextChat, Turn};
 pub use connector::{Connector, ConnectorKind};
 pub use model::{FeatureSelect, TowerSpec, Vlm, VlmConfig};
