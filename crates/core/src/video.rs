@@ -172,6 +172,21 @@ pub fn sample_times(duration: f64, sampling: Sampling) -> Vec<f64> {
     }
 }
 
+/// The timestamps FFmpeg's `showinfo` filter logged, in order.
+fn shown_times(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("showinfo") && l.contains("pts_time:"))
+        .filter_map(|l| {
+            l.split("pts_time:")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .collect()
+}
+
 /// The first frame whose timestamp is at or after `time` (FFmpeg's accurate
 /// seek), decoded upright, with its own timestamp.
 pub fn frame_at(info: &VideoInfo, time: f64) -> Result<Frame> {
@@ -212,18 +227,7 @@ pub fn frame_at(info: &VideoInfo, time: f64) -> Result<Frame> {
         )));
     }
     let err = String::from_utf8_lossy(&out.stderr);
-    let shown = err
-        .lines()
-        .filter(|l| l.contains("showinfo") && l.contains("pts_time:"))
-        .find_map(|l| {
-            l.split("pts_time:")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap_or(time);
+    let shown = shown_times(&err).first().copied().unwrap_or(time);
     let image = RgbImage::from_raw(info.width, info.height, out.stdout)
         .expect("checked: width × height × 3 bytes");
     Ok(Frame { time: shown, image })
@@ -324,18 +328,7 @@ pub fn each_frame_at_rate(
             stderr_reason(&out)
         )));
     }
-    let times: Vec<f64> = err
-        .lines()
-        .filter(|l| l.contains("showinfo") && l.contains("pts_time:"))
-        .filter_map(|l| {
-            l.split("pts_time:")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
-        .collect();
+    let times = shown_times(&err);
     let end = times.last().copied().unwrap_or(0.0) + 1.0 / fps;
     if frames > 0 && end < info.duration - 0.25 {
         return Err(Error::Report(format!(

@@ -22,15 +22,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 pub use clasp_core::model::blip2::blip_processor_json;
 use clasp_core::model::blip2::{Blip2Config, Blip2VisionConfig};
 
 use super::connector::{qformer_config, Connector, ConnectorKind};
 use super::model::{FeatureSelect, TowerSpec, Vlm, VlmConfig};
-use crate::llm::lora::Lora;
-use crate::llm::{Llama, LlamaConfig, LlmTokenizer};
-use crate::preprocess::{ImageProcessor, ImageProcessorConfig};
+use crate::llm::LlamaConfig;
+use crate::preprocess::ImageProcessorConfig;
 use crate::{Error, Result};
 
 /// Whether a config.json's value is a `Blip2ForConditionalGeneration`'s
@@ -173,50 +172,31 @@ impl Vlm {
             text_cfg.hidden_size,
             &connector_tensors,
         )?;
-        let vb = candle_nn::VarBuilder::from_tensors(llm_tensors, DType::F32, device);
-        let llm = Llama::from_hf(vb, text_cfg).map_err(|e| match e {
-            Error::Candle(c) => Error::Weights {
-                path: w.clone(),
-                reason: c.to_string(),
-            },
-            other => other,
-        })?;
-        let tokenizer = LlmTokenizer::from_hf_dir(dir)?;
-        let token = tokenizer
-            .inner()
-            .id_to_token(image_token_index)
-            .ok_or_else(|| {
-                bad(format!(
-                    "image_token_index {image_token_index} is not in the tokenizer"
-                ))
-            })?;
-        let pp = dir.join("preprocessor_config.json");
-        let processor = ImageProcessor::new(if pp.is_file() {
-            ImageProcessorConfig::from_file(&pp)?
-        } else {
-            ImageProcessorConfig::chinese_clip_default(vision_cfg.image_size as u32)
-        });
+        let lang = super::checkpoint::LanguageHalf::read(
+            dir,
+            text_cfg,
+            llm_tensors,
+            image_token_index,
+            ImageProcessorConfig::chinese_clip_default(vision_cfg.image_size as u32),
+            device,
+        )?;
         let cfg = VlmConfig {
             vision_feature_layer: -1,
             select: FeatureSelect::Full,
             connector: connector.kind(),
-            image_token: token,
+            image_token: lang.image_token,
             image_token_index,
         };
-        let mut vlm = Self::from_parts(
+        Self::from_parts(
             cfg,
             vision_cfg,
             TowerSpec::Blip2(b.vision_config.clone()),
             vision_tensors,
             connector,
-            llm,
-            tokenizer,
-            processor,
-        )?;
-        if Lora::present(dir) {
-            let lora = Lora::load_peft(dir, vlm.llm.config(), device)?;
-            vlm.llm.set_lora(Some(&lora))?;
-        }
-        Ok(vlm)
+            lang.llm,
+            lang.tokenizer,
+            lang.processor,
+        )?
+        .with_saved_adapter(dir, device)
     }
 }

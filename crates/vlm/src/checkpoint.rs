@@ -316,10 +316,6 @@ impl Vlm {
                 dir: dir.to_path_buf(),
             });
         }
-        let weights_err = |e: candle_core::Error| Error::Weights {
-            path: w.clone(),
-            reason: e.to_string(),
-        };
         let strip = |prefixes: &[&str]| load_prefixed(&w, prefixes, device);
         // transformers 5 writes `vision_tower.*`; 4.x wrote `vision_tower.vision_model.*`.
         let vision_tensors = strip(&["vision_tower.vision_model.", "vision_tower."])?;
@@ -331,26 +327,16 @@ impl Vlm {
             &connector_tensors,
         )?;
         let llm_tensors = strip(&["language_model."])?;
-        let vb = candle_nn::VarBuilder::from_tensors(llm_tensors, DType::F32, device);
-        let llm = Llama::from_hf(vb, text_cfg).map_err(|e| match e {
-            Error::Candle(c) => weights_err(c),
-            other => other,
-        })?;
-        let tokenizer = LlmTokenizer::from_hf_dir(dir)?;
-        let token = tokenizer
-            .inner()
-            .id_to_token(image_token_index)
-            .ok_or_else(|| {
-                bad(format!(
-                    "image_token_index {image_token_index} is not in the tokenizer"
-                ))
-            })?;
-        let pp = dir.join("preprocessor_config.json");
-        let processor = ImageProcessor::new(if pp.is_file() {
-            ImageProcessorConfig::from_file(&pp)?
-        } else {
-            ImageProcessorConfig::clip_default(vision_cfg.image_size as u32)
-        });
+        let lang = LanguageHalf::read(
+            dir,
+            text_cfg,
+            llm_tensors,
+            image_token_index,
+            ImageProcessorConfig::clip_default(vision_cfg.image_size as u32),
+            device,
+        )?;
+        let (llm, tokenizer, token, processor) =
+            (lang.llm, lang.tokenizer, lang.image_token, lang.processor);
         let cfg = VlmConfig {
             vision_feature_layer: layer,
             select,
@@ -358,7 +344,7 @@ impl Vlm {
             image_token: token,
             image_token_index,
         };
-        let mut vlm = Self::from_parts(
+        let vlm = Self::from_parts(
             cfg,
             vision_cfg,
             cnn,
@@ -368,12 +354,68 @@ impl Vlm {
             tokenizer,
             processor,
         )?;
-        // A PEFT adapter saved beside the weights is held unmerged.
+        vlm.with_saved_adapter(dir, device)
+    }
+
+    /// The model with the PEFT adapter saved beside its weights in `dir`,
+    /// if there is one, held unmerged.
+    pub(crate) fn with_saved_adapter(mut self, dir: &Path, device: &Device) -> Result<Self> {
         if Lora::present(dir) {
-            let lora = Lora::load_peft(dir, vlm.llm.config(), device)?;
-            vlm.llm.set_lora(Some(&lora))?;
+            let lora = Lora::load_peft(dir, self.llm.config(), device)?;
+            self.llm.set_lora(Some(&lora))?;
         }
-        Ok(vlm)
+        Ok(self)
+    }
+}
+
+/// The language half of a saved VLM folder: the language model, the
+/// tokenizer, the image token's text, and the image processor
+/// (preprocessor_config.json, else `default_processor`).
+pub(crate) struct LanguageHalf {
+    pub llm: Llama,
+    pub tokenizer: LlmTokenizer,
+    pub image_token: String,
+    pub processor: ImageProcessor,
+}
+
+impl LanguageHalf {
+    pub(crate) fn read(
+        dir: &Path,
+        text_cfg: LlamaConfig,
+        llm_tensors: HashMap<String, Tensor>,
+        image_token_index: u32,
+        default_processor: ImageProcessorConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let w = dir.join("model.safetensors");
+        let vb = candle_nn::VarBuilder::from_tensors(llm_tensors, DType::F32, device);
+        let llm = Llama::from_hf(vb, text_cfg).map_err(|e| match e {
+            Error::Candle(c) => Error::Weights {
+                path: w.clone(),
+                reason: c.to_string(),
+            },
+            other => other,
+        })?;
+        let tokenizer = LlmTokenizer::from_hf_dir(dir)?;
+        let image_token = tokenizer
+            .inner()
+            .id_to_token(image_token_index)
+            .ok_or_else(|| Error::Config {
+                path: dir.join("config.json"),
+                reason: format!("image_token_index {image_token_index} is not in the tokenizer"),
+            })?;
+        let pp = dir.join("preprocessor_config.json");
+        let processor = ImageProcessor::new(if pp.is_file() {
+            ImageProcessorConfig::from_file(&pp)?
+        } else {
+            default_processor
+        });
+        Ok(Self {
+            llm,
+            tokenizer,
+            image_token,
+            processor,
+        })
     }
 }
 
