@@ -1,6 +1,7 @@
 //! Input preprocessing: images (decode, orient, resize, crop, normalise) and
 //! text (tokenize, pad, truncate).
 
+pub mod anyres;
 pub mod augment;
 pub mod clip_bpe;
 pub mod image;
