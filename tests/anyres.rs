@@ -90,3 +90,53 @@ fn anyres_tiles_and_token_counts_equal_llava_next_processors() {
     }
     eprintln!("PNG tiles' channel means within {worst_png:.1e} of transformers'");
 }
+
+/// The model side: the base picture's and tiles' features packed as
+/// transformers' `LlavaNextModel.pack_image_features` packs them (the map
+/// unpadded, a newline after each row), for six image sizes
+/// (scripts/gen_anyres_pack_fixtures.py), and as many tokens as the
+/// processor counts.
+#[test]
+fn anyres_features_pack_as_llava_next_packs_them() {
+    use candle_core::{Device, Tensor};
+    use clasp::preprocess::anyres::select_best_resolution;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let f: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/anyres/pack.json")).unwrap(),
+    )
+    .unwrap();
+    let pinpoints = pairs(&f["pinpoints"]);
+    let newline = Tensor::new(common::f32s(&f["newline"]), &Device::Cpu).unwrap();
+    for c in f["cases"].as_array().unwrap() {
+        let size = (
+            c["image_size"][0].as_u64().unwrap() as u32,
+            c["image_size"][1].as_u64().unwrap() as u32,
+        );
+        let n = c["tiles"].as_u64().unwrap() as usize;
+        let feats =
+            Tensor::from_vec(common::f32s(&c["features"]), (n, 16, 8), &Device::Cpu).unwrap();
+        let best = select_best_resolution(size, &pinpoints);
+        let grid = ((best.0 / 336) as usize, (best.1 / 336) as usize);
+        let packed: Vec<Vec<f32>> = clasp::vlm::anyres::pack(&feats, grid, size, Some(&newline))
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let want: Vec<Vec<f32>> = c["packed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(common::f32s)
+            .collect();
+        assert_eq!(packed.len(), want.len(), "{size:?}");
+        assert_eq!(
+            packed.len(),
+            feature_count(size, &pinpoints, 336, 4, 0),
+            "{size:?}"
+        );
+        for (a, b) in packed.iter().zip(&want) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-6, "{size:?}: {x} vs {y}");
+            }
+        }
+    }
+}

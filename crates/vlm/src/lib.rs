@@ -17,6 +17,7 @@ pub use clasp_common::{Error, Result};
 use clasp_core::{data, preprocess};
 use clasp_llm as llm;
 
+pub mod anyres;
 pub mod blip2;
 pub mod caption;
 pub mod chat;
