@@ -26,18 +26,47 @@ impl Encoder {
         sampling: Sampling,
         batch: usize,
     ) -> Result<VideoEmbedding> {
-        let (info, frames) = video::frames(path, sampling)?;
-        if frames.is_empty() {
+        let info = video::probe(path)?;
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        let times = match sampling {
+            // By rate: one FFmpeg pass, the frames embedded as they come.
+            Sampling::Fps(fps) => {
+                let mut pending: Vec<image::RgbImage> = Vec::new();
+                let times = video::each_frame_at_rate(&info, fps, |im| {
+                    pending.push(im);
+                    if pending.len() >= batch.max(1) {
+                        rows.extend(self.embed_images(&pending)?.to_vec2::<f32>()?);
+                        pending.clear();
+                    }
+                    Ok(())
+                })?;
+                if !pending.is_empty() {
+                    rows.extend(self.embed_images(&pending)?.to_vec2::<f32>()?);
+                }
+                times
+            }
+            // By count: each span's centre, sought.
+            Sampling::Count(_) => {
+                let mut times = Vec::new();
+                let picks = video::sample_times(info.duration, sampling);
+                for chunk in picks.chunks(batch.max(1)) {
+                    let frames = chunk
+                        .iter()
+                        .map(|&t| video::frame_at(&info, t))
+                        .collect::<Result<Vec<_>>>()?;
+                    times.extend(frames.iter().map(|f| f.time));
+                    let imgs: Vec<image::RgbImage> = frames.into_iter().map(|f| f.image).collect();
+                    rows.extend(self.embed_images(&imgs)?.to_vec2::<f32>()?);
+                }
+                times
+            }
+        };
+        if rows.is_empty() {
             return Err(Error::Report(format!(
                 "{}: the sampling picks no frame in {:.3} s",
                 path.display(),
                 info.duration
             )));
-        }
-        let mut rows: Vec<Vec<f32>> = Vec::with_capacity(frames.len());
-        for chunk in frames.chunks(batch.max(1)) {
-            let imgs: Vec<image::RgbImage> = chunk.iter().map(|f| f.image.clone()).collect();
-            rows.extend(self.embed_images(&imgs)?.to_vec2::<f32>()?);
         }
         let dim = rows[0].len();
         let mut mean = vec![0f32; dim];
@@ -50,7 +79,7 @@ impl Encoder {
         mean.iter_mut().for_each(|v| *v /= norm);
         Ok(VideoEmbedding {
             info,
-            times: frames.iter().map(|f| f.time).collect(),
+            times,
             frames: rows,
             mean,
         })
