@@ -262,4 +262,74 @@ fn bulk_embedding_in_clip_retrieval_layout_feeds_autofaiss() {
         diff < 2e-3,
         "row 0 differs from the photo's embedding by {diff} (float16)"
     );
+
+    // A query through the index answers what `clasp search` answers on the
+    // same photos: for each caption, the index's top row scores, in clasp's
+    // own search, within float16's rounding of clasp's best.
+    let lib = d.path().join("lib");
+    std::fs::create_dir(&lib).unwrap();
+    let key_of = |path: &str| {
+        path.rsplit('#')
+            .next()
+            .unwrap()
+            .trim_end_matches(".jpg")
+            .to_string()
+    };
+    for r in rows {
+        let key = key_of(r[0].as_str().unwrap());
+        let i: usize = key[1..].parse().unwrap();
+        std::fs::copy(&photos()[i], lib.join(format!("{key}.jpg"))).unwrap();
+    }
+    let store = d.path().join("s.sqlite");
+    let o = common::clasp(&[
+        "index",
+        lib.to_str().unwrap(),
+        "-m",
+        tiny.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (j, r) in rows.iter().enumerate() {
+        let caption = r[1].as_str().unwrap();
+        let o = common::clasp(&[
+            "search",
+            caption,
+            "--dir",
+            lib.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--no-index",
+            "--json",
+            "-k",
+            "10",
+        ]);
+        let hits: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let score = |key: &str| {
+            hits.as_array()
+                .unwrap()
+                .iter()
+                .find(|h| {
+                    h["path"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with(&format!("/{key}.jpg"))
+                })
+                .map(|h| h["score"].as_f64().unwrap())
+                .unwrap()
+        };
+        let top = v["index_top1"][j].as_u64().unwrap() as usize;
+        let theirs = key_of(rows[top][0].as_str().unwrap());
+        let best = hits[0]["score"].as_f64().unwrap();
+        let worst = hits.as_array().unwrap().last().unwrap()["score"]
+            .as_f64()
+            .unwrap();
+        eprintln!("{caption}: clasp's scores span {:.4}", best - worst);
+        assert!(
+            best - score(&theirs) <= 2e-3,
+            "{caption}: the index answers {theirs} ({}), clasp search {} ({best})",
+            score(&theirs),
+            hits[0]["path"]
+        );
+    }
 }
