@@ -4,7 +4,7 @@
 interleaved run.
 
     cargo build --release && PYTHONPATH=/tmp/llamacpp python3 bench/serve_chat.py \\
-        [--streams 1,8,32] [--rounds 2] [--max-tokens 48] [--threads 2]
+        [--streams 1,8,32] [--rounds 2] [--max-tokens 48] [--threads 2] [--prefill-chunk 128,0]
 
 llama-cpp-python is built from PyPI's sdist (`pip install --target /tmp/llamacpp
 "llama-cpp-python[server]"`, about 20 minutes on two cores); without it the llama.cpp column is
@@ -129,6 +129,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill-chunk", default="128",
+                    help="clasp's --prefill-chunk values, one server each (0: whole prompts)")
     a = ap.parse_args()
     gguf = subprocess.run([os.path.join(ROOT, "scripts/get-model.sh"), "smollm2"], check=True,
                           capture_output=True, text=True).stdout.strip()
@@ -136,10 +138,13 @@ def main():
     print(f"CPU: {cpu}; flags: {flags}", file=sys.stderr)
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     servers = {}
-    p = free_port()
-    servers["clasp"] = (p, subprocess.Popen(
-        [CLASP, "serve", "--llm", gguf, "--addr", f"127.0.0.1:{p}", "--max-batch-size", "32",
-         "--max-queue", "256"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for chunk in a.prefill_chunk.split(","):
+        p = free_port()
+        name = "clasp" if chunk == "128" else f"clasp (prefill chunk {chunk})"
+        servers[name] = (p, subprocess.Popen(
+            [CLASP, "serve", "--llm", gguf, "--addr", f"127.0.0.1:{p}", "--max-batch-size", "32",
+             "--max-queue", "256", "--prefill-chunk", chunk], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     try:
         import llama_cpp  # noqa: F401
         p = free_port()

@@ -294,9 +294,45 @@ fn batched_generation_equals_one_prompt_at_a_time() {
 /// Continuous batching: sequences that join a running batch at different
 /// decode steps (so their caches are left-padded against each other, and
 /// rows leave as they finish) give each the tokens it gives alone, and the
-/// streamed pieces add up to each final text.
+/// streamed pieces add up to each final text; the same with chunked
+/// prefill (7 prompt tokens a step, so each prompt joins over several
+/// steps while the others decode).
 #[test]
 fn sequences_joining_a_running_batch_equal_one_prompt_at_a_time() {
+    joining_batch(None);
+    joining_batch(Some(7));
+}
+
+/// A prompt cancelled while its chunked prefill waits ends as cancelled,
+/// and the batch drains.
+#[test]
+fn a_prompt_cancelled_before_its_prefill_ends_leaves() {
+    use clasp::llm::continuous::{Event, Running};
+    let lm = model(Precision::Quantized);
+    let p = user_turns(
+        lm,
+        &["Write a haiku about the sea, the wind and the long grey sky."],
+    );
+    let mut run = Running::new(&lm.model, &lm.tokenizer);
+    run.set_prefill_chunk(Some(4));
+    run.admit(0, &llm::Prompt::tokens(&p[0]), GenerateOptions::default())
+        .unwrap();
+    let mut got = Vec::new();
+    run.step(&mut |_, _| true).unwrap();
+    assert!(!run.is_empty(), "the prompt is still being prefilled");
+    run.cancel(0);
+    run.step(&mut |k, e| {
+        if let Event::Done(g) = e {
+            got.push((k, g.stop_reason));
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(got, [(0, llm::StopReason::Cancelled)]);
+    assert!(run.is_empty());
+}
+
+fn joining_batch(chunk: Option<usize>) {
     use clasp::llm::continuous::{Event, Running};
     let lm = model(Precision::F32);
     let texts = [
@@ -307,6 +343,7 @@ fn sequences_joining_a_running_batch_equal_one_prompt_at_a_time() {
     let budgets = [12usize, 16, 6];
     let prompts = user_turns(lm, &texts);
     let mut run = Running::new(&lm.model, &lm.tokenizer);
+    run.set_prefill_chunk(chunk);
     let mut streamed = vec![String::new(); 3];
     let mut done: Vec<Option<llm::Generation>> = vec![None, None, None];
     let mut admitted = 0;
@@ -345,7 +382,11 @@ fn sequences_joining_a_running_batch_equal_one_prompt_at_a_time() {
     );
     for k in 0..3 {
         let g = done[k].as_ref().unwrap();
-        assert_eq!(g.ids, greedy(lm, &prompts[k], budgets[k]), "prompt {k}");
+        assert_eq!(
+            g.ids,
+            greedy(lm, &prompts[k], budgets[k]),
+            "prompt {k}, chunk {chunk:?}"
+        );
         assert_eq!(streamed[k], g.text, "prompt {k}: streamed pieces");
     }
 }

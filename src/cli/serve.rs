@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// decoded together).
     #[arg(long, default_value_t = 32)]
     pub max_batch_size: usize,
+    /// Chat: prompt tokens prefilled per decode step, so a long prompt arriving holds the running
+    /// answers up by one chunk per step, not its whole prefill (0: each prompt at once).
+    #[arg(long, default_value_t = 128, value_name = "TOKENS")]
+    pub prefill_chunk: usize,
     /// Longest an item waits for its batch to fill, in ms (chat: when no
     /// batch is running; later requests join the running batch).
     #[arg(long, default_value_t = 5)]
@@ -134,6 +138,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
             model_name: public_name(&p.display().to_string()),
             engine: GenConfig {
                 max_batch_size: a.max_batch_size.max(1),
+                prefill_chunk: a.prefill_chunk,
                 max_wait,
                 max_queue: a.max_queue.max(1),
             },

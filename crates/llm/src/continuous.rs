@@ -10,9 +10,19 @@
 //! the rows that finished (`Cache::retain`), and runs one decode forward for
 //! the rest.
 //!
+//! With a prefill chunk ([`Running::set_prefill_chunk`]), a prompt admitted
+//! alone is not prefilled at once: each step spends at most that many
+//! prompt tokens on the waiting prompts (their own caches, in order) before
+//! its decode forward, so a long prompt arriving costs the running rows a
+//! chunk's time per step rather than the whole prefill (vLLM's chunked
+//! prefill; llama.cpp's server splits prompts by `n_batch` the same way).
+//! A prompt joins the batch, and gets its first token, in the step that
+//! finishes its prefill.
+//!
 //! The owner (one thread) decides when to admit: the library holds no queue
 //! and no clock.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -51,12 +61,31 @@ struct Row {
     cancelled: bool,
 }
 
+/// A prompt admitted alone whose prefill runs a chunk per step.
+struct Waiting {
+    key: u64,
+    opts: GenerateOptions,
+    ids: Vec<u32>,
+    /// The prompt's input embeddings `[t, hidden]`.
+    embeds: Tensor,
+    cache: Cache,
+    /// Prompt tokens prefilled so far.
+    done: usize,
+    started: Instant,
+    cancelled: bool,
+}
+
 /// A batch of sequences being decoded together.
 pub struct Running<'m> {
     model: &'m Llama,
     tok: &'m LlmTokenizer,
     cache: Cache,
     rows: Vec<Row>,
+    /// Prompt tokens a step may prefill (None: a prompt at once, at admit).
+    chunk: Option<usize>,
+    waiting: VecDeque<Waiting>,
+    /// Waiting prompts cancelled before they joined, to report.
+    gone: Vec<(u64, Generation)>,
 }
 
 impl<'m> Running<'m> {
@@ -66,16 +95,25 @@ impl<'m> Running<'m> {
             tok,
             cache: model.new_cache(Vec::new()),
             rows: Vec::new(),
+            chunk: None,
+            waiting: VecDeque::new(),
+            gone: Vec::new(),
         }
     }
 
-    /// Sequences in the batch.
+    /// Prefills prompts admitted alone `tokens` at a time, one chunk budget
+    /// per step (None or 0: each at once, when admitted).
+    pub fn set_prefill_chunk(&mut self, tokens: Option<usize>) {
+        self.chunk = tokens.filter(|&t| t > 0);
+    }
+
+    /// Sequences in the batch and waiting for their prefill.
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.rows.len() + self.waiting.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.rows.is_empty() && self.waiting.is_empty() && self.gone.is_empty()
     }
 
     /// Positions in the batch's cache (the longest row's length).
@@ -106,6 +144,19 @@ impl<'m> Running<'m> {
             return Ok(());
         }
         let model = self.model;
+        if let (Some(_), [(key, p)]) = (self.chunk, rows) {
+            self.waiting.push_back(Waiting {
+                key: *key,
+                opts: opts.clone(),
+                ids: p.ids.clone(),
+                embeds: p.embeddings(model)?,
+                cache: model.new_cache(vec![0]),
+                done: 0,
+                started: Instant::now(),
+                cancelled: false,
+            });
+            return Ok(());
+        }
         let t0 = Instant::now();
         let n = rows.len();
         let longest = rows.iter().map(|(_, p)| p.ids.len()).max().unwrap_or(0);
@@ -168,12 +219,72 @@ impl<'m> Running<'m> {
         if let Some(r) = self.rows.iter_mut().find(|r| r.key == key) {
             r.cancelled = true;
         }
+        if let Some(w) = self.waiting.iter_mut().find(|w| w.key == key) {
+            w.cancelled = true;
+        }
+    }
+
+    /// Spends one chunk of prompt tokens on the waiting prompts, in order;
+    /// a prompt whose prefill ends joins the batch with its last logits.
+    fn advance_prefill(&mut self) -> Result<()> {
+        let Some(mut budget) = self.chunk else {
+            return Ok(());
+        };
+        while budget > 0 {
+            let Some(w) = self.waiting.front_mut() else {
+                break;
+            };
+            if w.cancelled {
+                let w = self.waiting.pop_front().expect("front");
+                let g = Generation {
+                    text: String::new(),
+                    ids: Vec::new(),
+                    prompt_tokens: w.ids.len(),
+                    stop_reason: StopReason::Cancelled,
+                    prefill_secs: w.started.elapsed().as_secs_f64(),
+                    decode_secs: 0.0,
+                };
+                self.gone.push((w.key, g));
+                continue;
+            }
+            let total = w.ids.len();
+            let n = budget.min(total - w.done);
+            let x = w.embeds.narrow(0, w.done, n)?.unsqueeze(0)?;
+            let logits = self.model.last_logits(&x, &mut w.cache)?;
+            w.done += n;
+            budget -= n;
+            if w.done < total {
+                continue;
+            }
+            let w = self.waiting.pop_front().expect("front");
+            let joined = std::mem::replace(&mut self.cache, self.model.new_cache(Vec::new()));
+            self.cache = joined.join(w.cache)?;
+            self.rows.push(Row {
+                key: w.key,
+                sampler: Sampler::new(w.opts.sampling.clone()),
+                opts: w.opts,
+                history: w.ids,
+                ids: Vec::new(),
+                stream: TextStream::new(),
+                text: String::new(),
+                prompt_tokens: total,
+                prefill_secs: w.started.elapsed().as_secs_f64(),
+                decode_start: Instant::now(),
+                logits: logits.squeeze(0)?.to_vec1()?,
+                cancelled: false,
+            });
+        }
+        Ok(())
     }
 
     /// One decode step for every row. `on_event(key, event)` receives each
     /// row's new text and each finished row's result; returning false from
     /// a text event cancels that row.
     pub fn step(&mut self, on_event: &mut dyn FnMut(u64, Event) -> bool) -> Result<()> {
+        self.advance_prefill()?;
+        for (key, g) in self.gone.drain(..) {
+            on_event(key, Event::Done(g));
+        }
         let ctx = self.model.config().max_position_embeddings;
         let eos = self.tok.eos_id();
         let mut keep = Vec::with_capacity(self.rows.len());

@@ -60,6 +60,8 @@ pub struct GenConfig {
     pub max_wait: Duration,
     /// Jobs queued or running at most.
     pub max_queue: usize,
+    /// Prompt tokens prefilled per decode step (0: each prompt at once).
+    pub prefill_chunk: usize,
 }
 
 /// A handle to the engine; cheap to clone.
@@ -128,7 +130,12 @@ fn engine(
     metrics: &Metrics,
     in_flight: &AtomicUsize,
 ) {
-    let mut run = Running::new(vlm.llm(), vlm.tokenizer());
+    let new_run = || {
+        let mut r = Running::new(vlm.llm(), vlm.tokenizer());
+        r.set_prefill_chunk(Some(cfg.prefill_chunk));
+        r
+    };
+    let mut run = new_run();
     let mut live: HashMap<u64, mpsc::UnboundedSender<ChatEvent>> = HashMap::new();
     let mut next_key = 0u64;
     let done = |n: usize| {
@@ -236,7 +243,7 @@ fn engine(
                 });
                 done(1);
             }
-            run = Running::new(vlm.llm(), vlm.tokenizer());
+            run = new_run();
         }
         metrics
             .queue_depth
