@@ -10,8 +10,9 @@ mod vlm_util;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use clasp::vlm::{ConnectorKind, Vlm};
+use common::max_abs;
 use serde_json::Value;
 use vlm_util::{check_logits, u32s};
 
@@ -47,19 +48,6 @@ fn vlm() -> &'static Vlm {
 
 fn fixture() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("generation.json")).unwrap())
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
         .unwrap()
 }
 
@@ -172,26 +160,7 @@ fn a_saved_blip2_vlm_is_blip2s_layout_and_loads_back_to_the_same_logits() {
     let ids = m.chat_prompt(user, 1).unwrap();
     assert_eq!(back.chat_prompt(user, 1).unwrap(), ids);
     let img = photo("reference-images/coco-000000039769-two-cats.png");
-    let a: Vec<Vec<f32>> = m
-        .logits(&ids, &m.pixels(&[img.as_path()]).unwrap())
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let b: Vec<Vec<f32>> = back
-        .logits(&ids, &back.pixels(&[img.as_path()]).unwrap())
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    // The loaded head has the image token's column (zeros); the loaded
-    // language model runs transformers' rotary layout where the GGUF ran
-    // its interleaved one: equal up to float rounding.
-    let mut worst = 0f32;
-    for (ra, rb) in a.iter().zip(&b) {
-        assert_eq!(rb.len(), ra.len() + 1);
-        for (x, y) in ra.iter().zip(rb) {
-            worst = worst.max((x - y).abs());
-        }
-    }
+    let worst = vlm_util::saved_and_loaded_logit_gap(m, &back, &ids, &img);
     assert!(worst < 1e-3, "saved and loaded logits differ by {worst}");
 }
 

@@ -96,3 +96,27 @@ pub fn check_logits(name: &str, logits: &[Vec<f32>], c: &Value) -> f32 {
     }
     worst
 }
+
+/// The largest difference between the logits of `m` (assembled) and `back`
+/// (loaded from what `m` saved) on one prompt and image. The loaded head
+/// has one more column (the image token's, all zero), checked here; the
+/// loaded language model runs transformers' rotary layout where the GGUF
+/// ran its interleaved one, so they agree up to float rounding.
+pub fn saved_and_loaded_logit_gap(m: &Vlm, back: &Vlm, ids: &[u32], img: &Path) -> f32 {
+    let logits = |v: &Vlm| -> Vec<Vec<f32>> {
+        v.logits(ids, &v.pixels(&[img]).unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let (a, b) = (logits(m), logits(back));
+    let mut worst = 0f32;
+    for (ra, rb) in a.iter().zip(&b) {
+        assert_eq!(rb.len(), ra.len() + 1);
+        assert_eq!(rb[ra.len()], 0.0);
+        for (x, y) in ra.iter().zip(rb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    worst
+}

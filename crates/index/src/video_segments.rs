@@ -146,34 +146,24 @@ pub fn segments(times: &[f64], rows: &[Vec<f32>], seconds: f64, duration: f64) -
 const MAX_FRAME_BATCH: usize = 16;
 
 /// Embeds the video at `path`: frames at `opts.fps`, streamed from FFmpeg
-/// and embedded `batch` (at most 16) at a time, so memory holds a batch of
-/// frames and the vectors, however long the video.
+/// and embedded `batch` (at most 16) at a time ([`Encoder::embed_video`]),
+/// so memory holds a batch of frames and the vectors, however long the
+/// video.
 pub fn embed(
     encoder: &Encoder,
     path: &Path,
     opts: &VideoOptions,
     batch: usize,
 ) -> Result<VideoVectors> {
-    let info = video::probe(path)?;
-    let batch = batch.clamp(1, MAX_FRAME_BATCH);
-    let mut rows: Vec<Vec<f32>> = Vec::new();
-    let mut pending: Vec<image::RgbImage> = Vec::with_capacity(batch);
-    let times = video::each_frame_at_rate(&info, opts.fps, |im| {
-        pending.push(im);
-        if pending.len() == batch {
-            rows.extend(encoder.embed_images(&pending)?.to_vec2::<f32>()?);
-            pending.clear();
-        }
-        Ok(())
-    })?;
-    if !pending.is_empty() {
-        rows.extend(encoder.embed_images(&pending)?.to_vec2::<f32>()?);
-    }
-    let dim = encoder.embedding_dim();
+    let e = encoder.embed_video(
+        path,
+        video::Sampling::Fps(opts.fps),
+        batch.clamp(1, MAX_FRAME_BATCH),
+    )?;
     Ok(VideoVectors {
-        mean: unit_mean(rows.iter(), dim),
-        segments: segments(&times, &rows, opts.segment_seconds, info.duration),
-        frames: rows.len(),
+        segments: segments(&e.times, &e.frames, opts.segment_seconds, e.info.duration),
+        frames: e.frames.len(),
+        mean: e.mean,
     })
 }
 
