@@ -32,17 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+from lit import cpu  # noqa: E402  (the CPU and its flags, as bench/lit.py prints them)
+
 CLASP = os.environ.get("CLASP_BIN", os.path.join(ROOT, "target/release/clasp"))
 SHARED = os.path.join(ROOT, "..", "shared")
-
-
-def cpu_info():
-    txt = open("/proc/cpuinfo").read()
-    model = next((l.split(":", 1)[1].strip() for l in txt.splitlines()
-                  if l.startswith("model name")), "?")
-    flags = txt.split("flags")[1].split("\n")[0].split(":", 1)[1].split()
-    keep = sorted({f for f in flags if f.startswith(("avx", "fma", "amx"))})
-    return model, " ".join(keep)
 
 
 def free_port():
@@ -134,8 +128,8 @@ def main():
     a = ap.parse_args()
     gguf = subprocess.run([os.path.join(ROOT, "scripts/get-model.sh"), "smollm2"], check=True,
                           capture_output=True, text=True).stdout.strip()
-    cpu, flags = cpu_info()
-    print(f"CPU: {cpu}; flags: {flags}", file=sys.stderr)
+    machine = cpu()
+    print(f"CPU: {machine}", file=sys.stderr)
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     servers = {}
     for chunk in a.prefill_chunk.split(","):
@@ -175,7 +169,7 @@ def main():
         for _, proc in servers.values():
             proc.kill()
     med = {k: {f: statistics.median(m[f] for m in v) for f in v[0]} for k, v in rows.items()}
-    print(f"\nCPU: {cpu}; flags: {flags}; {a.threads} threads; max_tokens {a.max_tokens}\n")
+    print(f"\nCPU: {machine}; {a.threads} threads; max_tokens {a.max_tokens}\n")
     print("| streams | server | tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
     print("|---|---|---|---|---|---|---|")
     for (name, s), m in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][0])):

@@ -238,16 +238,9 @@ pub fn index(
         .cloned()
         .collect();
     // Content that already has a vector (copies, content seen before) needs no encoder.
-    let hashes: Vec<Hash> = needs_vector.iter().map(|p| p.hash.unwrap()).collect();
-    let have = catalog.has_vectors(model_id, &hashes)?;
+    let have = reusable(catalog, model_id, &needs_vector)?;
     let (known, mut fresh): (Vec<_>, Vec<_>) =
         needs_vector.into_iter().zip(have).partition(|(_, h)| *h);
-    // A video at a new path needs its own segment rows, which embedding
-    // writes.
-    let (known, videos): (Vec<_>, Vec<_>) = known
-        .into_iter()
-        .partition(|(p, _)| !is_video(&p.found.path));
-    fresh.extend(videos);
     let known: Vec<Pending> = known.into_iter().map(|(p, _)| p).collect();
     // Unchanged files whose content lacks a vector for this model (a new
     // model, or a run interrupted before this file's batch committed).
@@ -348,6 +341,19 @@ pub fn index(
 /// it waits little, enough to keep the encoder's batches full.
 const CLAIM_CHUNK: usize = 256;
 
+/// Which of `ps` need no embedding: their content has a vector for
+/// `model` already. Never a video, whose segment rows only embedding
+/// writes (a copy or a new path has none yet).
+fn reusable(store: &mut dyn Store, model: i64, ps: &[Pending]) -> Result<Vec<bool>> {
+    let hashes: Vec<Hash> = ps.iter().map(|p| p.hash.unwrap()).collect();
+    let have = store.has_vectors(model, &hashes)?;
+    Ok(ps
+        .iter()
+        .zip(have)
+        .map(|(p, h)| h && !is_video(&p.found.path))
+        .collect())
+}
+
 /// What embedding needs besides the store.
 struct Run<'a> {
     encoder: &'a Encoder,
@@ -408,14 +414,7 @@ fn record_done(
     chunk: Vec<Pending>,
     summary: &mut Summary,
 ) -> Result<Vec<Pending>> {
-    let hashes: Vec<Hash> = chunk.iter().map(|p| p.hash.unwrap()).collect();
-    let have = store.has_vectors(run.model_id, &hashes)?;
-    // A video's rows are its segments' too: only embedding writes them.
-    let have: Vec<bool> = chunk
-        .iter()
-        .zip(have)
-        .map(|(p, h)| h && !is_video(&p.found.path))
-        .collect();
+    let have = reusable(store, run.model_id, &chunk)?;
     let (done, todo): (Vec<_>, Vec<_>) = chunk.into_iter().zip(have).partition(|x| x.1);
     if !done.is_empty() {
         store.write(|w| {

@@ -22,64 +22,65 @@ pub struct Hit {
     /// The fusion model's match probability, when re-ranked (`rerank`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub itm: Option<f64>,
-    /// A video segment's start and end, in seconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub start: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub end: Option<f64>,
+    /// A video segment's time range (`start` and `end` in the JSON).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub span: Option<Span>,
+}
+
+/// A video segment's start and end, in seconds.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct Span {
+    pub start: f64,
+    pub end: f64,
 }
 
 impl Hit {
     /// The hit of a stored path (a segment's is split into its video's
     /// path and time range).
     pub fn new(stored: &str, score: f64) -> Self {
-        let (path, start, end) = match super::video_segments::parse_segment(stored) {
-            Some((v, a, b)) => (v.to_string(), Some(a), Some(b)),
-            None => (stored.to_string(), None, None),
+        let (path, span) = match super::video_segments::parse_segment(stored) {
+            Some((v, start, end)) => (v, Some(Span { start, end })),
+            None => (stored, None),
         };
         Self {
-            path,
+            path: path.to_string(),
             score,
             itm: None,
-            start,
-            end,
+            span,
         }
     }
 
     /// The path as stored (a segment's with its `#t=` range), by which the
     /// store knows the hit.
     pub fn stored_path(&self) -> String {
-        match (self.start, self.end) {
-            (Some(a), Some(b)) => super::video_segments::segment_path(&self.path, a, b),
-            _ => self.path.clone(),
+        match self.span {
+            Some(s) => super::video_segments::segment_path(&self.path, s.start, s.end),
+            None => self.path.clone(),
         }
     }
 
     /// The hit's picture: the photo, or a segment's middle frame.
     pub fn image(&self) -> Result<image::RgbImage> {
         let path = std::path::Path::new(&self.path);
-        match (self.start, self.end) {
-            (Some(a), Some(b)) => {
+        match self.span {
+            Some(s) => {
                 let info = clasp_core::video::probe(path)?;
-                Ok(clasp_core::video::frame_at(&info, (a + b) / 2.0)?.image)
+                Ok(clasp_core::video::frame_at(&info, (s.start + s.end) / 2.0)?.image)
             }
-            _ => {
-                let bytes = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
-                crate::preprocess::image::decode_image(&bytes, path)
-            }
+            None => crate::preprocess::image::load_image(path),
         }
     }
 
     /// The hit for people: a segment as `clip.mp4 @ 00:12–00:16`.
     pub fn display(&self) -> String {
-        match (self.start, self.end) {
-            (Some(a), Some(b)) => format!(
+        match self.span {
+            Some(s) => format!(
                 "{} @ {}–{}",
                 self.path,
-                super::video_segments::clock(a),
-                super::video_segments::clock(b)
+                super::video_segments::clock(s.start),
+                super::video_segments::clock(s.end)
             ),
-            _ => self.path.clone(),
+            None => self.path.clone(),
         }
     }
 }

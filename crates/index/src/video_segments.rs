@@ -102,7 +102,6 @@ pub struct Segment {
 pub struct VideoVectors {
     pub mean: Vec<f32>,
     pub segments: Vec<Segment>,
-    pub frames: usize,
 }
 
 fn unit_mean<'a>(rows: impl Iterator<Item = &'a Vec<f32>>, dim: usize) -> Vec<f32> {
@@ -162,7 +161,6 @@ pub fn embed(
     )?;
     Ok(VideoVectors {
         segments: segments(&e.times, &e.frames, opts.segment_seconds, e.info.duration),
-        frames: e.frames.len(),
         mean: e.mean,
     })
 }

@@ -484,9 +484,9 @@ pub async fn search_endpoint(State(st): State<Shared>, req: Request) -> Response
                         if let Some(itm) = h.itm {
                             hit["itm"] = json!(itm);
                         }
-                        if let (Some(a), Some(b)) = (h.start, h.end) {
-                            hit["start"] = json!(a);
-                            hit["end"] = json!(b);
+                        if let Some(s) = h.span {
+                            hit["start"] = json!(s.start);
+                            hit["end"] = json!(s.end);
                         }
                         Ok(hit)
                     })

@@ -47,10 +47,7 @@ pub async fn thumbnail(
     guarded(&st.limits, &st.metrics, "thumbnail", async move {
         let st = st2;
         let Query(q) = q.map_err(|e| ApiError::bad("query", e.body_text()))?;
-        let path = q
-            .path
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| ApiError::bad("path", "missing"))?;
+        let path = given_path(q.path)?;
         let size = q.size.unwrap_or(256);
         let t = match q.t {
             Some(t) if !(t.is_finite() && t >= 0.0) => {
@@ -64,44 +61,17 @@ pub async fn thumbnail(
                 format!("expected {} to {} pixels", SIZES.start(), SIZES.end()),
             ));
         }
-        let (Some(store), Some(model)) = (st.store.clone(), st.store_model) else {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_store",
-                "this server has no store; start it with --store PATH",
-            ));
-        };
-        let not_found = || {
-            let mut e = ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no indexed image at this path",
-            );
-            e.param = Some("path".into());
-            e
-        };
+        let path = indexed(&st, path, "image").await?;
         let st3 = st.clone();
-        let p = path.clone();
         let bytes = tokio::task::spawn_blocking(move || -> Result<Arc<Vec<u8>>, ApiError> {
-            let indexed = st3
-                .search
-                .with(&store, model, |catalog, _| catalog.caption_of(&p))
-                .map_err(|e| {
-                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                })?;
-            if indexed.is_none() {
-                return Err(not_found());
-            }
-            let file = PathBuf::from(&p);
+            let file = PathBuf::from(&path);
             let mtime = std::fs::metadata(&file)
                 .and_then(|m| m.modified())
-                .map_err(|_| not_found())?;
+                .map_err(|_| not_found("image"))?;
             st3.thumbs.get_or_make(&file, size, t, mtime)
         })
         .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
+        .map_err(internal)??;
         Ok((
             [
                 (header::CONTENT_TYPE, "image/jpeg"),
@@ -112,6 +82,53 @@ pub async fn thumbnail(
             .into_response())
     })
     .await
+}
+
+/// The query's `path`, or a 400 naming it.
+fn given_path(path: Option<String>) -> Result<String, ApiError> {
+    path.filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::bad("path", "missing"))
+}
+
+fn internal(e: impl ToString) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+}
+
+/// The 404 of a path the store has not indexed as `what`.
+fn not_found(what: &str) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no indexed {what} at this path"),
+    );
+    e.param = Some("path".into());
+    e
+}
+
+/// `path` when the server's store has indexed it (a 404 naming `what`
+/// otherwise, a 503 without a store): what keeps the page's endpoints from
+/// reading any other file on the server.
+async fn indexed(st: &Shared, path: String, what: &str) -> Result<String, ApiError> {
+    let (Some(store), Some(model)) = (st.store.clone(), st.store_model) else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_store",
+            "this server has no store; start it with --store PATH",
+        ));
+    };
+    let st = st.clone();
+    let p = path.clone();
+    let caption = tokio::task::spawn_blocking(move || {
+        st.search
+            .with(&store, model, |catalog, _| catalog.caption_of(&p))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
+    match caption {
+        Some(_) => Ok(path),
+        None => Err(not_found(what)),
+    }
 }
 
 /// (path, size, a video frame's time in milliseconds).
@@ -131,40 +148,15 @@ pub async fn video(
     let st2 = st.clone();
     guarded(&st.limits, &st.metrics, "video", async move {
         let Query(q) = q.map_err(|e| ApiError::bad("query", e.body_text()))?;
-        let path = q
-            .path
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| ApiError::bad("path", "missing"))?;
-        let (Some(store), Some(model)) = (st2.store.clone(), st2.store_model) else {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_store",
-                "this server has no store; start it with --store PATH",
-            ));
-        };
-        let p = path.clone();
-        let indexed = tokio::task::spawn_blocking(move || {
-            st2.search
-                .with(&store, model, |catalog, _| catalog.caption_of(&p))
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-        if indexed.is_none() || !crate::index::video_segments::is_video(Path::new(&path)) {
-            let mut e = ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no indexed video at this path",
-            );
-            e.param = Some("path".into());
-            return Err(e);
+        let path = given_path(q.path)?;
+        if !crate::index::video_segments::is_video(Path::new(&path)) {
+            return Err(not_found("video"));
         }
+        let path = indexed(&st2, path, "video").await?;
         let r = tower_http::services::ServeFile::new(&path)
             .oneshot(req)
             .await
-            .map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            })?;
+            .map_err(internal)?;
         Ok(r.map(axum::body::Body::new).into_response())
     })
     .await

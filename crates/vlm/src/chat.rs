@@ -200,20 +200,12 @@ impl ChatModel for TextChat {
         None
     }
     fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
-        let mut messages = Vec::with_capacity(turns.len());
-        for t in turns {
-            let mut text = Vec::with_capacity(t.parts.len());
-            for p in &t.parts {
-                match p {
-                    Part::Text(s) => text.push(s.as_str()),
-                    Part::Image(_) => {
-                        return Err(Error::Report(
-                            "this model reads no images: it is a language model alone".into(),
-                        ))
-                    }
-                }
-            }
-            messages.push(Message::new(&t.role, &text.join("\n")));
+        // No placeholder: an image part is refused, not placed.
+        let (messages, images) = conversation_messages(turns, "");
+        if !images.is_empty() {
+            return Err(Error::Report(
+                "this model reads no images: it is a language model alone".into(),
+            ));
         }
         Ok(Prompt::tokens(
             &self.tokenizer.encode_chat(&messages, true)?,
