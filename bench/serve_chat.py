@@ -37,6 +37,7 @@ from lit import cpu  # noqa: E402  (the CPU and its flags, as bench/lit.py print
 
 CLASP = os.environ.get("CLASP_BIN", os.path.join(ROOT, "target/release/clasp"))
 SHARED = os.path.join(ROOT, "..", "shared")
+LOG = os.path.join(BENCH, ".work", "serve_chat.log")  # the servers' own output
 
 
 def free_port():
@@ -51,7 +52,7 @@ def wait_up(port, proc, what, timeout=120):
     t = time.time()
     while time.time() - t < timeout:
         if proc.poll() is not None:
-            raise SystemExit(f"{what} exited: {proc.stderr.read().decode()[-2000:]}")
+            raise SystemExit(f"{what} exited; its log: {LOG}")
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             c.request("GET", "/v1/models")
@@ -132,21 +133,23 @@ def main():
     print(f"CPU: {machine}", file=sys.stderr)
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     servers = {}
+    os.makedirs(os.path.dirname(LOG), exist_ok=True)
+    log = open(LOG, "w")
     for chunk in a.prefill_chunk.split(","):
         p = free_port()
         name = "clasp" if chunk == "128" else f"clasp (prefill chunk {chunk})"
         servers[name] = (p, subprocess.Popen(
             [CLASP, "serve", "--llm", gguf, "--addr", f"127.0.0.1:{p}", "--max-batch-size", "32",
              "--max-queue", "256", "--prefill-chunk", chunk], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            stdout=subprocess.DEVNULL, stderr=log))
     try:
         import llama_cpp  # noqa: F401
         p = free_port()
         servers["llama.cpp"] = (p, subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(p),
              "--host", "127.0.0.1", "--n_threads", str(a.threads), "--n_ctx", "4096",
-             "--model_alias", "smollm2"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+             "--model_alias", "smollm2", "--interrupt_requests", "False"],  # else a new request cuts the streaming one off
+            stdout=subprocess.DEVNULL, stderr=log))  # verbose: a pipe would fill and stall it
     except ImportError as e:
         print(f"llama-cpp-python not importable ({e}); the llama.cpp column is left out",
               file=sys.stderr)
