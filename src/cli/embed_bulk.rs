@@ -10,7 +10,7 @@ use clasp::index::clip_retrieval::{part_done, plan_parts, write_part, PartRows};
 pub struct BulkArgs {
     /// Embed a dataset (FORMAT:PATH, e.g. `wds:shards/{000..099}.tar`): each image with its
     /// first caption, written into --output-dir in clip-retrieval's layout.
-    #[arg(long, requires = "output_dir", conflicts_with_all = ["images", "images_from", "texts", "texts_from", "video", "output", "similarity"])]
+    #[arg(long, requires = "output_dir", conflicts_with_all = ["images", "images_from", "texts", "texts_from", "videos", "output", "similarity"])]
     pub dataset: Option<String>,
     /// The dataset's split.
     #[arg(long, default_value = "all", requires = "dataset")]

@@ -18,7 +18,7 @@ mod vlm;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -204,6 +204,34 @@ pub fn load_encoder(
         enc.set_resolution(res.image_size, res.keep_aspect)?;
     }
     Ok(enc)
+}
+
+/// Loads the model an index is built with: a BLIP-2 retrieval folder (its
+/// ITC: N query vectors per image), else a dual encoder as
+/// [`load_encoder`] loads it.
+pub fn load_embedder(
+    spec: &str,
+    dev: &Device,
+    towers: clasp::model::Towers,
+    precision: Option<clasp::encoder::Precision>,
+    res: &ResolutionArgs,
+) -> Result<Box<dyn clasp::index::Embedder>> {
+    let dir = std::path::Path::new(spec);
+    if !clasp::model::blip2::is_blip2_dir(dir) {
+        return Ok(Box::new(load_encoder(spec, dev, towers, precision, res)?));
+    }
+    if precision.is_some_and(|p| p != clasp::encoder::Precision::F32)
+        || res.image_size.is_some()
+        || res.keep_aspect
+    {
+        anyhow::bail!(
+            "{spec}: a BLIP-2 model runs in f32 at its own image size; --precision, --image-size \
+             and --keep-aspect are for dual encoders"
+        );
+    }
+    let m = clasp::model::blip2::Blip2Retrieval::load(dir, dev)
+        .with_context(|| format!("--model {spec}"))?;
+    Ok(Box::new(m))
 }
 
 static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -8,11 +8,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{device, BarProgress};
+use clasp::index::Embedder;
 use clasp::index::{
     self, query, search, store, Catalog, ConnectOptions, IndexOptions, Store, Summary,
 };
+use clasp::model::blip2::Blip2Retrieval;
 use clasp::preprocess::prompts;
-use clasp::Encoder;
 
 #[derive(Args, Debug)]
 pub struct StoreArgs {
@@ -82,7 +83,9 @@ pub struct IndexArgs {
     /// Folders to index.
     #[arg(required = true)]
     pub dirs: Vec<PathBuf>,
-    /// Model: a local directory or a Hugging Face Hub id.
+    /// Model: a local directory or a Hugging Face Hub id; a BLIP-2 retrieval folder
+    /// (Blip2ForImageTextRetrieval) keeps its query embeddings per image and searches by BLIP-2's
+    /// ITC (the best query's cosine).
     #[arg(long, short)]
     pub model: String,
     /// Leave out paths matching this glob (relative to the folder, or absolute); repeatable.
@@ -132,9 +135,10 @@ pub struct SearchArgs {
     #[arg(long)]
     pub ef_search: Option<usize>,
     /// Re-score the first stage's top K with a fusion model's image-text matching head
-    /// (--rerank-model): `itm[:K]` orders by its match probability, `itm+sim[:K]` by its match
-    /// logit plus the first stage's similarity (ALBEF's and BLIP's practice) [K: 32].
-    #[arg(long, requires = "rerank_model")]
+    /// (--rerank-model, or --model when that is a BLIP-2 folder): `itm[:K]` orders by its match
+    /// probability, `itm+sim[:K]` by its match logit plus the first stage's similarity (ALBEF's
+    /// and BLIP's practice) [K: 32].
+    #[arg(long)]
     pub rerank: Option<index::rerank::Rerank>,
     /// The fusion model for --rerank: a Blip2ForImageTextRetrieval folder.
     #[arg(long, requires = "rerank")]
@@ -250,7 +254,7 @@ fn note_changes(s: &Summary) {
 
 fn run_index(
     catalog: &mut dyn Store,
-    encoder: &Encoder,
+    encoder: &dyn Embedder,
     model_id: i64,
     dirs: &[PathBuf],
     excludes: &[String],
@@ -270,7 +274,7 @@ fn run_index(
 
 pub fn index_cmd(a: IndexArgs) -> Result<ExitCode> {
     // The model first: a wrong one must not leave a new, empty store behind.
-    let encoder = super::load_encoder(
+    let encoder = super::load_embedder(
         &a.model,
         &device(a.store.compute.device)?,
         clasp::model::Towers::Both,
@@ -278,10 +282,10 @@ pub fn index_cmd(a: IndexArgs) -> Result<ExitCode> {
         &a.store.resolution,
     )?;
     let mut catalog = open_store(&a.store, true)?;
-    let model_id = index::model_id(catalog.as_mut(), &encoder, &a.model)?;
+    let model_id = index::model_id(catalog.as_mut(), encoder.as_ref(), &a.model)?;
     let s = run_index(
         catalog.as_mut(),
-        &encoder,
+        encoder.as_ref(),
         model_id,
         &a.dirs,
         &a.exclude,
@@ -313,6 +317,9 @@ fn search_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
+/// The store, the model and its id in the store.
+type Opened = (Box<dyn Store>, Box<dyn Embedder>, i64);
+
 /// What `search` and `classify` share: the store, the model (given or the
 /// store's last), its id, and an incremental index of `dir` first unless
 /// `no_index`.
@@ -322,7 +329,7 @@ fn open_and_index(
     dir: &Path,
     no_index: bool,
     text_only: bool,
-) -> Result<(Box<dyn Store>, Encoder, i64)> {
+) -> Result<Opened> {
     // Without an index run, a process that embeds only texts loads only the
     // text tower (a cold text search reads less than half of ViT-B/32).
     let towers = if no_index && text_only {
@@ -334,7 +341,7 @@ fn open_and_index(
     // so a wrong one leaves nothing behind; otherwise the store names it.
     let (mut catalog, spec, encoder) = match given_model(model) {
         Some(spec) => {
-            let encoder = super::load_encoder(
+            let encoder = super::load_embedder(
                 &spec,
                 &device(store.compute.device)?,
                 towers,
@@ -354,7 +361,7 @@ fn open_and_index(
                 }
             })?;
             let spec = model_spec(model, catalog.as_mut())?;
-            let encoder = super::load_encoder(
+            let encoder = super::load_embedder(
                 &spec,
                 &device(store.compute.device)?,
                 towers,
@@ -364,13 +371,32 @@ fn open_and_index(
             (catalog, spec, encoder)
         }
     };
-    let model_id = index::model_id(catalog.as_mut(), &encoder, &spec)?;
+    let model_id = index::model_id(catalog.as_mut(), encoder.as_ref(), &spec)?;
     if !no_index {
         let dirs = [dir.to_path_buf()];
-        let s = run_index(catalog.as_mut(), &encoder, model_id, &dirs, &[], store)?;
+        let s = run_index(
+            catalog.as_mut(),
+            encoder.as_ref(),
+            model_id,
+            &dirs,
+            &[],
+            store,
+        )?;
         note_changes(&s);
     }
     Ok((catalog, encoder, model_id))
+}
+
+/// The fusion model of `--rerank-model`.
+fn load_fusion(m: &Path, store: &StoreArgs) -> Result<Blip2Retrieval> {
+    if !clasp::model::blip2::is_blip2_dir(m) {
+        bail!(
+            "--rerank-model {}: not a fusion model (a Blip2ForImageTextRetrieval folder, config.json model_type \"blip-2\")",
+            m.display()
+        );
+    }
+    Blip2Retrieval::load(m, &super::device(store.compute.device)?)
+        .with_context(|| format!("--rerank-model {}", m.display()))
 }
 
 pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
@@ -379,8 +405,10 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
     }
     // The query parses before a model loads or a folder is indexed.
     let terms = query::parse(&a.query)?;
-    let rerank = match (&a.rerank, &a.rerank_model) {
-        (Some(r), Some(m)) => {
+    // --rerank's cheap checks come first: the query must be one text, and a
+    // fusion model must be named (--rerank-model, or a BLIP-2 --model).
+    let rerank = match &a.rerank {
+        Some(r) => {
             let (texts, images): (Vec<_>, Vec<_>) = terms
                 .iter()
                 .partition(|t| matches!(t.kind, query::TermKind::Text(_)));
@@ -392,20 +420,18 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
                 })
                 .collect();
             let text = index::rerank::check_query(&texts, images.len())?;
-            if !clasp::model::blip2::is_blip2_dir(m) {
-                bail!(
-                    "--rerank-model {}: not a fusion model (a Blip2ForImageTextRetrieval folder, config.json model_type \"blip-2\")",
-                    m.display()
-                );
-            }
-            let model = clasp::model::blip2::Blip2Retrieval::load(
-                m,
-                &super::device(a.store.compute.device)?,
-            )
-            .with_context(|| format!("--rerank-model {}", m.display()))?;
+            let own = given_model(&a.model)
+                .is_some_and(|m| clasp::model::blip2::is_blip2_dir(Path::new(&m)));
+            let model = match &a.rerank_model {
+                Some(m) => Some(load_fusion(m, &a.store)?),
+                None if own || given_model(&a.model).is_none() => None,
+                None => bail!(
+                    "--rerank needs a fusion model: --rerank-model DIR (a Blip2ForImageTextRetrieval folder), or such a folder as --model"
+                ),
+            };
             Some((*r, model, text))
         }
-        _ => None,
+        None => None,
     };
     let dir = search_dir(&a.dir)?;
     let text_only = terms
@@ -414,8 +440,14 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
     let (mut catalog, encoder, model_id) =
         open_and_index(&a.store, &a.model, &dir, a.no_index, text_only)?;
     let dirs = vec![index::indexer::canonical_prefix(&dir)?];
-    let q = query::embed(&encoder, &terms)?;
-    let engine = catalog.engine(model_id, a.ann_threshold)?;
+    let q = query::embed(encoder.as_ref(), &terms)?;
+    // HNSW holds one vector per image: a multi-vector model is searched exactly.
+    let threshold = if encoder.vectors_per_image() > 1 {
+        usize::MAX
+    } else {
+        a.ann_threshold
+    };
+    let engine = catalog.engine(model_id, threshold)?;
     if let Some(ef) = a.ef_search {
         engine.set_ef_search(ef);
     }
@@ -441,9 +473,14 @@ pub fn search_cmd(a: SearchArgs) -> Result<ExitCode> {
         let k = rerank.as_ref().map_or(a.k, |(r, ..)| r.candidates.max(a.k));
         search::vector_search(engine.as_ref(), catalog.as_mut(), &q, k, &dirs)?
     };
-    let hits = match rerank {
+    let hits = match &rerank {
         Some((r, model, text)) => {
-            let mut h = index::rerank::rerank(&model, &text, hits, r.score)?;
+            let Some(model) = model.as_ref().or(encoder.fusion()) else {
+                bail!(
+                    "--rerank needs a fusion model: --rerank-model DIR (a Blip2ForImageTextRetrieval folder); the store's model is a dual encoder"
+                );
+            };
+            let mut h = index::rerank::rerank(model, text, hits, r.score)?;
             h.truncate(a.k);
             h
         }
@@ -510,6 +547,7 @@ pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
     };
     let (mut catalog, encoder, model_id) =
         open_and_index(&a.store, &a.model, &a.dir, a.no_index, true)?;
+    let encoder = encoder.dual("clasp classify")?;
     let templates = custom.unwrap_or_else(|| {
         prompts::default_templates(matches!(
             encoder.config(),
@@ -518,7 +556,7 @@ pub fn classify_cmd(a: ClassifyArgs) -> Result<ExitCode> {
     });
     let dirs = vec![index::indexer::canonical_prefix(&a.dir)?];
     let out = search::classify(
-        &encoder,
+        encoder,
         catalog.as_mut(),
         model_id,
         &labels,

@@ -280,11 +280,6 @@ impl Encoder {
     /// A BLAKE3 hash of the model's content: config, weights and tokenizer
     /// files. Two directories with the same files hash the same.
     pub fn content_hash(&self) -> Result<[u8; 32]> {
-        fn hash_file(h: &mut blake3::Hasher, path: &Path) -> Result<()> {
-            let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-            h.update_reader(f).map_err(|e| Error::io(path, e))?;
-            Ok(())
-        }
         let files = &self.files;
         let mut h = blake3::Hasher::new();
         // Another precision gives other vectors: its own key, so a store or
@@ -298,22 +293,7 @@ impl Encoder {
             h.update(b"image-processor:");
             h.update(&self.image_processor.config().key_bytes());
         }
-        for p in [&files.config, &files.weights] {
-            hash_file(&mut h, p)?;
-        }
-        for name in [
-            "tokenizer.json",
-            "vocab.json",
-            "merges.txt",
-            "vocab.txt",
-            "spiece.model",
-        ] {
-            let p = files.dir.join(name);
-            if p.is_file() {
-                h.update(name.as_bytes());
-                hash_file(&mut h, &p)?;
-            }
-        }
+        hash_model_files(&mut h, &[&files.config, &files.weights], &files.dir)?;
         Ok(*h.finalize().as_bytes())
     }
 

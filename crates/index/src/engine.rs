@@ -19,7 +19,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 use super::catalog::{Catalog, Hash};
-pub use crate::vecmath::dot;
+pub use crate::vecmath::{dot, row_score};
 use crate::{Error, Result};
 
 /// Nearest-neighbour search by inner product over unit vectors.
@@ -234,7 +234,7 @@ impl ExactIndex {
                     if allow.is_some_and(|a| !a[r]) {
                         continue;
                     }
-                    t.push(dot(row, query), r);
+                    t.push(row_score(row, query), r);
                 }
                 t
             })
@@ -276,8 +276,11 @@ impl VectorSearch for ExactIndex {
     }
 }
 
-fn check_dim(query: &[f32], dim: usize) -> Result<()> {
-    if query.len() != dim {
+/// A query fits rows of its own width, or rows of several vectors of its
+/// width (a multi-vector model's: BLIP-2 keeps N query embeddings per image
+/// and scores the best; see [`row_score`]).
+pub fn check_dim(query: &[f32], dim: usize) -> Result<()> {
+    if query.is_empty() || !dim.is_multiple_of(query.len()) {
         return Err(Error::Shape(format!(
             "query has {} dimensions, the stored vectors {dim}",
             query.len()
@@ -397,6 +400,14 @@ impl VectorSearch for AnnIndex {
         allow: Option<&HashSet<Hash>>,
     ) -> Result<Vec<(Hash, f32)>> {
         check_dim(query, self.snap.dim)?;
+        if query.len() != self.snap.dim {
+            return Err(Error::Report(format!(
+                "the HNSW index holds one vector per image, this model's rows {} of width {}: \
+                 a multi-vector model (BLIP-2) is searched exactly",
+                self.snap.dim / query.len(),
+                query.len()
+            )));
+        }
         let rows = match allow {
             None => self.top_rows(query, k)?,
             Some(a) => {

@@ -26,7 +26,7 @@ use super::video_segments::{self as vs, is_video, VideoOptions};
 use super::walk::{self, Found, Skipped};
 use crate::preprocess::image::decode_image;
 use crate::progress::Progress;
-use crate::{Encoder, Error, Result};
+use crate::{Embedder, Error, Result};
 
 #[derive(Clone, Debug, Default)]
 pub struct IndexOptions {
@@ -80,7 +80,7 @@ fn row_of(p: &Pending) -> FileRow {
 /// Indexes `roots` for the model `model_id` (see [`super::model_id`]).
 pub fn index(
     catalog: &mut dyn Store,
-    encoder: &Encoder,
+    encoder: &dyn Embedder,
     model_id: i64,
     roots: &[PathBuf],
     opts: &IndexOptions,
@@ -356,7 +356,7 @@ fn reusable(store: &mut dyn Store, model: i64, ps: &[Pending]) -> Result<Vec<boo
 
 /// What embedding needs besides the store.
 struct Run<'a> {
-    encoder: &'a Encoder,
+    encoder: &'a dyn Embedder,
     model_id: i64,
     batch_size: usize,
     progress: &'a dyn Progress,
@@ -486,7 +486,7 @@ fn embed_pending(
             let vectors = if pixels.is_empty() {
                 Vec::new()
             } else {
-                encoder.embed_pixel_items(&pixels)?.to_vec2::<f32>()?
+                encoder.embed_images(&pixels)?
             };
             catalog.write(|w| {
                 for (p, v) in ok.iter().zip(&vectors) {

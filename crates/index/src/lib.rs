@@ -10,6 +10,7 @@ use clasp_core::{encoder, preprocess, Encoder};
 
 pub mod catalog;
 pub mod clip_retrieval;
+pub mod embedder;
 pub mod engine;
 pub mod indexer;
 pub mod postgres;
@@ -23,6 +24,7 @@ pub mod walk;
 use std::path::Path;
 
 pub use catalog::Catalog;
+pub use embedder::Embedder;
 pub use engine::{open_engine, VectorSearch};
 pub use indexer::{index, IndexOptions, Summary};
 pub use store::{ConnectOptions, Store};
@@ -34,8 +36,9 @@ pub const ANN_THRESHOLD: usize = 50_000;
 /// The model's id in the catalog, registering it if new. Its content hash is
 /// remembered against the weights file's size and mtime, so it is computed
 /// once per model file.
-pub fn model_id(catalog: &mut dyn Store, encoder: &Encoder, spec: &str) -> Result<i64> {
-    let w: &Path = &encoder.files().weights;
+pub fn model_id(catalog: &mut dyn Store, encoder: &dyn Embedder, spec: &str) -> Result<i64> {
+    let w = encoder.weights();
+    let w: &Path = &w;
     let meta = std::fs::metadata(w).map_err(|e| crate::Error::io(w, e))?;
     let (size, mtime) = (meta.len(), walk::mtime_ns(&meta));
     // The remembered key is the f32 one; another precision hashes afresh.
@@ -55,7 +58,7 @@ pub fn model_id(catalog: &mut dyn Store, encoder: &Encoder, spec: &str) -> Resul
     } else {
         spec.to_string()
     };
-    let id = catalog.model_id(&key, &spec, encoder.embedding_dim())?;
+    let id = catalog.model_id(&key, &spec, encoder.stored_dim())?;
     if f32 {
         catalog.remember_model_file(id, w, size, mtime)?;
     }

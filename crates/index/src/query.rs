@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{Encoder, Error, Result};
+use crate::{Embedder, Error, Result};
 use clasp_core::data::files::has_image_extension;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -134,19 +134,16 @@ pub fn parse_expr(joined: &str) -> Result<Vec<Term>> {
 
 /// The query vector: the weighted sum of the terms' unit embeddings,
 /// normalised.
-pub fn embed(encoder: &Encoder, terms: &[Term]) -> Result<Vec<f32>> {
+pub fn embed(encoder: &dyn Embedder, terms: &[Term]) -> Result<Vec<f32>> {
     let mut parts = Vec::with_capacity(terms.len());
     for t in terms {
         let v: Vec<f32> = match &t.kind {
-            TermKind::Text(s) => encoder.embed_texts(&[s.as_str()])?.get(0)?.to_vec1()?,
-            TermKind::Image(p) => {
-                let px = encoder.image_processor().process_path_pixels(p)?;
-                encoder.embed_pixel_items(&[px])?.get(0)?.to_vec1()?
-            }
+            TermKind::Text(s) => encoder.embed_text(s)?,
+            TermKind::Image(p) => encoder.embed_query_image(p)?,
         };
         parts.push((t.weight, v));
     }
-    combine(encoder.embedding_dim(), parts)
+    combine(encoder.query_dim(), parts)
 }
 
 /// The query vector from (weight, unit embedding) terms: their weighted sum,

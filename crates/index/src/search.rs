@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::catalog::{under_any, FileRow, Hash};
 use super::engine::VectorSearch;
 use super::store::Store;
-use crate::{Encoder, Result};
+use crate::{Embedder, Result};
 
 /// The RRF constant of Cormack et al. (2009), as the seeds specify.
 pub const RRF_K: f64 = 60.0;
@@ -232,13 +232,14 @@ pub struct Label {
 /// Zero-shot labels for every image under `dirs` that has a vector for
 /// `model`.
 pub fn classify(
-    encoder: &Encoder,
+    encoder: &dyn Embedder,
     catalog: &mut dyn Store,
     model: i64,
     labels: &[String],
     templates: &[String],
     dirs: &[String],
 ) -> Result<Vec<Label>> {
+    let encoder = encoder.dual("zero-shot classification")?;
     let classes = encoder.prompt_ensemble(labels, templates, 64)?;
     let scoring = encoder.zero_shot_scoring()?;
     let by_hash = files_by_hash(catalog, dirs)?;

@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use super::catalog::Hash;
-use crate::{Encoder, Error, Result};
+use crate::{Embedder, Error, Result};
 use clasp_core::video;
 
 /// How videos are cut for the index.
@@ -145,16 +145,16 @@ pub fn segments(times: &[f64], rows: &[Vec<f32>], seconds: f64, duration: f64) -
 const MAX_FRAME_BATCH: usize = 16;
 
 /// Embeds the video at `path`: frames at `opts.fps`, streamed from FFmpeg
-/// and embedded `batch` (at most 16) at a time ([`Encoder::embed_video`]),
+/// and embedded `batch` (at most 16) at a time ([`crate::Encoder::embed_video`]),
 /// so memory holds a batch of frames and the vectors, however long the
 /// video.
 pub fn embed(
-    encoder: &Encoder,
+    encoder: &dyn Embedder,
     path: &Path,
     opts: &VideoOptions,
     batch: usize,
 ) -> Result<VideoVectors> {
-    let e = encoder.embed_video(
+    let e = encoder.dual("indexing a video")?.embed_video(
         path,
         video::Sampling::Fps(opts.fps),
         batch.clamp(1, MAX_FRAME_BATCH),

@@ -2,6 +2,33 @@
 
 use super::*;
 
+/// Hashes `files` (config and weights), then the tokenizer files in `dir`
+/// that exist, each under its name: the content a model's vectors depend on.
+pub fn hash_model_files(h: &mut blake3::Hasher, files: &[&Path], dir: &Path) -> Result<()> {
+    fn hash_file(h: &mut blake3::Hasher, path: &Path) -> Result<()> {
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        h.update_reader(f).map_err(|e| Error::io(path, e))?;
+        Ok(())
+    }
+    for p in files {
+        hash_file(h, p)?;
+    }
+    for name in [
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "vocab.txt",
+        "spiece.model",
+    ] {
+        let p = dir.join(name);
+        if p.is_file() {
+            h.update(name.as_bytes());
+            hash_file(h, &p)?;
+        }
+    }
+    Ok(())
+}
+
 impl Encoder {
     /// Embeds image files in batches, decoding in parallel. Files that fail to
     /// load are reported, and the rest are still embedded. `progress` is called

@@ -11,7 +11,7 @@
 //! is (q_bias, 0, v_bias), and its output is the post-LayerNorm of every
 //! token (the Q-Former reads them all).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
@@ -23,7 +23,7 @@ use super::layers::{Attention, LayerNorm, Linear, Mlp, PreNormBlock};
 use super::loader::read_json;
 use super::qformer::{QFormerConfig, QFormerHeads};
 use super::vit::VisionTransformer;
-use crate::preprocess::{ImageProcessor, ImageProcessorConfig, TextTokenizer};
+use crate::preprocess::{ImageProcessor, ImageProcessorConfig, Pixels, TextTokenizer};
 use crate::{Error, Result};
 
 /// transformers' `Blip2VisionConfig`, with its defaults (EVA ViT-g/14).
@@ -341,6 +341,8 @@ pub struct Blip2Retrieval {
     pub processor: ImageProcessor,
     pub tokenizer: TextTokenizer,
     pub cfg: Blip2Config,
+    /// The folder it was loaded from.
+    pub dir: PathBuf,
     device: Device,
 }
 
@@ -402,8 +404,57 @@ impl Blip2Retrieval {
             processor,
             tokenizer,
             cfg,
+            dir: dir.to_path_buf(),
             device: device.clone(),
         })
+    }
+
+    /// A BLAKE3 hash of the folder's content (config, weights, image
+    /// processor and tokenizer files), as [`crate::Encoder::content_hash`]
+    /// keys a dual encoder's vectors.
+    pub fn content_hash(&self) -> Result<[u8; 32]> {
+        let mut h = blake3::Hasher::new();
+        h.update(b"blip-2 itc:");
+        let (config, weights) = (
+            self.dir.join("config.json"),
+            self.dir.join("model.safetensors"),
+        );
+        let pp = self.dir.join("preprocessor_config.json");
+        let mut files = vec![config.as_path(), weights.as_path()];
+        if pp.is_file() {
+            files.push(&pp);
+        }
+        crate::encoder::hash_model_files(&mut h, &files, &self.dir)?;
+        Ok(*h.finalize().as_bytes())
+    }
+
+    /// The ITC width D: one text's embedding, and each query's.
+    pub fn itc_dim(&self) -> usize {
+        self.cfg.image_text_hidden_size
+    }
+
+    /// The ITC embeddings of processed images, each its N queries'
+    /// L2-normalised embeddings back to back (N·D values): what an index
+    /// stores for an image, scored against a text by the best query
+    /// ([`QFormerHeads::itc`]).
+    pub fn embed_image_queries(&self, items: &[Pixels]) -> Result<Vec<Vec<f32>>> {
+        let side = self.cfg.vision_config.image_size;
+        for (i, p) in items.iter().enumerate() {
+            if (p.height, p.width) != (side, side) || p.data.len() != 3 * side * side {
+                return Err(Error::Shape(format!(
+                    "image {i} is {}x{} after preprocessing; BLIP-2 reads {side}x{side}",
+                    p.height, p.width
+                )));
+            }
+        }
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let flat: Vec<f32> = items.iter().flat_map(|p| p.data.iter().copied()).collect();
+        let px = Tensor::from_vec(flat, (items.len(), 3, side, side), &self.device)?;
+        let _no_grad = super::grad_mode_guard(false);
+        let q = self.heads.image_embeds(&self.image_features(&px)?)?;
+        Ok(q.flatten_from(1)?.to_vec2()?)
     }
 
     pub fn device(&self) -> &Device {

@@ -46,6 +46,34 @@ pub(super) fn vector_literal(v: &[f32]) -> String {
 }
 
 impl PgSearch {
+    /// The SELECT of the best `k` rows for a query of width `qdim` given as
+    /// `p` (a parameter or a literal) from `table` with `filter`: through
+    /// HNSW by cosine distance, exactly by inner product, or, for rows of
+    /// several vectors (BLIP-2's queries), exactly by the best of their
+    /// inner products (pgvector's `subvector`), which no index serves.
+    fn knn_sql(&self, qdim: usize, p: &str, table: &str, filter: &str, k: usize) -> String {
+        if qdim != self.dim {
+            let best: Vec<String> = (0..self.dim / qdim)
+                .map(|i| format!("-(subvector(embedding, {}, {qdim}) <#> {p})", i * qdim + 1))
+                .collect();
+            format!(
+                "SELECT hash, GREATEST({})::float4 AS score FROM {table} {filter}
+                 ORDER BY score DESC, hash LIMIT {k}",
+                best.join(", ")
+            )
+        } else if self.ann {
+            format!(
+                "SELECT hash, (1 - (embedding <=> {p}))::float4 FROM {table} {filter}
+                 ORDER BY embedding <=> {p} LIMIT {k}"
+            )
+        } else {
+            format!(
+                "SELECT hash, (-(embedding <#> {p}))::float4 FROM {table} {filter}
+                 ORDER BY embedding <#> {p}, hash LIMIT {k}"
+            )
+        }
+    }
+
     /// k-NN over a sharded store: the same query, with its LIMIT, sent to
     /// every shard at once through dblink (`dblink_send_query` returns at
     /// once; the shards work in parallel), each answered by the shard's own
@@ -64,6 +92,7 @@ impl PgSearch {
     ) -> Result<Vec<(Hash, f32)>> {
         let mut connected = self.connected.lock().expect("shard connections lock");
         let v = vector_literal(query);
+        let ann = self.ann && query.len() == self.dim;
         let filter = allow.map(|a| {
             let list: Vec<String> = a
                 .iter()
@@ -104,7 +133,7 @@ impl PgSearch {
                     c.execute("SELECT dblink_connect($1, $2)", &[&name, server])?;
                     connected[i] = true;
                 }
-                if self.ann {
+                if ann {
                     let ef = ef.unwrap_or(40).max(1);
                     c.execute(
                         "SELECT dblink_exec($1, $2)",
@@ -117,17 +146,7 @@ impl PgSearch {
                         )?;
                     }
                 }
-                let sql = if self.ann {
-                    format!(
-                        "SELECT hash, (1 - (embedding <=> '{v}'))::float4 FROM {part} {filter}
-                         ORDER BY embedding <=> '{v}' LIMIT {k}"
-                    )
-                } else {
-                    format!(
-                        "SELECT hash, (-(embedding <#> '{v}'))::float4 FROM {part} {filter}
-                         ORDER BY embedding <#> '{v}', hash LIMIT {k}"
-                    )
-                };
+                let sql = self.knn_sql(query.len(), &format!("'{v}'"), &part, filter, k);
                 c.execute("SELECT dblink_send_query($1, $2)", &[&name, &sql])?;
                 Ok::<_, postgres::Error>(())
             })();
@@ -179,13 +198,14 @@ impl VectorSearch for PgSearch {
         k: usize,
         allow: Option<&HashSet<Hash>>,
     ) -> Result<Vec<(Hash, f32)>> {
-        if query.len() != self.dim {
+        if query.is_empty() || !self.dim.is_multiple_of(query.len()) {
             return Err(Error::Report(format!(
                 "the query has {} dimensions, the store's vectors {}",
                 query.len(),
                 self.dim
             )));
         }
+        let ann = self.ann && query.len() == self.dim;
         let q = Vector::from(query.to_vec());
         let allow_set = allow;
         let allow: Option<Vec<&[u8]>> = allow.map(|s| s.iter().map(|h| &h[..]).collect());
@@ -194,21 +214,8 @@ impl VectorSearch for PgSearch {
         } else {
             ""
         };
-        let sql = if self.ann {
-            format!(
-                "SELECT hash, (1 - (embedding <=> $1::vector::{v}))::float4 FROM {t} {filter}
-                 ORDER BY embedding <=> $1::vector::{v} LIMIT {k}",
-                v = self.vtype,
-                t = self.table
-            )
-        } else {
-            format!(
-                "SELECT hash, (-(embedding <#> $1::vector::{v}))::float4 FROM {t} {filter}
-                 ORDER BY embedding <#> $1::vector::{v}, hash LIMIT {k}",
-                v = self.vtype,
-                t = self.table
-            )
-        };
+        let p = format!("$1::vector::{}", self.vtype);
+        let sql = self.knn_sql(query.len(), &p, &self.table, filter, k);
         let ef = *self.ef_search.lock().expect("ef_search lock");
         let mut last = None;
         for (name, conn) in &self.conns {
@@ -224,7 +231,7 @@ impl VectorSearch for PgSearch {
             }
             let r = (|| {
                 let mut tx = c.transaction()?;
-                if self.ann {
+                if ann {
                     if let Some(ef) = ef {
                         tx.batch_execute(&format!("SET LOCAL hnsw.ef_search = {}", ef.max(1)))?;
                     }
