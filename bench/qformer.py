@@ -5,7 +5,7 @@ Blip2ForImageTextRetrieval modules with the reference losses of scripts/blip2_re
 written from LAVIS), interleaved in one run, same sizes, same threads (bench/qformer.md).
 
     cargo build --release --example bench_qformer
-    PYTHONPATH=/tmp/torchpy python3 bench/qformer.py [--rounds 3] [--iters 2] [--batch 4]
+    PYTHONPATH=/tmp/torchpy python3 bench/qformer.py [--rounds 3] [--iters 2] [--batch 4] [--note TEXT]
 
 Sizes: blip2-itm-vit-g's Q-Former (768 wide, 12 layers, 12 heads, cross-attention every 2nd
 layer onto 257 x 1408 image features, 32 queries, a 256-d ITC space), captions of 16 tokens.
@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from blip2_reference import decoder_inputs, itc_itm, itg_loss  # noqa: E402
 
 EXAMPLE = os.path.join(ROOT, "target/release/examples/bench_qformer")
+MARK = "<!-- notes: kept by bench/qformer.py -->"
 SIZES = dict(hidden=768, layers=12, heads=12, queries=32, encoder=1408, patches=257, text=16)
 
 
@@ -108,12 +109,12 @@ def clasp_steps(batch, iters, ks=()):
     s = SIZES
     args = [str(x) for x in (s["hidden"], s["layers"], s["heads"], s["queries"], s["encoder"], s["patches"],
                              batch, s["text"], iters, *ks)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # The example reports its own VmHWM: getrusage(RUSAGE_CHILDREN) would count this Python's
+    # pages, which the forked child holds until it execs (they read the same before).
     r = subprocess.run([EXAMPLE, *args], check=True, capture_output=True, text=True,
                        env={**os.environ, "RAYON_NUM_THREADS": str(torch.get_num_threads())})
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    return res["step_s"], max(peak, before), res.get("itm_ms", {})
+    return res["step_s"], res["peak_rss_mb"], res.get("itm_ms", {})
 
 
 def main():
@@ -121,6 +122,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--note", default="", help="what else ran on the machine, for the table")
     a = p.parse_args()
     torch.set_num_threads(os.cpu_count())
     c, t = [], []
@@ -142,7 +144,7 @@ def main():
              f"image features), captions of {SIZES['text']} tokens; {a.rounds} interleaved rounds of "
              f"{a.iters} steps, the first step of each round dropped.", "",
              "| | median step (s) | peak RSS (MB) |", "|---|---|---|",
-             f"| clasp | {mc:.2f} | {rss / 1024:.0f} |",
+             f"| clasp | {mc:.2f} | {rss:.0f} |",
              f"| PyTorch {torch.__version__} (transformers modules, reference losses) | {mt:.2f} | "
              f"{torch_rss / 1024:.0f} (this process, model included) |", "",
              f"clasp / PyTorch step time: **{mc / mt:.2f}x** ({torch.get_num_threads()} threads each).", "",
@@ -152,8 +154,12 @@ def main():
              "| K | clasp (ms) | PyTorch (ms) |", "|---|---|---|"]
     lines += [f"| {k} | {c_itm.get(str(k), float('nan')):.0f} | {t_itm[str(k)]:.0f} |" for k in ks]
     lines += ["",
-             f"Machine: {cpu()}. Other work shared the cores (a bridge run), so the ratio is the figure to read.", ""]
-    open(os.path.join(ROOT, "bench/qformer.md"), "w").write("\n".join(lines))
+             f"Machine: {cpu()}. {a.note}".rstrip(), ""]
+    # The notes below the marker are written by hand and kept across runs.
+    path = os.path.join(ROOT, "bench/qformer.md")
+    old = open(path).read() if os.path.isfile(path) else ""
+    notes = old[old.index(MARK):] if MARK in old else MARK + "\n"
+    open(path, "w").write("\n".join(lines) + "\n" + notes)
     print("\n".join(lines))
 
 

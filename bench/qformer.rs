@@ -141,9 +141,20 @@ fn main() -> anyhow::Result<()> {
             serde_json::json!(1000.0 * t0.elapsed().as_secs_f64()),
         );
     }
+    // This process's own peak (the parent's getrusage of its children
+    // counts the forked Python's pages before exec).
+    let peak_rss_mb = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0);
     println!(
         "{}",
-        serde_json::json!({"step_s": step_s, "losses": losses, "itm_ms": itm_ms})
+        serde_json::json!({"step_s": step_s, "losses": losses, "itm_ms": itm_ms,
+                           "peak_rss_mb": peak_rss_mb})
     );
     Ok(())
 }
