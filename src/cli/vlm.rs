@@ -60,8 +60,39 @@ pub struct AssembleArgs {
     /// Seed of the connector's initialisation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// LLaVA-NeXT's AnyRes: tile each image at the best of these resolutions (HxW, comma
+    /// separated, multiples of the tower's size) plus a downscaled base image, and save a
+    /// LlavaNextForConditionalGeneration folder.
+    #[arg(long, value_name = "HxW,...")]
+    pub anyres: Option<Pinpoints>,
     #[arg(long, short)]
     pub output: PathBuf,
+}
+
+/// AnyRes grid pinpoints: `336x672,672x336`, (height, width) pairs.
+#[derive(Clone, Debug)]
+pub struct Pinpoints(pub Vec<(u32, u32)>);
+
+impl std::str::FromStr for Pinpoints {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        parse_pinpoints(s).map(Pinpoints)
+    }
+}
+
+fn parse_pinpoints(s: &str) -> std::result::Result<Vec<(u32, u32)>, String> {
+    s.split(',')
+        .map(|p| {
+            let (h, w) = p
+                .trim()
+                .split_once('x')
+                .ok_or_else(|| format!("`{p}` is not HxW (336x672)"))?;
+            match (h.parse::<u32>(), w.parse::<u32>()) {
+                (Ok(h), Ok(w)) if h > 0 && w > 0 => Ok((h, w)),
+                _ => Err(format!("`{p}` is not HxW with positive sizes")),
+            }
+        })
+        .collect()
 }
 
 impl AssembleArgs {
@@ -96,7 +127,7 @@ pub fn assemble_cmd(a: AssembleArgs) -> Result<ExitCode> {
         .vision
         .as_deref()
         .expect("clap requires --vision without --native");
-    let vlm = Vlm::assemble(
+    let mut vlm = Vlm::assemble(
         vision,
         &a.llm,
         a.kind(),
@@ -104,6 +135,9 @@ pub fn assemble_cmd(a: AssembleArgs) -> Result<ExitCode> {
         a.seed,
         &device,
     )?;
+    if let Some(p) = &a.anyres {
+        vlm.set_anyres(p.0.clone(), None, a.seed)?;
+    }
     vlm.save(&a.output)?;
     note!(
         "wrote {} ({} image tokens per image, image token id {})",
@@ -378,9 +412,17 @@ pub fn chat_cmd(a: ChatArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let vlm = load(&a.model)?;
-    let px = vlm.pixels(&[a.image.as_path()])?;
     let user = user_turn(Some(&a.prompt), LangArg::En);
-    let g = vlm.generate(&px, &user, &a.sample.options()?)?;
+    let g = if vlm.anyres().is_some() {
+        let img = clasp::preprocess::load_image(&a.image)?;
+        vlm.generate_anyres(&[vlm.anyres_pixels(&img)?], &user, &a.sample.options()?)?
+    } else {
+        vlm.generate(
+            &vlm.pixels(&[a.image.as_path()])?,
+            &user,
+            &a.sample.options()?,
+        )?
+    };
     println!("{}", g[0].text);
     Ok(ExitCode::SUCCESS)
 }

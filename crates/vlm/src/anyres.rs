@@ -58,3 +58,225 @@ pub fn pack(
     let flat = map.contiguous()?.reshape((h * width, hidden))?;
     Ok(Tensor::cat(&[&base, &flat], 0)?)
 }
+
+use clasp_core::preprocess::anyres::{check_pinpoints, feature_count, tiles, AnyResPixels};
+
+use crate::connector::ConnectorKind;
+use crate::model::{FeatureSelect, Vlm};
+
+impl Vlm {
+    /// The grid pinpoints (height, width) when the model is LLaVA-NeXT's
+    /// (`LlavaNextForConditionalGeneration`).
+    pub fn anyres(&self) -> Option<&[(u32, u32)]> {
+        self.cfg.anyres.as_deref()
+    }
+
+    /// Makes the model LLaVA-NeXT's: images tiled at the best of
+    /// `pinpoints` (multiples of the tower's size) plus the base image, and
+    /// `image_newline` ([hidden]; a fresh one, N(0, 1/hidden) from `seed`,
+    /// as transformers initialises it, when `None`) after each row of the
+    /// tiles' map. The tower must be CLIP's ViT and the connector one token
+    /// per patch (mlp2x_gelu), so the tiles' tokens form a map.
+    pub fn set_anyres(
+        &mut self,
+        pinpoints: Vec<(u32, u32)>,
+        newline: Option<Tensor>,
+        seed: u64,
+    ) -> Result<()> {
+        if self.vision_cnn().is_some() || self.blip2_vision().is_some() {
+            return Err(Error::Report(
+                "AnyRes tiles a ViT's patch map: this model's tower is not CLIP's ViT".into(),
+            ));
+        }
+        if self.cfg.select != FeatureSelect::Default {
+            return Err(Error::Report(
+                "AnyRes packs the patch tokens without the class token (vision_feature_select_strategy \"default\"), as transformers requires".into(),
+            ));
+        }
+        if !matches!(self.cfg.connector, ConnectorKind::Mlp2xGelu) {
+            return Err(Error::Report(
+                "AnyRes lays the connector's tokens out as the patch map: it needs the \
+                 mlp2x_gelu connector (one token per patch)"
+                    .into(),
+            ));
+        }
+        let side = self.vision_cfg.image_size as u32;
+        check_pinpoints(&pinpoints, side)?;
+        let hidden = self.llm.config().hidden_size;
+        let newline = match newline {
+            Some(t) => {
+                if t.dims() != [hidden] {
+                    return Err(Error::Shape(format!(
+                        "image_newline is {:?}, the language model {hidden} wide",
+                        t.dims()
+                    )));
+                }
+                t
+            }
+            None => {
+                let mut rng = crate::rng::Rng(seed ^ 0x4E_E75_11E);
+                let v = rng.normal(hidden, 1.0 / (hidden as f64).sqrt());
+                Tensor::from_vec(v, hidden, self.device())?
+            }
+        };
+        self.cfg.anyres = Some(pinpoints);
+        self.image_newline = Some(newline);
+        Ok(())
+    }
+
+    /// LLaVA-NeXT's config fields on a Llava `config.json`.
+    pub(crate) fn llava_next_config(&self, cfg: &mut serde_json::Value) {
+        let Some(p) = self.anyres() else { return };
+        cfg["architectures"] = serde_json::json!(["LlavaNextForConditionalGeneration"]);
+        cfg["model_type"] = serde_json::json!("llava_next");
+        cfg["image_grid_pinpoints"] =
+            serde_json::json!(p.iter().map(|&(h, w)| [h, w]).collect::<Vec<_>>());
+        // The count varies by image.
+        if let Some(o) = cfg.as_object_mut() {
+            o.remove("image_seq_length");
+        }
+    }
+
+    /// preprocessor_config.json: the tower's, with LLaVA-NeXT's grid when
+    /// images are tiled (`LlavaNextImageProcessor`).
+    pub(crate) fn preprocessor_json(&self) -> serde_json::Value {
+        let mut v = self.processor.config().to_hf_json();
+        if let Some(p) = self.anyres() {
+            v["image_processor_type"] = serde_json::json!("LlavaNextImageProcessor");
+            v["image_grid_pinpoints"] =
+                serde_json::json!(p.iter().map(|&(h, w)| [h, w]).collect::<Vec<_>>());
+            v["do_pad"] = serde_json::json!(true);
+        }
+        v
+    }
+
+    /// Reads `image_grid_pinpoints` from a `llava_next` config and
+    /// `image_newline` from its weights file `w`.
+    pub(crate) fn read_anyres(
+        &mut self,
+        cfg: &serde_json::Value,
+        w: &std::path::Path,
+        device: &candle_core::Device,
+    ) -> Result<()> {
+        let pinpoints = cfg["image_grid_pinpoints"]
+            .as_array()
+            .ok_or_else(|| Error::Report("no image_grid_pinpoints".into()))?
+            .iter()
+            .map(|p| match (p[0].as_u64(), p[1].as_u64()) {
+                (Some(h), Some(w)) => Ok((h as u32, w as u32)),
+                _ => Err(Error::Report(format!(
+                    "image_grid_pinpoints: {p} is not [height, width]"
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let t =
+            crate::checkpoint::load_prefixed(w, &["image_newline", "model.image_newline"], device)?;
+        let newline = t
+            .into_values()
+            .next()
+            .ok_or_else(|| Error::Report(format!("{}: no image_newline", w.display())))?;
+        self.set_anyres(pinpoints, Some(newline), 0)
+    }
+
+    /// `image_newline`, when the model is LLaVA-NeXT's.
+    pub fn image_newline(&self) -> Option<&Tensor> {
+        self.image_newline.as_ref()
+    }
+
+    fn pinpoints(&self) -> Result<&[(u32, u32)]> {
+        self.anyres()
+            .ok_or_else(|| Error::Report("this model does not tile images (no AnyRes)".into()))
+    }
+
+    /// An image's base picture and tiles, prepared for the tower.
+    pub fn anyres_pixels(&self, img: &image::RgbImage) -> Result<AnyResPixels> {
+        let side = self.vision_cfg.image_size as u32;
+        tiles(&self.processor, img, self.pinpoints()?, side)
+    }
+
+    /// Image tokens an image of `size` (height, width) takes in the prompt,
+    /// as `LlavaNextProcessor` counts them.
+    pub fn anyres_tokens(&self, size: (u32, u32)) -> Result<usize> {
+        let side = self.vision_cfg.image_size;
+        let per_side = side / self.vision_cfg.patch_size;
+        Ok(feature_count(
+            size,
+            self.pinpoints()?,
+            side as u32,
+            per_side,
+            0,
+        ))
+    }
+
+    /// The image tokens [n, hidden] of one tiled image: the tower on the
+    /// base picture and every tile, the connector, then [`pack`].
+    pub fn anyres_features(&self, px: &AnyResPixels) -> Result<Tensor> {
+        let newline = self.image_newline.as_ref();
+        let feats = self.image_features(&self.pixel_batch(&px.tiles)?)?;
+        pack(&feats, px.grid, px.image_size, newline)
+    }
+
+    /// `ids` with the k-th image placeholder repeated once per token of the
+    /// k-th image, whose size is `sizes[k]` (LlavaNextProcessor's expansion).
+    pub fn expand_images_sized(&self, ids: &[u32], sizes: &[(u32, u32)]) -> Result<Vec<u32>> {
+        let id = self.cfg.image_token_index;
+        let slots = ids.iter().filter(|&&i| i == id).count();
+        if slots != sizes.len() {
+            return Err(Error::Report(format!(
+                "the prompt has {slots} image placeholders for {} images",
+                sizes.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        let mut k = 0;
+        for &i in ids {
+            if i == id {
+                out.extend(std::iter::repeat_n(id, self.anyres_tokens(sizes[k])?));
+                k += 1;
+            } else {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The token ids of one user turn (`<image>` where each image goes)
+    /// through the chat template, the assistant's turn opened, the k-th
+    /// placeholder expanded for an image of `sizes[k]` (height, width).
+    pub fn chat_prompt_sized(&self, user: &str, sizes: &[(u32, u32)]) -> Result<Vec<u32>> {
+        let ids = self.render_unexpanded(&[crate::llm::Message::new("user", user)], sizes.len())?;
+        self.expand_images_sized(&ids, sizes)
+    }
+
+    /// Generates one answer per tiled image to the same user turn (one
+    /// `<image>`), as one batch.
+    pub fn generate_anyres(
+        &self,
+        images: &[AnyResPixels],
+        user: &str,
+        opts: &crate::llm::GenerateOptions,
+    ) -> Result<Vec<crate::llm::Generation>> {
+        let prompts = images
+            .iter()
+            .map(|px| {
+                let ids = self.chat_prompt_sized(user, &[px.image_size])?;
+                let embeds = self.input_embeds_flat(&ids, &self.anyres_features(px)?)?;
+                Ok(crate::llm::Prompt {
+                    ids,
+                    embeds: Some(embeds),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.generate_prompts(&prompts, opts)
+    }
+
+    /// Logits [t, vocab] of one expanded prompt with its tiled images'
+    /// tokens ([`Self::anyres_features`], one [n_k, hidden] per image).
+    pub fn logits_anyres(&self, ids: &[u32], images: &[Tensor]) -> Result<Tensor> {
+        let flat = Tensor::cat(images, 0)?;
+        let x = self.input_embeds_flat(ids, &flat)?.unsqueeze(0)?;
+        let mut cache = self.llm.new_cache(vec![0]);
+        let h = self.llm.forward_embeds(&x, &mut cache)?;
+        Ok(self.llm.logits(&h)?.squeeze(0)?)
+    }
+}

@@ -186,6 +186,7 @@ impl Vlm {
             connector: connector.kind(),
             image_token: lang.image_token,
             image_token_index,
+            anyres: None,
         };
         Self::from_parts(
             cfg,

@@ -8,6 +8,13 @@ use crate::preprocess::image::decode_image;
 use crate::preprocess::pipeline;
 use crate::progress::Progress;
 use crate::Result;
+use clasp_core::preprocess::anyres::AnyResPixels;
+
+/// An image prepared for the tower: one square, or AnyRes tiles.
+enum Prepared {
+    Square(Vec<f32>),
+    Tiled(AnyResPixels),
+}
 
 /// Answers `user` (one `<image>` placeholder) for every image, `batch` at a
 /// time. The result has one entry per image, in order: its generation, or
@@ -21,7 +28,11 @@ pub fn caption_images(
     progress: &dyn Progress,
 ) -> Result<Vec<Result<Generation>>> {
     // A bad prompt fails once, before any image is read.
-    vlm.chat_prompt(user, 1)?;
+    let side = vlm.vision_config().image_size as u32;
+    match vlm.anyres() {
+        Some(_) => vlm.chat_prompt_sized(user, &[(side, side)]).map(|_| ())?,
+        None => vlm.chat_prompt(user, 1).map(|_| ())?,
+    }
     let mut out: Vec<Option<Result<Generation>>> = (0..images.len()).map(|_| None).collect();
     progress.start("captioning", images.len() as u64);
     let proc = vlm.image_processor();
@@ -29,7 +40,12 @@ pub fn caption_images(
         pipeline::batches((0..images.len()).collect(), batch),
         |_, _, &i| {
             let src = &images[i];
-            proc.process(&decode_image(&src.read()?, &src.path())?)
+            let img = decode_image(&src.read()?, &src.path())?;
+            // A LLaVA-NeXT model tiles each image at its own grid.
+            match vlm.anyres() {
+                Some(_) => vlm.anyres_pixels(&img).map(Prepared::Tiled),
+                None => proc.process(&img).map(Prepared::Square),
+            }
         },
         |prepared| {
             let n = prepared.len();
@@ -38,8 +54,20 @@ pub fn caption_images(
                 out[i] = Some(Err(e));
             }
             if !ok.is_empty() {
-                let px = vlm.pixel_batch(&pixels)?;
-                for (i, g) in ok.into_iter().zip(vlm.generate(&px, user, opts)?) {
+                let mut square = Vec::new();
+                let mut tiled = Vec::new();
+                for p in pixels {
+                    match p {
+                        Prepared::Square(px) => square.push(px),
+                        Prepared::Tiled(t) => tiled.push(t),
+                    }
+                }
+                let answers = if tiled.is_empty() {
+                    vlm.generate(&vlm.pixel_batch(&square)?, user, opts)?
+                } else {
+                    vlm.generate_anyres(&tiled, user, opts)?
+                };
+                for (i, g) in ok.into_iter().zip(answers) {
                     out[i] = Some(Ok(g));
                 }
             }

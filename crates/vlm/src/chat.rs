@@ -132,6 +132,22 @@ impl Vlm {
     /// unless the placeholders in the text number `images`. What every
     /// prompt with images goes through: chats, captions and training.
     pub(crate) fn render_ids(&self, messages: &[Message], images: usize) -> Result<Vec<u32>> {
+        if images > 0 && self.anyres().is_some() {
+            return Err(Error::Report(
+                "this LLaVA-NeXT (AnyRes) model gives each image as many tokens as its size asks: \
+                 its prompts are built with the images' sizes (chat_prompt_sized)"
+                    .into(),
+            ));
+        }
+        Ok(self.expand_images(&self.render_unexpanded(messages, images)?))
+    }
+
+    /// [`Self::render_ids`] with the placeholders not yet expanded.
+    pub(crate) fn render_unexpanded(
+        &self,
+        messages: &[Message],
+        images: usize,
+    ) -> Result<Vec<u32>> {
         let placeholder = self.cfg.image_token.as_str();
         let written: usize = messages
             .iter()
@@ -152,7 +168,7 @@ impl Vlm {
         } else {
             self.tokenizer.encode_chat(messages, true)?
         };
-        Ok(self.expand_images(&ids))
+        Ok(ids)
     }
 }
 

@@ -41,7 +41,11 @@ pub fn is_vlm(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["model_type"] == "llava" || super::blip2::is_generation_config(&v))
+        .is_some_and(|v| {
+            v["model_type"] == "llava"
+                || v["model_type"] == "llava_next"
+                || super::blip2::is_generation_config(&v)
+        })
 }
 
 /// The tensors of a safetensors file whose names start with one of
@@ -146,6 +150,7 @@ impl Vlm {
         if !matches!(self.cfg.connector, ConnectorKind::Mlp2xGelu) {
             cfg["clasp_connector"] = serde_json::to_value(self.cfg.connector).expect("serialises");
         }
+        self.llava_next_config(&mut cfg);
         cfg
     }
 
@@ -182,6 +187,9 @@ impl Vlm {
             } else {
                 out.insert(format!("language_model.{k}"), v);
             }
+        }
+        if let Some(nl) = self.image_newline() {
+            out.insert("image_newline".into(), nl.clone());
         }
         if !out.contains_key("language_model.lm_head.weight") {
             // A tied head, written out.
@@ -228,10 +236,10 @@ impl Vlm {
             }
             write_json(
                 &tmp.join("preprocessor_config.json"),
-                &self.processor.config().to_hf_json(),
+                &self.preprocessor_json(),
             )?;
             let processor = serde_json::json!({
-                "processor_class": "LlavaProcessor",
+                "processor_class": if self.anyres().is_some() { "LlavaNextProcessor" } else { "LlavaProcessor" },
                 "image_token": self.cfg.image_token,
                 "patch_size": self.vision_cfg.patch_size,
                 "vision_feature_select_strategy": match self.cfg.select {
@@ -265,7 +273,7 @@ impl Vlm {
         if super::blip2::is_generation_config(&v) {
             return Self::load_blip2(dir, &v, device);
         }
-        if v["model_type"] != "llava" {
+        if v["model_type"] != "llava" && v["model_type"] != "llava_next" {
             return Err(bad(format!(
                 "model_type is {}, not llava: not a vision-language checkpoint (make one with `clasp assemble` or `clasp train --llm ... --vision ...`)",
                 v["model_type"]
@@ -343,8 +351,9 @@ impl Vlm {
             connector: connector.kind(),
             image_token: token,
             image_token_index,
+            anyres: None,
         };
-        let vlm = Self::from_parts(
+        let mut vlm = Self::from_parts(
             cfg,
             vision_cfg,
             cnn,
@@ -354,6 +363,10 @@ impl Vlm {
             tokenizer,
             processor,
         )?;
+        if v["model_type"] == "llava_next" {
+            vlm.read_anyres(&v, &w, device)
+                .map_err(|e| bad(format!("LLaVA-NeXT: {e}")))?;
+        }
         vlm.with_saved_adapter(dir, device)
     }
 

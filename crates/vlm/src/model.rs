@@ -73,6 +73,10 @@ pub struct VlmConfig {
     /// The placeholder text and its token id.
     pub image_token: String,
     pub image_token_index: u32,
+    /// LLaVA-NeXT's `image_grid_pinpoints` (height, width), when images are
+    /// tiled (see `anyres`).
+    #[serde(default)]
+    pub anyres: Option<Vec<(u32, u32)>>,
 }
 
 /// An image tower's config (and CNN config), tensors and preprocessing.
@@ -114,6 +118,8 @@ pub struct Vlm {
     pub llm: Llama,
     pub tokenizer: LlmTokenizer,
     pub(super) processor: ImageProcessor,
+    /// LLaVA-NeXT's `image_newline` [hidden], when images are tiled.
+    pub(super) image_newline: Option<Tensor>,
 }
 
 impl Vlm {
@@ -183,6 +189,7 @@ impl Vlm {
             connector: connector.kind(),
             image_token,
             image_token_index,
+            anyres: None,
         };
         Self::from_parts(
             cfg,
@@ -231,6 +238,7 @@ impl Vlm {
             connector: parts.connector.kind(),
             image_token,
             image_token_index,
+            anyres: None,
         };
         Self::from_parts(
             cfg,
@@ -286,6 +294,7 @@ impl Vlm {
             llm,
             tokenizer,
             processor,
+            image_newline: None,
         };
         me.feature_layer()?;
         Ok(me)
@@ -443,15 +452,26 @@ impl Vlm {
     /// positions filled, in order, from `images` (`[k, N, hidden]`).
     pub fn input_embeds(&self, ids: &[u32], images: &Tensor) -> Result<Tensor> {
         let n = self.image_tokens();
-        let img_id = self.cfg.image_token_index;
-        let slots = ids.iter().filter(|&&i| i == img_id).count();
         let (k, nn, _) = images.dims3()?;
-        if slots != k * nn || nn != n {
+        if nn != n {
             return Err(Error::Shape(format!(
-                "the prompt has {slots} image positions, and {k} image(s) of {nn} tokens were given (each image takes {n})"
+                "{k} image(s) of {nn} tokens were given; each image takes {n}"
             )));
         }
-        let flat = images.reshape((k * nn, images.dim(2)?))?;
+        self.input_embeds_flat(ids, &images.reshape((k * nn, images.dim(2)?))?)
+    }
+
+    /// Input embeddings `[t, hidden]` of one expanded prompt whose image
+    /// positions take the rows of `flat` (`[positions, hidden]`) in order.
+    pub fn input_embeds_flat(&self, ids: &[u32], flat: &Tensor) -> Result<Tensor> {
+        let img_id = self.cfg.image_token_index;
+        let slots = ids.iter().filter(|&&i| i == img_id).count();
+        let rows = flat.dim(0)?;
+        if slots != rows {
+            return Err(Error::Shape(format!(
+                "the prompt has {slots} image positions, and {rows} image tokens were given"
+            )));
+        }
         let mut parts = Vec::new();
         let (mut i, mut used) = (0, 0);
         while i < ids.len() {
@@ -531,7 +551,7 @@ impl Vlm {
         self.generate_prompts(&prompts, opts)
     }
 
-    fn generate_prompts(
+    pub(crate) fn generate_prompts(
         &self,
         prompts: &[llm::Prompt],
         opts: &GenerateOptions,

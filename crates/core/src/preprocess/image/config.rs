@@ -22,6 +22,10 @@ pub const SUPPORTED_PROCESSORS: &[&str] = &[
     "BlipImageProcessorFast",
     "BlipImageProcessorPil",
     "Emu3ImageProcessor",
+    // The base image and each tile as CLIP's; the grid is config.json's.
+    "LlavaNextImageProcessor",
+    "LlavaNextImageProcessorFast",
+    "LlavaNextImageProcessorPil",
 ];
 
 /// How to resize before any crop.

@@ -1,0 +1,267 @@
+//! LLaVA-NeXT (AnyRes) against transformers' LlavaNextForConditionalGeneration
+//! and LlavaNextProcessor on the checkpoint clasp saves (fixtures:
+//! scripts/gen_llava_next_fixtures.py, which runs `clasp assemble --anyres`
+//! on the committed random-weight CLIP tower and SmolLM2, then transformers
+//! on the saved folder), end to end on full-resolution lossless photos: the
+//! grid, every tile's pixels, the image-token count, the prompt ids and the
+//! logits.
+
+mod common;
+mod vlm_util;
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use clasp::vlm::{ConnectorKind, Vlm};
+use serde_json::Value;
+use vlm_util::*;
+
+const PINPOINTS: [(u32, u32); 5] = [(32, 64), (64, 32), (64, 64), (32, 96), (96, 32)];
+
+fn fixture() -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava_next/logits.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// The model the fixture generator assembled: same tower, LLM, seed and grid.
+fn model() -> &'static Vlm {
+    static M: OnceLock<Vlm> = OnceLock::new();
+    M.get_or_init(|| {
+        let mut m = Vlm::assemble(
+            &fixtures().join("vision"),
+            &common::smollm2(),
+            ConnectorKind::Mlp2xGelu,
+            -2,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        m.set_anyres(PINPOINTS.to_vec(), None, 0).unwrap();
+        m
+    })
+}
+
+fn photo(name: &str) -> image::RgbImage {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/reference-images")
+        .join(name);
+    clasp::preprocess::load_image(&p).unwrap()
+}
+
+/// clasp's logits of a fixture case, from its own preprocessing.
+fn logits_of(m: &Vlm, c: &Value) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let img = photo(c["photo"].as_str().unwrap());
+    let px = m.anyres_pixels(&img).unwrap();
+    let ids = m
+        .chat_prompt_sized(fixture()["user"].as_str().unwrap(), &[px.image_size])
+        .unwrap();
+    let feats = m.anyres_features(&px).unwrap();
+    (
+        ids.clone(),
+        m.logits_anyres(&ids, &[feats]).unwrap().to_vec2().unwrap(),
+    )
+}
+
+#[test]
+fn anyres_tiles_tokens_ids_and_logits_equal_transformers_llava_next() {
+    let m = model();
+    let f = fixture();
+    let mut worst = 0f32;
+    for c in f["cases"].as_array().unwrap() {
+        let name = c["photo"].as_str().unwrap();
+        let img = photo(name);
+        let px = m.anyres_pixels(&img).unwrap();
+        let size = u32s(&c["image_size"]);
+        assert_eq!(px.image_size, (size[0], size[1]), "{name}");
+        assert_eq!(
+            px.tiles.len() as u64,
+            c["tiles"].as_u64().unwrap(),
+            "{name}"
+        );
+        // Lossless photos: each tile's channel means as the processor's.
+        for (k, t) in px.tiles.iter().enumerate() {
+            for ch in 0..3 {
+                let plane = &t[ch * 1024..(ch + 1) * 1024];
+                let mean = plane.iter().map(|&v| v as f64).sum::<f64>() / 1024.0;
+                let want = c["tile_means"][k][ch].as_f64().unwrap();
+                assert!(
+                    (mean - want).abs() < 2e-5,
+                    "{name} tile {k}: {mean} vs {want}"
+                );
+            }
+        }
+        let tokens = c["image_tokens"].as_u64().unwrap() as usize;
+        assert_eq!(m.anyres_tokens(px.image_size).unwrap(), tokens, "{name}");
+        let (ids, logits) = logits_of(m, c);
+        assert_eq!(ids, u32s(&c["input_ids"]), "{name}: input ids");
+        let w = check_logits(name, &logits, c);
+        let peak = logits.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        eprintln!("{name}: {w:.2e} (largest |logit| {peak:.1})");
+        worst = worst.max(w);
+    }
+    // Logits reach 39 in magnitude: 1e-4 is 2.6e-6 of them, f32's floor
+    // through 30 layers summed in another order (plain Llava's test sees
+    // 1.04e-4 on the same language model).
+    assert!(worst < 2e-4, "logits differ by {worst}");
+    eprintln!("largest logit difference against transformers' LlavaNext: {worst:.2e}");
+}
+
+#[test]
+fn a_saved_llava_next_loads_back_with_its_grid_and_newline() {
+    let m = model();
+    let d = tempfile::tempdir().unwrap();
+    m.save(d.path()).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["model_type"], "llava_next");
+    assert_eq!(cfg["architectures"][0], "LlavaNextForConditionalGeneration");
+    let back = Vlm::load(d.path(), &Device::Cpu).unwrap();
+    assert_eq!(back.anyres(), Some(&PINPOINTS[..]));
+    let gap = (back.image_newline().unwrap() - m.image_newline().unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(gap, 0.0);
+    let c = &fixture()["cases"][1];
+    let (ids, a) = logits_of(m, c);
+    let (ids_back, b) = logits_of(&back, c);
+    assert_eq!(ids, ids_back);
+    // The saved vocabulary holds the image token (one row more).
+    let worst = a
+        .iter()
+        .zip(&b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "saved and loaded logits differ by {worst}");
+}
+
+#[test]
+fn anyres_refuses_what_it_cannot_tile_by_name() {
+    let m = model();
+    // A prompt whose placeholders do not match the images.
+    let err = m
+        .chat_prompt_sized("<image>\n<image>\nDescribe.", &[(480, 640)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 <image> placeholders for 1 image"), "{err}");
+    // The fixed-size prompt of a LLaVA-NeXT model is refused, not miscounted.
+    let err = m
+        .chat_prompt("<image>\nDescribe.", 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("AnyRes"), "{err}");
+    // Pinpoints that are not multiples of the tower's 32 pixels.
+    let mut other = Vlm::assemble(
+        &fixtures().join("vision"),
+        &common::smollm2(),
+        ConnectorKind::Mlp2xGelu,
+        -2,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let err = other
+        .set_anyres(vec![(32, 50)], None, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("32") && err.contains("50"), "{err}");
+    // A connector that does not keep one token per patch.
+    let mut resampler = Vlm::assemble(
+        &fixtures().join("vision"),
+        &common::smollm2(),
+        ConnectorKind::Resampler {
+            queries: 4,
+            layers: 1,
+            heads: 2,
+        },
+        -2,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let err = resampler
+        .set_anyres(PINPOINTS.to_vec(), None, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mlp2x_gelu"), "{err}");
+}
+
+/// `clasp caption` (a photo and a file that is not one) and `clasp chat`
+/// take a saved LLaVA-NeXT folder and answer as the library's greedy
+/// generation on the tiled images does.
+#[test]
+fn caption_and_chat_take_a_llava_next_folder() {
+    let m = model();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("next");
+    m.save(&dir).unwrap();
+    let names = ["coco-000000039769-two-cats.png", "clip-diagram.png"];
+    let refs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/reference-images");
+    let opts = clasp::llm::GenerateOptions {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let user = Vlm::caption_turn(clasp::vlm::model::DESCRIBE_EN);
+    let tiled: Vec<_> = names
+        .iter()
+        .map(|n| m.anyres_pixels(&photo(n)).unwrap())
+        .collect();
+    let want: Vec<String> = m
+        .generate_anyres(&tiled, &user, &opts)
+        .unwrap()
+        .into_iter()
+        .map(|g| g.text)
+        .collect();
+    assert!(want.iter().all(|w| !w.trim().is_empty()), "{want:?}");
+    let not_image = d.path().join("notes.png");
+    std::fs::write(&not_image, b"not a picture").unwrap();
+    let (a, b) = (refs.join(names[0]), refs.join(names[1]));
+    let out = common::clasp(&[
+        "caption",
+        "-m",
+        dir.to_str().unwrap(),
+        a.to_str().unwrap(),
+        not_image.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--max-tokens",
+        "6",
+        "--json",
+    ]);
+    // The bad file is named and the others captioned.
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("notes.png"));
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["caption"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, want);
+    let chat = common::clasp(&[
+        "chat",
+        "-m",
+        dir.to_str().unwrap(),
+        "--image",
+        b.to_str().unwrap(),
+        "-p",
+        &user,
+        "--max-tokens",
+        "6",
+    ]);
+    assert!(
+        chat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&chat.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&chat.stdout).trim_end(),
+        want[1].trim_end()
+    );
+}
