@@ -192,8 +192,8 @@ fn anyres_refuses_what_it_cannot_tile_by_name() {
     assert!(err.contains("mlp2x_gelu"), "{err}");
 }
 
-/// `clasp caption` (a photo and a file that is not one) and `clasp chat`
-/// take a saved LLaVA-NeXT folder and answer as the library's greedy
+/// `clasp caption` (a photo and a file that is not one), `clasp chat` and
+/// `clasp serve --vlm` take a saved LLaVA-NeXT folder and answer as the library's greedy
 /// generation on the tiled images does.
 #[test]
 fn caption_and_chat_take_a_llava_next_folder() {

@@ -169,6 +169,17 @@ pub(crate) async fn prepare_images(
     processor: ImageProcessor,
     images: Vec<(String, Vec<u8>)>,
 ) -> Result<Vec<crate::preprocess::Pixels>, ApiError> {
+    prepare_images_with(max_pixels, images, move |img| processor.process_pixels(img)).await
+}
+
+/// Decodes `(field, bytes)` images and prepares each with `prepare`, on
+/// blocking threads, refusing an image above `max_pixels` before it is
+/// decoded; an error names the field.
+pub(crate) async fn prepare_images_with<T: Send + 'static>(
+    max_pixels: u64,
+    images: Vec<(String, Vec<u8>)>,
+    prepare: impl Fn(&image::RgbImage) -> crate::Result<T> + Send + Sync + 'static,
+) -> Result<Vec<T>, ApiError> {
     tokio::task::spawn_blocking(move || {
         use rayon::prelude::*;
         images
@@ -194,9 +205,7 @@ pub(crate) async fn prepare_images(
                 let img = decode_image(&bytes, std::path::Path::new(&field)).map_err(|e| {
                     ApiError::bad(field.clone(), format!("not a decodable image: {e}"))
                 })?;
-                processor
-                    .process_pixels(&img)
-                    .map_err(|e| ApiError::bad(field, e.to_string()))
+                prepare(&img).map_err(|e| ApiError::bad(field, e.to_string()))
             })
             .collect()
     })

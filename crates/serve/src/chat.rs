@@ -24,7 +24,7 @@ use base64::Engine;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::body::{count, number, parse_json, prepare_images, read_body, strings};
+use super::body::{count, number, parse_json, prepare_images_with, read_body, strings};
 use super::error::{guarded, ApiError};
 use super::generation::{ChatEvent, ChatJob, GenEngine};
 use super::metrics::Metrics;
@@ -121,8 +121,8 @@ async fn prepare_turns(
             }
         }
     }
-    let processor = match (st.vlm.image_processor(), raw.first()) {
-        (Some(p), _) => p.clone(),
+    match (st.vlm.image_processor(), raw.first()) {
+        (Some(_), _) => {}
         (None, Some((field, _))) => {
             return Err(ApiError::bad(
                 field,
@@ -136,9 +136,13 @@ async fn prepare_turns(
                 .collect())
         }
     };
-    let mut pixels = prepare_images(st.limits.max_pixels, processor, raw)
-        .await?
-        .into_iter();
+    // Through the model: a LLaVA-NeXT model tiles each image.
+    let model = st.vlm.clone();
+    let mut pixels = prepare_images_with(st.limits.max_pixels, raw, move |img| {
+        model.prepare_image(img)
+    })
+    .await?
+    .into_iter();
     Ok(turns
         .into_iter()
         .map(|(role, parts)| Turn {
@@ -147,9 +151,7 @@ async fn prepare_turns(
                 .into_iter()
                 .map(|p| match p {
                     RawPart::Text(s) => Part::Text(s),
-                    RawPart::Image { .. } => {
-                        Part::Image(pixels.next().expect("one prepared image per part"))
-                    }
+                    RawPart::Image { .. } => pixels.next().expect("one prepared image per part"),
                 })
                 .collect(),
         })
@@ -176,7 +178,7 @@ async fn augment(
         .iter()
         .filter_map(|p| match p {
             Part::Text(s) => Some(s.as_str()),
-            Part::Image(_) => None,
+            Part::Image(_) | Part::Tiled(_) => None,
         })
         .collect();
     let q = crate::rag::RagQuery {

@@ -90,15 +90,15 @@ pub fn source_parts(vlm: &dyn ChatModel, sources: &[Source]) -> (Vec<Part>, Vec<
     )];
     let mut skipped = Vec::new();
     for s in sources {
-        let Some(processor) = vlm.image_processor() else {
+        if vlm.image_processor().is_none() {
             // A model that reads no images gets each photo's path and caption.
             parts.push(Part::Text(format!("[{}] {} {}", s.n, s.path, s.caption)));
             continue;
-        };
-        match load_image(Path::new(&s.path)).and_then(|img| processor.process_pixels(&img)) {
-            Ok(px) => {
+        }
+        match load_image(Path::new(&s.path)).and_then(|img| vlm.prepare_image(&img)) {
+            Ok(image) => {
                 parts.push(Part::Text(format!("[{}]", s.n)));
-                parts.push(Part::Image(px));
+                parts.push(image);
                 let caption = if s.caption.is_empty() {
                     String::new()
                 } else {
@@ -128,10 +128,7 @@ pub fn conversation(
     if let Some(p) = image {
         let img = load_image(p)?;
         parts.push(Part::Text("The question is about this photo:".into()));
-        let processor = vlm.image_processor().ok_or_else(|| {
-            Error::Report("this model reads no images: it is a language model alone".into())
-        })?;
-        parts.push(Part::Image(processor.process_pixels(&img)?));
+        parts.push(vlm.prepare_image(&img)?);
     }
     parts.push(Part::Text(format!("Question: {question}\n{CITE}")));
     Ok((

@@ -9,6 +9,8 @@ use super::model::Vlm;
 use super::native::NativeModel;
 use crate::llm::{GenerateOptions, Llama, LlmTokenizer, Message, Prompt};
 use crate::{Error, Result};
+use candle_core::Tensor;
+use clasp_core::preprocess::anyres::AnyResPixels;
 use clasp_core::preprocess::image::{ImageProcessor, Pixels};
 
 /// One part of a turn's content.
@@ -17,6 +19,8 @@ pub enum Part {
     Text(String),
     /// An image's prepared pixels (the model's `image_processor`).
     Image(Pixels),
+    /// An image tiled for a LLaVA-NeXT (AnyRes) model.
+    Tiled(AnyResPixels),
 }
 
 /// One turn: a role (`system`, `user` or `assistant`) and its parts.
@@ -48,6 +52,16 @@ pub trait ChatModel: Send + Sync {
     fn image_processor(&self) -> Option<&ImageProcessor>;
     /// The prompt of a conversation, with the assistant's turn opened.
     fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt>;
+    /// A decoded image as the part this model reads: its processor's
+    /// pixels (a LLaVA-NeXT model's tiles).
+    fn prepare_image(&self, img: &image::RgbImage) -> Result<Part> {
+        match self.image_processor() {
+            Some(p) => Ok(Part::Image(p.process_pixels(img)?)),
+            None => Err(Error::Report(
+                "this model reads no images: it is a language model alone".into(),
+            )),
+        }
+    }
     /// The options a chat answer runs with (a native model's image tokens
     /// suppressed: it answers in text).
     fn chat_options(&self, opts: GenerateOptions) -> GenerateOptions {
@@ -62,13 +76,13 @@ pub trait ChatModel: Send + Sync {
 pub(crate) fn conversation_messages(
     turns: &[Turn],
     placeholder: &str,
-) -> (Vec<Message>, Vec<Pixels>) {
+) -> (Vec<Message>, Vec<Part>) {
     let written: usize = turns
         .iter()
         .flat_map(|t| &t.parts)
         .map(|p| match p {
             Part::Text(s) => s.matches(placeholder).count(),
-            Part::Image(_) => 0,
+            Part::Image(_) | Part::Tiled(_) => 0,
         })
         .sum();
     let mut images = Vec::new();
@@ -78,8 +92,8 @@ pub(crate) fn conversation_messages(
         for p in &t.parts {
             match p {
                 Part::Text(s) => pieces.push(s.as_str()),
-                Part::Image(px) => {
-                    images.push(px.clone());
+                image => {
+                    images.push(image.clone());
                     if written == 0 {
                         pieces.push(placeholder);
                     }
@@ -104,6 +118,25 @@ impl ChatModel for Vlm {
     fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
         Vlm::conversation_prompt(self, turns)
     }
+    fn prepare_image(&self, img: &image::RgbImage) -> Result<Part> {
+        match self.anyres() {
+            Some(_) => Ok(Part::Tiled(self.anyres_pixels(img)?)),
+            None => Ok(Part::Image(self.processor.process_pixels(img)?)),
+        }
+    }
+}
+
+/// The pixels of image parts for a fixed-size tower.
+fn square_pixels(images: Vec<Part>) -> Result<Vec<Vec<f32>>> {
+    images
+        .into_iter()
+        .map(|p| match p {
+            Part::Image(px) => Ok(px.data),
+            _ => Err(Error::Report(
+                "this model reads its processor's pixels, not AnyRes tiles".into(),
+            )),
+        })
+        .collect()
 }
 
 impl Vlm {
@@ -113,11 +146,35 @@ impl Vlm {
     /// itself to place the images; then their count must equal the images'.
     pub fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
         let (messages, images) = conversation_messages(turns, self.cfg.image_token.as_str());
+        if self.anyres().is_some() && !images.is_empty() {
+            // Each image takes the tokens its size asks for.
+            let tiled = images
+                .into_iter()
+                .map(|p| match p {
+                    Part::Tiled(t) => Ok(t),
+                    _ => Err(Error::Report(
+                        "a LLaVA-NeXT model reads tiled images (ChatModel::prepare_image)".into(),
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let sizes: Vec<(u32, u32)> = tiled.iter().map(|t| t.image_size).collect();
+            let ids = self.render_unexpanded(&messages, tiled.len())?;
+            let ids = self.expand_images_sized(&ids, &sizes)?;
+            let feats = tiled
+                .iter()
+                .map(|t| self.anyres_features(t))
+                .collect::<Result<Vec<_>>>()?;
+            let embeds = self.input_embeds_flat(&ids, &Tensor::cat(&feats, 0)?)?;
+            return Ok(Prompt {
+                ids,
+                embeds: Some(embeds),
+            });
+        }
         let ids = self.render_ids(&messages, images.len())?;
         if images.is_empty() {
             return Ok(Prompt::tokens(&ids));
         }
-        let images: Vec<Vec<f32>> = images.into_iter().map(|p| p.data).collect();
+        let images = square_pixels(images)?;
         let pixels = self.pixel_batch(&images)?;
         let feats = self.image_features(&pixels)?;
         let embeds = self.input_embeds(&ids, &feats)?;
@@ -189,7 +246,12 @@ impl ChatModel for NativeModel {
         let text = self.tokenizer.render_chat(&messages, true)?;
         let codes = images
             .iter()
-            .map(|p| self.pixel_codes(&p.data, p.height, p.width))
+            .map(|p| match p {
+                Part::Image(p) => self.pixel_codes(&p.data, p.height, p.width),
+                _ => Err(Error::Report(
+                    "a native model reads its processor's pixels, not tiles".into(),
+                )),
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Prompt::tokens(&self.prompt_ids(&text, &codes)?))
     }
