@@ -13,7 +13,9 @@ saves.
    aspect ratios (a 640x480 photo and a 2162x762 diagram: a 2x2 and a 1x3 grid), records the
    processor's input_ids, image_sizes, each tile's channel means, the number of image tokens, and
    the model's logits: every position's argmax, and at the last 24 positions 64 fixed vocabulary
-   ids and the top 16.
+   ids and the top 16;
+3. stage 1's language-model loss on a right-padded batch of both photos with a caption each
+   (labels -100 outside the answers), and the connector's gradient.
 
 The photos are PNGs, so clasp's pixels equal the processor's and tests/llava_next.rs runs the
 model on its own preprocessing end to end. Needs torch, transformers 5, pillow.
@@ -39,6 +41,35 @@ USER = "<image>\nDescribe the image."
 
 def r5(t):
     return [[round(float(x), 5) for x in row] for row in t]
+
+
+CAPTIONS = ["Two cats sleep on a pink blanket .", "A diagram of contrastive pre-training ."]
+
+
+def lm_loss_case(model, proc, text):
+    """Stage 1's loss on a right-padded batch of the two photos with a caption each (the answer
+    tokens count, the prompt and the padding do not), and the connector's gradient."""
+    tok = proc.tokenizer
+    images = [Image.open(os.path.join(REF, n)) for n in PHOTOS]
+    rows, labels = [], []
+    enc = proc(images=images, text=[text, text], return_tensors="pt", padding=True)
+    for i, caption in enumerate(CAPTIONS):
+        prompt = [t for t, m in zip(enc["input_ids"][i].tolist(), enc["attention_mask"][i].tolist()) if m]
+        answer = tok(caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    t = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tok.eos_token_id] * (t - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in rows])
+    lab = torch.tensor([l + [-100] * (t - len(l)) for l in labels])
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=enc["pixel_values"],
+                image_sizes=enc["image_sizes"], labels=lab)
+    out.loss.backward()
+    g = {k: v.grad.detach() for k, v in model.model.multi_modal_projector.named_parameters()}
+    return {"captions": CAPTIONS, "rows": rows, "loss": float(out.loss),
+            "grad_norms": {k: float(v.norm()) for k, v in g.items()},
+            "grad_linear_2_bias": [float(x) for x in g["linear_2.bias"][:64]]}
 
 
 def main():
@@ -86,8 +117,10 @@ def main():
             })
             print(name, cases[-1]["image_size"], "tiles", cases[-1]["tiles"], "image tokens",
                   cases[-1]["image_tokens"])
+        train = lm_loss_case(model, proc, text)
+        print("loss", train["loss"])
         json.dump({"transformers": __import__("transformers").__version__, "pinpoints": PINPOINTS,
-                   "user": USER, "cases": cases},
+                   "user": USER, "cases": cases, "lm_loss": train},
                   open(os.path.join(OUT, "logits.json"), "w"))
 
 

@@ -94,6 +94,11 @@ pub struct TrainArgs {
     #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vision_feature_layer: Option<i64>,
+    /// LLaVA-NeXT's AnyRes for the model assembled from --vision and --llm: tile each image at
+    /// the best of these resolutions (HxW,..., multiples of the tower's size) plus a base image.
+    #[arg(long, value_name = "HxW,...")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anyres: Option<String>,
     /// 1: only the connector learns; 2: the connector and LoRA on the language model
     /// (continues a stage-1 model given by --init).
     #[arg(long)]

@@ -76,23 +76,8 @@ pub struct Pinpoints(pub Vec<(u32, u32)>);
 impl std::str::FromStr for Pinpoints {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        parse_pinpoints(s).map(Pinpoints)
+        clasp::preprocess::anyres::parse_pinpoints(s).map(Pinpoints)
     }
-}
-
-fn parse_pinpoints(s: &str) -> std::result::Result<Vec<(u32, u32)>, String> {
-    s.split(',')
-        .map(|p| {
-            let (h, w) = p
-                .trim()
-                .split_once('x')
-                .ok_or_else(|| format!("`{p}` is not HxW (336x672)"))?;
-            match (h.parse::<u32>(), w.parse::<u32>()) {
-                (Ok(h), Ok(w)) if h > 0 && w > 0 => Ok((h, w)),
-                _ => Err(format!("`{p}` is not HxW with positive sizes")),
-            }
-        })
-        .collect()
 }
 
 impl AssembleArgs {

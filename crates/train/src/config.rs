@@ -75,6 +75,10 @@ pub struct TrainConfig {
     pub resampler_heads: usize,
     /// The vision hidden state the features come from (−2: penultimate).
     pub vision_feature_layer: i64,
+    /// LLaVA-NeXT's AnyRes for a model assembled here: grid pinpoints
+    /// `HxW,...` (see `clasp assemble --anyres`). A `--init` model keeps
+    /// its own.
+    pub anyres: Option<String>,
     /// 1: only the connector learns; 2: the connector and LoRA on the LLM.
     pub stage: u8,
     /// Stage 2: LoRA's rank, alpha and target projections (of q_proj,
@@ -206,6 +210,7 @@ impl Default for TrainConfig {
             resampler_layers: 2,
             resampler_heads: 4,
             vision_feature_layer: -2,
+            anyres: None,
             stage: 1,
             lora_rank: 8,
             lora_alpha: 16.0,

@@ -43,11 +43,27 @@ impl Example {
     /// The user turn for a caption in `lang`, and the caption (cut to
     /// `max_answer` tokens) closed by the end-of-turn token as the answer.
     pub fn caption(vlm: &Vlm, lang: Lang, caption: &str, max_answer: usize) -> Result<Self> {
+        Self::caption_sized(vlm, lang, caption, max_answer, None)
+    }
+
+    /// [`Self::caption`] for an image of `size` (height, width): a
+    /// LLaVA-NeXT model's prompt takes the tokens that size asks for.
+    pub fn caption_sized(
+        vlm: &Vlm,
+        lang: Lang,
+        caption: &str,
+        max_answer: usize,
+        size: Option<(u32, u32)>,
+    ) -> Result<Self> {
         let instruction = match lang {
             Lang::En => DESCRIBE_EN,
             Lang::Zh => DESCRIBE_ZH,
         };
-        let prompt = vlm.chat_prompt(&Vlm::caption_turn(instruction), 1)?;
+        let turn = Vlm::caption_turn(instruction);
+        let prompt = match size {
+            Some(s) => vlm.chat_prompt_sized(&turn, &[s])?,
+            None => vlm.chat_prompt(&turn, 1)?,
+        };
         let mut answer = vlm.tokenizer.encode(caption.trim(), false)?;
         answer.truncate(max_answer);
         let eos = vlm.tokenizer.eos_id().ok_or_else(|| {
@@ -62,6 +78,15 @@ impl Example {
 /// with the images' tokens `[B, N, hidden]` spliced into the prompts. The
 /// graph reaches back into `images` (and whatever made them).
 pub fn answer_loss(vlm: &Vlm, examples: &[Example], images: &Tensor) -> Result<Tensor> {
+    let each = (0..examples.len())
+        .map(|i| Ok(images.get(i)?))
+        .collect::<Result<Vec<_>>>()?;
+    answer_loss_each(vlm, examples, &each)
+}
+
+/// [`answer_loss`] with each example's image tokens `[n_i, hidden]` (a
+/// LLaVA-NeXT model's differ in number by image).
+pub fn answer_loss_each(vlm: &Vlm, examples: &[Example], images: &[Tensor]) -> Result<Tensor> {
     let b = examples.len();
     let seqs: Vec<Vec<u32>> = examples
         .iter()
@@ -72,7 +97,7 @@ pub fn answer_loss(vlm: &Vlm, examples: &[Example], images: &Tensor) -> Result<T
     let mut rows = Vec::with_capacity(b);
     let (mut idx, mut targets) = (Vec::new(), Vec::new());
     for (i, (e, ids)) in examples.iter().zip(&seqs).enumerate() {
-        let x = vlm.input_embeds(&e.prompt, &images.narrow(0, i, 1)?)?;
+        let x = vlm.input_embeds_flat(&e.prompt, &images[i])?;
         let a = Tensor::new(e.answer.as_slice(), vlm.device())?.unsqueeze(0)?;
         let a = vlm.llm.embed(&a)?.squeeze(0)?;
         let mut parts = vec![x, a];
@@ -151,14 +176,22 @@ impl Groups {
 fn base_model(cfg: &TrainConfig, dev: &Device) -> Result<Vlm> {
     match (&cfg.init, &cfg.llm, &cfg.vision) {
         (Some(init), _, _) => Vlm::load(Path::new(init), dev),
-        (None, Some(llm), Some(vision)) => Vlm::assemble(
-            vision,
-            llm,
-            cfg.connector_kind()?,
-            cfg.vision_feature_layer,
-            cfg.seed,
-            dev,
-        ),
+        (None, Some(llm), Some(vision)) => {
+            let mut vlm = Vlm::assemble(
+                vision,
+                llm,
+                cfg.connector_kind()?,
+                cfg.vision_feature_layer,
+                cfg.seed,
+                dev,
+            )?;
+            if let Some(p) = &cfg.anyres {
+                let p = crate::preprocess::anyres::parse_pinpoints(p)
+                    .map_err(|e| Error::Report(format!("--anyres: {e}")))?;
+                vlm.set_anyres(p, None, cfg.seed)?;
+            }
+            Ok(vlm)
+        }
         _ => Err(Error::Report(
             "a vision-language run needs --llm and --vision, or --init VLM_CHECKPOINT".into(),
         )),
@@ -293,15 +326,30 @@ impl VlmTrainer {
         let cfg = &self.cfg;
         let lr = optim::cosine_lr(self.step, cfg.lr, cfg.warmup_steps(), cfg.steps);
         self.opt.set_lr(lr);
-        let px = self.vlm.pixel_batch(pixels)?;
+        // A LLaVA-NeXT model's images come tiled (see `prepare`).
+        let tiled = match self.vlm.anyres() {
+            Some(_) => Some(
+                pixels
+                    .iter()
+                    .map(|p| self.vlm.tiles_from_flat(p))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            None => None,
+        };
+        let px = match &tiled {
+            Some(_) => None,
+            None => Some(self.vlm.pixel_batch(pixels)?),
+        };
         let examples = batch
             .iter()
-            .map(|(_, c)| {
-                Example::caption(
+            .enumerate()
+            .map(|(k, (_, c))| {
+                Example::caption_sized(
                     &self.vlm,
                     cfg.lang,
                     &self.set.captions[*c],
                     cfg.max_answer_tokens,
+                    tiled.as_ref().map(|t| t[k].image_size),
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -315,9 +363,25 @@ impl VlmTrainer {
         let mut probe: Option<Tensor> = None;
         let (lm, contrastive) = {
             let _graph = clasp_core::model::grad_mode_guard(true);
-            let images = self.vlm.image_features(&px)?;
+            let (images, each) = match (&tiled, &px) {
+                (Some(t), _) => {
+                    let each = t
+                        .iter()
+                        .map(|p| self.vlm.anyres_features(p))
+                        .collect::<Result<Vec<_>>>()?;
+                    (None, each)
+                }
+                (None, Some(px)) => {
+                    let images = self.vlm.image_features(px)?;
+                    let each = (0..examples.len())
+                        .map(|i| Ok(images.get(i)?))
+                        .collect::<Result<Vec<_>>>()?;
+                    (Some(images), each)
+                }
+                (None, None) => unreachable!("pixels are tiled or square"),
+            };
             let lm = if with_lm {
-                Some(answer_loss(&self.vlm, &examples, &images)?)
+                Some(answer_loss_each(&self.vlm, &examples, &each)?)
             } else {
                 None
             };
@@ -328,7 +392,14 @@ impl VlmTrainer {
                         .iter()
                         .map(|e| e.answer[..e.answer.len() - 1].to_vec())
                         .collect();
-                    let fi = b.image_features(&images)?;
+                    let images = images.as_ref().ok_or_else(|| {
+                        Error::Report(
+                            "a contrastive objective needs fixed-size image tokens; an AnyRes \
+                             model trains with the language-model loss"
+                                .into(),
+                        )
+                    })?;
+                    let fi = b.image_features(images)?;
                     let ft = b.text_features(&self.vlm, &captions, cfg.stage == 2)?;
                     let l = b.losses(&fi, &ft, p)?;
                     losses.extend(l.parts.iter().cloned());
@@ -451,9 +522,21 @@ impl Task for VlmTrainer {
     crate::task_fields!(pairs);
     fn prepare(&self, _start: usize) -> Prepare {
         let (proc, images) = (self.vlm.image_processor().clone(), self.set.images.clone());
+        // A LLaVA-NeXT model's images are tiled on the loader's thread and
+        // handed over flat (`Vlm::tiles_to_flat`).
+        let anyres = self.vlm.anyres().map(|p| {
+            let side = self.vlm.vision_config().image_size as u32;
+            (p.to_vec(), side)
+        });
         Box::new(move |_, _, pair: &(usize, usize)| {
             let src = &images[pair.0];
-            proc.process(&decode_image(&src.read()?, &src.path())?)
+            let img = decode_image(&src.read()?, &src.path())?;
+            match &anyres {
+                Some((p, side)) => Ok(Vlm::tiles_to_flat(&crate::preprocess::anyres::tiles(
+                    &proc, &img, p, *side,
+                )?)),
+                None => proc.process(&img),
+            }
         })
     }
     /// The language-model loss learns from a single image.

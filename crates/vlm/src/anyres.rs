@@ -178,6 +178,42 @@ impl Vlm {
         self.set_anyres(pinpoints, Some(newline), 0)
     }
 
+    /// A tiled image as one flat vector (a training run's prepared pixels,
+    /// handed from its loader to its step): the original height and width,
+    /// then the tiles back to back. [`Self::tiles_from_flat`] reads it back.
+    pub fn tiles_to_flat(px: &AnyResPixels) -> Vec<f32> {
+        let mut v = Vec::with_capacity(2 + px.tiles.iter().map(Vec::len).sum::<usize>());
+        // Exact: image sides are far below 2^24.
+        v.extend([px.image_size.0 as f32, px.image_size.1 as f32]);
+        for t in &px.tiles {
+            v.extend_from_slice(t);
+        }
+        v
+    }
+
+    /// The tiled image [`Self::tiles_to_flat`] wrote, its grid recomputed
+    /// from its size and this model's pinpoints.
+    pub fn tiles_from_flat(&self, flat: &[f32]) -> Result<AnyResPixels> {
+        let side = self.vision_cfg.image_size as u32;
+        let tile = (self.vision_cfg.num_channels * (side as usize).pow(2)).max(1);
+        let bad = || Error::Shape(format!("{} values are not a tiled image", flat.len()));
+        if flat.len() < 2 || !(flat.len() - 2).is_multiple_of(tile) {
+            return Err(bad());
+        }
+        let size = (flat[0] as u32, flat[1] as u32);
+        let best = clasp_core::preprocess::anyres::select_best_resolution(size, self.pinpoints()?);
+        let grid = ((best.0 / side) as usize, (best.1 / side) as usize);
+        let tiles: Vec<Vec<f32>> = flat[2..].chunks(tile).map(<[f32]>::to_vec).collect();
+        if tiles.len() != 1 + grid.0 * grid.1 {
+            return Err(bad());
+        }
+        Ok(AnyResPixels {
+            tiles,
+            image_size: size,
+            grid,
+        })
+    }
+
     /// `image_newline`, when the model is LLaVA-NeXT's.
     pub fn image_newline(&self) -> Option<&Tensor> {
         self.image_newline.as_ref()

@@ -157,6 +157,22 @@ pub fn unpadded_size(orig: (u32, u32), grid: (usize, usize), per_side: usize) ->
     (ch, cw)
 }
 
+/// Grid pinpoints written `336x672,672x336`: (height, width) pairs.
+pub fn parse_pinpoints(s: &str) -> std::result::Result<Vec<(u32, u32)>, String> {
+    s.split(',')
+        .map(|p| {
+            let (h, w) = p
+                .trim()
+                .split_once('x')
+                .ok_or_else(|| format!("`{p}` is not HxW (336x672)"))?;
+            match (h.parse::<u32>(), w.parse::<u32>()) {
+                (Ok(h), Ok(w)) if h > 0 && w > 0 => Ok((h, w)),
+                _ => Err(format!("`{p}` is not HxW with positive sizes")),
+            }
+        })
+        .collect()
+}
+
 /// Image tokens the model gives an image of `orig`: the base image's
 /// `per_side`² (+ `extra`: 1 with the class token, `full` selection), then
 /// the unpadded map with one newline per row.
