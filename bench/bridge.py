@@ -7,7 +7,7 @@ loss.
     cargo build --release && python3 bench/bridge.py [--seeds 0,1,2] [--limit N] [--rows ROWS]
         [--steps-mlp N] [--steps-resampler N] [--steps-stage2 N] [--steps-prealign N]
 
-ROWS (comma-separated, default all): mlp, resampler16, resampler64, qformer32, qformer_blip2,
+ROWS (comma-separated, default all): mlp, mlp_anyres (MobileNetV2 only), resampler16, resampler64, qformer32, qformer_blip2,
 stage12, exp_lm, exp_infonce, exp_bcif, exp_bcif_geo (qformer_blip2: the MobileNetV2 tower only,
 starting from bench/rerank.py's stage-1 Q-Former of the same seed). A row's source row is run first when needed:
 - mlp, resampler16, resampler64, qformer32: stage 1 (the connector only) from the LLM and the
@@ -92,6 +92,10 @@ def gguf():
 # key: (label, source row or None, steps option, extra train flags)
 ROWS = {
     "mlp": ("stage 1, mlp2x_gelu", None, "mlp", ["--connector", "mlp2x_gelu"]),
+    # LLaVA-NeXT's AnyRes on the same connector and budget: each photo tiled at the best of five
+    # grids of the tower's 224-pixel tiles plus a base image (the MobileNetV2 tower only).
+    "mlp_anyres": ("stage 1, mlp2x_gelu, AnyRes (224-pixel tiles)", None, "mlp",
+                   ["--connector", "mlp2x_gelu", "--anyres", "224x448,448x224,448x448,224x672,672x224"]),
     "resampler16": ("stage 1, resampler N = 16", None, "resampler", RESAMPLER16),
     "resampler64": ("stage 1, resampler N = 64", None, "resampler",
                     ["--connector", "resampler", "--queries", "64"]),
@@ -115,7 +119,7 @@ ROWS = {
                      "stage2", ["--stage", "2", "--objective", "lm,infonce:1,geometric:0.5",
                                 "--schedule", "bcif"] + PROBE),
 }
-ORDER = ["mlp", "resampler16", "resampler64", "qformer32", "qformer_blip2", "stage12", "exp_lm", "exp_infonce",
+ORDER = ["mlp", "mlp_anyres", "resampler16", "resampler64", "qformer32", "qformer_blip2", "stage12", "exp_lm", "exp_infonce",
          "exp_bcif", "exp_bcif_geo"]
 
 
@@ -132,6 +136,8 @@ def train(key, seed, steps, vision, a):
     if os.path.isfile(state):
         sh(CLASP, "train", "--resume", out)
         return out
+    if key == "mlp_anyres" and TOWER != "mobilenet_v2":
+        sys.exit("mlp_anyres tiles at 224 pixels: it needs --tower mobilenet_v2")
     if key == "qformer_blip2":
         folder = os.path.join(ROOT, f"bench/.work/qformer/stage1_s{seed}/checkpoint")
         if TOWER != "mobilenet_v2" or not os.path.isdir(folder):
@@ -367,8 +373,8 @@ def main():
     table = []
     first = None
     for key in a.rows.split(","):
-        if key == "qformer_blip2" and TOWER != "mobilenet_v2":
-            continue  # its Q-Former was pretrained on MobileNetV2
+        if key in ("qformer_blip2", "mlp_anyres") and TOWER != "mobilenet_v2":
+            continue  # pretrained on MobileNetV2 / tiled at its 224 pixels
         runs = []
         for s in seeds:
             name = f"{PREFIX}{key}_{steps[key]}_s{s}"

@@ -526,15 +526,15 @@ impl Task for VlmTrainer {
         // handed over flat (`Vlm::tiles_to_flat`).
         let anyres = self.vlm.anyres().map(|p| {
             let side = self.vlm.vision_config().image_size as u32;
-            (p.to_vec(), side)
+            (p.to_vec(), side, self.vlm.anyres_processor())
         });
         Box::new(move |_, _, pair: &(usize, usize)| {
             let src = &images[pair.0];
             let img = decode_image(&src.read()?, &src.path())?;
             match &anyres {
-                Some((p, side)) => Ok(Vlm::tiles_to_flat(&crate::preprocess::anyres::tiles(
-                    &proc, &img, p, *side,
-                )?)),
+                Some((p, side, tile_proc)) => Ok(Vlm::tiles_to_flat(
+                    &crate::preprocess::anyres::tiles(tile_proc, &img, p, *side)?,
+                )),
                 None => proc.process(&img),
             }
         })

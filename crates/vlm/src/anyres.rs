@@ -83,9 +83,10 @@ impl Vlm {
         newline: Option<Tensor>,
         seed: u64,
     ) -> Result<()> {
-        if self.vision_cnn().is_some() || self.blip2_vision().is_some() {
+        if self.blip2_vision().is_some() {
             return Err(Error::Report(
-                "AnyRes tiles a ViT's patch map: this model's tower is not CLIP's ViT".into(),
+                "AnyRes tiles a patch map: BLIP-2's tower feeds a Q-Former, whose queries are not one"
+                    .into(),
             ));
         }
         if self.cfg.select != FeatureSelect::Default {
@@ -227,7 +228,25 @@ impl Vlm {
     /// An image's base picture and tiles, prepared for the tower.
     pub fn anyres_pixels(&self, img: &image::RgbImage) -> Result<AnyResPixels> {
         let side = self.vision_cfg.image_size as u32;
-        tiles(&self.processor, img, self.pinpoints()?, side)
+        tiles(&self.anyres_processor(), img, self.pinpoints()?, side)
+    }
+
+    /// How each tile (and the base picture, already the tower's size) is
+    /// prepared: the tower's own processor for CLIP's ViT, whose resize and
+    /// crop leave a tile of its size as it is (LlavaNextImageProcessor); a
+    /// CNN's resize-256-crop-224 would cut a 224 tile's borders, so its
+    /// tiles are only rescaled and normalised.
+    pub fn anyres_processor(&self) -> clasp_core::preprocess::ImageProcessor {
+        let mut cfg = self.processor.config().clone();
+        if self.vision_cnn().is_some() {
+            let side = self.vision_cfg.image_size as u32;
+            cfg.resize = clasp_core::preprocess::ResizeTo::Exact {
+                height: side,
+                width: side,
+            };
+            cfg.do_center_crop = false;
+        }
+        clasp_core::preprocess::ImageProcessor::new(cfg)
     }
 
     /// Image tokens an image of `size` (height, width) takes in the prompt,
