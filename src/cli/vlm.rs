@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use clasp::data::ImageSource;
 use clasp::llm::{GenerateOptions, SamplingParams};
@@ -65,6 +65,10 @@ pub struct AssembleArgs {
     /// LlavaNextForConditionalGeneration folder.
     #[arg(long, value_name = "HxW,...")]
     pub anyres: Option<Pinpoints>,
+    /// Read videos too, LLaVA-NeXT-Video's way (frames pooled 2x2, a `<video>` placeholder):
+    /// saves a LlavaNextVideoForConditionalGeneration folder. Needs --anyres.
+    #[arg(long, requires = "anyres")]
+    pub video: bool,
     #[arg(long, short)]
     pub output: PathBuf,
 }
@@ -122,6 +126,9 @@ pub fn assemble_cmd(a: AssembleArgs) -> Result<ExitCode> {
     )?;
     if let Some(p) = &a.anyres {
         vlm.set_anyres(p.0.clone(), None, a.seed)?;
+    }
+    if a.video {
+        vlm.enable_video()?;
     }
     vlm.save(&a.output)?;
     note!(
@@ -380,9 +387,15 @@ pub struct ChatArgs {
     /// A VLM checkpoint folder (a bridge's Llava layout, or a native Emu3 one).
     #[arg(short, long)]
     pub model: PathBuf,
+    #[arg(long, required_unless_present = "video", conflicts_with = "video")]
+    pub image: Option<PathBuf>,
+    /// A video instead (any container FFmpeg reads), for a LLaVA-NeXT-Video model.
     #[arg(long)]
-    pub image: PathBuf,
-    /// The question; `<image>` marks where the image goes (put first when absent).
+    pub video: Option<PathBuf>,
+    /// Frames sampled from --video (the centres of equal spans).
+    #[arg(long, default_value_t = 8)]
+    pub frames: usize,
+    /// The question; `<image>` (or `<video>`) marks where it goes (put first when absent).
     #[arg(short, long)]
     pub prompt: String,
     #[command(flatten)]
@@ -390,23 +403,37 @@ pub struct ChatArgs {
 }
 
 pub fn chat_cmd(a: ChatArgs) -> Result<ExitCode> {
+    let opts = a.sample.options()?;
+    if let Some(v) = &a.video {
+        let vlm = load(&a.model)?;
+        let user = if a.prompt.contains(clasp::vlm::video::VIDEO_TOKEN) {
+            a.prompt.clone()
+        } else {
+            format!("{}\n{}", clasp::vlm::video::VIDEO_TOKEN, a.prompt)
+        };
+        let frames = vlm
+            .video_frames(v, a.frames)
+            .with_context(|| v.display().to_string())?;
+        println!("{}", vlm.generate_video(&frames, &user, &opts)?.text);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let image = a
+        .image
+        .as_deref()
+        .expect("clap requires --image without --video");
     if clasp::vlm::native::is_native(&a.model) {
         let m = clasp::vlm::native::NativeModel::load(&a.model, &candle_core::Device::Cpu)?;
         let user = user_turn(Some(&a.prompt), LangArg::En);
-        println!("{}", m.caption(&a.image, &user, &a.sample.options()?)?.text);
+        println!("{}", m.caption(image, &user, &opts)?.text);
         return Ok(ExitCode::SUCCESS);
     }
     let vlm = load(&a.model)?;
     let user = user_turn(Some(&a.prompt), LangArg::En);
     let g = if vlm.anyres().is_some() {
-        let img = clasp::preprocess::load_image(&a.image)?;
-        vlm.generate_anyres(&[vlm.anyres_pixels(&img)?], &user, &a.sample.options()?)?
+        let img = clasp::preprocess::load_image(image)?;
+        vlm.generate_anyres(&[vlm.anyres_pixels(&img)?], &user, &opts)?
     } else {
-        vlm.generate(
-            &vlm.pixels(&[a.image.as_path()])?,
-            &user,
-            &a.sample.options()?,
-        )?
+        vlm.generate(&vlm.pixels(&[image])?, &user, &opts)?
     };
     println!("{}", g[0].text);
     Ok(ExitCode::SUCCESS)

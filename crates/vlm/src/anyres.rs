@@ -136,6 +136,13 @@ impl Vlm {
         if let Some(o) = cfg.as_object_mut() {
             o.remove("image_seq_length");
         }
+        if let Some(v) = self.video_token_index() {
+            cfg["architectures"] = serde_json::json!(["LlavaNextVideoForConditionalGeneration"]);
+            cfg["model_type"] = serde_json::json!("llava_next_video");
+            cfg["video_token_index"] = serde_json::json!(v);
+            cfg["spatial_pool_mode"] = serde_json::json!("average");
+            cfg["spatial_pool_stride"] = serde_json::json!(crate::video::POOL_STRIDE);
+        }
     }
 
     /// preprocessor_config.json: the tower's, with LLaVA-NeXT's grid when
@@ -176,7 +183,24 @@ impl Vlm {
             .into_values()
             .next()
             .ok_or_else(|| Error::Report(format!("{}: no image_newline", w.display())))?;
-        self.set_anyres(pinpoints, Some(newline), 0)
+        self.set_anyres(pinpoints, Some(newline), 0)?;
+        if cfg["model_type"] == "llava_next_video" {
+            if cfg["spatial_pool_mode"].as_str().unwrap_or("average") != "average"
+                || cfg["spatial_pool_stride"].as_u64().unwrap_or(2)
+                    != crate::video::POOL_STRIDE as u64
+            {
+                return Err(Error::Report(
+                    "clasp pools video frames by 2×2 averages (spatial_pool_mode average, stride 2)"
+                        .into(),
+                ));
+            }
+            let v = cfg["video_token_index"]
+                .as_u64()
+                .or_else(|| cfg["video_token_id"].as_u64())
+                .ok_or_else(|| Error::Report("no video_token_index".into()))?;
+            self.cfg.video_token_index = Some(v as u32);
+        }
+        Ok(())
     }
 
     /// A tiled image as one flat vector (a training run's prepared pixels,

@@ -187,6 +187,7 @@ impl Vlm {
             image_token: lang.image_token,
             image_token_index,
             anyres: None,
+            video_token_index: None,
         };
         Self::from_parts(
             cfg,

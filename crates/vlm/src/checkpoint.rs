@@ -44,6 +44,7 @@ pub fn is_vlm(dir: &Path) -> bool {
         .is_some_and(|v| {
             v["model_type"] == "llava"
                 || v["model_type"] == "llava_next"
+                || v["model_type"] == "llava_next_video"
                 || super::blip2::is_generation_config(&v)
         })
 }
@@ -160,6 +161,7 @@ impl Vlm {
             .config()
             .vocab_size
             .max(self.cfg.image_token_index as usize + 1)
+            .max(self.cfg.video_token_index.map_or(0, |v| v as usize + 1))
     }
 
     /// Every tensor of the checkpoint by its saved name (Llava's, or
@@ -239,7 +241,11 @@ impl Vlm {
                 &self.preprocessor_json(),
             )?;
             let processor = serde_json::json!({
-                "processor_class": if self.anyres().is_some() { "LlavaNextProcessor" } else { "LlavaProcessor" },
+                "processor_class": match (self.anyres(), self.video_token_index()) {
+                    (_, Some(_)) => "LlavaNextVideoProcessor",
+                    (Some(_), None) => "LlavaNextProcessor",
+                    (None, None) => "LlavaProcessor",
+                },
                 "image_token": self.cfg.image_token,
                 "patch_size": self.vision_cfg.patch_size,
                 "vision_feature_select_strategy": match self.cfg.select {
@@ -248,6 +254,16 @@ impl Vlm {
                 },
                 "num_additional_image_tokens": 1,
             });
+            let mut processor = processor;
+            if self.video_token_index().is_some() {
+                processor["video_token"] = serde_json::json!(crate::video::VIDEO_TOKEN);
+                let mut v = self.processor.config().to_hf_json();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("image_processor_type");
+                }
+                v["video_processor_type"] = serde_json::json!("LlavaNextVideoVideoProcessor");
+                write_json(&tmp.join("video_preprocessor_config.json"), &v)?;
+            }
             if let Some(t) = self.tokenizer.chat_template() {
                 // The processor's template, in the file transformers 5 reads:
                 // the language model's, taught the multimodal message form.
@@ -273,7 +289,9 @@ impl Vlm {
         if super::blip2::is_generation_config(&v) {
             return Self::load_blip2(dir, &v, device);
         }
-        if v["model_type"] != "llava" && v["model_type"] != "llava_next" {
+        if !["llava", "llava_next", "llava_next_video"]
+            .contains(&v["model_type"].as_str().unwrap_or(""))
+        {
             return Err(bad(format!(
                 "model_type is {}, not llava: not a vision-language checkpoint (make one with `clasp assemble` or `clasp train --llm ... --vision ...`)",
                 v["model_type"]
@@ -352,6 +370,7 @@ impl Vlm {
             image_token: token,
             image_token_index,
             anyres: None,
+            video_token_index: None,
         };
         let mut vlm = Self::from_parts(
             cfg,
@@ -363,7 +382,7 @@ impl Vlm {
             tokenizer,
             processor,
         )?;
-        if v["model_type"] == "llava_next" {
+        if v["model_type"] != "llava" {
             vlm.read_anyres(&v, &w, device)
                 .map_err(|e| bad(format!("LLaVA-NeXT: {e}")))?;
         }

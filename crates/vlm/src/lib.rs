@@ -28,6 +28,7 @@ pub mod model;
 pub mod native;
 pub mod reward;
 pub mod stage1;
+pub mod video;
 
 pub use chat::{ChatModel, Part, TextChat, Turn};
 pub use connector::{Connector, ConnectorKind};

@@ -77,6 +77,10 @@ pub struct VlmConfig {
     /// tiled (see `anyres`).
     #[serde(default)]
     pub anyres: Option<Vec<(u32, u32)>>,
+    /// LLaVA-NeXT-Video's `<video>` token, when the model reads videos
+    /// (see `video`).
+    #[serde(default)]
+    pub video_token_index: Option<u32>,
 }
 
 /// An image tower's config (and CNN config), tensors and preprocessing.
@@ -190,6 +194,7 @@ impl Vlm {
             image_token,
             image_token_index,
             anyres: None,
+            video_token_index: None,
         };
         Self::from_parts(
             cfg,
@@ -239,6 +244,7 @@ impl Vlm {
             image_token,
             image_token_index,
             anyres: None,
+            video_token_index: None,
         };
         Self::from_parts(
             cfg,
@@ -464,7 +470,12 @@ impl Vlm {
     /// Input embeddings `[t, hidden]` of one expanded prompt whose image
     /// positions take the rows of `flat` (`[positions, hidden]`) in order.
     pub fn input_embeds_flat(&self, ids: &[u32], flat: &Tensor) -> Result<Tensor> {
-        let img_id = self.cfg.image_token_index;
+        self.input_embeds_filled(ids, self.cfg.image_token_index, flat)
+    }
+
+    /// Input embeddings `[t, hidden]` of one expanded prompt whose positions
+    /// holding `img_id` take the rows of `flat` in order.
+    pub fn input_embeds_filled(&self, ids: &[u32], img_id: u32, flat: &Tensor) -> Result<Tensor> {
         let slots = ids.iter().filter(|&&i| i == img_id).count();
         let rows = flat.dim(0)?;
         if slots != rows {
@@ -558,6 +569,7 @@ impl Vlm {
     ) -> Result<Vec<Generation>> {
         let mut opts = opts.clone();
         opts.suppress_tokens.push(self.cfg.image_token_index);
+        opts.suppress_tokens.extend(self.cfg.video_token_index);
         llm::generate_batch_prompts(&self.llm, &self.tokenizer, prompts, &opts)
     }
 }
