@@ -2,7 +2,7 @@
 //! LlavaNextVideoForConditionalGeneration and LlavaNextVideoProcessor on the
 //! folder clasp saves (fixtures: scripts/gen_llava_next_video_fixtures.py):
 //! the frames' pixels, the `<video>` expansion, the ids and the logits; then
-//! `clasp chat --video` on a real clip.
+//! `clasp chat --video` and `clasp caption` on a real clip.
 
 mod common;
 mod vlm_util;
@@ -152,6 +152,26 @@ fn a_saved_llava_next_video_loads_back_and_chats_about_a_real_clip() {
         String::from_utf8_lossy(&out.stdout).trim_end(),
         want.trim_end()
     );
+    // `clasp caption` answers a video among its inputs the same way (its
+    // default instruction for a video: "Describe the video.").
+    let out = common::clasp(&[
+        "caption",
+        "-m",
+        dir.to_str().unwrap(),
+        clip.to_str().unwrap(),
+        "--frames",
+        "4",
+        "--max-tokens",
+        "6",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["caption"].as_str().unwrap(), want);
     // A file that is not a video is named.
     let bad = d.path().join("clip.mp4");
     std::fs::write(&bad, b"not a video").unwrap();

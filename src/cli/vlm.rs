@@ -198,6 +198,10 @@ pub struct CaptionArgs {
     /// Images captioned together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Frames sampled from each video (mp4, mkv, mov, webm, avi, m4v) among the inputs, for a
+    /// LLaVA-NeXT-Video model (the centres of equal spans).
+    #[arg(long, default_value_t = 8)]
+    pub frames: usize,
     #[command(flatten)]
     pub sample: SampleArgs,
     /// Sample N captions per image and keep the one --reward-model rates highest (needs
@@ -236,7 +240,9 @@ pub fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
     if paths.is_empty() {
         bail!("give image files, or --images-from DIR_OR_LIST");
     }
-    let results = if clasp::vlm::native::is_native(&a.model) {
+    let results: Vec<clasp::Result<clasp::llm::Generation>> = if clasp::vlm::native::is_native(
+        &a.model,
+    ) {
         if a.reward_model.is_some() {
             bail!("--reward-model: best-of-n reranking takes a bridge (Llava) model, not a native one");
         }
@@ -250,14 +256,47 @@ pub fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
         if let Some(rm) = &a.reward_model {
             return best_of_cmd(&a, &vlm, rm, &paths, &sources, &bar);
         }
-        clasp::vlm::caption::caption_images(
-            &vlm,
-            &sources,
-            &user_turn(a.prompt.as_deref(), a.lang),
-            &a.sample.options()?,
-            a.batch_size,
-            &bar,
-        )?
+        // Videos (a LLaVA-NeXT-Video model's) and images, each answered
+        // their way, the results back in the given order.
+        let (videos, images): (Vec<usize>, Vec<usize>) =
+            (0..paths.len()).partition(|&i| clasp::video::is_video(&paths[i]));
+        let opts = a.sample.options()?;
+        let mut results: Vec<Option<clasp::Result<clasp::llm::Generation>>> =
+            (0..paths.len()).map(|_| None).collect();
+        if !images.is_empty() {
+            let srcs: Vec<ImageSource> = images.iter().map(|&i| sources[i].clone()).collect();
+            let user = user_turn(a.prompt.as_deref(), a.lang);
+            let got =
+                clasp::vlm::caption::caption_images(&vlm, &srcs, &user, &opts, a.batch_size, &bar)?;
+            for (&i, r) in images.iter().zip(got) {
+                results[i] = Some(r);
+            }
+        }
+        if !videos.is_empty() {
+            use clasp::vlm::video::{DESCRIBE_VIDEO_EN, DESCRIBE_VIDEO_ZH, VIDEO_TOKEN};
+            let text = a.prompt.clone().unwrap_or_else(|| {
+                match a.lang {
+                    LangArg::En => DESCRIBE_VIDEO_EN,
+                    LangArg::Zh => DESCRIBE_VIDEO_ZH,
+                }
+                .to_string()
+            });
+            let user = if text.contains(VIDEO_TOKEN) {
+                text
+            } else {
+                format!("{VIDEO_TOKEN}\n{text}")
+            };
+            let clips: Vec<PathBuf> = videos.iter().map(|&i| paths[i].clone()).collect();
+            let got =
+                clasp::vlm::caption::caption_videos(&vlm, &clips, &user, &opts, a.frames, &bar)?;
+            for (&i, r) in videos.iter().zip(got) {
+                results[i] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every path is an image or a video"))
+            .collect()
     };
     let mut failed = 0;
     let mut rows = Vec::new();

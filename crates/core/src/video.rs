@@ -98,6 +98,14 @@ fn ratio(s: &str) -> Option<f64> {
 }
 
 /// The video's first video stream.
+/// The containers clasp treats as video (indexing, captioning).
+pub fn is_video(path: &Path) -> bool {
+    const EXTS: &[&str] = &["mp4", "m4v", "mov", "mkv", "webm", "avi"];
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
 pub fn probe(path: &Path) -> Result<VideoInfo> {
     if !path.is_file() {
         return Err(Error::Report(format!("{}: no such file", path.display())));

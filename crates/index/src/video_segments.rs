@@ -47,13 +47,7 @@ impl VideoOptions {
     }
 }
 
-/// The containers clasp indexes as video.
-pub fn is_video(path: &Path) -> bool {
-    const EXTS: &[&str] = &["mp4", "m4v", "mov", "mkv", "webm", "avi"];
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| EXTS.contains(&e.to_ascii_lowercase().as_str()))
-}
+pub use clasp_core::video::is_video;
 
 const FRAGMENT: &str = "#t=";
 

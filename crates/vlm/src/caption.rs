@@ -10,6 +10,35 @@ use crate::progress::Progress;
 use crate::Result;
 use clasp_core::preprocess::anyres::AnyResPixels;
 
+/// Answers `user` (one `<video>`) for every video, `frames` frames each
+/// (FFmpeg, the centres of equal spans). One entry per video, in order: its
+/// generation, or the error that names it.
+pub fn caption_videos(
+    vlm: &Vlm,
+    videos: &[std::path::PathBuf],
+    user: &str,
+    opts: &GenerateOptions,
+    frames: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<Result<Generation>>> {
+    // A bad prompt, or a model that reads no videos, fails once.
+    vlm.chat_prompt_video(user, frames)?;
+    progress.start("captioning videos", videos.len() as u64);
+    let out = videos
+        .iter()
+        .map(|p| {
+            let g = vlm
+                .video_frames(p, frames)
+                .and_then(|f| vlm.generate_video(&f, user, opts))
+                .map_err(|e| crate::Error::Report(format!("{}: {e}", p.display())));
+            progress.inc(1);
+            g
+        })
+        .collect();
+    progress.finish();
+    Ok(out)
+}
+
 /// An image prepared for the tower: one square, or AnyRes tiles.
 enum Prepared {
     Square(Vec<f32>),

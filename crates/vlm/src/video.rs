@@ -17,6 +17,10 @@ pub const POOL_STRIDE: usize = 2;
 /// The placeholder a prompt writes where a video goes.
 pub const VIDEO_TOKEN: &str = "<video>";
 
+/// The default instructions for a video: English and Chinese.
+pub const DESCRIBE_VIDEO_EN: &str = "Describe the video.";
+pub const DESCRIBE_VIDEO_ZH: &str = "描述这段视频。";
+
 impl Vlm {
     /// The `<video>` token's id, when the model reads videos.
     pub fn video_token_index(&self) -> Option<u32> {
