@@ -172,6 +172,56 @@ fn a_saved_llava_next_video_loads_back_and_chats_about_a_real_clip() {
     );
     let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows[0]["caption"].as_str().unwrap(), want);
+    // The chat API's `video_url` part (a data URL): 8 frames sampled, the
+    // answer as the library's.
+    use base64::Engine;
+    let want8 = back
+        .generate_video(&back.video_frames(&clip, 8).unwrap(), user, &opts)
+        .unwrap()
+        .text;
+    let server = common::Server::start(&[
+        "serve",
+        "--vlm",
+        dir.to_str().unwrap(),
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let url = format!(
+        "data:video/mp4;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(&clip).unwrap())
+    );
+    let ask = |url: &str| {
+        server.post(
+            "/v1/chat/completions",
+            &serde_json::json!({
+                "model": "clasp",
+                "messages": [{"role": "user", "content": [
+                    {"type": "video_url", "video_url": {"url": url}},
+                    {"type": "text", "text": "Describe the video."},
+                ]}],
+                "max_tokens": 6,
+                "temperature": 0,
+            }),
+        )
+    };
+    let (status, v, _) = ask(&url);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim_end(),
+        want8.trim_end()
+    );
+    // Bytes that are not a video: refused by field.
+    let junk = format!(
+        "data:video/mp4;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(b"not a video")
+    );
+    let (status, v, _) = ask(&junk);
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("video_url"), "{v}");
+    drop(server);
     // A file that is not a video is named.
     let bad = d.path().join("clip.mp4");
     std::fs::write(&bad, b"not a video").unwrap();

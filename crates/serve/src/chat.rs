@@ -102,7 +102,7 @@ fn text_turn(role: String, parts: Vec<RawPart>) -> Turn {
             .into_iter()
             .filter_map(|p| match p {
                 RawPart::Text(t) => Some(Part::Text(t)),
-                RawPart::Image { .. } => None,
+                RawPart::Image { .. } | RawPart::Video { .. } => None,
             })
             .collect(),
     }
@@ -114,14 +114,18 @@ async fn prepare_turns(
     turns: Vec<(String, Vec<RawPart>)>,
 ) -> Result<Vec<Turn>, ApiError> {
     let mut raw = Vec::new();
+    let mut videos = Vec::new();
     for (_, parts) in &turns {
         for p in parts {
-            if let RawPart::Image { field, bytes } = p {
-                raw.push((field.clone(), bytes.clone()));
+            match p {
+                RawPart::Image { field, bytes } => raw.push((field.clone(), bytes.clone())),
+                RawPart::Video { field, bytes } => videos.push((field.clone(), bytes.clone())),
+                RawPart::Text(_) => {}
             }
         }
     }
-    match (st.vlm.image_processor(), raw.first()) {
+    let first = raw.first().or(videos.first());
+    match (st.vlm.image_processor(), first) {
         (Some(_), _) => {}
         (None, Some((field, _))) => {
             return Err(ApiError::bad(
@@ -143,6 +147,7 @@ async fn prepare_turns(
     })
     .await?
     .into_iter();
+    let mut videos = prepare_videos(st.vlm.clone(), videos).await?.into_iter();
     Ok(turns
         .into_iter()
         .map(|(role, parts)| Turn {
@@ -152,10 +157,37 @@ async fn prepare_turns(
                 .map(|p| match p {
                     RawPart::Text(s) => Part::Text(s),
                     RawPart::Image { .. } => pixels.next().expect("one prepared image per part"),
+                    RawPart::Video { .. } => videos.next().expect("one prepared video per part"),
                 })
                 .collect(),
         })
         .collect())
+}
+
+/// Samples and prepares the videos' frames through the model (FFmpeg reads
+/// each from a temporary file), on a blocking thread; an error names the
+/// field.
+async fn prepare_videos(
+    model: Arc<dyn ChatModel>,
+    videos: Vec<(String, Vec<u8>)>,
+) -> Result<Vec<Part>, ApiError> {
+    if videos.is_empty() {
+        return Ok(Vec::new());
+    }
+    tokio::task::spawn_blocking(move || {
+        videos
+            .into_iter()
+            .map(|(field, bytes)| {
+                let bad = |e: String| ApiError::bad(field.clone(), e);
+                let dir = tempfile::tempdir().map_err(|e| bad(e.to_string()))?;
+                let path = dir.path().join("video");
+                std::fs::write(&path, &bytes).map_err(|e| bad(e.to_string()))?;
+                model.prepare_video(&path).map_err(|e| bad(e.to_string()))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
 }
 
 /// Retrieves for the last user message's text and puts the photos (as
@@ -178,7 +210,7 @@ async fn augment(
         .iter()
         .filter_map(|p| match p {
             Part::Text(s) => Some(s.as_str()),
-            Part::Image(_) | Part::Tiled(_) => None,
+            Part::Image(_) | Part::Tiled(_) | Part::Video(_) => None,
         })
         .collect();
     let q = crate::rag::RagQuery {

@@ -28,8 +28,12 @@ fn chat_request() -> Value {
     let image = json!({"type": "object", "required": ["type", "image_url"], "properties": {
         "type": {"const": "image_url"},
         "image_url": {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}}}});
+    // A video (data URL or allowed local path) for a LLaVA-NeXT-Video model: 8 frames sampled.
+    let video = json!({"type": "object", "required": ["type", "video_url"], "properties": {
+        "type": {"const": "video_url"},
+        "video_url": {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}}}});
     let content = json!({"oneOf": [{"type": "string"}, {"type": "null"},
-        {"type": "array", "items": {"oneOf": [text, image]}}]});
+        {"type": "array", "items": {"oneOf": [text, image, video]}}]});
     let message = json!({"type": "object", "required": ["role"], "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant"]}, "content": content}});
     let stop = json!({"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 4, "items": {"type": "string"}}]});

@@ -21,6 +21,8 @@ pub enum Part {
     Image(Pixels),
     /// An image tiled for a LLaVA-NeXT (AnyRes) model.
     Tiled(AnyResPixels),
+    /// A video's prepared frames `[F, C, S, S]` (a LLaVA-NeXT-Video model).
+    Video(Tensor),
 }
 
 /// One turn: a role (`system`, `user` or `assistant`) and its parts.
@@ -52,6 +54,14 @@ pub trait ChatModel: Send + Sync {
     fn image_processor(&self) -> Option<&ImageProcessor>;
     /// The prompt of a conversation, with the assistant's turn opened.
     fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt>;
+    /// The video file at `path` as the part this model reads, or an error
+    /// for a model that reads no videos.
+    fn prepare_video(&self, path: &std::path::Path) -> Result<Part> {
+        Err(Error::Report(format!(
+            "{}: this model reads no videos (a LLaVA-NeXT-Video model does)",
+            path.display()
+        )))
+    }
     /// A decoded image as the part this model reads: its processor's
     /// pixels (a LLaVA-NeXT model's tiles).
     fn prepare_image(&self, img: &image::RgbImage) -> Result<Part> {
@@ -82,7 +92,7 @@ pub(crate) fn conversation_messages(
         .flat_map(|t| &t.parts)
         .map(|p| match p {
             Part::Text(s) => s.matches(placeholder).count(),
-            Part::Image(_) | Part::Tiled(_) => 0,
+            Part::Image(_) | Part::Tiled(_) | Part::Video(_) => 0,
         })
         .sum();
     let mut images = Vec::new();
@@ -92,6 +102,11 @@ pub(crate) fn conversation_messages(
         for p in &t.parts {
             match p {
                 Part::Text(s) => pieces.push(s.as_str()),
+                // A video's placeholder stands where it is, whatever the text writes.
+                video @ Part::Video(_) => {
+                    images.push(video.clone());
+                    pieces.push(crate::video::VIDEO_TOKEN);
+                }
                 image => {
                     images.push(image.clone());
                     if written == 0 {
@@ -117,6 +132,17 @@ impl ChatModel for Vlm {
     }
     fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
         Vlm::conversation_prompt(self, turns)
+    }
+    fn prepare_video(&self, path: &std::path::Path) -> Result<Part> {
+        self.video_token_index().ok_or_else(|| {
+            Error::Report(format!(
+                "{}: this model reads no videos (a LLaVA-NeXT-Video model does)",
+                path.display()
+            ))
+        })?;
+        Ok(Part::Video(
+            self.video_frames(path, crate::video::DEFAULT_FRAMES)?,
+        ))
     }
     fn prepare_image(&self, img: &image::RgbImage) -> Result<Part> {
         match self.anyres() {
@@ -146,6 +172,20 @@ impl Vlm {
     /// itself to place the images; then their count must equal the images'.
     pub fn conversation_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
         let (messages, images) = conversation_messages(turns, self.cfg.image_token.as_str());
+        if images.iter().any(|p| matches!(p, Part::Video(_))) {
+            let [Part::Video(frames)] = images.as_slice() else {
+                return Err(Error::Report(
+                    "a conversation with a video takes that one video and no image".into(),
+                ));
+            };
+            let ids = self.render_unexpanded(&messages, 0)?;
+            let ids = self.expand_video(&ids, frames.dim(0)?)?;
+            let embeds = self.input_embeds_video(&ids, &self.video_features(frames)?)?;
+            return Ok(Prompt {
+                ids,
+                embeds: Some(embeds),
+            });
+        }
         if self.anyres().is_some() && !images.is_empty() {
             // Each image takes the tokens its size asks for.
             let tiled = images

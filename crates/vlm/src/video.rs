@@ -17,6 +17,9 @@ pub const POOL_STRIDE: usize = 2;
 /// The placeholder a prompt writes where a video goes.
 pub const VIDEO_TOKEN: &str = "<video>";
 
+/// Frames sampled from a video when none is said (LLaVA-NeXT-Video's 8).
+pub const DEFAULT_FRAMES: usize = 8;
+
 /// The default instructions for a video: English and Chinese.
 pub const DESCRIBE_VIDEO_EN: &str = "Describe the video.";
 pub const DESCRIBE_VIDEO_ZH: &str = "描述这段视频。";
@@ -86,8 +89,13 @@ impl Vlm {
     /// (and no image), through the chat template with the assistant's turn
     /// opened, the placeholder expanded.
     pub fn chat_prompt_video(&self, user: &str, frames: usize) -> Result<Vec<u32>> {
-        let id = self.video_id()?;
         let ids = self.render_unexpanded(&[crate::llm::Message::new("user", user)], 0)?;
+        self.expand_video(&ids, frames)
+    }
+
+    /// `ids` with its one `<video>` expanded for `frames` frames.
+    pub fn expand_video(&self, ids: &[u32], frames: usize) -> Result<Vec<u32>> {
+        let id = self.video_id()?;
         let slots = ids.iter().filter(|&&i| i == id).count();
         if slots != 1 {
             return Err(Error::Report(format!(
@@ -96,7 +104,7 @@ impl Vlm {
         }
         let n = frames * self.video_tokens_per_frame();
         let mut out = Vec::with_capacity(ids.len() + n);
-        for i in ids {
+        for &i in ids {
             if i == id {
                 out.extend(std::iter::repeat_n(id, n));
             } else {

@@ -53,7 +53,15 @@ pub(super) fn parse_retrieve(v: &Value, st: &ChatState) -> Result<Retrieve, ApiE
 
 pub(super) enum RawPart {
     Text(String),
-    Image { field: String, bytes: Vec<u8> },
+    Image {
+        field: String,
+        bytes: Vec<u8>,
+    },
+    /// A video's file (a data URL's bytes or an allowed local path's).
+    Video {
+        field: String,
+        bytes: Vec<u8>,
+    },
 }
 
 /// A seed for requests that give none: different for each request.
@@ -225,9 +233,9 @@ pub(super) fn parse_request(
                                 })?
                                 .to_string(),
                         )),
-                        Some("image_url") => {
-                            let field = format!("{pf}.image_url");
-                            let url = match p.get("image_url") {
+                        Some(kind @ ("image_url" | "video_url")) => {
+                            let field = format!("{pf}.{kind}");
+                            let url = match p.get(kind) {
                                 Some(Value::String(u)) => u.as_str(),
                                 Some(Value::Object(o)) => {
                                     o.get("url").and_then(Value::as_str).ok_or_else(|| {
@@ -243,12 +251,16 @@ pub(super) fn parse_request(
                             };
                             let bytes = image_bytes(url, &field, st.local_images.as_deref())?;
                             images += 1;
-                            out.push(RawPart::Image { field, bytes });
+                            out.push(if kind == "image_url" {
+                                RawPart::Image { field, bytes }
+                            } else {
+                                RawPart::Video { field, bytes }
+                            });
                         }
                         _ => {
                             return Err(ApiError::bad(
                                 format!("{pf}.type"),
-                                "expected \"text\" or \"image_url\"",
+                                "expected \"text\", \"image_url\" or \"video_url\"",
                             ))
                         }
                     }
