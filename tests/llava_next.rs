@@ -17,7 +17,7 @@ use clasp::vlm::{ConnectorKind, Vlm};
 use serde_json::Value;
 use vlm_util::*;
 
-const PINPOINTS: [(u32, u32); 5] = [(32, 64), (64, 32), (64, 64), (32, 96), (96, 32)];
+const PINPOINTS: [(u32, u32); 5] = TINY_PINPOINTS;
 
 fn fixture() -> Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava_next/logits.json");
@@ -27,19 +27,7 @@ fn fixture() -> Value {
 /// The model the fixture generator assembled: same tower, LLM, seed and grid.
 fn model() -> &'static Vlm {
     static M: OnceLock<Vlm> = OnceLock::new();
-    M.get_or_init(|| {
-        let mut m = Vlm::assemble(
-            &fixtures().join("vision"),
-            &common::smollm2(),
-            ConnectorKind::Mlp2xGelu,
-            -2,
-            0,
-            &Device::Cpu,
-        )
-        .unwrap();
-        m.set_anyres(PINPOINTS.to_vec(), None, 0).unwrap();
-        m
-    })
+    M.get_or_init(|| tiny_next(false))
 }
 
 fn photo(name: &str) -> image::RgbImage {
@@ -133,11 +121,7 @@ fn a_saved_llava_next_loads_back_with_its_grid_and_newline() {
     let (ids_back, b) = logits_of(&back, c);
     assert_eq!(ids, ids_back);
     // The saved vocabulary holds the image token (one row more).
-    let worst = a
-        .iter()
-        .zip(&b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0f32, f32::max);
+    let worst = max_gap(&a, &b);
     assert!(worst < 1e-4, "saved and loaded logits differ by {worst}");
 }
 
@@ -157,34 +141,18 @@ fn anyres_refuses_what_it_cannot_tile_by_name() {
         .to_string();
     assert!(err.contains("AnyRes"), "{err}");
     // Pinpoints that are not multiples of the tower's 32 pixels.
-    let mut other = Vlm::assemble(
-        &fixtures().join("vision"),
-        &common::smollm2(),
-        ConnectorKind::Mlp2xGelu,
-        -2,
-        0,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut other = assembled(ConnectorKind::Mlp2xGelu);
     let err = other
         .set_anyres(vec![(32, 50)], None, 0)
         .unwrap_err()
         .to_string();
     assert!(err.contains("32") && err.contains("50"), "{err}");
     // A connector that does not keep one token per patch.
-    let mut resampler = Vlm::assemble(
-        &fixtures().join("vision"),
-        &common::smollm2(),
-        ConnectorKind::Resampler {
-            queries: 4,
-            layers: 1,
-            heads: 2,
-        },
-        -2,
-        0,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut resampler = assembled(ConnectorKind::Resampler {
+        queries: 4,
+        layers: 1,
+        heads: 2,
+    });
     let err = resampler
         .set_anyres(PINPOINTS.to_vec(), None, 0)
         .unwrap_err()

@@ -15,7 +15,6 @@ use clasp::vlm::{ConnectorKind, Vlm};
 use serde_json::Value;
 use vlm_util::*;
 
-const PINPOINTS: [(u32, u32); 5] = [(32, 64), (64, 32), (64, 64), (32, 96), (96, 32)];
 
 fn fixture() -> Value {
     let p =
@@ -26,20 +25,7 @@ fn fixture() -> Value {
 /// The model the fixture generator assembled (`--anyres ... --video`, seed 0).
 fn model() -> &'static Vlm {
     static M: OnceLock<Vlm> = OnceLock::new();
-    M.get_or_init(|| {
-        let mut m = Vlm::assemble(
-            &fixtures().join("vision"),
-            &common::smollm2(),
-            ConnectorKind::Mlp2xGelu,
-            -2,
-            0,
-            &Device::Cpu,
-        )
-        .unwrap();
-        m.set_anyres(PINPOINTS.to_vec(), None, 0).unwrap();
-        m.enable_video().unwrap();
-        m
-    })
+    M.get_or_init(|| tiny_next(true))
 }
 
 /// The fixture's four frames, prepared by the model's processor: [4, 3, 32, 32].
@@ -110,11 +96,7 @@ fn a_saved_llava_next_video_loads_back_and_chats_about_a_real_clip() {
     let (ids, a) = logits(m);
     let (ids_back, b) = logits(&back);
     assert_eq!(ids, ids_back);
-    let worst = a
-        .iter()
-        .zip(&b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0f32, f32::max);
+    let worst = max_gap(&a, &b);
     assert!(worst < 1e-4, "saved and loaded logits differ by {worst}");
 
     // `clasp chat --video`: frames sampled through FFmpeg, answered as the
@@ -241,15 +223,7 @@ fn a_saved_llava_next_video_loads_back_and_chats_about_a_real_clip() {
 #[test]
 fn video_is_refused_where_it_cannot_be_read() {
     // Without AnyRes (LLaVA-NeXT-Video's images are tiled).
-    let mut plain = Vlm::assemble(
-        &fixtures().join("vision"),
-        &common::smollm2(),
-        ConnectorKind::Mlp2xGelu,
-        -2,
-        0,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut plain = assembled(ConnectorKind::Mlp2xGelu);
     let err = plain.enable_video().unwrap_err().to_string();
     assert!(err.contains("--anyres"), "{err}");
     // A prompt without the placeholder, or with two.

@@ -17,20 +17,47 @@ pub fn shared_image(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A fresh model on the fixtures' tower and SmolLM2 with `kind` (seed 0,
+/// features from the penultimate layer), as the fixture generators
+/// assemble it.
+pub fn assembled(kind: ConnectorKind) -> Vlm {
+    Vlm::assemble(
+        &fixtures().join("vision"),
+        &crate::common::smollm2(),
+        kind,
+        -2,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// The LLaVA-NeXT fixtures' grid: five pinpoints of the tower's 32 pixels.
+pub const TINY_PINPOINTS: [(u32, u32); 5] = [(32, 64), (64, 32), (64, 64), (32, 96), (96, 32)];
+
+/// The LLaVA-NeXT model the fixture generators assemble (`--anyres` with
+/// [`TINY_PINPOINTS`], and `--video` when `video`), seed 0.
+pub fn tiny_next(video: bool) -> Vlm {
+    let mut m = assembled(ConnectorKind::Mlp2xGelu);
+    m.set_anyres(TINY_PINPOINTS.to_vec(), None, 0).unwrap();
+    if video {
+        m.enable_video().unwrap();
+    }
+    m
+}
+
+/// The largest absolute difference between two logit tables.
+pub fn max_gap(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max)
+}
+
 /// The model the fixture generator assembled: same tower, LLM and seed.
 pub fn vlm() -> &'static Vlm {
     static M: OnceLock<Vlm> = OnceLock::new();
-    M.get_or_init(|| {
-        Vlm::assemble(
-            &fixtures().join("vision"),
-            &crate::common::smollm2(),
-            ConnectorKind::Mlp2xGelu,
-            -2,
-            0,
-            &Device::Cpu,
-        )
-        .unwrap()
-    })
+    M.get_or_init(|| assembled(ConnectorKind::Mlp2xGelu))
 }
 
 pub fn fixture() -> Value {
