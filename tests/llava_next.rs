@@ -107,14 +107,7 @@ fn a_saved_llava_next_loads_back_with_its_grid_and_newline() {
     assert_eq!(cfg["architectures"][0], "LlavaNextForConditionalGeneration");
     let back = Vlm::load(d.path(), &Device::Cpu).unwrap();
     assert_eq!(back.anyres(), Some(&PINPOINTS[..]));
-    let gap = (back.image_newline().unwrap() - m.image_newline().unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let gap = common::max_abs(back.image_newline().unwrap(), m.image_newline().unwrap());
     assert_eq!(gap, 0.0);
     let c = &fixture()["cases"][1];
     let (ids, a) = logits_of(m, c);
@@ -345,23 +338,14 @@ fn train_with_anyres_saves_a_llava_next_model() {
     assert_eq!(back.anyres(), Some(&PINPOINTS[..]));
     // The connector moved; image_newline stays as initialised (as LLaVA's
     // stage 1, only the projector learns).
-    let moved = back.connector.vars()[0].1.as_tensor() - model().connector.vars()[0].1.as_tensor();
-    let moved = moved
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let moved = common::max_abs(
+        back.connector.vars()[0].1.as_tensor(),
+        model().connector.vars()[0].1.as_tensor(),
+    );
     assert!(moved > 0.0, "the connector did not learn");
-    let nl = (back.image_newline().unwrap() - model().image_newline().unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let nl = common::max_abs(
+        back.image_newline().unwrap(),
+        model().image_newline().unwrap(),
+    );
     assert_eq!(nl, 0.0);
 }

@@ -15,7 +15,6 @@ use clasp::vlm::{ConnectorKind, Vlm};
 use serde_json::Value;
 use vlm_util::*;
 
-
 fn fixture() -> Value {
     let p =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava_next/video_logits.json");
