@@ -1,9 +1,12 @@
-//! LLaVA-NeXT's AnyRes on the model side: the features of an image's base
-//! picture and tiles ([`clasp_core::preprocess::anyres::tiles`]) packed into
-//! one sequence as transformers' `LlavaNextModel.pack_image_features` packs
-//! them: the base picture's tokens, then the tiles' feature map (tile rows
-//! and columns laid out as the picture) with the padding the aspect left
-//! cut away (`unpad_image`), one `image_newline` after each row.
+//! LLaVA-NeXT's AnyRes on the model side (`LlavaNextForConditionalGeneration`):
+//! [`pack`] lays the features of an image's base picture and tiles
+//! ([`clasp_core::preprocess::anyres::tiles`]) out as one sequence, as
+//! transformers' `LlavaNextModel.pack_image_features` does: the base
+//! picture's tokens, then the tiles' feature map (tile rows and columns laid
+//! out as the picture) with the padding the aspect left cut away
+//! (`unpad_image`), one `image_newline` after each row. The `impl Vlm` below
+//! makes a model tile its images ([`Vlm::set_anyres`]), counts and expands
+//! each image's tokens by its size, and reads and writes the config fields.
 
 use candle_core::{Tensor, D};
 

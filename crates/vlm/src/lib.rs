@@ -10,7 +10,10 @@
 //! - `heads`: BCIF's contrastive heads (trained by `train::bcif`);
 //! - `checkpoint`: the `LlavaForConditionalGeneration` layout that
 //!   transformers loads; `blip2`: `Blip2ForConditionalGeneration`'s, for a
-//!   model on BLIP-2's ViT and Q-Former.
+//!   model on BLIP-2's ViT and Q-Former;
+//! - `anyres`: LLaVA-NeXT's high-resolution tiling
+//!   (`LlavaNextForConditionalGeneration`); `video`: LLaVA-NeXT-Video's
+//!   frames, pooled 2×2 (`LlavaNextVideoForConditionalGeneration`).
 
 use clasp_common::{atomic, progress, rng};
 pub use clasp_common::{Error, Result};
