@@ -524,17 +524,12 @@ impl Task for VlmTrainer {
         let (proc, images) = (self.vlm.image_processor().clone(), self.set.images.clone());
         // A LLaVA-NeXT model's images are tiled on the loader's thread and
         // handed over flat (`Vlm::tiles_to_flat`).
-        let anyres = self.vlm.anyres().map(|p| {
-            let side = self.vlm.vision_config().image_size as u32;
-            (p.to_vec(), side, self.vlm.anyres_processor())
-        });
+        let tiler = self.vlm.tiler().ok();
         Box::new(move |_, _, pair: &(usize, usize)| {
             let src = &images[pair.0];
             let img = decode_image(&src.read()?, &src.path())?;
-            match &anyres {
-                Some((p, side, tile_proc)) => Ok(Vlm::tiles_to_flat(
-                    &crate::preprocess::anyres::tiles(tile_proc, &img, p, *side)?,
-                )),
+            match &tiler {
+                Some(t) => Ok(Vlm::tiles_to_flat(&t.tile(&img)?)),
                 None => proc.process(&img),
             }
         })

@@ -67,6 +67,22 @@ use clasp_core::preprocess::anyres::{check_pinpoints, feature_count, tiles, AnyR
 use crate::connector::ConnectorKind;
 use crate::model::{FeatureSelect, Vlm};
 
+/// A LLaVA-NeXT model's image tiling ([`Vlm::tiler`]): its grid
+/// pinpoints, tile size and tile processor.
+#[derive(Debug, Clone)]
+pub struct Tiler {
+    pinpoints: Vec<(u32, u32)>,
+    side: u32,
+    processor: clasp_core::preprocess::ImageProcessor,
+}
+
+impl Tiler {
+    /// `img`'s base picture and tiles, prepared for the tower.
+    pub fn tile(&self, img: &image::RgbImage) -> Result<AnyResPixels> {
+        tiles(&self.processor, img, &self.pinpoints, self.side)
+    }
+}
+
 impl Vlm {
     /// The grid pinpoints (height, width) when the model is LLaVA-NeXT's
     /// (`LlavaNextForConditionalGeneration`).
@@ -254,26 +270,30 @@ impl Vlm {
 
     /// An image's base picture and tiles, prepared for the tower.
     pub fn anyres_pixels(&self, img: &image::RgbImage) -> Result<AnyResPixels> {
-        let side = self.vision_cfg.image_size as u32;
-        tiles(&self.anyres_processor(), img, self.pinpoints()?, side)
+        self.tiler()?.tile(img)
     }
 
-    /// How each tile (and the base picture, already the tower's size) is
-    /// prepared: the tower's own processor for CLIP's ViT, whose resize and
-    /// crop leave a tile of its size as it is (LlavaNextImageProcessor); a
-    /// CNN's resize-256-crop-224 would cut a 224 tile's borders, so its
-    /// tiles are only rescaled and normalised.
-    pub fn anyres_processor(&self) -> clasp_core::preprocess::ImageProcessor {
+    /// What tiling needs, apart from the model: a loader thread holds one.
+    pub fn tiler(&self) -> Result<Tiler> {
+        let side = self.vision_cfg.image_size as u32;
+        // Each tile (and the base picture, already the tower's size) goes
+        // through the tower's own processor for CLIP's ViT, whose resize and
+        // crop leave a tile of its size as it is (LlavaNextImageProcessor);
+        // a CNN's resize-256-crop-224 would cut a 224 tile's borders, so its
+        // tiles are only rescaled and normalised.
         let mut cfg = self.processor.config().clone();
         if self.vision_cnn().is_some() {
-            let side = self.vision_cfg.image_size as u32;
             cfg.resize = clasp_core::preprocess::ResizeTo::Exact {
                 height: side,
                 width: side,
             };
             cfg.do_center_crop = false;
         }
-        clasp_core::preprocess::ImageProcessor::new(cfg)
+        Ok(Tiler {
+            pinpoints: self.pinpoints()?.to_vec(),
+            side,
+            processor: clasp_core::preprocess::ImageProcessor::new(cfg),
+        })
     }
 
     /// Image tokens an image of `size` (height, width) takes in the prompt,
@@ -301,25 +321,39 @@ impl Vlm {
     /// `ids` with the k-th image placeholder repeated once per token of the
     /// k-th image, whose size is `sizes[k]` (LlavaNextProcessor's expansion).
     pub fn expand_images_sized(&self, ids: &[u32], sizes: &[(u32, u32)]) -> Result<Vec<u32>> {
-        let id = self.cfg.image_token_index;
-        let slots = ids.iter().filter(|&&i| i == id).count();
-        if slots != sizes.len() {
-            return Err(Error::Report(format!(
-                "the prompt has {slots} image placeholders for {} images",
-                sizes.len()
-            )));
-        }
-        let mut out = Vec::with_capacity(ids.len());
-        let mut k = 0;
-        for &i in ids {
-            if i == id {
-                out.extend(std::iter::repeat_n(id, self.anyres_tokens(sizes[k])?));
-                k += 1;
-            } else {
-                out.push(i);
-            }
-        }
-        Ok(out)
+        let counts = sizes
+            .iter()
+            .map(|&s| self.anyres_tokens(s))
+            .collect::<Result<Vec<_>>>()?;
+        crate::model::expand_slots(
+            ids,
+            self.cfg.image_token_index,
+            &self.cfg.image_token,
+            &counts,
+        )
+    }
+
+    /// The prompt of `messages` (their `<image>` placeholders, one per
+    /// tiled image, in order) with the assistant's turn opened: its ids,
+    /// each placeholder expanded for its image's size, and its input
+    /// embeddings with the images' tokens in place.
+    pub(crate) fn anyres_prompt(
+        &self,
+        messages: &[crate::llm::Message],
+        images: &[&AnyResPixels],
+    ) -> Result<crate::llm::Prompt> {
+        let sizes: Vec<(u32, u32)> = images.iter().map(|t| t.image_size).collect();
+        let ids = self.render_unexpanded(messages, images.len())?;
+        let ids = self.expand_images_sized(&ids, &sizes)?;
+        let feats = images
+            .iter()
+            .map(|t| self.anyres_features(t))
+            .collect::<Result<Vec<_>>>()?;
+        let embeds = self.input_embeds_flat(&ids, &Tensor::cat(&feats, 0)?)?;
+        Ok(crate::llm::Prompt {
+            ids,
+            embeds: Some(embeds),
+        })
     }
 
     /// The token ids of one user turn (`<image>` where each image goes)
@@ -338,16 +372,10 @@ impl Vlm {
         user: &str,
         opts: &crate::llm::GenerateOptions,
     ) -> Result<Vec<crate::llm::Generation>> {
+        let turn = [crate::llm::Message::new("user", user)];
         let prompts = images
             .iter()
-            .map(|px| {
-                let ids = self.chat_prompt_sized(user, &[px.image_size])?;
-                let embeds = self.input_embeds_flat(&ids, &self.anyres_features(px)?)?;
-                Ok(crate::llm::Prompt {
-                    ids,
-                    embeds: Some(embeds),
-                })
-            })
+            .map(|px| self.anyres_prompt(&turn, &[px]))
             .collect::<Result<Vec<_>>>()?;
         self.generate_prompts(&prompts, opts)
     }
@@ -355,10 +383,6 @@ impl Vlm {
     /// Logits [t, vocab] of one expanded prompt with its tiled images'
     /// tokens ([`Self::anyres_features`], one [n_k, hidden] per image).
     pub fn logits_anyres(&self, ids: &[u32], images: &[Tensor]) -> Result<Tensor> {
-        let flat = Tensor::cat(images, 0)?;
-        let x = self.input_embeds_flat(ids, &flat)?.unsqueeze(0)?;
-        let mut cache = self.llm.new_cache(vec![0]);
-        let h = self.llm.forward_embeds(&x, &mut cache)?;
-        Ok(self.llm.logits(&h)?.squeeze(0)?)
+        self.logits_of_embeds(&self.input_embeds_flat(ids, &Tensor::cat(images, 0)?)?)
     }
 }

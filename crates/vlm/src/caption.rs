@@ -65,14 +65,15 @@ pub fn caption_images(
     let mut out: Vec<Option<Result<Generation>>> = (0..images.len()).map(|_| None).collect();
     progress.start("captioning", images.len() as u64);
     let proc = vlm.image_processor();
+    // A LLaVA-NeXT model tiles each image at its own grid.
+    let tiler = vlm.tiler().ok();
     pipeline::prepare_ahead(
         pipeline::batches((0..images.len()).collect(), batch),
         |_, _, &i| {
             let src = &images[i];
             let img = decode_image(&src.read()?, &src.path())?;
-            // A LLaVA-NeXT model tiles each image at its own grid.
-            match vlm.anyres() {
-                Some(_) => vlm.anyres_pixels(&img).map(Prepared::Tiled),
+            match &tiler {
+                Some(t) => t.tile(&img).map(Prepared::Tiled),
                 None => proc.process(&img).map(Prepared::Square),
             }
         },

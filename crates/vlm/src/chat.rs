@@ -152,6 +152,24 @@ impl ChatModel for Vlm {
     }
 }
 
+impl Vlm {
+    /// Answers `user` (one `<image>`) about a decoded image, prepared as the
+    /// model reads images (tiled for a LLaVA-NeXT model).
+    pub fn generate_image(
+        &self,
+        img: &image::RgbImage,
+        user: &str,
+        opts: &GenerateOptions,
+    ) -> Result<crate::llm::Generation> {
+        let mut g = match self.prepare_image(img)? {
+            Part::Tiled(t) => self.generate_anyres(&[t], user, opts)?,
+            Part::Image(px) => self.generate(&self.pixel_batch(&[px.data])?, user, opts)?,
+            _ => unreachable!("an image is prepared as pixels or tiles"),
+        };
+        Ok(g.remove(0))
+    }
+}
+
 /// The pixels of image parts for a fixed-size tower.
 fn square_pixels(images: Vec<Part>) -> Result<Vec<Vec<f32>>> {
     images
@@ -178,18 +196,12 @@ impl Vlm {
                     "a conversation with a video takes that one video and no image".into(),
                 ));
             };
-            let ids = self.render_unexpanded(&messages, 0)?;
-            let ids = self.expand_video(&ids, frames.dim(0)?)?;
-            let embeds = self.input_embeds_video(&ids, &self.video_features(frames)?)?;
-            return Ok(Prompt {
-                ids,
-                embeds: Some(embeds),
-            });
+            return self.video_prompt(&messages, frames);
         }
         if self.anyres().is_some() && !images.is_empty() {
             // Each image takes the tokens its size asks for.
             let tiled = images
-                .into_iter()
+                .iter()
                 .map(|p| match p {
                     Part::Tiled(t) => Ok(t),
                     _ => Err(Error::Report(
@@ -197,18 +209,7 @@ impl Vlm {
                     )),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let sizes: Vec<(u32, u32)> = tiled.iter().map(|t| t.image_size).collect();
-            let ids = self.render_unexpanded(&messages, tiled.len())?;
-            let ids = self.expand_images_sized(&ids, &sizes)?;
-            let feats = tiled
-                .iter()
-                .map(|t| self.anyres_features(t))
-                .collect::<Result<Vec<_>>>()?;
-            let embeds = self.input_embeds_flat(&ids, &Tensor::cat(&feats, 0)?)?;
-            return Ok(Prompt {
-                ids,
-                embeds: Some(embeds),
-            });
+            return self.anyres_prompt(&messages, &tiled);
         }
         let ids = self.render_ids(&messages, images.len())?;
         if images.is_empty() {

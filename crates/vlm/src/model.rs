@@ -425,19 +425,13 @@ impl Vlm {
     /// `Blip2Processor` puts them; each placeholder leaves the text with
     /// the newline after it.
     pub fn expand_images(&self, ids: &[u32]) -> Vec<u32> {
-        let n = self.image_tokens();
         if self.blip2_vision().is_some() {
             return self.prefix_images(ids);
         }
-        let mut out = Vec::with_capacity(ids.len() + n);
-        for &id in ids {
-            if id == self.cfg.image_token_index {
-                out.extend(std::iter::repeat_n(id, n));
-            } else {
-                out.push(id);
-            }
-        }
-        out
+        let id = self.cfg.image_token_index;
+        let slots = ids.iter().filter(|&&i| i == id).count();
+        expand_slots(ids, id, "", &vec![self.image_tokens(); slots])
+            .expect("one count per placeholder")
     }
 
     /// The token ids of one user turn (`<image>` written where the image
@@ -512,9 +506,14 @@ impl Vlm {
     /// [`Self::logits`] on image features already computed (`[k, N, hidden]`),
     /// for several prompts about the same images.
     pub fn logits_of_features(&self, ids: &[u32], feats: &Tensor) -> Result<Tensor> {
-        let x = self.input_embeds(ids, feats)?.unsqueeze(0)?;
+        self.logits_of_embeds(&self.input_embeds(ids, feats)?)
+    }
+
+    /// Logits `[t, vocab]` at every position of one prompt's input
+    /// embeddings `[t, hidden]`.
+    pub fn logits_of_embeds(&self, embeds: &Tensor) -> Result<Tensor> {
         let mut cache = self.llm.new_cache(vec![0]);
-        let h = self.llm.forward_embeds(&x, &mut cache)?;
+        let h = self.llm.forward_embeds(&embeds.unsqueeze(0)?, &mut cache)?;
         Ok(self.llm.logits(&h)?.squeeze(0)?)
     }
 
@@ -572,4 +571,26 @@ impl Vlm {
         opts.suppress_tokens.extend(self.cfg.video_token_index);
         llm::generate_batch_prompts(&self.llm, &self.tokenizer, prompts, &opts)
     }
+}
+
+/// `ids` with the k-th `id` placeholder (written `name`) repeated
+/// `counts[k]` times; an error naming it unless they number `counts.len()`.
+pub(crate) fn expand_slots(ids: &[u32], id: u32, name: &str, counts: &[usize]) -> Result<Vec<u32>> {
+    let slots = ids.iter().filter(|&&i| i == id).count();
+    if slots != counts.len() {
+        return Err(Error::Report(format!(
+            "the prompt has {slots} {name} placeholders for {} input{}",
+            counts.len(),
+            if counts.len() == 1 { "" } else { "s" }
+        )));
+    }
+    let mut out = Vec::with_capacity(ids.len() + counts.iter().sum::<usize>());
+    let mut k = counts.iter();
+    for &i in ids {
+        match i == id {
+            true => out.extend(std::iter::repeat_n(id, *k.next().expect("counted"))),
+            false => out.push(i),
+        }
+    }
+    Ok(out)
 }

@@ -95,23 +95,26 @@ impl Vlm {
 
     /// `ids` with its one `<video>` expanded for `frames` frames.
     pub fn expand_video(&self, ids: &[u32], frames: usize) -> Result<Vec<u32>> {
-        let id = self.video_id()?;
-        let slots = ids.iter().filter(|&&i| i == id).count();
-        if slots != 1 {
-            return Err(Error::Report(format!(
-                "the prompt has {slots} {VIDEO_TOKEN} placeholders for 1 video"
-            )));
-        }
         let n = frames * self.video_tokens_per_frame();
-        let mut out = Vec::with_capacity(ids.len() + n);
-        for &i in ids {
-            if i == id {
-                out.extend(std::iter::repeat_n(id, n));
-            } else {
-                out.push(i);
-            }
-        }
-        Ok(out)
+        crate::model::expand_slots(ids, self.video_id()?, VIDEO_TOKEN, &[n])
+    }
+
+    /// The prompt of `messages` (one `<video>`, no image) with the
+    /// assistant's turn opened, for a video's prepared frames `[F, C, S, S]`:
+    /// its ids, the placeholder expanded, and its input embeddings with the
+    /// frames' tokens in place.
+    pub(crate) fn video_prompt(
+        &self,
+        messages: &[crate::llm::Message],
+        frames: &Tensor,
+    ) -> Result<crate::llm::Prompt> {
+        let ids = self.render_unexpanded(messages, 0)?;
+        let ids = self.expand_video(&ids, frames.dim(0)?)?;
+        let embeds = self.input_embeds_video(&ids, &self.video_features(frames)?)?;
+        Ok(crate::llm::Prompt {
+            ids,
+            embeds: Some(embeds),
+        })
     }
 
     /// Input embeddings `[t, hidden]` of a prompt whose video positions take
@@ -122,10 +125,7 @@ impl Vlm {
 
     /// Logits [t, vocab] of one expanded prompt with its video's tokens.
     pub fn logits_video(&self, ids: &[u32], video: &Tensor) -> Result<Tensor> {
-        let x = self.input_embeds_video(ids, video)?.unsqueeze(0)?;
-        let mut cache = self.llm.new_cache(vec![0]);
-        let h = self.llm.forward_embeds(&x, &mut cache)?;
-        Ok(self.llm.logits(&h)?.squeeze(0)?)
+        self.logits_of_embeds(&self.input_embeds_video(ids, video)?)
     }
 
     /// `count` frames of the video at `path` (the centres of equal spans,
@@ -150,12 +150,7 @@ impl Vlm {
         user: &str,
         opts: &crate::llm::GenerateOptions,
     ) -> Result<crate::llm::Generation> {
-        let ids = self.chat_prompt_video(user, frames.dim(0)?)?;
-        let embeds = self.input_embeds_video(&ids, &self.video_features(frames)?)?;
-        let prompt = crate::llm::Prompt {
-            ids,
-            embeds: Some(embeds),
-        };
+        let prompt = self.video_prompt(&[crate::llm::Message::new("user", user)], frames)?;
         let mut g = self.generate_prompts(&[prompt], opts)?;
         Ok(g.remove(0))
     }
