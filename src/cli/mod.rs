@@ -1,6 +1,7 @@
 //! Command-line front end: argument parsing, progress display and output
 //! files. All model work goes through the library.
 
+mod caption;
 mod embed;
 mod eval;
 mod generate;
@@ -95,11 +96,11 @@ pub enum Command {
     /// Build an untrained vision-language model (vision tower, connector, LLM).
     Assemble(vlm::AssembleArgs),
     /// Caption images with a vision-language model.
-    Caption(vlm::CaptionArgs),
+    Caption(caption::CaptionArgs),
     /// Ask a vision-language model about an image.
     Chat(vlm::ChatArgs),
     /// Rate answers about an image with a vision-language reward model.
-    Score(vlm::ScoreArgs),
+    Score(caption::ScoreArgs),
     /// Fold a VLM's LoRA adapter into its language model's weights and save the result.
     MergeLora(vlm::MergeLoraArgs),
     /// Answer a question from an indexed photo collection with a vision-language model (RAG).
@@ -291,9 +292,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Convert(a) => generate::convert_cmd(a),
         Command::Export(ExportCommand::Onnx(a)) => export_onnx(a),
         Command::Assemble(a) => vlm::assemble_cmd(a),
-        Command::Caption(a) => vlm::caption_cmd(a),
+        Command::Caption(a) => caption::caption_cmd(a),
         Command::Chat(a) => vlm::chat_cmd(a),
-        Command::Score(a) => vlm::score_cmd(a),
+        Command::Score(a) => caption::score_cmd(a),
         Command::MergeLora(a) => vlm::merge_lora_cmd(a),
         Command::Ask(a) => vlm::ask_cmd(a),
         Command::Store(c) => store::run(c),

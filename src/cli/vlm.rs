@@ -1,19 +1,15 @@
-//! `clasp assemble`, `clasp caption`, `clasp chat` and `clasp merge-lora`:
+//! `clasp assemble`, `clasp chat`, `clasp merge-lora` and `clasp ask`:
 //! front ends over `clasp::vlm`.
 
 use super::note;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use clasp::data::ImageSource;
 use clasp::llm::{GenerateOptions, SamplingParams};
 use clasp::vlm::model::{DESCRIBE_EN, DESCRIBE_ZH};
 use clasp::vlm::{ConnectorKind, Vlm};
-
-use super::BarProgress;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectorArg {
@@ -156,7 +152,7 @@ pub struct SampleArgs {
 }
 
 impl SampleArgs {
-    fn options(&self) -> Result<GenerateOptions> {
+    pub(super) fn options(&self) -> Result<GenerateOptions> {
         let sampling = SamplingParams {
             temperature: self.temperature,
             top_p: self.top_p,
@@ -178,46 +174,8 @@ pub enum LangArg {
     Zh,
 }
 
-/// Caption images with a vision-language model.
-#[derive(Args, Debug)]
-pub struct CaptionArgs {
-    /// A VLM checkpoint folder (LlavaForConditionalGeneration layout).
-    #[arg(short, long)]
-    pub model: PathBuf,
-    /// Image files.
-    pub images: Vec<PathBuf>,
-    /// A folder of images, or a list file with one path per line.
-    #[arg(long, value_name = "DIR_OR_LIST")]
-    pub images_from: Option<PathBuf>,
-    /// The instruction's language: "Describe the image." or its Chinese.
-    #[arg(long, value_enum, default_value_t = LangArg::En)]
-    pub lang: LangArg,
-    /// The user turn instead of the default; `<image>` marks the image (put first when absent).
-    #[arg(long)]
-    pub prompt: Option<String>,
-    /// Images captioned together.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Frames sampled from each video (mp4, mkv, mov, webm, avi, m4v) among the inputs, for a
-    /// LLaVA-NeXT-Video model (the centres of equal spans).
-    #[arg(long, default_value_t = 8)]
-    pub frames: usize,
-    #[command(flatten)]
-    pub sample: SampleArgs,
-    /// Sample N captions per image and keep the one --reward-model rates highest (needs
-    /// --temperature above 0; --json lists every candidate with its reward).
-    #[arg(long, default_value_t = 1, requires = "reward_model")]
-    pub best_of: usize,
-    /// A vision-language reward model (`clasp train --task reward --init VLM`) for --best-of.
-    #[arg(long)]
-    pub reward_model: Option<PathBuf>,
-    /// Print [{"path", "caption"}] as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
 /// The user turn: `prompt` with `<image>` put first when it has none.
-fn user_turn(prompt: Option<&str>, lang: LangArg) -> String {
+pub(super) fn user_turn(prompt: Option<&str>, lang: LangArg) -> String {
     match prompt {
         Some(p) if p.contains("<image>") => p.to_string(),
         Some(p) => Vlm::caption_turn(p),
@@ -228,196 +186,23 @@ fn user_turn(prompt: Option<&str>, lang: LangArg) -> String {
     }
 }
 
-fn load(model: &Path) -> Result<Vlm> {
+pub(super) fn load(model: &Path) -> Result<Vlm> {
     Ok(Vlm::load(model, &candle_core::Device::Cpu)?)
 }
 
-pub fn caption_cmd(a: CaptionArgs) -> Result<ExitCode> {
-    let mut paths = a.images.clone();
-    if let Some(src) = &a.images_from {
-        paths.extend(clasp::encoder::image_inputs_from(src)?);
-    }
-    if paths.is_empty() {
-        bail!("give image files, or --images-from DIR_OR_LIST");
-    }
-    let results: Vec<clasp::Result<clasp::llm::Generation>> = if clasp::vlm::native::is_native(
-        &a.model,
-    ) {
-        if a.reward_model.is_some() {
-            bail!("--reward-model: best-of-n reranking takes a bridge (Llava) model, not a native one");
-        }
-        let m = clasp::vlm::native::NativeModel::load(&a.model, &candle_core::Device::Cpu)?;
-        let (user, opts) = (user_turn(a.prompt.as_deref(), a.lang), a.sample.options()?);
-        paths.iter().map(|p| m.caption(p, &user, &opts)).collect()
+/// The user turn about a video: `prompt` (or the default instruction in
+/// `lang`) with `<video>` put first when it has none.
+pub(super) fn video_turn(prompt: Option<&str>, lang: LangArg) -> String {
+    use clasp::vlm::video::{DESCRIBE_VIDEO_EN, DESCRIBE_VIDEO_ZH, VIDEO_TOKEN};
+    let text = prompt.unwrap_or(match lang {
+        LangArg::En => DESCRIBE_VIDEO_EN,
+        LangArg::Zh => DESCRIBE_VIDEO_ZH,
+    });
+    if text.contains(VIDEO_TOKEN) {
+        text.to_string()
     } else {
-        let vlm = load(&a.model)?;
-        let sources: Vec<ImageSource> = paths.iter().cloned().map(ImageSource::File).collect();
-        let bar = BarProgress::default();
-        if let Some(rm) = &a.reward_model {
-            return best_of_cmd(&a, &vlm, rm, &paths, &sources, &bar);
-        }
-        // Videos (a LLaVA-NeXT-Video model's) and images, each answered
-        // their way, the results back in the given order.
-        let (videos, images): (Vec<usize>, Vec<usize>) =
-            (0..paths.len()).partition(|&i| clasp::video::is_video(&paths[i]));
-        let opts = a.sample.options()?;
-        let mut results: Vec<Option<clasp::Result<clasp::llm::Generation>>> =
-            (0..paths.len()).map(|_| None).collect();
-        if !images.is_empty() {
-            let srcs: Vec<ImageSource> = images.iter().map(|&i| sources[i].clone()).collect();
-            let user = user_turn(a.prompt.as_deref(), a.lang);
-            let got =
-                clasp::vlm::caption::caption_images(&vlm, &srcs, &user, &opts, a.batch_size, &bar)?;
-            for (&i, r) in images.iter().zip(got) {
-                results[i] = Some(r);
-            }
-        }
-        if !videos.is_empty() {
-            use clasp::vlm::video::{DESCRIBE_VIDEO_EN, DESCRIBE_VIDEO_ZH, VIDEO_TOKEN};
-            let text = a.prompt.clone().unwrap_or_else(|| {
-                match a.lang {
-                    LangArg::En => DESCRIBE_VIDEO_EN,
-                    LangArg::Zh => DESCRIBE_VIDEO_ZH,
-                }
-                .to_string()
-            });
-            let user = if text.contains(VIDEO_TOKEN) {
-                text
-            } else {
-                format!("{VIDEO_TOKEN}\n{text}")
-            };
-            let clips: Vec<PathBuf> = videos.iter().map(|&i| paths[i].clone()).collect();
-            let got =
-                clasp::vlm::caption::caption_videos(&vlm, &clips, &user, &opts, a.frames, &bar)?;
-            for (&i, r) in videos.iter().zip(got) {
-                results[i] = Some(r);
-            }
-        }
-        results
-            .into_iter()
-            .map(|r| r.expect("every path is an image or a video"))
-            .collect()
-    };
-    let mut failed = 0;
-    let mut rows = Vec::new();
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    for (p, r) in paths.iter().zip(results) {
-        match r {
-            Ok(g) => {
-                if a.json {
-                    rows.push(
-                        serde_json::json!({"path": p.display().to_string(), "caption": g.text}),
-                    );
-                } else {
-                    writeln!(out, "{}\t{}", p.display(), g.text.replace('\n', " "))?;
-                }
-            }
-            Err(e) => {
-                failed += 1;
-                eprintln!("error: {e}");
-            }
-        }
+        format!("{VIDEO_TOKEN}\n{text}")
     }
-    if a.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
-    }
-    if failed > 0 {
-        eprintln!("{failed} of {} images could not be captioned", paths.len());
-        return Ok(ExitCode::from(1));
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `clasp caption --best-of N --reward-model RM`.
-fn best_of_cmd(
-    a: &CaptionArgs,
-    vlm: &clasp::vlm::Vlm,
-    rm: &std::path::Path,
-    paths: &[PathBuf],
-    sources: &[ImageSource],
-    bar: &BarProgress,
-) -> Result<ExitCode> {
-    if a.best_of > 1 && a.sample.temperature <= 0.0 {
-        bail!(
-            "--best-of {} draws different captions only with --temperature above 0",
-            a.best_of
-        );
-    }
-    let rm = clasp::vlm::reward::VlmReward::load(rm, vlm.device())?;
-    let user = user_turn(a.prompt.as_deref(), a.lang);
-    let results = clasp::vlm::reward::best_of(
-        vlm,
-        &rm,
-        sources,
-        &user,
-        &a.sample.options()?,
-        a.best_of.max(1),
-        a.batch_size,
-        bar,
-    )?;
-    let (mut rows, mut failed) = (Vec::new(), 0);
-    for (p, r) in paths.iter().zip(results) {
-        match r {
-            Ok(b) => {
-                let best = &b.candidates[b.best].0;
-                if a.json {
-                    let cands: Vec<_> = b
-                        .candidates
-                        .iter()
-                        .map(|(c, r)| serde_json::json!({"caption": c, "reward": r}))
-                        .collect();
-                    rows.push(serde_json::json!({"path": p.display().to_string(),
-                        "caption": best, "candidates": cands}));
-                } else {
-                    println!("{}\t{}", p.display(), best.replace('\n', " "));
-                }
-            }
-            Err(e) => {
-                failed += 1;
-                eprintln!("error: {e}");
-            }
-        }
-    }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    }
-    Ok(if failed > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
-}
-
-/// Rate answers about an image with a vision-language reward model.
-#[derive(Args, Debug)]
-pub struct ScoreArgs {
-    /// A reward model (`clasp train --task reward --init VLM`).
-    #[arg(short, long)]
-    pub model: PathBuf,
-    #[arg(long)]
-    pub image: PathBuf,
-    /// An answer to rate (repeatable).
-    #[arg(long, required = true)]
-    pub answer: Vec<String>,
-    /// The user turn the answers reply to [default: "Describe the image."].
-    #[arg(short, long)]
-    pub prompt: Option<String>,
-}
-
-pub fn score_cmd(a: ScoreArgs) -> Result<ExitCode> {
-    let rm = clasp::vlm::reward::VlmReward::load(&a.model, &candle_core::Device::Cpu)?;
-    let px = rm.vlm.pixels(&[a.image.as_path()])?;
-    let user = user_turn(a.prompt.as_deref(), LangArg::En);
-    let r = rm.scores(&px, &user, &a.answer)?;
-    let rows: Vec<_> = a
-        .answer
-        .iter()
-        .zip(r)
-        .map(|(t, r)| serde_json::json!({"answer": t, "reward": r}))
-        .collect();
-    println!("{}", serde_json::to_string_pretty(&rows)?);
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Ask a vision-language model about one image.
@@ -445,14 +230,10 @@ pub fn chat_cmd(a: ChatArgs) -> Result<ExitCode> {
     let opts = a.sample.options()?;
     if let Some(v) = &a.video {
         let vlm = load(&a.model)?;
-        let user = if a.prompt.contains(clasp::vlm::video::VIDEO_TOKEN) {
-            a.prompt.clone()
-        } else {
-            format!("{}\n{}", clasp::vlm::video::VIDEO_TOKEN, a.prompt)
-        };
         let frames = vlm
             .video_frames(v, a.frames)
             .with_context(|| v.display().to_string())?;
+        let user = video_turn(Some(&a.prompt), LangArg::En);
         println!("{}", vlm.generate_video(&frames, &user, &opts)?.text);
         return Ok(ExitCode::SUCCESS);
     }
@@ -460,21 +241,15 @@ pub fn chat_cmd(a: ChatArgs) -> Result<ExitCode> {
         .image
         .as_deref()
         .expect("clap requires --image without --video");
-    if clasp::vlm::native::is_native(&a.model) {
-        let m = clasp::vlm::native::NativeModel::load(&a.model, &candle_core::Device::Cpu)?;
-        let user = user_turn(Some(&a.prompt), LangArg::En);
-        println!("{}", m.caption(image, &user, &opts)?.text);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let vlm = load(&a.model)?;
     let user = user_turn(Some(&a.prompt), LangArg::En);
-    let g = if vlm.anyres().is_some() {
-        let img = clasp::preprocess::load_image(image)?;
-        vlm.generate_anyres(&[vlm.anyres_pixels(&img)?], &user, &opts)?
+    let text = if clasp::vlm::native::is_native(&a.model) {
+        let m = clasp::vlm::native::NativeModel::load(&a.model, &candle_core::Device::Cpu)?;
+        m.caption(image, &user, &opts)?.text
     } else {
-        vlm.generate(&vlm.pixels(&[image])?, &user, &opts)?
+        let img = clasp::preprocess::load_image(image)?;
+        load(&a.model)?.generate_image(&img, &user, &opts)?.text
     };
-    println!("{}", g[0].text);
+    println!("{text}");
     Ok(ExitCode::SUCCESS)
 }
 
