@@ -33,6 +33,25 @@ if ! command -v ffmpeg >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/
     apt_ffmpeg || { apt-get update -q >/dev/null 2>&1 && apt_ffmpeg; } || true
 fi
 command -v ffmpeg >/dev/null || echo "note: ffmpeg not found: tests/video.rs will fail (apt install ffmpeg)" >&2
+# Open MPI and libclang (rsmpi's bindings) for the data-parallel tests,
+# tests/data_parallel.rs, built with `--features mpi` and run under mpirun;
+# installed from Debian's packages when missing and this user can.
+have_mpi() { command -v mpirun >/dev/null && ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; }
+if ! have_mpi && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt_mpi() {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            libopenmpi-dev openmpi-bin libclang-dev >/dev/null 2>&1
+    }
+    apt_mpi || { apt-get update -q >/dev/null 2>&1 && apt_mpi; } || true
+fi
+have_mpi || echo "note: Open MPI or libclang not found: tests/data_parallel.rs will be skipped" \
+                 "(apt install libopenmpi-dev openmpi-bin libclang-dev)" >&2
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
-cargo test --release --no-fail-fast
+if have_mpi; then cargo clippy --all-targets --features mpi -- -D warnings; fi
+status=0
+cargo test --release --no-fail-fast || status=$?
+if have_mpi; then
+    cargo test --release --features mpi --test data_parallel || status=$?
+fi
+exit $status

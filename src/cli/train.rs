@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 
 use super::BarProgress;
 use clasp::train::config::TrainConfig;
+use clasp::train::dist::Collective;
 use clasp::train::trainer::{self, StepLog, TrainProgress, Trainer};
 
 #[path = "train_args.rs"]
@@ -56,6 +57,16 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     if cfg.is_vlm() {
         return run_vlm(&a, cfg, &stop, &bar);
     }
+    let task = cfg.task();
+    if clasp::train::dist::launcher_world_size() > 1
+        && !cfg.is_vlm()
+        && task != clasp::train::config::Task::DualEncoder
+    {
+        anyhow::bail!(
+            "data-parallel training (mpirun/srun) covers the dual encoder and the \
+             vision-language model's language-model loss; train `{task:?}` in one process"
+        );
+    }
     if cfg.task() == clasp::train::config::Task::Qformer {
         return run_qformer(&a, cfg, &stop, &bar);
     }
@@ -83,24 +94,76 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         };
         return drive(&mut run, None, a.stop_after, &stop, &bar);
     }
-    let mut run = match &a.resume {
-        Some(dir) => Trainer::resume(dir)?,
+    // Under mpirun/srun: this rank's place in the group.
+    let dist = clasp::train::dist::from_launcher()?;
+    let run = match &a.resume {
+        Some(dir) => Trainer::resume(dir),
         None => {
             let mut cfg = cfg;
-            // A preset's init is written before the run starts, and said.
+            // A preset's init is written before the run starts, and said;
+            // by rank 0 alone, the others reading what it wrote.
             trainer::check_fresh_output(cfg.output_dir()?)?;
-            if let Some(note) = cfg.materialize_init()? {
-                note!("{note}");
+            dist.barrier();
+            if dist.rank() == 0 {
+                if let Some(note) = cfg.materialize_init()? {
+                    note!("{note}");
+                }
             }
-            Trainer::new(cfg)?
+            dist.barrier();
+            if dist.rank() > 0 {
+                cfg.adopt_init()?;
+            }
+            Trainer::new(cfg)
         }
     };
+    let mut run = joined(run.and_then(|r| r.with_collective(dist.clone())), &dist)?;
     let device = run.config().device.open()?;
     // Dev evaluation: clasp eval's retrieval metrics on the saved checkpoint.
     let evaluate = |ckpt: &std::path::Path, set: &clasp::data::PairSet| {
         clasp::eval::retrieval::checkpoint_metrics(ckpt, set, &device)
     };
-    drive(&mut run, Some(&evaluate), a.stop_after, &stop, &bar)
+    ranked(
+        drive(&mut run, Some(&evaluate), a.stop_after, &stop, &bar),
+        &dist,
+    )
+}
+
+/// A trainer joined to its group, said once by rank 0; a rank that could
+/// not build it stops the job.
+fn joined<T: clasp::train::run::Task>(
+    run: clasp::train::Result<T>,
+    dist: &Arc<dyn Collective>,
+) -> Result<T> {
+    let run = ranked(run.map_err(anyhow::Error::from), dist)?;
+    if dist.world() > 1 && dist.rank() == 0 {
+        let b = run.config().batch_size;
+        note!(
+            "data parallel: {}, batch {b} per rank ({} per step)",
+            dist.describe(),
+            b * dist.world()
+        );
+    }
+    Ok(run)
+}
+
+/// `r`, except that under data parallelism an error ends every rank.
+fn ranked<T>(r: Result<T>, dist: &Arc<dyn Collective>) -> Result<T> {
+    match r {
+        Err(e) if dist.world() > 1 => rank_failed(dist.as_ref(), &e),
+        r => r,
+    }
+}
+
+/// A rank that cannot go on says why, naming itself, and ends the whole
+/// job: the others would wait for it in the next collective forever. What
+/// rank 0 saved before stays whole (its files are written by rename).
+fn rank_failed(dist: &dyn Collective, e: &anyhow::Error) -> ! {
+    eprintln!(
+        "error: rank {} of {}: {e:#}; stopping every rank",
+        dist.rank(),
+        dist.world()
+    );
+    dist.abort(1)
 }
 
 /// Runs `task` through the one training loop, with the caller's dev
@@ -117,6 +180,9 @@ fn drive<T: clasp::train::run::Task>(
         evaluate,
     };
     let out = clasp::train::run::run(task, stop, stop_after, &hooks)?;
+    if !task.writer() {
+        return Ok(ExitCode::SUCCESS); // rank 0 plots and reports
+    }
     finish(task.config().output_dir()?, &out);
     if let Some(d) = &out.dev {
         println!("{}", serde_json::to_string_pretty(d)?);
@@ -150,10 +216,12 @@ fn run_vlm(
     bar: &BarProgress,
 ) -> Result<ExitCode> {
     use clasp::train::vlm::VlmTrainer;
-    let mut run = match &a.resume {
-        Some(dir) => VlmTrainer::resume(dir)?,
-        None => VlmTrainer::new(cfg)?,
+    let dist = clasp::train::dist::from_launcher()?;
+    let run = match &a.resume {
+        Some(dir) => VlmTrainer::resume(dir),
+        None => VlmTrainer::new(cfg),
     };
+    let mut run = joined(run.and_then(|r| r.with_collective(dist.clone())), &dist)?;
     // Dev evaluation: clasp eval caption's metrics on the saved checkpoint.
     let (device, lang, limit) = {
         let c = run.config();
@@ -162,7 +230,10 @@ fn run_vlm(
     let evaluate = |ckpt: &std::path::Path, set: &clasp::data::PairSet| {
         clasp::eval::captioning::checkpoint_caption_metrics(ckpt, set, lang, limit, &device)
     };
-    drive(&mut run, Some(&evaluate), a.stop_after, stop, bar)
+    ranked(
+        drive(&mut run, Some(&evaluate), a.stop_after, stop, bar),
+        &dist,
+    )
 }
 
 /// `clasp train --task qformer`: BLIP-2's stage 1.

@@ -234,6 +234,18 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accum_freq: Option<usize>,
+    /// Under `mpirun -np N` (a build with `--features mpi`): whether the features gathered
+    /// from the other ranks carry their gradient back (open_clip's `--gather-with-grad`;
+    /// default true, which gives the global batch's gradient exactly; false is open_clip's
+    /// default, whose gradient misses the other ranks' losses). --batch-size is per rank.
+    #[arg(long, value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gather_with_grad: Option<bool>,
+    /// Under `mpirun`: each rank takes the loss of its own rows against the whole global
+    /// batch (open_clip's `--local-loss`; infonce and siglip), instead of the global loss.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub local_loss: bool,
     /// Random-resized-crop lower area bound; 1 turns augmentation off
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

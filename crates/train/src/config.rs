@@ -34,6 +34,8 @@ pub enum Connector {
 #[path = "config/task.rs"]
 mod task;
 pub use task::*;
+#[path = "config/init.rs"]
+mod init;
 #[path = "config/precision.rs"]
 mod precision;
 pub use precision::Precision;
@@ -125,6 +127,11 @@ pub struct TrainConfig {
     pub conflict_group: ParamGroup,
     /// Micro-batches per step, with features cached across them (1: none).
     pub accum_freq: usize,
+    /// Under `mpirun`: gathered features carry their gradient back to their
+    /// rank (open_clip's `--gather-with-grad`; off, the gradient is not the
+    /// global batch's); `local_loss`: each rank's rows against the global batch.
+    pub gather_with_grad: bool,
+    pub local_loss: bool,
     /// RandomResizedCrop's lower area bound (open_clip's 0.9); 1 turns
     /// augmentation off and uses the evaluation preprocessing.
     pub crop_scale: f64,
@@ -236,6 +243,8 @@ impl Default for TrainConfig {
             conflict_every: 0,
             conflict_group: ParamGroup::Proj,
             accum_freq: 1,
+            gather_with_grad: true,
+            local_loss: false,
             crop_scale: 0.9,
             color_jitter: Vec::new(),
             color_jitter_prob: 0.8,
@@ -355,63 +364,6 @@ impl TrainConfig {
         }
         cfg.check()?;
         Ok(cfg)
-    }
-
-    /// For a preset, writes the initial checkpoint to OUTPUT/init (CLIP's
-    /// initialisation, or LiT's: the preset's image tower with `text_init`'s
-    /// text tower) and points `init` at it. Says what it wrote.
-    pub fn materialize_init(&mut self) -> Result<Option<String>> {
-        let image = match (&self.preset, &self.image_init) {
-            (Some(p), _) => super::presets::LitImage::Preset(p.clone()),
-            (None, Some(p)) => super::presets::LitImage::Pretrained(p.clone()),
-            (None, None) => return Ok(None),
-        };
-        let dir = self.output_dir()?.join("init");
-        let cpu = candle_core::Device::Cpu;
-        let note = if let Some(text) = &self.text_init {
-            let t =
-                super::presets::init_lit(&image, text, &dir, self.seed, self.text_pooling, &cpu)?;
-            // The CNN's name, from the config the init wrote.
-            let tower = match &t.config {
-                clasp_core::model::ModelConfig::DualEncoder(c) => c.image_cnn.as_ref(),
-                _ => None,
-            }
-            .map(|c| format!(" ({})", c.name()))
-            .unwrap_or_default();
-            let mut n = format!(
-                "wrote a LiT init to {}: the image tower of {}{tower}, the text tower of {}",
-                dir.display(),
-                image.describe(),
-                text.display()
-            );
-            if self.text_pooling == TextPooling::Mean {
-                n.push_str(
-                    "\nnote: mean text pooling is a clasp key (clasp_text_pooling); transformers \
-                     loads the checkpoint but pools the text with BERT's pooler",
-                );
-            }
-            n
-        } else {
-            let super::presets::LitImage::Preset(preset) = image else {
-                return Err(Error::Report(
-                    "image_init needs text_init: a pretrained image tower is trained with a \
-                     text tower that meets it (--text-init BERT_DIR, e.g. MiniLM)"
-                        .into(),
-                ));
-            };
-            // Without --tokenizer, CLIP's BPE as open_clip bundles it.
-            let tok = self.tokenizer.as_deref();
-            super::presets::init_preset(&preset, tok, &dir, self.seed, &cpu)?;
-            format!(
-                "wrote the `{preset}` preset with CLIP's initialisation to {}",
-                dir.display()
-            )
-        };
-        self.init = Some(dir.display().to_string());
-        self.preset = None;
-        self.text_init = None;
-        self.image_init = None;
-        Ok(Some(note))
     }
 
     /// The task this config trains.

@@ -33,6 +33,10 @@ pub struct StepLog {
     pub skipped: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dev: Option<serde_json::Value>,
+    /// Under data parallelism: this step's seconds in collective operations
+    /// (gathers and all-reduces, waiting for the slowest rank included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm_s: Option<f64>,
 }
 
 pub struct TrainOutcome {

@@ -16,6 +16,7 @@ use clasp_llm as llm;
 
 pub mod bcif;
 pub mod config;
+pub mod dist;
 pub mod dpo;
 pub mod ewc;
 pub mod feature_cache;

@@ -351,6 +351,7 @@ impl NativeTrainer {
             losses: Some(losses),
             skipped: Vec::new(),
             dev: None,
+            comm_s: None,
         })
     }
 

@@ -401,6 +401,7 @@ impl PreferenceTrainer {
             ),
             skipped: Vec::new(),
             dev: None,
+            comm_s: None,
         }
     }
 

@@ -394,6 +394,7 @@ impl QFormerTrainer {
             losses: Some(parts),
             skipped: Vec::new(),
             dev: None,
+            comm_s: None,
         })
     }
 

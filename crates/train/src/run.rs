@@ -50,6 +50,16 @@ pub trait Task {
     fn finish(&mut self, _progress: &dyn TrainProgress) -> Result<()> {
         Ok(())
     }
+    /// Whether this process writes checkpoints, state and metrics (under
+    /// data parallelism only rank 0 does; every rank holds the same weights).
+    fn writer(&self) -> bool {
+        true
+    }
+    /// Whether any rank was asked to stop (each rank's own `stop`, combined
+    /// so that all stop after the same step).
+    fn agree_stop(&self, stop: bool) -> Result<bool> {
+        Ok(stop)
+    }
 }
 
 /// The [`Task`] methods every trainer answers from its own `cfg`, `out`,
@@ -123,13 +133,18 @@ pub fn run<T: Task>(
         o
     };
     let out = task.out().to_path_buf();
-    let (mut metrics, metrics_path) = order::open_metrics(&out)?;
+    let writer = task.writer();
+    let mut metrics = if writer {
+        Some(order::open_metrics(&out)?)
+    } else {
+        None
+    };
     let progress = hooks.progress;
     progress.start("training", end.saturating_sub(start) as u64);
     let (mut last_loss, mut interrupted, mut last_dev) = (f64::NAN, false, None);
     let prepare = task.prepare(start);
     pipeline::prepare_ahead(plan, prepare, |prepared| {
-        if stop.load(Ordering::Relaxed) {
+        if task.agree_stop(stop.load(Ordering::Relaxed))? {
             interrupted = true;
             return Ok(false);
         }
@@ -159,9 +174,10 @@ pub fn run<T: Task>(
         last_loss = log.loss;
         let step = task.steps_done();
         let save_now = (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every)) || step == end;
-        let eval_now = eval_set.is_some()
+        let eval_now = writer
+            && eval_set.is_some()
             && ((cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) || step == cfg.steps);
-        if save_now || eval_now {
+        if writer && (save_now || eval_now) {
             task.save_at(&order_at(task, step))?;
         }
         if let (true, Some(set), Some(f)) = (eval_now, &eval_set, hooks.evaluate) {
@@ -169,16 +185,22 @@ pub fn run<T: Task>(
             last_dev = Some(m.clone());
             log.dev = Some(m);
         }
-        record(&mut metrics, &metrics_path, &log, progress)?;
+        match &mut metrics {
+            Some((file, path)) => record(file, path, &log, progress)?,
+            None => {
+                progress.step(&log);
+                progress.inc(1);
+            }
+        }
         Ok(true)
     })?;
     progress.finish();
     let now = order_at(task, task.steps_done());
     task.set_order(now);
-    if interrupted {
+    if interrupted && writer {
         task.save_at(task.order())?;
     }
-    if !interrupted && task.steps_done() == cfg.steps {
+    if writer && !interrupted && task.steps_done() == cfg.steps {
         task.finish(progress)?;
     }
     Ok(TrainOutcome {

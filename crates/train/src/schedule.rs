@@ -165,12 +165,31 @@ impl Objective for AtProgress<'_> {
     fn loss(&self, b: &Batch) -> Result<Tensor> {
         self.weigh(b, |i| self.parts[i].1.loss(b))
     }
+    /// The weighted local losses; `None` when a part in use has none.
+    fn local_loss(&self, b: &Batch, rows: std::ops::Range<usize>) -> Option<Result<Tensor>> {
+        let mut parts = Vec::new();
+        for (i, w) in self.weights.iter().enumerate() {
+            if *w != 0.0 {
+                parts.push((i, self.parts[i].1.local_loss(b, rows.clone())?));
+            }
+        }
+        let mut it = parts.into_iter();
+        Some(self.weigh(b, |i| {
+            let (j, l) = it.next().expect("one local loss per weighted part");
+            debug_assert_eq!(i, j);
+            l
+        }))
+    }
 }
 
 impl AtProgress<'_> {
     /// The weighted sum of the parts' losses, `part(i)` giving part i's
     /// (asked only for parts whose weight is not 0).
-    pub fn weigh(&self, b: &Batch, part: impl Fn(usize) -> Result<Tensor>) -> Result<Tensor> {
+    pub fn weigh(
+        &self,
+        b: &Batch,
+        mut part: impl FnMut(usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let mut total: Option<Tensor> = None;
         for (i, w) in self.weights.iter().enumerate() {
             if *w == 0.0 {

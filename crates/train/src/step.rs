@@ -29,7 +29,7 @@ pub enum Images {
 
 impl Images {
     /// Rows [a, a + len).
-    fn narrow(&self, a: usize, len: usize) -> Result<Self> {
+    pub(crate) fn narrow(&self, a: usize, len: usize) -> Result<Self> {
         Ok(match self {
             Images::Pixels(t) => Images::Pixels(t.narrow(0, a, len)?),
             Images::Pooled(t) => Images::Pooled(t.narrow(0, a, len)?),
@@ -62,7 +62,7 @@ pub struct TeacherInputs<'a> {
 /// Cached pooled images (a locked image tower) go through the teacher's own
 /// projection: that is the momentum towers' view, whose image tower is the
 /// locked one (a distillation teacher never meets a cache).
-fn teacher_view(t: &TeacherInputs, images: &Images) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn teacher_view(t: &TeacherInputs, images: &Images) -> Result<(Tensor, Tensor, Tensor)> {
     let _mode = clasp_core::model::grad_mode_guard(false);
     let img = match images {
         Images::Pixels(px) => t.model.image_features(px)?,
@@ -101,7 +101,7 @@ fn pooled(
     Ok(f(frozen)?.detach())
 }
 
-fn features(
+pub(crate) fn features(
     model: &Model,
     images: &Images,
     ids: &Tensor,
@@ -228,19 +228,26 @@ fn run(
         let g = l.backward()?;
         total = Some(match total {
             None => g,
-            Some(mut acc) => {
-                for (_, v) in vars {
-                    if let Some(gv) = g.get(v.as_tensor()) {
-                        let sum = match acc.get(v.as_tensor()) {
-                            Some(a) => (a + gv)?,
-                            None => gv.clone(),
-                        };
-                        acc.insert(v.as_tensor(), sum);
-                    }
-                }
-                acc
-            }
+            Some(acc) => add_grads(acc, &g, vars)?,
         });
     }
     Ok((loss, total.expect("at least one micro-batch")))
+}
+
+/// `acc` plus `g`, var by var (a var in only one of them keeps its gradient).
+pub(crate) fn add_grads(
+    mut acc: GradStore,
+    g: &GradStore,
+    vars: &[(String, Var)],
+) -> Result<GradStore> {
+    for (_, v) in vars {
+        if let Some(gv) = g.get(v.as_tensor()) {
+            let sum = match acc.get(v.as_tensor()) {
+                Some(a) => (a + gv)?,
+                None => gv.clone(),
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(acc)
 }

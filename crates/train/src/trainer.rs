@@ -69,6 +69,8 @@ pub struct Trainer {
     /// The data order at `step`.
     order: Order,
     step: usize,
+    /// The ranks sharing each global batch (one process alone by default).
+    dist: std::sync::Arc<dyn crate::dist::Collective>,
 }
 
 impl Trainer {
@@ -267,7 +269,21 @@ impl Trainer {
             negatives,
             order,
             step,
+            dist: std::sync::Arc::new(crate::dist::Single),
         })
+    }
+
+    /// Trains as one rank of `c`: --batch-size per rank, each global batch
+    /// of world × batch-size drawn as one process would draw it and split in
+    /// rank order, gradients averaged, rank 0 writing. Fails, naming the
+    /// rank, unless every rank starts from the same weights.
+    pub fn with_collective(
+        mut self,
+        c: std::sync::Arc<dyn crate::dist::Collective>,
+    ) -> Result<Self> {
+        crate::dist::check_same_weights(c.as_ref(), &self.opt_vars)?;
+        self.dist = c;
+        Ok(self)
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -284,11 +300,12 @@ impl Trainer {
     fn draw(&self, order: &mut Order, n: usize) -> Vec<Vec<(usize, usize)>> {
         (0..n)
             .map(|_| {
-                let mut b = order.next_batch(&self.per_image, self.cfg.batch_size);
+                let global = self.cfg.batch_size * self.dist.world();
+                let mut b = order.next_batch(&self.per_image, global);
                 if let Some(m) = &self.negatives {
                     m.fill(&self.set, &mut b, self.cfg.negatives_share);
                 }
-                b
+                crate::dist::share(self.dist.as_ref(), &b)
             })
             .collect()
     }
@@ -316,6 +333,7 @@ impl Trainer {
     pub fn step(&mut self, batch: &[(usize, usize)], pixels: &[Vec<f32>]) -> Result<StepLog> {
         let cfg = &self.cfg;
         let t0 = Instant::now();
+        let comm0 = self.dist.comm_seconds();
         let lr = optim::cosine_lr(self.step, cfg.lr, cfg.warmup_steps(), cfg.steps);
         self.opt.set_lr(lr);
         let texts = order::batch_texts(&self.set, batch);
@@ -369,15 +387,29 @@ impl Trainer {
             .map(|dt| self.t.compute_model(dt))
             .transpose()?;
         let model = half.as_ref().unwrap_or(&self.t.model);
-        let grads_of = |obj: &dyn Objective| {
-            super::step::contrastive_grads(
+        let gather = crate::dist::step::Gather {
+            group: self.dist.as_ref(),
+            with_grad: cfg.gather_with_grad,
+            local_loss: cfg.local_loss,
+        };
+        let grads_of = |obj: &dyn Objective| match self.dist.world() {
+            1 => super::step::contrastive_grads(
                 model,
                 obj,
                 &inputs,
                 self.bias.as_ref(),
                 &self.opt_vars,
                 cfg.accum_freq,
-            )
+            ),
+            _ => crate::dist::step::contrastive_grads(
+                model,
+                obj,
+                &inputs,
+                self.bias.as_ref(),
+                &self.opt_vars,
+                cfg.accum_freq,
+                gather,
+            ),
         };
         let (mut lv, mut grads) = grads_of(&self.objective.at(progress_now))?;
         if let (Some(e), Some(w)) = (&self.ewc, &self.objective.ewc) {
@@ -433,7 +465,8 @@ impl Trainer {
             loss: lv,
             lr,
             temperature,
-            images_per_s: batch.len() as f64 / t0.elapsed().as_secs_f64(),
+            // The whole global batch's rate.
+            images_per_s: (batch.len() * self.dist.world()) as f64 / t0.elapsed().as_secs_f64(),
             group_grad_norms: (!group_norms.is_empty()).then(|| {
                 group_norms
                     .iter()
@@ -444,6 +477,7 @@ impl Trainer {
             losses: None,
             skipped: Vec::new(),
             dev: None,
+            comm_s: (self.dist.world() > 1).then(|| self.dist.comm_seconds() - comm0),
         })
     }
 

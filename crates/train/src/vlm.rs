@@ -14,12 +14,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 
 use super::bcif::{mix_grads, Branch};
 use super::config::TrainConfig;
+use super::dist::Collective;
 use super::hooks::{Hooks, StepLog, TrainOutcome};
 use super::optim::{self, GroupedAdamW};
 use super::order::{self, Order};
@@ -140,6 +142,8 @@ pub struct VlmTrainer {
     branch: Option<Branch>,
     /// `vars` split for per-module clipping and the probe, once.
     groups: Groups,
+    /// The ranks sharing each global batch (one process alone by default).
+    dist: Arc<dyn Collective>,
 }
 
 /// The trained variables by module.
@@ -309,7 +313,23 @@ impl VlmTrainer {
             order,
             step,
             branch,
+            dist: Arc::new(crate::dist::Single),
         })
+    }
+
+    /// Trains as one rank of `c` (gradients averaged over ranks, rank 0
+    /// writing; see [`crate::dist`]). The language-model loss only: a
+    /// contrastive branch would need its features gathered.
+    pub fn with_collective(mut self, c: Arc<dyn Collective>) -> Result<Self> {
+        if c.world() > 1 && self.branch.is_some() {
+            return Err(Error::Report(
+                "data-parallel vision-language training takes the language-model loss only;                  run a contrastive branch in one process"
+                    .into(),
+            ));
+        }
+        crate::dist::check_same_weights(c.as_ref(), &self.vars)?;
+        self.dist = c;
+        Ok(self)
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -463,6 +483,14 @@ impl VlmTrainer {
                 optim::clip_grad_norm(llm, &mut grads, cfg.grad_clip_adapter)?,
             ));
         }
+        // Data parallel: the mean of the ranks' gradients and losses (DDP's).
+        let (comm0, mut lv) = (self.dist.comm_seconds(), lv);
+        if self.dist.world() > 1 {
+            let mut extra = [lv as f32];
+            crate::dist::all_reduce_grads(self.dist.as_ref(), &self.vars, &mut grads, &mut extra)?;
+            lv = extra[0] as f64 / self.dist.world() as f64;
+        }
+        let comm_s = (self.dist.world() > 1).then(|| self.dist.comm_seconds() - comm0);
         optim::clip_grad_norm(&self.vars, &mut grads, cfg.grad_clip)?;
         self.opt.step(&grads)?;
         self.step += 1;
@@ -477,6 +505,7 @@ impl VlmTrainer {
             losses: (!losses.is_empty() && self.branch.is_some()).then_some(losses),
             skipped: Vec::new(),
             dev: None,
+            comm_s,
         })
     }
 
@@ -519,7 +548,28 @@ impl VlmTrainer {
 }
 
 impl Task for VlmTrainer {
-    crate::task_fields!(pairs);
+    crate::task_fields!();
+    fn images(&self) -> &[crate::data::ImageSource] {
+        &self.set.images
+    }
+    /// Each rank's share of global batches of world × batch size.
+    fn draw(&self, order: &mut Order, n: usize) -> Vec<Vec<(usize, usize)>> {
+        let global = self.cfg.batch_size * self.dist.world();
+        (0..n)
+            .map(|_| {
+                crate::dist::share(
+                    self.dist.as_ref(),
+                    &order.next_batch(&self.per_image, global),
+                )
+            })
+            .collect()
+    }
+    fn writer(&self) -> bool {
+        self.dist.rank() == 0
+    }
+    fn agree_stop(&self, stop: bool) -> Result<bool> {
+        crate::dist::any(self.dist.as_ref(), stop)
+    }
     fn prepare(&self, _start: usize) -> Prepare {
         let (proc, images) = (self.vlm.image_processor().clone(), self.set.images.clone());
         // A LLaVA-NeXT model's images are tiled on the loader's thread and

@@ -194,6 +194,7 @@ impl VqTrainer {
             losses: Some(parts),
             skipped: Vec::new(),
             dev: None,
+            comm_s: None,
         })
     }
 

@@ -1,6 +1,8 @@
 //! Symmetric InfoNCE (open_clip's `ClipLoss`), and ALBEF's momentum
 //! distillation of it.
 
+use std::ops::Range;
+
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +56,9 @@ impl Objective for InfoNce {
     fn loss(&self, b: &Batch) -> Result<Tensor> {
         loss(b, None)
     }
+    fn local_loss(&self, b: &Batch, rows: Range<usize>) -> Option<Result<Tensor>> {
+        Some(local_loss(b, None, rows))
+    }
 }
 
 /// InfoNCE under momentum distillation: each row's target is α ·
@@ -71,6 +76,9 @@ impl Objective for DistilledInfoNce {
     }
     fn loss(&self, b: &Batch) -> Result<Tensor> {
         loss(b, Some(self.alpha))
+    }
+    fn local_loss(&self, b: &Batch, rows: Range<usize>) -> Option<Result<Tensor>> {
+        Some(local_loss(b, Some(self.alpha), rows))
     }
 }
 
@@ -103,4 +111,47 @@ fn loss(b: &Batch, alpha: Option<f64>) -> Result<Tensor> {
     let li = ce(&logits, &ti)?;
     let lt = ce(&logits.t()?.contiguous()?, &tt)?;
     Ok(((li + lt)? * 0.5)?)
+}
+
+/// [`loss`] of rows `rows` only (open_clip's `ClipLoss` with `local_loss`):
+/// those images against every text and those texts against every image,
+/// each cross-entropy averaged over the rows, the labels offset by the rows'
+/// start. Only the rows' logits are computed.
+fn local_loss(b: &Batch, alpha: Option<f64>, rows: Range<usize>) -> Result<Tensor> {
+    let (a, len) = (rows.start, rows.len());
+    let n = b.image.dim(0)?;
+    let scale = b.log_scale.exp()?;
+    let side = |q: &Tensor, k: &Tensor| -> Result<Tensor> {
+        Ok(q.narrow(0, a, len)?
+            .matmul(&k.t()?)?
+            .broadcast_mul(&scale)?)
+    };
+    let (li, lt) = (side(b.image, b.text)?, side(b.text, b.image)?);
+    let diag = eye(n, li.dtype(), li.device())?.narrow(0, a, len)?;
+    let (ti, tt) = match alpha {
+        None => (diag.clone(), diag.clone()),
+        Some(alpha) => {
+            let t = b.teacher.ok_or_else(|| {
+                Error::Report("momentum distillation needs the momentum towers' features".into())
+            })?;
+            let scale = b.log_scale.detach().exp()?;
+            let soft = |q: &Tensor, k: &Tensor| -> Result<Tensor> {
+                let s = q
+                    .narrow(0, a, len)?
+                    .matmul(&k.t()?)?
+                    .broadcast_mul(&scale)?;
+                let p = candle_nn::ops::softmax(&s.contiguous()?, D::Minus1)?;
+                Ok(((p * alpha)? + (&diag * (1.0 - alpha))?)?)
+            };
+            (soft(t.image, t.text)?, soft(t.text, t.image)?)
+        }
+    };
+    let ce = |l: &Tensor, target: &Tensor| -> Result<Tensor> {
+        let lsm = candle_nn::ops::log_softmax(l, D::Minus1)?;
+        Ok((lsm * target)?
+            .sum_all()?
+            .neg()?
+            .affine(1.0 / len as f64, 0.0)?)
+    };
+    Ok(((ce(&li, &ti)? + ce(&lt, &tt)?)? * 0.5)?)
 }

@@ -60,6 +60,14 @@ pub trait Objective: Send + Sync {
     fn name(&self) -> &str;
     /// The loss of a batch (a scalar tensor).
     fn loss(&self, b: &Batch) -> Result<Tensor>;
+    /// open_clip's `--local-loss` under data parallelism: the loss of the
+    /// batch's rows `rows` only (those images against every text and, for a
+    /// symmetric loss, those texts against every image), normalised so that
+    /// the mean over the ranks' rows is [`Objective::loss`]. `None`: this
+    /// objective has no local form.
+    fn local_loss(&self, _b: &Batch, _rows: std::ops::Range<usize>) -> Option<Result<Tensor>> {
+        None
+    }
     /// Trainable parameters of the objective itself (a discriminator), named;
     /// they join the optimiser and the training state.
     fn vars(&self) -> Vec<(String, Var)> {

@@ -37,4 +37,25 @@ impl Objective for SigLip {
         let ls = log_sigmoid(&(labels * logits)?)?;
         Ok(ls.sum_all()?.neg()?.affine(1.0 / n as f64, 0.0)?)
     }
+    /// open_clip's SigLIP under data parallelism: the rows' images against
+    /// every text, summed and divided by the rows' count.
+    fn local_loss(&self, b: &Batch, rows: std::ops::Range<usize>) -> Option<Result<Tensor>> {
+        let f = || -> Result<Tensor> {
+            let (a, len) = (rows.start, rows.len());
+            let mut logits = b
+                .image
+                .narrow(0, a, len)?
+                .matmul(&b.text.t()?)?
+                .broadcast_mul(&b.log_scale.exp()?)?;
+            if let Some(bias) = b.bias {
+                logits = logits.broadcast_add(bias)?;
+            }
+            let n = b.text.dim(0)?;
+            let eye = eye(n, logits.dtype(), logits.device())?.narrow(0, a, len)?;
+            let labels = ((eye * 2.0)? - 1.0)?;
+            let ls = log_sigmoid(&(labels * logits)?)?;
+            Ok(ls.sum_all()?.neg()?.affine(1.0 / len as f64, 0.0)?)
+        };
+        Some(f())
+    }
 }
