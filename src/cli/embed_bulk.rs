@@ -105,7 +105,14 @@ pub fn run(a: &EmbedArgs) -> Result<ExitCode> {
             .map(|&i| set.captions[first[i]].clone())
             .collect();
         let texts = encoder.embed_text_batches(&captions, a.batch_size, |_| {})?;
-        let paths: Vec<String> = kept.iter().map(|&i| set.images[i].display_name()).collect();
+        // clip-retrieval's `image_path`: a WebDataset sample's key, a file's path.
+        let paths: Vec<String> = kept
+            .iter()
+            .map(|&i| {
+                let src = &set.images[i];
+                src.sample_key().unwrap_or_else(|| src.display_name())
+            })
+            .collect();
         write_part(
             &dir,
             p,

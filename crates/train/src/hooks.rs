@@ -37,6 +37,10 @@ pub struct StepLog {
     /// (gathers and all-reduces, waiting for the slowest rank included).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comm_s: Option<f64>,
+    /// Seconds this step waited for its images to be prepared (near 0 while
+    /// the loader keeps ahead of the model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_wait_s: Option<f64>,
 }
 
 pub struct TrainOutcome {

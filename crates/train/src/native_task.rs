@@ -352,6 +352,7 @@ impl NativeTrainer {
             skipped: Vec::new(),
             dev: None,
             comm_s: None,
+            data_wait_s: None,
         })
     }
 

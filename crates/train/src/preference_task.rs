@@ -402,6 +402,7 @@ impl PreferenceTrainer {
             skipped: Vec::new(),
             dev: None,
             comm_s: None,
+            data_wait_s: None,
         }
     }
 

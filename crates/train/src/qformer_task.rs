@@ -395,6 +395,7 @@ impl QFormerTrainer {
             skipped: Vec::new(),
             dev: None,
             comm_s: None,
+            data_wait_s: None,
         })
     }
 

@@ -143,7 +143,11 @@ pub fn run<T: Task>(
     progress.start("training", end.saturating_sub(start) as u64);
     let (mut last_loss, mut interrupted, mut last_dev) = (f64::NAN, false, None);
     let prepare = task.prepare(start);
+    // When the last step ended: the time until the next batch is ready is
+    // the loader's delay.
+    let mut ready_since = std::time::Instant::now();
     pipeline::prepare_ahead(plan, prepare, |prepared| {
+        let waited = ready_since.elapsed().as_secs_f64();
         if task.agree_stop(stop.load(Ordering::Relaxed))? {
             interrupted = true;
             return Ok(false);
@@ -163,6 +167,7 @@ pub fn run<T: Task>(
             )));
         }
         let mut log = task.step(&batch, &pixels)?;
+        log.data_wait_s = Some(waited);
         let images = task.images();
         log.skipped = failed
             .iter()
@@ -192,6 +197,7 @@ pub fn run<T: Task>(
                 progress.inc(1);
             }
         }
+        ready_since = std::time::Instant::now();
         Ok(true)
     })?;
     progress.finish();

@@ -478,6 +478,7 @@ impl Trainer {
             skipped: Vec::new(),
             dev: None,
             comm_s: (self.dist.world() > 1).then(|| self.dist.comm_seconds() - comm0),
+            data_wait_s: None,
         })
     }
 

@@ -506,6 +506,7 @@ impl VlmTrainer {
             skipped: Vec::new(),
             dev: None,
             comm_s,
+            data_wait_s: None,
         })
     }
 

@@ -195,6 +195,7 @@ impl VqTrainer {
             skipped: Vec::new(),
             dev: None,
             comm_s: None,
+            data_wait_s: None,
         })
     }
 

@@ -112,6 +112,20 @@ impl ImageSource {
             }
         }
     }
+    /// A shard member's WebDataset sample key: its name up to the first dot
+    /// of the basename, as the `webdataset` package groups members (and as
+    /// clip-retrieval writes `image_path` for WebDataset input); `None` for
+    /// other sources.
+    pub fn sample_key(&self) -> Option<String> {
+        match self {
+            ImageSource::TarMember { member, .. } => {
+                let base = member.rfind('/').map_or(0, |i| i + 1);
+                let end = member[base..].find('.').map_or(member.len(), |i| base + i);
+                Some(member[..end].to_string())
+            }
+            _ => None,
+        }
+    }
     /// The path used in error messages (a pseudo-path for inline images and
     /// shard members: `SHARD#MEMBER`).
     pub fn path(&self) -> PathBuf {
@@ -449,6 +463,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/definitely/not/here"), "{e}");
+    }
+
+    #[test]
+    fn a_shard_members_key_ends_at_the_first_dot_of_its_basename() {
+        let m = |member: &str| ImageSource::TarMember {
+            shard: Arc::from(Path::new("/d/000.tar")),
+            member: member.into(),
+            offset: 0,
+            len: 0,
+        };
+        assert_eq!(m("000000123.jpg").sample_key().unwrap(), "000000123");
+        assert_eq!(m("a.b/c/x1.seg.png").sample_key().unwrap(), "a.b/c/x1");
+        assert_eq!(ImageSource::File("/x.jpg".into()).sample_key(), None);
     }
 
     #[test]

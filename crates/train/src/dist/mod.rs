@@ -290,18 +290,27 @@ mod tests {
             bias: Some(&bias),
             teacher: Some(teacher),
         };
-        let objectives: [&dyn Objective; 3] =
-            [&InfoNce, &SigLip, &DistilledInfoNce { alpha: 0.4 }];
+        let objectives: [&dyn Objective; 3] = [&InfoNce, &SigLip, &DistilledInfoNce { alpha: 0.4 }];
         for o in objectives {
             let global = o.loss(&b).unwrap().to_scalar::<f32>().unwrap();
             for parts in [vec![0..3, 3..6], vec![0..2, 2..4, 4..6]] {
                 let k = parts.len() as f32;
                 let mean: f32 = parts
                     .into_iter()
-                    .map(|r| o.local_loss(&b, r).unwrap().unwrap().to_scalar::<f32>().unwrap())
+                    .map(|r| {
+                        o.local_loss(&b, r)
+                            .unwrap()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap()
+                    })
                     .sum::<f32>()
                     / k;
-                assert!((mean - global).abs() < 1e-5, "{}: {mean} vs {global}", o.name());
+                assert!(
+                    (mean - global).abs() < 1e-5,
+                    "{}: {mean} vs {global}",
+                    o.name()
+                );
             }
         }
     }
