@@ -56,10 +56,17 @@ fn args(data: &Path, out: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// Each run gets a cache of its own (`OUT.cache`), so that a locked tower's
+/// features are computed by the run, not read from another's.
+fn cache_of(out: &Path) -> String {
+    format!("{}.cache", out.display())
+}
+
 fn one_process(data: &Path, out: &Path, extra: &[&str]) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
     c.args(args(data, out, 8, extra))
-        .env("RAYON_NUM_THREADS", "2");
+        .env("RAYON_NUM_THREADS", "2")
+        .env("CLASP_CACHE_DIR", cache_of(out));
     util::run_ok(c);
 }
 
@@ -67,6 +74,7 @@ fn two_ranks(data: &Path, out: &Path, extra: &[&str]) {
     let mut c = Command::new("mpirun");
     c.args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
         .args(["-x", "RAYON_NUM_THREADS=1"])
+        .args(["-x", &format!("CLASP_CACHE_DIR={}", cache_of(out))])
         .arg(env!("CARGO_BIN_EXE_clasp"))
         .args(args(data, out, 4, extra));
     util::run_ok(c);
@@ -152,6 +160,11 @@ fn two_ranks_train_exactly_as_one_process_at_the_global_batch() {
             &["--objective", "siglip", "--local-loss"],
         ),
         ("infonce, accum_freq 2", &["--accum-freq", "2"]),
+        // A locked tower's features, cached once, filled by the ranks together.
+        (
+            "infonce, locked image tower",
+            &["--lock-image", "--crop-scale", "1"],
+        ),
     ];
     for (i, (what, extra)) in cases.iter().enumerate() {
         let one = tmp.path().join(format!("one{i}"));
@@ -160,6 +173,37 @@ fn two_ranks_train_exactly_as_one_process_at_the_global_batch() {
         two_ranks(&data, &two, extra);
         assert_same(&one, &two, what);
     }
+    // The shared fill stored the same features one process computes.
+    let stored = |out: &Path| {
+        let dir = Path::new(&cache_of(out)).join("train-features");
+        let f = std::fs::read_dir(&dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        candle_core::safetensors::load(f, &Device::Cpu).unwrap()
+    };
+    let last = cases.len() - 1;
+    let (a, b) = (
+        stored(&tmp.path().join(format!("one{last}"))),
+        stored(&tmp.path().join(format!("two{last}"))),
+    );
+    let gap = (a["features"].clone() - b["features"].clone())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(gap < 1e-5, "cached features differ by {gap}");
+    assert_eq!(
+        a["valid"].to_vec1::<u8>().unwrap(),
+        b["valid"].to_vec1::<u8>().unwrap()
+    );
 }
 
 #[test]

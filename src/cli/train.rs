@@ -97,7 +97,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     // Under mpirun/srun: this rank's place in the group.
     let dist = clasp::train::dist::from_launcher()?;
     let run = match &a.resume {
-        Some(dir) => Trainer::resume(dir),
+        Some(dir) => Trainer::resume_in(dir, dist.clone()),
         None => {
             let mut cfg = cfg;
             // A preset's init is written before the run starts, and said;
@@ -113,10 +113,10 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
             if dist.rank() > 0 {
                 cfg.adopt_init()?;
             }
-            Trainer::new(cfg)
+            Trainer::new_in(cfg, dist.clone())
         }
     };
-    let mut run = joined(run.and_then(|r| r.with_collective(dist.clone())), &dist)?;
+    let mut run = joined(run, &dist)?;
     let device = run.config().device.open()?;
     // Dev evaluation: clasp eval's retrieval metrics on the saved checkpoint.
     let evaluate = |ckpt: &std::path::Path, set: &clasp::data::PairSet| {

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::order::{prepare_image, Augment};
 use crate::data::ImageSource;
+use crate::dist::Collective;
 use crate::preprocess::ImageProcessor;
 use crate::Result;
 use clasp_core::model::Model;
@@ -40,7 +41,8 @@ pub struct Source<'a> {
 /// The cache a run uses: with the image tower locked (`frozen` is its
 /// snapshot), unless augmentation or a teacher needs fresh pixels at every
 /// step (`fresh_pixels`, or `crop_scale` below 1), when the tower runs each
-/// step and this says so.
+/// step and this says so. The ranks of `group` fill it together.
+#[allow(clippy::too_many_arguments)]
 pub fn for_run(
     cfg: &super::config::TrainConfig,
     t: &super::model::Trainable,
@@ -49,6 +51,7 @@ pub fn for_run(
     images: &[ImageSource],
     fresh_pixels: bool,
     device: &Device,
+    group: &dyn Collective,
 ) -> Result<Option<std::sync::Arc<FeatureCache>>> {
     if fresh_pixels || cfg.crop_scale < 1.0 {
         tracing::info!(
@@ -75,8 +78,8 @@ pub fn for_run(
         seed: cfg.seed,
         device,
     };
-    Ok(Some(std::sync::Arc::new(FeatureCache::load_or_fill(
-        &src, &tower,
+    Ok(Some(std::sync::Arc::new(FeatureCache::load_or_fill_in(
+        &src, &tower, group,
     )?)))
 }
 
@@ -173,10 +176,39 @@ impl FeatureCache {
     /// that cannot be read or written is only a warning: the features are
     /// then computed.
     pub fn load_or_fill(src: &Source, tower: &[(String, Tensor)]) -> Result<Self> {
+        Self::load_or_fill_in(src, tower, &crate::dist::Single)
+    }
+
+    /// [`Self::load_or_fill`] by the ranks of `group` together: each fills
+    /// the images whose index is its rank modulo the world size (so each
+    /// reads only its share), the features are gathered, and rank 0 stores
+    /// them. The disk copy is read only when every rank finds it.
+    pub fn load_or_fill_in(
+        src: &Source,
+        tower: &[(String, Tensor)],
+        group: &dyn Collective,
+    ) -> Result<Self> {
         let path = cache_dir().join(format!(
             "{}.safetensors",
             key(src.what, tower, src.proc, src.images, src.shape)?
         ));
+        if group.world() > 1 {
+            let loaded = match path.is_file() {
+                true => Self::read(&path, src.images.len()).ok(),
+                false => None,
+            };
+            if !crate::dist::any(group, loaded.is_none())? {
+                tracing::info!("image features from the cache {}", path.display());
+                return Ok(loaded.expect("every rank read the cache"));
+            }
+            let c = Self::fill_shared(src, group)?;
+            if group.rank() == 0 {
+                if let Err(e) = c.write(&path) {
+                    tracing::warn!("could not store the feature cache {}: {e}", path.display());
+                }
+            }
+            return Ok(c);
+        }
         if path.is_file() {
             match Self::read(&path, src.images.len()) {
                 Ok(c) => {
@@ -298,6 +330,54 @@ impl FeatureCache {
             images.len(),
             t0.elapsed().as_secs_f64()
         );
+        Ok(Self { rows, tail })
+    }
+
+    /// [`Self::fill`] split over the ranks of `group`: rank r runs images r,
+    /// r + world, r + 2·world, ...; every rank gets all the features.
+    fn fill_shared(src: &Source, group: &dyn Collective) -> Result<Self> {
+        let (w, r) = (group.world(), group.rank());
+        let mine: Vec<ImageSource> = src.images.iter().skip(r).step_by(w).cloned().collect();
+        let part = Self::fill(&Source {
+            images: &mine,
+            ..*src
+        })?;
+        // The feature shape, from any rank that read an image.
+        let tail_f: Vec<f32> = part.tail.iter().map(|&d| d as f32).collect();
+        let (tails, lens) = group.all_gather(&tail_f)?;
+        let mut at = 0;
+        let mut tail = Vec::new();
+        for l in lens {
+            if l > 0 && tail.is_empty() {
+                tail = tails[at..at + l].iter().map(|&d| d as usize).collect();
+            }
+            at += l;
+        }
+        let dim: usize = tail.iter().product();
+        // Each rank's rows: a validity flag per image, then the rows (zeros
+        // where the image could not be read).
+        let mut send: Vec<f32> = part.rows.iter().map(|x| x.is_some() as u8 as f32).collect();
+        for row in &part.rows {
+            match row {
+                Some(v) => send.extend_from_slice(v),
+                None => send.extend(std::iter::repeat_n(0f32, dim)),
+            }
+        }
+        let (all, lens) = group.all_gather(&send)?;
+        let n = src.images.len();
+        let mut rows: Vec<Option<Vec<f32>>> = vec![None; n];
+        let mut at = 0;
+        for (q, len) in lens.into_iter().enumerate() {
+            let block = &all[at..at + len];
+            let count = (q..n).step_by(w).count();
+            for (j, i) in (q..n).step_by(w).enumerate() {
+                if block[j] == 1.0 {
+                    let from = count + j * dim;
+                    rows[i] = Some(block[from..from + dim].to_vec());
+                }
+            }
+            at += len;
+        }
         Ok(Self { rows, tail })
     }
 

@@ -76,7 +76,19 @@ pub struct Trainer {
 impl Trainer {
     /// A new run. A preset's initial checkpoint is written to OUTPUT/init
     /// first (see [`TrainConfig::materialize_init`]).
-    pub fn new(mut cfg: TrainConfig) -> Result<Self> {
+    pub fn new(cfg: TrainConfig) -> Result<Self> {
+        Self::new_in(cfg, std::sync::Arc::new(crate::dist::Single))
+    }
+
+    /// [`Self::new`] as one rank of `dist`: --batch-size per rank, each
+    /// global batch of world × batch-size drawn as one process would draw it
+    /// and split in rank order, gradients averaged, rank 0 writing, a locked
+    /// tower's feature cache filled by the ranks together. Fails, naming the
+    /// rank, unless every rank starts from the same weights.
+    pub fn new_in(
+        mut cfg: TrainConfig,
+        dist: std::sync::Arc<dyn crate::dist::Collective>,
+    ) -> Result<Self> {
         cfg.check()?;
         let out = cfg.output_dir()?.to_path_buf();
         check_fresh_output(&out)?;
@@ -85,16 +97,24 @@ impl Trainer {
         let init = cfg.init.clone().expect("materialize_init sets init");
         let t = Trainable::from_checkpoint(&init, &dev)?;
         let order = Order::new(cfg.seed);
-        Self::build(cfg, dev, t, order, 0, None)
+        Self::build(cfg, dev, t, order, 0, None, dist)
     }
 
     /// Continues the run saved in `out`, with its own config.
     pub fn resume(out: &Path) -> Result<Self> {
+        Self::resume_in(out, std::sync::Arc::new(crate::dist::Single))
+    }
+
+    /// [`Self::resume`] as one rank of `dist` (see [`Self::new_in`]).
+    pub fn resume_in(
+        out: &Path,
+        dist: std::sync::Arc<dyn crate::dist::Collective>,
+    ) -> Result<Self> {
         let st = state::read_state(out)?;
         let dev = st.config.device.open()?;
         let opt = state::read_optimizer(out, &dev)?;
         let t = Trainable::from_checkpoint(&checkpoint_dir(out).to_string_lossy(), &dev)?;
-        Self::build(st.config, dev, t, st.order, st.step, Some(opt))
+        Self::build(st.config, dev, t, st.order, st.step, Some(opt), dist)
     }
 
     fn build(
@@ -104,7 +124,9 @@ impl Trainer {
         order: Order,
         step: usize,
         opt_state: Option<std::collections::HashMap<String, Tensor>>,
+        dist: std::sync::Arc<dyn crate::dist::Collective>,
     ) -> Result<Self> {
+        crate::dist::check_same_weights(dist.as_ref(), &t.vars())?;
         let out = cfg.output_dir()?.to_path_buf();
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let (set, per_image) = order::training_pairs(&cfg)?;
@@ -239,6 +261,7 @@ impl Trainer {
                 &set.images,
                 jitter.is_some() || teacher.is_some(),
                 &dev,
+                dist.as_ref(),
             )?,
             _ => None,
         };
@@ -269,21 +292,8 @@ impl Trainer {
             negatives,
             order,
             step,
-            dist: std::sync::Arc::new(crate::dist::Single),
+            dist,
         })
-    }
-
-    /// Trains as one rank of `c`: --batch-size per rank, each global batch
-    /// of world × batch-size drawn as one process would draw it and split in
-    /// rank order, gradients averaged, rank 0 writing. Fails, naming the
-    /// rank, unless every rank starts from the same weights.
-    pub fn with_collective(
-        mut self,
-        c: std::sync::Arc<dyn crate::dist::Collective>,
-    ) -> Result<Self> {
-        crate::dist::check_same_weights(c.as_ref(), &self.opt_vars)?;
-        self.dist = c;
-        Ok(self)
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -517,60 +527,6 @@ impl Trainer {
         hooks: &Hooks,
     ) -> Result<TrainOutcome> {
         super::run::run(self, stop, stop_after, hooks)
-    }
-
-    /// EWC's diagonal Fisher for this task, on unaugmented batches in a
-    /// fresh seeded order with the current weights, saved with the
-    /// checkpoint.
-    pub fn fisher(&self, progress: &dyn Progress) -> Result<()> {
-        let mut o = Order::new(self.cfg.seed.wrapping_add(0xF15E));
-        let mut sum = super::ewc::FisherSum::default();
-        progress.start("fisher", self.cfg.fisher_batches as u64);
-        let plain = Augment {
-            crop_scale: 1.0,
-            jitter: None,
-            seed: self.cfg.seed,
-        };
-        for k in 0..self.cfg.fisher_batches {
-            let b = o.next_batch(&self.per_image, self.cfg.batch_size);
-            let pixels = b
-                .iter()
-                .enumerate()
-                .map(|(pos, (i, _))| {
-                    order::prepare_image(&self.proc, &self.set.images[*i], plain, k, pos)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let (ids, mask) = self
-                .tokenizer
-                .encode(&order::batch_texts(&self.set, &b))?
-                .to_tensors(true, &self.dev)?;
-            let images = Images::Pixels(self.pixel_tensor(&pixels)?);
-            let inputs = super::step::Inputs {
-                images: &images,
-                ids: &ids,
-                mask: &mask,
-                locked: super::step::Locked {
-                    image: self.frozen.as_ref().filter(|_| self.cfg.lock_image),
-                    text: self.frozen.as_ref().filter(|_| self.cfg.lock_text),
-                },
-                teacher: None,
-            };
-            let (_, g) = super::step::contrastive_grads(
-                &self.t.model,
-                &objectives::InfoNce,
-                &inputs,
-                None,
-                &self.opt_vars,
-                self.cfg.accum_freq,
-            )?;
-            sum.add(&self.opt_vars, &g)?;
-            progress.inc(1);
-        }
-        progress.finish();
-        sum.save(
-            &self.opt_vars,
-            &checkpoint_dir(&self.out).join(super::ewc::FISHER_FILE),
-        )
     }
 }
 

@@ -1,5 +1,5 @@
 //! [`Task`] for the contrastive [`Trainer`]: what the one training loop
-//! ([`super::super::run`]) asks of it.
+//! ([`super::super::run`]) asks of it; and EWC's Fisher pass after the run.
 
 use super::*;
 
@@ -47,5 +47,61 @@ impl Task for Trainer {
             self.fisher(progress)?;
         }
         Ok(())
+    }
+}
+
+impl Trainer {
+    /// EWC's diagonal Fisher for this task, on unaugmented batches in a
+    /// fresh seeded order with the current weights, saved with the
+    /// checkpoint.
+    pub fn fisher(&self, progress: &dyn Progress) -> Result<()> {
+        let mut o = Order::new(self.cfg.seed.wrapping_add(0xF15E));
+        let mut sum = crate::ewc::FisherSum::default();
+        progress.start("fisher", self.cfg.fisher_batches as u64);
+        let plain = Augment {
+            crop_scale: 1.0,
+            jitter: None,
+            seed: self.cfg.seed,
+        };
+        for k in 0..self.cfg.fisher_batches {
+            let b = o.next_batch(&self.per_image, self.cfg.batch_size);
+            let pixels = b
+                .iter()
+                .enumerate()
+                .map(|(pos, (i, _))| {
+                    order::prepare_image(&self.proc, &self.set.images[*i], plain, k, pos)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let (ids, mask) = self
+                .tokenizer
+                .encode(&order::batch_texts(&self.set, &b))?
+                .to_tensors(true, &self.dev)?;
+            let images = Images::Pixels(self.pixel_tensor(&pixels)?);
+            let inputs = crate::step::Inputs {
+                images: &images,
+                ids: &ids,
+                mask: &mask,
+                locked: crate::step::Locked {
+                    image: self.frozen.as_ref().filter(|_| self.cfg.lock_image),
+                    text: self.frozen.as_ref().filter(|_| self.cfg.lock_text),
+                },
+                teacher: None,
+            };
+            let (_, g) = crate::step::contrastive_grads(
+                &self.t.model,
+                &objectives::InfoNce,
+                &inputs,
+                None,
+                &self.opt_vars,
+                self.cfg.accum_freq,
+            )?;
+            sum.add(&self.opt_vars, &g)?;
+            progress.inc(1);
+        }
+        progress.finish();
+        sum.save(
+            &self.opt_vars,
+            &checkpoint_dir(&self.out).join(crate::ewc::FISHER_FILE),
+        )
     }
 }
