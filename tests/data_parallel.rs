@@ -324,3 +324,47 @@ fn a_vision_language_run_trains_across_two_ranks_with_rank_0_writing_once() {
     }
     assert!(out.join("checkpoint/model.safetensors").is_file());
 }
+
+#[test]
+fn sigusr1_to_mpirun_stops_every_rank_after_the_same_step_and_rank_0_saves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    util::small_flickr(&data);
+    let out = tmp.path().join("run");
+    let mut a = args(&data, &out, 4, &[]);
+    let steps = a.iter().position(|x| x == "--steps").unwrap() + 1;
+    a[steps] = "5000".into();
+    let mut child = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
+        .arg(env!("CARGO_BIN_EXE_clasp"))
+        .args(&a)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once a few steps are logged, ask the launcher to stop the job.
+    let logged = || {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let t0 = std::time::Instant::now();
+    while logged() < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "no steps logged");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-USR1", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("state/trainer.json")).unwrap())
+            .unwrap();
+    let step = st["step"].as_u64().unwrap() as usize;
+    assert!(step < 5000, "stopped early");
+    assert_eq!(step, logged(), "the saved state is at the last logged step");
+    assert!(out.join("checkpoint/model.safetensors").is_file());
+}

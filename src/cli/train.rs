@@ -37,9 +37,9 @@ impl TrainProgress for BarProgress {
 pub fn run(a: TrainArgs) -> Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     {
-        let stop = stop.clone();
+        let flag = stop.clone();
         ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
+            if flag.swap(true, Ordering::SeqCst) {
                 std::process::exit(130); // a second Ctrl-C: leave now
             }
             eprintln!(
@@ -47,6 +47,13 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
             );
         })
         .context("installing the Ctrl-C handler")?;
+        // Under mpirun, Ctrl-C makes the launcher kill the ranks; it
+        // forwards SIGUSR1 instead (`kill -USR1 <mpirun's pid>`), which stops
+        // every rank after the same step with rank 0 saving. SIGTERM (Slurm's
+        // time limit, a job's cancellation) stops and saves as Ctrl-C does.
+        #[cfg(unix)]
+        signal_hook::flag::register(signal_hook::consts::SIGUSR1, stop.clone())
+            .context("installing the SIGUSR1 handler")?;
     }
     let bar = BarProgress::default();
     // The config: a new run's from the flags and file, a resumed one's saved.
