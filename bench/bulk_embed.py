@@ -22,7 +22,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -30,18 +29,13 @@ import time
 
 import numpy as np
 
+from data_parallel import cpu  # bench/ is on the path of a script run from it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASP = os.environ.get("CLASP_BIN", os.path.join(ROOT, "target/release/clasp"))
 WORK = os.path.join(ROOT, "bench/.work/bulk_embed")
 SHARDS = os.path.join(ROOT, "bench/.work/data_parallel/wds")
 OUT = os.path.join(ROOT, "bench/bulk_embed.md")
-
-
-def cpu():
-    text = open("/proc/cpuinfo").read()
-    model = re.search(r"model name\s*:\s*(.*)", text).group(1)
-    flags = re.search(r"flags\s*:\s*(.*)", text).group(1).split()
-    return model, " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))))
 
 
 def model_dir():

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 /// Every flag but the batch size, shared by both sides of a comparison.
 fn args(data: &Path, out: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
@@ -103,23 +103,12 @@ fn weights(out: &Path) -> HashMap<String, Tensor> {
 }
 
 /// The largest weight difference between two runs' checkpoints.
-fn weight_gap(a: &Path, b: &Path) -> f64 {
+fn weight_gap(a: &Path, b: &Path) -> f32 {
     let (wa, wb) = (weights(a), weights(b));
     assert_eq!(wa.len(), wb.len());
     wa.iter()
-        .map(|(k, x)| {
-            let y = &wb[k];
-            let d = (x.to_dtype(DType::F64).unwrap() - y.to_dtype(DType::F64).unwrap()).unwrap();
-            d.abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        })
-        .fold(0.0, f64::max)
+        .map(|(k, x)| common::max_abs(x, &wb[k]))
+        .fold(0.0, f32::max)
 }
 
 /// Steps' losses and gradient norms, and the final weights, agree.
@@ -189,16 +178,7 @@ fn two_ranks_train_exactly_as_one_process_at_the_global_batch() {
         stored(&tmp.path().join(format!("one{last}"))),
         stored(&tmp.path().join(format!("two{last}"))),
     );
-    let gap = (a["features"].clone() - b["features"].clone())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let gap = common::max_abs(&a["features"], &b["features"]);
     assert!(gap < 1e-5, "cached features differ by {gap}");
     assert_eq!(
         a["valid"].to_vec1::<u8>().unwrap(),

@@ -127,6 +127,25 @@ pub(crate) fn features(
     ))
 }
 
+/// The features of rows [a, b) of the batch (all of it: no narrowing).
+pub(crate) fn micro_features(
+    model: &Model,
+    x: &Inputs,
+    (a, b): (usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    if (a, b) == (0, x.ids.dim(0)?) {
+        return features(model, x.images, x.ids, x.mask, x.locked);
+    }
+    let part = |t: &Tensor| t.narrow(0, a, b - a);
+    features(
+        model,
+        &x.images.narrow(a, b - a)?,
+        &part(x.ids)?,
+        &part(x.mask)?,
+        x.locked,
+    )
+}
+
 /// The loss of the batch and the gradients of `vars`, accumulated over
 /// `accum` micro-batches (1: one pass). Runs in grad mode.
 pub fn contrastive_grads(
@@ -175,16 +194,7 @@ fn run(
     let k = accum.min(n);
     let bounds: Vec<(usize, usize)> = (0..k).map(|j| (j * n / k, (j + 1) * n / k)).collect();
     // The features of the micro-batch of rows [a, b).
-    let micro = |(a, b): (usize, usize)| -> Result<(Tensor, Tensor)> {
-        let part = |t: &Tensor| t.narrow(0, a, b - a);
-        features(
-            model,
-            &x.images.narrow(a, b - a)?,
-            &part(x.ids)?,
-            &part(x.mask)?,
-            x.locked,
-        )
-    };
+    let micro = |r: (usize, usize)| micro_features(model, x, r);
     // 1. Cached features, no graph kept.
     let mut cached: Vec<(Tensor, Tensor)> = Vec::with_capacity(k);
     for &r in &bounds {

@@ -24,7 +24,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::{all_reduce_grads, gather_rows, Collective};
 use crate::objectives::{Batch, Objective, Teacher};
-use crate::step::{add_grads, features, teacher_view, Inputs};
+use crate::step::{add_grads, micro_features, teacher_view, Inputs};
 use crate::{Error, Result};
 
 /// The ranks, and how features cross them (open_clip's flags).
@@ -53,19 +53,7 @@ pub fn contrastive_grads(
     let n = x.ids.dim(0)?;
     let k = accum.clamp(1, n.max(1));
     let bounds: Vec<(usize, usize)> = (0..k).map(|j| (j * n / k, (j + 1) * n / k)).collect();
-    let micro = |(a, b): (usize, usize)| -> Result<(Tensor, Tensor)> {
-        if (a, b) == (0, n) {
-            return features(model, x.images, x.ids, x.mask, x.locked);
-        }
-        let part = |t: &Tensor| t.narrow(0, a, b - a);
-        features(
-            model,
-            &x.images.narrow(a, b - a)?,
-            &part(x.ids)?,
-            &part(x.mask)?,
-            x.locked,
-        )
-    };
+    let micro = |r: (usize, usize)| micro_features(model, x, r);
     // 1. This rank's features; with one micro-batch the graph is kept.
     let mut kept: Option<(Tensor, Tensor)> = None;
     let (img, txt) = if k == 1 {

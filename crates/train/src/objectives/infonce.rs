@@ -6,7 +6,7 @@ use std::ops::Range;
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::{eye, logits_per_image, Batch, Objective, Registered};
+use super::{eye, Batch, Objective, Registered};
 use crate::{Error, Result};
 
 pub const REGISTERED: Registered = Registered {
@@ -82,41 +82,16 @@ impl Objective for DistilledInfoNce {
     }
 }
 
+/// The loss over every row: [`local_loss`] of all of them.
 fn loss(b: &Batch, alpha: Option<f64>) -> Result<Tensor> {
-    let logits = logits_per_image(b)?;
-    let n = logits.dim(0)?;
-    let diag = eye(n, logits.dtype(), logits.device())?;
-    let (ti, tt) = match alpha {
-        None => (diag.clone(), diag.clone()),
-        Some(alpha) => {
-            let t = b.teacher.ok_or_else(|| {
-                Error::Report("momentum distillation needs the momentum towers' features".into())
-            })?;
-            let scale = b.log_scale.detach().exp()?;
-            let sim = t.image.matmul(&t.text.t()?)?.broadcast_mul(&scale)?;
-            let soft = |s: &Tensor| -> Result<Tensor> {
-                let p = candle_nn::ops::softmax(&s.contiguous()?, D::Minus1)?;
-                Ok(((p * alpha)? + (&diag * (1.0 - alpha))?)?)
-            };
-            (soft(&sim)?, soft(&sim.t()?)?)
-        }
-    };
-    let ce = |l: &Tensor, target: &Tensor| -> Result<Tensor> {
-        let lsm = candle_nn::ops::log_softmax(l, D::Minus1)?;
-        Ok((lsm * target)?
-            .sum_all()?
-            .neg()?
-            .affine(1.0 / n as f64, 0.0)?)
-    };
-    let li = ce(&logits, &ti)?;
-    let lt = ce(&logits.t()?.contiguous()?, &tt)?;
-    Ok(((li + lt)? * 0.5)?)
+    local_loss(b, alpha, 0..b.image.dim(0)?)
 }
 
-/// [`loss`] of rows `rows` only (open_clip's `ClipLoss` with `local_loss`):
-/// those images against every text and those texts against every image,
-/// each cross-entropy averaged over the rows, the labels offset by the rows'
-/// start. Only the rows' logits are computed.
+/// InfoNCE of rows `rows` only (open_clip's `ClipLoss` with `local_loss`;
+/// all rows give the batch's loss): those images against every text and
+/// those texts against every image, each cross-entropy averaged over the
+/// rows, the labels offset by the rows' start. Only the rows' logits are
+/// computed.
 fn local_loss(b: &Batch, alpha: Option<f64>, rows: Range<usize>) -> Result<Tensor> {
     let (a, len) = (rows.start, rows.len());
     let n = b.image.dim(0)?;
