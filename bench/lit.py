@@ -115,7 +115,7 @@ def run(row, seed, a):
     res = json.loads(sh(CLASP, "eval", "retrieval", "-m", os.path.join(out, "checkpoint"), "-d", DATA,
                         "--split", "dev", "--json", "--no-cache", capture=True))
     rec = {"row": row, "seed": seed, "train_args": args, "train_wall_s": round(wall, 1),
-           "cpu": cpu(), "clasp_rev": subprocess.run(
+           "cpu": cpu(), "clasp_rev": os.environ.get("CLASP_BIN_REV") or subprocess.run(
                ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                text=True).stdout.strip(),
            "dev": {k: res[k] for k in KEYS + ["mean_recall"]}}

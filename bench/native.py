@@ -219,8 +219,9 @@ def measure(seed, a):
                         "reconstructions": frechet(photos, recon, mnv2),
                         "other_photos": frechet(photos, floor, mnv2)}},
         "cpu_flags": vq.cpu_flags(),
-        "clasp_rev": subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                                    capture_output=True, text=True).stdout.strip(),
+        "clasp_rev": os.environ.get("CLASP_BIN_REV") or subprocess.run(
+               ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+               text=True).stdout.strip(),
     }
     os.makedirs(RUNS, exist_ok=True)
     json.dump(rec, open(rec_path, "w"), indent=1)
