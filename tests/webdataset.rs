@@ -328,3 +328,46 @@ fn bulk_embedding_in_clip_retrieval_layout_feeds_autofaiss() {
         );
     }
 }
+
+/// Bulk embedding reads a WebDataset a shard at a time: a truncated shard
+/// gives what it holds, a missing one is named, and the parts (a shard's
+/// samples at --part-size) are numbered as the whole set's would be.
+#[test]
+fn bulk_embedding_goes_shard_by_shard_past_a_missing_and_a_truncated_shard() {
+    let d = tempfile::tempdir().unwrap();
+    let (dir, _) = shards(d.path());
+    // Shards 0 and 1 are whole, 2 is cut in its second sample, 3 is missing.
+    let spec = format!("wds:{}/shard-{{000000..000003}}.tar", dir.display());
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-clip");
+    let out = d.path().join("emb");
+    let o = common::clasp(&[
+        "embed",
+        "-m",
+        tiny.to_str().unwrap(),
+        "--dataset",
+        &spec,
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--part-size",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("shard-000003.tar"), "{err}");
+    assert!(err.contains("of 4 shards"), "{err}");
+    // Shard 0: parts of 3 and 1; shard 1: 3; shard 2: what precedes the cut.
+    let mut names: Vec<String> = std::fs::read_dir(out.join("metadata"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "metadata_0.parquet",
+            "metadata_1.parquet",
+            "metadata_2.parquet",
+            "metadata_3.parquet"
+        ],
+        "{err}"
+    );
+}

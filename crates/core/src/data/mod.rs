@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 pub use classes::load_classification;
 pub use retrieval::load_pairs;
+pub use retrieval::wds::expand_braces;
 
 use crate::{Error, Result};
 
