@@ -106,7 +106,7 @@ fn run_shards(
     };
     // (shard, first sample, end) of each part, in the whole set's order.
     let mut parts: Vec<(usize, usize, usize)> = Vec::new();
-    for k in 0..shards.len() {
+    for (k, shard) in shards.iter().enumerate() {
         // A shard that yields nothing is said now: no part will read it again.
         let n = match load(k) {
             Ok(set) if set.images.is_empty() => {
@@ -115,7 +115,7 @@ fn run_shards(
             }
             Ok(set) => set.images.len(),
             Err(e) => {
-                eprintln!("warning: {}: {e}", shards[k]);
+                eprintln!("warning: {shard}: {e}");
                 0
             }
         };
