@@ -177,6 +177,15 @@ fn train_and_eval_run_on_shards_past_a_member_that_is_not_an_image() {
     );
 }
 
+/// `clasp embed` with the tiny CLIP of `dataset` into `out` in parts of 3.
+fn bulk_embed(dataset: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+    let tiny = common::tiny();
+    let mut args = vec!["embed", "-m", &tiny, "--dataset", dataset];
+    args.extend(["--output-dir", out.to_str().unwrap(), "--part-size", "3"]);
+    args.extend(extra);
+    common::clasp(&args)
+}
+
 /// `clasp embed --dataset wds:... --output-dir`: clip-retrieval's layout,
 /// split between two workers and resumed without redoing a part; autofaiss
 /// (what `clip-retrieval index` runs) indexes it, its rows line up with the
@@ -186,23 +195,9 @@ fn bulk_embedding_in_clip_retrieval_layout_feeds_autofaiss() {
     let d = tempfile::tempdir().unwrap();
     let (dir, _) = shards(d.path());
     let spec = format!("wds:{}/shard-{{000000..000001}}.tar", dir.display());
-    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-clip");
     let out = d.path().join("emb");
-    let embed = |worker: &str| {
-        common::clasp(&[
-            "embed",
-            "-m",
-            tiny.to_str().unwrap(),
-            "--dataset",
-            &spec,
-            "--output-dir",
-            out.to_str().unwrap(),
-            "--part-size",
-            "3",
-            "--worker",
-            worker,
-        ])
-    };
+    let tiny = common::tiny();
+    let embed = |worker: &str| bulk_embed(&spec, &out, &["--worker", worker]);
     // Worker 0 of 2 meets the member that is not an image: named, left out.
     let o = embed("0/2");
     let err = String::from_utf8_lossy(&o.stderr);
@@ -243,7 +238,7 @@ fn bulk_embedding_in_clip_retrieval_layout_feeds_autofaiss() {
     // sample key as clip-retrieval names WebDataset samples.
     assert_eq!(rows[0][0], "s0000", "{rows:?}");
     let photo = photos()[0].clone();
-    let o = common::clasp(&["embed", "-m", tiny.to_str().unwrap(), "--image", &photo]);
+    let o = common::clasp(&["embed", "-m", &tiny, "--image", &photo]);
     let line: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap();
     let want = common::f32s(&line["embedding"]);
@@ -280,7 +275,7 @@ fn bulk_embedding_in_clip_retrieval_layout_feeds_autofaiss() {
         "index",
         lib.to_str().unwrap(),
         "-m",
-        tiny.to_str().unwrap(),
+        &tiny,
         "--store",
         store.to_str().unwrap(),
     ]);
@@ -338,19 +333,8 @@ fn bulk_embedding_goes_shard_by_shard_past_a_missing_and_a_truncated_shard() {
     let (dir, _) = shards(d.path());
     // Shards 0 and 1 are whole, 2 is cut in its second sample, 3 is missing.
     let spec = format!("wds:{}/shard-{{000000..000003}}.tar", dir.display());
-    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/tiny-clip");
     let out = d.path().join("emb");
-    let o = common::clasp(&[
-        "embed",
-        "-m",
-        tiny.to_str().unwrap(),
-        "--dataset",
-        &spec,
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--part-size",
-        "3",
-    ]);
+    let o = bulk_embed(&spec, &out, &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("shard-000003.tar"), "{err}");
     assert!(err.contains("of 4 shards"), "{err}");

@@ -402,16 +402,8 @@ impl Trainer {
             with_grad: cfg.gather_with_grad,
             local_loss: cfg.local_loss,
         };
-        let grads_of = |obj: &dyn Objective| match self.dist.world() {
-            1 => super::step::contrastive_grads(
-                model,
-                obj,
-                &inputs,
-                self.bias.as_ref(),
-                &self.opt_vars,
-                cfg.accum_freq,
-            ),
-            _ => crate::dist::step::contrastive_grads(
+        let grads_of = |obj: &dyn Objective| {
+            crate::dist::step::contrastive_grads(
                 model,
                 obj,
                 &inputs,
@@ -419,7 +411,7 @@ impl Trainer {
                 &self.opt_vars,
                 cfg.accum_freq,
                 gather,
-            ),
+            )
         };
         let (mut lv, mut grads) = grads_of(&self.objective.at(progress_now))?;
         if let (Some(e), Some(w)) = (&self.ewc, &self.objective.ewc) {

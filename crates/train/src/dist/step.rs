@@ -38,7 +38,8 @@ pub struct Gather<'a> {
 }
 
 /// The global batch's loss (averaged over ranks) and the averaged gradients
-/// of `vars`, this rank holding the rows `x` of it. Runs in grad mode.
+/// of `vars`, this rank holding the rows `x` of it. Runs in grad mode. One
+/// process alone takes the one-process step ([`crate::step`]).
 pub fn contrastive_grads(
     model: &clasp_core::model::Model,
     objective: &dyn Objective,
@@ -49,6 +50,9 @@ pub fn contrastive_grads(
     gather: Gather,
 ) -> Result<(f64, GradStore)> {
     let c = gather.group;
+    if c.world() == 1 {
+        return crate::step::contrastive_grads(model, objective, x, bias, vars, accum);
+    }
     let _mode = clasp_core::model::grad_mode_guard(true);
     let n = x.ids.dim(0)?;
     let k = accum.clamp(1, n.max(1));
