@@ -50,15 +50,20 @@ pub trait Task {
     fn finish(&mut self, _progress: &dyn TrainProgress) -> Result<()> {
         Ok(())
     }
+    /// The ranks this run trains with (data parallelism; one process alone
+    /// by default).
+    fn group(&self) -> &dyn crate::dist::Collective {
+        &crate::dist::Single
+    }
     /// Whether this process writes checkpoints, state and metrics (under
     /// data parallelism only rank 0 does; every rank holds the same weights).
     fn writer(&self) -> bool {
-        true
+        self.group().rank() == 0
     }
     /// Whether any rank was asked to stop (each rank's own `stop`, combined
     /// so that all stop after the same step).
     fn agree_stop(&self, stop: bool) -> Result<bool> {
-        Ok(stop)
+        crate::dist::any(self.group(), stop)
     }
 }
 

@@ -35,11 +35,8 @@ impl Task for Trainer {
     fn save_at(&self, order: &Order) -> Result<()> {
         Trainer::save_at(self, order)
     }
-    fn writer(&self) -> bool {
-        self.dist.rank() == 0
-    }
-    fn agree_stop(&self, stop: bool) -> Result<bool> {
-        crate::dist::any(self.dist.as_ref(), stop)
+    fn group(&self) -> &dyn crate::dist::Collective {
+        self.dist.as_ref()
     }
     /// EWC's Fisher, when the config asks for it.
     fn finish(&mut self, progress: &dyn TrainProgress) -> Result<()> {

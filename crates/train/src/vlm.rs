@@ -471,6 +471,20 @@ impl VlmTrainer {
             }
             (None, None) => unreachable!("a run has the LM loss or a contrastive branch"),
         };
+        // Data parallel: the mean over the global batch's answer tokens,
+        // before any clipping, which sees the global gradient.
+        let comm0 = self.dist.comm_seconds();
+        let lv = match self.dist.world() {
+            1 => lv,
+            _ => crate::dist::token_mean(
+                self.dist.as_ref(),
+                &self.vars,
+                &mut grads,
+                examples.iter().map(|e| e.answer.len()).sum(),
+                lv,
+            )?,
+        };
+        let comm_s = (self.dist.world() > 1).then(|| self.dist.comm_seconds() - comm0);
         // Per-module clipping (BCIF's: the projector side, the language
         // model's adapter; the vision tower is frozen), then the global clip.
         let mut norms = vec![(
@@ -483,14 +497,6 @@ impl VlmTrainer {
                 optim::clip_grad_norm(llm, &mut grads, cfg.grad_clip_adapter)?,
             ));
         }
-        // Data parallel: the mean of the ranks' gradients and losses (DDP's).
-        let (comm0, mut lv) = (self.dist.comm_seconds(), lv);
-        if self.dist.world() > 1 {
-            let mut extra = [lv as f32];
-            crate::dist::all_reduce_grads(self.dist.as_ref(), &self.vars, &mut grads, &mut extra)?;
-            lv = extra[0] as f64 / self.dist.world() as f64;
-        }
-        let comm_s = (self.dist.world() > 1).then(|| self.dist.comm_seconds() - comm0);
         optim::clip_grad_norm(&self.vars, &mut grads, cfg.grad_clip)?;
         self.opt.step(&grads)?;
         self.step += 1;
@@ -565,11 +571,8 @@ impl Task for VlmTrainer {
             })
             .collect()
     }
-    fn writer(&self) -> bool {
-        self.dist.rank() == 0
-    }
-    fn agree_stop(&self, stop: bool) -> Result<bool> {
-        crate::dist::any(self.dist.as_ref(), stop)
+    fn group(&self) -> &dyn crate::dist::Collective {
+        self.dist.as_ref()
     }
     fn prepare(&self, _start: usize) -> Prepare {
         let (proc, images) = (self.vlm.image_processor().clone(), self.set.images.clone());

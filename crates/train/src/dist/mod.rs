@@ -196,6 +196,32 @@ pub fn all_reduce_grads(
     Ok(())
 }
 
+/// A loss that is a mean over tokens (`tokens` of them on this rank, mean
+/// `loss`) and its gradients, made the mean over every rank's tokens, as one
+/// process would take it over the global batch: each rank weighs its
+/// gradient by its share of the tokens, then the ranks' mean is taken.
+/// Returns the global loss.
+pub fn token_mean(
+    c: &dyn Collective,
+    vars: &[(String, Var)],
+    grads: &mut GradStore,
+    tokens: usize,
+    loss: f64,
+) -> Result<f64> {
+    let mut all = [tokens as f32];
+    c.all_reduce_sum(&mut all)?;
+    let weight = tokens as f64 * c.world() as f64 / all[0].max(1.0) as f64;
+    for (_, v) in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let scaled = g.affine(weight, 0.0)?;
+            grads.insert(v.as_tensor(), scaled);
+        }
+    }
+    let mut extra = [(loss * weight) as f32];
+    all_reduce_grads(c, vars, grads, &mut extra)?;
+    Ok(extra[0] as f64 / c.world() as f64)
+}
+
 /// Fails, naming the ranks, unless every rank holds the same `vars` (they
 /// start from the same checkpoint or seed; a rank that read another
 /// checkpoint would silently train a different model). A checksum of each
