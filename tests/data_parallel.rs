@@ -56,6 +56,15 @@ fn args(data: &Path, out: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// `mpirun -np 2 clasp` (oversubscribed and allowed as root, as CI needs;
+/// one thread a rank).
+fn mpirun() -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
+        .args(["-x", "RAYON_NUM_THREADS=1"]);
+    c
+}
+
 /// Each run gets a cache of its own (`OUT.cache`), so that a locked tower's
 /// features are computed by the run, not read from another's.
 fn cache_of(out: &Path) -> String {
@@ -71,10 +80,8 @@ fn one_process(data: &Path, out: &Path, extra: &[&str]) {
 }
 
 fn two_ranks(data: &Path, out: &Path, extra: &[&str]) {
-    let mut c = Command::new("mpirun");
-    c.args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
-        .args(["-x", "RAYON_NUM_THREADS=1"])
-        .args(["-x", &format!("CLASP_CACHE_DIR={}", cache_of(out))])
+    let mut c = mpirun();
+    c.args(["-x", &format!("CLASP_CACHE_DIR={}", cache_of(out))])
         .arg(env!("CARGO_BIN_EXE_clasp"))
         .args(args(data, out, 4, extra));
     util::run_ok(c);
@@ -223,15 +230,13 @@ fn a_rank_that_fails_stops_the_job_and_names_itself() {
     util::small_flickr(&data);
     // SigLIP's pairwise loss has a local form; a triplet loss does not.
     let out = tmp.path().join("bad");
-    let mut c = Command::new("mpirun");
-    c.args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
-        .arg(env!("CARGO_BIN_EXE_clasp"))
-        .args(args(
-            &data,
-            &out,
-            4,
-            &["--objective", "triplet", "--local-loss"],
-        ));
+    let mut c = mpirun();
+    c.arg(env!("CARGO_BIN_EXE_clasp")).args(args(
+        &data,
+        &out,
+        4,
+        &["--objective", "triplet", "--local-loss"],
+    ));
     let o = c.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
@@ -252,10 +257,8 @@ fn a_two_rank_run_stopped_and_resumed_ends_as_the_uninterrupted_one() {
     let split = tmp.path().join("split");
     two_ranks(&data, &split, &["--stop-after", "3"]);
     assert_eq!(curve(&split).len(), 3);
-    let mut c = Command::new("mpirun");
-    c.args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
-        .args(["-x", "RAYON_NUM_THREADS=1"])
-        .arg(env!("CARGO_BIN_EXE_clasp"))
+    let mut c = mpirun();
+    c.arg(env!("CARGO_BIN_EXE_clasp"))
         .args(["train", "--resume", split.to_str().unwrap()]);
     util::run_ok(c);
     assert_same(&whole, &split, "resumed");
@@ -300,11 +303,8 @@ fn a_vision_language_run_across_two_ranks_equals_one_process_and_rank_0_writes_o
     let mut c = Command::new(env!("CARGO_BIN_EXE_clasp"));
     c.args(vlm_args(&one, "2")).env("RAYON_NUM_THREADS", "2");
     util::run_ok(c);
-    let mut c = Command::new("mpirun");
-    c.args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
-        .args(["-x", "RAYON_NUM_THREADS=1"])
-        .arg(env!("CARGO_BIN_EXE_clasp"))
-        .args(vlm_args(&two, "1"));
+    let mut c = mpirun();
+    c.arg(env!("CARGO_BIN_EXE_clasp")).args(vlm_args(&two, "1"));
     util::run_ok(c);
     let lines = |out: &Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -340,8 +340,7 @@ fn sigusr1_to_mpirun_stops_every_rank_after_the_same_step_and_rank_0_saves() {
     let mut a = args(&data, &out, 4, &[]);
     let steps = a.iter().position(|x| x == "--steps").unwrap() + 1;
     a[steps] = "5000".into();
-    let mut child = Command::new("mpirun")
-        .args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
+    let mut child = mpirun()
         .arg(env!("CARGO_BIN_EXE_clasp"))
         .args(&a)
         .stdout(std::process::Stdio::null())
