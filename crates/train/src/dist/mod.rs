@@ -153,25 +153,33 @@ pub fn all_reduce_grads(
     extra: &mut [f32],
 ) -> Result<()> {
     let world = c.world() as f64;
-    let mut bucket: Vec<f32> = Vec::with_capacity(BUCKET);
-    let mut members: Vec<&Var> = Vec::new();
-    let flush = |bucket: &mut Vec<f32>, members: &mut Vec<&Var>, grads: &mut GradStore| {
+    // Sums a bucket (with `tail` appended, summed too) and puts each
+    // member's mean back in `grads`.
+    let flush = |bucket: &mut Vec<f32>,
+                 members: &mut Vec<&Var>,
+                 grads: &mut GradStore,
+                 tail: &mut [f32]| {
+        let n = bucket.len();
+        bucket.extend_from_slice(tail);
         c.all_reduce_sum(bucket)?;
+        tail.copy_from_slice(&bucket[n..]);
         let mut at = 0;
         for v in members.drain(..) {
             let t = v.as_tensor();
-            let n = t.elem_count();
-            let sum = Tensor::from_slice(&bucket[at..at + n], t.shape(), t.device())?;
+            let k = t.elem_count();
+            let sum = Tensor::from_slice(&bucket[at..at + k], t.shape(), t.device())?;
             grads.insert(t, sum.affine(1.0 / world, 0.0)?.to_dtype(t.dtype())?);
-            at += n;
+            at += k;
         }
         bucket.clear();
         Ok::<_, Error>(())
     };
+    let mut bucket: Vec<f32> = Vec::with_capacity(BUCKET);
+    let mut members: Vec<&Var> = Vec::new();
     for (_, v) in vars {
         let t = v.as_tensor();
         if !bucket.is_empty() && bucket.len() + t.elem_count() > BUCKET {
-            flush(&mut bucket, &mut members, grads)?;
+            flush(&mut bucket, &mut members, grads, &mut [])?;
         }
         match grads.get(t) {
             Some(g) => bucket.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
@@ -179,21 +187,7 @@ pub fn all_reduce_grads(
         }
         members.push(v);
     }
-    let n = bucket.len();
-    bucket.extend_from_slice(extra);
-    c.all_reduce_sum(&mut bucket)?;
-    extra.copy_from_slice(&bucket[n..]);
-    bucket.truncate(n);
-    // The last bucket is summed already: scale it in place.
-    let mut at = 0;
-    for v in members.drain(..) {
-        let t = v.as_tensor();
-        let k = t.elem_count();
-        let sum = Tensor::from_slice(&bucket[at..at + k], t.shape(), t.device())?;
-        grads.insert(t, sum.affine(1.0 / world, 0.0)?.to_dtype(t.dtype())?);
-        at += k;
-    }
-    Ok(())
+    flush(&mut bucket, &mut members, grads, extra)
 }
 
 /// A loss that is a mean over tokens (`tokens` of them on this rank, mean
@@ -341,34 +335,70 @@ mod tests {
         }
     }
 
+    /// Rank `.0` of `.1` ranks that all hold the same values: a sum
+    /// multiplies each element by the world size.
+    struct Same(usize, usize);
+    impl Collective for Same {
+        fn rank(&self) -> usize {
+            self.0
+        }
+        fn world(&self) -> usize {
+            self.1
+        }
+        fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+            buf.iter_mut().for_each(|x| *x *= self.1 as f32);
+            Ok(())
+        }
+        fn all_gather(&self, l: &[f32]) -> Result<(Vec<f32>, Vec<usize>)> {
+            Ok((l.repeat(self.1), vec![l.len(); self.1]))
+        }
+        fn barrier(&self) {}
+        fn abort(&self, code: i32) -> ! {
+            std::process::exit(code)
+        }
+        fn describe(&self) -> String {
+            String::new()
+        }
+    }
+
+    /// Gradients over several buckets come back as the ranks' mean, each in
+    /// its place; a var without a gradient gets zeros; `extra` is summed.
     #[test]
-    fn shares_split_a_global_batch_in_rank_order() {
-        struct Fake(usize, usize);
-        impl Collective for Fake {
-            fn rank(&self) -> usize {
-                self.0
-            }
-            fn world(&self) -> usize {
-                self.1
-            }
-            fn all_reduce_sum(&self, _: &mut [f32]) -> Result<()> {
-                Ok(())
-            }
-            fn all_gather(&self, l: &[f32]) -> Result<(Vec<f32>, Vec<usize>)> {
-                Ok((l.to_vec(), vec![l.len()]))
-            }
-            fn barrier(&self) {}
-            fn abort(&self, code: i32) -> ! {
-                std::process::exit(code)
-            }
-            fn describe(&self) -> String {
-                String::new()
+    fn gradients_across_buckets_come_back_averaged_in_place() {
+        let dev = Device::Cpu;
+        let sizes = [BUCKET - 5, 7, BUCKET + 3, 11];
+        let vars: Vec<(String, Var)> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (format!("v{i}"), Var::zeros(n, DType::F32, &dev).unwrap()))
+            .collect();
+        // A store from a backward (GradStore has no public constructor).
+        let mut grads = vars[0].1.as_tensor().sum_all().unwrap().backward().unwrap();
+        for (i, (_, v)) in vars.iter().enumerate() {
+            if i != 1 {
+                let g = Tensor::arange(0f32, sizes[i] as f32, &dev).unwrap();
+                grads.insert(v.as_tensor(), (g + i as f64).unwrap());
             }
         }
+        let mut extra = [1.5f32, -2.0];
+        all_reduce_grads(&Same(0, 2), &vars, &mut grads, &mut extra).unwrap();
+        assert_eq!(extra, [3.0, -4.0]);
+        for (i, (_, v)) in vars.iter().enumerate() {
+            let g: Vec<f32> = grads.get(v.as_tensor()).unwrap().to_vec1().unwrap();
+            assert_eq!(g.len(), sizes[i]);
+            for k in [0, sizes[i] / 2, sizes[i] - 1] {
+                let want = if i == 1 { 0.0 } else { (k + i) as f32 };
+                assert_eq!(g[k], want, "var {i} element {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn shares_split_a_global_batch_in_rank_order() {
         let global: Vec<usize> = (0..8).collect();
-        let all: Vec<usize> = (0..2).flat_map(|r| share(&Fake(r, 2), &global)).collect();
+        let all: Vec<usize> = (0..2).flat_map(|r| share(&Same(r, 2), &global)).collect();
         assert_eq!(all, global);
-        assert_eq!(share(&Fake(1, 2), &global), vec![4, 5, 6, 7]);
-        assert_eq!(share_start(&Fake(1, 2), 8), 4);
+        assert_eq!(share(&Same(1, 2), &global), vec![4, 5, 6, 7]);
+        assert_eq!(share_start(&Same(1, 2), 8), 4);
     }
 }
