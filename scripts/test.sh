@@ -40,7 +40,7 @@ have_mpi() { command -v mpirun >/dev/null && ls /usr/lib/llvm-*/lib/libclang*.so
 if ! have_mpi && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt_mpi() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-            libopenmpi-dev openmpi-bin libclang-dev >/dev/null 2>&1
+            libopenmpi-dev openmpi-bin libclang-dev clang >/dev/null 2>&1
     }
     apt_mpi || { apt-get update -q >/dev/null 2>&1 && apt_mpi; } || true
 fi
