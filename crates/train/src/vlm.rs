@@ -317,13 +317,13 @@ impl VlmTrainer {
         })
     }
 
-    /// Trains as one rank of `c` (gradients averaged over ranks, rank 0
-    /// writing; see [`crate::dist`]). The language-model loss only: a
-    /// contrastive branch would need its features gathered.
+    /// Trains as one rank of `c` ([`crate::dist`]), on the language-model
+    /// loss only: a contrastive branch would need its features gathered.
     pub fn with_collective(mut self, c: Arc<dyn Collective>) -> Result<Self> {
         if c.world() > 1 && self.branch.is_some() {
             return Err(Error::Report(
-                "data-parallel vision-language training takes the language-model loss only;                  run a contrastive branch in one process"
+                "data-parallel vision-language training takes the language-model loss only; \
+                 run a contrastive branch in one process"
                     .into(),
             ));
         }
@@ -474,16 +474,8 @@ impl VlmTrainer {
         // Data parallel: the mean over the global batch's answer tokens,
         // before any clipping, which sees the global gradient.
         let comm0 = self.dist.comm_seconds();
-        let lv = match self.dist.world() {
-            1 => lv,
-            _ => crate::dist::token_mean(
-                self.dist.as_ref(),
-                &self.vars,
-                &mut grads,
-                examples.iter().map(|e| e.answer.len()).sum(),
-                lv,
-            )?,
-        };
+        let tokens = examples.iter().map(|e| e.answer.len()).sum();
+        let lv = crate::dist::token_mean(self.dist.as_ref(), &self.vars, &mut grads, tokens, lv)?;
         let comm_s = (self.dist.world() > 1).then(|| self.dist.comm_seconds() - comm0);
         // Per-module clipping (BCIF's: the projector side, the language
         // model's adapter; the vision tower is frozen), then the global clip.

@@ -194,7 +194,7 @@ pub fn all_reduce_grads(
 /// `loss`) and its gradients, made the mean over every rank's tokens, as one
 /// process would take it over the global batch: each rank weighs its
 /// gradient by its share of the tokens, then the ranks' mean is taken.
-/// Returns the global loss.
+/// Returns the global loss (one process alone: `loss`, untouched).
 pub fn token_mean(
     c: &dyn Collective,
     vars: &[(String, Var)],
@@ -202,6 +202,9 @@ pub fn token_mean(
     tokens: usize,
     loss: f64,
 ) -> Result<f64> {
+    if c.world() == 1 {
+        return Ok(loss);
+    }
     let mut all = [tokens as f32];
     c.all_reduce_sum(&mut all)?;
     let weight = tokens as f64 * c.world() as f64 / all[0].max(1.0) as f64;
